@@ -1,0 +1,19 @@
+//! Protocol v1 between `worker` and its plugins: newline-delimited JSON-RPC 2.0 over stdio.
+//!
+//! This crate is everything a plugin author or the worker needs to speak the protocol and
+//! nothing more: the JSON-RPC envelope ([`message`]), the typed parameters and results of
+//! every method ([`methods`]), the line framing with its length limit ([`codec`]), and a small
+//! synchronous SDK for writing a plugin in Rust ([`plugin`]). The normative specification is
+//! `PROTOCOL.md` beside this crate; every message it shows round-trips through these types.
+//!
+//! The message types are plain data: no I/O and no async runtime types, so the worker (tokio)
+//! and plugins (threads) share them.
+
+pub mod codec;
+pub mod message;
+pub mod methods;
+pub mod plugin;
+
+pub use codec::{encode_line, Frame, LineDecoder, DEFAULT_MAX_LINE_BYTES};
+pub use message::{ErrorObject, Id, Message, Notification, ParseError, Request, Response};
+pub use methods::*;

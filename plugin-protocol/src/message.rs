@@ -1,0 +1,321 @@
+//! The JSON-RPC 2.0 envelope: requests, notifications and responses as plain data.
+//!
+//! Parsing is strict about the envelope (it must be an object with `"jsonrpc": "2.0"` and the
+//! members of exactly one message kind) and lenient about everything else: unknown members are
+//! ignored so a newer peer never breaks an older one within the same major version.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+use std::fmt;
+
+/// A request id. The worker always uses numbers and never reuses one on a connection;
+/// plugins may use strings for their own requests (they have none in v1).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Id {
+    Num(u64),
+    Str(String),
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Id::Num(n) => write!(f, "{n}"),
+            Id::Str(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// A call that expects a [`Response`] with the same id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub id: Id,
+    pub method: String,
+    pub params: Value,
+}
+
+/// A one-way message: no id, no response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notification {
+    pub method: String,
+    pub params: Value,
+}
+
+/// The answer to a [`Request`]: exactly one of a result or an error.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Response {
+    /// `None` only for errors about a message whose id could not be read.
+    pub id: Option<Id>,
+    pub result: Result<Value, ErrorObject>,
+}
+
+/// A JSON-RPC error object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorObject {
+    pub code: i64,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+impl ErrorObject {
+    pub fn new(code: i64, message: impl Into<String>) -> Self {
+        ErrorObject {
+            code,
+            message: message.into(),
+            data: None,
+        }
+    }
+
+    pub fn with_data(mut self, data: Value) -> Self {
+        self.data = Some(data);
+        self
+    }
+}
+
+/// Any one protocol line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Request(Request),
+    Notification(Notification),
+    Response(Response),
+}
+
+/// Why a line is not a JSON-RPC 2.0 message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParseError {
+    /// Not UTF-8 JSON at all (typically a stray `print` on the plugin's stdout).
+    NotJson(String),
+    /// JSON, but not a JSON-RPC 2.0 message; the id is kept when one could be read.
+    NotJsonRpc { id: Option<Id>, reason: String },
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParseError::NotJson(e) => write!(f, "not JSON: {e}"),
+            ParseError::NotJsonRpc { reason, .. } => {
+                write!(f, "not a JSON-RPC 2.0 message: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// Distinguishes a member that is present with `null` from one that is absent.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+struct RawMessage {
+    jsonrpc: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    id: Option<Value>,
+    method: Option<String>,
+    #[serde(default)]
+    params: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    result: Option<Value>,
+    #[serde(default)]
+    error: Option<ErrorObject>,
+}
+
+impl Message {
+    /// Parses one line (without its newline).
+    pub fn parse(line: &[u8]) -> Result<Message, ParseError> {
+        let raw: RawMessage = match serde_json::from_slice(line) {
+            Ok(raw) => raw,
+            Err(e) if e.is_data() => {
+                return Err(ParseError::NotJsonRpc {
+                    id: None,
+                    reason: e.to_string(),
+                })
+            }
+            Err(e) => return Err(ParseError::NotJson(e.to_string())),
+        };
+        let id = match raw.id {
+            None | Some(Value::Null) => None,
+            Some(v) => match serde_json::from_value::<Id>(v) {
+                Ok(id) => Some(id),
+                Err(_) => {
+                    return Err(ParseError::NotJsonRpc {
+                        id: None,
+                        reason: "id must be a non-negative integer or a string".into(),
+                    })
+                }
+            },
+        };
+        let invalid = |reason: &str| ParseError::NotJsonRpc {
+            id: id.clone(),
+            reason: reason.to_string(),
+        };
+        if raw.jsonrpc.as_deref() != Some("2.0") {
+            return Err(invalid("missing \"jsonrpc\": \"2.0\""));
+        }
+        match (raw.method, raw.result, raw.error) {
+            (Some(method), None, None) => {
+                let params = raw.params.unwrap_or(Value::Null);
+                Ok(match id {
+                    Some(id) => Message::Request(Request { id, method, params }),
+                    None => Message::Notification(Notification { method, params }),
+                })
+            }
+            (None, Some(result), None) => Ok(Message::Response(Response {
+                id,
+                result: Ok(result),
+            })),
+            (None, None, Some(error)) => Ok(Message::Response(Response {
+                id,
+                result: Err(error),
+            })),
+            (None, None, None) => Err(invalid("no method, result or error")),
+            _ => Err(invalid("more than one of method, result and error")),
+        }
+    }
+
+    /// Serializes to one line, newline included.
+    pub fn to_line(&self) -> Vec<u8> {
+        crate::codec::encode_line(&self.to_value())
+    }
+
+    /// The wire form as a JSON value.
+    pub fn to_value(&self) -> Value {
+        let mut obj = serde_json::Map::new();
+        obj.insert("jsonrpc".into(), Value::from("2.0"));
+        match self {
+            Message::Request(r) => {
+                obj.insert(
+                    "id".into(),
+                    serde_json::to_value(&r.id).expect("id serializes"),
+                );
+                obj.insert("method".into(), Value::from(r.method.clone()));
+                if !r.params.is_null() {
+                    obj.insert("params".into(), r.params.clone());
+                }
+            }
+            Message::Notification(n) => {
+                obj.insert("method".into(), Value::from(n.method.clone()));
+                if !n.params.is_null() {
+                    obj.insert("params".into(), n.params.clone());
+                }
+            }
+            Message::Response(r) => {
+                obj.insert(
+                    "id".into(),
+                    serde_json::to_value(&r.id).expect("id serializes"),
+                );
+                match &r.result {
+                    Ok(v) => obj.insert("result".into(), v.clone()),
+                    Err(e) => obj.insert(
+                        "error".into(),
+                        serde_json::to_value(e).expect("error serializes"),
+                    ),
+                };
+            }
+        }
+        Value::Object(obj)
+    }
+}
+
+impl Request {
+    pub fn new(id: Id, method: &str, params: impl Serialize) -> Self {
+        Request {
+            id,
+            method: method.to_string(),
+            params: serde_json::to_value(params).expect("params serialize"),
+        }
+    }
+}
+
+impl Notification {
+    pub fn new(method: &str, params: impl Serialize) -> Self {
+        Notification {
+            method: method.to_string(),
+            params: serde_json::to_value(params).expect("params serialize"),
+        }
+    }
+}
+
+impl Response {
+    pub fn ok(id: Id, result: impl Serialize) -> Self {
+        Response {
+            id: Some(id),
+            result: Ok(serde_json::to_value(result).expect("result serializes")),
+        }
+    }
+
+    pub fn err(id: Option<Id>, error: ErrorObject) -> Self {
+        Response {
+            id,
+            result: Err(error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn roundtrip(v: Value) {
+        let msg = Message::parse(v.to_string().as_bytes()).expect("parses");
+        assert_eq!(msg.to_value(), v);
+    }
+
+    #[test]
+    fn kinds_round_trip() {
+        roundtrip(json!({"jsonrpc":"2.0","id":1,"method":"ping"}));
+        roundtrip(json!({"jsonrpc":"2.0","id":"a","method":"x","params":{"k":[1]}}));
+        roundtrip(json!({"jsonrpc":"2.0","method":"log","params":{"level":"info"}}));
+        roundtrip(json!({"jsonrpc":"2.0","id":7,"result":null}));
+        roundtrip(json!({"jsonrpc":"2.0","id":7,"error":{"code":-32601,"message":"no"}}));
+        roundtrip(
+            json!({"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"parse","data":{"x":1}}}),
+        );
+    }
+
+    #[test]
+    fn null_result_is_a_response() {
+        let msg = Message::parse(br#"{"jsonrpc":"2.0","id":3,"result":null}"#).unwrap();
+        assert_eq!(
+            msg,
+            Message::Response(Response {
+                id: Some(Id::Num(3)),
+                result: Ok(Value::Null)
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_members_are_ignored() {
+        let msg = Message::parse(br#"{"jsonrpc":"2.0","method":"log","params":{},"extra":1}"#);
+        assert!(matches!(msg, Ok(Message::Notification(_))));
+    }
+
+    #[test]
+    fn rejects_non_json_and_non_jsonrpc() {
+        assert!(matches!(
+            Message::parse(b"hello"),
+            Err(ParseError::NotJson(_))
+        ));
+        assert!(matches!(
+            Message::parse(b"[1,2]"),
+            Err(ParseError::NotJsonRpc { .. })
+        ));
+        assert!(matches!(
+            Message::parse(br#"{"id":1,"method":"x"}"#),
+            Err(ParseError::NotJsonRpc {
+                id: Some(Id::Num(1)),
+                ..
+            })
+        ));
+        assert!(matches!(
+            Message::parse(
+                br#"{"jsonrpc":"2.0","id":1,"result":1,"error":{"code":1,"message":""}}"#
+            ),
+            Err(ParseError::NotJsonRpc { .. })
+        ));
+    }
+}
