@@ -1,1 +1,18 @@
+//! `worker`: runs task plugins out of process and routes tasks to them.
+//!
+//! Data flows one way: a source (the control socket, `worker run`) hands a [`task::TaskRequest`]
+//! to the [`dispatch::Dispatcher`], which routes it to the [`supervisor`]'s pool for the plugin
+//! that serves it; an instance runs it on a child process and the task ends with exactly one
+//! [`task::Outcome`]. See ARCHITECTURE.md for the map and the invariants.
 
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod dispatch;
+pub mod manifest;
+pub mod supervisor;
+pub mod task;
+
+/// The worker's own name and version, sent to plugins at `initialize`.
+pub const WORKER_NAME: &str = "worker";
+pub const WORKER_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,171 @@
+//! The command line: argument definitions, config resolution and logging setup, then one
+//! module per command group.
+
+mod output;
+pub mod plugins;
+pub mod run;
+pub mod serve;
+pub mod task;
+
+use crate::config::Config;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "worker",
+    version,
+    about = "Runs task plugins out of process",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(subcommand)]
+    pub command: Commands,
+}
+
+/// Flags every command takes; each is also a `worker.toml` key and a `WORKER_*` variable.
+#[derive(Debug, Args, Clone, Default)]
+pub struct CommonArgs {
+    /// Config file (default: ./worker.toml if present)
+    #[arg(long, env = "WORKER_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Plugins directory (`plugins_dir`)
+    #[arg(
+        long = "plugins",
+        env = "WORKER_PLUGINS",
+        global = true,
+        value_name = "DIR"
+    )]
+    pub plugins_dir: Option<PathBuf>,
+    /// Control socket path (`socket`)
+    #[arg(long, env = "WORKER_SOCKET", global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Node name (`name`)
+    #[arg(long, env = "WORKER_NAME", global = true)]
+    pub name: Option<String>,
+    /// Longest plugin stdout line in bytes (`max_line_bytes`)
+    #[arg(long, env = "WORKER_MAX_LINE_BYTES", global = true)]
+    pub max_line_bytes: Option<usize>,
+    /// Waiting tasks per plugin before refusing more (`queue_capacity`)
+    #[arg(long, env = "WORKER_QUEUE_CAPACITY", global = true)]
+    pub queue_capacity: Option<usize>,
+    /// Seconds a graceful stop waits for in-flight tasks (`drain_timeout`)
+    #[arg(long, env = "WORKER_DRAIN_TIMEOUT", global = true)]
+    pub drain_timeout: Option<f64>,
+    /// Log level or tracing filter (`log_level`)
+    #[arg(long, env = "WORKER_LOG", global = true)]
+    pub log_level: Option<String>,
+    /// `text` or `json` (`log_format`)
+    #[arg(long, env = "WORKER_LOG_FORMAT", global = true)]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Commands {
+    /// Run the daemon: start every plugin and serve the control socket
+    Serve,
+    /// One-shot: start only the plugin serving NAME, run one task, print the result, stop
+    Run(run::RunArgs),
+    /// Submit tasks to, or cancel tasks on, a running daemon
+    #[command(subcommand)]
+    Task(task::TaskCommand),
+    /// Inspect plugins
+    #[command(subcommand)]
+    Plugins(plugins::PluginsCommand),
+}
+
+impl CommonArgs {
+    /// The effective config: file, then environment and flags on top.
+    pub fn resolve(&self) -> anyhow::Result<Config> {
+        let mut c = Config::load(self.config.as_deref())?;
+        if let Some(v) = &self.plugins_dir {
+            c.plugins_dir = v.clone();
+        }
+        if let Some(v) = &self.socket {
+            c.socket = v.clone();
+        }
+        if let Some(v) = &self.name {
+            c.name = v.clone();
+        }
+        if let Some(v) = self.max_line_bytes {
+            c.max_line_bytes = v;
+        }
+        if let Some(v) = self.queue_capacity {
+            c.queue_capacity = v;
+        }
+        if let Some(v) = self.drain_timeout {
+            c.drain_timeout = v;
+        }
+        if let Some(v) = &self.log_level {
+            c.log_level = Some(v.clone());
+        }
+        if let Some(v) = &self.log_format {
+            c.log_format = v.clone();
+        }
+        c.validate()
+            .map_err(|e| anyhow::anyhow!("invalid setting: {e}"))?;
+        Ok(c)
+    }
+}
+
+/// Logs go to stderr; stdout is kept for results.
+fn init_logging(config: &Config, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(
+        config.log_level.as_deref().unwrap_or(default_level),
+    )
+    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if config.log_format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.common.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let default_level = if matches!(cli.command, Commands::Serve) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_logging(&config, default_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Commands::Serve => serve::serve(config).await,
+            Commands::Run(args) => run::run(config, args).await,
+            Commands::Task(cmd) => task::task(config, cmd).await,
+            Commands::Plugins(cmd) => plugins::plugins(config, cmd).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! `worker run NAME [ARGS...]`: one task, no daemon. Starts only the plugin that serves NAME
+//! (one instance), so a broken or unbuilt other plugin cannot get in the way.
+
+use super::output;
+use super::serve::pool_options;
+use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::manifest;
+use crate::supervisor::Supervisor;
+use crate::task::{Outcome, TaskRequest};
+use anyhow::Context;
+use clap::Args;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Task name
+    pub name: String,
+    /// Positional arguments; each is read as JSON if it parses, else as a string
+    #[arg(allow_negative_numbers = true)]
+    pub args: Vec<String>,
+    /// Keyword arguments as a JSON object
+    #[arg(long)]
+    pub kwargs: Option<String>,
+}
+
+pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let dir = &config.plugins_dir;
+    let found = manifest::discover(dir).with_context(|| {
+        format!(
+            "cannot read the plugins directory {} (set --plugins or `plugins_dir`)",
+            dir.display()
+        )
+    })?;
+    let Some(mut plugin) = found
+        .plugins
+        .iter()
+        .find(|m| m.task_names().any(|t| t == args.name))
+        .cloned()
+    else {
+        let known: Vec<&str> = found.plugins.iter().flat_map(|m| m.task_names()).collect();
+        let mut msg = format!(
+            "no plugin in {} serves task `{}`; known tasks: {}",
+            dir.display(),
+            args.name,
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
+        for e in &found.errors {
+            msg.push_str(&format!("\n  (skipped a broken plugin: {e})"));
+        }
+        anyhow::bail!(msg);
+    };
+    plugin.instances = 1;
+    let request = TaskRequest::new(
+        &args.name,
+        output::parse_args(&args.args),
+        output::parse_kwargs(args.kwargs.as_deref())?,
+    );
+    let task_id = request.id.clone();
+    let supervisor = Arc::new(Supervisor::start(vec![plugin], pool_options(&config)));
+    let dispatcher = Dispatcher::new(supervisor.clone());
+    let (events, mut events_rx) = mpsc::unbounded_channel();
+    let outcome = {
+        let submit = dispatcher.submit(request, events);
+        tokio::pin!(submit);
+        let mut interrupted = false;
+        loop {
+            tokio::select! {
+                biased;
+                Some(ev) = events_rx.recv() => output::event(&ev),
+                outcome = &mut submit => break outcome,
+                _ = tokio::signal::ctrl_c(), if !interrupted => {
+                    interrupted = true;
+                    eprintln!("interrupted: cancelling task {task_id}");
+                    dispatcher.cancel(&task_id, "interrupted (Ctrl-C)").await;
+                }
+            }
+        }
+    };
+    while let Ok(ev) = events_rx.try_recv() {
+        output::event(&ev);
+    }
+    supervisor.stop(None).await;
+    Ok(match outcome {
+        Outcome::Success(value) => {
+            output::result(&value);
+            ExitCode::SUCCESS
+        }
+        Outcome::Failure(f) => {
+            output::failure(&f);
+            ExitCode::FAILURE
+        }
+    })
+}

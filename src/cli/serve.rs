@@ -1,0 +1,125 @@
+//! `worker serve`: the daemon. Starts every plugin, serves the control socket, and stops
+//! gracefully on SIGTERM/SIGINT (a second signal stops at once).
+
+use crate::config::Config;
+use crate::control::{self, WorkerInfo};
+use crate::dispatch::Dispatcher;
+use crate::manifest;
+use crate::supervisor::pool::PoolOptions;
+use crate::supervisor::Supervisor;
+use anyhow::Context;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+pub fn pool_options(config: &Config) -> PoolOptions {
+    PoolOptions {
+        worker_name: config.name.clone(),
+        max_line_bytes: config.max_line_bytes,
+        queue_capacity: config.queue_capacity,
+    }
+}
+
+/// Loads the plugins directory, logging (not failing on) broken manifests.
+pub fn load_plugins(config: &Config) -> anyhow::Result<Vec<manifest::Manifest>> {
+    let dir = &config.plugins_dir;
+    let found = manifest::discover(dir).with_context(|| {
+        format!(
+            "cannot read the plugins directory {} (set --plugins or `plugins_dir`)",
+            dir.display()
+        )
+    })?;
+    for e in &found.errors {
+        tracing::error!("plugin skipped: {e}");
+    }
+    Ok(found.plugins)
+}
+
+pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    let plugins = load_plugins(&config)?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let listener = control::bind(&config.socket).await.with_context(|| {
+        format!(
+            "cannot serve the control socket {}",
+            config.socket.display()
+        )
+    })?;
+    let names: Vec<String> = plugins.iter().map(|m| m.name.clone()).collect();
+    let supervisor = Arc::new(Supervisor::start(plugins, pool_options(&config)));
+    let dispatcher = Arc::new(Dispatcher::new(supervisor.clone()));
+    let stop_server = CancellationToken::new();
+    let info = WorkerInfo {
+        name: config.name.clone(),
+        version: crate::WORKER_VERSION.into(),
+        pid: std::process::id(),
+    };
+    let server = tokio::spawn(control::serve(
+        listener,
+        dispatcher.clone(),
+        info,
+        stop_server.clone(),
+    ));
+    tracing::info!(
+        socket = %config.socket.display(),
+        plugins = %names.join(", "),
+        "worker {} serving {} plugin(s)",
+        config.name,
+        names.len()
+    );
+
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    }
+    let second_signal = async {
+        tokio::select! {
+            _ = terminate.recv() => {},
+            _ = interrupt.recv() => {},
+        }
+    };
+    let drain = config.drain_timeout();
+    let graceful = async {
+        dispatcher.stop_accepting();
+        tracing::info!(
+            in_flight = dispatcher.in_flight(),
+            "draining: no new tasks; waiting up to {drain:?} for tasks in flight"
+        );
+        if !dispatcher.wait_idle(drain).await {
+            tracing::warn!(
+                in_flight = dispatcher.in_flight(),
+                "drain timeout reached; stopping plugins with tasks still running"
+            );
+        }
+        stop_server.cancel();
+        supervisor.stop(None).await;
+    };
+    let forced = tokio::select! {
+        _ = graceful => false,
+        _ = second_signal => true,
+    };
+    if forced {
+        tracing::warn!("second signal: stopping at once");
+        kill_all(&supervisor).await;
+    }
+    stop_server.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let _ = std::fs::remove_file(&config.socket);
+    tracing::info!("worker stopped");
+    Ok(if forced {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// SIGKILLs every plugin process group.
+async fn kill_all(supervisor: &Supervisor) {
+    for plugin in supervisor.status().await {
+        for pid in plugin.instances.iter().filter_map(|i| i.pid) {
+            crate::supervisor::process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}

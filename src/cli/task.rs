@@ -1,0 +1,112 @@
+//! `worker task run|cancel`: talk to a running daemon over the control socket.
+
+use super::output;
+use crate::config::Config;
+use crate::control::{Client, SubmitParams};
+use crate::task::{Failure, TaskEvent};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use std::process::ExitCode;
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Submit a task and wait for its result (progress on stderr, items and result on stdout)
+    Run(TaskRunArgs),
+    /// Cancel a queued or running task by id
+    Cancel {
+        task_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct TaskRunArgs {
+    pub name: String,
+    /// Positional arguments; each is read as JSON if it parses, else as a string
+    #[arg(allow_negative_numbers = true)]
+    pub args: Vec<String>,
+    /// Keyword arguments as a JSON object
+    #[arg(long)]
+    pub kwargs: Option<String>,
+    /// Task id (default: a random UUID)
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Seconds before the task is asked to stop (overrides the manifest)
+    #[arg(long)]
+    pub soft_time_limit: Option<f64>,
+    /// Seconds before the plugin process running it is killed (overrides the manifest)
+    #[arg(long)]
+    pub hard_time_limit: Option<f64>,
+}
+
+pub async fn task(config: Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> {
+    let mut client = Client::connect(&config.socket).await?;
+    match cmd {
+        TaskCommand::Run(a) => {
+            let params = SubmitParams {
+                name: a.name,
+                args: output::parse_args(&a.args),
+                kwargs: output::parse_kwargs(a.kwargs.as_deref())?,
+                id: a.id,
+                soft_time_limit: a.soft_time_limit,
+                hard_time_limit: a.hard_time_limit,
+            };
+            let reply = client
+                .call("task.submit", serde_json::to_value(params)?, |n| {
+                    match n.method.as_str() {
+                        "task.accepted" => tracing::info!("task accepted: {}", n.params["task_id"]),
+                        "task.progress" | "task.stream" => {
+                            let mut p = n.params;
+                            p["event"] = Value::from(if n.method == "task.progress" {
+                                "progress"
+                            } else {
+                                "stream"
+                            });
+                            if let Ok(ev) = serde_json::from_value::<TaskEvent>(p) {
+                                output::event(&ev);
+                            }
+                        }
+                        _ => {}
+                    }
+                })
+                .await?;
+            Ok(match reply {
+                Ok(v) => {
+                    output::result(&v["result"]);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    match e
+                        .data
+                        .and_then(|d| serde_json::from_value::<Failure>(d).ok())
+                    {
+                        Some(f) => output::failure(&f),
+                        None => eprintln!("error: {}", e.message),
+                    }
+                    ExitCode::FAILURE
+                }
+            })
+        }
+        TaskCommand::Cancel { task_id, reason } => {
+            let reply = client
+                .call(
+                    "task.cancel",
+                    json!({ "task_id": task_id, "reason": reason }),
+                    |_| {},
+                )
+                .await?;
+            match reply {
+                Ok(v) if v["cancelled"] == Value::Bool(true) => {
+                    eprintln!("cancel requested for task {task_id}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(_) => {
+                    eprintln!("error: no task {task_id} is queued or running on this worker");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => anyhow::bail!("cancel failed: {}", e.message),
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The worker's own configuration: `worker.toml`, overridden by `WORKER_*` variables and flags.
+//!
+//! Every key has a default, so no file is needed. Precedence, lowest first: built-in default,
+//! `worker.toml`, environment variable, command-line flag (clap merges the last two).
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Settings of the worker process (not of any one plugin).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This worker's node name, shown in logs and `plugins list` (default `worker@<hostname>`).
+    pub name: String,
+    /// Directory holding one sub-directory per plugin, each with a `plugin.toml`.
+    pub plugins_dir: PathBuf,
+    /// Unix socket of the control API.
+    pub socket: PathBuf,
+    /// Longest stdout line accepted from a plugin, in bytes.
+    pub max_line_bytes: usize,
+    /// Tasks a plugin may hold waiting for a free instance before new ones are refused.
+    pub queue_capacity: usize,
+    /// How long a graceful stop waits for in-flight tasks, in seconds.
+    pub drain_timeout: f64,
+    /// `trace`, `debug`, `info`, `warn` or `error`, or a tracing filter directive. Unset, it
+    /// is `info` for `serve` and `warn` for the one-shot commands.
+    pub log_level: Option<String>,
+    /// `text` or `json`.
+    pub log_format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            name: format!("worker@{}", hostname()),
+            plugins_dir: default_plugins_dir(),
+            socket: default_socket(),
+            max_line_bytes: plugin_protocol::DEFAULT_MAX_LINE_BYTES,
+            queue_capacity: 1024,
+            drain_timeout: 30.0,
+            log_level: None,
+            log_format: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Loads `path` if given; otherwise `./worker.toml` if present; otherwise the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (path, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from("worker.toml"), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Config::default())
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        config
+            .validate()
+            .map_err(|message| ConfigError::Invalid { path, message })?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_line_bytes < 1024 {
+            return Err("key `max_line_bytes`: must be at least 1024".into());
+        }
+        if self.queue_capacity == 0 {
+            return Err("key `queue_capacity`: must be at least 1".into());
+        }
+        if !(self.drain_timeout.is_finite() && self.drain_timeout >= 0.0) {
+            return Err("key `drain_timeout`: must be a number of seconds >= 0".into());
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(format!(
+                "key `log_format`: `{}` is not `text` or `json`",
+                self.log_format
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.drain_timeout)
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The bundled examples when the binary runs from a checkout that still exists, else the
+/// system plugins directory.
+fn default_plugins_dir() -> PathBuf {
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    if bundled.is_dir() {
+        bundled
+    } else {
+        PathBuf::from("/var/lib/worker/plugins")
+    }
+}
+
+/// `$XDG_RUNTIME_DIR/worker.sock`, else `/tmp/worker-<uid>/worker.sock`.
+fn default_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("worker.sock"),
+        _ => PathBuf::from(format!("/tmp/worker-{}", nix::unistd::getuid())).join("worker.sock"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.queue_capacity, 1024);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = toml::from_str::<Config>("plugin_dir = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("plugin_dir"), "{err}");
+        assert!(err.contains("line 1"), "{err}");
+    }
+}

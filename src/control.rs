@@ -1,0 +1,342 @@
+//! The control socket: a Unix socket speaking the plugin protocol's JSON-RPC line codec, through
+//! which local clients submit tasks, cancel them and read status. Server and client both live
+//! here so the wire stays in one place (documented in README, "Control API").
+//!
+//! Methods: `task.submit` (notifications `task.accepted`, `task.progress`, `task.stream`, then
+//! the response), `task.cancel`, `plugins.status`, `ping`.
+
+use crate::dispatch::Dispatcher;
+use crate::supervisor::status::PluginStatus;
+use crate::task::{Outcome, TaskEvent, TaskRequest};
+use plugin_protocol::{
+    code, ErrorObject, Frame, Id, LineDecoder, Message, Notification, Request, Response,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Control requests are small; task arguments can be large, so allow what plugins allow.
+const MAX_REQUEST_BYTES: usize = plugin_protocol::DEFAULT_MAX_LINE_BYTES;
+
+/// `task.submit` params.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitParams {
+    pub name: String,
+    #[serde(default)]
+    pub args: Vec<Value>,
+    #[serde(default)]
+    pub kwargs: Map<String, Value>,
+    /// A caller-chosen task id; one is generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_time_limit: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hard_time_limit: Option<f64>,
+}
+
+/// What `ping` and `plugins.status` say about the worker itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub name: String,
+    pub version: String,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub worker: WorkerInfo,
+    pub in_flight: usize,
+    pub plugins: Vec<PluginStatus>,
+}
+
+/// Binds the socket, replacing a stale file but never a live worker's socket.
+pub async fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "a worker is already serving on {}; stop it or use --socket",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves connections until `stop` fires, then waits for open requests to finish.
+pub async fn serve(
+    listener: UnixListener,
+    dispatcher: Arc<Dispatcher>,
+    info: WorkerInfo,
+    stop: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (dispatcher, info, stop) = (dispatcher.clone(), info.clone(), stop.clone());
+                    tracker.spawn(connection(stream, dispatcher, info, stop));
+                }
+                Err(e) => tracing::warn!("control socket accept failed: {e}"),
+            },
+            _ = stop.cancelled() => break,
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn connection(
+    stream: UnixStream,
+    dispatcher: Arc<Dispatcher>,
+    info: WorkerInfo,
+    stop: CancellationToken,
+) {
+    let (mut read, mut write) = stream.into_split();
+    let (out, mut outbox) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(async move {
+        while let Some(line) = outbox.recv().await {
+            if write.write_all(&line).await.is_err() {
+                return;
+            }
+        }
+    });
+    let requests = TaskTracker::new();
+    let mut decoder = LineDecoder::new(MAX_REQUEST_BYTES);
+    let mut buf = vec![0u8; 64 * 1024];
+    'conn: loop {
+        let n = tokio::select! {
+            r = read.read(&mut buf) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
+            // After a stop, close idle connections; requests under way still finish.
+            _ = stop.cancelled(), if requests.is_empty() => break,
+        };
+        decoder.extend(&buf[..n]);
+        while let Some(frame) = decoder.next_frame() {
+            let line = match frame {
+                Frame::Line(l) => l,
+                Frame::TooLong { seen } => {
+                    let err = ErrorObject::new(
+                        code::INVALID_REQUEST,
+                        format!("request line over {MAX_REQUEST_BYTES} bytes ({seen} seen)"),
+                    );
+                    let _ = out.send(Message::Response(Response::err(None, err)).to_line());
+                    continue;
+                }
+            };
+            match Message::parse(&line) {
+                Ok(Message::Request(req)) => {
+                    requests.spawn(handle(req, dispatcher.clone(), info.clone(), out.clone()));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let err = ErrorObject::new(code::PARSE_ERROR, e.to_string());
+                    if out
+                        .send(Message::Response(Response::err(None, err)).to_line())
+                        .is_err()
+                    {
+                        break 'conn;
+                    }
+                }
+            }
+        }
+    }
+    requests.close();
+    requests.wait().await;
+    drop(out);
+    let _ = writer.await;
+}
+
+async fn handle(
+    req: Request,
+    dispatcher: Arc<Dispatcher>,
+    info: WorkerInfo,
+    out: mpsc::UnboundedSender<Vec<u8>>,
+) {
+    let result = match req.method.as_str() {
+        "task.submit" => submit(req.params, &dispatcher, &out).await,
+        "task.cancel" => {
+            #[derive(Deserialize)]
+            struct P {
+                task_id: String,
+                #[serde(default)]
+                reason: Option<String>,
+            }
+            match serde_json::from_value::<P>(req.params) {
+                Ok(p) => {
+                    let reason = p.reason.unwrap_or_else(|| "cancelled by request".into());
+                    Ok(json!({ "cancelled": dispatcher.cancel(&p.task_id, &reason).await }))
+                }
+                Err(e) => Err(ErrorObject::new(code::INVALID_PARAMS, e.to_string())),
+            }
+        }
+        "plugins.status" => Ok(serde_json::to_value(StatusReport {
+            worker: info,
+            in_flight: dispatcher.in_flight(),
+            plugins: dispatcher.supervisor().status().await,
+        })
+        .expect("status serializes")),
+        "ping" => Ok(serde_json::to_value(info).expect("info serializes")),
+        other => Err(ErrorObject::new(
+            code::METHOD_NOT_FOUND,
+            format!("unknown method `{other}`"),
+        )),
+    };
+    let resp = match result {
+        Ok(v) => Response::ok(req.id, v),
+        Err(e) => Response::err(Some(req.id), e),
+    };
+    let _ = out.send(Message::Response(resp).to_line());
+}
+
+async fn submit(
+    params: Value,
+    dispatcher: &Dispatcher,
+    out: &mpsc::UnboundedSender<Vec<u8>>,
+) -> Result<Value, ErrorObject> {
+    let p: SubmitParams = serde_json::from_value(params)
+        .map_err(|e| ErrorObject::new(code::INVALID_PARAMS, e.to_string()))?;
+    let secs = |s: Option<f64>| {
+        s.filter(|s| s.is_finite() && *s > 0.0)
+            .map(Duration::from_secs_f64)
+    };
+    let mut request = TaskRequest::new(p.name, p.args, p.kwargs);
+    if let Some(id) = p.id {
+        request.id = id;
+    }
+    request.soft_time_limit = secs(p.soft_time_limit);
+    request.hard_time_limit = secs(p.hard_time_limit);
+    let task_id = request.id.clone();
+    let notify = |method: &str, params: Value| {
+        let _ = out.send(
+            Message::Notification(Notification {
+                method: method.into(),
+                params,
+            })
+            .to_line(),
+        );
+    };
+    notify("task.accepted", json!({ "task_id": task_id }));
+    let (events, mut events_rx) = mpsc::unbounded_channel();
+    let outcome = {
+        let run = dispatcher.submit(request, events);
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                biased;
+                Some(ev) = events_rx.recv() => forward(&task_id, ev, &notify),
+                outcome = &mut run => break outcome,
+            }
+        }
+    };
+    // Events sent just before the outcome still precede the response.
+    while let Ok(ev) = events_rx.try_recv() {
+        forward(&task_id, ev, &notify);
+    }
+    match outcome {
+        Outcome::Success(result) => Ok(json!({ "task_id": task_id, "result": result })),
+        Outcome::Failure(f) => {
+            let mut data = serde_json::to_value(&f).expect("failure serializes");
+            data["task_id"] = Value::from(task_id);
+            Err(ErrorObject::new(code::TASK_FAILED, f.to_string()).with_data(data))
+        }
+    }
+}
+
+fn forward(task_id: &str, ev: TaskEvent, notify: &impl Fn(&str, Value)) {
+    let mut params = serde_json::to_value(&ev).expect("event serializes");
+    let method = match ev {
+        TaskEvent::Progress { .. } => "task.progress",
+        TaskEvent::Stream { .. } => "task.stream",
+    };
+    if let Some(obj) = params.as_object_mut() {
+        obj.remove("event");
+        obj.insert("task_id".into(), Value::from(task_id));
+    }
+    notify(method, params);
+}
+
+/// A connection to a running worker's control socket.
+pub struct Client {
+    stream: UnixStream,
+    decoder: LineDecoder,
+    next_id: u64,
+}
+
+impl Client {
+    pub async fn connect(path: &Path) -> io::Result<Client> {
+        let stream = UnixStream::connect(path).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "no worker answers on {} ({e}); start one with `worker serve` or pass --socket",
+                    path.display()
+                ),
+            )
+        })?;
+        Ok(Client {
+            stream,
+            decoder: LineDecoder::new(MAX_REQUEST_BYTES),
+            next_id: 1,
+        })
+    }
+
+    /// Sends one request and returns its response; notifications in between go to `on_note`.
+    pub async fn call(
+        &mut self,
+        method: &str,
+        params: Value,
+        mut on_note: impl FnMut(Notification),
+    ) -> io::Result<Result<Value, ErrorObject>> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = Message::Request(Request {
+            id: Id::Num(id),
+            method: method.into(),
+            params,
+        })
+        .to_line();
+        self.stream.write_all(&line).await?;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            while let Some(frame) = self.decoder.next_frame() {
+                let Frame::Line(line) = frame else { continue };
+                match Message::parse(&line) {
+                    Ok(Message::Response(r)) if r.id == Some(Id::Num(id)) => return Ok(r.result),
+                    Ok(Message::Notification(n)) => on_note(n),
+                    _ => {}
+                }
+            }
+            let n = self.stream.read(&mut buf).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the worker closed the control connection",
+                ));
+            }
+            self.decoder.extend(&buf[..n]);
+        }
+    }
+}

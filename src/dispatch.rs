@@ -1,0 +1,170 @@
+//! The dispatcher: admission, routing and retries. Every task any source submits passes
+//! here and leaves with exactly one [`Outcome`].
+//!
+//! A task whose process crashed under it is run again (on whichever instance is ready) while
+//! its plugin's `max_attempts` allows; every other failure is final. The dispatcher also
+//! counts tasks in flight, which is what a graceful stop drains.
+
+use crate::supervisor::instance::Job;
+use crate::supervisor::Supervisor;
+use crate::task::{Failure, FailureKind, Outcome, TaskEvent, TaskRequest};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Routes tasks to plugin pools and owns their fate until they end.
+#[derive(Debug)]
+pub struct Dispatcher {
+    supervisor: Arc<Supervisor>,
+    /// Tasks between submit and outcome: id -> a cancel request, if one was made.
+    active: Mutex<HashMap<String, Option<String>>>,
+    accepting: AtomicBool,
+    in_flight: watch::Sender<usize>,
+}
+
+/// Removes a task from the active set when its submit ends, however it ends.
+struct ActiveGuard<'a> {
+    dispatcher: &'a Dispatcher,
+    id: String,
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        let mut active = self.dispatcher.active.lock().expect("active lock poisoned");
+        active.remove(&self.id);
+        self.dispatcher.in_flight.send_replace(active.len());
+    }
+}
+
+impl Dispatcher {
+    pub fn new(supervisor: Arc<Supervisor>) -> Dispatcher {
+        Dispatcher {
+            supervisor,
+            active: Mutex::new(HashMap::new()),
+            accepting: AtomicBool::new(true),
+            in_flight: watch::channel(0).0,
+        }
+    }
+
+    pub fn supervisor(&self) -> &Arc<Supervisor> {
+        &self.supervisor
+    }
+
+    /// Runs `request` to its end. Progress and streamed items go to `events` as they come.
+    pub async fn submit(
+        &self,
+        request: TaskRequest,
+        events: mpsc::UnboundedSender<TaskEvent>,
+    ) -> Outcome {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Outcome::Failure(Failure::shutting_down());
+        }
+        let Some(pool) = self.supervisor.route(&request.name) else {
+            return Outcome::Failure(Failure::not_registered(&request.name));
+        };
+        {
+            let mut active = self.active.lock().expect("active lock poisoned");
+            if active.contains_key(&request.id) {
+                return Outcome::Failure(Failure::new(
+                    FailureKind::Raised { retryable: false },
+                    "DuplicateTaskId",
+                    "worker.errors",
+                    format!(
+                        "task id {} is already running; task ids must be unique",
+                        request.id
+                    ),
+                ));
+            }
+            active.insert(request.id.clone(), None);
+            self.in_flight.send_replace(active.len());
+        }
+        let _guard = ActiveGuard {
+            dispatcher: self,
+            id: request.id.clone(),
+        };
+        let request = Arc::new(request);
+        let max_attempts = pool.manifest().max_attempts;
+        let mut attempt = 1;
+        loop {
+            let (reply, outcome) = oneshot::channel();
+            pool.run(Job {
+                request: request.clone(),
+                attempt,
+                events: events.clone(),
+                reply,
+            })
+            .await;
+            let outcome = outcome.await.unwrap_or_else(|_| {
+                Outcome::Failure(Failure::crashed(format!(
+                    "plugin `{}` dropped the task",
+                    pool.manifest().name
+                )))
+            });
+            let Outcome::Failure(failure) = &outcome else {
+                return outcome;
+            };
+            if !failure.is_retryable() {
+                return outcome;
+            }
+            if let Some(reason) = self.cancel_reason(&request.id) {
+                return Outcome::Failure(Failure::cancelled(&reason));
+            }
+            if attempt >= max_attempts {
+                let mut failure = failure.clone();
+                failure.message = format!(
+                    "{} (gave up after {attempt} attempt(s); `max_attempts` = {max_attempts})",
+                    failure.message
+                );
+                return Outcome::Failure(failure);
+            }
+            tracing::warn!(task_id = %request.id, task = %request.name, attempt, "retrying task: {}", failure.message);
+            attempt += 1;
+        }
+    }
+
+    fn cancel_reason(&self, id: &str) -> Option<String> {
+        self.active
+            .lock()
+            .expect("active lock poisoned")
+            .get(id)
+            .cloned()
+            .flatten()
+    }
+
+    /// Asks a task to stop: dropped if still queued, `task.cancel` if running (then killed
+    /// after the plugin's `cancel_grace`). False if no such task is active.
+    pub async fn cancel(&self, task_id: &str, reason: &str) -> bool {
+        {
+            let mut active = self.active.lock().expect("active lock poisoned");
+            let Some(slot) = active.get_mut(task_id) else {
+                return false;
+            };
+            *slot = Some(reason.to_string());
+        }
+        for pool in self.supervisor.plugins() {
+            if pool.cancel(task_id, reason).await {
+                return true;
+            }
+        }
+        // Between attempts: the retry loop sees the reason and ends the task.
+        true
+    }
+
+    /// Refuses new tasks from now on; tasks already admitted carry on.
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::SeqCst);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        *self.in_flight.borrow()
+    }
+
+    /// Waits until no task is in flight, up to `timeout`. True if it got there.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let mut rx = self.in_flight.subscribe();
+        let idle = tokio::time::timeout(timeout, rx.wait_for(|n| *n == 0)).await;
+        matches!(idle, Ok(Ok(_)))
+    }
+}

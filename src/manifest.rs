@@ -1,0 +1,470 @@
+//! Plugin manifests (`plugin.toml`): parsing, validation and discovery in the plugins directory.
+//!
+//! A manifest error names the file, the key and the line, and a broken manifest only removes
+//! that one plugin: discovery returns the good plugins and the errors side by side.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+pub const MANIFEST_FILE: &str = "plugin.toml";
+
+/// A validated plugin manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    /// The plugin's directory; the working directory of its processes.
+    pub dir: PathBuf,
+    /// argv; a relative program path containing `/` is resolved against `dir`.
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub tasks: Vec<TaskDecl>,
+    /// Processes to run.
+    pub instances: u32,
+    /// In-flight tasks per process.
+    pub concurrency: u32,
+    /// Runs of one task when the process under it crashes (1 = never retry).
+    pub max_attempts: u32,
+    pub timeouts: Timeouts,
+    pub restart: RestartSettings,
+    /// Passed verbatim in `initialize`.
+    pub settings: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskDecl {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// All durations of a plugin's life, resolved from seconds in the manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeouts {
+    pub init: Duration,
+    pub task_soft: Option<Duration>,
+    pub task_hard: Option<Duration>,
+    pub shutdown_grace: Duration,
+    pub cancel_grace: Duration,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestartSettings {
+    pub max_restarts: u32,
+    pub window: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub stable_after: Duration,
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+#[error("{}: {message}", path.display())]
+pub struct ManifestError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    name: Spanned<String>,
+    version: Spanned<String>,
+    #[serde(default)]
+    description: String,
+    command: Spanned<Vec<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    tasks: Spanned<Vec<TaskDecl>>,
+    #[serde(default = "one")]
+    instances: Spanned<u32>,
+    #[serde(default = "one")]
+    concurrency: Spanned<u32>,
+    #[serde(default = "three")]
+    max_attempts: Spanned<u32>,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    restart: RawRestart,
+    #[serde(default)]
+    settings: toml::Table,
+}
+
+fn one() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+fn three() -> Spanned<u32> {
+    Spanned::new(0..0, 3)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTimeouts {
+    init: Spanned<f64>,
+    task_soft: Option<Spanned<f64>>,
+    task_hard: Option<Spanned<f64>>,
+    shutdown_grace: Spanned<f64>,
+    cancel_grace: Spanned<f64>,
+    ping_interval: Spanned<f64>,
+    ping_timeout: Spanned<f64>,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        let s = |v| Spanned::new(0..0, v);
+        RawTimeouts {
+            init: s(10.0),
+            task_soft: None,
+            task_hard: None,
+            shutdown_grace: s(5.0),
+            cancel_grace: s(5.0),
+            ping_interval: s(10.0),
+            ping_timeout: s(5.0),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRestart {
+    max_restarts: u32,
+    window: Spanned<f64>,
+    backoff_initial: Spanned<f64>,
+    backoff_max: Spanned<f64>,
+    stable_after: Spanned<f64>,
+}
+
+impl Default for RawRestart {
+    fn default() -> Self {
+        let s = |v| Spanned::new(0..0, v);
+        RawRestart {
+            max_restarts: 5,
+            window: s(60.0),
+            backoff_initial: s(0.1),
+            backoff_max: s(30.0),
+            stable_after: s(30.0),
+        }
+    }
+}
+
+impl Manifest {
+    /// Reads and validates `<dir>/plugin.toml`.
+    pub fn load(dir: &Path) -> Result<Manifest, ManifestError> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| ManifestError {
+            path: path.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Manifest::parse(&text, dir).map_err(|message| ManifestError { path, message })
+    }
+
+    /// Parses manifest text for a plugin living in `dir`. Errors name the key and the line.
+    pub fn parse(text: &str, dir: &Path) -> Result<Manifest, String> {
+        let raw: RawManifest = toml::from_str(text).map_err(|e| one_line(&e.to_string()))?;
+        let at = |span: std::ops::Range<usize>| line_of(text, span.start);
+        let err = |key: &str, span: std::ops::Range<usize>, msg: &str| {
+            format!("key `{key}` (line {}): {msg}", at(span))
+        };
+
+        let name = raw.name.get_ref();
+        if !is_valid_name(name) {
+            return Err(err(
+                "name",
+                raw.name.span(),
+                "use 1-64 characters from a-z, 0-9, `-`, `_` and `.`, starting with a letter or digit",
+            ));
+        }
+        if raw.version.get_ref().trim().is_empty() {
+            return Err(err("version", raw.version.span(), "must not be empty"));
+        }
+        let command = raw.command.get_ref();
+        if command.is_empty() || command[0].trim().is_empty() {
+            return Err(err(
+                "command",
+                raw.command.span(),
+                "must name a program, e.g. [\"./my-plugin\"]",
+            ));
+        }
+        let tasks = raw.tasks.get_ref();
+        if tasks.is_empty() {
+            return Err(err(
+                "tasks",
+                raw.tasks.span(),
+                "declare at least one [[tasks]] entry",
+            ));
+        }
+        let mut seen = HashMap::new();
+        for t in tasks {
+            if t.name.trim().is_empty() {
+                return Err(err(
+                    "tasks.name",
+                    raw.tasks.span(),
+                    "a task name must not be empty",
+                ));
+            }
+            if seen.insert(t.name.as_str(), ()).is_some() {
+                return Err(err(
+                    "tasks",
+                    raw.tasks.span(),
+                    &format!("task `{}` is declared twice", t.name),
+                ));
+            }
+        }
+        for (key, v) in [
+            ("instances", &raw.instances),
+            ("concurrency", &raw.concurrency),
+            ("max_attempts", &raw.max_attempts),
+        ] {
+            if *v.get_ref() == 0 {
+                return Err(err(key, v.span(), "must be at least 1"));
+            }
+        }
+        let secs = |key: &str, v: &Spanned<f64>, min: f64| -> Result<Duration, String> {
+            let s = *v.get_ref();
+            if !(s.is_finite() && s >= min) {
+                return Err(err(
+                    key,
+                    v.span(),
+                    &format!("must be a number of seconds >= {min}"),
+                ));
+            }
+            Ok(Duration::from_secs_f64(s))
+        };
+        let t = &raw.timeouts;
+        let opt = |key: &str, v: &Option<Spanned<f64>>| -> Result<Option<Duration>, String> {
+            v.as_ref().map(|v| secs(key, v, 0.001)).transpose()
+        };
+        let timeouts = Timeouts {
+            init: secs("timeouts.init", &t.init, 0.001)?,
+            task_soft: opt("timeouts.task_soft", &t.task_soft)?,
+            task_hard: opt("timeouts.task_hard", &t.task_hard)?,
+            shutdown_grace: secs("timeouts.shutdown_grace", &t.shutdown_grace, 0.0)?,
+            cancel_grace: secs("timeouts.cancel_grace", &t.cancel_grace, 0.0)?,
+            ping_interval: secs("timeouts.ping_interval", &t.ping_interval, 0.01)?,
+            ping_timeout: secs("timeouts.ping_timeout", &t.ping_timeout, 0.001)?,
+        };
+        let r = &raw.restart;
+        let restart = RestartSettings {
+            max_restarts: r.max_restarts,
+            window: secs("restart.window", &r.window, 0.001)?,
+            backoff_initial: secs("restart.backoff_initial", &r.backoff_initial, 0.0)?,
+            backoff_max: secs("restart.backoff_max", &r.backoff_max, 0.0)?,
+            stable_after: secs("restart.stable_after", &r.stable_after, 0.0)?,
+        };
+        let settings = match serde_json::to_value(&raw.settings) {
+            Ok(Value::Object(map)) => map,
+            _ => return Err("key `settings`: must be a table of plain values".into()),
+        };
+        Ok(Manifest {
+            name: name.clone(),
+            version: raw.version.into_inner(),
+            description: raw.description,
+            dir: dir.to_path_buf(),
+            command: raw.command.into_inner(),
+            env: raw.env,
+            tasks: raw.tasks.into_inner(),
+            instances: raw.instances.into_inner(),
+            concurrency: raw.concurrency.into_inner(),
+            max_attempts: raw.max_attempts.into_inner(),
+            timeouts,
+            restart,
+            settings,
+        })
+    }
+
+    /// The program to execute: relative paths with a `/` are taken from the plugin dir.
+    pub fn program(&self) -> PathBuf {
+        let prog = Path::new(&self.command[0]);
+        if prog.is_relative() && self.command[0].contains('/') {
+            self.dir.join(prog)
+        } else {
+            prog.to_path_buf()
+        }
+    }
+
+    pub fn task_names(&self) -> impl Iterator<Item = &str> {
+        self.tasks.iter().map(|t| t.name.as_str())
+    }
+
+    /// Processes x concurrency: how many tasks this plugin runs at once when healthy.
+    pub fn capacity(&self) -> usize {
+        self.instances as usize * self.concurrency as usize
+    }
+}
+
+fn is_valid_name(name: &str) -> bool {
+    let ok_char =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.');
+    (1..=64).contains(&name.len())
+        && name.chars().all(ok_char)
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// toml's errors span several lines with a source excerpt; keep them readable in one log line.
+fn one_line(message: &str) -> String {
+    let mut lines = message.lines().map(str::trim).filter(|l| {
+        !l.is_empty()
+            && !l.starts_with('|')
+            && !l.chars().next().is_some_and(|c| c.is_ascii_digit())
+    });
+    let head = lines
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("TOML parse error ")
+        .to_string();
+    let rest: Vec<&str> = lines.collect();
+    if rest.is_empty() {
+        head
+    } else {
+        format!("{head}: {}", rest.join("; "))
+    }
+}
+
+/// What a scan of the plugins directory found.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    pub plugins: Vec<Manifest>,
+    pub errors: Vec<ManifestError>,
+}
+
+/// Loads every `<dir>/*/plugin.toml`, sorted by name. Plugins whose manifests are broken, or
+/// that claim a task name another plugin already serves, go to `errors` instead.
+pub fn discover(dir: &Path) -> Result<Discovery, std::io::Error> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.join(MANIFEST_FILE).is_file())
+        .collect();
+    dirs.sort();
+    let mut found = Discovery::default();
+    let mut owners: HashMap<String, String> = HashMap::new();
+    let mut names: HashMap<String, PathBuf> = HashMap::new();
+    for d in dirs {
+        match Manifest::load(&d) {
+            Ok(m) => {
+                let path = d.join(MANIFEST_FILE);
+                if let Some(other) = names.get(&m.name) {
+                    found.errors.push(ManifestError {
+                        path,
+                        message: format!(
+                            "plugin name `{}` is already used by {}",
+                            m.name,
+                            other.display()
+                        ),
+                    });
+                    continue;
+                }
+                if let Some((task, owner)) =
+                    m.task_names().find_map(|t| owners.get(t).map(|o| (t, o)))
+                {
+                    found.errors.push(ManifestError {
+                        path,
+                        message: format!("task `{task}` is already served by plugin `{owner}`"),
+                    });
+                    continue;
+                }
+                for t in m.task_names() {
+                    owners.insert(t.to_string(), m.name.clone());
+                }
+                names.insert(m.name.clone(), path);
+                found.plugins.push(m);
+            }
+            Err(e) => found.errors.push(e),
+        }
+    }
+    found.plugins.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "fib"
+version = "1.0.0"
+command = ["./run"]
+
+[[tasks]]
+name = "fibonacci"
+"#;
+
+    #[test]
+    fn minimal_manifest_gets_defaults() {
+        let m = Manifest::parse(GOOD, Path::new("/p/fib")).unwrap();
+        assert_eq!(m.instances, 1);
+        assert_eq!(m.max_attempts, 3);
+        assert_eq!(m.timeouts.init, Duration::from_secs(10));
+        assert_eq!(m.program(), PathBuf::from("/p/fib/./run"));
+    }
+
+    #[test]
+    fn bare_program_is_left_for_path_lookup() {
+        let m = Manifest::parse(&GOOD.replace("./run", "python3"), Path::new("/p")).unwrap();
+        assert_eq!(m.program(), PathBuf::from("python3"));
+    }
+
+    #[test]
+    fn errors_name_key_and_line() {
+        let bad = GOOD.replace("command = [\"./run\"]", "command = []");
+        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
+        assert!(e.contains("key `command` (line 4)"), "{e}");
+
+        let bad = format!("{GOOD}instances = 0\n");
+        // `instances` after [[tasks]] belongs to the task table: an unknown key there.
+        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
+        assert!(e.contains("instances") && e.contains("line 7"), "{e}");
+
+        let bad = GOOD.replace("version = \"1.0.0\"", "version = \"1.0.0\"\ninstances = 0");
+        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
+        assert!(e.contains("key `instances` (line 4)"), "{e}");
+
+        let bad = GOOD.replace("name = \"fib\"", "name = \"Fib/../x\"");
+        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
+        assert!(e.contains("key `name` (line 2)"), "{e}");
+    }
+
+    #[test]
+    fn negative_timeout_is_refused() {
+        let bad = format!("{GOOD}\n[timeouts]\ninit = -1\n");
+        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
+        assert!(e.contains("timeouts.init") && e.contains("line 9"), "{e}");
+    }
+
+    #[test]
+    fn discovery_keeps_good_plugins_beside_broken_ones() {
+        let root = tempfile::tempdir().unwrap();
+        let write = |dir: &str, text: &str| {
+            std::fs::create_dir_all(root.path().join(dir)).unwrap();
+            std::fs::write(root.path().join(dir).join(MANIFEST_FILE), text).unwrap();
+        };
+        write("a", GOOD);
+        write("b", "name = ");
+        write("c", &GOOD.replace("\"fib\"", "\"other\""));
+        let found = discover(root.path()).unwrap();
+        assert_eq!(found.plugins.len(), 1);
+        assert_eq!(found.errors.len(), 2);
+        assert!(found
+            .errors
+            .iter()
+            .any(|e| e.message.contains("already served by plugin `fib`")));
+    }
+}

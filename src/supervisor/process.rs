@@ -1,0 +1,249 @@
+//! The child process of one plugin instance: spawning with process hygiene, signalling its
+//! process group, and the stdio pumps (stderr to the log, stdout to protocol messages, a
+//! batching writer for stdin).
+//!
+//! Hygiene: each instance leads its own process group (so a stop reaches every process it
+//! forked), gets `PR_SET_PDEATHSIG` (so it dies with the worker), and has stderr drained at all
+//! times (so a chatty plugin never blocks on a full pipe).
+
+use crate::manifest::Manifest;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use plugin_protocol::{Frame, LineDecoder, Message, ParseError};
+use std::collections::VecDeque;
+use std::io;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Stderr lines kept per instance for crash reports and `plugins inspect`.
+const STDERR_TAIL_LINES: usize = 20;
+/// Longest stderr line kept; the rest of a longer line is dropped from the log.
+const STDERR_MAX_LINE: usize = 64 * 1024;
+
+/// Spawns the plugin's command in its own process group, with piped stdio.
+pub fn spawn(manifest: &Manifest, instance: u32) -> io::Result<Child> {
+    let mut cmd = Command::new(manifest.program());
+    cmd.args(&manifest.command[1..])
+        .current_dir(&manifest.dir)
+        .envs(&manifest.env)
+        .env("WORKER_PLUGIN_NAME", &manifest.name)
+        .env("WORKER_PLUGIN_INSTANCE", instance.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let parent = nix::unistd::getpid();
+    // SAFETY: runs in the forked child before exec and only makes async-signal-safe calls
+    // (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+            // The worker may have died between fork and prctl; then nobody would kill us.
+            if nix::unistd::getppid() != parent {
+                nix::libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Sends `signal` to every process in the group led by `pid`. A group that is already gone
+/// is not an error.
+pub fn signal_group(pid: u32, signal: Signal) {
+    let _ = killpg(Pid::from_raw(pid as i32), signal);
+}
+
+/// The last stderr lines of an instance, shared between its pump and whoever reports on it.
+#[derive(Debug, Clone, Default)]
+pub struct StderrTail(Arc<Mutex<VecDeque<String>>>);
+
+impl StderrTail {
+    fn push(&self, line: String) {
+        let mut tail = self.0.lock().expect("stderr tail lock poisoned");
+        if tail.len() == STDERR_TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .expect("stderr tail lock poisoned")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// `"; last stderr: a | b"` for error messages, or nothing when stderr was silent.
+    pub fn summary(&self, n: usize) -> String {
+        let lines = self.lines();
+        if lines.is_empty() {
+            return String::new();
+        }
+        let start = lines.len().saturating_sub(n);
+        format!("; last stderr: {}", lines[start..].join(" | "))
+    }
+}
+
+/// Who a log line comes from.
+#[derive(Debug, Clone)]
+pub struct LogOrigin {
+    pub plugin: String,
+    pub instance: u32,
+    pub pid: u32,
+}
+
+/// Reads stderr to the end, logging each line and keeping the tail.
+pub fn pump_stderr<R>(stderr: R, origin: LogOrigin, tail: StderrTail) -> JoinHandle<()>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stderr);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match (&mut reader)
+                .take(STDERR_MAX_LINE as u64)
+                .read_until(b'\n', &mut buf)
+                .await
+            {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let complete = buf.last() == Some(&b'\n');
+            let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+            if !complete {
+                // Over-long line: skip the rest of it.
+                let mut skip = Vec::new();
+                let _ = reader.read_until(b'\n', &mut skip).await;
+            }
+            tracing::info!(
+                target: "plugin",
+                plugin = %origin.plugin,
+                instance = origin.instance,
+                pid = origin.pid,
+                "{line}"
+            );
+            tail.push(line);
+        }
+    })
+}
+
+/// What the stdout pump saw.
+#[derive(Debug)]
+pub enum StdoutEvent {
+    Message(Message),
+    /// A line that is not JSON-RPC: logged and counted, never fatal.
+    Garbage {
+        line: String,
+        error: ParseError,
+    },
+    /// A line over the limit: a protocol violation.
+    TooLong {
+        seen: usize,
+    },
+    /// End of stdout, or a read error.
+    Closed,
+}
+
+/// Reads protocol lines from stdout until it closes. Sends wait when the actor is busy, which
+/// in turn stops reading: a plugin cannot outrun the worker's memory.
+pub fn pump_stdout(
+    stdout: ChildStdout,
+    max_line: usize,
+    tx: mpsc::Sender<StdoutEvent>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut stdout = stdout;
+        let mut decoder = LineDecoder::new(max_line);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match stdout.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    if let Some(Frame::Line(line)) = decoder.finish() {
+                        let _ = tx.send(parse(&line)).await;
+                    }
+                    let _ = tx.send(StdoutEvent::Closed).await;
+                    return;
+                }
+                Ok(n) => n,
+            };
+            decoder.extend(&buf[..n]);
+            while let Some(frame) = decoder.next_frame() {
+                let event = match frame {
+                    Frame::Line(line) if line.iter().all(u8::is_ascii_whitespace) => continue,
+                    Frame::Line(line) => parse(&line),
+                    Frame::TooLong { seen } => StdoutEvent::TooLong { seen },
+                };
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
+fn parse(line: &[u8]) -> StdoutEvent {
+    match Message::parse(line) {
+        Ok(msg) => StdoutEvent::Message(msg),
+        Err(error) => {
+            let mut line = String::from_utf8_lossy(line).into_owned();
+            if line.len() > 200 {
+                let mut cut = 200;
+                while !line.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                line.truncate(cut);
+                line.push('…');
+            }
+            StdoutEvent::Garbage { line, error }
+        }
+    }
+}
+
+/// Writes queued lines to stdin, flushing once per batch of whatever is ready. The queue is
+/// unbounded on purpose: what goes into it is bounded by the instance's concurrency (one
+/// `task.run` per in-flight task, plus control messages), and the actor must never block on it.
+pub fn spawn_writer(stdin: ChildStdin) -> (mpsc::UnboundedSender<Vec<u8>>, JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let handle = tokio::spawn(async move {
+        let mut stdin = tokio::io::BufWriter::with_capacity(64 * 1024, stdin);
+        while let Some(line) = rx.recv().await {
+            if stdin.write_all(&line).await.is_err() {
+                return;
+            }
+            while let Ok(line) = rx.try_recv() {
+                if stdin.write_all(&line).await.is_err() {
+                    return;
+                }
+            }
+            if stdin.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    (tx, handle)
+}
+
+/// Describes how a process ended, for humans: "exited with status 3", "was killed by signal 9 (SIGKILL)".
+pub fn describe_exit(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        format!("exited with status {code}")
+    } else if let Some(sig) = status.signal() {
+        let name = Signal::try_from(sig)
+            .map(|s| s.as_str())
+            .unwrap_or("unknown");
+        format!("was killed by signal {sig} ({name})")
+    } else {
+        format!("ended ({status})")
+    }
+}

@@ -1,0 +1,80 @@
+//! Status reports of plugins and instances, as shown by `worker plugins list` and the
+//! control API. Plain serializable data.
+
+use serde::{Deserialize, Serialize};
+
+/// The state of a whole plugin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PluginState {
+    /// No instance has finished its handshake yet.
+    Starting,
+    /// At least one instance has been ready.
+    Running,
+    /// Gave up restarting (or incompatible); tasks fail fast with this reason until reload.
+    Failed(String),
+    Stopping,
+    Stopped,
+}
+
+impl std::fmt::Display for PluginState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PluginState::Starting => f.write_str("starting"),
+            PluginState::Running => f.write_str("running"),
+            PluginState::Failed(_) => f.write_str("failed"),
+            PluginState::Stopping => f.write_str("stopping"),
+            PluginState::Stopped => f.write_str("stopped"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    Starting,
+    Ready,
+    /// Died; the restart is scheduled (or the exit is being processed).
+    Crashed,
+    /// Waiting out the restart backoff.
+    Backoff,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        f.write_str(&s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub index: u32,
+    pub state: InstanceState,
+    pub pid: Option<u32>,
+    pub uptime_secs: Option<f64>,
+    pub restarts: u32,
+    pub in_flight: usize,
+    pub done: u64,
+    pub failed: u64,
+    pub stdout_garbage_lines: u64,
+    pub last_exit: Option<String>,
+    pub stderr_tail: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginStatus {
+    pub name: String,
+    pub version: String,
+    pub state: PluginState,
+    pub tasks: Vec<String>,
+    pub queued: usize,
+    pub uptime_secs: f64,
+    pub instances: Vec<InstanceStatus>,
+}

@@ -1,0 +1,202 @@
+//! The one task type that travels from a source to a plugin, and the one outcome it ends with.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::time::Duration;
+
+/// A task as a source hands it to the dispatcher.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRequest {
+    /// Unique id; the source picks it (Celery's task id) or the dispatcher makes one.
+    pub id: String,
+    pub name: String,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    /// Overrides of the manifest's time limits (e.g. from a Celery header).
+    pub soft_time_limit: Option<Duration>,
+    pub hard_time_limit: Option<Duration>,
+}
+
+impl TaskRequest {
+    pub fn new(name: impl Into<String>, args: Vec<Value>, kwargs: Map<String, Value>) -> Self {
+        TaskRequest {
+            id: new_task_id(),
+            name: name.into(),
+            args,
+            kwargs,
+            soft_time_limit: None,
+            hard_time_limit: None,
+        }
+    }
+}
+
+/// A fresh task id: 128 random bits, hyphenated like a UUID so Celery tooling accepts it.
+pub fn new_task_id() -> String {
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        (b >> 48) & 0x3fff | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+/// Something a running task reports before it ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum TaskEvent {
+    Progress {
+        done: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        total: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+    Stream {
+        items: Vec<Value>,
+    },
+}
+
+/// How a task ended. Every task gets exactly one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Success(Value),
+    Failure(Failure),
+}
+
+impl Outcome {
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Success(_))
+    }
+}
+
+/// Why a task failed, in terms a user can act on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub kind: FailureKind,
+    /// Exception type name shown to the caller (`ValueError`, `PluginCrashed`, ...).
+    #[serde(rename = "type")]
+    pub exc_type: String,
+    pub message: String,
+    /// Where `exc_type` comes from (Python module for Celery clients).
+    pub module: String,
+    pub traceback: Option<String>,
+}
+
+/// The failure categories the worker reacts to differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The task raised; `retryable` is the plugin's own judgement.
+    Raised { retryable: bool },
+    /// Stopped on request.
+    Cancelled,
+    /// Stopped after its soft time limit.
+    SoftTimeLimit,
+    /// Its process was killed at the hard time limit.
+    HardTimeLimit,
+    /// The process under it died; the dispatcher may run it again elsewhere.
+    PluginCrashed,
+    /// The plugin refused it because it is shutting down; safe to run elsewhere.
+    Rejected,
+    /// No plugin serves this task name.
+    NotRegistered,
+    /// The plugin serving it is in the `failed` state or stopped.
+    PluginUnavailable,
+    /// The plugin's queue is full.
+    QueueFull,
+    /// The worker is stopping and accepts no new tasks.
+    ShuttingDown,
+}
+
+impl Failure {
+    pub fn new(
+        kind: FailureKind,
+        exc_type: &str,
+        module: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        Failure {
+            kind,
+            exc_type: exc_type.to_string(),
+            message: message.into(),
+            module: module.to_string(),
+            traceback: None,
+        }
+    }
+
+    pub fn crashed(message: impl Into<String>) -> Self {
+        Failure::new(
+            FailureKind::PluginCrashed,
+            "PluginCrashed",
+            "worker.errors",
+            message,
+        )
+    }
+
+    pub fn not_registered(task: &str) -> Self {
+        Failure::new(
+            FailureKind::NotRegistered,
+            "NotRegistered",
+            "celery.exceptions",
+            task,
+        )
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Failure::new(
+            FailureKind::PluginUnavailable,
+            "PluginUnavailable",
+            "worker.errors",
+            message,
+        )
+    }
+
+    pub fn shutting_down() -> Self {
+        Failure::new(
+            FailureKind::ShuttingDown,
+            "WorkerShuttingDown",
+            "worker.errors",
+            "the worker is shutting down and accepts no new tasks",
+        )
+    }
+
+    pub fn cancelled(reason: &str) -> Self {
+        Failure::new(
+            FailureKind::Cancelled,
+            "TaskCancelled",
+            "worker.errors",
+            format!("cancelled: {reason}"),
+        )
+    }
+
+    /// True if running the task again on a healthy process may succeed without side effects
+    /// the task did not already allow for.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            FailureKind::PluginCrashed | FailureKind::Rejected
+        )
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.exc_type, self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_look_like_uuids_and_differ() {
+        let a = new_task_id();
+        assert_eq!(a.len(), 36);
+        assert_eq!(a.matches('-').count(), 4);
+        assert_ne!(a, new_task_id());
+    }
+}
