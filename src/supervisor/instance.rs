@@ -277,6 +277,14 @@ async fn run(
     });
 }
 
+/// Stdout closing usually means the process is exiting: prefer its exit status as the reason.
+async fn closed_reason(child: &mut Child) -> String {
+    match timeout(Duration::from_millis(500), child.wait()).await {
+        Ok(Ok(status)) => process::describe_exit(&status),
+        _ => "closed its stdout".to_string(),
+    }
+}
+
 /// Tasks the pool sent after the instance decided to end go back as crashed (retryable).
 fn fail_commands(commands: &mut mpsc::UnboundedReceiver<Command>, reason: &str) {
     commands.close();
@@ -350,7 +358,7 @@ impl Instance {
                     Some(StdoutEvent::Garbage { line, error }) => self.on_garbage(&line, &error),
                     Some(StdoutEvent::TooLong { seen }) => return crash(self.too_long(seen)),
                     Some(StdoutEvent::Closed) | None => {
-                        return crash("closed its stdout before answering `initialize`".into());
+                        return crash(format!("{} before answering `initialize`", closed_reason(child).await));
                     }
                 },
                 status = child.wait() => {

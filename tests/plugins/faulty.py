@@ -1,0 +1,188 @@
+"""Fault-injection plugin for the integration tests: one small script, every failure mode.
+
+It speaks the raw protocol (no SDK) so it can break it on purpose. Misbehaviour at start is
+chosen by environment variables (set in the test's plugin.toml [env]); misbehaviour during a
+task is chosen by the task name:
+
+  FAULT_HANDSHAKE  ok (default) | exit (exit 3 before answering) | hang (never answer)
+                   | version (answer protocol 2.0) | extra_task (serve an undeclared task)
+  FAULT_PING       ok (default) | hang (never answer ping)
+  FAULT_TERM       ok (default) | ignore (ignore SIGTERM, shutdown and exit)
+  FAULT_FORK       path: fork a grandchild that sleeps forever, write its pid to the path
+  FAULT_GARBAGE    1: print non-protocol lines to stdout at start
+
+Tasks: f.ok (returns args), f.pid (returns its pid), f.sleep [secs] (stops on cancel),
+f.sleep_nocancel [secs], f.crash (SIGKILLs itself), f.crash_once [marker path] (SIGKILLs
+itself unless the marker exists, creating it), f.exit [code] (exits), f.huge [bytes] (writes
+one over-long line, then waits), f.garbage (a non-JSON stdout line, then returns "ok"), f.raise (ValueError),
+f.progress (progress and stream, then returns "done"), f.stderr [lines] (writes that many stderr
+lines, then returns).
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+OUT_LOCK = threading.Lock()
+RUNNING = {}
+RUNNING_LOCK = threading.Condition()
+ENV = os.environ.get
+
+
+def send(msg):
+    msg["jsonrpc"] = "2.0"
+    data = json.dumps(msg) + "\n"
+    with OUT_LOCK:
+        sys.stdout.write(data)
+        sys.stdout.flush()
+
+
+def raw(text):
+    with OUT_LOCK:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def reply(id_, result):
+    send({"id": id_, "result": result})
+
+
+def error(id_, code, typ, message):
+    send({"id": id_, "error": {"code": code, "message": message,
+                               "data": {"type": typ, "message": message, "module": "builtins"}}})
+
+
+def run_task(id_, params):
+    task_id, name, args = params["task_id"], params["task"], params.get("args") or []
+    cancel = threading.Event()
+    with RUNNING_LOCK:
+        RUNNING[task_id] = cancel
+    try:
+        if name == "f.ok":
+            reply(id_, args)
+        elif name == "f.pid":
+            reply(id_, os.getpid())
+        elif name == "f.sleep":
+            if cancel.wait(args[0] if args else 3600):
+                error(id_, -32001, "Cancelled", "cancelled")
+            else:
+                reply(id_, "slept")
+        elif name == "f.sleep_nocancel":
+            time.sleep(args[0] if args else 3600)
+            reply(id_, "slept")
+        elif name == "f.crash":
+            sys.stderr.write("about to crash on purpose\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif name == "f.crash_once":
+            if os.path.exists(args[0]):
+                reply(id_, "survived")
+            else:
+                open(args[0], "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+        elif name == "f.exit":
+            os._exit(args[0] if args else 1)
+        elif name == "f.huge":
+            raw("x" * (args[0] if args else 2_000_000) + "\n")
+            cancel.wait(3600)  # no answer: the worker must act on the violation alone
+            reply(id_, "after huge")
+        elif name == "f.garbage":
+            raw("this is not json\n")
+            reply(id_, "ok")
+        elif name == "f.raise":
+            error(id_, -32000, "ValueError", "bad value: %r" % (args,))
+        elif name == "f.progress":
+            send({"method": "task.progress", "params": {"task_id": task_id, "done": 1, "total": 2, "message": "half"}})
+            send({"method": "task.stream", "params": {"task_id": task_id, "items": ["a", "b"]}})
+            send({"method": "task.stream", "params": {"task_id": task_id, "items": ["c"]}})
+            reply(id_, "done")
+        elif name == "f.stderr":
+            for i in range(args[0] if args else 1):
+                sys.stderr.write("stderr line %d\n" % i)
+            sys.stderr.flush()
+            reply(id_, "wrote")
+        else:
+            send({"id": id_, "error": {"code": -32003, "message": "unknown task " + name}})
+    finally:
+        with RUNNING_LOCK:
+            RUNNING.pop(task_id, None)
+            RUNNING_LOCK.notify_all()
+
+
+def declared_tasks():
+    names = ["f.ok", "f.pid", "f.sleep", "f.sleep_nocancel", "f.crash", "f.crash_once", "f.exit",
+             "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr"]
+    if ENV("FAULT_HANDSHAKE") == "extra_task":
+        names.append("f.undeclared")
+    return [{"name": n} for n in names]
+
+
+def main():
+    if ENV("FAULT_TERM") == "ignore":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if ENV("FAULT_FORK"):
+        pid = os.fork()
+        if pid == 0:
+            # The grandchild keeps no protocol pipes, like a daemonised helper would.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            while True:
+                time.sleep(60)
+        with open(ENV("FAULT_FORK"), "w") as f:
+            f.write(str(pid))
+    if ENV("FAULT_GARBAGE") == "1":
+        raw("hello from a stray print\n")
+        raw("[1, 2, 3]\n")
+    for line in sys.stdin:
+        msg = json.loads(line)
+        method, id_, params = msg.get("method"), msg.get("id"), msg.get("params") or {}
+        if method == "initialize":
+            mode = ENV("FAULT_HANDSHAKE", "ok")
+            if mode == "exit":
+                sys.stderr.write("refusing to start\n")
+                sys.exit(3)
+            if mode == "hang":
+                continue
+            reply(id_, {
+                "protocol_version": "2.0" if mode == "version" else "1.0",
+                "plugin": {"name": "faulty", "version": "0.0.1"},
+                "tasks": declared_tasks(),
+            })
+        elif method == "task.run":
+            threading.Thread(target=run_task, args=(id_, params), daemon=True).start()
+        elif method == "task.cancel":
+            with RUNNING_LOCK:
+                event = RUNNING.get(params.get("task_id"))
+            if event:
+                event.set()
+        elif method == "ping":
+            if ENV("FAULT_PING") != "hang":
+                reply(id_, {})
+        elif method == "shutdown":
+            if ENV("FAULT_TERM") == "ignore":
+                continue
+
+            def wait_and_reply(id_=id_):
+                with RUNNING_LOCK:
+                    while RUNNING:
+                        RUNNING_LOCK.wait()
+                reply(id_, None)
+
+            threading.Thread(target=wait_and_reply, daemon=True).start()
+        elif method == "exit":
+            if ENV("FAULT_TERM") != "ignore":
+                os._exit(0)
+        elif id_ is not None and method is not None:
+            send({"id": id_, "error": {"code": -32601, "message": "unknown method " + method}})
+    # stdin closed: the worker is gone.
+    if ENV("FAULT_TERM") == "ignore":
+        while True:
+            time.sleep(60)
+
+
+if __name__ == "__main__":
+    main()
