@@ -431,7 +431,7 @@ name = "fibonacci"
         let bad = format!("{GOOD}instances = 0\n");
         // `instances` after [[tasks]] belongs to the task table: an unknown key there.
         let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
-        assert!(e.contains("instances") && e.contains("line 7"), "{e}");
+        assert!(e.contains("instances") && e.contains("line 8"), "{e}");
 
         let bad = GOOD.replace("version = \"1.0.0\"", "version = \"1.0.0\"\ninstances = 0");
         let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
@@ -446,7 +446,7 @@ name = "fibonacci"
     fn negative_timeout_is_refused() {
         let bad = format!("{GOOD}\n[timeouts]\ninit = -1\n");
         let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
-        assert!(e.contains("timeouts.init") && e.contains("line 9"), "{e}");
+        assert!(e.contains("timeouts.init") && e.contains("line 10"), "{e}");
     }
 
     #[test]

@@ -154,7 +154,7 @@ struct Crash {
 
 enum Flow {
     Continue,
-    Crash(Crash),
+    Crash(Box<Crash>),
     Stop(Duration),
 }
 
@@ -253,7 +253,7 @@ async fn run(
         Flow::Crash(crash) => {
             process::signal_group(pid, Signal::SIGKILL);
             let _ = child.wait().await;
-            Some(crash)
+            Some(*crash)
         }
         Flow::Continue => unreachable!("serve and handshake only return to end the instance"),
     };
@@ -345,10 +345,10 @@ impl Instance {
         );
         let deadline = Instant::now() + m.timeouts.init;
         let crash = |reason: String| {
-            Err(Flow::Crash(Crash {
+            Err(Flow::Crash(Box::new(Crash {
                 reason,
                 culprit: None,
-            }))
+            })))
         };
         let reply = loop {
             tokio::select! {
@@ -380,10 +380,10 @@ impl Instance {
             }
         };
         let incompatible = |reason: String| {
-            Err(Flow::Crash(Crash {
+            Err(Flow::Crash(Box::new(Crash {
                 reason: format!("incompatible: {reason}"),
                 culprit: None,
-            }))
+            })))
         };
         let result: InitializeResult = match reply {
             Ok(value) => match serde_json::from_value(value) {
@@ -450,10 +450,10 @@ impl Instance {
                     None => Flow::Stop(self.spec.manifest.timeouts.shutdown_grace),
                 },
                 ev = stdout.recv() => self.on_stdout(ev, child, events).await,
-                status = child.wait() => Flow::Crash(Crash {
+                status = child.wait() => Flow::Crash(Box::new(Crash {
                     reason: status.map(|s| process::describe_exit(&s)).unwrap_or_else(|e| format!("could not be waited for: {e}")),
                     culprit: None,
-                }),
+                })),
                 _ = sleep_until(deadline) => self.on_timer(),
             };
             if !matches!(flow, Flow::Continue) {
@@ -544,10 +544,10 @@ impl Instance {
             Some(StdoutEvent::Message(msg)) => self.on_message(msg),
             Some(StdoutEvent::Garbage { line, error }) => self.on_garbage(&line, &error),
             Some(StdoutEvent::TooLong { seen }) => {
-                return Flow::Crash(Crash {
+                return Flow::Crash(Box::new(Crash {
                     reason: self.too_long(seen),
                     culprit: None,
-                })
+                }))
             }
             Some(StdoutEvent::Closed) | None => {
                 // Usually the process is exiting: prefer its exit status as the reason.
@@ -555,10 +555,10 @@ impl Instance {
                     Ok(Ok(status)) => process::describe_exit(&status),
                     _ => "closed its stdout".to_string(),
                 };
-                return Flow::Crash(Crash {
+                return Flow::Crash(Box::new(Crash {
                     reason,
                     culprit: None,
-                });
+                }));
             }
         }
         Flow::Continue
@@ -775,13 +775,13 @@ impl Instance {
         let now = Instant::now();
         if let Some((_, due)) = self.ping {
             if now >= due {
-                return Flow::Crash(Crash {
+                return Flow::Crash(Box::new(Crash {
                     reason: format!(
                         "failed its health ping (no reply within {:?}; `timeouts.ping_timeout`)",
                         self.spec.manifest.timeouts.ping_timeout
                     ),
                     culprit: None,
-                });
+                }));
             }
         } else if now >= self.next_ping {
             let id = self.request(method::PING, serde_json::json!({}));
@@ -797,13 +797,13 @@ impl Instance {
                     "billiard.exceptions",
                     format!("task {} exceeded its hard time limit of {limit:?}; the plugin process was killed", run.job.request.id),
                 );
-                return Flow::Crash(Crash {
+                return Flow::Crash(Box::new(Crash {
                     reason: format!(
                         "was killed because task {} exceeded its hard time limit of {limit:?}",
                         run.job.request.id
                     ),
                     culprit: Some((id, failure)),
-                });
+                }));
             }
             if let Some(c) = &run.cancel {
                 if c.kill_at.is_some_and(|t| now >= t) {
@@ -811,13 +811,13 @@ impl Instance {
                         "{} (the plugin did not stop the task in time and was killed)",
                         c.reason
                     ));
-                    return Flow::Crash(Crash {
+                    return Flow::Crash(Box::new(Crash {
                         reason: format!(
                             "was killed because task {} did not stop after `task.cancel`",
                             run.job.request.id
                         ),
                         culprit: Some((id, failure)),
-                    });
+                    }));
                 }
             } else if run.soft_at.is_some_and(|t| now >= t) {
                 soft_due.push(run.job.request.id.clone());

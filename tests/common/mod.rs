@@ -235,3 +235,12 @@ pub async fn wait_gone(pid: u32, limit: Duration) -> bool {
     }
     process_gone(pid)
 }
+
+/// Blocking form of [`wait_gone`] for tests that drive the binary without a runtime.
+pub fn wait_gone_blocking(pid: u32, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while !process_gone(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    process_gone(pid)
+}

@@ -1,0 +1,488 @@
+//! The `worker` binary end to end: one-shot `run`, and a live `serve` daemon driven through
+//! `task run`, `task cancel`, `plugins list` and signals.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn worker() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_worker"));
+    for var in [
+        "WORKER_CONFIG",
+        "WORKER_PLUGINS",
+        "WORKER_SOCKET",
+        "WORKER_LOG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.current_dir(std::env::temp_dir());
+    cmd
+}
+
+fn output(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("worker runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn run_fibonacci_from_the_bundled_examples() {
+    let out = output(worker().args(["run", "fibonacci", "26"]));
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "121393\n");
+    assert!(text(&out.stderr).contains("progress: 26/26"));
+}
+
+#[test]
+fn run_reports_task_errors_and_unknown_tasks() {
+    let out = output(worker().args(["run", "fibonacci", "-1"]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("error: ValueError: n must be a non-negative integer, got -1"),
+        "{err}"
+    );
+    assert!(err.contains("Traceback"), "{err}");
+
+    let out = output(worker().args(["run", "no.such.task"]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("serves task `no.such.task`") && err.contains("fibonacci"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_a_rust_sdk_plugin_with_streaming() {
+    let root = tempfile::tempdir().unwrap();
+    rust_plugin(root.path(), "");
+    let out = output(
+        worker()
+            .args(["run", "rust.count", "3", "1", "--plugins"])
+            .arg(root.path()),
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "1\n2\n3\n3\n");
+}
+
+#[test]
+fn run_ignores_other_broken_plugins() {
+    let root = tempfile::tempdir().unwrap();
+    rust_plugin(root.path(), "");
+    std::fs::create_dir_all(root.path().join("broken")).unwrap();
+    std::fs::write(
+        root.path().join("broken/plugin.toml"),
+        "name = \"broken\"\nversion = 3\n",
+    )
+    .unwrap();
+    let out = output(
+        worker()
+            .args(["run", "rust.echo", "x", "--plugins"])
+            .arg(root.path()),
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "{\"args\":[\"x\"],\"kwargs\":{}}\n");
+}
+
+/// A `worker serve` child with its log lines on a channel.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    plugins: PathBuf,
+    log: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Daemon {
+    fn start(plugins: &Path, socket: &Path) -> Daemon {
+        let mut child = worker()
+            .args([
+                "serve",
+                "--log-format",
+                "text",
+                "--drain-timeout",
+                "10",
+                "--plugins",
+            ])
+            .arg(plugins)
+            .arg("--socket")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("serve starts");
+        let (tx, log) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut d = Daemon {
+            child,
+            socket: socket.into(),
+            plugins: plugins.into(),
+            log,
+            seen: Vec::new(),
+        };
+        d.wait_log("serving");
+        d
+    }
+
+    fn wait_log(&mut self, needle: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line containing {needle:?}; seen:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Command {
+        let mut cmd = worker();
+        cmd.args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--plugins")
+            .arg(&self.plugins);
+        cmd
+    }
+
+    fn list_json(&self) -> Value {
+        let out = output(&mut self.cli(&["plugins", "list", "--json"]));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("list --json is JSON")
+    }
+
+    /// Polls `plugins list --json` until `pred` holds.
+    fn wait_list(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let doc = self.list_json();
+            if pred(&doc) {
+                return doc;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {doc:#}"
+            );
+        }
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "serve did not exit");
+            // Drain logs while waiting, which also paces the loop.
+            if let Ok(line) = self.log.recv_timeout(Duration::from_millis(50)) {
+                self.seen.push(line);
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn plugin_ready(doc: &Value, name: &str) -> bool {
+    doc["plugins"].as_array().unwrap().iter().any(|p| {
+        p["name"] == name
+            && p["live"]["instances"]
+                .as_array()
+                .is_some_and(|i| i.iter().all(|i| i["state"] == "ready"))
+    })
+}
+
+fn live_pids(doc: &Value) -> Vec<u32> {
+    doc["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            p["live"]["instances"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|i| i["pid"].as_u64().map(|p| p as u32))
+        .collect()
+}
+
+#[test]
+fn serve_answers_task_run_and_plugins_list() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    faulty_plugin(&plugins, "faulty", &[], "instances = 2", "");
+    std::fs::create_dir_all(plugins.join("broken")).unwrap();
+    std::fs::write(
+        plugins.join("broken/plugin.toml"),
+        "name = \"broken\"\nversion = \"1\"\ncommand = []\n[[tasks]]\nname = \"b\"\n",
+    )
+    .unwrap();
+    let mut d = Daemon::start(&plugins, &root.path().join("w.sock"));
+    let broken = d.wait_log("plugin skipped");
+    assert!(
+        broken.contains("broken/plugin.toml") && broken.contains("key `command` (line 3)"),
+        "{broken}"
+    );
+    let doc = d.wait_list("faulty ready", |doc| plugin_ready(doc, "faulty"));
+    assert_eq!(doc["daemon"]["pid"], d.child.id());
+    assert_eq!(live_pids(&doc).len(), 2);
+    assert!(doc["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("command"));
+
+    let out = output(&mut d.cli(&["task", "run", "f.progress"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "\"a\"\n\"b\"\n\"c\"\n\"done\"\n");
+    assert!(text(&out.stderr).contains("progress: 1/2 half"));
+
+    let out = output(&mut d.cli(&["task", "run", "f.raise", "3"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("error: ValueError: bad value: [3]"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = output(&mut d.cli(&["task", "run", "nope"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("NotRegistered"));
+
+    let out = output(&mut d.cli(&["plugins", "list"]));
+    let list = text(&out.stdout);
+    assert!(list.contains(&format!("daemon: {}", "worker@")), "{list}");
+    assert!(
+        list.contains("faulty 0.0.1  [running]  2 instance(s)"),
+        "{list}"
+    );
+    assert!(
+        list.contains("#0 ready pid") && list.contains("#1 ready pid"),
+        "{list}"
+    );
+    assert!(list.contains("done 1") || list.contains("done 2"), "{list}");
+    assert!(list.contains("BROKEN"), "{list}");
+
+    // Cancel through the socket.
+    let sleeper = d
+        .cli(&["task", "run", "f.sleep", "30", "--id", "sleepy"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    d.wait_list("sleeper running", |doc| {
+        doc["plugins"][0]["live"]["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["in_flight"] == 1)
+    });
+    let out = output(&mut d.cli(&["task", "cancel", "sleepy"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = sleeper.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("TaskCancelled"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d.wait_exit().success());
+}
+
+#[test]
+fn plugins_list_without_a_daemon_and_into_a_closed_pipe() {
+    let root = tempfile::tempdir().unwrap();
+    faulty_plugin(root.path(), "faulty", &[], "", "");
+    let out = output(
+        worker()
+            .args([
+                "plugins",
+                "list",
+                "--socket",
+                "/nonexistent/w.sock",
+                "--plugins",
+            ])
+            .arg(root.path()),
+    );
+    assert!(out.status.success());
+    let list = text(&out.stdout);
+    assert!(
+        list.contains("daemon: none answering") && list.contains("faulty 0.0.1  [not running]"),
+        "{list}"
+    );
+    // `| head -c1`: the reader goes away; the writer must exit quietly, not panic.
+    let mut child = worker()
+        .args([
+            "plugins",
+            "list",
+            "--json",
+            "--socket",
+            "/nonexistent/w.sock",
+            "--plugins",
+        ])
+        .arg(root.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("panicked"));
+}
+
+#[test]
+fn sigterm_drains_in_flight_tasks_then_stops() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    faulty_plugin(
+        &plugins,
+        "faulty",
+        &[("FAULT_FORK", root.path().join("gc.pid").to_str().unwrap())],
+        "concurrency = 2",
+        "",
+    );
+    let socket = root.path().join("w.sock");
+    let mut d = Daemon::start(&plugins, &socket);
+    let doc = d.wait_list("ready", |doc| plugin_ready(doc, "faulty"));
+    let pid = live_pids(&doc)[0];
+    let grandchild: u32 = std::fs::read_to_string(root.path().join("gc.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    let in_flight = d
+        .cli(&["task", "run", "f.sleep", "1.5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    d.wait_list("task in flight", |doc| {
+        doc["daemon"].is_object() && doc["plugins"][0]["live"]["instances"][0]["in_flight"] == 1
+    });
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    d.wait_log("draining");
+    // New work is refused while draining.
+    let out = output(&mut d.cli(&["task", "run", "f.ok"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("WorkerShuttingDown"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The task in flight finishes.
+    let out = in_flight.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "\"slept\"\n");
+    assert!(d.wait_exit().success());
+    assert!(!socket.exists(), "the socket file is removed");
+    assert!(process_gone(pid), "plugin {pid} is gone");
+    assert!(
+        wait_gone_blocking(grandchild, Duration::from_secs(5)),
+        "grandchild {grandchild} is gone"
+    );
+}
+
+#[test]
+fn second_signal_stops_at_once() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    faulty_plugin(
+        &plugins,
+        "faulty",
+        &[("FAULT_TERM", "ignore")],
+        "",
+        "[timeouts]\nshutdown_grace = 30\n",
+    );
+    let mut d = Daemon::start(&plugins, &root.path().join("w.sock"));
+    let doc = d.wait_list("ready", |doc| plugin_ready(doc, "faulty"));
+    let pid = live_pids(&doc)[0];
+    let mut stuck = d
+        .cli(&["task", "run", "f.sleep_nocancel", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    d.wait_list("task in flight", |doc| {
+        doc["plugins"][0]["live"]["instances"][0]["in_flight"] == 1
+    });
+    let started = Instant::now();
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    d.wait_log("draining");
+    d.signal(nix::sys::signal::Signal::SIGINT);
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "forced stop took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        wait_gone_blocking(pid, Duration::from_secs(5)),
+        "plugin {pid} is gone"
+    );
+    // Its client sees the connection close and fails.
+    assert!(!stuck.wait().unwrap().success());
+}
+
+#[test]
+fn serve_refuses_a_socket_another_worker_serves() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let socket = root.path().join("w.sock");
+    let mut d = Daemon::start(&plugins, &socket);
+    let out = output(
+        worker()
+            .args(["serve", "--plugins"])
+            .arg(&plugins)
+            .arg("--socket")
+            .arg(&socket),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("a worker is already serving on"),
+        "{}",
+        text(&out.stderr)
+    );
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d.wait_exit().success());
+}
