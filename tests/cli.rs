@@ -486,3 +486,31 @@ fn serve_refuses_a_socket_another_worker_serves() {
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(d.wait_exit().success());
 }
+
+#[test]
+fn run_a_raw_protocol_node_plugin() {
+    let out = output(worker().args(["run", "node.echo", "a", "2"]));
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "\"a\"\n2\n\"a 2\"\n");
+}
+
+#[test]
+fn bundled_config_example_is_valid() {
+    let out = output(
+        worker()
+            .args(["plugins", "list", "--config"])
+            .arg(repo().join("packaging/worker.toml"))
+            .args(["--plugins", "/nonexistent"]),
+    );
+    // The plugins dir is overridden to one that does not exist: the config itself must parse.
+    assert!(
+        !text(&out.stderr).contains("invalid config"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("cannot read the plugins directory /nonexistent"),
+        "{}",
+        text(&out.stderr)
+    );
+}
