@@ -28,6 +28,16 @@ pub struct Config {
     pub log_level: Option<String>,
     /// `text` or `json`.
     pub log_format: String,
+    /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`); unset = embedded mode only.
+    pub broker: Option<String>,
+    /// Queues to consume from the broker.
+    pub queues: Vec<String>,
+    /// `kombu` (declare exactly as Celery clients do) or `passive` (queues must exist).
+    pub queue_declare: String,
+    /// Per-consumer prefetch; unset = twice the plugins' total capacity (at least 4).
+    pub prefetch_count: Option<u16>,
+    /// Recent results remembered to answer redelivered copies without running them again.
+    pub result_memory: usize,
 }
 
 impl Default for Config {
@@ -41,6 +51,11 @@ impl Default for Config {
             drain_timeout: 30.0,
             log_level: None,
             log_format: "text".into(),
+            broker: None,
+            queues: vec!["celery".into()],
+            queue_declare: "kombu".into(),
+            prefetch_count: None,
+            result_memory: 10_000,
         }
     }
 }
@@ -89,6 +104,25 @@ impl Config {
         }
         if !(self.drain_timeout.is_finite() && self.drain_timeout >= 0.0) {
             return Err("key `drain_timeout`: must be a number of seconds >= 0".into());
+        }
+        if self.queues.is_empty() || self.queues.iter().any(|q| q.trim().is_empty()) {
+            return Err("key `queues`: give at least one non-empty queue name".into());
+        }
+        if !matches!(self.queue_declare.as_str(), "kombu" | "passive") {
+            return Err(format!(
+                "key `queue_declare`: `{}` is not `kombu` or `passive`",
+                self.queue_declare
+            ));
+        }
+        if self.prefetch_count == Some(0) {
+            return Err("key `prefetch_count`: must be at least 1".into());
+        }
+        if let Some(b) = &self.broker {
+            if !(b.starts_with("amqp://") || b.starts_with("amqps://")) {
+                return Err(format!(
+                    "key `broker`: `{b}` is not an amqp:// or amqps:// URL"
+                ));
+            }
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(format!(

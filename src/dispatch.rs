@@ -144,12 +144,30 @@ impl Dispatcher {
             *slot = Some(reason.to_string());
         }
         for pool in self.supervisor.plugins() {
-            if pool.cancel(task_id, reason).await {
+            if pool.cancel(task_id, reason, false).await {
                 return true;
             }
         }
         // Between attempts: the retry loop sees the reason and ends the task.
         true
+    }
+
+    /// Cancels a task only if it is still waiting in a plugin's queue. True if it was.
+    pub async fn cancel_queued(&self, task_id: &str, reason: &str) -> bool {
+        if !self
+            .active
+            .lock()
+            .expect("active lock poisoned")
+            .contains_key(task_id)
+        {
+            return false;
+        }
+        for pool in self.supervisor.plugins() {
+            if pool.cancel(task_id, reason, true).await {
+                return true;
+            }
+        }
+        false
     }
 
     /// Refuses new tasks from now on; tasks already admitted carry on.

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod manifest;
+pub mod source;
 pub mod supervisor;
 pub mod task;
 

@@ -43,9 +43,30 @@ pub struct CommonArgs {
     /// Control socket path (`socket`)
     #[arg(long, env = "WORKER_SOCKET", global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Node name (`name`)
-    #[arg(long, env = "WORKER_NAME", global = true)]
+    /// Node name (`name`), e.g. worker@host; Celery's -n/--hostname
+    #[arg(
+        short = 'n',
+        long,
+        visible_alias = "hostname",
+        env = "WORKER_NAME",
+        global = true
+    )]
     pub name: Option<String>,
+    /// RabbitMQ URL to consume Celery tasks from (`broker`), e.g. amqp://guest:guest@127.0.0.1:5672//
+    #[arg(long, env = "WORKER_BROKER", global = true)]
+    pub broker: Option<String>,
+    /// Comma-separated queues to consume (`queues`, default celery); Celery's -Q/--queues
+    #[arg(
+        short = 'Q',
+        long,
+        env = "WORKER_QUEUES",
+        global = true,
+        value_delimiter = ','
+    )]
+    pub queues: Option<Vec<String>>,
+    /// Per-consumer prefetch (`prefetch_count`)
+    #[arg(long, env = "WORKER_PREFETCH_COUNT", global = true)]
+    pub prefetch_count: Option<u16>,
     /// Longest plugin stdout line in bytes (`max_line_bytes`)
     #[arg(long, env = "WORKER_MAX_LINE_BYTES", global = true)]
     pub max_line_bytes: Option<usize>,
@@ -89,6 +110,15 @@ impl CommonArgs {
         }
         if let Some(v) = &self.name {
             c.name = v.clone();
+        }
+        if let Some(v) = &self.broker {
+            c.broker = Some(v.clone()).filter(|b| !b.is_empty());
+        }
+        if let Some(v) = &self.queues {
+            c.queues = v.clone();
+        }
+        if let Some(v) = self.prefetch_count {
+            c.prefetch_count = Some(v);
         }
         if let Some(v) = self.max_line_bytes {
             c.max_line_bytes = v;

@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::control::{self, WorkerInfo};
 use crate::dispatch::Dispatcher;
 use crate::manifest;
+use crate::source::amqp::{AmqpOptions, AmqpSource, Declare};
 use crate::supervisor::pool::PoolOptions;
 use crate::supervisor::Supervisor;
 use anyhow::Context;
@@ -62,6 +63,35 @@ pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         info,
         stop_server.clone(),
     ));
+    let amqp = config.broker.as_ref().map(|url| {
+        let capacity: usize = supervisor
+            .plugins()
+            .iter()
+            .map(|p| p.manifest().capacity())
+            .sum();
+        let prefetch = config
+            .prefetch_count
+            .unwrap_or_else(|| (capacity * 2).clamp(4, u16::MAX as usize) as u16);
+        AmqpSource::start(
+            AmqpOptions {
+                url: url.clone(),
+                queues: config.queues.clone(),
+                declare: if config.queue_declare == "passive" {
+                    Declare::Passive
+                } else {
+                    Declare::Kombu
+                },
+                prefetch,
+                nodename: config.name.clone(),
+                result_memory: config.result_memory,
+            },
+            dispatcher.clone(),
+        )
+    });
+    let remote_shutdown = amqp
+        .as_ref()
+        .map(|a| a.shutdown_requested())
+        .unwrap_or_default();
     tracing::info!(
         socket = %config.socket.display(),
         plugins = %names.join(", "),
@@ -73,6 +103,7 @@ pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM received"),
         _ = interrupt.recv() => tracing::info!("SIGINT received"),
+        _ = remote_shutdown.cancelled() => tracing::info!("remote control shutdown received"),
     }
     let second_signal = async {
         tokio::select! {
@@ -82,6 +113,9 @@ pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     };
     let drain = config.drain_timeout();
     let graceful = async {
+        if let Some(a) = &amqp {
+            a.stop_consuming();
+        }
         dispatcher.stop_accepting();
         tracing::info!(
             in_flight = dispatcher.in_flight(),
@@ -94,6 +128,11 @@ pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
             );
         }
         stop_server.cancel();
+        if let Some(a) = amqp {
+            // Results of finished tasks are published and their messages acked before the
+            // connection closes; anything left is redelivered by RabbitMQ.
+            a.finish(Duration::from_secs(10)).await;
+        }
         supervisor.stop(None).await;
     };
     let forced = tokio::select! {

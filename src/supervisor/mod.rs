@@ -61,6 +61,11 @@ impl Supervisor {
         self.routes().by_task.get(task).cloned()
     }
 
+    /// Every task name some plugin serves.
+    pub fn task_names(&self) -> Vec<String> {
+        self.routes().by_task.keys().cloned().collect()
+    }
+
     pub fn plugin(&self, name: &str) -> Option<PoolHandle> {
         self.routes().by_plugin.get(name).cloned()
     }

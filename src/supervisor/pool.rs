@@ -44,6 +44,7 @@ enum PoolCommand {
     Cancel {
         task_id: String,
         reason: String,
+        queued_only: bool,
         reply: oneshot::Sender<bool>,
     },
     Status(oneshot::Sender<PluginStatus>),
@@ -78,12 +79,14 @@ impl PoolHandle {
         }
     }
 
-    /// Asks the task to stop, wherever it is in this pool. False if the pool does not hold it.
-    pub async fn cancel(&self, task_id: &str, reason: &str) -> bool {
+    /// Asks the task to stop, wherever it is in this pool (with `queued_only`, only if it has
+    /// not started yet). False if the pool does not hold it (so).
+    pub async fn cancel(&self, task_id: &str, reason: &str, queued_only: bool) -> bool {
         let (reply, rx) = oneshot::channel();
         let cmd = PoolCommand::Cancel {
             task_id: task_id.into(),
             reason: reason.into(),
+            queued_only,
             reply,
         };
         self.tx.send(cmd).await.is_ok() && rx.await.unwrap_or(false)
@@ -277,9 +280,10 @@ impl Pool {
             PoolCommand::Cancel {
                 task_id,
                 reason,
+                queued_only,
                 reply,
             } => {
-                let _ = reply.send(self.cancel(&task_id, &reason));
+                let _ = reply.send(self.cancel(&task_id, &reason, queued_only));
             }
             PoolCommand::Status(reply) => {
                 let _ = reply.send(self.status());
@@ -313,11 +317,14 @@ impl Pool {
         }
     }
 
-    fn cancel(&mut self, task_id: &str, reason: &str) -> bool {
+    fn cancel(&mut self, task_id: &str, reason: &str, queued_only: bool) -> bool {
         if let Some(pos) = self.queue.iter().position(|j| j.request.id == task_id) {
             let job = self.queue.remove(pos).expect("position is in range");
             job.finish(Outcome::Failure(Failure::cancelled(reason)));
             return true;
+        }
+        if queued_only {
+            return false;
         }
         let Some(&slot) = self.placements.get(task_id) else {
             return false;

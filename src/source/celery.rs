@@ -1,0 +1,417 @@
+//! Celery's wire format, as pure functions: task messages (protocol v2, and v1 bodies) in,
+//! rpc:// result bodies out. No AMQP client types here: headers arrive as JSON, so every rule
+//! is unit-tested (see ../shared/reference/celery-wire.md for the facts these follow).
+
+use crate::task::Failure;
+use serde_json::{json, Map, Value};
+use std::time::{Duration, SystemTime};
+
+/// What a Celery task message says, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CeleryTask {
+    pub id: String,
+    pub name: String,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    pub eta: Option<SystemTime>,
+    pub expires: Option<SystemTime>,
+    pub hard_time_limit: Option<Duration>,
+    pub soft_time_limit: Option<Duration>,
+    pub retries: u64,
+    pub ignore_result: bool,
+    /// Where results go (the client's reply queue); `None` publishes nothing.
+    pub reply_to: Option<String>,
+    pub correlation_id: String,
+}
+
+/// The parts of an AMQP message the decoder needs, headers already converted to JSON.
+#[derive(Debug, Default)]
+pub struct Envelope<'a> {
+    pub headers: Map<String, Value>,
+    pub body: &'a [u8],
+    pub content_type: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+    pub reply_to: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error(
+        "content type `{0}` is not supported; configure the client with task_serializer='json'"
+    )]
+    ContentType(String),
+    #[error("body is not JSON: {0}")]
+    NotJson(String),
+    #[error("malformed task message: {0}")]
+    Shape(String),
+}
+
+fn shape(msg: impl Into<String>) -> DecodeError {
+    DecodeError::Shape(msg.into())
+}
+
+/// Decodes a task message. v2 is recognised by the `task` header; otherwise the body must be
+/// a v1 dict.
+pub fn decode(env: &Envelope) -> Result<CeleryTask, DecodeError> {
+    match env.content_type {
+        None | Some("application/json") | Some("") => {}
+        Some(other) => return Err(DecodeError::ContentType(other.to_string())),
+    }
+    let body: Value =
+        serde_json::from_slice(env.body).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    let reply_to = env.reply_to.filter(|r| !r.is_empty()).map(str::to_string);
+    if env.headers.contains_key("task") {
+        decode_v2(&env.headers, body, reply_to, env.correlation_id)
+    } else {
+        decode_v1(body, reply_to, env.correlation_id)
+    }
+}
+
+fn decode_v2(
+    h: &Map<String, Value>,
+    body: Value,
+    reply_to: Option<String>,
+    corr: Option<&str>,
+) -> Result<CeleryTask, DecodeError> {
+    let name = string(h.get("task")).ok_or_else(|| shape("header `task` must be a string"))?;
+    let id = string(h.get("id")).ok_or_else(|| shape("header `id` must be a string"))?;
+    let Value::Array(parts) = body else {
+        return Err(shape(
+            "a v2 body must be a JSON array [args, kwargs, embed]",
+        ));
+    };
+    let mut parts = parts.into_iter();
+    let args = match parts.next() {
+        Some(Value::Array(a)) => a,
+        None | Some(Value::Null) => Vec::new(),
+        Some(_) => return Err(shape("body[0] (args) must be an array")),
+    };
+    let kwargs = match parts.next() {
+        Some(Value::Object(k)) => k,
+        None | Some(Value::Null) => Map::new(),
+        Some(_) => return Err(shape("body[1] (kwargs) must be an object")),
+    };
+    let (hard, soft) = time_limits(h.get("timelimit"))?;
+    Ok(CeleryTask {
+        correlation_id: corr.map(str::to_string).unwrap_or_else(|| id.clone()),
+        args: untag_all(args)?,
+        kwargs: untag_map(kwargs)?,
+        eta: time(h.get("eta"), "eta")?,
+        expires: time(h.get("expires"), "expires")?,
+        hard_time_limit: hard,
+        soft_time_limit: soft,
+        retries: h.get("retries").and_then(Value::as_f64).unwrap_or(0.0) as u64,
+        ignore_result: h
+            .get("ignore_result")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        reply_to,
+        id,
+        name,
+    })
+}
+
+fn decode_v1(
+    body: Value,
+    reply_to: Option<String>,
+    corr: Option<&str>,
+) -> Result<CeleryTask, DecodeError> {
+    let Value::Object(b) = body else {
+        return Err(shape(
+            "no `task` header, and the body is not a protocol v1 object",
+        ));
+    };
+    let name = string(b.get("task")).ok_or_else(|| shape("v1 body: `task` must be a string"))?;
+    let id = string(b.get("id")).ok_or_else(|| shape("v1 body: `id` must be a string"))?;
+    let args = match b.get("args") {
+        Some(Value::Array(a)) => a.clone(),
+        None | Some(Value::Null) => Vec::new(),
+        Some(_) => return Err(shape("v1 body: `args` must be an array")),
+    };
+    let kwargs = match b.get("kwargs") {
+        Some(Value::Object(k)) => k.clone(),
+        None | Some(Value::Null) => Map::new(),
+        Some(_) => return Err(shape("v1 body: `kwargs` must be an object")),
+    };
+    let (hard, soft) = time_limits(b.get("timelimit"))?;
+    Ok(CeleryTask {
+        correlation_id: corr.map(str::to_string).unwrap_or_else(|| id.clone()),
+        args: untag_all(args)?,
+        kwargs: untag_map(kwargs)?,
+        eta: time(b.get("eta"), "eta")?,
+        expires: time(b.get("expires"), "expires")?,
+        hard_time_limit: hard,
+        soft_time_limit: soft,
+        retries: b.get("retries").and_then(Value::as_f64).unwrap_or(0.0) as u64,
+        ignore_result: false,
+        reply_to,
+        id,
+        name,
+    })
+}
+
+fn string(v: Option<&Value>) -> Option<String> {
+    v.and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// `timelimit` is `[hard, soft]`; either may be null, an int or a float.
+fn time_limits(v: Option<&Value>) -> Result<(Option<Duration>, Option<Duration>), DecodeError> {
+    let secs = |v: Option<&Value>| -> Result<Option<Duration>, DecodeError> {
+        match v {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(s) if s > 0.0 && s.is_finite() => Ok(Some(Duration::from_secs_f64(s))),
+                Some(_) => Ok(None),
+                None => Err(shape("`timelimit` entries must be numbers or null")),
+            },
+        }
+    };
+    match v {
+        None | Some(Value::Null) => Ok((None, None)),
+        Some(Value::Array(a)) => Ok((secs(a.first())?, secs(a.get(1))?)),
+        Some(_) => Err(shape("`timelimit` must be [hard, soft]")),
+    }
+}
+
+/// ISO-8601 with or without an offset (naive means UTC), or null.
+fn time(v: Option<&Value>, key: &str) -> Result<Option<SystemTime>, DecodeError> {
+    let text = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s.as_str(),
+        Some(Value::Object(o)) if o.get("__type__").and_then(Value::as_str) == Some("datetime") => {
+            o.get("__value__")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+        }
+        Some(_) => return Err(shape(format!("`{key}` must be an ISO-8601 string or null"))),
+    };
+    parse_time(text)
+        .map(Some)
+        .ok_or_else(|| shape(format!("`{key}` is not an ISO-8601 time: {text:?}")))
+}
+
+pub fn parse_time(text: &str) -> Option<SystemTime> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Some(t.into());
+    }
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(text, fmt) {
+            return Some(t.and_utc().into());
+        }
+    }
+    chrono::DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%z")
+        .ok()
+        .map(Into::into)
+}
+
+/// kombu's JSON tags (`{"__type__": T, "__value__": V}`) become their plain value; an unknown
+/// tag is an error, as it is for kombu.
+fn untag(v: Value) -> Result<Value, DecodeError> {
+    Ok(match v {
+        Value::Object(o)
+            if o.len() == 2 && o.contains_key("__type__") && o.contains_key("__value__") =>
+        {
+            let tag = o
+                .get("__type__")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            match tag.as_str() {
+                "datetime" | "date" | "time" | "uuid" | "decimal" | "bytes" => {
+                    o.get("__value__").cloned().unwrap_or(Value::Null)
+                }
+                other => return Err(shape(format!("unknown kombu JSON type `{other}`"))),
+            }
+        }
+        Value::Object(o) => Value::Object(untag_map(o)?),
+        Value::Array(a) => Value::Array(untag_all(a)?),
+        other => other,
+    })
+}
+
+fn untag_all(a: Vec<Value>) -> Result<Vec<Value>, DecodeError> {
+    a.into_iter().map(untag).collect()
+}
+
+fn untag_map(m: Map<String, Value>) -> Result<Map<String, Value>, DecodeError> {
+    m.into_iter().map(|(k, v)| Ok((k, untag(v)?))).collect()
+}
+
+/// Task states as Celery names them.
+pub mod state {
+    pub const SUCCESS: &str = "SUCCESS";
+    pub const FAILURE: &str = "FAILURE";
+    pub const REVOKED: &str = "REVOKED";
+    /// Custom state carrying `task.progress`: `{done, total, message}`.
+    pub const PROGRESS: &str = "PROGRESS";
+    /// Custom state carrying `task.stream` items: `{items: [...]}`.
+    pub const STREAM: &str = "STREAM";
+}
+
+/// The exact body Celery's rpc backend reads.
+pub fn result_body(task_id: &str, status: &str, result: Value, traceback: Option<&str>) -> Vec<u8> {
+    let date_done = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, false);
+    serde_json::to_vec(&json!({
+        "task_id": task_id,
+        "status": status,
+        "result": result,
+        "traceback": traceback,
+        "children": [],
+        "date_done": date_done,
+    }))
+    .expect("result bodies serialize")
+}
+
+/// The `result` of a FAILURE (or REVOKED) state: the exception as the client rebuilds it.
+pub fn exception(exc_type: &str, message: &str, module: &str) -> Value {
+    // `__main__` means "the plugin's script", which the client must not look up in its own.
+    let module = if module.is_empty() || module == "__main__" {
+        "worker.errors"
+    } else {
+        module
+    };
+    json!({ "exc_type": exc_type, "exc_message": [message], "exc_module": module })
+}
+
+pub fn failure_result(f: &Failure) -> Value {
+    exception(&f.exc_type, &f.message, &f.module)
+}
+
+pub fn revoked_result(reason: &str) -> Value {
+    exception("TaskRevokedError", reason, "celery.exceptions")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::FailureKind;
+
+    fn headers(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    fn env<'a>(h: Value, body: &'a [u8]) -> Envelope<'a> {
+        Envelope {
+            headers: headers(h),
+            body,
+            content_type: Some("application/json"),
+            correlation_id: Some("abc"),
+            reply_to: Some("reply-q"),
+        }
+    }
+
+    #[test]
+    fn decodes_a_v2_message_as_the_python_client_sends_it() {
+        let h = json!({
+            "lang": "py", "task": "fibonacci", "id": "abc", "shadow": null, "eta": null,
+            "expires": "2030-01-01T00:00:00.000000+00:00", "group": null, "group_index": null,
+            "retries": 0, "timelimit": [10, 5.5], "root_id": "abc", "parent_id": null,
+            "argsrepr": "(26,)", "kwargsrepr": "{}", "origin": "gen1@host", "ignore_result": false,
+            "stamped_headers": null, "stamps": {}, "replaced_task_nesting": 0
+        });
+        let body = br#"[[26], {"k": {"__type__": "uuid", "__value__": "u-1"}}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#;
+        let t = decode(&env(h, body)).unwrap();
+        assert_eq!(t.name, "fibonacci");
+        assert_eq!(t.id, "abc");
+        assert_eq!(t.args, vec![json!(26)]);
+        assert_eq!(t.kwargs["k"], json!("u-1"));
+        assert_eq!(t.hard_time_limit, Some(Duration::from_secs(10)));
+        assert_eq!(t.soft_time_limit, Some(Duration::from_secs_f64(5.5)));
+        assert_eq!(t.reply_to.as_deref(), Some("reply-q"));
+        let expires = t
+            .expires
+            .unwrap()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert_eq!(expires, 1_893_456_000);
+    }
+
+    #[test]
+    fn decodes_a_v1_body() {
+        let body = br#"{"task": "add", "id": "x1", "args": [1, 2], "kwargs": {}, "retries": 1, "eta": "2030-01-01T00:00:00", "timelimit": [null, 3]}"#;
+        let t = decode(&env(json!({}), body)).unwrap();
+        assert_eq!(
+            (t.name.as_str(), t.id.as_str(), t.retries),
+            ("add", "x1", 1)
+        );
+        assert_eq!(t.args, vec![json!(1), json!(2)]);
+        assert!(t.eta.is_some());
+        assert_eq!(
+            (t.hard_time_limit, t.soft_time_limit),
+            (None, Some(Duration::from_secs(3)))
+        );
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_read_with_a_reason() {
+        let e = decode(&Envelope {
+            content_type: Some("application/x-python-serialize"),
+            body: b"x",
+            ..Default::default()
+        });
+        assert!(matches!(e, Err(DecodeError::ContentType(_))));
+        assert!(matches!(
+            decode(&env(json!({"task": "t", "id": "i"}), b"{not json")),
+            Err(DecodeError::NotJson(_))
+        ));
+        let e = decode(&env(json!({"task": "t", "id": "i"}), b"{\"a\": 1}")).unwrap_err();
+        assert!(
+            e.to_string().contains("v2 body must be a JSON array"),
+            "{e}"
+        );
+        let e = decode(&env(json!({"task": "t"}), b"[[], {}, {}]")).unwrap_err();
+        assert!(e.to_string().contains("`id`"), "{e}");
+        let e = decode(&env(
+            json!({"task": "t", "id": "i"}),
+            br#"[[{"__type__": "pickle", "__value__": 1}], {}, {}]"#,
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown kombu JSON type"), "{e}");
+        let e = decode(&env(
+            json!({"task": "t", "id": "i", "eta": "tomorrow"}),
+            b"[[], {}, {}]",
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("eta"), "{e}");
+        assert!(decode(&env(json!({}), b"[1]")).is_err());
+    }
+
+    #[test]
+    fn times_with_offsets_and_naive_times() {
+        let a = parse_time("2026-11-23T10:00:00+01:00").unwrap();
+        let b = parse_time("2026-11-23T09:00:00").unwrap();
+        let c = parse_time("2026-11-23T09:00:00.000000Z").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(b, c);
+    }
+
+    #[test]
+    fn result_bodies_have_the_rpc_backend_shape() {
+        let body: Value =
+            serde_json::from_slice(&result_body("t1", state::SUCCESS, json!(121393), None))
+                .unwrap();
+        assert_eq!(body["task_id"], "t1");
+        assert_eq!(body["status"], "SUCCESS");
+        assert_eq!(body["result"], 121393);
+        assert_eq!(body["traceback"], Value::Null);
+        assert_eq!(body["children"], json!([]));
+        let f = Failure::new(
+            FailureKind::Raised { retryable: false },
+            "ValueError",
+            "builtins",
+            "bad",
+        );
+        assert_eq!(
+            failure_result(&f),
+            json!({"exc_type": "ValueError", "exc_message": ["bad"], "exc_module": "builtins"})
+        );
+        assert_eq!(
+            exception("Boom", "x", "__main__")["exc_module"],
+            "worker.errors"
+        );
+        assert_eq!(revoked_result("terminated")["exc_type"], "TaskRevokedError");
+    }
+}

@@ -1,0 +1,7 @@
+//! Where tasks come from. The control socket (`crate::control`) and `worker run` are the local
+//! sources; [`amqp`] consumes Celery task messages from RabbitMQ. Sources hand tasks to the
+//! dispatcher and turn outcomes into their own replies; they never talk to plugins.
+
+pub mod amqp;
+pub mod celery;
+pub mod pidbox;

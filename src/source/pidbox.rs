@@ -1,0 +1,155 @@
+//! Celery remote control ("pidbox"): `celery inspect ...`, `celery status`, `celery control
+//! revoke`. Requests arrive on the fanout exchange `celery.pidbox`; replies go to the exchange
+//! and routing key the request names, as `{nodename: result}`.
+
+use super::amqp::Shared;
+use serde_json::{json, Map, Value};
+
+/// A decoded control request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlRequest {
+    pub method: String,
+    pub arguments: Map<String, Value>,
+    pub destination: Option<Vec<String>>,
+    pub pattern: Option<String>,
+    pub matcher: Option<String>,
+    pub ticket: Option<String>,
+    /// `(exchange, routing_key)` when a reply is wanted.
+    pub reply_to: Option<(String, String)>,
+}
+
+pub fn parse(body: &[u8]) -> Result<ControlRequest, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let method = v["method"].as_str().ok_or("no `method`")?.to_string();
+    let destination = match &v["destination"] {
+        Value::Array(a) => Some(
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect(),
+        ),
+        Value::String(s) => Some(vec![s.clone()]),
+        _ => None,
+    };
+    let reply_to = match (&v["reply_to"]["exchange"], &v["reply_to"]["routing_key"]) {
+        (Value::String(e), Value::String(k)) => Some((e.clone(), k.clone())),
+        _ => None,
+    };
+    Ok(ControlRequest {
+        method,
+        arguments: v["arguments"].as_object().cloned().unwrap_or_default(),
+        destination,
+        pattern: v["pattern"].as_str().map(str::to_string),
+        matcher: v["matcher"].as_str().map(str::to_string),
+        ticket: v["ticket"].as_str().map(str::to_string),
+        reply_to,
+    })
+}
+
+/// True if the request is for `nodename`: no destination means everyone.
+pub fn addressed_to(req: &ControlRequest, nodename: &str) -> bool {
+    if let Some(pattern) = &req.pattern {
+        return match req.matcher.as_deref() {
+            // kombu's "pcre" matcher is `re.match`: anchored at the start.
+            Some("pcre") => {
+                regex::Regex::new(&format!("^(?:{pattern})")).is_ok_and(|re| re.is_match(nodename))
+            }
+            _ => glob_match(pattern, nodename),
+        };
+    }
+    match &req.destination {
+        None => true,
+        Some(names) => names.iter().any(|n| n == nodename),
+    }
+}
+
+/// `*` and `?` wildcards.
+fn glob_match(pattern: &str, text: &str) -> bool {
+    fn go(p: &[char], t: &[char]) -> bool {
+        match (p.first(), t.first()) {
+            (None, None) => true,
+            (Some('*'), _) => go(&p[1..], t) || (!t.is_empty() && go(p, &t[1..])),
+            (Some('?'), Some(_)) => go(&p[1..], &t[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &t[1..]),
+            _ => false,
+        }
+    }
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    go(&p, &t)
+}
+
+/// Answers one request; `None` means no reply (the method asks for none or is ignored).
+pub async fn handle(req: &ControlRequest, shared: &Shared) -> Option<Value> {
+    let result = match req.method.as_str() {
+        "ping" => json!({ "ok": "pong" }),
+        "registered" => json!(shared.registered()),
+        "active" => json!(shared.active()),
+        "reserved" | "scheduled" => json!(shared.reserved()),
+        "stats" => shared.stats().await,
+        "active_queues" => json!(shared.active_queues()),
+        // `celery control terminate SIGNAL ID` is revoke with terminate.
+        "revoke" | "terminate" => {
+            let ids: Vec<String> = match &req.arguments.get("task_id") {
+                Some(Value::String(s)) => vec![s.clone()],
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let terminate = req.method == "terminate"
+                || req
+                    .arguments
+                    .get("terminate")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+            shared.revoke(&ids, terminate).await;
+            let list = ids.join(", ");
+            json!({ "ok": format!("tasks {{{list}}} flagged as revoked") })
+        }
+        "shutdown" => {
+            shared.request_shutdown();
+            json!({ "ok": "shutting down" })
+        }
+        // Sent by other workers and by Flower; nothing to do.
+        "hello" | "enable_events" | "disable_events" | "heartbeat" | "clock" => return None,
+        other => json!({ "error": format!("No such control command: {other}") }),
+    };
+    Some(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_inspect_ping_as_the_cli_sends_it() {
+        let body = br#"{"method": "ping", "arguments": {}, "destination": null, "pattern": null, "matcher": null, "ticket": "t-1", "reply_to": {"exchange": "reply.celery.pidbox", "routing_key": "k-1"}}"#;
+        let r = parse(body).unwrap();
+        assert_eq!(r.method, "ping");
+        assert_eq!(r.ticket.as_deref(), Some("t-1"));
+        assert_eq!(
+            r.reply_to,
+            Some(("reply.celery.pidbox".into(), "k-1".into()))
+        );
+        assert!(addressed_to(&r, "worker@a"));
+    }
+
+    #[test]
+    fn destination_and_patterns_select_nodes() {
+        let mut r = parse(br#"{"method": "ping", "destination": ["worker@a"]}"#).unwrap();
+        assert!(addressed_to(&r, "worker@a"));
+        assert!(!addressed_to(&r, "worker@b"));
+        r.destination = None;
+        r.pattern = Some("worker@*".into());
+        assert!(addressed_to(&r, "worker@b"));
+        assert!(!addressed_to(&r, "celery@b"));
+        r.matcher = Some("pcre".into());
+        r.pattern = Some("work.r@[ab]".into());
+        assert!(addressed_to(&r, "worker@b"));
+        assert!(!addressed_to(&r, "xworker@b"));
+        assert!(parse(b"nope").is_err());
+        assert!(parse(br#"{"arguments": {}}"#).is_err());
+    }
+}
