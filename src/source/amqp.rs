@@ -1185,7 +1185,7 @@ mod tests {
             (
                 AMQPValue::DecimalValue(DecimalValue {
                     scale: 2,
-                    value: 314,
+                    value: 125,
                 }),
                 json!(1.25),
             ),
