@@ -147,9 +147,11 @@ fn init_logging(config: &Config, default_level: &str) {
         config.log_level.as_deref().unwrap_or(default_level),
     )
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if config.log_format == "json" {
         builder.json().try_init()
     } else {

@@ -3,9 +3,11 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use worker::dispatch::Dispatcher;
 use worker::manifest::Manifest;
@@ -243,4 +245,181 @@ pub fn wait_gone_blocking(pid: u32, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     process_gone(pid)
+}
+
+pub fn worker() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_worker"));
+    for var in [
+        "WORKER_CONFIG",
+        "WORKER_PLUGINS",
+        "WORKER_SOCKET",
+        "WORKER_LOG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.current_dir(std::env::temp_dir());
+    cmd
+}
+
+pub fn output(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("worker runs")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A `worker serve` child with its log lines on a channel.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub plugins: PathBuf,
+    log: std_mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Daemon {
+    pub fn start(plugins: &Path, socket: &Path) -> Daemon {
+        Daemon::start_with(plugins, socket, &[])
+    }
+
+    /// `worker serve` with extra arguments (e.g. a broker); waits for its "serving" log line.
+    pub fn start_with(plugins: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+        let mut child = worker()
+            .args([
+                "serve",
+                "--log-format",
+                "text",
+                "--drain-timeout",
+                "10",
+                "--plugins",
+            ])
+            .arg(plugins)
+            .arg("--socket")
+            .arg(socket)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("serve starts");
+        let (tx, log) = std_mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut d = Daemon {
+            child,
+            socket: socket.into(),
+            plugins: plugins.into(),
+            log,
+            seen: Vec::new(),
+        };
+        d.wait_log("serving");
+        d
+    }
+
+    pub fn wait_log(&mut self, needle: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line containing {needle:?}; seen:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut cmd = worker();
+        cmd.args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--plugins")
+            .arg(&self.plugins);
+        cmd
+    }
+
+    pub fn list_json(&self) -> Value {
+        let out = output(&mut self.cli(&["plugins", "list", "--json"]));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("list --json is JSON")
+    }
+
+    /// Polls `plugins list --json` until `pred` holds.
+    pub fn wait_list(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let doc = self.list_json();
+            if pred(&doc) {
+                return doc;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {doc:#}"
+            );
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "serve did not exit");
+            // Drain logs while waiting, which also paces the loop.
+            if let Ok(line) = self.log.recv_timeout(Duration::from_millis(50)) {
+                self.seen.push(line);
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn plugin_ready(doc: &Value, name: &str) -> bool {
+    doc["plugins"].as_array().unwrap().iter().any(|p| {
+        p["name"] == name
+            && p["live"]["instances"]
+                .as_array()
+                .is_some_and(|i| i.iter().all(|i| i["state"] == "ready"))
+    })
+}
+
+pub fn live_pids(doc: &Value) -> Vec<u32> {
+    doc["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            p["live"]["instances"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|i| i["pid"].as_u64().map(|p| p as u32))
+        .collect()
 }

@@ -1,0 +1,402 @@
+//! The RabbitMQ source against the real broker on 127.0.0.1:5672, driven by the real Python
+//! Celery client (installed in `.venv` by `.ci/run`). Every test here is named `amqp_*`: they
+//! need RabbitMQ and the venv. In CI (`CI` set) a missing broker or venv fails them loudly;
+//! elsewhere they print why they were skipped.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672//";
+
+/// The venv's Python, if the broker and the Celery client are both there.
+fn requirements(test: &str) -> Option<PathBuf> {
+    let python = repo().join(".venv/bin/python");
+    let broker_up =
+        TcpStream::connect_timeout(&"127.0.0.1:5672".parse().unwrap(), Duration::from_secs(2))
+            .is_ok();
+    let celery = python.exists()
+        && Command::new(&python)
+            .args(["-c", "import celery"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+    let missing = match (broker_up, celery) {
+        (true, true) => return Some(python),
+        (false, _) => "RabbitMQ at 127.0.0.1:5672 (start it: rabbitmq-server -detached)",
+        (true, false) => "the Celery client venv (create it: python3 -m venv .venv && .venv/bin/pip install 'celery>=5.4,<6')",
+    };
+    if std::env::var_os("CI").is_some() {
+        panic!("{test} needs {missing}");
+    }
+    eprintln!("SKIPPED {test}: needs {missing}");
+    None
+}
+
+/// A test's own queue and node name, so tests never see each other's messages; the queue and
+/// its exchange are deleted when the test ends.
+struct Lane {
+    queue: String,
+    node: String,
+    python: PathBuf,
+}
+
+impl Lane {
+    fn new(test: &str, python: PathBuf) -> Lane {
+        let tag = format!("{test}-{:08x}", fastrand::u32(..));
+        Lane {
+            queue: format!("t.{tag}"),
+            node: format!("{tag}@test"),
+            python,
+        }
+    }
+
+    fn client(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.python);
+        cmd.arg(repo().join("tests/celery/client.py"))
+            .arg(&self.queue)
+            .args(args)
+            .current_dir(repo().join("tests/celery"))
+            .env("BROKER_URL", BROKER)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs the client and returns the JSON of its last stdout line.
+    fn run(&self, args: &[&str]) -> Value {
+        let out = self.client(args).output().expect("python runs");
+        let stdout = text(&out.stdout);
+        let last = stdout.lines().last().unwrap_or_default();
+        serde_json::from_str(last)
+            .unwrap_or_else(|_| panic!("client said {stdout:?}, stderr {}", text(&out.stderr)))
+    }
+
+    fn celery_cli(&self, args: &[&str]) -> String {
+        let out = Command::new(self.python.parent().unwrap().join("celery"))
+            .args(["-A", "capp"])
+            .args(args)
+            .current_dir(repo().join("tests/celery"))
+            .env("BROKER_URL", BROKER)
+            .stdin(Stdio::null())
+            .output()
+            .expect("celery cli runs");
+        format!("{}{}", text(&out.stdout), text(&out.stderr))
+    }
+
+    fn worker(&self, plugins: &Path, socket: &Path) -> Daemon {
+        let mut d = Daemon::start_with(
+            plugins,
+            socket,
+            &["--broker", BROKER, "-Q", &self.queue, "-n", &self.node],
+        );
+        d.wait_log("consuming Celery tasks");
+        d
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        let script = format!(
+            "from capp import app\nwith app.connection_for_write() as c:\n ch = c.channel()\n ch.queue_delete({q:?})\n ch.exchange_delete({q:?})",
+            q = self.queue
+        );
+        let _ = Command::new(&self.python)
+            .args(["-c", &script])
+            .current_dir(repo().join("tests/celery"))
+            .env("BROKER_URL", BROKER)
+            .output();
+    }
+}
+
+fn fib_plugin(root: &Path) {
+    let dir = root.join("python-fibonacci");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = format!(
+        "name = \"python-fibonacci\"\nversion = \"1.0.0\"\ncommand = [\"/usr/bin/python3\", {:?}]\nconcurrency = 4\n[env]\nPYTHONPATH = {:?}\n[[tasks]]\nname = \"fibonacci\"\n[[tasks]]\nname = \"py.noop\"\n",
+        repo().join("examples/python-fibonacci/main.py").display().to_string(),
+        repo().join("plugin-protocol/python").display().to_string()
+    );
+    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+}
+
+macro_rules! setup {
+    ($test:literal) => {{
+        let Some(python) = requirements($test) else {
+            return;
+        };
+        let root = tempfile::tempdir().unwrap();
+        let plugins = root.path().join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        (Lane::new($test, python), root, plugins)
+    }};
+}
+
+#[test]
+fn amqp_send_task_get_returns_the_result() {
+    let (lane, root, plugins) = setup!("amqp_result");
+    fib_plugin(&plugins);
+    let _w = lane.worker(&plugins, &root.path().join("w.sock"));
+    assert_eq!(
+        lane.run(&["call", "fibonacci", "[26]"]),
+        json!({"ok": 121393})
+    );
+}
+
+#[test]
+fn amqp_plugin_exception_raises_on_the_client() {
+    let (lane, root, plugins) = setup!("amqp_exception");
+    fib_plugin(&plugins);
+    let _w = lane.worker(&plugins, &root.path().join("w.sock"));
+    let out = lane.run(&["call", "fibonacci", "[-1]"]);
+    assert_eq!(out["exc_type"], "ValueError");
+    assert_eq!(out["exc_module"], "builtins");
+    assert_eq!(out["message"], "n must be a non-negative integer, got -1");
+}
+
+#[test]
+fn amqp_on_message_sees_progress_and_stream_before_success() {
+    let (lane, root, plugins) = setup!("amqp_messages");
+    fib_plugin(&plugins);
+    let _w = lane.worker(&plugins, &root.path().join("w.sock"));
+    let out = lane.run(&["messages", "fibonacci", "[5]", "{\"stream\": true}"]);
+    assert_eq!(out["ok"], 5);
+    let messages = out["messages"].as_array().unwrap();
+    let streamed: Vec<Value> = messages
+        .iter()
+        .filter(|m| m[0] == "STREAM")
+        .flat_map(|m| m[1]["items"].as_array().unwrap().clone())
+        .collect();
+    assert_eq!(
+        streamed,
+        vec![json!(1), json!(1), json!(2), json!(3), json!(5)],
+        "items in order"
+    );
+    let progress: Vec<Value> = messages
+        .iter()
+        .filter(|m| m[0] == "PROGRESS")
+        .map(|m| m[1]["done"].clone())
+        .collect();
+    assert_eq!(progress, (1..=5).map(|i| json!(i)).collect::<Vec<_>>());
+    assert_eq!(
+        messages.last().unwrap()[0],
+        "SUCCESS",
+        "the final state comes last: {messages:?}"
+    );
+}
+
+#[test]
+fn amqp_unknown_task_raises_not_registered() {
+    let (lane, root, plugins) = setup!("amqp_unknown");
+    fib_plugin(&plugins);
+    let mut w = lane.worker(&plugins, &root.path().join("w.sock"));
+    let out = lane.run(&["call", "no.such.task", "[]"]);
+    assert_eq!(out["exc_type"], "NotRegistered");
+    assert_eq!(out["exc_module"], "celery.exceptions");
+    w.wait_log("received a task no plugin serves");
+    // The worker keeps serving.
+    assert_eq!(lane.run(&["call", "fibonacci", "[10]"]), json!({"ok": 55}));
+}
+
+#[test]
+fn amqp_inspect_status_and_terminate() {
+    let (lane, root, plugins) = setup!("amqp_inspect");
+    fib_plugin(&plugins);
+    rust_plugin(&plugins, "concurrency = 4");
+    let _w = lane.worker(&plugins, &root.path().join("w.sock"));
+    let ping = lane.celery_cli(&["inspect", "ping", "-d", &lane.node]);
+    assert!(
+        ping.contains(&format!("{}: OK", lane.node)) && ping.contains("pong"),
+        "{ping}"
+    );
+    let registered = lane.celery_cli(&["inspect", "registered", "-d", &lane.node]);
+    for task in [
+        "fibonacci",
+        "py.noop",
+        "rust.count",
+        "rust.echo",
+        "rust.noop",
+    ] {
+        assert!(registered.contains(&format!("* {task}")), "{registered}");
+    }
+    let status = lane.celery_cli(&["status", "-d", &lane.node]);
+    assert!(status.contains(&format!("{}: OK", lane.node)), "{status}");
+    let stats = lane.celery_cli(&["inspect", "stats", "-d", &lane.node]);
+    assert!(
+        stats.contains("max-concurrency") && stats.contains("rust-echo"),
+        "{stats}"
+    );
+
+    // `active` lists a running task; terminating it raises TaskRevokedError on the client.
+    let out = lane.run(&["revoke", &lane.node, "rust.count", "[1000, 50]"]);
+    assert_eq!(out["exc_type"], "TaskRevokedError", "{out}");
+    assert_eq!(out["message"], "terminated");
+    assert!(out["seconds"].as_f64().unwrap() < 10.0);
+
+    // The CLI spelling: `celery control terminate SIGTERM ID`; and `inspect active` shows the task.
+    let mut running = lane
+        .client(&["call", "rust.count", "[1000, 50]"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = loop {
+        let active = lane.celery_cli(&["inspect", "active", "-d", &lane.node, "-j"]);
+        if let Some(id) = active
+            .split("\"id\": \"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+        {
+            assert!(
+                active.contains("rust.count") && active.contains("time_start"),
+                "{active}"
+            );
+            break id.to_string();
+        }
+    };
+    let reply = lane.celery_cli(&["control", "terminate", "SIGTERM", &id, "-d", &lane.node]);
+    assert!(reply.contains("flagged as revoked"), "{reply}");
+    let mut line = String::new();
+    BufReader::new(running.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let out: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(out["exc_type"], "TaskRevokedError", "{out}");
+    running.wait().unwrap();
+}
+
+#[test]
+fn amqp_plugin_killed_mid_task_is_retried_and_poison_tasks_end() {
+    let (lane, root, plugins) = setup!("amqp_plugin_crash");
+    faulty_plugin(
+        &plugins,
+        "faulty",
+        &[],
+        "max_attempts = 3",
+        "[restart]\nmax_restarts = 20\n",
+    );
+    let _w = lane.worker(&plugins, &root.path().join("w.sock"));
+    let marker = root.path().join("crashed");
+    let out = lane.run(&[
+        "call",
+        "f.crash_once",
+        &json!([marker.to_str().unwrap()]).to_string(),
+    ]);
+    assert_eq!(out, json!({"ok": "survived"}));
+    let out = lane.run(&["call", "f.exit", "[4]"]);
+    assert_eq!(out["exc_type"], "PluginCrashed", "{out}");
+    let msg = out["message"].as_str().unwrap();
+    assert!(
+        msg.contains("exited with status 4") && msg.contains("gave up after 3 attempt"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn amqp_worker_killed_mid_batch_loses_nothing() {
+    let (lane, root, plugins) = setup!("amqp_worker_killed");
+    faulty_plugin(&plugins, "faulty", &[], "concurrency = 4", "");
+    let mut first = lane.worker(&plugins, &root.path().join("a.sock"));
+    let mut client = lane
+        .client(&["batch", "f.sleep", "[0.05]", "200"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+    // Once some results are in, kill the worker outright: unacked messages go back to the queue.
+    for line in lines.by_ref() {
+        if line.unwrap() == "got 20" {
+            break;
+        }
+    }
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let _second = lane.worker(&plugins, &root.path().join("b.sock"));
+    let summary = lines.map(Result::unwrap).last().unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&summary).unwrap(),
+        json!({"ok": 200, "failed": []})
+    );
+    assert!(client.wait().unwrap().success());
+}
+
+#[test]
+fn amqp_connection_loss_loses_nothing_and_restarts_no_plugin() {
+    let (lane, root, plugins) = setup!("amqp_connection_loss");
+    faulty_plugin(&plugins, "faulty", &[], "concurrency = 4", "");
+    let mut w = lane.worker(&plugins, &root.path().join("w.sock"));
+    let before = w.wait_list("ready", |doc| plugin_ready(doc, "faulty"));
+    let mut client = lane
+        .client(&["batch", "f.sleep", "[0.2]", "40"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap() == "got 5" {
+            break;
+        }
+    }
+    // Close only the worker's connection (the client's reply queue must survive).
+    let conns = Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "pid", "client_properties"])
+        .output()
+        .unwrap();
+    let conns = text(&conns.stdout);
+    let pid = conns
+        .lines()
+        .find(|l| l.contains(&lane.node))
+        .and_then(|l| l.split('\t').next())
+        .unwrap_or_else(|| panic!("the worker's connection is not listed: {conns}"))
+        .to_string();
+    let closed = Command::new("rabbitmqctl")
+        .args(["close_connection", &pid, "test: connection loss"])
+        .output()
+        .unwrap();
+    assert!(closed.status.success(), "{}", text(&closed.stderr));
+    w.wait_log("broker connection lost");
+    let summary = lines.map(Result::unwrap).last().unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&summary).unwrap(),
+        json!({"ok": 40, "failed": []})
+    );
+    let after = w.list_json();
+    assert_eq!(
+        live_pids(&after),
+        live_pids(&before),
+        "no plugin was restarted"
+    );
+    assert_eq!(after["plugins"][0]["live"]["instances"][0]["restarts"], 0);
+    assert!(client.wait().unwrap().success());
+}
+
+#[test]
+fn amqp_garbage_messages_are_rejected_and_the_worker_keeps_serving() {
+    let (lane, root, plugins) = setup!("amqp_garbage");
+    fib_plugin(&plugins);
+    let mut w = lane.worker(&plugins, &root.path().join("w.sock"));
+    assert_eq!(lane.run(&["garbage"]), json!({"ok": 6}));
+    let reasons = [
+        "body is not JSON: expected ident",
+        "v1 body: `task` must be a string",
+        "body[0] (args) must be an array",
+        "header `task` must be a string",
+        "content type `application/x-python-serialize` is not supported",
+        "bytes=8388611",
+    ];
+    for reason in reasons {
+        let line = w.wait_log(reason);
+        assert!(
+            line.contains("rejecting a message that is not a readable Celery task"),
+            "{line}"
+        );
+    }
+    assert_eq!(
+        lane.run(&["call", "fibonacci", "[20]"]),
+        json!({"ok": 6765})
+    );
+}

@@ -1,0 +1,94 @@
+"""Test client: an unmodified Celery client driving `worker` through RabbitMQ.
+
+    client.py QUEUE call NAME ARGS_JSON [KWARGS_JSON]      one task; prints its outcome as JSON
+    client.py QUEUE messages NAME ARGS_JSON [KWARGS_JSON]  also every state message seen by on_message
+    client.py QUEUE batch NAME ARGS_JSON N                 N tasks; "got I" per result, then a summary
+    client.py QUEUE revoke NODE NAME ARGS_JSON             start a task, wait until NODE lists it active,
+                                                           app.control.revoke(terminate=True), print outcome
+    client.py QUEUE garbage                                publish unreadable messages to QUEUE
+
+Outcomes print as {"ok": result} or {"exc_type": ..., "exc_module": ..., "message": ...}.
+"""
+
+import json
+import sys
+import time
+
+from kombu import Connection, Exchange, Producer, Queue
+
+from capp import app
+
+TIMEOUT = 60
+
+
+def outcome(fn):
+    try:
+        return {"ok": fn()}
+    except Exception as exc:  # the point is to report what the client raised
+        return {"exc_type": type(exc).__name__, "exc_module": type(exc).__module__, "message": str(exc)}
+
+
+def send(queue, name, args, kwargs=None):
+    return app.send_task(name, args=args, kwargs=kwargs or {}, queue=queue)
+
+
+def main():
+    queue, command, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+    if command == "call":
+        kwargs = json.loads(rest[2]) if len(rest) > 2 else {}
+        r = send(queue, rest[0], json.loads(rest[1]), kwargs)
+        print(json.dumps(outcome(lambda: r.get(timeout=TIMEOUT))), flush=True)
+    elif command == "messages":
+        kwargs = json.loads(rest[2]) if len(rest) > 2 else {}
+        r = send(queue, rest[0], json.loads(rest[1]), kwargs)
+        seen = []
+        out = outcome(lambda: r.get(timeout=TIMEOUT, on_message=lambda m: seen.append([m["status"], m["result"]])))
+        out["messages"] = seen
+        print(json.dumps(out), flush=True)
+    elif command == "batch":
+        name, args, n = rest[0], json.loads(rest[1]), int(rest[2])
+        results = [send(queue, name, args) for _ in range(n)]
+        print("sent %d" % n, flush=True)
+        failed = []
+        for i, r in enumerate(results):
+            out = outcome(lambda: r.get(timeout=TIMEOUT))
+            if "ok" not in out:
+                failed.append(out)
+            print("got %d" % i, flush=True)
+        print(json.dumps({"ok": n - len(failed), "failed": failed}), flush=True)
+    elif command == "revoke":
+        node, name, args = rest[0], rest[1], json.loads(rest[2])
+        r = send(queue, name, args)
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline:
+            active = app.control.inspect(destination=[node], timeout=1).active() or {}
+            if any(t["id"] == r.id for t in active.get(node, [])):
+                break
+        else:
+            print(json.dumps({"error": "task never became active"}), flush=True)
+            return
+        app.control.revoke(r.id, terminate=True)
+        started = time.time()
+        out = outcome(lambda: r.get(timeout=TIMEOUT))
+        out["seconds"] = time.time() - started
+        print(json.dumps(out), flush=True)
+    elif command == "garbage":
+        with Connection(app.conf.broker_url) as conn:
+            q = Queue(queue, Exchange(queue, type="direct"), routing_key=queue)
+            producer = Producer(conn.channel())
+            def raw(body, headers=None, content_type="application/json"):
+                producer.publish(body, exchange="", routing_key=queue, declare=[q], headers=headers or {},
+                                 content_type=content_type, content_encoding="utf-8", serializer=None)
+            raw(b"this is not json")
+            raw(b'{"not": "a task"}')
+            raw(b'[1, 2, 3]', headers={"task": "fibonacci", "id": "garbage-1"})
+            raw(b'[[1], {}, {}]', headers={"task": 42, "id": "garbage-2"})
+            raw(b'\x80\x04\x95', headers={"task": "fibonacci", "id": "garbage-3"}, content_type="application/x-python-serialize")
+            raw(b'["' + b"x" * (8 * 1024 * 1024) + b'"', headers={"task": "fibonacci", "id": "garbage-4"})
+        print(json.dumps({"ok": 6}), flush=True)
+    else:
+        sys.exit("unknown command %s" % command)
+
+
+if __name__ == "__main__":
+    main()
