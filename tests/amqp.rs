@@ -400,3 +400,70 @@ fn amqp_garbage_messages_are_rejected_and_the_worker_keeps_serving() {
         json!({"ok": 6765})
     );
 }
+
+#[test]
+fn amqp_countdown_expiry_and_early_revocation() {
+    let (lane, root, plugins) = setup!("amqp_eta");
+    fib_plugin(&plugins);
+    let _w = lane.worker(&plugins, &root.path().join("w.sock"));
+    let out = lane.run(&["countdown", "fibonacci", "[10]", "1.5"]);
+    assert_eq!(out["ok"], 55);
+    assert!(
+        out["seconds"].as_f64().unwrap() >= 1.4,
+        "held until its eta: {out}"
+    );
+    let out = lane.run(&["expires", "fibonacci", "[10]"]);
+    assert_eq!(
+        (out["exc_type"].as_str(), out["message"].as_str()),
+        (Some("TaskRevokedError"), Some("expired")),
+        "{out}"
+    );
+    let out = lane.run(&["revoked_first", "fibonacci", "[10]"]);
+    assert_eq!(
+        (out["exc_type"].as_str(), out["message"].as_str()),
+        (Some("TaskRevokedError"), Some("revoked")),
+        "{out}"
+    );
+}
+
+#[test]
+fn amqp_two_workers_share_one_queue() {
+    let (lane, root, plugins) = setup!("amqp_share");
+    faulty_plugin(&plugins, "faulty", &[], "concurrency = 2", "");
+    let mut a = Daemon::start_with(
+        &plugins,
+        &root.path().join("a.sock"),
+        &[
+            "--broker",
+            BROKER,
+            "-Q",
+            &lane.queue,
+            "-n",
+            &format!("a-{}", lane.node),
+        ],
+    );
+    let mut b = Daemon::start_with(
+        &plugins,
+        &root.path().join("b.sock"),
+        &[
+            "--broker",
+            BROKER,
+            "-Q",
+            &lane.queue,
+            "-n",
+            &format!("b-{}", lane.node),
+        ],
+    );
+    a.wait_log("consuming Celery tasks");
+    b.wait_log("consuming Celery tasks");
+    let out = lane.run(&["batch", "f.sleep", "[0.05]", "60"]);
+    assert_eq!(out, json!({"ok": 60, "failed": []}));
+    let done = |d: &Daemon| {
+        d.list_json()["plugins"][0]["live"]["instances"][0]["done"]
+            .as_u64()
+            .unwrap()
+    };
+    let (da, db) = (done(&a), done(&b));
+    assert_eq!(da + db, 60);
+    assert!(da > 0 && db > 0, "both workers took tasks: {da} + {db}");
+}

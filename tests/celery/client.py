@@ -6,6 +6,9 @@
     client.py QUEUE revoke NODE NAME ARGS_JSON             start a task, wait until NODE lists it active,
                                                            app.control.revoke(terminate=True), print outcome
     client.py QUEUE garbage                                publish unreadable messages to QUEUE
+    client.py QUEUE countdown NAME ARGS_JSON SECONDS        apply_async(countdown=...); also the seconds taken
+    client.py QUEUE expires NAME ARGS_JSON                 countdown 2 s but expires after 1 s
+    client.py QUEUE revoked_first NAME ARGS_JSON           revoke an id, then send a task with that id
 
 Outcomes print as {"ok": result} or {"exc_type": ..., "exc_module": ..., "message": ...}.
 """
@@ -72,6 +75,20 @@ def main():
         out = outcome(lambda: r.get(timeout=TIMEOUT))
         out["seconds"] = time.time() - started
         print(json.dumps(out), flush=True)
+    elif command == "countdown":
+        started = time.time()
+        r = app.send_task(rest[0], args=json.loads(rest[1]), queue=queue, countdown=float(rest[2]))
+        out = outcome(lambda: r.get(timeout=TIMEOUT))
+        out["seconds"] = time.time() - started
+        print(json.dumps(out), flush=True)
+    elif command == "expires":
+        r = app.send_task(rest[0], args=json.loads(rest[1]), queue=queue, countdown=2, expires=1)
+        print(json.dumps(outcome(lambda: r.get(timeout=TIMEOUT))), flush=True)
+    elif command == "revoked_first":
+        task_id = "revoked-first-%d" % time.time_ns()
+        app.control.revoke(task_id)
+        r = app.send_task(rest[0], args=json.loads(rest[1]), queue=queue, task_id=task_id)
+        print(json.dumps(outcome(lambda: r.get(timeout=TIMEOUT))), flush=True)
     elif command == "garbage":
         with Connection(app.conf.broker_url) as conn:
             q = Queue(queue, Exchange(queue, type="direct"), routing_key=queue)
