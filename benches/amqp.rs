@@ -27,6 +27,20 @@ fn n_tasks() -> usize {
         .unwrap_or(20_000)
 }
 
+/// BENCH_PREFETCH sets the prefetch of `worker` and of the raw loop (default: theirs).
+fn prefetch() -> Option<u32> {
+    std::env::var("BENCH_PREFETCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
+fn env_or(key: &str, default: u32) -> u32 {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -218,6 +232,32 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
+/// One drain: preload, start the contender, count replies, stop it.
+async fn run_once(c: &Contender, n: usize) -> (Option<f64>, (u64, u64)) {
+    let conn = Connection::connect(BROKER, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    declare(&ch).await;
+    preload(&ch, c.task, n).await;
+    let counter = conn.create_channel().await.unwrap();
+    let child = (c.start)();
+    let pid = child.id();
+    // Sample memory once the drain is under way.
+    let sampler = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tree_rss_kib(pid)
+    });
+    let times = count_replies(&counter, n, Duration::from_secs(600)).await;
+    let rss = sampler.await.unwrap();
+    stop(child);
+    let _ = conn.close(200, "bench done".into()).await;
+    (
+        times.map(|(a, b)| (n - 1) as f64 / (b - a).as_secs_f64()),
+        rss,
+    )
+}
+
 fn plugin_dir(root: &std::path::Path, name: &str, manifest: String) -> PathBuf {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).unwrap();
@@ -246,7 +286,7 @@ fn main() {
     let rust_dir = plugin_dir(
         &tmp.path().join("rust"),
         "rust-echo",
-        format!("name = \"rust-echo\"\nversion = \"1\"\ncommand = [{:?}]\ninstances = 2\nconcurrency = 16\n[[tasks]]\nname = \"rust.noop\"\n[[tasks]]\nname = \"rust.echo\"\n[[tasks]]\nname = \"rust.count\"\n", rust_plugin.display().to_string()),
+        format!("name = \"rust-echo\"\nversion = \"1\"\ncommand = [{:?}]\ninstances = {}\nconcurrency = {}\n[[tasks]]\nname = \"rust.noop\"\n[[tasks]]\nname = \"rust.echo\"\n[[tasks]]\nname = \"rust.count\"\n", rust_plugin.display().to_string(), env_or("BENCH_RUST_INSTANCES", 2), env_or("BENCH_RUST_CONCURRENCY", 16)),
     );
     let py_dir = plugin_dir(
         &tmp.path().join("py"),
@@ -306,13 +346,18 @@ fn main() {
                 .arg(&dir)
                 .arg("--socket")
                 .arg(dir.join("w.sock"))
+                .args(
+                    prefetch()
+                        .map(|p| vec!["--prefetch-count".to_string(), p.to_string()])
+                        .unwrap_or_default(),
+                )
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap()
         })
     };
-    let contenders = vec![
+    let contenders = [
         Contender {
             name: "celery prefork -c 2",
             task: "bench.noop",
@@ -340,6 +385,7 @@ fn main() {
                 Command::new(&ceiling_bin)
                     .arg(BROKER)
                     .arg(QUEUE)
+                    .arg(prefetch().unwrap_or(64).to_string())
                     .stdout(Stdio::null())
                     .spawn()
                     .unwrap()
@@ -352,34 +398,30 @@ fn main() {
         .build()
         .unwrap();
     let mut rows = Vec::new();
-    for c in &contenders {
-        let (rate, rss) = rt.block_on(async {
-            let conn = Connection::connect(BROKER, ConnectionProperties::default())
-                .await
-                .unwrap();
-            let ch = conn.create_channel().await.unwrap();
-            declare(&ch).await;
-            preload(&ch, c.task, n).await;
-            let counter = conn.create_channel().await.unwrap();
-            let child = (c.start)();
-            let pid = child.id();
-            // Sample memory once the drain is under way.
-            let sampler = tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                tree_rss_kib(pid)
-            });
-            let times = count_replies(&counter, n, Duration::from_secs(600)).await;
-            let rss = sampler.await.unwrap();
-            stop(child);
-            let _ = conn.close(200, "bench done".into()).await;
-            let rate = times.map(|(a, b)| (n - 1) as f64 / (b - a).as_secs_f64());
-            (rate, rss)
-        });
-        match rate {
-            Some(r) => eprintln!("{:<30} {:>9.0} tasks/s", c.name, r),
-            None => eprintln!("{:<30} did not finish", c.name),
+    // BENCH_ONLY=rust,raw (substrings of contenders' names) runs just the matching ones.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let selected: Vec<&Contender> = contenders
+        .iter()
+        .filter(|c| only.split(',').any(|o| c.name.contains(o)))
+        .collect();
+    // Rounds are interleaved (every contender once per round) so that drift in the broker's
+    // speed hits all of them alike; each contender's figure is its median round.
+    let rounds = env_or("BENCH_ROUNDS", 3).max(1) as usize;
+    let mut samples: Vec<Vec<(f64, (u64, u64))>> = vec![Vec::new(); selected.len()];
+    for round in 1..=rounds {
+        for (i, c) in selected.iter().enumerate() {
+            let (rate, rss) = rt.block_on(run_once(c, n));
+            match rate {
+                Some(r) => eprintln!("round {round}: {:<30} {:>9.0} tasks/s", c.name, r),
+                None => eprintln!("round {round}: {:<30} did not finish", c.name),
+            }
+            samples[i].push((rate.unwrap_or(0.0), rss));
         }
-        rows.push((c.name, rate.unwrap_or(0.0), rss));
+    }
+    for (c, mut s) in selected.iter().zip(samples) {
+        s.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (rate, rss) = s[s.len() / 2];
+        rows.push((c.name, rate, rss));
     }
     let best_celery = rows
         .iter()
@@ -397,7 +439,7 @@ fn main() {
         .map(|r| r.2 .0 + r.2 .1)
         .max()
         .unwrap_or(0);
-    println!("\n{n} no-op tasks preloaded, rpc results; rate from first to last reply");
+    println!("\n{n} no-op tasks preloaded, rpc results; rate from first to last reply; median of {rounds} interleaved rounds");
     println!(
         "{:<30} {:>10} {:>12} {:>12} {:>14} {:>14}",
         "contender", "tasks/s", "x best celery", "x raw lapin", "main RSS MiB", "children MiB"

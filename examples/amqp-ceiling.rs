@@ -1,6 +1,6 @@
 //! The benchmark's ceiling: a bare lapin loop that consumes Celery task messages, publishes a
 //! SUCCESS reply (publisher confirms on, like `worker`) and acks, with no plugin in between.
-//! Usage: amqp-ceiling AMQP_URL QUEUE. Not a worker: it runs nothing.
+//! Usage: amqp-ceiling AMQP_URL QUEUE [PREFETCH (default 64)]. Not a worker: it runs nothing.
 
 use futures_lite::stream::StreamExt;
 use lapin::options::*;
@@ -11,6 +11,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (url, queue) = (&args[1], &args[2]);
+    let prefetch: u16 = args.get(3).and_then(|p| p.parse().ok()).unwrap_or(64);
     let conn = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("connect");
@@ -21,7 +22,7 @@ async fn main() {
         .await
         .expect("confirms");
     consume
-        .basic_qos(64, BasicQosOptions { global: false })
+        .basic_qos(prefetch, BasicQosOptions { global: false })
         .await
         .expect("qos");
     let mut consumer = consume

@@ -138,7 +138,8 @@ impl Config {
     }
 }
 
-fn hostname() -> String {
+/// This machine's host name (`localhost` if it cannot be read).
+pub fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())

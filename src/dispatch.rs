@@ -14,6 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// How often a task may be refused before reaching a process before that counts as an attempt.
+const MAX_REFUSALS: u32 = 20;
+
 /// Routes tasks to plugin pools and owns their fate until they end.
 #[derive(Debug)]
 pub struct Dispatcher {
@@ -87,6 +90,10 @@ impl Dispatcher {
         let request = Arc::new(request);
         let max_attempts = pool.manifest().max_attempts;
         let mut attempt = 1;
+        // Tasks refused before they reached a process (an instance was already ending, or a
+        // plugin was shutting down) are rerun without counting an attempt, a bounded number
+        // of times: the pool learns of the dead instance within moments.
+        let mut refusals = 0;
         loop {
             let (reply, outcome) = oneshot::channel();
             pool.run(Job {
@@ -110,6 +117,10 @@ impl Dispatcher {
             }
             if let Some(reason) = self.cancel_reason(&request.id) {
                 return Outcome::Failure(Failure::cancelled(&reason));
+            }
+            if failure.kind == FailureKind::Rejected && refusals < MAX_REFUSALS {
+                refusals += 1;
+                continue;
             }
             if attempt >= max_attempts {
                 let mut failure = failure.clone();

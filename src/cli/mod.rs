@@ -111,6 +111,10 @@ impl CommonArgs {
         if let Some(v) = &self.name {
             c.name = v.clone();
         }
+        // As in Celery, `%h` in the node name stands for the host name.
+        if c.name.contains("%h") {
+            c.name = c.name.replace("%h", &crate::config::hostname());
+        }
         if let Some(v) = &self.broker {
             c.broker = Some(v.clone()).filter(|b| !b.is_empty());
         }

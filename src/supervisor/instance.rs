@@ -154,6 +154,8 @@ struct Crash {
 
 enum Flow {
     Continue,
+    /// Stdout reached EOF; the caller finds out why.
+    StdoutClosed,
     Crash(Box<Crash>),
     Stop(Duration),
 }
@@ -255,7 +257,9 @@ async fn run(
             let _ = child.wait().await;
             Some(*crash)
         }
-        Flow::Continue => unreachable!("serve and handshake only return to end the instance"),
+        Flow::Continue | Flow::StdoutClosed => {
+            unreachable!("serve and handshake only return Stop or Crash")
+        }
     };
     // The group may still hold forked grandchildren: sweep it. Once they are gone stderr
     // reaches EOF, so the crash report below carries the plugin's last words.
@@ -285,12 +289,19 @@ async fn closed_reason(child: &mut Child) -> String {
     }
 }
 
-/// Tasks the pool sent after the instance decided to end go back as crashed (retryable).
+/// Tasks the pool sent after the instance decided to end never reached the process: they go
+/// back as `Rejected`, which the dispatcher reruns without counting an attempt.
 fn fail_commands(commands: &mut mpsc::UnboundedReceiver<Command>, reason: &str) {
     commands.close();
     while let Ok(cmd) = commands.try_recv() {
         if let Command::Run(job) = cmd {
-            job.finish(Outcome::Failure(Failure::crashed(reason.to_string())));
+            let failure = Failure::new(
+                FailureKind::Rejected,
+                "PluginUnavailable",
+                "worker.errors",
+                reason,
+            );
+            job.finish(Outcome::Failure(failure));
         }
     }
 }
@@ -435,6 +446,8 @@ impl Instance {
     }
 
     /// The main loop: runs tasks until the process dies, misbehaves, or is told to stop.
+    /// The exit watch and the timer live across iterations: re-creating them per event would
+    /// cost a `waitpid` and a timer registration for every message.
     async fn serve(
         &mut self,
         child: &mut Child,
@@ -442,22 +455,49 @@ impl Instance {
         commands: &mut mpsc::UnboundedReceiver<Command>,
         events: &mpsc::UnboundedSender<InstanceEvent>,
     ) -> Flow {
+        let mut exited = std::pin::pin!(child.wait());
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(self.next_deadline()));
         loop {
             let deadline = self.next_deadline();
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
             let flow = tokio::select! {
                 cmd = commands.recv() => match cmd {
                     Some(cmd) => self.on_command(cmd),
                     None => Flow::Stop(self.spec.manifest.timeouts.shutdown_grace),
                 },
-                ev = stdout.recv() => self.on_stdout(ev, child, events).await,
-                status = child.wait() => Flow::Crash(Box::new(Crash {
+                ev = stdout.recv() => {
+                    // Take everything already read in one go.
+                    let mut flow = self.on_stdout(ev, events);
+                    while matches!(flow, Flow::Continue) {
+                        match stdout.try_recv() {
+                            Ok(ev) => flow = self.on_stdout(Some(ev), events),
+                            Err(_) => break,
+                        }
+                    }
+                    flow
+                }
+                status = &mut exited => return Flow::Crash(Box::new(Crash {
                     reason: status.map(|s| process::describe_exit(&s)).unwrap_or_else(|e| format!("could not be waited for: {e}")),
                     culprit: None,
                 })),
-                _ = sleep_until(deadline) => self.on_timer(),
+                _ = &mut timer => self.on_timer(),
             };
-            if !matches!(flow, Flow::Continue) {
-                return flow;
+            match flow {
+                Flow::Continue => {}
+                Flow::StdoutClosed => {
+                    // Usually the process is exiting: prefer its exit status as the reason.
+                    let reason = match timeout(Duration::from_millis(500), &mut exited).await {
+                        Ok(Ok(status)) => process::describe_exit(&status),
+                        _ => "closed its stdout".to_string(),
+                    };
+                    return Flow::Crash(Box::new(Crash {
+                        reason,
+                        culprit: None,
+                    }));
+                }
+                other => return other,
             }
         }
     }
@@ -533,10 +573,9 @@ impl Instance {
         );
     }
 
-    async fn on_stdout(
+    fn on_stdout(
         &mut self,
         ev: Option<StdoutEvent>,
-        child: &mut Child,
         events: &mpsc::UnboundedSender<InstanceEvent>,
     ) -> Flow {
         match ev {
@@ -549,17 +588,7 @@ impl Instance {
                     culprit: None,
                 }))
             }
-            Some(StdoutEvent::Closed) | None => {
-                // Usually the process is exiting: prefer its exit status as the reason.
-                let reason = match timeout(Duration::from_millis(200), child.wait()).await {
-                    Ok(Ok(status)) => process::describe_exit(&status),
-                    _ => "closed its stdout".to_string(),
-                };
-                return Flow::Crash(Box::new(Crash {
-                    reason,
-                    culprit: None,
-                }));
-            }
+            Some(StdoutEvent::Closed) | None => return Flow::StdoutClosed,
         }
         Flow::Continue
     }

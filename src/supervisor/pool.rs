@@ -226,10 +226,25 @@ impl Pool {
             let next_restart = self.slots.iter().filter_map(|s| s.restart_at).min();
             tokio::select! {
                 cmd = commands.recv() => match cmd {
-                    Some(cmd) => self.on_command(cmd),
+                    Some(cmd) => {
+                        self.on_command(cmd);
+                        // A burst of submissions is queued together, then placed once.
+                        for _ in 0..256 {
+                            match commands.try_recv() {
+                                Ok(cmd) => self.on_command(cmd),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => self.begin_stop(self.manifest.timeouts.shutdown_grace),
                 },
-                Some(ev) = events.recv() => self.on_instance(ev),
+                Some(ev) = events.recv() => {
+                    // Handle every event already waiting before placing tasks again.
+                    self.on_instance(ev);
+                    while let Ok(ev) = events.try_recv() {
+                        self.on_instance(ev);
+                    }
+                }
                 _ = sleep_until(next_restart.unwrap_or_else(Instant::now)), if next_restart.is_some() => self.restart_due(),
             }
             self.pump();
