@@ -469,3 +469,17 @@ fn amqp_two_workers_share_one_queue() {
     assert_eq!(da + db, 60);
     assert!(da > 0 && db > 0, "both workers took tasks: {da} + {db}");
 }
+
+#[test]
+fn amqp_a_taken_node_name_gets_a_unique_one() {
+    let (lane, root, plugins) = setup!("amqp_node_name");
+    fib_plugin(&plugins);
+    let _first = lane.worker(&plugins, &root.path().join("a.sock"));
+    let mut second = lane.worker(&plugins, &root.path().join("b.sock"));
+    let line = second.wait_log("is in use by another worker");
+    let (name, host) = lane.node.split_once('@').unwrap();
+    let unique = format!("{name}-{}@{host}", second.child.id());
+    assert!(line.contains(&unique), "{line}");
+    let ping = lane.celery_cli(&["inspect", "ping", "-d", &format!("{},{unique}", lane.node)]);
+    assert!(ping.contains("2 nodes online"), "both answer: {ping}");
+}
