@@ -3,7 +3,7 @@
 //! here so the wire stays in one place (documented in README, "Control API").
 //!
 //! Methods: `task.submit` (notifications `task.accepted`, `task.progress`, `task.stream`, then
-//! the response), `task.cancel`, `plugins.status`, `ping`.
+//! the response), `task.cancel`, `plugins.status`, `plugins.reload`, `ping`.
 
 use crate::dispatch::Dispatcher;
 use crate::supervisor::status::PluginStatus;
@@ -85,11 +85,19 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Where `plugins.reload` reads plugins from, and how long replaced ones may drain.
+#[derive(Debug, Clone)]
+pub struct ReloadSettings {
+    pub plugins_dir: std::path::PathBuf,
+    pub drain: Duration,
+}
+
 /// Serves connections until `stop` fires, then waits for open requests to finish.
 pub async fn serve(
     listener: UnixListener,
     dispatcher: Arc<Dispatcher>,
     info: WorkerInfo,
+    reload: ReloadSettings,
     stop: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
@@ -97,8 +105,8 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let (dispatcher, info, stop) = (dispatcher.clone(), info.clone(), stop.clone());
-                    tracker.spawn(connection(stream, dispatcher, info, stop));
+                    let (dispatcher, info, stop, reload) = (dispatcher.clone(), info.clone(), stop.clone(), reload.clone());
+                    tracker.spawn(connection(stream, dispatcher, info, reload, stop));
                 }
                 Err(e) => tracing::warn!("control socket accept failed: {e}"),
             },
@@ -113,6 +121,7 @@ async fn connection(
     stream: UnixStream,
     dispatcher: Arc<Dispatcher>,
     info: WorkerInfo,
+    reload: ReloadSettings,
     stop: CancellationToken,
 ) {
     let (mut read, mut write) = stream.into_split();
@@ -148,7 +157,13 @@ async fn connection(
             };
             match Message::parse(&line) {
                 Ok(Message::Request(req)) => {
-                    requests.spawn(handle(req, dispatcher.clone(), info.clone(), out.clone()));
+                    requests.spawn(handle(
+                        req,
+                        dispatcher.clone(),
+                        info.clone(),
+                        reload.clone(),
+                        out.clone(),
+                    ));
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -173,6 +188,7 @@ async fn handle(
     req: Request,
     dispatcher: Arc<Dispatcher>,
     info: WorkerInfo,
+    reload: ReloadSettings,
     out: mpsc::UnboundedSender<Vec<u8>>,
 ) {
     let result = match req.method.as_str() {
@@ -199,6 +215,14 @@ async fn handle(
         })
         .expect("status serializes")),
         "ping" => Ok(serde_json::to_value(info).expect("info serializes")),
+        "plugins.reload" => match dispatcher
+            .supervisor()
+            .reload_dir(&reload.plugins_dir, reload.drain)
+            .await
+        {
+            Ok(report) => Ok(serde_json::to_value(report).expect("report serializes")),
+            Err(e) => Err(ErrorObject::new(code::INTERNAL_ERROR, e)),
+        },
         other => Err(ErrorObject::new(
             code::METHOD_NOT_FOUND,
             format!("unknown method `{other}`"),

@@ -64,9 +64,9 @@ impl Dispatcher {
         if !self.accepting.load(Ordering::SeqCst) {
             return Outcome::Failure(Failure::shutting_down());
         }
-        let Some(pool) = self.supervisor.route(&request.name) else {
+        if self.supervisor.route(&request.name).is_none() {
             return Outcome::Failure(Failure::not_registered(&request.name));
-        };
+        }
         {
             let mut active = self.active.lock().expect("active lock poisoned");
             if active.contains_key(&request.id) {
@@ -88,13 +88,17 @@ impl Dispatcher {
             id: request.id.clone(),
         };
         let request = Arc::new(request);
-        let max_attempts = pool.manifest().max_attempts;
         let mut attempt = 1;
         // Tasks refused before they reached a process (an instance was already ending, or a
         // plugin was shutting down) are rerun without counting an attempt, a bounded number
         // of times: the pool learns of the dead instance within moments.
         let mut refusals = 0;
         loop {
+            // Looked up on every attempt: a reload may have replaced the plugin meanwhile.
+            let Some(pool) = self.supervisor.route(&request.name) else {
+                return Outcome::Failure(Failure::not_registered(&request.name));
+            };
+            let max_attempts = pool.manifest().max_attempts;
             let (reply, outcome) = oneshot::channel();
             pool.run(Job {
                 request: request.clone(),

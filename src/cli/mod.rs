@@ -96,6 +96,9 @@ pub enum Commands {
     /// Inspect plugins
     #[command(subcommand)]
     Plugins(plugins::PluginsCommand),
+    /// Make a running daemon apply the plugins directory: start new plugins, stop removed
+    /// ones, replace changed ones blue/green; unchanged plugins are not touched (also: SIGHUP)
+    Reload,
 }
 
 impl CommonArgs {
@@ -195,6 +198,7 @@ pub fn main() -> ExitCode {
             Commands::Run(args) => run::run(config, args).await,
             Commands::Task(cmd) => task::task(config, cmd).await,
             Commands::Plugins(cmd) => plugins::plugins(config, cmd).await,
+            Commands::Reload => plugins::reload(config).await,
         }
     });
     match result {

@@ -153,3 +153,31 @@ fn human_duration(secs: f64) -> String {
         _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
     }
 }
+
+/// `worker reload`: asks the daemon to apply the plugins directory and prints what it did.
+pub async fn reload(config: Config) -> anyhow::Result<ExitCode> {
+    let mut client = Client::connect(&config.socket).await?;
+    let reply = client.call("plugins.reload", json!({}), |_| {}).await?;
+    let report: crate::supervisor::ReloadReport = match reply {
+        Ok(v) => serde_json::from_value(v)?,
+        Err(e) => anyhow::bail!("reload failed: {}", e.message),
+    };
+    for (label, names) in [
+        ("started", &report.started),
+        ("replaced", &report.replaced),
+        ("removed", &report.removed),
+        ("unchanged", &report.unchanged),
+    ] {
+        if !names.is_empty() {
+            output::line(&format!("{label}: {}", names.join(", ")));
+        }
+    }
+    for (name, reason) in &report.failed {
+        output::line(&format!("FAILED {name}: {reason}"));
+    }
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -57,10 +57,15 @@ pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         version: crate::WORKER_VERSION.into(),
         pid: std::process::id(),
     };
+    let reload = control::ReloadSettings {
+        plugins_dir: config.plugins_dir.clone(),
+        drain: config.drain_timeout(),
+    };
     let server = tokio::spawn(control::serve(
         listener,
         dispatcher.clone(),
         info,
+        reload.clone(),
         stop_server.clone(),
     ));
     let amqp = config.broker.as_ref().map(|url| {
@@ -100,10 +105,19 @@ pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         names.len()
     );
 
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
-        _ = interrupt.recv() => tracing::info!("SIGINT received"),
-        _ = remote_shutdown.cancelled() => tracing::info!("remote control shutdown received"),
+    let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { tracing::info!("SIGTERM received"); break }
+            _ = interrupt.recv() => { tracing::info!("SIGINT received"); break }
+            _ = remote_shutdown.cancelled() => { tracing::info!("remote control shutdown received"); break }
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP received: reloading plugins from {}", reload.plugins_dir.display());
+                if let Err(e) = supervisor.reload_dir(&reload.plugins_dir, reload.drain).await {
+                    tracing::error!("reload failed: {e}");
+                }
+            }
+        }
     }
     let second_signal = async {
         tokio::select! {

@@ -29,6 +29,24 @@ struct Routes {
 pub struct Supervisor {
     routes: RwLock<Arc<Routes>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    options: PoolOptions,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// What a reload did, plugin by plugin.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReloadReport {
+    /// New plugins, started.
+    pub started: Vec<String>,
+    /// Changed plugins whose new version is now serving (the old one drains).
+    pub replaced: Vec<String>,
+    /// Plugins no longer in the directory, draining and stopping.
+    pub removed: Vec<String>,
+    pub unchanged: Vec<String>,
+    /// Plugins whose new version did not become ready, with why; a replaced plugin's old
+    /// version keeps serving.
+    pub failed: Vec<(String, String)>,
 }
 
 impl Supervisor {
@@ -49,7 +67,128 @@ impl Supervisor {
         Supervisor {
             routes: RwLock::new(Arc::new(routes)),
             tasks: Mutex::new(tasks),
+            options,
+            reloading: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Reads the plugins directory again and applies it (see [`Supervisor::reload`]). Broken
+    /// manifests are reported and leave their plugin as it was.
+    pub async fn reload_dir(
+        &self,
+        dir: &std::path::Path,
+        drain: Duration,
+    ) -> Result<ReloadReport, String> {
+        let found = crate::manifest::discover(dir)
+            .map_err(|e| format!("cannot read the plugins directory {}: {e}", dir.display()))?;
+        let mut manifests = found.plugins;
+        let mut broken = Vec::new();
+        for e in &found.errors {
+            tracing::error!("reload: plugin skipped: {e}");
+            // A plugin whose manifest broke keeps running as it was rather than vanishing.
+            let kept = self
+                .plugins()
+                .into_iter()
+                .find(|p| e.path.starts_with(&p.manifest().dir));
+            if let Some(p) = kept {
+                manifests.push((**p.manifest()).clone());
+            }
+            broken.push((e.path.display().to_string(), e.message.clone()));
+        }
+        let mut report = self.reload(manifests, drain).await;
+        report.failed.extend(broken);
+        Ok(report)
+    }
+
+    /// Applies a new set of manifests without touching unchanged plugins: new ones start,
+    /// removed ones drain and stop, and a changed one is replaced blue/green (the new pool must
+    /// become ready before tasks go to it; then the old pool drains for up to `drain`).
+    pub async fn reload(&self, manifests: Vec<Manifest>, drain: Duration) -> ReloadReport {
+        let _one_at_a_time = self.reloading.lock().await;
+        let current = self.routes();
+        let mut report = ReloadReport::default();
+        let mut next = Routes::default();
+        let mut candidates = Vec::new();
+        for m in manifests {
+            match current.by_plugin.get(&m.name) {
+                Some(old) if **old.manifest() == m => {
+                    report.unchanged.push(m.name.clone());
+                    next.by_plugin.insert(m.name.clone(), old.clone());
+                }
+                old => {
+                    let (handle, task) = pool::start(Arc::new(m), self.options.clone());
+                    self.tasks
+                        .lock()
+                        .expect("task list lock poisoned")
+                        .push(task);
+                    candidates.push((handle, old.cloned()));
+                }
+            }
+        }
+        let mut retired = Vec::new();
+        for (new, old) in candidates {
+            let name = new.manifest().name.clone();
+            let timeout = new.manifest().timeouts.init + Duration::from_secs(1);
+            let mut view = new.view();
+            let settled = tokio::time::timeout(
+                timeout,
+                view.wait_for(|v| {
+                    v.ready > 0 || matches!(v.state, PluginState::Failed(_) | PluginState::Stopped)
+                }),
+            )
+            .await;
+            let ready = matches!(&settled, Ok(Ok(v)) if v.ready > 0);
+            drop(settled);
+            if ready {
+                match old {
+                    Some(old) => {
+                        report.replaced.push(name.clone());
+                        retired.push(old);
+                    }
+                    None => report.started.push(name.clone()),
+                }
+                next.by_plugin.insert(name, new);
+                continue;
+            }
+            let reason = match view.borrow().state.clone() {
+                PluginState::Failed(reason) => reason,
+                _ => format!("not ready within {timeout:?}"),
+            };
+            tracing::error!(plugin = %name, "reload: the new version did not start: {reason}");
+            report.failed.push((name.clone(), reason));
+            match old {
+                // The old version keeps serving; the failed candidate goes away.
+                Some(old) => {
+                    next.by_plugin.insert(name, old);
+                    retired.push(new);
+                }
+                // A new plugin that cannot start stays visible, failing its tasks with the reason.
+                None => {
+                    next.by_plugin.insert(name, new);
+                }
+            }
+        }
+        for (name, old) in &current.by_plugin {
+            if !next.by_plugin.contains_key(name) {
+                report.removed.push(name.clone());
+                retired.push(old.clone());
+            }
+        }
+        for handle in next.by_plugin.values() {
+            for t in handle.manifest().task_names() {
+                next.by_task.insert(t.to_string(), handle.clone());
+            }
+        }
+        *self.routes.write().expect("route lock poisoned") = Arc::new(next);
+        for old in retired {
+            let task = tokio::spawn(async move { old.stop(drain).await });
+            self.tasks
+                .lock()
+                .expect("task list lock poisoned")
+                .push(task);
+        }
+        tracing::info!(?report, "plugins reloaded");
+        report
     }
 
     fn routes(&self) -> Arc<Routes> {

@@ -507,10 +507,17 @@ impl Pool {
         }
         self.state = PluginState::Stopping;
         let name = self.manifest.name.clone();
+        // Rejected, not failed: the dispatcher reruns them wherever the task is routed now
+        // (the replacement after a reload), or ends them if nothing serves it any more.
         for job in self.queue.drain(..) {
-            job.finish(Outcome::Failure(Failure::unavailable(format!(
-                "plugin `{name}` stopped before the task could start"
-            ))));
+            let message = format!("plugin `{name}` stopped before the task could start");
+            let failure = Failure::new(
+                FailureKind::Rejected,
+                "PluginUnavailable",
+                "worker.errors",
+                message,
+            );
+            job.finish(Outcome::Failure(failure));
         }
         for slot in &mut self.slots {
             slot.restart_at = None;
