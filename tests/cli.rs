@@ -339,3 +339,63 @@ fn bundled_config_example_is_valid() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn plugins_inspect_shows_manifest_instances_exits_and_stderr() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    faulty_plugin(
+        &plugins,
+        "faulty",
+        &[],
+        "max_attempts = 1",
+        "[settings]\ncolour = \"blue\"\n",
+    );
+    let d = Daemon::start(&plugins, &root.path().join("w.sock"));
+    d.wait_list("ready", |doc| plugin_ready(doc, "faulty"));
+    let out = output(&mut d.cli(&["task", "run", "f.crash"]));
+    assert_eq!(out.status.code(), Some(1));
+    d.wait_list("restarted", |doc| {
+        plugin_ready(doc, "faulty") && doc["plugins"][0]["live"]["instances"][0]["restarts"] == 1
+    });
+    let out = output(&mut d.cli(&["task", "run", "f.stderr", "3"]));
+    assert!(out.status.success());
+    // The stderr pump logs asynchronously: wait until inspect shows the last line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let shown = loop {
+        let out = output(&mut d.cli(&["plugins", "inspect", "faulty"]));
+        let shown = text(&out.stdout);
+        if shown.contains("stderr line 2") || Instant::now() > deadline {
+            break shown;
+        }
+    };
+    for part in [
+        "faulty 0.0.1",
+        "tasks:",
+        "f.sleep",
+        "state: running",
+        "#0 ready pid",
+        "was killed by signal 9",
+        "last stderr:",
+        "stderr line 2",
+    ] {
+        assert!(shown.contains(part), "missing {part:?} in:\n{shown}");
+    }
+    let out = output(&mut d.cli(&["plugins", "inspect", "faulty", "--json"]));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["settings"]["colour"], "blue");
+    assert_eq!(
+        doc["live"]["instances"][0]["recent_exits"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let out = output(&mut d.cli(&["plugins", "inspect", "nope"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no plugin named `nope`"),
+        "{}",
+        text(&out.stderr)
+    );
+}

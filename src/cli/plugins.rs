@@ -20,6 +20,12 @@ pub enum PluginsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One plugin in detail: manifest, tasks, instances, recent exits, last stderr lines
+    Inspect {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Serialize)]
@@ -36,7 +42,10 @@ struct Entry<'a> {
 }
 
 pub async fn plugins(config: Config, cmd: PluginsCommand) -> anyhow::Result<ExitCode> {
-    let PluginsCommand::List { json } = cmd;
+    let json = match cmd {
+        PluginsCommand::List { json } => json,
+        PluginsCommand::Inspect { name, json } => return inspect(&config, &name, json).await,
+    };
     let dir = &config.plugins_dir;
     let found = manifest::discover(dir).with_context(|| {
         format!(
@@ -180,4 +189,99 @@ pub async fn reload(config: Config) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `worker plugins inspect NAME`.
+async fn inspect(config: &Config, name: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let dir = &config.plugins_dir;
+    let found = manifest::discover(dir).with_context(|| {
+        format!(
+            "cannot read the plugins directory {} (set --plugins or `plugins_dir`)",
+            dir.display()
+        )
+    })?;
+    let Some(m) = found.plugins.iter().find(|m| m.name == name) else {
+        let broken = found.errors.iter().find(|e| {
+            e.path
+                .parent()
+                .and_then(|p| p.file_name())
+                .is_some_and(|f| f == name)
+        });
+        match broken {
+            Some(e) => anyhow::bail!("plugin `{name}` has a broken manifest: {e}"),
+            None => anyhow::bail!("no plugin named `{name}` in {}", dir.display()),
+        }
+    };
+    let live = live_status(config).await;
+    let status = live
+        .as_ref()
+        .and_then(|r| r.plugins.iter().find(|p| p.name == name));
+    if json {
+        let doc = json!({
+            "name": m.name, "version": m.version, "description": m.description,
+            "dir": m.dir.display().to_string(), "command": m.command, "env": m.env,
+            "tasks": m.tasks.iter().map(|t| json!({"name": t.name, "description": t.description})).collect::<Vec<_>>(),
+            "instances": m.instances, "concurrency": m.concurrency, "max_attempts": m.max_attempts,
+            "timeouts": {
+                "init": m.timeouts.init.as_secs_f64(), "task_soft": m.timeouts.task_soft.map(|d| d.as_secs_f64()),
+                "task_hard": m.timeouts.task_hard.map(|d| d.as_secs_f64()), "shutdown_grace": m.timeouts.shutdown_grace.as_secs_f64(),
+                "cancel_grace": m.timeouts.cancel_grace.as_secs_f64(), "ping_interval": m.timeouts.ping_interval.as_secs_f64(),
+                "ping_timeout": m.timeouts.ping_timeout.as_secs_f64(),
+            },
+            "restart": {
+                "max_restarts": m.restart.max_restarts, "window": m.restart.window.as_secs_f64(),
+                "backoff_initial": m.restart.backoff_initial.as_secs_f64(), "backoff_max": m.restart.backoff_max.as_secs_f64(),
+                "stable_after": m.restart.stable_after.as_secs_f64(),
+            },
+            "settings": m.settings,
+            "live": status,
+        });
+        output::line(&serde_json::to_string_pretty(&doc)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    output::line(&format!("{} {}  ({})", m.name, m.version, m.dir.display()));
+    if !m.description.is_empty() {
+        output::line(&format!("  {}", m.description));
+    }
+    output::line(&format!("  command: {}", m.command.join(" ")));
+    output::line(&format!(
+        "  {} instance(s) x {} concurrent, max_attempts {}",
+        m.instances, m.concurrency, m.max_attempts
+    ));
+    output::line("  tasks:");
+    for t in &m.tasks {
+        output::line(&format!(
+            "    {}{}",
+            t.name,
+            t.description
+                .as_deref()
+                .map(|d| format!(" - {d}"))
+                .unwrap_or_default()
+        ));
+    }
+    match status {
+        None => output::line(&format!(
+            "  not running in a daemon on {}",
+            config.socket.display()
+        )),
+        Some(p) => {
+            output::line(&format!("  state: {}  queued: {}", p.state, p.queued));
+            if let crate::supervisor::status::PluginState::Failed(reason) = &p.state {
+                output::line(&format!("  failed: {reason}"));
+            }
+            for i in &p.instances {
+                output::line(&format!("  {}", instance_line(i)));
+                for e in &i.recent_exits {
+                    output::line(&format!("      exit at {:.0}: {}", e.at, e.reason));
+                }
+                if !i.stderr_tail.is_empty() {
+                    output::line("      last stderr:");
+                    for l in &i.stderr_tail {
+                        output::line(&format!("        {l}"));
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

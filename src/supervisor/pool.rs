@@ -10,7 +10,7 @@ use super::instance::{
 };
 use super::process::StderrTail;
 use super::restart::{self, Backoff, Decision, RestartWindow};
-use super::status::{InstanceState, InstanceStatus, PluginState, PluginStatus};
+use super::status::{ExitRecord, InstanceState, InstanceStatus, PluginState, PluginStatus};
 use crate::manifest::Manifest;
 use crate::task::{Failure, FailureKind, Outcome};
 use std::collections::{HashMap, VecDeque};
@@ -20,6 +20,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
+
+/// Exits remembered per instance for `plugins inspect`.
+const RECENT_EXITS: usize = 10;
 
 /// Options that come from the worker rather than the manifest.
 #[derive(Debug, Clone)]
@@ -171,6 +174,7 @@ struct Slot {
     failed: u64,
     restarts: u32,
     last_exit: Option<String>,
+    recent_exits: VecDeque<ExitRecord>,
     backoff: Backoff,
     restart_at: Option<Instant>,
     stderr: StderrTail,
@@ -193,6 +197,7 @@ impl Slot {
             failed: 0,
             restarts: 0,
             last_exit: None,
+            recent_exits: VecDeque::new(),
             backoff: Backoff::default(),
             restart_at: None,
             stderr: StderrTail::default(),
@@ -428,6 +433,21 @@ impl Pool {
         slot.in_flight = 0;
         self.placements.retain(|_, s| *s != i);
         let stopping = matches!(self.state, PluginState::Stopping | PluginState::Stopped);
+        let described = match &reason {
+            ExitReason::Stopped => "stopped".to_string(),
+            ExitReason::Crashed(m) | ExitReason::Incompatible(m) => m.clone(),
+        };
+        if slot.recent_exits.len() == RECENT_EXITS {
+            slot.recent_exits.pop_front();
+        }
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        slot.recent_exits.push_back(ExitRecord {
+            at,
+            reason: described,
+        });
         match reason {
             ExitReason::Stopped => slot.state = InstanceState::Stopped,
             _ if stopping => slot.state = InstanceState::Stopped,
@@ -577,6 +597,7 @@ impl Pool {
                     failed: s.failed,
                     stdout_garbage_lines: s.garbage_lines.load(Ordering::Relaxed),
                     last_exit: s.last_exit.clone(),
+                    recent_exits: s.recent_exits.iter().cloned().collect(),
                     stderr_tail: s.stderr.lines(),
                 })
                 .collect(),

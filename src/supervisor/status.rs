@@ -65,6 +65,9 @@ pub struct InstanceStatus {
     pub failed: u64,
     pub stdout_garbage_lines: u64,
     pub last_exit: Option<String>,
+    /// The last few exits (newest last), for `plugins inspect`.
+    #[serde(default)]
+    pub recent_exits: Vec<ExitRecord>,
     pub stderr_tail: Vec<String>,
 }
 
@@ -77,4 +80,12 @@ pub struct PluginStatus {
     pub queued: usize,
     pub uptime_secs: f64,
     pub instances: Vec<InstanceStatus>,
+}
+
+/// One past exit of an instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    /// Seconds since the Unix epoch.
+    pub at: f64,
+    pub reason: String,
 }
