@@ -34,6 +34,26 @@ pub struct Manifest {
     pub restart: RestartSettings,
     /// Passed verbatim in `initialize`.
     pub settings: Map<String, Value>,
+    /// Self-tests run by `worker plugins test`.
+    pub tests: Vec<SelfTest>,
+}
+
+/// One `[[tests]]` entry: run `task` with `args`/`kwargs`, expect a result or an error type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SelfTest {
+    pub task: String,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    pub expect: Expect,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expect {
+    /// Any successful result.
+    Success,
+    Result(Value),
+    /// An error whose exception type has this name.
+    Error(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -95,6 +115,20 @@ struct RawManifest {
     restart: RawRestart,
     #[serde(default)]
     settings: toml::Table,
+    #[serde(default)]
+    tests: Vec<RawSelfTest>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSelfTest {
+    task: String,
+    #[serde(default)]
+    args: Vec<toml::Value>,
+    #[serde(default)]
+    kwargs: toml::Table,
+    expect: Option<toml::Value>,
+    expect_error: Option<String>,
 }
 
 fn one() -> Spanned<u32> {
@@ -262,7 +296,35 @@ impl Manifest {
             Ok(Value::Object(map)) => map,
             _ => return Err("key `settings`: must be a table of plain values".into()),
         };
+        let mut tests = Vec::new();
+        for (i, t) in raw.tests.into_iter().enumerate() {
+            let at = format!("key `tests` (entry {})", i + 1);
+            if !raw.tasks.get_ref().iter().any(|d| d.name == t.task) {
+                return Err(format!(
+                    "{at}: task `{}` is not declared in [[tasks]]",
+                    t.task
+                ));
+            }
+            let expect = match (t.expect, t.expect_error) {
+                (Some(_), Some(_)) => {
+                    return Err(format!("{at}: give `expect` or `expect_error`, not both"))
+                }
+                (Some(v), None) => Expect::Result(to_json(&v)),
+                (None, Some(e)) => Expect::Error(e),
+                (None, None) => Expect::Success,
+            };
+            tests.push(SelfTest {
+                task: t.task,
+                args: t.args.iter().map(to_json).collect(),
+                kwargs: match to_json(&t.kwargs) {
+                    Value::Object(m) => m,
+                    _ => Map::new(),
+                },
+                expect,
+            });
+        }
         Ok(Manifest {
+            tests,
             name: name.clone(),
             version: raw.version.into_inner(),
             description: raw.description,
@@ -297,6 +359,11 @@ impl Manifest {
     pub fn capacity(&self) -> usize {
         self.instances as usize * self.concurrency as usize
     }
+}
+
+/// TOML values as JSON (datetimes become strings).
+fn to_json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
 fn is_valid_name(name: &str) -> bool {

@@ -399,3 +399,69 @@ fn plugins_inspect_shows_manifest_instances_exits_and_stderr() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn plugins_test_passes_good_plugins_and_names_what_fails() {
+    let out = output(worker().args(["plugins", "test", "python-fibonacci"]));
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    for part in [
+        "ok    handshake",
+        "ok    unknown method answered with -32601",
+        "ok    self-test 1 fibonacci(26): returned 121393",
+        "raised ValueError",
+        "ok    exits after `exit`",
+        "PASS",
+    ] {
+        assert!(said.contains(part), "missing {part:?} in:\n{said}");
+    }
+    let out = output(worker().args(["plugins", "test", "node-echo"]));
+    assert!(out.status.success(), "{}", text(&out.stdout));
+
+    let root = tempfile::tempdir().unwrap();
+    rust_plugin(
+        root.path(),
+        "[[tests]]\ntask = \"rust.count\"\nargs = [2, 1]\nexpect = 2\n",
+    );
+    let out = output(
+        worker()
+            .args(["plugins", "test", "rust-echo", "--plugins"])
+            .arg(root.path()),
+    );
+    assert!(out.status.success(), "{}", text(&out.stdout));
+
+    faulty_plugin(root.path(), "faulty", &[], "", "[[tests]]\ntask = \"f.ok\"\nargs = [1]\nexpect = [2]\n\n[[tests]]\ntask = \"f.raise\"\nexpect_error = \"ValueError\"\n");
+    let out = output(
+        worker()
+            .args(["plugins", "test", "faulty", "--plugins"])
+            .arg(root.path()),
+    );
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("FAIL  self-test 1 f.ok(1): expected [2], got [1]"),
+        "{said}"
+    );
+    assert!(
+        said.contains("ok    self-test 2 f.raise(): raised ValueError"),
+        "{said}"
+    );
+    assert!(said.contains("FAILED: 1 check(s)"), "{said}");
+
+    let bad = tempfile::tempdir().unwrap();
+    faulty_plugin(
+        bad.path(),
+        "faulty",
+        &[("FAULT_HANDSHAKE", "version")],
+        "",
+        "",
+    );
+    let out = output(
+        worker()
+            .args(["plugins", "test", "faulty", "--plugins"])
+            .arg(bad.path()),
+    );
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("FAIL  handshake: protocol 2.0"), "{said}");
+}

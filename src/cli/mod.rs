@@ -2,6 +2,7 @@
 //! module per command group.
 
 mod output;
+mod plugin_test;
 pub mod plugins;
 pub mod run;
 pub mod serve;

@@ -20,6 +20,9 @@ pub enum PluginsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Start a plugin alone and check it: handshake, protocol conformance, its manifest's
+    /// [[tests]], shutdown. Exit code 0 = pass
+    Test { name: String },
     /// One plugin in detail: manifest, tasks, instances, recent exits, last stderr lines
     Inspect {
         name: String,
@@ -45,6 +48,7 @@ pub async fn plugins(config: Config, cmd: PluginsCommand) -> anyhow::Result<Exit
     let json = match cmd {
         PluginsCommand::List { json } => json,
         PluginsCommand::Inspect { name, json } => return inspect(&config, &name, json).await,
+        PluginsCommand::Test { name } => return super::plugin_test::test(&config, &name).await,
     };
     let dir = &config.plugins_dir;
     let found = manifest::discover(dir).with_context(|| {

@@ -56,6 +56,10 @@ pub fn spawn(manifest: &Manifest, instance: u32) -> io::Result<Child> {
 /// Sends `signal` to every process in the group led by `pid`. A group that is already gone
 /// is not an error.
 pub fn signal_group(pid: u32, signal: Signal) {
+    // killpg(0) would signal the worker's own group: never do that for an unknown pid.
+    if pid == 0 {
+        return;
+    }
     let _ = killpg(Pid::from_raw(pid as i32), signal);
 }
 

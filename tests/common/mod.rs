@@ -80,6 +80,7 @@ pub fn faulty_plugin(
 }
 
 /// Writes a manifest for the Rust example plugin.
+/// `extra` goes before the `[[tasks]]` tables (top-level keys, or whole tables like `[[tests]]`).
 pub fn rust_plugin(root: &Path, extra: &str) -> PathBuf {
     let dir = root.join("rust-echo");
     std::fs::create_dir_all(&dir).unwrap();
