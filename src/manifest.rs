@@ -366,7 +366,8 @@ fn to_json<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
-fn is_valid_name(name: &str) -> bool {
+/// Plugin names: 1-64 of `a-z 0-9 - _ .`, starting with a letter or digit.
+pub fn is_valid_name(name: &str) -> bool {
     let ok_char =
         |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.');
     (1..=64).contains(&name.len())

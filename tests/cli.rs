@@ -465,3 +465,64 @@ fn plugins_test_passes_good_plugins_and_names_what_fails() {
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("FAIL  handshake: protocol 2.0"), "{said}");
 }
+
+#[test]
+fn plugins_create_scaffolds_that_pass_plugins_test() {
+    let root = tempfile::tempdir().unwrap();
+    for lang in ["python", "node"] {
+        let name = format!("hello-{lang}");
+        let out = output(
+            worker()
+                .args(["plugins", "create", &name, "--lang", lang, "--plugins"])
+                .arg(root.path()),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(root.path().join(&name).join("README.md").exists());
+        let out = output(
+            worker()
+                .args(["plugins", "test", &name, "--plugins"])
+                .arg(root.path()),
+        );
+        let said = text(&out.stdout);
+        assert!(out.status.success(), "{said}");
+        assert!(
+            said.contains(&format!(
+                "self-test 1 {name}.hello(\"world\"): returned \"hello, world\""
+            )),
+            "{said}"
+        );
+        let out = output(
+            worker()
+                .args(["run", &format!("{name}.hello"), "you", "--plugins"])
+                .arg(root.path()),
+        );
+        assert_eq!(
+            text(&out.stdout),
+            "\"hello, you\"\n",
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    let out = output(
+        worker()
+            .args(["plugins", "create", "hello-python", "--plugins"])
+            .arg(root.path()),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("already exists"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = output(
+        worker()
+            .args(["plugins", "create", "../escape", "--plugins"])
+            .arg(root.path()),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("is not a valid plugin name"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -5,6 +5,7 @@ mod output;
 mod plugin_test;
 pub mod plugins;
 pub mod run;
+mod scaffold;
 pub mod serve;
 pub mod task;
 

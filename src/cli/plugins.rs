@@ -20,6 +20,12 @@ pub enum PluginsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Scaffold a working plugin (manifest, code with one task, README, self-test)
+    Create {
+        name: String,
+        #[arg(long, value_enum, default_value = "python")]
+        lang: super::scaffold::Lang,
+    },
     /// Start a plugin alone and check it: handshake, protocol conformance, its manifest's
     /// [[tests]], shutdown. Exit code 0 = pass
     Test { name: String },
@@ -49,6 +55,9 @@ pub async fn plugins(config: Config, cmd: PluginsCommand) -> anyhow::Result<Exit
         PluginsCommand::List { json } => json,
         PluginsCommand::Inspect { name, json } => return inspect(&config, &name, json).await,
         PluginsCommand::Test { name } => return super::plugin_test::test(&config, &name).await,
+        PluginsCommand::Create { name, lang } => {
+            return super::scaffold::create(&config, &name, lang)
+        }
     };
     let dir = &config.plugins_dir;
     let found = manifest::discover(dir).with_context(|| {

@@ -1,0 +1,250 @@
+//! `worker plugins create NAME --lang python|node|rust`: a working plugin to start from, with
+//! one example task and a self-test, so `worker plugins test NAME` passes unchanged.
+
+use super::output;
+use crate::config::Config;
+use crate::manifest;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// The Python SDK, vendored into each Python scaffold so the plugin carries its own copy.
+const PYTHON_SDK: &str = include_str!("../../plugin-protocol/python/worker_plugin.py");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lang {
+    Python,
+    Node,
+    Rust,
+}
+
+pub fn create(config: &Config, name: &str, lang: Lang) -> anyhow::Result<ExitCode> {
+    if !manifest::is_valid_name(name) {
+        anyhow::bail!("`{name}` is not a valid plugin name: use 1-64 characters from a-z, 0-9, `-`, `_` and `.`, starting with a letter or digit");
+    }
+    let dir = config.plugins_dir.join(name);
+    if dir.exists() {
+        anyhow::bail!(
+            "{} already exists; choose another name or remove it first",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(&dir)?;
+    let task = format!("{name}.hello");
+    let files = match lang {
+        Lang::Python => python(name, &task),
+        Lang::Node => node(name, &task),
+        Lang::Rust => rust(name, &task),
+    };
+    for (file, content) in &files {
+        let path = dir.join(file);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&path, content)?;
+    }
+    output::line(&format!(
+        "created {} ({lang:?}) with task `{task}`:",
+        dir.display()
+    ));
+    for (file, _) in &files {
+        output::line(&format!("  {}", Path::new(name).join(file).display()));
+    }
+    let next = match lang {
+        Lang::Rust => format!(
+            "build it (cd {} && cargo build --release), then: worker plugins test {name}",
+            dir.display()
+        ),
+        _ => format!("try it: worker plugins test {name}"),
+    };
+    output::line(&next);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn manifest(name: &str, task: &str, command: &str) -> String {
+    format!(
+        r#"name = "{name}"
+version = "0.1.0"
+description = "{name}: describe what it does"
+command = {command}
+instances = 1
+concurrency = 4
+
+[[tasks]]
+name = "{task}"
+description = "Greets someone"
+
+# Self-tests for `worker plugins test {name}`.
+[[tests]]
+task = "{task}"
+args = ["world"]
+expect = "hello, world"
+"#
+    )
+}
+
+fn readme(name: &str, task: &str, how: &str) -> String {
+    format!(
+        "# {name}\n\nA `worker` plugin. Its task `{task}` greets its first argument.\n\n{how}\n\n\
+         - Check it: `worker plugins test {name}` (handshake, protocol conformance, the `[[tests]]` in plugin.toml).\n\
+         - Run it once: `worker run {task} world`.\n\
+         - Add a task: write the handler, declare it under `[[tasks]]` in plugin.toml, add a `[[tests]]` entry.\n\
+         - Log to stderr, never stdout: stdout carries the protocol.\n"
+    )
+}
+
+fn python(name: &str, task: &str) -> Vec<(String, String)> {
+    let main = format!(
+        r#""""The {name} plugin."""
+
+from worker_plugin import Plugin
+
+plugin = Plugin("{name}", "0.1.0")
+
+
+@plugin.task("{task}", description="Greets someone")
+def hello(ctx, who="world"):
+    ctx.progress(1, 1)
+    return "hello, %s" % who
+
+
+if __name__ == "__main__":
+    plugin.run()
+"#
+    );
+    vec![
+        (
+            "plugin.toml".into(),
+            manifest(name, task, r#"["/usr/bin/python3", "main.py"]"#),
+        ),
+        ("main.py".into(), main),
+        ("worker_plugin.py".into(), PYTHON_SDK.to_string()),
+        (
+            "README.md".into(),
+            readme(
+                name,
+                task,
+                "Python, standard library only; `worker_plugin.py` is the SDK.",
+            ),
+        ),
+    ]
+}
+
+fn node(name: &str, task: &str) -> Vec<(String, String)> {
+    let main = format!(
+        r#"// The {name} plugin: the worker protocol (newline-delimited JSON-RPC 2.0) with no SDK.
+'use strict';
+const readline = require('readline');
+
+const send = (msg) => process.stdout.write(JSON.stringify({{ jsonrpc: '2.0', ...msg }}) + '\n');
+
+const tasks = {{
+  '{task}': ([who = 'world']) => `hello, ${{who}}`,
+}};
+
+let inFlight = 0;
+let shutdownId = null;
+readline.createInterface({{ input: process.stdin }}).on('line', (line) => {{
+  let msg;
+  try {{
+    msg = JSON.parse(line);
+  }} catch (e) {{
+    return send({{ id: null, error: {{ code: -32700, message: e.message }} }});
+  }}
+  const {{ id, method, params = {{}} }} = msg;
+  if (method === 'initialize') {{
+    send({{ id, result: {{ protocol_version: '1.0', plugin: {{ name: '{name}', version: '0.1.0' }},
+      tasks: Object.keys(tasks).map((name) => ({{ name }})) }} }});
+  }} else if (method === 'task.run') {{
+    const run = tasks[params.task];
+    if (!run) return send({{ id, error: {{ code: -32003, message: `unknown task ${{params.task}}` }} }});
+    inFlight += 1;
+    try {{
+      send({{ id, result: run(params.args || [], params.kwargs || {{}}) }});
+    }} catch (e) {{
+      send({{ id, error: {{ code: -32000, message: e.message, data: {{ type: e.name, message: e.message, traceback: e.stack }} }} }});
+    }}
+    inFlight -= 1;
+    if (shutdownId !== null && inFlight === 0) send({{ id: shutdownId, result: null }});
+  }} else if (method === 'ping') {{
+    send({{ id, result: {{}} }});
+  }} else if (method === 'shutdown') {{
+    shutdownId = id;
+    if (inFlight === 0) send({{ id, result: null }});
+  }} else if (method === 'exit') {{
+    process.exit(0);
+  }} else if (id !== undefined && id !== null) {{
+    send({{ id, error: {{ code: -32601, message: `unknown method ${{method}}` }} }});
+  }}
+}});
+"#
+    );
+    vec![
+        (
+            "plugin.toml".into(),
+            manifest(name, task, r#"["/usr/bin/node", "main.js"]"#),
+        ),
+        ("main.js".into(), main),
+        (
+            "README.md".into(),
+            readme(
+                name,
+                task,
+                "Node.js with no dependencies; `main.js` speaks the protocol directly.",
+            ),
+        ),
+    ]
+}
+
+fn rust(name: &str, task: &str) -> Vec<(String, String)> {
+    let crate_name = name.replace('.', "-");
+    // Inside this checkout, depend on its protocol crate by path; elsewhere, by version.
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-protocol");
+    let dep = if sdk.is_dir() {
+        format!(
+            "plugin-protocol = {{ path = {:?} }}",
+            sdk.display().to_string()
+        )
+    } else {
+        format!("plugin-protocol = \"{}\"", env!("CARGO_PKG_VERSION"))
+    };
+    let cargo = format!(
+        "[package]\nname = \"{crate_name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[dependencies]\n{dep}\nserde_json = \"1\"\n\n# Its own workspace, so it never joins an enclosing one.\n[workspace]\n"
+    );
+    let main = format!(
+        r#"//! The {name} plugin.
+
+use plugin_protocol::plugin::Plugin;
+use serde_json::{{json, Value}};
+
+fn main() {{
+    let result = Plugin::new("{name}", env!("CARGO_PKG_VERSION"))
+        .task("{task}", "Greets someone", |ctx, params| {{
+            ctx.progress(1, Some(1), None);
+            let who = params.args.first().and_then(Value::as_str).unwrap_or("world");
+            Ok(json!(format!("hello, {{who}}")))
+        }})
+        .run();
+    if let Err(e) = result {{
+        eprintln!("{name}: {{e}}");
+        std::process::exit(1);
+    }}
+}}
+"#
+    );
+    vec![
+        (
+            "plugin.toml".into(),
+            manifest(name, task, &format!("[\"target/release/{crate_name}\"]")),
+        ),
+        ("Cargo.toml".into(), cargo),
+        ("src/main.rs".into(), main),
+        (
+            "README.md".into(),
+            readme(
+                name,
+                task,
+                "Rust, with the `plugin-protocol` SDK. Build with `cargo build --release` first.",
+            ),
+        ),
+    ]
+}
