@@ -413,6 +413,18 @@ pub struct Discovery {
     pub errors: Vec<ManifestError>,
 }
 
+impl Discovery {
+    /// The manifest error of the plugin directory named `name`, if its manifest is broken.
+    pub fn error_for(&self, name: &str) -> Option<&ManifestError> {
+        self.errors.iter().find(|e| {
+            e.path
+                .parent()
+                .and_then(|p| p.file_name())
+                .is_some_and(|f| f == name)
+        })
+    }
+}
+
 /// Loads every `<dir>/*/plugin.toml`, sorted by name. Plugins whose manifests are broken, or
 /// that claim a task name another plugin already serves, go to `errors` instead.
 pub fn discover(dir: &Path) -> Result<Discovery, std::io::Error> {

@@ -483,3 +483,39 @@ fn amqp_a_taken_node_name_gets_a_unique_one() {
     let ping = lane.celery_cli(&["inspect", "ping", "-d", &format!("{},{unique}", lane.node)]);
     assert!(ping.contains("2 nodes online"), "both answer: {ping}");
 }
+
+#[test]
+fn amqp_passive_declare_uses_an_existing_queue() {
+    let (lane, root, plugins) = setup!("amqp_passive");
+    fib_plugin(&plugins);
+    // The client declares the queue (kombu's way) when it sends; the worker then only checks it.
+    let mut client = lane
+        .client(&["call", "fibonacci", "[12]"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut w = Daemon::start_with(
+        &plugins,
+        &root.path().join("w.sock"),
+        &[
+            "--broker",
+            BROKER,
+            "-Q",
+            &lane.queue,
+            "-n",
+            &lane.node,
+            "--queue-declare",
+            "passive",
+        ],
+    );
+    w.wait_log("consuming Celery tasks");
+    let mut line = String::new();
+    BufReader::new(client.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&line).unwrap(),
+        json!({"ok": 144})
+    );
+    client.wait().unwrap();
+}

@@ -69,6 +69,12 @@ pub struct CommonArgs {
     /// Per-consumer prefetch (`prefetch_count`)
     #[arg(long, env = "WORKER_PREFETCH_COUNT", global = true)]
     pub prefetch_count: Option<u16>,
+    /// `kombu` or `passive` (`queue_declare`)
+    #[arg(long, env = "WORKER_QUEUE_DECLARE", global = true)]
+    pub queue_declare: Option<String>,
+    /// Recent results remembered for redelivered copies (`result_memory`)
+    #[arg(long, env = "WORKER_RESULT_MEMORY", global = true)]
+    pub result_memory: Option<usize>,
     /// Longest plugin stdout line in bytes (`max_line_bytes`)
     #[arg(long, env = "WORKER_MAX_LINE_BYTES", global = true)]
     pub max_line_bytes: Option<usize>,
@@ -128,6 +134,12 @@ impl CommonArgs {
         }
         if let Some(v) = self.prefetch_count {
             c.prefetch_count = Some(v);
+        }
+        if let Some(v) = &self.queue_declare {
+            c.queue_declare = v.clone();
+        }
+        if let Some(v) = self.result_memory {
+            c.result_memory = v;
         }
         if let Some(v) = self.max_line_bytes {
             c.max_line_bytes = v;
