@@ -463,7 +463,10 @@ fn plugins_test_passes_good_plugins_and_names_what_fails() {
     );
     let said = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{said}");
-    assert!(said.contains("FAIL  handshake: protocol 2.0"), "{said}");
+    assert!(
+        said.contains("FAIL  handshake: it speaks protocol version 2.0"),
+        "{said}"
+    );
 }
 
 #[test]

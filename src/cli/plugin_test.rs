@@ -9,9 +9,8 @@ use crate::manifest::{self, Expect, Manifest};
 use crate::supervisor::process;
 use anyhow::Context;
 use plugin_protocol::{
-    code, method, protocol_major, Frame, Id, InitializeParams, InitializeResult, InstanceRef,
-    Limits, LineDecoder, Message, Notification, PeerInfo, Request, TaskErrorData, TaskRunParams,
-    PROTOCOL_VERSION,
+    code, method, Frame, Id, InitializeParams, InstanceRef, Limits, LineDecoder, Message,
+    Notification, PeerInfo, Request, TaskErrorData, TaskRunParams, PROTOCOL_VERSION,
 };
 use serde_json::{json, Value};
 use std::process::ExitCode;
@@ -188,38 +187,15 @@ async fn run_checks(
     let reply = s
         .call(method::INITIALIZE, serde_json::to_value(init)?)
         .await?;
-    let handshake = match reply {
-        Err(e) => Err(format!("error {}: {}", e.code, e.message)),
-        Ok(v) => match serde_json::from_value::<InitializeResult>(v) {
-            Err(e) => Err(format!("malformed result: {e}")),
-            Ok(r) if protocol_major(&r.protocol_version) != protocol_major(PROTOCOL_VERSION) => {
-                Err(format!(
-                    "protocol {} but the worker speaks {PROTOCOL_VERSION}",
-                    r.protocol_version
-                ))
-            }
-            Ok(r) => {
-                let mut served: Vec<&str> = r.tasks.iter().map(|t| t.name.as_str()).collect();
-                let mut declared: Vec<&str> = m.task_names().collect();
-                served.sort();
-                declared.sort();
-                if served == declared {
-                    Ok(format!(
-                        "{} {} serves {}",
-                        r.plugin.name,
-                        r.plugin.version,
-                        served.join(", ")
-                    ))
-                } else {
-                    Err(format!(
-                        "serves [{}] but plugin.toml declares [{}]",
-                        served.join(", "),
-                        declared.join(", ")
-                    ))
-                }
-            }
-        },
-    };
+    let handshake = crate::supervisor::handshake::check(reply, m).map(|r| {
+        let served: Vec<&str> = r.tasks.iter().map(|t| t.name.as_str()).collect();
+        format!(
+            "{} {} serves {}",
+            r.plugin.name,
+            r.plugin.version,
+            served.join(", ")
+        )
+    });
     let handshake_ok = handshake.is_ok();
     report.check("handshake", handshake);
     if !handshake_ok {

@@ -155,8 +155,9 @@ struct Running {
     info: ActiveInfo,
     /// Redelivered copies that arrived while the task ran; acked with the original.
     copies: Vec<Acker>,
-    /// Revoked with terminate: the outcome is REVOKED ("terminated").
-    terminated: bool,
+    /// Set when a revoke stopped it: its Cancelled outcome is answered REVOKED with this
+    /// reason ("terminated" while running, "revoked" while still queued).
+    revoked: Option<&'static str>,
 }
 
 /// What `celery inspect active` shows for a task.
@@ -327,7 +328,7 @@ impl Shared {
                 revoked.insert(id);
                 if let Some(run) = tasks.running.get_mut(id) {
                     if terminate {
-                        run.terminated = true;
+                        run.revoked = Some("terminated");
                     }
                     to_cancel.push((id.clone(), terminate));
                 }
@@ -347,7 +348,7 @@ impl Shared {
                         .running
                         .get_mut(&id)
                     {
-                        run.terminated = true;
+                        run.revoked = Some("revoked");
                     }
                 }
             }
@@ -1057,7 +1058,7 @@ async fn handle_delivery(shared: Arc<Shared>, delivery: Delivery, lost: Cancella
             Running {
                 info,
                 copies: Vec::new(),
-                terminated: false,
+                revoked: None,
             },
         );
     let request = TaskRequest {
@@ -1085,24 +1086,24 @@ async fn handle_delivery(shared: Arc<Shared>, delivery: Delivery, lost: Cancella
         publish_event(&shared, &task, reporting.as_deref(), ev).await;
     }
 
-    let terminated = shared
+    let revoked = shared
         .tasks
         .lock()
         .expect("task table lock poisoned")
         .running
         .get(&task.id)
-        .is_some_and(|r| r.terminated);
+        .and_then(|r| r.revoked);
     match outcome {
         Outcome::Success(value) => {
             answer(&shared, &task, &acker, state::SUCCESS, value, None).await
         }
-        Outcome::Failure(f) if terminated && matches!(f.kind, FailureKind::Cancelled) => {
+        Outcome::Failure(f) if revoked.is_some() && matches!(f.kind, FailureKind::Cancelled) => {
             answer(
                 &shared,
                 &task,
                 &acker,
                 state::REVOKED,
-                celery::revoked_result("terminated"),
+                celery::revoked_result(revoked.unwrap_or("revoked")),
                 None,
             )
             .await

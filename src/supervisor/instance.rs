@@ -11,10 +11,9 @@ use crate::manifest::Manifest;
 use crate::task::{Failure, FailureKind, Outcome, TaskEvent, TaskRequest};
 use nix::sys::signal::Signal;
 use plugin_protocol::{
-    code, method, protocol_major, ErrorObject, Id, InitializeParams, InitializeResult, InstanceRef,
-    Limits, LogLevel, LogParams, Message, Notification, PeerInfo, Request, Response,
-    TaskCancelParams, TaskErrorData, TaskProgressParams, TaskRunParams, TaskStreamParams,
-    TimeLimits, PROTOCOL_VERSION,
+    code, method, ErrorObject, Id, InitializeParams, InstanceRef, Limits, LogLevel, LogParams,
+    Message, Notification, PeerInfo, Request, Response, TaskCancelParams, TaskErrorData,
+    TaskProgressParams, TaskRunParams, TaskStreamParams, TimeLimits, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -396,50 +395,10 @@ impl Instance {
                 culprit: None,
             })))
         };
-        let result: InitializeResult = match reply {
-            Ok(value) => match serde_json::from_value(value) {
-                Ok(r) => r,
-                Err(e) => {
-                    return incompatible(format!("its `initialize` result is malformed: {e}"))
-                }
-            },
-            Err(e) => {
-                return incompatible(format!(
-                    "it answered `initialize` with error {}: {}",
-                    e.code, e.message
-                ))
-            }
+        let result = match super::handshake::check(reply, &m) {
+            Ok(r) => r,
+            Err(reason) => return incompatible(reason),
         };
-        if protocol_major(&result.protocol_version) != protocol_major(PROTOCOL_VERSION) {
-            return incompatible(format!(
-                "it speaks protocol version {} but this worker speaks {PROTOCOL_VERSION} (major versions must match)",
-                result.protocol_version
-            ));
-        }
-        let declared: Vec<&str> = m.task_names().collect();
-        let undeclared: Vec<&str> = result
-            .tasks
-            .iter()
-            .map(|t| t.name.as_str())
-            .filter(|t| !declared.contains(t))
-            .collect();
-        if !undeclared.is_empty() {
-            return incompatible(format!(
-                "it serves task(s) {} that plugin.toml does not declare (add them to [[tasks]])",
-                undeclared.join(", ")
-            ));
-        }
-        let missing: Vec<&str> = declared
-            .iter()
-            .copied()
-            .filter(|d| !result.tasks.iter().any(|t| t.name == *d))
-            .collect();
-        if !missing.is_empty() {
-            return incompatible(format!(
-                "plugin.toml declares task(s) {} that the plugin does not serve",
-                missing.join(", ")
-            ));
-        }
         self.notify(method::INITIALIZED, serde_json::json!({}));
         tracing::info!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, version = %result.plugin.version, "plugin instance ready");
         Ok(result.plugin.version)

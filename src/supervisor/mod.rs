@@ -4,6 +4,7 @@
 //! and is swapped as a whole, so replacing one plugin (a new pool started beside the old one,
 //! then the route switched, then the old pool drained) never touches the others.
 
+pub mod handshake;
 pub mod instance;
 pub mod pool;
 pub mod process;
@@ -129,17 +130,8 @@ impl Supervisor {
         for (new, old) in candidates {
             let name = new.manifest().name.clone();
             let timeout = new.manifest().timeouts.init + Duration::from_secs(1);
-            let mut view = new.view();
-            let settled = tokio::time::timeout(
-                timeout,
-                view.wait_for(|v| {
-                    v.ready > 0 || matches!(v.state, PluginState::Failed(_) | PluginState::Stopped)
-                }),
-            )
-            .await;
-            let ready = matches!(&settled, Ok(Ok(v)) if v.ready > 0);
-            drop(settled);
-            if ready {
+            let settled = new.settle(tokio::time::Instant::now() + timeout).await;
+            let Err(state) = settled else {
                 match old {
                     Some(old) => {
                         report.replaced.push(name.clone());
@@ -149,8 +141,8 @@ impl Supervisor {
                 }
                 next.by_plugin.insert(name, new);
                 continue;
-            }
-            let reason = match view.borrow().state.clone() {
+            };
+            let reason = match state {
                 PluginState::Failed(reason) => reason,
                 _ => format!("not ready within {timeout:?}"),
             };
@@ -219,21 +211,9 @@ impl Supervisor {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut not_ready = Vec::new();
         for pool in self.plugins() {
-            let mut view = pool.view();
-            let settled = tokio::time::timeout_at(
-                deadline,
-                view.wait_for(|v| {
-                    v.ready > 0 || matches!(v.state, PluginState::Failed(_) | PluginState::Stopped)
-                }),
-            )
-            .await;
-            let ready = matches!(&settled, Ok(Ok(v)) if v.ready > 0);
-            drop(settled);
-            if ready {
-                continue;
+            if let Err(state) = pool.settle(deadline).await {
+                not_ready.push((pool.manifest().name.clone(), state));
             }
-            let state = view.borrow().state.clone();
-            not_ready.push((pool.manifest().name.clone(), state));
         }
         not_ready
     }

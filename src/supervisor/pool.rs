@@ -114,6 +114,27 @@ impl PoolHandle {
         }
     }
 
+    /// Waits until an instance is ready (Ok) or the plugin has failed or stopped, up to
+    /// `deadline`; otherwise returns the state it is still in.
+    pub async fn settle(&self, deadline: Instant) -> Result<(), PluginState> {
+        let mut view = self.view();
+        let settled = tokio::time::timeout_at(
+            deadline,
+            view.wait_for(|v| {
+                v.ready > 0 || matches!(v.state, PluginState::Failed(_) | PluginState::Stopped)
+            }),
+        )
+        .await;
+        let ready = matches!(&settled, Ok(Ok(v)) if v.ready > 0);
+        drop(settled);
+        let state = view.borrow().state.clone();
+        if ready {
+            Ok(())
+        } else {
+            Err(state)
+        }
+    }
+
     pub fn view(&self) -> watch::Receiver<PoolView> {
         self.view.clone()
     }

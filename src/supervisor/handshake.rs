@@ -1,0 +1,93 @@
+//! What makes an `initialize` reply acceptable, as one pure function shared by the instance
+//! actor and `worker plugins test`, so both judge a plugin by the same rules and words.
+
+use crate::manifest::Manifest;
+use plugin_protocol::{protocol_major, ErrorObject, InitializeResult, PROTOCOL_VERSION};
+use serde_json::Value;
+
+/// Checks the reply to `initialize` against the manifest: well-formed, the same protocol major
+/// version, and exactly the declared tasks. The error says which rule failed.
+pub fn check(reply: Result<Value, ErrorObject>, m: &Manifest) -> Result<InitializeResult, String> {
+    let result: InitializeResult = match reply {
+        Ok(value) => serde_json::from_value(value)
+            .map_err(|e| format!("its `initialize` result is malformed: {e}"))?,
+        Err(e) => {
+            return Err(format!(
+                "it answered `initialize` with error {}: {}",
+                e.code, e.message
+            ))
+        }
+    };
+    if protocol_major(&result.protocol_version) != protocol_major(PROTOCOL_VERSION) {
+        return Err(format!(
+            "it speaks protocol version {} but this worker speaks {PROTOCOL_VERSION} (major versions must match)",
+            result.protocol_version
+        ));
+    }
+    let declared: Vec<&str> = m.task_names().collect();
+    let undeclared: Vec<&str> = result
+        .tasks
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|t| !declared.contains(t))
+        .collect();
+    if !undeclared.is_empty() {
+        return Err(format!(
+            "it serves task(s) {} that plugin.toml does not declare (add them to [[tasks]])",
+            undeclared.join(", ")
+        ));
+    }
+    let missing: Vec<&str> = declared
+        .into_iter()
+        .filter(|d| !result.tasks.iter().any(|t| t.name == *d))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "plugin.toml declares task(s) {} that the plugin does not serve",
+            missing.join(", ")
+        ));
+    }
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::path::Path;
+
+    fn manifest() -> Manifest {
+        Manifest::parse(
+            "name = \"p\"\nversion = \"1\"\ncommand = [\"x\"]\n[[tasks]]\nname = \"a\"\n",
+            Path::new("/p"),
+        )
+        .unwrap()
+    }
+
+    fn reply(version: &str, tasks: &[&str]) -> Result<Value, ErrorObject> {
+        let tasks: Vec<Value> = tasks.iter().map(|t| json!({ "name": t })).collect();
+        Ok(
+            json!({"protocol_version": version, "plugin": {"name": "p", "version": "1"}, "tasks": tasks}),
+        )
+    }
+
+    #[test]
+    fn each_rule_names_itself() {
+        assert!(check(reply("1.3", &["a"]), &manifest()).is_ok());
+        assert!(check(reply("2.0", &["a"]), &manifest())
+            .unwrap_err()
+            .contains("protocol version 2.0"));
+        assert!(check(reply("1.0", &["a", "b"]), &manifest())
+            .unwrap_err()
+            .contains("b that plugin.toml does not declare"));
+        assert!(check(reply("1.0", &[]), &manifest())
+            .unwrap_err()
+            .contains("declares task(s) a"));
+        assert!(check(Ok(json!([1])), &manifest())
+            .unwrap_err()
+            .contains("malformed"));
+        assert!(check(Err(ErrorObject::new(-1, "no")), &manifest())
+            .unwrap_err()
+            .contains("error -1: no"));
+    }
+}
