@@ -13,8 +13,12 @@ use std::time::Duration;
 pub struct Config {
     /// This worker's node name, shown in logs and `plugins list` (default `worker@<hostname>`).
     pub name: String,
-    /// Directory holding one sub-directory per plugin, each with a `plugin.toml`.
+    /// Directory holding one sub-directory per plugin, each with a `plugin.toml`: the plugins
+    /// available to install.
     pub plugins_dir: PathBuf,
+    /// Where installed plugins (`installed/<name>/<version>-<id>/`), the install record
+    /// (`installed.json`) and install logs live. The daemon runs what is recorded here.
+    pub state_dir: PathBuf,
     /// Unix socket of the control API.
     pub socket: PathBuf,
     /// Longest stdout line accepted from a plugin, in bytes.
@@ -45,6 +49,7 @@ impl Default for Config {
         Config {
             name: format!("worker@{}", hostname()),
             plugins_dir: default_plugins_dir(),
+            state_dir: default_state_dir(),
             socket: default_socket(),
             max_line_bytes: plugin_protocol::DEFAULT_MAX_LINE_BYTES,
             queue_capacity: 1024,
@@ -96,6 +101,13 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        if self.state_dir.starts_with(&self.plugins_dir) {
+            return Err(format!(
+                "key `state_dir`: {} is inside plugins_dir {}; installed copies must live apart from the plugins available to install",
+                self.state_dir.display(),
+                self.plugins_dir.display()
+            ));
+        }
         if self.max_line_bytes < 1024 {
             return Err("key `max_line_bytes`: must be at least 1024".into());
         }
@@ -154,6 +166,23 @@ fn default_plugins_dir() -> PathBuf {
         bundled
     } else {
         PathBuf::from("/var/lib/worker/plugins")
+    }
+}
+
+/// This checkout's `target/worker-state` while the bundled examples are the default plugins
+/// directory; else systemd's `$STATE_DIRECTORY` (from `StateDirectory=`); else `/var/lib/worker`.
+fn default_state_dir() -> PathBuf {
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if checkout.join("examples").is_dir() {
+        return checkout.join("target").join("worker-state");
+    }
+    match std::env::var_os("STATE_DIRECTORY") {
+        // systemd may pass several, colon-separated; the first is ours.
+        Some(dirs) if !dirs.is_empty() => {
+            let dirs = dirs.to_string_lossy().into_owned();
+            PathBuf::from(dirs.split(':').next().unwrap_or_default())
+        }
+        _ => PathBuf::from("/var/lib/worker"),
     }
 }
 

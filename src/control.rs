@@ -3,7 +3,7 @@
 //! here so the wire stays in one place (documented in README, "Control API").
 //!
 //! Methods: `task.submit` (notifications `task.accepted`, `task.progress`, `task.stream`, then
-//! the response), `task.cancel`, `plugins.status`, `plugins.reload`, `ping`.
+//! the response), `task.cancel`, `plugins.status`, `plugins.reload` (`{wait?}`), `ping`.
 
 use crate::dispatch::Dispatcher;
 use crate::supervisor::status::PluginStatus;
@@ -49,6 +49,9 @@ pub struct WorkerInfo {
     pub name: String,
     pub version: String,
     pub pid: u32,
+    /// The state directory whose installed plugins it runs.
+    #[serde(default)]
+    pub state_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,11 +88,17 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Where `plugins.reload` reads plugins from, and how long replaced ones may drain.
+/// Where `plugins.reload` reads the installed plugins from, and how long replaced ones may
+/// drain.
 #[derive(Debug, Clone)]
 pub struct ReloadSettings {
-    pub plugins_dir: std::path::PathBuf,
+    pub state: crate::install::registry::StateDir,
     pub drain: Duration,
+}
+
+/// `plugins.reload {wait: true}` answers only once replaced and removed plugins have stopped.
+fn wants_wait(params: &Value) -> bool {
+    params.get("wait").and_then(Value::as_bool).unwrap_or(false)
 }
 
 /// Serves connections until `stop` fires, then waits for open requests to finish.
@@ -217,7 +226,7 @@ async fn handle(
         "ping" => Ok(serde_json::to_value(info).expect("info serializes")),
         "plugins.reload" => match dispatcher
             .supervisor()
-            .reload_dir(&reload.plugins_dir, reload.drain)
+            .reload_installed(&reload.state, reload.drain, wants_wait(&req.params))
             .await
         {
             Ok(report) => Ok(serde_json::to_value(report).expect("report serializes")),

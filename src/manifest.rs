@@ -36,6 +36,9 @@ pub struct Manifest {
     pub settings: Map<String, Value>,
     /// Self-tests run by `worker plugins test`.
     pub tests: Vec<SelfTest>,
+    /// Install steps (argv each), run in order in the installed copy's directory by
+    /// `worker plugins install`; empty when the plugin needs nothing built or fetched.
+    pub install: Vec<Vec<String>>,
 }
 
 /// One `[[tests]]` entry: run `task` with `args`/`kwargs`, expect a result or an error type.
@@ -62,12 +65,18 @@ pub struct TaskDecl {
     pub name: String,
     #[serde(default)]
     pub description: Option<String>,
+    /// Free-form description of the task's parameters (any table or value), shown by
+    /// `worker plugins inspect`.
+    #[serde(default)]
+    pub params: Option<Value>,
 }
 
 /// All durations of a plugin's life, resolved from seconds in the manifest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Timeouts {
     pub init: Duration,
+    /// Longest run of one install step.
+    pub install: Duration,
     pub task_soft: Option<Duration>,
     pub task_hard: Option<Duration>,
     pub shutdown_grace: Duration,
@@ -117,6 +126,8 @@ struct RawManifest {
     settings: toml::Table,
     #[serde(default)]
     tests: Vec<RawSelfTest>,
+    #[serde(default = "no_steps")]
+    install: Spanned<Vec<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -134,6 +145,9 @@ struct RawSelfTest {
 fn one() -> Spanned<u32> {
     Spanned::new(0..0, 1)
 }
+fn no_steps() -> Spanned<Vec<Vec<String>>> {
+    Spanned::new(0..0, Vec::new())
+}
 fn three() -> Spanned<u32> {
     Spanned::new(0..0, 3)
 }
@@ -142,6 +156,7 @@ fn three() -> Spanned<u32> {
 #[serde(deny_unknown_fields, default)]
 struct RawTimeouts {
     init: Spanned<f64>,
+    install: Spanned<f64>,
     task_soft: Option<Spanned<f64>>,
     task_hard: Option<Spanned<f64>>,
     shutdown_grace: Spanned<f64>,
@@ -155,6 +170,7 @@ impl Default for RawTimeouts {
         let s = |v| Spanned::new(0..0, v);
         RawTimeouts {
             init: s(10.0),
+            install: s(600.0),
             task_soft: None,
             task_hard: None,
             shutdown_grace: s(5.0),
@@ -277,6 +293,7 @@ impl Manifest {
         };
         let timeouts = Timeouts {
             init: secs("timeouts.init", &t.init, 0.001)?,
+            install: secs("timeouts.install", &t.install, 0.001)?,
             task_soft: opt("timeouts.task_soft", &t.task_soft)?,
             task_hard: opt("timeouts.task_hard", &t.task_hard)?,
             shutdown_grace: secs("timeouts.shutdown_grace", &t.shutdown_grace, 0.0)?,
@@ -296,6 +313,18 @@ impl Manifest {
             Ok(Value::Object(map)) => map,
             _ => return Err("key `settings`: must be a table of plain values".into()),
         };
+        for (i, step) in raw.install.get_ref().iter().enumerate() {
+            if step.is_empty() || step[0].trim().is_empty() {
+                return Err(err(
+                    "install",
+                    raw.install.span(),
+                    &format!(
+                        "step {} must name a program, e.g. [\"cargo\", \"build\", \"--release\"]",
+                        i + 1
+                    ),
+                ));
+            }
+        }
         let mut tests = Vec::new();
         for (i, t) in raw.tests.into_iter().enumerate() {
             let at = format!("key `tests` (entry {})", i + 1);
@@ -338,16 +367,31 @@ impl Manifest {
             timeouts,
             restart,
             settings,
+            install: raw.install.into_inner(),
         })
     }
 
     /// The program to execute: relative paths with a `/` are taken from the plugin dir.
     pub fn program(&self) -> PathBuf {
-        let prog = Path::new(&self.command[0]);
-        if prog.is_relative() && self.command[0].contains('/') {
+        self.resolve_program(&self.command[0])
+    }
+
+    /// Resolves an argv[0] the way `command` is: a relative path with a `/` is taken from the
+    /// plugin dir; a bare name is left for a `PATH` lookup.
+    pub fn resolve_program(&self, program: &str) -> PathBuf {
+        let prog = Path::new(program);
+        if prog.is_relative() && program.contains('/') {
             self.dir.join(prog)
         } else {
             prog.to_path_buf()
+        }
+    }
+
+    /// The same manifest for a copy of the plugin living in `dir`.
+    pub fn relocated(&self, dir: &Path) -> Manifest {
+        Manifest {
+            dir: dir.to_path_buf(),
+            ..self.clone()
         }
     }
 

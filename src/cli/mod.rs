@@ -1,6 +1,8 @@
 //! The command line: argument definitions, config resolution and logging setup, then one
 //! module per command group.
 
+mod daemon;
+mod install;
 mod output;
 mod plugin_test;
 pub mod plugins;
@@ -42,6 +44,9 @@ pub struct CommonArgs {
         value_name = "DIR"
     )]
     pub plugins_dir: Option<PathBuf>,
+    /// Installed plugins and their record (`state_dir`)
+    #[arg(long, env = "WORKER_STATE_DIR", global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Control socket path (`socket`)
     #[arg(long, env = "WORKER_SOCKET", global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -101,11 +106,11 @@ pub enum Commands {
     /// Submit tasks to, or cancel tasks on, a running daemon
     #[command(subcommand)]
     Task(task::TaskCommand),
-    /// Inspect plugins
+    /// Manage plugins: list, inspect, test, create, install, uninstall
     #[command(subcommand)]
     Plugins(plugins::PluginsCommand),
-    /// Make a running daemon apply the plugins directory: start new plugins, stop removed
-    /// ones, replace changed ones blue/green; unchanged plugins are not touched (also: SIGHUP)
+    /// Make a running daemon apply the install record: start newly installed plugins, stop
+    /// uninstalled ones, replace updated ones blue/green; others are not touched (also: SIGHUP)
     Reload,
 }
 
@@ -115,6 +120,9 @@ impl CommonArgs {
         let mut c = Config::load(self.config.as_deref())?;
         if let Some(v) = &self.plugins_dir {
             c.plugins_dir = v.clone();
+        }
+        if let Some(v) = &self.state_dir {
+            c.state_dir = v.clone();
         }
         if let Some(v) = &self.socket {
             c.socket = v.clone();

@@ -5,72 +5,12 @@
 
 use super::output;
 use crate::config::Config;
-use crate::manifest::{self, Expect, Manifest};
-use crate::supervisor::process;
-use anyhow::Context;
-use plugin_protocol::{
-    code, method, Frame, Id, InitializeParams, InstanceRef, Limits, LineDecoder, Message,
-    Notification, PeerInfo, Request, TaskErrorData, TaskRunParams, PROTOCOL_VERSION,
-};
+use crate::manifest::{Expect, Manifest};
+use crate::probe::Session;
+use plugin_protocol::{code, method, TaskErrorData, TaskRunParams};
 use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStdin, ChildStdout};
-
-/// A plugin process driven one request at a time.
-struct Session {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: ChildStdout,
-    decoder: LineDecoder,
-    next_id: u64,
-    reply_timeout: Duration,
-}
-
-impl Session {
-    async fn send(&mut self, msg: Message) -> anyhow::Result<()> {
-        self.stdin.write_all(&msg.to_line()).await?;
-        self.stdin.flush().await?;
-        Ok(())
-    }
-
-    /// Sends a request and waits for its response, skipping notifications and stray lines.
-    async fn call(
-        &mut self,
-        method: &str,
-        params: Value,
-    ) -> anyhow::Result<Result<Value, plugin_protocol::ErrorObject>> {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.send(Message::Request(Request::new(Id::Num(id), method, params)))
-            .await?;
-        let wait = async {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                while let Some(frame) = self.decoder.next_frame() {
-                    if let Frame::Line(line) = frame {
-                        if let Ok(Message::Response(r)) = Message::parse(&line) {
-                            if r.id == Some(Id::Num(id)) {
-                                return Ok(r.result);
-                            }
-                        }
-                    }
-                }
-                let n = self.stdout.read(&mut buf).await?;
-                if n == 0 {
-                    anyhow::bail!("the plugin closed its stdout");
-                }
-                self.decoder.extend(&buf[..n]);
-            }
-        };
-        tokio::time::timeout(self.reply_timeout, wait)
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!("no answer to `{method}` within {:?}", self.reply_timeout)
-            })?
-    }
-}
 
 struct Report {
     failures: usize,
@@ -95,22 +35,8 @@ impl Report {
     }
 }
 
-pub async fn test(config: &Config, name: &str) -> anyhow::Result<ExitCode> {
-    let dir = &config.plugins_dir;
-    let found = manifest::discover(dir)
-        .with_context(|| format!("cannot read the plugins directory {}", dir.display()))?;
-    let Some(m) = found.plugins.into_iter().find(|m| m.name == name) else {
-        if let Some(e) = found.errors.iter().find(|e| {
-            e.path
-                .parent()
-                .and_then(|p| p.file_name())
-                .is_some_and(|f| f == name)
-        }) {
-            output::line(&format!("FAIL  manifest: {e}"));
-            return Ok(ExitCode::FAILURE);
-        }
-        anyhow::bail!("no plugin named `{name}` in {}", dir.display());
-    };
+/// Tests `m` as it is (its directory must already be ready to run).
+pub async fn test_manifest(config: &Config, m: &Manifest) -> anyhow::Result<ExitCode> {
     output::line(&format!(
         "testing {} {} ({})",
         m.name,
@@ -126,33 +52,18 @@ pub async fn test(config: &Config, name: &str) -> anyhow::Result<ExitCode> {
             m.tests.len()
         )),
     );
-    let mut child = process::spawn(&m, 0)
-        .with_context(|| format!("could not start `{}`", m.program().display()))?;
-    let pid = child.id().unwrap_or(0);
-    // Its log goes where ours goes, so a failing plugin explains itself.
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let origin = process::LogOrigin {
-        plugin: m.name.clone(),
-        instance: 0,
-        pid,
+    let mut s = match Session::start(m, config.max_line_bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            report.check("start", Err(e));
+            output::line(&format!("FAILED: {} check(s)", report.failures));
+            return Ok(ExitCode::FAILURE);
+        }
     };
-    let tail = process::StderrTail::default();
-    let _pump = process::pump_stderr(stderr, origin, tail.clone());
-    let mut s = Session {
-        stdin: child.stdin.take().expect("stdin is piped"),
-        stdout: child.stdout.take().expect("stdout is piped"),
-        child,
-        decoder: LineDecoder::new(config.max_line_bytes),
-        next_id: 1,
-        reply_timeout: m.timeouts.init,
-    };
-    let outcome = run_checks(&mut s, &m, config, &mut report).await;
-    if let Err(e) = outcome {
-        report.check("session", Err(format!("{e:#}{}", tail.summary(5))));
+    if let Err(e) = run_checks(&mut s, m, config, &mut report).await {
+        report.check("session", Err(s.explain(&e)));
     }
-    // Also sweeps anything the plugin forked.
-    process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
-    let _ = s.child.wait().await;
+    drop(s);
     if report.failures == 0 {
         output::line("PASS");
         Ok(ExitCode::SUCCESS)
@@ -167,45 +78,26 @@ async fn run_checks(
     m: &Manifest,
     config: &Config,
     report: &mut Report,
-) -> anyhow::Result<()> {
-    let init = InitializeParams {
-        protocol_version: PROTOCOL_VERSION.into(),
-        worker: PeerInfo {
-            name: config.name.clone(),
-            version: crate::WORKER_VERSION.into(),
-        },
-        plugin: InstanceRef {
-            name: m.name.clone(),
-            instance: 0,
-        },
-        settings: m.settings.clone(),
-        limits: Limits {
-            max_line_bytes: config.max_line_bytes as u64,
-            concurrency: m.concurrency,
-        },
-    };
-    let reply = s
-        .call(method::INITIALIZE, serde_json::to_value(init)?)
-        .await?;
-    let handshake = crate::supervisor::handshake::check(reply, m).map(|r| {
-        let served: Vec<&str> = r.tasks.iter().map(|t| t.name.as_str()).collect();
-        format!(
-            "{} {} serves {}",
-            r.plugin.name,
-            r.plugin.version,
-            served.join(", ")
-        )
-    });
+) -> Result<(), String> {
+    let handshake = s
+        .initialize(m, &config.name, config.max_line_bytes)
+        .await
+        .map(|r| {
+            let served: Vec<&str> = r.tasks.iter().map(|t| t.name.as_str()).collect();
+            format!(
+                "{} {} serves {}",
+                r.plugin.name,
+                r.plugin.version,
+                served.join(", ")
+            )
+        });
     let handshake_ok = handshake.is_ok();
     report.check("handshake", handshake);
     if !handshake_ok {
         return Ok(());
     }
-    s.send(Message::Notification(Notification::new(
-        method::INITIALIZED,
-        json!({}),
-    )))
-    .await?;
+    let io = |e: std::io::Error| format!("cannot write to the plugin: {e}");
+    s.notify(method::INITIALIZED, json!({})).await.map_err(io)?;
 
     let unknown = s
         .call("worker.conformance.no_such_method", json!({}))
@@ -218,15 +110,16 @@ async fn run_checks(
             Ok(v) => Err(format!("got a result instead: {v}")),
         },
     );
-    s.send(Message::Notification(Notification::new(
+    s.notify(
         method::TASK_CANCEL,
         json!({"task_id": "no-such-task", "reason": "conformance"}),
-    )))
-    .await?;
+    )
+    .await
+    .map_err(io)?;
     let ping = s.call(method::PING, json!({})).await;
     report.check(
         "cancel of an unknown task is ignored, ping answered",
-        ping.map(|_| String::new()).map_err(|e| e.to_string()),
+        ping.map(|_| String::new()),
     );
 
     for (i, t) in m.tests.iter().enumerate() {
@@ -239,9 +132,8 @@ async fn run_checks(
             time_limit: Default::default(),
         };
         s.reply_timeout = m.timeouts.task_hard.unwrap_or(Duration::from_secs(60));
-        let got = s
-            .call(method::TASK_RUN, serde_json::to_value(params)?)
-            .await?;
+        let params = serde_json::to_value(params).map_err(|e| e.to_string())?;
+        let got = s.call(method::TASK_RUN, params).await?;
         let label = format!(
             "self-test {} {}({})",
             i + 1,
@@ -277,31 +169,21 @@ async fn run_checks(
         report.check(&label, verdict);
     }
 
-    s.reply_timeout = m.timeouts.shutdown_grace.max(Duration::from_millis(100));
-    let shutdown = s.call(method::SHUTDOWN, Value::Null).await;
+    let stopped = s.shutdown(m.timeouts.shutdown_grace).await;
+    let answered = stopped.is_ok()
+        || stopped
+            .as_ref()
+            .is_err_and(|e| e.starts_with("still running"));
     report.check(
         "shutdown answered",
-        shutdown.map(|_| String::new()).map_err(|e| e.to_string()),
-    );
-    s.send(Message::Notification(Notification::new(
-        method::EXIT,
-        Value::Null,
-    )))
-    .await?;
-    let exited = tokio::time::timeout(
-        m.timeouts.shutdown_grace.max(Duration::from_millis(100)),
-        s.child.wait(),
-    )
-    .await;
-    report.check(
-        "exits after `exit`",
-        match exited {
-            Ok(Ok(status)) => Ok(process::describe_exit(&status)),
-            _ => Err(format!(
-                "still running {:?} after `exit`",
-                m.timeouts.shutdown_grace
-            )),
+        if answered {
+            Ok(String::new())
+        } else {
+            stopped.clone().map(|_| String::new())
         },
     );
+    if answered {
+        report.check("exits after `exit`", stopped);
+    }
     Ok(())
 }

@@ -1,9 +1,13 @@
-//! `worker plugins list`: what is in the plugins directory and, when a daemon answers on the
-//! control socket, how each plugin's instances are doing right now.
+//! `worker plugins list|inspect|test|create|install|uninstall` and `worker reload`: what is
+//! installed and available, and, when a daemon answers on the control socket, how each
+//! installed plugin's instances are doing right now.
 
+use super::daemon;
 use super::output;
 use crate::config::Config;
-use crate::control::{Client, StatusReport};
+use crate::control::Client;
+use crate::install::registry::{Installed, StateDir};
+use crate::install::{tree, version, Change};
 use crate::manifest::{self, Manifest};
 use crate::supervisor::status::{InstanceStatus, PluginStatus};
 use anyhow::Context;
@@ -14,7 +18,8 @@ use std::process::ExitCode;
 
 #[derive(Debug, Subcommand)]
 pub enum PluginsCommand {
-    /// List plugins, with live instance state from a running daemon
+    /// List installed plugins (with live instance state from a running daemon) and the
+    /// plugins available in the plugins directory
     List {
         /// Machine-readable output (stable; see README)
         #[arg(long)]
@@ -26,10 +31,35 @@ pub enum PluginsCommand {
         #[arg(long, value_enum, default_value = "python")]
         lang: super::scaffold::Lang,
     },
+    /// Install plugins from the plugins directory (none named = all available): copy, run
+    /// their install steps, handshake, record, and start them in a running daemon
+    Install {
+        names: Vec<String>,
+        /// Allow a downgrade, or reinstalling an installed version with different files
+        #[arg(long)]
+        force: bool,
+    },
+    /// Uninstall installed plugins by exact name: a running daemon drains and stops them,
+    /// then their installed copies are deleted
+    Uninstall {
+        names: Vec<String>,
+        /// Every installed plugin
+        #[arg(long)]
+        all: bool,
+        /// Do not ask for confirmation
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
     /// Start a plugin alone and check it: handshake, protocol conformance, its manifest's
     /// [[tests]], shutdown. Exit code 0 = pass
-    Test { name: String },
-    /// One plugin in detail: manifest, tasks, instances, recent exits, last stderr lines
+    Test {
+        name: String,
+        /// Test the installed copy instead of the source in the plugins directory
+        #[arg(long)]
+        installed: bool,
+    },
+    /// One plugin in detail: manifest, tasks, install record, instances, recent exits, last
+    /// stderr lines
     Inspect {
         name: String,
         #[arg(long)]
@@ -37,60 +67,139 @@ pub enum PluginsCommand {
     },
 }
 
+/// An installed plugin in `list`.
 #[derive(Debug, Serialize)]
-struct Entry<'a> {
-    name: &'a str,
-    version: &'a str,
-    description: &'a str,
-    dir: String,
-    tasks: Vec<&'a str>,
+struct InstalledEntry<'a> {
+    #[serde(flatten)]
+    record: &'a Installed,
+    description: String,
     instances: u32,
     concurrency: u32,
     /// Live status, when a daemon runs this plugin.
     live: Option<&'a PluginStatus>,
 }
 
+/// A plugin in the plugins directory in `list`.
+#[derive(Debug, Serialize)]
+struct AvailableEntry<'a> {
+    name: &'a str,
+    version: &'a str,
+    description: &'a str,
+    dir: String,
+    tasks: Vec<&'a str>,
+    /// `not-installed`, `installed`, `update-available`, `older-than-installed`, `modified`.
+    status: &'static str,
+    installed_version: Option<&'a str>,
+}
+
 pub async fn plugins(config: Config, cmd: PluginsCommand) -> anyhow::Result<ExitCode> {
-    let json = match cmd {
-        PluginsCommand::List { json } => json,
-        PluginsCommand::Inspect { name, json } => return inspect(&config, &name, json).await,
-        PluginsCommand::Test { name } => return super::plugin_test::test(&config, &name).await,
-        PluginsCommand::Create { name, lang } => {
-            return super::scaffold::create(&config, &name, lang)
+    match cmd {
+        PluginsCommand::List { json } => list(&config, json).await,
+        PluginsCommand::Inspect { name, json } => inspect(&config, &name, json).await,
+        PluginsCommand::Test { name, installed } => test(&config, &name, installed).await,
+        PluginsCommand::Create { name, lang } => super::scaffold::create(&config, &name, lang),
+        PluginsCommand::Install { names, force } => {
+            super::install::install(&config, &names, force).await
         }
-    };
+        PluginsCommand::Uninstall { names, all, yes } => {
+            super::install::uninstall(&config, &names, all, yes).await
+        }
+    }
+}
+
+fn discover_available(config: &Config) -> anyhow::Result<manifest::Discovery> {
     let dir = &config.plugins_dir;
-    let found = manifest::discover(dir).with_context(|| {
+    manifest::discover(dir).with_context(|| {
         format!(
             "cannot read the plugins directory {} (set --plugins or `plugins_dir`)",
             dir.display()
         )
-    })?;
-    let live = live_status(&config).await;
-    let status_of = |m: &Manifest| {
+    })
+}
+
+/// `worker plugins list`: Installed, then Available.
+async fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let state = StateDir::new(&config.state_dir);
+    let record = state.read().map_err(anyhow::Error::msg)?;
+    let installed_found = state.discover().map_err(anyhow::Error::msg)?;
+    // A missing plugins directory only empties the Available section.
+    let available = discover_available(config);
+    let live = daemon::status(config).await;
+    let status_of = |name: &str| {
         live.as_ref()
-            .and_then(|r| r.plugins.iter().find(|p| p.name == m.name))
+            .and_then(|r| r.plugins.iter().find(|p| p.name == name))
     };
-    let entries: Vec<Entry> = found
+    let installed: Vec<InstalledEntry> = record
         .plugins
         .iter()
-        .map(|m| Entry {
-            name: &m.name,
-            version: &m.version,
-            description: &m.description,
-            dir: m.dir.display().to_string(),
-            tasks: m.task_names().collect(),
-            instances: m.instances,
-            concurrency: m.concurrency,
-            live: status_of(m),
+        .map(|r| {
+            let m = installed_found.plugins.iter().find(|m| m.name == r.name);
+            InstalledEntry {
+                record: r,
+                description: m.map(|m| m.description.clone()).unwrap_or_default(),
+                instances: m.map_or(0, |m| m.instances),
+                concurrency: m.map_or(0, |m| m.concurrency),
+                live: status_of(&r.name),
+            }
         })
         .collect();
+    let (available_plugins, available_errors) = match &available {
+        Ok(found) => (found.plugins.as_slice(), found.errors.as_slice()),
+        Err(_) => (&[][..], &[][..]),
+    };
+    let available_entries: Vec<AvailableEntry> = available_plugins
+        .iter()
+        .map(|m| {
+            let rec = record.get(&m.name);
+            let status = match rec {
+                None => Change::NotInstalled,
+                Some(r) => {
+                    // The files only matter when the versions are equal.
+                    let same = version::compare(&m.version, &r.version).is_eq();
+                    let content = if same {
+                        tree::digest(&m.dir).unwrap_or_default()
+                    } else {
+                        String::new()
+                    };
+                    Change::of(Some(r), &m.version, &content)
+                }
+            };
+            AvailableEntry {
+                name: &m.name,
+                version: &m.version,
+                description: &m.description,
+                dir: m.dir.display().to_string(),
+                tasks: m.task_names().collect(),
+                status: status.label(),
+                installed_version: rec.map(|r| r.version.as_str()),
+            }
+        })
+        .collect();
+    // Plugins the daemon runs that the record no longer names (it has not reloaded yet).
+    let stale: Vec<&str> = live
+        .iter()
+        .flat_map(|r| &r.plugins)
+        .filter(|p| record.get(&p.name).is_none())
+        .map(|p| p.name.as_str())
+        .collect();
     if json {
+        let mut errors: Vec<_> = installed_found
+            .errors
+            .iter()
+            .chain(available_errors)
+            .map(|e| json!({"path": e.path.display().to_string(), "message": e.message}))
+            .collect();
+        if let Err(e) = &available {
+            errors.push(json!({"path": config.plugins_dir.display().to_string(), "message": format!("{e:#}")}));
+        }
         let doc = json!({
-            "plugins_dir": dir.display().to_string(),
+            "plugins_dir": config.plugins_dir.display().to_string(),
+            "state_dir": config.state_dir.display().to_string(),
             "daemon": live.as_ref().map(|r| &r.worker),
-            "plugins": entries,
-            "errors": found.errors.iter().map(|e| json!({"path": e.path.display().to_string(), "message": e.message})).collect::<Vec<_>>(),
+            "installed": installed,
+            "available": available_entries,
+            "not_installed_but_running": stale,
+            "errors": errors,
         });
         output::line(&serde_json::to_string_pretty(&doc)?);
         return Ok(ExitCode::SUCCESS);
@@ -105,23 +214,26 @@ pub async fn plugins(config: Config, cmd: PluginsCommand) -> anyhow::Result<Exit
             config.socket.display()
         )),
     }
-    output::line(&format!("plugins in {}:", dir.display()));
-    if entries.is_empty() && found.errors.is_empty() {
-        output::line("  (none)");
+    output::line(&format!("Installed ({}):", config.state_dir.display()));
+    if installed.is_empty() {
+        output::line("  (none; `worker plugins install NAME` installs from the plugins directory)");
     }
-    for e in &entries {
-        let state = e
-            .live
-            .map(|p| p.state.to_string())
-            .unwrap_or_else(|| "not running".into());
+    for e in &installed {
+        let state = match (&live, e.live) {
+            (_, Some(p)) => p.state.to_string(),
+            (Some(_), None) => "not running (run `worker reload`)".into(),
+            (None, None) => "no daemon".into(),
+        };
+        let tasks: Vec<&str> = e.record.tasks.iter().map(|t| t.name.as_str()).collect();
         output::line(&format!(
-            "  {} {}  [{}]  {} instance(s) x {} concurrent  tasks: {}",
-            e.name,
-            e.version,
+            "  {} {}  [{}]  {} instance(s) x {} concurrent  tasks: {}  installed {}",
+            e.record.name,
+            e.record.version,
             state,
             e.instances,
             e.concurrency,
-            e.tasks.join(", ")
+            tasks.join(", "),
+            e.record.installed_at
         ));
         if let Some(p) = e.live {
             if let crate::supervisor::status::PluginState::Failed(reason) = &p.state {
@@ -132,20 +244,96 @@ pub async fn plugins(config: Config, cmd: PluginsCommand) -> anyhow::Result<Exit
             }
         }
     }
-    for err in &found.errors {
+    for err in &installed_found.errors {
+        output::line(&format!("  BROKEN {}: {}", err.path.display(), err.message));
+    }
+    for name in &stale {
+        output::line(&format!(
+            "  {name}: still running in the daemon but no longer installed (run `worker reload`)"
+        ));
+    }
+    output::line(&format!("Available ({}):", config.plugins_dir.display()));
+    if let Err(e) = &available {
+        output::line(&format!("  {e:#}"));
+    } else if available_entries.is_empty() && available_errors.is_empty() {
+        output::line("  (none)");
+    }
+    for a in &available_entries {
+        let mark = match (a.status, a.installed_version) {
+            ("update-available", Some(v)) => format!("update available (installed: {v})"),
+            ("older-than-installed", Some(v)) => format!("older than installed {v}"),
+            ("modified", _) => "modified since installed (same version, different files)".into(),
+            ("installed", _) => "installed".into(),
+            _ => "not installed".into(),
+        };
+        output::line(&format!(
+            "  {} {}  [{mark}]  tasks: {}",
+            a.name,
+            a.version,
+            a.tasks.join(", ")
+        ));
+    }
+    for err in available_errors {
         output::line(&format!("  BROKEN {}: {}", err.path.display(), err.message));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn live_status(config: &Config) -> Option<StatusReport> {
-    let mut client = Client::connect(&config.socket).await.ok()?;
-    let reply = client
-        .call("plugins.status", json!({}), |_| {})
-        .await
-        .ok()?
-        .ok()?;
-    serde_json::from_value(reply).ok()
+/// `worker plugins test NAME`: the source as `install` would install it (install steps run in
+/// a scratch copy first), or with `--installed` the installed copy.
+async fn test(config: &Config, name: &str, installed: bool) -> anyhow::Result<ExitCode> {
+    if installed {
+        let state = StateDir::new(&config.state_dir);
+        let found = state.discover().map_err(anyhow::Error::msg)?;
+        let Some(m) = found.plugins.iter().find(|m| m.name == name) else {
+            let root = state.plugin_root(name);
+            if let Some(e) = found.errors.iter().find(|e| e.path.starts_with(&root)) {
+                output::line(&format!("FAIL  manifest: {e}"));
+                return Ok(ExitCode::FAILURE);
+            }
+            anyhow::bail!("no installed plugin named `{name}` (see `worker plugins list`)");
+        };
+        return super::plugin_test::test_manifest(config, m).await;
+    }
+    let found = discover_available(config)?;
+    let Some(m) = found.plugins.iter().find(|m| m.name == name) else {
+        if let Some(e) = found.error_for(name) {
+            output::line(&format!("FAIL  manifest: {e}"));
+            return Ok(ExitCode::FAILURE);
+        }
+        anyhow::bail!(
+            "no plugin named `{name}` in {}",
+            config.plugins_dir.display()
+        );
+    };
+    if m.install.is_empty() {
+        return super::plugin_test::test_manifest(config, m).await;
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("worker-test-{name}-"))
+        .tempdir()?;
+    let copy = scratch.path().join(name);
+    output::line(&format!(
+        "running {} install step(s) in a scratch copy ({})",
+        m.install.len(),
+        copy.display()
+    ));
+    if let Err(e) = tree::copy(&m.dir, &copy) {
+        output::line(&format!("FAIL  copy: {e}"));
+        return Ok(ExitCode::FAILURE);
+    }
+    let staged = m.relocated(&copy);
+    let log_path = scratch.path().join("install.log");
+    let mut log = std::fs::File::create(&log_path)?;
+    if let Err(f) = crate::install::steps::run(&staged, &m.dir, &mut log).await {
+        output::line(&format!(
+            "FAIL  install step {} (`{}`): {f}",
+            f.step,
+            f.argv.join(" ")
+        ));
+        return Ok(ExitCode::FAILURE);
+    }
+    super::plugin_test::test_manifest(config, &staged).await
 }
 
 fn instance_line(i: &InstanceStatus) -> String {
@@ -204,39 +392,57 @@ pub async fn reload(config: Config) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// `worker plugins inspect NAME`.
+/// `worker plugins inspect NAME`: the installed plugin (manifest of the installed copy, the
+/// install record, live instances), or the available one when it is not installed.
 async fn inspect(config: &Config, name: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let dir = &config.plugins_dir;
-    let found = manifest::discover(dir).with_context(|| {
-        format!(
-            "cannot read the plugins directory {} (set --plugins or `plugins_dir`)",
-            dir.display()
-        )
-    })?;
-    let Some(m) = found.plugins.iter().find(|m| m.name == name) else {
-        let broken = found.errors.iter().find(|e| {
-            e.path
-                .parent()
-                .and_then(|p| p.file_name())
-                .is_some_and(|f| f == name)
-        });
-        match broken {
-            Some(e) => anyhow::bail!("plugin `{name}` has a broken manifest: {e}"),
-            None => anyhow::bail!("no plugin named `{name}` in {}", dir.display()),
+    let state = StateDir::new(&config.state_dir);
+    let record = state.read().map_err(anyhow::Error::msg)?;
+    let installed = record.get(name);
+    let m: Manifest = match installed {
+        Some(r) => Manifest::load(&r.dir).map_err(|e| {
+            anyhow::anyhow!("installed plugin `{name}` has a broken copy: {e}; reinstall it with `worker plugins install {name} --force`")
+        })?,
+        None => {
+            let found = discover_available(config)?;
+            match found.plugins.iter().find(|m| m.name == name) {
+                Some(m) => m.clone(),
+                None => match found.error_for(name) {
+                    Some(e) => anyhow::bail!("plugin `{name}` has a broken manifest: {e}"),
+                    None => anyhow::bail!(
+                        "no plugin named `{name}` is installed or in {}",
+                        config.plugins_dir.display()
+                    ),
+                },
+            }
         }
     };
-    let live = live_status(config).await;
+    let live = daemon::status(config).await;
     let status = live
         .as_ref()
         .and_then(|r| r.plugins.iter().find(|p| p.name == name));
+    // Params come from the manifest, else from what the plugin said at its install handshake.
+    let tasks: Vec<serde_json::Value> = m
+        .tasks
+        .iter()
+        .map(|t| {
+            let reported = installed.and_then(|r| r.tasks.iter().find(|i| i.name == t.name));
+            json!({
+                "name": t.name,
+                "description": t.description.clone().or_else(|| reported.and_then(|r| r.description.clone())),
+                "params": t.params.clone().or_else(|| reported.and_then(|r| r.params.clone())),
+            })
+        })
+        .collect();
     if json {
         let doc = json!({
             "name": m.name, "version": m.version, "description": m.description,
             "dir": m.dir.display().to_string(), "command": m.command, "env": m.env,
-            "tasks": m.tasks.iter().map(|t| json!({"name": t.name, "description": t.description})).collect::<Vec<_>>(),
+            "install_steps": m.install,
+            "tasks": tasks,
             "instances": m.instances, "concurrency": m.concurrency, "max_attempts": m.max_attempts,
             "timeouts": {
-                "init": m.timeouts.init.as_secs_f64(), "task_soft": m.timeouts.task_soft.map(|d| d.as_secs_f64()),
+                "init": m.timeouts.init.as_secs_f64(), "install": m.timeouts.install.as_secs_f64(),
+                "task_soft": m.timeouts.task_soft.map(|d| d.as_secs_f64()),
                 "task_hard": m.timeouts.task_hard.map(|d| d.as_secs_f64()), "shutdown_grace": m.timeouts.shutdown_grace.as_secs_f64(),
                 "cancel_grace": m.timeouts.cancel_grace.as_secs_f64(), "ping_interval": m.timeouts.ping_interval.as_secs_f64(),
                 "ping_timeout": m.timeouts.ping_timeout.as_secs_f64(),
@@ -247,6 +453,7 @@ async fn inspect(config: &Config, name: &str, json: bool) -> anyhow::Result<Exit
                 "stable_after": m.restart.stable_after.as_secs_f64(),
             },
             "settings": m.settings,
+            "installed": installed,
             "live": status,
         });
         output::line(&serde_json::to_string_pretty(&doc)?);
@@ -256,21 +463,37 @@ async fn inspect(config: &Config, name: &str, json: bool) -> anyhow::Result<Exit
     if !m.description.is_empty() {
         output::line(&format!("  {}", m.description));
     }
+    match installed {
+        Some(r) => output::line(&format!(
+            "  installed {} from {}\n  manifest sha256 {}\n  content sha256 {}",
+            r.installed_at,
+            r.source.display(),
+            r.manifest_sha256,
+            r.content_sha256
+        )),
+        None => output::line("  not installed (this is the source in the plugins directory)"),
+    }
     output::line(&format!("  command: {}", m.command.join(" ")));
+    for (i, step) in m.install.iter().enumerate() {
+        output::line(&format!("  install step {}: {}", i + 1, step.join(" ")));
+    }
     output::line(&format!(
         "  {} instance(s) x {} concurrent, max_attempts {}",
         m.instances, m.concurrency, m.max_attempts
     ));
     output::line("  tasks:");
-    for t in &m.tasks {
+    for t in &tasks {
         output::line(&format!(
             "    {}{}",
-            t.name,
-            t.description
-                .as_deref()
+            t["name"].as_str().unwrap_or_default(),
+            t["description"]
+                .as_str()
                 .map(|d| format!(" - {d}"))
                 .unwrap_or_default()
         ));
+        if !t["params"].is_null() {
+            output::line(&format!("      params: {}", t["params"]));
+        }
     }
     match status {
         None => output::line(&format!(

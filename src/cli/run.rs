@@ -1,10 +1,13 @@
 //! `worker run NAME [ARGS...]`: one task, no daemon. Starts only the plugin that serves NAME
-//! (one instance), so a broken or unbuilt other plugin cannot get in the way.
+//! (one instance), so a broken or unbuilt other plugin cannot get in the way: its installed
+//! copy if it is installed, else its source in the plugins directory (when that needs no
+//! install steps).
 
 use super::output;
 use super::serve::pool_options;
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
+use crate::install::registry::StateDir;
 use crate::manifest;
 use crate::supervisor::Supervisor;
 use crate::task::{Outcome, TaskRequest};
@@ -27,34 +30,13 @@ pub struct RunArgs {
 }
 
 pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
-    let dir = &config.plugins_dir;
-    let found = manifest::discover(dir).with_context(|| {
-        format!(
-            "cannot read the plugins directory {} (set --plugins or `plugins_dir`)",
-            dir.display()
-        )
-    })?;
-    let Some(mut plugin) = found
-        .plugins
-        .iter()
-        .find(|m| m.task_names().any(|t| t == args.name))
-        .cloned()
-    else {
-        let known: Vec<&str> = found.plugins.iter().flat_map(|m| m.task_names()).collect();
-        let mut msg = format!(
-            "no plugin in {} serves task `{}`; known tasks: {}",
-            dir.display(),
-            args.name,
-            if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            }
-        );
-        for e in &found.errors {
-            msg.push_str(&format!("\n  (skipped a broken plugin: {e})"));
-        }
-        anyhow::bail!(msg);
+    let installed = StateDir::new(&config.state_dir)
+        .discover()
+        .map_err(anyhow::Error::msg)?;
+    let serves = |m: &manifest::Manifest| m.task_names().any(|t| t == args.name);
+    let mut plugin = match installed.plugins.iter().find(|m| serves(m)) {
+        Some(m) => m.clone(),
+        None => from_source(&config, &args.name, &installed)?,
     };
     plugin.instances = 1;
     let request = TaskRequest::new(
@@ -97,4 +79,52 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
             ExitCode::FAILURE
         }
     })
+}
+
+/// The uninstalled plugin in the plugins directory that serves `task`, runnable as it is.
+fn from_source(
+    config: &Config,
+    task: &str,
+    installed: &manifest::Discovery,
+) -> anyhow::Result<manifest::Manifest> {
+    let dir = &config.plugins_dir;
+    let found = manifest::discover(dir).with_context(|| {
+        format!(
+            "cannot read the plugins directory {} (set --plugins or `plugins_dir`)",
+            dir.display()
+        )
+    })?;
+    if let Some(m) = found
+        .plugins
+        .iter()
+        .find(|m| m.task_names().any(|t| t == task))
+    {
+        if !m.install.is_empty() {
+            anyhow::bail!(
+                "plugin `{}` (serving `{task}`) is not installed and has install steps; install it first: worker plugins install {}",
+                m.name,
+                m.name
+            );
+        }
+        return Ok(m.clone());
+    }
+    let known: Vec<&str> = installed
+        .plugins
+        .iter()
+        .chain(&found.plugins)
+        .flat_map(|m| m.task_names())
+        .collect();
+    let mut msg = format!(
+        "no plugin installed or in {} serves task `{task}`; known tasks: {}",
+        dir.display(),
+        if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        }
+    );
+    for e in installed.errors.iter().chain(&found.errors) {
+        msg.push_str(&format!("\n  (skipped a broken plugin: {e})"));
+    }
+    anyhow::bail!(msg)
 }

@@ -50,28 +50,26 @@ pub fn create(config: &Config, name: &str, lang: Lang) -> anyhow::Result<ExitCod
         output::line(&format!("  {}", Path::new(name).join(file).display()));
     }
     let next = match lang {
-        Lang::Rust => format!(
-            "build it (cd {} && cargo build --release), then: worker plugins test {name}",
-            dir.display()
-        ),
-        _ => format!("try it: worker plugins test {name}"),
+        _ => format!("try it: worker plugins test {name}, then: worker plugins install {name}"),
     };
     output::line(&next);
     Ok(ExitCode::SUCCESS)
 }
 
-fn manifest(name: &str, task: &str, command: &str) -> String {
+fn manifest(name: &str, task: &str, command: &str, install: &str) -> String {
     format!(
         r#"name = "{name}"
 version = "0.1.0"
 description = "{name}: describe what it does"
 command = {command}
+{install}
 instances = 1
 concurrency = 4
 
 [[tasks]]
 name = "{task}"
 description = "Greets someone"
+params = {{ who = "string: whom to greet (default: world)" }}
 
 # Self-tests for `worker plugins test {name}`.
 [[tests]]
@@ -85,7 +83,8 @@ expect = "hello, world"
 fn readme(name: &str, task: &str, how: &str) -> String {
     format!(
         "# {name}\n\nA `worker` plugin. Its task `{task}` greets its first argument.\n\n{how}\n\n\
-         - Check it: `worker plugins test {name}` (handshake, protocol conformance, the `[[tests]]` in plugin.toml).\n\
+         - Check it: `worker plugins test {name}` (runs the install steps in a scratch copy, then the handshake, protocol conformance and the `[[tests]]` in plugin.toml).\n\
+         - Install it: `worker plugins install {name}` (a running daemon starts it; bump `version` for each update).\n\
          - Run it once: `worker run {task} world`.\n\
          - Add a task: write the handler, declare it under `[[tasks]]` in plugin.toml, add a `[[tests]]` entry.\n\
          - Log to stderr, never stdout: stdout carries the protocol.\n"
@@ -114,16 +113,30 @@ if __name__ == "__main__":
     vec![
         (
             "plugin.toml".into(),
-            manifest(name, task, r#"["/usr/bin/python3", "main.py"]"#),
+            manifest(
+                name,
+                task,
+                r#"[".venv/bin/python", "-u", "main.py"]"#,
+                r#"# Run by `worker plugins install` in the installed copy: the plugin's own virtualenv
+# with requirements.txt, so its dependencies never meet the worker's or another plugin's.
+install = [
+  ["/usr/bin/python3", "-m", "venv", ".venv"],
+  [".venv/bin/python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", "requirements.txt"],
+]"#,
+            ),
         ),
         ("main.py".into(), main),
+        (
+            "requirements.txt".into(),
+            "# This plugin's own dependencies, one per line (installed into its .venv).\n".into(),
+        ),
         ("worker_plugin.py".into(), PYTHON_SDK.to_string()),
         (
             "README.md".into(),
             readme(
                 name,
                 task,
-                "Python, standard library only; `worker_plugin.py` is the SDK.",
+                "Python; `worker_plugin.py` is the SDK. Dependencies go in requirements.txt: install gives the plugin its own .venv.",
             ),
         ),
     ]
@@ -181,7 +194,13 @@ readline.createInterface({{ input: process.stdin }}).on('line', (line) => {{
     vec![
         (
             "plugin.toml".into(),
-            manifest(name, task, r#"["/usr/bin/node", "main.js"]"#),
+            manifest(
+                name,
+                task,
+                r#"["/usr/bin/node", "main.js"]"#,
+                r#"# No dependencies yet. With a package.json and package-lock.json, add:
+# install = [["npm", "ci", "--omit=dev"]]"#,
+            ),
         ),
         ("main.js".into(), main),
         (
@@ -234,7 +253,12 @@ fn main() {{
     vec![
         (
             "plugin.toml".into(),
-            manifest(name, task, &format!("[\"target/release/{crate_name}\"]")),
+            manifest(
+                name,
+                task,
+                &format!("[\"target/release/{crate_name}\"]"),
+                "# Run by `worker plugins install` (and `worker plugins test`) in a copy of this directory.\ninstall = [[\"cargo\", \"build\", \"--release\", \"--quiet\"]]",
+            ),
         ),
         ("Cargo.toml".into(), cargo),
         ("src/main.rs".into(), main),
@@ -243,7 +267,7 @@ fn main() {{
             readme(
                 name,
                 task,
-                "Rust, with the `plugin-protocol` SDK. Build with `cargo build --release` first.",
+                "Rust, with the `plugin-protocol` SDK. Install builds it with `cargo build --release`.",
             ),
         ),
     ]

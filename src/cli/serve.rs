@@ -4,6 +4,7 @@
 use crate::config::Config;
 use crate::control::{self, WorkerInfo};
 use crate::dispatch::Dispatcher;
+use crate::install::registry::StateDir;
 use crate::manifest;
 use crate::source::amqp::{AmqpOptions, AmqpSource, Declare};
 use crate::supervisor::pool::PoolOptions;
@@ -23,17 +24,19 @@ pub fn pool_options(config: &Config) -> PoolOptions {
     }
 }
 
-/// Loads the plugins directory, logging (not failing on) broken manifests.
+/// The installed plugins (see `install::registry`), logging (not failing on) broken ones.
 pub fn load_plugins(config: &Config) -> anyhow::Result<Vec<manifest::Manifest>> {
-    let dir = &config.plugins_dir;
-    let found = manifest::discover(dir).with_context(|| {
-        format!(
-            "cannot read the plugins directory {} (set --plugins or `plugins_dir`)",
-            dir.display()
-        )
-    })?;
+    let state = StateDir::new(&config.state_dir);
+    let found = state.discover().map_err(anyhow::Error::msg)?;
     for e in &found.errors {
         tracing::error!("plugin skipped: {e}");
+    }
+    if found.plugins.is_empty() && found.errors.is_empty() {
+        tracing::warn!(
+            "no plugins installed in {}; install some with `worker plugins install` (available: {})",
+            config.state_dir.display(),
+            config.plugins_dir.display()
+        );
     }
     Ok(found.plugins)
 }
@@ -56,9 +59,10 @@ pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         name: config.name.clone(),
         version: crate::WORKER_VERSION.into(),
         pid: std::process::id(),
+        state_dir: config.state_dir.clone(),
     };
     let reload = control::ReloadSettings {
-        plugins_dir: config.plugins_dir.clone(),
+        state: StateDir::new(&config.state_dir),
         drain: config.drain_timeout(),
     };
     let server = tokio::spawn(control::serve(
@@ -112,8 +116,8 @@ pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
             _ = interrupt.recv() => { tracing::info!("SIGINT received"); break }
             _ = remote_shutdown.cancelled() => { tracing::info!("remote control shutdown received"); break }
             _ = hangup.recv() => {
-                tracing::info!("SIGHUP received: reloading plugins from {}", reload.plugins_dir.display());
-                if let Err(e) = supervisor.reload_dir(&reload.plugins_dir, reload.drain).await {
+                tracing::info!("SIGHUP received: reloading the plugins installed in {}", reload.state.root().display());
+                if let Err(e) = supervisor.reload_installed(&reload.state, reload.drain, false).await {
                     tracing::error!("reload failed: {e}");
                 }
             }

@@ -73,15 +73,15 @@ impl Supervisor {
         }
     }
 
-    /// Reads the plugins directory again and applies it (see [`Supervisor::reload`]). Broken
-    /// manifests are reported and leave their plugin as it was.
-    pub async fn reload_dir(
+    /// Reads the install record again and applies it (see [`Supervisor::reload`]). Installed
+    /// plugins whose copy is missing or broken are reported and left as they were.
+    pub async fn reload_installed(
         &self,
-        dir: &std::path::Path,
+        state: &crate::install::registry::StateDir,
         drain: Duration,
+        wait: bool,
     ) -> Result<ReloadReport, String> {
-        let found = crate::manifest::discover(dir)
-            .map_err(|e| format!("cannot read the plugins directory {}: {e}", dir.display()))?;
+        let found = state.discover()?;
         let mut manifests = found.plugins;
         let mut broken = Vec::new();
         for e in &found.errors {
@@ -96,15 +96,21 @@ impl Supervisor {
             }
             broken.push((e.path.display().to_string(), e.message.clone()));
         }
-        let mut report = self.reload(manifests, drain).await;
+        let mut report = self.reload(manifests, drain, wait).await;
         report.failed.extend(broken);
         Ok(report)
     }
 
     /// Applies a new set of manifests without touching unchanged plugins: new ones start,
     /// removed ones drain and stop, and a changed one is replaced blue/green (the new pool must
-    /// become ready before tasks go to it; then the old pool drains for up to `drain`).
-    pub async fn reload(&self, manifests: Vec<Manifest>, drain: Duration) -> ReloadReport {
+    /// become ready before tasks go to it; then the old pool drains for up to `drain`). With
+    /// `wait`, returns only once the retired pools have stopped, so their files may go.
+    pub async fn reload(
+        &self,
+        manifests: Vec<Manifest>,
+        drain: Duration,
+        wait: bool,
+    ) -> ReloadReport {
         let _one_at_a_time = self.reloading.lock().await;
         let current = self.routes();
         let mut report = ReloadReport::default();
@@ -172,14 +178,22 @@ impl Supervisor {
             }
         }
         *self.routes.write().expect("route lock poisoned") = Arc::new(next);
-        for old in retired {
-            let task = tokio::spawn(async move { old.stop(drain).await });
+        tracing::info!(?report, "plugins reloaded");
+        let stops: Vec<JoinHandle<()>> = retired
+            .into_iter()
+            .map(|old| tokio::spawn(async move { old.stop(drain).await }))
+            .collect();
+        if wait {
+            for stop in stops {
+                let _ = stop.await;
+            }
+            tracing::info!("replaced and removed plugins have stopped");
+        } else {
             self.tasks
                 .lock()
                 .expect("task list lock poisoned")
-                .push(task);
+                .extend(stops);
         }
-        tracing::info!(?report, "plugins reloaded");
         report
     }
 

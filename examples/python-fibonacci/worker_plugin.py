@@ -1,0 +1,1 @@
+../../plugin-protocol/python/worker_plugin.py

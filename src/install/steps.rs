@@ -1,0 +1,231 @@
+//! Runs a plugin's install steps (`install = [[...], ...]` in `plugin.toml`) in its installed
+//! copy's directory.
+//!
+//! Each step is a child process in its own process group, with the worker's environment plus
+//! the manifest's `env` and `WORKER_PLUGIN_NAME`, `WORKER_PLUGIN_DIR` (the copy) and
+//! `WORKER_PLUGIN_SOURCE` (where it was copied from). Its stdout and stderr go to the install
+//! log; the last lines are kept for the error message. A step that runs past
+//! `timeouts.install` is killed with its whole group, and so is anything a finished step
+//! left running.
+
+use crate::manifest::Manifest;
+use crate::supervisor::process::{describe_exit, signal_group};
+use nix::sys::signal::Signal;
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::Path;
+use std::process::Stdio;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+/// Lines of a failed step's output quoted in its error.
+const TAIL_LINES: usize = 15;
+
+/// Why a step failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepFailure {
+    /// 1-based.
+    pub step: usize,
+    pub argv: Vec<String>,
+    pub reason: String,
+    /// Its last output lines.
+    pub tail: Vec<String>,
+}
+
+impl std::fmt::Display for StepFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.reason)?;
+        for line in &self.tail {
+            write!(f, "\n    | {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs every step of `m` (already relocated to its copy) in order; stops at the first that
+/// fails. `log` receives each step's command line and output.
+pub async fn run(m: &Manifest, source: &Path, log: &mut impl Write) -> Result<(), StepFailure> {
+    for (i, argv) in m.install.iter().enumerate() {
+        let _ = writeln!(log, "$ {}", argv.join(" "));
+        let fail = |reason: String, tail: Vec<String>| StepFailure {
+            step: i + 1,
+            argv: argv.clone(),
+            reason,
+            tail,
+        };
+        let program = m.resolve_program(&argv[0]);
+        let mut child = Command::new(&program)
+            .args(&argv[1..])
+            .current_dir(&m.dir)
+            .envs(&m.env)
+            .env("WORKER_PLUGIN_NAME", &m.name)
+            .env("WORKER_PLUGIN_DIR", &m.dir)
+            .env("WORKER_PLUGIN_SOURCE", source)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| fail(format!("cannot start `{}`: {e}", program.display()), vec![]))?;
+        let pid = child.id().unwrap_or(0);
+        let (tx, mut lines) = mpsc::unbounded_channel();
+        let pumps = [
+            tokio::spawn(pump(child.stdout.take(), tx.clone())),
+            tokio::spawn(pump(child.stderr.take(), tx)),
+        ];
+        let mut tail = VecDeque::new();
+        let deadline = tokio::time::sleep(m.timeouts.install);
+        tokio::pin!(deadline);
+        let mut keep = |line: String| {
+            let _ = writeln!(log, "{line}");
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        };
+        let status = loop {
+            tokio::select! {
+                Some(line) = lines.recv() => keep(line),
+                status = child.wait() => break Some(status),
+                _ = &mut deadline => break None,
+            }
+        };
+        // Whatever the step left running is not part of the plugin; its group goes, which
+        // also closes the pipes it may have inherited.
+        signal_group(pid, Signal::SIGKILL);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while let Some(line) = lines.recv().await {
+                keep(line);
+            }
+        })
+        .await;
+        for p in pumps {
+            p.abort();
+        }
+        let timed_out = status.is_none();
+        let status = match status {
+            Some(s) => s,
+            None => child.wait().await,
+        };
+        let tail: Vec<String> = tail.into();
+        if timed_out {
+            return Err(fail(
+                format!(
+                    "timed out after {:?} (timeouts.install) and was killed",
+                    m.timeouts.install
+                ),
+                tail,
+            ));
+        }
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => return Err(fail(describe_exit(&s), tail)),
+            Err(e) => return Err(fail(format!("could not be waited for: {e}"), tail)),
+        }
+    }
+    Ok(())
+}
+
+async fn pump(pipe: Option<impl AsyncRead + Unpin>, tx: mpsc::UnboundedSender<String>) {
+    let Some(pipe) = pipe else { return };
+    let mut reader = BufReader::new(pipe);
+    let mut buf = Vec::new();
+    while let Ok(n) = reader.read_until(b'\n', &mut buf).await {
+        if n == 0 {
+            return;
+        }
+        let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+        buf.clear();
+        if tx.send(line).is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn manifest(dir: &Path, steps: &str) -> Manifest {
+        let text = format!(
+            "name = \"p\"\nversion = \"1\"\ncommand = [\"x\"]\ninstall = {steps}\n[timeouts]\ninstall = 2\n[[tasks]]\nname = \"t\"\n"
+        );
+        Manifest::parse(&text, dir).unwrap()
+    }
+
+    #[tokio::test]
+    async fn steps_run_in_order_in_the_plugin_dir_with_its_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manifest(
+            dir.path(),
+            r#"[["/bin/sh", "-c", "echo $WORKER_PLUGIN_NAME > a"], ["/bin/sh", "-c", "cat a > b; echo from $WORKER_PLUGIN_SOURCE"]]"#,
+        );
+        let mut log = Vec::new();
+        run(&m, Path::new("/the/source"), &mut log).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("b")).unwrap(),
+            "p\n"
+        );
+        let log = String::from_utf8(log).unwrap();
+        assert!(log.contains("from /the/source"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_step_is_named_with_its_status_and_last_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manifest(
+            dir.path(),
+            r#"[["/bin/true"], ["/bin/sh", "-c", "echo resolving; echo 'no matching distribution' >&2; exit 3"], ["/bin/sh", "-c", "touch never"]]"#,
+        );
+        let e = run(&m, dir.path(), &mut Vec::new()).await.unwrap_err();
+        assert_eq!(e.step, 2);
+        assert!(e.reason.contains("status 3"), "{e}");
+        assert!(
+            e.tail.iter().any(|l| l == "no matching distribution"),
+            "{e:?}"
+        );
+        assert!(!dir.path().join("never").exists(), "later steps do not run");
+
+        let m = manifest(dir.path(), r#"[["./missing-tool"]]"#);
+        let e = run(&m, dir.path(), &mut Vec::new()).await.unwrap_err();
+        assert!(
+            e.reason.contains("cannot start") && e.reason.contains("missing-tool"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hung_step_and_its_children_are_killed_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manifest(
+            dir.path(),
+            r#"[["/bin/sh", "-c", "sleep 300 & echo $! > child; wait"]]"#,
+        );
+        let e = tokio::time::timeout(
+            Duration::from_secs(30),
+            run(&m, dir.path(), &mut Vec::new()),
+        )
+        .await
+        .expect("the timeout ends the step")
+        .unwrap_err();
+        assert!(e.reason.contains("timed out"), "{e}");
+        let child: i32 = std::fs::read_to_string(dir.path().join("child"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Killed with its group (it may linger as a zombie until init reaps it).
+        let gone = || {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            stat.is_empty() || stat.contains(") Z")
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !gone() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(gone(), "the step's child still runs");
+    }
+}

@@ -1,0 +1,192 @@
+//! A plugin process driven directly, one request at a time, outside any pool: what
+//! `worker plugins test` checks and what `worker plugins install` handshakes with before a
+//! plugin counts as installed.
+
+use crate::manifest::Manifest;
+use crate::supervisor::process::{self, StderrTail};
+use plugin_protocol::{
+    method, ErrorObject, Frame, Id, InitializeParams, InitializeResult, InstanceRef, Limits,
+    LineDecoder, Message, Notification, PeerInfo, Request, PROTOCOL_VERSION,
+};
+use serde_json::Value;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+
+/// One plugin process. Dropping it kills the process group.
+pub struct Session {
+    pub child: Child,
+    pid: u32,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    decoder: LineDecoder,
+    next_id: u64,
+    /// How long `call` waits for an answer.
+    pub reply_timeout: Duration,
+    /// Its last stderr lines (they are also logged under the `plugin` target).
+    pub stderr: StderrTail,
+    _stderr_pump: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    /// Starts instance 0 of the plugin.
+    pub fn start(m: &Manifest, max_line_bytes: usize) -> Result<Session, String> {
+        let mut child = process::spawn(m, 0)
+            .map_err(|e| format!("could not start `{}`: {e}", m.program().display()))?;
+        let pid = child.id().unwrap_or(0);
+        let stderr = StderrTail::default();
+        let origin = process::LogOrigin {
+            plugin: m.name.clone(),
+            instance: 0,
+            pid,
+        };
+        let pump = process::pump_stderr(
+            child.stderr.take().expect("stderr is piped"),
+            origin,
+            stderr.clone(),
+        );
+        Ok(Session {
+            pid,
+            stdin: child.stdin.take().expect("stdin is piped"),
+            stdout: child.stdout.take().expect("stdout is piped"),
+            child,
+            decoder: LineDecoder::new(max_line_bytes),
+            next_id: 1,
+            reply_timeout: m.timeouts.init,
+            stderr,
+            _stderr_pump: pump,
+        })
+    }
+
+    pub async fn send(&mut self, msg: Message) -> std::io::Result<()> {
+        self.stdin.write_all(&msg.to_line()).await?;
+        self.stdin.flush().await
+    }
+
+    pub async fn notify(&mut self, method: &str, params: Value) -> std::io::Result<()> {
+        self.send(Message::Notification(Notification::new(method, params)))
+            .await
+    }
+
+    /// Sends a request and waits for its response, skipping notifications and stray lines.
+    pub async fn call(
+        &mut self,
+        method: &str,
+        params: Value,
+    ) -> Result<Result<Value, ErrorObject>, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(Message::Request(Request::new(Id::Num(id), method, params)))
+            .await
+            .map_err(|e| format!("cannot write to the plugin: {e}"))?;
+        let wait = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                while let Some(frame) = self.decoder.next_frame() {
+                    if let Frame::Line(line) = frame {
+                        if let Ok(Message::Response(r)) = Message::parse(&line) {
+                            if r.id == Some(Id::Num(id)) {
+                                return Ok(r.result);
+                            }
+                        }
+                    }
+                }
+                let n = self
+                    .stdout
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| format!("cannot read from the plugin: {e}"))?;
+                if n == 0 {
+                    return Err("the plugin closed its stdout".to_string());
+                }
+                self.decoder.extend(&buf[..n]);
+            }
+        };
+        tokio::time::timeout(self.reply_timeout, wait)
+            .await
+            .map_err(|_| format!("no answer to `{method}` within {:?}", self.reply_timeout))?
+    }
+
+    /// Sends `initialize` and judges the reply by the same rules the pool uses.
+    pub async fn initialize(
+        &mut self,
+        m: &Manifest,
+        worker_name: &str,
+        max_line_bytes: usize,
+    ) -> Result<InitializeResult, String> {
+        let params = InitializeParams {
+            protocol_version: PROTOCOL_VERSION.into(),
+            worker: PeerInfo {
+                name: worker_name.into(),
+                version: crate::WORKER_VERSION.into(),
+            },
+            plugin: InstanceRef {
+                name: m.name.clone(),
+                instance: 0,
+            },
+            settings: m.settings.clone(),
+            limits: Limits {
+                max_line_bytes: max_line_bytes as u64,
+                concurrency: m.concurrency,
+            },
+        };
+        let params = serde_json::to_value(params).map_err(|e| e.to_string())?;
+        let reply = self.call(method::INITIALIZE, params).await?;
+        crate::supervisor::handshake::check(reply, m)
+    }
+
+    /// `shutdown`, then `exit`, each within `grace`; returns how it exited.
+    pub async fn shutdown(&mut self, grace: Duration) -> Result<String, String> {
+        self.reply_timeout = grace.max(Duration::from_millis(100));
+        self.call(method::SHUTDOWN, Value::Null)
+            .await?
+            .map_err(|e| {
+                format!(
+                    "it answered `shutdown` with error {}: {}",
+                    e.code, e.message
+                )
+            })?;
+        self.notify(method::EXIT, Value::Null)
+            .await
+            .map_err(|e| format!("cannot write to the plugin: {e}"))?;
+        match tokio::time::timeout(self.reply_timeout, self.child.wait()).await {
+            Ok(Ok(status)) => Ok(process::describe_exit(&status)),
+            _ => Err(format!(
+                "still running {:?} after `exit`",
+                self.reply_timeout
+            )),
+        }
+    }
+
+    /// `reason` followed by the last stderr lines, for an error message.
+    pub fn explain(&self, reason: &str) -> String {
+        format!("{reason}{}", self.stderr.summary(5))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Also sweeps anything the plugin forked.
+        process::signal_group(self.pid, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Starts the plugin once, handshakes (tasks must match the manifest), and stops it cleanly.
+/// The error says what went wrong, with the plugin's last stderr lines.
+pub async fn handshake(
+    m: &Manifest,
+    worker_name: &str,
+    max_line_bytes: usize,
+) -> Result<InitializeResult, String> {
+    let mut s = Session::start(m, max_line_bytes)?;
+    let result = match s.initialize(m, worker_name, max_line_bytes).await {
+        Ok(r) => r,
+        Err(e) => return Err(s.explain(&e)),
+    };
+    let _ = s.notify(method::INITIALIZED, serde_json::json!({})).await;
+    if let Err(e) = s.shutdown(m.timeouts.shutdown_grace).await {
+        return Err(s.explain(&format!("it did not stop cleanly: {e}")));
+    }
+    let _ = s.child.wait().await;
+    Ok(result)
+}
