@@ -370,9 +370,9 @@ fn amqp_connection_loss_loses_nothing_and_restarts_no_plugin() {
         live_pids(&before),
         "no plugin was restarted"
     );
-    assert_eq!(after["plugins"][0]["live"]["instances"][0]["restarts"], 0);
+    assert_eq!(after["installed"][0]["live"]["instances"][0]["restarts"], 0);
     // Redelivered copies were answered from memory or joined the running task: none ran twice.
-    assert_eq!(after["plugins"][0]["live"]["instances"][0]["done"], 40);
+    assert_eq!(after["installed"][0]["live"]["instances"][0]["done"], 40);
     assert!(client.wait().unwrap().success());
 }
 
@@ -461,7 +461,7 @@ fn amqp_two_workers_share_one_queue() {
     let out = lane.run(&["batch", "f.sleep", "[0.05]", "60"]);
     assert_eq!(out, json!({"ok": 60, "failed": []}));
     let done = |d: &Daemon| {
-        d.list_json()["plugins"][0]["live"]["instances"][0]["done"]
+        d.list_json()["installed"][0]["live"]["instances"][0]["done"]
             .as_u64()
             .unwrap()
     };

@@ -29,6 +29,7 @@ pub const FAULTY_TASKS: &[&str] = &[
     "f.raise",
     "f.progress",
     "f.stderr",
+    "f.where",
 ];
 
 pub fn repo() -> PathBuf {
@@ -258,8 +259,31 @@ pub fn worker() -> Command {
     ] {
         cmd.env_remove(var);
     }
+    // Never the checkout's default state dir: a developer's installs must not leak into tests.
+    // Tests that install pass --state-dir, which wins over this.
+    cmd.env("WORKER_STATE_DIR", empty_state_dir());
     cmd.current_dir(std::env::temp_dir());
     cmd
+}
+
+/// A state directory nothing is installed in, one per test process.
+pub fn empty_state_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("worker-test-empty-state-{}", std::process::id()))
+}
+
+/// `worker plugins install` of every plugin in `plugins` into `state` (no daemon on `socket`
+/// yet, or the one there applies it). Returns success and stdout.
+pub fn install_all(plugins: &Path, state: &Path, socket: &Path) -> (bool, String) {
+    let out = output(
+        worker()
+            .args(["plugins", "install", "--plugins"])
+            .arg(plugins)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--socket")
+            .arg(socket),
+    );
+    (out.status.success(), text(&out.stdout) + &text(&out.stderr))
 }
 
 pub fn output(cmd: &mut Command) -> Output {
@@ -275,6 +299,8 @@ pub struct Daemon {
     pub child: Child,
     pub socket: PathBuf,
     pub plugins: PathBuf,
+    /// `state` beside the socket.
+    pub state: PathBuf,
     log: std_mpsc::Receiver<String>,
     pub seen: Vec<String>,
 }
@@ -284,8 +310,19 @@ impl Daemon {
         Daemon::start_with(plugins, socket, &[])
     }
 
-    /// `worker serve` with extra arguments (e.g. a broker); waits for its "serving" log line.
+    /// Installs every plugin in `plugins`, then starts `worker serve` with extra arguments
+    /// (e.g. a broker) and waits for its "serving" log line.
     pub fn start_with(plugins: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+        let state = socket.with_file_name("state");
+        let (ok, said) = install_all(plugins, &state, socket);
+        if !ok {
+            eprintln!("(some plugins did not install)\n{said}");
+        }
+        Daemon::serve(plugins, &state, socket, extra)
+    }
+
+    /// `worker serve` of what is installed in `state`, without installing anything.
+    pub fn serve(plugins: &Path, state: &Path, socket: &Path, extra: &[&str]) -> Daemon {
         let mut child = worker()
             .args([
                 "serve",
@@ -296,6 +333,8 @@ impl Daemon {
                 "--plugins",
             ])
             .arg(plugins)
+            .arg("--state-dir")
+            .arg(state)
             .arg("--socket")
             .arg(socket)
             .args(extra)
@@ -315,6 +354,7 @@ impl Daemon {
             child,
             socket: socket.into(),
             plugins: plugins.into(),
+            state: state.into(),
             log,
             seen: Vec::new(),
         };
@@ -350,7 +390,9 @@ impl Daemon {
             .arg("--socket")
             .arg(&self.socket)
             .arg("--plugins")
-            .arg(&self.plugins);
+            .arg(&self.plugins)
+            .arg("--state-dir")
+            .arg(&self.state);
         cmd
     }
 
@@ -402,7 +444,7 @@ impl Drop for Daemon {
 }
 
 pub fn plugin_ready(doc: &Value, name: &str) -> bool {
-    doc["plugins"].as_array().unwrap().iter().any(|p| {
+    doc["installed"].as_array().unwrap().iter().any(|p| {
         p["name"] == name
             && p["live"]["instances"]
                 .as_array()
@@ -411,7 +453,7 @@ pub fn plugin_ready(doc: &Value, name: &str) -> bool {
 }
 
 pub fn live_pids(doc: &Value) -> Vec<u32> {
-    doc["plugins"]
+    doc["installed"]
         .as_array()
         .unwrap()
         .iter()

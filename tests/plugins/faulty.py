@@ -6,6 +6,9 @@ task is chosen by the task name:
 
   FAULT_HANDSHAKE  ok (default) | exit (exit 3 before answering) | hang (never answer)
                    | version (answer protocol 2.0) | extra_task (serve an undeclared task)
+  FAULT_SECOND_START  path: start normally if the path does not exist (creating it), else
+                   exit 3 before answering `initialize` (passes an install-time handshake,
+                   then fails in the daemon)
   FAULT_PING       ok (default) | hang (never answer ping)
   FAULT_TERM       ok (default) | ignore (ignore SIGTERM, shutdown and exit)
   FAULT_FORK       path: fork a grandchild that sleeps forever, write its pid to the path
@@ -16,7 +19,8 @@ f.sleep_nocancel [secs], f.crash (SIGKILLs itself), f.crash_once [marker path] (
 itself unless the marker exists, creating it), f.exit [code] (exits), f.huge [bytes] (writes
 one over-long line, then waits), f.garbage (a non-JSON stdout line, then returns "ok"), f.raise (ValueError),
 f.progress (progress and stream, then returns "done"), f.stderr [lines] (writes that many stderr
-lines, then returns).
+lines, then returns), f.where (returns its interpreter's prefix, its working directory and the
+FAULT_TAG variable).
 """
 
 import json
@@ -65,6 +69,8 @@ def run_task(id_, params):
             reply(id_, args)
         elif name == "f.pid":
             reply(id_, os.getpid())
+        elif name == "f.where":
+            reply(id_, {"prefix": sys.prefix, "cwd": os.getcwd(), "tag": ENV("FAULT_TAG")})
         elif name == "f.sleep":
             if cancel.wait(args[0] if args else 3600):
                 error(id_, -32001, "Cancelled", "cancelled")
@@ -114,7 +120,7 @@ def run_task(id_, params):
 
 def declared_tasks():
     names = ["f.ok", "f.pid", "f.sleep", "f.sleep_nocancel", "f.crash", "f.crash_once", "f.exit",
-             "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr"]
+             "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr", "f.where"]
     if ENV("FAULT_HANDSHAKE") == "extra_task":
         names.append("f.undeclared")
     return [{"name": n} for n in names]
@@ -142,6 +148,12 @@ def main():
         method, id_, params = msg.get("method"), msg.get("id"), msg.get("params") or {}
         if method == "initialize":
             mode = ENV("FAULT_HANDSHAKE", "ok")
+            marker = ENV("FAULT_SECOND_START")
+            if marker and os.path.exists(marker):
+                sys.stderr.write("refusing a second start\n")
+                sys.exit(3)
+            if marker:
+                open(marker, "w").close()
             if mode == "exit":
                 sys.stderr.write("refusing to start\n")
                 sys.exit(3)
