@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use worker::control::Client;
 
 fn pids_of(doc: &Value, plugin: &str) -> Vec<u64> {
-    doc["plugins"]
+    doc["installed"]
         .as_array()
         .unwrap()
         .iter()
@@ -30,8 +30,23 @@ fn reload(d: &Daemon) -> (bool, String) {
     (out.status.success(), text(&out.stdout))
 }
 
+fn cli(d: &Daemon, args: &[&str]) -> (bool, String) {
+    let out = output(&mut d.cli(args));
+    (out.status.success(), text(&out.stdout) + &text(&out.stderr))
+}
+
+fn installed_versions(state: &Path, name: &str) -> Vec<String> {
+    std::fs::read_dir(state.join("installed").join(name))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[test]
-fn reload_starts_new_stops_removed_and_leaves_unchanged_plugins_alone() {
+fn install_and_uninstall_reach_a_running_daemon_and_leave_other_plugins_alone() {
     let root = tempfile::tempdir().unwrap();
     let plugins = root.path().join("plugins");
     faulty_plugin(&plugins, "faulty", &[], "", "");
@@ -40,10 +55,10 @@ fn reload_starts_new_stops_removed_and_leaves_unchanged_plugins_alone() {
     let faulty_pids = pids_of(&before, "faulty");
 
     rust_plugin(&plugins, "");
-    let (ok, said) = reload(&d);
+    let (ok, said) = cli(&d, &["plugins", "install", "rust-echo"]);
     assert!(ok, "{said}");
     assert!(
-        said.contains("started: rust-echo") && said.contains("unchanged: faulty"),
+        said.contains("daemon: started rust-echo") && said.contains("rust-echo 0.1.0: installed"),
         "{said}"
     );
     let after = d.wait_list("rust-echo ready", |doc| plugin_ready(doc, "rust-echo"));
@@ -56,19 +71,41 @@ fn reload_starts_new_stops_removed_and_leaves_unchanged_plugins_alone() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     let rust_pid = pids_of(&after, "rust-echo")[0];
-    std::fs::remove_dir_all(plugins.join("rust-echo")).unwrap();
-    // SIGHUP does the same as `worker reload`.
-    d.signal(nix::sys::signal::Signal::SIGHUP);
-    d.wait_log("plugins reloaded");
-    let gone = d.wait_list("rust-echo gone", |doc| pids_of(doc, "rust-echo").is_empty());
+    let (ok, said) = cli(&d, &["plugins", "uninstall", "rust-echo", "--yes"]);
+    assert!(ok, "{said}");
+    assert!(
+        said.contains("daemon: stopped rust-echo") && said.contains("rust-echo 0.1.0: uninstalled"),
+        "{said}"
+    );
+    // The daemon answered only after the plugin stopped, and then its copy was deleted.
+    assert!(wait_gone_blocking(rust_pid as u32, Duration::from_secs(1)));
+    assert!(!d.state.join("installed/rust-echo").exists());
+    assert!(
+        plugins.join("rust-echo/plugin.toml").exists(),
+        "the source is kept"
+    );
+    let gone = d.list_json();
+    assert!(pids_of(&gone, "rust-echo").is_empty());
     assert_eq!(pids_of(&gone, "faulty"), faulty_pids);
-    assert!(wait_gone_blocking(rust_pid as u32, Duration::from_secs(10)));
     let out = output(&mut d.cli(&["task", "run", "rust.echo", "1"]));
     assert!(
         text(&out.stderr).contains("NotRegistered"),
         "{}",
         text(&out.stderr)
     );
+
+    // An install that no daemon applied (another socket) is picked up by SIGHUP.
+    let (ok, said) = install_all(&plugins, &d.state, &root.path().join("elsewhere.sock"));
+    assert!(ok && said.contains("no daemon answers"), "{said}");
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    d.wait_log("plugins reloaded");
+    let after = d.wait_list("rust-echo back", |doc| plugin_ready(doc, "rust-echo"));
+    assert_eq!(pids_of(&after, "faulty"), faulty_pids);
+    // `worker reload` with nothing changed touches nothing.
+    let (ok, said) = reload(&d);
+    assert!(ok, "{said}");
+    assert!(said.contains("unchanged: faulty, rust-echo"), "{said}");
+    assert_eq!(pids_of(&d.list_json(), "faulty"), faulty_pids);
 }
 
 fn set_version(dir: &Path, version: &str, env: &str) {
@@ -96,7 +133,7 @@ fn upgrade_under_continuous_load_loses_nothing() {
     });
     let old_pids = pids_of(&before, "faulty");
     let socket = d.socket.clone();
-    let mut reload_cmd = d.cli(&["reload"]);
+    let mut install_cmd = d.cli(&["plugins", "install", "faulty"]);
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let results = rt.block_on(async move {
@@ -121,15 +158,16 @@ fn upgrade_under_continuous_load_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         set_version(&dir, "0.0.2", "UPGRADED = \"1\"\n");
         let reload_started = Instant::now();
-        let out = tokio::task::spawn_blocking(move || output(&mut reload_cmd))
+        let out = tokio::task::spawn_blocking(move || output(&mut install_cmd))
             .await
             .unwrap();
         let reloaded = Instant::now();
-        assert!(out.status.success(), "{}", text(&out.stdout));
+        let said = text(&out.stdout);
+        assert!(out.status.success(), "{said}");
         assert!(
-            text(&out.stdout).contains("replaced: faulty"),
-            "{}",
-            text(&out.stdout)
+            said.contains("daemon: replaced faulty")
+                && said.contains("faulty 0.0.2: updated from 0.0.1"),
+            "{said}"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
         stop.cancel();
@@ -140,6 +178,15 @@ fn upgrade_under_continuous_load_loses_nothing() {
         (all, reload_started, reloaded)
     });
     let (all, reload_started, reloaded) = results;
+    // The old version drained and stopped before install returned; its copy is gone.
+    for pid in &old_pids {
+        assert!(process_gone(*pid as u32), "old instance {pid} stopped");
+    }
+    let versions = installed_versions(&d.state, "faulty");
+    assert!(
+        versions.len() == 1 && versions[0].starts_with("0.0.2-"),
+        "{versions:?}"
+    );
     drop(d);
     assert!(all.len() > 50, "continuous load: {} tasks", all.len());
     let mut before_reload = 0;
@@ -170,23 +217,76 @@ fn upgrade_under_continuous_load_loses_nothing() {
 }
 
 #[test]
-fn a_failed_upgrade_leaves_the_old_version_serving() {
+fn every_failed_upgrade_leaves_the_old_version_serving() {
     let root = tempfile::tempdir().unwrap();
     let plugins = root.path().join("plugins");
-    let dir = faulty_plugin(&plugins, "faulty", &[], "", "");
+    let marker = root.path().join("started-once");
+    let dir = faulty_plugin(&plugins, "faulty", &[], "", "[restart]\nmax_restarts = 0\n");
     let d = Daemon::start(&plugins, &root.path().join("w.sock"));
     let before = d.wait_list("ready", |doc| plugin_ready(doc, "faulty"));
     let old = pids_of(&before, "faulty");
-    set_version(&dir, "0.0.2", "FAULT_HANDSHAKE = \"version\"\n");
-    let (ok, said) = reload(&d);
-    assert!(!ok, "a failed reload exits non-zero");
-    assert!(
-        said.contains("FAILED faulty") && said.contains("protocol version 2.0"),
-        "{said}"
-    );
-    let after = d.list_json();
-    assert_eq!(pids_of(&after, "faulty"), old);
-    let out = output(&mut d.cli(&["task", "run", "f.pid"]));
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout).trim(), old[0].to_string());
+    let original = std::fs::read_to_string(dir.join("plugin.toml")).unwrap();
+    let still_serving = |what: &str| {
+        let doc = d.list_json();
+        assert_eq!(
+            pids_of(&doc, "faulty"),
+            old,
+            "{what}: old instances untouched"
+        );
+        assert_eq!(
+            doc["installed"][0]["version"], "0.0.1",
+            "{what}: record unchanged"
+        );
+        let out = output(&mut d.cli(&["task", "run", "f.pid"]));
+        assert!(out.status.success(), "{what}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), old[0].to_string(), "{what}");
+        assert_eq!(
+            installed_versions(&d.state, "faulty").len(),
+            1,
+            "{what}: no new copy left"
+        );
+    };
+
+    let cases: [(&str, String, &[&str]); 4] = [
+        (
+            "bad manifest",
+            original.replace("version = \"0.0.1\"", "version = \"0.0.2\"\ninstances = 0"),
+            &["at manifest", "key `instances` (line 3): must be at least 1"],
+        ),
+        (
+            "failing install step",
+            original.replace(
+                "version = \"0.0.1\"",
+                "version = \"0.0.2\"\ninstall = [[\"/bin/sh\", \"-c\", \"echo fetching; echo 'no such package: left-pad' >&2; exit 7\"]]",
+            ),
+            &["at install step 1 (`/bin/sh -c", "exited with status 7", "| no such package: left-pad"],
+        ),
+        (
+            "handshake mismatch",
+            original
+                .replace("version = \"0.0.1\"", "version = \"0.0.2\"")
+                .replace("[env]\n", "[env]\nFAULT_HANDSHAKE = \"version\"\n"),
+            &["at handshake", "protocol version 2.0"],
+        ),
+        (
+            "fails only in the daemon",
+            original
+                .replace("version = \"0.0.1\"", "version = \"0.0.2\"")
+                .replace("[env]\n", &format!("[env]\nFAULT_SECOND_START = \"{}\"\n", marker.display())),
+            &["at start in the running daemon", "exited with status 3"],
+        ),
+    ];
+    for (what, manifest, expected) in cases {
+        std::fs::write(dir.join("plugin.toml"), manifest).unwrap();
+        let (ok, said) = cli(&d, &["plugins", "install", "faulty"]);
+        assert!(!ok, "{what}: install must fail\n{said}");
+        for e in expected {
+            assert!(said.contains(e), "{what}: expected {e:?} in\n{said}");
+        }
+        assert!(
+            said.contains("faulty 0.0.1 stays installed"),
+            "{what}: {said}"
+        );
+        still_serving(what);
+    }
 }
