@@ -330,6 +330,22 @@ fn main() {
     let ours = move |dir: PathBuf, tag: &'static str| -> Box<dyn Fn() -> Child> {
         let bin = worker_bin.clone();
         Box::new(move || {
+            // The daemon runs installed plugins (a no-op after the first round).
+            let state = dir.with_file_name(format!("{tag}-state"));
+            let installed = Command::new(&bin)
+                .args(["plugins", "install", "--plugins"])
+                .arg(&dir)
+                .arg("--state-dir")
+                .arg(&state)
+                .arg("--socket")
+                .arg(dir.join("w.sock"))
+                .output()
+                .unwrap();
+            assert!(
+                installed.status.success(),
+                "plugins install failed: {}",
+                String::from_utf8_lossy(&installed.stdout)
+            );
             Command::new(&bin)
                 .args([
                     "serve",
@@ -344,6 +360,8 @@ fn main() {
                     "--plugins",
                 ])
                 .arg(&dir)
+                .arg("--state-dir")
+                .arg(&state)
                 .arg("--socket")
                 .arg(dir.join("w.sock"))
                 .args(

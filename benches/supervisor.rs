@@ -238,11 +238,32 @@ fn idle_rss_kib(root: &Path) -> Option<u64> {
         return None;
     }
     let socket = root.join("w.sock");
+    let state_dir = tempfile::tempdir().ok()?;
+    let state = state_dir.path().to_path_buf();
+    // The daemon runs installed plugins: install the bench's plugins first.
+    let installed = std::process::Command::new(&bin)
+        .args(["plugins", "install", "--socket"])
+        .arg(&socket)
+        .arg("--plugins")
+        .arg(root)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .ok()?;
+    if !installed.status.success() {
+        eprintln!(
+            "plugins install failed:\n{}",
+            String::from_utf8_lossy(&installed.stdout)
+        );
+        return None;
+    }
     let mut child = std::process::Command::new(&bin)
         .args(["serve", "--log-level", "warn", "--socket"])
         .arg(&socket)
         .arg("--plugins")
         .arg(root)
+        .arg("--state-dir")
+        .arg(&state)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -256,10 +277,12 @@ fn idle_rss_kib(root: &Path) -> Option<u64> {
             .arg(&socket)
             .arg("--plugins")
             .arg(root)
+            .arg("--state-dir")
+            .arg(&state)
             .output()
             .ok()?;
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let ready = doc["plugins"].as_array().is_some_and(|ps| {
+        let ready = doc["installed"].as_array().is_some_and(|ps| {
             !ps.is_empty()
                 && ps.iter().all(|p| {
                     p["live"]["instances"]

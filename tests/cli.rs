@@ -510,7 +510,7 @@ fn plugins_create_scaffolds_that_pass_plugins_test_and_install() {
                 .args(["plugins", "install", &name, "--plugins"])
                 .arg(root.path())
                 .arg("--state-dir")
-                .arg(&state),
+                .arg(state),
         );
         assert!(out.status.success(), "{}", text(&out.stdout));
         let out = output(
@@ -518,7 +518,7 @@ fn plugins_create_scaffolds_that_pass_plugins_test_and_install() {
                 .args(["run", &format!("{name}.hello"), "you", "--plugins"])
                 .arg(root.path())
                 .arg("--state-dir")
-                .arg(&state),
+                .arg(state),
         );
         assert_eq!(
             text(&out.stdout),

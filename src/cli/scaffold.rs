@@ -49,10 +49,9 @@ pub fn create(config: &Config, name: &str, lang: Lang) -> anyhow::Result<ExitCod
     for (file, _) in &files {
         output::line(&format!("  {}", Path::new(name).join(file).display()));
     }
-    let next = match lang {
-        _ => format!("try it: worker plugins test {name}, then: worker plugins install {name}"),
-    };
-    output::line(&next);
+    output::line(&format!(
+        "try it: worker plugins test {name}, then: worker plugins install {name}"
+    ));
     Ok(ExitCode::SUCCESS)
 }
 
