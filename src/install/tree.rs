@@ -26,7 +26,7 @@ pub const SKIPPED: &[&str] = &[
 ];
 
 /// Followed symlinks can form a loop; no real plugin nests this deep.
-const MAX_DEPTH: usize = 64;
+const MAX_DEPTH: usize = 32;
 
 /// The SHA-256 of a file's bytes, in hex.
 pub fn file_sha256(path: &Path) -> io::Result<String> {

@@ -299,7 +299,7 @@ pub struct Daemon {
     pub child: Child,
     pub socket: PathBuf,
     pub plugins: PathBuf,
-    /// `state` beside the socket.
+    /// The state dir: beside the socket, named after it.
     pub state: PathBuf,
     log: std_mpsc::Receiver<String>,
     pub seen: Vec<String>,
@@ -313,7 +313,7 @@ impl Daemon {
     /// Installs every plugin in `plugins`, then starts `worker serve` with extra arguments
     /// (e.g. a broker) and waits for its "serving" log line.
     pub fn start_with(plugins: &Path, socket: &Path, extra: &[&str]) -> Daemon {
-        let state = socket.with_file_name("state");
+        let state = socket.with_extension("state");
         let (ok, said) = install_all(plugins, &state, socket);
         if !ok {
             eprintln!("(some plugins did not install)\n{said}");
