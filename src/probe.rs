@@ -138,26 +138,29 @@ impl Session {
         crate::supervisor::handshake::check(reply, m)
     }
 
-    /// `shutdown`, then `exit`, each within `grace`; returns how it exited.
-    pub async fn shutdown(&mut self, grace: Duration) -> Result<String, String> {
+    /// Sends `shutdown` and waits up to `grace` for its answer.
+    pub async fn shutdown(&mut self, grace: Duration) -> Result<(), String> {
         self.reply_timeout = grace.max(Duration::from_millis(100));
         self.call(method::SHUTDOWN, Value::Null)
             .await?
+            .map(|_| ())
             .map_err(|e| {
                 format!(
                     "it answered `shutdown` with error {}: {}",
                     e.code, e.message
                 )
-            })?;
+            })
+    }
+
+    /// Sends `exit` and waits up to `grace` for the process to end; returns how it exited.
+    pub async fn exit(&mut self, grace: Duration) -> Result<String, String> {
+        let grace = grace.max(Duration::from_millis(100));
         self.notify(method::EXIT, Value::Null)
             .await
             .map_err(|e| format!("cannot write to the plugin: {e}"))?;
-        match tokio::time::timeout(self.reply_timeout, self.child.wait()).await {
+        match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(Ok(status)) => Ok(process::describe_exit(&status)),
-            _ => Err(format!(
-                "still running {:?} after `exit`",
-                self.reply_timeout
-            )),
+            _ => Err(format!("still running {grace:?} after `exit`")),
         }
     }
 
@@ -189,7 +192,11 @@ pub async fn handshake(
     };
     let _ = s.notify(method::INITIALIZED, serde_json::json!({})).await;
     let grace = m.timeouts.shutdown_grace.min(PROBE_STOP_GRACE);
-    if let Err(e) = s.shutdown(grace).await {
+    let stopped = match s.shutdown(grace).await {
+        Ok(()) => s.exit(grace).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = stopped {
         tracing::warn!(plugin = %m.name, "it did not stop when asked ({e}); killed it");
     }
     drop(s);

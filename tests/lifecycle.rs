@@ -375,3 +375,49 @@ fn installs_wait_for_each_other() {
     assert!(status.success());
     assert_eq!(s.record()["plugins"][0]["name"], "faulty");
 }
+
+/// On a terminal, uninstall asks first; only "y" goes ahead. (`script` gives it a pty.)
+#[test]
+fn uninstall_asks_on_a_terminal() {
+    let s = Setup::new();
+    faulty_plugin(&s.plugins, "faulty", &[], "", "");
+    let (code, said) = s.run(&["plugins", "install"]);
+    assert_eq!(code, 0, "{said}");
+    let uninstall = |answer: &str| {
+        let command = format!(
+            "{} plugins uninstall faulty --plugins {} --state-dir {} --socket {}",
+            env!("CARGO_BIN_EXE_worker"),
+            s.plugins.display(),
+            s.state.display(),
+            s.socket.display()
+        );
+        let mut child = std::process::Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("script (util-linux) runs");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{answer}\n").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (out.status.code(), text(&out.stdout))
+    };
+    let (code, said) = uninstall("n");
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("Uninstall faulty 0.0.1? A running daemon drains and stops them")
+            && said.contains("nothing was uninstalled"),
+        "{said}"
+    );
+    assert_eq!(s.record()["plugins"][0]["name"], "faulty");
+    let (code, said) = uninstall("y");
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("faulty 0.0.1: uninstalled"), "{said}");
+    assert!(s.record()["plugins"].as_array().unwrap().is_empty());
+}

@@ -67,6 +67,13 @@ pub async fn install(config: &Config, names: &[String], force: bool) -> anyhow::
         }
     }
 
+    if sources.is_empty() && failures.is_empty() {
+        output::line(&format!(
+            "nothing to install: no plugins in {} (create one with `worker plugins create NAME`)",
+            dir.display()
+        ));
+        return Ok(ExitCode::SUCCESS);
+    }
     let before = state.read().map_err(anyhow::Error::msg)?;
     let mut record = before.clone();
     let installer = Installer {
