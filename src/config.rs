@@ -206,6 +206,25 @@ mod tests {
     }
 
     #[test]
+    fn state_dir_inside_plugins_dir_is_refused() {
+        let mut c = Config {
+            plugins_dir: "/srv/plugins".into(),
+            state_dir: "/srv/plugins/state".into(),
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert!(
+            e.contains("key `state_dir`") && e.contains("inside plugins_dir"),
+            "{e}"
+        );
+        c.state_dir = "/srv".into();
+        assert!(
+            c.validate().is_ok(),
+            "plugins_dir may live inside state_dir"
+        );
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = toml::from_str::<Config>("plugin_dir = \"x\"")
             .unwrap_err()

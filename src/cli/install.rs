@@ -27,12 +27,7 @@ pub async fn install(config: &Config, names: &[String], force: bool) -> anyhow::
             )
         })?;
     let dir = &config.plugins_dir;
-    let found = manifest::discover(dir).with_context(|| {
-        format!(
-            "cannot read the plugins directory {} (set --plugins or `plugins_dir`)",
-            dir.display()
-        )
-    })?;
+    let found = super::plugins::discover_available(config)?;
     let mut failures: Vec<InstallError> = Vec::new();
     let mut sources: Vec<&Manifest> = Vec::new();
     if names.is_empty() {

@@ -107,7 +107,8 @@ pub async fn plugins(config: Config, cmd: PluginsCommand) -> anyhow::Result<Exit
     }
 }
 
-fn discover_available(config: &Config) -> anyhow::Result<manifest::Discovery> {
+/// The plugins directory's plugins (broken ones beside them), or an error naming the setting.
+pub(super) fn discover_available(config: &Config) -> anyhow::Result<manifest::Discovery> {
     let dir = &config.plugins_dir;
     manifest::discover(dir).with_context(|| {
         format!(

@@ -11,7 +11,6 @@ use crate::install::registry::StateDir;
 use crate::manifest;
 use crate::supervisor::Supervisor;
 use crate::task::{Outcome, TaskRequest};
-use anyhow::Context;
 use clap::Args;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -88,12 +87,7 @@ fn from_source(
     installed: &manifest::Discovery,
 ) -> anyhow::Result<manifest::Manifest> {
     let dir = &config.plugins_dir;
-    let found = manifest::discover(dir).with_context(|| {
-        format!(
-            "cannot read the plugins directory {} (set --plugins or `plugins_dir`)",
-            dir.display()
-        )
-    })?;
+    let found = super::plugins::discover_available(config)?;
     if let Some(m) = found
         .plugins
         .iter()
