@@ -567,6 +567,36 @@ name = "fibonacci"
     }
 
     #[test]
+    fn install_steps_params_and_install_timeout() {
+        let text = GOOD.replace(
+            "command = [\"./run\"]",
+            "command = [\"./run\"]\ninstall = [[\"cargo\", \"build\"], [\"./post\"]]",
+        ) + "params = { n = \"int\" }\n[timeouts]\ninstall = 30\n";
+        let m = Manifest::parse(&text, Path::new("/p")).unwrap();
+        assert_eq!(m.install, vec![vec!["cargo", "build"], vec!["./post"]]);
+        assert_eq!(m.tasks[0].params, Some(serde_json::json!({"n": "int"})));
+        assert_eq!(m.timeouts.install, Duration::from_secs(30));
+        assert_eq!(m.resolve_program("./post"), PathBuf::from("/p/./post"));
+        assert_eq!(
+            Manifest::parse(GOOD, Path::new("/p"))
+                .unwrap()
+                .timeouts
+                .install,
+            Duration::from_secs(600)
+        );
+
+        let bad = GOOD.replace(
+            "command = [\"./run\"]",
+            "command = [\"./run\"]\ninstall = [[\"make\"], []]",
+        );
+        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
+        assert!(
+            e.contains("key `install` (line 5): step 2 must name a program"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn negative_timeout_is_refused() {
         let bad = format!("{GOOD}\n[timeouts]\ninit = -1\n");
         let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();

@@ -7,7 +7,7 @@ use super::output;
 use crate::config::Config;
 use crate::control::Client;
 use crate::install::registry::{Installed, StateDir};
-use crate::install::{tree, version, Change};
+use crate::install::{tree, Change};
 use crate::manifest::{self, Manifest};
 use crate::supervisor::status::{InstanceStatus, PluginStatus};
 use anyhow::Context;
@@ -90,6 +90,8 @@ struct AvailableEntry<'a> {
     /// `not-installed`, `installed`, `update-available`, `older-than-installed`, `modified`.
     status: &'static str,
     installed_version: Option<&'a str>,
+    #[serde(skip)]
+    change: Change,
 }
 
 pub async fn plugins(config: Config, cmd: PluginsCommand) -> anyhow::Result<ExitCode> {
@@ -122,7 +124,7 @@ pub(super) fn discover_available(config: &Config) -> anyhow::Result<manifest::Di
 async fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let state = StateDir::new(&config.state_dir);
     let record = state.read().map_err(anyhow::Error::msg)?;
-    let installed_found = state.discover().map_err(anyhow::Error::msg)?;
+    let installed_found = state.manifests(&record);
     // A missing plugins directory only empties the Available section.
     let available = discover_available(config);
     let live = daemon::status(config).await;
@@ -152,27 +154,18 @@ async fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|m| {
             let rec = record.get(&m.name);
-            let status = match rec {
-                None => Change::NotInstalled,
-                Some(r) => {
-                    // The files only matter when the versions are equal.
-                    let same = version::compare(&m.version, &r.version).is_eq();
-                    let content = if same {
-                        tree::digest(&m.dir).unwrap_or_default()
-                    } else {
-                        String::new()
-                    };
-                    Change::of(Some(r), &m.version, &content)
-                }
-            };
+            // An unreadable source counts as changed: installing it would say why.
+            let change =
+                Change::of(rec, &m.version, || tree::digest(&m.dir)).unwrap_or(Change::Modified);
             AvailableEntry {
                 name: &m.name,
                 version: &m.version,
                 description: &m.description,
                 dir: m.dir.display().to_string(),
                 tasks: m.task_names().collect(),
-                status: status.label(),
+                status: change.label(),
                 installed_version: rec.map(|r| r.version.as_str()),
+                change,
             }
         })
         .collect();
@@ -260,12 +253,12 @@ async fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         output::line("  (none)");
     }
     for a in &available_entries {
-        let mark = match (a.status, a.installed_version) {
-            ("update-available", Some(v)) => format!("update available (installed: {v})"),
-            ("older-than-installed", Some(v)) => format!("older than installed {v}"),
-            ("modified", _) => "modified since installed (same version, different files)".into(),
-            ("installed", _) => "installed".into(),
-            _ => "not installed".into(),
+        let mark = match &a.change {
+            Change::Upgrade { from } => format!("update available (installed: {from})"),
+            Change::Downgrade { from } => format!("older than installed {from}"),
+            Change::Modified => "modified since installed (same version, different files)".into(),
+            Change::Same => "installed".into(),
+            Change::NotInstalled => "not installed".into(),
         };
         output::line(&format!(
             "  {} {}  [{mark}]  tasks: {}",

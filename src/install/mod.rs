@@ -79,20 +79,26 @@ pub enum Change {
 }
 
 impl Change {
-    pub fn of(installed: Option<&Installed>, version: &str, content_sha256: &str) -> Change {
+    /// Compares `version` with what is installed; `content_sha256` (the digest of the files,
+    /// costly to compute) is asked for only when the versions are equal.
+    pub fn of(
+        installed: Option<&Installed>,
+        version: &str,
+        content_sha256: impl FnOnce() -> std::io::Result<String>,
+    ) -> std::io::Result<Change> {
         let Some(i) = installed else {
-            return Change::NotInstalled;
+            return Ok(Change::NotInstalled);
         };
-        match version::compare(version, &i.version) {
+        Ok(match version::compare(version, &i.version) {
             Ordering::Greater => Change::Upgrade {
                 from: i.version.clone(),
             },
             Ordering::Less => Change::Downgrade {
                 from: i.version.clone(),
             },
-            Ordering::Equal if i.content_sha256 == content_sha256 => Change::Same,
+            Ordering::Equal if i.content_sha256 == content_sha256()? => Change::Same,
             Ordering::Equal => Change::Modified,
-        }
+        })
     }
 
     /// Short label for listings (`list`'s Available section, `--json` `status`).
@@ -154,10 +160,10 @@ impl Installer<'_> {
                 format!("task `{task}` is already served by installed plugin `{owner}`; rename the task or uninstall `{owner}` first"),
             ));
         }
-        let content = tree::digest(&source.dir)
-            .map_err(|e| fail(Stage::Copy, format!("cannot read the source: {e}")))?;
-        let installed = record.get(&source.name);
-        let change = Change::of(installed, &source.version, &content);
+        let change = Change::of(record.get(&source.name), &source.version, || {
+            tree::digest(&source.dir)
+        })
+        .map_err(|e| fail(Stage::Copy, format!("cannot read the source: {e}")))?;
         match (&change, force) {
             (Change::Same, false) => return Ok(None),
             (Change::Downgrade { from }, false) => {
@@ -295,20 +301,27 @@ mod tests {
     #[test]
     fn change_tells_update_downgrade_same_and_modified_apart() {
         let i = installed("1.2.0", "abc");
-        assert_eq!(Change::of(None, "1.0", "abc"), Change::NotInstalled);
+        let of = |installed, version, content: &str| {
+            Change::of(installed, version, || Ok(content.to_string())).unwrap()
+        };
+        let unread = || -> std::io::Result<String> { panic!("files read for unequal versions") };
         assert_eq!(
-            Change::of(Some(&i), "1.10.0", "x"),
+            Change::of(None, "1.0", unread).unwrap(),
+            Change::NotInstalled
+        );
+        assert_eq!(
+            Change::of(Some(&i), "1.10.0", unread).unwrap(),
             Change::Upgrade {
                 from: "1.2.0".into()
             }
         );
         assert_eq!(
-            Change::of(Some(&i), "1.1.9", "abc"),
+            Change::of(Some(&i), "1.1.9", unread).unwrap(),
             Change::Downgrade {
                 from: "1.2.0".into()
             }
         );
-        assert_eq!(Change::of(Some(&i), "1.2.0", "abc"), Change::Same);
-        assert_eq!(Change::of(Some(&i), "1.2.0", "def"), Change::Modified);
+        assert_eq!(of(Some(&i), "1.2.0", "abc"), Change::Same);
+        assert_eq!(of(Some(&i), "1.2.0", "def"), Change::Modified);
     }
 }

@@ -157,7 +157,11 @@ impl StateDir {
     /// The manifests of the installed plugins, loaded from their installed copies; an entry
     /// whose copy is missing or broken goes to `errors` naming its path.
     pub fn discover(&self) -> Result<Discovery, String> {
-        let record = self.read()?;
+        Ok(self.manifests(&self.read()?))
+    }
+
+    /// [`StateDir::discover`] for a record already read.
+    pub fn manifests(&self, record: &Record) -> Discovery {
         let mut found = Discovery::default();
         for p in &record.plugins {
             match Manifest::load(&p.dir) {
@@ -172,7 +176,7 @@ impl StateDir {
                 Err(e) => found.errors.push(e),
             }
         }
-        Ok(found)
+        found
     }
 
     /// Removes installed copies that no record entry names (replaced or uninstalled versions

@@ -161,7 +161,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = manifest(
             dir.path(),
-            r#"[["/bin/sh", "-c", "echo $WORKER_PLUGIN_NAME > a"], ["/bin/sh", "-c", "cat a > b; echo from $WORKER_PLUGIN_SOURCE"]]"#,
+            r#"[["/bin/sh", "-c", "echo $WORKER_PLUGIN_NAME > a"], ["/bin/sh", "-c", "cat a > b; echo from $WORKER_PLUGIN_SOURCE in $WORKER_PLUGIN_DIR"]]"#,
         );
         let mut log = Vec::new();
         run(&m, Path::new("/the/source"), &mut log).await.unwrap();
@@ -170,7 +170,8 @@ mod tests {
             "p\n"
         );
         let log = String::from_utf8(log).unwrap();
-        assert!(log.contains("from /the/source"), "{log}");
+        let want = format!("from /the/source in {}", dir.path().display());
+        assert!(log.contains(&want), "{log}");
     }
 
     #[tokio::test]
