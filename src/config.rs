@@ -42,6 +42,9 @@ pub struct Config {
     pub prefetch_count: Option<u16>,
     /// Recent results remembered to answer redelivered copies without running them again.
     pub result_memory: usize,
+    /// Seconds a final state is retried while its reply queue does not exist (the broker
+    /// returns it as unroutable), before it is logged as undeliverable.
+    pub result_retry_timeout: f64,
 }
 
 impl Default for Config {
@@ -61,6 +64,7 @@ impl Default for Config {
             queue_declare: "kombu".into(),
             prefetch_count: None,
             result_memory: 10_000,
+            result_retry_timeout: 60.0,
         }
     }
 }
@@ -114,9 +118,8 @@ impl Config {
         if self.queue_capacity == 0 {
             return Err("key `queue_capacity`: must be at least 1".into());
         }
-        if !(self.drain_timeout.is_finite() && self.drain_timeout >= 0.0) {
-            return Err("key `drain_timeout`: must be a number of seconds >= 0".into());
-        }
+        seconds("drain_timeout", self.drain_timeout)?;
+        seconds("result_retry_timeout", self.result_retry_timeout)?;
         if self.queues.is_empty() || self.queues.iter().any(|q| q.trim().is_empty()) {
             return Err("key `queues`: give at least one non-empty queue name".into());
         }
@@ -147,6 +150,24 @@ impl Config {
 
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.drain_timeout)
+    }
+
+    pub fn result_retry_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.result_retry_timeout)
+    }
+}
+
+/// Longest duration any setting accepts: 30 days.
+const MAX_SECONDS: f64 = 30.0 * 24.0 * 3600.0;
+
+/// A duration key must be a finite number of seconds in [0, 30 days].
+fn seconds(key: &str, value: f64) -> Result<(), String> {
+    if value.is_finite() && (0.0..=MAX_SECONDS).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "key `{key}`: {value} is not a number of seconds from 0 to {MAX_SECONDS}"
+        ))
     }
 }
 

@@ -122,9 +122,22 @@ impl Dispatcher {
             if let Some(reason) = self.cancel_reason(&request.id) {
                 return Outcome::Failure(Failure::cancelled(&reason));
             }
-            if failure.kind == FailureKind::Rejected && refusals < MAX_REFUSALS {
-                refusals += 1;
-                continue;
+            // Refused before it reached a process, or interrupted by the worker itself (a
+            // reload or uninstall stopping the instance): no attempt spent. When the whole
+            // worker is stopping, an interrupted task ends here (a broker source requeues it).
+            if matches!(
+                failure.kind,
+                FailureKind::Rejected | FailureKind::Interrupted
+            ) {
+                if failure.kind == FailureKind::Interrupted
+                    && !self.accepting.load(Ordering::SeqCst)
+                {
+                    return outcome;
+                }
+                if refusals < MAX_REFUSALS {
+                    refusals += 1;
+                    continue;
+                }
             }
             if attempt >= max_attempts {
                 let mut failure = failure.clone();

@@ -15,6 +15,8 @@ pub struct TaskRequest {
     /// Overrides of the manifest's time limits (e.g. from a Celery header).
     pub soft_time_limit: Option<Duration>,
     pub hard_time_limit: Option<Duration>,
+    /// Who submitted it, for `worker task list` ("control socket pid 42", "amqp: queue celery").
+    pub submitter: String,
 }
 
 impl TaskRequest {
@@ -26,6 +28,7 @@ impl TaskRequest {
             kwargs,
             soft_time_limit: None,
             hard_time_limit: None,
+            submitter: "local".into(),
         }
     }
 }
@@ -99,6 +102,9 @@ pub enum FailureKind {
     HardTimeLimit,
     /// The process under it died; the dispatcher may run it again elsewhere.
     PluginCrashed,
+    /// The worker itself stopped or replaced the process under it (a reload, an uninstall,
+    /// a stop): run again without spending an attempt, since the plugin did nothing wrong.
+    Interrupted,
     /// The plugin refused it because it is shutting down; safe to run elsewhere.
     Rejected,
     /// No plugin serves this task name.
@@ -154,6 +160,15 @@ impl Failure {
         )
     }
 
+    pub fn interrupted(message: impl Into<String>) -> Self {
+        Failure::new(
+            FailureKind::Interrupted,
+            "PluginInterrupted",
+            "worker.errors",
+            message,
+        )
+    }
+
     pub fn shutting_down() -> Self {
         Failure::new(
             FailureKind::ShuttingDown,
@@ -177,7 +192,7 @@ impl Failure {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.kind,
-            FailureKind::PluginCrashed | FailureKind::Rejected
+            FailureKind::PluginCrashed | FailureKind::Rejected | FailureKind::Interrupted
         )
     }
 }

@@ -125,7 +125,15 @@ struct RawMessage {
 impl Message {
     /// Parses one line (without its newline).
     pub fn parse(line: &[u8]) -> Result<Message, ParseError> {
-        let raw: RawMessage = match serde_json::from_slice(line) {
+        // Invalid UTF-8 inside a string is decoded lossily (U+FFFD), as stderr is, rather than
+        // losing the whole message; valid lines pay nothing for this.
+        let parsed = serde_json::from_slice::<RawMessage>(line).or_else(|e| {
+            match std::str::from_utf8(line) {
+                Ok(_) => Err(e),
+                Err(_) => serde_json::from_str(&String::from_utf8_lossy(line)),
+            }
+        });
+        let raw: RawMessage = match parsed {
             Ok(raw) => raw,
             Err(e) if e.is_data() => {
                 return Err(ParseError::NotJsonRpc {
@@ -258,6 +266,20 @@ impl Response {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn invalid_utf8_in_a_string_is_decoded_lossily() {
+        let mut line = br#"{"jsonrpc":"2.0","id":3,"result":"caf"#.to_vec();
+        line.extend([0xC3, 0x28]);
+        line.extend(br#""}"#);
+        match Message::parse(&line).expect("parses") {
+            Message::Response(r) => {
+                assert_eq!(r.id, Some(Id::Num(3)));
+                assert_eq!(r.result.unwrap(), json!("caf\u{FFFD}("));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     fn roundtrip(v: Value) {
         let msg = Message::parse(v.to_string().as_bytes()).expect("parses");

@@ -80,6 +80,9 @@ pub struct CommonArgs {
     /// Recent results remembered for redelivered copies (`result_memory`)
     #[arg(long, env = "WORKER_RESULT_MEMORY", global = true)]
     pub result_memory: Option<usize>,
+    /// Seconds a result whose reply queue does not exist is retried (`result_retry_timeout`)
+    #[arg(long, env = "WORKER_RESULT_RETRY_TIMEOUT", global = true)]
+    pub result_retry_timeout: Option<f64>,
     /// Longest plugin stdout line in bytes (`max_line_bytes`)
     #[arg(long, env = "WORKER_MAX_LINE_BYTES", global = true)]
     pub max_line_bytes: Option<usize>,
@@ -148,6 +151,9 @@ impl CommonArgs {
         }
         if let Some(v) = self.result_memory {
             c.result_memory = v;
+        }
+        if let Some(v) = self.result_retry_timeout {
+            c.result_retry_timeout = v;
         }
         if let Some(v) = self.max_line_bytes {
             c.max_line_bytes = v;

@@ -93,6 +93,7 @@ pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
                 prefetch,
                 nodename: config.name.clone(),
                 result_memory: config.result_memory,
+                result_retry_timeout: config.result_retry_timeout(),
             },
             dispatcher.clone(),
         )

@@ -149,6 +149,26 @@ struct Crash {
     reason: String,
     /// A task whose own fault this is; it gets `culprit_failure`, the others are crashed.
     culprit: Option<(u64, Failure)>,
+    /// The process broke the protocol: nothing it wrote after that is accepted.
+    violation: bool,
+}
+
+impl Crash {
+    fn new(reason: String) -> Box<Crash> {
+        Box::new(Crash {
+            reason,
+            culprit: None,
+            violation: false,
+        })
+    }
+
+    fn violation(reason: String) -> Box<Crash> {
+        Box::new(Crash {
+            reason,
+            culprit: None,
+            violation: true,
+        })
+    }
 }
 
 enum Flow {
@@ -354,19 +374,18 @@ impl Instance {
             },
         );
         let deadline = Instant::now() + m.timeouts.init;
-        let crash = |reason: String| {
-            Err(Flow::Crash(Box::new(Crash {
-                reason,
-                culprit: None,
-            })))
-        };
+        let crash = |reason: String| Err(Flow::Crash(Crash::new(reason)));
         let reply = loop {
             tokio::select! {
                 ev = stdout.recv() => match ev {
                     Some(StdoutEvent::Message(Message::Response(r))) if r.id == Some(Id::Num(id)) => break r.result,
+                    Some(StdoutEvent::Message(Message::Response(Response { id: Some(Id::Str(s)), .. }))) => {
+                        let method = (super::reply_id::meant(&s) == Some(id)).then_some(method::INITIALIZE);
+                        return Err(Flow::Crash(Crash::violation(super::reply_id::string_id_violation(&s, method))));
+                    }
                     Some(StdoutEvent::Message(msg)) => { self.on_message(msg); }
                     Some(StdoutEvent::Garbage { line, error }) => self.on_garbage(&line, &error),
-                    Some(StdoutEvent::TooLong { seen }) => return crash(self.too_long(seen)),
+                    Some(StdoutEvent::TooLong { seen }) => return Err(Flow::Crash(Crash::violation(self.too_long(seen)))),
                     Some(StdoutEvent::Closed) | None => {
                         return crash(format!("{} before answering `initialize`", closed_reason(child).await));
                     }
@@ -389,12 +408,8 @@ impl Instance {
                 }
             }
         };
-        let incompatible = |reason: String| {
-            Err(Flow::Crash(Box::new(Crash {
-                reason: format!("incompatible: {reason}"),
-                culprit: None,
-            })))
-        };
+        let incompatible =
+            |reason: String| Err(Flow::Crash(Crash::new(format!("incompatible: {reason}"))));
         let result = match super::handshake::check(reply, &m) {
             Ok(r) => r,
             Err(reason) => return incompatible(reason),
@@ -437,10 +452,7 @@ impl Instance {
                     }
                     flow
                 }
-                status = &mut exited => return Flow::Crash(Box::new(Crash {
-                    reason: status.map(|s| process::describe_exit(&s)).unwrap_or_else(|e| format!("could not be waited for: {e}")),
-                    culprit: None,
-                })),
+                status = &mut exited => return Flow::Crash(Crash::new(status.map(|s| process::describe_exit(&s)).unwrap_or_else(|e| format!("could not be waited for: {e}")))),
                 _ = &mut timer => self.on_timer(),
             };
             match flow {
@@ -451,10 +463,7 @@ impl Instance {
                         Ok(Ok(status)) => process::describe_exit(&status),
                         _ => "closed its stdout".to_string(),
                     };
-                    return Flow::Crash(Box::new(Crash {
-                        reason,
-                        culprit: None,
-                    }));
+                    return Flow::Crash(Crash::new(reason));
                 }
                 other => return other,
             }
@@ -538,42 +547,52 @@ impl Instance {
         events: &mpsc::UnboundedSender<InstanceEvent>,
     ) -> Flow {
         match ev {
-            Some(StdoutEvent::Message(Message::Response(r))) => self.on_response(r, events),
+            Some(StdoutEvent::Message(Message::Response(r))) => {
+                if let Some(crash) = self.on_response(r, events) {
+                    return Flow::Crash(crash);
+                }
+            }
             Some(StdoutEvent::Message(msg)) => self.on_message(msg),
             Some(StdoutEvent::Garbage { line, error }) => self.on_garbage(&line, &error),
             Some(StdoutEvent::TooLong { seen }) => {
-                return Flow::Crash(Box::new(Crash {
-                    reason: self.too_long(seen),
-                    culprit: None,
-                }))
+                return Flow::Crash(Crash::violation(self.too_long(seen)))
             }
             Some(StdoutEvent::Closed) | None => return Flow::StdoutClosed,
         }
         Flow::Continue
     }
 
-    fn on_response(&mut self, r: Response, events: &mpsc::UnboundedSender<InstanceEvent>) {
+    /// Delivers a response to whoever waits for it. A string id is a protocol violation: the
+    /// instance must end, and the task it seems to answer fails with the reason.
+    fn on_response(
+        &mut self,
+        r: Response,
+        events: &mpsc::UnboundedSender<InstanceEvent>,
+    ) -> Option<Box<Crash>> {
+        if let Some(Id::Str(s)) = &r.id {
+            return Some(self.string_id(s));
+        }
         let Some(Id::Num(id)) = r.id else {
             match r.result {
                 Err(e) => {
                     tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, code = e.code, "plugin reported an error about a message it could not read: {}", e.message)
                 }
                 Ok(_) => {
-                    tracing::warn!(plugin = %self.name(), instance = self.spec.index, "plugin sent a response without a usable id; ignored")
+                    tracing::warn!(plugin = %self.name(), instance = self.spec.index, "plugin sent a response without an id; ignored")
                 }
             }
-            return;
+            return None;
         };
         if let Some((ping, _)) = self.ping {
             if ping == id {
                 self.ping = None;
                 self.next_ping = Instant::now() + self.spec.manifest.timeouts.ping_interval;
-                return;
+                return None;
             }
         }
         let Some(run) = self.running.remove(&id) else {
-            tracing::warn!(plugin = %self.name(), instance = self.spec.index, id, "plugin answered unknown request id {id}; ignored");
-            return;
+            tracing::warn!(plugin = %self.name(), instance = self.spec.index, id, "plugin answered request id {id}, which is not outstanding (answered twice, or never asked); ignored");
+            return None;
         };
         let task_id = run.job.request.id.clone();
         self.by_task.remove(&task_id);
@@ -588,6 +607,32 @@ impl Instance {
             generation: self.spec.generation,
             kind: EventKind::Finished { task_id, ok },
         });
+        None
+    }
+
+    /// The crash for a response with a string id; the task it names (if any) is the culprit.
+    fn string_id(&self, s: &str) -> Box<Crash> {
+        let meant = super::reply_id::meant(s);
+        let (method, culprit) = match meant {
+            Some(n) if self.running.contains_key(&n) => (Some(method::TASK_RUN), Some(n)),
+            Some(n) if self.ping.is_some_and(|(p, _)| p == n) => (Some(method::PING), None),
+            _ => (None, None),
+        };
+        let reason = super::reply_id::string_id_violation(s, method);
+        let culprit = culprit.map(|n| {
+            let failure = Failure::new(
+                FailureKind::Raised { retryable: false },
+                "ProtocolViolation",
+                "worker.errors",
+                format!("plugin `{}` {reason}", self.name()),
+            );
+            (n, failure)
+        });
+        Box::new(Crash {
+            reason,
+            culprit,
+            violation: true,
+        })
     }
 
     /// Maps a `task.run` error response to a failure.
@@ -769,6 +814,7 @@ impl Instance {
                         self.spec.manifest.timeouts.ping_timeout
                     ),
                     culprit: None,
+                    violation: false,
                 }));
             }
         } else if now >= self.next_ping {
@@ -791,6 +837,7 @@ impl Instance {
                         run.job.request.id
                     ),
                     culprit: Some((id, failure)),
+                    violation: false,
                 }));
             }
             if let Some(c) = &run.cancel {
@@ -805,6 +852,7 @@ impl Instance {
                             run.job.request.id
                         ),
                         culprit: Some((id, failure)),
+                        violation: false,
                     }));
                 }
             } else if run.soft_at.is_some_and(|t| now >= t) {
@@ -824,11 +872,18 @@ impl Instance {
         crash: Crash,
         events: &mpsc::UnboundedSender<InstanceEvent>,
     ) -> ExitReason {
-        // Answers that were already written before the crash still count.
+        // Answers that were already written before the crash still count, unless the crash
+        // is a protocol violation: whatever came after it is not trusted.
         stdout.close();
         while let Ok(ev) = stdout.try_recv() {
-            if let StdoutEvent::Message(Message::Response(r)) = ev {
-                self.on_response(r, events);
+            match ev {
+                _ if crash.violation => {}
+                StdoutEvent::Message(Message::Response(r)) => {
+                    if self.on_response(r, events).is_some() {
+                        break;
+                    }
+                }
+                _ => {}
             }
         }
         let incompatible = crash
@@ -883,7 +938,7 @@ impl Instance {
             tokio::select! {
                 ev = stdout.recv() => match ev {
                     Some(StdoutEvent::Message(Message::Response(r))) if r.id == Some(Id::Num(shutdown)) => break,
-                    Some(StdoutEvent::Message(Message::Response(r))) => self.on_response(r, events),
+                    Some(StdoutEvent::Message(Message::Response(r))) => { let _ = self.on_response(r, events); }
                     Some(StdoutEvent::Message(msg)) => self.on_message(msg),
                     Some(StdoutEvent::Garbage { line, error }) => self.on_garbage(&line, &error),
                     Some(StdoutEvent::TooLong { .. }) | Some(StdoutEvent::Closed) | None => break,
@@ -914,9 +969,10 @@ impl Instance {
         );
         for (_, run) in self.running.drain() {
             let task_id = run.job.request.id.clone();
-            run.job.finish(Outcome::Failure(Failure::crashed(format!(
-                "{lead} while running task {task_id}"
-            ))));
+            run.job
+                .finish(Outcome::Failure(Failure::interrupted(format!(
+                    "{lead} while running task {task_id}"
+                ))));
             let _ = events.send(InstanceEvent {
                 slot: self.spec.slot,
                 generation: self.spec.generation,

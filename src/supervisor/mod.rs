@@ -8,6 +8,7 @@ pub mod handshake;
 pub mod instance;
 pub mod pool;
 pub mod process;
+pub mod reply_id;
 pub mod restart;
 pub mod status;
 

@@ -182,12 +182,13 @@ pub fn pump_stdout(
             };
             decoder.extend(&buf[..n]);
             while let Some(frame) = decoder.next_frame() {
-                let event = match frame {
+                let (event, violation) = match frame {
                     Frame::Line(line) if line.iter().all(u8::is_ascii_whitespace) => continue,
-                    Frame::Line(line) => parse(&line),
-                    Frame::TooLong { seen } => StdoutEvent::TooLong { seen },
+                    Frame::Line(line) => (parse(&line), false),
+                    Frame::TooLong { seen } => (StdoutEvent::TooLong { seen }, true),
                 };
-                if tx.send(event).await.is_err() {
+                // Nothing a process writes after breaking the protocol is read.
+                if tx.send(event).await.is_err() || violation {
                     return;
                 }
             }

@@ -9,6 +9,8 @@
     client.py QUEUE countdown NAME ARGS_JSON SECONDS        apply_async(countdown=...); also the seconds taken
     client.py QUEUE expires NAME ARGS_JSON                 countdown 2 s but expires after 1 s
     client.py QUEUE revoked_first NAME ARGS_JSON           revoke an id, then send a task with that id
+    client.py QUEUE flood NAME ARGS_JSON N REPLY_QUEUE     send N tasks whose results go to REPLY_QUEUE
+                                                           (the caller reads it raw); prints their ids
 
 Outcomes print as {"ok": result} or {"exc_type": ..., "exc_module": ..., "message": ...}.
 """
@@ -89,6 +91,10 @@ def main():
         app.control.revoke(task_id)
         r = app.send_task(rest[0], args=json.loads(rest[1]), queue=queue, task_id=task_id)
         print(json.dumps(outcome(lambda: r.get(timeout=TIMEOUT))), flush=True)
+    elif command == "flood":
+        name, args, n, reply_to = rest[0], json.loads(rest[1]), int(rest[2]), rest[3]
+        ids = [app.send_task(name, args=args, queue=queue, reply_to=reply_to).id for _ in range(n)]
+        print(json.dumps({"ids": ids}), flush=True)
     elif command == "garbage":
         with Connection(app.conf.broker_url) as conn:
             q = Queue(queue, Exchange(queue, type="direct"), routing_key=queue)

@@ -2,6 +2,8 @@
 //! supervisor. Every wait here is on an event with a timeout; nothing sleeps to pass.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -363,7 +365,12 @@ impl Daemon {
     }
 
     pub fn wait_log(&mut self, needle: &str) -> String {
-        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+        self.wait_log_from(0, needle)
+    }
+
+    /// Waits for a line containing `needle` among the lines from the `start`-th on.
+    pub fn wait_log_from(&mut self, start: usize, needle: &str) -> String {
+        if let Some(l) = self.seen.iter().skip(start).find(|l| l.contains(needle)) {
             return l.clone();
         }
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -382,6 +389,14 @@ impl Daemon {
                 ),
             }
         }
+    }
+
+    /// Every log line so far (including those not yet read by `wait_log`).
+    pub fn drain_log(&mut self) -> Vec<String> {
+        while let Ok(line) = self.log.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.clone()
     }
 
     pub fn cli(&self, args: &[&str]) -> Command {

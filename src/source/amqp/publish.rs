@@ -1,0 +1,165 @@
+//! Publishing to reply queues. A final state is published with publisher confirms and
+//! `mandatory`, retried across reconnects, and retried with backoff while the reply queue does
+//! not exist (the broker returns it: the client may be reconnecting), for up to
+//! `result_retry_timeout`. Progress and streamed items are published without confirms.
+//!
+//! The one window no AMQP worker can close: a state published on a connection that died
+//! before the broker confirmed it may or may not have reached the queue. It is published again
+//! on the next connection (never lost), and logged, because the client may then see it twice.
+
+use super::Shared;
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel, Confirmation};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// First wait before publishing a returned result again; it doubles up to the maximum.
+const RETURN_RETRY_MIN: Duration = Duration::from_millis(50);
+const RETURN_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// How a final-state publish ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// The broker confirmed it into the reply queue.
+    Confirmed,
+    /// The reply queue did not exist for `result_retry_timeout`; logged as undeliverable.
+    Undeliverable,
+    /// The worker is stopping for good before it could be confirmed.
+    GaveUp,
+}
+
+/// The results channel of the current connection; the number tells connections apart.
+pub(super) type ResultsChannel = Option<(u64, Channel)>;
+
+fn properties(correlation_id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_correlation_id(correlation_id.into())
+        .with_delivery_mode(1)
+}
+
+impl Shared {
+    /// Waits for a connected results channel other than `not` (the one that just failed).
+    async fn channel(
+        &self,
+        channels: &mut watch::Receiver<ResultsChannel>,
+        not: Option<u64>,
+    ) -> Option<(u64, Channel)> {
+        loop {
+            if let Some((n, ch)) = channels.borrow_and_update().clone() {
+                if Some(n) != not {
+                    return Some((n, ch));
+                }
+            }
+            tokio::select! {
+                changed = channels.changed() => if changed.is_err() { return None },
+                _ = self.finished.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Publishes a task's final state until the broker confirms it (see the module doc).
+    pub(super) async fn publish_final(
+        &self,
+        task_id: &str,
+        reply_to: &str,
+        correlation_id: &str,
+        body: &[u8],
+    ) -> Delivered {
+        let mut channels = self.results.subscribe();
+        let mut failed_on = None;
+        let mut returned_since: Option<Instant> = None;
+        let mut wait = RETURN_RETRY_MIN;
+        loop {
+            let Some((n, channel)) = self.channel(&mut channels, failed_on).await else {
+                return Delivered::GaveUp;
+            };
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            };
+            let sent = channel
+                .basic_publish(
+                    "".into(),
+                    reply_to.into(),
+                    options,
+                    body,
+                    properties(correlation_id),
+                )
+                .await;
+            let confirmed = match sent {
+                Ok(pending) => pending.await,
+                Err(e) => {
+                    tracing::warn!(
+                        task_id,
+                        "cannot publish the result ({e}); publishing it after reconnecting"
+                    );
+                    failed_on = Some(n);
+                    continue;
+                }
+            };
+            match confirmed {
+                Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {
+                    return Delivered::Confirmed
+                }
+                Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_))) => {
+                    let since = *returned_since.get_or_insert_with(|| {
+                        tracing::warn!(task_id, reply_to, "the reply queue does not exist (the client may be reconnecting); retrying for up to {:?} (`result_retry_timeout`)", self.options.result_retry_timeout);
+                        Instant::now()
+                    });
+                    if since.elapsed() >= self.options.result_retry_timeout {
+                        tracing::error!(task_id, reply_to, "result undeliverable: the reply queue did not exist for {:?} (`result_retry_timeout`); the task message is acked and the result dropped", self.options.result_retry_timeout);
+                        return Delivered::Undeliverable;
+                    }
+                }
+                Ok(Confirmation::Nack(None)) => {
+                    tracing::warn!(
+                        task_id,
+                        "the broker refused (nack) the result; publishing it again"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(task_id, "the result was published but the connection closed before the broker confirmed it ({e}); publishing it again after reconnecting, so the client may receive this result twice");
+                    failed_on = Some(n);
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.finished.cancelled() => return Delivered::GaveUp,
+            }
+            wait = (wait * 2).min(RETURN_RETRY_MAX);
+        }
+    }
+
+    /// Publishes a progress or stream state, waiting for a connection if there is none.
+    pub(super) async fn publish_event(&self, reply_to: &str, correlation_id: &str, body: &[u8]) {
+        let mut channels = self.results.subscribe();
+        let mut failed_on = None;
+        loop {
+            let Some((n, channel)) = self.channel(&mut channels, failed_on).await else {
+                return;
+            };
+            let sent = channel
+                .basic_publish(
+                    "".into(),
+                    reply_to.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties(correlation_id),
+                )
+                .await;
+            match sent {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(
+                        "cannot publish a progress message ({e}); retrying after reconnecting"
+                    );
+                    failed_on = Some(n);
+                }
+            }
+        }
+    }
+}

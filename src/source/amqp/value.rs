@@ -1,0 +1,101 @@
+//! AMQP field values and JSON: every numeric type AMQP can carry becomes a JSON number, and
+//! JSON goes back as the field types kombu reads.
+
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use serde_json::{json, Value};
+
+/// AMQP field values as JSON (every numeric type accepted).
+pub fn amqp_to_json(v: &AMQPValue) -> Value {
+    match v {
+        AMQPValue::Boolean(b) => json!(b),
+        AMQPValue::ShortShortInt(n) => json!(n),
+        AMQPValue::ShortShortUInt(n) => json!(n),
+        AMQPValue::ShortInt(n) => json!(n),
+        AMQPValue::ShortUInt(n) => json!(n),
+        AMQPValue::LongInt(n) => json!(n),
+        AMQPValue::LongUInt(n) => json!(n),
+        AMQPValue::LongLongInt(n) => json!(n),
+        AMQPValue::Float(f) => json!(f),
+        AMQPValue::Double(f) => json!(f),
+        AMQPValue::DecimalValue(d) => json!(d.value as f64 / 10f64.powi(d.scale as i32)),
+        AMQPValue::ShortString(s) => json!(s.as_str()),
+        AMQPValue::LongString(s) => json!(String::from_utf8_lossy(s.as_bytes())),
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(amqp_to_json).collect()),
+        AMQPValue::Timestamp(t) => json!(t),
+        AMQPValue::FieldTable(t) => table_to_json(t),
+        AMQPValue::ByteArray(b) => json!(String::from_utf8_lossy(b.as_slice())),
+        AMQPValue::Void => Value::Null,
+    }
+}
+
+pub fn table_to_json(t: &FieldTable) -> Value {
+    Value::Object(
+        t.inner()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), amqp_to_json(v)))
+            .collect(),
+    )
+}
+
+pub fn json_to_amqp(v: &Value) -> AMQPValue {
+    match v {
+        Value::Null => AMQPValue::Void,
+        Value::Bool(b) => AMQPValue::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => AMQPValue::LongLongInt(i),
+            None => AMQPValue::Double(n.as_f64().unwrap_or(0.0)),
+        },
+        Value::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())),
+        Value::Array(a) => {
+            let mut arr = FieldArray::default();
+            for x in a {
+                arr.push(json_to_amqp(x));
+            }
+            AMQPValue::FieldArray(arr)
+        }
+        Value::Object(o) => {
+            let mut t = FieldTable::default();
+            for (k, x) in o {
+                t.insert(ShortString::from(k.as_str()), json_to_amqp(x));
+            }
+            AMQPValue::FieldTable(t)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::DecimalValue;
+
+    #[test]
+    fn every_amqp_numeric_type_becomes_a_json_number() {
+        let cases = [
+            (AMQPValue::ShortShortInt(-1), json!(-1)),
+            (AMQPValue::ShortShortUInt(2), json!(2)),
+            (AMQPValue::ShortInt(-3), json!(-3)),
+            (AMQPValue::ShortUInt(4), json!(4)),
+            (AMQPValue::LongInt(-5), json!(-5)),
+            (AMQPValue::LongUInt(6), json!(6)),
+            (AMQPValue::LongLongInt(-7), json!(-7)),
+            (AMQPValue::Float(1.5), json!(1.5)),
+            (AMQPValue::Double(2.5), json!(2.5)),
+            (
+                AMQPValue::DecimalValue(DecimalValue {
+                    scale: 2,
+                    value: 125,
+                }),
+                json!(1.25),
+            ),
+            (AMQPValue::Timestamp(9), json!(9)),
+            (AMQPValue::Void, Value::Null),
+        ];
+        for (v, want) in cases {
+            assert_eq!(amqp_to_json(&v), want, "{v:?}");
+        }
+        let back = amqp_to_json(&json_to_amqp(
+            &json!({"a": [1, "x", null, 2.5, {"b": true}]}),
+        ));
+        assert_eq!(back, json!({"a": [1, "x", null, 2.5, {"b": true}]}));
+    }
+}
