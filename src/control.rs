@@ -3,7 +3,9 @@
 //! here so the wire stays in one place (documented in README, "Control API").
 //!
 //! Methods: `task.submit` (notifications `task.accepted`, `task.progress`, `task.stream`, then
-//! the response), `task.cancel`, `plugins.status`, `plugins.reload` (`{wait?}`), `ping`.
+//! the response), `task.cancel`, `task.list`, `plugins.status`, `plugins.restart` (`{name}`),
+//! `plugins.reload` (`{wait?}`), `ping`. A connection may carry many requests at once; a task
+//! whose submitter disconnects is cancelled unless it was submitted with `detach: true`.
 
 use crate::dispatch::Dispatcher;
 use crate::supervisor::status::PluginStatus;
@@ -13,6 +15,7 @@ use plugin_protocol::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use std::collections::HashSet;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
@@ -22,6 +25,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// Longest time limit a client may ask for (30 days); larger values are ignored.
+const MAX_TIME_LIMIT_SECS: f64 = 30.0 * 24.0 * 3600.0;
 
 /// Control requests are small; task arguments can be large, so allow what plugins allow.
 const MAX_REQUEST_BYTES: usize = plugin_protocol::DEFAULT_MAX_LINE_BYTES;
@@ -41,6 +47,10 @@ pub struct SubmitParams {
     pub soft_time_limit: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hard_time_limit: Option<f64>,
+    /// Keep running if this connection closes; by default a task whose submitter
+    /// disconnects is cancelled, since nobody is left to receive its result.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detach: bool,
 }
 
 /// What `ping` and `plugins.status` say about the worker itself.
@@ -126,6 +136,19 @@ pub async fn serve(
     tracker.wait().await;
 }
 
+/// What every request on one connection needs.
+#[derive(Clone)]
+struct Context {
+    dispatcher: Arc<Dispatcher>,
+    info: WorkerInfo,
+    reload: ReloadSettings,
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    /// "control socket (pid 42, uid 1000)", from the peer's credentials.
+    submitter: String,
+    /// Tasks submitted on this connection without `detach`: cancelled if it closes.
+    attached: Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
 async fn connection(
     stream: UnixStream,
     dispatcher: Arc<Dispatcher>,
@@ -133,6 +156,13 @@ async fn connection(
     reload: ReloadSettings,
     stop: CancellationToken,
 ) {
+    let submitter = match stream.peer_cred() {
+        Ok(c) => match c.pid() {
+            Some(pid) => format!("control socket (pid {pid}, uid {})", c.uid()),
+            None => format!("control socket (uid {})", c.uid()),
+        },
+        Err(_) => "control socket".to_string(),
+    };
     let (mut read, mut write) = stream.into_split();
     let (out, mut outbox) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::spawn(async move {
@@ -142,12 +172,26 @@ async fn connection(
             }
         }
     });
+    let ctx = Context {
+        dispatcher,
+        info,
+        reload,
+        out: out.clone(),
+        submitter,
+        attached: Arc::default(),
+    };
     let requests = TaskTracker::new();
     let mut decoder = LineDecoder::new(MAX_REQUEST_BYTES);
     let mut buf = vec![0u8; 64 * 1024];
     'conn: loop {
         let n = tokio::select! {
-            r = read.read(&mut buf) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
+            r = read.read(&mut buf) => match r {
+                Ok(0) | Err(_) => {
+                    cancel_attached(&ctx).await;
+                    break;
+                }
+                Ok(n) => n,
+            },
             // After a stop, close idle connections; requests under way still finish.
             _ = stop.cancelled(), if requests.is_empty() => break,
         };
@@ -166,13 +210,7 @@ async fn connection(
             };
             match Message::parse(&line) {
                 Ok(Message::Request(req)) => {
-                    requests.spawn(handle(
-                        req,
-                        dispatcher.clone(),
-                        info.clone(),
-                        reload.clone(),
-                        out.clone(),
-                    ));
+                    requests.spawn(handle(req, ctx.clone()));
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -189,19 +227,35 @@ async fn connection(
     }
     requests.close();
     requests.wait().await;
+    drop(ctx);
     drop(out);
     let _ = writer.await;
 }
 
-async fn handle(
-    req: Request,
-    dispatcher: Arc<Dispatcher>,
-    info: WorkerInfo,
-    reload: ReloadSettings,
-    out: mpsc::UnboundedSender<Vec<u8>>,
-) {
+/// The client went away: nobody will read the results of the tasks it did not detach.
+async fn cancel_attached(ctx: &Context) {
+    let ids: Vec<String> = ctx
+        .attached
+        .lock()
+        .expect("attached lock poisoned")
+        .drain()
+        .collect();
+    for id in ids {
+        tracing::info!(task_id = %id, submitter = %ctx.submitter, "the client that submitted this task disconnected; cancelling it (submit with `detach: true` to keep it running)");
+        ctx.dispatcher
+            .cancel(
+                &id,
+                "the control-socket client that submitted it disconnected",
+            )
+            .await;
+    }
+}
+
+async fn handle(req: Request, ctx: Context) {
+    let dispatcher = &ctx.dispatcher;
     let result = match req.method.as_str() {
-        "task.submit" => submit(req.params, &dispatcher, &out).await,
+        "task.submit" => submit(req.params, &ctx).await,
+        "task.list" => Ok(json!({ "tasks": dispatcher.list().await })),
         "task.cancel" => {
             #[derive(Deserialize)]
             struct P {
@@ -218,15 +272,16 @@ async fn handle(
             }
         }
         "plugins.status" => Ok(serde_json::to_value(StatusReport {
-            worker: info,
+            worker: ctx.info.clone(),
             in_flight: dispatcher.in_flight(),
             plugins: dispatcher.supervisor().status().await,
         })
         .expect("status serializes")),
-        "ping" => Ok(serde_json::to_value(info).expect("info serializes")),
+        "plugins.restart" => restart(req.params, dispatcher).await,
+        "ping" => Ok(serde_json::to_value(&ctx.info).expect("info serializes")),
         "plugins.reload" => match dispatcher
             .supervisor()
-            .reload_installed(&reload.state, reload.drain, wants_wait(&req.params))
+            .reload_installed(&ctx.reload.state, ctx.reload.drain, wants_wait(&req.params))
             .await
         {
             Ok(report) => Ok(serde_json::to_value(report).expect("report serializes")),
@@ -241,18 +296,33 @@ async fn handle(
         Ok(v) => Response::ok(req.id, v),
         Err(e) => Response::err(Some(req.id), e),
     };
-    let _ = out.send(Message::Response(resp).to_line());
+    let _ = ctx.out.send(Message::Response(resp).to_line());
 }
 
-async fn submit(
-    params: Value,
-    dispatcher: &Dispatcher,
-    out: &mpsc::UnboundedSender<Vec<u8>>,
-) -> Result<Value, ErrorObject> {
+/// `plugins.restart {name}`: a failed plugin is started again at once.
+async fn restart(params: Value, dispatcher: &Dispatcher) -> Result<Value, ErrorObject> {
+    #[derive(Deserialize)]
+    struct P {
+        name: String,
+    }
+    let p: P = serde_json::from_value(params)
+        .map_err(|e| ErrorObject::new(code::INVALID_PARAMS, e.to_string()))?;
+    let Some(pool) = dispatcher.supervisor().plugin(&p.name) else {
+        return Err(ErrorObject::new(
+            code::INVALID_PARAMS,
+            format!("no plugin `{}` runs in this worker", p.name),
+        ));
+    };
+    let restarted = pool.restart().await;
+    let state = pool.view().borrow().state.to_string();
+    Ok(json!({ "name": p.name, "restarted": restarted, "state": state }))
+}
+
+async fn submit(params: Value, ctx: &Context) -> Result<Value, ErrorObject> {
     let p: SubmitParams = serde_json::from_value(params)
         .map_err(|e| ErrorObject::new(code::INVALID_PARAMS, e.to_string()))?;
     let secs = |s: Option<f64>| {
-        s.filter(|s| s.is_finite() && *s > 0.0)
+        s.filter(|s| s.is_finite() && *s > 0.0 && *s <= MAX_TIME_LIMIT_SECS)
             .map(Duration::from_secs_f64)
     };
     let mut request = TaskRequest::new(p.name, p.args, p.kwargs);
@@ -261,9 +331,10 @@ async fn submit(
     }
     request.soft_time_limit = secs(p.soft_time_limit);
     request.hard_time_limit = secs(p.hard_time_limit);
+    request.submitter = ctx.submitter.clone();
     let task_id = request.id.clone();
     let notify = |method: &str, params: Value| {
-        let _ = out.send(
+        let _ = ctx.out.send(
             Message::Notification(Notification {
                 method: method.into(),
                 params,
@@ -272,9 +343,15 @@ async fn submit(
         );
     };
     notify("task.accepted", json!({ "task_id": task_id }));
+    if !p.detach {
+        ctx.attached
+            .lock()
+            .expect("attached lock poisoned")
+            .insert(task_id.clone());
+    }
     let (events, mut events_rx) = mpsc::unbounded_channel();
     let outcome = {
-        let run = dispatcher.submit(request, events);
+        let run = ctx.dispatcher.submit(request, events);
         tokio::pin!(run);
         loop {
             tokio::select! {
@@ -284,6 +361,10 @@ async fn submit(
             }
         }
     };
+    ctx.attached
+        .lock()
+        .expect("attached lock poisoned")
+        .remove(&task_id);
     // Events sent just before the outcome still precede the response.
     while let Ok(ev) = events_rx.try_recv() {
         forward(&task_id, ev, &notify);

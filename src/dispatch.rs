@@ -8,10 +8,11 @@
 use crate::supervisor::instance::Job;
 use crate::supervisor::Supervisor;
 use crate::task::{Failure, FailureKind, Outcome, TaskEvent, TaskRequest};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// How often a task may be refused before reaching a process before that counts as an attempt.
@@ -21,10 +22,37 @@ const MAX_REFUSALS: u32 = 20;
 #[derive(Debug)]
 pub struct Dispatcher {
     supervisor: Arc<Supervisor>,
-    /// Tasks between submit and outcome: id -> a cancel request, if one was made.
-    active: Mutex<HashMap<String, Option<String>>>,
+    /// Tasks between submit and outcome.
+    active: Mutex<HashMap<String, Active>>,
     accepting: AtomicBool,
     in_flight: watch::Sender<usize>,
+}
+
+/// A task between submit and outcome.
+#[derive(Debug)]
+struct Active {
+    name: String,
+    submitter: String,
+    since: Instant,
+    attempt: u32,
+    /// A cancel request, if one was made.
+    cancel: Option<String>,
+}
+
+/// One in-flight task, as `worker task list` (control method `task.list`) shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskListing {
+    pub task_id: String,
+    pub task: String,
+    /// The plugin serving it; instance and pid once it runs on a process.
+    pub plugin: Option<String>,
+    pub instance: Option<u32>,
+    pub pid: Option<u32>,
+    pub attempt: u32,
+    /// `running` on a process, or `queued` (waiting for a free instance or between attempts).
+    pub state: String,
+    pub age_secs: f64,
+    pub submitter: String,
 }
 
 /// Removes a task from the active set when its submit ends, however it ends.
@@ -80,7 +108,14 @@ impl Dispatcher {
                     ),
                 ));
             }
-            active.insert(request.id.clone(), None);
+            let entry = Active {
+                name: request.name.clone(),
+                submitter: request.submitter.clone(),
+                since: Instant::now(),
+                attempt: 1,
+                cancel: None,
+            };
+            active.insert(request.id.clone(), entry);
             self.in_flight.send_replace(active.len());
         }
         let _guard = ActiveGuard {
@@ -99,6 +134,7 @@ impl Dispatcher {
                 return Outcome::Failure(Failure::not_registered(&request.name));
             };
             let max_attempts = pool.manifest().max_attempts;
+            self.set_attempt(&request.id, attempt);
             let (reply, outcome) = oneshot::channel();
             pool.run(Job {
                 request: request.clone(),
@@ -157,8 +193,56 @@ impl Dispatcher {
             .lock()
             .expect("active lock poisoned")
             .get(id)
-            .cloned()
-            .flatten()
+            .and_then(|a| a.cancel.clone())
+    }
+
+    fn set_attempt(&self, id: &str, attempt: u32) {
+        if let Some(a) = self
+            .active
+            .lock()
+            .expect("active lock poisoned")
+            .get_mut(id)
+        {
+            a.attempt = attempt;
+        }
+    }
+
+    /// Every task in flight, oldest first, with where it runs.
+    pub async fn list(&self) -> Vec<TaskListing> {
+        let mut placed = HashMap::new();
+        for pool in self.supervisor.plugins() {
+            let plugin = pool.manifest().name.clone();
+            for (task_id, instance, pid) in pool.placements().await {
+                placed.insert(task_id, (plugin.clone(), instance, pid));
+            }
+        }
+        let mut listing: Vec<TaskListing> = {
+            let active = self.active.lock().expect("active lock poisoned");
+            active
+                .iter()
+                .map(|(id, a)| {
+                    let at = placed.get(id);
+                    let plugin = at.map(|(p, _, _)| p.clone()).or_else(|| {
+                        self.supervisor
+                            .route(&a.name)
+                            .map(|p| p.manifest().name.clone())
+                    });
+                    TaskListing {
+                        task_id: id.clone(),
+                        task: a.name.clone(),
+                        plugin,
+                        instance: at.map(|(_, i, _)| *i),
+                        pid: at.and_then(|(_, _, pid)| *pid),
+                        attempt: a.attempt,
+                        state: if at.is_some() { "running" } else { "queued" }.into(),
+                        age_secs: a.since.elapsed().as_secs_f64(),
+                        submitter: a.submitter.clone(),
+                    }
+                })
+                .collect()
+        };
+        listing.sort_by(|a, b| b.age_secs.total_cmp(&a.age_secs));
+        listing
     }
 
     /// Asks a task to stop: dropped if still queued, `task.cancel` if running (then killed
@@ -169,7 +253,7 @@ impl Dispatcher {
             let Some(slot) = active.get_mut(task_id) else {
                 return false;
             };
-            *slot = Some(reason.to_string());
+            slot.cancel = Some(reason.to_string());
         }
         for pool in self.supervisor.plugins() {
             if pool.cancel(task_id, reason, false).await {

@@ -92,6 +92,8 @@ pub struct RestartSettings {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub stable_after: Duration,
+    /// How long a `failed` plugin waits before it is tried again on its own.
+    pub failed_retry: Duration,
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
@@ -189,6 +191,7 @@ struct RawRestart {
     backoff_initial: Spanned<f64>,
     backoff_max: Spanned<f64>,
     stable_after: Spanned<f64>,
+    failed_retry: Spanned<f64>,
 }
 
 impl Default for RawRestart {
@@ -200,6 +203,7 @@ impl Default for RawRestart {
             backoff_initial: s(0.1),
             backoff_max: s(30.0),
             stable_after: s(30.0),
+            failed_retry: s(300.0),
         }
     }
 }
@@ -277,12 +281,14 @@ impl Manifest {
             }
         }
         let secs = |key: &str, v: &Spanned<f64>, min: f64| -> Result<Duration, String> {
+            // Bounded above so no duration arithmetic can overflow (30 days).
+            const MAX: f64 = 30.0 * 24.0 * 3600.0;
             let s = *v.get_ref();
-            if !(s.is_finite() && s >= min) {
+            if !(s.is_finite() && s >= min && s <= MAX) {
                 return Err(err(
                     key,
                     v.span(),
-                    &format!("must be a number of seconds >= {min}"),
+                    &format!("must be a number of seconds from {min} to {MAX} (30 days)"),
                 ));
             }
             Ok(Duration::from_secs_f64(s))
@@ -308,6 +314,7 @@ impl Manifest {
             backoff_initial: secs("restart.backoff_initial", &r.backoff_initial, 0.0)?,
             backoff_max: secs("restart.backoff_max", &r.backoff_max, 0.0)?,
             stable_after: secs("restart.stable_after", &r.stable_after, 0.0)?,
+            failed_retry: secs("restart.failed_retry", &r.failed_retry, 0.001)?,
         };
         let settings = match serde_json::to_value(&raw.settings) {
             Ok(Value::Object(map)) => map,

@@ -4,9 +4,10 @@
 
 use crate::manifest::Manifest;
 use crate::supervisor::process::{self, StderrTail};
+use crate::supervisor::reply_id;
 use plugin_protocol::{
     method, ErrorObject, Frame, Id, InitializeParams, InitializeResult, InstanceRef, Limits,
-    LineDecoder, Message, Notification, PeerInfo, Request, PROTOCOL_VERSION,
+    LineDecoder, Message, Notification, PeerInfo, Request, Response, PROTOCOL_VERSION,
 };
 use serde_json::Value;
 use std::time::Duration;
@@ -86,12 +87,20 @@ impl Session {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 while let Some(frame) = self.decoder.next_frame() {
-                    if let Frame::Line(line) = frame {
-                        if let Ok(Message::Response(r)) = Message::parse(&line) {
-                            if r.id == Some(Id::Num(id)) {
-                                return Ok(r.result);
-                            }
+                    let Frame::Line(line) = frame else { continue };
+                    match Message::parse(&line) {
+                        Ok(Message::Response(r)) if r.id == Some(Id::Num(id)) => {
+                            return Ok(r.result)
                         }
+                        // A string id never matches: say so now rather than time out.
+                        Ok(Message::Response(Response {
+                            id: Some(Id::Str(s)),
+                            ..
+                        })) => {
+                            let asked = (reply_id::meant(&s) == Some(id)).then_some(method);
+                            return Err(reply_id::string_id_violation(&s, asked));
+                        }
+                        _ => {}
                     }
                 }
                 let n = self
@@ -166,7 +175,7 @@ impl Session {
 
     /// `reason` followed by the last stderr lines, for an error message.
     pub fn explain(&self, reason: &str) -> String {
-        format!("{reason}{}", self.stderr.summary(5))
+        format!("{reason}{}", self.stderr.summary(self.pid, 5))
     }
 }
 

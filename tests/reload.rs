@@ -251,7 +251,8 @@ fn every_failed_upgrade_leaves_the_old_version_serving() {
         );
     };
 
-    let cases: [(&str, String, &[&str]); 4] = [
+    let hang_marker = root.path().join("started-once-then-hangs");
+    let cases: [(&str, String, &[&str]); 5] = [
         (
             "bad manifest",
             original.replace("version = \"0.0.1\"", "version = \"0.0.2\"\ninstances = 0"),
@@ -278,6 +279,27 @@ fn every_failed_upgrade_leaves_the_old_version_serving() {
                 .replace("version = \"0.0.1\"", "version = \"0.0.2\"")
                 .replace("[env]\n", &format!("[env]\nFAULT_SECOND_START = \"{}\"\n", marker.display())),
             &["at start in the running daemon", "exited with status 3"],
+        ),
+        (
+            // Never failed, never ready: the report still names the cause it last saw.
+            "hangs only in the daemon",
+            original
+                .replace("version = \"0.0.1\"", "version = \"0.0.2\"")
+                .replace("max_restarts = 0", "max_restarts = 50")
+                .replace(
+                    "[env]\n",
+                    &format!(
+                        "[env]\nFAULT_SECOND_START = \"{}\"\nFAULT_SECOND_START_MODE = \"hang\"\n",
+                        hang_marker.display()
+                    ),
+                )
+                + "\n[timeouts]\ninit = 0.5\n",
+            &[
+                "at start in the running daemon",
+                "not ready within",
+                "last exit",
+                "did not answer `initialize` within the init timeout",
+            ],
         ),
     ];
     for (what, manifest, expected) in cases {

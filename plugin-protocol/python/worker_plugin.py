@@ -156,7 +156,9 @@ class Plugin:
             "protocol_version": PROTOCOL_VERSION,
             "plugin": {"name": self.name, "version": self.version},
             "tasks": tasks,
-            "capabilities": ["cancel", "progress", "stream"],
+            # Requests are read on the main thread while tasks run on the pool, so pings are
+            # answered while busy.
+            "capabilities": ["cancel", "progress", "stream", "ping_while_busy"],
         })
 
     def _run_task(self, id_, params):

@@ -15,6 +15,19 @@ pub fn protocol_major(version: &str) -> Option<u32> {
 }
 
 /// Method names.
+/// Capability names a plugin may list in its `initialize` reply.
+pub mod capability {
+    /// The plugin handles `task.cancel`.
+    pub const CANCEL: &str = "cancel";
+    /// The plugin sends `task.progress`.
+    pub const PROGRESS: &str = "progress";
+    /// The plugin sends `task.stream`.
+    pub const STREAM: &str = "stream";
+    /// The plugin answers `ping` while tasks run (it reads stdin concurrently with running
+    /// tasks). Without it the worker pings the plugin only while it has no task in flight.
+    pub const PING_WHILE_BUSY: &str = "ping_while_busy";
+}
+
 pub mod method {
     /// worker -> plugin request: the first message on every connection.
     pub const INITIALIZE: &str = "initialize";

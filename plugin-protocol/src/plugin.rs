@@ -344,7 +344,14 @@ impl Plugin {
                 version: self.version.clone(),
             },
             tasks: self.tasks.clone(),
-            capabilities: vec!["cancel".into(), "progress".into(), "stream".into()],
+            capabilities: [
+                capability::CANCEL,
+                capability::PROGRESS,
+                capability::STREAM,
+                capability::PING_WHILE_BUSY,
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 

@@ -84,15 +84,25 @@ async fn run_checks(
         .await
         .map(|r| {
             let served: Vec<&str> = r.tasks.iter().map(|t| t.name.as_str()).collect();
-            format!(
+            let line = format!(
                 "{} {} serves {}",
                 r.plugin.name,
                 r.plugin.version,
                 served.join(", ")
-            )
+            );
+            (line, crate::supervisor::handshake::version_mismatch(&r, m))
         });
     let handshake_ok = handshake.is_ok();
-    report.check("handshake", handshake);
+    report.check(
+        "handshake",
+        handshake
+            .as_ref()
+            .map(|(line, _)| line.clone())
+            .map_err(Clone::clone),
+    );
+    if let Ok((_, Some(warning))) = &handshake {
+        output::line(&format!("WARN  version: {warning}"));
+    }
     if !handshake_ok {
         return Ok(());
     }

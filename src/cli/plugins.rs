@@ -58,6 +58,9 @@ pub enum PluginsCommand {
         #[arg(long)]
         installed: bool,
     },
+    /// Start a `failed` plugin again now in the running daemon (it is otherwise tried again
+    /// after `restart.failed_retry`, or on reload)
+    Restart { name: String },
     /// One plugin in detail: manifest, tasks, install record, instances, recent exits, last
     /// stderr lines
     Inspect {
@@ -99,6 +102,7 @@ pub async fn plugins(config: Config, cmd: PluginsCommand) -> anyhow::Result<Exit
         PluginsCommand::List { json } => list(&config, json).await,
         PluginsCommand::Inspect { name, json } => inspect(&config, &name, json).await,
         PluginsCommand::Test { name, installed } => test(&config, &name, installed).await,
+        PluginsCommand::Restart { name } => restart(&config, &name).await,
         PluginsCommand::Create { name, lang } => super::scaffold::create(&config, &name, lang),
         PluginsCommand::Install { names, force } => {
             super::install::install(&config, &names, force).await
@@ -107,6 +111,49 @@ pub async fn plugins(config: Config, cmd: PluginsCommand) -> anyhow::Result<Exit
             super::install::uninstall(&config, &names, all, yes).await
         }
     }
+}
+
+/// When a failed plugin is tried again, for `list` and `inspect`.
+fn next_try(p: &PluginStatus) -> String {
+    let Some(at) = p.next_try_at else {
+        return "not retried on its own".to_string();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let left = (at - now).max(0.0) as u64;
+    let when = chrono::DateTime::from_timestamp(at as i64, 0)
+        .map(|t| t.format("%H:%M:%S UTC").to_string())
+        .unwrap_or_default();
+    format!(
+        "next try in {}m {}s, at {when} (or now: `worker plugins restart {}`)",
+        left / 60,
+        left % 60,
+        p.name
+    )
+}
+
+/// `worker plugins restart NAME`: asks the daemon to start a failed plugin again.
+async fn restart(config: &Config, name: &str) -> anyhow::Result<ExitCode> {
+    let mut client = crate::control::Client::connect(&config.socket).await?;
+    let reply = client
+        .call(
+            "plugins.restart",
+            serde_json::json!({ "name": name }),
+            |_| {},
+        )
+        .await?;
+    let v = reply.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    if v["restarted"] == true {
+        output::line(&format!("{name}: restarting (was failed)"));
+    } else {
+        output::line(&format!(
+            "{name}: {}; not restarted (only a failed plugin is restarted; use `worker reload` to apply an install)",
+            v["state"].as_str().unwrap_or("unknown")
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The plugins directory's plugins (broken ones beside them), or an error naming the setting.
@@ -232,6 +279,7 @@ async fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         if let Some(p) = e.live {
             if let crate::supervisor::status::PluginState::Failed(reason) = &p.state {
                 output::line(&format!("    failed: {reason}"));
+                output::line(&format!("    {}", next_try(p)));
             }
             for i in &p.instances {
                 output::line(&format!("    {}", instance_line(i)));
@@ -370,6 +418,7 @@ pub async fn reload(config: Config) -> anyhow::Result<ExitCode> {
         ("started", &report.started),
         ("replaced", &report.replaced),
         ("removed", &report.removed),
+        ("restarted (was failed)", &report.restarted),
         ("unchanged", &report.unchanged),
     ] {
         if !names.is_empty() {
@@ -498,6 +547,7 @@ async fn inspect(config: &Config, name: &str, json: bool) -> anyhow::Result<Exit
             output::line(&format!("  state: {}  queued: {}", p.state, p.queued));
             if let crate::supervisor::status::PluginState::Failed(reason) = &p.state {
                 output::line(&format!("  failed: {reason}"));
+                output::line(&format!("  {}", next_try(p)));
             }
             for i in &p.instances {
                 output::line(&format!("  {}", instance_line(i)));

@@ -1,8 +1,9 @@
-//! `worker task run|cancel`: talk to a running daemon over the control socket.
+//! `worker task run|cancel|list`: talk to a running daemon over the control socket.
 
 use super::output;
 use crate::config::Config;
 use crate::control::{Client, SubmitParams};
+use crate::dispatch::TaskListing;
 use crate::task::{Failure, TaskEvent};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
@@ -17,6 +18,12 @@ pub enum TaskCommand {
         task_id: String,
         #[arg(long)]
         reason: Option<String>,
+    },
+    /// Every task in flight: id, task, plugin, instance, pid, attempt, state, age, submitter
+    List {
+        /// Print JSON (`{tasks: [...]}`, as the control method `task.list` answers)
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -38,6 +45,9 @@ pub struct TaskRunArgs {
     /// Seconds before the plugin process running it is killed (overrides the manifest)
     #[arg(long)]
     pub hard_time_limit: Option<f64>,
+    /// Keep the task running if this command is interrupted (by default it is cancelled)
+    #[arg(long)]
+    pub detach: bool,
 }
 
 pub async fn task(config: Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> {
@@ -51,6 +61,7 @@ pub async fn task(config: Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
                 id: a.id,
                 soft_time_limit: a.soft_time_limit,
                 hard_time_limit: a.hard_time_limit,
+                detach: a.detach,
             };
             let reply = client
                 .call("task.submit", serde_json::to_value(params)?, |n| {
@@ -108,5 +119,42 @@ pub async fn task(config: Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
                 Err(e) => anyhow::bail!("cancel failed: {}", e.message),
             }
         }
+        TaskCommand::List { json } => {
+            let reply = client.call("task.list", json!({}), |_| {}).await?;
+            let doc = reply.map_err(|e| anyhow::anyhow!("task.list failed: {}", e.message))?;
+            if json {
+                output::line(&serde_json::to_string_pretty(&doc)?);
+            } else {
+                let tasks: Vec<TaskListing> = serde_json::from_value(doc["tasks"].clone())?;
+                print_list(&tasks);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_list(tasks: &[TaskListing]) {
+    if tasks.is_empty() {
+        output::line("no tasks in flight");
+        return;
+    }
+    output::line(&format!(
+        "{:<36}  {:<20}  {:<16}  {:>4}  {:>7}  {:>3}  {:<7}  {:>8}  SUBMITTER",
+        "ID", "TASK", "PLUGIN", "INST", "PID", "TRY", "STATE", "AGE"
+    ));
+    let dash = || "-".to_string();
+    for t in tasks {
+        output::line(&format!(
+            "{:<36}  {:<20}  {:<16}  {:>4}  {:>7}  {:>3}  {:<7}  {:>7.1}s  {}",
+            t.task_id,
+            t.task,
+            t.plugin.clone().unwrap_or_else(dash),
+            t.instance.map(|i| i.to_string()).unwrap_or_else(dash),
+            t.pid.map(|p| p.to_string()).unwrap_or_else(dash),
+            t.attempt,
+            t.state,
+            t.age_secs,
+            t.submitter
+        ));
     }
 }

@@ -234,6 +234,9 @@ impl Installer<'_> {
         let hello = crate::probe::handshake(&m, self.worker_name, self.max_line_bytes)
             .await
             .map_err(|e| (Stage::Handshake, e))?;
+        if let Some(warning) = crate::supervisor::handshake::version_mismatch(&hello, &m) {
+            tracing::warn!(plugin = %m.name, "{warning}");
+        }
         let manifest_sha256 = tree::file_sha256(&dir.join(MANIFEST_FILE))
             .map_err(|e| (Stage::Copy, e.to_string()))?;
         Ok(Staged {

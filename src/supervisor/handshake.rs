@@ -24,6 +24,12 @@ pub fn check(reply: Result<Value, ErrorObject>, m: &Manifest) -> Result<Initiali
             result.protocol_version
         ));
     }
+    if result.plugin.name != m.name {
+        return Err(format!(
+            "it introduces itself as `{}` but plugin.toml names it `{}` (make the names match)",
+            result.plugin.name, m.name
+        ));
+    }
     let declared: Vec<&str> = m.task_names().collect();
     let undeclared: Vec<&str> = result
         .tasks
@@ -48,6 +54,17 @@ pub fn check(reply: Result<Value, ErrorObject>, m: &Manifest) -> Result<Initiali
         ));
     }
     Ok(result)
+}
+
+/// A warning when the plugin reports another version than its manifest: allowed (the
+/// manifest's version decides installs) but worth fixing, since logs and status would disagree.
+pub fn version_mismatch(result: &InitializeResult, m: &Manifest) -> Option<String> {
+    (result.plugin.version != m.version).then(|| {
+        format!(
+            "it reports version {} but plugin.toml says {} (make them match)",
+            result.plugin.version, m.version
+        )
+    })
 }
 
 #[cfg(test)]
@@ -89,5 +106,19 @@ mod tests {
         assert!(check(Err(ErrorObject::new(-1, "no")), &manifest())
             .unwrap_err()
             .contains("error -1: no"));
+        let other = Ok(
+            json!({"protocol_version": "1.0", "plugin": {"name": "q", "version": "1"}, "tasks": [{"name": "a"}]}),
+        );
+        assert!(check(other, &manifest())
+            .unwrap_err()
+            .contains("introduces itself as `q` but plugin.toml names it `p`"));
+        let newer = Ok(
+            json!({"protocol_version": "1.0", "plugin": {"name": "p", "version": "2"}, "tasks": [{"name": "a"}]}),
+        );
+        let r = check(newer, &manifest()).expect("a version mismatch is allowed");
+        assert_eq!(
+            version_mismatch(&r, &manifest()).unwrap(),
+            "it reports version 2 but plugin.toml says 1 (make them match)"
+        );
     }
 }

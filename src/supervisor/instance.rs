@@ -189,6 +189,9 @@ struct Instance {
     /// Outstanding ping id and when it times out.
     ping: Option<(u64, Instant)>,
     next_ping: Instant,
+    /// The plugin declared `ping_while_busy`: it is pinged while tasks run, too. Otherwise
+    /// only while idle, since a plugin that runs one task at a time cannot answer meanwhile.
+    pings_while_busy: bool,
     started: Instant,
 }
 
@@ -244,6 +247,7 @@ async fn run(
 
     let mut inst = Instance {
         next_ping: Instant::now() + spec.manifest.timeouts.ping_interval,
+        pings_while_busy: false,
         spec,
         pid,
         out,
@@ -415,6 +419,10 @@ impl Instance {
             Err(reason) => return incompatible(reason),
         };
         self.notify(method::INITIALIZED, serde_json::json!({}));
+        self.pings_while_busy = result
+            .capabilities
+            .iter()
+            .any(|c| c == plugin_protocol::capability::PING_WHILE_BUSY);
         tracing::info!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, version = %result.plugin.version, "plugin instance ready");
         Ok(result.plugin.version)
     }
@@ -788,8 +796,19 @@ impl Instance {
         )
     }
 
+    /// Whether a new health ping may be sent now (see `pings_while_busy`).
+    fn pingable(&self) -> bool {
+        self.pings_while_busy || self.running.is_empty()
+    }
+
     fn next_deadline(&self) -> Instant {
-        let mut next = self.ping.map(|(_, t)| t).unwrap_or(self.next_ping);
+        // Without any timer due, wake up rarely; a ping is only scheduled while pingable.
+        let idle = Instant::now() + self.spec.manifest.timeouts.ping_interval;
+        let mut next = match self.ping {
+            Some((_, due)) => due,
+            None if self.pingable() => self.next_ping,
+            None => idle,
+        };
         for run in self.running.values() {
             let soft = if run.cancel.is_none() {
                 run.soft_at
@@ -817,7 +836,7 @@ impl Instance {
                     violation: false,
                 }));
             }
-        } else if now >= self.next_ping {
+        } else if now >= self.next_ping && self.pingable() {
             let id = self.request(method::PING, serde_json::json!({}));
             self.ping = Some((id, now + self.spec.manifest.timeouts.ping_timeout));
         }
@@ -875,15 +894,11 @@ impl Instance {
         // Answers that were already written before the crash still count, unless the crash
         // is a protocol violation: whatever came after it is not trusted.
         stdout.close();
-        while let Ok(ev) = stdout.try_recv() {
-            match ev {
-                _ if crash.violation => {}
-                StdoutEvent::Message(Message::Response(r)) => {
-                    if self.on_response(r, events).is_some() {
-                        break;
-                    }
+        while let (false, Ok(ev)) = (crash.violation, stdout.try_recv()) {
+            if let StdoutEvent::Message(Message::Response(r)) = ev {
+                if self.on_response(r, events).is_some() {
+                    break;
                 }
-                _ => {}
             }
         }
         let incompatible = crash
@@ -897,7 +912,7 @@ impl Instance {
             self.spec.index,
             self.pid
         );
-        let stderr = self.spec.stderr.summary(CRASH_STDERR_LINES);
+        let stderr = self.spec.stderr.summary(self.pid, CRASH_STDERR_LINES);
         tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, in_flight = self.running.len(), "{lead}{stderr}");
         let mut culprit = crash.culprit;
         for (id, run) in self.running.drain() {

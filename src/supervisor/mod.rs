@@ -46,6 +46,9 @@ pub struct ReloadReport {
     /// Plugins no longer in the directory, draining and stopping.
     pub removed: Vec<String>,
     pub unchanged: Vec<String>,
+    /// Unchanged plugins that were `failed`, started again.
+    #[serde(default)]
+    pub restarted: Vec<String>,
     /// Plugins whose new version did not become ready, with why; a replaced plugin's old
     /// version keeps serving.
     pub failed: Vec<(String, String)>,
@@ -120,7 +123,11 @@ impl Supervisor {
         for m in manifests {
             match current.by_plugin.get(&m.name) {
                 Some(old) if **old.manifest() == m => {
-                    report.unchanged.push(m.name.clone());
+                    // A reload is also how an operator says "try again" to a failed plugin.
+                    match old.restart().await {
+                        true => report.restarted.push(m.name.clone()),
+                        false => report.unchanged.push(m.name.clone()),
+                    }
                     next.by_plugin.insert(m.name.clone(), old.clone());
                 }
                 old => {
@@ -151,7 +158,10 @@ impl Supervisor {
             };
             let reason = match state {
                 PluginState::Failed(reason) => reason,
-                _ => format!("not ready within {timeout:?}"),
+                _ => match new.view().borrow().last_exit.clone() {
+                    Some(exit) => format!("not ready within {timeout:?}; last exit: {exit}"),
+                    None => format!("not ready within {timeout:?}"),
+                },
             };
             tracing::error!(plugin = %name, "reload: the new version did not start: {reason}");
             report.failed.push((name.clone(), reason));

@@ -39,6 +39,8 @@ pub struct PoolView {
     pub ready: usize,
     /// Restarts so far, all instances together.
     pub restarts: u64,
+    /// Why an instance last crashed, if one did: the cause to report when it never got ready.
+    pub last_exit: Option<String>,
 }
 
 #[derive(Debug)]
@@ -51,6 +53,10 @@ enum PoolCommand {
         reply: oneshot::Sender<bool>,
     },
     Status(oneshot::Sender<PluginStatus>),
+    /// Where each task placed on an instance runs: (task id, instance index, pid).
+    Placements(oneshot::Sender<Vec<(String, u32, Option<u32>)>>),
+    /// Clear the `failed` state and start the instances again; answers whether it was failed.
+    Restart(oneshot::Sender<bool>),
     Stop {
         grace: Duration,
         done: oneshot::Sender<()>,
@@ -101,6 +107,21 @@ impl PoolHandle {
         rx.await.ok()
     }
 
+    /// Tasks running on this plugin's instances: (task id, instance index, pid).
+    pub async fn placements(&self) -> Vec<(String, u32, Option<u32>)> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(PoolCommand::Placements(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Starts a `failed` plugin again at once. False if it was not failed (nothing done).
+    pub async fn restart(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(PoolCommand::Restart(tx)).await.is_ok() && rx.await.unwrap_or(false)
+    }
+
     /// Stops every instance (see `instance::Command::Stop`) and fails queued tasks.
     pub async fn stop(&self, grace: Duration) {
         let (done, rx) = oneshot::channel();
@@ -147,6 +168,7 @@ pub fn start(manifest: Arc<Manifest>, options: PoolOptions) -> (PoolHandle, Join
         state: PluginState::Starting,
         ready: 0,
         restarts: 0,
+        last_exit: None,
     };
     let (view_tx, view_rx) = watch::channel(view);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -165,6 +187,8 @@ pub fn start(manifest: Arc<Manifest>, options: PoolOptions) -> (PoolHandle, Join
         view: view_tx,
         stop_waiters: Vec::new(),
         started: Instant::now(),
+        retry_failed_at: None,
+        last_exit: None,
     };
     for i in 0..pool.slots.len() {
         pool.launch(i);
@@ -240,6 +264,10 @@ struct Pool {
     view: watch::Sender<PoolView>,
     stop_waiters: Vec<oneshot::Sender<()>>,
     started: Instant,
+    /// While `failed`: when it is tried again on its own (`restart.failed_retry`).
+    retry_failed_at: Option<(Instant, SystemTime)>,
+    /// The newest crash of any instance.
+    last_exit: Option<String>,
 }
 
 impl Pool {
@@ -249,7 +277,12 @@ impl Pool {
         mut events: mpsc::UnboundedReceiver<InstanceEvent>,
     ) {
         loop {
-            let next_restart = self.slots.iter().filter_map(|s| s.restart_at).min();
+            let next_restart = self
+                .slots
+                .iter()
+                .filter_map(|s| s.restart_at)
+                .chain(self.retry_failed_at.map(|(at, _)| at))
+                .min();
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     Some(cmd) => {
@@ -329,6 +362,21 @@ impl Pool {
             PoolCommand::Status(reply) => {
                 let _ = reply.send(self.status());
             }
+            PoolCommand::Placements(reply) => {
+                let placed = self
+                    .placements
+                    .iter()
+                    .map(|(id, &i)| (id.clone(), self.slots[i].index as u32, self.slots[i].pid))
+                    .collect();
+                let _ = reply.send(placed);
+            }
+            PoolCommand::Restart(reply) => {
+                let failed = matches!(self.state, PluginState::Failed(_));
+                if failed {
+                    self.revive("restart requested");
+                }
+                let _ = reply.send(failed);
+            }
             PoolCommand::Stop { grace, done } => {
                 self.stop_waiters.push(done);
                 self.begin_stop(grace);
@@ -338,7 +386,7 @@ impl Pool {
 
     fn admit(&mut self, job: Job) {
         let refusal = match &self.state {
-            PluginState::Failed(reason) => Some(Failure::unavailable(format!("plugin `{}` is failed: {reason}", self.name()))),
+            PluginState::Failed(reason) => Some(Failure::unavailable(format!("plugin `{}` is failed: {reason}; {}", self.name(), self.next_try()))),
             PluginState::Stopping | PluginState::Stopped => Some(Failure::unavailable(format!("plugin `{}` is stopping", self.name()))),
             _ if self.queue.len() >= self.options.queue_capacity => Some(Failure::new(
                 FailureKind::QueueFull,
@@ -469,16 +517,21 @@ impl Pool {
             at,
             reason: described,
         });
+        let failed = matches!(self.state, PluginState::Failed(_));
         match reason {
+            // Stopped while the plugin is live again (revived while this one was stopping).
+            ExitReason::Stopped if !stopping && !failed => self.launch(i),
             ExitReason::Stopped => slot.state = InstanceState::Stopped,
             _ if stopping => slot.state = InstanceState::Stopped,
             ExitReason::Incompatible(msg) => {
                 slot.last_exit = Some(msg.clone());
+                self.last_exit = Some(msg.clone());
                 slot.state = InstanceState::Failed;
                 self.fail(msg);
             }
             ExitReason::Crashed(msg) => {
                 slot.last_exit = Some(msg.clone());
+                self.last_exit = Some(msg.clone());
                 let decision = restart::decide(
                     &self.manifest.restart,
                     &mut slot.backoff,
@@ -510,13 +563,17 @@ impl Pool {
         }
     }
 
-    /// Puts the plugin in the `failed` state: no more restarts, queued and new tasks fail fast.
+    /// Puts the plugin in the `failed` state: no restarts until `restart.failed_retry` has
+    /// passed (or a reload or `plugins restart`); queued and new tasks fail fast.
     fn fail(&mut self, reason: String) {
-        tracing::error!(plugin = %self.name(), "plugin failed: {reason}; it will not be restarted until it is reloaded");
+        let retry = self.manifest.restart.failed_retry;
+        self.retry_failed_at = Some((Instant::now() + retry, SystemTime::now() + retry));
+        tracing::error!(plugin = %self.name(), "plugin failed: {reason}; it will be tried again in {retry:?} (`restart.failed_retry`), on reload, or with `worker plugins restart {}`", self.name());
         self.state = PluginState::Failed(reason.clone());
+        let next = self.next_try();
         for job in self.queue.drain(..) {
             job.finish(Outcome::Failure(Failure::unavailable(format!(
-                "plugin `{}` is failed: {reason}",
+                "plugin `{}` is failed: {reason}; {next}",
                 self.manifest.name
             ))));
         }
@@ -532,8 +589,42 @@ impl Pool {
         }
     }
 
+    /// "next try in 4m 59s (restart.failed_retry)" for a failed plugin's refusals.
+    fn next_try(&self) -> String {
+        match self.retry_failed_at {
+            Some((at, _)) => {
+                let left = at.saturating_duration_since(Instant::now()).as_secs();
+                format!(
+                    "next try in {}m {}s (`restart.failed_retry`; or `worker plugins restart {}`)",
+                    left / 60,
+                    left % 60,
+                    self.name()
+                )
+            }
+            None => "no automatic retry".to_string(),
+        }
+    }
+
+    /// Leaves the `failed` state: a fresh restart budget, and every instance started again.
+    fn revive(&mut self, why: &str) {
+        tracing::info!(plugin = %self.name(), "trying the failed plugin again: {why}");
+        self.retry_failed_at = None;
+        self.state = PluginState::Starting;
+        self.window = RestartWindow::default();
+        for i in 0..self.slots.len() {
+            self.slots[i].backoff = Backoff::default();
+            if self.slots[i].handle.is_none() {
+                self.launch(i);
+            }
+        }
+    }
+
     fn restart_due(&mut self) {
         let now = Instant::now();
+        if self.retry_failed_at.is_some_and(|(at, _)| at <= now) {
+            let retry = self.manifest.restart.failed_retry;
+            self.revive(&format!("{retry:?} passed (`restart.failed_retry`)"));
+        }
         let due: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].restart_at.is_some_and(|t| t <= now))
             .collect();
@@ -547,6 +638,7 @@ impl Pool {
             return;
         }
         self.state = PluginState::Stopping;
+        self.retry_failed_at = None;
         let name = self.manifest.name.clone();
         // Rejected, not failed: the dispatcher reruns them wherever the task is routed now
         // (the replacement after a reload), or ends them if nothing serves it any more.
@@ -584,6 +676,7 @@ impl Pool {
                 .filter(|s| s.state == InstanceState::Ready)
                 .count(),
             restarts: self.slots.iter().map(|s| s.restarts as u64).sum(),
+            last_exit: self.last_exit.clone(),
         };
         self.view.send_if_modified(|v| {
             let changed = *v != view;
@@ -601,6 +694,11 @@ impl Pool {
             tasks: m.task_names().map(str::to_string).collect(),
             queued: self.queue.len(),
             uptime_secs: self.started.elapsed().as_secs_f64(),
+            next_try_at: self.retry_failed_at.map(|(_, at)| {
+                at.duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0)
+            }),
             instances: self
                 .slots
                 .iter()
@@ -619,7 +717,7 @@ impl Pool {
                     stdout_garbage_lines: s.garbage_lines.load(Ordering::Relaxed),
                     last_exit: s.last_exit.clone(),
                     recent_exits: s.recent_exits.iter().cloned().collect(),
-                    stderr_tail: s.stderr.lines(),
+                    stderr_tail: s.stderr.lines(s.pid),
                 })
                 .collect(),
         }

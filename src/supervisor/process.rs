@@ -63,31 +63,43 @@ pub fn signal_group(pid: u32, signal: Signal) {
     let _ = killpg(Pid::from_raw(pid as i32), signal);
 }
 
-/// The last stderr lines of an instance, shared between its pump and whoever reports on it.
+/// The last stderr lines of an instance slot, each with the pid that wrote it, shared between
+/// the pump of each of its processes and whoever reports on it. Crash reports quote only the
+/// lines of the process that crashed.
 #[derive(Debug, Clone, Default)]
-pub struct StderrTail(Arc<Mutex<VecDeque<String>>>);
+pub struct StderrTail(Arc<Mutex<VecDeque<(u32, String)>>>);
 
 impl StderrTail {
-    fn push(&self, line: String) {
+    fn push(&self, pid: u32, line: String) {
         let mut tail = self.0.lock().expect("stderr tail lock poisoned");
         if tail.len() == STDERR_TAIL_LINES {
             tail.pop_front();
         }
-        tail.push_back(line);
+        tail.push_back((pid, line));
     }
 
-    pub fn lines(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .expect("stderr tail lock poisoned")
-            .iter()
-            .cloned()
+    /// Every kept line, oldest first; lines of another process than `current` (an earlier
+    /// process of the slot) are marked with their pid.
+    pub fn lines(&self, current: Option<u32>) -> Vec<String> {
+        let tail = self.0.lock().expect("stderr tail lock poisoned");
+        tail.iter()
+            .map(|(pid, line)| match Some(*pid) == current {
+                true => line.clone(),
+                false => format!("[pid {pid}] {line}"),
+            })
             .collect()
     }
 
-    /// `"; last stderr: a | b"` for error messages, or nothing when stderr was silent.
-    pub fn summary(&self, n: usize) -> String {
-        let lines = self.lines();
+    /// `"; last stderr: a | b"` with the last `n` lines of process `pid`, or nothing when it
+    /// wrote none.
+    pub fn summary(&self, pid: u32, n: usize) -> String {
+        let lines: Vec<String> = {
+            let tail = self.0.lock().expect("stderr tail lock poisoned");
+            tail.iter()
+                .filter(|(p, _)| *p == pid)
+                .map(|(_, l)| l.clone())
+                .collect()
+        };
         if lines.is_empty() {
             return String::new();
         }
@@ -124,10 +136,8 @@ where
             }
             let complete = buf.last() == Some(&b'\n');
             let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-            if !complete {
-                // Over-long line: skip the rest of it.
-                let mut skip = Vec::new();
-                let _ = reader.read_until(b'\n', &mut skip).await;
+            if !complete && skip_line(&mut reader).await.is_err() {
+                return;
             }
             tracing::info!(
                 target: "plugin",
@@ -136,9 +146,30 @@ where
                 pid = origin.pid,
                 "{line}"
             );
-            tail.push(line);
+            tail.push(origin.pid, line);
         }
     })
+}
+
+/// Skips the rest of an over-long stderr line without buffering it: memory stays bounded
+/// however much a plugin writes without a newline.
+async fn skip_line<R: tokio::io::AsyncRead + Unpin>(reader: &mut BufReader<R>) -> io::Result<()> {
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(at) => {
+                reader.consume(at + 1);
+                return Ok(());
+            }
+            None => {
+                let n = buf.len();
+                reader.consume(n);
+            }
+        }
+    }
 }
 
 /// What the stdout pump saw.

@@ -70,7 +70,9 @@ pub fn decide(
         let exp = 2f64.powi(backoff.consecutive.min(30) as i32 - 1);
         let base =
             (policy.backoff_initial.as_secs_f64() * exp).min(policy.backoff_max.as_secs_f64());
-        Duration::from_secs_f64(base * (1.0 + JITTER * (2.0 * random - 1.0)))
+        // Jitter spreads restarts out but never past the cap.
+        let jittered = base * (1.0 + JITTER * (2.0 * random - 1.0));
+        Duration::from_secs_f64(jittered.min(policy.backoff_max.as_secs_f64()))
     };
     backoff.consecutive += 1;
     Decision::Restart { after }
@@ -87,6 +89,7 @@ mod tests {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_millis(250),
             stable_after: Duration::from_secs(30),
+            failed_retry: Duration::from_secs(300),
         }
     }
 
@@ -146,6 +149,20 @@ mod tests {
                 panic!()
             };
             assert!((80..=120).contains(&after.as_millis()), "{after:?}");
+        }
+    }
+
+    #[test]
+    fn jitter_never_exceeds_the_cap() {
+        let (p, mut w) = (policy(), RestartWindow::default());
+        for consecutive in [3, 4, 10, 40] {
+            let mut b = Backoff { consecutive };
+            let Decision::Restart { after } =
+                decide(&p, &mut b, &mut w, Instant::now(), Duration::ZERO, 0.999)
+            else {
+                panic!()
+            };
+            assert!(after <= p.backoff_max, "{consecutive}: {after:?}");
         }
     }
 }

@@ -11,7 +11,8 @@ pub enum PluginState {
     Starting,
     /// At least one instance has been ready.
     Running,
-    /// Gave up restarting (or incompatible); tasks fail fast with this reason until reload.
+    /// Gave up restarting (or incompatible); tasks fail fast with this reason until it is
+    /// tried again: after `restart.failed_retry`, on reload, or on `plugins restart`.
     Failed(String),
     Stopping,
     Stopped,
@@ -80,6 +81,9 @@ pub struct PluginStatus {
     pub queued: usize,
     pub uptime_secs: f64,
     pub instances: Vec<InstanceStatus>,
+    /// When a `failed` plugin is tried again on its own (seconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_try_at: Option<f64>,
 }
 
 /// One past exit of an instance.

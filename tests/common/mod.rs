@@ -32,6 +32,10 @@ pub const FAULTY_TASKS: &[&str] = &[
     "f.progress",
     "f.stderr",
     "f.where",
+    "f.string_id",
+    "f.bad_utf8",
+    "f.huge_then_answer",
+    "f.block",
 ];
 
 pub fn repo() -> PathBuf {

@@ -8,17 +8,24 @@ task is chosen by the task name:
                    | version (answer protocol 2.0) | extra_task (serve an undeclared task)
   FAULT_SECOND_START  path: start normally if the path does not exist (creating it), else
                    exit 3 before answering `initialize` (passes an install-time handshake,
-                   then fails in the daemon)
+                   then fails in the daemon); FAULT_SECOND_START_MODE=hang: hang instead
   FAULT_PING       ok (default) | hang (never answer ping)
   FAULT_TERM       ok (default) | ignore (ignore SIGTERM, shutdown and exit)
   FAULT_FORK       path: fork a grandchild that sleeps forever, write its pid to the path
   FAULT_GARBAGE    1: print non-protocol lines to stdout at start
+  FAULT_EXIT_IF    path: exit 3 before answering `initialize` while the path exists
+  FAULT_CAPS       comma-separated capabilities for the `initialize` reply (e.g. ping_while_busy)
+  FAULT_NAME, FAULT_VERSION  the name and version the `initialize` reply gives (default: the
+                   manifest's name from WORKER_PLUGIN_NAME, and 0.0.1)
 
 Tasks: f.ok (returns args), f.pid (returns its pid), f.sleep [secs] (stops on cancel),
 f.sleep_nocancel [secs], f.crash (SIGKILLs itself), f.crash_once [marker path] (SIGKILLs
 itself unless the marker exists, creating it), f.exit [code] (exits), f.huge [bytes] (writes
 one over-long line, then waits), f.garbage (a non-JSON stdout line, then returns "ok"), f.raise (ValueError),
-f.progress (progress and stream, then returns "done"), f.stderr [lines] (writes that many stderr
+f.progress (progress and stream, then returns "done"), f.string_id (answers with its request id
+as a JSON string), f.bad_utf8 (answers a string holding invalid UTF-8), f.huge_then_answer (an
+over-long line, then at once a valid answer that must not be accepted), f.block [secs] (blocks
+the whole plugin: reads nothing, answers no ping, for that long), f.stderr [lines] (writes that many stderr
 lines, then returns), f.where (returns its interpreter's prefix, its working directory and the
 FAULT_TAG variable).
 """
@@ -95,6 +102,15 @@ def run_task(id_, params):
             raw("x" * (args[0] if args else 2_000_000) + "\n")
             cancel.wait(3600)  # no answer: the worker must act on the violation alone
             reply(id_, "after huge")
+        elif name == "f.string_id":
+            send({"id": str(id_), "result": "stringly"})
+        elif name == "f.bad_utf8":
+            with OUT_LOCK:
+                sys.stdout.buffer.write(b'{"jsonrpc":"2.0","id":%d,"result":"caf\xc3\x28"}\n' % id_)
+                sys.stdout.flush()
+        elif name == "f.huge_then_answer":
+            raw("x" * (args[0] if args else 2_000_000) + "\n")
+            reply(id_, "after huge")
         elif name == "f.garbage":
             raw("this is not json\n")
             reply(id_, "ok")
@@ -120,7 +136,8 @@ def run_task(id_, params):
 
 def declared_tasks():
     names = ["f.ok", "f.pid", "f.sleep", "f.sleep_nocancel", "f.crash", "f.crash_once", "f.exit",
-             "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr", "f.where"]
+             "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr", "f.where",
+             "f.string_id", "f.bad_utf8", "f.huge_then_answer", "f.block"]
     if ENV("FAULT_HANDSHAKE") == "extra_task":
         names.append("f.undeclared")
     return [{"name": n} for n in names]
@@ -150,10 +167,16 @@ def main():
             mode = ENV("FAULT_HANDSHAKE", "ok")
             marker = ENV("FAULT_SECOND_START")
             if marker and os.path.exists(marker):
+                if ENV("FAULT_SECOND_START_MODE") == "hang":
+                    sys.stderr.write("hanging at a second start\n")
+                    continue
                 sys.stderr.write("refusing a second start\n")
                 sys.exit(3)
             if marker:
                 open(marker, "w").close()
+            if ENV("FAULT_EXIT_IF") and os.path.exists(ENV("FAULT_EXIT_IF")):
+                sys.stderr.write("refusing to start while %s exists\n" % ENV("FAULT_EXIT_IF"))
+                sys.exit(3)
             if mode == "exit":
                 sys.stderr.write("refusing to start\n")
                 sys.exit(3)
@@ -161,9 +184,16 @@ def main():
                 continue
             reply(id_, {
                 "protocol_version": "2.0" if mode == "version" else "1.0",
-                "plugin": {"name": "faulty", "version": "0.0.1"},
+                "plugin": {"name": ENV("FAULT_NAME", ENV("WORKER_PLUGIN_NAME", "faulty")),
+                           "version": ENV("FAULT_VERSION", "0.0.1")},
                 "tasks": declared_tasks(),
+                "capabilities": [c for c in ENV("FAULT_CAPS", "").split(",") if c],
             })
+        elif method == "task.run" and params.get("task") == "f.block":
+            # The simplest plugin in any language: one task at a time, nothing read meanwhile.
+            args = params.get("args") or []
+            time.sleep(args[0] if args else 3600)
+            reply(id_, "unblocked")
         elif method == "task.run":
             threading.Thread(target=run_task, args=(id_, params), daemon=True).start()
         elif method == "task.cancel":

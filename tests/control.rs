@@ -1,0 +1,170 @@
+//! The control socket and CLI around a live daemon: `worker task list` shows every task in
+//! flight, a submitter that disconnects cancels its tasks (unless it detached), `plugins
+//! restart` revives a failed plugin, and `plugins test` judges replies by the same rules.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+fn task_list(d: &Daemon) -> Vec<Value> {
+    let out = output(&mut d.cli(&["task", "list", "--json"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("task list --json is JSON");
+    doc["tasks"].as_array().cloned().unwrap_or_default()
+}
+
+/// Polls `worker task list` until `pred` holds.
+fn wait_tasks(d: &Daemon, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let tasks = task_list(d);
+        if pred(&tasks) {
+            return tasks;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {tasks:#?}"
+        );
+    }
+}
+
+fn submit(d: &Daemon, args: &[&str]) -> Child {
+    d.cli(&[&["task", "run"], args].concat())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn task_list_shows_each_task_and_a_disconnected_submitter_cancels_its_own() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    faulty_plugin(&plugins, "faulty", &[], "concurrency = 4", "");
+    let d = Daemon::start(&plugins, &root.path().join("w.sock"));
+    assert!(task_list(&d).is_empty());
+
+    let mut attached = submit(&d, &["f.sleep", "60", "--id", "attached-1"]);
+    let mut detached = submit(&d, &["f.sleep", "60", "--id", "detached-1", "--detach"]);
+    let tasks = wait_tasks(&d, "both running", |t| {
+        t.len() == 2 && t.iter().all(|t| t["state"] == "running")
+    });
+    let row = tasks.iter().find(|t| t["task_id"] == "attached-1").unwrap();
+    assert_eq!(row["task"], "f.sleep");
+    assert_eq!(row["plugin"], "faulty");
+    assert_eq!(row["instance"], 0);
+    assert_eq!(row["attempt"], 1);
+    assert!(row["pid"].as_u64().is_some() && row["age_secs"].as_f64().is_some());
+    let who = format!("control socket (pid {}", attached.id());
+    assert!(
+        row["submitter"].as_str().unwrap().starts_with(&who),
+        "{row}"
+    );
+    let table = text(&output(&mut d.cli(&["task", "list"])).stdout);
+    assert!(
+        table.contains("attached-1") && table.contains("SUBMITTER"),
+        "{table}"
+    );
+
+    // Its client is gone: nobody can receive the result, so the task is cancelled...
+    attached.kill().unwrap();
+    attached.wait().unwrap();
+    let tasks = wait_tasks(&d, "the attached task cancelled", |t| {
+        t.iter().all(|t| t["task_id"] != "attached-1")
+    });
+    // ...but a detached one keeps running.
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    detached.kill().unwrap();
+    detached.wait().unwrap();
+    let out = output(&mut d.cli(&["task", "cancel", "detached-1"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_tasks(&d, "no task left", |t| t.is_empty());
+}
+
+#[test]
+fn plugins_restart_revives_a_failed_plugin_and_list_shows_the_next_try() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    let blocker = root.path().join("broken");
+    faulty_plugin(
+        &plugins,
+        "faulty",
+        &[("FAULT_EXIT_IF", blocker.to_str().unwrap())],
+        "",
+        "[restart]\nmax_restarts = 1\nbackoff_initial = 0.01\nfailed_retry = 600\n",
+    );
+    let mut d = Daemon::start(&plugins, &root.path().join("w.sock"));
+    std::fs::write(&blocker, "").unwrap();
+    let out = output(&mut d.cli(&["task", "run", "f.exit", "1"]));
+    assert!(!out.status.success());
+    d.wait_log("plugin failed");
+    let listed = text(&output(&mut d.cli(&["plugins", "list"])).stdout);
+    assert!(
+        listed.contains("next try in 9m") && listed.contains("worker plugins restart faulty"),
+        "{listed}"
+    );
+    let doc = d.list_json();
+    assert!(doc["installed"][0]["live"]["next_try_at"]
+        .as_f64()
+        .is_some());
+    // A reload of an unchanged failed plugin would restart it too; here the operator asks.
+    std::fs::remove_file(&blocker).unwrap();
+    let out = output(&mut d.cli(&["plugins", "restart", "faulty"]));
+    assert!(
+        text(&out.stdout).contains("faulty: restarting (was failed)"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    d.wait_list("faulty ready", |doc| plugin_ready(doc, "faulty"));
+    let out = output(&mut d.cli(&["task", "run", "f.ok", "1"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = output(&mut d.cli(&["plugins", "restart", "nope"]));
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no plugin `nope`"));
+}
+
+#[test]
+fn plugins_test_reports_a_string_id_a_wrong_name_and_a_wrong_version() {
+    let root = tempfile::tempdir().unwrap();
+    // Each in a plugins directory of its own: they all serve the same tasks.
+    let test = |name: &str, env: &[(&str, &str)], tables: &str| {
+        let plugins = root.path().join(name);
+        faulty_plugin(&plugins, name, env, "", tables);
+        let started = Instant::now();
+        let out = output(
+            worker()
+                .args(["plugins", "test", name, "--plugins"])
+                .arg(&plugins),
+        );
+        (out.status.success(), text(&out.stdout), started.elapsed())
+    };
+    let (ok, said, took) = test("strid", &[], "[[tests]]\ntask = \"f.string_id\"\n");
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("answered task.run with id \"") && said.contains("(a string)"),
+        "{said}"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "reported at once, not after a timeout"
+    );
+
+    let (ok, said, _) = test("named", &[("FAULT_NAME", "someone-else")], "");
+    assert!(!ok);
+    assert!(
+        said.contains("introduces itself as `someone-else` but plugin.toml names it `named`"),
+        "{said}"
+    );
+
+    let (ok, said, _) = test("versioned", &[("FAULT_VERSION", "9.9")], "");
+    assert!(ok, "a version mismatch is flagged, not refused: {said}");
+    assert!(
+        said.contains("WARN  version: it reports version 9.9 but plugin.toml says 0.0.1"),
+        "{said}"
+    );
+}
