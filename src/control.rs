@@ -254,7 +254,7 @@ async fn cancel_attached(ctx: &Context) {
 async fn handle(req: Request, ctx: Context) {
     let dispatcher = &ctx.dispatcher;
     let result = match req.method.as_str() {
-        "task.submit" => submit(req.params, &ctx).await,
+        "task.submit" => submit(req.params, &req.id, &ctx).await,
         "task.list" => Ok(json!({ "tasks": dispatcher.list().await })),
         "task.cancel" => {
             #[derive(Deserialize)]
@@ -318,7 +318,7 @@ async fn restart(params: Value, dispatcher: &Dispatcher) -> Result<Value, ErrorO
     Ok(json!({ "name": p.name, "restarted": restarted, "state": state }))
 }
 
-async fn submit(params: Value, ctx: &Context) -> Result<Value, ErrorObject> {
+async fn submit(params: Value, request_id: &Id, ctx: &Context) -> Result<Value, ErrorObject> {
     let p: SubmitParams = serde_json::from_value(params)
         .map_err(|e| ErrorObject::new(code::INVALID_PARAMS, e.to_string()))?;
     let secs = |s: Option<f64>| {
@@ -342,7 +342,12 @@ async fn submit(params: Value, ctx: &Context) -> Result<Value, ErrorObject> {
             .to_line(),
         );
     };
-    notify("task.accepted", json!({ "task_id": task_id }));
+    // `request` is the submit's own JSON-RPC id, so a client with many submits in flight on one
+    // connection knows which task id each got before any result arrives.
+    notify(
+        "task.accepted",
+        json!({ "task_id": task_id, "request": request_id }),
+    );
     if !p.detach {
         ctx.attached
             .lock()

@@ -168,3 +168,45 @@ fn plugins_test_reports_a_string_id_a_wrong_name_and_a_wrong_version() {
         "{said}"
     );
 }
+
+#[test]
+fn one_connection_carries_many_submits_and_each_accepted_names_its_request() {
+    use std::io::{BufRead, BufReader, Write};
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    faulty_plugin(&plugins, "faulty", &[], "concurrency = 2", "");
+    let d = Daemon::start(&plugins, &root.path().join("w.sock"));
+    let mut conn = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // Two submits written at once; the slower one first.
+    let submits = concat!(
+        r#"{"jsonrpc":"2.0","id":7,"method":"task.submit","params":{"name":"f.sleep","args":[0.3]}}"#,
+        "\n",
+        r#"{"jsonrpc":"2.0","id":"eight","method":"task.submit","params":{"name":"f.ok","args":[8]}}"#,
+        "\n"
+    );
+    conn.write_all(submits.as_bytes()).unwrap();
+    let mut accepted = std::collections::HashMap::new();
+    let mut results = std::collections::HashMap::new();
+    let mut lines = BufReader::new(conn).lines();
+    while results.len() < 2 {
+        let msg: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        if msg["method"] == "task.accepted" {
+            accepted.insert(
+                msg["params"]["request"].to_string(),
+                msg["params"]["task_id"].clone(),
+            );
+        } else if msg.get("id").is_some() {
+            let id = msg["id"].to_string();
+            assert!(
+                accepted.contains_key(&id),
+                "accepted before its response: {msg}"
+            );
+            assert_eq!(msg["result"]["task_id"], accepted[&id], "{msg}");
+            results.insert(id, msg["result"]["result"].clone());
+        }
+    }
+    assert_eq!(results["7"], "slept");
+    assert_eq!(results["\"eight\""], serde_json::json!([8]));
+}

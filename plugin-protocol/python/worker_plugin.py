@@ -25,7 +25,7 @@ import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
 
 PARSE_ERROR = -32700
 INVALID_PARAMS = -32602

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// The protocol version this crate speaks. Peers must agree on the major number.
-pub const PROTOCOL_VERSION: &str = "1.0";
+pub const PROTOCOL_VERSION: &str = "1.1";
 
 /// The major number of a `"MAJOR.MINOR"` version string, if it has one.
 pub fn protocol_major(version: &str) -> Option<u32> {
