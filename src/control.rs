@@ -7,7 +7,7 @@
 //! `plugins.reload` (`{wait?}`), `ping`. A connection may carry many requests at once; a task
 //! whose submitter disconnects is cancelled unless it was submitted with `detach: true`.
 
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, TaskUpdate};
 use crate::supervisor::status::PluginStatus;
 use crate::task::{Outcome, TaskEvent, TaskRequest};
 use plugin_protocol::{
@@ -25,6 +25,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// Lines a connection may have waiting to be written to its client.
+const OUTBOX_LINES: usize = 64;
 
 /// Longest time limit a client may ask for (30 days); larger values are ignored.
 const MAX_TIME_LIMIT_SECS: f64 = 30.0 * 24.0 * 3600.0;
@@ -142,7 +145,9 @@ struct Context {
     dispatcher: Arc<Dispatcher>,
     info: WorkerInfo,
     reload: ReloadSettings,
-    out: mpsc::UnboundedSender<Vec<u8>>,
+    /// Bounded: a client that does not read its responses makes its tasks wait (and in turn
+    /// their plugins), never the worker's memory grow.
+    out: mpsc::Sender<Vec<u8>>,
     /// "control socket (pid 42, uid 1000)", from the peer's credentials.
     submitter: String,
     /// Tasks submitted on this connection without `detach`: cancelled if it closes.
@@ -164,7 +169,7 @@ async fn connection(
         Err(_) => "control socket".to_string(),
     };
     let (mut read, mut write) = stream.into_split();
-    let (out, mut outbox) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (out, mut outbox) = mpsc::channel::<Vec<u8>>(OUTBOX_LINES);
     let writer = tokio::spawn(async move {
         while let Some(line) = outbox.recv().await {
             if write.write_all(&line).await.is_err() {
@@ -204,7 +209,9 @@ async fn connection(
                         code::INVALID_REQUEST,
                         format!("request line over {MAX_REQUEST_BYTES} bytes ({seen} seen)"),
                     );
-                    let _ = out.send(Message::Response(Response::err(None, err)).to_line());
+                    let _ = out
+                        .send(Message::Response(Response::err(None, err)).to_line())
+                        .await;
                     continue;
                 }
             };
@@ -217,6 +224,7 @@ async fn connection(
                     let err = ErrorObject::new(code::PARSE_ERROR, e.to_string());
                     if out
                         .send(Message::Response(Response::err(None, err)).to_line())
+                        .await
                         .is_err()
                     {
                         break 'conn;
@@ -296,7 +304,7 @@ async fn handle(req: Request, ctx: Context) {
         Ok(v) => Response::ok(req.id, v),
         Err(e) => Response::err(Some(req.id), e),
     };
-    let _ = ctx.out.send(Message::Response(resp).to_line());
+    let _ = ctx.out.send(Message::Response(resp).to_line()).await;
 }
 
 /// `plugins.restart {name}`: a failed plugin is started again at once.
@@ -333,47 +341,31 @@ async fn submit(params: Value, request_id: &Id, ctx: &Context) -> Result<Value, 
     request.hard_time_limit = secs(p.hard_time_limit);
     request.submitter = ctx.submitter.clone();
     let task_id = request.id.clone();
-    let notify = |method: &str, params: Value| {
-        let _ = ctx.out.send(
-            Message::Notification(Notification {
-                method: method.into(),
-                params,
-            })
-            .to_line(),
-        );
-    };
     // `request` is the submit's own JSON-RPC id, so a client with many submits in flight on one
     // connection knows which task id each got before any result arrives.
-    notify(
-        "task.accepted",
-        json!({ "task_id": task_id, "request": request_id }),
-    );
+    let accepted = json!({ "task_id": task_id, "request": request_id });
+    ctx.notify("task.accepted", accepted).await;
     if !p.detach {
         ctx.attached
             .lock()
             .expect("attached lock poisoned")
             .insert(task_id.clone());
     }
-    let (events, mut events_rx) = mpsc::unbounded_channel();
-    let outcome = {
-        let run = ctx.dispatcher.submit(request, events);
-        tokio::pin!(run);
-        loop {
-            tokio::select! {
-                biased;
-                Some(ev) = events_rx.recv() => forward(&task_id, ev, &notify),
-                outcome = &mut run => break outcome,
+    let mut run = ctx.dispatcher.submit(request);
+    let outcome = loop {
+        match run.next().await {
+            Some(TaskUpdate::Event(ev)) => {
+                let (method, params) = event_notification(&task_id, ev);
+                ctx.notify(method, params).await;
             }
+            Some(TaskUpdate::Done(outcome)) => break outcome,
+            None => unreachable!("a task run ends with Done"),
         }
     };
     ctx.attached
         .lock()
         .expect("attached lock poisoned")
         .remove(&task_id);
-    // Events sent just before the outcome still precede the response.
-    while let Ok(ev) = events_rx.try_recv() {
-        forward(&task_id, ev, &notify);
-    }
     match outcome {
         Outcome::Success(result) => Ok(json!({ "task_id": task_id, "result": result })),
         Outcome::Failure(f) => {
@@ -384,7 +376,8 @@ async fn submit(params: Value, request_id: &Id, ctx: &Context) -> Result<Value, 
     }
 }
 
-fn forward(task_id: &str, ev: TaskEvent, notify: &impl Fn(&str, Value)) {
+/// A progress or stream event as the control socket's notification.
+fn event_notification(task_id: &str, ev: TaskEvent) -> (&'static str, Value) {
     let mut params = serde_json::to_value(&ev).expect("event serializes");
     let method = match ev {
         TaskEvent::Progress { .. } => "task.progress",
@@ -394,7 +387,18 @@ fn forward(task_id: &str, ev: TaskEvent, notify: &impl Fn(&str, Value)) {
         obj.remove("event");
         obj.insert("task_id".into(), Value::from(task_id));
     }
-    notify(method, params);
+    (method, params)
+}
+
+impl Context {
+    /// Sends a notification, waiting for room in the outbox; a closed connection drops it.
+    async fn notify(&self, method: &str, params: Value) {
+        let note = Notification {
+            method: method.into(),
+            params,
+        };
+        let _ = self.out.send(Message::Notification(note).to_line()).await;
+    }
 }
 
 /// A connection to a running worker's control socket.

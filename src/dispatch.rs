@@ -6,14 +6,80 @@
 //! counts tasks in flight, which is what a graceful stop drains.
 
 use crate::supervisor::instance::Job;
+use crate::supervisor::pool::PoolHandle;
 use crate::supervisor::Supervisor;
 use crate::task::{Failure, FailureKind, Outcome, TaskEvent, TaskRequest};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
+
+/// Progress and stream events a task may have waiting for its submitter. When they are not
+/// read, the instance running the task stops reading its plugin's stdout: the plugin blocks on
+/// its pipe, and the worker's memory stays bounded however fast it streams.
+pub const EVENT_BUFFER: usize = 16;
+
+/// What a running task reports to its submitter, in this order: its events, then its outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskUpdate {
+    Event(TaskEvent),
+    Done(Outcome),
+}
+
+/// The submitter's side of one task: a bounded stream of [`TaskUpdate`]s ending with exactly
+/// one `Done`. It must be read to its end (every source does): the task lives in it.
+pub struct TaskRun<'a> {
+    id: String,
+    run: Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>,
+    events: mpsc::Receiver<TaskEvent>,
+    outcome: Option<Outcome>,
+    finished: bool,
+}
+
+impl TaskRun<'_> {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The next update, or `None` after `Done`. Events always precede `Done`: the outcome is
+    /// handed out only once every event sender (the dispatcher's and each attempt's) is gone.
+    pub async fn next(&mut self) -> Option<TaskUpdate> {
+        loop {
+            if self.finished {
+                return None;
+            }
+            if self.outcome.is_some() {
+                return Some(match self.events.recv().await {
+                    Some(ev) => TaskUpdate::Event(ev),
+                    None => {
+                        self.finished = true;
+                        TaskUpdate::Done(self.outcome.take().expect("checked above"))
+                    }
+                });
+            }
+            tokio::select! {
+                biased;
+                Some(ev) = self.events.recv() => return Some(TaskUpdate::Event(ev)),
+                outcome = &mut self.run => self.outcome = Some(outcome),
+            }
+        }
+    }
+
+    /// Runs to the end, handing each event to `on_event`; returns the outcome.
+    pub async fn outcome(mut self, mut on_event: impl FnMut(TaskEvent)) -> Outcome {
+        loop {
+            match self.next().await {
+                Some(TaskUpdate::Event(ev)) => on_event(ev),
+                Some(TaskUpdate::Done(outcome)) => return outcome,
+                None => unreachable!("a task run ends with Done"),
+            }
+        }
+    }
+}
 
 /// How often a task may be refused before reaching a process before that counts as an attempt.
 const MAX_REFUSALS: u32 = 20;
@@ -35,6 +101,8 @@ struct Active {
     submitter: String,
     since: Instant,
     attempt: u32,
+    /// The pool of the current attempt: where a cancel goes.
+    pool: Option<PoolHandle>,
     /// A cancel request, if one was made.
     cancel: Option<String>,
 }
@@ -83,12 +151,20 @@ impl Dispatcher {
         &self.supervisor
     }
 
-    /// Runs `request` to its end. Progress and streamed items go to `events` as they come.
-    pub async fn submit(
-        &self,
-        request: TaskRequest,
-        events: mpsc::UnboundedSender<TaskEvent>,
-    ) -> Outcome {
+    /// Starts `request`; read the returned [`TaskRun`] to its end for its events and outcome.
+    pub fn submit(&self, request: TaskRequest) -> TaskRun<'_> {
+        let (events, rx) = mpsc::channel(EVENT_BUFFER);
+        TaskRun {
+            id: request.id.clone(),
+            run: Box::pin(self.run_to_end(request, events)),
+            events: rx,
+            outcome: None,
+            finished: false,
+        }
+    }
+
+    /// Runs `request` to its end, through reruns. Events go to `events` as they come.
+    async fn run_to_end(&self, request: TaskRequest, events: mpsc::Sender<TaskEvent>) -> Outcome {
         if !self.accepting.load(Ordering::SeqCst) {
             return Outcome::Failure(Failure::shutting_down());
         }
@@ -113,6 +189,7 @@ impl Dispatcher {
                 submitter: request.submitter.clone(),
                 since: Instant::now(),
                 attempt: 1,
+                pool: None,
                 cancel: None,
             };
             active.insert(request.id.clone(), entry);
@@ -134,7 +211,7 @@ impl Dispatcher {
                 return Outcome::Failure(Failure::not_registered(&request.name));
             };
             let max_attempts = pool.manifest().max_attempts;
-            self.set_attempt(&request.id, attempt);
+            self.set_attempt(&request.id, attempt, &pool);
             let (reply, outcome) = oneshot::channel();
             pool.run(Job {
                 request: request.clone(),
@@ -196,7 +273,7 @@ impl Dispatcher {
             .and_then(|a| a.cancel.clone())
     }
 
-    fn set_attempt(&self, id: &str, attempt: u32) {
+    fn set_attempt(&self, id: &str, attempt: u32, pool: &PoolHandle) {
         if let Some(a) = self
             .active
             .lock()
@@ -204,6 +281,7 @@ impl Dispatcher {
             .get_mut(id)
         {
             a.attempt = attempt;
+            a.pool = Some(pool.clone());
         }
     }
 
@@ -248,38 +326,33 @@ impl Dispatcher {
     /// Asks a task to stop: dropped if still queued, `task.cancel` if running (then killed
     /// after the plugin's `cancel_grace`). False if no such task is active.
     pub async fn cancel(&self, task_id: &str, reason: &str) -> bool {
-        {
+        let pool = {
             let mut active = self.active.lock().expect("active lock poisoned");
             let Some(slot) = active.get_mut(task_id) else {
                 return false;
             };
             slot.cancel = Some(reason.to_string());
+            slot.pool.clone()
+        };
+        // Between attempts (no pool holds it), the retry loop sees the reason and ends it.
+        if let Some(pool) = pool {
+            pool.cancel(task_id, reason, false).await;
         }
-        for pool in self.supervisor.plugins() {
-            if pool.cancel(task_id, reason, false).await {
-                return true;
-            }
-        }
-        // Between attempts: the retry loop sees the reason and ends the task.
         true
     }
 
     /// Cancels a task only if it is still waiting in a plugin's queue. True if it was.
     pub async fn cancel_queued(&self, task_id: &str, reason: &str) -> bool {
-        if !self
+        let pool = self
             .active
             .lock()
             .expect("active lock poisoned")
-            .contains_key(task_id)
-        {
-            return false;
+            .get(task_id)
+            .and_then(|a| a.pool.clone());
+        match pool {
+            Some(pool) => pool.cancel(task_id, reason, true).await,
+            None => false,
         }
-        for pool in self.supervisor.plugins() {
-            if pool.cancel(task_id, reason, true).await {
-                return true;
-            }
-        }
-        false
     }
 
     /// Refuses new tasks from now on; tasks already admitted carry on.

@@ -6,8 +6,8 @@ use crate::manifest::Manifest;
 use crate::supervisor::process::{self, StderrTail};
 use crate::supervisor::reply_id;
 use plugin_protocol::{
-    method, ErrorObject, Frame, Id, InitializeParams, InitializeResult, InstanceRef, Limits,
-    LineDecoder, Message, Notification, PeerInfo, Request, Response, PROTOCOL_VERSION,
+    method, ErrorObject, Frame, Id, InitializeResult, LineDecoder, Message, Notification, Request,
+    Response,
 };
 use serde_json::Value;
 use std::time::Duration;
@@ -44,7 +44,7 @@ impl Session {
             instance: 0,
             pid,
         };
-        let pump = process::pump_stderr(
+        let pump = process::read_stderr(
             child.stderr.take().expect("stderr is piped"),
             origin,
             stderr.clone(),
@@ -126,22 +126,8 @@ impl Session {
         worker_name: &str,
         max_line_bytes: usize,
     ) -> Result<InitializeResult, String> {
-        let params = InitializeParams {
-            protocol_version: PROTOCOL_VERSION.into(),
-            worker: PeerInfo {
-                name: worker_name.into(),
-                version: crate::WORKER_VERSION.into(),
-            },
-            plugin: InstanceRef {
-                name: m.name.clone(),
-                instance: 0,
-            },
-            settings: m.settings.clone(),
-            limits: Limits {
-                max_line_bytes: max_line_bytes as u64,
-                concurrency: m.concurrency,
-            },
-        };
+        let params =
+            crate::supervisor::handshake::initialize_params(m, worker_name, max_line_bytes, 0);
         let params = serde_json::to_value(params).map_err(|e| e.to_string())?;
         let reply = self.call(method::INITIALIZE, params).await?;
         crate::supervisor::handshake::check(reply, m)

@@ -146,8 +146,19 @@ impl Failure {
         Failure::new(
             FailureKind::NotRegistered,
             "NotRegistered",
-            "celery.exceptions",
+            "worker.errors",
             task,
+        )
+    }
+
+    /// Refused before it reached a process (the instance was ending, the plugin shutting
+    /// down): the dispatcher runs it elsewhere without spending an attempt.
+    pub fn rejected(message: impl Into<String>) -> Self {
+        Failure::new(
+            FailureKind::Rejected,
+            "PluginRejected",
+            "worker.errors",
+            message,
         )
     }
 

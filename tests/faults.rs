@@ -57,10 +57,7 @@ async fn invalid_utf8_in_a_response_is_decoded_lossily() {
     // Before: the line counted as garbage and the task waited forever.
     let (outcome, _) = h.run("f.bad_utf8", vec![]).await;
     assert_eq!(success(&outcome), &json!("caf\u{FFFD}("));
-    assert_eq!(
-        h.status("faulty").await.instances[0].stdout_garbage_lines,
-        0
-    );
+    assert_eq!(h.status("faulty").await.instances[0].stray_stdout_lines, 0);
     h.stop().await;
 }
 

@@ -381,7 +381,7 @@ async fn non_json_stdout_is_logged_and_counted_never_fatal() {
     let (outcome, _) = h.run("f.garbage", vec![]).await;
     assert_eq!(success(&outcome), &json!("ok"));
     let s = h.status("faulty").await;
-    assert_eq!(s.instances[0].stdout_garbage_lines, 3);
+    assert_eq!(s.instances[0].stray_stdout_lines, 3);
     assert_eq!(s.instances[0].restarts, 0);
     h.stop().await;
 }

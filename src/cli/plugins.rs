@@ -388,8 +388,8 @@ fn instance_line(i: &InstanceStatus) -> String {
         "#{} {} pid {} up {} restarts {} in-flight {} done {} failed {}",
         i.index, i.state, pid, uptime, i.restarts, i.in_flight, i.done, i.failed
     );
-    if i.stdout_garbage_lines > 0 {
-        s.push_str(&format!(" stray-stdout-lines {}", i.stdout_garbage_lines));
+    if i.stray_stdout_lines > 0 {
+        s.push_str(&format!(" stray-stdout-lines {}", i.stray_stdout_lines));
     }
     if let Some(exit) = &i.last_exit {
         s.push_str(&format!("\n      last exit: {exit}"));

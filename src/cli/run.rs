@@ -6,7 +6,7 @@
 use super::output;
 use super::serve::pool_options;
 use crate::config::Config;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, TaskUpdate};
 use crate::install::registry::StateDir;
 use crate::manifest;
 use crate::supervisor::Supervisor;
@@ -14,7 +14,6 @@ use crate::task::{Outcome, TaskRequest};
 use clap::Args;
 use std::process::ExitCode;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -46,27 +45,23 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     let task_id = request.id.clone();
     let supervisor = Arc::new(Supervisor::start(vec![plugin], pool_options(&config)));
     let dispatcher = Dispatcher::new(supervisor.clone());
-    let (events, mut events_rx) = mpsc::unbounded_channel();
-    let outcome = {
-        let submit = dispatcher.submit(request, events);
-        tokio::pin!(submit);
-        let mut interrupted = false;
-        loop {
-            tokio::select! {
-                biased;
-                Some(ev) = events_rx.recv() => output::event(&ev),
-                outcome = &mut submit => break outcome,
-                _ = tokio::signal::ctrl_c(), if !interrupted => {
-                    interrupted = true;
-                    eprintln!("interrupted: cancelling task {task_id}");
-                    dispatcher.cancel(&task_id, "interrupted (Ctrl-C)").await;
-                }
+    let mut run = dispatcher.submit(request);
+    let mut interrupted = false;
+    let outcome = loop {
+        tokio::select! {
+            update = run.next() => match update {
+                Some(TaskUpdate::Event(ev)) => output::event(&ev),
+                Some(TaskUpdate::Done(outcome)) => break outcome,
+                None => unreachable!("a task run ends with Done"),
+            },
+            _ = tokio::signal::ctrl_c(), if !interrupted => {
+                interrupted = true;
+                eprintln!("interrupted: cancelling task {task_id}");
+                dispatcher.cancel(&task_id, "interrupted (Ctrl-C)").await;
             }
         }
     };
-    while let Ok(ev) = events_rx.try_recv() {
-        output::event(&ev);
-    }
+    drop(run);
     supervisor.stop(None).await;
     Ok(match outcome {
         Outcome::Success(value) => {

@@ -2,7 +2,7 @@
 //! rpc:// result bodies out. No AMQP client types here: headers arrive as JSON, so every rule
 //! is unit-tested (see ../shared/reference/celery-wire.md for the facts these follow).
 
-use crate::task::Failure;
+use crate::task::{Failure, FailureKind};
 use serde_json::{json, Map, Value};
 use std::time::{Duration, SystemTime};
 
@@ -275,8 +275,17 @@ pub fn exception(exc_type: &str, message: &str, module: &str) -> Value {
     json!({ "exc_type": exc_type, "exc_message": [message], "exc_module": module })
 }
 
+/// A failure as Celery's FAILURE result. The worker's own failure kinds get the exception
+/// classes a Celery client knows (so `except SoftTimeLimitExceeded` works); a plugin's
+/// exception keeps the type and module the plugin gave.
 pub fn failure_result(f: &Failure) -> Value {
-    exception(&f.exc_type, &f.message, &f.module)
+    let (exc_type, module) = match f.kind {
+        FailureKind::HardTimeLimit => ("TimeLimitExceeded", "billiard.exceptions"),
+        FailureKind::SoftTimeLimit => ("SoftTimeLimitExceeded", "celery.exceptions"),
+        FailureKind::NotRegistered => ("NotRegistered", "celery.exceptions"),
+        _ => (f.exc_type.as_str(), f.module.as_str()),
+    };
+    exception(exc_type, &f.message, module)
 }
 
 pub fn revoked_result(reason: &str) -> Value {

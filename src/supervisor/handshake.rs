@@ -2,8 +2,37 @@
 //! actor and `worker plugins test`, so both judge a plugin by the same rules and words.
 
 use crate::manifest::Manifest;
-use plugin_protocol::{protocol_major, ErrorObject, InitializeResult, PROTOCOL_VERSION};
+use plugin_protocol::{
+    protocol_major, ErrorObject, InitializeParams, InitializeResult, InstanceRef, Limits, PeerInfo,
+    PROTOCOL_VERSION,
+};
 use serde_json::Value;
+
+/// The `initialize` request's params for instance `index` of the plugin: built here once for
+/// the daemon and `plugins test` alike.
+pub fn initialize_params(
+    m: &Manifest,
+    worker_name: &str,
+    max_line_bytes: usize,
+    index: u32,
+) -> InitializeParams {
+    InitializeParams {
+        protocol_version: PROTOCOL_VERSION.into(),
+        worker: PeerInfo {
+            name: worker_name.into(),
+            version: crate::WORKER_VERSION.into(),
+        },
+        plugin: InstanceRef {
+            name: m.name.clone(),
+            instance: index,
+        },
+        settings: m.settings.clone(),
+        limits: Limits {
+            max_line_bytes: max_line_bytes as u64,
+            concurrency: m.concurrency,
+        },
+    }
+}
 
 /// Checks the reply to `initialize` against the manifest: well-formed, the same protocol major
 /// version, and exactly the declared tasks. The error says which rule failed.

@@ -6,7 +6,7 @@
 //! except for tasks it refuses or that never left its queue.
 
 use super::instance::{
-    self, Command, EventKind, ExitReason, InstanceEvent, InstanceHandle, Job, Spec,
+    self, Command, EventKind, ExitReason, InstanceEvent, InstanceHandle, Job, LaunchSpec,
 };
 use super::process::StderrTail;
 use super::restart::{self, Backoff, Decision, RestartWindow};
@@ -223,7 +223,7 @@ struct Slot {
     backoff: Backoff,
     restart_at: Option<Instant>,
     stderr: StderrTail,
-    garbage_lines: Arc<AtomicU64>,
+    stray_lines: Arc<AtomicU64>,
 }
 
 impl Slot {
@@ -246,7 +246,7 @@ impl Slot {
             backoff: Backoff::default(),
             restart_at: None,
             stderr: StderrTail::default(),
-            garbage_lines: Arc::new(AtomicU64::new(0)),
+            stray_lines: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -333,7 +333,7 @@ impl Pool {
         slot.restart_at = None;
         slot.pid = None;
         slot.started_at = Some((Instant::now(), SystemTime::now()));
-        let spec = Spec {
+        let spec = LaunchSpec {
             manifest: self.manifest.clone(),
             index: slot.index as u32,
             slot: i,
@@ -341,7 +341,7 @@ impl Pool {
             worker_name: self.options.worker_name.clone(),
             max_line_bytes: self.options.max_line_bytes,
             stderr: slot.stderr.clone(),
-            garbage_lines: slot.garbage_lines.clone(),
+            stray_lines: slot.stray_lines.clone(),
         };
         let (handle, task) = instance::start(spec, self.events_tx.clone());
         slot.handle = Some(handle);
@@ -643,13 +643,9 @@ impl Pool {
         // Rejected, not failed: the dispatcher reruns them wherever the task is routed now
         // (the replacement after a reload), or ends them if nothing serves it any more.
         for job in self.queue.drain(..) {
-            let message = format!("plugin `{name}` stopped before the task could start");
-            let failure = Failure::new(
-                FailureKind::Rejected,
-                "PluginUnavailable",
-                "worker.errors",
-                message,
-            );
+            let failure = Failure::rejected(format!(
+                "plugin `{name}` stopped before the task could start"
+            ));
             job.finish(Outcome::Failure(failure));
         }
         for slot in &mut self.slots {
@@ -714,7 +710,7 @@ impl Pool {
                     in_flight: s.in_flight,
                     done: s.done,
                     failed: s.failed,
-                    stdout_garbage_lines: s.garbage_lines.load(Ordering::Relaxed),
+                    stray_stdout_lines: s.stray_lines.load(Ordering::Relaxed),
                     last_exit: s.last_exit.clone(),
                     recent_exits: s.recent_exits.iter().cloned().collect(),
                     stderr_tail: s.stderr.lines(s.pid),

@@ -1,6 +1,6 @@
 //! The child process of one plugin instance: spawning with process hygiene, signalling its
-//! process group, and the stdio pumps (stderr to the log, stdout to protocol messages, a
-//! batching writer for stdin).
+//! process group, and its stdio: the stderr reader (to the log), the stdout reader (to
+//! protocol messages) and a batching writer for stdin.
 //!
 //! Hygiene: each instance leads its own process group (so a stop reaches every process it
 //! forked), gets `PR_SET_PDEATHSIG` (so it dies with the worker), and has stderr drained at all
@@ -18,6 +18,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+/// Messages read from a plugin's stdout but not yet handled by its instance. Small, because
+/// each may be up to `max_line_bytes`: when the instance stops reading (its task's submitter
+/// is slow), the reader stops soon after, and the plugin blocks on its pipe.
+pub const STDOUT_BUFFER: usize = 16;
 
 /// Stderr lines kept per instance for crash reports and `plugins inspect`.
 const STDERR_TAIL_LINES: usize = 20;
@@ -64,7 +69,7 @@ pub fn signal_group(pid: u32, signal: Signal) {
 }
 
 /// The last stderr lines of an instance slot, each with the pid that wrote it, shared between
-/// the pump of each of its processes and whoever reports on it. Crash reports quote only the
+/// the stderr reader of each of its processes and whoever reports on it. Crash reports quote only the
 /// lines of the process that crashed.
 #[derive(Debug, Clone, Default)]
 pub struct StderrTail(Arc<Mutex<VecDeque<(u32, String)>>>);
@@ -117,7 +122,7 @@ pub struct LogOrigin {
 }
 
 /// Reads stderr to the end, logging each line and keeping the tail.
-pub fn pump_stderr<R>(stderr: R, origin: LogOrigin, tail: StderrTail) -> JoinHandle<()>
+pub fn read_stderr<R>(stderr: R, origin: LogOrigin, tail: StderrTail) -> JoinHandle<()>
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
 {
@@ -172,12 +177,12 @@ async fn skip_line<R: tokio::io::AsyncRead + Unpin>(reader: &mut BufReader<R>) -
     }
 }
 
-/// What the stdout pump saw.
+/// What the stdout reader saw.
 #[derive(Debug)]
 pub enum StdoutEvent {
     Message(Message),
-    /// A line that is not JSON-RPC: logged and counted, never fatal.
-    Garbage {
+    /// A stray line (not JSON-RPC): logged and counted, never fatal.
+    Stray {
         line: String,
         error: ParseError,
     },
@@ -189,9 +194,9 @@ pub enum StdoutEvent {
     Closed,
 }
 
-/// Reads protocol lines from stdout until it closes. Sends wait when the actor is busy, which
-/// in turn stops reading: a plugin cannot outrun the worker's memory.
-pub fn pump_stdout(
+/// Reads protocol lines from stdout until it closes. Sends wait when the actor is busy or holds
+/// an event back, which in turn stops reading: a plugin cannot outrun the worker's memory.
+pub fn read_stdout(
     stdout: ChildStdout,
     max_line: usize,
     tx: mpsc::Sender<StdoutEvent>,
@@ -240,7 +245,7 @@ fn parse(line: &[u8]) -> StdoutEvent {
                 line.truncate(cut);
                 line.push('…');
             }
-            StdoutEvent::Garbage { line, error }
+            StdoutEvent::Stray { line, error }
         }
     }
 }

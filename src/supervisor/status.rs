@@ -64,7 +64,8 @@ pub struct InstanceStatus {
     pub in_flight: usize,
     pub done: u64,
     pub failed: u64,
-    pub stdout_garbage_lines: u64,
+    /// Stray (non-protocol) lines the process wrote to stdout.
+    pub stray_stdout_lines: u64,
     pub last_exit: Option<String>,
     /// The last few exits (newest last), for `plugins inspect`.
     #[serde(default)]

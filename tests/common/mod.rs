@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use worker::dispatch::Dispatcher;
 use worker::manifest::Manifest;
 use worker::supervisor::pool::PoolOptions;
@@ -142,12 +141,12 @@ impl Harness {
     }
 
     pub async fn run_request(&self, request: TaskRequest) -> (Outcome, Vec<TaskEvent>) {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let outcome = within(Duration::from_secs(60), self.dispatcher.submit(request, tx)).await;
         let mut events = Vec::new();
-        while let Ok(ev) = rx.try_recv() {
-            events.push(ev);
-        }
+        let run = self
+            .dispatcher
+            .submit(request)
+            .outcome(|ev| events.push(ev));
+        let outcome = within(Duration::from_secs(60), run).await;
         (outcome, events)
     }
 
@@ -160,10 +159,7 @@ impl Harness {
         let request = TaskRequest::new(name, args, Default::default());
         let id = request.id.clone();
         let dispatcher = self.dispatcher.clone();
-        let handle = tokio::spawn(async move {
-            let (tx, _rx) = mpsc::unbounded_channel();
-            dispatcher.submit(request, tx).await
-        });
+        let handle = tokio::spawn(async move { dispatcher.submit(request).outcome(|_| {}).await });
         (id, handle)
     }
 

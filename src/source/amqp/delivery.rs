@@ -6,6 +6,7 @@ use super::ledger::Arrival;
 use super::publish::Delivered;
 use super::value::table_to_json;
 use super::{ActiveInfo, Shared};
+use crate::dispatch::TaskUpdate;
 use crate::source::celery::{self, state, CeleryTask, Envelope};
 use crate::task::{FailureKind, Outcome, TaskEvent, TaskRequest};
 use lapin::message::Delivery;
@@ -14,7 +15,6 @@ use lapin::Acker;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// What the owner of a task id does once it knows how the task ended.
@@ -238,22 +238,16 @@ async fn run(shared: &Shared, task: &CeleryTask, submitter: String) -> Outcome {
         submitter,
     };
     let reporting = task.reply_to.clone().filter(|_| !task.ignore_result);
-    let (events, mut events_rx) = mpsc::unbounded_channel();
-    let outcome = {
-        let run = shared.dispatcher.submit(request, events);
-        tokio::pin!(run);
-        loop {
-            tokio::select! {
-                biased;
-                Some(ev) = events_rx.recv() => publish_event(shared, task, reporting.as_deref(), ev).await,
-                outcome = &mut run => break outcome,
+    let mut run = shared.dispatcher.submit(request);
+    loop {
+        match run.next().await {
+            Some(TaskUpdate::Event(ev)) => {
+                publish_event(shared, task, reporting.as_deref(), ev).await
             }
+            Some(TaskUpdate::Done(outcome)) => return outcome,
+            None => unreachable!("a task run ends with Done"),
         }
-    };
-    while let Ok(ev) = events_rx.try_recv() {
-        publish_event(shared, task, reporting.as_deref(), ev).await;
     }
-    outcome
 }
 
 /// The owner's duty: publish the final state and only once it is confirmed, remember the id

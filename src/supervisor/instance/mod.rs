@@ -1,0 +1,524 @@
+//! One plugin instance: an actor that owns one child process, performs the handshake, runs
+//! tasks on it, enforces time limits and health pings, and stops or buries it.
+//!
+//! Everything the actor waits on (a command from its pool, a stdout message, the child's exit,
+//! a timer, room for an event its submitter has not read yet) becomes one [`Wake`], handled in
+//! one place ([`Instance::handle`]) according to the [`Phase`] the process is in. It never
+//! retries anything: every task handed to it gets exactly one outcome from it, and when the
+//! process ends the pool hears `Exited` after every task has had its outcome. It knows nothing
+//! of where tasks come from.
+
+mod protocol;
+mod tasks;
+
+use super::process::{self, LogOrigin, StderrTail, StdoutEvent};
+use crate::manifest::Manifest;
+use crate::task::{Failure, Outcome, TaskEvent, TaskRequest};
+use nix::sys::signal::Signal;
+use plugin_protocol::{method, Id, Message, Notification, Request};
+use std::collections::HashMap;
+use std::process::ExitStatus;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::process::Child;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep_until, timeout, Instant};
+
+/// How long to wait for the stderr pump to catch up after the process died.
+const STDERR_SETTLE: Duration = Duration::from_millis(250);
+
+/// A task handed to an instance, with where its events and its outcome go.
+#[derive(Debug)]
+pub struct Job {
+    pub request: Arc<TaskRequest>,
+    pub attempt: u32,
+    /// Bounded: when full, the instance stops reading its plugin's stdout until there is room.
+    pub events: mpsc::Sender<TaskEvent>,
+    pub reply: oneshot::Sender<Outcome>,
+}
+
+impl Job {
+    pub fn finish(self, outcome: Outcome) {
+        // The submitter may have gone away (e.g. its connection closed); nothing to do then.
+        let _ = self.reply.send(outcome);
+    }
+}
+
+/// What the pool tells an instance.
+#[derive(Debug)]
+pub enum Command {
+    Run(Job),
+    Cancel {
+        task_id: String,
+        reason: String,
+    },
+    /// Graceful stop: `shutdown`, `exit`, then SIGTERM and SIGKILL, each after `grace`.
+    Stop {
+        grace: Duration,
+    },
+}
+
+/// What an instance tells its pool.
+#[derive(Debug)]
+pub struct InstanceEvent {
+    pub slot: usize,
+    pub generation: u64,
+    pub kind: EventKind,
+}
+
+#[derive(Debug)]
+pub enum EventKind {
+    /// Handshake done; tasks may be sent.
+    Ready { pid: u32, plugin_version: String },
+    /// A task ended (its outcome is already delivered).
+    Finished { task_id: String, ok: bool },
+    /// The process is gone and every task it held has its outcome.
+    Exited {
+        reason: ExitReason,
+        ran_for: Duration,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExitReason {
+    /// Stopped on request.
+    Stopped,
+    /// Died or was killed for misbehaving; worth a restart.
+    Crashed(String),
+    /// Handshake showed it can never work with this manifest; restarting will not help.
+    Incompatible(String),
+}
+
+/// Everything needed to start one process of a plugin.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub manifest: Arc<Manifest>,
+    pub index: u32,
+    pub slot: usize,
+    pub generation: u64,
+    pub worker_name: String,
+    pub max_line_bytes: usize,
+    /// Shared with the pool for status reports.
+    pub stderr: StderrTail,
+    pub stray_lines: Arc<AtomicU64>,
+}
+
+/// The pool's side of an instance.
+#[derive(Debug, Clone)]
+pub struct InstanceHandle {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl InstanceHandle {
+    /// Sends a command; gives it back if the instance has already ended.
+    pub fn send(&self, cmd: Command) -> Result<(), Command> {
+        self.tx.send(cmd).map_err(|e| e.0)
+    }
+}
+
+/// Starts the instance's actor. The pool hears `Ready` or `Exited` on `events`.
+pub fn start(
+    spec: LaunchSpec,
+    events: mpsc::UnboundedSender<InstanceEvent>,
+) -> (InstanceHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = tokio::spawn(run(spec, rx, events));
+    (InstanceHandle { tx }, handle)
+}
+
+/// Everything the actor waits on, as one value.
+enum Wake {
+    Command(Option<Command>),
+    Stdout(Option<StdoutEvent>),
+    Exited(std::io::Result<ExitStatus>),
+    Timer,
+    /// Room for the event held back by backpressure; `None` if its submitter is gone.
+    Room(Option<mpsc::OwnedPermit<TaskEvent>>),
+}
+
+/// What the actor is doing with its process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    /// `initialize` was sent with this id; no task is sent before the reply.
+    Handshake {
+        id: u64,
+        deadline: Instant,
+    },
+    Serving,
+    /// `shutdown` was sent with this id: tasks in flight may finish until `deadline`.
+    Draining {
+        id: u64,
+        deadline: Instant,
+        grace: Duration,
+    },
+}
+
+/// What follows a wake-up.
+enum Step {
+    Continue,
+    /// The process must end now; its tasks are buried.
+    Crash(Box<Crash>),
+    /// Draining is over (shutdown answered, deadline passed, or the process went away):
+    /// finish the stop sequence with `grace` per phase.
+    Drained {
+        grace: Duration,
+        exited: bool,
+    },
+    /// Stdout reached its end; the loop finds out why (usually the process exited).
+    StdoutClosed,
+}
+
+/// Why the actor must end the process now.
+struct Crash {
+    reason: String,
+    /// A task whose own fault this is (request id and its failure); the others are crashed.
+    culprit: Option<(u64, Failure)>,
+    /// The process broke the protocol: nothing it wrote after that is accepted.
+    violation: bool,
+    /// The handshake showed it can never work with its manifest: no restart.
+    incompatible: bool,
+}
+
+impl Crash {
+    fn new(reason: String) -> Box<Crash> {
+        Box::new(Crash {
+            reason,
+            culprit: None,
+            violation: false,
+            incompatible: false,
+        })
+    }
+
+    fn violation(reason: String) -> Box<Crash> {
+        Box::new(Crash {
+            violation: true,
+            ..*Crash::new(reason)
+        })
+    }
+
+    fn incompatible(reason: String) -> Box<Crash> {
+        Box::new(Crash {
+            incompatible: true,
+            ..*Crash::new(reason)
+        })
+    }
+}
+
+/// The actor's state: one process and the tasks it holds.
+struct Instance {
+    spec: LaunchSpec,
+    pid: u32,
+    phase: Phase,
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    events: mpsc::UnboundedSender<InstanceEvent>,
+    next_id: u64,
+    running: HashMap<u64, tasks::Running>,
+    by_task: HashMap<String, u64>,
+    /// Outstanding ping id and when it times out.
+    ping: Option<(u64, Instant)>,
+    next_ping: Instant,
+    /// The plugin declared `ping_while_busy`: it is pinged while tasks run, too. Otherwise
+    /// only while idle, since a plugin that runs one task at a time cannot answer meanwhile.
+    pings_while_busy: bool,
+    /// An event its submitter has no room for yet; stdout is not read until it is delivered.
+    held: Option<(mpsc::Sender<TaskEvent>, TaskEvent)>,
+    started: Instant,
+}
+
+async fn run(
+    spec: LaunchSpec,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<InstanceEvent>,
+) {
+    let started = Instant::now();
+    let mut child = match process::spawn(&spec.manifest, spec.index) {
+        Ok(child) => child,
+        Err(e) => {
+            let reason = format!(
+                "could not start `{}`: {e} (check `command` in {}/plugin.toml)",
+                spec.manifest.program().display(),
+                spec.manifest.dir.display()
+            );
+            // Nothing of this process ran, so every failure to spawn counts as a crash.
+            refuse_waiting(&mut commands, &reason);
+            let _ = events.send(InstanceEvent {
+                slot: spec.slot,
+                generation: spec.generation,
+                kind: EventKind::Exited {
+                    reason: ExitReason::Crashed(reason),
+                    ran_for: Duration::ZERO,
+                },
+            });
+            return;
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    let origin = LogOrigin {
+        plugin: spec.manifest.name.clone(),
+        instance: spec.index,
+        pid,
+    };
+    let stderr_reader = process::read_stderr(
+        child.stderr.take().expect("stderr is piped"),
+        origin,
+        spec.stderr.clone(),
+    );
+    let (stdout_tx, mut stdout) = mpsc::channel(process::STDOUT_BUFFER);
+    let stdout_reader = process::read_stdout(
+        child.stdout.take().expect("stdout is piped"),
+        spec.max_line_bytes,
+        stdout_tx,
+    );
+    let (out, writer) = process::spawn_writer(child.stdin.take().expect("stdin is piped"));
+    let mut inst = Instance {
+        next_ping: Instant::now() + spec.manifest.timeouts.ping_interval,
+        phase: Phase::Serving,
+        spec,
+        pid,
+        out,
+        events,
+        next_id: 1,
+        running: HashMap::new(),
+        by_task: HashMap::new(),
+        ping: None,
+        pings_while_busy: false,
+        held: None,
+        started,
+    };
+    tracing::debug!(plugin = %inst.name(), instance = inst.spec.index, pid, "plugin process started");
+    inst.begin_handshake();
+    let reason = match inst.drive(&mut child, &mut stdout, &mut commands).await {
+        Step::Crash(crash) => {
+            process::signal_group(pid, Signal::SIGKILL);
+            let _ = child.wait().await;
+            Some(crash)
+        }
+        Step::Drained { grace, exited } => {
+            inst.finish_stop(&mut child, grace, exited).await;
+            None
+        }
+        Step::Continue | Step::StdoutClosed => unreachable!("drive returns only a final step"),
+    };
+    // The group may still hold forked grandchildren: sweep it. Once they are gone stderr
+    // reaches EOF, so the crash report below carries the plugin's last words.
+    process::signal_group(pid, Signal::SIGKILL);
+    let _ = timeout(STDERR_SETTLE, stderr_reader).await;
+    let reason = match reason {
+        Some(crash) => inst.bury(&mut stdout, *crash),
+        None => ExitReason::Stopped,
+    };
+    stdout_reader.abort();
+    writer.abort();
+    refuse_waiting(
+        &mut commands,
+        "the plugin instance ended before the task could start",
+    );
+    inst.report(EventKind::Exited {
+        reason,
+        ran_for: inst.started.elapsed(),
+    });
+}
+
+/// Tasks the pool sent after the instance decided to end never reached the process: they go
+/// back as `Rejected`, which the dispatcher reruns without counting an attempt.
+fn refuse_waiting(commands: &mut mpsc::UnboundedReceiver<Command>, reason: &str) {
+    commands.close();
+    while let Ok(cmd) = commands.try_recv() {
+        if let Command::Run(job) = cmd {
+            job.finish(Outcome::Failure(Failure::rejected(reason)));
+        }
+    }
+}
+
+impl Instance {
+    fn name(&self) -> &str {
+        &self.spec.manifest.name
+    }
+
+    fn report(&self, kind: EventKind) {
+        let _ = self.events.send(InstanceEvent {
+            slot: self.spec.slot,
+            generation: self.spec.generation,
+            kind,
+        });
+    }
+
+    fn send(&mut self, msg: Message) {
+        // A failed write means the process is going away; its exit will be noticed.
+        let _ = self.out.send(msg.to_line());
+    }
+
+    fn request(&mut self, method: &str, params: impl serde::Serialize) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(Message::Request(Request::new(Id::Num(id), method, params)));
+        id
+    }
+
+    fn notify(&mut self, method: &str, params: impl serde::Serialize) {
+        self.send(Message::Notification(Notification::new(method, params)));
+    }
+
+    fn begin_handshake(&mut self) {
+        let params = super::handshake::initialize_params(
+            &self.spec.manifest,
+            &self.spec.worker_name,
+            self.spec.max_line_bytes,
+            self.spec.index,
+        );
+        let id = self.request(method::INITIALIZE, params);
+        let deadline = Instant::now() + self.spec.manifest.timeouts.init;
+        self.phase = Phase::Handshake { id, deadline };
+    }
+
+    fn begin_drain(&mut self, grace: Duration) {
+        if matches!(self.phase, Phase::Draining { .. }) {
+            return;
+        }
+        let id = self.request(method::SHUTDOWN, serde_json::Value::Null);
+        self.phase = Phase::Draining {
+            id,
+            deadline: Instant::now() + grace,
+            grace,
+        };
+    }
+
+    /// The one event loop: waits for the next wake-up, handles it, until a final step.
+    /// The exit watch and the timer live across iterations: re-creating them per event would
+    /// cost a `waitpid` and a timer registration for every message.
+    async fn drive(
+        &mut self,
+        child: &mut Child,
+        stdout: &mut mpsc::Receiver<StdoutEvent>,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+    ) -> Step {
+        let mut exited = std::pin::pin!(child.wait());
+        let mut timer = std::pin::pin!(sleep_until(self.next_deadline()));
+        let mut commands_open = true;
+        loop {
+            let deadline = self.next_deadline();
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            let room = self.held.as_ref().map(|(tx, _)| tx.clone());
+            let reading = room.is_none();
+            let wake = tokio::select! {
+                cmd = commands.recv(), if commands_open => Wake::Command(cmd),
+                ev = stdout.recv(), if reading => Wake::Stdout(ev),
+                status = &mut exited => Wake::Exited(status),
+                _ = &mut timer => Wake::Timer,
+                permit = async move { room?.reserve_owned().await.ok() }, if !reading => Wake::Room(permit),
+            };
+            commands_open &= !matches!(wake, Wake::Command(None));
+            let batch = matches!(wake, Wake::Stdout(Some(_)));
+            let mut step = self.handle(wake);
+            // Take every stdout message already read in one go, while nothing holds it back.
+            while batch && matches!(step, Step::Continue) && self.held.is_none() {
+                match stdout.try_recv() {
+                    Ok(ev) => step = self.handle(Wake::Stdout(Some(ev))),
+                    Err(_) => break,
+                }
+            }
+            match step {
+                Step::Continue => {}
+                Step::StdoutClosed => {
+                    // Usually the process is exiting: prefer its exit status as the reason.
+                    let status = timeout(Duration::from_millis(500), &mut exited).await;
+                    let how = match &status {
+                        Ok(Ok(status)) => process::describe_exit(status),
+                        _ => "closed its stdout".to_string(),
+                    };
+                    return match self.phase {
+                        Phase::Draining { grace, .. } => Step::Drained {
+                            grace,
+                            exited: status.is_ok(),
+                        },
+                        Phase::Handshake { .. } => {
+                            Crash::new(format!("{how} before answering `initialize`")).into()
+                        }
+                        Phase::Serving => Crash::new(how).into(),
+                    };
+                }
+                final_step => return final_step,
+            }
+        }
+    }
+
+    /// Handles one wake-up according to the phase.
+    fn handle(&mut self, wake: Wake) -> Step {
+        match wake {
+            Wake::Command(cmd) => self.on_command(cmd),
+            Wake::Stdout(ev) => self.on_stdout(ev),
+            Wake::Exited(status) => self.on_exit(status),
+            Wake::Timer => self.on_timer(),
+            Wake::Room(permit) => {
+                self.release_held(permit);
+                Step::Continue
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Option<Command>) -> Step {
+        let grace = self.spec.manifest.timeouts.shutdown_grace;
+        match (cmd, self.phase) {
+            // The pool dropped its handle: stop.
+            (None, Phase::Draining { .. }) => {}
+            (None, _) => self.begin_drain(grace),
+            (Some(Command::Stop { grace }), _) => self.begin_drain(grace),
+            (Some(Command::Run(job)), Phase::Serving) => self.start_task(job),
+            (Some(Command::Run(job)), _) => job.finish(Outcome::Failure(Failure::rejected(
+                "the plugin instance was not serving when the task reached it",
+            ))),
+            (Some(Command::Cancel { task_id, reason }), _) => {
+                let grace = self.spec.manifest.timeouts.cancel_grace;
+                self.cancel(&task_id, reason, false, Some(grace));
+            }
+        }
+        Step::Continue
+    }
+
+    fn on_exit(&mut self, status: std::io::Result<ExitStatus>) -> Step {
+        let how = status
+            .map(|s| process::describe_exit(&s))
+            .unwrap_or_else(|e| format!("could not be waited for: {e}"));
+        match self.phase {
+            Phase::Handshake { .. } => Crash::new(format!("{how} before answering `initialize`")),
+            Phase::Serving => Crash::new(how),
+            Phase::Draining { grace, .. } => {
+                return Step::Drained {
+                    grace,
+                    exited: true,
+                }
+            }
+        }
+        .into()
+    }
+
+    /// After `shutdown` was answered (or not in time): `exit`, SIGTERM, SIGKILL, each given
+    /// `grace`; then the tasks still in flight were interrupted by the worker.
+    async fn finish_stop(&mut self, child: &mut Child, grace: Duration, mut exited: bool) {
+        if !exited {
+            self.notify(method::EXIT, serde_json::Value::Null);
+            exited = timeout(grace, child.wait()).await.is_ok();
+        }
+        if !exited {
+            tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "plugin did not exit within {grace:?} of `exit`; sending SIGTERM");
+            process::signal_group(self.pid, Signal::SIGTERM);
+            exited = timeout(grace, child.wait()).await.is_ok();
+        }
+        if !exited {
+            tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "plugin ignored SIGTERM for {grace:?}; sending SIGKILL");
+            process::signal_group(self.pid, Signal::SIGKILL);
+            let _ = child.wait().await;
+        }
+        self.interrupt_all();
+        tracing::info!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "plugin instance stopped");
+    }
+}
+
+impl From<Box<Crash>> for Step {
+    fn from(crash: Box<Crash>) -> Step {
+        Step::Crash(crash)
+    }
+}

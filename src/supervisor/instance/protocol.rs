@@ -1,0 +1,300 @@
+//! What a plugin writes, read by its instance: responses (to `initialize`, `shutdown`, pings
+//! and tasks), notifications (progress, stream items, logs), stray lines and violations.
+
+use super::{Crash, EventKind, Instance, Phase, Step};
+use crate::supervisor::process::StdoutEvent;
+use crate::supervisor::reply_id;
+use crate::task::{Failure, FailureKind, Outcome, TaskEvent};
+use plugin_protocol::{
+    capability, code, method, ErrorObject, Id, LogLevel, LogParams, Message, Response,
+    TaskErrorData, TaskProgressParams, TaskStreamParams,
+};
+use serde_json::Value;
+use std::sync::atomic::Ordering;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+impl Instance {
+    pub(super) fn on_stdout(&mut self, ev: Option<StdoutEvent>) -> Step {
+        match ev {
+            Some(StdoutEvent::Message(Message::Response(r))) => return self.on_response(r),
+            Some(StdoutEvent::Message(msg)) => self.on_message(msg),
+            Some(StdoutEvent::Stray { line, error }) => self.on_stray_line(&line, &error),
+            Some(StdoutEvent::TooLong { seen }) => {
+                return Crash::violation(self.too_long(seen)).into()
+            }
+            Some(StdoutEvent::Closed) | None => return Step::StdoutClosed,
+        }
+        Step::Continue
+    }
+
+    /// Delivers a response to whoever waits for it. A string id is a protocol violation: the
+    /// instance must end, and the task it seems to answer fails with the reason.
+    pub(super) fn on_response(&mut self, r: Response) -> Step {
+        let id = match &r.id {
+            Some(Id::Num(id)) => *id,
+            Some(Id::Str(s)) => return self.string_id(s).into(),
+            None => {
+                match r.result {
+                    Err(e) => {
+                        tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, code = e.code, "plugin reported an error about a message it could not read: {}", e.message)
+                    }
+                    Ok(_) => {
+                        tracing::warn!(plugin = %self.name(), instance = self.spec.index, "plugin sent a response without an id; ignored")
+                    }
+                }
+                return Step::Continue;
+            }
+        };
+        match self.phase {
+            Phase::Handshake { id: init, .. } if id == init => {
+                return self.on_initialized(r.result)
+            }
+            Phase::Draining {
+                id: shutdown,
+                grace,
+                ..
+            } if id == shutdown => {
+                return Step::Drained {
+                    grace,
+                    exited: false,
+                }
+            }
+            _ => {}
+        }
+        if self.ping.is_some_and(|(ping, _)| ping == id) {
+            self.ping = None;
+            self.next_ping = Instant::now() + self.spec.manifest.timeouts.ping_interval;
+            return Step::Continue;
+        }
+        let Some(run) = self.running.remove(&id) else {
+            tracing::warn!(plugin = %self.name(), instance = self.spec.index, id, "plugin answered request id {id}, which is not outstanding (answered twice, or never asked); ignored");
+            return Step::Continue;
+        };
+        let task_id = run.job.request.id.clone();
+        self.by_task.remove(&task_id);
+        let outcome = match r.result {
+            Ok(value) => Outcome::Success(value),
+            Err(e) => Outcome::Failure(task_failure(e, run.cancel.as_ref())),
+        };
+        let ok = outcome.is_success();
+        run.job.finish(outcome);
+        self.report(EventKind::Finished { task_id, ok });
+        Step::Continue
+    }
+
+    /// The reply to `initialize`: judged by the shared rules, then tasks may be sent.
+    fn on_initialized(&mut self, reply: Result<Value, ErrorObject>) -> Step {
+        let result = match crate::supervisor::handshake::check(reply, &self.spec.manifest) {
+            Ok(r) => r,
+            Err(reason) => return Crash::incompatible(reason).into(),
+        };
+        if let Some(warning) =
+            crate::supervisor::handshake::version_mismatch(&result, &self.spec.manifest)
+        {
+            tracing::warn!(plugin = %self.name(), instance = self.spec.index, "{warning}");
+        }
+        self.notify(method::INITIALIZED, serde_json::json!({}));
+        self.pings_while_busy = result
+            .capabilities
+            .iter()
+            .any(|c| c == capability::PING_WHILE_BUSY);
+        self.phase = Phase::Serving;
+        self.next_ping = Instant::now() + self.spec.manifest.timeouts.ping_interval;
+        tracing::info!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, version = %result.plugin.version, "plugin instance ready");
+        self.report(EventKind::Ready {
+            pid: self.pid,
+            plugin_version: result.plugin.version,
+        });
+        Step::Continue
+    }
+
+    /// The crash for a response with a string id; the task it names (if any) is the culprit.
+    fn string_id(&self, s: &str) -> Box<Crash> {
+        let meant = reply_id::meant(s);
+        let (method, culprit) = match (meant, self.phase) {
+            (Some(n), Phase::Handshake { id, .. }) if n == id => (Some(method::INITIALIZE), None),
+            (Some(n), _) if self.running.contains_key(&n) => (Some(method::TASK_RUN), Some(n)),
+            (Some(n), _) if self.ping.is_some_and(|(p, _)| p == n) => (Some(method::PING), None),
+            _ => (None, None),
+        };
+        let reason = reply_id::string_id_violation(s, method);
+        let culprit = culprit.map(|n| {
+            let failure = Failure::new(
+                FailureKind::Raised { retryable: false },
+                "ProtocolViolation",
+                "worker.errors",
+                format!("plugin `{}` {reason}", self.name()),
+            );
+            (n, failure)
+        });
+        Box::new(Crash {
+            culprit,
+            ..*Crash::violation(reason)
+        })
+    }
+
+    /// Notifications and requests from the plugin.
+    fn on_message(&mut self, msg: Message) {
+        match msg {
+            Message::Notification(n) => match n.method.as_str() {
+                method::TASK_PROGRESS => {
+                    match serde_json::from_value::<TaskProgressParams>(n.params) {
+                        Ok(p) => self.pass_on(
+                            &p.task_id,
+                            TaskEvent::Progress {
+                                done: p.done,
+                                total: p.total,
+                                message: p.message,
+                            },
+                        ),
+                        Err(e) => self.bad_params(method::TASK_PROGRESS, &e),
+                    }
+                }
+                method::TASK_STREAM => match serde_json::from_value::<TaskStreamParams>(n.params) {
+                    Ok(p) => self.pass_on(&p.task_id, TaskEvent::Stream { items: p.items }),
+                    Err(e) => self.bad_params(method::TASK_STREAM, &e),
+                },
+                method::LOG => match serde_json::from_value::<LogParams>(n.params) {
+                    Ok(p) => self.log(p),
+                    Err(e) => self.bad_params(method::LOG, &e),
+                },
+                other => {
+                    tracing::debug!(plugin = %self.name(), method = other, "ignoring unknown notification")
+                }
+            },
+            Message::Request(r) => {
+                let err = ErrorObject::new(
+                    code::METHOD_NOT_FOUND,
+                    format!("the worker has no method `{}`", r.method),
+                );
+                self.send(Message::Response(Response::err(Some(r.id), err)));
+            }
+            Message::Response(_) => unreachable!("responses are handled by on_response"),
+        }
+    }
+
+    /// Passes a progress or stream event to the task's submitter. When it has no room, the
+    /// event is held and stdout is not read until it has: backpressure to the plugin.
+    fn pass_on(&mut self, task_id: &str, event: TaskEvent) {
+        let Some(run) = self
+            .by_task
+            .get(task_id)
+            .and_then(|id| self.running.get(id))
+        else {
+            tracing::debug!(plugin = %self.name(), task_id, "event for a task that is not running here; ignored");
+            return;
+        };
+        match run.job.events.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                self.held = Some((run.job.events.clone(), event));
+            }
+            // The submitter is gone: nobody to tell.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Room for the held event: deliver it and read stdout again. A ping that was outstanding
+    /// gets its full timeout from now, since its answer may have waited behind our pause.
+    pub(super) fn release_held(&mut self, permit: Option<mpsc::OwnedPermit<TaskEvent>>) {
+        if let (Some(permit), Some((_, event))) = (permit, self.held.take()) {
+            permit.send(event);
+        }
+        self.held = None;
+        if let Some((id, due)) = self.ping {
+            let fresh = Instant::now() + self.spec.manifest.timeouts.ping_timeout;
+            self.ping = Some((id, due.max(fresh)));
+        }
+    }
+
+    fn log(&self, p: LogParams) {
+        let fields = if p.fields.is_empty() {
+            String::new()
+        } else {
+            Value::Object(p.fields).to_string()
+        };
+        let (plugin, instance, pid, msg) = (self.name(), self.spec.index, self.pid, p.message);
+        match p.level {
+            LogLevel::Trace => {
+                tracing::trace!(target: "plugin", plugin, instance, pid, %fields, "{msg}")
+            }
+            LogLevel::Debug => {
+                tracing::debug!(target: "plugin", plugin, instance, pid, %fields, "{msg}")
+            }
+            LogLevel::Info => {
+                tracing::info!(target: "plugin", plugin, instance, pid, %fields, "{msg}")
+            }
+            LogLevel::Warn => {
+                tracing::warn!(target: "plugin", plugin, instance, pid, %fields, "{msg}")
+            }
+            LogLevel::Error => {
+                tracing::error!(target: "plugin", plugin, instance, pid, %fields, "{msg}")
+            }
+        }
+    }
+
+    fn bad_params(&self, method: &str, e: &serde_json::Error) {
+        tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "plugin sent `{method}` with invalid params ({e}); ignored");
+    }
+
+    fn on_stray_line(&self, line: &str, error: &plugin_protocol::ParseError) {
+        let n = self.spec.stray_lines.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(
+            target: "plugin",
+            plugin = %self.name(),
+            instance = self.spec.index,
+            pid = self.pid,
+            count = n,
+            "plugin wrote a non-protocol line to stdout ({error}); log to stderr instead: {line}"
+        );
+    }
+
+    fn too_long(&self, seen: usize) -> String {
+        format!(
+            "broke the protocol: a stdout line of more than {seen} bytes exceeds the limit of {} bytes (`max_line_bytes`)",
+            self.spec.max_line_bytes
+        )
+    }
+}
+
+/// Maps a `task.run` error response to a failure.
+fn task_failure(e: ErrorObject, cancel: Option<&super::tasks::Cancel>) -> Failure {
+    let data: Option<TaskErrorData> = e.data.clone().and_then(|d| serde_json::from_value(d).ok());
+    match e.code {
+        code::TASK_CANCELLED => match cancel {
+            Some(c) if c.soft_limit => Failure::new(
+                FailureKind::SoftTimeLimit,
+                "SoftTimeLimitExceeded",
+                "worker.errors",
+                c.reason.clone(),
+            ),
+            Some(c) => Failure::cancelled(&c.reason),
+            None => Failure::cancelled("the plugin cancelled the task itself"),
+        },
+        code::SHUTTING_DOWN => Failure::rejected(format!("the plugin refused it: {}", e.message)),
+        code::UNKNOWN_TASK => Failure::new(
+            FailureKind::NotRegistered,
+            "NotRegistered",
+            "worker.errors",
+            e.message,
+        ),
+        _ => match data {
+            Some(d) => Failure {
+                kind: FailureKind::Raised {
+                    retryable: d.retryable,
+                },
+                exc_type: d.exc_type,
+                message: d.message,
+                module: d.module.unwrap_or_else(|| "worker.errors".into()),
+                traceback: d.traceback,
+            },
+            None => Failure::new(
+                FailureKind::Raised { retryable: false },
+                "PluginError",
+                "worker.errors",
+                format!("error {}: {}", e.code, e.message),
+            ),
+        },
+    }
+}

@@ -1,0 +1,294 @@
+//! The tasks an instance holds: sending them, cancelling them, the timers that watch them
+//! (time limits, cancel grace, health pings), and their outcomes when the process ends.
+
+use super::{Crash, EventKind, ExitReason, Instance, Job, Phase, Step};
+use crate::supervisor::process::StdoutEvent;
+use crate::task::{Failure, FailureKind, Outcome};
+use plugin_protocol::{method, Message, TaskCancelParams, TaskRunParams, TimeLimits};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// How many stderr lines go into a crash message.
+const CRASH_STDERR_LINES: usize = 5;
+
+/// A task running on the process.
+pub(super) struct Running {
+    pub(super) job: Job,
+    soft_at: Option<Instant>,
+    hard_at: Option<Instant>,
+    hard_limit: Option<Duration>,
+    /// Set once `task.cancel` was sent.
+    pub(super) cancel: Option<Cancel>,
+}
+
+pub(super) struct Cancel {
+    pub(super) reason: String,
+    /// A soft time limit maps the plugin's Cancelled error to SoftTimeLimitExceeded.
+    pub(super) soft_limit: bool,
+    /// When the process is killed if the task has not ended (user cancels only).
+    kill_at: Option<Instant>,
+}
+
+impl Instance {
+    /// Sends `task.run` and starts watching the task's time limits.
+    pub(super) fn start_task(&mut self, job: Job) {
+        let m = &self.spec.manifest;
+        let soft = job.request.soft_time_limit.or(m.timeouts.task_soft);
+        let hard = job.request.hard_time_limit.or(m.timeouts.task_hard);
+        let params = TaskRunParams {
+            task_id: job.request.id.clone(),
+            task: job.request.name.clone(),
+            args: job.request.args.clone(),
+            kwargs: job.request.kwargs.clone(),
+            attempt: job.attempt,
+            time_limit: TimeLimits {
+                soft: soft.map(|d| d.as_secs_f64()),
+                hard: hard.map(|d| d.as_secs_f64()),
+            },
+        };
+        let now = Instant::now();
+        let id = self.request(method::TASK_RUN, params);
+        self.by_task.insert(job.request.id.clone(), id);
+        let running = Running {
+            job,
+            soft_at: soft.map(|d| now + d),
+            hard_at: hard.map(|d| now + d),
+            hard_limit: hard,
+            cancel: None,
+        };
+        self.running.insert(id, running);
+    }
+
+    /// Sends `task.cancel` once per task; `kill_grace` arms the kill if it does not end.
+    pub(super) fn cancel(
+        &mut self,
+        task_id: &str,
+        reason: String,
+        soft_limit: bool,
+        kill_grace: Option<Duration>,
+    ) {
+        let Some(id) = self.by_task.get(task_id).copied() else {
+            return;
+        };
+        let Some(run) = self.running.get_mut(&id) else {
+            return;
+        };
+        if run.cancel.is_some() {
+            return;
+        }
+        run.cancel = Some(Cancel {
+            reason: reason.clone(),
+            soft_limit,
+            kill_at: kill_grace.map(|g| Instant::now() + g),
+        });
+        let params = TaskCancelParams {
+            task_id: task_id.to_string(),
+            reason,
+        };
+        self.notify(method::TASK_CANCEL, params);
+    }
+
+    /// Whether a new health ping may be sent now: while idle, or always if the plugin declared
+    /// `ping_while_busy`; never while the worker itself holds the plugin's output back.
+    fn pingable(&self) -> bool {
+        (self.pings_while_busy || self.running.is_empty()) && self.held.is_none()
+    }
+
+    pub(super) fn next_deadline(&self) -> Instant {
+        let serving = match self.phase {
+            Phase::Handshake { deadline, .. } | Phase::Draining { deadline, .. } => {
+                return deadline
+            }
+            Phase::Serving => self,
+        };
+        // Without any timer due, wake up rarely; a ping is only scheduled while pingable.
+        let idle = Instant::now() + serving.spec.manifest.timeouts.ping_interval;
+        let mut next = match serving.ping {
+            Some((_, due)) if serving.held.is_none() => due,
+            None if serving.pingable() => serving.next_ping,
+            _ => idle,
+        };
+        for run in serving.running.values() {
+            let soft = run.soft_at.filter(|_| run.cancel.is_none());
+            let kill = run.cancel.as_ref().and_then(|c| c.kill_at);
+            for t in [soft, run.hard_at, kill].into_iter().flatten() {
+                next = next.min(t);
+            }
+        }
+        next
+    }
+
+    pub(super) fn on_timer(&mut self) -> Step {
+        let now = Instant::now();
+        match self.phase {
+            Phase::Handshake { deadline, .. } if now >= deadline => {
+                return Crash::new(format!(
+                    "did not answer `initialize` within the init timeout of {:?} (raise `timeouts.init` in plugin.toml if it needs longer to start)",
+                    self.spec.manifest.timeouts.init
+                ))
+                .into();
+            }
+            Phase::Draining {
+                deadline, grace, ..
+            } if now >= deadline => {
+                return Step::Drained {
+                    grace,
+                    exited: false,
+                }
+            }
+            Phase::Serving => {}
+            _ => return Step::Continue,
+        }
+        if let Some(step) = self.check_ping(now) {
+            return step;
+        }
+        if let Some(crash) = self.check_limits(now) {
+            return crash.into();
+        }
+        Step::Continue
+    }
+
+    /// Sends a due ping, or ends a process that missed one.
+    fn check_ping(&mut self, now: Instant) -> Option<Step> {
+        match self.ping {
+            Some((_, due)) if now >= due && self.held.is_none() => {
+                return Some(
+                    Crash::new(format!(
+                        "failed its health ping (no reply within {:?}; `timeouts.ping_timeout`)",
+                        self.spec.manifest.timeouts.ping_timeout
+                    ))
+                    .into(),
+                )
+            }
+            None if now >= self.next_ping && self.pingable() => {
+                let id = self.request(method::PING, serde_json::json!({}));
+                self.ping = Some((id, now + self.spec.manifest.timeouts.ping_timeout));
+            }
+            _ => {}
+        }
+        None
+    }
+
+    /// Hard limits and cancel graces end the process; soft limits send `task.cancel`.
+    fn check_limits(&mut self, now: Instant) -> Option<Box<Crash>> {
+        let mut soft_due = Vec::new();
+        for (&id, run) in &self.running {
+            let task_id = &run.job.request.id;
+            if run.hard_at.is_some_and(|t| now >= t) {
+                let limit = run.hard_limit.unwrap_or_default();
+                let failure = Failure::new(
+                    FailureKind::HardTimeLimit,
+                    "TimeLimitExceeded",
+                    "worker.errors",
+                    format!("task {task_id} exceeded its hard time limit of {limit:?}; the plugin process was killed"),
+                );
+                let reason = format!(
+                    "was killed because task {task_id} exceeded its hard time limit of {limit:?}"
+                );
+                return Some(Box::new(Crash {
+                    culprit: Some((id, failure)),
+                    ..*Crash::new(reason)
+                }));
+            }
+            match &run.cancel {
+                Some(c) if c.kill_at.is_some_and(|t| now >= t) => {
+                    let failure = Failure::cancelled(&format!(
+                        "{} (the plugin did not stop the task in time and was killed)",
+                        c.reason
+                    ));
+                    let reason = format!(
+                        "was killed because task {task_id} did not stop after `task.cancel`"
+                    );
+                    return Some(Box::new(Crash {
+                        culprit: Some((id, failure)),
+                        ..*Crash::new(reason)
+                    }));
+                }
+                None if run.soft_at.is_some_and(|t| now >= t) => soft_due.push(task_id.clone()),
+                _ => {}
+            }
+        }
+        for task_id in soft_due {
+            self.cancel(&task_id, "soft time limit exceeded".into(), true, None);
+        }
+        None
+    }
+
+    /// After the process died: fails every task it held and says why it ended.
+    pub(super) fn bury(
+        &mut self,
+        stdout: &mut mpsc::Receiver<StdoutEvent>,
+        crash: Crash,
+    ) -> ExitReason {
+        // Answers that were already written before the crash still count, unless the crash
+        // is a protocol violation: whatever came after it is not trusted.
+        stdout.close();
+        self.held = None;
+        while let (false, Ok(ev)) = (crash.violation, stdout.try_recv()) {
+            if let StdoutEvent::Message(Message::Response(r)) = ev {
+                if !matches!(self.on_response(r), Step::Continue) {
+                    break;
+                }
+            }
+        }
+        let lead = format!(
+            "plugin `{}` instance {} (pid {}) {}",
+            self.name(),
+            self.spec.index,
+            self.pid,
+            crash.reason
+        );
+        let stderr = self.spec.stderr.summary(self.pid, CRASH_STDERR_LINES);
+        tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, in_flight = self.running.len(), "{lead}{stderr}");
+        let mut culprit = crash.culprit;
+        let failures: Vec<(Job, Failure)> = self
+            .running
+            .drain()
+            .map(|(id, run)| {
+                let failure = match culprit.take_if(|(cid, _)| *cid == id) {
+                    Some((_, f)) => f,
+                    None => Failure::crashed(format!(
+                        "{lead} while running task {}{stderr}",
+                        run.job.request.id
+                    )),
+                };
+                (run.job, failure)
+            })
+            .collect();
+        self.end_all(failures);
+        match crash.incompatible {
+            true => ExitReason::Incompatible(format!("{lead}{stderr}")),
+            false => ExitReason::Crashed(format!("{lead}{stderr}")),
+        }
+    }
+
+    /// After a stop: the tasks still in flight were interrupted by the worker, not the plugin.
+    pub(super) fn interrupt_all(&mut self) {
+        let lead = format!(
+            "plugin `{}` instance {} (pid {}) was stopped",
+            self.name(),
+            self.spec.index,
+            self.pid
+        );
+        let failures: Vec<(Job, Failure)> = self
+            .running
+            .drain()
+            .map(|(_, run)| {
+                let task_id = run.job.request.id.clone();
+                let f = Failure::interrupted(format!("{lead} while running task {task_id}"));
+                (run.job, f)
+            })
+            .collect();
+        self.end_all(failures);
+    }
+
+    fn end_all(&mut self, failures: Vec<(Job, Failure)>) {
+        self.by_task.clear();
+        for (job, failure) in failures {
+            let task_id = job.request.id.clone();
+            job.finish(Outcome::Failure(failure));
+            self.report(EventKind::Finished { task_id, ok: false });
+        }
+    }
+}
