@@ -31,13 +31,13 @@ pub struct Config {
     /// is `info` for `serve` and `warn` for the one-shot commands.
     pub log_level: Option<String>,
     /// `text` or `json`.
-    pub log_format: String,
+    pub log_format: LogFormat,
     /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`); unset = embedded mode only.
     pub broker: Option<String>,
     /// Queues to consume from the broker.
     pub queues: Vec<String>,
     /// `kombu` (declare exactly as Celery clients do) or `passive` (queues must exist).
-    pub queue_declare: String,
+    pub queue_declare: QueueDeclare,
     /// Per-consumer prefetch; unset = twice the plugins' total capacity (at least 4).
     pub prefetch_count: Option<u16>,
     /// Recent results remembered to answer redelivered copies without running them again.
@@ -45,6 +45,25 @@ pub struct Config {
     /// Seconds a final state is retried while its reply queue does not exist (the broker
     /// returns it as unroutable), before it is logged as undeliverable.
     pub result_retry_timeout: f64,
+}
+
+/// How the worker declares the task queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueDeclare {
+    /// Exactly as kombu does: durable queue, durable direct exchange of the same name, bound
+    /// with the queue name as routing key, no arguments.
+    Kombu,
+    /// Passive: the queue must already exist (any flags or arguments).
+    Passive,
+}
+
+/// The format of the worker's log lines on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Default for Config {
@@ -58,10 +77,10 @@ impl Default for Config {
             queue_capacity: 1024,
             drain_timeout: 30.0,
             log_level: None,
-            log_format: "text".into(),
+            log_format: LogFormat::Text,
             broker: None,
             queues: vec!["celery".into()],
-            queue_declare: "kombu".into(),
+            queue_declare: QueueDeclare::Kombu,
             prefetch_count: None,
             result_memory: 10_000,
             result_retry_timeout: 60.0,
@@ -123,12 +142,6 @@ impl Config {
         if self.queues.is_empty() || self.queues.iter().any(|q| q.trim().is_empty()) {
             return Err("key `queues`: give at least one non-empty queue name".into());
         }
-        if !matches!(self.queue_declare.as_str(), "kombu" | "passive") {
-            return Err(format!(
-                "key `queue_declare`: `{}` is not `kombu` or `passive`",
-                self.queue_declare
-            ));
-        }
         if self.prefetch_count == Some(0) {
             return Err("key `prefetch_count`: must be at least 1".into());
         }
@@ -138,12 +151,6 @@ impl Config {
                     "key `broker`: `{b}` is not an amqp:// or amqps:// URL"
                 ));
             }
-        }
-        if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(format!(
-                "key `log_format`: `{}` is not `text` or `json`",
-                self.log_format
-            ));
         }
         Ok(())
     }

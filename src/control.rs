@@ -8,6 +8,7 @@
 //! whose submitter disconnects is cancelled unless it was submitted with `detach: true`.
 
 use crate::dispatch::{Dispatcher, TaskUpdate};
+use crate::reload::{self, ReloadSettings};
 use crate::supervisor::status::PluginStatus;
 use crate::task::{Outcome, TaskEvent, TaskRequest};
 use plugin_protocol::{
@@ -99,14 +100,6 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
-}
-
-/// Where `plugins.reload` reads the installed plugins from, and how long replaced ones may
-/// drain.
-#[derive(Debug, Clone)]
-pub struct ReloadSettings {
-    pub state: crate::install::registry::StateDir,
-    pub drain: Duration,
 }
 
 /// `plugins.reload {wait: true}` answers only once replaced and removed plugins have stopped.
@@ -282,19 +275,18 @@ async fn handle(req: Request, ctx: Context) {
         "plugins.status" => Ok(serde_json::to_value(StatusReport {
             worker: ctx.info.clone(),
             in_flight: dispatcher.in_flight(),
-            plugins: dispatcher.supervisor().status().await,
+            plugins: dispatcher.status().await,
         })
         .expect("status serializes")),
         "plugins.restart" => restart(req.params, dispatcher).await,
         "ping" => Ok(serde_json::to_value(&ctx.info).expect("info serializes")),
-        "plugins.reload" => match dispatcher
-            .supervisor()
-            .reload_installed(&ctx.reload.state, ctx.reload.drain, wants_wait(&req.params))
-            .await
-        {
-            Ok(report) => Ok(serde_json::to_value(report).expect("report serializes")),
-            Err(e) => Err(ErrorObject::new(code::INTERNAL_ERROR, e)),
-        },
+        "plugins.reload" => {
+            let wait = wants_wait(&req.params);
+            match reload::apply_install_record(dispatcher, &ctx.reload, wait).await {
+                Ok(report) => Ok(serde_json::to_value(report).expect("report serializes")),
+                Err(e) => Err(ErrorObject::new(code::INTERNAL_ERROR, e.to_string())),
+            }
+        }
         other => Err(ErrorObject::new(
             code::METHOD_NOT_FOUND,
             format!("unknown method `{other}`"),
@@ -315,15 +307,13 @@ async fn restart(params: Value, dispatcher: &Dispatcher) -> Result<Value, ErrorO
     }
     let p: P = serde_json::from_value(params)
         .map_err(|e| ErrorObject::new(code::INVALID_PARAMS, e.to_string()))?;
-    let Some(pool) = dispatcher.supervisor().plugin(&p.name) else {
+    let Some((restarted, state)) = dispatcher.restart(&p.name).await else {
         return Err(ErrorObject::new(
             code::INVALID_PARAMS,
             format!("no plugin `{}` runs in this worker", p.name),
         ));
     };
-    let restarted = pool.restart().await;
-    let state = pool.view().borrow().state.to_string();
-    Ok(json!({ "name": p.name, "restarted": restarted, "state": state }))
+    Ok(json!({ "name": p.name, "restarted": restarted, "state": state.to_string() }))
 }
 
 async fn submit(params: Value, request_id: &Id, ctx: &Context) -> Result<Value, ErrorObject> {

@@ -5,9 +5,11 @@
 //! its plugin's `max_attempts` allows; every other failure is final. The dispatcher also
 //! counts tasks in flight, which is what a graceful stop drains.
 
+use crate::manifest::Manifest;
 use crate::supervisor::instance::Job;
 use crate::supervisor::pool::PoolHandle;
-use crate::supervisor::Supervisor;
+use crate::supervisor::status::{PluginState, PluginStatus};
+use crate::supervisor::{ReloadReport, Supervisor};
 use crate::task::{Failure, FailureKind, Outcome, TaskEvent, TaskRequest};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -147,8 +149,53 @@ impl Dispatcher {
         }
     }
 
-    pub fn supervisor(&self) -> &Arc<Supervisor> {
-        &self.supervisor
+    /// Every task name some plugin serves, sorted.
+    pub fn task_names(&self) -> Vec<String> {
+        let mut names = self.supervisor.task_names();
+        names.sort();
+        names
+    }
+
+    /// The status of every plugin, sorted by name.
+    pub async fn status(&self) -> Vec<PluginStatus> {
+        self.supervisor.status().await
+    }
+
+    /// Tasks the plugins can run at once (instances x concurrency, all plugins).
+    pub fn capacity(&self) -> usize {
+        self.supervisor
+            .plugins()
+            .iter()
+            .map(|p| p.manifest().capacity())
+            .sum()
+    }
+
+    /// The manifests of the plugins running now.
+    pub fn manifests(&self) -> Vec<Arc<Manifest>> {
+        self.supervisor
+            .plugins()
+            .iter()
+            .map(|p| p.manifest().clone())
+            .collect()
+    }
+
+    /// Applies a new set of plugins (see [`Supervisor::reload`]).
+    pub async fn reload(
+        &self,
+        manifests: Vec<Manifest>,
+        drain: Duration,
+        wait: bool,
+    ) -> ReloadReport {
+        self.supervisor.reload(manifests, drain, wait).await
+    }
+
+    /// Starts a `failed` plugin again now: `Some((restarted, state))`, `None` if no plugin has
+    /// that name.
+    pub async fn restart(&self, plugin: &str) -> Option<(bool, PluginState)> {
+        let pool = self.supervisor.plugin(plugin)?;
+        let restarted = pool.restart().await;
+        let state = pool.view().borrow().state.clone();
+        Some((restarted, state))
     }
 
     /// Starts `request`; read the returned [`TaskRun`] to its end for its events and outcome.

@@ -8,10 +8,12 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod dispatch;
 pub mod install;
 pub mod manifest;
 pub mod probe;
+pub mod reload;
 pub mod source;
 pub mod supervisor;
 pub mod task;

@@ -171,9 +171,10 @@ fn amqp_connection_drops_leave_exactly_one_final_state_per_task_in_the_raw_reply
 
     let answered = || counts.lock().unwrap().len();
     let mut answered_at_drop = Vec::new();
-    for _ in 0..DROPS {
-        // A random moment while tasks flow: before, during or after a publish, confirm or ack.
-        let wait_for = answered() + fastrand::usize(..200);
+    for k in 0..DROPS {
+        // A random moment while tasks flow (before, during or after a publish, confirm or
+        // ack), spread over the run so that every drop still finds tasks in flight.
+        let wait_for = 150 + k * 280 + fastrand::usize(..150);
         wait_until("more answers", Duration::from_secs(60), || {
             answered() >= wait_for.min(TASKS)
         });

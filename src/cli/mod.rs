@@ -76,7 +76,7 @@ pub struct CommonArgs {
     pub prefetch_count: Option<u16>,
     /// `kombu` or `passive` (`queue_declare`)
     #[arg(long, env = "WORKER_QUEUE_DECLARE", global = true)]
-    pub queue_declare: Option<String>,
+    pub queue_declare: Option<crate::config::QueueDeclare>,
     /// Recent results remembered for redelivered copies (`result_memory`)
     #[arg(long, env = "WORKER_RESULT_MEMORY", global = true)]
     pub result_memory: Option<usize>,
@@ -97,7 +97,7 @@ pub struct CommonArgs {
     pub log_level: Option<String>,
     /// `text` or `json` (`log_format`)
     #[arg(long, env = "WORKER_LOG_FORMAT", global = true)]
-    pub log_format: Option<String>,
+    pub log_format: Option<crate::config::LogFormat>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,8 +146,8 @@ impl CommonArgs {
         if let Some(v) = self.prefetch_count {
             c.prefetch_count = Some(v);
         }
-        if let Some(v) = &self.queue_declare {
-            c.queue_declare = v.clone();
+        if let Some(v) = self.queue_declare {
+            c.queue_declare = v;
         }
         if let Some(v) = self.result_memory {
             c.result_memory = v;
@@ -167,8 +167,8 @@ impl CommonArgs {
         if let Some(v) = &self.log_level {
             c.log_level = Some(v.clone());
         }
-        if let Some(v) = &self.log_format {
-            c.log_format = v.clone();
+        if let Some(v) = self.log_format {
+            c.log_format = v;
         }
         c.validate()
             .map_err(|e| anyhow::anyhow!("invalid setting: {e}"))?;
@@ -187,7 +187,7 @@ fn init_logging(config: &Config, default_level: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    let _ = if config.log_format == "json" {
+    let _ = if config.log_format == crate::config::LogFormat::Json {
         builder.json().try_init()
     } else {
         builder.try_init()

@@ -77,34 +77,6 @@ impl Supervisor {
         }
     }
 
-    /// Reads the install record again and applies it (see [`Supervisor::reload`]). Installed
-    /// plugins whose copy is missing or broken are reported and left as they were.
-    pub async fn reload_installed(
-        &self,
-        state: &crate::install::registry::StateDir,
-        drain: Duration,
-        wait: bool,
-    ) -> Result<ReloadReport, String> {
-        let found = state.discover()?;
-        let mut manifests = found.plugins;
-        let mut broken = Vec::new();
-        for e in &found.errors {
-            tracing::error!("reload: plugin skipped: {e}");
-            // A plugin whose manifest broke keeps running as it was rather than vanishing.
-            let kept = self
-                .plugins()
-                .into_iter()
-                .find(|p| e.path.starts_with(&p.manifest().dir));
-            if let Some(p) = kept {
-                manifests.push((**p.manifest()).clone());
-            }
-            broken.push((e.path.display().to_string(), e.message.clone()));
-        }
-        let mut report = self.reload(manifests, drain, wait).await;
-        report.failed.extend(broken);
-        Ok(report)
-    }
-
     /// Applies a new set of manifests without touching unchanged plugins: new ones start,
     /// removed ones drain and stop, and a changed one is replaced blue/green (the new pool must
     /// become ready before tasks go to it; then the old pool drains for up to `drain`). With

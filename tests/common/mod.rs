@@ -91,7 +91,7 @@ pub fn rust_plugin(root: &Path, extra: &str) -> PathBuf {
     let dir = root.join("rust-echo");
     std::fs::create_dir_all(&dir).unwrap();
     let text = format!(
-        "name = \"rust-echo\"\nversion = \"0.1.0\"\ncommand = [\"{}\"]\n{extra}\n[[tasks]]\nname = \"rust.noop\"\n[[tasks]]\nname = \"rust.echo\"\n[[tasks]]\nname = \"rust.count\"\n",
+        "name = \"rust-echo\"\nversion = \"0.1.0\"\ncommand = [\"{}\"]\n{extra}\n[[tasks]]\nname = \"rust.noop\"\n[[tasks]]\nname = \"rust.echo\"\n[[tasks]]\nname = \"rust.count\"\n[[tasks]]\nname = \"rust.flood\"\n",
         rust_example_bin().display()
     );
     std::fs::write(dir.join("plugin.toml"), text).unwrap();

@@ -1,5 +1,6 @@
-//! Example plugin using the `plugin-protocol` Rust SDK: a no-op (for benchmarks), an echo, and
-//! a counter that reports progress, streams items and honours cancellation.
+//! Example plugin using the `plugin-protocol` Rust SDK: a no-op (for benchmarks), an echo, a
+//! counter that reports progress, streams items and honours cancellation, and a flood of
+//! streamed items (for the backpressure test).
 //!
 //! Build: `cargo build --release --example rust-echo` (the manifest runs the release binary).
 
@@ -31,6 +32,23 @@ fn main() {
                     ctx.progress(i, Some(to), None);
                 }
                 Ok(json!(to))
+            },
+        )
+        .task(
+            "rust.flood",
+            "Streams args[0] bytes as items of args[1] bytes (default 65536), numbered from 0; returns the item count",
+            |ctx, p| {
+                let total = p.args.first().and_then(Value::as_u64).unwrap_or(0);
+                let size = p.args.get(1).and_then(Value::as_u64).unwrap_or(65536).max(64);
+                let pad = "x".repeat(size as usize - 32);
+                let count = total.div_ceil(size);
+                for seq in 0..count {
+                    if ctx.is_cancelled() {
+                        return Err(TaskError::cancelled());
+                    }
+                    ctx.stream(vec![json!({ "seq": seq, "pad": pad })]);
+                }
+                Ok(json!(count))
             },
         )
         .run();

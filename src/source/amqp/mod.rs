@@ -42,15 +42,7 @@ const REVOKED_TTL: Duration = Duration::from_secs(3 * 3600);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
 
-/// How the worker declares the task queues.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Declare {
-    /// Exactly as kombu does: durable queue, durable direct exchange of the same name, bound
-    /// with the queue name as routing key, no arguments.
-    Kombu,
-    /// Passive: the queue must already exist (any flags or arguments).
-    Passive,
-}
+pub use crate::config::QueueDeclare as Declare;
 
 #[derive(Debug, Clone)]
 pub struct AmqpOptions {
@@ -219,9 +211,7 @@ impl Shared {
     }
 
     pub fn registered(&self) -> Vec<String> {
-        let mut names = self.dispatcher.supervisor().task_names();
-        names.sort();
-        names
+        self.dispatcher.task_names()
     }
 
     fn tasks(&self) -> std::sync::MutexGuard<'_, Tasks> {
@@ -260,18 +250,12 @@ impl Shared {
     }
 
     pub async fn stats(&self) -> Value {
-        let plugins = self.dispatcher.supervisor().status().await;
+        let plugins = self.dispatcher.status().await;
         let processes: Vec<u32> = plugins
             .iter()
             .flat_map(|p| p.instances.iter().filter_map(|i| i.pid))
             .collect();
-        let capacity: usize = self
-            .dispatcher
-            .supervisor()
-            .plugins()
-            .iter()
-            .map(|p| p.manifest().capacity())
-            .sum();
+        let capacity = self.dispatcher.capacity();
         let uptime = self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
         json!({
             "pid": std::process::id(),

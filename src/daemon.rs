@@ -1,0 +1,247 @@
+//! The daemon as a library: [`Daemon::start`] starts the installed plugins, the control socket
+//! and (with a broker) the AMQP source; [`Daemon::run`] serves until a shutdown future
+//! resolves, then stops in three phases: stop accepting (consumers cancelled, new tasks
+//! refused), drain in-flight tasks up to `drain_timeout`, stop the plugins. A second future
+//! forces an immediate stop. Tests and embedding programs use it without signals;
+//! `worker serve` only wires SIGTERM, SIGINT and SIGHUP to it.
+
+use crate::config::Config;
+use crate::control::{self, WorkerInfo};
+use crate::dispatch::Dispatcher;
+use crate::install::registry::StateDir;
+use crate::manifest::Manifest;
+use crate::reload::{self, ReloadError, ReloadSettings};
+use crate::source::amqp::{AmqpOptions, AmqpSource};
+use crate::supervisor::pool::PoolOptions;
+use crate::supervisor::{ReloadReport, Supervisor};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot read the installed plugins: {0}")]
+    Plugins(String),
+    #[error("cannot serve the control socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How a daemon's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Drained and stopped in order.
+    Graceful,
+    /// The force future fired: every plugin process was killed at once.
+    Forced,
+}
+
+/// A running daemon.
+pub struct Daemon {
+    config: Config,
+    supervisor: Arc<Supervisor>,
+    dispatcher: Arc<Dispatcher>,
+    amqp: Option<AmqpSource>,
+    server: JoinHandle<()>,
+    stop_server: CancellationToken,
+    reload: ReloadSettings,
+}
+
+/// A cheap, cloneable way to reach a running daemon from outside its run (e.g. on SIGHUP).
+#[derive(Clone)]
+pub struct DaemonHandle {
+    dispatcher: Arc<Dispatcher>,
+    reload: ReloadSettings,
+}
+
+impl DaemonHandle {
+    /// Applies the install record, as `worker reload` does.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        reload::apply_install_record(&self.dispatcher, &self.reload, false).await
+    }
+}
+
+pub fn pool_options(config: &Config) -> PoolOptions {
+    PoolOptions {
+        worker_name: config.name.clone(),
+        max_line_bytes: config.max_line_bytes,
+        queue_capacity: config.queue_capacity,
+    }
+}
+
+/// The installed plugins (see `install::registry`), logging (not failing on) broken ones.
+pub fn installed_plugins(config: &Config) -> Result<Vec<Manifest>, DaemonError> {
+    let found = StateDir::new(&config.state_dir)
+        .discover()
+        .map_err(DaemonError::Plugins)?;
+    for e in &found.errors {
+        tracing::error!("plugin skipped: {e}");
+    }
+    if found.plugins.is_empty() && found.errors.is_empty() {
+        tracing::warn!(
+            "no plugins installed in {}; install some with `worker plugins install` (available: {})",
+            config.state_dir.display(),
+            config.plugins_dir.display()
+        );
+    }
+    Ok(found.plugins)
+}
+
+/// Runs a daemon until `shutdown` resolves, then stops it gracefully.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let daemon = Daemon::start(config).await?;
+    daemon.run(shutdown, std::future::pending()).await;
+    Ok(())
+}
+
+impl Daemon {
+    /// Starts the installed plugins, binds the control socket, and connects to the broker.
+    pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
+        let plugins = installed_plugins(&config)?;
+        let listener =
+            control::bind(&config.socket)
+                .await
+                .map_err(|source| DaemonError::Socket {
+                    path: config.socket.clone(),
+                    source,
+                })?;
+        let names: Vec<String> = plugins.iter().map(|m| m.name.clone()).collect();
+        let supervisor = Arc::new(Supervisor::start(plugins, pool_options(&config)));
+        let dispatcher = Arc::new(Dispatcher::new(supervisor.clone()));
+        let info = WorkerInfo {
+            name: config.name.clone(),
+            version: crate::WORKER_VERSION.into(),
+            pid: std::process::id(),
+            state_dir: config.state_dir.clone(),
+        };
+        let reload = ReloadSettings {
+            state: StateDir::new(&config.state_dir),
+            drain: config.drain_timeout(),
+        };
+        let stop_server = CancellationToken::new();
+        let server = tokio::spawn(control::serve(
+            listener,
+            dispatcher.clone(),
+            info,
+            reload.clone(),
+            stop_server.clone(),
+        ));
+        let amqp = config.broker.as_ref().map(|url| {
+            AmqpSource::start(amqp_options(&config, url, &dispatcher), dispatcher.clone())
+        });
+        tracing::info!(
+            socket = %config.socket.display(),
+            plugins = %names.join(", "),
+            "worker {} serving {} plugin(s)",
+            config.name,
+            names.len()
+        );
+        Ok(Daemon {
+            config,
+            supervisor,
+            dispatcher,
+            amqp,
+            server,
+            stop_server,
+            reload,
+        })
+    }
+
+    pub fn handle(&self) -> DaemonHandle {
+        DaemonHandle {
+            dispatcher: self.dispatcher.clone(),
+            reload: self.reload.clone(),
+        }
+    }
+
+    pub fn dispatcher(&self) -> &Arc<Dispatcher> {
+        &self.dispatcher
+    }
+
+    /// Serves until `shutdown` (or a `celery control shutdown`), then stops gracefully; if
+    /// `force` fires meanwhile, kills every plugin at once.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()>,
+        force: impl Future<Output = ()>,
+    ) -> Stopped {
+        let remote = self
+            .amqp
+            .as_ref()
+            .map(AmqpSource::shutdown_requested)
+            .unwrap_or_default();
+        tokio::select! {
+            _ = shutdown => {}
+            _ = remote.cancelled() => tracing::info!("remote control shutdown received"),
+        }
+        let mut this = self;
+        let stopped = tokio::select! {
+            _ = this.stop_gracefully() => Stopped::Graceful,
+            _ = force => Stopped::Forced,
+        };
+        if stopped == Stopped::Forced {
+            tracing::warn!("forced stop: killing every plugin at once");
+            kill_all(&this.supervisor).await;
+        }
+        this.stop_server.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), this.server).await;
+        let _ = std::fs::remove_file(&this.config.socket);
+        tracing::info!("worker stopped");
+        stopped
+    }
+
+    /// The three phases: accept nothing new, drain, stop the plugins.
+    async fn stop_gracefully(&mut self) {
+        if let Some(a) = &self.amqp {
+            a.stop_consuming();
+        }
+        self.dispatcher.stop_accepting();
+        let drain = self.config.drain_timeout();
+        tracing::info!(
+            in_flight = self.dispatcher.in_flight(),
+            "draining: no new tasks; waiting up to {drain:?} for tasks in flight"
+        );
+        if !self.dispatcher.wait_idle(drain).await {
+            tracing::warn!(
+                in_flight = self.dispatcher.in_flight(),
+                "drain timeout reached; stopping plugins with tasks still running"
+            );
+        }
+        self.stop_server.cancel();
+        if let Some(a) = self.amqp.take() {
+            // Results of finished tasks are published and their messages acked before the
+            // connection closes; anything left is redelivered by RabbitMQ.
+            a.finish(Duration::from_secs(10)).await;
+        }
+        self.supervisor.stop(None).await;
+    }
+}
+
+fn amqp_options(config: &Config, url: &str, dispatcher: &Dispatcher) -> AmqpOptions {
+    let prefetch = config
+        .prefetch_count
+        .unwrap_or_else(|| (dispatcher.capacity() * 2).clamp(4, u16::MAX as usize) as u16);
+    AmqpOptions {
+        url: url.to_string(),
+        queues: config.queues.clone(),
+        declare: config.queue_declare,
+        prefetch,
+        nodename: config.name.clone(),
+        result_memory: config.result_memory,
+        result_retry_timeout: config.result_retry_timeout(),
+    }
+}
+
+/// SIGKILLs every plugin process group.
+async fn kill_all(supervisor: &Supervisor) {
+    for plugin in supervisor.status().await {
+        for pid in plugin.instances.iter().filter_map(|i| i.pid) {
+            crate::supervisor::process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
