@@ -2,8 +2,23 @@
 //! revoke`. Requests arrive on the fanout exchange `celery.pidbox`; replies go to the exchange
 //! and routing key the request names, as `{nodename: result}`.
 
-use super::amqp::Shared;
 use serde_json::{json, Map, Value};
+use std::future::Future;
+
+/// What remote control needs from the worker, and nothing more.
+pub trait RemoteWorker {
+    /// Sorted names of the tasks the plugins serve.
+    fn registered(&self) -> Vec<String>;
+    /// `inspect active`: the tasks running, in Celery's shape.
+    fn active(&self) -> Vec<Value>;
+    /// `inspect reserved|scheduled`: tasks held until their eta.
+    fn reserved(&self) -> Vec<Value>;
+    fn active_queues(&self) -> Vec<Value>;
+    fn stats(&self) -> impl Future<Output = Value> + Send;
+    /// Remembers the ids as revoked; with `terminate`, running ones are stopped.
+    fn revoke(&self, ids: &[String], terminate: bool) -> impl Future<Output = ()> + Send;
+    fn request_shutdown(&self);
+}
 
 /// A decoded control request.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,7 +69,7 @@ pub fn addressed_to(req: &ControlRequest, nodename: &str) -> bool {
             Some("pcre") => {
                 regex::Regex::new(&format!("^(?:{pattern})")).is_ok_and(|re| re.is_match(nodename))
             }
-            _ => glob_match(pattern, nodename),
+            _ => glob_regex(pattern).is_ok_and(|re| re.is_match(nodename)),
         };
     }
     match &req.destination {
@@ -63,30 +78,23 @@ pub fn addressed_to(req: &ControlRequest, nodename: &str) -> bool {
     }
 }
 
-/// `*` and `?` wildcards.
-fn glob_match(pattern: &str, text: &str) -> bool {
-    fn go(p: &[char], t: &[char]) -> bool {
-        match (p.first(), t.first()) {
-            (None, None) => true,
-            (Some('*'), _) => go(&p[1..], t) || (!t.is_empty() && go(p, &t[1..])),
-            (Some('?'), Some(_)) => go(&p[1..], &t[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &t[1..]),
-            _ => false,
-        }
-    }
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    go(&p, &t)
+/// A shell glob (`*`, `?`) as an anchored regex.
+fn glob_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    let escaped = regex::escape(pattern)
+        .replace(r"\*", ".*")
+        .replace(r"\?", ".");
+    regex::Regex::new(&format!("^{escaped}$"))
 }
 
 /// Answers one request; `None` means no reply (the method asks for none or is ignored).
-pub async fn handle(req: &ControlRequest, shared: &Shared) -> Option<Value> {
+pub async fn handle(req: &ControlRequest, worker: &impl RemoteWorker) -> Option<Value> {
     let result = match req.method.as_str() {
         "ping" => json!({ "ok": "pong" }),
-        "registered" => json!(shared.registered()),
-        "active" => json!(shared.active()),
-        "reserved" | "scheduled" => json!(shared.reserved()),
-        "stats" => shared.stats().await,
-        "active_queues" => json!(shared.active_queues()),
+        "registered" => json!(worker.registered()),
+        "active" => json!(worker.active()),
+        "reserved" | "scheduled" => json!(worker.reserved()),
+        "stats" => worker.stats().await,
+        "active_queues" => json!(worker.active_queues()),
         // `celery control terminate SIGNAL ID` is revoke with terminate.
         "revoke" | "terminate" => {
             let ids: Vec<String> = match &req.arguments.get("task_id") {
@@ -104,12 +112,12 @@ pub async fn handle(req: &ControlRequest, shared: &Shared) -> Option<Value> {
                     .get("terminate")
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
-            shared.revoke(&ids, terminate).await;
+            worker.revoke(&ids, terminate).await;
             let list = ids.join(", ");
             json!({ "ok": format!("tasks {{{list}}} flagged as revoked") })
         }
         "shutdown" => {
-            shared.request_shutdown();
+            worker.request_shutdown();
             json!({ "ok": "shutting down" })
         }
         // Sent by other workers and by Flower; nothing to do.

@@ -43,6 +43,20 @@ impl RestartWindow {
     }
 }
 
+/// The wait before retry number `consecutive` (0 = the first: no wait): `initial` doubling
+/// per retry, with +/- 20% jitter, never past `max`. Shared by plugin restarts and broker
+/// reconnects. `random` is uniform in [0, 1).
+pub fn delay(consecutive: u32, initial: Duration, max: Duration, random: f64) -> Duration {
+    if consecutive == 0 {
+        return Duration::ZERO;
+    }
+    let exp = 2f64.powi(consecutive.min(30) as i32 - 1);
+    let base = (initial.as_secs_f64() * exp).min(max.as_secs_f64());
+    // Jitter spreads retries out but never past the cap.
+    let jittered = base * (1.0 + JITTER * (2.0 * random - 1.0));
+    Duration::from_secs_f64(jittered.min(max.as_secs_f64()))
+}
+
 /// Decides what follows a crash of an instance that had been up for `ran_for`.
 /// `random` is uniform in [0, 1) and only shapes the jitter.
 pub fn decide(
@@ -64,16 +78,12 @@ pub fn decide(
         };
     }
     window.times.push_back(now);
-    let after = if backoff.consecutive == 0 {
-        Duration::ZERO
-    } else {
-        let exp = 2f64.powi(backoff.consecutive.min(30) as i32 - 1);
-        let base =
-            (policy.backoff_initial.as_secs_f64() * exp).min(policy.backoff_max.as_secs_f64());
-        // Jitter spreads restarts out but never past the cap.
-        let jittered = base * (1.0 + JITTER * (2.0 * random - 1.0));
-        Duration::from_secs_f64(jittered.min(policy.backoff_max.as_secs_f64()))
-    };
+    let after = delay(
+        backoff.consecutive,
+        policy.backoff_initial,
+        policy.backoff_max,
+        random,
+    );
     backoff.consecutive += 1;
     Decision::Restart { after }
 }

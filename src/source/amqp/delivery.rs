@@ -5,7 +5,7 @@
 use super::ledger::Arrival;
 use super::publish::Delivered;
 use super::value::table_to_json;
-use super::{ActiveInfo, Shared};
+use super::{ActiveInfo, SourceState};
 use crate::dispatch::TaskUpdate;
 use crate::source::celery::{self, state, CeleryTask, Envelope};
 use crate::task::{FailureKind, Outcome, TaskEvent, TaskRequest};
@@ -33,7 +33,7 @@ pub enum Settlement {
     Requeue,
 }
 
-/// Decides how a task that ran ends on the wire. Pure: `revoked` is the reason a revoke
+/// Decides how a task that ran ends on the wire (the table test covers every kind). Pure: `revoked` is the reason a revoke
 /// stopped it, `stopping` whether this worker is shutting down.
 pub fn settle(outcome: Outcome, revoked: Option<&'static str>, stopping: bool) -> Settlement {
     let answer = |status, result, traceback, reject| Settlement::Answer {
@@ -68,55 +68,139 @@ pub fn settle(outcome: Outcome, revoked: Option<&'static str>, stopping: bool) -
     }
 }
 
+/// The facts about a delivery that decide what happens to it before it runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Arrived {
+    /// Its final state was confirmed already (the id is remembered as answered).
+    pub answered: bool,
+    /// Another delivery of the same id owns it (running or being answered).
+    pub owned: bool,
+    /// This worker is stopping.
+    pub stopping: bool,
+    /// Its eta is still in the future.
+    pub eta_ahead: bool,
+    pub revoked: bool,
+    pub expired: bool,
+    /// RabbitMQ's redelivered flag: informational, it decides nothing (a first delivery can be
+    /// a duplicate and a redelivery can be the only copy).
+    pub redelivered: bool,
+}
+
+/// What a delivery does next.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Admission {
+    /// Ack it without running or publishing: its result is already confirmed.
+    AckAnswered,
+    /// Hand it to the owner of its id, which acks it with its own message.
+    Attach,
+    /// Give it back to the queue, unanswered, for another worker.
+    Requeue,
+    /// Keep it unacked until its eta, then decide again.
+    Hold,
+    /// Own it and answer REVOKED with this reason without running it.
+    Revoke(&'static str),
+    /// Own it and run it.
+    Run,
+}
+
+/// Decides what a delivery does next. Pure; `handle` follows it, and the table test below
+/// covers every combination.
+pub fn admit(a: Arrived) -> Admission {
+    if a.answered {
+        Admission::AckAnswered
+    } else if a.owned {
+        Admission::Attach
+    } else if a.stopping {
+        Admission::Requeue
+    } else if a.eta_ahead && !a.revoked {
+        Admission::Hold
+    } else if a.revoked {
+        Admission::Revoke("revoked")
+    } else if a.expired {
+        Admission::Revoke("expired")
+    } else {
+        Admission::Run
+    }
+}
+
 /// Handles one task message to its end. `lost` fires when the connection it came on is gone.
-pub(super) async fn handle(shared: Arc<Shared>, delivery: Delivery, lost: CancellationToken) {
+pub(super) async fn handle(shared: Arc<SourceState>, delivery: Delivery, lost: CancellationToken) {
+    let redelivered = delivery.redelivered;
     let Some((task, info, acker)) = decode(&shared, delivery).await else {
         return;
     };
+    let admission = loop {
+        let admission = admit(arrived(&shared, &task, redelivered));
+        if admission != Admission::Hold {
+            break admission;
+        }
+        if !hold_until_eta(&shared, &task, &info, &acker, &lost).await {
+            return;
+        }
+    };
+    let settlement = match admission {
+        Admission::Requeue => return reject(&acker, true).await,
+        Admission::Hold => unreachable!("held above"),
+        Admission::AckAnswered | Admission::Attach | Admission::Revoke(_) | Admission::Run => {
+            // Claimed atomically: the facts may have changed since they were read.
+            let arrival = shared
+                .tasks()
+                .ledger
+                .arrive(&task.id, info.clone(), acker.clone());
+            match arrival {
+                Arrival::Owner => {}
+                Arrival::Attached => {
+                    tracing::info!(task_id = %task.id, "redelivered task is still running or being answered here; this copy is acked with it");
+                    return;
+                }
+                Arrival::Answered(copy) => return ack_answered_copy(&task, &copy).await,
+            }
+            match admission {
+                Admission::Revoke(reason) => {
+                    tracing::info!(task_id = %task.id, task = %task.name, "task {reason} before it could start");
+                    revoked_answer(reason)
+                }
+                _ => run_and_settle(&shared, &task, &info).await,
+            }
+        }
+    };
+    finish(&shared, &task, &acker, settlement).await;
+}
+
+/// The facts about `task` now.
+fn arrived(shared: &SourceState, task: &CeleryTask, redelivered: bool) -> Arrived {
+    let now = SystemTime::now();
+    let tasks = shared.tasks();
+    Arrived {
+        answered: tasks.ledger.is_answered(&task.id),
+        owned: tasks.ledger.owns(&task.id),
+        stopping: shared.stopping.is_cancelled(),
+        eta_ahead: task.eta.is_some_and(|eta| eta > now),
+        revoked: shared.is_revoked(&task.id),
+        expired: task.expires.is_some_and(|t| t <= now),
+        redelivered,
+    }
+}
+
+/// Runs an owned task and decides how it ends on the wire.
+async fn run_and_settle(shared: &SourceState, task: &CeleryTask, info: &ActiveInfo) -> Settlement {
     let submitter = format!(
         "amqp: queue {}",
         info.delivery_info["routing_key"]
             .as_str()
             .unwrap_or_default()
     );
-    // A copy of an answered task needs no eta hold: ack it at once.
-    let answered = shared.tasks().ledger.is_answered(&task.id);
-    if answered {
-        return ack_answered_copy(&task, &acker).await;
-    }
-    if task.eta.is_some_and(|eta| eta > SystemTime::now())
-        && !hold_until_eta(&shared, &task, &info, &acker, &lost).await
-    {
-        return;
-    }
-    let arrival = shared.tasks().ledger.arrive(&task.id, info, acker.clone());
-    match arrival {
-        Arrival::Owner => {}
-        Arrival::Attached => {
-            tracing::info!(task_id = %task.id, "redelivered task is still running or being answered here; this copy is acked with it");
-            return;
-        }
-        Arrival::Answered(copy) => return ack_answered_copy(&task, &copy).await,
-    }
-    let settlement = if shared.is_revoked(&task.id) {
-        revoked_answer("revoked")
-    } else if task.expires.is_some_and(|t| t <= SystemTime::now()) {
-        tracing::info!(task_id = %task.id, task = %task.name, "task expired before it could start");
-        revoked_answer("expired")
-    } else {
-        let outcome = run(&shared, &task, submitter).await;
-        if let Outcome::Failure(f) = &outcome {
-            match f.kind {
-                FailureKind::NotRegistered => {
-                    tracing::error!(task_id = %task.id, task = %task.name, "received a task no plugin serves; answering NotRegistered and rejecting it")
-                }
-                _ => tracing::info!(task_id = %task.id, task = %task.name, "task failed: {f}"),
+    let outcome = run(shared, task, submitter).await;
+    if let Outcome::Failure(f) = &outcome {
+        match f.kind {
+            FailureKind::NotRegistered => {
+                tracing::error!(task_id = %task.id, task = %task.name, "received a task no plugin serves; answering NotRegistered and rejecting it")
             }
+            _ => tracing::info!(task_id = %task.id, task = %task.name, "task failed: {f}"),
         }
-        let revoked = shared.tasks().ledger.revoked(&task.id);
-        settle(outcome, revoked, shared.stopping.is_cancelled())
-    };
-    finish(&shared, &task, &acker, settlement).await;
+    }
+    let revoked = shared.tasks().ledger.revoked(&task.id);
+    settle(outcome, revoked, shared.stopping.is_cancelled())
 }
 
 fn revoked_answer(reason: &'static str) -> Settlement {
@@ -134,7 +218,10 @@ async fn ack_answered_copy(task: &CeleryTask, acker: &Acker) {
 }
 
 /// Reads the Celery task out of a delivery; an unreadable one is rejected without requeue.
-async fn decode(shared: &Shared, delivery: Delivery) -> Option<(CeleryTask, ActiveInfo, Acker)> {
+async fn decode(
+    shared: &SourceState,
+    delivery: Delivery,
+) -> Option<(CeleryTask, ActiveInfo, Acker)> {
     let headers = delivery
         .properties
         .headers()
@@ -188,7 +275,7 @@ async fn decode(shared: &Shared, delivery: Delivery) -> Option<(CeleryTask, Acti
 /// Holds an eta task unacked until it is due; revocations and stops wake it early. False if
 /// the message is gone (connection lost) or was given back (stopping).
 async fn hold_until_eta(
-    shared: &Shared,
+    shared: &SourceState,
     task: &CeleryTask,
     info: &ActiveInfo,
     acker: &Acker,
@@ -227,7 +314,7 @@ async fn hold_until_eta(
 
 /// Runs the task through the dispatcher, publishing its progress and streamed items as they
 /// come, and returns its outcome.
-async fn run(shared: &Shared, task: &CeleryTask, submitter: String) -> Outcome {
+async fn run(shared: &SourceState, task: &CeleryTask, submitter: String) -> Outcome {
     let request = TaskRequest {
         id: task.id.clone(),
         name: task.name.clone(),
@@ -252,7 +339,7 @@ async fn run(shared: &Shared, task: &CeleryTask, submitter: String) -> Outcome {
 
 /// The owner's duty: publish the final state and only once it is confirmed, remember the id
 /// as answered and ack the message and its copies; or give them all back to the queue.
-async fn finish(shared: &Shared, task: &CeleryTask, acker: &Acker, settlement: Settlement) {
+async fn finish(shared: &SourceState, task: &CeleryTask, acker: &Acker, settlement: Settlement) {
     let (status, result, traceback, reject_it) = match settlement {
         Settlement::Requeue => {
             tracing::info!(task_id = %task.id, "worker stopping: returning the task to the queue");
@@ -292,7 +379,12 @@ async fn finish(shared: &Shared, task: &CeleryTask, acker: &Acker, settlement: S
 }
 
 /// Progress and streamed items become custom-state messages, in order, before the final state.
-async fn publish_event(shared: &Shared, task: &CeleryTask, reply_to: Option<&str>, ev: TaskEvent) {
+async fn publish_event(
+    shared: &SourceState,
+    task: &CeleryTask,
+    reply_to: Option<&str>,
+    ev: TaskEvent,
+) {
     let Some(reply_to) = reply_to else { return };
     let (status, meta) = match ev {
         TaskEvent::Progress {
@@ -341,6 +433,44 @@ mod tests {
 
     fn failure(kind: FailureKind) -> Outcome {
         Outcome::Failure(Failure::new(kind, "T", "m", "why"))
+    }
+
+    /// Every combination of the facts a delivery arrives with.
+    #[test]
+    fn what_each_delivery_does_before_it_runs() {
+        for bits in 0u8..128 {
+            let b = |i: u8| bits & (1 << i) != 0;
+            let a = Arrived {
+                answered: b(0),
+                owned: b(1),
+                stopping: b(2),
+                eta_ahead: b(3),
+                revoked: b(4),
+                expired: b(5),
+                redelivered: b(6),
+            };
+            let want = if a.answered {
+                Admission::AckAnswered
+            } else if a.owned {
+                Admission::Attach
+            } else if a.stopping {
+                Admission::Requeue
+            } else if a.revoked {
+                Admission::Revoke("revoked")
+            } else if a.eta_ahead {
+                Admission::Hold
+            } else if a.expired {
+                Admission::Revoke("expired")
+            } else {
+                Admission::Run
+            };
+            assert_eq!(admit(a), want, "{a:?}");
+            let flipped = Arrived {
+                redelivered: !a.redelivered,
+                ..a
+            };
+            assert_eq!(admit(flipped), want, "redelivered decides nothing: {a:?}");
+        }
     }
 
     /// Every outcome kind, revoked or not, stopping or not.

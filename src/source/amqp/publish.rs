@@ -7,7 +7,7 @@
 //! before the broker confirmed it may or may not have reached the queue. It is published again
 //! on the next connection (never lost), and logged, because the client may then see it twice.
 
-use super::Shared;
+use super::SourceState;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation};
 use std::time::Duration;
@@ -40,7 +40,7 @@ fn properties(correlation_id: &str) -> BasicProperties {
         .with_delivery_mode(1)
 }
 
-impl Shared {
+impl SourceState {
     /// Waits for a connected results channel other than `not` (the one that just failed).
     async fn channel(
         &self,

@@ -1,0 +1,298 @@
+//! The broker connection: connect, declare (kombu-exact task queues, the exclusive pidbox
+//! queue), consume, and hand each delivery to its handler; reconnect when the connection is
+//! lost, at once the first time, then with the restart policy's backoff.
+
+use super::{delivery, redact, remote, Declare, SourceState};
+use crate::supervisor::restart;
+use futures_lite::stream::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+
+/// True for the broker's 405 RESOURCE_LOCKED: another connection holds an exclusive queue.
+fn resource_locked(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED)))
+}
+
+enum SessionEnd {
+    Finished,
+    /// The connection failed; `was_up` if it had been consuming.
+    Lost {
+        reason: String,
+        was_up: bool,
+    },
+}
+
+pub(super) async fn connection_loop(shared: Arc<SourceState>) {
+    // After losing a connection that was up, the first attempt is immediate; failed attempts
+    // back off like plugin restarts: RECONNECT_MIN doubling, with jitter, up to RECONNECT_MAX.
+    let mut failures = 0;
+    let mut number = 0;
+    loop {
+        number += 1;
+        let began = Instant::now();
+        match session(&shared, number).await {
+            SessionEnd::Finished => return,
+            SessionEnd::Lost { reason, was_up } => {
+                shared.results.send_replace(None);
+                shared.connected.send_replace(false);
+                if was_up && began.elapsed() > Duration::from_secs(1) {
+                    failures = 0;
+                }
+                let wait = restart::delay(failures, RECONNECT_MIN, RECONNECT_MAX, fastrand::f64());
+                failures += 1;
+                let when = match wait.is_zero() {
+                    true => "at once".to_string(),
+                    false => format!("in {wait:?}"),
+                };
+                tracing::warn!(
+                    broker = %redact(&shared.options.url),
+                    "broker connection lost or refused ({reason}); reconnecting {when}. Plugins keep running; results of running tasks are published after reconnecting"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shared.finished.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn declare_task_queue(channel: &Channel, queue: &str, declare: Declare) -> lapin::Result<()> {
+    match declare {
+        Declare::Passive => {
+            let opts = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            channel
+                .queue_declare(queue.into(), opts, FieldTable::default())
+                .await?;
+        }
+        Declare::Kombu => {
+            let ex = ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            channel
+                .exchange_declare(
+                    queue.into(),
+                    ExchangeKind::Direct,
+                    ex,
+                    FieldTable::default(),
+                )
+                .await?;
+            let q = QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            channel
+                .queue_declare(queue.into(), q, FieldTable::default())
+                .await?;
+            channel
+                .queue_bind(
+                    queue.into(),
+                    queue.into(),
+                    queue.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn declare_pidbox(channel: &Channel, nodename: &str) -> lapin::Result<String> {
+    let ex = ExchangeDeclareOptions {
+        durable: false,
+        auto_delete: false,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            "celery.pidbox".into(),
+            ExchangeKind::Fanout,
+            ex,
+            FieldTable::default(),
+        )
+        .await?;
+    let queue = format!("{nodename}.celery.pidbox");
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongInt(300_000));
+    args.insert("x-expires".into(), AMQPValue::LongInt(10_000));
+    let opts = QueueDeclareOptions {
+        durable: false,
+        auto_delete: true,
+        exclusive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.as_str().into(), opts, args)
+        .await?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            "celery.pidbox".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(queue)
+}
+
+/// One connection, from connecting to its loss. Errors before consuming mean it never was up.
+async fn session(shared: &Arc<SourceState>, number: u64) -> SessionEnd {
+    match open_session(shared, number).await {
+        Ok(end) => end,
+        Err(e) => SessionEnd::Lost {
+            reason: e.to_string(),
+            was_up: false,
+        },
+    }
+}
+
+async fn open_session(shared: &Arc<SourceState>, number: u64) -> lapin::Result<SessionEnd> {
+    let o = &shared.options;
+    let props = ConnectionProperties::default().with_connection_name(shared.nodename().into());
+    let conn = Connection::connect(&o.url, props).await?;
+    let consume = conn.create_channel().await?;
+    let results = conn.create_channel().await?;
+    results
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    for q in &o.queues {
+        declare_task_queue(&consume, q, o.declare).await?;
+    }
+    consume
+        .basic_qos(o.prefetch, BasicQosOptions { global: false })
+        .await?;
+
+    // The pidbox queue is exclusive: a second process with our node name gets
+    // RESOURCE_LOCKED, and then this one takes a per-process name instead.
+    let mut control = conn.create_channel().await?;
+    let pidbox_queue = match declare_pidbox(&control, &shared.nodename()).await {
+        Ok(q) => q,
+        Err(e) if resource_locked(&e) => {
+            let taken = shared.nodename();
+            let (name, host) = taken
+                .split_once('@')
+                .unwrap_or((taken.as_str(), "localhost"));
+            let unique = format!("{name}-{}@{host}", std::process::id());
+            tracing::warn!("node name {taken} is in use by another worker; this one answers remote control as {unique}");
+            *shared.nodename.lock().expect("nodename lock poisoned") = unique.clone();
+            control = conn.create_channel().await?;
+            declare_pidbox(&control, &unique).await?
+        }
+        Err(e) => return Err(e),
+    };
+
+    let (tx, mut deliveries) = mpsc::channel::<lapin::Result<Delivery>>(256);
+    let mut relays = Vec::new();
+    let mut tags = Vec::new();
+    for q in &o.queues {
+        let tag = format!("{}-{q}", shared.nodename());
+        let consumer = consume
+            .basic_consume(
+                q.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tags.push(tag);
+        relays.push(relay(consumer, tx.clone()));
+    }
+    let pidbox_consumer = control
+        .basic_consume(
+            pidbox_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    relays.push(relay(pidbox_consumer, tx.clone()));
+    drop(tx);
+    // Dropped with the session: the relays of a dead connection stop with it.
+    let _relays: Vec<AbortOnDropHandle<()>> =
+        relays.into_iter().map(AbortOnDropHandle::new).collect();
+
+    // Fired when this session ends, so eta holds let their deliveries go back to the broker.
+    let lost = CancellationToken::new();
+    let _lost_guard = lost.clone().drop_guard();
+    shared.results.send_replace(Some((number, results.clone())));
+    shared.connected.send_replace(true);
+    tracing::info!(
+        broker = %redact(&o.url),
+        queues = %o.queues.join(","),
+        node = %shared.nodename(),
+        prefetch = o.prefetch,
+        "consuming Celery tasks"
+    );
+    let mut cancelled = false;
+    loop {
+        tokio::select! {
+            d = deliveries.recv() => match d {
+                Some(Ok(delivery)) if delivery.routing_key.as_str().is_empty() || delivery.exchange.as_str() == "celery.pidbox" => {
+                    let (state, control) = (shared.clone(), control.clone());
+                    shared.handlers.spawn(async move { remote::answer(&state, &control, delivery).await });
+                }
+                Some(Ok(delivery)) => {
+                    if shared.stopping.is_cancelled() {
+                        let _ = delivery.acker.reject(BasicRejectOptions { requeue: true }).await;
+                        continue;
+                    }
+                    let (shared2, lost) = (shared.clone(), lost.clone());
+                    shared.handlers.spawn(async move { delivery::handle(shared2, delivery, lost).await });
+                }
+                Some(Err(e)) => return Ok(SessionEnd::Lost { reason: e.to_string(), was_up: true }),
+                None => return Ok(SessionEnd::Lost { reason: "the broker closed the consumers".into(), was_up: true }),
+            },
+            _ = shared.stopping.cancelled(), if !cancelled => {
+                cancelled = true;
+                for tag in &tags {
+                    if let Err(e) = consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
+                        tracing::warn!("cannot cancel consumer {tag}: {e}");
+                    }
+                }
+                tracing::info!("stopped consuming; finishing tasks in flight");
+            }
+            _ = shared.finished.cancelled() => {
+                shared.results.send_replace(None);
+                let _ = conn.close(200, "worker stopping".into()).await;
+                return Ok(SessionEnd::Finished);
+            }
+        }
+    }
+}
+
+/// Relays one consumer's deliveries into the session's single stream.
+fn relay(
+    mut consumer: lapin::Consumer,
+    tx: mpsc::Sender<lapin::Result<Delivery>>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(d) = consumer.next().await {
+            let failed = d.is_err();
+            if tx.send(d).await.is_err() || failed {
+                return;
+            }
+        }
+    })
+}

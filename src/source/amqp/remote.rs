@@ -1,0 +1,143 @@
+//! Celery remote control as the AMQP source answers it: what `celery inspect` and `celery
+//! control` ask of this worker ([`pidbox::RemoteWorker`]), and the replies on the wire.
+
+use super::value::json_to_amqp;
+use super::{redact, SourceState};
+use crate::source::pidbox::{self, RemoteWorker};
+use lapin::message::Delivery;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
+use serde_json::{json, Value};
+
+impl RemoteWorker for SourceState {
+    fn registered(&self) -> Vec<String> {
+        self.dispatcher.task_names()
+    }
+    fn active(&self) -> Vec<Value> {
+        let active = self.tasks().ledger.active();
+        active.into_iter().map(|a| json!(a)).collect()
+    }
+    fn reserved(&self) -> Vec<Value> {
+        self.tasks().reserved.values().map(|a| json!(a)).collect()
+    }
+    fn active_queues(&self) -> Vec<Value> {
+        self.options
+            .queues
+            .iter()
+            .map(|q| {
+                json!({
+                    "name": q, "exchange": {"name": q, "type": "direct", "durable": true, "auto_delete": false},
+                    "routing_key": q, "durable": true, "exclusive": false, "auto_delete": false, "no_ack": false,
+                    "queue_arguments": null, "binding_arguments": null, "consumer_arguments": null
+                })
+            })
+            .collect()
+    }
+    async fn stats(&self) -> Value {
+        let plugins = self.dispatcher.status().await;
+        let processes: Vec<u32> = plugins
+            .iter()
+            .flat_map(|p| p.instances.iter().filter_map(|i| i.pid))
+            .collect();
+        let capacity = self.dispatcher.capacity();
+        let uptime = self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+        json!({
+            "pid": std::process::id(),
+            "clock": "0",
+            "uptime": uptime,
+            "total": *self.totals.lock().expect("totals lock poisoned"),
+            "pool": {
+                "implementation": "worker (out-of-process plugins)",
+                "max-concurrency": capacity,
+                "processes": processes,
+                "prefetch_count": self.options.prefetch,
+            },
+            "broker": { "transport": "amqp", "hostname": redact(&self.options.url) },
+            "prefetch_count": self.options.prefetch,
+            "plugins": plugins.iter().map(|p| json!({
+                "name": p.name, "version": p.version, "state": p.state.to_string(), "tasks": p.tasks,
+                "instances": p.instances.len(), "queued": p.queued,
+            })).collect::<Vec<_>>(),
+            "worker": { "name": crate::WORKER_NAME, "version": crate::WORKER_VERSION },
+        })
+    }
+    /// Remembers the ids as revoked; with `terminate`, running ones are cancelled (then killed
+    /// after the plugin's cancel grace) and answered REVOKED ("terminated").
+    async fn revoke(&self, ids: &[String], terminate: bool) {
+        let mut to_cancel = Vec::new();
+        {
+            let mut revoked = self.revoked.lock().expect("revoked lock poisoned");
+            let mut tasks = self.tasks();
+            for id in ids {
+                revoked.insert(id);
+                if tasks.ledger.owns(id) {
+                    if terminate {
+                        tasks.ledger.mark_revoked(id, "terminated");
+                    }
+                    to_cancel.push((id.clone(), terminate));
+                }
+            }
+        }
+        self.revoke_signal.notify_waiters();
+        for (id, terminate) in to_cancel {
+            if terminate {
+                self.dispatcher.cancel(&id, "revoked (terminate)").await;
+            } else {
+                // Not started yet (waiting for a free plugin slot): drop it; REVOKED follows.
+                if self.dispatcher.cancel_queued(&id, "revoked").await {
+                    self.tasks().ledger.mark_revoked(&id, "revoked");
+                }
+            }
+        }
+    }
+    fn request_shutdown(&self) {
+        tracing::info!("shutdown requested through remote control");
+        self.shutdown_requested.cancel();
+    }
+}
+
+/// Answers one remote-control message addressed to this node.
+pub(super) async fn answer(shared: &SourceState, channel: &Channel, delivery: Delivery) {
+    let req = match pidbox::parse(&delivery.data) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("ignoring a remote control message that cannot be read: {e}");
+            return;
+        }
+    };
+    let node = shared.nodename();
+    if !pidbox::addressed_to(&req, &node) {
+        return;
+    }
+    tracing::debug!(method = %req.method, "remote control request");
+    let Some(result) = pidbox::handle(&req, shared).await else {
+        return;
+    };
+    let Some((exchange, routing_key)) = &req.reply_to else {
+        return;
+    };
+    let mut headers = FieldTable::default();
+    if let Some(ticket) = &req.ticket {
+        headers.insert("ticket".into(), json_to_amqp(&json!(ticket)));
+    }
+    headers.insert("clock".into(), AMQPValue::LongLongInt(0));
+    let body = serde_json::to_vec(&json!({ node: result })).expect("reply serializes");
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_headers(headers)
+        .with_delivery_mode(1);
+    if let Err(e) = channel
+        .basic_publish(
+            exchange.as_str().into(),
+            routing_key.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            props,
+        )
+        .await
+    {
+        tracing::warn!("cannot answer remote control `{}`: {e}", req.method);
+    }
+}

@@ -1,0 +1,40 @@
+//! Revoked task ids, remembered as Celery does (50,000 ids for 3 hours), so a revoked task that
+//! arrives later is answered REVOKED without running.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+const REVOKED_MAX: usize = 50_000;
+const REVOKED_TTL: Duration = Duration::from_secs(3 * 3600);
+
+#[derive(Default)]
+pub(super) struct Revoked {
+    map: HashMap<String, Instant>,
+    order: VecDeque<(String, Instant)>,
+}
+
+impl Revoked {
+    pub(super) fn insert(&mut self, id: &str) {
+        let now = Instant::now();
+        self.map.insert(id.to_string(), now);
+        self.order.push_back((id.to_string(), now));
+        self.prune(now);
+    }
+
+    pub(super) fn contains(&mut self, id: &str) -> bool {
+        self.prune(Instant::now());
+        self.map.contains_key(id)
+    }
+
+    fn prune(&mut self, now: Instant) {
+        while let Some((id, at)) = self.order.front() {
+            if self.order.len() <= REVOKED_MAX && now.duration_since(*at) < REVOKED_TTL {
+                break;
+            }
+            if self.map.get(id) == Some(at) {
+                self.map.remove(id);
+            }
+            self.order.pop_front();
+        }
+    }
+}
