@@ -16,9 +16,9 @@ use crate::manifest::Manifest;
 use pool::{PoolHandle, PoolOptions};
 use status::{PluginState, PluginStatus};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 
 #[derive(Debug, Default)]
 struct Routes {
@@ -26,11 +26,24 @@ struct Routes {
     by_plugin: BTreeMap<String, PoolHandle>,
 }
 
+impl Routes {
+    /// Fills `by_task` from `by_plugin`.
+    fn index_tasks(&mut self) {
+        for handle in self.by_plugin.values() {
+            for t in handle.manifest().task_names() {
+                self.by_task.insert(t.to_string(), handle.clone());
+            }
+        }
+    }
+}
+
 /// Owns every plugin pool of this worker.
 #[derive(Debug)]
 pub struct Supervisor {
     routes: RwLock<Arc<Routes>>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Every pool actor and every drain of a retired pool: tracked, never growing with
+    /// reloads (finished tasks leave it), waited for at stop.
+    tasks: TaskTracker,
     options: PoolOptions,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
@@ -54,33 +67,37 @@ pub struct ReloadReport {
     pub failed: Vec<(String, String)>,
 }
 
+/// A pool started by a reload, and the one it would replace.
+struct Candidate {
+    new: PoolHandle,
+    old: Option<PoolHandle>,
+}
+
 impl Supervisor {
     /// Starts a pool for each manifest.
     pub fn start(manifests: Vec<Manifest>, options: PoolOptions) -> Supervisor {
+        let tasks = TaskTracker::new();
         let mut routes = Routes::default();
-        let mut tasks = Vec::new();
         for m in manifests {
-            let (handle, task) = pool::start(Arc::new(m), options.clone());
-            for t in handle.manifest().task_names() {
-                routes.by_task.insert(t.to_string(), handle.clone());
-            }
+            let handle = pool::start(Arc::new(m), options.clone(), &tasks);
             routes
                 .by_plugin
                 .insert(handle.manifest().name.clone(), handle);
-            tasks.push(task);
         }
+        routes.index_tasks();
         Supervisor {
             routes: RwLock::new(Arc::new(routes)),
-            tasks: Mutex::new(tasks),
+            tasks,
             options,
             reloading: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Applies a new set of manifests without touching unchanged plugins: new ones start,
-    /// removed ones drain and stop, and a changed one is replaced blue/green (the new pool must
-    /// become ready before tasks go to it; then the old pool drains for up to `drain`). With
-    /// `wait`, returns only once the retired pools have stopped, so their files may go.
+    /// removed ones drain and stop, a changed one is replaced blue/green (the new pool must
+    /// become ready before tasks go to it; then the old pool drains for up to `drain`), and
+    /// an unchanged `failed` one is started again. With `wait`, returns only once the retired
+    /// pools have stopped, so their files may go.
     pub async fn reload(
         &self,
         manifests: Vec<Manifest>,
@@ -102,52 +119,15 @@ impl Supervisor {
                     }
                     next.by_plugin.insert(m.name.clone(), old.clone());
                 }
-                old => {
-                    let (handle, task) = pool::start(Arc::new(m), self.options.clone());
-                    self.tasks
-                        .lock()
-                        .expect("task list lock poisoned")
-                        .push(task);
-                    candidates.push((handle, old.cloned()));
-                }
+                old => candidates.push(Candidate {
+                    new: pool::start(Arc::new(m), self.options.clone(), &self.tasks),
+                    old: old.cloned(),
+                }),
             }
         }
         let mut retired = Vec::new();
-        for (new, old) in candidates {
-            let name = new.manifest().name.clone();
-            let timeout = new.manifest().timeouts.init + Duration::from_secs(1);
-            let settled = new.settle(tokio::time::Instant::now() + timeout).await;
-            let Err(state) = settled else {
-                match old {
-                    Some(old) => {
-                        report.replaced.push(name.clone());
-                        retired.push(old);
-                    }
-                    None => report.started.push(name.clone()),
-                }
-                next.by_plugin.insert(name, new);
-                continue;
-            };
-            let reason = match state {
-                PluginState::Failed(reason) => reason,
-                _ => match new.view().borrow().last_exit.clone() {
-                    Some(exit) => format!("not ready within {timeout:?}; last exit: {exit}"),
-                    None => format!("not ready within {timeout:?}"),
-                },
-            };
-            tracing::error!(plugin = %name, "reload: the new version did not start: {reason}");
-            report.failed.push((name.clone(), reason));
-            match old {
-                // The old version keeps serving; the failed candidate goes away.
-                Some(old) => {
-                    next.by_plugin.insert(name, old);
-                    retired.push(new);
-                }
-                // A new plugin that cannot start stays visible, failing its tasks with the reason.
-                None => {
-                    next.by_plugin.insert(name, new);
-                }
-            }
+        for candidate in candidates {
+            Self::settle_candidate(candidate, &mut next, &mut retired, &mut report).await;
         }
         for (name, old) in &current.by_plugin {
             if !next.by_plugin.contains_key(name) {
@@ -155,29 +135,68 @@ impl Supervisor {
                 retired.push(old.clone());
             }
         }
-        for handle in next.by_plugin.values() {
-            for t in handle.manifest().task_names() {
-                next.by_task.insert(t.to_string(), handle.clone());
-            }
-        }
+        next.index_tasks();
         *self.routes.write().expect("route lock poisoned") = Arc::new(next);
         tracing::info!(?report, "plugins reloaded");
-        let stops: Vec<JoinHandle<()>> = retired
+        self.retire(retired, drain, wait).await;
+        report
+    }
+
+    /// Waits for a candidate to become ready, then routes to it (retiring what it replaces);
+    /// if it does not, the old version keeps serving and the report says why.
+    async fn settle_candidate(
+        Candidate { new, old }: Candidate,
+        next: &mut Routes,
+        retired: &mut Vec<PoolHandle>,
+        report: &mut ReloadReport,
+    ) {
+        let name = new.manifest().name.clone();
+        let timeout = new.manifest().timeouts.init + Duration::from_secs(1);
+        let Err(state) = new.wait_ready(tokio::time::Instant::now() + timeout).await else {
+            match old {
+                Some(old) => {
+                    report.replaced.push(name.clone());
+                    retired.push(old);
+                }
+                None => report.started.push(name.clone()),
+            }
+            next.by_plugin.insert(name, new);
+            return;
+        };
+        let reason = match state {
+            PluginState::Failed(reason) => reason,
+            _ => match new.view().borrow().last_exit.clone() {
+                Some(exit) => format!("not ready within {timeout:?}; last exit: {exit}"),
+                None => format!("not ready within {timeout:?}"),
+            },
+        };
+        tracing::error!(plugin = %name, "reload: the new version did not start: {reason}");
+        report.failed.push((name.clone(), reason));
+        match old {
+            // The old version keeps serving; the failed candidate goes away.
+            Some(old) => {
+                next.by_plugin.insert(name, old);
+                retired.push(new);
+            }
+            // A new plugin that cannot start stays visible, failing its tasks with the reason.
+            None => {
+                next.by_plugin.insert(name, new);
+            }
+        }
+    }
+
+    /// Drains and stops retired pools; with `wait`, until they have stopped.
+    async fn retire(&self, retired: Vec<PoolHandle>, drain: Duration, wait: bool) {
+        let stops: Vec<_> = retired
             .into_iter()
-            .map(|old| tokio::spawn(async move { old.stop(drain).await }))
+            .map(|old| self.tasks.spawn(async move { old.stop(drain).await }))
             .collect();
         if wait {
             for stop in stops {
                 let _ = stop.await;
             }
             tracing::info!("replaced and removed plugins have stopped");
-        } else {
-            self.tasks
-                .lock()
-                .expect("task list lock poisoned")
-                .extend(stops);
         }
-        report
     }
 
     fn routes(&self) -> Arc<Routes> {
@@ -208,7 +227,7 @@ impl Supervisor {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut not_ready = Vec::new();
         for pool in self.plugins() {
-            if let Err(state) = pool.settle(deadline).await {
+            if let Err(state) = pool.wait_ready(deadline).await {
                 not_ready.push((pool.manifest().name.clone(), state));
             }
         }
@@ -236,10 +255,7 @@ impl Supervisor {
             });
         }
         while stops.join_next().await.is_some() {}
-        let tasks: Vec<JoinHandle<()>> =
-            std::mem::take(&mut *self.tasks.lock().expect("task list lock poisoned"));
-        for t in tasks {
-            let _ = t.await;
-        }
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 }

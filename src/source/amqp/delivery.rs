@@ -35,7 +35,11 @@ pub enum Settlement {
 
 /// Decides how a task that ran ends on the wire (the table test covers every kind). Pure: `revoked` is the reason a revoke
 /// stopped it, `stopping` whether this worker is shutting down.
-pub fn settle(outcome: Outcome, revoked: Option<&'static str>, stopping: bool) -> Settlement {
+pub fn settlement_of(
+    outcome: Outcome,
+    revoked: Option<&'static str>,
+    stopping: bool,
+) -> Settlement {
     let answer = |status, result, traceback, reject| Settlement::Answer {
         status,
         result,
@@ -200,7 +204,7 @@ async fn run_and_settle(shared: &SourceState, task: &CeleryTask, info: &ActiveIn
         }
     }
     let revoked = shared.tasks().ledger.revoked(&task.id);
-    settle(outcome, revoked, shared.stopping.is_cancelled())
+    settlement_of(outcome, revoked, shared.stopping.is_cancelled())
 }
 
 fn revoked_answer(reason: &'static str) -> Settlement {
@@ -493,7 +497,7 @@ mod tests {
         for kind in kinds {
             for revoked in [None, Some("terminated")] {
                 for stopping in [false, true] {
-                    let got = settle(failure(kind), revoked, stopping);
+                    let got = settlement_of(failure(kind), revoked, stopping);
                     let want_status = match (kind, revoked, stopping) {
                         (Cancelled, Some(_), _) => Some(state::REVOKED),
                         (ShuttingDown, _, _) => None,
@@ -515,7 +519,7 @@ mod tests {
         }
         for stopping in [false, true] {
             assert_eq!(
-                settle(Outcome::Success(json!(1)), None, stopping),
+                settlement_of(Outcome::Success(json!(1)), None, stopping),
                 Settlement::Answer {
                     status: state::SUCCESS,
                     result: json!(1),

@@ -5,21 +5,22 @@
 //! plugin gives up (`failed`). It hands tasks to instances and never produces their outcomes,
 //! except for tasks it refuses or that never left its queue.
 
-use super::instance::{
-    self, Command, EventKind, ExitReason, InstanceEvent, InstanceHandle, Job, LaunchSpec,
-};
-use super::process::StderrTail;
-use super::restart::{self, Backoff, Decision, RestartWindow};
-use super::status::{ExitRecord, InstanceState, InstanceStatus, PluginState, PluginStatus};
+mod report;
+mod slots;
+
+use slots::Slot;
+
+use super::instance::{Command, InstanceEvent, Job};
+use super::restart::RestartWindow;
+use super::status::{InstanceState, PluginState, PluginStatus};
 use crate::manifest::Manifest;
 use crate::task::{Failure, FailureKind, Outcome};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
+use tokio_util::task::TaskTracker;
 
 /// Exits remembered per instance for `plugins inspect`.
 const RECENT_EXITS: usize = 10;
@@ -137,7 +138,7 @@ impl PoolHandle {
 
     /// Waits until an instance is ready (Ok) or the plugin has failed or stopped, up to
     /// `deadline`; otherwise returns the state it is still in.
-    pub async fn settle(&self, deadline: Instant) -> Result<(), PluginState> {
+    pub async fn wait_ready(&self, deadline: Instant) -> Result<(), PluginState> {
         let mut view = self.view();
         let settled = tokio::time::timeout_at(
             deadline,
@@ -161,8 +162,8 @@ impl PoolHandle {
     }
 }
 
-/// Starts the pool and its instances.
-pub fn start(manifest: Arc<Manifest>, options: PoolOptions) -> (PoolHandle, JoinHandle<()>) {
+/// Starts the pool and its instances; the pool actor runs on `tracker`.
+pub fn start(manifest: Arc<Manifest>, options: PoolOptions, tracker: &TaskTracker) -> PoolHandle {
     let (tx, rx) = mpsc::channel(1024);
     let view = PoolView {
         state: PluginState::Starting,
@@ -193,61 +194,11 @@ pub fn start(manifest: Arc<Manifest>, options: PoolOptions) -> (PoolHandle, Join
     for i in 0..pool.slots.len() {
         pool.launch(i);
     }
-    let handle = tokio::spawn(pool.run(rx, events_rx));
-    (
-        PoolHandle {
-            tx,
-            view: view_rx,
-            manifest,
-        },
-        handle,
-    )
-}
-
-struct Slot {
-    index: usize,
-    /// Bumped at each start, so events from a previous process are recognised as stale.
-    generation: u64,
-    state: InstanceState,
-    handle: Option<InstanceHandle>,
-    task: Option<JoinHandle<()>>,
-    pid: Option<u32>,
-    plugin_version: Option<String>,
-    started_at: Option<(Instant, SystemTime)>,
-    in_flight: usize,
-    done: u64,
-    failed: u64,
-    restarts: u32,
-    last_exit: Option<String>,
-    recent_exits: VecDeque<ExitRecord>,
-    backoff: Backoff,
-    restart_at: Option<Instant>,
-    stderr: StderrTail,
-    stray_lines: Arc<AtomicU64>,
-}
-
-impl Slot {
-    fn new(index: usize) -> Slot {
-        Slot {
-            index,
-            generation: 0,
-            state: InstanceState::Starting,
-            handle: None,
-            task: None,
-            pid: None,
-            plugin_version: None,
-            started_at: None,
-            in_flight: 0,
-            done: 0,
-            failed: 0,
-            restarts: 0,
-            last_exit: None,
-            recent_exits: VecDeque::new(),
-            backoff: Backoff::default(),
-            restart_at: None,
-            stderr: StderrTail::default(),
-            stray_lines: Arc::new(AtomicU64::new(0)),
-        }
+    tracker.spawn(pool.run(rx, events_rx));
+    PoolHandle {
+        tx,
+        view: view_rx,
+        manifest,
     }
 }
 
@@ -324,28 +275,6 @@ impl Pool {
 
     fn name(&self) -> &str {
         &self.manifest.name
-    }
-
-    fn launch(&mut self, i: usize) {
-        let slot = &mut self.slots[i];
-        slot.generation += 1;
-        slot.state = InstanceState::Starting;
-        slot.restart_at = None;
-        slot.pid = None;
-        slot.started_at = Some((Instant::now(), SystemTime::now()));
-        let spec = LaunchSpec {
-            manifest: self.manifest.clone(),
-            index: slot.index as u32,
-            slot: i,
-            generation: slot.generation,
-            worker_name: self.options.worker_name.clone(),
-            max_line_bytes: self.options.max_line_bytes,
-            stderr: slot.stderr.clone(),
-            stray_lines: slot.stray_lines.clone(),
-        };
-        let (handle, task) = instance::start(spec, self.events_tx.clone());
-        slot.handle = Some(handle);
-        slot.task = Some(task);
     }
 
     fn on_command(&mut self, cmd: PoolCommand) {
@@ -461,178 +390,6 @@ impl Pool {
         }
     }
 
-    fn on_instance(&mut self, ev: InstanceEvent) {
-        let Some(slot) = self.slots.get_mut(ev.slot) else {
-            return;
-        };
-        if ev.generation != slot.generation {
-            return;
-        }
-        match ev.kind {
-            EventKind::Ready {
-                pid,
-                plugin_version,
-            } => {
-                slot.pid = Some(pid);
-                slot.plugin_version = Some(plugin_version);
-                if slot.state == InstanceState::Starting {
-                    slot.state = InstanceState::Ready;
-                }
-                if self.state == PluginState::Starting {
-                    self.state = PluginState::Running;
-                }
-            }
-            EventKind::Finished { task_id, ok } => {
-                slot.in_flight = slot.in_flight.saturating_sub(1);
-                if ok {
-                    slot.done += 1;
-                } else {
-                    slot.failed += 1;
-                }
-                self.placements.remove(&task_id);
-            }
-            EventKind::Exited { reason, ran_for } => self.on_exit(ev.slot, reason, ran_for),
-        }
-    }
-
-    fn on_exit(&mut self, i: usize, reason: ExitReason, ran_for: Duration) {
-        let slot = &mut self.slots[i];
-        slot.handle = None;
-        slot.task = None;
-        slot.in_flight = 0;
-        self.placements.retain(|_, s| *s != i);
-        let stopping = matches!(self.state, PluginState::Stopping | PluginState::Stopped);
-        let described = match &reason {
-            ExitReason::Stopped => "stopped".to_string(),
-            ExitReason::Crashed(m) | ExitReason::Incompatible(m) => m.clone(),
-        };
-        if slot.recent_exits.len() == RECENT_EXITS {
-            slot.recent_exits.pop_front();
-        }
-        let at = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        slot.recent_exits.push_back(ExitRecord {
-            at,
-            reason: described,
-        });
-        let failed = matches!(self.state, PluginState::Failed(_));
-        match reason {
-            // Stopped while the plugin is live again (revived while this one was stopping).
-            ExitReason::Stopped if !stopping && !failed => self.launch(i),
-            ExitReason::Stopped => slot.state = InstanceState::Stopped,
-            _ if stopping => slot.state = InstanceState::Stopped,
-            ExitReason::Incompatible(msg) => {
-                slot.last_exit = Some(msg.clone());
-                self.last_exit = Some(msg.clone());
-                slot.state = InstanceState::Failed;
-                self.fail(msg);
-            }
-            ExitReason::Crashed(msg) => {
-                slot.last_exit = Some(msg.clone());
-                self.last_exit = Some(msg.clone());
-                let decision = restart::decide(
-                    &self.manifest.restart,
-                    &mut slot.backoff,
-                    &mut self.window,
-                    Instant::now().into_std(),
-                    ran_for,
-                    fastrand::f64(),
-                );
-                match decision {
-                    Decision::Restart { after } => {
-                        slot.restarts += 1;
-                        if after.is_zero() {
-                            self.launch(i);
-                        } else {
-                            tracing::info!(plugin = %self.manifest.name, instance = i, "restarting in {after:?}");
-                            slot.state = InstanceState::Backoff;
-                            slot.restart_at = Some(Instant::now() + after);
-                        }
-                    }
-                    Decision::GiveUp { restarts, window } => {
-                        slot.state = InstanceState::Failed;
-                        self.fail(format!("restarted {restarts} times within {window:?} (restart.max_restarts); last exit: {msg}"));
-                    }
-                }
-            }
-        }
-        if self.state == PluginState::Stopping && self.slots.iter().all(|s| s.handle.is_none()) {
-            self.state = PluginState::Stopped;
-        }
-    }
-
-    /// Puts the plugin in the `failed` state: no restarts until `restart.failed_retry` has
-    /// passed (or a reload or `plugins restart`); queued and new tasks fail fast.
-    fn fail(&mut self, reason: String) {
-        let retry = self.manifest.restart.failed_retry;
-        self.retry_failed_at = Some((Instant::now() + retry, SystemTime::now() + retry));
-        tracing::error!(plugin = %self.name(), "plugin failed: {reason}; it will be tried again in {retry:?} (`restart.failed_retry`), on reload, or with `worker plugins restart {}`", self.name());
-        self.state = PluginState::Failed(reason.clone());
-        let next = self.next_try();
-        for job in self.queue.drain(..) {
-            job.finish(Outcome::Failure(Failure::unavailable(format!(
-                "plugin `{}` is failed: {reason}; {next}",
-                self.manifest.name
-            ))));
-        }
-        let grace = self.manifest.timeouts.shutdown_grace;
-        for slot in &mut self.slots {
-            slot.restart_at = None;
-            if slot.state == InstanceState::Backoff {
-                slot.state = InstanceState::Failed;
-            }
-            if let Some(h) = &slot.handle {
-                let _ = h.send(Command::Stop { grace });
-            }
-        }
-    }
-
-    /// "next try in 4m 59s (restart.failed_retry)" for a failed plugin's refusals.
-    fn next_try(&self) -> String {
-        match self.retry_failed_at {
-            Some((at, _)) => {
-                let left = at.saturating_duration_since(Instant::now()).as_secs();
-                format!(
-                    "next try in {}m {}s (`restart.failed_retry`; or `worker plugins restart {}`)",
-                    left / 60,
-                    left % 60,
-                    self.name()
-                )
-            }
-            None => "no automatic retry".to_string(),
-        }
-    }
-
-    /// Leaves the `failed` state: a fresh restart budget, and every instance started again.
-    fn revive(&mut self, why: &str) {
-        tracing::info!(plugin = %self.name(), "trying the failed plugin again: {why}");
-        self.retry_failed_at = None;
-        self.state = PluginState::Starting;
-        self.window = RestartWindow::default();
-        for i in 0..self.slots.len() {
-            self.slots[i].backoff = Backoff::default();
-            if self.slots[i].handle.is_none() {
-                self.launch(i);
-            }
-        }
-    }
-
-    fn restart_due(&mut self) {
-        let now = Instant::now();
-        if self.retry_failed_at.is_some_and(|(at, _)| at <= now) {
-            let retry = self.manifest.restart.failed_retry;
-            self.revive(&format!("{retry:?} passed (`restart.failed_retry`)"));
-        }
-        let due: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| self.slots[i].restart_at.is_some_and(|t| t <= now))
-            .collect();
-        for i in due {
-            self.launch(i);
-        }
-    }
-
     fn begin_stop(&mut self, grace: Duration) {
         if matches!(self.state, PluginState::Stopping | PluginState::Stopped) {
             return;
@@ -660,62 +417,6 @@ impl Pool {
         }
         if self.slots.iter().all(|s| s.handle.is_none()) {
             self.state = PluginState::Stopped;
-        }
-    }
-
-    fn publish(&self) {
-        let view = PoolView {
-            state: self.state.clone(),
-            ready: self
-                .slots
-                .iter()
-                .filter(|s| s.state == InstanceState::Ready)
-                .count(),
-            restarts: self.slots.iter().map(|s| s.restarts as u64).sum(),
-            last_exit: self.last_exit.clone(),
-        };
-        self.view.send_if_modified(|v| {
-            let changed = *v != view;
-            *v = view;
-            changed
-        });
-    }
-
-    fn status(&self) -> PluginStatus {
-        let m = &self.manifest;
-        PluginStatus {
-            name: m.name.clone(),
-            version: m.version.clone(),
-            state: self.state.clone(),
-            tasks: m.task_names().map(str::to_string).collect(),
-            queued: self.queue.len(),
-            uptime_secs: self.started.elapsed().as_secs_f64(),
-            next_try_at: self.retry_failed_at.map(|(_, at)| {
-                at.duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0)
-            }),
-            instances: self
-                .slots
-                .iter()
-                .map(|s| InstanceStatus {
-                    index: s.index as u32,
-                    state: s.state,
-                    pid: s.pid.filter(|_| s.handle.is_some()),
-                    uptime_secs: s
-                        .started_at
-                        .filter(|_| s.handle.is_some())
-                        .map(|(t, _)| t.elapsed().as_secs_f64()),
-                    restarts: s.restarts,
-                    in_flight: s.in_flight,
-                    done: s.done,
-                    failed: s.failed,
-                    stray_stdout_lines: s.stray_lines.load(Ordering::Relaxed),
-                    last_exit: s.last_exit.clone(),
-                    recent_exits: s.recent_exits.iter().cloned().collect(),
-                    stderr_tail: s.stderr.lines(s.pid),
-                })
-                .collect(),
         }
     }
 }
