@@ -212,104 +212,99 @@ impl Dispatcher {
 
     /// Runs `request` to its end, through reruns. Events go to `events` as they come.
     async fn run_to_end(&self, request: TaskRequest, events: mpsc::Sender<TaskEvent>) -> Outcome {
-        if !self.accepting.load(Ordering::SeqCst) {
-            return Outcome::Failure(Failure::shutting_down());
-        }
-        if self.supervisor.route(&request.name).is_none() {
-            return Outcome::Failure(Failure::not_registered(&request.name));
-        }
-        {
-            let mut active = self.active.lock().expect("active lock poisoned");
-            if active.contains_key(&request.id) {
-                return Outcome::Failure(Failure::new(
-                    FailureKind::Raised { retryable: false },
-                    "DuplicateTaskId",
-                    "worker.errors",
-                    format!(
-                        "task id {} is already running; task ids must be unique",
-                        request.id
-                    ),
-                ));
-            }
-            let entry = Active {
-                name: request.name.clone(),
-                submitter: request.submitter.clone(),
-                since: Instant::now(),
-                attempt: 1,
-                pool: None,
-                cancel: None,
-            };
-            active.insert(request.id.clone(), entry);
-            self.in_flight.send_replace(active.len());
-        }
-        let _guard = ActiveGuard {
-            dispatcher: self,
-            id: request.id.clone(),
+        let _guard = match self.admit(&request) {
+            Ok(guard) => guard,
+            Err(refused) => return refused,
         };
         let request = Arc::new(request);
-        let mut attempt = 1;
-        // Tasks refused before they reached a process (an instance was already ending, or a
-        // plugin was shutting down) are rerun without counting an attempt, a bounded number
-        // of times: the pool learns of the dead instance within moments.
-        let mut refusals = 0;
+        let (mut attempt, mut refusals) = (1, 0);
         loop {
             // Looked up on every attempt: a reload may have replaced the plugin meanwhile.
             let Some(pool) = self.supervisor.route(&request.name) else {
                 return Outcome::Failure(Failure::not_registered(&request.name));
             };
-            let max_attempts = pool.manifest().max_attempts;
-            self.set_attempt(&request.id, attempt, &pool);
-            let (reply, outcome) = oneshot::channel();
-            pool.run(Job {
-                request: request.clone(),
-                attempt,
-                events: events.clone(),
-                reply,
-            })
-            .await;
-            let outcome = outcome.await.unwrap_or_else(|_| {
-                Outcome::Failure(Failure::crashed(format!(
-                    "plugin `{}` dropped the task",
-                    pool.manifest().name
-                )))
-            });
-            let Outcome::Failure(failure) = &outcome else {
+            let outcome = self.attempt(&pool, &request, attempt, &events).await;
+            let Outcome::Failure(failure) = outcome else {
                 return outcome;
             };
-            if !failure.is_retryable() {
-                return outcome;
-            }
-            if let Some(reason) = self.cancel_reason(&request.id) {
-                return Outcome::Failure(Failure::cancelled(&reason));
-            }
-            // Refused before it reached a process, or interrupted by the worker itself (a
-            // reload or uninstall stopping the instance): no attempt spent. When the whole
-            // worker is stopping, an interrupted task ends here (a broker source requeues it).
-            if matches!(
-                failure.kind,
-                FailureKind::Rejected | FailureKind::Interrupted
-            ) {
-                if failure.kind == FailureKind::Interrupted
-                    && !self.accepting.load(Ordering::SeqCst)
-                {
-                    return outcome;
-                }
-                if refusals < MAX_REFUSALS {
-                    refusals += 1;
-                    continue;
+            let cancel = self.cancel_reason(&request.id);
+            let accepting = self.accepting.load(Ordering::SeqCst);
+            let max_attempts = pool.manifest().max_attempts;
+            let why = failure.message.clone();
+            match retry(failure, attempt, max_attempts, refusals, accepting, cancel) {
+                Retry::End(failure) => return Outcome::Failure(failure),
+                Retry::Again {
+                    spends_attempt: false,
+                } => refusals += 1,
+                Retry::Again {
+                    spends_attempt: true,
+                } => {
+                    tracing::warn!(task_id = %request.id, task = %request.name, attempt, "retrying task: {why}");
+                    attempt += 1;
                 }
             }
-            if attempt >= max_attempts {
-                let mut failure = failure.clone();
-                failure.message = format!(
-                    "{} (gave up after {attempt} attempt(s); `max_attempts` = {max_attempts})",
-                    failure.message
-                );
-                return Outcome::Failure(failure);
-            }
-            tracing::warn!(task_id = %request.id, task = %request.name, attempt, "retrying task: {}", failure.message);
-            attempt += 1;
         }
+    }
+
+    /// Admits a task: refused while stopping, for an unknown name or a duplicate id.
+    fn admit(&self, request: &TaskRequest) -> Result<ActiveGuard<'_>, Outcome> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(Outcome::Failure(Failure::shutting_down()));
+        }
+        if self.supervisor.route(&request.name).is_none() {
+            return Err(Outcome::Failure(Failure::not_registered(&request.name)));
+        }
+        let mut active = self.active.lock().expect("active lock poisoned");
+        if active.contains_key(&request.id) {
+            return Err(Outcome::Failure(Failure::new(
+                FailureKind::Raised { retryable: false },
+                "DuplicateTaskId",
+                "worker.errors",
+                format!(
+                    "task id {} is already running; task ids must be unique",
+                    request.id
+                ),
+            )));
+        }
+        let entry = Active {
+            name: request.name.clone(),
+            submitter: request.submitter.clone(),
+            since: Instant::now(),
+            attempt: 1,
+            pool: None,
+            cancel: None,
+        };
+        active.insert(request.id.clone(), entry);
+        self.in_flight.send_replace(active.len());
+        Ok(ActiveGuard {
+            dispatcher: self,
+            id: request.id.clone(),
+        })
+    }
+
+    /// One run of the task on `pool`.
+    async fn attempt(
+        &self,
+        pool: &PoolHandle,
+        request: &Arc<TaskRequest>,
+        attempt: u32,
+        events: &mpsc::Sender<TaskEvent>,
+    ) -> Outcome {
+        self.set_attempt(&request.id, attempt, pool);
+        let (reply, outcome) = oneshot::channel();
+        let job = Job {
+            request: request.clone(),
+            attempt,
+            events: events.clone(),
+            reply,
+        };
+        pool.run(job).await;
+        outcome.await.unwrap_or_else(|_| {
+            let name = &pool.manifest().name;
+            Outcome::Failure(Failure::crashed(format!(
+                "plugin `{name}` dropped the task"
+            )))
+        })
     }
 
     fn cancel_reason(&self, id: &str) -> Option<String> {
@@ -416,5 +411,107 @@ impl Dispatcher {
         let mut rx = self.in_flight.subscribe();
         let idle = tokio::time::timeout(timeout, rx.wait_for(|n| *n == 0)).await;
         matches!(idle, Ok(Ok(_)))
+    }
+}
+
+/// What follows a failed attempt.
+#[derive(Debug, Clone, PartialEq)]
+enum Retry {
+    End(Failure),
+    Again { spends_attempt: bool },
+}
+
+/// Decides whether a failed attempt is run again. Pure. Only a crash of the plugin process
+/// spends an attempt (up to `max_attempts`); a task refused before it reached a process, or
+/// interrupted by the worker itself (a reload or uninstall stopping the instance), runs again
+/// for free, at most `MAX_REFUSALS` times; when the whole worker is stopping, an interrupted
+/// task ends (a broker source requeues it). A cancel requested meanwhile ends it.
+fn retry(
+    failure: Failure,
+    attempt: u32,
+    max_attempts: u32,
+    refusals: u32,
+    accepting: bool,
+    cancel: Option<String>,
+) -> Retry {
+    if !failure.is_retryable() {
+        return Retry::End(failure);
+    }
+    if let Some(reason) = cancel {
+        return Retry::End(Failure::cancelled(&reason));
+    }
+    match failure.kind {
+        FailureKind::Interrupted if !accepting => return Retry::End(failure),
+        FailureKind::Rejected | FailureKind::Interrupted if refusals < MAX_REFUSALS => {
+            return Retry::Again {
+                spends_attempt: false,
+            }
+        }
+        _ => {}
+    }
+    if attempt >= max_attempts {
+        let mut failure = failure;
+        failure.message = format!(
+            "{} (gave up after {attempt} attempt(s); `max_attempts` = {max_attempts})",
+            failure.message
+        );
+        return Retry::End(failure);
+    }
+    Retry::Again {
+        spends_attempt: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(kind: FailureKind) -> Failure {
+        Failure::new(kind, "T", "m", "why")
+    }
+
+    #[test]
+    fn which_failures_run_again_and_what_they_cost() {
+        use FailureKind::*;
+        let again = |spends_attempt| Retry::Again { spends_attempt };
+        let ends = |r: &Retry| matches!(r, Retry::End(_));
+        // (kind, attempt, max, refusals, accepting) -> expected
+        assert_eq!(retry(f(PluginCrashed), 1, 3, 0, true, None), again(true));
+        assert!(ends(&retry(f(PluginCrashed), 3, 3, 0, true, None)));
+        assert_eq!(retry(f(Interrupted), 3, 3, 0, true, None), again(false));
+        assert_eq!(retry(f(Rejected), 1, 1, 0, true, None), again(false));
+        assert!(
+            ends(&retry(f(Interrupted), 1, 3, 0, false, None)),
+            "stopping"
+        );
+        assert_eq!(retry(f(Rejected), 1, 3, 0, false, None), again(false));
+        assert_eq!(
+            retry(f(Rejected), 1, 3, MAX_REFUSALS, true, None),
+            again(true),
+            "refusals are bounded"
+        );
+        for kind in [
+            Raised { retryable: true },
+            Cancelled,
+            HardTimeLimit,
+            NotRegistered,
+            QueueFull,
+            ShuttingDown,
+            PluginUnavailable,
+        ] {
+            assert_eq!(
+                retry(f(kind), 1, 3, 0, true, None),
+                Retry::End(f(kind)),
+                "{kind:?}"
+            );
+        }
+        let Retry::End(c) = retry(f(PluginCrashed), 1, 3, 0, true, Some("stop".into())) else {
+            panic!()
+        };
+        assert_eq!(c.kind, Cancelled);
+        let Retry::End(gave_up) = retry(f(PluginCrashed), 2, 2, 0, true, None) else {
+            panic!()
+        };
+        assert!(gave_up.message.contains("gave up after 2 attempt(s)"));
     }
 }

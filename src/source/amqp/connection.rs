@@ -180,12 +180,36 @@ async fn open_session(shared: &Arc<SourceState>, number: u64) -> lapin::Result<S
     consume
         .basic_qos(o.prefetch, BasicQosOptions { global: false })
         .await?;
+    let (control, pidbox_queue) = claim_pidbox(shared, &conn).await?;
+    let (deliveries, tags, relays) =
+        start_consumers(shared, &consume, &control, &pidbox_queue).await?;
+    // Dropped with the session: the relays of a dead connection stop with it.
+    let _relays: Vec<AbortOnDropHandle<()>> =
+        relays.into_iter().map(AbortOnDropHandle::new).collect();
+    shared.results.send_replace(Some((number, results.clone())));
+    shared.connected.send_replace(true);
+    tracing::info!(
+        broker = %redact(&o.url),
+        queues = %o.queues.join(","),
+        node = %shared.nodename(),
+        prefetch = o.prefetch,
+        "consuming Celery tasks"
+    );
+    let session = Session {
+        conn: &conn,
+        consume: &consume,
+        control: &control,
+        tags: &tags,
+    };
+    Ok(session.serve(shared, deliveries).await)
+}
 
-    // The pidbox queue is exclusive: a second process with our node name gets
-    // RESOURCE_LOCKED, and then this one takes a per-process name instead.
-    let mut control = conn.create_channel().await?;
-    let pidbox_queue = match declare_pidbox(&control, &shared.nodename()).await {
-        Ok(q) => q,
+/// Declares this node's pidbox queue. It is exclusive: a second process with our node name
+/// gets RESOURCE_LOCKED, and then this one takes a per-process name instead.
+async fn claim_pidbox(shared: &SourceState, conn: &Connection) -> lapin::Result<(Channel, String)> {
+    let control = conn.create_channel().await?;
+    match declare_pidbox(&control, &shared.nodename()).await {
+        Ok(q) => Ok((control, q)),
         Err(e) if resource_locked(&e) => {
             let taken = shared.nodename();
             let (name, host) = taken
@@ -194,16 +218,29 @@ async fn open_session(shared: &Arc<SourceState>, number: u64) -> lapin::Result<S
             let unique = format!("{name}-{}@{host}", std::process::id());
             tracing::warn!("node name {taken} is in use by another worker; this one answers remote control as {unique}");
             *shared.nodename.lock().expect("nodename lock poisoned") = unique.clone();
-            control = conn.create_channel().await?;
-            declare_pidbox(&control, &unique).await?
+            let control = conn.create_channel().await?;
+            let q = declare_pidbox(&control, &unique).await?;
+            Ok((control, q))
         }
-        Err(e) => return Err(e),
-    };
+        Err(e) => Err(e),
+    }
+}
 
-    let (tx, mut deliveries) = mpsc::channel::<lapin::Result<Delivery>>(256);
+/// Consumes every task queue and the pidbox queue into one stream of deliveries.
+async fn start_consumers(
+    shared: &SourceState,
+    consume: &Channel,
+    control: &Channel,
+    pidbox_queue: &str,
+) -> lapin::Result<(
+    mpsc::Receiver<lapin::Result<Delivery>>,
+    Vec<String>,
+    Vec<JoinHandle<()>>,
+)> {
+    let (tx, deliveries) = mpsc::channel::<lapin::Result<Delivery>>(256);
     let mut relays = Vec::new();
     let mut tags = Vec::new();
-    for q in &o.queues {
+    for q in &shared.options.queues {
         let tag = format!("{}-{q}", shared.nodename());
         let consumer = consume
             .basic_consume(
@@ -216,69 +253,97 @@ async fn open_session(shared: &Arc<SourceState>, number: u64) -> lapin::Result<S
         tags.push(tag);
         relays.push(relay(consumer, tx.clone()));
     }
+    let options = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
     let pidbox_consumer = control
         .basic_consume(
-            pidbox_queue.as_str().into(),
+            pidbox_queue.into(),
             "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
+            options,
             FieldTable::default(),
         )
         .await?;
-    relays.push(relay(pidbox_consumer, tx.clone()));
-    drop(tx);
-    // Dropped with the session: the relays of a dead connection stop with it.
-    let _relays: Vec<AbortOnDropHandle<()>> =
-        relays.into_iter().map(AbortOnDropHandle::new).collect();
+    relays.push(relay(pidbox_consumer, tx));
+    Ok((deliveries, tags, relays))
+}
 
-    // Fired when this session ends, so eta holds let their deliveries go back to the broker.
-    let lost = CancellationToken::new();
-    let _lost_guard = lost.clone().drop_guard();
-    shared.results.send_replace(Some((number, results.clone())));
-    shared.connected.send_replace(true);
-    tracing::info!(
-        broker = %redact(&o.url),
-        queues = %o.queues.join(","),
-        node = %shared.nodename(),
-        prefetch = o.prefetch,
-        "consuming Celery tasks"
-    );
-    let mut cancelled = false;
-    loop {
-        tokio::select! {
-            d = deliveries.recv() => match d {
-                Some(Ok(delivery)) if delivery.routing_key.as_str().is_empty() || delivery.exchange.as_str() == "celery.pidbox" => {
-                    let (state, control) = (shared.clone(), control.clone());
-                    shared.handlers.spawn(async move { remote::answer(&state, &control, delivery).await });
+/// The channels of a connected session.
+struct Session<'a> {
+    conn: &'a Connection,
+    consume: &'a Channel,
+    control: &'a Channel,
+    tags: &'a [String],
+}
+
+impl Session<'_> {
+    /// Hands each delivery to its handler until the connection is lost or the worker stops.
+    async fn serve(
+        &self,
+        shared: &Arc<SourceState>,
+        mut deliveries: mpsc::Receiver<lapin::Result<Delivery>>,
+    ) -> SessionEnd {
+        // Fired when this session ends, so eta holds let their deliveries go back to the broker.
+        let lost = CancellationToken::new();
+        let _lost_guard = lost.clone().drop_guard();
+        let mut cancelled = false;
+        loop {
+            tokio::select! {
+                d = deliveries.recv() => match d {
+                    Some(Ok(delivery)) => self.dispatch(shared, delivery, &lost).await,
+                    Some(Err(e)) => return SessionEnd::Lost { reason: e.to_string(), was_up: true },
+                    None => return SessionEnd::Lost { reason: "the broker closed the consumers".into(), was_up: true },
+                },
+                _ = shared.stopping.cancelled(), if !cancelled => {
+                    cancelled = true;
+                    self.cancel_consumers().await;
                 }
-                Some(Ok(delivery)) => {
-                    if shared.stopping.is_cancelled() {
-                        let _ = delivery.acker.reject(BasicRejectOptions { requeue: true }).await;
-                        continue;
-                    }
-                    let (shared2, lost) = (shared.clone(), lost.clone());
-                    shared.handlers.spawn(async move { delivery::handle(shared2, delivery, lost).await });
+                _ = shared.finished.cancelled() => {
+                    shared.results.send_replace(None);
+                    let _ = self.conn.close(200, "worker stopping".into()).await;
+                    return SessionEnd::Finished;
                 }
-                Some(Err(e)) => return Ok(SessionEnd::Lost { reason: e.to_string(), was_up: true }),
-                None => return Ok(SessionEnd::Lost { reason: "the broker closed the consumers".into(), was_up: true }),
-            },
-            _ = shared.stopping.cancelled(), if !cancelled => {
-                cancelled = true;
-                for tag in &tags {
-                    if let Err(e) = consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
-                        tracing::warn!("cannot cancel consumer {tag}: {e}");
-                    }
-                }
-                tracing::info!("stopped consuming; finishing tasks in flight");
-            }
-            _ = shared.finished.cancelled() => {
-                shared.results.send_replace(None);
-                let _ = conn.close(200, "worker stopping".into()).await;
-                return Ok(SessionEnd::Finished);
             }
         }
+    }
+
+    /// A remote-control message or a task message, each to its tracked handler.
+    async fn dispatch(
+        &self,
+        shared: &Arc<SourceState>,
+        delivery: Delivery,
+        lost: &CancellationToken,
+    ) {
+        if delivery.routing_key.as_str().is_empty() || delivery.exchange.as_str() == "celery.pidbox"
+        {
+            let (state, control) = (shared.clone(), self.control.clone());
+            shared
+                .handlers
+                .spawn(async move { remote::answer(&state, &control, delivery).await });
+        } else if shared.stopping.is_cancelled() {
+            let _ = delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await;
+        } else {
+            let (state, lost) = (shared.clone(), lost.clone());
+            shared
+                .handlers
+                .spawn(async move { delivery::handle(state, delivery, lost).await });
+        }
+    }
+
+    async fn cancel_consumers(&self) {
+        for tag in self.tags {
+            let cancel = self
+                .consume
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            if let Err(e) = cancel.await {
+                tracing::warn!("cannot cancel consumer {tag}: {e}");
+            }
+        }
+        tracing::info!("stopped consuming; finishing tasks in flight");
     }
 }
 

@@ -232,51 +232,30 @@ async fn run(
     events: mpsc::UnboundedSender<InstanceEvent>,
 ) {
     let started = Instant::now();
-    let mut child = match process::spawn(&spec.manifest, spec.index) {
-        Ok(child) => child,
-        Err(e) => {
-            let reason = format!(
-                "could not start `{}`: {e} (check `command` in {}/plugin.toml)",
-                spec.manifest.program().display(),
-                spec.manifest.dir.display()
-            );
+    let (mut child, mut io) = match Io::start(&spec) {
+        Ok(started) => started,
+        Err(reason) => {
             // Nothing of this process ran, so every failure to spawn counts as a crash.
             refuse_waiting(&mut commands, &reason);
+            let kind = EventKind::Exited {
+                reason: ExitReason::Crashed(reason),
+                ran_for: Duration::ZERO,
+            };
+            let (slot, generation) = (spec.slot, spec.generation);
             let _ = events.send(InstanceEvent {
-                slot: spec.slot,
-                generation: spec.generation,
-                kind: EventKind::Exited {
-                    reason: ExitReason::Crashed(reason),
-                    ran_for: Duration::ZERO,
-                },
+                slot,
+                generation,
+                kind,
             });
             return;
         }
     };
-    let pid = child.id().unwrap_or(0);
-    let origin = LogOrigin {
-        plugin: spec.manifest.name.clone(),
-        instance: spec.index,
-        pid,
-    };
-    let stderr_reader = process::read_stderr(
-        child.stderr.take().expect("stderr is piped"),
-        origin,
-        spec.stderr.clone(),
-    );
-    let (stdout_tx, mut stdout) = mpsc::channel(process::STDOUT_BUFFER);
-    let stdout_reader = process::read_stdout(
-        child.stdout.take().expect("stdout is piped"),
-        spec.max_line_bytes,
-        stdout_tx,
-    );
-    let (out, writer) = process::spawn_writer(child.stdin.take().expect("stdin is piped"));
     let mut inst = Instance {
         next_ping: Instant::now() + spec.manifest.timeouts.ping_interval,
         phase: Phase::Serving,
+        pid: child.id().unwrap_or(0),
+        out: io.out.clone(),
         spec,
-        pid,
-        out,
         events,
         next_id: 1,
         running: HashMap::new(),
@@ -286,30 +265,10 @@ async fn run(
         held: None,
         started,
     };
-    tracing::debug!(plugin = %inst.name(), instance = inst.spec.index, pid, "plugin process started");
+    tracing::debug!(plugin = %inst.name(), instance = inst.spec.index, pid = inst.pid, "plugin process started");
     inst.begin_handshake();
-    let reason = match inst.drive(&mut child, &mut stdout, &mut commands).await {
-        Step::Crash(crash) => {
-            process::signal_group(pid, Signal::SIGKILL);
-            let _ = child.wait().await;
-            Some(crash)
-        }
-        Step::Drained { grace, exited } => {
-            inst.finish_stop(&mut child, grace, exited).await;
-            None
-        }
-        Step::Continue | Step::StdoutClosed => unreachable!("drive returns only a final step"),
-    };
-    // The group may still hold forked grandchildren: sweep it. Once they are gone stderr
-    // reaches EOF, so the crash report below carries the plugin's last words.
-    process::signal_group(pid, Signal::SIGKILL);
-    let _ = timeout(STDERR_SETTLE, stderr_reader).await;
-    let reason = match reason {
-        Some(crash) => inst.bury(&mut stdout, *crash),
-        None => ExitReason::Stopped,
-    };
-    stdout_reader.abort();
-    writer.abort();
+    let step = inst.drive(&mut child, &mut io.stdout, &mut commands).await;
+    let reason = inst.end(step, &mut child, io).await;
     refuse_waiting(
         &mut commands,
         "the plugin instance ended before the task could start",
@@ -318,6 +277,47 @@ async fn run(
         reason,
         ran_for: inst.started.elapsed(),
     });
+}
+
+/// A plugin process's stdio: the readers of stderr and stdout, and the stdin writer.
+struct Io {
+    stdout: mpsc::Receiver<StdoutEvent>,
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    stderr_reader: tokio::task::JoinHandle<()>,
+    stdout_reader: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl Io {
+    /// Spawns the plugin's process and starts reading and writing its stdio.
+    fn start(spec: &LaunchSpec) -> Result<(Child, Io), String> {
+        let mut child = process::spawn(&spec.manifest, spec.index).map_err(|e| {
+            format!(
+                "could not start `{}`: {e} (check `command` in {}/plugin.toml)",
+                spec.manifest.program().display(),
+                spec.manifest.dir.display()
+            )
+        })?;
+        let origin = LogOrigin {
+            plugin: spec.manifest.name.clone(),
+            instance: spec.index,
+            pid: child.id().unwrap_or(0),
+        };
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let stderr_reader = process::read_stderr(stderr, origin, spec.stderr.clone());
+        let (stdout_tx, stdout) = mpsc::channel(process::STDOUT_BUFFER);
+        let pipe = child.stdout.take().expect("stdout is piped");
+        let stdout_reader = process::read_stdout(pipe, spec.max_line_bytes, stdout_tx);
+        let (out, writer) = process::spawn_writer(child.stdin.take().expect("stdin is piped"));
+        let io = Io {
+            stdout,
+            out,
+            stderr_reader,
+            stdout_reader,
+            writer,
+        };
+        Ok((child, io))
+    }
 }
 
 /// Tasks the pool sent after the instance decided to end never reached the process: they go
@@ -332,6 +332,34 @@ fn refuse_waiting(commands: &mut mpsc::UnboundedReceiver<Command>, reason: &str)
 }
 
 impl Instance {
+    /// Ends the process after the final step: buries it after a crash, or finishes the stop
+    /// sequence. Then sweeps its process group and says why it ended.
+    async fn end(&mut self, step: Step, child: &mut Child, mut io: Io) -> ExitReason {
+        let crash = match step {
+            Step::Crash(crash) => {
+                process::signal_group(self.pid, Signal::SIGKILL);
+                let _ = child.wait().await;
+                Some(crash)
+            }
+            Step::Drained { grace, exited } => {
+                self.finish_stop(child, grace, exited).await;
+                None
+            }
+            Step::Continue | Step::StdoutClosed => unreachable!("drive returns only a final step"),
+        };
+        // The group may still hold forked grandchildren: sweep it. Once they are gone stderr
+        // reaches EOF, so the crash report carries the plugin's last words.
+        process::signal_group(self.pid, Signal::SIGKILL);
+        let _ = timeout(STDERR_SETTLE, &mut io.stderr_reader).await;
+        let reason = match crash {
+            Some(crash) => self.bury(&mut io.stdout, *crash),
+            None => ExitReason::Stopped,
+        };
+        io.stdout_reader.abort();
+        io.writer.abort();
+        reason
+    }
+
     fn name(&self) -> &str {
         &self.spec.manifest.name
     }
