@@ -8,12 +8,11 @@
 //! whose submitter disconnects is cancelled unless it was submitted with `detach: true`.
 
 use crate::dispatch::{Dispatcher, TaskUpdate};
+use crate::framed::FramedReader;
 use crate::reload::{self, ReloadSettings};
 use crate::supervisor::status::PluginStatus;
 use crate::task::{Outcome, TaskEvent, TaskRequest};
-use plugin_protocol::{
-    code, ErrorObject, Frame, Id, LineDecoder, Message, Notification, Request, Response,
-};
+use plugin_protocol::{code, ErrorObject, Frame, Id, Message, Notification, Request, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::HashSet;
@@ -21,7 +20,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -161,7 +160,7 @@ async fn connection(
         },
         Err(_) => "control socket".to_string(),
     };
-    let (mut read, mut write) = stream.into_split();
+    let (read, mut write) = stream.into_split();
     let (out, mut outbox) = mpsc::channel::<Vec<u8>>(OUTBOX_LINES);
     let writer = tokio::spawn(async move {
         while let Some(line) = outbox.recv().await {
@@ -179,49 +178,29 @@ async fn connection(
         attached: Arc::default(),
     };
     let requests = TaskTracker::new();
-    let mut decoder = LineDecoder::new(MAX_REQUEST_BYTES);
-    let mut buf = vec![0u8; 64 * 1024];
-    'conn: loop {
-        let n = tokio::select! {
-            r = read.read(&mut buf) => match r {
-                Ok(0) | Err(_) => {
+    let mut frames = FramedReader::new(read, MAX_REQUEST_BYTES);
+    loop {
+        let frame = tokio::select! {
+            frame = frames.next() => match frame {
+                Ok(Some(frame)) => frame,
+                // The client is gone (or half-closed): nobody will read its results.
+                Ok(None) | Err(_) => {
                     cancel_attached(&ctx).await;
                     break;
                 }
-                Ok(n) => n,
             },
             // After a stop, close idle connections; requests under way still finish.
             _ = stop.cancelled(), if requests.is_empty() => break,
         };
-        decoder.extend(&buf[..n]);
-        while let Some(frame) = decoder.next_frame() {
-            let line = match frame {
-                Frame::Line(l) => l,
-                Frame::TooLong { seen } => {
-                    let err = ErrorObject::new(
-                        code::INVALID_REQUEST,
-                        format!("request line over {MAX_REQUEST_BYTES} bytes ({seen} seen)"),
-                    );
-                    let _ = out
-                        .send(Message::Response(Response::err(None, err)).to_line())
-                        .await;
-                    continue;
-                }
-            };
-            match Message::parse(&line) {
-                Ok(Message::Request(req)) => {
-                    requests.spawn(handle(req, ctx.clone()));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let err = ErrorObject::new(code::PARSE_ERROR, e.to_string());
-                    if out
-                        .send(Message::Response(Response::err(None, err)).to_line())
-                        .await
-                        .is_err()
-                    {
-                        break 'conn;
-                    }
+        match request_of(frame) {
+            Ok(req) => {
+                requests.spawn(handle(req, ctx.clone()));
+            }
+            Err(None) => {}
+            Err(Some(err)) => {
+                let line = Message::Response(Response::err(None, err)).to_line();
+                if out.send(line).await.is_err() {
+                    break;
                 }
             }
         }
@@ -231,6 +210,23 @@ async fn connection(
     drop(ctx);
     drop(out);
     let _ = writer.await;
+}
+
+/// A request out of a frame; `Err(Some)` is the error to answer, `Err(None)` a message that
+/// needs no answer (a notification or response from the client).
+fn request_of(frame: Frame) -> Result<Request, Option<ErrorObject>> {
+    let line = match frame {
+        Frame::Line(line) => line,
+        Frame::TooLong { seen } => {
+            let message = format!("request line over {MAX_REQUEST_BYTES} bytes ({seen} seen)");
+            return Err(Some(ErrorObject::new(code::INVALID_REQUEST, message)));
+        }
+    };
+    match Message::parse(&line) {
+        Ok(Message::Request(req)) => Ok(req),
+        Ok(_) => Err(None),
+        Err(e) => Err(Some(ErrorObject::new(code::PARSE_ERROR, e.to_string()))),
+    }
 }
 
 /// The client went away: nobody will read the results of the tasks it did not detach.
@@ -393,8 +389,8 @@ impl Context {
 
 /// A connection to a running worker's control socket.
 pub struct Client {
-    stream: UnixStream,
-    decoder: LineDecoder,
+    write: tokio::net::unix::OwnedWriteHalf,
+    frames: FramedReader<tokio::net::unix::OwnedReadHalf>,
     next_id: u64,
 }
 
@@ -409,9 +405,10 @@ impl Client {
                 ),
             )
         })?;
+        let (read, write) = stream.into_split();
         Ok(Client {
-            stream,
-            decoder: LineDecoder::new(MAX_REQUEST_BYTES),
+            write,
+            frames: FramedReader::new(read, MAX_REQUEST_BYTES),
             next_id: 1,
         })
     }
@@ -431,25 +428,20 @@ impl Client {
             params,
         })
         .to_line();
-        self.stream.write_all(&line).await?;
-        let mut buf = vec![0u8; 64 * 1024];
+        self.write.write_all(&line).await?;
         loop {
-            while let Some(frame) = self.decoder.next_frame() {
-                let Frame::Line(line) = frame else { continue };
-                match Message::parse(&line) {
-                    Ok(Message::Response(r)) if r.id == Some(Id::Num(id)) => return Ok(r.result),
-                    Ok(Message::Notification(n)) => on_note(n),
-                    _ => {}
-                }
-            }
-            let n = self.stream.read(&mut buf).await?;
-            if n == 0 {
+            let Some(frame) = self.frames.next().await? else {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the worker closed the control connection",
                 ));
+            };
+            let Frame::Line(line) = frame else { continue };
+            match Message::parse(&line) {
+                Ok(Message::Response(r)) if r.id == Some(Id::Num(id)) => return Ok(r.result),
+                Ok(Message::Notification(n)) => on_note(n),
+                _ => {}
             }
-            self.decoder.extend(&buf[..n]);
         }
     }
 }

@@ -2,16 +2,16 @@
 //! `worker plugins test` checks and what `worker plugins install` handshakes with before a
 //! plugin counts as installed.
 
+use crate::framed::FramedReader;
 use crate::manifest::Manifest;
 use crate::supervisor::process::{self, StderrTail};
 use crate::supervisor::reply_id;
 use plugin_protocol::{
-    method, ErrorObject, Frame, Id, InitializeResult, LineDecoder, Message, Notification, Request,
-    Response,
+    method, ErrorObject, Frame, Id, InitializeResult, Message, Notification, Request, Response,
 };
 use serde_json::Value;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
 /// How long an install-time probe waits for a clean stop before killing the plugin.
@@ -22,14 +22,13 @@ pub struct Session {
     pub child: Child,
     pid: u32,
     stdin: ChildStdin,
-    stdout: ChildStdout,
-    decoder: LineDecoder,
+    stdout: FramedReader<ChildStdout>,
     next_id: u64,
     /// How long `call` waits for an answer.
     pub reply_timeout: Duration,
     /// Its last stderr lines (they are also logged under the `plugin` target).
     pub stderr: StderrTail,
-    _stderr_pump: tokio::task::JoinHandle<()>,
+    _stderr_reader: tokio::task::JoinHandle<()>,
 }
 
 impl Session {
@@ -52,13 +51,15 @@ impl Session {
         Ok(Session {
             pid,
             stdin: child.stdin.take().expect("stdin is piped"),
-            stdout: child.stdout.take().expect("stdout is piped"),
+            stdout: FramedReader::new(
+                child.stdout.take().expect("stdout is piped"),
+                max_line_bytes,
+            ),
             child,
-            decoder: LineDecoder::new(max_line_bytes),
             next_id: 1,
             reply_timeout: m.timeouts.init,
             stderr,
-            _stderr_pump: pump,
+            _stderr_reader: pump,
         })
     }
 
@@ -84,34 +85,26 @@ impl Session {
             .await
             .map_err(|e| format!("cannot write to the plugin: {e}"))?;
         let wait = async {
-            let mut buf = vec![0u8; 64 * 1024];
             loop {
-                while let Some(frame) = self.decoder.next_frame() {
-                    let Frame::Line(line) = frame else { continue };
-                    match Message::parse(&line) {
-                        Ok(Message::Response(r)) if r.id == Some(Id::Num(id)) => {
-                            return Ok(r.result)
-                        }
-                        // A string id never matches: say so now rather than time out.
-                        Ok(Message::Response(Response {
-                            id: Some(Id::Str(s)),
-                            ..
-                        })) => {
-                            let asked = (reply_id::meant(&s) == Some(id)).then_some(method);
-                            return Err(reply_id::string_id_violation(&s, asked));
-                        }
-                        _ => {}
-                    }
-                }
-                let n = self
+                let frame = self
                     .stdout
-                    .read(&mut buf)
+                    .next()
                     .await
-                    .map_err(|e| format!("cannot read from the plugin: {e}"))?;
-                if n == 0 {
-                    return Err("the plugin closed its stdout".to_string());
+                    .map_err(|e| format!("cannot read from the plugin: {e}"))?
+                    .ok_or_else(|| "the plugin closed its stdout".to_string())?;
+                let Frame::Line(line) = frame else { continue };
+                match Message::parse(&line) {
+                    Ok(Message::Response(r)) if r.id == Some(Id::Num(id)) => return Ok(r.result),
+                    // A string id never matches: say so now rather than time out.
+                    Ok(Message::Response(Response {
+                        id: Some(Id::Str(s)),
+                        ..
+                    })) => {
+                        let asked = (reply_id::meant(&s) == Some(id)).then_some(method);
+                        return Err(reply_id::string_id_violation(&s, asked));
+                    }
+                    _ => {}
                 }
-                self.decoder.extend(&buf[..n]);
             }
         };
         tokio::time::timeout(self.reply_timeout, wait)

@@ -6,10 +6,11 @@
 //! forked), gets `PR_SET_PDEATHSIG` (so it dies with the worker), and has stderr drained at all
 //! times (so a chatty plugin never blocks on a full pipe).
 
+use crate::framed::FramedReader;
 use crate::manifest::Manifest;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use plugin_protocol::{Frame, LineDecoder, Message, ParseError};
+use plugin_protocol::{Frame, Message, ParseError};
 use std::collections::VecDeque;
 use std::io;
 use std::process::Stdio;
@@ -202,31 +203,17 @@ pub fn read_stdout(
     tx: mpsc::Sender<StdoutEvent>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut stdout = stdout;
-        let mut decoder = LineDecoder::new(max_line);
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut frames = FramedReader::new(stdout, max_line);
         loop {
-            let n = match stdout.read(&mut buf).await {
-                Ok(0) | Err(_) => {
-                    if let Some(Frame::Line(line)) = decoder.finish() {
-                        let _ = tx.send(parse(&line)).await;
-                    }
-                    let _ = tx.send(StdoutEvent::Closed).await;
-                    return;
-                }
-                Ok(n) => n,
-            };
-            decoder.extend(&buf[..n]);
-            while let Some(frame) = decoder.next_frame() {
-                let (event, violation) = match frame {
-                    Frame::Line(line) if line.iter().all(u8::is_ascii_whitespace) => continue,
-                    Frame::Line(line) => (parse(&line), false),
-                    Frame::TooLong { seen } => (StdoutEvent::TooLong { seen }, true),
-                };
+            let (event, last) = match frames.next().await {
+                Ok(Some(Frame::Line(line))) if line.iter().all(u8::is_ascii_whitespace) => continue,
+                Ok(Some(Frame::Line(line))) => (parse(&line), false),
                 // Nothing a process writes after breaking the protocol is read.
-                if tx.send(event).await.is_err() || violation {
-                    return;
-                }
+                Ok(Some(Frame::TooLong { seen })) => (StdoutEvent::TooLong { seen }, true),
+                Ok(None) | Err(_) => (StdoutEvent::Closed, true),
+            };
+            if tx.send(event).await.is_err() || last {
+                return;
             }
         }
     })
