@@ -3,7 +3,7 @@
 //! A manifest error names the file, the key and the line, and a broken manifest only removes
 //! that one plugin: discovery returns the good plugins and the errors side by side.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -13,7 +13,9 @@ use toml::Spanned;
 pub const MANIFEST_FILE: &str = "plugin.toml";
 
 /// A validated plugin manifest.
-#[derive(Debug, Clone, PartialEq)]
+/// A plugin's manifest. Serializes (for `plugins inspect --json`) with durations in seconds
+/// and the install steps as `install_steps`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Manifest {
     pub name: String,
     pub version: String,
@@ -35,9 +37,11 @@ pub struct Manifest {
     /// Passed verbatim in `initialize`.
     pub settings: Map<String, Value>,
     /// Self-tests run by `worker plugins test`.
+    #[serde(skip)]
     pub tests: Vec<SelfTest>,
     /// Install steps (argv each), run in order in the installed copy's directory by
     /// `worker plugins install`; empty when the plugin needs nothing built or fetched.
+    #[serde(rename = "install_steps")]
     pub install: Vec<Vec<String>>,
 }
 
@@ -59,7 +63,7 @@ pub enum Expect {
     Error(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskDecl {
     pub name: String,
@@ -72,28 +76,52 @@ pub struct TaskDecl {
 }
 
 /// All durations of a plugin's life, resolved from seconds in the manifest.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Timeouts {
+    #[serde(serialize_with = "seconds")]
     pub init: Duration,
     /// Longest run of one install step.
+    #[serde(serialize_with = "seconds")]
     pub install: Duration,
+    #[serde(serialize_with = "seconds_opt")]
     pub task_soft: Option<Duration>,
+    #[serde(serialize_with = "seconds_opt")]
     pub task_hard: Option<Duration>,
+    #[serde(serialize_with = "seconds")]
     pub shutdown_grace: Duration,
+    #[serde(serialize_with = "seconds")]
     pub cancel_grace: Duration,
+    #[serde(serialize_with = "seconds")]
     pub ping_interval: Duration,
+    #[serde(serialize_with = "seconds")]
     pub ping_timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RestartSettings {
     pub max_restarts: u32,
+    #[serde(serialize_with = "seconds")]
     pub window: Duration,
+    #[serde(serialize_with = "seconds")]
     pub backoff_initial: Duration,
+    #[serde(serialize_with = "seconds")]
     pub backoff_max: Duration,
+    #[serde(serialize_with = "seconds")]
     pub stable_after: Duration,
     /// How long a `failed` plugin waits before it is tried again on its own.
+    #[serde(serialize_with = "seconds")]
     pub failed_retry: Duration,
+}
+
+fn seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+fn seconds_opt<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&d.as_secs_f64()),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]

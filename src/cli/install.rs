@@ -5,7 +5,7 @@
 //! One install or uninstall at a time per state directory (a file lock). If the daemon cannot
 //! start a new version, the record goes back to what it was, so the old version keeps serving.
 
-use super::daemon::{self, Applied};
+use super::daemon_client::{self, Applied};
 use super::output;
 use crate::config::Config;
 use crate::install::registry::{Record, StateDir};
@@ -26,19 +26,71 @@ pub async fn install(config: &Config, names: &[String], force: bool) -> anyhow::
                 config.state_dir.display()
             )
         })?;
-    let dir = &config.plugins_dir;
-    let found = super::plugins::discover_available(config)?;
-    let mut failures: Vec<InstallError> = Vec::new();
-    let mut sources: Vec<&Manifest> = Vec::new();
+    let found = super::available::discover(config)?;
+    let (sources, mut failures) = select_sources(config, names, &found);
+    if sources.is_empty() && failures.is_empty() {
+        output::line(&format!(
+            "nothing to install: no plugins in {} (create one with `worker plugins create NAME`)",
+            config.plugins_dir.display()
+        ));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let before = state.read().map_err(anyhow::Error::msg)?;
+    let mut record = before.clone();
+    let installer = Installer {
+        state: &state,
+        worker_name: &config.name,
+        max_line_bytes: config.max_line_bytes,
+    };
+    let mut staged = Vec::new();
+    for m in sources {
+        if let Some(s) = stage_one(&installer, m, &mut record, force, &mut failures).await {
+            staged.push(s);
+        }
+    }
+    if !staged.is_empty() {
+        if let Err(e) = state.write(&record) {
+            for s in staged.drain(..) {
+                failures.push(InstallError {
+                    name: s.entry.name,
+                    stage: Stage::Record,
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+    if !staged.is_empty() {
+        let rollback = Rollback {
+            state: &state,
+            before: &before,
+        };
+        rollback
+            .apply(config, &mut record, &mut staged, &mut failures)
+            .await?;
+        print_installed(&staged);
+    }
+    print_failures(&failures, &before);
+    Ok(if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The plugins to install: the named ones (or all available), and the names that are not.
+fn select_sources<'a>(
+    config: &Config,
+    names: &[String],
+    found: &'a manifest::Discovery,
+) -> (Vec<&'a Manifest>, Vec<InstallError>) {
+    let mut failures = Vec::new();
+    let mut sources = Vec::new();
     if names.is_empty() {
         sources.extend(&found.plugins);
         for e in &found.errors {
+            let name = e.path.parent().map(|p| p.display().to_string());
             failures.push(InstallError {
-                name: e
-                    .path
-                    .parent()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
+                name: name.unwrap_or_default(),
                 stage: Stage::Manifest,
                 reason: e.message.clone(),
             });
@@ -54,62 +106,67 @@ pub async fn install(config: &Config, names: &[String], force: bool) -> anyhow::
                     Some(e) => e.to_string(),
                     None => format!(
                         "no plugin named `{name}` in {} (available: {})",
-                        dir.display(),
+                        config.plugins_dir.display(),
                         list_or_none(found.plugins.iter().map(|m| m.name.as_str()))
                     ),
                 },
             }),
         }
     }
+    (sources, failures)
+}
 
-    if sources.is_empty() && failures.is_empty() {
-        output::line(&format!(
-            "nothing to install: no plugins in {} (create one with `worker plugins create NAME`)",
-            dir.display()
-        ));
-        return Ok(ExitCode::SUCCESS);
-    }
-    let before = state.read().map_err(anyhow::Error::msg)?;
-    let mut record = before.clone();
-    let installer = Installer {
-        state: &state,
-        worker_name: &config.name,
-        max_line_bytes: config.max_line_bytes,
-    };
-    let mut staged: Vec<Staged> = Vec::new();
-    for m in sources {
-        output::line(&format!(
-            "{} {}: installing from {}",
-            m.name,
-            m.version,
-            m.dir.display()
-        ));
-        match installer.stage(m, &record, force).await {
-            Ok(None) => output::line(&format!(
+/// Stages one plugin (copy, steps, handshake) and puts it in `record`.
+async fn stage_one(
+    installer: &Installer<'_>,
+    m: &Manifest,
+    record: &mut Record,
+    force: bool,
+    failures: &mut Vec<InstallError>,
+) -> Option<Staged> {
+    output::line(&format!(
+        "{} {}: installing from {}",
+        m.name,
+        m.version,
+        m.dir.display()
+    ));
+    match installer.stage(m, record, force).await {
+        Ok(None) => {
+            output::line(&format!(
                 "{} {}: already installed with the same files; nothing to do",
                 m.name, m.version
-            )),
-            Ok(Some(s)) => {
-                record.put(s.entry.clone());
-                staged.push(s);
-            }
-            Err(e) => failures.push(e),
+            ));
+            None
+        }
+        Ok(Some(s)) => {
+            record.put(s.entry.clone());
+            Some(s)
+        }
+        Err(e) => {
+            failures.push(e);
+            None
         }
     }
+}
 
-    if !staged.is_empty() {
-        if let Err(e) = state.write(&record) {
-            for s in staged.drain(..) {
-                failures.push(InstallError {
-                    name: s.entry.name,
-                    stage: Stage::Record,
-                    reason: e.to_string(),
-                });
-            }
-        }
-    }
-    if !staged.is_empty() {
-        let applied = daemon::apply(config).await;
+/// Asking a running daemon to apply a new record, and putting back what it rejects.
+struct Rollback<'a> {
+    state: &'a StateDir,
+    before: &'a Record,
+}
+
+impl Rollback<'_> {
+    /// The daemon applies the record; plugins it could not start go back to their previous
+    /// version (or to not installed) in the record, since it kept the old version serving.
+    /// Unused copies are deleted once no daemon runs them.
+    async fn apply(
+        &self,
+        config: &Config,
+        record: &mut Record,
+        staged: &mut Vec<Staged>,
+        failures: &mut Vec<InstallError>,
+    ) -> anyhow::Result<()> {
+        let mut applied = daemon_client::apply(config).await;
         let mut rejected = Vec::new();
         if let Applied::Done(report) = &applied {
             for (name, reason) in &report.failed {
@@ -118,13 +175,9 @@ pub async fn install(config: &Config, names: &[String], force: bool) -> anyhow::
                 }
             }
         }
-        let applied = if rejected.is_empty() {
-            applied
-        } else {
-            // Back to the previous version (or to not installed) for those the daemon could
-            // not start: it kept the old version serving, and the record must say so.
+        if !rejected.is_empty() {
             for (s, reason) in rejected {
-                match before.get(&s.entry.name) {
+                match self.before.get(&s.entry.name) {
                     Some(old) => record.put(old.clone()),
                     None => record.remove(&s.entry.name),
                 };
@@ -134,47 +187,47 @@ pub async fn install(config: &Config, names: &[String], force: bool) -> anyhow::
                     reason,
                 });
             }
-            state
-                .write(&record)
+            self.state
+                .write(record)
                 .context("cannot restore the install record")?;
-            daemon::apply(config).await
-        };
+            applied = daemon_client::apply(config).await;
+        }
         report_daemon(config, &applied);
         if applied.old_files_unused() {
-            state.collect_garbage(&record);
+            self.state.collect_garbage(record);
         }
-        for s in &staged {
-            let what = match &s.change {
-                Change::Upgrade { from } => format!("updated from {from}"),
-                Change::Downgrade { from } => format!("downgraded from {from}"),
-                Change::NotInstalled => "installed".to_string(),
-                Change::Same | Change::Modified => "reinstalled".to_string(),
-            };
-            output::line(&format!(
-                "{} {}: {what} ({})",
-                s.entry.name,
-                s.entry.version,
-                s.entry.dir.display()
-            ));
-        }
+        Ok(())
     }
-    for f in &failures {
+}
+
+fn print_installed(staged: &[Staged]) {
+    for s in staged {
+        let what = match &s.change {
+            Change::Upgrade { from } => format!("updated from {from}"),
+            Change::Downgrade { from } => format!("downgraded from {from}"),
+            Change::NotInstalled => "installed".to_string(),
+            Change::Same | Change::Modified => "reinstalled".to_string(),
+        };
         output::line(&format!(
-            "FAILED {}: at {}: {}{}",
-            f.name,
-            f.stage,
-            f.reason,
-            match before.get(&f.name) {
-                Some(old) => format!("\n    {} {} stays installed", old.name, old.version),
-                None => String::new(),
-            }
+            "{} {}: {what} ({})",
+            s.entry.name,
+            s.entry.version,
+            s.entry.dir.display()
         ));
     }
-    Ok(if failures.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+}
+
+fn print_failures(failures: &[InstallError], before: &Record) {
+    for f in failures {
+        let kept = match before.get(&f.name) {
+            Some(old) => format!("\n    {} {} stays installed", old.name, old.version),
+            None => String::new(),
+        };
+        output::line(&format!(
+            "FAILED {}: at {}: {}{kept}",
+            f.name, f.stage, f.reason
+        ));
+    }
 }
 
 /// `worker plugins uninstall NAME... | --all [--yes]`.
@@ -228,7 +281,7 @@ pub async fn uninstall(
     state
         .write(&record)
         .context("cannot write the install record")?;
-    let applied = daemon::apply(config).await;
+    let applied = daemon_client::apply(config).await;
     report_daemon(config, &applied);
     if applied.old_files_unused() {
         state.collect_garbage(&record);

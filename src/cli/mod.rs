@@ -1,8 +1,10 @@
 //! The command line: argument definitions, config resolution and logging setup, then one
 //! module per command group.
 
-mod daemon;
+mod available;
+mod daemon_client;
 mod install;
+mod list;
 mod output;
 mod plugin_test;
 pub mod plugins;

@@ -2,17 +2,15 @@
 //! installed and available, and, when a daemon answers on the control socket, how each
 //! installed plugin's instances are doing right now.
 
-use super::daemon;
+use super::daemon_client;
 use super::output;
 use crate::config::Config;
 use crate::control::Client;
-use crate::install::registry::{Installed, StateDir};
-use crate::install::{tree, Change};
-use crate::manifest::{self, Manifest};
+use crate::install::registry::StateDir;
+use crate::install::tree;
+use crate::manifest::Manifest;
 use crate::supervisor::status::{InstanceStatus, PluginStatus};
-use anyhow::Context;
 use clap::Subcommand;
-use serde::Serialize;
 use serde_json::json;
 use std::process::ExitCode;
 
@@ -70,36 +68,9 @@ pub enum PluginsCommand {
     },
 }
 
-/// An installed plugin in `list`.
-#[derive(Debug, Serialize)]
-struct InstalledEntry<'a> {
-    #[serde(flatten)]
-    record: &'a Installed,
-    description: String,
-    instances: u32,
-    concurrency: u32,
-    /// Live status, when a daemon runs this plugin.
-    live: Option<&'a PluginStatus>,
-}
-
-/// A plugin in the plugins directory in `list`.
-#[derive(Debug, Serialize)]
-struct AvailableEntry<'a> {
-    name: &'a str,
-    version: &'a str,
-    description: &'a str,
-    dir: String,
-    tasks: Vec<&'a str>,
-    /// `not-installed`, `installed`, `update-available`, `older-than-installed`, `modified`.
-    status: &'static str,
-    installed_version: Option<&'a str>,
-    #[serde(skip)]
-    change: Change,
-}
-
 pub async fn plugins(config: Config, cmd: PluginsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        PluginsCommand::List { json } => list(&config, json).await,
+        PluginsCommand::List { json } => super::list::list(&config, json).await,
         PluginsCommand::Inspect { name, json } => inspect(&config, &name, json).await,
         PluginsCommand::Test { name, installed } => test(&config, &name, installed).await,
         PluginsCommand::Restart { name } => restart(&config, &name).await,
@@ -114,7 +85,7 @@ pub async fn plugins(config: Config, cmd: PluginsCommand) -> anyhow::Result<Exit
 }
 
 /// When a failed plugin is tried again, for `list` and `inspect`.
-fn next_try(p: &PluginStatus) -> String {
+pub(super) fn next_try(p: &PluginStatus) -> String {
     let Some(at) = p.next_try_at else {
         return "not retried on its own".to_string();
     };
@@ -156,171 +127,6 @@ async fn restart(config: &Config, name: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The plugins directory's plugins (broken ones beside them), or an error naming the setting.
-pub(super) fn discover_available(config: &Config) -> anyhow::Result<manifest::Discovery> {
-    let dir = &config.plugins_dir;
-    manifest::discover(dir).with_context(|| {
-        format!(
-            "cannot read the plugins directory {} (set --plugins or `plugins_dir`)",
-            dir.display()
-        )
-    })
-}
-
-/// `worker plugins list`: Installed, then Available.
-async fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let state = StateDir::new(&config.state_dir);
-    let record = state.read().map_err(anyhow::Error::msg)?;
-    let installed_found = state.manifests(&record);
-    // A missing plugins directory only empties the Available section.
-    let available = discover_available(config);
-    let live = daemon::status(config).await;
-    let status_of = |name: &str| {
-        live.as_ref()
-            .and_then(|r| r.plugins.iter().find(|p| p.name == name))
-    };
-    let installed: Vec<InstalledEntry> = record
-        .plugins
-        .iter()
-        .map(|r| {
-            let m = installed_found.plugins.iter().find(|m| m.name == r.name);
-            InstalledEntry {
-                record: r,
-                description: m.map(|m| m.description.clone()).unwrap_or_default(),
-                instances: m.map_or(0, |m| m.instances),
-                concurrency: m.map_or(0, |m| m.concurrency),
-                live: status_of(&r.name),
-            }
-        })
-        .collect();
-    let (available_plugins, available_errors) = match &available {
-        Ok(found) => (found.plugins.as_slice(), found.errors.as_slice()),
-        Err(_) => (&[][..], &[][..]),
-    };
-    let available_entries: Vec<AvailableEntry> = available_plugins
-        .iter()
-        .map(|m| {
-            let rec = record.get(&m.name);
-            // An unreadable source counts as changed: installing it would say why.
-            let change =
-                Change::of(rec, &m.version, || tree::digest(&m.dir)).unwrap_or(Change::Modified);
-            AvailableEntry {
-                name: &m.name,
-                version: &m.version,
-                description: &m.description,
-                dir: m.dir.display().to_string(),
-                tasks: m.task_names().collect(),
-                status: change.label(),
-                installed_version: rec.map(|r| r.version.as_str()),
-                change,
-            }
-        })
-        .collect();
-    // Plugins the daemon runs that the record no longer names (it has not reloaded yet).
-    let stale: Vec<&str> = live
-        .iter()
-        .flat_map(|r| &r.plugins)
-        .filter(|p| record.get(&p.name).is_none())
-        .map(|p| p.name.as_str())
-        .collect();
-    if json {
-        let mut errors: Vec<_> = installed_found
-            .errors
-            .iter()
-            .chain(available_errors)
-            .map(|e| json!({"path": e.path.display().to_string(), "message": e.message}))
-            .collect();
-        if let Err(e) = &available {
-            errors.push(json!({"path": config.plugins_dir.display().to_string(), "message": format!("{e:#}")}));
-        }
-        let doc = json!({
-            "plugins_dir": config.plugins_dir.display().to_string(),
-            "state_dir": config.state_dir.display().to_string(),
-            "daemon": live.as_ref().map(|r| &r.worker),
-            "installed": installed,
-            "available": available_entries,
-            "not_installed_but_running": stale,
-            "errors": errors,
-        });
-        output::line(&serde_json::to_string_pretty(&doc)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    match &live {
-        Some(r) => output::line(&format!(
-            "daemon: {} (pid {}, version {}), {} task(s) in flight",
-            r.worker.name, r.worker.pid, r.worker.version, r.in_flight
-        )),
-        None => output::line(&format!(
-            "daemon: none answering on {}",
-            config.socket.display()
-        )),
-    }
-    output::line(&format!("Installed ({}):", config.state_dir.display()));
-    if installed.is_empty() {
-        output::line("  (none; `worker plugins install NAME` installs from the plugins directory)");
-    }
-    for e in &installed {
-        let state = match (&live, e.live) {
-            (_, Some(p)) => p.state.to_string(),
-            (Some(_), None) => "not running (run `worker reload`)".into(),
-            (None, None) => "no daemon".into(),
-        };
-        let tasks: Vec<&str> = e.record.tasks.iter().map(|t| t.name.as_str()).collect();
-        output::line(&format!(
-            "  {} {}  [{}]  {} instance(s) x {} concurrent  tasks: {}  installed {}",
-            e.record.name,
-            e.record.version,
-            state,
-            e.instances,
-            e.concurrency,
-            tasks.join(", "),
-            e.record.installed_at
-        ));
-        if let Some(p) = e.live {
-            if let crate::supervisor::status::PluginState::Failed(reason) = &p.state {
-                output::line(&format!("    failed: {reason}"));
-                output::line(&format!("    {}", next_try(p)));
-            }
-            for i in &p.instances {
-                output::line(&format!("    {}", instance_line(i)));
-            }
-        }
-    }
-    for err in &installed_found.errors {
-        output::line(&format!("  BROKEN {}: {}", err.path.display(), err.message));
-    }
-    for name in &stale {
-        output::line(&format!(
-            "  {name}: still running in the daemon but no longer installed (run `worker reload`)"
-        ));
-    }
-    output::line(&format!("Available ({}):", config.plugins_dir.display()));
-    if let Err(e) = &available {
-        output::line(&format!("  {e:#}"));
-    } else if available_entries.is_empty() && available_errors.is_empty() {
-        output::line("  (none)");
-    }
-    for a in &available_entries {
-        let mark = match &a.change {
-            Change::Upgrade { from } => format!("update available (installed: {from})"),
-            Change::Downgrade { from } => format!("older than installed {from}"),
-            Change::Modified => "modified since installed (same version, different files)".into(),
-            Change::Same => "installed".into(),
-            Change::NotInstalled => "not installed".into(),
-        };
-        output::line(&format!(
-            "  {} {}  [{mark}]  tasks: {}",
-            a.name,
-            a.version,
-            a.tasks.join(", ")
-        ));
-    }
-    for err in available_errors {
-        output::line(&format!("  BROKEN {}: {}", err.path.display(), err.message));
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 /// `worker plugins test NAME`: the source as `install` would install it (install steps run in
 /// a scratch copy first), or with `--installed` the installed copy.
 async fn test(config: &Config, name: &str, installed: bool) -> anyhow::Result<ExitCode> {
@@ -337,7 +143,7 @@ async fn test(config: &Config, name: &str, installed: bool) -> anyhow::Result<Ex
         };
         return super::plugin_test::test_manifest(config, m).await;
     }
-    let found = discover_available(config)?;
+    let found = super::available::discover(config)?;
     let Some(m) = found.plugins.iter().find(|m| m.name == name) else {
         if let Some(e) = found.error_for(name) {
             output::line(&format!("FAIL  manifest: {e}"));
@@ -378,7 +184,7 @@ async fn test(config: &Config, name: &str, installed: bool) -> anyhow::Result<Ex
     super::plugin_test::test_manifest(config, &staged).await
 }
 
-fn instance_line(i: &InstanceStatus) -> String {
+pub(super) fn instance_line(i: &InstanceStatus) -> String {
     let pid = i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
     let uptime = i
         .uptime_secs
@@ -441,31 +247,63 @@ async fn inspect(config: &Config, name: &str, json: bool) -> anyhow::Result<Exit
     let state = StateDir::new(&config.state_dir);
     let record = state.read().map_err(anyhow::Error::msg)?;
     let installed = record.get(name);
-    let m: Manifest = match installed {
-        Some(r) => Manifest::load(&r.dir).map_err(|e| {
-            anyhow::anyhow!("installed plugin `{name}` has a broken copy: {e}; reinstall it with `worker plugins install {name} --force`")
-        })?,
-        None => {
-            let found = discover_available(config)?;
-            match found.plugins.iter().find(|m| m.name == name) {
-                Some(m) => m.clone(),
-                None => match found.error_for(name) {
-                    Some(e) => anyhow::bail!("plugin `{name}` has a broken manifest: {e}"),
-                    None => anyhow::bail!(
-                        "no plugin named `{name}` is installed or in {}",
-                        config.plugins_dir.display()
-                    ),
-                },
-            }
-        }
-    };
-    let live = daemon::status(config).await;
+    let m = manifest_to_inspect(config, name, installed)?;
+    let live = daemon_client::status(config).await;
     let status = live
         .as_ref()
         .and_then(|r| r.plugins.iter().find(|p| p.name == name));
-    // Params come from the manifest, else from what the plugin said at its install handshake.
-    let tasks: Vec<serde_json::Value> = m
-        .tasks
+    let tasks = task_docs(&m, installed);
+    if json {
+        let mut doc = serde_json::to_value(&m)?;
+        doc["dir"] = json!(m.dir.display().to_string());
+        doc["tasks"] = json!(tasks);
+        doc["installed"] = json!(installed);
+        doc["live"] = json!(status);
+        output::line(&serde_json::to_string_pretty(&doc)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_manifest(&m, installed, &tasks);
+    match status {
+        None => output::line(&format!(
+            "  not running in a daemon on {}",
+            config.socket.display()
+        )),
+        Some(p) => print_live_detail(p),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The installed copy's manifest, else the source's; an error says what is wrong.
+fn manifest_to_inspect(
+    config: &Config,
+    name: &str,
+    installed: Option<&crate::install::registry::Installed>,
+) -> anyhow::Result<Manifest> {
+    if let Some(r) = installed {
+        return Manifest::load(&r.dir).map_err(|e| {
+            anyhow::anyhow!("installed plugin `{name}` has a broken copy: {e}; reinstall it with `worker plugins install {name} --force`")
+        });
+    }
+    let found = super::available::discover(config)?;
+    match found.plugins.iter().find(|m| m.name == name) {
+        Some(m) => Ok(m.clone()),
+        None => match found.error_for(name) {
+            Some(e) => anyhow::bail!("plugin `{name}` has a broken manifest: {e}"),
+            None => anyhow::bail!(
+                "no plugin named `{name}` is installed or in {}",
+                config.plugins_dir.display()
+            ),
+        },
+    }
+}
+
+/// Each task with its description and params: from the manifest, else from what the plugin
+/// said at its install handshake.
+fn task_docs(
+    m: &Manifest,
+    installed: Option<&crate::install::registry::Installed>,
+) -> Vec<serde_json::Value> {
+    m.tasks
         .iter()
         .map(|t| {
             let reported = installed.and_then(|r| r.tasks.iter().find(|i| i.name == t.name));
@@ -475,33 +313,14 @@ async fn inspect(config: &Config, name: &str, json: bool) -> anyhow::Result<Exit
                 "params": t.params.clone().or_else(|| reported.and_then(|r| r.params.clone())),
             })
         })
-        .collect();
-    if json {
-        let doc = json!({
-            "name": m.name, "version": m.version, "description": m.description,
-            "dir": m.dir.display().to_string(), "command": m.command, "env": m.env,
-            "install_steps": m.install,
-            "tasks": tasks,
-            "instances": m.instances, "concurrency": m.concurrency, "max_attempts": m.max_attempts,
-            "timeouts": {
-                "init": m.timeouts.init.as_secs_f64(), "install": m.timeouts.install.as_secs_f64(),
-                "task_soft": m.timeouts.task_soft.map(|d| d.as_secs_f64()),
-                "task_hard": m.timeouts.task_hard.map(|d| d.as_secs_f64()), "shutdown_grace": m.timeouts.shutdown_grace.as_secs_f64(),
-                "cancel_grace": m.timeouts.cancel_grace.as_secs_f64(), "ping_interval": m.timeouts.ping_interval.as_secs_f64(),
-                "ping_timeout": m.timeouts.ping_timeout.as_secs_f64(),
-            },
-            "restart": {
-                "max_restarts": m.restart.max_restarts, "window": m.restart.window.as_secs_f64(),
-                "backoff_initial": m.restart.backoff_initial.as_secs_f64(), "backoff_max": m.restart.backoff_max.as_secs_f64(),
-                "stable_after": m.restart.stable_after.as_secs_f64(),
-            },
-            "settings": m.settings,
-            "installed": installed,
-            "live": status,
-        });
-        output::line(&serde_json::to_string_pretty(&doc)?);
-        return Ok(ExitCode::SUCCESS);
-    }
+        .collect()
+}
+
+fn print_manifest(
+    m: &Manifest,
+    installed: Option<&crate::install::registry::Installed>,
+    tasks: &[serde_json::Value],
+) {
     output::line(&format!("{} {}  ({})", m.name, m.version, m.dir.display()));
     if !m.description.is_empty() {
         output::line(&format!("  {}", m.description));
@@ -525,43 +344,33 @@ async fn inspect(config: &Config, name: &str, json: bool) -> anyhow::Result<Exit
         m.instances, m.concurrency, m.max_attempts
     ));
     output::line("  tasks:");
-    for t in &tasks {
-        output::line(&format!(
-            "    {}{}",
-            t["name"].as_str().unwrap_or_default(),
-            t["description"]
-                .as_str()
-                .map(|d| format!(" - {d}"))
-                .unwrap_or_default()
-        ));
+    for t in tasks {
+        let description = t["description"].as_str().map(|d| format!(" - {d}"));
+        let name = t["name"].as_str().unwrap_or_default();
+        output::line(&format!("    {name}{}", description.unwrap_or_default()));
         if !t["params"].is_null() {
             output::line(&format!("      params: {}", t["params"]));
         }
     }
-    match status {
-        None => output::line(&format!(
-            "  not running in a daemon on {}",
-            config.socket.display()
-        )),
-        Some(p) => {
-            output::line(&format!("  state: {}  queued: {}", p.state, p.queued));
-            if let crate::supervisor::status::PluginState::Failed(reason) = &p.state {
-                output::line(&format!("  failed: {reason}"));
-                output::line(&format!("  {}", next_try(p)));
-            }
-            for i in &p.instances {
-                output::line(&format!("  {}", instance_line(i)));
-                for e in &i.recent_exits {
-                    output::line(&format!("      exit at {:.0}: {}", e.at, e.reason));
-                }
-                if !i.stderr_tail.is_empty() {
-                    output::line("      last stderr:");
-                    for l in &i.stderr_tail {
-                        output::line(&format!("        {l}"));
-                    }
-                }
+}
+
+/// A running plugin in detail: state, each instance with its recent exits and stderr.
+fn print_live_detail(p: &PluginStatus) {
+    output::line(&format!("  state: {}  queued: {}", p.state, p.queued));
+    if let crate::supervisor::status::PluginState::Failed(reason) = &p.state {
+        output::line(&format!("  failed: {reason}"));
+        output::line(&format!("  {}", next_try(p)));
+    }
+    for i in &p.instances {
+        output::line(&format!("  {}", instance_line(i)));
+        for e in &i.recent_exits {
+            output::line(&format!("      exit at {:.0}: {}", e.at, e.reason));
+        }
+        if !i.stderr_tail.is_empty() {
+            output::line("      last stderr:");
+            for l in &i.stderr_tail {
+                output::line(&format!("        {l}"));
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
 }

@@ -82,7 +82,7 @@ fn from_source(
     installed: &manifest::Discovery,
 ) -> anyhow::Result<manifest::Manifest> {
     let dir = &config.plugins_dir;
-    let found = super::plugins::discover_available(config)?;
+    let found = super::available::discover(config)?;
     if let Some(m) = found
         .plugins
         .iter()
