@@ -113,6 +113,143 @@ pub struct RestartSettings {
     pub failed_retry: Duration,
 }
 
+/// Validates a raw manifest; every error names the key and its line in `text`.
+struct Checker<'a> {
+    text: &'a str,
+}
+
+impl Checker<'_> {
+    fn err(&self, key: &str, span: std::ops::Range<usize>, msg: &str) -> String {
+        format!(
+            "key `{key}` (line {}): {msg}",
+            line_of(self.text, span.start)
+        )
+    }
+
+    /// A duration key: a finite number of seconds from `min` to 30 days (bounded so no
+    /// duration arithmetic can overflow).
+    fn secs(&self, key: &str, v: &Spanned<f64>, min: f64) -> Result<Duration, String> {
+        const MAX: f64 = 30.0 * 24.0 * 3600.0;
+        let s = *v.get_ref();
+        if !(s.is_finite() && s >= min && s <= MAX) {
+            let msg = format!("must be a number of seconds from {min} to {MAX} (30 days)");
+            return Err(self.err(key, v.span(), &msg));
+        }
+        Ok(Duration::from_secs_f64(s))
+    }
+
+    fn identity(&self, raw: &RawManifest) -> Result<(), String> {
+        if !is_valid_name(raw.name.get_ref()) {
+            return Err(self.err(
+                "name",
+                raw.name.span(),
+                "use 1-64 characters from a-z, 0-9, `-`, `_` and `.`, starting with a letter or digit",
+            ));
+        }
+        if raw.version.get_ref().trim().is_empty() {
+            return Err(self.err("version", raw.version.span(), "must not be empty"));
+        }
+        let command = raw.command.get_ref();
+        if command.is_empty() || command[0].trim().is_empty() {
+            let msg = "must name a program, e.g. [\"./my-plugin\"]";
+            return Err(self.err("command", raw.command.span(), msg));
+        }
+        Ok(())
+    }
+
+    fn tasks(&self, raw: &RawManifest) -> Result<(), String> {
+        let tasks = raw.tasks.get_ref();
+        if tasks.is_empty() {
+            let msg = "declare at least one [[tasks]] entry";
+            return Err(self.err("tasks", raw.tasks.span(), msg));
+        }
+        let mut seen = HashMap::new();
+        for t in tasks {
+            if t.name.trim().is_empty() {
+                let msg = "a task name must not be empty";
+                return Err(self.err("tasks.name", raw.tasks.span(), msg));
+            }
+            if seen.insert(t.name.as_str(), ()).is_some() {
+                let msg = format!("task `{}` is declared twice", t.name);
+                return Err(self.err("tasks", raw.tasks.span(), &msg));
+            }
+        }
+        Ok(())
+    }
+
+    fn timeouts(&self, t: &RawTimeouts) -> Result<Timeouts, String> {
+        let opt = |key: &str, v: &Option<Spanned<f64>>| -> Result<Option<Duration>, String> {
+            v.as_ref().map(|v| self.secs(key, v, 0.001)).transpose()
+        };
+        Ok(Timeouts {
+            init: self.secs("timeouts.init", &t.init, 0.001)?,
+            install: self.secs("timeouts.install", &t.install, 0.001)?,
+            task_soft: opt("timeouts.task_soft", &t.task_soft)?,
+            task_hard: opt("timeouts.task_hard", &t.task_hard)?,
+            shutdown_grace: self.secs("timeouts.shutdown_grace", &t.shutdown_grace, 0.0)?,
+            cancel_grace: self.secs("timeouts.cancel_grace", &t.cancel_grace, 0.0)?,
+            ping_interval: self.secs("timeouts.ping_interval", &t.ping_interval, 0.01)?,
+            ping_timeout: self.secs("timeouts.ping_timeout", &t.ping_timeout, 0.001)?,
+        })
+    }
+
+    fn restart(&self, r: &RawRestart) -> Result<RestartSettings, String> {
+        Ok(RestartSettings {
+            max_restarts: r.max_restarts,
+            window: self.secs("restart.window", &r.window, 0.001)?,
+            backoff_initial: self.secs("restart.backoff_initial", &r.backoff_initial, 0.0)?,
+            backoff_max: self.secs("restart.backoff_max", &r.backoff_max, 0.0)?,
+            stable_after: self.secs("restart.stable_after", &r.stable_after, 0.0)?,
+            failed_retry: self.secs("restart.failed_retry", &r.failed_retry, 0.001)?,
+        })
+    }
+
+    fn install(&self, raw: &RawManifest) -> Result<(), String> {
+        for (i, step) in raw.install.get_ref().iter().enumerate() {
+            if step.is_empty() || step[0].trim().is_empty() {
+                let msg = format!(
+                    "step {} must name a program, e.g. [\"cargo\", \"build\", \"--release\"]",
+                    i + 1
+                );
+                return Err(self.err("install", raw.install.span(), &msg));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `[[tests]]` entries, each for a declared task, with what it expects.
+fn self_tests(raw: Vec<RawSelfTest>, tasks: &[TaskDecl]) -> Result<Vec<SelfTest>, String> {
+    let mut tests = Vec::new();
+    for (i, t) in raw.into_iter().enumerate() {
+        let at = format!("key `tests` (entry {})", i + 1);
+        if !tasks.iter().any(|d| d.name == t.task) {
+            return Err(format!(
+                "{at}: task `{}` is not declared in [[tasks]]",
+                t.task
+            ));
+        }
+        let expect = match (t.expect, t.expect_error) {
+            (Some(_), Some(_)) => {
+                return Err(format!("{at}: give `expect` or `expect_error`, not both"))
+            }
+            (Some(v), None) => Expect::Result(to_json(&v)),
+            (None, Some(e)) => Expect::Error(e),
+            (None, None) => Expect::Success,
+        };
+        tests.push(SelfTest {
+            task: t.task,
+            args: t.args.iter().map(to_json).collect(),
+            kwargs: match to_json(&t.kwargs) {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            },
+            expect,
+        });
+    }
+    Ok(tests)
+}
+
 fn seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
@@ -250,146 +387,29 @@ impl Manifest {
     /// Parses manifest text for a plugin living in `dir`. Errors name the key and the line.
     pub fn parse(text: &str, dir: &Path) -> Result<Manifest, String> {
         let raw: RawManifest = toml::from_str(text).map_err(|e| one_line(&e.to_string()))?;
-        let at = |span: std::ops::Range<usize>| line_of(text, span.start);
-        let err = |key: &str, span: std::ops::Range<usize>, msg: &str| {
-            format!("key `{key}` (line {}): {msg}", at(span))
-        };
-
-        let name = raw.name.get_ref();
-        if !is_valid_name(name) {
-            return Err(err(
-                "name",
-                raw.name.span(),
-                "use 1-64 characters from a-z, 0-9, `-`, `_` and `.`, starting with a letter or digit",
-            ));
-        }
-        if raw.version.get_ref().trim().is_empty() {
-            return Err(err("version", raw.version.span(), "must not be empty"));
-        }
-        let command = raw.command.get_ref();
-        if command.is_empty() || command[0].trim().is_empty() {
-            return Err(err(
-                "command",
-                raw.command.span(),
-                "must name a program, e.g. [\"./my-plugin\"]",
-            ));
-        }
-        let tasks = raw.tasks.get_ref();
-        if tasks.is_empty() {
-            return Err(err(
-                "tasks",
-                raw.tasks.span(),
-                "declare at least one [[tasks]] entry",
-            ));
-        }
-        let mut seen = HashMap::new();
-        for t in tasks {
-            if t.name.trim().is_empty() {
-                return Err(err(
-                    "tasks.name",
-                    raw.tasks.span(),
-                    "a task name must not be empty",
-                ));
-            }
-            if seen.insert(t.name.as_str(), ()).is_some() {
-                return Err(err(
-                    "tasks",
-                    raw.tasks.span(),
-                    &format!("task `{}` is declared twice", t.name),
-                ));
-            }
-        }
+        let c = Checker { text };
+        c.identity(&raw)?;
+        c.tasks(&raw)?;
         for (key, v) in [
             ("instances", &raw.instances),
             ("concurrency", &raw.concurrency),
             ("max_attempts", &raw.max_attempts),
         ] {
             if *v.get_ref() == 0 {
-                return Err(err(key, v.span(), "must be at least 1"));
+                return Err(c.err(key, v.span(), "must be at least 1"));
             }
         }
-        let secs = |key: &str, v: &Spanned<f64>, min: f64| -> Result<Duration, String> {
-            // Bounded above so no duration arithmetic can overflow (30 days).
-            const MAX: f64 = 30.0 * 24.0 * 3600.0;
-            let s = *v.get_ref();
-            if !(s.is_finite() && s >= min && s <= MAX) {
-                return Err(err(
-                    key,
-                    v.span(),
-                    &format!("must be a number of seconds from {min} to {MAX} (30 days)"),
-                ));
-            }
-            Ok(Duration::from_secs_f64(s))
-        };
-        let t = &raw.timeouts;
-        let opt = |key: &str, v: &Option<Spanned<f64>>| -> Result<Option<Duration>, String> {
-            v.as_ref().map(|v| secs(key, v, 0.001)).transpose()
-        };
-        let timeouts = Timeouts {
-            init: secs("timeouts.init", &t.init, 0.001)?,
-            install: secs("timeouts.install", &t.install, 0.001)?,
-            task_soft: opt("timeouts.task_soft", &t.task_soft)?,
-            task_hard: opt("timeouts.task_hard", &t.task_hard)?,
-            shutdown_grace: secs("timeouts.shutdown_grace", &t.shutdown_grace, 0.0)?,
-            cancel_grace: secs("timeouts.cancel_grace", &t.cancel_grace, 0.0)?,
-            ping_interval: secs("timeouts.ping_interval", &t.ping_interval, 0.01)?,
-            ping_timeout: secs("timeouts.ping_timeout", &t.ping_timeout, 0.001)?,
-        };
-        let r = &raw.restart;
-        let restart = RestartSettings {
-            max_restarts: r.max_restarts,
-            window: secs("restart.window", &r.window, 0.001)?,
-            backoff_initial: secs("restart.backoff_initial", &r.backoff_initial, 0.0)?,
-            backoff_max: secs("restart.backoff_max", &r.backoff_max, 0.0)?,
-            stable_after: secs("restart.stable_after", &r.stable_after, 0.0)?,
-            failed_retry: secs("restart.failed_retry", &r.failed_retry, 0.001)?,
-        };
+        let timeouts = c.timeouts(&raw.timeouts)?;
+        let restart = c.restart(&raw.restart)?;
         let settings = match serde_json::to_value(&raw.settings) {
             Ok(Value::Object(map)) => map,
             _ => return Err("key `settings`: must be a table of plain values".into()),
         };
-        for (i, step) in raw.install.get_ref().iter().enumerate() {
-            if step.is_empty() || step[0].trim().is_empty() {
-                return Err(err(
-                    "install",
-                    raw.install.span(),
-                    &format!(
-                        "step {} must name a program, e.g. [\"cargo\", \"build\", \"--release\"]",
-                        i + 1
-                    ),
-                ));
-            }
-        }
-        let mut tests = Vec::new();
-        for (i, t) in raw.tests.into_iter().enumerate() {
-            let at = format!("key `tests` (entry {})", i + 1);
-            if !raw.tasks.get_ref().iter().any(|d| d.name == t.task) {
-                return Err(format!(
-                    "{at}: task `{}` is not declared in [[tasks]]",
-                    t.task
-                ));
-            }
-            let expect = match (t.expect, t.expect_error) {
-                (Some(_), Some(_)) => {
-                    return Err(format!("{at}: give `expect` or `expect_error`, not both"))
-                }
-                (Some(v), None) => Expect::Result(to_json(&v)),
-                (None, Some(e)) => Expect::Error(e),
-                (None, None) => Expect::Success,
-            };
-            tests.push(SelfTest {
-                task: t.task,
-                args: t.args.iter().map(to_json).collect(),
-                kwargs: match to_json(&t.kwargs) {
-                    Value::Object(m) => m,
-                    _ => Map::new(),
-                },
-                expect,
-            });
-        }
+        c.install(&raw)?;
+        let tests = self_tests(raw.tests, raw.tasks.get_ref())?;
         Ok(Manifest {
             tests,
-            name: name.clone(),
+            name: raw.name.into_inner(),
             version: raw.version.into_inner(),
             description: raw.description,
             dir: dir.to_path_buf(),

@@ -5,7 +5,7 @@
 
 use super::output;
 use crate::config::Config;
-use crate::manifest::{Expect, Manifest};
+use crate::manifest::{Expect, Manifest, SelfTest};
 use crate::probe::Session;
 use plugin_protocol::{code, method, TaskErrorData, TaskRunParams};
 use serde_json::{json, Value};
@@ -79,36 +79,57 @@ async fn run_checks(
     config: &Config,
     report: &mut Report,
 ) -> Result<(), String> {
-    let handshake = s
-        .initialize(m, &config.name, config.max_line_bytes)
-        .await
-        .map(|r| {
-            let served: Vec<&str> = r.tasks.iter().map(|t| t.name.as_str()).collect();
-            let line = format!(
-                "{} {} serves {}",
-                r.plugin.name,
-                r.plugin.version,
-                served.join(", ")
-            );
-            (line, crate::supervisor::handshake::version_mismatch(&r, m))
-        });
-    let handshake_ok = handshake.is_ok();
-    report.check(
-        "handshake",
-        handshake
-            .as_ref()
-            .map(|(line, _)| line.clone())
-            .map_err(Clone::clone),
-    );
-    if let Ok((_, Some(warning))) = &handshake {
-        output::line(&format!("WARN  version: {warning}"));
-    }
-    if !handshake_ok {
+    if !check_handshake(s, m, config, report).await {
         return Ok(());
     }
     let io = |e: std::io::Error| format!("cannot write to the plugin: {e}");
     s.notify(method::INITIALIZED, json!({})).await.map_err(io)?;
+    check_conformance(s, report).await?;
+    for (i, t) in m.tests.iter().enumerate() {
+        s.reply_timeout = m.timeouts.task_hard.unwrap_or(Duration::from_secs(60));
+        self_test(s, i + 1, t, report).await?;
+    }
+    let grace = m.timeouts.shutdown_grace;
+    let answered = s.shutdown(grace).await;
+    let ok = answered.is_ok();
+    report.check("shutdown answered", answered.map(|()| String::new()));
+    if ok {
+        report.check("exits after `exit`", s.exit(grace).await);
+    }
+    Ok(())
+}
 
+/// The handshake by the daemon's rules; a version mismatch is a warning. True if it passed.
+async fn check_handshake(
+    s: &mut Session,
+    m: &Manifest,
+    config: &Config,
+    report: &mut Report,
+) -> bool {
+    let handshake = s.initialize(m, &config.name, config.max_line_bytes).await;
+    let line = handshake.as_ref().map_err(Clone::clone).map(|r| {
+        let served: Vec<&str> = r.tasks.iter().map(|t| t.name.as_str()).collect();
+        format!(
+            "{} {} serves {}",
+            r.plugin.name,
+            r.plugin.version,
+            served.join(", ")
+        )
+    });
+    report.check("handshake", line);
+    match &handshake {
+        Ok(r) => {
+            if let Some(warning) = crate::supervisor::handshake::version_mismatch(r, m) {
+                output::line(&format!("WARN  version: {warning}"));
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// An unknown method gets -32601; a cancel for an unknown task is ignored (ping still works).
+async fn check_conformance(s: &mut Session, report: &mut Report) -> Result<(), String> {
     let unknown = s
         .call("worker.conformance.no_such_method", json!({}))
         .await?;
@@ -120,71 +141,57 @@ async fn run_checks(
             Ok(v) => Err(format!("got a result instead: {v}")),
         },
     );
-    s.notify(
-        method::TASK_CANCEL,
-        json!({"task_id": "no-such-task", "reason": "conformance"}),
-    )
-    .await
-    .map_err(io)?;
+    let stray_cancel = json!({"task_id": "no-such-task", "reason": "conformance"});
+    s.notify(method::TASK_CANCEL, stray_cancel)
+        .await
+        .map_err(|e| format!("cannot write to the plugin: {e}"))?;
     let ping = s.call(method::PING, json!({})).await;
     report.check(
         "cancel of an unknown task is ignored, ping answered",
         ping.map(|_| String::new()),
     );
+    Ok(())
+}
 
-    for (i, t) in m.tests.iter().enumerate() {
-        let params = TaskRunParams {
-            task_id: format!("self-test-{}", i + 1),
-            task: t.task.clone(),
-            args: t.args.clone(),
-            kwargs: t.kwargs.clone(),
-            attempt: 1,
-            time_limit: Default::default(),
-        };
-        s.reply_timeout = m.timeouts.task_hard.unwrap_or(Duration::from_secs(60));
-        let params = serde_json::to_value(params).map_err(|e| e.to_string())?;
-        let got = s.call(method::TASK_RUN, params).await?;
-        let label = format!(
-            "self-test {} {}({})",
-            i + 1,
-            t.task,
-            t.args
-                .iter()
-                .map(Value::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let error_type = |e: &plugin_protocol::ErrorObject| {
-            e.data
-                .clone()
-                .and_then(|d| serde_json::from_value::<TaskErrorData>(d).ok())
-                .map(|d| d.exc_type)
-                .unwrap_or_else(|| format!("error {}", e.code))
-        };
-        let verdict = match (&t.expect, got) {
-            (Expect::Success, Ok(v)) => Ok(format!("returned {v}")),
-            (Expect::Result(want), Ok(v)) if *want == v => Ok(format!("returned {v}")),
-            (Expect::Result(want), Ok(v)) => Err(format!("expected {want}, got {v}")),
-            (Expect::Error(want), Err(e)) if error_type(&e) == *want => {
-                Ok(format!("raised {want}"))
-            }
-            (Expect::Error(want), Err(e)) => Err(format!(
-                "expected {want}, got {}: {}",
-                error_type(&e),
-                e.message
-            )),
-            (Expect::Error(want), Ok(v)) => Err(format!("expected {want}, got result {v}")),
-            (_, Err(e)) => Err(format!("raised {}: {}", error_type(&e), e.message)),
-        };
-        report.check(&label, verdict);
-    }
-
-    let grace = m.timeouts.shutdown_grace;
-    let answered = s.shutdown(grace).await;
-    let ok = answered.is_ok();
-    report.check("shutdown answered", answered.map(|()| String::new()));
-    if ok {
-        report.check("exits after `exit`", s.exit(grace).await);
-    }
+/// One `[[tests]]` entry: run it and judge the answer against `expect`.
+async fn self_test(
+    s: &mut Session,
+    n: usize,
+    t: &SelfTest,
+    report: &mut Report,
+) -> Result<(), String> {
+    let params = TaskRunParams {
+        task_id: format!("self-test-{n}"),
+        task: t.task.clone(),
+        args: t.args.clone(),
+        kwargs: t.kwargs.clone(),
+        attempt: 1,
+        time_limit: Default::default(),
+    };
+    let params = serde_json::to_value(params).map_err(|e| e.to_string())?;
+    let got = s.call(method::TASK_RUN, params).await?;
+    let args: Vec<String> = t.args.iter().map(Value::to_string).collect();
+    let label = format!("self-test {n} {}({})", t.task, args.join(", "));
+    let error_type = |e: &plugin_protocol::ErrorObject| {
+        e.data
+            .clone()
+            .and_then(|d| serde_json::from_value::<TaskErrorData>(d).ok())
+            .map(|d| d.exc_type)
+            .unwrap_or_else(|| format!("error {}", e.code))
+    };
+    let verdict = match (&t.expect, got) {
+        (Expect::Success, Ok(v)) => Ok(format!("returned {v}")),
+        (Expect::Result(want), Ok(v)) if *want == v => Ok(format!("returned {v}")),
+        (Expect::Result(want), Ok(v)) => Err(format!("expected {want}, got {v}")),
+        (Expect::Error(want), Err(e)) if error_type(&e) == *want => Ok(format!("raised {want}")),
+        (Expect::Error(want), Err(e)) => Err(format!(
+            "expected {want}, got {}: {}",
+            error_type(&e),
+            e.message
+        )),
+        (Expect::Error(want), Ok(v)) => Err(format!("expected {want}, got result {v}")),
+        (_, Err(e)) => Err(format!("raised {}: {}", error_type(&e), e.message)),
+    };
+    report.check(&label, verdict);
     Ok(())
 }

@@ -53,72 +53,8 @@ pub struct TaskRunArgs {
 pub async fn task(config: Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> {
     let mut client = Client::connect(&config.socket).await?;
     match cmd {
-        TaskCommand::Run(a) => {
-            let params = SubmitParams {
-                name: a.name,
-                args: output::parse_args(&a.args),
-                kwargs: output::parse_kwargs(a.kwargs.as_deref())?,
-                id: a.id,
-                soft_time_limit: a.soft_time_limit,
-                hard_time_limit: a.hard_time_limit,
-                detach: a.detach,
-            };
-            let reply = client
-                .call("task.submit", serde_json::to_value(params)?, |n| {
-                    match n.method.as_str() {
-                        "task.accepted" => tracing::info!("task accepted: {}", n.params["task_id"]),
-                        "task.progress" | "task.stream" => {
-                            let mut p = n.params;
-                            p["event"] = Value::from(if n.method == "task.progress" {
-                                "progress"
-                            } else {
-                                "stream"
-                            });
-                            if let Ok(ev) = serde_json::from_value::<TaskEvent>(p) {
-                                output::event(&ev);
-                            }
-                        }
-                        _ => {}
-                    }
-                })
-                .await?;
-            Ok(match reply {
-                Ok(v) => {
-                    output::result(&v["result"]);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    match e
-                        .data
-                        .and_then(|d| serde_json::from_value::<Failure>(d).ok())
-                    {
-                        Some(f) => output::failure(&f),
-                        None => eprintln!("error: {}", e.message),
-                    }
-                    ExitCode::FAILURE
-                }
-            })
-        }
-        TaskCommand::Cancel { task_id, reason } => {
-            let reply = client
-                .call(
-                    "task.cancel",
-                    json!({ "task_id": task_id, "reason": reason }),
-                    |_| {},
-                )
-                .await?;
-            match reply {
-                Ok(v) if v["cancelled"] == Value::Bool(true) => {
-                    eprintln!("cancel requested for task {task_id}");
-                    Ok(ExitCode::SUCCESS)
-                }
-                Ok(_) => {
-                    eprintln!("error: no task {task_id} is queued or running on this worker");
-                    Ok(ExitCode::FAILURE)
-                }
-                Err(e) => anyhow::bail!("cancel failed: {}", e.message),
-            }
-        }
+        TaskCommand::Run(a) => run(&mut client, a).await,
+        TaskCommand::Cancel { task_id, reason } => cancel(&mut client, &task_id, reason).await,
         TaskCommand::List { json } => {
             let reply = client.call("task.list", json!({}), |_| {}).await?;
             let doc = reply.map_err(|e| anyhow::anyhow!("task.list failed: {}", e.message))?;
@@ -130,6 +66,75 @@ pub async fn task(config: Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `worker task run`: submit, print events as they come, then the result.
+async fn run(client: &mut Client, a: TaskRunArgs) -> anyhow::Result<ExitCode> {
+    let params = SubmitParams {
+        name: a.name,
+        args: output::parse_args(&a.args),
+        kwargs: output::parse_kwargs(a.kwargs.as_deref())?,
+        id: a.id,
+        soft_time_limit: a.soft_time_limit,
+        hard_time_limit: a.hard_time_limit,
+        detach: a.detach,
+    };
+    let reply = client
+        .call("task.submit", serde_json::to_value(params)?, |n| {
+            match n.method.as_str() {
+                "task.accepted" => tracing::info!("task accepted: {}", n.params["task_id"]),
+                "task.progress" | "task.stream" => {
+                    let mut p = n.params;
+                    let kind = if n.method == "task.progress" {
+                        "progress"
+                    } else {
+                        "stream"
+                    };
+                    p["event"] = Value::from(kind);
+                    if let Ok(ev) = serde_json::from_value::<TaskEvent>(p) {
+                        output::event(&ev);
+                    }
+                }
+                _ => {}
+            }
+        })
+        .await?;
+    Ok(match reply {
+        Ok(v) => {
+            output::result(&v["result"]);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            match e
+                .data
+                .and_then(|d| serde_json::from_value::<Failure>(d).ok())
+            {
+                Some(f) => output::failure(&f),
+                None => eprintln!("error: {}", e.message),
+            }
+            ExitCode::FAILURE
+        }
+    })
+}
+
+/// `worker task cancel ID`.
+async fn cancel(
+    client: &mut Client,
+    task_id: &str,
+    reason: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let params = json!({ "task_id": task_id, "reason": reason });
+    match client.call("task.cancel", params, |_| {}).await? {
+        Ok(v) if v["cancelled"] == Value::Bool(true) => {
+            eprintln!("cancel requested for task {task_id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(_) => {
+            eprintln!("error: no task {task_id} is queued or running on this worker");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => anyhow::bail!("cancel failed: {}", e.message),
     }
 }
 

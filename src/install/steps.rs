@@ -47,83 +47,105 @@ impl std::fmt::Display for StepFailure {
 /// fails. `log` receives each step's command line and output.
 pub async fn run(m: &Manifest, source: &Path, log: &mut impl Write) -> Result<(), StepFailure> {
     for (i, argv) in m.install.iter().enumerate() {
-        let _ = writeln!(log, "$ {}", argv.join(" "));
-        let fail = |reason: String, tail: Vec<String>| StepFailure {
-            step: i + 1,
-            argv: argv.clone(),
-            reason,
+        run_step(m, source, i + 1, argv, log).await?;
+    }
+    Ok(())
+}
+
+/// Starts one step in its own process group, with the plugin's environment.
+fn spawn_step(
+    m: &Manifest,
+    source: &Path,
+    program: &Path,
+    argv: &[String],
+) -> std::io::Result<tokio::process::Child> {
+    Command::new(program)
+        .args(&argv[1..])
+        .current_dir(&m.dir)
+        .envs(&m.env)
+        .env("WORKER_PLUGIN_NAME", &m.name)
+        .env("WORKER_PLUGIN_DIR", &m.dir)
+        .env("WORKER_PLUGIN_SOURCE", source)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+}
+
+/// Runs step number `step` to its end (or its timeout), logging its output.
+async fn run_step(
+    m: &Manifest,
+    source: &Path,
+    step: usize,
+    argv: &[String],
+    log: &mut impl Write,
+) -> Result<(), StepFailure> {
+    let _ = writeln!(log, "$ {}", argv.join(" "));
+    let fail = |reason: String, tail: Vec<String>| StepFailure {
+        step,
+        argv: argv.to_vec(),
+        reason,
+        tail,
+    };
+    let program = m.resolve_program(&argv[0]);
+    let mut child = spawn_step(m, source, &program, argv)
+        .map_err(|e| fail(format!("cannot start `{}`: {e}", program.display()), vec![]))?;
+    let pid = child.id().unwrap_or(0);
+    let (tx, mut lines) = mpsc::unbounded_channel();
+    let pumps = [
+        tokio::spawn(pump(child.stdout.take(), tx.clone())),
+        tokio::spawn(pump(child.stderr.take(), tx)),
+    ];
+    let mut tail = VecDeque::new();
+    let deadline = tokio::time::sleep(m.timeouts.install);
+    tokio::pin!(deadline);
+    let mut keep = |line: String| {
+        let _ = writeln!(log, "{line}");
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    };
+    let status = loop {
+        tokio::select! {
+            Some(line) = lines.recv() => keep(line),
+            status = child.wait() => break Some(status),
+            _ = &mut deadline => break None,
+        }
+    };
+    // Whatever the step left running is not part of the plugin; its group goes, which
+    // also closes the pipes it may have inherited.
+    signal_group(pid, Signal::SIGKILL);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while let Some(line) = lines.recv().await {
+            keep(line);
+        }
+    })
+    .await;
+    for p in pumps {
+        p.abort();
+    }
+    let timed_out = status.is_none();
+    let status = match status {
+        Some(s) => s,
+        None => child.wait().await,
+    };
+    let tail: Vec<String> = tail.into();
+    if timed_out {
+        return Err(fail(
+            format!(
+                "timed out after {:?} (timeouts.install) and was killed",
+                m.timeouts.install
+            ),
             tail,
-        };
-        let program = m.resolve_program(&argv[0]);
-        let mut child = Command::new(&program)
-            .args(&argv[1..])
-            .current_dir(&m.dir)
-            .envs(&m.env)
-            .env("WORKER_PLUGIN_NAME", &m.name)
-            .env("WORKER_PLUGIN_DIR", &m.dir)
-            .env("WORKER_PLUGIN_SOURCE", source)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| fail(format!("cannot start `{}`: {e}", program.display()), vec![]))?;
-        let pid = child.id().unwrap_or(0);
-        let (tx, mut lines) = mpsc::unbounded_channel();
-        let pumps = [
-            tokio::spawn(pump(child.stdout.take(), tx.clone())),
-            tokio::spawn(pump(child.stderr.take(), tx)),
-        ];
-        let mut tail = VecDeque::new();
-        let deadline = tokio::time::sleep(m.timeouts.install);
-        tokio::pin!(deadline);
-        let mut keep = |line: String| {
-            let _ = writeln!(log, "{line}");
-            if tail.len() == TAIL_LINES {
-                tail.pop_front();
-            }
-            tail.push_back(line);
-        };
-        let status = loop {
-            tokio::select! {
-                Some(line) = lines.recv() => keep(line),
-                status = child.wait() => break Some(status),
-                _ = &mut deadline => break None,
-            }
-        };
-        // Whatever the step left running is not part of the plugin; its group goes, which
-        // also closes the pipes it may have inherited.
-        signal_group(pid, Signal::SIGKILL);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-            while let Some(line) = lines.recv().await {
-                keep(line);
-            }
-        })
-        .await;
-        for p in pumps {
-            p.abort();
-        }
-        let timed_out = status.is_none();
-        let status = match status {
-            Some(s) => s,
-            None => child.wait().await,
-        };
-        let tail: Vec<String> = tail.into();
-        if timed_out {
-            return Err(fail(
-                format!(
-                    "timed out after {:?} (timeouts.install) and was killed",
-                    m.timeouts.install
-                ),
-                tail,
-            ));
-        }
-        match status {
-            Ok(s) if s.success() => {}
-            Ok(s) => return Err(fail(describe_exit(&s), tail)),
-            Err(e) => return Err(fail(format!("could not be waited for: {e}"), tail)),
-        }
+        ));
+    }
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => return Err(fail(describe_exit(&s), tail)),
+        Err(e) => return Err(fail(format!("could not be waited for: {e}"), tail)),
     }
     Ok(())
 }
