@@ -88,6 +88,11 @@ impl Default for Config {
     }
 }
 
+/// A setting out of its allowed range; the message names the key and what is allowed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSetting(pub String);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -117,13 +122,18 @@ impl Config {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        config
-            .validate()
-            .map_err(|message| ConfigError::Invalid { path, message })?;
+        config.validate().map_err(|e| ConfigError::Invalid {
+            path,
+            message: e.to_string(),
+        })?;
         Ok(config)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        self.check().map_err(InvalidSetting)
+    }
+
+    fn check(&self) -> Result<(), String> {
         if self.state_dir.starts_with(&self.plugins_dir) {
             return Err(format!(
                 "key `state_dir`: {} is inside plugins_dir {}; installed copies must live apart from the plugins available to install",
@@ -242,7 +252,7 @@ mod tests {
         };
         let e = c.validate().unwrap_err();
         assert!(
-            e.contains("key `state_dir`") && e.contains("inside plugins_dir"),
+            e.0.contains("key `state_dir`") && e.0.contains("inside plugins_dir"),
             "{e}"
         );
         c.state_dir = "/srv".into();

@@ -26,6 +26,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Control connections served at once.
+const MAX_CONNECTIONS: usize = 256;
+/// Wait after a failed accept (e.g. no file descriptors left) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Lines a connection may have waiting to be written to its client.
 const OUTBOX_LINES: usize = 64;
 
@@ -115,16 +120,38 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
+    // At the limit, new connections wait in the listen backlog until one closes.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let (dispatcher, info, stop, reload) = (dispatcher.clone(), info.clone(), stop.clone(), reload.clone());
-                    tracker.spawn(connection(stream, dispatcher, info, reload, stop));
-                }
-                Err(e) => tracing::warn!("control socket accept failed: {e}"),
-            },
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             _ = stop.cancelled() => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.cancelled() => break,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let (dispatcher, info, stop, reload) = (
+                    dispatcher.clone(),
+                    info.clone(),
+                    stop.clone(),
+                    reload.clone(),
+                );
+                tracker.spawn(async move {
+                    connection(stream, dispatcher, info, reload, stop).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors, most likely: back off instead of spinning.
+                tracing::warn!("control socket accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
         }
     }
     tracker.close();

@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot read the installed plugins: {0}")]
-    Plugins(String),
+    #[error(transparent)]
+    Plugins(#[from] crate::install::registry::RecordError),
     #[error("cannot serve the control socket {path}: {source}")]
     Socket {
         path: PathBuf,
@@ -76,9 +76,7 @@ pub fn pool_options(config: &Config) -> PoolOptions {
 
 /// The installed plugins (see `install::registry`), logging (not failing on) broken ones.
 pub fn installed_plugins(config: &Config) -> Result<Vec<Manifest>, DaemonError> {
-    let found = StateDir::new(&config.state_dir)
-        .discover()
-        .map_err(DaemonError::Plugins)?;
+    let found = StateDir::new(&config.state_dir).discover()?;
     for e in &found.errors {
         tracing::error!("plugin skipped: {e}");
     }

@@ -261,6 +261,11 @@ fn seconds_opt<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Er
     }
 }
 
+/// What is wrong in a manifest's text: the key, its line, and what is allowed.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+#[error("{0}")]
+pub struct InvalidManifest(pub String);
+
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 #[error("{}: {message}", path.display())]
 pub struct ManifestError {
@@ -381,11 +386,18 @@ impl Manifest {
             path: path.clone(),
             message: format!("cannot read: {e}"),
         })?;
-        Manifest::parse(&text, dir).map_err(|message| ManifestError { path, message })
+        Manifest::parse(&text, dir).map_err(|e| ManifestError {
+            path,
+            message: e.to_string(),
+        })
     }
 
     /// Parses manifest text for a plugin living in `dir`. Errors name the key and the line.
-    pub fn parse(text: &str, dir: &Path) -> Result<Manifest, String> {
+    pub fn parse(text: &str, dir: &Path) -> Result<Manifest, InvalidManifest> {
+        Self::check(text, dir).map_err(InvalidManifest)
+    }
+
+    fn check(text: &str, dir: &Path) -> Result<Manifest, String> {
         let raw: RawManifest = toml::from_str(text).map_err(|e| one_line(&e.to_string()))?;
         let c = Checker { text };
         c.identity(&raw)?;
@@ -604,20 +616,20 @@ name = "fibonacci"
     #[test]
     fn errors_name_key_and_line() {
         let bad = GOOD.replace("command = [\"./run\"]", "command = []");
-        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
+        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err().0;
         assert!(e.contains("key `command` (line 4)"), "{e}");
 
         let bad = format!("{GOOD}instances = 0\n");
         // `instances` after [[tasks]] belongs to the task table: an unknown key there.
-        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
+        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err().0;
         assert!(e.contains("instances") && e.contains("line 8"), "{e}");
 
         let bad = GOOD.replace("version = \"1.0.0\"", "version = \"1.0.0\"\ninstances = 0");
-        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
+        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err().0;
         assert!(e.contains("key `instances` (line 4)"), "{e}");
 
         let bad = GOOD.replace("name = \"fib\"", "name = \"Fib/../x\"");
-        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
+        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err().0;
         assert!(e.contains("key `name` (line 2)"), "{e}");
     }
 
@@ -644,7 +656,7 @@ name = "fibonacci"
             "command = [\"./run\"]",
             "command = [\"./run\"]\ninstall = [[\"make\"], []]",
         );
-        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
+        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err().0;
         assert!(
             e.contains("key `install` (line 5): step 2 must name a program"),
             "{e}"
@@ -654,7 +666,7 @@ name = "fibonacci"
     #[test]
     fn negative_timeout_is_refused() {
         let bad = format!("{GOOD}\n[timeouts]\ninit = -1\n");
-        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err();
+        let e = Manifest::parse(&bad, Path::new("/p")).unwrap_err().0;
         assert!(e.contains("timeouts.init") && e.contains("line 10"), "{e}");
     }
 

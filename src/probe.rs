@@ -4,6 +4,7 @@
 
 use crate::framed::FramedReader;
 use crate::manifest::Manifest;
+use crate::supervisor::handshake::HandshakeError;
 use crate::supervisor::process::{self, StderrTail};
 use crate::supervisor::reply_id;
 use plugin_protocol::{
@@ -31,11 +32,46 @@ pub struct Session {
     _stderr_reader: tokio::task::JoinHandle<()>,
 }
 
+/// What went wrong talking to a plugin directly.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("could not start `{program}`: {source}")]
+    Start {
+        program: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write to the plugin: {0}")]
+    Write(std::io::Error),
+    #[error("cannot read from the plugin: {0}")]
+    Read(std::io::Error),
+    #[error("the plugin closed its stdout")]
+    Closed,
+    #[error("no answer to `{method}` within {timeout:?}")]
+    Timeout { method: String, timeout: Duration },
+    /// The plugin broke the protocol (e.g. a string id); the message says how to fix it.
+    #[error("{0}")]
+    Violation(String),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error("it answered `shutdown` with error {code}: {message}")]
+    Shutdown { code: i64, message: String },
+    #[error("still running {0:?} after `exit`")]
+    NoExit(Duration),
+    /// Any of the above, followed by the plugin's last stderr lines.
+    #[error("{error}{stderr}")]
+    WithStderr {
+        error: Box<ProbeError>,
+        stderr: String,
+    },
+}
+
 impl Session {
     /// Starts instance 0 of the plugin.
-    pub fn start(m: &Manifest, max_line_bytes: usize) -> Result<Session, String> {
-        let mut child = process::spawn(m, 0)
-            .map_err(|e| format!("could not start `{}`: {e}", m.program().display()))?;
+    pub fn start(m: &Manifest, max_line_bytes: usize) -> Result<Session, ProbeError> {
+        let mut child = process::spawn(m, 0).map_err(|source| ProbeError::Start {
+            program: m.program(),
+            source,
+        })?;
         let pid = child.id().unwrap_or(0);
         let stderr = StderrTail::default();
         let origin = process::LogOrigin {
@@ -43,7 +79,7 @@ impl Session {
             instance: 0,
             pid,
         };
-        let pump = process::read_stderr(
+        let stderr_reader = process::read_stderr(
             child.stderr.take().expect("stderr is piped"),
             origin,
             stderr.clone(),
@@ -59,7 +95,7 @@ impl Session {
             next_id: 1,
             reply_timeout: m.timeouts.init,
             stderr,
-            _stderr_reader: pump,
+            _stderr_reader: stderr_reader,
         })
     }
 
@@ -78,20 +114,20 @@ impl Session {
         &mut self,
         method: &str,
         params: Value,
-    ) -> Result<Result<Value, ErrorObject>, String> {
+    ) -> Result<Result<Value, ErrorObject>, ProbeError> {
         let id = self.next_id;
         self.next_id += 1;
         self.send(Message::Request(Request::new(Id::Num(id), method, params)))
             .await
-            .map_err(|e| format!("cannot write to the plugin: {e}"))?;
+            .map_err(ProbeError::Write)?;
         let wait = async {
             loop {
                 let frame = self
                     .stdout
                     .next()
                     .await
-                    .map_err(|e| format!("cannot read from the plugin: {e}"))?
-                    .ok_or_else(|| "the plugin closed its stdout".to_string())?;
+                    .map_err(ProbeError::Read)?
+                    .ok_or(ProbeError::Closed)?;
                 let Frame::Line(line) = frame else { continue };
                 match Message::parse(&line) {
                     Ok(Message::Response(r)) if r.id == Some(Id::Num(id)) => return Ok(r.result),
@@ -101,15 +137,21 @@ impl Session {
                         ..
                     })) => {
                         let asked = (reply_id::meant(&s) == Some(id)).then_some(method);
-                        return Err(reply_id::string_id_violation(&s, asked));
+                        return Err(ProbeError::Violation(reply_id::string_id_violation(
+                            &s, asked,
+                        )));
                     }
                     _ => {}
                 }
             }
         };
-        tokio::time::timeout(self.reply_timeout, wait)
+        let timeout = self.reply_timeout;
+        tokio::time::timeout(timeout, wait)
             .await
-            .map_err(|_| format!("no answer to `{method}` within {:?}", self.reply_timeout))?
+            .map_err(|_| ProbeError::Timeout {
+                method: method.to_string(),
+                timeout,
+            })?
     }
 
     /// Sends `initialize` and judges the reply by the same rules the pool uses.
@@ -118,43 +160,44 @@ impl Session {
         m: &Manifest,
         worker_name: &str,
         max_line_bytes: usize,
-    ) -> Result<InitializeResult, String> {
+    ) -> Result<InitializeResult, ProbeError> {
         let params =
             crate::supervisor::handshake::initialize_params(m, worker_name, max_line_bytes, 0);
-        let params = serde_json::to_value(params).map_err(|e| e.to_string())?;
+        let params = serde_json::to_value(params).expect("initialize params serialize");
         let reply = self.call(method::INITIALIZE, params).await?;
-        crate::supervisor::handshake::check(reply, m)
+        Ok(crate::supervisor::handshake::check(reply, m)?)
     }
 
     /// Sends `shutdown` and waits up to `grace` for its answer.
-    pub async fn shutdown(&mut self, grace: Duration) -> Result<(), String> {
+    pub async fn shutdown(&mut self, grace: Duration) -> Result<(), ProbeError> {
         self.reply_timeout = grace.max(Duration::from_millis(100));
         self.call(method::SHUTDOWN, Value::Null)
             .await?
             .map(|_| ())
-            .map_err(|e| {
-                format!(
-                    "it answered `shutdown` with error {}: {}",
-                    e.code, e.message
-                )
+            .map_err(|e| ProbeError::Shutdown {
+                code: e.code,
+                message: e.message,
             })
     }
 
     /// Sends `exit` and waits up to `grace` for the process to end; returns how it exited.
-    pub async fn exit(&mut self, grace: Duration) -> Result<String, String> {
+    pub async fn exit(&mut self, grace: Duration) -> Result<String, ProbeError> {
         let grace = grace.max(Duration::from_millis(100));
         self.notify(method::EXIT, Value::Null)
             .await
-            .map_err(|e| format!("cannot write to the plugin: {e}"))?;
+            .map_err(ProbeError::Write)?;
         match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(Ok(status)) => Ok(process::describe_exit(&status)),
-            _ => Err(format!("still running {grace:?} after `exit`")),
+            _ => Err(ProbeError::NoExit(grace)),
         }
     }
 
-    /// `reason` followed by the last stderr lines, for an error message.
-    pub fn explain(&self, reason: &str) -> String {
-        format!("{reason}{}", self.stderr.summary(self.pid, 5))
+    /// `error` followed by the plugin's last stderr lines.
+    pub fn explain(&self, error: ProbeError) -> ProbeError {
+        ProbeError::WithStderr {
+            error: Box::new(error),
+            stderr: self.stderr.summary(self.pid, 5),
+        }
     }
 }
 
@@ -172,11 +215,11 @@ pub async fn handshake(
     m: &Manifest,
     worker_name: &str,
     max_line_bytes: usize,
-) -> Result<InitializeResult, String> {
+) -> Result<InitializeResult, ProbeError> {
     let mut s = Session::start(m, max_line_bytes)?;
     let result = match s.initialize(m, worker_name, max_line_bytes).await {
         Ok(r) => r,
-        Err(e) => return Err(s.explain(&e)),
+        Err(e) => return Err(s.explain(e)),
     };
     let _ = s.notify(method::INITIALIZED, serde_json::json!({})).await;
     let grace = m.timeouts.shutdown_grace.min(PROBE_STOP_GRACE);

@@ -14,9 +14,7 @@ pub struct ReloadSettings {
     pub drain: Duration,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("cannot read the install record: {0}")]
-pub struct ReloadError(String);
+pub use crate::install::registry::RecordError as ReloadError;
 
 /// Reads the install record again and applies it (see `Supervisor::reload`). An installed
 /// plugin whose copy is missing or broken is reported in `failed` and keeps running as it was.
@@ -25,7 +23,7 @@ pub async fn apply_install_record(
     settings: &ReloadSettings,
     wait: bool,
 ) -> Result<ReloadReport, ReloadError> {
-    let found = settings.state.discover().map_err(ReloadError)?;
+    let found = settings.state.discover()?;
     let mut manifests = found.plugins;
     let mut broken = Vec::new();
     let running = dispatcher.manifests();

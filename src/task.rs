@@ -33,17 +33,9 @@ impl TaskRequest {
     }
 }
 
-/// A fresh task id: 128 random bits, hyphenated like a UUID so Celery tooling accepts it.
+/// A fresh task id: a random UUID (version 4), as Celery's own ids are.
 pub fn new_task_id() -> String {
-    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xfff,
-        (b >> 48) & 0x3fff | 0x8000,
-        b & 0xffff_ffff_ffff
-    )
+    uuid::Uuid::new_v4().to_string()
 }
 
 /// Something a running task reports before it ends.

@@ -2,8 +2,8 @@
 //! the plugins available in the plugins directory, as text or as stable JSON.
 
 use super::daemon_client;
+use super::live::{instance_line, next_try};
 use super::output;
-use super::plugins::{instance_line, next_try};
 use crate::config::Config;
 use crate::control::StatusReport;
 use crate::install::registry::{Installed, Record, StateDir};

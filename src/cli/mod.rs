@@ -5,6 +5,7 @@ mod available;
 mod daemon_client;
 mod install;
 mod list;
+mod live;
 mod output;
 mod plugin_test;
 pub mod plugins;

@@ -6,7 +6,7 @@
 use super::output;
 use crate::config::Config;
 use crate::manifest::{Expect, Manifest, SelfTest};
-use crate::probe::Session;
+use crate::probe::{ProbeError, Session};
 use plugin_protocol::{code, method, TaskErrorData, TaskRunParams};
 use serde_json::{json, Value};
 use std::process::ExitCode;
@@ -17,7 +17,7 @@ struct Report {
 }
 
 impl Report {
-    fn check(&mut self, what: &str, result: Result<String, String>) {
+    fn check<E: std::fmt::Display>(&mut self, what: &str, result: Result<String, E>) {
         match result {
             Ok(detail) => output::line(&format!(
                 "ok    {what}{}",
@@ -44,7 +44,7 @@ pub async fn test_manifest(config: &Config, m: &Manifest) -> anyhow::Result<Exit
         m.dir.display()
     ));
     let mut report = Report { failures: 0 };
-    report.check(
+    report.check::<String>(
         "manifest",
         Ok(format!(
             "{} task(s), {} self-test(s)",
@@ -61,7 +61,7 @@ pub async fn test_manifest(config: &Config, m: &Manifest) -> anyhow::Result<Exit
         }
     };
     if let Err(e) = run_checks(&mut s, m, config, &mut report).await {
-        report.check("session", Err(s.explain(&e)));
+        report.check("session", Err(s.explain(e)));
     }
     drop(s);
     if report.failures == 0 {
@@ -78,12 +78,13 @@ async fn run_checks(
     m: &Manifest,
     config: &Config,
     report: &mut Report,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     if !check_handshake(s, m, config, report).await {
         return Ok(());
     }
-    let io = |e: std::io::Error| format!("cannot write to the plugin: {e}");
-    s.notify(method::INITIALIZED, json!({})).await.map_err(io)?;
+    s.notify(method::INITIALIZED, json!({}))
+        .await
+        .map_err(ProbeError::Write)?;
     check_conformance(s, report).await?;
     for (i, t) in m.tests.iter().enumerate() {
         s.reply_timeout = m.timeouts.task_hard.unwrap_or(Duration::from_secs(60));
@@ -107,7 +108,7 @@ async fn check_handshake(
     report: &mut Report,
 ) -> bool {
     let handshake = s.initialize(m, &config.name, config.max_line_bytes).await;
-    let line = handshake.as_ref().map_err(Clone::clone).map(|r| {
+    let line = handshake.as_ref().map_err(ToString::to_string).map(|r| {
         let served: Vec<&str> = r.tasks.iter().map(|t| t.name.as_str()).collect();
         format!(
             "{} {} serves {}",
@@ -129,7 +130,7 @@ async fn check_handshake(
 }
 
 /// An unknown method gets -32601; a cancel for an unknown task is ignored (ping still works).
-async fn check_conformance(s: &mut Session, report: &mut Report) -> Result<(), String> {
+async fn check_conformance(s: &mut Session, report: &mut Report) -> Result<(), ProbeError> {
     let unknown = s
         .call("worker.conformance.no_such_method", json!({}))
         .await?;
@@ -144,7 +145,7 @@ async fn check_conformance(s: &mut Session, report: &mut Report) -> Result<(), S
     let stray_cancel = json!({"task_id": "no-such-task", "reason": "conformance"});
     s.notify(method::TASK_CANCEL, stray_cancel)
         .await
-        .map_err(|e| format!("cannot write to the plugin: {e}"))?;
+        .map_err(ProbeError::Write)?;
     let ping = s.call(method::PING, json!({})).await;
     report.check(
         "cancel of an unknown task is ignored, ping answered",
@@ -159,7 +160,7 @@ async fn self_test(
     n: usize,
     t: &SelfTest,
     report: &mut Report,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     let params = TaskRunParams {
         task_id: format!("self-test-{n}"),
         task: t.task.clone(),
@@ -168,7 +169,7 @@ async fn self_test(
         attempt: 1,
         time_limit: Default::default(),
     };
-    let params = serde_json::to_value(params).map_err(|e| e.to_string())?;
+    let params = serde_json::to_value(params).expect("task.run params serialize");
     let got = s.call(method::TASK_RUN, params).await?;
     let args: Vec<String> = t.args.iter().map(Value::to_string).collect();
     let label = format!("self-test {n} {}({})", t.task, args.join(", "));

@@ -3,13 +3,14 @@
 //! installed plugin's instances are doing right now.
 
 use super::daemon_client;
+use super::live::{instance_line, next_try};
 use super::output;
 use crate::config::Config;
 use crate::control::Client;
 use crate::install::registry::StateDir;
 use crate::install::tree;
 use crate::manifest::Manifest;
-use crate::supervisor::status::{InstanceStatus, PluginStatus};
+use crate::supervisor::status::PluginStatus;
 use clap::Subcommand;
 use serde_json::json;
 use std::process::ExitCode;
@@ -82,27 +83,6 @@ pub async fn plugins(config: Config, cmd: PluginsCommand) -> anyhow::Result<Exit
             super::install::uninstall(&config, &names, all, yes).await
         }
     }
-}
-
-/// When a failed plugin is tried again, for `list` and `inspect`.
-pub(super) fn next_try(p: &PluginStatus) -> String {
-    let Some(at) = p.next_try_at else {
-        return "not retried on its own".to_string();
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    let left = (at - now).max(0.0) as u64;
-    let when = chrono::DateTime::from_timestamp(at as i64, 0)
-        .map(|t| t.format("%H:%M:%S UTC").to_string())
-        .unwrap_or_default();
-    format!(
-        "next try in {}m {}s, at {when} (or now: `worker plugins restart {}`)",
-        left / 60,
-        left % 60,
-        p.name
-    )
 }
 
 /// `worker plugins restart NAME`: asks the daemon to start a failed plugin again.
@@ -182,34 +162,6 @@ async fn test(config: &Config, name: &str, installed: bool) -> anyhow::Result<Ex
         return Ok(ExitCode::FAILURE);
     }
     super::plugin_test::test_manifest(config, &staged).await
-}
-
-pub(super) fn instance_line(i: &InstanceStatus) -> String {
-    let pid = i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-    let uptime = i
-        .uptime_secs
-        .map(human_duration)
-        .unwrap_or_else(|| "-".into());
-    let mut s = format!(
-        "#{} {} pid {} up {} restarts {} in-flight {} done {} failed {}",
-        i.index, i.state, pid, uptime, i.restarts, i.in_flight, i.done, i.failed
-    );
-    if i.stray_stdout_lines > 0 {
-        s.push_str(&format!(" stray-stdout-lines {}", i.stray_stdout_lines));
-    }
-    if let Some(exit) = &i.last_exit {
-        s.push_str(&format!("\n      last exit: {exit}"));
-    }
-    s
-}
-
-fn human_duration(secs: f64) -> String {
-    let s = secs as u64;
-    match s {
-        0..=59 => format!("{secs:.1}s"),
-        60..=3599 => format!("{}m{}s", s / 60, s % 60),
-        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-    }
 }
 
 /// `worker reload`: asks the daemon to apply the plugins directory and prints what it did.

@@ -233,7 +233,7 @@ impl Installer<'_> {
         })?;
         let hello = crate::probe::handshake(&m, self.worker_name, self.max_line_bytes)
             .await
-            .map_err(|e| (Stage::Handshake, e))?;
+            .map_err(|e| (Stage::Handshake, e.to_string()))?;
         if let Some(warning) = crate::supervisor::handshake::version_mismatch(&hello, &m) {
             tracing::warn!(plugin = %m.name, "{warning}");
         }

@@ -64,6 +64,18 @@ impl Record {
     }
 }
 
+/// Why the install record could not be read; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("cannot read the install record {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("the install record {} is not valid ({source}); restore it from a backup or remove it and reinstall", path.display())]
+    Invalid {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
 /// The state directory (`state_dir`).
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -95,24 +107,14 @@ impl StateDir {
     }
 
     /// Reads the record; no file yet means nothing is installed.
-    pub fn read(&self) -> Result<Record, String> {
+    pub fn read(&self) -> Result<Record, RecordError> {
         let path = self.root.join(RECORD_FILE);
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Record::default()),
-            Err(e) => {
-                return Err(format!(
-                    "cannot read the install record {}: {e}",
-                    path.display()
-                ))
-            }
+            Err(source) => return Err(RecordError::Read { path, source }),
         };
-        serde_json::from_str(&text).map_err(|e| {
-            format!(
-                "the install record {} is not valid ({e}); restore it from a backup or remove it and reinstall",
-                path.display()
-            )
-        })
+        serde_json::from_str(&text).map_err(|source| RecordError::Invalid { path, source })
     }
 
     /// Replaces the record atomically.
@@ -156,7 +158,7 @@ impl StateDir {
 
     /// The manifests of the installed plugins, loaded from their installed copies; an entry
     /// whose copy is missing or broken goes to `errors` naming its path.
-    pub fn discover(&self) -> Result<Discovery, String> {
+    pub fn discover(&self) -> Result<Discovery, RecordError> {
         Ok(self.manifests(&self.read()?))
     }
 
@@ -276,7 +278,7 @@ mod tests {
     fn a_corrupt_record_says_what_to_do() {
         let root = tempfile::tempdir().unwrap();
         fs::write(root.path().join(RECORD_FILE), "{not json").unwrap();
-        let e = StateDir::new(root.path()).read().unwrap_err();
+        let e = StateDir::new(root.path()).read().unwrap_err().to_string();
         assert!(e.contains("is not valid") && e.contains("reinstall"), "{e}");
     }
 }

@@ -94,9 +94,9 @@ async fn run_step(
         .map_err(|e| fail(format!("cannot start `{}`: {e}", program.display()), vec![]))?;
     let pid = child.id().unwrap_or(0);
     let (tx, mut lines) = mpsc::unbounded_channel();
-    let pumps = [
-        tokio::spawn(pump(child.stdout.take(), tx.clone())),
-        tokio::spawn(pump(child.stderr.take(), tx)),
+    let readers = [
+        tokio::spawn(read_lines(child.stdout.take(), tx.clone())),
+        tokio::spawn(read_lines(child.stderr.take(), tx)),
     ];
     let mut tail = VecDeque::new();
     let deadline = tokio::time::sleep(m.timeouts.install);
@@ -124,7 +124,7 @@ async fn run_step(
         }
     })
     .await;
-    for p in pumps {
+    for p in readers {
         p.abort();
     }
     let timed_out = status.is_none();
@@ -150,7 +150,7 @@ async fn run_step(
     Ok(())
 }
 
-async fn pump(pipe: Option<impl AsyncRead + Unpin>, tx: mpsc::UnboundedSender<String>) {
+async fn read_lines(pipe: Option<impl AsyncRead + Unpin>, tx: mpsc::UnboundedSender<String>) {
     let Some(pipe) = pipe else { return };
     let mut reader = BufReader::new(pipe);
     let mut buf = Vec::new();

@@ -32,7 +32,7 @@ const MAX_DEPTH: usize = 32;
 pub fn file_sha256(path: &Path) -> io::Result<String> {
     let mut hasher = Sha256::new();
     io::copy(&mut File::open(path)?, &mut hasher)?;
-    Ok(hex(&hasher.finalize()))
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// The SHA-256 of the whole tree: every kept file's relative path, executable bit and bytes,
@@ -87,7 +87,7 @@ fn walk(src: &Path, dst: Option<&Path>) -> io::Result<String> {
             }
         }
     }
-    Ok(hex(&hasher.finalize()))
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// Relative paths of every regular file under `dir` (following symlinks), skipping
@@ -121,10 +121,6 @@ fn collect(root: &Path, rel: PathBuf, depth: usize, out: &mut Vec<PathBuf>) -> i
 
 fn named(e: io::Error, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -33,9 +33,21 @@ pub struct ControlRequest {
     pub reply_to: Option<(String, String)>,
 }
 
-pub fn parse(body: &[u8]) -> Result<ControlRequest, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-    let method = v["method"].as_str().ok_or("no `method`")?.to_string();
+/// Why a remote-control message was ignored.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlRequestError {
+    #[error("not JSON: {0}")]
+    NotJson(#[from] serde_json::Error),
+    #[error("no `method`")]
+    NoMethod,
+}
+
+pub fn parse(body: &[u8]) -> Result<ControlRequest, ControlRequestError> {
+    let v: Value = serde_json::from_slice(body)?;
+    let method = v["method"]
+        .as_str()
+        .ok_or(ControlRequestError::NoMethod)?
+        .to_string();
     let destination = match &v["destination"] {
         Value::Array(a) => Some(
             a.iter()

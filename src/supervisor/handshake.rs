@@ -34,53 +34,66 @@ pub fn initialize_params(
     }
 }
 
+/// Why an `initialize` reply was refused; each says which rule failed and how to fix it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("its `initialize` result is malformed: {0}")]
+    Malformed(String),
+    #[error("it answered `initialize` with error {code}: {message}")]
+    Refused { code: i64, message: String },
+    #[error("it speaks protocol version {0} but this worker speaks {PROTOCOL_VERSION} (major versions must match)")]
+    ProtocolVersion(String),
+    #[error("it introduces itself as `{reported}` but plugin.toml names it `{declared}` (make the names match)")]
+    Name { reported: String, declared: String },
+    #[error("it serves task(s) {} that plugin.toml does not declare (add them to [[tasks]])", .0.join(", "))]
+    Undeclared(Vec<String>),
+    #[error("plugin.toml declares task(s) {} that the plugin does not serve", .0.join(", "))]
+    Missing(Vec<String>),
+}
+
 /// Checks the reply to `initialize` against the manifest: well-formed, the same protocol major
-/// version, and exactly the declared tasks. The error says which rule failed.
-pub fn check(reply: Result<Value, ErrorObject>, m: &Manifest) -> Result<InitializeResult, String> {
+/// version, the manifest's name, and exactly the declared tasks.
+pub fn check(
+    reply: Result<Value, ErrorObject>,
+    m: &Manifest,
+) -> Result<InitializeResult, HandshakeError> {
     let result: InitializeResult = match reply {
-        Ok(value) => serde_json::from_value(value)
-            .map_err(|e| format!("its `initialize` result is malformed: {e}"))?,
+        Ok(value) => {
+            serde_json::from_value(value).map_err(|e| HandshakeError::Malformed(e.to_string()))?
+        }
         Err(e) => {
-            return Err(format!(
-                "it answered `initialize` with error {}: {}",
-                e.code, e.message
-            ))
+            return Err(HandshakeError::Refused {
+                code: e.code,
+                message: e.message,
+            })
         }
     };
     if protocol_major(&result.protocol_version) != protocol_major(PROTOCOL_VERSION) {
-        return Err(format!(
-            "it speaks protocol version {} but this worker speaks {PROTOCOL_VERSION} (major versions must match)",
-            result.protocol_version
-        ));
+        return Err(HandshakeError::ProtocolVersion(result.protocol_version));
     }
     if result.plugin.name != m.name {
-        return Err(format!(
-            "it introduces itself as `{}` but plugin.toml names it `{}` (make the names match)",
-            result.plugin.name, m.name
-        ));
+        return Err(HandshakeError::Name {
+            reported: result.plugin.name,
+            declared: m.name.clone(),
+        });
     }
     let declared: Vec<&str> = m.task_names().collect();
-    let undeclared: Vec<&str> = result
+    let undeclared: Vec<String> = result
         .tasks
         .iter()
-        .map(|t| t.name.as_str())
-        .filter(|t| !declared.contains(t))
+        .map(|t| t.name.clone())
+        .filter(|t| !declared.contains(&t.as_str()))
         .collect();
     if !undeclared.is_empty() {
-        return Err(format!(
-            "it serves task(s) {} that plugin.toml does not declare (add them to [[tasks]])",
-            undeclared.join(", ")
-        ));
+        return Err(HandshakeError::Undeclared(undeclared));
     }
-    let missing: Vec<&str> = declared
+    let missing: Vec<String> = declared
         .into_iter()
         .filter(|d| !result.tasks.iter().any(|t| t.name == *d))
+        .map(str::to_string)
         .collect();
     if !missing.is_empty() {
-        return Err(format!(
-            "plugin.toml declares task(s) {} that the plugin does not serve",
-            missing.join(", ")
-        ));
+        return Err(HandshakeError::Missing(missing));
     }
     Ok(result)
 }
@@ -122,24 +135,30 @@ mod tests {
         assert!(check(reply("1.3", &["a"]), &manifest()).is_ok());
         assert!(check(reply("2.0", &["a"]), &manifest())
             .unwrap_err()
+            .to_string()
             .contains("protocol version 2.0"));
         assert!(check(reply("1.0", &["a", "b"]), &manifest())
             .unwrap_err()
+            .to_string()
             .contains("b that plugin.toml does not declare"));
         assert!(check(reply("1.0", &[]), &manifest())
             .unwrap_err()
+            .to_string()
             .contains("declares task(s) a"));
         assert!(check(Ok(json!([1])), &manifest())
             .unwrap_err()
+            .to_string()
             .contains("malformed"));
         assert!(check(Err(ErrorObject::new(-1, "no")), &manifest())
             .unwrap_err()
+            .to_string()
             .contains("error -1: no"));
         let other = Ok(
             json!({"protocol_version": "1.0", "plugin": {"name": "q", "version": "1"}, "tasks": [{"name": "a"}]}),
         );
         assert!(check(other, &manifest())
             .unwrap_err()
+            .to_string()
             .contains("introduces itself as `q` but plugin.toml names it `p`"));
         let newer = Ok(
             json!({"protocol_version": "1.0", "plugin": {"name": "p", "version": "2"}, "tasks": [{"name": "a"}]}),

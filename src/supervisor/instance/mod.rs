@@ -25,7 +25,7 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, timeout, Instant};
 
-/// How long to wait for the stderr pump to catch up after the process died.
+/// How long to wait for the stderr reader to catch up after the process died.
 const STDERR_SETTLE: Duration = Duration::from_millis(250);
 
 /// A task handed to an instance, with where its events and its outcome go.

@@ -87,7 +87,7 @@ impl Instance {
     fn on_initialized(&mut self, reply: Result<Value, ErrorObject>) -> Step {
         let result = match crate::supervisor::handshake::check(reply, &self.spec.manifest) {
             Ok(r) => r,
-            Err(reason) => return Crash::incompatible(reason).into(),
+            Err(reason) => return Crash::incompatible(reason.to_string()).into(),
         };
         if let Some(warning) =
             crate::supervisor::handshake::version_mismatch(&result, &self.spec.manifest)

@@ -257,7 +257,7 @@ impl Pool {
                 }
                 _ = sleep_until(next_restart.unwrap_or_else(Instant::now)), if next_restart.is_some() => self.restart_due(),
             }
-            self.pump();
+            self.place_queued();
             self.publish();
             if self.state == PluginState::Stopped {
                 for w in self.stop_waiters.drain(..) {
@@ -358,7 +358,7 @@ impl Pool {
     }
 
     /// Hands queued tasks to ready instances with room, least loaded first.
-    fn pump(&mut self) {
+    fn place_queued(&mut self) {
         let limit = self.manifest.concurrency as usize;
         while !self.queue.is_empty() {
             let best = self

@@ -50,10 +50,9 @@ impl Pool {
         match self.retry_failed_at {
             Some((at, _)) => {
                 let left = at.saturating_duration_since(Instant::now()).as_secs();
+                let left = humantime::format_duration(std::time::Duration::from_secs(left));
                 format!(
-                    "next try in {}m {}s (`restart.failed_retry`; or `worker plugins restart {}`)",
-                    left / 60,
-                    left % 60,
+                    "next try in {left} (`restart.failed_retry`; or `worker plugins restart {}`)",
                     self.name()
                 )
             }
