@@ -2,7 +2,7 @@
 //! for the Celery worker (prefork -c 2 and threads), `worker` with the Rust SDK plugin and with
 //! the Python SDK plugin, and a raw lapin consume-reply-ack loop (the ceiling). Also each
 //! contender's memory. Run with `benches/run-amqp.sh` (builds first; needs RabbitMQ and the
-//! Celery venv, see .ci/run).
+//! Celery venv in `target/celery-venv`, which the broker tests create).
 //!
 //! Every contender consumes the same messages, published here in Celery's protocol v2 exactly
 //! as the Python client does, with reply_to = a queue this program counts SUCCESS replies on.
@@ -267,10 +267,10 @@ fn plugin_dir(root: &std::path::Path, name: &str, manifest: String) -> PathBuf {
 
 fn main() {
     let n = n_tasks();
-    let venv = repo().join(".venv/bin");
+    let venv = repo().join("target/celery-venv/bin");
     assert!(
         venv.join("celery").exists(),
-        "needs the Celery venv: see .ci/run"
+        "needs the Celery venv in target/celery-venv: `cargo test --test amqp` creates it (or: /usr/bin/python3 -m venv target/celery-venv && target/celery-venv/bin/pip install 'celery>=5.4,<6')"
     );
     let worker_bin = repo().join("target/release/worker");
     let rust_plugin = repo().join("target/release/examples/rust-echo");

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # AMQP benchmark: Celery worker vs `worker` vs a raw lapin loop on the same RabbitMQ.
-# Needs RabbitMQ on 127.0.0.1:5672 and the Celery venv (.ci/run prepares both).
+# Needs RabbitMQ on 127.0.0.1:5672 and the Celery venv in target/celery-venv (the broker tests
+# prepare both: `cargo test --test amqp`).
 # BENCH_N sets the number of tasks (default 20000).
 set -euo pipefail
 cd "$(dirname "$0")/.."

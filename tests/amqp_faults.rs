@@ -142,6 +142,7 @@ fn ambiguous_ids(log: &[String]) -> HashSet<String> {
 }
 
 #[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
 fn amqp_connection_drops_leave_exactly_one_final_state_per_task_in_the_raw_reply_queue() {
     const TASKS: usize = 2000;
     const DROPS: usize = 5;
@@ -283,6 +284,7 @@ async fn first_message(queue: &str, limit: Duration) -> Value {
 }
 
 #[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
 fn amqp_a_result_is_retried_until_its_reply_queue_exists_then_given_up_after_the_timeout() {
     let (lane, root, plugins) = setup!("amqp_reply_queue_missing");
     faulty_plugin(&plugins, "faulty", &[], "", "");
@@ -329,6 +331,7 @@ fn amqp_a_result_is_retried_until_its_reply_queue_exists_then_given_up_after_the
 }
 
 #[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
 fn amqp_the_first_reconnect_is_immediate() {
     let (lane, root, plugins) = setup!("amqp_reconnect_at_once");
     faulty_plugin(&plugins, "faulty", &[], "", "");

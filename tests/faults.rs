@@ -19,8 +19,8 @@ async fn a_string_id_is_a_protocol_violation_that_says_how_to_fix_it() {
     let h = Harness::start(&[faulty_plugin(root.path(), "faulty", &[], "", "")]);
     h.ready().await;
     // Before: the response was ignored and the task waited forever.
-    let (outcome, _) = h.run("f.string_id", vec![]).await;
-    let f = failure(&outcome);
+    let f = h.fails("f.string_id", vec![]).await;
+    let f = &f;
     assert_eq!(
         (f.exc_type.as_str(), f.kind),
         (
@@ -45,7 +45,7 @@ async fn a_string_id_is_a_protocol_violation_that_says_how_to_fix_it() {
         .as_deref()
         .unwrap()
         .contains("broke the protocol"));
-    success(&h.run("f.ok", vec![]).await.0);
+    h.ok("f.ok", vec![]).await;
     h.stop().await;
 }
 
@@ -55,8 +55,7 @@ async fn invalid_utf8_in_a_response_is_decoded_lossily() {
     let h = Harness::start(&[faulty_plugin(root.path(), "faulty", &[], "", "")]);
     h.ready().await;
     // Before: the line counted as garbage and the task waited forever.
-    let (outcome, _) = h.run("f.bad_utf8", vec![]).await;
-    assert_eq!(success(&outcome), &json!("caf\u{FFFD}("));
+    assert_eq!(&h.ok("f.bad_utf8", vec![]).await, &json!("caf\u{FFFD}("));
     assert_eq!(h.status("faulty").await.instances[0].stray_stdout_lines, 0);
     h.stop().await;
 }
@@ -71,13 +70,10 @@ async fn nothing_written_after_an_over_long_line_is_accepted() {
     h.ready().await;
     // The answer right behind the violation must never become the task's result.
     for _ in 0..5 {
-        let (outcome, _) = h.run("f.huge_then_answer", vec![json!(200_000)]).await;
-        let f = failure(&outcome);
+        let f = h.fails("f.huge_then_answer", vec![json!(200_000)]).await;
+        let f = &f;
         assert!(f.message.contains("broke the protocol"), "{}", f.message);
-        h.wait_status("faulty", "ready again", |s| {
-            s.instances[0].state == InstanceState::Ready
-        })
-        .await;
+        h.wait_all_ready("faulty").await;
     }
     h.stop().await;
 }
@@ -89,8 +85,10 @@ async fn a_blocking_plugin_runs_a_task_longer_than_the_default_ping_deadline() {
     // runs a task used to be killed as hung about 15 s in.
     let h = Harness::start(&[faulty_plugin(root.path(), "faulty", &[], "", "")]);
     h.ready().await;
-    let (outcome, _) = h.run("f.block", vec![json!(20.0)]).await;
-    assert_eq!(success(&outcome), &json!("unblocked"));
+    assert_eq!(
+        &h.ok("f.block", vec![json!(20.0)]).await,
+        &json!("unblocked")
+    );
     let s = h.status("faulty").await;
     assert_eq!(s.instances[0].restarts, 0);
     h.stop().await;
@@ -112,7 +110,7 @@ async fn busy_pings_apply_only_to_plugins_that_declare_them() {
     h.ready().await;
     // Not declared: never pinged while busy, so a task 10 ping deadlines long ends well.
     assert_eq!(
-        success(&h.run("f.block", vec![json!(5.0)]).await.0),
+        &h.ok("f.block", vec![json!(5.0)]).await,
         &json!("unblocked")
     );
     assert_eq!(h.status("quiet").await.instances[0].restarts, 0);
@@ -121,8 +119,8 @@ async fn busy_pings_apply_only_to_plugins_that_declare_them() {
     // Declared: held to it, so the same blocking task is caught as hung.
     let h = Harness::start(&[busy]);
     h.ready().await;
-    let (outcome, _) = h.run("f.block", vec![json!(5.0)]).await;
-    let f = failure(&outcome);
+    let f = h.fails("f.block", vec![json!(5.0)]).await;
+    let f = &f;
     assert!(
         f.message.contains("failed its health ping"),
         "{}",
@@ -167,15 +165,12 @@ async fn a_crash_report_quotes_only_the_crashed_process_stderr() {
     let dir = faulty_plugin(root.path(), "faulty", &[], "max_attempts = 1", "");
     let h = Harness::start(&[dir]);
     h.ready().await;
-    success(&h.run("f.stderr", vec![json!(2)]).await.0);
-    let first = failure(&h.run("f.exit", vec![json!(4)]).await.0).clone();
+    h.ok("f.stderr", vec![json!(2)]).await;
+    let first = h.fails("f.exit", vec![json!(4)]).await;
     assert!(first.message.contains("stderr line 1"), "{}", first.message);
-    h.wait_status("faulty", "ready again", |s| {
-        s.instances[0].state == InstanceState::Ready
-    })
-    .await;
+    h.wait_all_ready("faulty").await;
     // The second process wrote nothing: its report must not borrow the first one's lines.
-    let second = failure(&h.run("f.exit", vec![json!(5)]).await.0).clone();
+    let second = h.fails("f.exit", vec![json!(5)]).await;
     assert!(second.message.contains("exited with status 5"));
     assert!(
         !second.message.contains("stderr line"),
@@ -203,8 +198,8 @@ async fn a_failed_plugin_is_tried_again_after_its_cool_down_on_restart_and_on_re
         |s: &worker::supervisor::status::PluginStatus| matches!(s.state, PluginState::Failed(_));
     let s = h.wait_status("faulty", "failed", failed).await;
     assert!(s.next_try_at.is_some(), "the next try is shown: {s:?}");
-    let (outcome, _) = h.run("f.ok", vec![]).await;
-    let f = failure(&outcome);
+    let f = h.fails("f.ok", vec![]).await;
+    let f = &f;
     assert_eq!(f.kind, FailureKind::PluginUnavailable);
     assert!(
         f.message.contains("refusing to start") && f.message.contains("next try in"),
@@ -218,7 +213,7 @@ async fn a_failed_plugin_is_tried_again_after_its_cool_down_on_restart_and_on_re
         s.state == PluginState::Running
     })
     .await;
-    success(&h.run("f.ok", vec![]).await.0);
+    h.ok("f.ok", vec![]).await;
 
     // 2. `plugins restart` (the pool's restart) brings it back at once, long before its
     //    cool-down.

@@ -138,9 +138,12 @@ fn upgrade_under_continuous_load_loses_nothing() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let results = rt.block_on(async move {
         let stop = tokio_util::sync::CancellationToken::new();
+        // Tasks done so far: the test waits on counts, not on time.
+        let (done_tx, mut done) = tokio::sync::watch::channel(0usize);
+        let done_tx = std::sync::Arc::new(done_tx);
         let mut loops = Vec::new();
         for _ in 0..4 {
-            let (socket, stop) = (socket.clone(), stop.clone());
+            let (socket, stop, done_tx) = (socket.clone(), stop.clone(), done_tx.clone());
             loops.push(tokio::spawn(async move {
                 let mut client = Client::connect(&socket).await.unwrap();
                 let mut seen = Vec::new();
@@ -151,11 +154,15 @@ fn upgrade_under_continuous_load_loses_nothing() {
                         .await
                         .unwrap();
                     seen.push((started, reply));
+                    done_tx.send_modify(|n| *n += 1);
                 }
                 seen
             }));
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let wait_done = Duration::from_secs(30);
+        within(wait_done, done.wait_for(|n| *n >= 100))
+            .await
+            .unwrap();
         set_version(&dir, "0.0.2", "UPGRADED = \"1\"\n");
         let reload_started = Instant::now();
         let out = tokio::task::spawn_blocking(move || output(&mut install_cmd))
@@ -169,7 +176,10 @@ fn upgrade_under_continuous_load_loses_nothing() {
                 && said.contains("faulty 0.0.2: updated from 0.0.1"),
             "{said}"
         );
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let target = *done.borrow() + 100;
+        within(wait_done, done.wait_for(|n| *n >= target))
+            .await
+            .unwrap();
         stop.cancel();
         let mut all = Vec::new();
         for l in loops {

@@ -17,8 +17,10 @@ async fn handshake_succeeds_and_tasks_run() {
     let root = tempfile::tempdir().unwrap();
     let h = Harness::start(&[faulty_plugin(root.path(), "faulty", &[], "", "")]);
     h.ready().await;
-    let (outcome, _) = h.run("f.ok", vec![json!(1), json!("two")]).await;
-    assert_eq!(success(&outcome), &json!([1, "two"]));
+    assert_eq!(
+        &h.ok("f.ok", vec![json!(1), json!("two")]).await,
+        &json!([1, "two"])
+    );
     let s = h.status("faulty").await;
     assert_eq!(s.state, PluginState::Running);
     assert_eq!(s.instances[0].state, InstanceState::Ready);
@@ -36,8 +38,8 @@ async fn failed_reason(env: &[(&str, &str)], tables: &str) -> String {
         .await;
     // A task for a failed plugin fails fast, naming the reason.
     let started = Instant::now();
-    let (outcome, _) = h.run("f.ok", vec![]).await;
-    let f = failure(&outcome);
+    let f = h.fails("f.ok", vec![]).await;
+    let f = &f;
     assert_eq!(f.kind, FailureKind::PluginUnavailable);
     assert!(started.elapsed() < Duration::from_secs(2));
     h.stop().await;
@@ -241,8 +243,8 @@ async fn crash_without_retries_fails_with_a_clear_error() {
         "",
     )]);
     h.ready().await;
-    let (outcome, _) = h.run("f.crash", vec![]).await;
-    let f = failure(&outcome);
+    let f = h.fails("f.crash", vec![]).await;
+    let f = &f;
     assert_eq!(f.kind, FailureKind::PluginCrashed);
     assert_eq!(f.exc_type, "PluginCrashed");
     for part in [
@@ -296,8 +298,8 @@ async fn poison_task_stops_at_the_attempt_limit() {
         "[restart]\nmax_restarts = 10\n",
     )]);
     h.ready().await;
-    let (outcome, _) = h.run("f.exit", vec![json!(9)]).await;
-    let f = failure(&outcome);
+    let f = h.fails("f.exit", vec![json!(9)]).await;
+    let f = &f;
     assert!(
         f.message.contains("exited with status 9") && f.message.contains("gave up after 3 attempt"),
         "{}",
@@ -324,12 +326,11 @@ async fn restart_storm_reaches_failed_state() {
     )]);
     h.ready().await;
     for _ in 0..4 {
-        h.wait_status("faulty", "ready", |s| {
-            s.instances[0].state == InstanceState::Ready
-        })
-        .await;
-        let (outcome, _) = h.run("f.crash", vec![]).await;
-        assert_eq!(failure(&outcome).kind, FailureKind::PluginCrashed);
+        h.wait_all_ready("faulty").await;
+        assert_eq!(
+            h.fails("f.crash", vec![]).await.kind,
+            FailureKind::PluginCrashed
+        );
     }
     let s = h
         .wait_status("faulty", "failed", |s| {
@@ -341,8 +342,10 @@ async fn restart_storm_reaches_failed_state() {
     };
     assert!(reason.contains("restarted 3 times within 60s"), "{reason}");
     assert_eq!(s.instances[0].state, InstanceState::Failed);
-    let (outcome, _) = h.run("f.ok", vec![]).await;
-    assert_eq!(failure(&outcome).kind, FailureKind::PluginUnavailable);
+    assert_eq!(
+        h.fails("f.ok", vec![]).await.kind,
+        FailureKind::PluginUnavailable
+    );
     h.stop().await;
 }
 
@@ -378,8 +381,7 @@ async fn non_json_stdout_is_logged_and_counted_never_fatal() {
         "",
     )]);
     h.ready().await;
-    let (outcome, _) = h.run("f.garbage", vec![]).await;
-    assert_eq!(success(&outcome), &json!("ok"));
+    assert_eq!(&h.ok("f.garbage", vec![]).await, &json!("ok"));
     let s = h.status("faulty").await;
     assert_eq!(s.instances[0].stray_stdout_lines, 3);
     assert_eq!(s.instances[0].restarts, 0);
@@ -394,8 +396,8 @@ async fn over_long_stdout_line_is_a_protocol_violation() {
     opts.max_line_bytes = 64 * 1024;
     let h = Harness::start_with(&[dir], opts);
     h.ready().await;
-    let (outcome, _) = h.run("f.huge", vec![json!(200_000)]).await;
-    let f = failure(&outcome);
+    let f = h.fails("f.huge", vec![json!(200_000)]).await;
+    let f = &f;
     assert!(
         f.message.contains("broke the protocol") && f.message.contains("65536"),
         "{}",
@@ -407,8 +409,7 @@ async fn over_long_stdout_line_is_a_protocol_violation() {
         })
         .await;
     assert_eq!(s.instances[0].restarts, 1);
-    let (outcome, _) = h.run("f.ok", vec![]).await;
-    success(&outcome);
+    h.ok("f.ok", vec![]).await;
     h.stop().await;
 }
 
@@ -468,8 +469,8 @@ async fn soft_time_limit_cancels_the_task() {
     )]);
     h.ready().await;
     let pid = h.status("faulty").await.instances[0].pid;
-    let (outcome, _) = h.run("f.sleep", vec![json!(30)]).await;
-    let f = failure(&outcome);
+    let f = h.fails("f.sleep", vec![json!(30)]).await;
+    let f = &f;
     assert_eq!(f.kind, FailureKind::SoftTimeLimit);
     assert_eq!(f.exc_type, "SoftTimeLimitExceeded");
     assert_eq!(
@@ -606,23 +607,24 @@ async fn task_errors_unknown_tasks_and_full_queues_are_explicit() {
         opts,
     );
     h.ready().await;
-    let (outcome, _) = h.run("f.raise", vec![json!(3)]).await;
-    let f = failure(&outcome);
+    let f = h.fails("f.raise", vec![json!(3)]).await;
+    let f = &f;
     assert_eq!(
         (f.exc_type.as_str(), f.kind),
         ("ValueError", FailureKind::Raised { retryable: false })
     );
     assert_eq!(f.message, "bad value: [3]");
-    let (outcome, _) = h.run("no.such.task", vec![]).await;
-    assert_eq!(failure(&outcome).kind, FailureKind::NotRegistered);
+    assert_eq!(
+        h.fails("no.such.task", vec![]).await.kind,
+        FailureKind::NotRegistered
+    );
 
     let (running, t1) = h.spawn("f.sleep", vec![json!(30)]);
     h.wait_status("faulty", "running", |s| s.instances[0].in_flight == 1)
         .await;
     let (queued, t2) = h.spawn("f.ok", vec![]);
     h.wait_status("faulty", "queued", |s| s.queued == 1).await;
-    let (outcome, _) = h.run("f.ok", vec![]).await;
-    assert_eq!(failure(&outcome).kind, FailureKind::QueueFull);
+    assert_eq!(h.fails("f.ok", vec![]).await.kind, FailureKind::QueueFull);
     h.dispatcher.cancel(&running, "done").await;
     t1.await.unwrap();
     success(&t2.await.unwrap());
@@ -650,6 +652,8 @@ async fn stop_drains_in_flight_tasks_within_grace() {
         &json!("slept"),
         "shutdown lets the task finish"
     );
-    let (outcome, _) = h.run("f.ok", vec![]).await;
-    assert_eq!(failure(&outcome).kind, FailureKind::PluginUnavailable);
+    assert_eq!(
+        h.fails("f.ok", vec![]).await.kind,
+        FailureKind::PluginUnavailable
+    );
 }

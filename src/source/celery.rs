@@ -1,6 +1,7 @@
 //! Celery's wire format, as pure functions: task messages (protocol v2, and v1 bodies) in,
 //! rpc:// result bodies out. No AMQP client types here: headers arrive as JSON, so every rule
-//! is unit-tested (see ../shared/reference/celery-wire.md for the facts these follow).
+//! is unit-tested. The facts these follow come from Celery's and kombu's sources
+//! (`celery/app/amqp.py`, `celery/backends/rpc.py`, `kombu/messaging.py`).
 
 use crate::task::{Failure, FailureKind};
 use serde_json::{json, Map, Value};

@@ -9,28 +9,105 @@ use std::time::Duration;
 
 pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672//";
 
-/// The venv's Python, if the broker and the Celery client are both there.
-pub fn requirements(test: &str) -> Option<PathBuf> {
-    let python = repo().join(".venv/bin/python");
-    let broker_up =
-        TcpStream::connect_timeout(&"127.0.0.1:5672".parse().unwrap(), Duration::from_secs(2))
-            .is_ok();
-    let celery = python.exists()
-        && Command::new(&python)
-            .args(["-c", "import celery"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-    let missing = match (broker_up, celery) {
-        (true, true) => return Some(python),
-        (false, _) => "RabbitMQ at 127.0.0.1:5672 (start it: rabbitmq-server -detached)",
-        (true, false) => "the Celery client venv (create it: python3 -m venv .venv && .venv/bin/pip install 'celery>=5.4,<6')",
-    };
-    if std::env::var_os("CI").is_some() {
-        panic!("{test} needs {missing}");
+/// The real Celery client's venv, created on first use.
+pub fn celery_venv() -> PathBuf {
+    repo().join("target/celery-venv")
+}
+
+/// Holds an exclusive lock on `target/<name>.lock` while preparing something shared by test
+/// threads and test processes.
+fn prepare_lock(name: &str) -> nix::fcntl::Flock<std::fs::File> {
+    let dir = repo().join("target");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!("{name}.lock")))
+        .unwrap();
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("lock for test preparation")
+}
+
+fn broker_up() -> bool {
+    TcpStream::connect_timeout(&"127.0.0.1:5672".parse().unwrap(), Duration::from_secs(2)).is_ok()
+}
+
+/// RabbitMQ on 127.0.0.1:5672: started if it is installed and stopped.
+fn ensure_broker(test: &str) {
+    if broker_up() {
+        return;
     }
-    eprintln!("SKIPPED {test}: needs {missing}");
-    None
+    let _lock = prepare_lock("rabbitmq");
+    if broker_up() {
+        return;
+    }
+    let started = Command::new("rabbitmq-server").arg("-detached").status();
+    if !started.is_ok_and(|s| s.success()) {
+        panic!(
+            "{test} needs RabbitMQ on 127.0.0.1:5672 and could not start it: install it \
+             (apt-get install rabbitmq-server) and start it (rabbitmq-server -detached), or set \
+             WORKER_TESTS_WITHOUT_BROKER=1 to skip the broker tests"
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !broker_up() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{test}: RabbitMQ did not come up within 90 s of `rabbitmq-server -detached`"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = Command::new("rabbitmqctl").arg("await_startup").status();
+}
+
+fn has_celery(python: &Path) -> bool {
+    Command::new(python)
+        .args(["-c", "import celery"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The venv's Python with the real Celery client, created in `target/celery-venv` if missing.
+fn ensure_celery(test: &str) -> PathBuf {
+    let python = celery_venv().join("bin/python");
+    if has_celery(&python) {
+        return python;
+    }
+    let _lock = prepare_lock("celery-venv");
+    if has_celery(&python) {
+        return python;
+    }
+    let venv = celery_venv();
+    let fix = format!(
+        "/usr/bin/python3 -m venv {v} && {v}/bin/pip install 'celery>=5.4,<6'",
+        v = venv.display()
+    );
+    let created = Command::new("/usr/bin/python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "celery>=5.4,<6"])
+            .status()
+            .is_ok_and(|s| s.success());
+    assert!(
+        created && has_celery(&python),
+        "{test} needs the real Celery client and could not install it; run: {fix} (Debian's \
+         python3-venv provides venv), or set WORKER_TESTS_WITHOUT_BROKER=1 to skip the broker tests"
+    );
+    python
+}
+
+/// What every broker test needs: RabbitMQ running and the Celery client's Python. Prepared on
+/// first use; what cannot be prepared fails the test with the command that fixes it. (With
+/// `WORKER_TESTS_WITHOUT_BROKER=1` these tests are compiled as ignored instead.)
+pub fn requirements(test: &str) -> PathBuf {
+    ensure_broker(test);
+    ensure_celery(test)
 }
 
 /// A test's own queue and node name, so tests never see each other's messages; the queue and
@@ -122,9 +199,7 @@ pub fn fib_plugin(root: &Path) {
 #[macro_export]
 macro_rules! setup {
     ($test:literal) => {{
-        let Some(python) = common::broker::requirements($test) else {
-            return;
-        };
+        let python = common::broker::requirements($test);
         let root = tempfile::tempdir().unwrap();
         let plugins = root.path().join("plugins");
         std::fs::create_dir_all(&plugins).unwrap();

@@ -150,6 +150,26 @@ impl Harness {
         (outcome, events)
     }
 
+    /// Runs a task that must succeed; its result.
+    pub async fn ok(&self, name: &str, args: Vec<Value>) -> Value {
+        success(&self.run(name, args).await.0).clone()
+    }
+
+    /// Runs a task that must fail; its failure.
+    pub async fn fails(&self, name: &str, args: Vec<Value>) -> worker::task::Failure {
+        failure(&self.run(name, args).await.0).clone()
+    }
+
+    /// Waits until every instance of `plugin` is ready (again, after a crash or restart).
+    pub async fn wait_all_ready(&self, plugin: &str) -> PluginStatus {
+        self.wait_status(plugin, "every instance ready", |s| {
+            s.instances
+                .iter()
+                .all(|i| i.state == worker::supervisor::status::InstanceState::Ready)
+        })
+        .await
+    }
+
     /// Starts a task in the background.
     pub fn spawn(
         &self,
@@ -305,6 +325,8 @@ pub struct Daemon {
     pub state: PathBuf,
     log: std_mpsc::Receiver<String>,
     pub seen: Vec<String>,
+    /// Log lines taken while waiting in `&self` methods, not yet moved to `seen`.
+    taken: std::cell::RefCell<Vec<String>>,
 }
 
 impl Daemon {
@@ -359,6 +381,7 @@ impl Daemon {
             state: state.into(),
             log,
             seen: Vec::new(),
+            taken: Default::default(),
         };
         d.wait_log("serving");
         d
@@ -370,6 +393,7 @@ impl Daemon {
 
     /// Waits for a line containing `needle` among the lines from the `start`-th on.
     pub fn wait_log_from(&mut self, start: usize, needle: &str) -> String {
+        self.seen.append(&mut self.taken.borrow_mut());
         if let Some(l) = self.seen.iter().skip(start).find(|l| l.contains(needle)) {
             return l.clone();
         }
@@ -393,6 +417,7 @@ impl Daemon {
 
     /// Every log line so far (including those not yet read by `wait_log`).
     pub fn drain_log(&mut self) -> Vec<String> {
+        self.seen.append(&mut self.taken.borrow_mut());
         while let Ok(line) = self.log.try_recv() {
             self.seen.push(line);
         }
@@ -429,6 +454,11 @@ impl Daemon {
                 Instant::now() < deadline,
                 "timed out waiting for {what}: {doc:#}"
             );
+            // State changes log a line: wake on the next one (or look again after 50 ms)
+            // rather than spawning `plugins list` back to back.
+            if let Ok(line) = self.log.recv_timeout(Duration::from_millis(50)) {
+                self.taken.borrow_mut().push(line);
+            }
         }
     }
 
