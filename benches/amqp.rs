@@ -286,7 +286,7 @@ fn main() {
     let rust_dir = plugin_dir(
         &tmp.path().join("rust"),
         "rust-echo",
-        format!("name = \"rust-echo\"\nversion = \"1\"\ncommand = [{:?}]\ninstances = {}\nconcurrency = {}\n[[tasks]]\nname = \"rust.noop\"\n[[tasks]]\nname = \"rust.echo\"\n[[tasks]]\nname = \"rust.count\"\n", rust_plugin.display().to_string(), env_or("BENCH_RUST_INSTANCES", 2), env_or("BENCH_RUST_CONCURRENCY", 16)),
+        format!("name = \"rust-echo\"\nversion = \"1\"\ncommand = [{:?}]\ninstances = {}\nconcurrency = {}\n[[tasks]]\nname = \"rust.noop\"\n[[tasks]]\nname = \"rust.echo\"\n[[tasks]]\nname = \"rust.count\"\n[[tasks]]\nname = \"rust.flood\"\n", rust_plugin.display().to_string(), env_or("BENCH_RUST_INSTANCES", 2), env_or("BENCH_RUST_CONCURRENCY", 16)),
     );
     let py_dir = plugin_dir(
         &tmp.path().join("py"),

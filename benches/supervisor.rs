@@ -332,7 +332,7 @@ fn main() {
         "rust-echo",
         &[rust_bin().display().to_string()],
         "",
-        &["rust.noop", "rust.echo", "rust.count"],
+        &["rust.noop", "rust.echo", "rust.count", "rust.flood"],
     );
     let py = manifest(
         root.path(),

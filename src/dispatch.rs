@@ -99,8 +99,8 @@ pub struct Dispatcher {
 /// A task between submit and outcome.
 #[derive(Debug)]
 struct Active {
-    name: String,
-    submitter: String,
+    /// Shared with every attempt: its name and submitter are listed from here.
+    request: Arc<TaskRequest>,
     since: Instant,
     attempt: u32,
     /// The pool of the current attempt: where a cancel goes.
@@ -212,11 +212,11 @@ impl Dispatcher {
 
     /// Runs `request` to its end, through reruns. Events go to `events` as they come.
     async fn run_to_end(&self, request: TaskRequest, events: mpsc::Sender<TaskEvent>) -> Outcome {
+        let request = Arc::new(request);
         let _guard = match self.admit(&request) {
             Ok(guard) => guard,
             Err(refused) => return refused,
         };
-        let request = Arc::new(request);
         let (mut attempt, mut refusals) = (1, 0);
         loop {
             // Looked up on every attempt: a reload may have replaced the plugin meanwhile.
@@ -247,7 +247,7 @@ impl Dispatcher {
     }
 
     /// Admits a task: refused while stopping, for an unknown name or a duplicate id.
-    fn admit(&self, request: &TaskRequest) -> Result<ActiveGuard<'_>, Outcome> {
+    fn admit(&self, request: &Arc<TaskRequest>) -> Result<ActiveGuard<'_>, Outcome> {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(Outcome::Failure(Failure::shutting_down()));
         }
@@ -267,8 +267,7 @@ impl Dispatcher {
             )));
         }
         let entry = Active {
-            name: request.name.clone(),
-            submitter: request.submitter.clone(),
+            request: request.clone(),
             since: Instant::now(),
             attempt: 1,
             pool: None,
@@ -344,19 +343,19 @@ impl Dispatcher {
                     let at = placed.get(id);
                     let plugin = at.map(|(p, _, _)| p.clone()).or_else(|| {
                         self.supervisor
-                            .route(&a.name)
+                            .route(&a.request.name)
                             .map(|p| p.manifest().name.clone())
                     });
                     TaskListing {
                         task_id: id.clone(),
-                        task: a.name.clone(),
+                        task: a.request.name.clone(),
                         plugin,
                         instance: at.map(|(_, i, _)| *i),
                         pid: at.and_then(|(_, _, pid)| *pid),
                         attempt: a.attempt,
                         state: if at.is_some() { "running" } else { "queued" }.into(),
                         age_secs: a.since.elapsed().as_secs_f64(),
-                        submitter: a.submitter.clone(),
+                        submitter: a.request.submitter.clone(),
                     }
                 })
                 .collect()

@@ -40,8 +40,12 @@ pub struct Job {
 
 impl Job {
     pub fn finish(self, outcome: Outcome) {
+        // The event sender goes first: once the outcome is visible, this attempt's events are
+        // all in the channel and it is closed, so the submitter needs no second wake-up.
+        let Job { events, reply, .. } = self;
+        drop(events);
         // The submitter may have gone away (e.g. its connection closed); nothing to do then.
-        let _ = self.reply.send(outcome);
+        let _ = reply.send(outcome);
     }
 }
 
