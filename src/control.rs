@@ -79,16 +79,16 @@ pub struct StatusReport {
     pub plugins: Vec<PluginStatus>,
 }
 
-/// Binds the socket, replacing a stale file but never a live worker's socket.
+/// Binds the socket in a private directory (see [`crate::socket`]), replacing a stale file but
+/// never a live worker's socket.
 pub async fn bind(path: &Path) -> io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir)?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        }
+    let invalid = |e: crate::socket::SocketError| {
+        io::Error::new(io::ErrorKind::PermissionDenied, e.to_string())
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::socket::prepare_dir(dir).map_err(invalid)?;
     }
-    if path.exists() {
+    if std::fs::symlink_metadata(path).is_ok() {
         if UnixStream::connect(path).await.is_ok() {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
@@ -100,10 +100,9 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    let listener = crate::socket::bind_private(path).map_err(invalid)?;
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
 }
 
 /// `plugins.reload {wait: true}` answers only once replaced and removed plugins have stopped.
@@ -423,6 +422,8 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(path: &Path) -> io::Result<Client> {
+        crate::socket::check_owner(path)
+            .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
         let stream = UnixStream::connect(path).await.map_err(|e| {
             io::Error::new(
                 e.kind(),

@@ -25,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 pub enum DaemonError {
     #[error(transparent)]
     Plugins(#[from] crate::install::registry::RecordError),
-    #[error("cannot serve the control socket {path}: {source}")]
+    #[error("cannot serve the control socket {path}: {cause}")]
     Socket {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -104,9 +104,9 @@ impl Daemon {
         let listener =
             control::bind(&config.socket)
                 .await
-                .map_err(|source| DaemonError::Socket {
+                .map_err(|cause| DaemonError::Socket {
                     path: config.socket.clone(),
-                    source,
+                    cause,
                 })?;
         let names: Vec<String> = plugins.iter().map(|m| m.name.clone()).collect();
         let supervisor = Arc::new(Supervisor::start(plugins, pool_options(&config)));

@@ -15,6 +15,7 @@ pub mod install;
 pub mod manifest;
 pub mod probe;
 pub mod reload;
+pub mod socket;
 pub mod source;
 pub mod supervisor;
 pub mod task;

@@ -35,10 +35,10 @@ pub struct Session {
 /// What went wrong talking to a plugin directly.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("could not start `{program}`: {source}")]
+    #[error("could not start `{program}`: {cause}")]
     Start {
         program: std::path::PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("cannot write to the plugin: {0}")]
     Write(std::io::Error),
@@ -68,9 +68,9 @@ pub enum ProbeError {
 impl Session {
     /// Starts instance 0 of the plugin.
     pub fn start(m: &Manifest, max_line_bytes: usize) -> Result<Session, ProbeError> {
-        let mut child = process::spawn(m, 0).map_err(|source| ProbeError::Start {
+        let mut child = process::spawn(m, 0).map_err(|cause| ProbeError::Start {
             program: m.program(),
-            source,
+            cause,
         })?;
         let pid = child.id().unwrap_or(0);
         let stderr = StderrTail::default();

@@ -210,3 +210,69 @@ fn one_connection_carries_many_submits_and_each_accepted_names_its_request() {
     assert_eq!(results["7"], "slept");
     assert_eq!(results["\"eight\""], serde_json::json!([8]));
 }
+
+/// Makes `path` belong to another user (nobody), as an attacker's file would.
+fn give_away(path: &std::path::Path) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test plants files owned by another user: run it as root (CI does)"
+    );
+    let nobody = nix::unistd::Uid::from_raw(65534);
+    nix::unistd::chown(path, Some(nobody), None).unwrap();
+}
+
+#[test]
+fn serve_refuses_a_socket_directory_it_does_not_own_or_that_others_can_enter() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let serve = |dir: &std::path::Path| {
+        let out = output(
+            worker()
+                .args(["serve", "--plugins"])
+                .arg(&plugins)
+                .arg("--socket")
+                .arg(dir.join("w.sock")),
+        );
+        (out.status.success(), text(&out.stderr))
+    };
+    let open = root.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (ok, said) = serve(&open);
+    assert!(
+        !ok && said.contains("mode is 777") && said.contains("chmod 700"),
+        "{said}"
+    );
+    assert!(!open.join("w.sock").exists());
+
+    let planted = root.path().join("planted");
+    std::fs::create_dir(&planted).unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o700)).unwrap();
+    give_away(&planted);
+    let (ok, said) = serve(&planted);
+    assert!(!ok && said.contains("owned by uid 65534"), "{said}");
+}
+
+#[test]
+fn the_cli_refuses_a_socket_owned_by_another_user() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join("fake.sock");
+    // Someone else's listener, pretending to be the worker.
+    let fake = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    fake.set_nonblocking(true).unwrap();
+    give_away(&path);
+    let out = output(
+        worker()
+            .args(["task", "run", "f.ok", "secret", "--socket"])
+            .arg(&path),
+    );
+    assert!(!out.status.success());
+    let said = text(&out.stderr);
+    assert!(said.contains("owned by uid 65534, not by you"), "{said}");
+    assert!(
+        matches!(fake.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the CLI never connected, so nothing was sent to the impostor"
+    );
+}

@@ -67,12 +67,12 @@ impl Record {
 /// Why the install record could not be read; each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("cannot read the install record {}: {source}", path.display())]
-    Read { path: PathBuf, source: io::Error },
-    #[error("the install record {} is not valid ({source}); restore it from a backup or remove it and reinstall", path.display())]
+    #[error("cannot read the install record {}: {cause}", path.display())]
+    Read { path: PathBuf, cause: io::Error },
+    #[error("the install record {} is not valid ({cause}); restore it from a backup or remove it and reinstall", path.display())]
     Invalid {
         path: PathBuf,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
 }
 
@@ -112,9 +112,9 @@ impl StateDir {
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Record::default()),
-            Err(source) => return Err(RecordError::Read { path, source }),
+            Err(cause) => return Err(RecordError::Read { path, cause }),
         };
-        serde_json::from_str(&text).map_err(|source| RecordError::Invalid { path, source })
+        serde_json::from_str(&text).map_err(|cause| RecordError::Invalid { path, cause })
     }
 
     /// Replaces the record atomically.
