@@ -34,9 +34,6 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Lines a connection may have waiting to be written to its client.
 const OUTBOX_LINES: usize = 64;
 
-/// Longest time limit a client may ask for (30 days); larger values are ignored.
-const MAX_TIME_LIMIT_SECS: f64 = 30.0 * 24.0 * 3600.0;
-
 /// Control requests are small; task arguments can be large, so allow what plugins allow.
 const MAX_REQUEST_BYTES: usize = plugin_protocol::DEFAULT_MAX_LINE_BYTES;
 
@@ -341,16 +338,19 @@ async fn restart(params: Value, dispatcher: &Dispatcher) -> Result<Value, ErrorO
 async fn submit(params: Value, request_id: &Id, ctx: &Context) -> Result<Value, ErrorObject> {
     let p: SubmitParams = serde_json::from_value(params)
         .map_err(|e| ErrorObject::new(code::INVALID_PARAMS, e.to_string()))?;
-    let secs = |s: Option<f64>| {
-        s.filter(|s| s.is_finite() && *s > 0.0 && *s <= MAX_TIME_LIMIT_SECS)
-            .map(Duration::from_secs_f64)
+    let secs = |field: &str, s: Option<f64>| {
+        s.map(|s| crate::task::time_limit(field, s))
+            .transpose()
+            .map_err(|e| ErrorObject::new(code::INVALID_PARAMS, e))
     };
+    let soft = secs("soft_time_limit", p.soft_time_limit)?;
+    let hard = secs("hard_time_limit", p.hard_time_limit)?;
     let mut request = TaskRequest::new(p.name, p.args, p.kwargs);
     if let Some(id) = p.id {
         request.id = id;
     }
-    request.soft_time_limit = secs(p.soft_time_limit);
-    request.hard_time_limit = secs(p.hard_time_limit);
+    request.soft_time_limit = soft;
+    request.hard_time_limit = hard;
     request.submitter = ctx.submitter.clone();
     let task_id = request.id.clone();
     // `request` is the submit's own JSON-RPC id, so a client with many submits in flight on one

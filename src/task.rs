@@ -33,6 +33,26 @@ impl TaskRequest {
     }
 }
 
+/// Longest duration any input may set (30 days): bounded so no deadline arithmetic can overflow.
+pub const MAX_DURATION_SECS: f64 = 30.0 * 24.0 * 3600.0;
+
+/// A duration given in seconds by a peer, checked: finite, above zero, at most 30 days. The
+/// error names the field and the allowed range.
+pub fn time_limit(field: &str, secs: f64) -> Result<Duration, String> {
+    if secs.is_finite() && secs > 0.0 && secs <= MAX_DURATION_SECS {
+        Ok(Duration::from_secs_f64(secs))
+    } else {
+        // Huge values print as 1e308, not 309 digits.
+        let shown = match secs.abs() >= 1e9 {
+            true => format!("{secs:e}"),
+            false => format!("{secs}"),
+        };
+        Err(format!(
+            "`{field}` is {shown}; it must be a number of seconds above 0 and at most {MAX_DURATION_SECS} (30 days)"
+        ))
+    }
+}
+
 /// A fresh task id: a random UUID (version 4), as Celery's own ids are.
 pub fn new_task_id() -> String {
     uuid::Uuid::new_v4().to_string()
@@ -209,6 +229,25 @@ impl std::fmt::Display for Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_limits_are_bounded_and_say_so() {
+        assert_eq!(time_limit("t", 1.5), Ok(Duration::from_millis(1500)));
+        for bad in [
+            0.0,
+            -1.0,
+            1e300,
+            f64::INFINITY,
+            f64::NAN,
+            MAX_DURATION_SECS * 2.0,
+        ] {
+            let e = time_limit("hard_time_limit", bad).unwrap_err();
+            assert!(
+                e.contains("`hard_time_limit`") && e.contains("30 days"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn task_ids_look_like_uuids_and_differ() {

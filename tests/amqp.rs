@@ -264,7 +264,7 @@ fn amqp_garbage_messages_are_rejected_and_the_worker_keeps_serving() {
     let (lane, root, plugins) = setup!("amqp_garbage");
     fib_plugin(&plugins);
     let mut w = lane.worker(&plugins, &root.path().join("w.sock"));
-    assert_eq!(lane.run(&["garbage"]), json!({"ok": 6}));
+    assert_eq!(lane.run(&["garbage"]), json!({"ok": 7}));
     let reasons = [
         "body is not JSON: expected ident",
         "v1 body: `task` must be a string",
@@ -272,6 +272,7 @@ fn amqp_garbage_messages_are_rejected_and_the_worker_keeps_serving() {
         "header `task` must be a string",
         "content type `application/x-python-serialize` is not supported",
         "bytes=8388611",
+        "`timelimit` is 1e300",
     ];
     for reason in reasons {
         let line = w.wait_log(reason);

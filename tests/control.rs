@@ -276,3 +276,51 @@ fn the_cli_refuses_a_socket_owned_by_another_user() {
         "the CLI never connected, so nothing was sent to the impostor"
     );
 }
+
+#[test]
+fn out_of_range_numbers_get_a_clear_error_and_crash_nothing() {
+    use std::io::{BufRead, BufReader, Write};
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let d = Daemon::start(&plugins, &root.path().join("w.sock"));
+    // Over the control socket: the handler answers, naming the field and the range.
+    let mut conn = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    conn.write_all(br#"{"jsonrpc":"2.0","id":1,"method":"task.submit","params":{"name":"f.ok","hard_time_limit":1e308}}"#)
+        .unwrap();
+    conn.write_all(b"\n").unwrap();
+    let line = BufReader::new(&conn).lines().next().unwrap().unwrap();
+    let reply: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(reply["error"]["code"], -32602, "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`hard_time_limit` is 1e308") && message.contains("30 days"),
+        "{message}"
+    );
+    let out = output(&mut d.cli(&["task", "run", "f.ok", "1"]));
+    assert!(
+        out.status.success(),
+        "the daemon still serves: {}",
+        text(&out.stderr)
+    );
+
+    // In one plugin's manifest: that plugin is reported broken, the others still list and run.
+    let other = root.path().join("more");
+    faulty_plugin(&other, "huge", &[], "", "[timeouts]\ntask_hard = 1e300\n");
+    rust_plugin(&other, "");
+    let out = output(worker().args(["plugins", "list", "--plugins"]).arg(&other));
+    let listed = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        listed.contains("BROKEN") && listed.contains("timeouts.task_hard"),
+        "{listed}"
+    );
+    let out = output(
+        worker()
+            .args(["run", "rust.echo", "1", "--plugins"])
+            .arg(&other),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

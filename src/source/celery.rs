@@ -163,8 +163,11 @@ fn time_limits(v: Option<&Value>) -> Result<(Option<Duration>, Option<Duration>)
         match v {
             None | Some(Value::Null) => Ok(None),
             Some(v) => match v.as_f64() {
-                Some(s) if s > 0.0 && s.is_finite() => Ok(Some(Duration::from_secs_f64(s))),
-                Some(_) => Ok(None),
+                // Zero or negative means "no limit" to Celery.
+                Some(s) if s <= 0.0 => Ok(None),
+                Some(s) => crate::task::time_limit("timelimit", s)
+                    .map(Some)
+                    .map_err(shape),
                 None => Err(shape("`timelimit` entries must be numbers or null")),
             },
         }

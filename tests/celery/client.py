@@ -108,7 +108,8 @@ def main():
             raw(b'[[1], {}, {}]', headers={"task": 42, "id": "garbage-2"})
             raw(b'\x80\x04\x95', headers={"task": "fibonacci", "id": "garbage-3"}, content_type="application/x-python-serialize")
             raw(b'["' + b"x" * (8 * 1024 * 1024) + b'"', headers={"task": "fibonacci", "id": "garbage-4"})
-        print(json.dumps({"ok": 6}), flush=True)
+            raw(b'[[10], {}, {}]', headers={"task": "fibonacci", "id": "garbage-5", "timelimit": [1e300, None]})
+        print(json.dumps({"ok": 7}), flush=True)
     else:
         sys.exit("unknown command %s" % command)
 
