@@ -31,6 +31,9 @@ const MAX_CONNECTIONS: usize = 256;
 /// Wait after a failed accept (e.g. no file descriptors left) before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Requests one connection may have in flight at once (tasks included); more wait unread.
+const REQUESTS_PER_CONNECTION: usize = 256;
+
 /// Lines a connection may have waiting to be written to its client.
 const OUTBOX_LINES: usize = 64;
 
@@ -201,6 +204,8 @@ async fn connection(
         attached: Arc::default(),
     };
     let requests = TaskTracker::new();
+    // A client that pipelines requests without reading answers waits here, not in our memory.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(REQUESTS_PER_CONNECTION));
     let mut frames = FramedReader::new(read, MAX_REQUEST_BYTES);
     loop {
         let frame = tokio::select! {
@@ -217,7 +222,13 @@ async fn connection(
         };
         match request_of(frame) {
             Ok(req) => {
-                requests.spawn(handle(req, ctx.clone()));
+                let permit = in_flight.clone().acquire_owned().await;
+                let permit = permit.expect("the semaphore is never closed");
+                let ctx = ctx.clone();
+                requests.spawn(async move {
+                    handle(req, ctx).await;
+                    drop(permit);
+                });
             }
             Err(None) => {}
             Err(Some(err)) => {

@@ -237,11 +237,12 @@ fn parse(line: &[u8]) -> StdoutEvent {
     }
 }
 
-/// Writes queued lines to stdin, flushing once per batch of whatever is ready. The queue is
-/// unbounded on purpose: what goes into it is bounded by the instance's concurrency (one
-/// `task.run` per in-flight task, plus control messages), and the actor must never block on it.
-pub fn spawn_writer(stdin: ChildStdin) -> (mpsc::UnboundedSender<Vec<u8>>, JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+/// Writes queued lines to stdin, flushing once per batch of whatever is ready. The queue holds
+/// `capacity` lines: the worker sends at most one `task.run` per in-flight task plus a few
+/// control messages, so a full queue means the plugin stopped reading its stdin (its instance
+/// then ends as a protocol violation instead of the worker buffering without bound).
+pub fn spawn_writer(stdin: ChildStdin, capacity: usize) -> (mpsc::Sender<Vec<u8>>, JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(capacity);
     let handle = tokio::spawn(async move {
         let mut stdin = tokio::io::BufWriter::with_capacity(64 * 1024, stdin);
         while let Some(line) = rx.recv().await {

@@ -35,6 +35,9 @@ pub const FAULTY_TASKS: &[&str] = &[
     "f.bad_utf8",
     "f.huge_then_answer",
     "f.block",
+    "f.stderr_flood",
+    "f.garbage_flood",
+    "f.request_flood",
 ];
 
 pub fn repo() -> PathBuf {

@@ -25,7 +25,9 @@ one over-long line, then waits), f.garbage (a non-JSON stdout line, then returns
 f.progress (progress and stream, then returns "done"), f.string_id (answers with its request id
 as a JSON string), f.bad_utf8 (answers a string holding invalid UTF-8), f.huge_then_answer (an
 over-long line, then at once a valid answer that must not be accepted), f.block [secs] (blocks
-the whole plugin: reads nothing, answers no ping, for that long), f.stderr [lines] (writes that many stderr
+the whole plugin: reads nothing, answers no ping, for that long), f.stderr_flood [bytes] (one
+stderr line that long), f.garbage_flood [n] (n non-protocol stdout lines), f.request_flood [n]
+(n requests to the worker while reading nothing), f.stderr [lines] (writes that many stderr
 lines, then returns), f.where (returns its interpreter's prefix, its working directory and the
 FAULT_TAG variable).
 """
@@ -111,6 +113,19 @@ def run_task(id_, params):
         elif name == "f.huge_then_answer":
             raw("x" * (args[0] if args else 2_000_000) + "\n")
             reply(id_, "after huge")
+        elif name == "f.stderr_flood":
+            chunk = "x" * (1 << 20)
+            left = args[0] if args else (1 << 20)
+            while left > 0:
+                sys.stderr.write(chunk[:left])
+                left -= len(chunk)
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            reply(id_, "flooded")
+        elif name == "f.garbage_flood":
+            for i in range(args[0] if args else 1):
+                raw("stray line %d\n" % i)
+            reply(id_, "flooded")
         elif name == "f.garbage":
             raw("this is not json\n")
             reply(id_, "ok")
@@ -137,7 +152,8 @@ def run_task(id_, params):
 def declared_tasks():
     names = ["f.ok", "f.pid", "f.sleep", "f.sleep_nocancel", "f.crash", "f.crash_once", "f.exit",
              "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr", "f.where",
-             "f.string_id", "f.bad_utf8", "f.huge_then_answer", "f.block"]
+             "f.string_id", "f.bad_utf8", "f.huge_then_answer", "f.block", "f.stderr_flood",
+             "f.garbage_flood", "f.request_flood"]
     if ENV("FAULT_HANDSHAKE") == "extra_task":
         names.append("f.undeclared")
     return [{"name": n} for n in names]
@@ -189,6 +205,11 @@ def main():
                 "tasks": declared_tasks(),
                 "capabilities": [c for c in ENV("FAULT_CAPS", "").split(",") if c],
             })
+        elif method == "task.run" and params.get("task") == "f.request_flood":
+            # Requests to the worker, never reading its answers (stdin is not read meanwhile).
+            for i in range((params.get("args") or [100000])[0]):
+                raw('{"jsonrpc":"2.0","id":%d,"method":"worker.flood"}\n' % i)
+            reply(id_, "flooded")
         elif method == "task.run" and params.get("task") == "f.block":
             # The simplest plugin in any language: one task at a time, nothing read meanwhile.
             args = params.get("args") or []

@@ -25,6 +25,9 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, timeout, Instant};
 
+/// Lines waiting to be written to a plugin's stdin, at least (more for high concurrency).
+const STDIN_BUFFER: usize = 256;
+
 /// How long to wait for the stderr reader to catch up after the process died.
 const STDERR_SETTLE: Duration = Duration::from_millis(250);
 
@@ -214,7 +217,9 @@ struct Instance {
     spec: LaunchSpec,
     pid: u32,
     phase: Phase,
-    out: mpsc::UnboundedSender<Vec<u8>>,
+    out: mpsc::Sender<Vec<u8>>,
+    /// The stdin queue was full: the plugin stopped reading its stdin.
+    stdin_full: bool,
     events: mpsc::UnboundedSender<InstanceEvent>,
     next_id: u64,
     running: HashMap<u64, tasks::Running>,
@@ -227,6 +232,8 @@ struct Instance {
     pings_while_busy: bool,
     /// An event its submitter has no room for yet; stdout is not read until it is delivered.
     held: Option<(mpsc::Sender<TaskEvent>, TaskEvent)>,
+    /// Stray-line logging: window start, lines logged in it, lines only counted.
+    stray_log: (Instant, u32, u64),
     started: Instant,
 }
 
@@ -259,6 +266,7 @@ async fn run(
         phase: Phase::Serving,
         pid: child.id().unwrap_or(0),
         out: io.out.clone(),
+        stdin_full: false,
         spec,
         events,
         next_id: 1,
@@ -267,6 +275,7 @@ async fn run(
         ping: None,
         pings_while_busy: false,
         held: None,
+        stray_log: (Instant::now(), 0, 0),
         started,
     };
     tracing::debug!(plugin = %inst.name(), instance = inst.spec.index, pid = inst.pid, "plugin process started");
@@ -286,7 +295,7 @@ async fn run(
 /// A plugin process's stdio: the readers of stderr and stdout, and the stdin writer.
 struct Io {
     stdout: mpsc::Receiver<StdoutEvent>,
-    out: mpsc::UnboundedSender<Vec<u8>>,
+    out: mpsc::Sender<Vec<u8>>,
     stderr_reader: tokio::task::JoinHandle<()>,
     stdout_reader: tokio::task::JoinHandle<()>,
     writer: tokio::task::JoinHandle<()>,
@@ -312,7 +321,9 @@ impl Io {
         let (stdout_tx, stdout) = mpsc::channel(process::STDOUT_BUFFER);
         let pipe = child.stdout.take().expect("stdout is piped");
         let stdout_reader = process::read_stdout(pipe, spec.max_line_bytes, stdout_tx);
-        let (out, writer) = process::spawn_writer(child.stdin.take().expect("stdin is piped"));
+        let capacity = STDIN_BUFFER.max(2 * spec.manifest.concurrency as usize + 16);
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let (out, writer) = process::spawn_writer(stdin, capacity);
         let io = Io {
             stdout,
             out,
@@ -361,6 +372,7 @@ impl Instance {
         };
         io.stdout_reader.abort();
         io.writer.abort();
+        self.summarize_stray_lines();
         reason
     }
 
@@ -377,8 +389,12 @@ impl Instance {
     }
 
     fn send(&mut self, msg: Message) {
-        // A failed write means the process is going away; its exit will be noticed.
-        let _ = self.out.send(msg.to_line());
+        match self.out.try_send(msg.to_line()) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.stdin_full = true,
+            // The process is going away; its exit will be noticed.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
     }
 
     fn request(&mut self, method: &str, params: impl serde::Serialize) -> u64 {
@@ -453,6 +469,13 @@ impl Instance {
                 }
             }
             match step {
+                Step::Continue if self.stdin_full => {
+                    let reason = format!(
+                        "broke the protocol: it stopped reading its stdin ({} messages waiting for it)",
+                        self.out.max_capacity()
+                    );
+                    return Crash::violation(reason).into();
+                }
                 Step::Continue => {}
                 Step::StdoutClosed => {
                     // Usually the process is exiting: prefer its exit status as the reason.

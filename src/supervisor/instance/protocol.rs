@@ -14,6 +14,10 @@ use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+/// Stray stdout lines logged in full per instance and window; the rest are counted.
+const STRAY_LOG_BURST: u32 = 10;
+const STRAY_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Instance {
     pub(super) fn on_stdout(&mut self, ev: Option<StdoutEvent>) -> Step {
         match ev {
@@ -238,16 +242,37 @@ impl Instance {
         tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "plugin sent `{method}` with invalid params ({e}); ignored");
     }
 
-    fn on_stray_line(&self, line: &str, error: &plugin_protocol::ParseError) {
+    /// Counts a stray stdout line and logs it, at most `STRAY_LOG_BURST` per `STRAY_LOG_WINDOW`
+    /// per instance; the rest are summed up when the window ends.
+    fn on_stray_line(&mut self, line: &str, error: &plugin_protocol::ParseError) {
         let n = self.spec.stray_lines.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = Instant::now();
+        if now.duration_since(self.stray_log.0) >= STRAY_LOG_WINDOW {
+            self.summarize_stray_lines();
+            self.stray_log = (now, 0, 0);
+        }
+        let (_, logged, quiet) = &mut self.stray_log;
+        if *logged >= STRAY_LOG_BURST {
+            *quiet += 1;
+            return;
+        }
+        *logged += 1;
         tracing::warn!(
             target: "plugin",
-            plugin = %self.name(),
+            plugin = %self.spec.manifest.name,
             instance = self.spec.index,
             pid = self.pid,
             count = n,
             "plugin wrote a non-protocol line to stdout ({error}); log to stderr instead: {line}"
         );
+    }
+
+    /// Logs how many stray lines went unlogged in the current window, if any.
+    pub(super) fn summarize_stray_lines(&mut self) {
+        let quiet = std::mem::take(&mut self.stray_log.2);
+        if quiet > 0 {
+            tracing::warn!(target: "plugin", plugin = %self.spec.manifest.name, instance = self.spec.index, pid = self.pid, "... {quiet} more non-protocol stdout lines in the last {}s", STRAY_LOG_WINDOW.as_secs());
+        }
     }
 
     fn too_long(&self, seen: usize) -> String {
