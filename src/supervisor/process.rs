@@ -30,25 +30,52 @@ const STDERR_TAIL_LINES: usize = 20;
 /// Longest stderr line kept; the rest of a longer line is dropped from the log.
 const STDERR_MAX_LINE: usize = 64 * 1024;
 
-/// Spawns the plugin's command in its own process group, with piped stdio.
+/// What a plugin inherits from the worker's environment, besides `env_passthrough`: never a
+/// worker setting or credential (`WORKER_BROKER` may hold a password).
+const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "TZ", "TMPDIR", "USER", "LOGNAME"];
+
+/// The plugin's environment: the allowlist above, `LC_*`, the variables the manifest passes on,
+/// its own `env`, and the `WORKER_PLUGIN_*` variables.
+fn plugin_env(manifest: &Manifest, instance: u32) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| {
+            INHERITED_ENV.contains(&k.as_str())
+                || k.starts_with("LC_")
+                || manifest.env_passthrough.iter().any(|p| p == k)
+        })
+        .collect();
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+    }
+    env.extend(manifest.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.push(("WORKER_PLUGIN_NAME".into(), manifest.name.clone()));
+    env.push(("WORKER_PLUGIN_INSTANCE".into(), instance.to_string()));
+    env
+}
+
+/// Spawns the plugin's command in its own process group, with piped stdio, a clean
+/// environment, no way to gain privileges (`PR_SET_NO_NEW_PRIVS`), its `[limits]`, and
+/// `PR_SET_PDEATHSIG` so it dies with the worker.
 pub fn spawn(manifest: &Manifest, instance: u32) -> io::Result<Child> {
     let mut cmd = Command::new(manifest.program());
     cmd.args(&manifest.command[1..])
         .current_dir(&manifest.dir)
-        .envs(&manifest.env)
-        .env("WORKER_PLUGIN_NAME", &manifest.name)
-        .env("WORKER_PLUGIN_INSTANCE", instance.to_string())
+        .env_clear()
+        .envs(plugin_env(manifest, instance))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
     let parent = nix::unistd::getpid();
+    let limits = manifest.limits.clone();
     // SAFETY: runs in the forked child before exec and only makes async-signal-safe calls
-    // (prctl, getppid, _exit).
+    // (prctl, setrlimit, getppid, _exit); `limits` was cloned before the fork.
     unsafe {
         cmd.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+            nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)?;
+            apply_limits(&limits)?;
             // The worker may have died between fork and prctl; then nobody would kill us.
             if nix::unistd::getppid() != parent {
                 nix::libc::_exit(1);
@@ -57,6 +84,27 @@ pub fn spawn(manifest: &Manifest, instance: u32) -> io::Result<Child> {
         });
     }
     cmd.spawn()
+}
+
+/// setrlimit for each limit the manifest sets (soft = hard); core dumps off by default.
+fn apply_limits(limits: &crate::manifest::Limits) -> io::Result<()> {
+    use nix::sys::resource::{setrlimit, Resource};
+    let set = |resource, value: u64| setrlimit(resource, value, value).map_err(io::Error::from);
+    set(Resource::RLIMIT_CORE, limits.core)?;
+    if let Some(v) = limits.memory {
+        set(Resource::RLIMIT_AS, v)?;
+    }
+    if let Some(v) = limits.open_files {
+        set(Resource::RLIMIT_NOFILE, v)?;
+    }
+    if let Some(v) = limits.processes {
+        set(Resource::RLIMIT_NPROC, v)?;
+    }
+    if let Some(v) = limits.cpu_time {
+        // SIGXCPU at the limit (named in the crash report), SIGKILL a second later.
+        setrlimit(Resource::RLIMIT_CPU, v, v.saturating_add(1)).map_err(io::Error::from)?;
+    }
+    Ok(())
 }
 
 /// Sends `signal` to every process in the group led by `pid`. A group that is already gone
@@ -271,7 +319,12 @@ pub fn describe_exit(status: &std::process::ExitStatus) -> String {
         let name = Signal::try_from(sig)
             .map(|s| s.as_str())
             .unwrap_or("unknown");
-        format!("was killed by signal {sig} ({name})")
+        let why = match Signal::try_from(sig) {
+            Ok(Signal::SIGXCPU) => ": it reached its CPU time limit (`limits.cpu_time`)",
+            Ok(Signal::SIGXFSZ) => ": it reached a file size limit",
+            _ => "",
+        };
+        format!("was killed by signal {sig} ({name}){why}")
     } else {
         format!("ended ({status})")
     }

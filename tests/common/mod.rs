@@ -38,6 +38,8 @@ pub const FAULTY_TASKS: &[&str] = &[
     "f.stderr_flood",
     "f.garbage_flood",
     "f.request_flood",
+    "f.env",
+    "f.spin",
 ];
 
 pub fn repo() -> PathBuf {

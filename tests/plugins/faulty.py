@@ -27,7 +27,8 @@ as a JSON string), f.bad_utf8 (answers a string holding invalid UTF-8), f.huge_t
 over-long line, then at once a valid answer that must not be accepted), f.block [secs] (blocks
 the whole plugin: reads nothing, answers no ping, for that long), f.stderr_flood [bytes] (one
 stderr line that long), f.garbage_flood [n] (n non-protocol stdout lines), f.request_flood [n]
-(n requests to the worker while reading nothing), f.stderr [lines] (writes that many stderr
+(n requests to the worker while reading nothing), f.env (its environment, NoNewPrivs and
+rlimits), f.spin (burns CPU until killed), f.stderr [lines] (writes that many stderr
 lines, then returns), f.where (returns its interpreter's prefix, its working directory and the
 FAULT_TAG variable).
 """
@@ -126,6 +127,17 @@ def run_task(id_, params):
             for i in range(args[0] if args else 1):
                 raw("stray line %d\n" % i)
             reply(id_, "flooded")
+        elif name == "f.env":
+            import resource
+            status = open("/proc/self/status").read()
+            nnp = [l.split()[1] for l in status.splitlines() if l.startswith("NoNewPrivs:")]
+            limits = {n: resource.getrlimit(getattr(resource, "RLIMIT_" + n.upper()))
+                      for n in ("as", "nofile", "core", "cpu")}
+            reply(id_, {"env": dict(os.environ), "no_new_privs": nnp[0] if nnp else None,
+                        "limits": limits})
+        elif name == "f.spin":
+            while True:
+                pass
         elif name == "f.garbage":
             raw("this is not json\n")
             reply(id_, "ok")
@@ -153,7 +165,7 @@ def declared_tasks():
     names = ["f.ok", "f.pid", "f.sleep", "f.sleep_nocancel", "f.crash", "f.crash_once", "f.exit",
              "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr", "f.where",
              "f.string_id", "f.bad_utf8", "f.huge_then_answer", "f.block", "f.stderr_flood",
-             "f.garbage_flood", "f.request_flood"]
+             "f.garbage_flood", "f.request_flood", "f.env", "f.spin"]
     if ENV("FAULT_HANDSHAKE") == "extra_task":
         names.append("f.undeclared")
     return [{"name": n} for n in names]

@@ -72,7 +72,12 @@ impl Instance {
             return Step::Continue;
         }
         let Some(run) = self.running.remove(&id) else {
-            tracing::warn!(plugin = %self.name(), instance = self.spec.index, id, "plugin answered request id {id}, which is not outstanding (answered twice, or never asked); ignored");
+            if matches!(self.phase, Phase::Draining { .. }) {
+                // E.g. a late answer to `initialize` from a process stopped while starting.
+                tracing::debug!(plugin = %self.name(), instance = self.spec.index, id, "answer to request {id} while stopping; ignored");
+            } else {
+                tracing::warn!(plugin = %self.name(), instance = self.spec.index, id, "plugin answered request id {id}, which is not outstanding (answered twice, or never asked); ignored");
+            }
             return Step::Continue;
         };
         let task_id = run.job.request.id.clone();

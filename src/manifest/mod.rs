@@ -3,6 +3,9 @@
 //! A manifest error names the file, the key and the line, and a broken manifest only removes
 //! that one plugin: discovery returns the good plugins and the errors side by side.
 
+mod limits;
+
+pub use limits::Limits;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -25,6 +28,8 @@ pub struct Manifest {
     /// argv; a relative program path containing `/` is resolved against `dir`.
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// Variables of the worker's own environment passed on to the plugin (it gets a clean one).
+    pub env_passthrough: Vec<String>,
     pub tasks: Vec<TaskDecl>,
     /// Processes to run.
     pub instances: u32,
@@ -34,6 +39,7 @@ pub struct Manifest {
     pub max_attempts: u32,
     pub timeouts: Timeouts,
     pub restart: RestartSettings,
+    pub limits: Limits,
     /// Passed verbatim in `initialize`.
     pub settings: Map<String, Value>,
     /// Self-tests run by `worker plugins test`.
@@ -283,6 +289,8 @@ struct RawManifest {
     command: Spanned<Vec<String>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    #[serde(default)]
+    env_passthrough: Vec<String>,
     tasks: Spanned<Vec<TaskDecl>>,
     #[serde(default = "one")]
     instances: Spanned<u32>,
@@ -294,6 +302,8 @@ struct RawManifest {
     timeouts: RawTimeouts,
     #[serde(default)]
     restart: RawRestart,
+    #[serde(default)]
+    limits: limits::RawLimits,
     #[serde(default)]
     settings: toml::Table,
     #[serde(default)]
@@ -413,6 +423,7 @@ impl Manifest {
         }
         let timeouts = c.timeouts(&raw.timeouts)?;
         let restart = c.restart(&raw.restart)?;
+        let limits = raw.limits.check()?;
         let settings = match serde_json::to_value(&raw.settings) {
             Ok(Value::Object(map)) => map,
             _ => return Err("key `settings`: must be a table of plain values".into()),
@@ -427,12 +438,14 @@ impl Manifest {
             dir: dir.to_path_buf(),
             command: raw.command.into_inner(),
             env: raw.env,
+            env_passthrough: raw.env_passthrough,
             tasks: raw.tasks.into_inner(),
             instances: raw.instances.into_inner(),
             concurrency: raw.concurrency.into_inner(),
             max_attempts: raw.max_attempts.into_inner(),
             timeouts,
             restart,
+            limits,
             settings,
             install: raw.install.into_inner(),
         })
