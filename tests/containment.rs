@@ -80,3 +80,25 @@ fn the_manifest_limits_apply_and_a_cpu_limit_is_named_when_it_kills() {
         "{said}"
     );
 }
+
+#[test]
+fn install_refuses_a_symlink_out_of_the_plugin() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    let dir = faulty_plugin(&plugins, "faulty", &[], "", "");
+    std::os::unix::fs::symlink("/etc/passwd", dir.join("shadow")).unwrap();
+    let state = root.path().join("state");
+    let (ok, said) = install_all(&plugins, &state, &root.path().join("w.sock"));
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("shadow is a symlink to /etc/passwd, outside the plugin's directory"),
+        "{said}"
+    );
+    assert!(
+        !state.join("installed/faulty").exists()
+            || std::fs::read_dir(state.join("installed/faulty"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+}

@@ -116,8 +116,10 @@ impl Listing<'_> {
             .map(|m| {
                 let rec = self.record.get(&m.name);
                 // An unreadable source counts as changed: installing it would say why.
-                let change = Change::of(rec, &m.version, || tree::digest(&m.dir))
-                    .unwrap_or(Change::Modified);
+                let change = Change::of(rec, &m.version, || {
+                    tree::digest(&m.dir, tree::Symlinks::of(m))
+                })
+                .unwrap_or(Change::Modified);
                 AvailableEntry {
                     name: &m.name,
                     version: &m.version,

@@ -146,7 +146,7 @@ async fn test(config: &Config, name: &str, installed: bool) -> anyhow::Result<Ex
         m.install.len(),
         copy.display()
     ));
-    if let Err(e) = tree::copy(&m.dir, &copy) {
+    if let Err(e) = tree::copy(&m.dir, &copy, tree::Symlinks::of(m)) {
         output::line(&format!("FAIL  copy: {e}"));
         return Ok(ExitCode::FAILURE);
     }

@@ -161,7 +161,7 @@ impl Installer<'_> {
             ));
         }
         let change = Change::of(record.get(&source.name), &source.version, || {
-            tree::digest(&source.dir)
+            tree::digest(&source.dir, tree::Symlinks::of(source))
         })
         .map_err(|e| fail(Stage::Copy, format!("cannot read the source: {e}")))?;
         match (&change, force) {
@@ -203,12 +203,13 @@ impl Installer<'_> {
         dir: &Path,
         change: Change,
     ) -> Result<Staged, (Stage, String)> {
-        let content_sha256 = tree::copy(&source.dir, dir).map_err(|e| {
-            (
-                Stage::Copy,
-                format!("cannot copy into {}: {e}", dir.display()),
-            )
-        })?;
+        let content_sha256 =
+            tree::copy(&source.dir, dir, tree::Symlinks::of(source)).map_err(|e| {
+                (
+                    Stage::Copy,
+                    format!("cannot copy into {}: {e}", dir.display()),
+                )
+            })?;
         // What runs is the copy, so its manifest is the one that counts.
         let m = Manifest::load(dir).map_err(|e| (Stage::Manifest, e.to_string()))?;
         if m.name != source.name {

@@ -30,6 +30,8 @@ pub struct Manifest {
     pub env: BTreeMap<String, String>,
     /// Variables of the worker's own environment passed on to the plugin (it gets a clean one).
     pub env_passthrough: Vec<String>,
+    /// Install may follow symlinks out of the plugin's directory (refused by default).
+    pub allow_outside_symlinks: bool,
     pub tasks: Vec<TaskDecl>,
     /// Processes to run.
     pub instances: u32,
@@ -291,6 +293,8 @@ struct RawManifest {
     env: BTreeMap<String, String>,
     #[serde(default)]
     env_passthrough: Vec<String>,
+    #[serde(default)]
+    allow_outside_symlinks: bool,
     tasks: Spanned<Vec<TaskDecl>>,
     #[serde(default = "one")]
     instances: Spanned<u32>,
@@ -439,6 +443,7 @@ impl Manifest {
             command: raw.command.into_inner(),
             env: raw.env,
             env_passthrough: raw.env_passthrough,
+            allow_outside_symlinks: raw.allow_outside_symlinks,
             tasks: raw.tasks.into_inner(),
             instances: raw.instances.into_inner(),
             concurrency: raw.concurrency.into_inner(),
