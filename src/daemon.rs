@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 pub enum DaemonError {
     #[error(transparent)]
     Plugins(#[from] crate::install::registry::RecordError),
+    #[error("{0}")]
+    UntrustedState(String),
     #[error("cannot serve the control socket {path}: {cause}")]
     Socket {
         path: PathBuf,
@@ -76,7 +78,9 @@ pub fn pool_options(config: &Config) -> PoolOptions {
 
 /// The installed plugins (see `install::registry`), logging (not failing on) broken ones.
 pub fn installed_plugins(config: &Config) -> Result<Vec<Manifest>, DaemonError> {
-    let found = StateDir::new(&config.state_dir).discover()?;
+    let state = StateDir::new(&config.state_dir);
+    state.check_trusted().map_err(DaemonError::UntrustedState)?;
+    let found = state.discover()?;
     for e in &found.errors {
         tracing::error!("plugin skipped: {e}");
     }

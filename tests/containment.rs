@@ -102,3 +102,83 @@ fn install_refuses_a_symlink_out_of_the_plugin() {
                 .is_none()
     );
 }
+
+/// A state directory, root-owned 0755 as the worker would make it, and a plugins directory.
+fn state_setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let state = root.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (root, plugins, state)
+}
+
+#[test]
+fn a_state_directory_others_can_write_is_refused_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let (root, plugins, state) = state_setup();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (ok, said) = install_all(&plugins, &state, &root.path().join("w.sock"));
+    assert!(
+        !ok && said.contains("writable by other users") && said.contains("chmod go-w"),
+        "{said}"
+    );
+    assert!(!state.join("installed").exists(), "nothing written");
+    let out = output(
+        worker()
+            .args(["serve", "--plugins"])
+            .arg(&plugins)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--socket")
+            .arg(root.path().join("w.sock")),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("untrusted state directory"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn symlinks_planted_in_the_state_directory_redirect_nothing() {
+    let (root, plugins, state) = state_setup();
+    let outside = tempfile::tempdir().unwrap();
+    let socket = root.path().join("w.sock");
+
+    // The install log: a link to a victim file is not written through.
+    std::fs::create_dir_all(state.join("logs")).unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, "keep").unwrap();
+    std::os::unix::fs::symlink(&victim, state.join("logs/faulty.install.log")).unwrap();
+    let (ok, said) = install_all(&plugins, &state, &socket);
+    assert!(!ok && said.contains("is a symlink"), "{said}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    std::fs::remove_file(state.join("logs/faulty.install.log")).unwrap();
+
+    // installed/<name>: a link to another directory gets no copy, and no removal.
+    let _ = std::fs::remove_dir_all(state.join("installed/faulty"));
+    std::fs::create_dir_all(state.join("installed")).unwrap();
+    std::fs::create_dir_all(outside.path().join("0.0.0-old")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), state.join("installed/faulty")).unwrap();
+    let (ok, said) = install_all(&plugins, &state, &socket);
+    assert!(
+        !ok && said.contains("installed/faulty is a symlink"),
+        "{said}"
+    );
+    let entries: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
+    assert_eq!(entries.len(), 2, "only victim and 0.0.0-old: {entries:?}");
+
+    // Garbage collection after another install walks past the link: nothing outside goes.
+    let other = root.path().join("other");
+    faulty_plugin(&other, "second", &[], "", "");
+    let (ok, said) = install_all(&other, &state, &socket);
+    assert!(ok, "{said}");
+    assert!(
+        outside.path().join("0.0.0-old").exists(),
+        "nothing deleted outside"
+    );
+}

@@ -8,6 +8,7 @@
 //! untouched and running throughout; a failure at any stage removes only the new copy.
 
 pub mod registry;
+pub mod safe;
 pub mod steps;
 pub mod tree;
 pub mod version;
@@ -186,6 +187,12 @@ impl Installer<'_> {
             }
             _ => {}
         }
+        // `installed/<name>` must be a real directory before anything is copied into it, or
+        // removed from it on failure: a symlink there could point anywhere.
+        let plugin_root = Path::new("installed").join(&source.name);
+        if let Err(e) = safe::dir_under(self.state.root(), &plugin_root) {
+            return Err(fail(Stage::Copy, e.to_string()));
+        }
         let dir = self.new_copy_dir(&source.name, &source.version);
         let staged = self.build(source, &dir, change).await;
         if staged.is_err() {
@@ -222,7 +229,7 @@ impl Installer<'_> {
             ));
         }
         let log_path = self.state.install_log(&m.name);
-        let mut log = open_log(&log_path).map_err(|e| {
+        let mut log = open_log(self.state, &log_path).map_err(|e| {
             (
                 Stage::Copy,
                 format!("cannot write {}: {e}", log_path.display()),
@@ -278,11 +285,12 @@ impl Installer<'_> {
     }
 }
 
-fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::File::create(path)
+/// Opens the install log for writing, never through a symlink planted in the state dir.
+fn open_log(state: &registry::StateDir, path: &Path) -> std::io::Result<std::fs::File> {
+    safe::dir_under(state.root(), Path::new("logs"))?;
+    let mut options = std::fs::File::options();
+    options.write(true).create(true).truncate(true);
+    safe::open_nofollow(path, &mut options)
 }
 
 #[cfg(test)]

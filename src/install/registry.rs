@@ -106,10 +106,30 @@ impl StateDir {
         self.root.join("logs").join(format!("{name}.install.log"))
     }
 
+    /// Refuses a state directory that another user could tamper with: it (through any
+    /// symlink to it), its `installed/` and `logs/` must be owned by this user or root and
+    /// writable by nobody else. The error says how to fix the permissions.
+    pub fn check_trusted(&self) -> Result<(), String> {
+        let Ok(real) = fs::canonicalize(&self.root) else {
+            return Ok(()); // Not created yet: it will be created by this user.
+        };
+        for dir in [real.clone(), real.join("installed"), real.join("logs")] {
+            super::safe::check_trusted(&dir)
+                .map_err(|e| format!("untrusted state directory: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Reads the record; no file yet means nothing is installed.
     pub fn read(&self) -> Result<Record, RecordError> {
         let path = self.root.join(RECORD_FILE);
-        let text = match fs::read_to_string(&path) {
+        let mut options = File::options();
+        options.read(true);
+        let opened = super::safe::open_nofollow(&path, &mut options);
+        let text = match opened.and_then(|mut f| {
+            let mut text = String::new();
+            io::Read::read_to_string(&mut f, &mut text).map(|_| text)
+        }) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Record::default()),
             Err(cause) => return Err(RecordError::Read { path, cause }),
@@ -136,13 +156,13 @@ impl StateDir {
     pub fn lock(&self, waiting: impl FnOnce()) -> io::Result<StateLock> {
         use nix::fcntl::{Flock, FlockArg};
         fs::create_dir_all(&self.root)?;
+        self.check_trusted()
+            .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
         let path = self.root.join("lock");
         let open = || {
-            File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
+            let mut options = File::options();
+            options.create(true).truncate(false).write(true);
+            super::safe::open_nofollow(&path, &mut options)
         };
         match Flock::lock(open()?, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Ok(StateLock { _lock: lock }),
@@ -188,7 +208,15 @@ impl StateDir {
         let Ok(names) = fs::read_dir(self.root.join("installed")) else {
             return removed;
         };
-        for name_dir in names.filter_map(Result::ok).map(|e| e.path()) {
+        // Never through a symlink: a link planted here could point anywhere.
+        let real_dirs = |entries: fs::ReadDir| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
+        };
+        for name_dir in real_dirs(names) {
             let keep = name_dir
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -197,7 +225,7 @@ impl StateDir {
             let Ok(versions) = fs::read_dir(&name_dir) else {
                 continue;
             };
-            for version in versions.filter_map(Result::ok).map(|e| e.path()) {
+            for version in real_dirs(versions) {
                 if Some(&version) != keep.as_ref() && remove_tree(&version).is_ok() {
                     removed.push(version);
                 }
