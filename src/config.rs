@@ -45,6 +45,9 @@ pub struct Config {
     /// Seconds a final state is retried while its reply queue does not exist (the broker
     /// returns it as unroutable), before it is logged as undeliverable.
     pub result_retry_timeout: f64,
+    /// Seconds a control connection may stay idle (no request in flight, nothing received)
+    /// before the daemon closes it, so idle clients cannot hold every connection slot.
+    pub control_idle_timeout: f64,
 }
 
 /// How the worker declares the task queues.
@@ -84,6 +87,7 @@ impl Default for Config {
             prefetch_count: None,
             result_memory: 10_000,
             result_retry_timeout: 60.0,
+            control_idle_timeout: 300.0,
         }
     }
 }
@@ -149,6 +153,7 @@ impl Config {
         }
         seconds("drain_timeout", self.drain_timeout)?;
         seconds("result_retry_timeout", self.result_retry_timeout)?;
+        seconds("control_idle_timeout", self.control_idle_timeout)?;
         if self.queues.is_empty() || self.queues.iter().any(|q| q.trim().is_empty()) {
             return Err("key `queues`: give at least one non-empty queue name".into());
         }
@@ -167,6 +172,10 @@ impl Config {
 
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.drain_timeout)
+    }
+
+    pub fn control_idle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.control_idle_timeout)
     }
 
     pub fn result_retry_timeout(&self) -> Duration {

@@ -116,6 +116,7 @@ pub async fn serve(
     dispatcher: Arc<Dispatcher>,
     info: WorkerInfo,
     reload: ReloadSettings,
+    idle_timeout: Duration,
     stop: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
@@ -139,7 +140,7 @@ pub async fn serve(
                     reload.clone(),
                 );
                 tracker.spawn(async move {
-                    connection(stream, dispatcher, info, reload, stop).await;
+                    connection(stream, dispatcher, info, reload, idle_timeout, stop).await;
                     drop(permit);
                 });
             }
@@ -177,24 +178,12 @@ async fn connection(
     dispatcher: Arc<Dispatcher>,
     info: WorkerInfo,
     reload: ReloadSettings,
+    idle_timeout: Duration,
     stop: CancellationToken,
 ) {
-    let submitter = match stream.peer_cred() {
-        Ok(c) => match c.pid() {
-            Some(pid) => format!("control socket (pid {pid}, uid {})", c.uid()),
-            None => format!("control socket (uid {})", c.uid()),
-        },
-        Err(_) => "control socket".to_string(),
-    };
-    let (read, mut write) = stream.into_split();
-    let (out, mut outbox) = mpsc::channel::<Vec<u8>>(OUTBOX_LINES);
-    let writer = tokio::spawn(async move {
-        while let Some(line) = outbox.recv().await {
-            if write.write_all(&line).await.is_err() {
-                return;
-            }
-        }
-    });
+    let submitter = submitter_of(&stream);
+    let (read, write) = stream.into_split();
+    let (out, writer) = spawn_writer(write);
     let ctx = Context {
         dispatcher,
         info,
@@ -207,8 +196,22 @@ async fn connection(
     // A client that pipelines requests without reading answers waits here, not in our memory.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(REQUESTS_PER_CONNECTION));
     let mut frames = FramedReader::new(read, MAX_REQUEST_BYTES);
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
+    // When the last request finished: idleness counts from then, not from the last read.
+    let last_done = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
     loop {
         let frame = tokio::select! {
+            // Nothing asked, nothing running: free the slot for someone else.
+            _ = &mut idle, if requests.is_empty() => {
+                let quiet_until = *last_done.lock().expect("last_done lock poisoned") + idle_timeout;
+                if quiet_until > tokio::time::Instant::now() {
+                    idle.as_mut().reset(quiet_until);
+                    continue;
+                }
+                tracing::debug!(submitter = %ctx.submitter, "closing an idle control connection");
+                break;
+            }
             frame = frames.next() => match frame {
                 Ok(Some(frame)) => frame,
                 // The client is gone (or half-closed): nobody will read its results.
@@ -220,13 +223,17 @@ async fn connection(
             // After a stop, close idle connections; requests under way still finish.
             _ = stop.cancelled(), if requests.is_empty() => break,
         };
+        idle.as_mut()
+            .reset(tokio::time::Instant::now() + idle_timeout);
         match request_of(frame) {
             Ok(req) => {
                 let permit = in_flight.clone().acquire_owned().await;
                 let permit = permit.expect("the semaphore is never closed");
-                let ctx = ctx.clone();
+                let (ctx, last_done) = (ctx.clone(), last_done.clone());
                 requests.spawn(async move {
                     handle(req, ctx).await;
+                    *last_done.lock().expect("last_done lock poisoned") =
+                        tokio::time::Instant::now();
                     drop(permit);
                 });
             }
@@ -244,6 +251,32 @@ async fn connection(
     drop(ctx);
     drop(out);
     let _ = writer.await;
+}
+
+/// "control socket (pid 42, uid 1000)", from the peer's credentials.
+fn submitter_of(stream: &UnixStream) -> String {
+    match stream.peer_cred() {
+        Ok(c) => match c.pid() {
+            Some(pid) => format!("control socket (pid {pid}, uid {})", c.uid()),
+            None => format!("control socket (uid {})", c.uid()),
+        },
+        Err(_) => "control socket".to_string(),
+    }
+}
+
+/// Writes a connection's outbox to its client, in order, until either side goes.
+fn spawn_writer(
+    mut write: tokio::net::unix::OwnedWriteHalf,
+) -> (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<()>) {
+    let (out, mut outbox) = mpsc::channel::<Vec<u8>>(OUTBOX_LINES);
+    let writer = tokio::spawn(async move {
+        while let Some(line) = outbox.recv().await {
+            if write.write_all(&line).await.is_err() {
+                return;
+            }
+        }
+    });
+    (out, writer)
 }
 
 /// A request out of a frame; `Err(Some)` is the error to answer, `Err(None)` a message that

@@ -131,6 +131,7 @@ impl Daemon {
             dispatcher.clone(),
             info,
             reload.clone(),
+            config.control_idle_timeout(),
             stop_server.clone(),
         ));
         let amqp = config.broker.as_ref().map(|url| {

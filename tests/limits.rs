@@ -172,3 +172,23 @@ fn a_client_that_pipelines_without_reading_grows_nothing() {
     let status: Value = d.list_json();
     assert!(status["daemon"].is_object(), "still serving: {status}");
 }
+
+#[test]
+fn idle_connections_cannot_hold_every_slot() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let state = root.path().join("w.state");
+    let socket = root.path().join("w.sock");
+    let (ok, said) = install_all(&plugins, &state, &socket);
+    assert!(ok, "{said}");
+    let d = Daemon::serve(&plugins, &state, &socket, &["--control-idle-timeout", "1"]);
+    // More idle connections than the daemon serves at once (256), holding everything.
+    let idle: Vec<_> = (0..300)
+        .map(|_| std::os::unix::net::UnixStream::connect(&d.socket).unwrap())
+        .collect();
+    // Each closes after a second of idleness, so a real client gets its turn.
+    let said = run_ok(&d, &["f.ok", "7"]);
+    assert!(said.contains('7'), "{said}");
+    drop(idle);
+}

@@ -86,6 +86,9 @@ pub struct CommonArgs {
     /// Seconds a result whose reply queue does not exist is retried (`result_retry_timeout`)
     #[arg(long, env = "WORKER_RESULT_RETRY_TIMEOUT", global = true)]
     pub result_retry_timeout: Option<f64>,
+    /// Seconds an idle control connection is kept open (`control_idle_timeout`)
+    #[arg(long, env = "WORKER_CONTROL_IDLE_TIMEOUT", global = true)]
+    pub control_idle_timeout: Option<f64>,
     /// Longest plugin stdout line in bytes (`max_line_bytes`)
     #[arg(long, env = "WORKER_MAX_LINE_BYTES", global = true)]
     pub max_line_bytes: Option<usize>,
@@ -157,6 +160,9 @@ impl CommonArgs {
         }
         if let Some(v) = self.result_retry_timeout {
             c.result_retry_timeout = v;
+        }
+        if let Some(v) = self.control_idle_timeout {
+            c.control_idle_timeout = v;
         }
         if let Some(v) = self.max_line_bytes {
             c.max_line_bytes = v;
