@@ -52,6 +52,8 @@ pub struct Daemon {
     server: JoinHandle<()>,
     stop_server: CancellationToken,
     reload: ReloadSettings,
+    /// This daemon's entry in `<state_dir>/daemons/`, removed when it stops.
+    _registration: Option<crate::install::daemons::Registration>,
 }
 
 /// A cheap, cloneable way to reach a running daemon from outside its run (e.g. on SIGHUP).
@@ -112,6 +114,10 @@ impl Daemon {
                     path: config.socket.clone(),
                     cause,
                 })?;
+        // So that an install through another socket keeps the copies this daemon runs.
+        let registration = crate::install::daemons::register(&config.state_dir, &config.socket)
+            .map_err(|e| tracing::warn!("cannot register in {}: {e}; installs through another socket may delete copies this daemon runs", config.state_dir.display()))
+            .ok();
         let names: Vec<String> = plugins.iter().map(|m| m.name.clone()).collect();
         let supervisor = Arc::new(Supervisor::start(plugins, pool_options(&config)));
         let dispatcher = Arc::new(Dispatcher::new(supervisor.clone()));
@@ -152,6 +158,7 @@ impl Daemon {
             server,
             stop_server,
             reload,
+            _registration: registration,
         })
     }
 

@@ -326,3 +326,43 @@ fn every_failed_upgrade_leaves_the_old_version_serving() {
         still_serving(what);
     }
 }
+
+#[test]
+fn an_install_through_another_socket_never_deletes_what_a_daemon_runs() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    let dir = faulty_plugin(&plugins, "faulty", &[], "", "");
+    let d = Daemon::start(&plugins, &root.path().join("w.sock"));
+    let before = d.wait_list("ready", |doc| plugin_ready(doc, "faulty"));
+    let old_pids = pids_of(&before, "faulty");
+    let old_copy = installed_versions(&d.state, "faulty");
+    // An admin's CLI with another socket: no daemon answers there.
+    set_version(&dir, "0.0.2", "");
+    let out = output(
+        worker()
+            .args(["plugins", "install", "faulty", "--plugins"])
+            .arg(&plugins)
+            .arg("--state-dir")
+            .arg(&d.state)
+            .arg("--socket")
+            .arg(root.path().join("elsewhere.sock")),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        text(&out.stdout) + &text(&out.stderr)
+    );
+    // The daemon registered in the state directory was asked too: it runs the new version,
+    // and only then did the old copy go.
+    let after = d.wait_list("the new version", |doc| {
+        doc["installed"][0]["live"]["version"] == "0.0.2"
+    });
+    assert_ne!(pids_of(&after, "faulty"), old_pids);
+    let copies = installed_versions(&d.state, "faulty");
+    assert!(
+        copies.len() == 1 && copies[0].starts_with("0.0.2-") && !copies.contains(&old_copy[0]),
+        "{copies:?}"
+    );
+    let out = output(&mut d.cli(&["task", "run", "f.pid"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

@@ -78,3 +78,30 @@ fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
         _ => a == b,
     }
 }
+
+/// Asks every other live daemon registered in the state directory (on another socket than
+/// `config.socket`) to apply the record too. True when all did, so old copies may go.
+pub async fn apply_to_others(config: &Config) -> bool {
+    let mut all = true;
+    for d in crate::install::daemons::live(&config.state_dir) {
+        if same_dir(&d.socket, &config.socket) {
+            continue;
+        }
+        let other = Config {
+            socket: d.socket.clone(),
+            ..config.clone()
+        };
+        match apply(&other).await {
+            Applied::Done(_) => {}
+            outcome => {
+                eprintln!(
+                    "daemon pid {} on {} did not apply the install record ({outcome:?}); old copies are kept until it does",
+                    d.pid,
+                    d.socket.display()
+                );
+                all = false;
+            }
+        }
+    }
+    all
+}

@@ -193,7 +193,9 @@ impl Rollback<'_> {
             applied = daemon_client::apply(config).await;
         }
         report_daemon(config, &applied);
-        if applied.old_files_unused() {
+        // Another daemon running from this state directory (on another socket) may still run
+        // the old copies: they go only once every live one has applied the record.
+        if applied.old_files_unused() && daemon_client::apply_to_others(config).await {
             self.state.collect_garbage(record);
         }
         Ok(())
@@ -283,7 +285,7 @@ pub async fn uninstall(
         .context("cannot write the install record")?;
     let applied = daemon_client::apply(config).await;
     report_daemon(config, &applied);
-    if applied.old_files_unused() {
+    if applied.old_files_unused() && daemon_client::apply_to_others(config).await {
         state.collect_garbage(&record);
     }
     for p in &removed {

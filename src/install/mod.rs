@@ -7,6 +7,7 @@
 //! it must start and handshake before the caller records it. The previous version's files stay
 //! untouched and running throughout; a failure at any stage removes only the new copy.
 
+pub mod daemons;
 pub mod registry;
 pub mod safe;
 pub mod steps;
