@@ -342,6 +342,11 @@ async fn handle(req: Request, ctx: Context) {
         })
         .expect("status serializes")),
         "plugins.restart" => restart(req.params, dispatcher).await,
+        // Test hook only: wedges a pool actor, so a test can see the watchdog stop.
+        "debug.freeze" if std::env::var_os("WORKER_TEST_HOOKS").is_some() => {
+            let plugin = req.params["plugin"].as_str().unwrap_or_default();
+            Ok(json!({ "frozen": dispatcher.freeze(plugin).await }))
+        }
         "ping" => Ok(serde_json::to_value(&ctx.info).expect("info serializes")),
         "plugins.reload" => {
             let wait = wants_wait(&req.params);

@@ -10,6 +10,7 @@ use crate::control::{self, WorkerInfo};
 use crate::dispatch::Dispatcher;
 use crate::install::registry::StateDir;
 use crate::manifest::Manifest;
+use crate::notify::Notifier;
 use crate::reload::{self, ReloadError, ReloadSettings};
 use crate::source::amqp::{AmqpOptions, AmqpSource};
 use crate::supervisor::pool::PoolOptions;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -54,6 +56,9 @@ pub struct Daemon {
     reload: ReloadSettings,
     /// This daemon's entry in `<state_dir>/daemons/`, removed when it stops.
     _registration: Option<crate::install::daemons::Registration>,
+    notifier: Notifier,
+    /// READY, STATUS and WATCHDOG for systemd; ends with the daemon.
+    _notify: AbortOnDropHandle<()>,
 }
 
 /// A cheap, cloneable way to reach a running daemon from outside its run (e.g. on SIGHUP).
@@ -61,12 +66,17 @@ pub struct Daemon {
 pub struct DaemonHandle {
     dispatcher: Arc<Dispatcher>,
     reload: ReloadSettings,
+    notifier: Notifier,
 }
 
 impl DaemonHandle {
-    /// Applies the install record, as `worker reload` does.
+    /// Applies the install record, as `worker reload` does, telling systemd it reloads.
     pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
-        reload::apply_install_record(&self.dispatcher, &self.reload, false).await
+        self.notifier.reloading();
+        let report = reload::apply_install_record(&self.dispatcher, &self.reload, false).await;
+        let status = crate::notify::status_line(&self.dispatcher, None).await;
+        self.notifier.ready(&status);
+        report
     }
 }
 
@@ -143,6 +153,13 @@ impl Daemon {
         let amqp = config.broker.as_ref().map(|url| {
             AmqpSource::start(amqp_options(&config, url, &dispatcher), dispatcher.clone())
         });
+        let notifier = Notifier::from_env();
+        let broker = amqp.as_ref().map(AmqpSource::connected);
+        let notify = tokio::spawn(crate::notify::supervise(
+            notifier,
+            dispatcher.clone(),
+            broker,
+        ));
         tracing::info!(
             socket = %config.socket.display(),
             plugins = %names.join(", "),
@@ -159,6 +176,8 @@ impl Daemon {
             stop_server,
             reload,
             _registration: registration,
+            notifier,
+            _notify: AbortOnDropHandle::new(notify),
         })
     }
 
@@ -166,6 +185,7 @@ impl Daemon {
         DaemonHandle {
             dispatcher: self.dispatcher.clone(),
             reload: self.reload.clone(),
+            notifier: self.notifier,
         }
     }
 
@@ -189,6 +209,7 @@ impl Daemon {
             _ = shutdown => {}
             _ = remote.cancelled() => tracing::info!("remote control shutdown received"),
         }
+        self.notifier.stopping();
         let mut this = self;
         let stopped = tokio::select! {
             _ = this.stop_gracefully() => Stopped::Graceful,

@@ -170,6 +170,24 @@ impl Dispatcher {
             .sum()
     }
 
+    /// Waits until every plugin has a ready instance or has failed, up to `timeout`; returns
+    /// those that have not.
+    pub async fn wait_ready(&self, timeout: Duration) -> Vec<(String, PluginState)> {
+        self.supervisor.wait_ready(timeout).await
+    }
+
+    /// Test hook (`WORKER_TEST_HOOKS=1`): wedges a plugin's pool actor for good, so a test can
+    /// see the watchdog stop. False if no plugin has that name.
+    pub async fn freeze(&self, plugin: &str) -> bool {
+        match self.supervisor.plugin(plugin) {
+            Some(pool) => {
+                pool.freeze().await;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The manifests of the plugins running now.
     pub fn manifests(&self) -> Vec<Arc<Manifest>> {
         self.supervisor

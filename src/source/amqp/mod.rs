@@ -86,6 +86,11 @@ impl AmqpSource {
         self.shared.shutdown_requested.clone()
     }
 
+    /// Whether the source is connected and consuming, as it changes.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.shared.connected.subscribe()
+    }
+
     /// Waits until the source is connected and consuming, up to `timeout`.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let mut rx = self.shared.connected.subscribe();

@@ -56,6 +56,8 @@ enum PoolCommand {
     Status(oneshot::Sender<PluginStatus>),
     /// Where each task placed on an instance runs: (task id, instance index, pid).
     Placements(oneshot::Sender<Vec<(String, u32, Option<u32>)>>),
+    /// Test hook: the actor stops handling anything, as a wedged one would.
+    Freeze,
     /// Clear the `failed` state and start the instances again; answers whether it was failed.
     Restart(oneshot::Sender<bool>),
     Stop {
@@ -115,6 +117,11 @@ impl PoolHandle {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
+    }
+
+    /// Test hook: wedges the pool actor (see `Dispatcher::freeze`).
+    pub async fn freeze(&self) {
+        let _ = self.tx.send(PoolCommand::Freeze).await;
     }
 
     /// Starts a `failed` plugin again at once. False if it was not failed (nothing done).
@@ -190,6 +197,7 @@ pub fn start(manifest: Arc<Manifest>, options: PoolOptions, tracker: &TaskTracke
         started: Instant::now(),
         retry_failed_at: None,
         last_exit: None,
+        frozen: false,
     };
     for i in 0..pool.slots.len() {
         pool.launch(i);
@@ -219,6 +227,8 @@ struct Pool {
     retry_failed_at: Option<(Instant, SystemTime)>,
     /// The newest crash of any instance.
     last_exit: Option<String>,
+    /// Test hook: the actor has stopped answering (see `PoolCommand::Freeze`).
+    frozen: bool,
 }
 
 impl Pool {
@@ -256,6 +266,9 @@ impl Pool {
                     }
                 }
                 _ = sleep_until(next_restart.unwrap_or_else(Instant::now)), if next_restart.is_some() => self.restart_due(),
+            }
+            if self.frozen {
+                std::future::pending::<()>().await;
             }
             self.place_queued();
             self.publish();
@@ -298,6 +311,10 @@ impl Pool {
                     .map(|(id, &i)| (id.clone(), self.slots[i].index as u32, self.slots[i].pid))
                     .collect();
                 let _ = reply.send(placed);
+            }
+            PoolCommand::Freeze => {
+                tracing::warn!(plugin = %self.name(), "test hook: this pool actor freezes for good");
+                self.frozen = true;
             }
             PoolCommand::Restart(reply) => {
                 let failed = matches!(self.state, PluginState::Failed(_));
