@@ -184,7 +184,7 @@ impl Config {
 }
 
 /// Longest duration any setting accepts: 30 days.
-const MAX_SECONDS: f64 = 30.0 * 24.0 * 3600.0;
+const MAX_SECONDS: f64 = crate::task::MAX_DURATION_SECS;
 
 /// A duration key must be a finite number of seconds in [0, 30 days].
 fn seconds(key: &str, value: f64) -> Result<(), String> {

@@ -140,7 +140,7 @@ impl Checker<'_> {
     /// A duration key: a finite number of seconds from `min` to 30 days (bounded so no
     /// duration arithmetic can overflow).
     fn secs(&self, key: &str, v: &Spanned<f64>, min: f64) -> Result<Duration, String> {
-        const MAX: f64 = 30.0 * 24.0 * 3600.0;
+        const MAX: f64 = crate::task::MAX_DURATION_SECS;
         let s = *v.get_ref();
         if !(s.is_finite() && s >= min && s <= MAX) {
             let msg = format!("must be a number of seconds from {min} to {MAX} (30 days)");
