@@ -136,3 +136,53 @@ fn watchdog_pings_stop_when_an_actor_is_wedged() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn log_lines_to_the_journal_carry_priorities_and_no_timestamps() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::MetadataExt;
+    let root = tempfile::tempdir().unwrap();
+    let (read, write) = nix::unistd::pipe().unwrap();
+    let meta = std::fs::metadata(format!("/proc/self/fd/{}", {
+        use std::os::fd::AsRawFd;
+        write.as_raw_fd()
+    }))
+    .unwrap();
+    let plugins = root.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let mut child = worker()
+        .args(["serve", "--plugins"])
+        .arg(&plugins)
+        .arg("--state-dir")
+        .arg(root.path().join("state"))
+        .arg("--socket")
+        .arg(root.path().join("w.sock"))
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(write))
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(std::fs::File::from(read)).lines();
+    let mut seen = Vec::new();
+    let (mut warn, mut info) = (None, None);
+    while warn.is_none() || info.is_none() {
+        let line = lines.next().expect("a log line").unwrap();
+        if line.contains("no plugins installed") {
+            warn = Some(line.clone());
+        } else if line.contains("serving") {
+            info = Some(line.clone());
+        }
+        seen.push(line);
+        assert!(seen.len() < 50, "{seen:?}");
+    }
+    assert!(warn.unwrap().starts_with("<4>"), "{seen:?}");
+    let info = info.unwrap();
+    let timestamp = regex::Regex::new(r"\d{4}-\d{2}-\d{2}T\d{2}:").unwrap();
+    assert!(
+        info.starts_with("<6>") && !timestamp.is_match(&info),
+        "{info}"
+    );
+    signal(&child, Signal::SIGTERM);
+    let _ = child.wait();
+}

@@ -4,6 +4,7 @@
 mod available;
 mod daemon_client;
 mod install;
+mod journal;
 mod list;
 mod live;
 mod output;
@@ -196,6 +197,16 @@ fn init_logging(config: &Config, default_level: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
+    if config.log_format == crate::config::LogFormat::Text && journal::stderr_is_journal() {
+        let format = tracing_subscriber::fmt::format()
+            .without_time()
+            .with_ansi(false);
+        let _ = builder
+            .with_ansi(false)
+            .event_format(journal::WithPriority(format))
+            .try_init();
+        return;
+    }
     let _ = if config.log_format == crate::config::LogFormat::Json {
         builder.json().try_init()
     } else {
