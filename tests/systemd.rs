@@ -97,7 +97,7 @@ fn ready_status_watchdog_reloading_and_stopping_reach_the_service_manager() {
         "{ready}"
     );
     // Every 200 ms with a 400 ms watchdog.
-    assert!(n.count_over("WATCHDOG=1", Duration::from_millis(1200)) >= 3);
+    assert!(n.count_over("WATCHDOG=1", Duration::from_millis(2000)) >= 3);
     signal(&child, Signal::SIGHUP);
     let reloading = n.wait_for("RELOADING=1");
     assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
