@@ -74,8 +74,7 @@ impl DaemonHandle {
     pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
         self.notifier.reloading();
         let report = reload::apply_install_record(&self.dispatcher, &self.reload, false).await;
-        let status = crate::notify::status_line(&self.dispatcher, None).await;
-        self.notifier.ready(&status);
+        self.notifier.ready_again();
         report
     }
 }
@@ -189,6 +188,7 @@ impl Daemon {
         }
     }
 
+    /// For an embedding program: submit tasks to this daemon's plugins directly.
     pub fn dispatcher(&self) -> &Arc<Dispatcher> {
         &self.dispatcher
     }

@@ -35,7 +35,6 @@ pub enum TaskUpdate {
 /// The submitter's side of one task: a bounded stream of [`TaskUpdate`]s ending with exactly
 /// one `Done`. It must be read to its end (every source does): the task lives in it.
 pub struct TaskRun<'a> {
-    id: String,
     run: Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>,
     events: mpsc::Receiver<TaskEvent>,
     outcome: Option<Outcome>,
@@ -43,10 +42,6 @@ pub struct TaskRun<'a> {
 }
 
 impl TaskRun<'_> {
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     /// The next update, or `None` after `Done`. Events always precede `Done`: the outcome is
     /// handed out only once every event sender (the dispatcher's and each attempt's) is gone.
     pub async fn next(&mut self) -> Option<TaskUpdate> {
@@ -220,7 +215,6 @@ impl Dispatcher {
     pub fn submit(&self, request: TaskRequest) -> TaskRun<'_> {
         let (events, rx) = mpsc::channel(EVENT_BUFFER);
         TaskRun {
-            id: request.id.clone(),
             run: Box::pin(self.run_to_end(request, events)),
             events: rx,
             outcome: None,

@@ -29,8 +29,17 @@ impl Notifier {
         }
     }
 
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
     pub fn ready(&self, status: &str) {
         self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    }
+
+    /// READY again after a reload (STATUS is kept current by `supervise`).
+    pub fn ready_again(&self) {
+        self.send(&[NotifyState::Ready]);
     }
 
     pub fn status(&self, status: &str) {
@@ -103,6 +112,10 @@ pub async fn supervise(
     dispatcher: std::sync::Arc<Dispatcher>,
     broker: Option<tokio::sync::watch::Receiver<bool>>,
 ) {
+    // Without a service manager there is nobody to tell: no periodic work at all.
+    if !notifier.is_enabled() {
+        return;
+    }
     let connected =
         |b: &Option<tokio::sync::watch::Receiver<bool>>| b.as_ref().map(|r| *r.borrow());
     // Ready means every plugin has a ready instance (or has failed) and the broker is consumed.
@@ -112,10 +125,8 @@ pub async fn supervise(
     }
     let mut last = status_line(&dispatcher, connected(&broker)).await;
     notifier.ready(&last);
-    let beat = notifier
-        .watchdog_interval()
-        .map(|i| i / 2)
-        .unwrap_or(Duration::from_secs(1));
+    let watchdog = notifier.watchdog_interval();
+    let beat = watchdog.map(|i| i / 2).unwrap_or(Duration::from_secs(1));
     let mut tick = tokio::time::interval(beat.min(Duration::from_secs(1)));
     loop {
         tick.tick().await;
@@ -125,7 +136,7 @@ pub async fn supervise(
             tracing::error!("the daemon's actors did not answer within {beat:?}; no watchdog ping");
             continue;
         };
-        if notifier.watchdog_interval().is_some() {
+        if watchdog.is_some() {
             notifier.watchdog();
         }
         if line != last {
