@@ -91,13 +91,6 @@ impl AmqpSource {
         self.shared.connected.subscribe()
     }
 
-    /// Waits until the source is connected and consuming, up to `timeout`.
-    pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        let mut rx = self.shared.connected.subscribe();
-        let connected = tokio::time::timeout(timeout, rx.wait_for(|c| *c)).await;
-        matches!(connected, Ok(Ok(_)))
-    }
-
     pub fn nodename(&self) -> String {
         self.shared.nodename()
     }
