@@ -186,3 +186,74 @@ fn log_lines_to_the_journal_carry_priorities_and_no_timestamps() {
     signal(&child, Signal::SIGTERM);
     let _ = child.wait();
 }
+
+/// `systemd-analyze`, or `None` (with a message) where it is absent and `CI` is unset.
+fn systemd_analyze() -> Option<&'static str> {
+    let found = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if found {
+        return Some("systemd-analyze");
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "systemd-analyze is missing: install Debian's `systemd` package (.ci/run does)"
+    );
+    eprintln!("skipped: systemd-analyze is not installed (apt-get install systemd)");
+    None
+}
+
+#[test]
+fn the_packaged_unit_scores_1_5_or_better_in_systemd_analyze_security() {
+    let Some(analyze) = systemd_analyze() else {
+        return;
+    };
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/worker.service");
+    let out = std::process::Command::new(analyze)
+        .args(["security", "--offline=yes", "--threshold=15", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let overall = text
+        .lines()
+        .find(|line| line.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no overall level in:\n{text}"));
+    let level: f64 = overall
+        .split(':')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable level: {overall}"));
+    assert!(level <= 1.5, "{overall}\n{text}");
+    assert!(out.status.success(), "--threshold=15 refused: {overall}");
+}
+
+#[test]
+fn the_packaged_unit_passes_systemd_analyze_verify() {
+    let Some(analyze) = systemd_analyze() else {
+        return;
+    };
+    // verify checks that ExecStart exists: point it at the binary under test.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/worker.service"),
+    )
+    .unwrap()
+    .replace("/usr/bin/worker", env!("CARGO_BIN_EXE_worker"));
+    let path = dir.path().join("worker.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = std::process::Command::new(analyze)
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
