@@ -113,7 +113,7 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let (path, required) = match path {
             Some(p) => (p.to_path_buf(), true),
-            None => (PathBuf::from("worker.toml"), false),
+            None => (default_config_file(), false),
         };
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -207,9 +207,31 @@ pub fn hostname() -> String {
 
 /// The bundled examples when the binary runs from a checkout that still exists, else the
 /// system plugins directory.
+/// Whether this build runs from a checkout (its `examples/` are the default plugins). A
+/// packaged build (`--features packaged`, as `packaging/build-deb.sh` makes) never looks for the
+/// checkout it was built from: its defaults are the system paths.
+fn in_checkout() -> bool {
+    !cfg!(feature = "packaged")
+        && Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .is_dir()
+}
+
+/// `./worker.toml`; in a packaged build, `/etc/worker/worker.toml` when there is no
+/// `./worker.toml`, so the operator's CLI finds the service's socket and state directory.
+fn default_config_file() -> PathBuf {
+    let local = PathBuf::from("worker.toml");
+    let system = PathBuf::from("/etc/worker/worker.toml");
+    if cfg!(feature = "packaged") && !local.exists() && system.exists() {
+        system
+    } else {
+        local
+    }
+}
+
 fn default_plugins_dir() -> PathBuf {
     let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-    if bundled.is_dir() {
+    if in_checkout() {
         bundled
     } else {
         PathBuf::from("/var/lib/worker/plugins")
@@ -219,8 +241,8 @@ fn default_plugins_dir() -> PathBuf {
 /// This checkout's `target/worker-state` while the bundled examples are the default plugins
 /// directory; else systemd's `$STATE_DIRECTORY` (from `StateDirectory=`); else `/var/lib/worker`.
 fn default_state_dir() -> PathBuf {
-    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
-    if checkout.join("examples").is_dir() {
+    if in_checkout() {
+        let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
         return checkout.join("target").join("worker-state");
     }
     match std::env::var_os("STATE_DIRECTORY") {

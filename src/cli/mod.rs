@@ -3,6 +3,7 @@
 
 mod available;
 mod daemon_client;
+mod docs;
 mod install;
 mod journal;
 mod list;
@@ -37,7 +38,7 @@ pub struct Cli {
 /// Flags every command takes; each is also a `worker.toml` key and a `WORKER_*` variable.
 #[derive(Debug, Args, Clone, Default)]
 pub struct CommonArgs {
-    /// Config file (default: ./worker.toml if present)
+    /// Config file (default: ./worker.toml if present; else, in the packaged build, /etc/worker/worker.toml)
     #[arg(long, env = "WORKER_CONFIG", global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Plugins directory (`plugins_dir`)
@@ -122,6 +123,17 @@ pub enum Commands {
     /// Make a running daemon apply the install record: start newly installed plugins, stop
     /// uninstalled ones, replace updated ones blue/green; others are not touched (also: SIGHUP)
     Reload,
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (worker.1, worker-<command>.1) into DIR
+    #[command(hide = true)]
+    ManPages {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 impl CommonArgs {
@@ -217,6 +229,17 @@ fn init_logging(config: &Config, default_level: &str) {
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Generated from the definitions alone: no config is read.
+    match &cli.command {
+        Commands::Completions { shell } => return docs::completions(*shell),
+        Commands::ManPages { dir } => {
+            return docs::man_pages(dir).unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            })
+        }
+        _ => {}
+    }
     let config = match cli.common.resolve() {
         Ok(c) => c,
         Err(e) => {
@@ -247,6 +270,7 @@ pub fn main() -> ExitCode {
             Commands::Task(cmd) => task::task(config, cmd).await,
             Commands::Plugins(cmd) => plugins::plugins(config, cmd).await,
             Commands::Reload => plugins::reload(config).await,
+            Commands::Completions { .. } | Commands::ManPages { .. } => unreachable!(),
         }
     });
     match result {
