@@ -48,6 +48,8 @@ pub struct Config {
     /// Seconds a control connection may stay idle (no request in flight, nothing received)
     /// before the daemon closes it, so idle clients cannot hold every connection slot.
     pub control_idle_timeout: f64,
+    /// Address of the Prometheus endpoint (`http://<addr>/metrics`); unset = not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// How the worker declares the task queues.
@@ -88,6 +90,7 @@ impl Default for Config {
             result_memory: 10_000,
             result_retry_timeout: 60.0,
             control_idle_timeout: 300.0,
+            metrics_listen: None,
         }
     }
 }

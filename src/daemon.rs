@@ -29,6 +29,11 @@ pub enum DaemonError {
     Plugins(#[from] crate::install::registry::RecordError),
     #[error("{0}")]
     UntrustedState(String),
+    #[error("cannot serve metrics on {addr} (`metrics_listen`): {cause}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        cause: std::io::Error,
+    },
     #[error("cannot serve the control socket {path}: {cause}")]
     Socket {
         path: PathBuf,
@@ -57,6 +62,8 @@ pub struct Daemon {
     /// This daemon's entry in `<state_dir>/daemons/`, removed when it stops.
     _registration: Option<crate::install::daemons::Registration>,
     notifier: Notifier,
+    /// `/metrics`, served until the plugins have stopped.
+    metrics: Option<(AbortOnDropHandle<()>, CancellationToken)>,
     /// READY, STATUS and WATCHDOG for systemd; ends with the daemon.
     _notify: AbortOnDropHandle<()>,
 }
@@ -116,6 +123,14 @@ impl Daemon {
     /// Starts the installed plugins, binds the control socket, and connects to the broker.
     pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         let plugins = installed_plugins(&config)?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                crate::metrics::http::bind(addr)
+                    .await
+                    .map_err(|cause| DaemonError::Metrics { addr, cause })?,
+            ),
+            None => None,
+        };
         let listener =
             control::bind(&config.socket)
                 .await
@@ -149,6 +164,18 @@ impl Daemon {
             config.control_idle_timeout(),
             stop_server.clone(),
         ));
+        let metrics = metrics_listener.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!("metrics at http://{addr}/metrics");
+            }
+            let stop = CancellationToken::new();
+            let serving = tokio::spawn(crate::metrics::http::serve(
+                listener,
+                dispatcher.clone(),
+                stop.clone(),
+            ));
+            (AbortOnDropHandle::new(serving), stop)
+        });
         let amqp = config.broker.as_ref().map(|url| {
             AmqpSource::start(amqp_options(&config, url, &dispatcher), dispatcher.clone())
         });
@@ -176,6 +203,7 @@ impl Daemon {
             reload,
             _registration: registration,
             notifier,
+            metrics,
             _notify: AbortOnDropHandle::new(notify),
         })
     }
@@ -222,6 +250,10 @@ impl Daemon {
         this.stop_server.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), this.server).await;
         let _ = std::fs::remove_file(&this.config.socket);
+        if let Some((serving, stop)) = this.metrics.take() {
+            stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
+        }
         tracing::info!("worker stopped");
         stopped
     }

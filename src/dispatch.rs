@@ -6,6 +6,7 @@
 //! counts tasks in flight, which is what a graceful stop drains.
 
 use crate::manifest::Manifest;
+use crate::metrics::Metrics;
 use crate::supervisor::instance::Job;
 use crate::supervisor::pool::PoolHandle;
 use crate::supervisor::status::{PluginState, PluginStatus};
@@ -85,6 +86,7 @@ const MAX_REFUSALS: u32 = 20;
 #[derive(Debug)]
 pub struct Dispatcher {
     supervisor: Arc<Supervisor>,
+    metrics: Arc<Metrics>,
     /// Tasks between submit and outcome.
     active: Mutex<HashMap<String, Active>>,
     accepting: AtomicBool,
@@ -138,10 +140,16 @@ impl Dispatcher {
     pub fn new(supervisor: Arc<Supervisor>) -> Dispatcher {
         Dispatcher {
             supervisor,
+            metrics: Arc::new(Metrics::new()),
             active: Mutex::new(HashMap::new()),
             accepting: AtomicBool::new(true),
             in_flight: watch::channel(0).0,
         }
+    }
+
+    /// What this daemon counts (see [`crate::metrics`]).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Every task name some plugin serves, sorted.
@@ -222,10 +230,28 @@ impl Dispatcher {
         }
     }
 
-    /// Runs `request` to its end, through reruns. Events go to `events` as they come.
+    /// Runs `request` to its end and counts how it ended.
     async fn run_to_end(&self, request: TaskRequest, events: mpsc::Sender<TaskEvent>) -> Outcome {
+        let since = Instant::now();
         let request = Arc::new(request);
-        let _guard = match self.admit(&request) {
+        let outcome = self.run_attempts(&request, events).await;
+        // Labelled only with names a manifest declares: a name nobody serves counts as "".
+        let (plugin, task) = match self.supervisor.route(&request.name) {
+            Some(pool) => (pool.manifest().name.clone(), request.name.as_str()),
+            None => (String::new(), ""),
+        };
+        self.metrics
+            .task_ended(&plugin, task, outcome.kind(), since.elapsed());
+        outcome
+    }
+
+    /// Runs `request` to its end, through reruns. Events go to `events` as they come.
+    async fn run_attempts(
+        &self,
+        request: &Arc<TaskRequest>,
+        events: mpsc::Sender<TaskEvent>,
+    ) -> Outcome {
+        let _guard = match self.admit(request) {
             Ok(guard) => guard,
             Err(refused) => return refused,
         };
@@ -235,7 +261,7 @@ impl Dispatcher {
             let Some(pool) = self.supervisor.route(&request.name) else {
                 return Outcome::Failure(Failure::not_registered(&request.name));
             };
-            let outcome = self.attempt(&pool, &request, attempt, &events).await;
+            let outcome = self.attempt(&pool, request, attempt, &events).await;
             let Outcome::Failure(failure) = outcome else {
                 return outcome;
             };

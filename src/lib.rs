@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod framed;
 pub mod install;
 pub mod manifest;
+pub mod metrics;
 pub mod notify;
 pub mod probe;
 pub mod reload;

@@ -37,5 +37,6 @@ pub async fn apply_install_record(
     }
     let mut report = dispatcher.reload(manifests, settings.drain, wait).await;
     report.failed.extend(broken);
+    dispatcher.metrics().plugins_applied(&report);
     Ok(report)
 }

@@ -85,6 +85,27 @@ impl Outcome {
     pub fn is_success(&self) -> bool {
         matches!(self, Outcome::Success(_))
     }
+
+    /// `success`, or the failure's kind in snake case (`raised`, `hard_time_limit`, ...): the
+    /// `outcome` label of the task metrics.
+    pub fn kind(&self) -> &'static str {
+        let Outcome::Failure(failure) = self else {
+            return "success";
+        };
+        match failure.kind {
+            FailureKind::Raised { .. } => "raised",
+            FailureKind::Cancelled => "cancelled",
+            FailureKind::SoftTimeLimit => "soft_time_limit",
+            FailureKind::HardTimeLimit => "hard_time_limit",
+            FailureKind::PluginCrashed => "plugin_crashed",
+            FailureKind::Interrupted => "interrupted",
+            FailureKind::Rejected => "rejected",
+            FailureKind::NotRegistered => "not_registered",
+            FailureKind::PluginUnavailable => "plugin_unavailable",
+            FailureKind::QueueFull => "queue_full",
+            FailureKind::ShuttingDown => "shutting_down",
+        }
+    }
 }
 
 /// Why a task failed, in terms a user can act on.

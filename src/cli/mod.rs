@@ -91,6 +91,14 @@ pub struct CommonArgs {
     /// Seconds an idle control connection is kept open (`control_idle_timeout`)
     #[arg(long, env = "WORKER_CONTROL_IDLE_TIMEOUT", global = true)]
     pub control_idle_timeout: Option<f64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (`metrics_listen`), e.g. 127.0.0.1:9464
+    #[arg(
+        long,
+        env = "WORKER_METRICS_LISTEN",
+        global = true,
+        value_name = "ADDR"
+    )]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Longest plugin stdout line in bytes (`max_line_bytes`)
     #[arg(long, env = "WORKER_MAX_LINE_BYTES", global = true)]
     pub max_line_bytes: Option<usize>,
@@ -176,6 +184,9 @@ impl CommonArgs {
         }
         if let Some(v) = self.control_idle_timeout {
             c.control_idle_timeout = v;
+        }
+        if let Some(v) = self.metrics_listen {
+            c.metrics_listen = Some(v);
         }
         if let Some(v) = self.max_line_bytes {
             c.max_line_bytes = v;

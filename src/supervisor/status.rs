@@ -66,6 +66,9 @@ pub struct InstanceStatus {
     pub failed: u64,
     /// Stray (non-protocol) lines the process wrote to stdout.
     pub stray_stdout_lines: u64,
+    /// Processes of this instance ended for breaking the protocol.
+    #[serde(default)]
+    pub protocol_violations: u64,
     pub last_exit: Option<String>,
     /// The last few exits (newest last), for `plugins inspect`.
     #[serde(default)]

@@ -102,6 +102,35 @@ fn ensure_celery(test: &str) -> PathBuf {
     python
 }
 
+/// The Celery venv's Python with the reference OpenMetrics parser (`prometheus_client`)
+/// added on first use: `tests/celery/openmetrics.py` parses `/metrics` with it.
+pub fn openmetrics_python(test: &str) -> PathBuf {
+    let python = ensure_celery(test);
+    let has = |p: &Path| {
+        Command::new(p)
+            .args(["-c", "import prometheus_client"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has(&python) {
+        return python;
+    }
+    let _lock = prepare_lock("celery-venv");
+    if !has(&python) {
+        let installed = Command::new(python.parent().unwrap().join("pip"))
+            .args(["install", "-q", "prometheus-client>=0.20"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            installed,
+            "{test} needs the prometheus_client parser: run {}/pip install prometheus-client",
+            python.parent().unwrap().display()
+        );
+    }
+    python
+}
+
 /// What every broker test needs: RabbitMQ running and the Celery client's Python. Prepared on
 /// first use; what cannot be prepared fails the test with the command that fixes it. (With
 /// `WORKER_TESTS_WITHOUT_BROKER=1` these tests are compiled as ignored instead.)

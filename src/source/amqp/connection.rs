@@ -3,6 +3,7 @@
 //! lost, at once the first time, then with the restart policy's backoff.
 
 use super::{delivery, redact, remote, Declare, SourceState};
+use crate::metrics::Settled;
 use crate::supervisor::restart;
 use futures_lite::stream::StreamExt;
 use lapin::message::Delivery;
@@ -48,6 +49,7 @@ pub(super) async fn connection_loop(shared: Arc<SourceState>) {
             SessionEnd::Lost { reason, was_up } => {
                 shared.results.send_replace(None);
                 shared.connected.send_replace(false);
+                shared.dispatcher.metrics().broker_connected(false);
                 if was_up && began.elapsed() > Duration::from_secs(1) {
                     failures = 0;
                 }
@@ -188,6 +190,7 @@ async fn open_session(shared: &Arc<SourceState>, number: u64) -> lapin::Result<S
         relays.into_iter().map(AbortOnDropHandle::new).collect();
     shared.results.send_replace(Some((number, results.clone())));
     shared.connected.send_replace(true);
+    shared.dispatcher.metrics().broker_connected(true);
     tracing::info!(
         broker = %redact(&o.url),
         queues = %o.queues.join(","),
@@ -322,10 +325,7 @@ impl Session<'_> {
                 .handlers
                 .spawn(async move { remote::answer(&state, &control, delivery).await });
         } else if shared.stopping.is_cancelled() {
-            let _ = delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: true })
-                .await;
+            delivery::reject(shared, &delivery.acker, Settled::Requeued).await;
         } else {
             let (state, lost) = (shared.clone(), lost.clone());
             shared

@@ -7,6 +7,7 @@ use super::publish::Delivered;
 use super::value::table_to_json;
 use super::{ActiveInfo, SourceState};
 use crate::dispatch::TaskUpdate;
+use crate::metrics::Settled;
 use crate::source::celery::{self, state, CeleryTask, Envelope};
 use crate::task::{FailureKind, Outcome, TaskEvent, TaskRequest};
 use lapin::message::Delivery;
@@ -143,7 +144,7 @@ pub(super) async fn handle(shared: Arc<SourceState>, delivery: Delivery, lost: C
         }
     };
     let settlement = match admission {
-        Admission::Requeue => return reject(&acker, true).await,
+        Admission::Requeue => return reject(&shared, &acker, Settled::Requeued).await,
         Admission::Hold => unreachable!("held above"),
         Admission::AckAnswered | Admission::Attach | Admission::Revoke(_) | Admission::Run => {
             // Claimed atomically: the facts may have changed since they were read.
@@ -157,7 +158,7 @@ pub(super) async fn handle(shared: Arc<SourceState>, delivery: Delivery, lost: C
                     tracing::info!(task_id = %task.id, "redelivered task is still running or being answered here; this copy is acked with it");
                     return;
                 }
-                Arrival::Answered(copy) => return ack_answered_copy(&task, &copy).await,
+                Arrival::Answered(copy) => return ack_answered_copy(&shared, &task, &copy).await,
             }
             match admission {
                 Admission::Revoke(reason) => {
@@ -216,9 +217,9 @@ fn revoked_answer(reason: &'static str) -> Settlement {
     }
 }
 
-async fn ack_answered_copy(task: &CeleryTask, acker: &Acker) {
+async fn ack_answered_copy(shared: &SourceState, task: &CeleryTask, acker: &Acker) {
     tracing::info!(task_id = %task.id, "redelivered copy of a task already answered; acking it without publishing again");
-    ack(acker).await;
+    ack(shared, acker).await;
 }
 
 /// Reads the Celery task out of a delivery; an unreadable one is rejected without requeue.
@@ -252,7 +253,7 @@ async fn decode(
                 bytes = delivery.data.len(),
                 "rejecting a message that is not a readable Celery task (dead-lettered if the queue has a DLX): {e}"
             );
-            reject(&delivery.acker, false).await;
+            reject(shared, &delivery.acker, Settled::Rejected).await;
             return None;
         }
     };
@@ -309,7 +310,7 @@ async fn hold_until_eta(
         Some(false) => false,
         // Stopping: give it back for another worker.
         Some(true) => {
-            reject(acker, true).await;
+            reject(shared, acker, Settled::Requeued).await;
             false
         }
         None => true,
@@ -349,7 +350,7 @@ async fn finish(shared: &SourceState, task: &CeleryTask, acker: &Acker, settleme
             tracing::info!(task_id = %task.id, "worker stopping: returning the task to the queue");
             let copies = shared.tasks().ledger.release(&task.id);
             for a in std::iter::once(acker).chain(&copies) {
-                reject(a, true).await;
+                reject(shared, a, Settled::Requeued).await;
             }
             return;
         }
@@ -374,9 +375,10 @@ async fn finish(shared: &SourceState, task: &CeleryTask, acker: &Acker, settleme
     let copies = shared.tasks().ledger.answered(&task.id);
     for a in std::iter::once(acker).chain(&copies) {
         if reject_it {
-            reject(a, false).await;
+            // Nobody serves it: a dead-letter exchange on the queue, if any, receives it.
+            reject(shared, a, Settled::DeadLettered).await;
         } else {
-            ack(a).await;
+            ack(shared, a).await;
         }
     }
     shared.count_answered(&task.name);
@@ -414,19 +416,24 @@ fn now_epoch() -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn ack(acker: &Acker) {
+async fn ack(shared: &SourceState, acker: &Acker) {
     if let Err(e) = acker.ack(BasicAckOptions::default()).await {
         // The channel is gone (connection lost): RabbitMQ redelivers, and the copy is acked
         // as answered without publishing again.
         tracing::debug!(
             "ack failed ({e}); the broker will redeliver and the copy will be acked as answered"
         );
+        return;
     }
+    shared.dispatcher.metrics().delivery_settled(Settled::Acked);
 }
 
-pub(super) async fn reject(acker: &Acker, requeue: bool) {
-    if let Err(e) = acker.reject(BasicRejectOptions { requeue }).await {
-        tracing::debug!("reject failed ({e})");
+/// Rejects with requeue for [`Settled::Requeued`], without it otherwise.
+pub(super) async fn reject(shared: &SourceState, acker: &Acker, how: Settled) {
+    let requeue = how == Settled::Requeued;
+    match acker.reject(BasicRejectOptions { requeue }).await {
+        Ok(_) => shared.dispatcher.metrics().delivery_settled(how),
+        Err(e) => tracing::debug!("reject failed ({e})"),
     }
 }
 

@@ -80,6 +80,7 @@ impl SourceState {
                 mandatory: true,
                 ..Default::default()
             };
+            let sent_at = Instant::now();
             let sent = channel
                 .basic_publish(
                     "".into(),
@@ -102,7 +103,10 @@ impl SourceState {
             };
             match confirmed {
                 Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {
-                    return Delivered::Confirmed
+                    self.dispatcher
+                        .metrics()
+                        .result_confirmed(sent_at.elapsed());
+                    return Delivered::Confirmed;
                 }
                 Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_))) => {
                     let since = *returned_since.get_or_insert_with(|| {

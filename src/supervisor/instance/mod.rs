@@ -109,6 +109,8 @@ pub struct LaunchSpec {
     /// Shared with the pool for status reports.
     pub stderr: StderrTail,
     pub stray_lines: Arc<AtomicU64>,
+    /// Shared with the pool: processes ended for a protocol violation.
+    pub violations: Arc<AtomicU64>,
 }
 
 /// The pool's side of an instance.

@@ -225,6 +225,11 @@ impl Instance {
         // is a protocol violation: whatever came after it is not trusted.
         stdout.close();
         self.held = None;
+        if crash.violation {
+            self.spec
+                .violations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         while let (false, Ok(ev)) = (crash.violation, stdout.try_recv()) {
             if let StdoutEvent::Message(Message::Response(r)) = ev {
                 if !matches!(self.on_response(r), Step::Continue) {

@@ -38,6 +38,7 @@ impl Pool {
                     done: s.done,
                     failed: s.failed,
                     stray_stdout_lines: s.stray_lines.load(Ordering::Relaxed),
+                    protocol_violations: s.violations.load(Ordering::Relaxed),
                     last_exit: s.last_exit.clone(),
                     recent_exits: s.recent_exits.iter().cloned().collect(),
                     stderr_tail: s.stderr.lines(s.pid),

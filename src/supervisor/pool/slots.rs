@@ -39,6 +39,7 @@ pub(super) struct Slot {
     pub(super) restart_at: Option<Instant>,
     pub(super) stderr: StderrTail,
     pub(super) stray_lines: Arc<AtomicU64>,
+    pub(super) violations: Arc<AtomicU64>,
 }
 
 impl Slot {
@@ -62,6 +63,7 @@ impl Slot {
             restart_at: None,
             stderr: StderrTail::default(),
             stray_lines: Arc::new(AtomicU64::new(0)),
+            violations: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -83,6 +85,7 @@ impl Pool {
             max_line_bytes: self.options.max_line_bytes,
             stderr: slot.stderr.clone(),
             stray_lines: slot.stray_lines.clone(),
+            violations: slot.violations.clone(),
         };
         let (handle, task) = instance::start(spec, self.events_tx.clone());
         slot.handle = Some(handle);

@@ -1,0 +1,356 @@
+//! What the daemon counts for Prometheus: tasks by plugin, task and outcome, task durations,
+//! the broker's deliveries and result publishing, plugin changes, and, read from the pools at
+//! scrape time, in-flight and queued tasks and the state of every instance.
+//!
+//! Labels are low-cardinality by construction: plugin and task names come from manifests (a
+//! task nobody serves is counted under `task=""`), outcomes from a closed set, never task ids
+//! or pids. Counting is always on (atomic adds); serving them is `metrics_listen` ([`http`]).
+
+pub mod http;
+
+use crate::supervisor::status::{InstanceState, PluginStatus};
+use crate::supervisor::ReloadReport;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskOutcome {
+    plugin: String,
+    task: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskName {
+    plugin: String,
+    task: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChangeResult {
+    result: &'static str,
+}
+
+/// How a broker delivery was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    Acked,
+    Rejected,
+    /// Rejected without requeue to a queue with a dead-letter exchange.
+    DeadLettered,
+    Requeued,
+}
+
+impl Settled {
+    fn label(self) -> &'static str {
+        match self {
+            Settled::Acked => "acked",
+            Settled::Rejected => "rejected",
+            Settled::DeadLettered => "dead_lettered",
+            Settled::Requeued => "requeued",
+        }
+    }
+}
+
+/// The daemon's metrics. Cheap to update from any task; [`Metrics::encode`] renders them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    tasks: Family<TaskOutcome, Counter>,
+    task_duration: Family<TaskName, Histogram>,
+    broker_connected: Gauge,
+    broker_reconnects: Counter,
+    broker_was_up: AtomicBool,
+    deliveries: Family<Kind, Counter>,
+    result_publish: Histogram,
+    plugin_changes: Family<ChangeResult, Counter>,
+    pools: Arc<PoolSnapshot>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("worker");
+        let tasks = Family::<TaskOutcome, Counter>::default();
+        registry.register(
+            "tasks",
+            "Tasks ended, by plugin, task and outcome (success or the failure kind)",
+            tasks.clone(),
+        );
+        let task_duration = Family::<TaskName, Histogram>::new_with_constructor(|| {
+            // 1 ms .. ~9 h in x4 steps: no-op tasks to long batch jobs.
+            Histogram::new(exponential_buckets(0.001, 4.0, 13))
+        });
+        registry.register_with_unit(
+            "task_duration",
+            "Time from a task's admission to its outcome, reruns included",
+            Unit::Seconds,
+            task_duration.clone(),
+        );
+        let broker_connected = Gauge::default();
+        registry.register(
+            "broker_connected",
+            "1 while the broker connection is up and consuming (0 without a broker)",
+            broker_connected.clone(),
+        );
+        let broker_reconnects = Counter::default();
+        registry.register(
+            "broker_reconnects",
+            "Broker connections re-established after a loss",
+            broker_reconnects.clone(),
+        );
+        let deliveries = Family::<Kind, Counter>::default();
+        registry.register(
+            "broker_deliveries",
+            "Broker deliveries settled, by how: acked, rejected, dead_lettered, requeued",
+            deliveries.clone(),
+        );
+        let result_publish = Histogram::new(exponential_buckets(0.0001, 4.0, 11));
+        registry.register_with_unit(
+            "result_publish",
+            "Time from publishing a result to the broker's confirm",
+            Unit::Seconds,
+            result_publish.clone(),
+        );
+        let plugin_changes = Family::<ChangeResult, Counter>::default();
+        registry.register(
+            "plugin_installs",
+            "Plugins applied from the install record by result: started, replaced, removed, restarted, failed",
+            plugin_changes.clone(),
+        );
+        registry.register(
+            "build",
+            "This worker's version",
+            Info::new(vec![(
+                "version".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            )]),
+        );
+        let pools = Arc::new(PoolSnapshot::default());
+        registry.register_collector(Box::new(pools.clone()));
+        Metrics {
+            registry,
+            tasks,
+            task_duration,
+            broker_connected,
+            broker_reconnects,
+            broker_was_up: AtomicBool::new(false),
+            deliveries,
+            result_publish,
+            plugin_changes,
+            pools,
+        }
+    }
+
+    /// A task ended: `plugin` served it (empty when none did), `task` is its name when some
+    /// plugin serves it, `outcome` what [`crate::task::Outcome::kind`] says.
+    pub fn task_ended(&self, plugin: &str, task: &str, outcome: &'static str, took: Duration) {
+        let name = TaskName {
+            plugin: plugin.to_string(),
+            task: task.to_string(),
+        };
+        self.tasks
+            .get_or_create(&TaskOutcome {
+                plugin: name.plugin.clone(),
+                task: name.task.clone(),
+                outcome,
+            })
+            .inc();
+        self.task_duration
+            .get_or_create(&name)
+            .observe(took.as_secs_f64());
+    }
+
+    /// The broker connection came up (counted as a reconnect after the first) or went down.
+    pub fn broker_connected(&self, up: bool) {
+        self.broker_connected.set(i64::from(up));
+        if up && self.broker_was_up.swap(true, Ordering::Relaxed) {
+            self.broker_reconnects.inc();
+        }
+    }
+
+    pub fn delivery_settled(&self, how: Settled) {
+        self.deliveries
+            .get_or_create(&Kind {
+                outcome: how.label(),
+            })
+            .inc();
+    }
+
+    pub fn result_confirmed(&self, took: Duration) {
+        self.result_publish.observe(took.as_secs_f64());
+    }
+
+    /// What a reload did with each plugin of the install record.
+    pub fn plugins_applied(&self, report: &ReloadReport) {
+        let counts = [
+            ("started", report.started.len()),
+            ("replaced", report.replaced.len()),
+            ("removed", report.removed.len()),
+            ("restarted", report.restarted.len()),
+            ("failed", report.failed.len()),
+        ];
+        for (result, n) in counts {
+            self.plugin_changes
+                .get_or_create(&ChangeResult { result })
+                .inc_by(n as u64);
+        }
+    }
+
+    /// The OpenMetrics text of every metric, with the pools as `status` reports them now.
+    pub fn encode(&self, status: Vec<PluginStatus>) -> String {
+        *self.pools.plugins.lock().expect("metrics snapshot lock") = status;
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// The pools' status at the last scrape, encoded as gauges and counters.
+#[derive(Debug, Default)]
+struct PoolSnapshot {
+    plugins: Mutex<Vec<PluginStatus>>,
+}
+
+const INSTANCE_STATES: [(InstanceState, &str); 7] = [
+    (InstanceState::Starting, "starting"),
+    (InstanceState::Ready, "ready"),
+    (InstanceState::Crashed, "crashed"),
+    (InstanceState::Backoff, "backoff"),
+    (InstanceState::Stopping, "stopping"),
+    (InstanceState::Stopped, "stopped"),
+    (InstanceState::Failed, "failed"),
+];
+
+impl PoolSnapshot {
+    /// One metric with a value per plugin.
+    fn per_plugin<M: EncodeMetric>(
+        encoder: &mut DescriptorEncoder,
+        plugins: &[PluginStatus],
+        (name, help): (&str, &str),
+        value: impl Fn(&PluginStatus) -> M,
+    ) -> Result<(), std::fmt::Error> {
+        let Some(first) = plugins.first() else {
+            return Ok(());
+        };
+        let mut family = encoder.encode_descriptor(name, help, None, value(first).metric_type())?;
+        for p in plugins {
+            value(p).encode(family.encode_family(&[("plugin", p.name.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Collector for PoolSnapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let plugins = self.plugins.lock().expect("metrics snapshot lock");
+        let sum = |p: &PluginStatus, f: fn(&crate::supervisor::status::InstanceStatus) -> u64| {
+            p.instances.iter().map(f).sum::<u64>()
+        };
+        let e = &mut encoder;
+        Self::per_plugin(
+            e,
+            &plugins,
+            ("tasks_in_flight", "Tasks running on a plugin's processes"),
+            |p| ConstGauge::new(sum(p, |i| i.in_flight as u64) as i64),
+        )?;
+        Self::per_plugin(
+            e,
+            &plugins,
+            (
+                "tasks_queued",
+                "Tasks waiting for a free instance of a plugin",
+            ),
+            |p| ConstGauge::new(p.queued as i64),
+        )?;
+        Self::per_plugin(
+            e,
+            &plugins,
+            (
+                "instance_restarts",
+                "Restarts of a plugin's instances since its current version started",
+            ),
+            |p| ConstCounter::new(sum(p, |i| u64::from(i.restarts))),
+        )?;
+        Self::per_plugin(
+            e,
+            &plugins,
+            (
+                "stray_stdout_lines",
+                "Non-protocol lines a plugin's processes wrote to stdout",
+            ),
+            |p| ConstCounter::new(sum(p, |i| i.stray_stdout_lines)),
+        )?;
+        Self::per_plugin(
+            e,
+            &plugins,
+            (
+                "protocol_violations",
+                "Processes of a plugin ended for breaking the protocol",
+            ),
+            |p| ConstCounter::new(sum(p, |i| i.protocol_violations)),
+        )?;
+        Self::per_plugin(
+            e,
+            &plugins,
+            (
+                "plugin_uptime_seconds",
+                "Seconds since a plugin's current version started",
+            ),
+            |p| ConstGauge::new(p.uptime_secs),
+        )?;
+        if plugins.is_empty() {
+            return Ok(());
+        }
+        let gauge = ConstGauge::new(0i64);
+        let mut family = encoder.encode_descriptor(
+            "instances",
+            "Instances of a plugin by state",
+            None,
+            gauge.metric_type(),
+        )?;
+        for p in plugins.iter() {
+            for (state, label) in INSTANCE_STATES {
+                let n = p.instances.iter().filter(|i| i.state == state).count();
+                let labels = [("plugin", p.name.as_str()), ("state", label)];
+                ConstGauge::new(n as i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "instance_uptime_seconds",
+            "Seconds since an instance's process started (absent while it is down)",
+            None,
+            ConstGauge::new(0.0f64).metric_type(),
+        )?;
+        for p in plugins.iter() {
+            for i in &p.instances {
+                if let Some(up) = i.uptime_secs {
+                    let index = i.index.to_string();
+                    let labels = [("plugin", p.name.as_str()), ("instance", index.as_str())];
+                    ConstGauge::new(up).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,374 @@
+//! `/metrics` (`metrics_listen`) read by the reference OpenMetrics parser (`prometheus_client`,
+//! in the Celery venv): counters match known work through the broker and the control socket,
+//! and scraping while tasks flow answers every time without losing a task.
+
+mod common;
+
+use common::broker::*;
+use common::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `http://ADDR/metrics` from the daemon's log line.
+fn metrics_addr(d: &mut Daemon) -> String {
+    let line = d.wait_log("metrics at http://");
+    let rest = &line[line.find("http://").unwrap() + 7..];
+    rest[..rest.find('/').unwrap()].to_string()
+}
+
+/// One scrape: status line, content type and body.
+fn scrape(addr: &str) -> (String, String, String) {
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        conn,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response");
+    let status = head.lines().next().unwrap().to_string();
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type: ")
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    (status, content_type, body.to_string())
+}
+
+/// The samples of `text`, as the reference parser reads them (it fails on invalid text).
+fn parse(python: &Path, text: &str) -> Vec<Value> {
+    let mut child = Command::new(python)
+        .arg(repo().join("tests/celery/openmetrics.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the parser refused the text: {}\n{text}",
+        text_of(&out.stderr)
+    );
+    text_of(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn text_of(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The value of the sample `name` whose labels include `labels` (None if absent).
+fn value(samples: &[Value], name: &str, labels: Value) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s["name"] == name
+                && labels
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| &s["labels"][k] == v)
+        })
+        .map(|s| s["value"].as_f64().unwrap())
+}
+
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_metrics_count_known_work_and_parse_as_openmetrics() {
+    let (lane, root, plugins) = setup!("amqp_metrics");
+    let python = openmetrics_python("amqp_metrics");
+    fib_plugin(&plugins);
+    let mut d = Daemon::start_with(
+        &plugins,
+        &root.path().join("w.sock"),
+        &[
+            "--broker",
+            BROKER,
+            "-Q",
+            &lane.queue,
+            "-n",
+            &lane.node,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    d.wait_log("consuming Celery tasks");
+    let addr = metrics_addr(&mut d);
+
+    assert_eq!(
+        lane.run(&["batch", "fibonacci", "[10]", "20"]),
+        json!({"ok": 20, "failed": []})
+    );
+    assert_eq!(
+        lane.run(&["call", "fibonacci", "[-1]"])["exc_type"],
+        "ValueError"
+    );
+    assert_eq!(lane.run(&["garbage"]), json!({"ok": 7}));
+    // Through the control socket: one success, one unknown name.
+    let ok = d.cli(&["task", "run", "py.noop"]).output().unwrap();
+    assert!(ok.status.success(), "{}", text_of(&ok.stderr));
+    let unknown = d.cli(&["task", "run", "no.such.task"]).output().unwrap();
+    assert!(!unknown.status.success());
+    let reload = d.cli(&["reload"]).output().unwrap();
+    assert!(reload.status.success(), "{}", text_of(&reload.stderr));
+
+    // The garbage is rejected as it arrives; wait for the last rejection to be counted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let samples = loop {
+        let (status, content_type, body) = scrape(&addr);
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(
+            content_type.starts_with("application/openmetrics-text; version=1.0.0"),
+            "{content_type}"
+        );
+        let samples = parse(&python, &body);
+        let rejected = value(
+            &samples,
+            "worker_broker_deliveries_total",
+            json!({"outcome": "rejected"}),
+        );
+        if rejected == Some(7.0) || Instant::now() > deadline {
+            break samples;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let fib = |outcome: &str| {
+        value(
+            &samples,
+            "worker_tasks_total",
+            json!({"plugin": "python-fibonacci", "task": "fibonacci", "outcome": outcome}),
+        )
+    };
+    assert_eq!(fib("success"), Some(20.0));
+    assert_eq!(fib("raised"), Some(1.0));
+    assert_eq!(
+        value(
+            &samples,
+            "worker_tasks_total",
+            json!({"plugin": "python-fibonacci", "task": "py.noop", "outcome": "success"})
+        ),
+        Some(1.0)
+    );
+    // A name nobody serves is counted without it: clients cannot grow the label set.
+    assert_eq!(
+        value(
+            &samples,
+            "worker_tasks_total",
+            json!({"plugin": "", "task": "", "outcome": "not_registered"})
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "worker_task_duration_seconds_count",
+            json!({"plugin": "python-fibonacci", "task": "fibonacci"})
+        ),
+        Some(21.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "worker_broker_deliveries_total",
+            json!({"outcome": "acked"})
+        ),
+        Some(21.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "worker_broker_deliveries_total",
+            json!({"outcome": "rejected"})
+        ),
+        Some(7.0)
+    );
+    assert_eq!(
+        value(&samples, "worker_result_publish_seconds_count", json!({})),
+        Some(21.0)
+    );
+    assert_eq!(
+        value(&samples, "worker_broker_connected", json!({})),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&samples, "worker_broker_reconnects_total", json!({})),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "worker_instances",
+            json!({"plugin": "python-fibonacci", "state": "ready"})
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "worker_tasks_in_flight",
+            json!({"plugin": "python-fibonacci"})
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "worker_tasks_queued",
+            json!({"plugin": "python-fibonacci"})
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "worker_instance_restarts_total",
+            json!({"plugin": "python-fibonacci"})
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "worker_plugin_installs_total",
+            json!({"result": "failed"})
+        ),
+        Some(0.0)
+    );
+    assert!(
+        value(
+            &samples,
+            "worker_instance_uptime_seconds",
+            json!({"plugin": "python-fibonacci", "instance": "0"})
+        )
+        .unwrap()
+            > 0.0
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "worker_build_info",
+            json!({"version": env!("CARGO_PKG_VERSION")})
+        ),
+        Some(1.0)
+    );
+    // Low cardinality: no task ids or pids anywhere.
+    for s in &samples {
+        for key in s["labels"].as_object().unwrap().keys() {
+            assert!(!["task_id", "id", "pid"].contains(&key.as_str()), "{s}");
+        }
+    }
+}
+
+/// Submits `n` tasks over one control connection, at most `window` at a time; returns how many
+/// succeeded.
+fn submit_all(socket: &Path, task: &str, n: usize, window: usize) -> usize {
+    let mut conn = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut lines = BufReader::new(conn.try_clone().unwrap()).lines();
+    let (mut sent, mut done, mut ok) = (0, 0, 0);
+    while done < n {
+        while sent < n && sent - done < window {
+            writeln!(conn, r#"{{"jsonrpc":"2.0","id":{sent},"method":"task.submit","params":{{"name":"{task}","args":[{sent}]}}}}"#).unwrap();
+            sent += 1;
+        }
+        let msg: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        if msg.get("id").is_some() {
+            done += 1;
+            ok += usize::from(msg.get("result").is_some());
+        }
+    }
+    ok
+}
+
+#[test]
+fn scraping_while_tasks_flow_answers_every_time_and_loses_no_task() {
+    let python = openmetrics_python("metrics_under_load");
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    rust_plugin(&plugins, "");
+    let mut d = Daemon::start_with(
+        &plugins,
+        &root.path().join("w.sock"),
+        &["--metrics-listen", "127.0.0.1:0"],
+    );
+    let addr = metrics_addr(&mut d);
+    let n = 10_000;
+    // A run without scrapers, for the ratio printed at the end (a figure, not an assertion:
+    // speed is measured by benchmarks, never asserted by tests).
+    let began = Instant::now();
+    assert_eq!(submit_all(&d.socket, "rust.echo", n, 200), n);
+    let quiet = began.elapsed();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut bodies = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (status, _, body) = scrape(&addr);
+                assert_eq!(status, "HTTP/1.1 200 OK");
+                bodies.push(body);
+                // 20 scrapes a second: far more often than any Prometheus would (15 s default).
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            bodies
+        })
+    };
+    let began = Instant::now();
+    let ok = submit_all(&d.socket, "rust.echo", n, 200);
+    let scraped = began.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let bodies = scraper.join().unwrap();
+    assert_eq!(ok, n, "every task answered while being scraped");
+    assert!(bodies.len() >= 2, "scraped {} times", bodies.len());
+    // The success counter never goes back, and ends at 2n (both runs).
+    let mut last = 0.0;
+    for body in bodies
+        .iter()
+        .step_by((bodies.len() / 20).max(1))
+        .chain(bodies.last())
+    {
+        let samples = parse(&python, body);
+        let done = value(
+            &samples,
+            "worker_tasks_total",
+            json!({"task": "rust.echo", "outcome": "success"}),
+        )
+        .unwrap_or(0.0);
+        assert!(done >= last, "counter went from {last} to {done}");
+        last = done;
+    }
+    let (_, _, body) = scrape(&addr);
+    let samples = parse(&python, &body);
+    assert_eq!(
+        value(
+            &samples,
+            "worker_tasks_total",
+            json!({"task": "rust.echo", "outcome": "success"})
+        ),
+        Some(2.0 * n as f64)
+    );
+    eprintln!(
+        "{} scrapes while {n} tasks ran; task throughput while scraped: {:.2}x of unscraped ({quiet:?} vs {scraped:?})",
+        bodies.len(),
+        quiet.as_secs_f64() / scraped.as_secs_f64()
+    );
+}
