@@ -34,6 +34,19 @@ pub struct Config {
     pub log_format: LogFormat,
     /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`); unset = embedded mode only.
     pub broker: Option<String>,
+    /// A file holding the broker URL (e.g. systemd's `LoadCredential=`), read when `broker` is
+    /// unset, so the password need not sit in the config or the environment.
+    pub broker_file: Option<PathBuf>,
+    /// PEM file of the CA(s) that sign the broker's certificate (`amqps://`), trusted besides
+    /// the system's roots. Celery: `broker_use_ssl.ca_certs`.
+    pub broker_ca: Option<PathBuf>,
+    /// PEM client certificate for `amqps://`, with `broker_key`. Celery: `certfile`.
+    pub broker_cert: Option<PathBuf>,
+    /// PEM (PKCS#8) private key of `broker_cert`. Celery: `keyfile`.
+    pub broker_key: Option<PathBuf>,
+    /// The name the broker's certificate must carry, when it is not the URL's host.
+    /// Celery: `server_hostname`.
+    pub broker_tls_server_name: Option<String>,
     /// Queues to consume from the broker.
     pub queues: Vec<String>,
     /// `kombu` (declare exactly as Celery clients do) or `passive` (queues must exist).
@@ -84,6 +97,11 @@ impl Default for Config {
             log_level: None,
             log_format: LogFormat::Text,
             broker: None,
+            broker_file: None,
+            broker_ca: None,
+            broker_cert: None,
+            broker_key: None,
+            broker_tls_server_name: None,
             queues: vec!["celery".into()],
             queue_declare: QueueDeclare::Kombu,
             prefetch_count: None,

@@ -12,6 +12,7 @@ use crate::install::registry::StateDir;
 use crate::manifest::Manifest;
 use crate::notify::Notifier;
 use crate::reload::{self, ReloadError, ReloadSettings};
+use crate::source::amqp::tls::{BrokerTls, TlsSettings};
 use crate::source::amqp::{AmqpOptions, AmqpSource};
 use crate::supervisor::pool::PoolOptions;
 use crate::supervisor::{ReloadReport, Supervisor};
@@ -29,6 +30,8 @@ pub enum DaemonError {
     Plugins(#[from] crate::install::registry::RecordError),
     #[error("{0}")]
     UntrustedState(String),
+    #[error("broker TLS: {0}")]
+    BrokerTls(String),
     #[error("cannot serve metrics on {addr} (`metrics_listen`): {cause}")]
     Metrics {
         addr: std::net::SocketAddr,
@@ -123,6 +126,13 @@ impl Daemon {
     /// Starts the installed plugins, binds the control socket, and connects to the broker.
     pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         let plugins = installed_plugins(&config)?;
+        let tls = BrokerTls::load(&TlsSettings {
+            ca: config.broker_ca.clone(),
+            cert: config.broker_cert.clone(),
+            key: config.broker_key.clone(),
+            server_name: config.broker_tls_server_name.clone(),
+        })
+        .map_err(DaemonError::BrokerTls)?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(
                 crate::metrics::http::bind(addr)
@@ -177,7 +187,8 @@ impl Daemon {
             (AbortOnDropHandle::new(serving), stop)
         });
         let amqp = config.broker.as_ref().map(|url| {
-            AmqpSource::start(amqp_options(&config, url, &dispatcher), dispatcher.clone())
+            let options = amqp_options(&config, url, &dispatcher, tls.clone());
+            AmqpSource::start(options, dispatcher.clone())
         });
         let notifier = Notifier::from_env();
         let broker = amqp.as_ref().map(AmqpSource::connected);
@@ -285,7 +296,12 @@ impl Daemon {
     }
 }
 
-fn amqp_options(config: &Config, url: &str, dispatcher: &Dispatcher) -> AmqpOptions {
+fn amqp_options(
+    config: &Config,
+    url: &str,
+    dispatcher: &Dispatcher,
+    tls: BrokerTls,
+) -> AmqpOptions {
     let prefetch = config
         .prefetch_count
         .unwrap_or_else(|| (dispatcher.capacity() * 2).clamp(4, u16::MAX as usize) as u16);
@@ -297,6 +313,7 @@ fn amqp_options(config: &Config, url: &str, dispatcher: &Dispatcher) -> AmqpOpti
         nodename: config.name.clone(),
         result_memory: config.result_memory,
         result_retry_timeout: config.result_retry_timeout(),
+        tls,
     }
 }
 

@@ -67,6 +67,26 @@ pub struct CommonArgs {
     /// RabbitMQ URL to consume Celery tasks from (`broker`), e.g. amqp://guest:guest@127.0.0.1:5672//
     #[arg(long, env = "WORKER_BROKER", global = true)]
     pub broker: Option<String>,
+    /// File holding the broker URL, read when no broker is given (`broker_file`)
+    #[arg(long, env = "WORKER_BROKER_FILE", global = true, value_name = "FILE")]
+    pub broker_file: Option<PathBuf>,
+    /// CA certificates (PEM) for an amqps:// broker (`broker_ca`)
+    #[arg(long, env = "WORKER_BROKER_CA", global = true, value_name = "FILE")]
+    pub broker_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an amqps:// broker (`broker_cert`)
+    #[arg(long, env = "WORKER_BROKER_CERT", global = true, value_name = "FILE")]
+    pub broker_cert: Option<PathBuf>,
+    /// Key (PEM) of the client certificate (`broker_key`)
+    #[arg(long, env = "WORKER_BROKER_KEY", global = true, value_name = "FILE")]
+    pub broker_key: Option<PathBuf>,
+    /// Name the broker's certificate must carry, if not the URL's host (`broker_tls_server_name`)
+    #[arg(
+        long,
+        env = "WORKER_BROKER_TLS_SERVER_NAME",
+        global = true,
+        value_name = "NAME"
+    )]
+    pub broker_tls_server_name: Option<String>,
     /// Comma-separated queues to consume (`queues`, default celery); Celery's -Q/--queues
     #[arg(
         short = 'Q',
@@ -166,6 +186,29 @@ impl CommonArgs {
         }
         if let Some(v) = &self.broker {
             c.broker = Some(v.clone()).filter(|b| !b.is_empty());
+        }
+        if let Some(v) = &self.broker_file {
+            c.broker_file = Some(v.clone());
+        }
+        if let Some(v) = &self.broker_ca {
+            c.broker_ca = Some(v.clone());
+        }
+        if let Some(v) = &self.broker_cert {
+            c.broker_cert = Some(v.clone());
+        }
+        if let Some(v) = &self.broker_key {
+            c.broker_key = Some(v.clone());
+        }
+        if let Some(v) = &self.broker_tls_server_name {
+            c.broker_tls_server_name = Some(v.clone());
+        }
+        if c.broker.is_none() {
+            if let Some(path) = &c.broker_file {
+                let url = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("cannot read `broker_file` {}: {e}", path.display())
+                })?;
+                c.broker = Some(url.trim().to_string()).filter(|u| !u.is_empty());
+            }
         }
         if let Some(v) = &self.queues {
             c.queues = v.clone();

@@ -59,9 +59,10 @@ pub(super) async fn connection_loop(shared: Arc<SourceState>) {
                     true => "at once".to_string(),
                     false => format!("in {wait:?}"),
                 };
+                let hint = super::tls::hint(&reason);
                 tracing::warn!(
                     broker = %redact(&shared.options.url),
-                    "broker connection lost or refused ({reason}); reconnecting {when}. Plugins keep running; results of running tasks are published after reconnecting"
+                    "broker connection lost or refused ({reason}){hint}; reconnecting {when}. Plugins keep running; results of running tasks are published after reconnecting"
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -170,7 +171,7 @@ async fn session(shared: &Arc<SourceState>, number: u64) -> SessionEnd {
 async fn open_session(shared: &Arc<SourceState>, number: u64) -> lapin::Result<SessionEnd> {
     let o = &shared.options;
     let props = ConnectionProperties::default().with_connection_name(shared.nodename().into());
-    let conn = Connection::connect(&o.url, props).await?;
+    let conn = o.tls.connect(&o.url, props).await?;
     let consume = conn.create_channel().await?;
     let results = conn.create_channel().await?;
     results

@@ -15,6 +15,7 @@ mod ledger;
 mod publish;
 mod remote;
 mod revoked;
+pub mod tls;
 mod value;
 
 use crate::dispatch::Dispatcher;
@@ -48,6 +49,8 @@ pub struct AmqpOptions {
     /// How long a final state whose reply queue does not exist is retried before it is
     /// logged as undeliverable.
     pub result_retry_timeout: Duration,
+    /// Certificates for `amqps://` (empty for `amqp://`).
+    pub tls: tls::BrokerTls,
 }
 
 /// A running AMQP source.
