@@ -597,3 +597,45 @@ fn rust_scaffold_passes_plugins_test_unchanged() {
         "the source directory is left as the author wrote it"
     );
 }
+
+#[test]
+fn a_node_sdk_plugin_runs_under_the_worker_and_streams_before_its_result() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("plugins/fixture");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixture = repo().join("plugin-protocol/node/fixtures/plugin.js");
+    std::fs::write(
+        dir.join("plugin.toml"),
+        format!(
+            "name = \"fixture\"\nversion = \"0.1.0\"\ncommand = [\"/usr/bin/node\", {:?}]\n[settings]\ngreeting = \"from settings\"\n{}",
+            fixture.display().to_string(),
+            ["t.add", "t.report", "t.kwargs", "t.fail", "t.typed", "t.wait", "t.bigint"]
+                .map(|t| format!("[[tasks]]\nname = {t:?}\n"))
+                .concat()
+        ),
+    )
+    .unwrap();
+    let run = |task: &str, arg: &str| {
+        output(
+            worker()
+                .args(["run", task, arg, "--plugins"])
+                .arg(root.path().join("plugins")),
+        )
+    };
+    let out = run("t.report", "2");
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "1\n2\n\"from settings\"\n");
+    // console.log went to stderr (logged at info, hidden by `run`), not to the protocol.
+    assert!(
+        !text(&out.stderr).contains("stray"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run("t.fail", "0");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("RangeError") && text(&out.stderr).contains("too far"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -1,0 +1,247 @@
+// Node.js SDK for `worker` plugins (protocol 1.1). No dependencies.
+//
+//   const { Plugin } = require('worker-plugin');
+//   const plugin = new Plugin('my-plugin', '1.0.0');
+//   plugin.task('my.add', { description: 'Adds two numbers' }, async (ctx, a, b) => {
+//     ctx.progress(1, 1);
+//     return a + b;
+//   });
+//   plugin.run();
+//
+// Handlers receive a Context first, then the task's args (kwargs are `ctx.kwargs`, and are
+// also passed as a last argument when the task has any). A handler may be async; tasks run
+// concurrently on the event loop. The SDK keeps stdout for the protocol: console.log and any
+// process.stdout.write land on stderr (the worker's log) instead of corrupting it.
+'use strict';
+
+const readline = require('readline');
+
+const PROTOCOL_VERSION = '1.1';
+const PARSE_ERROR = -32700;
+const METHOD_NOT_FOUND = -32601;
+const INVALID_REQUEST = -32600;
+const TASK_FAILED = -32000;
+const TASK_CANCELLED = -32001;
+const SHUTTING_DOWN = -32002;
+const UNKNOWN_TASK = -32003;
+
+/** Throw (or let ctx.checkCancelled throw) to end a task that was asked to stop. */
+class Cancelled extends Error {
+  constructor(message = 'task cancelled') {
+    super(message);
+    this.name = 'Cancelled';
+  }
+}
+
+/** An error with an explicit type name and retry hint, for callers that want them. */
+class TaskError extends Error {
+  constructor(message, { type, retryable = false } = {}) {
+    super(message);
+    this.name = type || 'TaskError';
+    this.retryable = retryable;
+  }
+}
+
+/** What a running task can see and do besides returning. */
+class Context {
+  constructor(plugin, params) {
+    this._plugin = plugin;
+    this.taskId = params.task_id;
+    this.task = params.task;
+    this.attempt = params.attempt || 1;
+    this.kwargs = params.kwargs || {};
+    this._cancelled = false;
+    this._wakers = new Set();
+  }
+
+  /** The [settings] table of the plugin's manifest. */
+  get settings() {
+    return this._plugin.settings;
+  }
+
+  /** True once the worker asked this task to stop (cancel or soft time limit). */
+  get cancelled() {
+    return this._cancelled;
+  }
+
+  checkCancelled() {
+    if (this._cancelled) throw new Cancelled();
+  }
+
+  /** Waits up to `seconds`, rejecting with Cancelled as soon as the task is cancelled. */
+  wait(seconds) {
+    this.checkCancelled();
+    return new Promise((resolve, reject) => {
+      const wake = () => {
+        clearTimeout(timer);
+        reject(new Cancelled());
+      };
+      const timer = setTimeout(() => {
+        this._wakers.delete(wake);
+        resolve();
+      }, seconds * 1000);
+      this._wakers.add(wake);
+    });
+  }
+
+  progress(done, total, message) {
+    const params = { task_id: this.taskId, done: Math.trunc(done) };
+    if (total !== undefined && total !== null) params.total = Math.trunc(total);
+    if (message !== undefined && message !== null) params.message = String(message);
+    this._plugin._send({ method: 'task.progress', params });
+  }
+
+  /** Sends partial results; the caller gets them in order, before the final result. */
+  stream(...items) {
+    this._plugin._send({ method: 'task.stream', params: { task_id: this.taskId, items } });
+  }
+
+  log(message, level = 'info', fields = {}) {
+    const params = { level, message: String(message), fields: { ...fields, task_id: this.taskId } };
+    this._plugin._send({ method: 'log', params });
+  }
+
+  _cancel() {
+    this._cancelled = true;
+    for (const wake of this._wakers) wake();
+    this._wakers.clear();
+  }
+}
+
+class Plugin {
+  constructor(name, version) {
+    this.name = name;
+    this.version = version;
+    this.settings = {};
+    this._tasks = new Map();
+    this._running = new Map();
+    this._initialized = false;
+    this._shuttingDown = null;
+    this._write = null;
+  }
+
+  /** Registers `handler` under `name`; `options.description` is shown by `plugins inspect`. */
+  task(name, options, handler) {
+    if (typeof options === 'function') [options, handler] = [{}, options];
+    this._tasks.set(name, { handler, description: (options && options.description) || null });
+    return this;
+  }
+
+  _send(message) {
+    this._write(JSON.stringify({ jsonrpc: '2.0', ...message }) + '\n');
+  }
+
+  _error(id, code, message, data) {
+    const error = { code, message };
+    if (data !== undefined) error.data = data;
+    this._send({ id, error });
+  }
+
+  _initialize(id, params) {
+    this.settings = params.settings || {};
+    this._initialized = true;
+    const tasks = [...this._tasks].map(([name, t]) => (t.description ? { name, description: t.description } : { name }));
+    this._send({
+      id,
+      result: {
+        protocol_version: PROTOCOL_VERSION,
+        plugin: { name: this.name, version: this.version },
+        tasks,
+        // Requests are read while tasks run, so pings are answered while busy.
+        capabilities: ['cancel', 'progress', 'stream', 'ping_while_busy'],
+      },
+    });
+  }
+
+  async _run(id, params) {
+    if (!this._initialized) return this._error(id, INVALID_REQUEST, 'task.run before initialize');
+    if (this._shuttingDown !== null) return this._error(id, SHUTTING_DOWN, 'plugin is shutting down');
+    const task = this._tasks.get(params.task);
+    if (!task) return this._error(id, UNKNOWN_TASK, `unknown task ${params.task}`);
+    const ctx = new Context(this, params);
+    this._running.set(ctx.taskId, ctx);
+    try {
+      const args = params.args || [];
+      const kwargs = params.kwargs || {};
+      const result = await task.handler(ctx, ...args, ...(Object.keys(kwargs).length ? [kwargs] : []));
+      let line;
+      try {
+        line = JSON.stringify(result === undefined ? null : result);
+      } catch (e) {
+        return this._error(id, TASK_FAILED, 'result is not JSON-serializable', {
+          type: 'TypeError', message: `result is not JSON-serializable: ${e.message}`, retryable: false,
+        });
+      }
+      this._send({ id, result: JSON.parse(line) });
+    } catch (e) {
+      if (e instanceof Cancelled) {
+        this._error(id, TASK_CANCELLED, 'task cancelled', { type: 'Cancelled', message: e.message, retryable: false });
+      } else {
+        const err = e instanceof Error ? e : new Error(String(e));
+        this._error(id, TASK_FAILED, `${err.name}: ${err.message}`, {
+          type: err.name, message: err.message, traceback: err.stack, retryable: Boolean(err.retryable),
+        });
+      }
+    } finally {
+      this._running.delete(ctx.taskId);
+      this._maybeShutDown();
+    }
+  }
+
+  _maybeShutDown() {
+    if (this._shuttingDown !== null && this._running.size === 0) {
+      const id = this._shuttingDown;
+      this._shuttingDown = undefined;
+      if (id !== undefined) this._send({ id, result: null });
+    }
+  }
+
+  _dispatch(msg) {
+    const { id, method, params = {} } = msg;
+    if (method === undefined) return; // a response: the worker sends none we wait for
+    if (id === undefined || id === null) {
+      if (method === 'task.cancel') {
+        const ctx = this._running.get(params.task_id);
+        if (ctx) ctx._cancel();
+      } else if (method === 'exit') {
+        process.exit(0);
+      }
+      return;
+    }
+    if (method === 'initialize') this._initialize(id, params);
+    else if (method === 'task.run') this._run(id, params);
+    else if (method === 'ping') this._send({ id, result: {} });
+    else if (method === 'shutdown') {
+      this._shuttingDown = id;
+      this._maybeShutDown();
+    } else this._error(id, METHOD_NOT_FOUND, `unknown method ${method}`);
+  }
+
+  /** Serves the protocol until the worker says `exit` or closes stdin. */
+  run() {
+    // Pipes are written synchronously on Linux, so the protocol keeps its order; everything
+    // else that writes to stdout goes to stderr.
+    const stdout = process.stdout;
+    this._write = stdout.write.bind(stdout);
+    const toStderr = process.stderr.write.bind(process.stderr);
+    Object.defineProperty(process, 'stdout', { value: process.stderr, configurable: true });
+    stdout.write = toStderr;
+    console.log = console.error;
+    console.info = console.error;
+    readline.createInterface({ input: process.stdin, crlfDelay: Infinity })
+      .on('line', (line) => {
+        if (!line.trim()) return;
+        let msg;
+        try {
+          msg = JSON.parse(line);
+          if (msg === null || typeof msg !== 'object' || Array.isArray(msg)) throw new Error('not an object');
+        } catch (e) {
+          return this._error(null, PARSE_ERROR, `cannot parse request: ${e.message}`);
+        }
+        this._dispatch(msg);
+      })
+      .on('close', () => process.exit(0));
+  }
+}
+
+module.exports = { Plugin, Context, Cancelled, TaskError, PROTOCOL_VERSION };

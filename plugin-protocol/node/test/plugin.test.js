@@ -1,0 +1,126 @@
+'use strict';
+const { test } = require('node:test');
+const assert = require('node:assert');
+const { spawn } = require('node:child_process');
+const path = require('node:path');
+const readline = require('node:readline');
+
+/** The fixture plugin as a child process, and its messages as they come. */
+function start() {
+  const child = spawn(process.execPath, [path.join(__dirname, '..', 'fixtures', 'plugin.js')], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const messages = [];
+  const waiters = [];
+  let stderr = '';
+  child.stderr.on('data', (d) => { stderr += d; });
+  readline.createInterface({ input: child.stdout }).on('line', (line) => {
+    messages.push(JSON.parse(line));
+    waiters.splice(0).forEach((w) => w());
+  });
+  const send = (msg) => child.stdin.write(JSON.stringify({ jsonrpc: '2.0', ...msg }) + '\n');
+  const until = async (pred) => {
+    for (;;) {
+      const found = messages.find(pred);
+      if (found) return found;
+      await new Promise((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`timed out; got ${JSON.stringify(messages)}`)), 10000);
+        waiters.push(() => { clearTimeout(timer); resolve(); });
+      });
+    }
+  };
+  const response = (id) => until((m) => m.id === id && !m.method);
+  return { child, messages, send, response, until, stderr: () => stderr };
+}
+
+async function initialized() {
+  const p = start();
+  p.send({ id: 0, method: 'initialize', params: { settings: { greeting: 'hi' }, limits: { concurrency: 4 } } });
+  const init = await p.response(0);
+  return { p, init };
+}
+
+const run = (p, id, task, args = [], kwargs = {}) =>
+  p.send({ id, method: 'task.run', params: { task_id: `task-${id}`, task, args, kwargs, attempt: 1 } });
+
+test('initialize names the plugin, its tasks and capabilities', async () => {
+  const { p, init } = await initialized();
+  assert.strictEqual(init.result.protocol_version, '1.1');
+  assert.deepStrictEqual(init.result.plugin, { name: 'fixture', version: '0.1.0' });
+  assert.deepStrictEqual(init.result.tasks[0], { name: 't.add', description: 'Adds' });
+  assert.ok(init.result.capabilities.includes('ping_while_busy'));
+  p.child.kill();
+});
+
+test('a task returns its result; progress and stream come first, console.log goes to stderr', async () => {
+  const { p } = await initialized();
+  run(p, 1, 't.add', [2, 3]);
+  assert.strictEqual((await p.response(1)).result, 5);
+  run(p, 2, 't.report', [3]);
+  const done = await p.response(2);
+  assert.strictEqual(done.result, 'hi');
+  const before = p.messages.slice(0, p.messages.indexOf(done));
+  const streamed = before.filter((m) => m.method === 'task.stream').map((m) => m.params.items[0]);
+  assert.deepStrictEqual(streamed, [1, 2, 3]);
+  const progress = before.filter((m) => m.method === 'task.progress').map((m) => m.params);
+  assert.deepStrictEqual(progress[2], { task_id: 'task-2', done: 3, total: 3, message: 'step 3' });
+  assert.ok(p.messages.every((m) => m.jsonrpc === '2.0'));
+  p.send({ id: 3, method: 'ping' });
+  await p.response(3);
+  assert.match(p.stderr(), /this goes to stderr/);
+  p.child.kill();
+});
+
+test('kwargs and the request facts reach the handler', async () => {
+  const { p } = await initialized();
+  run(p, 1, 't.kwargs', [], { x: 1 });
+  assert.deepStrictEqual((await p.response(1)).result, { kwargs: { x: 1 }, attempt: 1, id: 'task-1' });
+  p.child.kill();
+});
+
+test('errors carry their type and message; TaskError its type and retry hint', async () => {
+  const { p } = await initialized();
+  run(p, 1, 't.fail');
+  const failed = (await p.response(1)).error;
+  assert.strictEqual(failed.code, -32000);
+  assert.strictEqual(failed.data.type, 'RangeError');
+  assert.strictEqual(failed.data.message, 'too far');
+  assert.strictEqual(failed.data.retryable, false);
+  assert.match(failed.data.traceback, /plugin\.js/);
+  run(p, 2, 't.typed');
+  const typed = (await p.response(2)).error;
+  assert.strictEqual(typed.data.type, 'Busy');
+  assert.strictEqual(typed.data.retryable, true);
+  run(p, 3, 'no.such');
+  assert.strictEqual((await p.response(3)).error.code, -32003);
+  run(p, 4, 't.bigint');
+  assert.strictEqual((await p.response(4)).error.data.type, 'TypeError');
+  p.send({ id: 5, method: 'no.such.method' });
+  assert.strictEqual((await p.response(5)).error.code, -32601);
+  p.child.stdin.write('not json\n');
+  assert.strictEqual((await p.until((m) => m.error && m.error.code === -32700)).id, null);
+  p.child.kill();
+});
+
+test('a cancel wakes a waiting task, which ends as cancelled', async () => {
+  const { p } = await initialized();
+  run(p, 1, 't.wait', [60]);
+  p.send({ method: 'task.cancel', params: { task_id: 'task-1', reason: 'test' } });
+  const cancelled = (await p.response(1)).error;
+  assert.strictEqual(cancelled.code, -32001);
+  assert.strictEqual(cancelled.data.type, 'Cancelled');
+  p.child.kill();
+});
+
+test('shutdown answers once running tasks end, and refuses new ones meanwhile', async () => {
+  const { p } = await initialized();
+  run(p, 1, 't.wait', [0.3]);
+  p.send({ id: 2, method: 'shutdown' });
+  run(p, 3, 't.add', [1, 1]);
+  assert.strictEqual((await p.response(3)).error.code, -32002);
+  const waited = await p.response(1);
+  const shutdown = await p.response(2);
+  assert.strictEqual(waited.result, 'waited');
+  assert.ok(p.messages.indexOf(waited) < p.messages.indexOf(shutdown));
+  p.send({ method: 'exit' });
+  const code = await new Promise((resolve) => p.child.on('exit', resolve));
+  assert.strictEqual(code, 0);
+});
