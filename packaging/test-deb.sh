@@ -57,6 +57,10 @@ done
 [ -S /run/worker/worker.sock ] || fail "no socket at /run/worker/worker.sock"
 result=$(as_worker worker task run deb-check.hello '"deb"')
 [ "$result" = '"hello, deb"' ] || fail "task result: $result"
+# The packaged config serves metrics on 127.0.0.1:9464.
+metrics=$(exec 3<>/dev/tcp/127.0.0.1/9464 && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3)
+echo "$metrics" | grep -q 'worker_tasks_total{.*task="deb-check.hello",outcome="success"} 1' \
+    || fail "metrics on 127.0.0.1:9464 do not count the task: $metrics"
 stop_serve
 trap - ERR
 grep -q 'serving' "$log" || fail "no serving line in the daemon's log"
