@@ -70,6 +70,9 @@ pub struct WorkerInfo {
     /// The state directory whose installed plugins it runs.
     #[serde(default)]
     pub state_dir: std::path::PathBuf,
+    /// How plugin processes are contained (see `supervisor::containment`).
+    #[serde(default)]
+    pub containment: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -14,6 +14,7 @@ use crate::notify::Notifier;
 use crate::reload::{self, ReloadError, ReloadSettings};
 use crate::source::amqp::tls::{BrokerTls, TlsSettings};
 use crate::source::amqp::{AmqpOptions, AmqpSource};
+use crate::supervisor::containment;
 use crate::supervisor::pool::PoolOptions;
 use crate::supervisor::{ReloadReport, Supervisor};
 use std::future::Future;
@@ -65,6 +66,8 @@ pub struct Daemon {
     /// This daemon's entry in `<state_dir>/daemons/`, removed when it stops.
     _registration: Option<crate::install::daemons::Registration>,
     notifier: Notifier,
+    /// Reaps orphaned plugin descendants (the daemon is their subreaper).
+    _reaper: Option<AbortOnDropHandle<()>>,
     /// `/metrics`, served until the plugins have stopped.
     metrics: Option<(AbortOnDropHandle<()>, CancellationToken)>,
     /// READY, STATUS and WATCHDOG for systemd; ends with the daemon.
@@ -155,12 +158,18 @@ impl Daemon {
         let names: Vec<String> = plugins.iter().map(|m| m.name.clone()).collect();
         let supervisor = Arc::new(Supervisor::start(plugins, pool_options(&config)));
         let dispatcher = Arc::new(Dispatcher::new(supervisor.clone()));
+        // Orphaned plugin descendants become ours to kill and reap, not init's.
+        let subreaper = containment::become_subreaper();
+        let reaper =
+            subreaper.then(|| AbortOnDropHandle::new(tokio::spawn(containment::reap_on_sigchld())));
         let info = WorkerInfo {
             name: config.name.clone(),
             version: crate::WORKER_VERSION.into(),
             pid: std::process::id(),
             state_dir: config.state_dir.clone(),
+            containment: containment::describe(subreaper),
         };
+        tracing::info!("containment: {}", info.containment);
         let reload = ReloadSettings {
             state: StateDir::new(&config.state_dir),
             drain: config.drain_timeout(),
@@ -214,6 +223,7 @@ impl Daemon {
             reload,
             _registration: registration,
             notifier,
+            _reaper: reaper,
             metrics,
             _notify: AbortOnDropHandle::new(notify),
         })

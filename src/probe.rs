@@ -30,6 +30,8 @@ pub struct Session {
     /// Its last stderr lines (they are also logged under the `plugin` target).
     pub stderr: StderrTail,
     _stderr_reader: tokio::task::JoinHandle<()>,
+    /// In the environment of the plugin's processes (see `containment`).
+    marker: String,
 }
 
 /// What went wrong talking to a plugin directly.
@@ -68,7 +70,8 @@ pub enum ProbeError {
 impl Session {
     /// Starts instance 0 of the plugin.
     pub fn start(m: &Manifest, max_line_bytes: usize) -> Result<Session, ProbeError> {
-        let mut child = process::spawn(m, 0).map_err(|cause| ProbeError::Start {
+        let marker = crate::supervisor::containment::new_marker();
+        let mut child = process::spawn(m, 0, &marker).map_err(|cause| ProbeError::Start {
             program: m.program(),
             cause,
         })?;
@@ -96,6 +99,7 @@ impl Session {
             reply_timeout: m.timeouts.init,
             stderr,
             _stderr_reader: stderr_reader,
+            marker,
         })
     }
 
@@ -203,8 +207,10 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // Also sweeps anything the plugin forked.
+        // Also sweeps anything the plugin forked, in its group or not.
         process::signal_group(self.pid, nix::sys::signal::Signal::SIGKILL);
+        crate::supervisor::containment::kill_marked(&self.marker);
+        crate::supervisor::containment::waited(self.pid);
     }
 }
 

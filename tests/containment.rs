@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
+use std::time::{Duration, Instant};
 
 /// Runs `f.env` through `worker run` with `worker_env` in the worker's environment.
 fn plugin_view(extra: &str, tables: &str, worker_env: &[(&str, &str)]) -> Value {
@@ -28,7 +29,7 @@ fn plugin_view(extra: &str, tables: &str, worker_env: &[(&str, &str)]) -> Value 
 }
 
 #[test]
-fn a_plugin_gets_a_clean_environment_and_no_new_privileges() {
+fn a_plugin_gets_a_clean_environment_no_new_privileges_and_no_capabilities() {
     let view = plugin_view(
         "env_passthrough = [\"PASS_ME\"]",
         "",
@@ -47,6 +48,16 @@ fn a_plugin_gets_a_clean_environment_and_no_new_privileges() {
     assert_eq!(env["WORKER_PLUGIN_NAME"], "faulty");
     assert!(env.contains_key("PATH"));
     assert_eq!(view["no_new_privs"], "1");
+    let caps = &view["caps"];
+    for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        assert_eq!(caps[set], "0000000000000000", "{set}: {caps}");
+    }
+    // Only a worker holding CAP_SETPCAP (root) can empty the bounding set; then it must, or
+    // an exec as uid 0 would get every capability back.
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!(view["uid"], 0);
+        assert_eq!(caps["CapBnd"], "0000000000000000", "{caps}");
+    }
     assert_eq!(
         view["limits"]["core"],
         serde_json::json!([0, 0]),
@@ -180,5 +191,59 @@ fn symlinks_planted_in_the_state_directory_redirect_nothing() {
     assert!(
         outside.path().join("0.0.0-old").exists(),
         "nothing deleted outside"
+    );
+}
+
+/// The session id of `pid` (field 6 of /proc/<pid>/stat).
+fn session_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn a_grandchild_that_calls_setsid_is_killed_and_reaped_when_its_instance_ends() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let d = Daemon::start(&plugins, &root.path().join("w.sock"));
+    let out = output(&mut d.cli(&["task", "run", "f.escape"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let escaped: u32 = text(&out.stdout).trim().parse().unwrap();
+    let plugin = live_pids(&d.list_json())[0];
+    assert!(!process_gone(escaped));
+    assert_ne!(
+        session_of(escaped),
+        session_of(plugin),
+        "it left the plugin's session and process group"
+    );
+
+    // The instance crashes: its group is killed, and the escaped process with it.
+    let out = output(&mut d.cli(&["task", "run", "f.crash"]));
+    assert!(!out.status.success());
+    assert!(
+        wait_gone_blocking(escaped, Duration::from_secs(10)),
+        "the process that called setsid() outlived its instance"
+    );
+    // The daemon adopted it (child subreaper) and reaped it: no zombie stays behind.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{escaped}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "pid {escaped} stayed a zombie: {:?}",
+            std::fs::read_to_string(format!("/proc/{escaped}/stat"))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let list = output(&mut d.cli(&["plugins", "list"]));
+    assert!(
+        text(&list.stdout).contains("containment: process groups")
+            && text(&list.stdout).contains("subreaper"),
+        "{}",
+        text(&list.stdout)
     );
 }

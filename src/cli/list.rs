@@ -171,10 +171,15 @@ impl Listing<'_> {
 
     fn print_text(&self) {
         match &self.live {
-            Some(r) => output::line(&format!(
-                "daemon: {} (pid {}, version {}), {} task(s) in flight",
-                r.worker.name, r.worker.pid, r.worker.version, r.in_flight
-            )),
+            Some(r) => {
+                output::line(&format!(
+                    "daemon: {} (pid {}, version {}), {} task(s) in flight",
+                    r.worker.name, r.worker.pid, r.worker.version, r.in_flight
+                ));
+                if !r.worker.containment.is_empty() {
+                    output::line(&format!("containment: {}", r.worker.containment));
+                }
+            }
             None => output::line(&format!(
                 "daemon: none answering on {}",
                 self.config.socket.display()

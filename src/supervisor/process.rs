@@ -6,6 +6,7 @@
 //! forked), gets `PR_SET_PDEATHSIG` (so it dies with the worker), and has stderr drained at all
 //! times (so a chatty plugin never blocks on a full pipe).
 
+use super::containment;
 use crate::framed::FramedReader;
 use crate::manifest::Manifest;
 use nix::sys::signal::{killpg, Signal};
@@ -36,7 +37,7 @@ const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "TZ", "TMPDIR", "USER",
 
 /// The plugin's environment: the allowlist above, `LC_*`, the variables the manifest passes on,
 /// its own `env`, and the `WORKER_PLUGIN_*` variables.
-fn plugin_env(manifest: &Manifest, instance: u32) -> Vec<(String, String)> {
+fn plugin_env(manifest: &Manifest, instance: u32, marker: &str) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| {
             INHERITED_ENV.contains(&k.as_str())
@@ -50,18 +51,20 @@ fn plugin_env(manifest: &Manifest, instance: u32) -> Vec<(String, String)> {
     env.extend(manifest.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.push(("WORKER_PLUGIN_NAME".into(), manifest.name.clone()));
     env.push(("WORKER_PLUGIN_INSTANCE".into(), instance.to_string()));
+    env.push((containment::MARKER_VAR.into(), marker.into()));
     env
 }
 
 /// Spawns the plugin's command in its own process group, with piped stdio, a clean
-/// environment, no way to gain privileges (`PR_SET_NO_NEW_PRIVS`), its `[limits]`, and
+/// environment, no way to gain privileges (`PR_SET_NO_NEW_PRIVS`) and no capabilities, its
+/// `[limits]`, and
 /// `PR_SET_PDEATHSIG` so it dies with the worker.
-pub fn spawn(manifest: &Manifest, instance: u32) -> io::Result<Child> {
+pub fn spawn(manifest: &Manifest, instance: u32, marker: &str) -> io::Result<Child> {
     let mut cmd = Command::new(manifest.program());
     cmd.args(&manifest.command[1..])
         .current_dir(&manifest.dir)
         .env_clear()
-        .envs(plugin_env(manifest, instance))
+        .envs(plugin_env(manifest, instance, marker))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -70,11 +73,12 @@ pub fn spawn(manifest: &Manifest, instance: u32) -> io::Result<Child> {
     let parent = nix::unistd::getpid();
     let limits = manifest.limits.clone();
     // SAFETY: runs in the forked child before exec and only makes async-signal-safe calls
-    // (prctl, setrlimit, getppid, _exit); `limits` was cloned before the fork.
+    // (prctl, capset, setrlimit, getppid, _exit); `limits` was cloned before the fork.
     unsafe {
         cmd.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
             nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)?;
+            drop_capabilities()?;
             apply_limits(&limits)?;
             // The worker may have died between fork and prctl; then nobody would kill us.
             if nix::unistd::getppid() != parent {
@@ -83,7 +87,66 @@ pub fn spawn(manifest: &Manifest, instance: u32) -> io::Result<Child> {
             Ok(())
         });
     }
-    cmd.spawn()
+    let spawning = containment::spawning();
+    let child = cmd.spawn()?;
+    spawning.spawned(child.id());
+    Ok(child)
+}
+
+/// Drops every capability the worker may hold (it may run as root): the bounding set (so an
+/// exec as uid 0 gains none back), the ambient set, then the effective, permitted and
+/// inheritable sets. Only raw syscalls: this runs between fork and exec.
+fn drop_capabilities() -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: prctl and capset with plain integer arguments and a pointer to stack data.
+    unsafe {
+        // Fails with EINVAL on kernels without ambient capabilities: nothing to clear then.
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+        for cap in 0..64 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                match *libc::__errno_location() {
+                    // Past the kernel's last capability.
+                    libc::EINVAL => break,
+                    // Without CAP_SETPCAP (not root) the bounding set cannot shrink, and the
+                    // sets below are already empty for a plain user.
+                    libc::EPERM => break,
+                    _ => return Err(io::Error::last_os_error()),
+                }
+            }
+        }
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let data = [Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// setrlimit for each limit the manifest sets (soft = hard); core dumps off by default.

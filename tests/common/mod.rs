@@ -40,6 +40,7 @@ pub const FAULTY_TASKS: &[&str] = &[
     "f.request_flood",
     "f.env",
     "f.spin",
+    "f.escape",
 ];
 
 pub fn repo() -> PathBuf {

@@ -131,10 +131,27 @@ def run_task(id_, params):
             import resource
             status = open("/proc/self/status").read()
             nnp = [l.split()[1] for l in status.splitlines() if l.startswith("NoNewPrivs:")]
+            caps = {l.split(":")[0]: l.split()[1] for l in status.splitlines() if l.startswith("Cap")}
             limits = {n: resource.getrlimit(getattr(resource, "RLIMIT_" + n.upper()))
                       for n in ("as", "nofile", "core", "cpu")}
             reply(id_, {"env": dict(os.environ), "no_new_privs": nnp[0] if nnp else None,
-                        "limits": limits})
+                        "limits": limits, "caps": caps, "uid": os.geteuid()})
+        elif name == "f.escape":
+            # A grandchild that leaves the process group (setsid) and outlives the plugin;
+            # it keeps the plugin's stdio, as a careless daemonizing library would.
+            r, w = os.pipe()
+            child = os.fork()
+            if child == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    os.write(w, str(os.getpid()).encode())
+                    os.execv("/bin/sleep", ["sleep", "300"])
+                os._exit(0)
+            os.close(w)
+            pid = int(os.read(r, 32))
+            os.close(r)
+            os.waitpid(child, 0)
+            reply(id_, pid)
         elif name == "f.spin":
             while True:
                 pass
@@ -165,7 +182,7 @@ def declared_tasks():
     names = ["f.ok", "f.pid", "f.sleep", "f.sleep_nocancel", "f.crash", "f.crash_once", "f.exit",
              "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr", "f.where",
              "f.string_id", "f.bad_utf8", "f.huge_then_answer", "f.block", "f.stderr_flood",
-             "f.garbage_flood", "f.request_flood", "f.env", "f.spin"]
+             "f.garbage_flood", "f.request_flood", "f.env", "f.spin", "f.escape"]
     if ENV("FAULT_HANDSHAKE") == "extra_task":
         names.append("f.undeclared")
     return [{"name": n} for n in names]

@@ -11,6 +11,7 @@
 mod protocol;
 mod tasks;
 
+use super::containment;
 use super::process::{self, LogOrigin, StderrTail, StdoutEvent};
 use crate::manifest::Manifest;
 use crate::task::{Failure, Outcome, TaskEvent, TaskRequest};
@@ -301,12 +302,15 @@ struct Io {
     stderr_reader: tokio::task::JoinHandle<()>,
     stdout_reader: tokio::task::JoinHandle<()>,
     writer: tokio::task::JoinHandle<()>,
+    /// In the environment of every process of this plugin process's tree.
+    marker: String,
 }
 
 impl Io {
     /// Spawns the plugin's process and starts reading and writing its stdio.
     fn start(spec: &LaunchSpec) -> Result<(Child, Io), String> {
-        let mut child = process::spawn(&spec.manifest, spec.index).map_err(|e| {
+        let marker = containment::new_marker();
+        let mut child = process::spawn(&spec.manifest, spec.index, &marker).map_err(|e| {
             format!(
                 "could not start `{}`: {e} (check `command` in {}/plugin.toml)",
                 spec.manifest.program().display(),
@@ -327,6 +331,7 @@ impl Io {
         let stdin = child.stdin.take().expect("stdin is piped");
         let (out, writer) = process::spawn_writer(stdin, capacity);
         let io = Io {
+            marker,
             stdout,
             out,
             stderr_reader,
@@ -367,6 +372,15 @@ impl Instance {
         // The group may still hold forked grandchildren: sweep it. Once they are gone stderr
         // reaches EOF, so the crash report carries the plugin's last words.
         process::signal_group(self.pid, Signal::SIGKILL);
+        // And what left the group (`setsid()`) but still carries the marker.
+        let marker = io.marker.clone();
+        let escaped = tokio::task::spawn_blocking(move || containment::kill_marked(&marker))
+            .await
+            .unwrap_or_default();
+        if !escaped.is_empty() {
+            tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "killed {} process(es) that had left the plugin's process group: {escaped:?}", escaped.len());
+        }
+        containment::waited(self.pid);
         let _ = timeout(STDERR_SETTLE, &mut io.stderr_reader).await;
         let reason = match crash {
             Some(crash) => self.bury(&mut io.stdout, *crash),
