@@ -153,6 +153,7 @@ fn options() -> PoolOptions {
         worker_name: "bench".into(),
         max_line_bytes: 1 << 24,
         queue_capacity: 1 << 20,
+        state_dir: None,
     }
 }
 

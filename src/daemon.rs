@@ -97,6 +97,7 @@ pub fn pool_options(config: &Config) -> PoolOptions {
         worker_name: config.name.clone(),
         max_line_bytes: config.max_line_bytes,
         queue_capacity: config.queue_capacity,
+        state_dir: Some(config.state_dir.clone()),
     }
 }
 

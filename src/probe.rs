@@ -32,6 +32,8 @@ pub struct Session {
     _stderr_reader: tokio::task::JoinHandle<()>,
     /// In the environment of the plugin's processes (see `containment`).
     marker: String,
+    /// `WORKER_PLUGIN_DATA` while probing: a temporary directory.
+    _data: tempfile::TempDir,
 }
 
 /// What went wrong talking to a plugin directly.
@@ -71,7 +73,27 @@ impl Session {
     /// Starts instance 0 of the plugin.
     pub fn start(m: &Manifest, max_line_bytes: usize) -> Result<Session, ProbeError> {
         let marker = crate::supervisor::containment::new_marker();
-        let mut child = process::spawn(m, 0, &marker).map_err(|cause| ProbeError::Start {
+        // A data directory of its own for the probe, gone with it.
+        let data = tempfile::Builder::new()
+            .prefix("worker-probe-data-")
+            .tempdir()
+            .map_err(|cause| ProbeError::Start {
+                program: m.program(),
+                cause,
+            })?;
+        let tmp = data.path().join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(|cause| ProbeError::Start {
+            program: m.program(),
+            cause,
+        })?;
+        let strict = m.sandbox == crate::manifest::Sandbox::Strict;
+        let launch = process::Launch {
+            instance: 0,
+            marker: &marker,
+            data: Some(data.path()),
+            tmp: strict.then_some(tmp.as_path()),
+        };
+        let mut child = process::spawn(m, launch).map_err(|cause| ProbeError::Start {
             program: m.program(),
             cause,
         })?;
@@ -100,6 +122,7 @@ impl Session {
             stderr,
             _stderr_reader: stderr_reader,
             marker,
+            _data: data,
         })
     }
 

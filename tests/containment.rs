@@ -247,3 +247,100 @@ fn a_grandchild_that_calls_setsid_is_killed_and_reaped_when_its_instance_ends() 
         text(&list.stdout)
     );
 }
+
+#[test]
+fn a_plugin_writes_only_its_data_directory_which_outlives_its_processes() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let d = Daemon::start(&plugins, &root.path().join("w.sock"));
+    let write = |content: &str| -> Value {
+        let out = output(&mut d.cli(&["task", "run", "f.write", &format!("{content:?}")]));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let first = write("one");
+    let data = d.state.join("data/faulty");
+    assert_eq!(first["data"], data.display().to_string());
+    assert_eq!(first["before"], Value::Null);
+    // Sealed at install: not even its owner can change the code it runs.
+    assert_eq!(first["own_dir"], "PermissionError", "{first}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o700,
+        "the data directory is private to the plugin's user"
+    );
+    // A new process (after a crash) finds what the last one wrote.
+    let out = output(&mut d.cli(&["task", "run", "f.crash"]));
+    assert!(!out.status.success());
+    assert_eq!(write("two")["before"], "one");
+}
+
+#[test]
+fn a_strict_plugin_reads_its_code_and_the_system_and_writes_only_its_data_and_tmp() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    let dir = plugins.join("strict");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The script inside the plugin (what a sandboxed plugin can read), not in this checkout.
+    std::fs::copy(
+        repo().join("tests/plugins/faulty.py"),
+        dir.join("faulty.py"),
+    )
+    .unwrap();
+    let tasks: String = FAULTY_TASKS
+        .iter()
+        .map(|t| format!("[[tasks]]\nname = \"{t}\"\n"))
+        .collect();
+    std::fs::write(
+        dir.join("plugin.toml"),
+        format!("name = \"strict\"\nversion = \"1.0.0\"\ncommand = [\"/usr/bin/python3\", \"-u\", \"faulty.py\"]\nsandbox = \"strict\"\n{tasks}"),
+    )
+    .unwrap();
+    let secret = root.path().join("secret.txt");
+    std::fs::write(&secret, "not for plugins").unwrap();
+    let d = Daemon::start(&plugins, &root.path().join("w.sock"));
+    let list = text(&output(&mut d.cli(&["plugins", "list"])).stdout);
+    if !list.contains("Landlock ABI") {
+        assert!(list.contains("no Landlock in this kernel"), "{list}");
+        eprintln!("skipped: this kernel has no Landlock, and the daemon says so");
+        return;
+    }
+    let data = d.state.join("data/strict");
+    let tmp = d.state.join("tmp/strict");
+    let outside = std::env::temp_dir().join(format!("worker-escape-{}", std::process::id()));
+    let ops = serde_json::json!([
+        ["read", "plugin.toml"],
+        ["read", "/etc/passwd"],
+        ["read", secret],
+        ["write", data.join("kept")],
+        ["write", tmp.join("scratch")],
+        ["write", outside],
+        ["write", "faulty.py.new"],
+        ["list", root.path()],
+    ]);
+    let out = output(&mut d.cli(&["task", "run", "f.fs", &ops.to_string()]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        view["results"],
+        serde_json::json!([
+            "ok",
+            "ok",
+            "PermissionError",
+            "ok",
+            "ok",
+            "PermissionError",
+            "PermissionError",
+            "PermissionError"
+        ]),
+        "{view}"
+    );
+    assert_eq!(
+        view["tmp"],
+        tmp.display().to_string(),
+        "TMPDIR is its private tmp"
+    );
+    assert!(!outside.exists());
+}

@@ -246,6 +246,12 @@ impl Installer<'_> {
         if let Some(warning) = crate::supervisor::handshake::version_mismatch(&hello, &m) {
             tracing::warn!(plugin = %m.name, "{warning}");
         }
+        tree::seal(dir).map_err(|e| {
+            (
+                Stage::Copy,
+                format!("cannot make {} read-only: {e}", dir.display()),
+            )
+        })?;
         let manifest_sha256 = tree::file_sha256(&dir.join(MANIFEST_FILE))
             .map_err(|e| (Stage::Copy, e.to_string()))?;
         Ok(Staged {

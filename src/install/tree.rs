@@ -63,6 +63,24 @@ impl Symlinks {
 /// Copies the tree into `dst` (which must not exist) and returns its digest, computed from
 /// the bytes copied. Modes keep their permission bits only: setuid, setgid and sticky bits are
 /// dropped, and the files belong to the installing user.
+/// Makes an installed copy read-only (every write bit cleared, symlinks never followed), so
+/// the plugin running from it cannot change its own code: what it writes goes to its data
+/// directory. `registry::remove_tree` makes it writable again before deleting it.
+pub fn seal(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    if meta.is_dir() {
+        for entry in fs::read_dir(dir)? {
+            seal(&entry?.path())?;
+        }
+    }
+    let mode = meta.permissions().mode() & !0o222;
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+}
+
 pub fn copy(src: &Path, dst: &Path, symlinks: Symlinks) -> io::Result<String> {
     fs::create_dir_all(dst.parent().unwrap_or(Path::new("/")))?;
     fs::create_dir(dst)?;

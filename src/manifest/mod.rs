@@ -35,6 +35,8 @@ pub struct Manifest {
     pub env_passthrough: Vec<String>,
     /// Install may follow symlinks out of the plugin's directory (refused by default).
     pub allow_outside_symlinks: bool,
+    /// The filesystem sandbox its processes run in.
+    pub sandbox: Sandbox,
     pub tasks: Vec<TaskDecl>,
     /// Processes to run.
     pub instances: u32,
@@ -54,6 +56,19 @@ pub struct Manifest {
     /// `worker plugins install`; empty when the plugin needs nothing built or fetched.
     #[serde(rename = "install_steps")]
     pub install: Vec<Vec<String>>,
+}
+
+/// `sandbox` in plugin.toml: what of the filesystem a plugin's processes may touch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sandbox {
+    /// What the worker's user may (the systemd unit's sandbox still applies).
+    #[default]
+    None,
+    /// Landlock: read and run the installed copy and the system (`/usr`, `/etc`, ...), write
+    /// only the data directory and a private tmp. Best effort: reported where the kernel lacks
+    /// Landlock.
+    Strict,
 }
 
 /// One `[[tests]]` entry: run `task` with `args`/`kwargs`, expect a result or an error type.
@@ -298,6 +313,8 @@ struct RawManifest {
     env_passthrough: Vec<String>,
     #[serde(default)]
     allow_outside_symlinks: bool,
+    #[serde(default)]
+    sandbox: Sandbox,
     tasks: Spanned<Vec<TaskDecl>>,
     #[serde(default = "one")]
     instances: Spanned<u32>,
@@ -447,6 +464,7 @@ impl Manifest {
             env: raw.env,
             env_passthrough: raw.env_passthrough,
             allow_outside_symlinks: raw.allow_outside_symlinks,
+            sandbox: raw.sandbox,
             tasks: raw.tasks.into_inner(),
             instances: raw.instances.into_inner(),
             concurrency: raw.concurrency.into_inner(),

@@ -147,5 +147,9 @@ pub async fn reap_on_sigchld() {
 /// One line for `status` and the start log: how plugin processes are contained here.
 pub fn describe(subreaper: bool) -> String {
     let reaper = if subreaper { ", child subreaper" } else { "" };
-    format!("process groups and an environment marker{reaper}; no delegated cgroup v2, so no per-plugin memory.max/pids.max (use [limits])")
+    let landlock = match super::sandbox::kernel_abi() {
+        Some(abi) => format!("Landlock ABI {abi} for sandbox = \"strict\""),
+        None => "no Landlock in this kernel: sandbox = \"strict\" plugins run unsandboxed".into(),
+    };
+    format!("process groups and an environment marker{reaper}; {landlock}; no delegated cgroup v2, so no per-plugin memory.max/pids.max (use [limits])")
 }

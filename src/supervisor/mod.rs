@@ -11,6 +11,7 @@ pub mod pool;
 pub mod process;
 pub mod reply_id;
 pub mod restart;
+pub mod sandbox;
 pub mod status;
 
 use crate::manifest::Manifest;

@@ -6,14 +6,16 @@
 //! forked), gets `PR_SET_PDEATHSIG` (so it dies with the worker), and has stderr drained at all
 //! times (so a chatty plugin never blocks on a full pipe).
 
-use super::containment;
+use super::{containment, sandbox};
 use crate::framed::FramedReader;
 use crate::manifest::Manifest;
+use crate::manifest::Sandbox;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use plugin_protocol::{Frame, Message, ParseError};
 use std::collections::VecDeque;
 use std::io;
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -37,7 +39,7 @@ const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "TZ", "TMPDIR", "USER",
 
 /// The plugin's environment: the allowlist above, `LC_*`, the variables the manifest passes on,
 /// its own `env`, and the `WORKER_PLUGIN_*` variables.
-fn plugin_env(manifest: &Manifest, instance: u32, marker: &str) -> Vec<(String, String)> {
+fn plugin_env(manifest: &Manifest, launch: &Launch) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| {
             INHERITED_ENV.contains(&k.as_str())
@@ -50,21 +52,58 @@ fn plugin_env(manifest: &Manifest, instance: u32, marker: &str) -> Vec<(String, 
     }
     env.extend(manifest.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.push(("WORKER_PLUGIN_NAME".into(), manifest.name.clone()));
-    env.push(("WORKER_PLUGIN_INSTANCE".into(), instance.to_string()));
-    env.push((containment::MARKER_VAR.into(), marker.into()));
+    env.push(("WORKER_PLUGIN_INSTANCE".into(), launch.instance.to_string()));
+    env.push((containment::MARKER_VAR.into(), launch.marker.into()));
+    if let Some(data) = launch.data {
+        env.push(("WORKER_PLUGIN_DATA".into(), data.display().to_string()));
+    }
+    if let Some(tmp) = launch.tmp {
+        env.retain(|(k, _)| k != "TMPDIR");
+        env.push(("TMPDIR".into(), tmp.display().to_string()));
+    }
     env
+}
+
+/// What differs between two processes of one plugin.
+pub struct Launch<'a> {
+    pub instance: u32,
+    /// See [`containment`].
+    pub marker: &'a str,
+    /// `WORKER_PLUGIN_DATA`: the one place the plugin may write besides its tmp.
+    pub data: Option<&'a Path>,
+    /// Its private `TMPDIR` under `sandbox = "strict"`.
+    pub tmp: Option<&'a Path>,
+}
+
+/// `<state_dir>/tmp/<name>/`, the private tmp of a strict plugin: made (0700) where missing.
+pub fn tmp_dir(state_dir: &Path, name: &str) -> io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = crate::install::safe::dir_under(state_dir, &Path::new("tmp").join(name))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(dir)
+}
+
+/// `<state_dir>/data/<name>/`, the plugin's writable data directory: made (0700) where missing,
+/// never through a symlink, and kept across versions, restarts and reinstalls.
+pub fn data_dir(state_dir: &Path, name: &str) -> io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    // `worker run` of a plugin that was never installed may find no state directory yet.
+    std::fs::create_dir_all(state_dir)?;
+    let dir = crate::install::safe::dir_under(state_dir, &Path::new("data").join(name))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(dir)
 }
 
 /// Spawns the plugin's command in its own process group, with piped stdio, a clean
 /// environment, no way to gain privileges (`PR_SET_NO_NEW_PRIVS`) and no capabilities, its
 /// `[limits]`, and
 /// `PR_SET_PDEATHSIG` so it dies with the worker.
-pub fn spawn(manifest: &Manifest, instance: u32, marker: &str) -> io::Result<Child> {
+pub fn spawn(manifest: &Manifest, launch: Launch) -> io::Result<Child> {
     let mut cmd = Command::new(manifest.program());
     cmd.args(&manifest.command[1..])
         .current_dir(&manifest.dir)
         .env_clear()
-        .envs(plugin_env(manifest, instance, marker))
+        .envs(plugin_env(manifest, &launch))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -72,14 +111,27 @@ pub fn spawn(manifest: &Manifest, instance: u32, marker: &str) -> io::Result<Chi
         .kill_on_drop(true);
     let parent = nix::unistd::getpid();
     let limits = manifest.limits.clone();
+    let mut ruleset = match (manifest.sandbox, launch.data, launch.tmp) {
+        (Sandbox::None, _, _) => None,
+        (Sandbox::Strict, Some(data), Some(tmp)) => Some(sandbox::strict(&manifest.dir, data, tmp)?),
+        (Sandbox::Strict, _, _) => {
+            return Err(io::Error::other(
+                "sandbox = \"strict\" needs a data directory and a private tmp (run it from a daemon or `worker run`)",
+            ))
+        }
+    };
     // SAFETY: runs in the forked child before exec and only makes async-signal-safe calls
-    // (prctl, capset, setrlimit, getppid, _exit); `limits` was cloned before the fork.
+    // (prctl, capset, setrlimit, landlock_restrict_self, getppid, _exit); `limits` was cloned
+    // and the ruleset built before the fork.
     unsafe {
         cmd.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
             nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)?;
             drop_capabilities()?;
             apply_limits(&limits)?;
+            if let Some(ruleset) = ruleset.take() {
+                sandbox::enter(ruleset)?;
+            }
             // The worker may have died between fork and prctl; then nobody would kill us.
             if nix::unistd::getppid() != parent {
                 nix::libc::_exit(1);

@@ -41,6 +41,8 @@ pub const FAULTY_TASKS: &[&str] = &[
     "f.env",
     "f.spin",
     "f.escape",
+    "f.write",
+    "f.fs",
 ];
 
 pub fn repo() -> PathBuf {
@@ -109,6 +111,7 @@ pub fn options() -> PoolOptions {
         worker_name: "test-worker".into(),
         max_line_bytes: plugin_protocol::DEFAULT_MAX_LINE_BYTES,
         queue_capacity: 1024,
+        state_dir: None,
     }
 }
 

@@ -136,6 +136,37 @@ def run_task(id_, params):
                       for n in ("as", "nofile", "core", "cpu")}
             reply(id_, {"env": dict(os.environ), "no_new_privs": nnp[0] if nnp else None,
                         "limits": limits, "caps": caps, "uid": os.geteuid()})
+        elif name == "f.write":
+            # Its own installed code is read-only; its data directory is not, and persists.
+            try:
+                with open("written-into-my-code", "w") as f:
+                    f.write("x")
+                own = "written"
+            except OSError as e:
+                own = type(e).__name__
+            data = os.environ.get("WORKER_PLUGIN_DATA")
+            path = os.path.join(data, "note")
+            before = open(path).read() if os.path.exists(path) else None
+            with open(path, "w") as f:
+                f.write(args[0])
+            reply(id_, {"own_dir": own, "data": data, "before": before})
+        elif name == "f.fs":
+            # Each [op, path]: what the filesystem allows this process.
+            results = []
+            for op, path in args[0]:
+                try:
+                    if op == "read":
+                        open(path).read(1)
+                    elif op == "write":
+                        with open(path, "w") as f:
+                            f.write("x")
+                    elif op == "list":
+                        os.listdir(path)
+                    results.append("ok")
+                except OSError as e:
+                    results.append(type(e).__name__)
+            reply(id_, {"results": results, "tmp": os.environ.get("TMPDIR"),
+                        "data": os.environ.get("WORKER_PLUGIN_DATA")})
         elif name == "f.escape":
             # A grandchild that leaves the process group (setsid) and outlives the plugin;
             # it keeps the plugin's stdio, as a careless daemonizing library would.
@@ -182,7 +213,7 @@ def declared_tasks():
     names = ["f.ok", "f.pid", "f.sleep", "f.sleep_nocancel", "f.crash", "f.crash_once", "f.exit",
              "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr", "f.where",
              "f.string_id", "f.bad_utf8", "f.huge_then_answer", "f.block", "f.stderr_flood",
-             "f.garbage_flood", "f.request_flood", "f.env", "f.spin", "f.escape"]
+             "f.garbage_flood", "f.request_flood", "f.env", "f.spin", "f.escape", "f.write", "f.fs"]
     if ENV("FAULT_HANDSHAKE") == "extra_task":
         names.append("f.undeclared")
     return [{"name": n} for n in names]

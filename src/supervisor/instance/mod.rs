@@ -112,6 +112,8 @@ pub struct LaunchSpec {
     pub stray_lines: Arc<AtomicU64>,
     /// Shared with the pool: processes ended for a protocol violation.
     pub violations: Arc<AtomicU64>,
+    /// The state directory, under which the plugin's data directory is made.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// The pool's side of an instance.
@@ -310,7 +312,30 @@ impl Io {
     /// Spawns the plugin's process and starts reading and writing its stdio.
     fn start(spec: &LaunchSpec) -> Result<(Child, Io), String> {
         let marker = containment::new_marker();
-        let mut child = process::spawn(&spec.manifest, spec.index, &marker).map_err(|e| {
+        let name = &spec.manifest.name;
+        let (data, tmp) = match &spec.state_dir {
+            Some(state) => {
+                let prepared = process::data_dir(state, name).and_then(|data| {
+                    let strict = spec.manifest.sandbox == crate::manifest::Sandbox::Strict;
+                    let tmp = strict.then(|| process::tmp_dir(state, name)).transpose()?;
+                    Ok((Some(data), tmp))
+                });
+                prepared.map_err(|e| {
+                    format!(
+                        "cannot prepare the plugin's directories under {}: {e}",
+                        state.display()
+                    )
+                })?
+            }
+            None => (None, None),
+        };
+        let launch = process::Launch {
+            instance: spec.index,
+            marker: &marker,
+            data: data.as_deref(),
+            tmp: tmp.as_deref(),
+        };
+        let mut child = process::spawn(&spec.manifest, launch).map_err(|e| {
             format!(
                 "could not start `{}`: {e} (check `command` in {}/plugin.toml)",
                 spec.manifest.program().display(),

@@ -31,6 +31,9 @@ pub struct PoolOptions {
     pub worker_name: String,
     pub max_line_bytes: usize,
     pub queue_capacity: usize,
+    /// Where each plugin's writable data directory is made (`<state_dir>/data/<name>/`);
+    /// `None` (tests, benches): no data directory.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// A cheap summary others can wait on (e.g. "ready", "failed").

@@ -86,6 +86,7 @@ impl Pool {
             stderr: slot.stderr.clone(),
             stray_lines: slot.stray_lines.clone(),
             violations: slot.violations.clone(),
+            state_dir: self.options.state_dir.clone(),
         };
         let (handle, task) = instance::start(spec, self.events_tx.clone());
         slot.handle = Some(handle);
