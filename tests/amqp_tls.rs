@@ -74,7 +74,8 @@ impl Drop for Terminator {
     }
 }
 
-fn stunnel(dir: &Path, cert: &Path, key: &Path) -> Option<Terminator> {
+/// `extra` goes into the service section (e.g. client-certificate verification).
+fn stunnel(dir: &Path, cert: &Path, key: &Path, extra: &str) -> Option<Terminator> {
     if Command::new("stunnel4")
         .arg("-version")
         .stderr(Stdio::null())
@@ -97,7 +98,7 @@ fn stunnel(dir: &Path, cert: &Path, key: &Path) -> Option<Terminator> {
     std::fs::write(
         &conf,
         format!(
-            "foreground = yes\npid =\n[amqps]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:5672\ncert = {}\nkey = {}\n",
+            "foreground = yes\npid =\n[amqps]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:5672\ncert = {}\nkey = {}\n{extra}\n",
             cert.display(),
             key.display()
         ),
@@ -135,7 +136,7 @@ fn amqp_tls_verifies_the_broker_and_never_shows_the_password() {
     let (lane, root, plugins) = setup!("amqp_tls");
     fib_plugin(&plugins);
     let (ca, cert, key) = certificates(root.path(), "test-ca");
-    let Some(tunnel) = stunnel(root.path(), &cert, &key) else {
+    let Some(tunnel) = stunnel(root.path(), &cert, &key, "") else {
         return;
     };
     let ca_flag = ca.display().to_string();
@@ -258,4 +259,84 @@ fn a_missing_ca_file_stops_serve_with_the_setting_and_path() {
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("`broker_ca` /nonexistent/ca.pem"), "{said}");
     assert!(!said.contains("u:p@"), "{said}");
+}
+
+/// A client certificate for `worker`, signed by the CA `ca` made by [`certificates`] in `dir`.
+fn client_certificate(dir: &Path, ca: &str) -> (PathBuf, PathBuf) {
+    let p = |name: &str| dir.join(name);
+    // X.509 v3 (rustls accepts no v1 certificate): extensions make it so.
+    std::fs::write(p("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    run(Command::new("openssl")
+        .current_dir(dir)
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=worker",
+            "-keyout",
+        ])
+        .arg(p("client.key"))
+        .arg("-out")
+        .arg(p("client.csr")));
+    run(Command::new("openssl")
+        .current_dir(dir)
+        .args(["x509", "-req", "-days", "2", "-in"])
+        .arg(p("client.csr"))
+        .arg("-CA")
+        .arg(p(&format!("{ca}.pem")))
+        .arg("-CAkey")
+        .arg(p(&format!("{ca}.key")))
+        .args(["-CAcreateserial", "-extfile"])
+        .arg(p("client.ext"))
+        .arg("-out")
+        .arg(p("client.pem")));
+    (p("client.pem"), p("client.key"))
+}
+
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_tls_presents_the_client_certificate_a_broker_requires() {
+    let (lane, root, plugins) = setup!("amqp_tls_client");
+    fib_plugin(&plugins);
+    let (ca, cert, key) = certificates(root.path(), "test-ca");
+    let (client_cert, client_key) = client_certificate(root.path(), "test-ca");
+    // The terminator accepts only clients with a certificate signed by the test CA.
+    let verify = format!("verify = 2\nCAfile = {}", ca.display());
+    let Some(tunnel) = stunnel(root.path(), &cert, &key, &verify) else {
+        return;
+    };
+    let url = format!("amqps://guest:guest@127.0.0.1:{}//", tunnel.port);
+    let ca = ca.display().to_string();
+    let tls = [
+        "--broker-ca",
+        &ca,
+        "--broker-tls-server-name",
+        "broker.test",
+    ];
+
+    let mut d = serve(&lane, &plugins, &root.path().join("none.sock"), &url, &tls);
+    d.wait_log("broker connection lost or refused");
+    assert!(!d
+        .drain_log()
+        .iter()
+        .any(|l| l.contains("consuming Celery tasks")));
+    drop(d);
+
+    let (cert, key) = (
+        client_cert.display().to_string(),
+        client_key.display().to_string(),
+    );
+    let mut with_cert = tls.to_vec();
+    with_cert.extend(["--broker-cert", &cert, "--broker-key", &key]);
+    let mut d = serve(
+        &lane,
+        &plugins,
+        &root.path().join("cert.sock"),
+        &url,
+        &with_cert,
+    );
+    d.wait_log("consuming Celery tasks");
+    assert_eq!(lane.run(&["call", "fibonacci", "[10]"]), json!({"ok": 55}));
 }
