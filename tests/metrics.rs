@@ -311,35 +311,39 @@ fn scraping_while_tasks_flow_answers_every_time_and_loses_no_task() {
         &["--metrics-listen", "127.0.0.1:0"],
     );
     let addr = metrics_addr(&mut d);
-    let n = 10_000;
-    // A run without scrapers, for the ratio printed at the end (a figure, not an assertion:
-    // speed is measured by benchmarks, never asserted by tests).
-    let began = Instant::now();
-    assert_eq!(submit_all(&d.socket, "rust.echo", n, 200), n);
-    let quiet = began.elapsed();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let scraper = {
-        let (addr, stop) = (addr.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut bodies = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let (status, _, body) = scrape(&addr);
-                assert_eq!(status, "HTTP/1.1 200 OK");
-                bodies.push(body);
-                // 20 scrapes a second: far more often than any Prometheus would (15 s default).
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            bodies
-        })
-    };
-    let began = Instant::now();
-    let ok = submit_all(&d.socket, "rust.echo", n, 200);
-    let scraped = began.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let bodies = scraper.join().unwrap();
-    assert_eq!(ok, n, "every task answered while being scraped");
+    let n = 5_000;
+    let rounds = 3;
+    // Rounds without and with a scraper, alternating, for the ratio printed at the end (a
+    // figure, not an assertion: speed is measured by benchmarks, never asserted by tests).
+    let (mut quiet, mut scraped, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let began = Instant::now();
+        assert_eq!(submit_all(&d.socket, "rust.echo", n, 200), n);
+        quiet.push(began.elapsed().as_secs_f64());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let scraper = {
+            let (addr, stop) = (addr.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut bodies = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, _, body) = scrape(&addr);
+                    assert_eq!(status, "HTTP/1.1 200 OK");
+                    bodies.push(body);
+                    // 20 scrapes a second: far more often than any Prometheus (15 s default).
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                bodies
+            })
+        };
+        let began = Instant::now();
+        let ok = submit_all(&d.socket, "rust.echo", n, 200);
+        scraped.push(began.elapsed().as_secs_f64());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        bodies.extend(scraper.join().unwrap());
+        assert_eq!(ok, n, "every task answered while being scraped");
+    }
     assert!(bodies.len() >= 2, "scraped {} times", bodies.len());
-    // The success counter never goes back, and ends at 2n (both runs).
+    // The success counter never goes back, and ends at every task of every round.
     let mut last = 0.0;
     for body in bodies
         .iter()
@@ -364,11 +368,16 @@ fn scraping_while_tasks_flow_answers_every_time_and_loses_no_task() {
             "worker_tasks_total",
             json!({"task": "rust.echo", "outcome": "success"})
         ),
-        Some(2.0 * n as f64)
+        Some((2 * rounds * n) as f64)
     );
+    let ratios: Vec<String> = quiet
+        .iter()
+        .zip(&scraped)
+        .map(|(q, s)| format!("{:.2}x", q / s))
+        .collect();
     eprintln!(
-        "{} scrapes while {n} tasks ran; task throughput while scraped: {:.2}x of unscraped ({quiet:?} vs {scraped:?})",
+        "{} scrapes; task throughput while scraped vs not, per round of {n}: {}",
         bodies.len(),
-        quiet.as_secs_f64() / scraped.as_secs_f64()
+        ratios.join(", ")
     );
 }
