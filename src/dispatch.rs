@@ -8,7 +8,7 @@
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
 use crate::supervisor::instance::Job;
-use crate::supervisor::pool::PoolHandle;
+use crate::supervisor::pool::{CancelMode, PoolHandle};
 use crate::supervisor::status::{PluginState, PluginStatus};
 use crate::supervisor::{ReloadReport, Supervisor};
 use crate::task::{Failure, FailureKind, Outcome, TaskEvent, TaskRequest};
@@ -415,7 +415,25 @@ impl Dispatcher {
         };
         // Between attempts (no pool holds it), the retry loop sees the reason and ends it.
         if let Some(pool) = pool {
-            pool.cancel(task_id, reason, false).await;
+            pool.cancel(task_id, reason, CancelMode::Escalate).await;
+        }
+        true
+    }
+
+    /// Asks a task to stop without forcing it: dropped if still queued, `task.cancel` if running,
+    /// and no kill after it (Celery's plain `revoke`). The plugin may still finish it with its
+    /// result. False if no such task is active.
+    pub async fn cancel_cooperatively(&self, task_id: &str, reason: &str) -> bool {
+        let pool = {
+            let mut active = self.active.lock().expect("active lock poisoned");
+            let Some(slot) = active.get_mut(task_id) else {
+                return false;
+            };
+            slot.cancel = Some(reason.to_string());
+            slot.pool.clone()
+        };
+        if let Some(pool) = pool {
+            pool.cancel(task_id, reason, CancelMode::Cooperative).await;
         }
         true
     }
@@ -429,7 +447,7 @@ impl Dispatcher {
             .get(task_id)
             .and_then(|a| a.pool.clone());
         match pool {
-            Some(pool) => pool.cancel(task_id, reason, true).await,
+            Some(pool) => pool.cancel(task_id, reason, CancelMode::QueuedOnly).await,
             None => false,
         }
     }

@@ -407,3 +407,29 @@ fn amqp_passive_declare_uses_an_existing_queue() {
     );
     client.wait().unwrap();
 }
+
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_a_plain_revoke_asks_a_running_task_to_stop_and_never_kills_it() {
+    let (lane, root, plugins) = setup!("amqp_plain_revoke");
+    rust_plugin(&plugins, "");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let w = lane.worker(&plugins, &root.path().join("w.sock"));
+    // A task that polls its cancel flag stops, and the client sees REVOKED.
+    let out = lane.run(&["revoke", &lane.node, "rust.count", "[1000, 50]", "plain"]);
+    assert_eq!(out["exc_type"], "TaskRevokedError", "{out}");
+    assert_eq!(out["message"], "revoked");
+    assert!(out["seconds"].as_f64().unwrap() < 10.0);
+    // One that ignores it finishes with its result: nothing kills it (cancel_grace is 5 s by
+    // default; this task runs 7 s).
+    let out = lane.run(&["revoke", &lane.node, "f.sleep_nocancel", "[7]", "plain"]);
+    assert_eq!(out["ok"], "slept", "{out}");
+    let list = w.list_json();
+    let faulty = list["installed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "faulty")
+        .unwrap();
+    assert_eq!(faulty["live"]["instances"][0]["restarts"], 0, "{faulty}");
+}

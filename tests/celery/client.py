@@ -3,8 +3,9 @@
     client.py QUEUE call NAME ARGS_JSON [KWARGS_JSON]      one task; prints its outcome as JSON
     client.py QUEUE messages NAME ARGS_JSON [KWARGS_JSON]  also every state message seen by on_message
     client.py QUEUE batch NAME ARGS_JSON N                 N tasks; "got I" per result, then a summary
-    client.py QUEUE revoke NODE NAME ARGS_JSON             start a task, wait until NODE lists it active,
-                                                           app.control.revoke(terminate=True), print outcome
+    client.py QUEUE revoke NODE NAME ARGS_JSON [plain]     start a task, wait until NODE lists it active,
+                                                           app.control.revoke(terminate=True, or False
+                                                           with "plain"), print outcome
     client.py QUEUE garbage                                publish unreadable messages to QUEUE
     client.py QUEUE countdown NAME ARGS_JSON SECONDS        apply_async(countdown=...); also the seconds taken
     client.py QUEUE expires NAME ARGS_JSON                 countdown 2 s but expires after 1 s
@@ -72,7 +73,8 @@ def main():
         else:
             print(json.dumps({"error": "task never became active"}), flush=True)
             return
-        app.control.revoke(r.id, terminate=True)
+        # A 4th argument "plain": Celery's plain revoke (no terminate).
+        app.control.revoke(r.id, terminate=rest[3:] != ["plain"])
         started = time.time()
         out = outcome(lambda: r.get(timeout=TIMEOUT))
         out["seconds"] = time.time() - started

@@ -62,8 +62,10 @@ impl RemoteWorker for SourceState {
             "worker": { "name": crate::WORKER_NAME, "version": crate::WORKER_VERSION },
         })
     }
-    /// Remembers the ids as revoked; with `terminate`, running ones are cancelled (then killed
-    /// after the plugin's cancel grace) and answered REVOKED ("terminated").
+    /// Remembers the ids as revoked. With `terminate`, running ones are cancelled, then killed
+    /// after the plugin's cancel grace, and answered REVOKED ("terminated"). Without it, a
+    /// queued one is dropped and a running one is asked to stop (`task.cancel`, reason
+    /// `revoked`) with no kill: REVOKED if it ends as cancelled, its result if it finishes.
     async fn revoke(&self, ids: &[String], terminate: bool) {
         let mut to_cancel = Vec::new();
         {
@@ -72,9 +74,9 @@ impl RemoteWorker for SourceState {
             for id in ids {
                 revoked.insert(id);
                 if tasks.ledger.owns(id) {
-                    if terminate {
-                        tasks.ledger.mark_revoked(id, "terminated");
-                    }
+                    // Marked first: a plugin may answer the cancel at once.
+                    let reason = if terminate { "terminated" } else { "revoked" };
+                    tasks.ledger.mark_revoked(id, reason);
                     to_cancel.push((id.clone(), terminate));
                 }
             }
@@ -84,10 +86,7 @@ impl RemoteWorker for SourceState {
             if terminate {
                 self.dispatcher.cancel(&id, "revoked (terminate)").await;
             } else {
-                // Not started yet (waiting for a free plugin slot): drop it; REVOKED follows.
-                if self.dispatcher.cancel_queued(&id, "revoked").await {
-                    self.tasks().ledger.mark_revoked(&id, "revoked");
-                }
+                self.dispatcher.cancel_cooperatively(&id, "revoked").await;
             }
         }
     }

@@ -60,6 +60,8 @@ pub enum Command {
     Cancel {
         task_id: String,
         reason: String,
+        /// Kill the process after `cancel_grace` if the task has not ended.
+        escalate: bool,
     },
     /// Graceful stop: `shutdown`, `exit`, then SIGTERM and SIGKILL, each after `grace`.
     Stop {
@@ -566,9 +568,16 @@ impl Instance {
             (Some(Command::Run(job)), _) => job.finish(Outcome::Failure(Failure::rejected(
                 "the plugin instance was not serving when the task reached it",
             ))),
-            (Some(Command::Cancel { task_id, reason }), _) => {
-                let grace = self.spec.manifest.timeouts.cancel_grace;
-                self.cancel(&task_id, reason, false, Some(grace));
+            (
+                Some(Command::Cancel {
+                    task_id,
+                    reason,
+                    escalate,
+                }),
+                _,
+            ) => {
+                let grace = escalate.then_some(self.spec.manifest.timeouts.cancel_grace);
+                self.cancel(&task_id, reason, false, grace);
             }
         }
         Step::Continue

@@ -47,13 +47,26 @@ pub struct PoolView {
     pub last_exit: Option<String>,
 }
 
+/// How far a cancel goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelMode {
+    /// Only a task still waiting in the queue (dropped); a running one is left alone.
+    QueuedOnly,
+    /// Drop it if queued; if running, send `task.cancel` and let the plugin decide: no kill
+    /// follows (Celery's plain `revoke`: the task may still finish with its result).
+    Cooperative,
+    /// Drop it if queued; if running, `task.cancel`, then kill its process after the plugin's
+    /// `cancel_grace` if it has not ended.
+    Escalate,
+}
+
 #[derive(Debug)]
 enum PoolCommand {
     Run(Job),
     Cancel {
         task_id: String,
         reason: String,
-        queued_only: bool,
+        mode: CancelMode,
         reply: oneshot::Sender<bool>,
     },
     Status(oneshot::Sender<PluginStatus>),
@@ -96,12 +109,12 @@ impl PoolHandle {
 
     /// Asks the task to stop, wherever it is in this pool (with `queued_only`, only if it has
     /// not started yet). False if the pool does not hold it (so).
-    pub async fn cancel(&self, task_id: &str, reason: &str, queued_only: bool) -> bool {
+    pub async fn cancel(&self, task_id: &str, reason: &str, mode: CancelMode) -> bool {
         let (reply, rx) = oneshot::channel();
         let cmd = PoolCommand::Cancel {
             task_id: task_id.into(),
             reason: reason.into(),
-            queued_only,
+            mode,
             reply,
         };
         self.tx.send(cmd).await.is_ok() && rx.await.unwrap_or(false)
@@ -299,10 +312,10 @@ impl Pool {
             PoolCommand::Cancel {
                 task_id,
                 reason,
-                queued_only,
+                mode,
                 reply,
             } => {
-                let _ = reply.send(self.cancel(&task_id, &reason, queued_only));
+                let _ = reply.send(self.cancel(&task_id, &reason, mode));
             }
             PoolCommand::Status(reply) => {
                 let _ = reply.send(self.status());
@@ -355,13 +368,13 @@ impl Pool {
         }
     }
 
-    fn cancel(&mut self, task_id: &str, reason: &str, queued_only: bool) -> bool {
+    fn cancel(&mut self, task_id: &str, reason: &str, mode: CancelMode) -> bool {
         if let Some(pos) = self.queue.iter().position(|j| j.request.id == task_id) {
             let job = self.queue.remove(pos).expect("position is in range");
             job.finish(Outcome::Failure(Failure::cancelled(reason)));
             return true;
         }
-        if queued_only {
+        if mode == CancelMode::QueuedOnly {
             return false;
         }
         let Some(&slot) = self.placements.get(task_id) else {
@@ -370,6 +383,7 @@ impl Pool {
         let cmd = Command::Cancel {
             task_id: task_id.into(),
             reason: reason.into(),
+            escalate: mode == CancelMode::Escalate,
         };
         self.slots[slot]
             .handle
