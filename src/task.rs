@@ -1,5 +1,6 @@
 //! The one task type that travels from a source to a plugin, and the one outcome it ends with.
 
+use plugin_protocol::{DeliveryInfo, RequestInfo};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::time::Duration;
@@ -17,6 +18,11 @@ pub struct TaskRequest {
     pub hard_time_limit: Option<Duration>,
     /// Who submitted it, for `worker task list` ("control socket pid 42", "amqp: queue celery").
     pub submitter: String,
+    /// Where it came from, passed to the plugin (`task.run` `delivery_info`).
+    pub delivery_info: DeliveryInfo,
+    /// The request's facts, passed to the plugin (`task.run` `request`; the instance adds the
+    /// worker's node name).
+    pub request_info: RequestInfo,
 }
 
 impl TaskRequest {
@@ -29,6 +35,8 @@ impl TaskRequest {
             soft_time_limit: None,
             hard_time_limit: None,
             submitter: "local".into(),
+            delivery_info: DeliveryInfo::default(),
+            request_info: RequestInfo::default(),
         }
     }
 }

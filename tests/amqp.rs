@@ -433,3 +433,33 @@ fn amqp_a_plain_revoke_asks_a_running_task_to_stop_and_never_kills_it() {
         .unwrap();
     assert_eq!(faulty["live"]["instances"][0]["restarts"], 0, "{faulty}");
 }
+
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_a_task_sees_its_queue_and_request_facts_and_a_local_one_sees_none() {
+    let (lane, root, plugins) = setup!("amqp_context");
+    context_plugin(&plugins);
+    let w = lane.worker(&plugins, &root.path().join("w.sock"));
+    let out = lane.run(&["call", "ctx.where", "[]"]);
+    let seen = &out["ok"];
+    assert_eq!(seen["queue"], lane.queue.as_str(), "{out}");
+    let request = &seen["request"];
+    assert_eq!(request["delivery_info"]["queue"], lane.queue.as_str());
+    assert_eq!(request["delivery_info"]["routing_key"], lane.queue.as_str());
+    assert_eq!(request["hostname"], lane.node.as_str());
+    assert_eq!(request["retries"], 0);
+    // A top-level task is its own root; Celery's client says so in the headers.
+    assert_eq!(request["root_id"], request["id"], "{request}");
+    assert_eq!(request["parent_id"], Value::Null);
+    assert_eq!(request["eta"], Value::Null);
+
+    let local = output(&mut w.cli(&["task", "run", "ctx.where"]));
+    assert!(local.status.success(), "{}", text(&local.stderr));
+    let local: Value = serde_json::from_slice(&local.stdout).unwrap();
+    assert_eq!(local["queue"], Value::Null);
+    assert_eq!(
+        local["request"]["delivery_info"],
+        json!({"queue": null, "exchange": null, "routing_key": null})
+    );
+    assert_eq!(local["request"]["hostname"], lane.node.as_str());
+}

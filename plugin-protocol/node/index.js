@@ -1,4 +1,4 @@
-// Node.js SDK for `worker` plugins (protocol 1.1). No dependencies.
+// Node.js SDK for `worker` plugins (protocol 1.2). No dependencies.
 //
 //   const { Plugin } = require('worker-plugin');
 //   const plugin = new Plugin('my-plugin', '1.0.0');
@@ -16,7 +16,7 @@
 
 const readline = require('readline');
 
-const PROTOCOL_VERSION = '1.1';
+const PROTOCOL_VERSION = '1.2';
 const PARSE_ERROR = -32700;
 const METHOD_NOT_FOUND = -32601;
 const INVALID_REQUEST = -32600;
@@ -50,8 +50,23 @@ class Context {
     this.task = params.task;
     this.attempt = params.attempt || 1;
     this.kwargs = params.kwargs || {};
+    /** `queue`, `exchange`, `routing_key` (all null for a task from the control socket). */
+    this.deliveryInfo = { queue: null, exchange: null, routing_key: null, ...(params.delivery_info || {}) };
+    /** Celery's request facts: `id`, `retries`, `eta`, `expires`, `parent_id`, `root_id`,
+     * `group`, `hostname` (the worker's node name), `delivery_info`. */
+    this.request = {
+      retries: 0, eta: null, expires: null, parent_id: null, root_id: null, group: null, hostname: null,
+      ...(params.request || {}),
+      id: params.task_id,
+      delivery_info: this.deliveryInfo,
+    };
     this._cancelled = false;
     this._wakers = new Set();
+  }
+
+  /** The queue the task was consumed from; null when it came from the control socket. */
+  get queue() {
+    return this.deliveryInfo.queue;
   }
 
   /** The [settings] table of the plugin's manifest. */

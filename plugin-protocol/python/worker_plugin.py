@@ -23,9 +23,10 @@ import os
 import sys
 import threading
 import traceback
+import types
 from concurrent.futures import ThreadPoolExecutor
 
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.2"
 
 PARSE_ERROR = -32700
 INVALID_PARAMS = -32602
@@ -52,11 +53,26 @@ class TaskError(Exception):
 class Context:
     """What a running task can see and do besides returning."""
 
-    def __init__(self, plugin, task_id, attempt, cancelled):
+    def __init__(self, plugin, task_id, attempt, cancelled, params=None):
+        params = params or {}
         self._plugin = plugin
         self.task_id = task_id
         self.attempt = attempt
         self._cancelled = cancelled
+        self.delivery_info = dict(params.get("delivery_info") or {})
+        request = dict(params.get("request") or {})
+        for key in ("retries", "eta", "expires", "parent_id", "root_id", "group", "hostname"):
+            request.setdefault(key, 0 if key == "retries" else None)
+        #: Where the task came from and Celery's request facts, like Celery's `self.request`:
+        #: `.id`, `.retries`, `.eta`, `.expires`, `.parent_id`, `.root_id`, `.group`,
+        #: `.hostname` (the worker's node name), `.delivery_info` (`queue`, `exchange`,
+        #: `routing_key`; all None for a task from the control socket).
+        self.request = types.SimpleNamespace(id=task_id, delivery_info=self.delivery_info, **request)
+
+    @property
+    def queue(self):
+        """The queue the task was consumed from; None when it came from the control socket."""
+        return self.delivery_info.get("queue")
 
     @property
     def settings(self):
@@ -174,7 +190,7 @@ class Plugin:
         cancelled = threading.Event()
         with self._running_lock:
             self._running[task_id] = cancelled
-        ctx = Context(self, task_id, params.get("attempt", 1), cancelled)
+        ctx = Context(self, task_id, params.get("attempt", 1), cancelled, params)
         self._pool.submit(self._execute, id_, fn, ctx, params.get("args") or [], params.get("kwargs") or {})
 
     def _execute(self, id_, fn, ctx, args, kwargs):

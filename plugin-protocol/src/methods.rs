@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// The protocol version this crate speaks. Peers must agree on the major number.
-pub const PROTOCOL_VERSION: &str = "1.1";
+pub const PROTOCOL_VERSION: &str = "1.2";
 
 /// The major number of a `"MAJOR.MINOR"` version string, if it has one.
 pub fn protocol_major(version: &str) -> Option<u32> {
@@ -154,6 +154,50 @@ pub struct TaskRunParams {
     pub attempt: u32,
     #[serde(default)]
     pub time_limit: TimeLimits,
+    /// Where the task came from (1.2). Absent from a 1.1 worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_info: Option<DeliveryInfo>,
+    /// Facts of the request (1.2), from the Celery message where there is one. Absent from a
+    /// 1.1 worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestInfo>,
+}
+
+/// `task.run`'s `delivery_info`: the queue, exchange and routing key a broker delivered the
+/// task with; all null for a task from the control socket or `worker run`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryInfo {
+    #[serde(default)]
+    pub queue: Option<String>,
+    #[serde(default)]
+    pub exchange: Option<String>,
+    #[serde(default)]
+    pub routing_key: Option<String>,
+}
+
+/// `task.run`'s `request`: Celery's request facts (null where the message has none) and the
+/// node name of the worker running it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestInfo {
+    /// Celery retries so far (0 on the first delivery).
+    #[serde(default)]
+    pub retries: u64,
+    /// ISO 8601, when the task was scheduled for.
+    #[serde(default)]
+    pub eta: Option<String>,
+    /// ISO 8601, after which the task is not run.
+    #[serde(default)]
+    pub expires: Option<String>,
+    #[serde(default)]
+    pub parent_id: Option<String>,
+    #[serde(default)]
+    pub root_id: Option<String>,
+    /// The id of the group the task belongs to.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// The worker's node name, e.g. `worker@host`.
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 fn one() -> u32 {

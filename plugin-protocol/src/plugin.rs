@@ -91,6 +91,8 @@ type Outbox = mpsc::Sender<Vec<u8>>;
 /// What a running task can see and do besides returning.
 pub struct TaskContext {
     task_id: String,
+    delivery_info: DeliveryInfo,
+    request: RequestInfo,
     cancelled: Arc<AtomicBool>,
     settings: Arc<Map<String, Value>>,
     out: Outbox,
@@ -99,6 +101,23 @@ pub struct TaskContext {
 impl TaskContext {
     pub fn task_id(&self) -> &str {
         &self.task_id
+    }
+
+    /// The queue the task was consumed from; `None` for a task from the control socket (or
+    /// from a worker older than protocol 1.2).
+    pub fn queue(&self) -> Option<&str> {
+        self.delivery_info.queue.as_deref()
+    }
+
+    /// Where the task came from: queue, exchange and routing key.
+    pub fn delivery_info(&self) -> &DeliveryInfo {
+        &self.delivery_info
+    }
+
+    /// Celery's request facts (retries, eta, expires, parent, root, group) and the worker's
+    /// node name; defaults where the worker sent none.
+    pub fn request(&self) -> &RequestInfo {
+        &self.request
     }
 
     /// True once the worker asked this task to stop (cancel or soft time limit).
@@ -422,6 +441,8 @@ fn start_pool(
             };
             let ctx = TaskContext {
                 task_id: job.params.task_id.clone(),
+                delivery_info: job.params.delivery_info.clone().unwrap_or_default(),
+                request: job.params.request.clone().unwrap_or_default(),
                 cancelled: job.cancelled,
                 settings: settings.clone(),
                 out: out.clone(),

@@ -168,6 +168,11 @@ async fn self_test(
         kwargs: t.kwargs.clone(),
         attempt: 1,
         time_limit: Default::default(),
+        delivery_info: Some(Default::default()),
+        request: Some(plugin_protocol::RequestInfo {
+            hostname: Some("worker plugins test".into()),
+            ..Default::default()
+        }),
     };
     let params = serde_json::to_value(params).expect("task.run params serialize");
     let got = s.call(method::TASK_RUN, params).await?;

@@ -19,6 +19,10 @@ pub struct CeleryTask {
     pub hard_time_limit: Option<Duration>,
     pub soft_time_limit: Option<Duration>,
     pub retries: u64,
+    /// The workflow this task is part of (protocol 2 headers; v1 has only the group).
+    pub parent_id: Option<String>,
+    pub root_id: Option<String>,
+    pub group: Option<String>,
     pub ignore_result: bool,
     /// Where results go (the client's reply queue); `None` publishes nothing.
     pub reply_to: Option<String>,
@@ -102,6 +106,9 @@ fn decode_v2(
         hard_time_limit: hard,
         soft_time_limit: soft,
         retries: h.get("retries").and_then(Value::as_f64).unwrap_or(0.0) as u64,
+        parent_id: string(h.get("parent_id")),
+        root_id: string(h.get("root_id")),
+        group: string(h.get("group")),
         ignore_result: h
             .get("ignore_result")
             .and_then(Value::as_bool)
@@ -144,6 +151,9 @@ fn decode_v1(
         hard_time_limit: hard,
         soft_time_limit: soft,
         retries: b.get("retries").and_then(Value::as_f64).unwrap_or(0.0) as u64,
+        parent_id: None,
+        root_id: None,
+        group: string(b.get("taskset")),
         ignore_result: false,
         reply_to,
         id,

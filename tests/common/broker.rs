@@ -225,6 +225,18 @@ pub fn fib_plugin(root: &Path) {
     std::fs::write(dir.join("plugin.toml"), text).unwrap();
 }
 
+/// The Python SDK plugin whose `ctx.where` returns `ctx.queue` and `ctx.request`.
+pub fn context_plugin(root: &Path) {
+    let dir = root.join("context");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = format!(
+        "name = \"context\"\nversion = \"1.0.0\"\ncommand = [\"/usr/bin/python3\", {:?}]\n[env]\nPYTHONPATH = {:?}\n[[tasks]]\nname = \"ctx.where\"\n",
+        repo().join("tests/plugins/context.py").display().to_string(),
+        repo().join("plugin-protocol/python").display().to_string()
+    );
+    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+}
+
 #[macro_export]
 macro_rules! setup {
     ($test:literal) => {{

@@ -43,7 +43,7 @@ const run = (p, id, task, args = [], kwargs = {}) =>
 
 test('initialize names the plugin, its tasks and capabilities', async () => {
   const { p, init } = await initialized();
-  assert.strictEqual(init.result.protocol_version, '1.1');
+  assert.strictEqual(init.result.protocol_version, '1.2');
   assert.deepStrictEqual(init.result.plugin, { name: 'fixture', version: '0.1.0' });
   assert.deepStrictEqual(init.result.tasks[0], { name: 't.add', description: 'Adds' });
   assert.ok(init.result.capabilities.includes('ping_while_busy'));
@@ -123,4 +123,29 @@ test('shutdown answers once running tasks end, and refuses new ones meanwhile', 
   p.send({ method: 'exit' });
   const code = await new Promise((resolve) => p.child.on('exit', resolve));
   assert.strictEqual(code, 0);
+});
+
+test('ctx.queue and ctx.request carry where the task came from (1.2), with defaults before 1.2', async () => {
+  const { p } = await initialized();
+  p.send({
+    id: 1,
+    method: 'task.run',
+    params: {
+      task_id: 'c1', task: 't.context', args: [], kwargs: {},
+      delivery_info: { queue: 'london.highpriority#custom', exchange: '', routing_key: 'london.highpriority#custom' },
+      request: { retries: 2, root_id: 'r', parent_id: 'p', hostname: 'worker@host' },
+    },
+  });
+  const seen = (await p.response(1)).result;
+  assert.strictEqual(seen.queue, 'london.highpriority#custom');
+  assert.strictEqual(seen.request.retries, 2);
+  assert.strictEqual(seen.request.root_id, 'r');
+  assert.strictEqual(seen.request.id, 'c1');
+  assert.strictEqual(seen.request.group, null);
+  assert.strictEqual(seen.request.delivery_info.exchange, '');
+  run(p, 2, 't.context');
+  const old = (await p.response(2)).result;
+  assert.strictEqual(old.queue, null);
+  assert.strictEqual(old.request.retries, 0);
+  p.child.kill();
 });

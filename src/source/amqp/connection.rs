@@ -236,12 +236,8 @@ async fn start_consumers(
     consume: &Channel,
     control: &Channel,
     pidbox_queue: &str,
-) -> lapin::Result<(
-    mpsc::Receiver<lapin::Result<Delivery>>,
-    Vec<String>,
-    Vec<JoinHandle<()>>,
-)> {
-    let (tx, deliveries) = mpsc::channel::<lapin::Result<Delivery>>(256);
+) -> lapin::Result<(mpsc::Receiver<Relayed>, Vec<String>, Vec<JoinHandle<()>>)> {
+    let (tx, deliveries) = mpsc::channel::<Relayed>(256);
     let mut relays = Vec::new();
     let mut tags = Vec::new();
     for q in &shared.options.queues {
@@ -255,7 +251,7 @@ async fn start_consumers(
             )
             .await?;
         tags.push(tag);
-        relays.push(relay(consumer, tx.clone()));
+        relays.push(relay(consumer, Some(q.as_str().into()), tx.clone()));
     }
     let options = BasicConsumeOptions {
         no_ack: true,
@@ -269,7 +265,7 @@ async fn start_consumers(
             FieldTable::default(),
         )
         .await?;
-    relays.push(relay(pidbox_consumer, tx));
+    relays.push(relay(pidbox_consumer, None, tx));
     Ok((deliveries, tags, relays))
 }
 
@@ -286,7 +282,7 @@ impl Session<'_> {
     async fn serve(
         &self,
         shared: &Arc<SourceState>,
-        mut deliveries: mpsc::Receiver<lapin::Result<Delivery>>,
+        mut deliveries: mpsc::Receiver<Relayed>,
     ) -> SessionEnd {
         // Fired when this session ends, so eta holds let their deliveries go back to the broker.
         let lost = CancellationToken::new();
@@ -295,8 +291,8 @@ impl Session<'_> {
         loop {
             tokio::select! {
                 d = deliveries.recv() => match d {
-                    Some(Ok(delivery)) => self.dispatch(shared, delivery, &lost).await,
-                    Some(Err(e)) => return SessionEnd::Lost { reason: e.to_string(), was_up: true },
+                    Some((queue, Ok(delivery))) => self.dispatch(shared, queue, delivery, &lost).await,
+                    Some((_, Err(e))) => return SessionEnd::Lost { reason: e.to_string(), was_up: true },
                     None => return SessionEnd::Lost { reason: "the broker closed the consumers".into(), was_up: true },
                 },
                 _ = shared.stopping.cancelled(), if !cancelled => {
@@ -316,11 +312,13 @@ impl Session<'_> {
     async fn dispatch(
         &self,
         shared: &Arc<SourceState>,
+        queue: Option<Arc<str>>,
         delivery: Delivery,
         lost: &CancellationToken,
     ) {
-        if delivery.routing_key.as_str().is_empty() || delivery.exchange.as_str() == "celery.pidbox"
-        {
+        let pidbox = delivery.routing_key.as_str().is_empty()
+            || delivery.exchange.as_str() == "celery.pidbox";
+        if pidbox || queue.is_none() {
             let (state, control) = (shared.clone(), self.control.clone());
             shared
                 .handlers
@@ -329,9 +327,10 @@ impl Session<'_> {
             delivery::reject(shared, &delivery.acker, Settled::Requeued).await;
         } else {
             let (state, lost) = (shared.clone(), lost.clone());
+            let queue = queue.expect("task deliveries come from a task queue's consumer");
             shared
                 .handlers
-                .spawn(async move { delivery::handle(state, delivery, lost).await });
+                .spawn(async move { delivery::handle(state, queue, delivery, lost).await });
         }
     }
 
@@ -349,14 +348,18 @@ impl Session<'_> {
 }
 
 /// Relays one consumer's deliveries into the session's single stream.
+/// A delivery with the task queue its consumer reads (`None`: the pidbox).
+type Relayed = (Option<Arc<str>>, lapin::Result<Delivery>);
+
 fn relay(
     mut consumer: lapin::Consumer,
-    tx: mpsc::Sender<lapin::Result<Delivery>>,
+    queue: Option<Arc<str>>,
+    tx: mpsc::Sender<Relayed>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         while let Some(d) = consumer.next().await {
             let failed = d.is_err();
-            if tx.send(d).await.is_err() || failed {
+            if tx.send((queue.clone(), d)).await.is_err() || failed {
                 return;
             }
         }

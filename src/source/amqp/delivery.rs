@@ -13,6 +13,7 @@ use crate::task::{FailureKind, Outcome, TaskEvent, TaskRequest};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::Acker;
+use plugin_protocol::RequestInfo;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -129,9 +130,14 @@ pub fn admit(a: Arrived) -> Admission {
 }
 
 /// Handles one task message to its end. `lost` fires when the connection it came on is gone.
-pub(super) async fn handle(shared: Arc<SourceState>, delivery: Delivery, lost: CancellationToken) {
+pub(super) async fn handle(
+    shared: Arc<SourceState>,
+    queue: Arc<str>,
+    delivery: Delivery,
+    lost: CancellationToken,
+) {
     let redelivered = delivery.redelivered;
-    let Some((task, info, acker)) = decode(&shared, delivery).await else {
+    let Some((task, info, acker)) = decode(&shared, &queue, delivery).await else {
         return;
     };
     let admission = loop {
@@ -191,11 +197,9 @@ fn arrived(shared: &SourceState, task: &CeleryTask, redelivered: bool) -> Arrive
 async fn run_and_settle(shared: &SourceState, task: &CeleryTask, info: &ActiveInfo) -> Settlement {
     let submitter = format!(
         "amqp: queue {}",
-        info.delivery_info["routing_key"]
-            .as_str()
-            .unwrap_or_default()
+        info.delivery.queue.as_deref().unwrap_or_default()
     );
-    let outcome = run(shared, task, submitter).await;
+    let outcome = run(shared, task, info, submitter).await;
     if let Outcome::Failure(f) = &outcome {
         match f.kind {
             FailureKind::NotRegistered => {
@@ -225,6 +229,7 @@ async fn ack_answered_copy(shared: &SourceState, task: &CeleryTask, acker: &Acke
 /// Reads the Celery task out of a delivery; an unreadable one is rejected without requeue.
 async fn decode(
     shared: &SourceState,
+    queue: &str,
     delivery: Delivery,
 ) -> Option<(CeleryTask, ActiveInfo, Acker)> {
     let headers = delivery
@@ -273,6 +278,11 @@ async fn decode(
             "redelivered": delivery.redelivered,
         }),
         worker_pid: std::process::id(),
+        delivery: plugin_protocol::DeliveryInfo {
+            queue: Some(queue.to_string()),
+            exchange: Some(delivery.exchange.to_string()),
+            routing_key: Some(delivery.routing_key.to_string()),
+        },
     };
     Some((task, info, delivery.acker.clone()))
 }
@@ -319,7 +329,18 @@ async fn hold_until_eta(
 
 /// Runs the task through the dispatcher, publishing its progress and streamed items as they
 /// come, and returns its outcome.
-async fn run(shared: &SourceState, task: &CeleryTask, submitter: String) -> Outcome {
+async fn run(
+    shared: &SourceState,
+    task: &CeleryTask,
+    info: &ActiveInfo,
+    submitter: String,
+) -> Outcome {
+    let iso = |t: Option<SystemTime>| {
+        t.map(|t| {
+            chrono::DateTime::<chrono::Utc>::from(t)
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
+        })
+    };
     let request = TaskRequest {
         id: task.id.clone(),
         name: task.name.clone(),
@@ -328,6 +349,16 @@ async fn run(shared: &SourceState, task: &CeleryTask, submitter: String) -> Outc
         soft_time_limit: task.soft_time_limit,
         hard_time_limit: task.hard_time_limit,
         submitter,
+        delivery_info: info.delivery.clone(),
+        request_info: RequestInfo {
+            retries: task.retries,
+            eta: iso(task.eta),
+            expires: iso(task.expires),
+            parent_id: task.parent_id.clone(),
+            root_id: task.root_id.clone(),
+            group: task.group.clone(),
+            hostname: None,
+        },
     };
     let reporting = task.reply_to.clone().filter(|_| !task.ignore_result);
     let mut run = shared.dispatcher.submit(request);

@@ -160,6 +160,9 @@ pub struct ActiveInfo {
     acknowledged: bool,
     delivery_info: Value,
     worker_pid: u32,
+    /// What the plugin is told of where the task came from.
+    #[serde(skip)]
+    delivery: plugin_protocol::DeliveryInfo,
 }
 
 impl SourceState {

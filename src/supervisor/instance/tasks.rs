@@ -4,7 +4,7 @@
 use super::{Crash, EventKind, ExitReason, Instance, Job, Phase, Step};
 use crate::supervisor::process::StdoutEvent;
 use crate::task::{Failure, FailureKind, Outcome};
-use plugin_protocol::{method, Message, TaskCancelParams, TaskRunParams, TimeLimits};
+use plugin_protocol::{method, Message, RequestInfo, TaskCancelParams, TaskRunParams, TimeLimits};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -46,6 +46,11 @@ impl Instance {
                 soft: soft.map(|d| d.as_secs_f64()),
                 hard: hard.map(|d| d.as_secs_f64()),
             },
+            delivery_info: Some(job.request.delivery_info.clone()),
+            request: Some(RequestInfo {
+                hostname: Some(self.spec.worker_name.clone()),
+                ..job.request.request_info.clone()
+            }),
         };
         let now = Instant::now();
         let id = self.request(method::TASK_RUN, params);
