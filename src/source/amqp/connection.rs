@@ -318,19 +318,22 @@ impl Session<'_> {
     ) {
         let pidbox = delivery.routing_key.as_str().is_empty()
             || delivery.exchange.as_str() == "celery.pidbox";
-        if pidbox || queue.is_none() {
-            let (state, control) = (shared.clone(), self.control.clone());
-            shared
-                .handlers
-                .spawn(async move { remote::answer(&state, &control, delivery).await });
-        } else if shared.stopping.is_cancelled() {
-            delivery::reject(shared, &delivery.acker, Settled::Requeued).await;
-        } else {
-            let (state, lost) = (shared.clone(), lost.clone());
-            let queue = queue.expect("task deliveries come from a task queue's consumer");
-            shared
-                .handlers
-                .spawn(async move { delivery::handle(state, queue, delivery, lost).await });
+        match queue.filter(|_| !pidbox) {
+            None => {
+                let (state, control) = (shared.clone(), self.control.clone());
+                shared
+                    .handlers
+                    .spawn(async move { remote::answer(&state, &control, delivery).await });
+            }
+            Some(_) if shared.stopping.is_cancelled() => {
+                delivery::reject(shared, &delivery.acker, Settled::Requeued).await;
+            }
+            Some(queue) => {
+                let (state, lost) = (shared.clone(), lost.clone());
+                shared
+                    .handlers
+                    .spawn(async move { delivery::handle(state, queue, delivery, lost).await });
+            }
         }
     }
 
