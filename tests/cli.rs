@@ -609,7 +609,7 @@ fn a_node_sdk_plugin_runs_under_the_worker_and_streams_before_its_result() {
         format!(
             "name = \"fixture\"\nversion = \"0.1.0\"\ncommand = [\"/usr/bin/node\", {:?}]\n[settings]\ngreeting = \"from settings\"\n{}",
             fixture.display().to_string(),
-            ["t.add", "t.report", "t.kwargs", "t.fail", "t.typed", "t.wait", "t.bigint"]
+            ["t.add", "t.report", "t.kwargs", "t.fail", "t.typed", "t.wait", "t.bigint", "t.context"]
                 .map(|t| format!("[[tasks]]\nname = {t:?}\n"))
                 .concat()
         ),
@@ -630,6 +630,18 @@ fn a_node_sdk_plugin_runs_under_the_worker_and_streams_before_its_result() {
         !text(&out.stderr).contains("stray"),
         "{}",
         text(&out.stderr)
+    );
+    // `worker run` tells the SDK where the task came from: nowhere (no queue), on this node.
+    let out = run("t.context", "0");
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["queue"], serde_json::Value::Null, "{seen}");
+    assert!(
+        seen["request"]["hostname"]
+            .as_str()
+            .unwrap()
+            .starts_with("worker@"),
+        "{seen}"
     );
     let out = run("t.fail", "0");
     assert!(!out.status.success());

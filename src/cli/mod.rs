@@ -56,9 +56,13 @@ pub struct CommonArgs {
     #[arg(long, env = "WORKER_SOCKET", global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Node name (`name`), e.g. worker@host; Celery's -n/--hostname
+    // Its own id: commands have a positional `name` (a task or plugin name), and a shared id
+    // made that value the node name.
     #[arg(
+        id = "node_name",
+        value_name = "NAME",
         short = 'n',
-        long,
+        long = "name",
         visible_alias = "hostname",
         env = "WORKER_NAME",
         global = true
