@@ -130,13 +130,7 @@ impl Daemon {
     /// Starts the installed plugins, binds the control socket, and connects to the broker.
     pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         let plugins = installed_plugins(&config)?;
-        let tls = BrokerTls::load(&TlsSettings {
-            ca: config.broker_ca.clone(),
-            cert: config.broker_cert.clone(),
-            key: config.broker_key.clone(),
-            server_name: config.broker_tls_server_name.clone(),
-        })
-        .map_err(DaemonError::BrokerTls)?;
+        let tls = broker_tls(&config)?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(
                 crate::metrics::http::bind(addr)
@@ -159,18 +153,7 @@ impl Daemon {
         let names: Vec<String> = plugins.iter().map(|m| m.name.clone()).collect();
         let supervisor = Arc::new(Supervisor::start(plugins, pool_options(&config)));
         let dispatcher = Arc::new(Dispatcher::new(supervisor.clone()));
-        // Orphaned plugin descendants become ours to kill and reap, not init's.
-        let subreaper = containment::become_subreaper();
-        let reaper =
-            subreaper.then(|| AbortOnDropHandle::new(tokio::spawn(containment::reap_on_sigchld())));
-        let info = WorkerInfo {
-            name: config.name.clone(),
-            version: crate::WORKER_VERSION.into(),
-            pid: std::process::id(),
-            state_dir: config.state_dir.clone(),
-            containment: containment::describe(subreaper),
-        };
-        tracing::info!("containment: {}", info.containment);
+        let (reaper, info) = contain(&config);
         let reload = ReloadSettings {
             state: StateDir::new(&config.state_dir),
             drain: config.drain_timeout(),
@@ -184,18 +167,7 @@ impl Daemon {
             config.control_idle_timeout(),
             stop_server.clone(),
         ));
-        let metrics = metrics_listener.map(|listener| {
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!("metrics at http://{addr}/metrics");
-            }
-            let stop = CancellationToken::new();
-            let serving = tokio::spawn(crate::metrics::http::serve(
-                listener,
-                dispatcher.clone(),
-                stop.clone(),
-            ));
-            (AbortOnDropHandle::new(serving), stop)
-        });
+        let metrics = metrics_listener.map(|listener| serve_metrics(listener, &dispatcher));
         let amqp = config.broker.as_ref().map(|url| {
             let options = amqp_options(&config, url, &dispatcher, tls.clone());
             AmqpSource::start(options, dispatcher.clone())
@@ -305,6 +277,51 @@ impl Daemon {
         }
         self.supervisor.stop(None).await;
     }
+}
+
+/// Makes the daemon the subreaper of plugin descendants (orphans become ours to kill and reap,
+/// not init's), starts reaping them, and says how plugins are contained.
+fn contain(config: &Config) -> (Option<AbortOnDropHandle<()>>, WorkerInfo) {
+    let subreaper = containment::become_subreaper();
+    let reaper =
+        subreaper.then(|| AbortOnDropHandle::new(tokio::spawn(containment::reap_on_sigchld())));
+    let info = WorkerInfo {
+        name: config.name.clone(),
+        version: crate::WORKER_VERSION.into(),
+        pid: std::process::id(),
+        state_dir: config.state_dir.clone(),
+        containment: containment::describe(subreaper),
+    };
+    tracing::info!("containment: {}", info.containment);
+    (reaper, info)
+}
+
+/// The broker's TLS settings, their files read now: a missing one stops `serve` at start.
+fn broker_tls(config: &Config) -> Result<BrokerTls, DaemonError> {
+    BrokerTls::load(&TlsSettings {
+        ca: config.broker_ca.clone(),
+        cert: config.broker_cert.clone(),
+        key: config.broker_key.clone(),
+        server_name: config.broker_tls_server_name.clone(),
+    })
+    .map_err(DaemonError::BrokerTls)
+}
+
+/// Serves `/metrics` on `listener` until the returned token is cancelled.
+fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    dispatcher: &Arc<Dispatcher>,
+) -> (AbortOnDropHandle<()>, CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!("metrics at http://{addr}/metrics");
+    }
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(crate::metrics::http::serve(
+        listener,
+        dispatcher.clone(),
+        stop.clone(),
+    ));
+    (AbortOnDropHandle::new(serving), stop)
 }
 
 fn amqp_options(

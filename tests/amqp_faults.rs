@@ -135,7 +135,7 @@ fn ambiguous_ids(log: &[String]) -> HashSet<String> {
 #[test]
 #[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
 fn amqp_connection_drops_leave_exactly_one_final_state_per_task_in_the_raw_reply_queue() {
-    const TASKS: usize = 2000;
+    const TASKS: usize = 4000;
     const DROPS: usize = 5;
     let (lane, root, plugins) = setup!("amqp_exactly_once");
     faulty_plugin(
@@ -158,17 +158,22 @@ fn amqp_connection_drops_leave_exactly_one_final_state_per_task_in_the_raw_reply
 
     let answered = || counts.lock().unwrap().len();
     let mut answered_at_drop = Vec::new();
-    for k in 0..DROPS {
+    let mut last = 0;
+    for _ in 0..DROPS {
         // A random moment while tasks flow (before, during or after a publish, confirm or
-        // ack), spread over the first half of the run: `rabbitmqctl close_connection` can take
-        // seconds on a loaded machine, and every drop must still find tasks in flight.
-        let wait_for = 100 + k * 200 + fastrand::usize(..100);
+        // ack): some answers after the worker is consuming again from the last drop. Paced by
+        // what happened, not by a schedule: `rabbitmqctl close_connection` can take seconds
+        // on a loaded machine, and every drop must still find tasks in flight.
+        let wait_for = last + 100 + fastrand::usize(..150);
         wait_until("more answers", Duration::from_secs(60), || {
             answered() >= wait_for.min(TASKS)
         });
         std::thread::sleep(Duration::from_millis(fastrand::u64(..40)));
+        let mark = worker.drain_log().len();
         let dropped = drop_connections(&lane.node);
-        answered_at_drop.push((answered(), dropped));
+        last = answered();
+        answered_at_drop.push((last, dropped));
+        worker.wait_log_from(mark, "consuming Celery tasks");
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     while answered() < TASKS {

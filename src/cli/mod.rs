@@ -169,28 +169,9 @@ pub enum Commands {
 }
 
 impl CommonArgs {
-    /// The effective config: file, then environment and flags on top.
-    pub fn resolve(&self) -> anyhow::Result<Config> {
-        let mut c = Config::load(self.config.as_deref())?;
-        if let Some(v) = &self.plugins_dir {
-            c.plugins_dir = v.clone();
-        }
-        if let Some(v) = &self.state_dir {
-            c.state_dir = v.clone();
-        }
-        if let Some(v) = &self.socket {
-            c.socket = v.clone();
-        }
-        if let Some(v) = &self.name {
-            c.name = v.clone();
-        }
-        // As in Celery, `%h` in the node name stands for the host name.
-        if c.name.contains("%h") {
-            c.name = c.name.replace("%h", &crate::config::hostname());
-        }
-        if let Some(v) = &self.broker {
-            c.broker = Some(v.clone()).filter(|b| !b.is_empty());
-        }
+    /// `broker_file` and the TLS settings; the URL is read from `broker_file` when no broker
+    /// was given.
+    fn apply_broker_tls(&self, c: &mut Config) -> anyhow::Result<()> {
         if let Some(v) = &self.broker_file {
             c.broker_file = Some(v.clone());
         }
@@ -214,6 +195,32 @@ impl CommonArgs {
                 c.broker = Some(url.trim().to_string()).filter(|u| !u.is_empty());
             }
         }
+        Ok(())
+    }
+
+    /// The effective config: file, then environment and flags on top.
+    pub fn resolve(&self) -> anyhow::Result<Config> {
+        let mut c = Config::load(self.config.as_deref())?;
+        if let Some(v) = &self.plugins_dir {
+            c.plugins_dir = v.clone();
+        }
+        if let Some(v) = &self.state_dir {
+            c.state_dir = v.clone();
+        }
+        if let Some(v) = &self.socket {
+            c.socket = v.clone();
+        }
+        if let Some(v) = &self.name {
+            c.name = v.clone();
+        }
+        // As in Celery, `%h` in the node name stands for the host name.
+        if c.name.contains("%h") {
+            c.name = c.name.replace("%h", &crate::config::hostname());
+        }
+        if let Some(v) = &self.broker {
+            c.broker = Some(v.clone()).filter(|b| !b.is_empty());
+        }
+        self.apply_broker_tls(&mut c)?;
         if let Some(v) = &self.queues {
             c.queues = v.clone();
         }

@@ -259,6 +259,46 @@ impl PoolSnapshot {
         }
         Ok(())
     }
+
+    /// The metrics with a value per instance slot or per instance state.
+    fn per_instance(
+        encoder: &mut DescriptorEncoder,
+        plugins: &[PluginStatus],
+    ) -> Result<(), std::fmt::Error> {
+        if plugins.is_empty() {
+            return Ok(());
+        }
+        let gauge = ConstGauge::new(0i64);
+        let mut family = encoder.encode_descriptor(
+            "instances",
+            "Instances of a plugin by state",
+            None,
+            gauge.metric_type(),
+        )?;
+        for p in plugins {
+            for (state, label) in INSTANCE_STATES {
+                let n = p.instances.iter().filter(|i| i.state == state).count();
+                let labels = [("plugin", p.name.as_str()), ("state", label)];
+                ConstGauge::new(n as i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "instance_uptime_seconds",
+            "Seconds since an instance's process started (absent while it is down)",
+            None,
+            ConstGauge::new(0.0f64).metric_type(),
+        )?;
+        for p in plugins {
+            for i in &p.instances {
+                if let Some(up) = i.uptime_secs {
+                    let index = i.index.to_string();
+                    let labels = [("plugin", p.name.as_str()), ("instance", index.as_str())];
+                    ConstGauge::new(up).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Collector for PoolSnapshot {
@@ -319,38 +359,6 @@ impl Collector for PoolSnapshot {
             ),
             |p| ConstGauge::new(p.uptime_secs),
         )?;
-        if plugins.is_empty() {
-            return Ok(());
-        }
-        let gauge = ConstGauge::new(0i64);
-        let mut family = encoder.encode_descriptor(
-            "instances",
-            "Instances of a plugin by state",
-            None,
-            gauge.metric_type(),
-        )?;
-        for p in plugins.iter() {
-            for (state, label) in INSTANCE_STATES {
-                let n = p.instances.iter().filter(|i| i.state == state).count();
-                let labels = [("plugin", p.name.as_str()), ("state", label)];
-                ConstGauge::new(n as i64).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "instance_uptime_seconds",
-            "Seconds since an instance's process started (absent while it is down)",
-            None,
-            ConstGauge::new(0.0f64).metric_type(),
-        )?;
-        for p in plugins.iter() {
-            for i in &p.instances {
-                if let Some(up) = i.uptime_secs {
-                    let index = i.index.to_string();
-                    let labels = [("plugin", p.name.as_str()), ("instance", index.as_str())];
-                    ConstGauge::new(up).encode(family.encode_family(&labels)?)?;
-                }
-            }
-        }
-        Ok(())
+        Self::per_instance(e, &plugins)
     }
 }

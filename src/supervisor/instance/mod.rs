@@ -8,13 +8,15 @@
 //! process ends the pool hears `Exited` after every task has had its outcome. It knows nothing
 //! of where tasks come from.
 
+mod io;
 mod protocol;
 mod tasks;
 
 use super::containment;
-use super::process::{self, LogOrigin, StderrTail, StdoutEvent};
+use super::process::{self, StderrTail, StdoutEvent};
 use crate::manifest::Manifest;
 use crate::task::{Failure, Outcome, TaskEvent, TaskRequest};
+use io::Io;
 use nix::sys::signal::Signal;
 use plugin_protocol::{method, Id, Message, Notification, Request};
 use std::collections::HashMap;
@@ -25,9 +27,6 @@ use std::time::Duration;
 use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, timeout, Instant};
-
-/// Lines waiting to be written to a plugin's stdin, at least (more for high concurrency).
-const STDIN_BUFFER: usize = 256;
 
 /// How long to wait for the stderr reader to catch up after the process died.
 const STDERR_SETTLE: Duration = Duration::from_millis(250);
@@ -297,76 +296,6 @@ async fn run(
         reason,
         ran_for: inst.started.elapsed(),
     });
-}
-
-/// A plugin process's stdio: the readers of stderr and stdout, and the stdin writer.
-struct Io {
-    stdout: mpsc::Receiver<StdoutEvent>,
-    out: mpsc::Sender<Vec<u8>>,
-    stderr_reader: tokio::task::JoinHandle<()>,
-    stdout_reader: tokio::task::JoinHandle<()>,
-    writer: tokio::task::JoinHandle<()>,
-    /// In the environment of every process of this plugin process's tree.
-    marker: String,
-}
-
-impl Io {
-    /// Spawns the plugin's process and starts reading and writing its stdio.
-    fn start(spec: &LaunchSpec) -> Result<(Child, Io), String> {
-        let marker = containment::new_marker();
-        let name = &spec.manifest.name;
-        let (data, tmp) = match &spec.state_dir {
-            Some(state) => {
-                let prepared = process::data_dir(state, name).and_then(|data| {
-                    let strict = spec.manifest.sandbox == crate::manifest::Sandbox::Strict;
-                    let tmp = strict.then(|| process::tmp_dir(state, name)).transpose()?;
-                    Ok((Some(data), tmp))
-                });
-                prepared.map_err(|e| {
-                    format!(
-                        "cannot prepare the plugin's directories under {}: {e}",
-                        state.display()
-                    )
-                })?
-            }
-            None => (None, None),
-        };
-        let launch = process::Launch {
-            instance: spec.index,
-            marker: &marker,
-            data: data.as_deref(),
-            tmp: tmp.as_deref(),
-        };
-        let mut child = process::spawn(&spec.manifest, launch).map_err(|e| {
-            format!(
-                "could not start `{}`: {e} (check `command` in {}/plugin.toml)",
-                spec.manifest.program().display(),
-                spec.manifest.dir.display()
-            )
-        })?;
-        let origin = LogOrigin {
-            plugin: spec.manifest.name.clone(),
-            instance: spec.index,
-            pid: child.id().unwrap_or(0),
-        };
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let stderr_reader = process::read_stderr(stderr, origin, spec.stderr.clone());
-        let (stdout_tx, stdout) = mpsc::channel(process::STDOUT_BUFFER);
-        let pipe = child.stdout.take().expect("stdout is piped");
-        let stdout_reader = process::read_stdout(pipe, spec.max_line_bytes, stdout_tx);
-        let capacity = STDIN_BUFFER.max(2 * spec.manifest.concurrency as usize + 16);
-        let stdin = child.stdin.take().expect("stdin is piped");
-        let (out, writer) = process::spawn_writer(stdin, capacity);
-        let io = Io {
-            marker,
-            stdout,
-            out,
-            stderr_reader,
-            stdout_reader,
-            writer,
-        };
-        Ok((child, io))
-    }
 }
 
 /// Tasks the pool sent after the instance decided to end never reached the process: they go

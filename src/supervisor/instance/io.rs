@@ -1,0 +1,81 @@
+//! The stdio of one plugin process: spawning it (with its data directory and, when strict,
+//! its private tmp), the readers of stderr and stdout, and the batching stdin writer.
+
+use super::LaunchSpec;
+use crate::supervisor::containment;
+use crate::supervisor::process::{self, LogOrigin, StdoutEvent};
+use tokio::process::Child;
+use tokio::sync::mpsc;
+
+/// Lines waiting to be written to a plugin's stdin, at least (more for high concurrency).
+const STDIN_BUFFER: usize = 256;
+
+/// A plugin process's stdio: the readers of stderr and stdout, and the stdin writer.
+pub(super) struct Io {
+    pub(super) stdout: mpsc::Receiver<StdoutEvent>,
+    pub(super) out: mpsc::Sender<Vec<u8>>,
+    pub(super) stderr_reader: tokio::task::JoinHandle<()>,
+    pub(super) stdout_reader: tokio::task::JoinHandle<()>,
+    pub(super) writer: tokio::task::JoinHandle<()>,
+    /// In the environment of every process of this plugin process's tree.
+    pub(super) marker: String,
+}
+
+impl Io {
+    /// Spawns the plugin's process and starts reading and writing its stdio.
+    pub(super) fn start(spec: &LaunchSpec) -> Result<(Child, Io), String> {
+        let marker = containment::new_marker();
+        let name = &spec.manifest.name;
+        let (data, tmp) = match &spec.state_dir {
+            Some(state) => {
+                let prepared = process::data_dir(state, name).and_then(|data| {
+                    let strict = spec.manifest.sandbox == crate::manifest::Sandbox::Strict;
+                    let tmp = strict.then(|| process::tmp_dir(state, name)).transpose()?;
+                    Ok((Some(data), tmp))
+                });
+                prepared.map_err(|e| {
+                    format!(
+                        "cannot prepare the plugin's directories under {}: {e}",
+                        state.display()
+                    )
+                })?
+            }
+            None => (None, None),
+        };
+        let launch = process::Launch {
+            instance: spec.index,
+            marker: &marker,
+            data: data.as_deref(),
+            tmp: tmp.as_deref(),
+        };
+        let mut child = process::spawn(&spec.manifest, launch).map_err(|e| {
+            format!(
+                "could not start `{}`: {e} (check `command` in {}/plugin.toml)",
+                spec.manifest.program().display(),
+                spec.manifest.dir.display()
+            )
+        })?;
+        let origin = LogOrigin {
+            plugin: spec.manifest.name.clone(),
+            instance: spec.index,
+            pid: child.id().unwrap_or(0),
+        };
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let stderr_reader = process::read_stderr(stderr, origin, spec.stderr.clone());
+        let (stdout_tx, stdout) = mpsc::channel(process::STDOUT_BUFFER);
+        let pipe = child.stdout.take().expect("stdout is piped");
+        let stdout_reader = process::read_stdout(pipe, spec.max_line_bytes, stdout_tx);
+        let capacity = STDIN_BUFFER.max(2 * spec.manifest.concurrency as usize + 16);
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let (out, writer) = process::spawn_writer(stdin, capacity);
+        let io = Io {
+            marker,
+            stdout,
+            out,
+            stderr_reader,
+            stdout_reader,
+            writer,
+        };
+        Ok((child, io))
+    }
+}
