@@ -139,7 +139,9 @@ class Plugin:
 
     def _send(self, message):
         message["jsonrpc"] = "2.0"
-        data = (json.dumps(message, separators=(",", ":"), default=str) + "\n").encode("utf-8")
+        # allow_nan=False: NaN and Infinity are not JSON; they fail the task instead of the line.
+        data = (json.dumps(message, separators=(",", ":"), default=str, allow_nan=False)
+                + "\n").encode("utf-8")
         with self._out_lock:
             self._out.write(data)
             self._out.flush()

@@ -8,6 +8,9 @@
 //!
 //! The message types are plain data: no I/O and no async runtime types, so the worker (tokio)
 //! and plugins (threads) share them.
+//!
+//! The crate README, with a complete plugin, follows.
+#![doc = include_str!("../README.md")]
 
 pub mod codec;
 pub mod message;
