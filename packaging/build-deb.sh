@@ -18,4 +18,9 @@ gzip -9n "$assets"/man/*.1
 target/release/worker completions bash >"$assets/completions/worker"
 target/release/worker completions zsh >"$assets/completions/_worker"
 target/release/worker completions fish >"$assets/completions/worker.fish"
+# The Python SDK as a wheel, so scaffolds install it with no network (needs the network once,
+# here, for the build backend).
+[ -x target/wheel-venv/bin/pip ] || /usr/bin/python3 -m venv target/wheel-venv
+target/wheel-venv/bin/pip wheel --quiet --disable-pip-version-check --no-deps \
+    --wheel-dir "$assets/sdk" plugin-protocol/python
 cargo deb --no-build --output target/debian/ -p worker | tail -1

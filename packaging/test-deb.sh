@@ -32,6 +32,7 @@ zcat /usr/share/man/man1/worker.1.gz | grep -q '^\.TH' || fail "man page unreada
 grep -q '_worker' /usr/share/bash-completion/completions/worker || fail "bash completion missing"
 node -e "require('/usr/share/worker/sdk/node')" || fail "the Node SDK does not load"
 python3 -c "import sys; sys.path.insert(0, '/usr/share/worker/sdk/python'); import worker_plugin" || fail "the Python SDK does not load"
+ls /usr/share/worker/sdk/python/worker_plugin-*-py3-none-any.whl >/dev/null || fail "no Python SDK wheel"
 
 # As the service user, with a clean environment like systemd's (no WORKER_* from this shell).
 as_worker() { (cd /var/lib/worker && runuser -u worker -- env -i PATH=/usr/bin:/bin HOME=/var/lib/worker LANG=C.UTF-8 "$@"); }

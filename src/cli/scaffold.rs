@@ -7,8 +7,21 @@ use crate::manifest;
 use std::path::Path;
 use std::process::ExitCode;
 
-/// The Python SDK, vendored into each Python scaffold so the plugin carries its own copy.
-const PYTHON_SDK: &str = include_str!("../../plugin-protocol/python/worker_plugin.py");
+/// Where the Python SDK package is installed from into a scaffold's venv: the wheel the Debian
+/// package ships (no network needed), else this checkout's `plugin-protocol/python`.
+fn python_sdk() -> String {
+    let packaged = Path::new("/usr/share/worker/sdk/python")
+        .join(format!("worker_plugin-{PYTHON_SDK_VERSION}-py3-none-any.whl"));
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-protocol/python");
+    if cfg!(feature = "packaged") || !checkout.is_dir() {
+        packaged.display().to_string()
+    } else {
+        checkout.display().to_string()
+    }
+}
+
+/// The version in `plugin-protocol/python/pyproject.toml` (the packaged wheel's name has it).
+const PYTHON_SDK_VERSION: &str = "1.2.0";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Lang {
@@ -116,12 +129,17 @@ if __name__ == "__main__":
                 name,
                 task,
                 r#"[".venv/bin/python", "-u", "main.py"]"#,
-                r#"# Run by `worker plugins install` in the installed copy: the plugin's own virtualenv
-# with requirements.txt, so its dependencies never meet the worker's or another plugin's.
+ &format!(
+                    r#"# Run by `worker plugins install` in the installed copy: the plugin's own virtualenv
+# with the worker SDK and requirements.txt, so its dependencies never meet the worker's or
+# another plugin's.
 install = [
   ["/usr/bin/python3", "-m", "venv", ".venv"],
+  [".venv/bin/python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check", {:?}],
   [".venv/bin/python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", "requirements.txt"],
 ]"#,
+                    python_sdk()
+                ),
             ),
         ),
         ("main.py".into(), main),
@@ -129,13 +147,12 @@ install = [
             "requirements.txt".into(),
             "# This plugin's own dependencies, one per line (installed into its .venv).\n".into(),
         ),
-        ("worker_plugin.py".into(), PYTHON_SDK.to_string()),
         (
             "README.md".into(),
             readme(
                 name,
                 task,
-                "Python; `worker_plugin.py` is the SDK. Dependencies go in requirements.txt: install gives the plugin its own .venv.",
+                "Python, with the `worker-plugin` SDK installed into the plugin's own .venv by the install steps. Dependencies go in requirements.txt.",
             ),
         ),
     ]
@@ -143,52 +160,21 @@ install = [
 
 fn node(name: &str, task: &str) -> Vec<(String, String)> {
     let main = format!(
-        r#"// The {name} plugin: the worker protocol (newline-delimited JSON-RPC 2.0) with no SDK.
+        r#"// The {name} plugin, with the worker's Node.js SDK (installed into node_modules).
 'use strict';
-const readline = require('readline');
+const {{ Plugin }} = require('worker-plugin');
 
-const send = (msg) => process.stdout.write(JSON.stringify({{ jsonrpc: '2.0', ...msg }}) + '\n');
-
-const tasks = {{
-  '{task}': ([who = 'world']) => `hello, ${{who}}`,
-}};
-
-let inFlight = 0;
-let shutdownId = null;
-readline.createInterface({{ input: process.stdin }}).on('line', (line) => {{
-  let msg;
-  try {{
-    msg = JSON.parse(line);
-  }} catch (e) {{
-    return send({{ id: null, error: {{ code: -32700, message: e.message }} }});
-  }}
-  const {{ id, method, params = {{}} }} = msg;
-  if (method === 'initialize') {{
-    send({{ id, result: {{ protocol_version: '1.0', plugin: {{ name: '{name}', version: '0.1.0' }},
-      tasks: Object.keys(tasks).map((name) => ({{ name }})) }} }});
-  }} else if (method === 'task.run') {{
-    const run = tasks[params.task];
-    if (!run) return send({{ id, error: {{ code: -32003, message: `unknown task ${{params.task}}` }} }});
-    inFlight += 1;
-    try {{
-      send({{ id, result: run(params.args || [], params.kwargs || {{}}) }});
-    }} catch (e) {{
-      send({{ id, error: {{ code: -32000, message: e.message, data: {{ type: e.name, message: e.message, traceback: e.stack }} }} }});
-    }}
-    inFlight -= 1;
-    if (shutdownId !== null && inFlight === 0) send({{ id: shutdownId, result: null }});
-  }} else if (method === 'ping') {{
-    send({{ id, result: {{}} }});
-  }} else if (method === 'shutdown') {{
-    shutdownId = id;
-    if (inFlight === 0) send({{ id, result: null }});
-  }} else if (method === 'exit') {{
-    process.exit(0);
-  }} else if (id !== undefined && id !== null) {{
-    send({{ id, error: {{ code: -32601, message: `unknown method ${{method}}` }} }});
-  }}
+const plugin = new Plugin('{name}', '0.1.0');
+plugin.task('{task}', {{ description: 'Greets someone' }}, (ctx, who = 'world') => {{
+  ctx.progress(1, 1);
+  return `hello, ${{who}}`;
 }});
+plugin.run();
 "#
+    );
+    let package = format!(
+        "{{\n  \"name\": \"{name}\",\n  \"version\": \"0.1.0\",\n  \"private\": true,\n  \"dependencies\": {{\n    \"worker-plugin\": \"file:{}\"\n  }}\n}}\n",
+        node_sdk()
     );
     vec![
         (
@@ -197,20 +183,32 @@ readline.createInterface({{ input: process.stdin }}).on('line', (line) => {{
                 name,
                 task,
                 r#"["/usr/bin/node", "main.js"]"#,
-                r#"# No dependencies yet. With a package.json and package-lock.json, add:
-# install = [["npm", "ci", "--omit=dev"]]"#,
+                r#"# Run by `worker plugins install` in the installed copy: its own node_modules, with the
+# SDK copied in (--install-links), so it needs nothing outside its directory at run time.
+install = [["npm", "install", "--install-links", "--omit=dev", "--no-audit", "--no-fund"]]"#,
             ),
         ),
         ("main.js".into(), main),
+        ("package.json".into(), package),
         (
             "README.md".into(),
             readme(
                 name,
                 task,
-                "Node.js with no dependencies; `main.js` speaks the protocol directly.",
+                "Node.js, with the `worker-plugin` SDK (a dependency in package.json, installed into node_modules by the install step). Add dependencies to package.json.",
             ),
         ),
     ]
+}
+
+/// Where the Node.js SDK package is installed from: the packaged copy, else this checkout's.
+fn node_sdk() -> String {
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-protocol/node");
+    if cfg!(feature = "packaged") || !checkout.is_dir() {
+        "/usr/share/worker/sdk/node".into()
+    } else {
+        checkout.display().to_string()
+    }
 }
 
 fn rust(name: &str, task: &str) -> Vec<(String, String)> {
@@ -270,4 +268,14 @@ fn main() {{
             ),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_packaged_wheel_name_follows_the_python_sdk_version() {
+        let pyproject = include_str!("../../plugin-protocol/python/pyproject.toml");
+        let version = format!("version = \"{}\"", super::PYTHON_SDK_VERSION);
+        assert!(pyproject.contains(&version), "bump PYTHON_SDK_VERSION with pyproject.toml");
+    }
 }
