@@ -10,8 +10,9 @@ use std::process::ExitCode;
 /// Where the Python SDK package is installed from into a scaffold's venv: the wheel the Debian
 /// package ships (no network needed), else this checkout's `plugin-protocol/python`.
 fn python_sdk() -> String {
-    let packaged = Path::new("/usr/share/worker/sdk/python")
-        .join(format!("worker_plugin-{PYTHON_SDK_VERSION}-py3-none-any.whl"));
+    let packaged = Path::new("/usr/share/worker/sdk/python").join(format!(
+        "worker_plugin-{PYTHON_SDK_VERSION}-py3-none-any.whl"
+    ));
     let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-protocol/python");
     if cfg!(feature = "packaged") || !checkout.is_dir() {
         packaged.display().to_string()
@@ -276,6 +277,9 @@ mod tests {
     fn the_packaged_wheel_name_follows_the_python_sdk_version() {
         let pyproject = include_str!("../../plugin-protocol/python/pyproject.toml");
         let version = format!("version = \"{}\"", super::PYTHON_SDK_VERSION);
-        assert!(pyproject.contains(&version), "bump PYTHON_SDK_VERSION with pyproject.toml");
+        assert!(
+            pyproject.contains(&version),
+            "bump PYTHON_SDK_VERSION with pyproject.toml"
+        );
     }
 }
