@@ -154,6 +154,7 @@ fn options() -> PoolOptions {
         max_line_bytes: 1 << 24,
         queue_capacity: 1 << 20,
         state_dir: None,
+        plugin_user: None,
     }
 }
 

@@ -61,6 +61,9 @@ pub struct Config {
     /// Seconds a control connection may stay idle (no request in flight, nothing received)
     /// before the daemon closes it, so idle clients cannot hold every connection slot.
     pub control_idle_timeout: f64,
+    /// When the worker runs as root: the user plugins run as unless their manifest names one
+    /// (`user`). Never root: a plugin that needs root says `user = "root"` itself.
+    pub plugin_user: Option<String>,
     /// Address of the Prometheus endpoint (`http://<addr>/metrics`); unset = not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -109,6 +112,7 @@ impl Default for Config {
             result_retry_timeout: 60.0,
             control_idle_timeout: 300.0,
             metrics_listen: None,
+            plugin_user: None,
         }
     }
 }
@@ -177,6 +181,15 @@ impl Config {
         seconds("control_idle_timeout", self.control_idle_timeout)?;
         if self.queues.is_empty() || self.queues.iter().any(|q| q.trim().is_empty()) {
             return Err("key `queues`: give at least one non-empty queue name".into());
+        }
+        if let Some(user) = &self.plugin_user {
+            let root = nix::unistd::User::from_name(user)
+                .ok()
+                .flatten()
+                .is_some_and(|u| u.uid.is_root());
+            if user.is_empty() || root {
+                return Err(format!("key `plugin_user`: `{user}` is not a non-root user name; plugins run as root only when their plugin.toml says `user = \"root\"`"));
+            }
         }
         if self.prefetch_count == Some(0) {
             return Err("key `prefetch_count`: must be at least 1".into());

@@ -98,6 +98,7 @@ pub fn pool_options(config: &Config) -> PoolOptions {
         max_line_bytes: config.max_line_bytes,
         queue_capacity: config.queue_capacity,
         state_dir: Some(config.state_dir.clone()),
+        plugin_user: config.plugin_user.clone(),
     }
 }
 

@@ -70,8 +70,17 @@ pub enum ProbeError {
 }
 
 impl Session {
-    /// Starts instance 0 of the plugin.
-    pub fn start(m: &Manifest, max_line_bytes: usize) -> Result<Session, ProbeError> {
+    /// Starts instance 0 of the plugin, as the user it would run as under a daemon.
+    pub fn start(
+        m: &Manifest,
+        max_line_bytes: usize,
+        plugin_user: Option<&str>,
+    ) -> Result<Session, ProbeError> {
+        let start_error = |cause| ProbeError::Start {
+            program: m.program(),
+            cause,
+        };
+        let identity = crate::supervisor::identity::of(m, plugin_user).map_err(start_error)?;
         let marker = crate::supervisor::containment::new_marker();
         // A data directory of its own for the probe, gone with it.
         let data = tempfile::Builder::new()
@@ -82,16 +91,17 @@ impl Session {
                 cause,
             })?;
         let tmp = data.path().join("tmp");
-        std::fs::create_dir_all(&tmp).map_err(|cause| ProbeError::Start {
-            program: m.program(),
-            cause,
-        })?;
+        std::fs::create_dir_all(&tmp).map_err(start_error)?;
+        for dir in [data.path(), tmp.as_path()] {
+            crate::supervisor::identity::give(dir, identity.as_ref()).map_err(start_error)?;
+        }
         let strict = m.sandbox == crate::manifest::Sandbox::Strict;
         let launch = process::Launch {
             instance: 0,
             marker: &marker,
             data: Some(data.path()),
             tmp: strict.then_some(tmp.as_path()),
+            identity: identity.as_ref(),
         };
         let mut child = process::spawn(m, launch).map_err(|cause| ProbeError::Start {
             program: m.program(),
@@ -244,8 +254,9 @@ pub async fn handshake(
     m: &Manifest,
     worker_name: &str,
     max_line_bytes: usize,
+    plugin_user: Option<&str>,
 ) -> Result<InitializeResult, ProbeError> {
-    let mut s = Session::start(m, max_line_bytes)?;
+    let mut s = Session::start(m, max_line_bytes, plugin_user)?;
     let result = match s.initialize(m, worker_name, max_line_bytes).await {
         Ok(r) => r,
         Err(e) => return Err(s.explain(e)),

@@ -344,3 +344,78 @@ fn a_strict_plugin_reads_its_code_and_the_system_and_writes_only_its_data_and_tm
     );
     assert!(!outside.exists());
 }
+
+#[test]
+fn a_root_worker_runs_each_plugin_as_its_user_with_no_groups_and_never_root_by_config() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: only a worker running as root switches users");
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("a `nobody` user");
+    let root = tempfile::tempdir().unwrap();
+    // The plugin's user must reach its directory (tempdirs are 0700).
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = root.path().join("state");
+    let view = |plugins: &std::path::Path, extra: &[&str]| -> Value {
+        let out = output(
+            worker()
+                .args(["run", "f.env", "--plugins"])
+                .arg(plugins)
+                .arg("--state-dir")
+                .arg(&state)
+                .args(extra),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+
+    // The manifest names the user.
+    let named = root.path().join("named");
+    faulty_plugin(&named, "faulty", &[], "user = \"nobody\"", "");
+    let seen = view(&named, &[]);
+    assert_eq!(seen["uid"], nobody.uid.as_raw(), "{seen}");
+    assert_eq!(seen["gid"], nobody.gid.as_raw());
+    assert_eq!(
+        seen["groups"],
+        serde_json::json!([]),
+        "supplementary groups cleared"
+    );
+    assert_eq!(seen["env"]["HOME"], nobody.dir.display().to_string());
+    assert_eq!(seen["env"]["USER"], "nobody");
+    for set in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
+        assert_eq!(seen["caps"][set], "0000000000000000", "{set}");
+    }
+    let data = std::fs::metadata(state.join("data/faulty")).unwrap();
+    assert_eq!(
+        data.uid(),
+        nobody.uid.as_raw(),
+        "its data directory is its own"
+    );
+
+    // The worker config names it for plugins that do not.
+    let plain = root.path().join("plain");
+    faulty_plugin(&plain, "faulty", &[], "", "");
+    assert_eq!(
+        view(&plain, &["--plugin-user", "nobody"])["uid"],
+        nobody.uid.as_raw()
+    );
+
+    // Root only by the plugin's own word, never by the worker config.
+    let out = output(
+        worker()
+            .args(["run", "f.env", "--plugin-user", "root", "--plugins"])
+            .arg(&plain),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("key `plugin_user`"),
+        "{}",
+        text(&out.stderr)
+    );
+    let explicit = root.path().join("explicit");
+    faulty_plugin(&explicit, "faulty", &[], "user = \"root\"", "");
+    assert_eq!(view(&explicit, &["--plugin-user", "nobody"])["uid"], 0);
+}

@@ -41,6 +41,7 @@ pub async fn install(config: &Config, names: &[String], force: bool) -> anyhow::
         state: &state,
         worker_name: &config.name,
         max_line_bytes: config.max_line_bytes,
+        plugin_user: config.plugin_user.as_deref(),
     };
     let mut staged = Vec::new();
     for m in sources {

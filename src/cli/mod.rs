@@ -123,6 +123,9 @@ pub struct CommonArgs {
         value_name = "ADDR"
     )]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// When running as root: the user plugins run as unless their manifest names one (`plugin_user`)
+    #[arg(long, env = "WORKER_PLUGIN_USER", global = true, value_name = "USER")]
+    pub plugin_user: Option<String>,
     /// Longest plugin stdout line in bytes (`max_line_bytes`)
     #[arg(long, env = "WORKER_MAX_LINE_BYTES", global = true)]
     pub max_line_bytes: Option<usize>,
@@ -241,6 +244,9 @@ impl CommonArgs {
         }
         if let Some(v) = self.metrics_listen {
             c.metrics_listen = Some(v);
+        }
+        if let Some(v) = &self.plugin_user {
+            c.plugin_user = Some(v.clone());
         }
         if let Some(v) = self.max_line_bytes {
             c.max_line_bytes = v;

@@ -52,7 +52,7 @@ pub async fn test_manifest(config: &Config, m: &Manifest) -> anyhow::Result<Exit
             m.tests.len()
         )),
     );
-    let mut s = match Session::start(m, config.max_line_bytes) {
+    let mut s = match Session::start(m, config.max_line_bytes, config.plugin_user.as_deref()) {
         Ok(s) => s,
         Err(e) => {
             report.check("start", Err(e));

@@ -121,6 +121,8 @@ pub struct Installer<'a> {
     /// Sent in the install-time `initialize`.
     pub worker_name: &'a str,
     pub max_line_bytes: usize,
+    /// `plugin_user` of the worker config: who the handshake runs as when installing as root.
+    pub plugin_user: Option<&'a str>,
 }
 
 /// A new version copied, built and handshaken: ready to be recorded.
@@ -240,9 +242,10 @@ impl Installer<'_> {
             let reason = format!("{f}\n    (full output: {})", log_path.display());
             (Stage::Step(f.step, f.argv), reason)
         })?;
-        let hello = crate::probe::handshake(&m, self.worker_name, self.max_line_bytes)
-            .await
-            .map_err(|e| (Stage::Handshake, e.to_string()))?;
+        let hello =
+            crate::probe::handshake(&m, self.worker_name, self.max_line_bytes, self.plugin_user)
+                .await
+                .map_err(|e| (Stage::Handshake, e.to_string()))?;
         if let Some(warning) = crate::supervisor::handshake::version_mismatch(&hello, &m) {
             tracing::warn!(plugin = %m.name, "{warning}");
         }

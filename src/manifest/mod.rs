@@ -37,6 +37,9 @@ pub struct Manifest {
     pub allow_outside_symlinks: bool,
     /// The filesystem sandbox its processes run in.
     pub sandbox: Sandbox,
+    /// The user (and group) its processes run as when the worker runs as root.
+    pub user: Option<String>,
+    pub group: Option<String>,
     pub tasks: Vec<TaskDecl>,
     /// Processes to run.
     pub instances: u32,
@@ -315,6 +318,10 @@ struct RawManifest {
     allow_outside_symlinks: bool,
     #[serde(default)]
     sandbox: Sandbox,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    group: Option<String>,
     tasks: Spanned<Vec<TaskDecl>>,
     #[serde(default = "one")]
     instances: Spanned<u32>,
@@ -465,6 +472,8 @@ impl Manifest {
             env_passthrough: raw.env_passthrough,
             allow_outside_symlinks: raw.allow_outside_symlinks,
             sandbox: raw.sandbox,
+            user: raw.user,
+            group: raw.group,
             tasks: raw.tasks.into_inner(),
             instances: raw.instances.into_inner(),
             concurrency: raw.concurrency.into_inner(),

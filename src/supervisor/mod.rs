@@ -6,6 +6,7 @@
 
 pub mod containment;
 pub mod handshake;
+pub mod identity;
 pub mod instance;
 pub mod pool;
 pub mod process;

@@ -6,6 +6,7 @@
 //! forked), gets `PR_SET_PDEATHSIG` (so it dies with the worker), and has stderr drained at all
 //! times (so a chatty plugin never blocks on a full pipe).
 
+use super::identity::{self, Identity};
 use super::{containment, sandbox};
 use crate::framed::FramedReader;
 use crate::manifest::Manifest;
@@ -57,6 +58,12 @@ fn plugin_env(manifest: &Manifest, launch: &Launch) -> Vec<(String, String)> {
     if let Some(data) = launch.data {
         env.push(("WORKER_PLUGIN_DATA".into(), data.display().to_string()));
     }
+    if let Some(id) = launch.identity {
+        env.retain(|(k, _)| !matches!(k.as_str(), "HOME" | "USER" | "LOGNAME"));
+        env.push(("HOME".into(), id.home.display().to_string()));
+        env.push(("USER".into(), id.name.clone()));
+        env.push(("LOGNAME".into(), id.name.clone()));
+    }
     if let Some(tmp) = launch.tmp {
         env.retain(|(k, _)| k != "TMPDIR");
         env.push(("TMPDIR".into(), tmp.display().to_string()));
@@ -73,6 +80,8 @@ pub struct Launch<'a> {
     pub data: Option<&'a Path>,
     /// Its private `TMPDIR` under `sandbox = "strict"`.
     pub tmp: Option<&'a Path>,
+    /// The user to switch to (a worker running as root; see `identity`).
+    pub identity: Option<&'a Identity>,
 }
 
 /// `<state_dir>/tmp/<name>/`, the private tmp of a strict plugin: made (0700) where missing.
@@ -111,6 +120,7 @@ pub fn spawn(manifest: &Manifest, launch: Launch) -> io::Result<Child> {
         .kill_on_drop(true);
     let parent = nix::unistd::getpid();
     let limits = manifest.limits.clone();
+    let identity = launch.identity.cloned();
     let mut ruleset = match (manifest.sandbox, launch.data, launch.tmp) {
         (Sandbox::None, _, _) => None,
         (Sandbox::Strict, Some(data), Some(tmp)) => Some(sandbox::strict(&manifest.dir, data, tmp)?),
@@ -125,9 +135,15 @@ pub fn spawn(manifest: &Manifest, launch: Launch) -> io::Result<Child> {
     // and the ruleset built before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            // The bounding set first: shrinking it needs CAP_SETPCAP, gone after setuid.
+            drop_bounding_set()?;
+            if let Some(identity) = &identity {
+                identity::enter(identity)?;
+            }
+            // After the switch: changing credentials clears the parent-death signal.
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
             nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)?;
-            drop_capabilities()?;
+            clear_capabilities()?;
             apply_limits(&limits)?;
             if let Some(ruleset) = ruleset.take() {
                 sandbox::enter(ruleset)?;
@@ -145,21 +161,12 @@ pub fn spawn(manifest: &Manifest, launch: Launch) -> io::Result<Child> {
     Ok(child)
 }
 
-/// Drops every capability the worker may hold (it may run as root): the bounding set (so an
-/// exec as uid 0 gains none back), the ambient set, then the effective, permitted and
-/// inheritable sets. Only raw syscalls: this runs between fork and exec.
-fn drop_capabilities() -> io::Result<()> {
+/// Empties the capability bounding set, so that an exec as uid 0 gains no capability back.
+/// Only raw syscalls: this runs between fork and exec.
+fn drop_bounding_set() -> io::Result<()> {
     use nix::libc;
-    // SAFETY: prctl and capset with plain integer arguments and a pointer to stack data.
+    // SAFETY: prctl with plain integer arguments.
     unsafe {
-        // Fails with EINVAL on kernels without ambient capabilities: nothing to clear then.
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        );
         for cap in 0..64 {
             if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
                 match *libc::__errno_location() {
@@ -172,6 +179,24 @@ fn drop_capabilities() -> io::Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Drops every capability left (the worker may run as root): the ambient set, then the
+/// effective, permitted and inheritable sets. Only raw syscalls: this runs between fork and exec.
+fn clear_capabilities() -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: prctl and capset with plain integer arguments and a pointer to stack data.
+    unsafe {
+        // Fails with EINVAL on kernels without ambient capabilities: nothing to clear then.
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
         #[repr(C)]
         struct Header {
             version: u32,

@@ -112,6 +112,7 @@ pub fn options() -> PoolOptions {
         max_line_bytes: plugin_protocol::DEFAULT_MAX_LINE_BYTES,
         queue_capacity: 1024,
         state_dir: None,
+        plugin_user: None,
     }
 }
 

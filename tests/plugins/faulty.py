@@ -135,7 +135,8 @@ def run_task(id_, params):
             limits = {n: resource.getrlimit(getattr(resource, "RLIMIT_" + n.upper()))
                       for n in ("as", "nofile", "core", "cpu")}
             reply(id_, {"env": dict(os.environ), "no_new_privs": nnp[0] if nnp else None,
-                        "limits": limits, "caps": caps, "uid": os.geteuid()})
+                        "limits": limits, "caps": caps, "uid": os.geteuid(),
+                        "gid": os.getegid(), "groups": os.getgroups()})
         elif name == "f.write":
             # Its own installed code is read-only; its data directory is not, and persists.
             try:

@@ -2,8 +2,8 @@
 //! its private tmp), the readers of stderr and stdout, and the batching stdin writer.
 
 use super::LaunchSpec;
-use crate::supervisor::containment;
 use crate::supervisor::process::{self, LogOrigin, StdoutEvent};
+use crate::supervisor::{containment, identity};
 use tokio::process::Child;
 use tokio::sync::mpsc;
 
@@ -26,11 +26,19 @@ impl Io {
     pub(super) fn start(spec: &LaunchSpec) -> Result<(Child, Io), String> {
         let marker = containment::new_marker();
         let name = &spec.manifest.name;
+        let identity = identity::of(&spec.manifest, spec.plugin_user.as_deref())
+            .map_err(|e| format!("cannot choose the user to run as: {e}"))?;
+        if identity.is_none() && nix::unistd::Uid::effective().is_root() {
+            identity::warn_root_once(name);
+        }
         let (data, tmp) = match &spec.state_dir {
             Some(state) => {
                 let prepared = process::data_dir(state, name).and_then(|data| {
                     let strict = spec.manifest.sandbox == crate::manifest::Sandbox::Strict;
                     let tmp = strict.then(|| process::tmp_dir(state, name)).transpose()?;
+                    for dir in std::iter::once(&data).chain(tmp.as_ref()) {
+                        identity::give(dir, identity.as_ref())?;
+                    }
                     Ok((Some(data), tmp))
                 });
                 prepared.map_err(|e| {
@@ -47,6 +55,7 @@ impl Io {
             marker: &marker,
             data: data.as_deref(),
             tmp: tmp.as_deref(),
+            identity: identity.as_ref(),
         };
         let mut child = process::spawn(&spec.manifest, launch).map_err(|e| {
             format!(

@@ -115,6 +115,8 @@ pub struct LaunchSpec {
     pub violations: Arc<AtomicU64>,
     /// The state directory, under which the plugin's data directory is made.
     pub state_dir: Option<std::path::PathBuf>,
+    /// `plugin_user` of the worker config.
+    pub plugin_user: Option<String>,
 }
 
 /// The pool's side of an instance.

@@ -34,6 +34,8 @@ pub struct PoolOptions {
     /// Where each plugin's writable data directory is made (`<state_dir>/data/<name>/`);
     /// `None` (tests, benches): no data directory.
     pub state_dir: Option<std::path::PathBuf>,
+    /// `plugin_user` of the worker config (see `identity`).
+    pub plugin_user: Option<String>,
 }
 
 /// A cheap summary others can wait on (e.g. "ready", "failed").

@@ -87,6 +87,7 @@ impl Pool {
             stray_lines: slot.stray_lines.clone(),
             violations: slot.violations.clone(),
             state_dir: self.options.state_dir.clone(),
+            plugin_user: self.options.plugin_user.clone(),
         };
         let (handle, task) = instance::start(spec, self.events_tx.clone());
         slot.handle = Some(handle);
