@@ -463,3 +463,91 @@ fn amqp_a_task_sees_its_queue_and_request_facts_and_a_local_one_sees_none() {
     );
     assert_eq!(local["request"]["hostname"], lane.node.as_str());
 }
+
+/// The payload of a file-action task, field by field, as Ngenea Hub reads it.
+fn assert_hub_payload(out: &Value, dir: &std::path::Path) {
+    let p = |name: &str| dir.join(name).display().to_string();
+    let result = &out["ok"];
+    assert_eq!(result["jobid"], 100, "{out}");
+    let status = &result["status"];
+    assert_eq!(status["task"], "file-checksum");
+    assert_eq!(
+        status["input_paths"],
+        json!([{"path": dir.display().to_string()}])
+    );
+    assert_eq!(status["input_total"], 1);
+    assert_eq!(
+        status["summary"],
+        json!({"failures": 1, "processed": 1, "skipped": 1})
+    );
+    let details = &status["details"];
+    assert_eq!(details["processed"][0]["path"], p("new.txt"));
+    assert_eq!(
+        details["processed"][0]["sha256"],
+        "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+    );
+    assert_eq!(details["skipped"][0]["path"], p("done.txt"));
+    assert_eq!(details["failures"][0]["path"], p("locked.txt"));
+    assert!(
+        details["failures"][0]["message"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("PermissionError"),
+        "{details}"
+    );
+    // What goes to the next task: processed and skipped, by path only.
+    let mut next: Vec<String> = result["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap().to_string())
+        .collect();
+    next.sort();
+    assert_eq!(next, vec![p("done.txt"), p("new.txt")]);
+    let started = status["started"].as_str().unwrap();
+    assert!(started.ends_with("+00:00"), "timezone-aware: {started}");
+}
+
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_a_file_action_task_answers_the_hub_payload_streamed_or_not() {
+    let (lane, root, plugins) = setup!("amqp_file_action");
+    checksum_plugin(&plugins);
+    let dir = root.path().join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("new.txt"), "foo").unwrap();
+    std::fs::write(dir.join("done.txt"), "bar").unwrap();
+    std::fs::write(
+        dir.join("done.txt.sha256"),
+        "fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9  done.txt\n",
+    )
+    .unwrap();
+    let locked = dir.join("locked.txt");
+    std::fs::write(&locked, "secret").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+    // The plugin's processes run without capabilities, so even as root a 0000 file is unreadable.
+    let _w = lane.worker(&plugins, &root.path().join("w.sock"));
+    let kwargs = json!({"jobid": 100, "paths": [{"path": dir.display().to_string()}]});
+    let out = lane.run(&["call", "file.checksum", "[]", &kwargs.to_string()]);
+    assert_hub_payload(&out, &dir);
+
+    let mut streaming = kwargs.clone();
+    streaming["stream_results"] = json!(true);
+    let out = lane.run(&["messages", "file.checksum", "[]", &streaming.to_string()]);
+    assert_hub_payload(&out, &dir);
+    let streamed: Vec<Value> = out["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m[0] == "STREAM")
+        .flat_map(|m| m[1]["items"].as_array().unwrap().clone())
+        .flat_map(|batch| batch["files"].as_array().unwrap().clone())
+        .collect();
+    let mut states: Vec<&str> = streamed
+        .iter()
+        .map(|f| f["state"].as_str().unwrap())
+        .collect();
+    states.sort();
+    assert_eq!(states, vec!["failures", "processed", "skipped"], "{out}");
+}

@@ -18,10 +18,13 @@ sys.stdout at stderr, so a stray print() (even from a C extension) lands in the 
 corrupting the protocol.
 """
 
+import datetime
 import json
 import os
+import stat
 import sys
 import threading
+import time
 import traceback
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +38,14 @@ TASK_FAILED = -32000
 TASK_CANCELLED = -32001
 SHUTTING_DOWN = -32002
 UNKNOWN_TASK = -32003
+
+
+_current = threading.local()
+
+
+def current_context():
+    """The Context of the task running on this thread, or None outside a task."""
+    return getattr(_current, "ctx", None)
 
 
 class Cancelled(Exception):
@@ -57,6 +68,8 @@ class Context:
         params = params or {}
         self._plugin = plugin
         self.task_id = task_id
+        self.task = params.get("task")
+        self.kwargs = dict(params.get("kwargs") or {})
         self.attempt = attempt
         self._cancelled = cancelled
         self.delivery_info = dict(params.get("delivery_info") or {})
@@ -196,6 +209,7 @@ class Plugin:
         self._pool.submit(self._execute, id_, fn, ctx, params.get("args") or [], params.get("kwargs") or {})
 
     def _execute(self, id_, fn, ctx, args, kwargs):
+        _current.ctx = ctx
         try:
             result = fn(ctx, *args, **kwargs)
             try:
@@ -216,6 +230,7 @@ class Plugin:
                 "retryable": bool(getattr(exc, "retryable", False)),
             })
         finally:
+            _current.ctx = None
             with self._running_lock:
                 self._running.pop(ctx.task_id, None)
                 self._running_lock.notify_all()
@@ -283,3 +298,215 @@ class Plugin:
                 continue
             self._dispatch(msg)
         os._exit(0)
+
+
+# -- file-action tasks (the Ngenea Hub contract) ------------------------------------------------
+
+FILE_STATES = ("processed", "skipped", "aborted", "failures", "inprogress")
+"""What happened to a file: `processed`; `skipped` (already in the desired state); `aborted`
+(not processed, and later tasks must not process it); `failures`; `inprogress`."""
+
+
+def _path_object(path):
+    if isinstance(path, dict):
+        if not isinstance(path.get("path"), str):
+            raise ValueError("a path object needs a string `path`: %r" % (path,))
+        return dict(path)
+    if isinstance(path, str):
+        return {"path": path}
+    raise TypeError("a path is a string or an object with a `path` key, not %r" % (path,))
+
+
+class FileActionStatus:
+    """The result payload of a file-action task, as Ngenea Hub expects it:
+
+        {"jobid": ..., "paths": [processed + skipped path objects],
+         "status": {"task": ..., "input_paths": [...], "input_total": n,
+                    "summary": {"failures": n, "processed": n, "skipped": n},
+                    "details": {"failures": [...], "processed": [...], "skipped": [...]},
+                    "started": "<ISO 8601 with timezone>"}}
+
+    `aborted` and `inprogress` appear in summary and details once a file is added with them.
+    """
+
+    def __init__(self, task, input_paths, jobid=None, queue=None):
+        self.task = task
+        self.input_paths = [_path_object(p) for p in (input_paths or [])]
+        self.jobid = jobid
+        self.queue = queue
+        self.started = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        self._details = {state: [] for state in ("failures", "processed", "skipped")}
+
+    @classmethod
+    def from_context(cls, ctx=None, task=None):
+        """Built from the running task: its `jobid` and `paths` kwargs and its queue."""
+        ctx = ctx or current_context()
+        if ctx is None:
+            raise RuntimeError("no task is running on this thread; pass ctx")
+        return cls(task or ctx.task, ctx.kwargs.get("paths") or [], ctx.kwargs.get("jobid"),
+                   ctx.queue)
+
+    def add(self, state, path, message=None):
+        """Records what happened to one file; `message` (a string or a list of strings) says why."""
+        if state not in FILE_STATES:
+            raise ValueError("unknown file state %r; use one of %s" % (state, ", ".join(FILE_STATES)))
+        entry = _path_object(path)
+        if message is not None:
+            entry["message"] = [message] if isinstance(message, str) else list(message)
+        self._details.setdefault(state, []).append(entry)
+        return entry
+
+    def dump(self):
+        """The payload to return from the task."""
+        details = {state: list(entries) for state, entries in self._details.items()}
+        return {
+            "jobid": self.jobid,
+            "paths": [{"path": e["path"]} for e in details["processed"] + details["skipped"]],
+            "status": {
+                "task": self.task,
+                "input_paths": self.input_paths,
+                "input_total": len(self.input_paths),
+                "summary": {state: len(entries) for state, entries in details.items()},
+                "details": details,
+                "started": self.started,
+            },
+        }
+
+
+class StreamTaskResults(FileActionStatus):
+    """A FileActionStatus that also sends the files it is given to the caller as they come,
+    in batches of `batch_size` files or every `interval` seconds, whichever comes first; each
+    batch is one `task.stream` item `{"jobid", "task", "files": [{"path", "state", ...}]}`.
+    `dump()` sends what is left before returning the payload."""
+
+    def __init__(self, task, input_paths, jobid=None, queue=None, task_id=None, ctx=None,
+                 batch_size=500, interval=1.0):
+        super().__init__(task, input_paths, jobid, queue)
+        self.task_id = task_id
+        self._ctx = ctx or current_context()
+        if self._ctx is None:
+            raise RuntimeError("StreamTaskResults streams through a running task; pass ctx")
+        self.batch_size = batch_size
+        self.interval = interval
+        self._batch = []
+        self._last_flush = time.monotonic()
+
+    @classmethod
+    def from_context(cls, ctx=None, task=None, **options):
+        ctx = ctx or current_context()
+        if ctx is None:
+            raise RuntimeError("no task is running on this thread; pass ctx")
+        return cls(task or ctx.task, ctx.kwargs.get("paths") or [], ctx.kwargs.get("jobid"),
+                   ctx.queue, ctx.task_id, ctx, **options)
+
+    def add(self, state, path, message=None):
+        entry = super().add(state, path, message)
+        self._batch.append(dict(entry, state=state))
+        if (len(self._batch) >= self.batch_size
+                or time.monotonic() - self._last_flush >= self.interval):
+            self.flush()
+        return entry
+
+    def flush(self):
+        """Sends the files added since the last batch, if any."""
+        if self._batch:
+            self._ctx.stream({"jobid": self.jobid, "task": self.task, "files": self._batch})
+            self._batch = []
+        self._last_flush = time.monotonic()
+
+    def dump(self):
+        self.flush()
+        return super().dump()
+
+
+def expand_paths(paths, page_size=1000):
+    """Yields pages (lists of at most `page_size` path objects) of the files under `paths`:
+    folders are expanded recursively and lazily, so a tree of millions of files holds one page
+    (and one directory listing at a time) in memory. Symlinks are listed, never followed; a
+    folder reached twice (bind mounts) is listed once. Extra keys of a given path object are
+    kept on the files found under it."""
+    if page_size < 1:
+        raise ValueError("page_size must be at least 1")
+    page = []
+    seen = set()
+    for given in paths:
+        given = _path_object(given)
+        extra = {k: v for k, v in given.items() if k != "path"}
+        stack = [given["path"]]
+        while stack:
+            path = stack.pop()
+            try:
+                st = os.lstat(path)
+            except OSError:
+                page.append(dict(extra, path=path))
+            else:
+                if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    try:
+                        with os.scandir(path) as entries:
+                            children = sorted(e.path for e in entries)
+                    except OSError:
+                        children = []
+                    stack.extend(reversed(children))
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    page.append(dict(extra, path=path))
+            if len(page) >= page_size:
+                yield page
+                page = []
+    if page:
+        yield page
+
+
+# -- queue names (Ngenea 2.4: `site.queue#function`) ---------------------------------------------
+
+class ParsedQueueName:
+    """A queue name `site.queue#function`, e.g. `london.highpriority#custom`: `.site`,
+    `.queue`, `.function` (None where absent); `str()` gives the name back."""
+
+    def __init__(self, site, queue, function=None):
+        self.site = site
+        self.queue = queue
+        self.function = function
+
+    @classmethod
+    def parse(cls, name):
+        base, _, function = name.partition("#")
+        site, dot, queue = base.partition(".")
+        if not dot:
+            site, queue = None, base
+        return cls(site or None, queue, function or None)
+
+    @classmethod
+    def current(cls):
+        """The queue of the task running on this thread (None outside a task or off a queue)."""
+        name = current_task_queue_name()
+        return cls.parse(name) if name else None
+
+    def __str__(self):
+        return format_queue_name(self.site, self.queue, self.function)
+
+    def __repr__(self):
+        return "ParsedQueueName(%r, %r, %r)" % (self.site, self.queue, self.function)
+
+    def __eq__(self, other):
+        return isinstance(other, ParsedQueueName) and (
+            (self.site, self.queue, self.function) == (other.site, other.queue, other.function))
+
+
+def format_queue_name(site, queue, function=None):
+    """`site.queue#function` (`queue#function` without a site; no `#` without a function)."""
+    name = "%s.%s" % (site, queue) if site else queue
+    return "%s#%s" % (name, function) if function else name
+
+
+def current_task_queue_name():
+    """The queue the running task was consumed from (None outside a task or off a queue)."""
+    ctx = current_context()
+    return ctx.queue if ctx is not None else None
+
+
+def current_site():
+    """The site of the running task's queue (None if it has none)."""
+    parsed = ParsedQueueName.current()
+    return parsed.site if parsed else None

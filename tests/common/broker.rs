@@ -237,6 +237,18 @@ pub fn context_plugin(root: &Path) {
     std::fs::write(dir.join("plugin.toml"), text).unwrap();
 }
 
+/// `examples/file-checksum` with the SDK on PYTHONPATH (the example pip-installs it).
+pub fn checksum_plugin(root: &Path) {
+    let dir = root.join("file-checksum");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = format!(
+        "name = \"file-checksum\"\nversion = \"1.0.0\"\ncommand = [\"/usr/bin/python3\", \"-u\", {:?}]\nconcurrency = 2\n[env]\nPYTHONPATH = {:?}\n[[tasks]]\nname = \"file.checksum\"\n",
+        repo().join("examples/file-checksum/main.py").display().to_string(),
+        repo().join("plugin-protocol/python").display().to_string()
+    );
+    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+}
+
 #[macro_export]
 macro_rules! setup {
     ($test:literal) => {{

@@ -54,5 +54,12 @@ def context(ctx):
     return {"queue": ctx.queue, "request": dict(vars(ctx.request))}
 
 
+@plugin.task("t.queue")
+def queue_name(ctx):
+    from worker_plugin import ParsedQueueName, current_site, current_task_queue_name
+    return {"name": current_task_queue_name(), "site": current_site(),
+            "parsed": str(ParsedQueueName.current())}
+
+
 if __name__ == "__main__":
     plugin.run()

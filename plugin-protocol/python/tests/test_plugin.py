@@ -152,6 +152,12 @@ class PluginTest(unittest.TestCase):
         self.assertIsNone(old["queue"])
         self.assertEqual(old["request"]["retries"], 0)
 
+    def test_the_current_queue_name_is_the_running_tasks(self):
+        self.p.run(1, "t.queue", delivery_info={"queue": "london.highpriority#custom"})
+        self.assertEqual(self.p.response(1)["result"], {
+            "name": "london.highpriority#custom", "site": "london",
+            "parsed": "london.highpriority#custom"})
+
 
 if __name__ == "__main__":
     unittest.main()
