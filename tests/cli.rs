@@ -609,7 +609,7 @@ fn a_node_sdk_plugin_runs_under_the_worker_and_streams_before_its_result() {
         format!(
             "name = \"fixture\"\nversion = \"0.1.0\"\ncommand = [\"/usr/bin/node\", {:?}]\n[settings]\ngreeting = \"from settings\"\n{}",
             fixture.display().to_string(),
-            ["t.add", "t.report", "t.kwargs", "t.fail", "t.typed", "t.wait", "t.bigint", "t.context"]
+            ["t.add", "t.report", "t.kwargs", "t.fail", "t.typed", "t.wait", "t.bigint", "t.context", "t.queue"]
                 .map(|t| format!("[[tasks]]\nname = {t:?}\n"))
                 .concat()
         ),

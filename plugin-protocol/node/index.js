@@ -15,6 +15,7 @@
 'use strict';
 
 const readline = require('readline');
+const files = require('./files');
 
 const PROTOCOL_VERSION = '1.2';
 const PARSE_ERROR = -32700;
@@ -178,7 +179,8 @@ class Plugin {
     try {
       const args = params.args || [];
       const kwargs = params.kwargs || {};
-      const result = await task.handler(ctx, ...args, ...(Object.keys(kwargs).length ? [kwargs] : []));
+      const result = await files.running.run(ctx, () =>
+        task.handler(ctx, ...args, ...(Object.keys(kwargs).length ? [kwargs] : [])));
       let line;
       try {
         line = JSON.stringify(result === undefined ? null : result);
@@ -259,4 +261,14 @@ class Plugin {
   }
 }
 
-module.exports = { Plugin, Context, Cancelled, TaskError, PROTOCOL_VERSION };
+module.exports = {
+  Plugin, Context, Cancelled, TaskError, PROTOCOL_VERSION,
+  FileActionStatus: files.FileActionStatus,
+  StreamTaskResults: files.StreamTaskResults,
+  expandPaths: files.expandPaths,
+  formatQueueName: files.formatQueueName,
+  ParsedQueueName: files.ParsedQueueName,
+  currentTaskQueueName: files.currentTaskQueueName,
+  currentSite: files.currentSite,
+  FILE_STATES: files.FILE_STATES,
+};

@@ -149,3 +149,12 @@ test('ctx.queue and ctx.request carry where the task came from (1.2), with defau
   assert.strictEqual(old.request.retries, 0);
   p.child.kill();
 });
+
+test('the current queue name is the running task\'s, across awaits', async () => {
+  const { p } = await initialized();
+  p.send({ id: 1, method: 'task.run', params: { task_id: 'q1', task: 't.queue', delivery_info: { queue: 'london.highpriority#custom' } } });
+  assert.deepStrictEqual((await p.response(1)).result, {
+    name: 'london.highpriority#custom', site: 'london', parsed: 'london.highpriority#custom',
+  });
+  p.child.kill();
+});
