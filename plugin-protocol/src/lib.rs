@@ -13,6 +13,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod codec;
+pub mod files;
 pub mod message;
 pub mod methods;
 pub mod plugin;

@@ -447,15 +447,17 @@ fn start_pool(
                 settings: settings.clone(),
                 out: out.clone(),
             };
-            let result = catch_unwind(AssertUnwindSafe(|| (job.handler)(&ctx, &job.params)))
-                .unwrap_or_else(|panic| {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "handler panicked".into());
-                    Err(TaskError::new("Panic", message))
-                });
+            let queue = ctx.queue().map(str::to_string);
+            let run =
+                || crate::files::with_current_queue(queue, || (job.handler)(&ctx, &job.params));
+            let result = catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "handler panicked".into());
+                Err(TaskError::new("Panic", message))
+            });
             let reply = match result {
                 Ok(value) => Response::ok(job.id, value),
                 Err(e) => Response::err(Some(job.id), e.to_error_object()),
