@@ -7,18 +7,23 @@ use crate::manifest;
 use std::path::Path;
 use std::process::ExitCode;
 
-/// Where the Python SDK package is installed from into a scaffold's venv: the wheel the Debian
-/// package ships (no network needed), else this checkout's `plugin-protocol/python`.
-fn python_sdk() -> String {
-    let packaged = Path::new("/usr/share/worker/sdk/python").join(format!(
-        "worker_plugin-{PYTHON_SDK_VERSION}-py3-none-any.whl"
-    ));
-    let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-protocol/python");
-    if cfg!(feature = "packaged") || !checkout.is_dir() {
-        packaged.display().to_string()
+/// Where a scaffold installs an SDK from: this checkout's `plugin-protocol/<rel>`, or, in the
+/// packaged build (or when the checkout is gone), `packaged`, which the Debian package ships.
+fn sdk_source(rel: &str, packaged: String) -> String {
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("plugin-protocol")
+        .join(rel);
+    if cfg!(feature = "packaged") || !checkout.exists() {
+        packaged
     } else {
         checkout.display().to_string()
     }
+}
+
+/// The Python SDK: the checkout's package, or the packaged wheel (installed with no network).
+fn python_sdk() -> String {
+    let wheel = format!("worker_plugin-{PYTHON_SDK_VERSION}-py3-none-any.whl");
+    sdk_source("python", format!("/usr/share/worker/sdk/python/{wheel}"))
 }
 
 /// The version in `plugin-protocol/python/pyproject.toml` (the packaged wheel's name has it).
@@ -202,14 +207,9 @@ install = [["npm", "install", "--install-links", "--omit=dev", "--no-audit", "--
     ]
 }
 
-/// Where the Node.js SDK package is installed from: the packaged copy, else this checkout's.
+/// The Node.js SDK: the checkout's package, or the packaged copy.
 fn node_sdk() -> String {
-    let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-protocol/node");
-    if cfg!(feature = "packaged") || !checkout.is_dir() {
-        "/usr/share/worker/sdk/node".into()
-    } else {
-        checkout.display().to_string()
-    }
+    sdk_source("node", "/usr/share/worker/sdk/node".into())
 }
 
 fn rust(name: &str, task: &str) -> Vec<(String, String)> {

@@ -84,29 +84,22 @@ pub struct Launch<'a> {
     pub identity: Option<&'a Identity>,
 }
 
-/// `<state_dir>/tmp/<name>/`, the private tmp of a strict plugin: made (0700) where missing.
-pub fn tmp_dir(state_dir: &Path, name: &str) -> io::Result<std::path::PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = crate::install::safe::dir_under(state_dir, &Path::new("tmp").join(name))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-    Ok(dir)
-}
-
-/// `<state_dir>/data/<name>/`, the plugin's writable data directory: made (0700) where missing,
-/// never through a symlink, and kept across versions, restarts and reinstalls.
-pub fn data_dir(state_dir: &Path, name: &str) -> io::Result<std::path::PathBuf> {
+/// `<state_dir>/<kind>/<name>/`, a directory of the plugin's own: `data` (its writable data
+/// directory, kept across versions, restarts and reinstalls) or `tmp` (the private tmp of a
+/// strict plugin). Made (0700) where missing, never through a symlink.
+pub fn plugin_dir(state_dir: &Path, kind: &str, name: &str) -> io::Result<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     // `worker run` of a plugin that was never installed may find no state directory yet.
     std::fs::create_dir_all(state_dir)?;
-    let dir = crate::install::safe::dir_under(state_dir, &Path::new("data").join(name))?;
+    let dir = crate::install::safe::dir_under(state_dir, &Path::new(kind).join(name))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
     Ok(dir)
 }
 
 /// Spawns the plugin's command in its own process group, with piped stdio, a clean
-/// environment, no way to gain privileges (`PR_SET_NO_NEW_PRIVS`) and no capabilities, its
-/// `[limits]`, and
-/// `PR_SET_PDEATHSIG` so it dies with the worker.
+/// environment, its user (a root worker), no way to gain privileges (`PR_SET_NO_NEW_PRIVS`),
+/// no capabilities, its `[limits]`, its sandbox, and `PR_SET_PDEATHSIG` so it dies with the
+/// worker.
 pub fn spawn(manifest: &Manifest, launch: Launch) -> io::Result<Child> {
     let mut cmd = Command::new(manifest.program());
     cmd.args(&manifest.command[1..])

@@ -33,9 +33,11 @@ impl Io {
         }
         let (data, tmp) = match &spec.state_dir {
             Some(state) => {
-                let prepared = process::data_dir(state, name).and_then(|data| {
+                let prepared = process::plugin_dir(state, "data", name).and_then(|data| {
                     let strict = spec.manifest.sandbox == crate::manifest::Sandbox::Strict;
-                    let tmp = strict.then(|| process::tmp_dir(state, name)).transpose()?;
+                    let tmp = strict
+                        .then(|| process::plugin_dir(state, "tmp", name))
+                        .transpose()?;
                     for dir in std::iter::once(&data).chain(tmp.as_ref()) {
                         identity::give(dir, identity.as_ref())?;
                     }
