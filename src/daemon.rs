@@ -134,7 +134,8 @@ impl Daemon {
         let tls = broker_tls(&config)?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(
-                crate::metrics::http::bind(addr)
+                // Bound now, so a taken port fails `serve` at start with the address.
+                tokio::net::TcpListener::bind(addr)
                     .await
                     .map_err(|cause| DaemonError::Metrics { addr, cause })?,
             ),

@@ -86,7 +86,7 @@ const MAX_REFUSALS: u32 = 20;
 #[derive(Debug)]
 pub struct Dispatcher {
     supervisor: Arc<Supervisor>,
-    metrics: Arc<Metrics>,
+    metrics: Metrics,
     /// Tasks between submit and outcome.
     active: Mutex<HashMap<String, Active>>,
     accepting: AtomicBool,
@@ -140,7 +140,7 @@ impl Dispatcher {
     pub fn new(supervisor: Arc<Supervisor>) -> Dispatcher {
         Dispatcher {
             supervisor,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Metrics::new(),
             active: Mutex::new(HashMap::new()),
             accepting: AtomicBool::new(true),
             in_flight: watch::channel(0).0,

@@ -7,7 +7,6 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -20,11 +19,6 @@ const MAX_CONNECTIONS: usize = 16;
 /// A client that has not sent its request headers by then is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// Binds `addr` (so a taken port fails `serve` at start, with the address in the error).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
 
 /// Serves `/metrics` until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
