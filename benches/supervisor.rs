@@ -155,6 +155,7 @@ fn options() -> PoolOptions {
         queue_capacity: 1 << 20,
         state_dir: None,
         plugin_user: None,
+        events: worker::events::EventBus::new(),
     }
 }
 

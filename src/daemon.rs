@@ -99,6 +99,7 @@ pub fn pool_options(config: &Config) -> PoolOptions {
         queue_capacity: config.queue_capacity,
         state_dir: Some(config.state_dir.clone()),
         plugin_user: config.plugin_user.clone(),
+        events: crate::events::EventBus::new(),
     }
 }
 

@@ -234,15 +234,43 @@ impl Dispatcher {
     async fn run_to_end(&self, request: TaskRequest, events: mpsc::Sender<TaskEvent>) -> Outcome {
         let since = Instant::now();
         let request = Arc::new(request);
-        let outcome = self.run_attempts(&request, events).await;
+        let (outcome, attempt) = self.run_attempts(&request, events).await;
         // Labelled only with names a manifest declares: a name nobody serves counts as "".
         let (plugin, task) = match self.supervisor.route(&request.name) {
             Some(pool) => (pool.manifest().name.clone(), request.name.as_str()),
             None => (String::new(), ""),
         };
+        let runtime = since.elapsed();
         self.metrics
-            .task_ended(&plugin, task, outcome.kind(), since.elapsed());
+            .task_ended(&plugin, task, outcome.kind(), runtime);
+        self.publish_end(&request, &plugin, attempt, &outcome, runtime);
         outcome
+    }
+
+    /// Tells event subscribers how a task ended: succeeded, revoked (cancelled) or failed.
+    fn publish_end(
+        &self,
+        request: &TaskRequest,
+        plugin: &str,
+        attempt: u32,
+        outcome: &Outcome,
+        runtime: Duration,
+    ) {
+        let kind = match outcome {
+            Outcome::Success(_) => "task.succeeded",
+            Outcome::Failure(f) if f.kind == FailureKind::Cancelled => "task.revoked",
+            Outcome::Failure(_) => "task.failed",
+        };
+        self.supervisor.events().publish(kind, || {
+            let mut fields = crate::fields! {"task_id" => request.id, "task" => request.name,
+            "plugin" => plugin, "attempt" => attempt, "runtime" => runtime.as_secs_f64(),
+            "outcome" => outcome.kind()};
+            if let Outcome::Failure(f) = outcome {
+                fields.insert("exception".into(), f.exc_type.clone().into());
+                fields.insert("message".into(), f.message.clone().into());
+            }
+            fields
+        });
     }
 
     /// Runs `request` to its end, through reruns. Events go to `events` as they come.
@@ -250,27 +278,30 @@ impl Dispatcher {
         &self,
         request: &Arc<TaskRequest>,
         events: mpsc::Sender<TaskEvent>,
-    ) -> Outcome {
+    ) -> (Outcome, u32) {
         let _guard = match self.admit(request) {
             Ok(guard) => guard,
-            Err(refused) => return refused,
+            Err(refused) => return (refused, 0),
         };
         let (mut attempt, mut refusals) = (1, 0);
         loop {
             // Looked up on every attempt: a reload may have replaced the plugin meanwhile.
             let Some(pool) = self.supervisor.route(&request.name) else {
-                return Outcome::Failure(Failure::not_registered(&request.name));
+                return (
+                    Outcome::Failure(Failure::not_registered(&request.name)),
+                    attempt,
+                );
             };
             let outcome = self.attempt(&pool, request, attempt, &events).await;
             let Outcome::Failure(failure) = outcome else {
-                return outcome;
+                return (outcome, attempt);
             };
             let cancel = self.cancel_reason(&request.id);
             let accepting = self.accepting.load(Ordering::SeqCst);
             let max_attempts = pool.manifest().max_attempts;
             let why = failure.message.clone();
             match retry(failure, attempt, max_attempts, refusals, accepting, cancel) {
-                Retry::End(failure) => return Outcome::Failure(failure),
+                Retry::End(failure) => return (Outcome::Failure(failure), attempt),
                 Retry::Again {
                     spends_attempt: false,
                 } => refusals += 1,
@@ -278,6 +309,10 @@ impl Dispatcher {
                     spends_attempt: true,
                 } => {
                     tracing::warn!(task_id = %request.id, task = %request.name, attempt, "retrying task: {why}");
+                    self.supervisor.events().publish("task.retried", || {
+                        crate::fields! {"task_id" => request.id, "task" => request.name,
+                        "plugin" => pool.manifest().name, "attempt" => attempt, "reason" => why}
+                    });
                     attempt += 1;
                 }
             }
@@ -313,6 +348,15 @@ impl Dispatcher {
         };
         active.insert(request.id.clone(), entry);
         self.in_flight.send_replace(active.len());
+        drop(active);
+        self.supervisor.events().publish("task.received", || {
+            let plugin = self
+                .supervisor
+                .route(&request.name)
+                .map(|p| p.manifest().name.clone());
+            crate::fields! {"task_id" => request.id, "task" => request.name, "plugin" => plugin,
+            "submitter" => request.submitter}
+        });
         Ok(ActiveGuard {
             dispatcher: self,
             id: request.id.clone(),

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dispatch;
+pub mod events;
 pub mod framed;
 pub mod install;
 pub mod manifest;

@@ -17,7 +17,7 @@
 const readline = require('readline');
 const files = require('./files');
 
-const PROTOCOL_VERSION = '1.2';
+const PROTOCOL_VERSION = '1.3';
 const PARSE_ERROR = -32700;
 const METHOD_NOT_FOUND = -32601;
 const INVALID_REQUEST = -32600;
@@ -134,6 +134,29 @@ class Plugin {
     this._initialized = false;
     this._shuttingDown = null;
     this._write = null;
+    this._onEvent = null;
+  }
+
+  /**
+   * Handles the worker's `event` notifications, sent when plugin.toml subscribes
+   * (`events = ["task.*", ...]`): `handler(event)` gets `event`, `time`, `dropped` and the
+   * kind's fields, in order. A handler that returns a promise is not awaited (events keep
+   * coming); an exception or rejection is logged, never fatal.
+   */
+  onEvent(handler) {
+    this._onEvent = handler;
+    return this;
+  }
+
+  _event(params) {
+    if (!this._onEvent) return;
+    const report = (e) => console.error(`event handler failed on ${params.event}: ${e && e.stack ? e.stack : e}`);
+    try {
+      const done = this._onEvent(params);
+      if (done && typeof done.catch === 'function') done.catch(report);
+    } catch (e) {
+      report(e);
+    }
   }
 
   /** Registers `handler` under `name`; `options.description` is shown by `plugins inspect`. */
@@ -220,6 +243,8 @@ class Plugin {
       if (method === 'task.cancel') {
         const ctx = this._running.get(params.task_id);
         if (ctx) ctx._cancel();
+      } else if (method === 'event') {
+        this._event(params);
       } else if (method === 'exit') {
         process.exit(0);
       }

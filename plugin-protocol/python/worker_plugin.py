@@ -29,7 +29,7 @@ import traceback
 import types
 from concurrent.futures import ThreadPoolExecutor
 
-PROTOCOL_VERSION = "1.2"
+PROTOCOL_VERSION = "1.3"
 
 PARSE_ERROR = -32700
 INVALID_PARAMS = -32602
@@ -136,6 +136,7 @@ class Plugin:
         self._running_lock = threading.Condition()
         self._shutting_down = False
         self._pool = None
+        self._event_handler = None
 
     def task(self, name=None, description=None):
         """Decorator registering a handler under `name` (default: the function's name)."""
@@ -147,6 +148,25 @@ class Plugin:
             return fn
 
         return register
+
+    def on_event(self, fn):
+        """Decorator registering the handler of the worker's `event` notifications, sent to a
+        plugin whose plugin.toml subscribes (`events = ["task.*", ...]`). It gets each event as
+        a dict (`event`, `time`, `dropped` and the kind's fields), in order, on the thread that
+        reads requests: keep it quick, since while it runs the worker drops events for this
+        plugin (counted in the next event's `dropped`). An exception is logged, not fatal."""
+        self._event_handler = fn
+        return fn
+
+    def _on_event(self, params):
+        if self._event_handler is None:
+            return
+        try:
+            self._event_handler(params)
+        except Exception:  # one bad event must not end the subscriber
+            sys.stderr.write("event handler failed on %s:\n%s" % (
+                params.get("event"), traceback.format_exc()))
+            sys.stderr.flush()
 
     # -- output -------------------------------------------------------------------------
 
@@ -261,6 +281,8 @@ class Plugin:
         if id_ is None:
             if method == "task.cancel":
                 self._cancel(params)
+            elif method == "event":
+                self._on_event(params)
             elif method == "exit":
                 self._out.flush()
                 os._exit(0)

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// The protocol version this crate speaks. Peers must agree on the major number.
-pub const PROTOCOL_VERSION: &str = "1.2";
+pub const PROTOCOL_VERSION: &str = "1.3";
 
 /// The major number of a `"MAJOR.MINOR"` version string, if it has one.
 pub fn protocol_major(version: &str) -> Option<u32> {
@@ -49,6 +49,9 @@ pub mod method {
     pub const SHUTDOWN: &str = "shutdown";
     /// worker -> plugin notification: exit now.
     pub const EXIT: &str = "exit";
+    /// worker -> plugin notification (1.3): something happened in the worker; sent only to a
+    /// plugin whose manifest subscribes (`events = [...]`).
+    pub const EVENT: &str = "event";
 }
 
 /// Error codes used in responses.
@@ -326,4 +329,17 @@ mod tests {
         assert_eq!(protocol_major("2"), Some(2));
         assert_eq!(protocol_major("x"), None);
     }
+}
+
+/// `event` params (1.3): what happened (`event`, e.g. `task.succeeded`), when (`time`, seconds
+/// since the Unix epoch), how many events this subscriber missed since the last one it was sent
+/// (`dropped`), and the kind's own fields (`task_id`, `plugin`, `instance`, `runtime`, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventParams {
+    pub event: String,
+    pub time: f64,
+    #[serde(default)]
+    pub dropped: u64,
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
 }

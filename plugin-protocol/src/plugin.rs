@@ -26,6 +26,7 @@ use crate::methods::*;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -205,7 +206,11 @@ pub struct Plugin {
     version: String,
     tasks: Vec<TaskInfo>,
     handlers: HashMap<String, Handler>,
+    on_event: Option<EventHandler>,
 }
+
+/// What a plugin does with each `event` it is sent (see [`Plugin::on_event`]).
+type EventHandler = Box<dyn Fn(&EventParams) + Send + Sync>;
 
 impl Plugin {
     pub fn new(name: impl Into<String>, version: impl Into<String>) -> Self {
@@ -214,7 +219,20 @@ impl Plugin {
             version: version.into(),
             tasks: Vec::new(),
             handlers: HashMap::new(),
+            on_event: None,
         }
+    }
+
+    /// Handles the worker's `event` notifications, sent when `plugin.toml` subscribes
+    /// (`events = ["task.*", ...]`). Called in order on the thread that reads requests: keep it
+    /// quick, since while it runs the worker drops this plugin's events (and says how many in
+    /// the next one's `dropped`).
+    pub fn on_event<F>(mut self, handler: F) -> Self
+    where
+        F: Fn(&EventParams) + Send + Sync + 'static,
+    {
+        self.on_event = Some(Box::new(handler));
+        self
     }
 
     /// Registers a task handler under `name` (which must be declared in `plugin.toml`).
@@ -324,19 +342,11 @@ impl Plugin {
                             );
                         }
                     },
-                    Message::Notification(n) => match n.method.as_str() {
-                        method::TASK_CANCEL => {
-                            if let Ok(p) = serde_json::from_value::<TaskCancelParams>(n.params) {
-                                let tasks =
-                                    in_flight.tasks.lock().expect("in-flight lock poisoned");
-                                if let Some(flag) = tasks.get(&p.task_id) {
-                                    flag.store(true, Ordering::SeqCst);
-                                }
-                            }
+                    Message::Notification(n) => {
+                        if self.on_notification(n, &in_flight).is_break() {
+                            break 'read;
                         }
-                        method::EXIT => break 'read,
-                        _ => {}
-                    },
+                    }
                     Message::Response(_) => {}
                 }
             }
@@ -353,6 +363,33 @@ impl Plugin {
             let _ = writer.join();
         }
         Ok(())
+    }
+
+    /// Handles a notification from the worker; `Break` for `exit`.
+    fn on_notification(&self, n: Notification, in_flight: &InFlight) -> ControlFlow<()> {
+        match n.method.as_str() {
+            method::TASK_CANCEL => {
+                if let Ok(p) = serde_json::from_value::<TaskCancelParams>(n.params) {
+                    let tasks = in_flight.tasks.lock().expect("in-flight lock poisoned");
+                    if let Some(flag) = tasks.get(&p.task_id) {
+                        flag.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+            method::EVENT => match (
+                &self.on_event,
+                serde_json::from_value::<EventParams>(n.params),
+            ) {
+                (Some(handler), Ok(event)) => handler(&event),
+                (Some(_), Err(e)) => {
+                    eprintln!("ignoring an `event` whose params do not parse: {e}")
+                }
+                (None, _) => {}
+            },
+            method::EXIT => return ControlFlow::Break(()),
+            _ => {}
+        }
+        ControlFlow::Continue(())
     }
 
     fn initialize_result(&self) -> InitializeResult {
@@ -515,6 +552,37 @@ mod tests {
             .filter(|l| !l.is_empty())
             .map(|l| serde_json::from_slice(l).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn events_reach_on_event_in_order_and_bad_ones_are_skipped() {
+        let input = [
+            json!({"jsonrpc":"2.0","method":"event","params":{"event":"task.received","time":1.5,"task_id":"a","dropped":0}}),
+            json!({"jsonrpc":"2.0","method":"event","params":{"time":"not an event"}}),
+            json!({"jsonrpc":"2.0","method":"event","params":{"event":"task.succeeded","time":2.0,"task_id":"a","dropped":7}}),
+        ]
+        .iter()
+        .map(|v| format!("{v}\n"))
+        .collect::<String>();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let (tx, _rx) = mpsc::channel();
+        Plugin::new("p", "1.0")
+            .on_event(move |e| {
+                let task = e.fields["task_id"].clone();
+                sink.lock()
+                    .unwrap()
+                    .push((e.event.clone(), task, e.dropped));
+            })
+            .serve(input.as_bytes(), ChannelWriter(tx, Vec::new()))
+            .unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                ("task.received".to_string(), json!("a"), 0),
+                ("task.succeeded".to_string(), json!("a"), 7)
+            ]
+        );
     }
 
     #[test]

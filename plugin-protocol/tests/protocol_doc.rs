@@ -80,6 +80,7 @@ fn every_documented_message_matches_the_types() {
                     method::TASK_STREAM => typed::<TaskStreamParams>(&n.params),
                     method::TASK_CANCEL => typed::<TaskCancelParams>(&n.params),
                     method::LOG => typed::<LogParams>(&n.params),
+                    method::EVENT => typed::<EventParams>(&n.params),
                     method::INITIALIZED | method::EXIT => {}
                     other => panic!("undocumented notification {other}"),
                 }

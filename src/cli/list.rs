@@ -268,6 +268,14 @@ fn print_live(p: &PluginStatus) {
         output::line(&format!("    failed: {reason}"));
         output::line(&format!("    {}", next_try(p)));
     }
+    if let Some(e) = &p.events {
+        output::line(&format!(
+            "    events: {}  delivered {}  dropped {}",
+            e.subscribed.join(", "),
+            e.delivered,
+            e.dropped
+        ));
+    }
     for i in &p.instances {
         output::line(&format!("    {}", instance_line(i)));
     }

@@ -41,6 +41,9 @@ pub struct Manifest {
     pub user: Option<String>,
     pub group: Option<String>,
     pub tasks: Vec<TaskDecl>,
+    /// Event kinds it is sent as `event` notifications (`"task.*"`, `"instance.exited"`,
+    /// `"*"`); empty = none. A subscriber may declare no tasks.
+    pub events: Vec<String>,
     /// Processes to run.
     pub instances: u32,
     /// In-flight tasks per process.
@@ -188,8 +191,8 @@ impl Checker<'_> {
 
     fn tasks(&self, raw: &RawManifest) -> Result<(), String> {
         let tasks = raw.tasks.get_ref();
-        if tasks.is_empty() {
-            let msg = "declare at least one [[tasks]] entry";
+        if tasks.is_empty() && raw.events.get_ref().is_empty() {
+            let msg = "declare at least one [[tasks]] entry (or subscribe to `events`)";
             return Err(self.err("tasks", raw.tasks.span(), msg));
         }
         let mut seen = HashMap::new();
@@ -201,6 +204,19 @@ impl Checker<'_> {
             if seen.insert(t.name.as_str(), ()).is_some() {
                 let msg = format!("task `{}` is declared twice", t.name);
                 return Err(self.err("tasks", raw.tasks.span(), &msg));
+            }
+        }
+        Ok(())
+    }
+
+    fn events(&self, raw: &RawManifest) -> Result<(), String> {
+        for pattern in raw.events.get_ref() {
+            if !crate::events::valid_pattern(pattern) {
+                let msg = format!(
+                    "`{pattern}` is not an event kind; use \"task.*\", \"instance.*\", \"plugin.*\", \"*\" or one of: {}",
+                    crate::events::KINDS.join(", ")
+                );
+                return Err(self.err("events", raw.events.span(), &msg));
             }
         }
         Ok(())
@@ -322,7 +338,10 @@ struct RawManifest {
     user: Option<String>,
     #[serde(default)]
     group: Option<String>,
+    #[serde(default = "no_tasks")]
     tasks: Spanned<Vec<TaskDecl>>,
+    #[serde(default = "no_events")]
+    events: Spanned<Vec<String>>,
     #[serde(default = "one")]
     instances: Spanned<u32>,
     #[serde(default = "one")]
@@ -357,6 +376,12 @@ struct RawSelfTest {
 
 fn one() -> Spanned<u32> {
     Spanned::new(0..0, 1)
+}
+fn no_tasks() -> Spanned<Vec<TaskDecl>> {
+    Spanned::new(0..0, Vec::new())
+}
+fn no_events() -> Spanned<Vec<String>> {
+    Spanned::new(0..0, Vec::new())
 }
 fn no_steps() -> Spanned<Vec<Vec<String>>> {
     Spanned::new(0..0, Vec::new())
@@ -443,6 +468,7 @@ impl Manifest {
         let c = Checker { text };
         c.identity(&raw)?;
         c.tasks(&raw)?;
+        c.events(&raw)?;
         for (key, v) in [
             ("instances", &raw.instances),
             ("concurrency", &raw.concurrency),
@@ -475,6 +501,7 @@ impl Manifest {
             user: raw.user,
             group: raw.group,
             tasks: raw.tasks.into_inner(),
+            events: raw.events.into_inner(),
             instances: raw.instances.into_inner(),
             concurrency: raw.concurrency.into_inner(),
             max_attempts: raw.max_attempts.into_inner(),

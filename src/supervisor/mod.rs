@@ -141,6 +141,7 @@ impl Supervisor {
         next.index_tasks();
         *self.routes.write().expect("route lock poisoned") = Arc::new(next);
         tracing::info!(?report, "plugins reloaded");
+        self.publish_reload(&report);
         self.retire(retired, drain, wait).await;
         report
     }
@@ -200,6 +201,33 @@ impl Supervisor {
             }
             tracing::info!("replaced and removed plugins have stopped");
         }
+    }
+
+    /// Tells event subscribers which plugins a reload installed, replaced and removed.
+    fn publish_reload(&self, report: &ReloadReport) {
+        let routes = self.routes();
+        let version = |name: &str| {
+            routes
+                .by_plugin
+                .get(name)
+                .map(|p| p.manifest().version.clone())
+        };
+        for (kind, names) in [
+            ("plugin.installed", &report.started),
+            ("plugin.replaced", &report.replaced),
+            ("plugin.removed", &report.removed),
+        ] {
+            for name in names {
+                self.options.events.publish(kind, || {
+                    crate::fields! {"plugin" => name, "version" => version(name)}
+                });
+            }
+        }
+    }
+
+    /// The worker's event bus, which every pool and instance publishes on.
+    pub fn events(&self) -> &Arc<crate::events::EventBus> {
+        &self.options.events
     }
 
     fn routes(&self) -> Arc<Routes> {

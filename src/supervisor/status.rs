@@ -88,6 +88,18 @@ pub struct PluginStatus {
     /// When a `failed` plugin is tried again on its own (seconds since the Unix epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_try_at: Option<f64>,
+    /// Its event subscription, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventsStatus>,
+}
+
+/// What a subscribing plugin was sent and what it missed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventsStatus {
+    pub subscribed: Vec<String>,
+    pub delivered: u64,
+    /// Dropped because its buffer or its stdin was full (it was not keeping up).
+    pub dropped: u64,
 }
 
 /// One past exit of an instance.

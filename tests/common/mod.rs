@@ -113,6 +113,7 @@ pub fn options() -> PoolOptions {
         queue_capacity: 1024,
         state_dir: None,
         plugin_user: None,
+        events: worker::events::EventBus::new(),
     }
 }
 

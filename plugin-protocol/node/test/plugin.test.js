@@ -43,10 +43,26 @@ const run = (p, id, task, args = [], kwargs = {}) =>
 
 test('initialize names the plugin, its tasks and capabilities', async () => {
   const { p, init } = await initialized();
-  assert.strictEqual(init.result.protocol_version, '1.2');
+  assert.strictEqual(init.result.protocol_version, '1.3');
   assert.deepStrictEqual(init.result.plugin, { name: 'fixture', version: '0.1.0' });
   assert.deepStrictEqual(init.result.tasks[0], { name: 't.add', description: 'Adds' });
   assert.ok(init.result.capabilities.includes('ping_while_busy'));
+  p.child.kill();
+});
+
+test('events reach onEvent in order; a throwing or rejecting handler is logged, not fatal', async () => {
+  const { p } = await initialized();
+  [{}, { boom: true }, { reject: true }, {}].forEach((extra, n) => p.send({
+    method: 'event', params: { event: 'task.received', time: 1.5, dropped: n, task_id: `t${n}`, ...extra },
+  }));
+  run(p, 1, 't.events');
+  const seen = (await p.response(1)).result;
+  assert.deepStrictEqual(seen.map((e) => [e.task_id, e.dropped]), [['t0', 0], ['t3', 3]]);
+  for (;;) {
+    if (p.stderr().includes('an async handler bug')) break;
+    await new Promise((resolve) => { p.child.stderr.once('data', resolve); });
+  }
+  assert.match(p.stderr(), /event handler failed on task\.received: Error: a handler bug/);
   p.child.kill();
 });
 

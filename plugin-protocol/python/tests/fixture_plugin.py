@@ -14,6 +14,22 @@ def add(ctx, a, b):
     return a + b
 
 
+events_seen = []
+
+
+@plugin.on_event
+def on_event(event):
+    if event.get("boom"):
+        raise RuntimeError("a handler bug")
+    events_seen.append(event)
+
+
+@plugin.task("t.events")
+def events(ctx):
+    """The events this plugin was sent so far."""
+    return events_seen
+
+
 @plugin.task("t.report")
 def report(ctx, n):
     print("this goes to stderr")

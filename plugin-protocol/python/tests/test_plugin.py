@@ -5,6 +5,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 import unittest
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixture_plugin.py")
@@ -69,10 +70,24 @@ class PluginTest(unittest.TestCase):
 
     def test_initialize_names_the_plugin_its_tasks_and_capabilities(self):
         result = self.init["result"]
-        self.assertEqual(result["protocol_version"], "1.2")
+        self.assertEqual(result["protocol_version"], "1.3")
         self.assertEqual(result["plugin"], {"name": "fixture", "version": "0.1.0"})
         self.assertEqual(result["tasks"][0], {"name": "t.add", "description": "Adds"})
         self.assertIn("ping_while_busy", result["capabilities"])
+
+    def test_events_reach_the_handler_in_order_and_a_failing_one_is_logged_not_fatal(self):
+        for n, extra in enumerate([{}, {"boom": True}, {}]):
+            self.p.send(method="event", params=dict(
+                {"event": "task.received", "time": 1.5, "dropped": n, "task_id": "t%d" % n},
+                **extra))
+        self.p.run(1, "t.events")
+        seen = self.p.response(1)["result"]
+        self.assertEqual([(e["task_id"], e["dropped"]) for e in seen], [("t0", 0), ("t2", 2)])
+        self.assertEqual(seen[0]["event"], "task.received")
+        deadline = time.monotonic() + 10
+        while b"event handler failed on task.received" not in self.p.stderr:
+            self.assertLess(time.monotonic(), deadline, self.p.stderr)
+            time.sleep(0.01)
 
     def test_results_come_after_progress_and_stream_and_print_goes_to_stderr(self):
         self.p.run(1, "t.add", [2, 3])

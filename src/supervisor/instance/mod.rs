@@ -66,6 +66,12 @@ pub enum Command {
     Stop {
         grace: Duration,
     },
+    /// An `event` notification for a subscribing plugin: written if its stdin has room,
+    /// else dropped and counted.
+    Event {
+        event: crate::events::Event,
+        stats: Arc<crate::events::DeliveryStats>,
+    },
 }
 
 /// What an instance tells its pool.
@@ -117,6 +123,8 @@ pub struct LaunchSpec {
     pub state_dir: Option<std::path::PathBuf>,
     /// `plugin_user` of the worker config.
     pub plugin_user: Option<String>,
+    /// Where `task.started` and `task.progress` are told.
+    pub events: Arc<crate::events::EventBus>,
 }
 
 /// The pool's side of an instance.
@@ -499,6 +507,18 @@ impl Instance {
             (Some(Command::Run(job)), _) => job.finish(Outcome::Failure(Failure::rejected(
                 "the plugin instance was not serving when the task reached it",
             ))),
+            // Events never take the last quarter of the stdin queue: requests need it.
+            (Some(Command::Event { event, stats }), Phase::Serving)
+                if self.out.capacity() > self.out.max_capacity() / 4 =>
+            {
+                let (line, reported) = stats.notification(&event);
+                match self.out.try_send(line) {
+                    Ok(()) => stats.sent(),
+                    Err(_) => stats.unsent(reported),
+                }
+            }
+            (Some(Command::Event { stats, .. }), Phase::Serving) => stats.unsent(0),
+            (Some(Command::Event { stats, .. }), _) => stats.count_drop(),
             (
                 Some(Command::Cancel {
                     task_id,

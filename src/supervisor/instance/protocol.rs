@@ -149,14 +149,23 @@ impl Instance {
             Message::Notification(n) => match n.method.as_str() {
                 method::TASK_PROGRESS => {
                     match serde_json::from_value::<TaskProgressParams>(n.params) {
-                        Ok(p) => self.pass_on(
-                            &p.task_id,
-                            TaskEvent::Progress {
-                                done: p.done,
-                                total: p.total,
-                                message: p.message,
-                            },
-                        ),
+                        Ok(p) => {
+                            self.publish_progress(&p);
+                            let TaskProgressParams {
+                                task_id,
+                                done,
+                                total,
+                                message,
+                            } = p;
+                            self.pass_on(
+                                &task_id,
+                                TaskEvent::Progress {
+                                    done,
+                                    total,
+                                    message,
+                                },
+                            )
+                        }
                         Err(e) => self.bad_params(method::TASK_PROGRESS, &e),
                     }
                 }
@@ -181,6 +190,18 @@ impl Instance {
             }
             Message::Response(_) => unreachable!("responses are handled by on_response"),
         }
+    }
+
+    /// Tells event subscribers of the progress of a task running here.
+    fn publish_progress(&self, p: &TaskProgressParams) {
+        if !self.by_task.contains_key(&p.task_id) {
+            return;
+        }
+        self.spec.events.publish("task.progress", || {
+            crate::fields! {"task_id" => p.task_id, "plugin" => self.spec.manifest.name,
+            "instance" => self.spec.index, "done" => p.done, "total" => p.total,
+            "message" => p.message}
+        });
     }
 
     /// Passes a progress or stream event to the task's submitter. When it has no room, the

@@ -52,6 +52,11 @@ impl Instance {
                 ..job.request.request_info.clone()
             }),
         };
+        self.spec.events.publish("task.started", || {
+            crate::fields! {"task_id" => job.request.id, "task" => job.request.name,
+            "plugin" => m.name, "instance" => self.spec.index, "pid" => self.pid,
+            "attempt" => job.attempt}
+        });
         let now = Instant::now();
         let id = self.request(method::TASK_RUN, params);
         self.by_task.insert(job.request.id.clone(), id);

@@ -13,6 +13,7 @@ use slots::Slot;
 use super::instance::{Command, InstanceEvent, Job};
 use super::restart::RestartWindow;
 use super::status::{InstanceState, PluginState, PluginStatus};
+use crate::events::{DeliveryStats, Event, EventBus, Subscription};
 use crate::manifest::Manifest;
 use crate::task::{Failure, FailureKind, Outcome};
 use std::collections::{HashMap, VecDeque};
@@ -36,6 +37,8 @@ pub struct PoolOptions {
     pub state_dir: Option<std::path::PathBuf>,
     /// `plugin_user` of the worker config (see `identity`).
     pub plugin_user: Option<String>,
+    /// Where what happens is told to subscribing plugins (see `events`).
+    pub events: Arc<EventBus>,
 }
 
 /// A cheap summary others can wait on (e.g. "ready", "failed").
@@ -201,7 +204,13 @@ pub fn start(manifest: Arc<Manifest>, options: PoolOptions, tracker: &TaskTracke
     let slots = (0..manifest.instances)
         .map(|i| Slot::new(i as usize))
         .collect();
+    let subscription = (!manifest.events.is_empty()).then(|| {
+        options
+            .events
+            .subscribe(&manifest.events, crate::events::BUFFER)
+    });
     let mut pool = Pool {
+        event_stats: subscription.as_ref().map(|s| s.stats.clone()),
         manifest: manifest.clone(),
         options,
         slots,
@@ -220,7 +229,7 @@ pub fn start(manifest: Arc<Manifest>, options: PoolOptions, tracker: &TaskTracke
     for i in 0..pool.slots.len() {
         pool.launch(i);
     }
-    tracker.spawn(pool.run(rx, events_rx));
+    tracker.spawn(pool.run(rx, events_rx, subscription));
     PoolHandle {
         tx,
         view: view_rx,
@@ -247,6 +256,16 @@ struct Pool {
     last_exit: Option<String>,
     /// Test hook: the actor has stopped answering (see `PoolCommand::Freeze`).
     frozen: bool,
+    /// The delivery counts of its event subscription, if it subscribes.
+    event_stats: Option<Arc<DeliveryStats>>,
+}
+
+/// The next event of a subscription; never, without one.
+async fn next_event(subscription: &mut Option<Subscription>) -> Option<Event> {
+    match subscription {
+        Some(s) => s.events.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Pool {
@@ -254,7 +273,9 @@ impl Pool {
         mut self,
         mut commands: mpsc::Receiver<PoolCommand>,
         mut events: mpsc::UnboundedReceiver<InstanceEvent>,
+        mut subscription: Option<Subscription>,
     ) {
+        let mut events_retry_at: Option<Instant> = None;
         loop {
             let next_restart = self
                 .slots
@@ -284,6 +305,23 @@ impl Pool {
                     }
                 }
                 _ = sleep_until(next_restart.unwrap_or_else(Instant::now)), if next_restart.is_some() => self.restart_due(),
+                // Taken only while an instance can take it; meanwhile the buffer holds (or drops).
+                Some(event) = next_event(&mut subscription), if self.takes_events() => {
+                    self.deliver_event(event);
+                }
+                _ = sleep_until(events_retry_at.unwrap_or_else(Instant::now)), if events_retry_at.is_some() => {
+                    events_retry_at = None;
+                    if let Some(stats) = &self.event_stats {
+                        stats.unblock();
+                    }
+                }
+            }
+            if events_retry_at.is_none() && self.event_stats.as_ref().is_some_and(|s| s.blocked()) {
+                events_retry_at = Some(Instant::now() + crate::events::BLOCKED_RETRY);
+            }
+            if matches!(self.state, PluginState::Stopping | PluginState::Stopped) {
+                // A stopping plugin is told nothing more; its replacement subscribes anew.
+                subscription = None;
             }
             if self.frozen {
                 std::future::pending::<()>().await;
@@ -306,6 +344,32 @@ impl Pool {
 
     fn name(&self) -> &str {
         &self.manifest.name
+    }
+
+    /// The instance that gets events: the first ready one.
+    fn event_taker(&self) -> Option<&super::instance::InstanceHandle> {
+        self.slots
+            .iter()
+            .find(|s| s.state == InstanceState::Ready)
+            .and_then(|s| s.handle.as_ref())
+    }
+
+    /// Whether the next event may be taken from the buffer now.
+    fn takes_events(&self) -> bool {
+        self.event_stats.as_ref().is_some_and(|s| !s.blocked()) && self.event_taker().is_some()
+    }
+
+    fn deliver_event(&mut self, event: Event) {
+        let (Some(stats), Some(taker)) = (&self.event_stats, self.event_taker()) else {
+            return;
+        };
+        let cmd = Command::Event {
+            event,
+            stats: stats.clone(),
+        };
+        if taker.send(cmd).is_err() {
+            stats.count_drop();
+        }
     }
 
     fn on_command(&mut self, cmd: PoolCommand) {

@@ -1,7 +1,7 @@
 //! What a pool tells the rest of the worker about its plugin: the cheap view others wait on,
 //! the full status report, and when a failed plugin is tried next.
 
-use super::super::status::{InstanceState, InstanceStatus, PluginStatus};
+use super::super::status::{EventsStatus, InstanceState, InstanceStatus, PluginStatus};
 use super::{Pool, PoolView};
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
@@ -21,6 +21,11 @@ impl Pool {
                 at.duration_since(SystemTime::UNIX_EPOCH)
                     .map(|d| d.as_secs_f64())
                     .unwrap_or(0.0)
+            }),
+            events: self.event_stats.as_ref().map(|stats| EventsStatus {
+                subscribed: m.events.clone(),
+                delivered: stats.delivered(),
+                dropped: stats.dropped(),
             }),
             instances: self
                 .slots

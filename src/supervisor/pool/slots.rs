@@ -88,6 +88,7 @@ impl Pool {
             violations: slot.violations.clone(),
             state_dir: self.options.state_dir.clone(),
             plugin_user: self.options.plugin_user.clone(),
+            events: self.options.events.clone(),
         };
         let (handle, task) = instance::start(spec, self.events_tx.clone());
         slot.handle = Some(handle);
@@ -105,6 +106,10 @@ impl Pool {
                 pid,
                 plugin_version,
             } => {
+                self.options.events.publish("instance.started", || {
+                    crate::fields! {"plugin" => self.manifest.name, "instance" => slot.index,
+                    "pid" => pid, "version" => plugin_version}
+                });
                 slot.pid = Some(pid);
                 slot.plugin_version = Some(plugin_version);
                 if slot.state == InstanceState::Starting {
@@ -144,6 +149,11 @@ impl Pool {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
+        let expected = matches!(reason, ExitReason::Stopped);
+        self.options.events.publish("instance.exited", || {
+            crate::fields! {"plugin" => self.manifest.name, "instance" => slot.index,
+            "pid" => slot.pid, "reason" => described, "expected" => expected}
+        });
         slot.recent_exits.push_back(ExitRecord {
             at,
             reason: described,
@@ -188,6 +198,13 @@ impl Pool {
                     }
                 }
             }
+        }
+        if self.slots[i].state == InstanceState::Failed {
+            let (index, reason) = (self.slots[i].index, self.last_exit.clone());
+            self.options.events.publish("instance.failed", || {
+                crate::fields! {"plugin" => self.manifest.name, "instance" => index,
+                "reason" => reason, "state" => self.state.to_string()}
+            });
         }
         if self.state == PluginState::Stopping && self.slots.iter().all(|s| s.handle.is_none()) {
             self.state = PluginState::Stopped;

@@ -1,0 +1,248 @@
+//! Monitoring plugins (protocol 1.3 `event`): what a subscriber is told, in what order, and
+//! that a subscriber which stops reading or crashes never costs the tasks anything.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use worker::task::TaskRequest;
+
+/// `tests/plugins/subscriber.py` subscribed to `events`, logging to `log`; `env` picks its
+/// misbehaviour.
+fn subscriber(root: &Path, log: &Path, events: &str, env: &[(&str, &str)]) -> PathBuf {
+    let dir = root.join("subscriber");
+    std::fs::create_dir_all(&dir).unwrap();
+    let env: String = env.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
+    let text = format!(
+        "name = \"subscriber\"\nversion = \"1.0.0\"\ncommand = [\"/usr/bin/python3\", \"-u\", {:?}]\nevents = {events}\n[restart]\nbackoff_initial = 0.05\n[timeouts]\nping_interval = 3600\nshutdown_grace = 0.5\n[env]\nPYTHONPATH = {:?}\nSUBSCRIBER_LOG = {:?}\n{env}",
+        repo().join("tests/plugins/subscriber.py").display().to_string(),
+        repo().join("plugin-protocol/python").display().to_string(),
+        log.display().to_string(),
+    );
+    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+    dir
+}
+
+/// The events in a subscriber's log so far.
+fn logged(log: &Path) -> Vec<Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// Waits (up to 20 s) until the log holds an event matching `pred`; all events so far.
+async fn wait_logged(log: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let events = logged(log);
+        if events.iter().any(&pred) {
+            return events;
+        }
+        assert!(Instant::now() < deadline, "no {what} in {events:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn of_task<'a>(events: &'a [Value], id: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["task_id"] == id).collect()
+}
+
+#[tokio::test]
+async fn one_tasks_events_come_in_order_with_their_facts() {
+    let root = tempfile::tempdir().unwrap();
+    let log = root.path().join("events.jsonl");
+    let h = Harness::start(&[
+        rust_plugin(root.path(), ""),
+        subscriber(root.path(), &log, r#"["task.*", "instance.*"]"#, &[]),
+    ]);
+    h.ready().await;
+    let request = TaskRequest::new("rust.count", vec![json!(3)], Default::default());
+    let id = request.id.clone();
+    success(&h.run_request(request).await.0);
+    let failed = h.fails("rust.nope", vec![]).await;
+    assert_eq!(failed.exc_type, "NotRegistered");
+    let events = wait_logged(&log, "task.succeeded", |e| {
+        e["event"] == "task.succeeded" && e["task_id"] == id
+    })
+    .await;
+    let mine = of_task(&events, &id);
+    let kinds: Vec<&str> = mine.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "task.received",
+            "task.started",
+            "task.progress",
+            "task.progress",
+            "task.progress",
+            "task.succeeded"
+        ]
+    );
+    let started = mine[1];
+    assert_eq!(
+        (
+            &started["plugin"],
+            &started["instance"],
+            &started["attempt"]
+        ),
+        (&json!("rust-echo"), &json!(0), &json!(1))
+    );
+    assert!(started["pid"].as_u64().unwrap() > 0);
+    assert_eq!(mine[4]["done"], 3);
+    let done = mine[5];
+    assert_eq!(
+        (&done["outcome"], &done["task"]),
+        (&json!("success"), &json!("rust.count"))
+    );
+    assert!(done["runtime"].as_f64().unwrap() > 0.0);
+    assert!(mine
+        .windows(2)
+        .all(|w| w[0]["time"].as_f64() <= w[1]["time"].as_f64()));
+    assert!(events.iter().all(|e| e["dropped"] == 0));
+    // Instances: rust-echo's start was told, with its pid and version.
+    assert!(events.iter().any(|e| e["event"] == "instance.started"
+        && e["plugin"] == "rust-echo"
+        && e["version"] == "0.1.0"));
+    // A task refused before it ran gets only its end.
+    let refused = wait_logged(&log, "the refused task", |e| {
+        e["event"] == "task.failed" && e["task"] == "rust.nope"
+    })
+    .await;
+    let refused = refused.iter().find(|e| e["task"] == "rust.nope").unwrap();
+    assert_eq!(
+        (&refused["outcome"], &refused["exception"]),
+        (&json!("not_registered"), &json!("NotRegistered"))
+    );
+    let status = h.status("subscriber").await;
+    let ev = status.events.expect("a subscriber reports its events");
+    assert_eq!(ev.subscribed, ["task.*", "instance.*"]);
+    assert!(ev.delivered >= 8, "{ev:?}");
+    assert_eq!(ev.dropped, 0);
+    h.stop().await;
+}
+
+/// Runs `n` `rust.noop` tasks, 64 at a time; how long they took.
+async fn noops(h: &Harness, n: usize) -> Duration {
+    let started = Instant::now();
+    let mut running = tokio::task::JoinSet::new();
+    for i in 0..n {
+        if i >= 64 {
+            let outcome = running.join_next().await.unwrap().unwrap();
+            success(&outcome);
+        }
+        let d = h.dispatcher.clone();
+        running.spawn(async move {
+            d.submit(TaskRequest::new("rust.noop", vec![], Default::default()))
+                .outcome(|_| {})
+                .await
+        });
+    }
+    while let Some(outcome) = running.join_next().await {
+        success(&outcome.unwrap());
+    }
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_does_not_slow_ten_thousand_tasks() {
+    const TASKS: usize = 10_000;
+    let root = tempfile::tempdir().unwrap();
+    let echo = rust_plugin(root.path(), "instances = 2\nconcurrency = 32");
+    let alone = Harness::start(std::slice::from_ref(&echo));
+    alone.ready().await;
+    noops(&alone, 500).await; // warm-up, the same for both runs
+    let baseline = noops(&alone, TASKS).await;
+    alone.stop().await;
+
+    let log = root.path().join("events.jsonl");
+    let stalled = subscriber(root.path(), &log, r#"["*"]"#, &[("SUBSCRIBER_STALL", "1")]);
+    let h = Harness::start(&[echo, stalled]);
+    h.ready().await;
+    noops(&h, 500).await;
+    let with_stalled = noops(&h, TASKS).await;
+    let ratio = with_stalled.as_secs_f64() / baseline.as_secs_f64();
+    eprintln!(
+        "{TASKS} tasks: {baseline:?} alone, {with_stalled:?} beside a stalled subscriber (x{ratio:.2})"
+    );
+    let events = h.status("subscriber").await.events.unwrap();
+    // 3 events per task; the stalled plugin took one, its pipe and buffers a few thousand.
+    assert!(events.dropped > 20_000, "{events:?}");
+    assert!(events.delivered < 10_000, "{events:?}");
+    // Generous: the point is that nothing waits for the subscriber, not a speed figure (the
+    // figure itself is in benches/). Waiting for it would block at the first full buffer.
+    assert!(
+        ratio < 3.0,
+        "{with_stalled:?} beside a stalled subscriber vs {baseline:?} alone"
+    );
+    assert_eq!(logged(&log).len(), 1, "it stalled at its first event");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_crashing_subscriber_is_restarted_and_told_what_it_missed() {
+    let root = tempfile::tempdir().unwrap();
+    let log = root.path().join("events.jsonl");
+    let h = Harness::start(&[
+        rust_plugin(root.path(), ""),
+        subscriber(
+            root.path(),
+            &log,
+            r#"["task.*", "instance.*"]"#,
+            &[("SUBSCRIBER_CRASH_ON", "rust.echo")],
+        ),
+    ]);
+    h.ready().await;
+    let first_pid = h.status("subscriber").await.instances[0].pid.unwrap();
+    // The subscriber dies when told this task started; the task itself is not touched.
+    assert_eq!(
+        h.ok("rust.echo", vec![json!("hi")]).await["args"],
+        json!(["hi"])
+    );
+    let status = h
+        .wait_status("subscriber", "restarted once and ready", |s| {
+            s.instances[0].restarts == 1
+                && s.instances[0].state == worker::supervisor::status::InstanceState::Ready
+        })
+        .await;
+    assert_ne!(status.instances[0].pid, Some(first_pid));
+    let request = TaskRequest::new("rust.noop", vec![], Default::default());
+    let id = request.id.clone();
+    success(&h.run_request(request).await.0);
+    let events = wait_logged(&log, "the later task's end", |e| {
+        e["event"] == "task.succeeded" && e["task_id"] == id
+    })
+    .await;
+    // The new process was told of its predecessor's crash (what was written to the dying
+    // process is lost with it, as with any pipe).
+    assert!(events.iter().any(|e| e["event"] == "instance.exited"
+        && e["plugin"] == "subscriber"
+        && e["expected"] == false
+        && e["pid"] == first_pid));
+    h.stop().await;
+}
+
+#[test]
+fn a_manifest_subscribes_to_known_kinds_and_may_serve_no_task() {
+    let dir = Path::new("/nonexistent");
+    let ok = "name = \"m\"\nversion = \"1\"\ncommand = [\"x\"]\nevents = [\"task.*\", \"plugin.removed\"]\n";
+    let m = worker::manifest::Manifest::parse(ok, dir).expect("a subscriber without tasks");
+    assert_eq!(m.events, ["task.*", "plugin.removed"]);
+    assert!(m.tasks.is_empty());
+    let bad = ok.replace("plugin.removed", "tasks.*");
+    let err = worker::manifest::Manifest::parse(&bad, dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("key `events`") && err.contains("`tasks.*` is not an event kind"),
+        "{err}"
+    );
+    let neither = "name = \"m\"\nversion = \"1\"\ncommand = [\"x\"]\n";
+    let err = worker::manifest::Manifest::parse(neither, dir)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("or subscribe to `events`"), "{err}");
+}
