@@ -9,7 +9,9 @@ use common::broker::*;
 use common::*;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 #[test]
 #[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
@@ -550,4 +552,70 @@ fn amqp_a_file_action_task_answers_the_hub_payload_streamed_or_not() {
         .collect();
     states.sort();
     assert_eq!(states, vec!["failures", "processed", "skipped"], "{out}");
+}
+
+/// The events a monitoring plugin logged, once `pred` holds for one of them (20 s at most).
+fn wait_events(log: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let events: Vec<Value> = std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if events.iter().any(&pred) {
+            return events;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {what} in {events:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn amqp_a_monitoring_plugin_sees_celery_tasks_and_plugin_installs() {
+    let (lane, root, plugins) = setup!("amqp_events");
+    fib_plugin(&plugins);
+    let log = root.path().join("events.jsonl");
+    event_log_plugin(&plugins, &log);
+    let w = lane.worker(&plugins, &root.path().join("w.sock"));
+    let out = lane.run(&["call", "fibonacci", "[10]"]);
+    assert_eq!(out["ok"], 55, "{out}");
+    let events = wait_events(&log, "fibonacci's end", |e| {
+        e["event"] == "task.succeeded" && e["task"] == "fibonacci"
+    });
+    let fib: Vec<&Value> = events.iter().filter(|e| e["task"] == "fibonacci").collect();
+    let kinds: Vec<&str> = fib.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["task.received", "task.started", "task.succeeded"]);
+    let id = &fib[0]["task_id"];
+    assert!(fib
+        .iter()
+        .all(|e| &e["task_id"] == id && e["plugin"] == "python-fibonacci"));
+    assert!(
+        fib[0]["submitter"].as_str().unwrap().contains(&lane.queue),
+        "{:?}",
+        fib[0]
+    );
+    assert_eq!(fib[2]["outcome"], "success");
+
+    // Installing and uninstalling a plugin while it runs: told as plugin events.
+    rust_plugin(&plugins, "");
+    let out = output(&mut w.cli(&["plugins", "install", "rust-echo"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_events(&log, "plugin.installed", |e| {
+        e["event"] == "plugin.installed" && e["plugin"] == "rust-echo" && e["version"] == "0.1.0"
+    });
+    let out = output(&mut w.cli(&["plugins", "uninstall", "--yes", "rust-echo"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_events(&log, "plugin.removed", |e| {
+        e["event"] == "plugin.removed" && e["plugin"] == "rust-echo"
+    });
+    let listed = output(&mut w.cli(&["plugins", "list"]));
+    let listed = text(&listed.stdout);
+    assert!(
+        listed.contains("events: *  delivered ") && listed.contains("dropped 0"),
+        "{listed}"
+    );
 }

@@ -259,3 +259,17 @@ macro_rules! setup {
         (common::broker::Lane::new($test, python), root, plugins)
     }};
 }
+
+/// `examples/event-log` with the SDK on PYTHONPATH (the example pip-installs it), logging to
+/// `log`.
+pub fn event_log_plugin(root: &Path, log: &Path) {
+    let dir = root.join("event-log");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = format!(
+        "name = \"event-log\"\nversion = \"1.0.0\"\ncommand = [\"/usr/bin/python3\", \"-u\", {:?}]\nevents = [\"*\"]\n[env]\nPYTHONPATH = {:?}\n[settings]\npath = {:?}\n",
+        repo().join("examples/event-log/main.py").display().to_string(),
+        repo().join("plugin-protocol/python").display().to_string(),
+        log.display().to_string()
+    );
+    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+}
