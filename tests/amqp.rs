@@ -467,12 +467,14 @@ fn amqp_a_task_sees_its_queue_and_request_facts_and_a_local_one_sees_none() {
 }
 
 /// The payload of a file-action task, field by field, as Ngenea Hub reads it.
-fn assert_hub_payload(out: &Value, dir: &std::path::Path) {
+/// The Hub's payload of a checksum plugin (`task` in its status) over `hub_files`; an unreadable
+/// file's message starts with `denied` (each language names the error its own way).
+fn assert_hub_payload(out: &Value, dir: &std::path::Path, task: &str, denied: &str) {
     let p = |name: &str| dir.join(name).display().to_string();
     let result = &out["ok"];
     assert_eq!(result["jobid"], 100, "{out}");
     let status = &result["status"];
-    assert_eq!(status["task"], "file-checksum");
+    assert_eq!(status["task"], task);
     assert_eq!(
         status["input_paths"],
         json!([{"path": dir.display().to_string()}])
@@ -494,7 +496,7 @@ fn assert_hub_payload(out: &Value, dir: &std::path::Path) {
         details["failures"][0]["message"][0]
             .as_str()
             .unwrap()
-            .starts_with("PermissionError"),
+            .starts_with(denied),
         "{details}"
     );
     // What goes to the next task: processed and skipped, by path only.
@@ -515,7 +517,31 @@ fn assert_hub_payload(out: &Value, dir: &std::path::Path) {
 fn amqp_a_file_action_task_answers_the_hub_payload_streamed_or_not() {
     let (lane, root, plugins) = setup!("amqp_file_action");
     checksum_plugin(&plugins);
-    let dir = root.path().join("data");
+    let dir = hub_files(root.path());
+    let _w = lane.worker(&plugins, &root.path().join("w.sock"));
+    assert_file_action(
+        &lane,
+        "file.checksum",
+        &dir,
+        "file-checksum",
+        "PermissionError",
+    );
+}
+
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_the_node_file_action_task_answers_the_same_hub_payload() {
+    let (lane, root, plugins) = setup!("amqp_node_file_action");
+    node_checksum_plugin(&plugins, root.path());
+    let dir = hub_files(root.path());
+    let _w = lane.worker(&plugins, &root.path().join("w.sock"));
+    let task = "node.file.checksum";
+    assert_file_action(&lane, task, &dir, "node-file-checksum", "EACCES");
+}
+
+/// A folder with a new file, one whose `.sha256` sidecar matches, and an unreadable one.
+fn hub_files(root: &Path) -> std::path::PathBuf {
+    let dir = root.join("data");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("new.txt"), "foo").unwrap();
     std::fs::write(dir.join("done.txt"), "bar").unwrap();
@@ -529,15 +555,20 @@ fn amqp_a_file_action_task_answers_the_hub_payload_streamed_or_not() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
     // The plugin's processes run without capabilities, so even as root a 0000 file is unreadable.
-    let _w = lane.worker(&plugins, &root.path().join("w.sock"));
+    dir
+}
+
+/// Calls a checksum task through the real Celery client over `dir`, plainly and streaming, and
+/// checks the Hub's payload field by field (and the streamed batches' states).
+fn assert_file_action(lane: &Lane, task: &str, dir: &Path, status_task: &str, denied: &str) {
     let kwargs = json!({"jobid": 100, "paths": [{"path": dir.display().to_string()}]});
-    let out = lane.run(&["call", "file.checksum", "[]", &kwargs.to_string()]);
-    assert_hub_payload(&out, &dir);
+    let out = lane.run(&["call", task, "[]", &kwargs.to_string()]);
+    assert_hub_payload(&out, dir, status_task, denied);
 
     let mut streaming = kwargs.clone();
     streaming["stream_results"] = json!(true);
-    let out = lane.run(&["messages", "file.checksum", "[]", &streaming.to_string()]);
-    assert_hub_payload(&out, &dir);
+    let out = lane.run(&["messages", task, "[]", &streaming.to_string()]);
+    assert_hub_payload(&out, dir, status_task, denied);
     let streamed: Vec<Value> = out["messages"]
         .as_array()
         .unwrap()

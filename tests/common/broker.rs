@@ -273,3 +273,23 @@ pub fn event_log_plugin(root: &Path, log: &Path) {
     );
     std::fs::write(dir.join("plugin.toml"), text).unwrap();
 }
+
+/// `examples/node-file-checksum` run from the checkout, with the Node SDK found through
+/// `NODE_PATH` (a `worker-plugin` link under `root`; the example npm-installs it).
+pub fn node_checksum_plugin(plugins: &Path, root: &Path) {
+    let modules = root.join("node_modules");
+    std::fs::create_dir_all(&modules).unwrap();
+    std::os::unix::fs::symlink(
+        repo().join("plugin-protocol/node"),
+        modules.join("worker-plugin"),
+    )
+    .unwrap();
+    let dir = plugins.join("node-file-checksum");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = format!(
+        "name = \"node-file-checksum\"\nversion = \"1.0.0\"\ncommand = [\"/usr/bin/node\", {:?}]\nconcurrency = 2\n[env]\nNODE_PATH = {:?}\n[[tasks]]\nname = \"node.file.checksum\"\n",
+        repo().join("examples/node-file-checksum/main.js").display().to_string(),
+        modules.display().to_string()
+    );
+    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+}
