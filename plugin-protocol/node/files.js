@@ -117,28 +117,36 @@ function* expandPaths(paths, pageSize = 1000) {
   const seen = new Set();
   for (const given of paths) {
     const { path: root, ...extra } = pathObject(given);
-    const stack = [root];
+    // [path, isFile]: a directory listing says which entries are plain files (or symlinks,
+    // listed and never followed), so only folders and unknown types cost an lstat.
+    const stack = [[root, false]];
     while (stack.length) {
-      const p = stack.pop();
+      const [p, isFile] = stack.pop();
       let st = null;
-      try {
-        st = fs.lstatSync(p, { bigint: true });
-      } catch (e) {
-        page.push({ ...extra, path: p });
+      if (!isFile) {
+        try {
+          st = fs.lstatSync(p, { bigint: true });
+        } catch (e) {
+          st = null;
+        }
       }
       if (st && st.isDirectory()) {
         const key = `${st.dev}:${st.ino}`;
         if (!seen.has(key)) {
           seen.add(key);
-          let names = [];
+          let entries = [];
           try {
-            names = fs.readdirSync(p).sort();
+            entries = fs.readdirSync(p, { withFileTypes: true });
           } catch (e) {
-            names = [];
+            entries = [];
           }
-          for (let i = names.length - 1; i >= 0; i -= 1) stack.push(path.join(p, names[i]));
+          entries.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+          for (let i = entries.length - 1; i >= 0; i -= 1) {
+            const e = entries[i];
+            stack.push([path.join(p, e.name), !e.isDirectory() && (e.isFile() || e.isSymbolicLink())]);
+          }
         }
-      } else if (st) {
+      } else {
         page.push({ ...extra, path: p });
       }
       if (page.length >= pageSize) {
