@@ -12,7 +12,21 @@ fn run_fibonacci_from_the_bundled_examples() {
     let out = output(worker().args(["run", "fibonacci", "26"]));
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "121393\n");
-    assert!(text(&out.stderr).contains("progress: 26/26"));
+    let err = text(&out.stderr);
+    assert!(err.contains("progress: 26/26"), "{err}");
+    // Not installed: built (venv, SDK package) in a scratch copy, which is gone afterwards.
+    let said = "running 2 install step(s) of python-fibonacci in a scratch copy (";
+    let at = err.find(said).expect(&err) + said.len();
+    let copy = &err[at..at + err[at..].find(')').unwrap()];
+    assert!(copy.ends_with("/python-fibonacci"), "{copy}");
+    assert!(
+        !std::path::Path::new(copy).exists(),
+        "{copy} is left behind"
+    );
+    assert!(
+        !empty_state_dir().join("installed").exists(),
+        "nothing is recorded"
+    );
 }
 
 #[test]
@@ -585,7 +599,7 @@ fn rust_scaffold_passes_plugins_test_unchanged() {
     let said = text(&out.stdout);
     assert!(out.status.success(), "{said}\n{}", text(&out.stderr));
     assert!(
-        said.contains("running 1 install step(s) in a scratch copy"),
+        said.contains("running 1 install step(s) of hello-rust in a scratch copy"),
         "{said}"
     );
     assert!(
@@ -609,7 +623,7 @@ fn a_node_sdk_plugin_runs_under_the_worker_and_streams_before_its_result() {
         format!(
             "name = \"fixture\"\nversion = \"0.1.0\"\ncommand = [\"/usr/bin/node\", {:?}]\n[settings]\ngreeting = \"from settings\"\n{}",
             fixture.display().to_string(),
-            ["t.add", "t.report", "t.kwargs", "t.fail", "t.typed", "t.wait", "t.bigint", "t.context", "t.queue"]
+            ["t.add", "t.report", "t.kwargs", "t.fail", "t.typed", "t.wait", "t.bigint", "t.events", "t.context", "t.queue"]
                 .map(|t| format!("[[tasks]]\nname = {t:?}\n"))
                 .concat()
         ),

@@ -137,31 +137,45 @@ async fn test(config: &Config, name: &str, installed: bool) -> anyhow::Result<Ex
     if m.install.is_empty() {
         return super::plugin_test::test_manifest(config, m).await;
     }
+    match scratch_build(m, output::line).await {
+        Ok((_scratch, staged)) => super::plugin_test::test_manifest(config, &staged).await,
+        Err(reason) => {
+            output::line(&format!("FAIL  {reason}"));
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// A plugin's source copied into a scratch directory with its install steps run there, as
+/// `plugins install` would build it but recorded nowhere: for `plugins test` and for `worker
+/// run` of a plugin that is not installed. The copy lives as long as the returned directory.
+pub(super) async fn scratch_build(
+    m: &Manifest,
+    say: fn(&str),
+) -> Result<(tempfile::TempDir, Manifest), String> {
     let scratch = tempfile::Builder::new()
-        .prefix(&format!("worker-test-{name}-"))
-        .tempdir()?;
-    let copy = scratch.path().join(name);
-    output::line(&format!(
-        "running {} install step(s) in a scratch copy ({})",
+        .prefix(&format!("worker-scratch-{}-", m.name))
+        .tempdir()
+        .map_err(|e| format!("scratch directory: {e}"))?;
+    let copy = scratch.path().join(&m.name);
+    say(&format!(
+        "running {} install step(s) of {} in a scratch copy ({})",
         m.install.len(),
+        m.name,
         copy.display()
     ));
-    if let Err(e) = tree::copy(&m.dir, &copy, tree::Symlinks::of(m)) {
-        output::line(&format!("FAIL  copy: {e}"));
-        return Ok(ExitCode::FAILURE);
-    }
+    tree::copy(&m.dir, &copy, tree::Symlinks::of(m)).map_err(|e| format!("copy: {e}"))?;
     let staged = m.relocated(&copy);
     let log_path = scratch.path().join("install.log");
-    let mut log = std::fs::File::create(&log_path)?;
+    let mut log = std::fs::File::create(&log_path).map_err(|e| format!("install log: {e}"))?;
     if let Err(f) = crate::install::steps::run(&staged, &m.dir, &mut log).await {
-        output::line(&format!(
-            "FAIL  install step {} (`{}`): {f}",
+        return Err(format!(
+            "install step {} (`{}`): {f}",
             f.step,
             f.argv.join(" ")
         ));
-        return Ok(ExitCode::FAILURE);
     }
-    super::plugin_test::test_manifest(config, &staged).await
+    Ok((scratch, staged))
 }
 
 /// `worker reload`: asks the daemon to apply the plugins directory and prints what it did.

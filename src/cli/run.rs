@@ -32,9 +32,18 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         .discover()
         .map_err(anyhow::Error::msg)?;
     let serves = |m: &manifest::Manifest| m.task_names().any(|t| t == args.name);
-    let mut plugin = match installed.plugins.iter().find(|m| serves(m)) {
-        Some(m) => m.clone(),
-        None => from_source(&config, &args.name, &installed)?,
+    // An uninstalled plugin with install steps is built in a scratch copy, kept until the end.
+    let (mut plugin, _scratch) = match installed.plugins.iter().find(|m| serves(m)) {
+        Some(m) => (m.clone(), None),
+        None => match from_source(&config, &args.name, &installed)? {
+            m if m.install.is_empty() => (m, None),
+            m => {
+                let (scratch, built) = super::plugins::scratch_build(&m, |l| eprintln!("{l}"))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("plugin `{}` is not installed and building it failed: {e}; see `worker plugins install {}`", m.name, m.name))?;
+                (built, Some(scratch))
+            }
+        },
     };
     plugin.instances = 1;
     let request = TaskRequest::new(
@@ -75,7 +84,7 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The uninstalled plugin in the plugins directory that serves `task`, runnable as it is.
+/// The uninstalled plugin in the plugins directory that serves `task`.
 fn from_source(
     config: &Config,
     task: &str,
@@ -88,13 +97,6 @@ fn from_source(
         .iter()
         .find(|m| m.task_names().any(|t| t == task))
     {
-        if !m.install.is_empty() {
-            anyhow::bail!(
-                "plugin `{}` (serving `{task}`) is not installed and has install steps; install it first: worker plugins install {}",
-                m.name,
-                m.name
-            );
-        }
         return Ok(m.clone());
     }
     let known: Vec<&str> = installed

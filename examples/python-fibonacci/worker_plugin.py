@@ -1,1 +1,0 @@
-../../plugin-protocol/python/worker_plugin.py
