@@ -335,10 +335,15 @@ fn serve_refuses_a_socket_another_worker_serves() {
 }
 
 #[test]
-fn run_a_raw_protocol_node_plugin() {
+fn run_a_raw_protocol_node_plugin_and_the_same_on_the_node_sdk() {
+    let out = output(worker().args(["run", "raw.echo", "a", "2"]));
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "\"a\"\n2\n\"a 2\"\n");
+    // node-echo npm-installs the SDK in a scratch copy first.
     let out = output(worker().args(["run", "node.echo", "a", "2"]));
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "\"a\"\n2\n\"a 2\"\n");
+    assert!(text(&out.stderr).contains("install step(s) of node-echo in a scratch copy"));
 }
 
 #[test]
@@ -438,8 +443,10 @@ fn plugins_test_passes_good_plugins_and_names_what_fails() {
     ] {
         assert!(said.contains(part), "missing {part:?} in:\n{said}");
     }
-    let out = output(worker().args(["plugins", "test", "node-echo"]));
-    assert!(out.status.success(), "{}", text(&out.stdout));
+    for raw_or_sdk in ["raw-echo", "node-echo"] {
+        let out = output(worker().args(["plugins", "test", raw_or_sdk]));
+        assert!(out.status.success(), "{}", text(&out.stdout));
+    }
 
     let root = tempfile::tempdir().unwrap();
     rust_plugin(
