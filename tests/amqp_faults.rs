@@ -135,14 +135,18 @@ fn ambiguous_ids(log: &[String]) -> HashSet<String> {
 #[test]
 #[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
 fn amqp_connection_drops_leave_exactly_one_final_state_per_task_in_the_raw_reply_queue() {
-    const TASKS: usize = 4000;
+    const TASKS: usize = 5000;
     const DROPS: usize = 5;
+    // Drops come only while this many tasks are left, so every drop finds tasks in flight.
+    const LEFT: usize = 300;
     let (lane, root, plugins) = setup!("amqp_exactly_once");
     faulty_plugin(
         &plugins,
         "faulty",
         &[],
-        "instances = 2\nconcurrency = 8",
+        // 8 tasks of 50 ms at a time: ~160 answers a second, slow enough that a drop cycle
+        // (which can take seconds of `rabbitmqctl` on a loaded machine) never runs out of tasks.
+        "instances = 2\nconcurrency = 4",
         "",
     );
     let replies = format!("replies-{}", lane.queue);
@@ -165,8 +169,11 @@ fn amqp_connection_drops_leave_exactly_one_final_state_per_task_in_the_raw_reply
         // what happened, not by a schedule: `rabbitmqctl close_connection` can take seconds
         // on a loaded machine, and every drop must still find tasks in flight.
         let wait_for = last + 100 + fastrand::usize(..150);
+        if wait_for > TASKS - LEFT {
+            break;
+        }
         wait_until("more answers", Duration::from_secs(60), || {
-            answered() >= wait_for.min(TASKS)
+            answered() >= wait_for
         });
         std::thread::sleep(Duration::from_millis(fastrand::u64(..40)));
         let mark = worker.drain_log().len();
@@ -224,14 +231,16 @@ fn amqp_connection_drops_leave_exactly_one_final_state_per_task_in_the_raw_reply
     }
     assert_eq!(counts.len(), TASKS, "no final state for an unknown id");
     assert!(
-        answered_at_drop
-            .iter()
-            .all(|(n, dropped)| *n < TASKS && *dropped >= 1),
-        "every drop hit tasks in flight and closed a connection: {answered_at_drop:?}"
+        answered_at_drop.len() >= 3
+            && answered_at_drop
+                .iter()
+                .all(|(n, dropped)| *n < TASKS && *dropped >= 1),
+        "at least 3 drops, each hitting tasks in flight and closing a connection: {answered_at_drop:?}"
     );
     eprintln!(
-        "exactly-once: {TASKS} tasks, {DROPS} drops at {answered_at_drop:?} (answered, connections closed); \
+        "exactly-once: {TASKS} tasks, {} drops at {answered_at_drop:?} (answered, connections closed); \
          {} published-then-lost-before-confirm (the documented window), {twice} of them seen twice",
+        answered_at_drop.len(),
         ambiguous.len()
     );
     rt.block_on(delete_queue(&replies));

@@ -246,3 +246,130 @@ fn a_manifest_subscribes_to_known_kinds_and_may_serve_no_task() {
         .to_string();
     assert!(err.contains("or subscribe to `events`"), "{err}");
 }
+
+#[tokio::test]
+async fn retries_revokes_failed_instances_and_reloads_are_told() {
+    let root = tempfile::tempdir().unwrap();
+    let log = root.path().join("events.jsonl");
+    let faulty = faulty_plugin(root.path(), "faulty", &[], "", "");
+    let broken = faulty_plugin(
+        root.path(),
+        "broken",
+        &[("FAULT_HANDSHAKE", "exit")],
+        "",
+        "[restart]\nmax_restarts = 0\n",
+    );
+    let sub = subscriber(root.path(), &log, r#"["*"]"#, &[]);
+    let h = Harness::start(&[faulty, broken.clone(), sub.clone()]);
+    let failed = wait_logged(&log, "instance.failed", |e| {
+        e["event"] == "instance.failed" && e["plugin"] == "broken"
+    })
+    .await;
+    let exit = failed
+        .iter()
+        .find(|e| e["event"] == "instance.exited" && e["plugin"] == "broken")
+        .expect("its exit came first");
+    assert_eq!(exit["expected"], false);
+    assert!(
+        exit["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exited with status 3"),
+        "{exit}"
+    );
+
+    // A crash under a task spends an attempt: retried, then started again.
+    let marker = root.path().join("crashed-once");
+    let request = TaskRequest::new(
+        "f.crash_once",
+        vec![json!(marker.display().to_string())],
+        Default::default(),
+    );
+    let id = request.id.clone();
+    success(&h.run_request(request).await.0);
+    let events = wait_logged(&log, "the retried task's end", |e| {
+        e["event"] == "task.succeeded" && e["task_id"] == id
+    })
+    .await;
+    let kinds: Vec<(&str, u64)> = of_task(&events, &id)
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap(),
+                e["attempt"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("task.received", 0),
+            ("task.started", 1),
+            ("task.retried", 1),
+            ("task.started", 2),
+            ("task.succeeded", 2)
+        ]
+    );
+
+    // A cancelled task ends revoked.
+    let (id, running) = h.spawn("f.sleep", vec![json!(30)]);
+    wait_logged(&log, "the sleep's start", |e| {
+        e["event"] == "task.started" && e["task_id"] == id
+    })
+    .await;
+    assert!(h.dispatcher.cancel(&id, "test").await);
+    failure(&running.await.unwrap());
+    let events = wait_logged(&log, "task.revoked", |e| {
+        e["event"] == "task.revoked" && e["task_id"] == id
+    })
+    .await;
+    let revoked = of_task(&events, &id).pop().unwrap().clone();
+    assert_eq!(revoked["outcome"], "cancelled");
+
+    // A reload: faulty replaced by 0.0.2, broken removed, a new plugin installed.
+    let v2 = faulty_plugin(
+        &root.path().join("v2"),
+        "faulty",
+        &[("FAULT_VERSION", "0.0.2")],
+        "",
+        "",
+    );
+    let text = std::fs::read_to_string(v2.join("plugin.toml")).unwrap();
+    std::fs::write(
+        v2.join("plugin.toml"),
+        text.replace("version = \"0.0.1\"", "version = \"0.0.2\""),
+    )
+    .unwrap();
+    let manifests = [v2, sub, rust_plugin(root.path(), "")]
+        .iter()
+        .map(|d| worker::manifest::Manifest::load(d).unwrap())
+        .collect();
+    let report = h
+        .dispatcher
+        .reload(manifests, Duration::from_secs(5), true)
+        .await;
+    assert_eq!(
+        (report.replaced, report.removed, report.started),
+        (
+            vec!["faulty".to_string()],
+            vec!["broken".to_string()],
+            vec!["rust-echo".to_string()]
+        )
+    );
+    let events = wait_logged(&log, "plugin.removed", |e| e["event"] == "plugin.removed").await;
+    let told = |kind: &str, plugin: &str, version: Value| {
+        events
+            .iter()
+            .any(|e| e["event"] == kind && e["plugin"] == plugin && e["version"] == version)
+    };
+    assert!(
+        told("plugin.replaced", "faulty", json!("0.0.2")),
+        "{events:#?}"
+    );
+    assert!(
+        told("plugin.installed", "rust-echo", json!("0.1.0")),
+        "{events:#?}"
+    );
+    assert!(told("plugin.removed", "broken", Value::Null), "{events:#?}");
+    h.stop().await;
+}
