@@ -114,6 +114,68 @@ fn install_refuses_a_symlink_out_of_the_plugin() {
     );
 }
 
+#[test]
+fn install_steps_get_a_clean_environment_with_what_package_tools_need() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    faulty_plugin(
+        &plugins,
+        "faulty",
+        &[("FROM_MANIFEST", "m")],
+        "env_passthrough = [\"PASSED_ON\"]\ninstall = [[\"/bin/sh\", \"-c\", \"env > install-env.txt\"]]",
+        "",
+    );
+    let state = root.path().join("state");
+    let out = output(
+        worker()
+            .args(["plugins", "install", "--plugins"])
+            .arg(&plugins)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--socket")
+            .arg(root.path().join("w.sock"))
+            .env("WORKER_BROKER", "amqp://user:s3cret@broker/")
+            .env("SOME_API_TOKEN", "s3cret")
+            .env("PASSED_ON", "yes")
+            .env("PIP_INDEX_URL", "https://mirror.invalid/simple")
+            .env("HTTPS_PROXY", "http://proxy.invalid:3128")
+            .env("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let versions = state.join("installed/faulty");
+    let copy = std::fs::read_dir(&versions)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let env = std::fs::read_to_string(copy.join("install-env.txt")).unwrap();
+    for present in [
+        "PIP_INDEX_URL=https://mirror.invalid/simple",
+        "HTTPS_PROXY=http://proxy.invalid:3128",
+        "SSL_CERT_FILE=",
+        "PASSED_ON=yes",
+        "FROM_MANIFEST=m",
+        "WORKER_PLUGIN_NAME=faulty",
+        "WORKER_PLUGIN_SOURCE=",
+        "PATH=",
+        "HOME=",
+    ] {
+        assert!(
+            env.lines().any(|l| l.starts_with(present)),
+            "no {present} in:\n{env}"
+        );
+    }
+    assert!(
+        !env.contains("s3cret"),
+        "a credential reached an install step:\n{env}"
+    );
+    assert!(
+        !env.contains("WORKER_STATE_DIR"),
+        "a worker setting reached it:\n{env}"
+    );
+}
+
 /// A state directory, root-owned 0755 as the worker would make it, and a plugins directory.
 fn state_setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     use std::os::unix::fs::PermissionsExt;

@@ -1,9 +1,11 @@
 //! Runs a plugin's install steps (`install = [[...], ...]` in `plugin.toml`) in its installed
 //! copy's directory.
 //!
-//! Each step is a child process in its own process group, with the worker's environment plus
-//! the manifest's `env` and `WORKER_PLUGIN_NAME`, `WORKER_PLUGIN_DIR` (the copy) and
-//! `WORKER_PLUGIN_SOURCE` (where it was copied from). Its stdout and stderr go to the install
+//! Each step is a child process in its own process group, with a clean environment: what a
+//! plugin gets (`process::inherited_env`), what package tools need to reach their registries
+//! (proxies, CA bundles, their own `PIP_*`, `NPM_CONFIG_*`, `CARGO_*` settings), and
+//! `WORKER_PLUGIN_NAME`, `WORKER_PLUGIN_DIR` (the copy) and `WORKER_PLUGIN_SOURCE` (where it
+//! was copied from); never a worker setting or credential such as `WORKER_BROKER`. Its stdout and stderr go to the install
 //! log; the last lines are kept for the error message. A step that runs past
 //! `timeouts.install` is killed with its whole group, and so is anything a finished step
 //! left running.
@@ -18,6 +20,39 @@ use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
+
+/// Variables install steps inherit besides a plugin's own: how package tools reach their
+/// registries through this host's proxies and certificate bundles.
+const TOOL_ENV: &[&str] = &[
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
+];
+
+/// Prefixes of the package tools' own settings (pip, npm, cargo/rustup, uv), also inherited.
+const TOOL_ENV_PREFIXES: &[&str] = &[
+    "PIP_",
+    "NPM_CONFIG_",
+    "npm_config_",
+    "CARGO_",
+    "RUSTUP_",
+    "UV_",
+];
+
+fn tool_setting(name: &str) -> bool {
+    TOOL_ENV.contains(&name) || TOOL_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
+}
 
 /// Lines of a failed step's output quoted in its error.
 const TAIL_LINES: usize = 15;
@@ -52,7 +87,7 @@ pub async fn run(m: &Manifest, source: &Path, log: &mut impl Write) -> Result<()
     Ok(())
 }
 
-/// Starts one step in its own process group, with the plugin's environment.
+/// Starts one step in its own process group, with the plugin's environment and the tools'.
 fn spawn_step(
     m: &Manifest,
     source: &Path,
@@ -62,7 +97,8 @@ fn spawn_step(
     Command::new(program)
         .args(&argv[1..])
         .current_dir(&m.dir)
-        .envs(&m.env)
+        .env_clear()
+        .envs(crate::supervisor::process::inherited_env(m, tool_setting))
         .env("WORKER_PLUGIN_NAME", &m.name)
         .env("WORKER_PLUGIN_DIR", &m.dir)
         .env("WORKER_PLUGIN_SOURCE", source)

@@ -38,13 +38,15 @@ const STDERR_MAX_LINE: usize = 64 * 1024;
 /// worker setting or credential (`WORKER_BROKER` may hold a password).
 const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "TZ", "TMPDIR", "USER", "LOGNAME"];
 
-/// The plugin's environment: the allowlist above, `LC_*`, the variables the manifest passes on,
-/// its own `env`, and the `WORKER_PLUGIN_*` variables.
-fn plugin_env(manifest: &Manifest, launch: &Launch) -> Vec<(String, String)> {
+/// What a plugin's processes (and its install steps) start from: the allowlist above, `LC_*`,
+/// what `also` admits, the variables the manifest passes on (`env_passthrough`), a default
+/// `PATH`, then the manifest's own `env`.
+pub fn inherited_env(manifest: &Manifest, also: impl Fn(&str) -> bool) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| {
             INHERITED_ENV.contains(&k.as_str())
                 || k.starts_with("LC_")
+                || also(k)
                 || manifest.env_passthrough.iter().any(|p| p == k)
         })
         .collect();
@@ -52,6 +54,12 @@ fn plugin_env(manifest: &Manifest, launch: &Launch) -> Vec<(String, String)> {
         env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
     }
     env.extend(manifest.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
+/// The plugin's environment: `inherited_env`, and the `WORKER_PLUGIN_*` variables.
+fn plugin_env(manifest: &Manifest, launch: &Launch) -> Vec<(String, String)> {
+    let mut env = inherited_env(manifest, |_| false);
     env.push(("WORKER_PLUGIN_NAME".into(), manifest.name.clone()));
     env.push(("WORKER_PLUGIN_INSTANCE".into(), launch.instance.to_string()));
     env.push((containment::MARKER_VAR.into(), launch.marker.into()));
