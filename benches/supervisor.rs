@@ -156,6 +156,7 @@ fn options() -> PoolOptions {
         state_dir: None,
         plugin_user: None,
         events: worker::events::EventBus::new(),
+        cgroups: None,
     }
 }
 

@@ -64,6 +64,10 @@ pub struct Config {
     /// When the worker runs as root: the user plugins run as unless their manifest names one
     /// (`user`). Never root: a plugin that needs root says `user = "root"` itself.
     pub plugin_user: Option<String>,
+    /// Where `serve` gives each plugin process a cgroup v2 of its own: `auto` (the worker's own
+    /// cgroup when systemd delegated it, `Delegate=yes`; else none), `off`, or the absolute path
+    /// of a cgroup v2 directory the worker may manage.
+    pub cgroup: String,
     /// Address of the Prometheus endpoint (`http://<addr>/metrics`); unset = not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -113,6 +117,7 @@ impl Default for Config {
             control_idle_timeout: 300.0,
             metrics_listen: None,
             plugin_user: None,
+            cgroup: "auto".into(),
         }
     }
 }
@@ -190,6 +195,13 @@ impl Config {
             if user.is_empty() || root {
                 return Err(format!("key `plugin_user`: `{user}` is not a non-root user name; plugins run as root only when their plugin.toml says `user = \"root\"`"));
             }
+        }
+        if !matches!(self.cgroup.as_str(), "auto" | "off") && !Path::new(&self.cgroup).is_absolute()
+        {
+            return Err(format!(
+                "key `cgroup`: `{}` is not \"auto\", \"off\" or an absolute cgroup v2 directory",
+                self.cgroup
+            ));
         }
         if self.prefetch_count == Some(0) {
             return Err("key `prefetch_count`: must be at least 1".into());

@@ -14,6 +14,7 @@ use crate::notify::Notifier;
 use crate::reload::{self, ReloadError, ReloadSettings};
 use crate::source::amqp::tls::{BrokerTls, TlsSettings};
 use crate::source::amqp::{AmqpOptions, AmqpSource};
+use crate::supervisor::cgroup::CgroupTree;
 use crate::supervisor::containment;
 use crate::supervisor::pool::PoolOptions;
 use crate::supervisor::{ReloadReport, Supervisor};
@@ -38,6 +39,8 @@ pub enum DaemonError {
         addr: std::net::SocketAddr,
         cause: std::io::Error,
     },
+    #[error("{0}")]
+    Cgroup(String),
     #[error("cannot serve the control socket {path}: {cause}")]
     Socket {
         path: PathBuf,
@@ -100,6 +103,7 @@ pub fn pool_options(config: &Config) -> PoolOptions {
         state_dir: Some(config.state_dir.clone()),
         plugin_user: config.plugin_user.clone(),
         events: crate::events::EventBus::new(),
+        cgroups: None,
     }
 }
 
@@ -154,9 +158,13 @@ impl Daemon {
             .map_err(|e| tracing::warn!("cannot register in {}: {e}; installs through another socket may delete copies this daemon runs", config.state_dir.display()))
             .ok();
         let names: Vec<String> = plugins.iter().map(|m| m.name.clone()).collect();
-        let supervisor = Arc::new(Supervisor::start(plugins, pool_options(&config)));
+        let (reaper, info, cgroups) = contain(&config)?;
+        let options = PoolOptions {
+            cgroups,
+            ..pool_options(&config)
+        };
+        let supervisor = Arc::new(Supervisor::start(plugins, options));
         let dispatcher = Arc::new(Dispatcher::new(supervisor.clone()));
-        let (reaper, info) = contain(&config);
         let reload = ReloadSettings {
             state: StateDir::new(&config.state_dir),
             drain: config.drain_timeout(),
@@ -282,9 +290,20 @@ impl Daemon {
     }
 }
 
+/// What a daemon's reaper, status and cgroup tree are.
+type Containment = (
+    Option<AbortOnDropHandle<()>>,
+    WorkerInfo,
+    Option<Arc<CgroupTree>>,
+);
+
 /// Makes the daemon the subreaper of plugin descendants (orphans become ours to kill and reap,
-/// not init's), starts reaping them, and says how plugins are contained.
-fn contain(config: &Config) -> (Option<AbortOnDropHandle<()>>, WorkerInfo) {
+/// not init's), starts reaping them, opens the cgroup tree (`cgroup`), and says how plugins are
+/// contained.
+fn contain(config: &Config) -> Result<Containment, DaemonError> {
+    let cgroups = CgroupTree::open(&config.cgroup)
+        .map_err(DaemonError::Cgroup)?
+        .map(Arc::new);
     let subreaper = containment::become_subreaper();
     let reaper =
         subreaper.then(|| AbortOnDropHandle::new(tokio::spawn(containment::reap_on_sigchld())));
@@ -293,10 +312,10 @@ fn contain(config: &Config) -> (Option<AbortOnDropHandle<()>>, WorkerInfo) {
         version: crate::WORKER_VERSION.into(),
         pid: std::process::id(),
         state_dir: config.state_dir.clone(),
-        containment: containment::describe(subreaper),
+        containment: containment::describe(subreaper, cgroups.as_deref()),
     };
     tracing::info!("containment: {}", info.containment);
-    (reaper, info)
+    Ok((reaper, info, cgroups))
 }
 
 /// The broker's TLS settings, their files read now: a missing one stops `serve` at start.

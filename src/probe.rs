@@ -102,6 +102,8 @@ impl Session {
             data: Some(data.path()),
             tmp: strict.then_some(tmp.as_path()),
             identity: identity.as_ref(),
+            // A handshake or `plugins test` is short and waited for: no cgroup.
+            cgroup: None,
         };
         let mut child = process::spawn(m, launch).map_err(|cause| ProbeError::Start {
             program: m.program(),

@@ -481,3 +481,114 @@ fn a_root_worker_runs_each_plugin_as_its_user_with_no_groups_and_never_root_by_c
     faulty_plugin(&explicit, "faulty", &[], "user = \"root\"", "");
     assert_eq!(view(&explicit, &["--plugin-user", "nobody"])["uid"], 0);
 }
+
+/// A cgroup v2 hierarchy mounted for one test (this machine class mounts none), with a
+/// directory in it the worker may manage; unmounted when dropped.
+struct CgroupMount {
+    mount: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl CgroupMount {
+    fn new(root: &std::path::Path) -> CgroupMount {
+        let mount = root.join("cgroup2");
+        std::fs::create_dir_all(&mount).unwrap();
+        let out = output(
+            std::process::Command::new("mount")
+                .args(["-t", "cgroup2", "none"])
+                .arg(&mount),
+        );
+        assert!(
+            out.status.success(),
+            "cannot mount a cgroup2 hierarchy at {} (needs root and a kernel with cgroup v2): {}",
+            mount.display(),
+            text(&out.stderr)
+        );
+        let dir = mount.join(format!("worker-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        CgroupMount { mount, dir }
+    }
+
+    /// The instance cgroups in it now.
+    fn children(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for CgroupMount {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mount)
+            .status();
+    }
+}
+
+#[test]
+fn with_a_cgroup_tree_a_process_that_clears_its_environment_is_still_killed() {
+    let root = tempfile::tempdir().unwrap();
+    let cgroups = CgroupMount::new(root.path());
+    let plugins = root.path().join("plugins");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let dir = cgroups.dir.display().to_string();
+    let mut d = Daemon::start_with(&plugins, &root.path().join("w.sock"), &["--cgroup", &dir]);
+    let containment = d.list_json()["daemon"]["containment"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        containment.contains(&format!("a cgroup v2 per plugin process under {dir}")),
+        "{containment}"
+    );
+    let first = cgroups.children();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(first[0].starts_with("faulty.0."), "{first:?}");
+
+    let out = output(&mut d.cli(&["task", "run", "f.escape_clean"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let escaped: u32 = text(&out.stdout).trim().parse().unwrap();
+    let environ = std::fs::read(format!("/proc/{escaped}/environ")).unwrap();
+    assert!(environ.is_empty(), "no marker to find it by");
+    let its_cgroup = std::fs::read_to_string(format!("/proc/{escaped}/cgroup")).unwrap();
+    assert!(
+        its_cgroup.contains(&format!(
+            "0::/worker-test-{}/{}",
+            std::process::id(),
+            first[0]
+        )),
+        "{its_cgroup}"
+    );
+
+    // The instance crashes: cgroup.kill ends the escaped process, and the cgroup goes.
+    let out = output(&mut d.cli(&["task", "run", "f.crash"]));
+    assert!(!out.status.success());
+    assert!(
+        wait_gone_blocking(escaped, Duration::from_secs(10)),
+        "the process with no marker outlived its instance"
+    );
+    d.wait_log("restarting");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = cgroups.children();
+        if now.len() == 1 && now[0] != first[0] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old cgroup stays: {now:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d.wait_exit().success());
+    assert_eq!(
+        cgroups.children(),
+        Vec::<String>::new(),
+        "every cgroup removed at stop"
+    );
+}

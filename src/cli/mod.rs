@@ -126,6 +126,14 @@ pub struct CommonArgs {
     /// When running as root: the user plugins run as unless their manifest names one (`plugin_user`)
     #[arg(long, env = "WORKER_PLUGIN_USER", global = true, value_name = "USER")]
     pub plugin_user: Option<String>,
+    /// Where `serve` gives each plugin process a cgroup v2: auto, off, or a directory (`cgroup`)
+    #[arg(
+        long,
+        env = "WORKER_CGROUP",
+        global = true,
+        value_name = "auto|off|DIR"
+    )]
+    pub cgroup: Option<String>,
     /// Longest plugin stdout line in bytes (`max_line_bytes`)
     #[arg(long, env = "WORKER_MAX_LINE_BYTES", global = true)]
     pub max_line_bytes: Option<usize>,
@@ -247,6 +255,9 @@ impl CommonArgs {
         }
         if let Some(v) = &self.plugin_user {
             c.plugin_user = Some(v.clone());
+        }
+        if let Some(v) = &self.cgroup {
+            c.cgroup = v.clone();
         }
         if let Some(v) = self.max_line_bytes {
             c.max_line_bytes = v;

@@ -6,7 +6,7 @@
 //! it spawned itself: tokio waits for those).
 //!
 //! Limits, said plainly: a descendant that clears its environment escapes the marker; only a
-//! cgroup would hold it, and this machine class has no delegated cgroup v2 (the status says so).
+//! cgroup holds it, where the worker has one to manage (`cgroup.rs`; the status says which).
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
@@ -145,11 +145,15 @@ pub async fn reap_on_sigchld() {
 }
 
 /// One line for `status` and the start log: how plugin processes are contained here.
-pub fn describe(subreaper: bool) -> String {
+pub fn describe(subreaper: bool, cgroups: Option<&super::cgroup::CgroupTree>) -> String {
     let reaper = if subreaper { ", child subreaper" } else { "" };
     let landlock = match super::sandbox::kernel_abi() {
         Some(abi) => format!("Landlock ABI {abi} for sandbox = \"strict\""),
         None => "no Landlock in this kernel: sandbox = \"strict\" plugins run unsandboxed".into(),
     };
-    format!("process groups and an environment marker{reaper}; {landlock}; no delegated cgroup v2, so no per-plugin memory.max/pids.max (use [limits])")
+    let cgroup = match cgroups {
+        Some(tree) => tree.describe(),
+        None => "no cgroup v2 to manage (`cgroup` in worker.toml; systemd's Delegate=yes), so no per-plugin cgroup.kill, memory.max or pids.max (use [limits])".into(),
+    };
+    format!("process groups and an environment marker{reaper}; {landlock}; {cgroup}")
 }

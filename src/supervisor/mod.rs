@@ -4,6 +4,7 @@
 //! and is swapped as a whole, so replacing one plugin (a new pool started beside the old one,
 //! then the route switched, then the old pool drained) never touches the others.
 
+pub mod cgroup;
 pub mod containment;
 pub mod handshake;
 pub mod identity;

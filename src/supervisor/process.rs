@@ -90,6 +90,8 @@ pub struct Launch<'a> {
     pub tmp: Option<&'a Path>,
     /// The user to switch to (a worker running as root; see `identity`).
     pub identity: Option<&'a Identity>,
+    /// The cgroup the process enters before exec, where the worker has a cgroup tree.
+    pub cgroup: Option<&'a super::cgroup::InstanceCgroup>,
 }
 
 /// `<state_dir>/<kind>/<name>/`, a directory of the plugin's own: `data` (its writable data
@@ -104,8 +106,8 @@ pub fn plugin_dir(state_dir: &Path, kind: &str, name: &str) -> io::Result<std::p
     Ok(dir)
 }
 
-/// Spawns the plugin's command in its own process group, with piped stdio, a clean
-/// environment, its user (a root worker), no way to gain privileges (`PR_SET_NO_NEW_PRIVS`),
+/// Spawns the plugin's command in its own process group (and its own cgroup, where there is a
+/// cgroup tree), with piped stdio, a clean environment, its user (a root worker), no way to gain privileges (`PR_SET_NO_NEW_PRIVS`),
 /// no capabilities, its `[limits]`, its sandbox, and `PR_SET_PDEATHSIG` so it dies with the
 /// worker.
 pub fn spawn(manifest: &Manifest, launch: Launch) -> io::Result<Child> {
@@ -131,11 +133,16 @@ pub fn spawn(manifest: &Manifest, launch: Launch) -> io::Result<Child> {
             ))
         }
     };
+    let cgroup_procs = launch.cgroup.map(|c| c.procs_fd());
     // SAFETY: runs in the forked child before exec and only makes async-signal-safe calls
-    // (prctl, capset, setrlimit, landlock_restrict_self, getppid, _exit); `limits` was cloned
-    // and the ruleset built before the fork.
+    // (write, prctl, capset, setrlimit, landlock_restrict_self, getppid, _exit); `limits` was
+    // cloned, the ruleset built and the cgroup opened before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            // Into its cgroup first, while still the worker's user: all it starts follows.
+            if let Some(procs) = cgroup_procs {
+                super::cgroup::enter(procs)?;
+            }
             // The bounding set first: shrinking it needs CAP_SETPCAP, gone after setuid.
             drop_bounding_set()?;
             if let Some(identity) = &identity {

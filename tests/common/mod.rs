@@ -41,6 +41,7 @@ pub const FAULTY_TASKS: &[&str] = &[
     "f.env",
     "f.spin",
     "f.escape",
+    "f.escape_clean",
     "f.write",
     "f.fs",
 ];
@@ -114,6 +115,7 @@ pub fn options() -> PoolOptions {
         state_dir: None,
         plugin_user: None,
         events: worker::events::EventBus::new(),
+        cgroups: None,
     }
 }
 

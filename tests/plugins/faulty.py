@@ -28,7 +28,8 @@ over-long line, then at once a valid answer that must not be accepted), f.block 
 the whole plugin: reads nothing, answers no ping, for that long), f.stderr_flood [bytes] (one
 stderr line that long), f.garbage_flood [n] (n non-protocol stdout lines), f.request_flood [n]
 (n requests to the worker while reading nothing), f.env (its environment, NoNewPrivs and
-rlimits), f.spin (burns CPU until killed), f.stderr [lines] (writes that many stderr
+rlimits), f.spin (burns CPU until killed), f.escape / f.escape_clean (a setsid() grandchild
+that outlives the plugin, returning its pid; _clean: with an empty environment), f.stderr [lines] (writes that many stderr
 lines, then returns), f.where (returns its interpreter's prefix, its working directory and the
 FAULT_TAG variable).
 """
@@ -168,15 +169,19 @@ def run_task(id_, params):
                     results.append(type(e).__name__)
             reply(id_, {"results": results, "tmp": os.environ.get("TMPDIR"),
                         "data": os.environ.get("WORKER_PLUGIN_DATA")})
-        elif name == "f.escape":
+        elif name in ("f.escape", "f.escape_clean"):
             # A grandchild that leaves the process group (setsid) and outlives the plugin;
-            # it keeps the plugin's stdio, as a careless daemonizing library would.
+            # it keeps the plugin's stdio, as a careless daemonizing library would. With
+            # f.escape_clean it also clears its environment (the marker): only a cgroup holds it.
+            clean = name == "f.escape_clean"
             r, w = os.pipe()
             child = os.fork()
             if child == 0:
                 os.setsid()
                 if os.fork() == 0:
                     os.write(w, str(os.getpid()).encode())
+                    if clean:
+                        os.execve("/bin/sleep", ["sleep", "300"], {})
                     os.execv("/bin/sleep", ["sleep", "300"])
                 os._exit(0)
             os.close(w)
@@ -214,7 +219,7 @@ def declared_tasks():
     names = ["f.ok", "f.pid", "f.sleep", "f.sleep_nocancel", "f.crash", "f.crash_once", "f.exit",
              "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr", "f.where",
              "f.string_id", "f.bad_utf8", "f.huge_then_answer", "f.block", "f.stderr_flood",
-             "f.garbage_flood", "f.request_flood", "f.env", "f.spin", "f.escape", "f.write", "f.fs"]
+             "f.garbage_flood", "f.request_flood", "f.env", "f.spin", "f.escape", "f.escape_clean", "f.write", "f.fs"]
     if ENV("FAULT_HANDSHAKE") == "extra_task":
         names.append("f.undeclared")
     return [{"name": n} for n in names]

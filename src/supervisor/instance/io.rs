@@ -2,6 +2,7 @@
 //! its private tmp), the readers of stderr and stdout, and the batching stdin writer.
 
 use super::LaunchSpec;
+use crate::supervisor::cgroup::InstanceCgroup;
 use crate::supervisor::process::{self, LogOrigin, StdoutEvent};
 use crate::supervisor::{containment, identity};
 use tokio::process::Child;
@@ -19,6 +20,8 @@ pub(super) struct Io {
     pub(super) writer: tokio::task::JoinHandle<()>,
     /// In the environment of every process of this plugin process's tree.
     pub(super) marker: String,
+    /// The process's own cgroup, where the worker has a cgroup tree.
+    pub(super) cgroup: Option<InstanceCgroup>,
 }
 
 impl Io {
@@ -52,7 +55,14 @@ impl Io {
             }
             None => (None, None),
         };
+        let cgroup = spec
+            .cgroups
+            .as_ref()
+            .map(|tree| tree.create(name, spec.index, &spec.manifest.limits))
+            .transpose()
+            .map_err(|e| format!("cannot make the plugin process's cgroup: {e}"))?;
         let launch = process::Launch {
+            cgroup: cgroup.as_ref(),
             instance: spec.index,
             marker: &marker,
             data: data.as_deref(),
@@ -80,6 +90,7 @@ impl Io {
         let stdin = child.stdin.take().expect("stdin is piped");
         let (out, writer) = process::spawn_writer(stdin, capacity);
         let io = Io {
+            cgroup,
             marker,
             stdout,
             out,

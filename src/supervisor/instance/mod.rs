@@ -125,6 +125,8 @@ pub struct LaunchSpec {
     pub plugin_user: Option<String>,
     /// Where `task.started` and `task.progress` are told.
     pub events: Arc<crate::events::EventBus>,
+    /// Where its process gets a cgroup, if anywhere.
+    pub cgroups: Option<Arc<crate::supervisor::cgroup::CgroupTree>>,
 }
 
 /// The pool's side of an instance.
@@ -338,6 +340,17 @@ impl Instance {
         // The group may still hold forked grandchildren: sweep it. Once they are gone stderr
         // reaches EOF, so the crash report carries the plugin's last words.
         process::signal_group(self.pid, Signal::SIGKILL);
+        // Everything in its cgroup, wherever it went and whatever it did to its environment.
+        if let Some(cgroup) = io.cgroup.take() {
+            let dir = cgroup.dir().to_path_buf();
+            match tokio::task::spawn_blocking(move || cgroup.kill_and_remove()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(plugin = %self.name(), instance = self.spec.index, "could not kill and remove the cgroup {}: {e}", dir.display())
+                }
+                Err(e) => tracing::warn!(plugin = %self.name(), "cgroup cleanup failed: {e}"),
+            }
+        }
         // And what left the group (`setsid()`) but still carries the marker.
         let marker = io.marker.clone();
         let escaped = tokio::task::spawn_blocking(move || containment::kill_marked(&marker))

@@ -39,6 +39,8 @@ pub struct PoolOptions {
     pub plugin_user: Option<String>,
     /// Where what happens is told to subscribing plugins (see `events`).
     pub events: Arc<EventBus>,
+    /// Where each plugin process gets a cgroup of its own, if the worker has one to manage.
+    pub cgroups: Option<Arc<super::cgroup::CgroupTree>>,
 }
 
 /// A cheap summary others can wait on (e.g. "ready", "failed").

@@ -89,6 +89,7 @@ impl Pool {
             state_dir: self.options.state_dir.clone(),
             plugin_user: self.options.plugin_user.clone(),
             events: self.options.events.clone(),
+            cgroups: self.options.cgroups.clone(),
         };
         let (handle, task) = instance::start(spec, self.events_tx.clone());
         slot.handle = Some(handle);
