@@ -162,7 +162,13 @@ fn options() -> PoolOptions {
 
 /// The same work submitted through the dispatcher and supervisor.
 async fn via_supervisor(m: &Manifest, task: &str, n: usize) -> Stats {
-    let supervisor = Arc::new(Supervisor::start(vec![m.clone()], options()));
+    beside(m, &[], task, n).await
+}
+
+/// The same, with other plugins running beside it (event subscribers).
+async fn beside(m: &Manifest, others: &[Manifest], task: &str, n: usize) -> Stats {
+    let plugins = std::iter::once(m).chain(others).cloned().collect();
+    let supervisor = Arc::new(Supervisor::start(plugins, options()));
     let dispatcher = Arc::new(Dispatcher::new(supervisor.clone()));
     assert!(supervisor
         .wait_ready(Duration::from_secs(20))
@@ -314,6 +320,22 @@ fn idle_rss_kib(root: &Path) -> Option<u64> {
     rss
 }
 
+/// A Python SDK subscriber to `task.*` and `instance.*`, logging to a file under `root`.
+fn subscriber(root: &Path, name: &str, script: &str, env: &str) -> Manifest {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = root.join(format!("{name}.jsonl"));
+    let text = format!(
+        "name = {name:?}\nversion = \"1.0.0\"\ncommand = [\"/usr/bin/python3\", \"-u\", {:?}]\nevents = [\"task.*\", \"instance.*\"]\n[timeouts]\nping_interval = 3600\nshutdown_grace = 0.5\n[env]\nPYTHONPATH = {:?}\nSUBSCRIBER_LOG = {:?}\n{env}[settings]\npath = {:?}\n",
+        repo().join(script).display().to_string(),
+        repo().join("plugin-protocol/python").display().to_string(),
+        log.display().to_string(),
+        log.display().to_string(),
+    );
+    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+    Manifest::load(&dir).unwrap()
+}
+
 fn row(name: &str, s: &Stats, base: &Stats) {
     println!(
         "{name:<34} {:>10.0}/s ({:>5.2}x)   p50 {:>8.1?} ({:>5.2}x)   p99 {:>8.1?}",
@@ -364,6 +386,20 @@ fn main() {
         row("rust plugin, via supervisor", &sup_rust, &raw_rust);
         row("python SDK, raw pipe (baseline)", &raw_py, &raw_py);
         row("python SDK, via supervisor", &sup_py, &raw_py);
+        println!("event subscribers beside the rust plugin (every task.* and instance.* event):");
+        let reading = subscriber(root.path(), "event-log", "examples/event-log/main.py", "");
+        let stalled = subscriber(
+            root.path(),
+            "subscriber",
+            "tests/plugins/subscriber.py",
+            "SUBSCRIBER_STALL = \"1\"\n",
+        );
+        let alone = via_supervisor(&rust, "rust.noop", N_THROUGHPUT).await;
+        let with_log = beside(&rust, &[reading], "rust.noop", N_THROUGHPUT).await;
+        let with_stalled = beside(&rust, &[stalled], "rust.noop", N_THROUGHPUT).await;
+        row("no subscriber (baseline)", &alone, &alone);
+        row("+ event-log writing every event", &with_log, &alone);
+        row("+ a subscriber that stopped reading", &with_stalled, &alone);
         let (p50, p99) = restart_latency(&rust).await;
         println!("restart latency, rust plugin (SIGKILL -> ready, {N_RESTARTS} runs): p50 {p50:.1?}, p99 {p99:.1?}");
         let (p50, p99) = restart_latency(&py).await;
