@@ -200,6 +200,21 @@ impl InFlight {
     }
 }
 
+/// What `serve` keeps between messages: the outgoing queue, the tasks in flight, whether
+/// `shutdown` was asked, and the task threads' queue once `initialize` started them.
+struct Session {
+    out: mpsc::Sender<Vec<u8>>,
+    in_flight: Arc<InFlight>,
+    shutting_down: Arc<AtomicBool>,
+    jobs: Option<mpsc::Sender<Job>>,
+}
+
+impl Session {
+    fn reply(&self, response: Response) {
+        let _ = self.out.send(Message::Response(response).to_line());
+    }
+}
+
 /// A plugin: its identity and its task handlers.
 pub struct Plugin {
     name: String,
@@ -258,9 +273,12 @@ impl Plugin {
     pub fn serve<R: Read, W: Write + Send + 'static>(self, input: R, output: W) -> io::Result<()> {
         let (out, outbox) = mpsc::channel::<Vec<u8>>();
         let writer = thread::spawn(move || write_lines(outbox, output));
-        let in_flight = Arc::new(InFlight::default());
-        let shutting_down = Arc::new(AtomicBool::new(false));
-        let mut jobs: Option<mpsc::Sender<Job>> = None;
+        let mut session = Session {
+            out,
+            in_flight: Arc::new(InFlight::default()),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+            jobs: None,
+        };
         let mut reader = BufReader::with_capacity(64 * 1024, input);
         let mut decoder = LineDecoder::new(crate::codec::DEFAULT_MAX_LINE_BYTES);
 
@@ -275,82 +293,30 @@ impl Plugin {
             while let Some(frame) = decoder.next_frame() {
                 let Frame::Line(line) = frame else {
                     let err = ErrorObject::new(code::INVALID_REQUEST, "line too long");
-                    let _ = out.send(Message::Response(Response::err(None, err)).to_line());
+                    session.reply(Response::err(None, err));
                     continue;
                 };
-                let msg = match Message::parse(&line) {
-                    Ok(msg) => msg,
-                    Err(e) => {
-                        let err = ErrorObject::new(code::PARSE_ERROR, e.to_string());
-                        let _ = out.send(Message::Response(Response::err(None, err)).to_line());
-                        continue;
-                    }
-                };
-                match msg {
-                    Message::Request(req) => match req.method.as_str() {
-                        method::INITIALIZE => {
-                            let reply = match serde_json::from_value::<InitializeParams>(req.params)
-                            {
-                                Ok(params) => {
-                                    let threads = params.limits.concurrency.max(1);
-                                    let settings = Arc::new(params.settings);
-                                    jobs = Some(start_pool(
-                                        threads,
-                                        out.clone(),
-                                        in_flight.clone(),
-                                        settings,
-                                    ));
-                                    Response::ok(req.id, self.initialize_result())
-                                }
-                                Err(e) => Response::err(
-                                    Some(req.id),
-                                    ErrorObject::new(code::INVALID_PARAMS, e.to_string()),
-                                ),
-                            };
-                            let _ = out.send(Message::Response(reply).to_line());
-                        }
-                        method::TASK_RUN => {
-                            if let Some(reply) =
-                                self.accept_task(req, jobs.as_ref(), &in_flight, &shutting_down)
-                            {
-                                let _ = out.send(Message::Response(reply).to_line());
-                            }
-                        }
-                        method::PING => {
-                            let _ = out.send(
-                                Message::Response(Response::ok(req.id, Map::new())).to_line(),
-                            );
-                        }
-                        method::SHUTDOWN => {
-                            shutting_down.store(true, Ordering::SeqCst);
-                            let in_flight = in_flight.clone();
-                            let out = out.clone();
-                            thread::spawn(move || {
-                                in_flight.wait_empty();
-                                let _ = out.send(
-                                    Message::Response(Response::ok(req.id, Value::Null)).to_line(),
-                                );
-                            });
-                        }
-                        other => {
-                            let err = ErrorObject::new(
-                                code::METHOD_NOT_FOUND,
-                                format!("unknown method {other}"),
-                            );
-                            let _ = out.send(
-                                Message::Response(Response::err(Some(req.id), err)).to_line(),
-                            );
-                        }
-                    },
-                    Message::Notification(n) => {
-                        if self.on_notification(n, &in_flight).is_break() {
+                match Message::parse(&line) {
+                    Ok(Message::Request(req)) => self.on_request(&mut session, req),
+                    Ok(Message::Notification(n)) => {
+                        if self.on_notification(n, &session.in_flight).is_break() {
                             break 'read;
                         }
                     }
-                    Message::Response(_) => {}
+                    Ok(Message::Response(_)) => {}
+                    Err(e) => {
+                        let err = ErrorObject::new(code::PARSE_ERROR, e.to_string());
+                        session.reply(Response::err(None, err));
+                    }
                 }
             }
         }
+        let Session {
+            out,
+            in_flight,
+            jobs,
+            ..
+        } = session;
         drop(jobs);
         drop(out);
         let idle = in_flight
@@ -363,6 +329,59 @@ impl Plugin {
             let _ = writer.join();
         }
         Ok(())
+    }
+
+    /// Handles a request from the worker; every request is answered (tasks by their thread).
+    fn on_request(&self, session: &mut Session, req: Request) {
+        match req.method.as_str() {
+            method::INITIALIZE => {
+                let reply = match serde_json::from_value::<InitializeParams>(req.params) {
+                    Ok(params) => {
+                        let threads = params.limits.concurrency.max(1);
+                        let settings = Arc::new(params.settings);
+                        session.jobs = Some(start_pool(
+                            threads,
+                            session.out.clone(),
+                            session.in_flight.clone(),
+                            settings,
+                        ));
+                        Response::ok(req.id, self.initialize_result())
+                    }
+                    Err(e) => Response::err(
+                        Some(req.id),
+                        ErrorObject::new(code::INVALID_PARAMS, e.to_string()),
+                    ),
+                };
+                session.reply(reply);
+            }
+            method::TASK_RUN => {
+                let accepted = self.accept_task(
+                    req,
+                    session.jobs.as_ref(),
+                    &session.in_flight,
+                    &session.shutting_down,
+                );
+                if let Some(reply) = accepted {
+                    session.reply(reply);
+                }
+            }
+            method::PING => session.reply(Response::ok(req.id, Map::new())),
+            method::SHUTDOWN => {
+                session.shutting_down.store(true, Ordering::SeqCst);
+                let in_flight = session.in_flight.clone();
+                let out = session.out.clone();
+                thread::spawn(move || {
+                    in_flight.wait_empty();
+                    let _ =
+                        out.send(Message::Response(Response::ok(req.id, Value::Null)).to_line());
+                });
+            }
+            other => {
+                let err =
+                    ErrorObject::new(code::METHOD_NOT_FOUND, format!("unknown method {other}"));
+                session.reply(Response::err(Some(req.id), err));
+            }
+        }
     }
 
     /// Handles a notification from the worker; `Break` for `exit`.
