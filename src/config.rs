@@ -321,6 +321,26 @@ mod tests {
     }
 
     #[test]
+    fn cgroup_is_auto_off_or_an_absolute_directory() {
+        let with = |cgroup: &str| {
+            Config {
+                cgroup: cgroup.into(),
+                ..Config::default()
+            }
+            .validate()
+        };
+        assert_eq!(Config::default().cgroup, "auto");
+        for ok in ["auto", "off", "/sys/fs/cgroup/system.slice/worker.service"] {
+            assert!(with(ok).is_ok(), "{ok}");
+        }
+        let e = with("system.slice").unwrap_err();
+        assert!(
+            e.0.contains("key `cgroup`") && e.0.contains("absolute"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn state_dir_inside_plugins_dir_is_refused() {
         let mut c = Config {
             plugins_dir: "/srv/plugins".into(),
