@@ -589,11 +589,7 @@ fn assert_file_action(lane: &Lane, task: &str, dir: &Path, status_task: &str, de
 fn wait_events(log: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let events: Vec<Value> = std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let events = json_lines(log);
         if events.iter().any(&pred) {
             return events;
         }

@@ -27,11 +27,7 @@ fn subscriber(root: &Path, log: &Path, events: &str, env: &[(&str, &str)]) -> Pa
 
 /// The events in a subscriber's log so far.
 fn logged(log: &Path) -> Vec<Value> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect()
+    json_lines(log)
 }
 
 /// Waits (up to 20 s) until the log holds an event matching `pred`; all events so far.

@@ -5,8 +5,8 @@
 //! plugin gets (`process::inherited_env`), what package tools need to reach their registries
 //! (proxies, CA bundles, their own `PIP_*`, `NPM_CONFIG_*`, `CARGO_*` settings), and
 //! `WORKER_PLUGIN_NAME`, `WORKER_PLUGIN_DIR` (the copy) and `WORKER_PLUGIN_SOURCE` (where it
-//! was copied from); never a worker setting or credential such as `WORKER_BROKER`. Its stdout and stderr go to the install
-//! log; the last lines are kept for the error message. A step that runs past
+//! was copied from); never a worker setting or credential such as `WORKER_BROKER`. Its stdout
+//! and stderr go to the install log; the last lines are kept for the error message. A step that runs past
 //! `timeouts.install` is killed with its whole group, and so is anything a finished step
 //! left running.
 

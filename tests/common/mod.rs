@@ -524,3 +524,12 @@ pub fn live_pids(doc: &Value) -> Vec<u32> {
         .filter_map(|i| i["pid"].as_u64().map(|p| p as u32))
         .collect()
 }
+
+/// The JSON lines of a file (an event log) so far; none if it does not exist yet.
+pub fn json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
