@@ -62,7 +62,7 @@ pub struct Config {
     /// before the daemon closes it, so idle clients cannot hold every connection slot.
     pub control_idle_timeout: f64,
     /// When the worker runs as root: the user plugins run as unless their manifest names one
-    /// (`user`). Never root: a plugin that needs root says `user = "root"` itself.
+    /// (`user`); unset, `nobody`. Never root: a plugin that needs root says `user = "root"`.
     pub plugin_user: Option<String>,
     /// Where `serve` gives each plugin process a cgroup v2 of its own: `auto` (the worker's own
     /// cgroup when systemd delegated it, `Delegate=yes`; else none), `off`, or the absolute path

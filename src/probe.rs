@@ -81,6 +81,14 @@ impl Session {
             cause,
         };
         let identity = crate::supervisor::identity::of(m, plugin_user).map_err(start_error)?;
+        if let Some(id) = &identity {
+            crate::supervisor::identity::check_reach(id, &m.dir).map_err(|e| {
+                start_error(std::io::Error::other(format!(
+                    "{e}: make that directory searchable by `{}`, or name another `user`",
+                    id.name
+                )))
+            })?;
+        }
         let marker = crate::supervisor::containment::new_marker();
         // A data directory of its own for the probe, gone with it.
         let data = tempfile::Builder::new()

@@ -501,9 +501,14 @@ fn plugins_test_passes_good_plugins_and_names_what_fails() {
 
 #[test]
 fn plugins_create_scaffolds_that_pass_plugins_test_and_install() {
+    use std::os::unix::fs::PermissionsExt;
     let root = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
     let state = state.path();
+    // Under root the scaffolds run as `nobody`, who must reach the state directory; their
+    // sources are private, so `plugins test` and `run` use readable copies.
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o755)).unwrap();
     for lang in ["python", "node"] {
         let name = format!("hello-{lang}");
         let out = output(
@@ -625,17 +630,16 @@ fn a_node_sdk_plugin_runs_under_the_worker_and_streams_before_its_result() {
     let dir = root.path().join("plugins/fixture");
     std::fs::create_dir_all(&dir).unwrap();
     let fixture = repo().join("plugin-protocol/node/fixtures/plugin.js");
-    std::fs::write(
-        dir.join("plugin.toml"),
-        format!(
+    write_manifest(
+        &dir,
+        &format!(
             "name = \"fixture\"\nversion = \"0.1.0\"\ncommand = [\"/usr/bin/node\", {:?}]\n[settings]\ngreeting = \"from settings\"\n{}",
             fixture.display().to_string(),
             ["t.add", "t.report", "t.kwargs", "t.fail", "t.typed", "t.wait", "t.bigint", "t.events", "t.context", "t.queue"]
                 .map(|t| format!("[[tasks]]\nname = {t:?}\n"))
                 .concat()
         ),
-    )
-    .unwrap();
+    );
     let run = |task: &str, arg: &str| {
         output(
             worker()

@@ -355,11 +355,10 @@ fn a_strict_plugin_reads_its_code_and_the_system_and_writes_only_its_data_and_tm
         .iter()
         .map(|t| format!("[[tasks]]\nname = \"{t}\"\n"))
         .collect();
-    std::fs::write(
-        dir.join("plugin.toml"),
-        format!("name = \"strict\"\nversion = \"1.0.0\"\ncommand = [\"/usr/bin/python3\", \"-u\", \"faulty.py\"]\nsandbox = \"strict\"\n{tasks}"),
-    )
-    .unwrap();
+    write_manifest(
+        &dir,
+        &format!("name = \"strict\"\nversion = \"1.0.0\"\ncommand = [\"/usr/bin/python3\", \"-u\", \"faulty.py\"]\nsandbox = \"strict\"\n{tasks}"),
+    );
     let secret = root.path().join("secret.txt");
     std::fs::write(&secret, "not for plugins").unwrap();
     let d = Daemon::start(&plugins, &root.path().join("w.sock"));
@@ -408,7 +407,7 @@ fn a_strict_plugin_reads_its_code_and_the_system_and_writes_only_its_data_and_tm
 }
 
 #[test]
-fn a_root_worker_runs_each_plugin_as_its_user_with_no_groups_and_never_root_by_config() {
+fn a_root_worker_runs_each_plugin_as_its_user_nobody_by_default_and_never_root_by_config() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: only a worker running as root switches users");
         return;
@@ -418,7 +417,7 @@ fn a_root_worker_runs_each_plugin_as_its_user_with_no_groups_and_never_root_by_c
         .unwrap()
         .expect("a `nobody` user");
     let root = tempfile::tempdir().unwrap();
-    // The plugin's user must reach its directory (tempdirs are 0700).
+    // The plugin's user must reach its directory.
     std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let state = root.path().join("state");
     let view = |plugins: &std::path::Path, extra: &[&str]| -> Value {
@@ -457,12 +456,60 @@ fn a_root_worker_runs_each_plugin_as_its_user_with_no_groups_and_never_root_by_c
         "its data directory is its own"
     );
 
-    // The worker config names it for plugins that do not.
+    // The worker config names it for plugins that do not; unnamed, it is `nobody`.
     let plain = root.path().join("plain");
-    faulty_plugin(&plain, "faulty", &[], "", "");
+    let dir = faulty_plugin(&plain, "faulty", &[], "", "");
+    let manifest = std::fs::read_to_string(dir.join("plugin.toml")).unwrap();
+    std::fs::write(dir.join("plugin.toml"), manifest.replace(own_user(), "")).unwrap();
+    let daemon = nix::unistd::User::from_name("daemon").unwrap().unwrap();
     assert_eq!(
-        view(&plain, &["--plugin-user", "nobody"])["uid"],
-        nobody.uid.as_raw()
+        view(&plain, &["--plugin-user", "daemon"])["uid"],
+        daemon.uid.as_raw()
+    );
+    assert_eq!(view(&plain, &[])["uid"], nobody.uid.as_raw());
+
+    // A source its user cannot enter: `worker run` runs a readable copy, `plugins install`
+    // into a state directory that user cannot enter says which directory and how to fix it.
+    let private = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let hidden = faulty_plugin(private.path(), "faulty", &[], "", "");
+    let manifest = std::fs::read_to_string(hidden.join("plugin.toml")).unwrap();
+    std::fs::write(hidden.join("plugin.toml"), manifest.replace(own_user(), "")).unwrap();
+    let out = output(
+        worker()
+            .args(["run", "f.env", "--plugins"])
+            .arg(private.path())
+            .arg("--state-dir")
+            .arg(&state),
+    );
+    assert!(
+        out.status.success(),
+        "{:?} {}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("copying faulty where its user can read it"),
+        "{}",
+        text(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["uid"], nobody.uid.as_raw());
+    let closed = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(closed.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = output(
+        worker()
+            .args(["plugins", "install", "faulty", "--plugins"])
+            .arg(&plain)
+            .arg("--state-dir")
+            .arg(closed.path()),
+    );
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("user `nobody` cannot enter")
+            && said.contains(&format!("{} (mode 0700", closed.path().display())),
+        "{said}"
     );
 
     // Root only by the plugin's own word, never by the worker config.

@@ -21,7 +21,7 @@ fn subscriber(root: &Path, log: &Path, events: &str, env: &[(&str, &str)]) -> Pa
         repo().join("plugin-protocol/python").display().to_string(),
         log.display().to_string(),
     );
-    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+    common::write_manifest(&dir, &text);
     dir
 }
 

@@ -123,7 +123,8 @@ pub struct CommonArgs {
         value_name = "ADDR"
     )]
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// When running as root: the user plugins run as unless their manifest names one (`plugin_user`)
+    /// When running as root: the user plugins run as unless their manifest names one (`plugin_user`;
+    /// default `nobody`)
     #[arg(long, env = "WORKER_PLUGIN_USER", global = true, value_name = "USER")]
     pub plugin_user: Option<String>,
     /// Where `serve` gives each plugin process a cgroup v2: auto, off, or a directory (`cgroup`)

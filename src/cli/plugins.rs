@@ -134,7 +134,7 @@ async fn test(config: &Config, name: &str, installed: bool) -> anyhow::Result<Ex
             config.plugins_dir.display()
         );
     };
-    if m.install.is_empty() {
+    if m.install.is_empty() && runs_from_source(m, config.plugin_user.as_deref()) {
         return super::plugin_test::test_manifest(config, m).await;
     }
     match scratch_build(m, output::line).await {
@@ -143,6 +143,15 @@ async fn test(config: &Config, name: &str, installed: bool) -> anyhow::Result<Ex
             output::line(&format!("FAIL  {reason}"));
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// Whether `m` can run from its source directory: true unless it would run as a user who
+/// cannot enter it (then it runs from a scratch copy; a wrong `user` is reported at its start).
+pub(super) fn runs_from_source(m: &Manifest, plugin_user: Option<&str>) -> bool {
+    match crate::supervisor::identity::of(m, plugin_user) {
+        Ok(Some(id)) => crate::supervisor::identity::check_reach(&id, &m.dir).is_ok(),
+        _ => true,
     }
 }
 
@@ -157,13 +166,23 @@ pub(super) async fn scratch_build(
         .prefix(&format!("worker-scratch-{}-", m.name))
         .tempdir()
         .map_err(|e| format!("scratch directory: {e}"))?;
+    use std::os::unix::fs::PermissionsExt;
+    // Its user may not be the worker's (a root worker runs plugins as `nobody` by default).
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("scratch directory: {e}"))?;
     let copy = scratch.path().join(&m.name);
-    say(&format!(
-        "running {} install step(s) of {} in a scratch copy ({})",
-        m.install.len(),
-        m.name,
-        copy.display()
-    ));
+    say(&match m.install.len() {
+        0 => format!(
+            "copying {} where its user can read it ({})",
+            m.name,
+            copy.display()
+        ),
+        n => format!(
+            "running {n} install step(s) of {} in a scratch copy ({})",
+            m.name,
+            copy.display()
+        ),
+    });
     tree::copy(&m.dir, &copy, tree::Symlinks::of(m)).map_err(|e| format!("copy: {e}"))?;
     let staged = m.relocated(&copy);
     let log_path = scratch.path().join("install.log");

@@ -32,11 +32,16 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         .discover()
         .map_err(anyhow::Error::msg)?;
     let serves = |m: &manifest::Manifest| m.task_names().any(|t| t == args.name);
-    // An uninstalled plugin with install steps is built in a scratch copy, kept until the end.
+    // An uninstalled plugin with install steps, or whose user cannot read its source, runs
+    // from a scratch copy, kept until the end.
     let (mut plugin, _scratch) = match installed.plugins.iter().find(|m| serves(m)) {
         Some(m) => (m.clone(), None),
         None => match from_source(&config, &args.name, &installed)? {
-            m if m.install.is_empty() => (m, None),
+            m if m.install.is_empty()
+                && super::plugins::runs_from_source(&m, config.plugin_user.as_deref()) =>
+            {
+                (m, None)
+            }
             m => {
                 let (scratch, built) = super::plugins::scratch_build(&m, |l| eprintln!("{l}"))
                     .await

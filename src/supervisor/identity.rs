@@ -1,12 +1,17 @@
 //! Which user a plugin's processes run as. Only a worker running as root can choose: then a
 //! plugin runs as its manifest's `user` (and `group`), else as the worker config's
-//! `plugin_user`; root only when the manifest says `user = "root"`. Names are resolved before
-//! the fork (the password database allocates); the child only calls setgroups/setgid/setuid.
+//! `plugin_user`, else as `nobody`; root only when the manifest says `user = "root"`. Names are
+//! resolved before the fork (the password database allocates); the child only calls
+//! setgroups/setgid/setuid. A switched user must be able to enter the plugin's directories,
+//! which `check_reach` says before a spawn would fail obscurely.
 
 use crate::manifest::Manifest;
 use nix::unistd::{Gid, Group, Uid, User};
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// Who plugins of a root worker run as when neither their manifest nor `plugin_user` says.
+pub const DEFAULT_PLUGIN_USER: &str = "nobody";
 
 /// A resolved user to switch to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +48,10 @@ pub fn of(manifest: &Manifest, plugin_user: Option<&str>) -> io::Result<Option<I
     let (user, setting) = match (&manifest.user, plugin_user) {
         (Some(user), _) => (user.as_str(), "plugin.toml `user`"),
         (None, Some(user)) => (user, "worker.toml `plugin_user`"),
-        (None, None) => return Ok(None),
+        (None, None) => (
+            DEFAULT_PLUGIN_USER,
+            "the default plugin user (set `plugin_user` in worker.toml)",
+        ),
     };
     let entry = resolve_user(user, setting)?;
     let gid = match &manifest.group {
@@ -82,12 +90,67 @@ pub fn give(dir: &std::path::Path, identity: Option<&Identity>) -> io::Result<()
     }
 }
 
-/// Says once per plugin and process that it runs as root because nothing chose another user.
-pub fn warn_root_once(plugin: &str) {
-    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut warned = WARNED.lock().expect("warned lock");
-    if !warned.iter().any(|p| p == plugin) {
-        warned.push(plugin.to_string());
-        tracing::warn!(plugin, "plugin `{plugin}` runs as root (without capabilities): set `plugin_user` in worker.toml, or `user` in its plugin.toml");
+/// Whether `identity` may enter `dir` (search permission on it and every directory above it,
+/// judged by mode bits as that user with no supplementary groups). The error names the
+/// directory that stops it and how to fix that.
+pub fn check_reach(identity: &Identity, dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    for step in dir.ancestors() {
+        let meta = std::fs::metadata(step).map_err(|e| format!("{}: {e}", step.display()))?;
+        let bits = if meta.uid() == identity.uid.as_raw() {
+            meta.mode() >> 6
+        } else if meta.gid() == identity.gid.as_raw() {
+            meta.mode() >> 3
+        } else {
+            meta.mode()
+        };
+        if bits & 0o1 == 0 {
+            return Err(format!(
+                "user `{}` cannot enter {} (mode {:04o}, owner uid {}), on the way to {}",
+                identity.name,
+                step.display(),
+                meta.mode() & 0o7777,
+                meta.uid(),
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn someone() -> Identity {
+        Identity {
+            name: "someone".into(),
+            uid: Uid::from_raw(64_999),
+            gid: Gid::from_raw(64_999),
+            home: "/".into(),
+        }
+    }
+
+    #[test]
+    fn a_closed_directory_on_the_way_is_named() {
+        let root = tempfile::tempdir().unwrap();
+        let inner = root.path().join("a/b");
+        std::fs::create_dir_all(&inner).unwrap();
+        let open = |p: &Path, mode| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        open(root.path(), 0o755);
+        open(&root.path().join("a"), 0o700);
+        let err = check_reach(&someone(), &inner).unwrap_err();
+        assert!(
+            err.contains("cannot enter") && err.contains("/a (mode 0700"),
+            "{err}"
+        );
+        open(&root.path().join("a"), 0o711);
+        assert_eq!(check_reach(&someone(), &inner), Ok(()));
     }
 }

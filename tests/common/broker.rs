@@ -222,7 +222,7 @@ pub fn fib_plugin(root: &Path) {
         repo().join("examples/python-fibonacci/main.py").display().to_string(),
         repo().join("plugin-protocol/python").display().to_string()
     );
-    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+    super::write_manifest(&dir, &text);
 }
 
 /// The Python SDK plugin whose `ctx.where` returns `ctx.queue` and `ctx.request`.
@@ -234,7 +234,7 @@ pub fn context_plugin(root: &Path) {
         repo().join("tests/plugins/context.py").display().to_string(),
         repo().join("plugin-protocol/python").display().to_string()
     );
-    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+    super::write_manifest(&dir, &text);
 }
 
 /// `examples/file-checksum` with the SDK on PYTHONPATH (the example pip-installs it).
@@ -246,7 +246,7 @@ pub fn checksum_plugin(root: &Path) {
         repo().join("examples/file-checksum/main.py").display().to_string(),
         repo().join("plugin-protocol/python").display().to_string()
     );
-    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+    super::write_manifest(&dir, &text);
 }
 
 #[macro_export]
@@ -271,7 +271,7 @@ pub fn event_log_plugin(root: &Path, log: &Path) {
         repo().join("plugin-protocol/python").display().to_string(),
         log.display().to_string()
     );
-    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+    super::write_manifest(&dir, &text);
 }
 
 /// `examples/node-file-checksum` run from the checkout, with the Node SDK found through
@@ -291,5 +291,5 @@ pub fn node_checksum_plugin(plugins: &Path, root: &Path) {
         repo().join("examples/node-file-checksum/main.js").display().to_string(),
         modules.display().to_string()
     );
-    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+    super::write_manifest(&dir, &text);
 }

@@ -66,6 +66,29 @@ pub fn rust_example_bin() -> PathBuf {
     bin
 }
 
+/// `user = "root"` (a manifest line) when the tests run as root, else nothing: a root worker
+/// runs any other plugin as `nobody`, who cannot enter the tests' private temp dirs nor write
+/// the files the fixtures report through. Tests of the switch itself name their user.
+pub fn own_user() -> &'static str {
+    if nix::unistd::geteuid().is_root() {
+        "user = \"root\"\n"
+    } else {
+        ""
+    }
+}
+
+/// Writes `dir/plugin.toml`, with `own_user()` after its first line (`name = ...`) unless the
+/// text names a user itself.
+pub fn write_manifest(dir: &Path, text: &str) {
+    let text = match text.split_once('\n') {
+        Some((first, rest)) if !text.contains("\nuser =") => {
+            format!("{first}\n{}{rest}", own_user())
+        }
+        _ => text.to_string(),
+    };
+    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+}
+
 /// Writes `<root>/<name>/plugin.toml` for the fault-injection plugin. `extra` is appended to
 /// the top-level table (before any sub-table), `tables` after it.
 pub fn faulty_plugin(
@@ -86,8 +109,13 @@ pub fn faulty_plugin(
         .iter()
         .map(|(k, v)| format!("{k} = \"{v}\"\n"))
         .collect();
+    let user = if extra.contains("user =") {
+        ""
+    } else {
+        own_user()
+    };
     let text = format!(
-        "name = \"{name}\"\nversion = \"0.0.1\"\ncommand = [\"/usr/bin/python3\", \"-u\", \"{}\"]\n{extra}\n[env]\n{env}\n{tasks}\n{tables}\n",
+        "name = \"{name}\"\nversion = \"0.0.1\"\ncommand = [\"/usr/bin/python3\", \"-u\", \"{}\"]\n{user}{extra}\n[env]\n{env}\n{tasks}\n{tables}\n",
         script.display()
     );
     std::fs::write(dir.join("plugin.toml"), text).unwrap();
@@ -100,8 +128,9 @@ pub fn rust_plugin(root: &Path, extra: &str) -> PathBuf {
     let dir = root.join("rust-echo");
     std::fs::create_dir_all(&dir).unwrap();
     let text = format!(
-        "name = \"rust-echo\"\nversion = \"0.1.0\"\ncommand = [\"{}\"]\n{extra}\n[[tasks]]\nname = \"rust.noop\"\n[[tasks]]\nname = \"rust.echo\"\n[[tasks]]\nname = \"rust.count\"\n[[tasks]]\nname = \"rust.flood\"\n",
-        rust_example_bin().display()
+        "name = \"rust-echo\"\nversion = \"0.1.0\"\ncommand = [\"{}\"]\n{}{extra}\n[[tasks]]\nname = \"rust.noop\"\n[[tasks]]\nname = \"rust.echo\"\n[[tasks]]\nname = \"rust.count\"\n[[tasks]]\nname = \"rust.flood\"\n",
+        rust_example_bin().display(),
+        own_user()
     );
     std::fs::write(dir.join("plugin.toml"), text).unwrap();
     dir

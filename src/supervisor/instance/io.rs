@@ -31,8 +31,10 @@ impl Io {
         let name = &spec.manifest.name;
         let identity = identity::of(&spec.manifest, spec.plugin_user.as_deref())
             .map_err(|e| format!("cannot choose the user to run as: {e}"))?;
-        if identity.is_none() && nix::unistd::Uid::effective().is_root() {
-            identity::warn_root_once(name);
+        if let Some(id) = &identity {
+            identity::check_reach(id, &spec.manifest.dir).map_err(|e| {
+                format!("{e}: make that directory searchable by `{}`, install the plugin where its user can read it, or name another `user`", id.name)
+            })?;
         }
         let (data, tmp) = match &spec.state_dir {
             Some(state) => {
@@ -43,6 +45,11 @@ impl Io {
                         .transpose()?;
                     for dir in std::iter::once(&data).chain(tmp.as_ref()) {
                         identity::give(dir, identity.as_ref())?;
+                        if let Some(id) = &identity {
+                            identity::check_reach(id, dir).map_err(|e| {
+                                std::io::Error::other(format!("{e}: make the state directory searchable by others (`chmod 755 {}`)", state.display()))
+                            })?;
+                        }
                     }
                     Ok((Some(data), tmp))
                 });
