@@ -327,7 +327,10 @@ fn main() {
                 .unwrap()
         })
     };
-    let ours = move |dir: PathBuf, tag: &'static str| -> Box<dyn Fn() -> Child> {
+    let ours = move |dir: PathBuf,
+                     tag: &'static str,
+                     extra: &'static [&'static str]|
+          -> Box<dyn Fn() -> Child> {
         let bin = worker_bin.clone();
         Box::new(move || {
             // The daemon runs installed plugins (a no-op after the first round).
@@ -364,6 +367,7 @@ fn main() {
                 .arg(&state)
                 .arg("--socket")
                 .arg(dir.join("w.sock"))
+                .args(extra)
                 .args(
                     prefetch()
                         .map(|p| vec!["--prefetch-count".to_string(), p.to_string()])
@@ -389,12 +393,19 @@ fn main() {
         Contender {
             name: "worker + rust plugin",
             task: "rust.noop",
-            start: ours(rust_dir, "rust"),
+            start: ours(rust_dir.clone(), "rust", &[]),
+        },
+        Contender {
+            // Celery's task events on (`-E`): every task also publishes received, started
+            // and succeeded to `celeryev`.
+            name: "worker + rust plugin, task events on",
+            task: "rust.noop",
+            start: ours(rust_dir, "rust-events", &["-E"]),
         },
         Contender {
             name: "worker + python SDK plugin",
             task: "py.noop",
-            start: ours(py_dir, "py"),
+            start: ours(py_dir, "py", &[]),
         },
         Contender {
             name: "raw lapin consume-reply-ack",

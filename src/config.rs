@@ -70,6 +70,10 @@ pub struct Config {
     pub cgroup: String,
     /// Address of the Prometheus endpoint (`http://<addr>/metrics`); unset = not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Send Celery's `task-*` events (for Flower and `celery events`) from the start, as a
+    /// Celery worker with `-E`; the `enable_events` control command turns them on at run time.
+    #[serde(alias = "worker_send_task_events")]
+    pub task_events: bool,
 }
 
 /// How the worker declares the task queues.
@@ -116,6 +120,7 @@ impl Default for Config {
             result_retry_timeout: 60.0,
             control_idle_timeout: 300.0,
             metrics_listen: None,
+            task_events: false,
             plugin_user: None,
             cgroup: "auto".into(),
         }

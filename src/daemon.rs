@@ -364,6 +364,7 @@ fn amqp_options(
         result_memory: config.result_memory,
         result_retry_timeout: config.result_retry_timeout(),
         tls,
+        task_events: config.task_events,
     }
 }
 

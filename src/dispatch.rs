@@ -148,6 +148,11 @@ impl Dispatcher {
     }
 
     /// What this daemon counts (see [`crate::metrics`]).
+    /// The worker's event bus (what plugins subscribe to; Celery's event stream reads it too).
+    pub fn events(&self) -> &Arc<crate::events::EventBus> {
+        self.supervisor.events()
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

@@ -123,6 +123,9 @@ pub struct CommonArgs {
         value_name = "ADDR"
     )]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Send Celery task events for Flower and `celery events` (`task_events`), as Celery's `-E`
+    #[arg(short = 'E', long, env = "WORKER_TASK_EVENTS", global = true)]
+    pub task_events: bool,
     /// When running as root: the user plugins run as unless their manifest names one (`plugin_user`;
     /// default `nobody`)
     #[arg(long, env = "WORKER_PLUGIN_USER", global = true, value_name = "USER")]
@@ -253,6 +256,9 @@ impl CommonArgs {
         }
         if let Some(v) = self.metrics_listen {
             c.metrics_listen = Some(v);
+        }
+        if self.task_events {
+            c.task_events = true;
         }
         if let Some(v) = &self.plugin_user {
             c.plugin_user = Some(v.clone());

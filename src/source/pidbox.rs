@@ -18,6 +18,19 @@ pub trait RemoteWorker {
     /// Remembers the ids as revoked; with `terminate`, running ones are stopped.
     fn revoke(&self, ids: &[String], terminate: bool) -> impl Future<Output = ()> + Send;
     fn request_shutdown(&self);
+    /// `enable_events` / `disable_events`: Celery's reply for the change (or none).
+    fn enable_events(&self) -> Value;
+    fn disable_events(&self) -> Value;
+    /// `heartbeat`: send one worker heartbeat now (monitors ask when they start).
+    fn heartbeat(&self);
+    /// `inspect revoked`: the revoked ids remembered, oldest first.
+    fn revoked(&self) -> Vec<String>;
+    /// `inspect query_task`: `[state, info]` of each id this worker holds (`active`, `reserved`).
+    fn query_task(&self, ids: &[String]) -> Map<String, Value>;
+    /// `inspect conf`: this worker's settings that a Celery user would recognise, secrets masked.
+    fn conf(&self) -> Map<String, Value>;
+    /// `inspect report`: the worker, its software and its settings, as text.
+    fn report(&self) -> String;
 }
 
 /// A decoded control request.
@@ -107,6 +120,25 @@ pub async fn handle(req: &ControlRequest, worker: &impl RemoteWorker) -> Option<
         "reserved" | "scheduled" => json!(worker.reserved()),
         "stats" => worker.stats().await,
         "active_queues" => json!(worker.active_queues()),
+        "revoked" | "dump_revoked" => json!(worker.revoked()),
+        "query_task" => {
+            let ids: Vec<String> = match req.arguments.get("ids") {
+                Some(Value::String(s)) => vec![s.clone()],
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .flat_map(|v| match v {
+                        // The CLI may send the ids as a list of lists.
+                        Value::Array(inner) => inner.clone(),
+                        other => vec![other.clone()],
+                    })
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            Value::Object(worker.query_task(&ids))
+        }
+        "conf" | "dump_conf" => Value::Object(worker.conf()),
+        "report" => json!({ "ok": worker.report() }),
         // `celery control terminate SIGNAL ID` is revoke with terminate.
         "revoke" | "terminate" => {
             let ids: Vec<String> = match &req.arguments.get("task_id") {
@@ -125,15 +157,29 @@ pub async fn handle(req: &ControlRequest, worker: &impl RemoteWorker) -> Option<
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
             worker.revoke(&ids, terminate).await;
-            let list = ids.join(", ");
-            json!({ "ok": format!("tasks {{{list}}} flagged as revoked") })
+            // As Celery words it: a Python set of the ids, or the ids terminated.
+            match terminate {
+                true if ids.is_empty() => json!({ "ok": "terminate: tasks unknown" }),
+                true => json!({ "ok": format!("terminate: {}", ids.join(", ")) }),
+                false => {
+                    let set: Vec<String> = ids.iter().map(|id| format!("'{id}'")).collect();
+                    json!({ "ok": format!("tasks {{{}}} flagged as revoked", set.join(", ")) })
+                }
+            }
         }
         "shutdown" => {
             worker.request_shutdown();
             json!({ "ok": "shutting down" })
         }
-        // Sent by other workers and by Flower; nothing to do.
-        "hello" | "enable_events" | "disable_events" | "heartbeat" | "clock" => return None,
+        "enable_events" => worker.enable_events(),
+        "disable_events" => worker.disable_events(),
+        // Celery's handler returns nothing: `null` to whoever asked for a reply.
+        "heartbeat" => {
+            worker.heartbeat();
+            Value::Null
+        }
+        // Sent by other workers; nothing to do.
+        "hello" | "clock" => return None,
         other => json!({ "error": format!("No such control command: {other}") }),
     };
     Some(result)

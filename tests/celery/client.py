@@ -1,6 +1,7 @@
 """Test client: an unmodified Celery client driving `worker` through RabbitMQ.
 
     client.py QUEUE call NAME ARGS_JSON [KWARGS_JSON]      one task; prints its outcome as JSON
+    client.py QUEUE call_id NAME ARGS_JSON                 the same, with the task's "id" in the outcome
     client.py QUEUE messages NAME ARGS_JSON [KWARGS_JSON]  also every state message seen by on_message
     client.py QUEUE batch NAME ARGS_JSON N                 N tasks; "got I" per result, then a summary
     client.py QUEUE revoke NODE NAME ARGS_JSON [plain]     start a task, wait until NODE lists it active,
@@ -44,6 +45,11 @@ def main():
         kwargs = json.loads(rest[2]) if len(rest) > 2 else {}
         r = send(queue, rest[0], json.loads(rest[1]), kwargs)
         print(json.dumps(outcome(lambda: r.get(timeout=TIMEOUT))), flush=True)
+    elif command == "call_id":
+        r = send(queue, rest[0], json.loads(rest[1]))
+        out = outcome(lambda: r.get(timeout=TIMEOUT))
+        out["id"] = r.id
+        print(json.dumps(out), flush=True)
     elif command == "messages":
         kwargs = json.loads(rest[2]) if len(rest) > 2 else {}
         r = send(queue, rest[0], json.loads(rest[1]), kwargs)

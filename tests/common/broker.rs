@@ -105,10 +105,20 @@ fn ensure_celery(test: &str) -> PathBuf {
 /// The Celery venv's Python with the reference OpenMetrics parser (`prometheus_client`)
 /// added on first use: `tests/celery/openmetrics.py` parses `/metrics` with it.
 pub fn openmetrics_python(test: &str) -> PathBuf {
+    celery_venv_with(test, "prometheus_client", "prometheus-client>=0.20")
+}
+
+/// The Celery venv's Python with the real Flower (PyPI `flower`) added on first use.
+pub fn flower_python(test: &str) -> PathBuf {
+    celery_venv_with(test, "flower", "flower>=2,<3")
+}
+
+/// The Celery venv's Python with `module` importable, pip-installing `requirement` on first use.
+fn celery_venv_with(test: &str, module: &str, requirement: &str) -> PathBuf {
     let python = ensure_celery(test);
     let has = |p: &Path| {
         Command::new(p)
-            .args(["-c", "import prometheus_client"])
+            .args(["-c", &format!("import {module}")])
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
@@ -119,16 +129,81 @@ pub fn openmetrics_python(test: &str) -> PathBuf {
     let _lock = prepare_lock("celery-venv");
     if !has(&python) {
         let installed = Command::new(python.parent().unwrap().join("pip"))
-            .args(["install", "-q", "prometheus-client>=0.20"])
+            .args(["install", "-q", requirement])
             .status()
             .is_ok_and(|s| s.success());
         assert!(
             installed,
-            "{test} needs the prometheus_client parser: run {}/pip install prometheus-client",
+            "{test} needs {module}: run {}/pip install '{requirement}'",
             python.parent().unwrap().display()
         );
     }
     python
+}
+
+/// A child's stdout lines as they come, kept, to wait on with a timeout. The child is killed
+/// when this is dropped.
+pub struct Watched {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Watched {
+    pub fn spawn(mut cmd: Command) -> Watched {
+        let mut child = cmd
+            .env("PYTHONUNBUFFERED", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("the watched command starts");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Watched {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first line (seen before or arriving within 30 s) for which `pred` holds.
+    pub fn wait(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
+            return l.clone();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no line {what}; seen:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// What every broker test needs: RabbitMQ running and the Celery client's Python. Prepared on
@@ -190,13 +265,26 @@ impl Lane {
     }
 
     pub fn worker(&self, plugins: &Path, socket: &Path) -> Daemon {
-        let mut d = Daemon::start_with(
-            plugins,
-            socket,
-            &["--broker", BROKER, "-Q", &self.queue, "-n", &self.node],
-        );
+        self.worker_with(plugins, socket, &[])
+    }
+
+    /// A worker on this lane with `extra` arguments (e.g. `-E`).
+    pub fn worker_with(&self, plugins: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+        let mut args = vec!["--broker", BROKER, "-Q", &self.queue, "-n", &self.node];
+        args.extend_from_slice(extra);
+        let mut d = Daemon::start_with(plugins, socket, &args);
         d.wait_log("consuming Celery tasks");
         d
+    }
+
+    /// The `celery -A capp ARGS` command (from the client's venv), to spawn.
+    pub fn celery_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(self.python.parent().unwrap().join("celery"));
+        cmd.args(["-A", "capp"])
+            .args(args)
+            .current_dir(repo().join("tests/celery"))
+            .env("BROKER_URL", BROKER);
+        cmd
     }
 }
 

@@ -2,7 +2,7 @@
 //! queue), consume, and hand each delivery to its handler; reconnect when the connection is
 //! lost, at once the first time, then with the restart policy's backoff.
 
-use super::{delivery, redact, remote, Declare, SourceState};
+use super::{delivery, monitor, redact, remote, Declare, SourceState};
 use crate::metrics::Settled;
 use crate::supervisor::restart;
 use futures_lite::stream::StreamExt;
@@ -184,9 +184,12 @@ async fn open_session(shared: &Arc<SourceState>, number: u64) -> lapin::Result<S
         .basic_qos(o.prefetch, BasicQosOptions { global: false })
         .await?;
     let (control, pidbox_queue) = claim_pidbox(shared, &conn).await?;
-    let (deliveries, tags, relays) =
+    let events = conn.create_channel().await?;
+    monitor::declare(&events).await?;
+    let (deliveries, tags, mut relays) =
         start_consumers(shared, &consume, &control, &pidbox_queue).await?;
-    // Dropped with the session: the relays of a dead connection stop with it.
+    relays.push(tokio::spawn(monitor::run(shared.clone(), events.clone())));
+    // Dropped with the session: the relays and the event loop of a dead connection stop with it.
     let _relays: Vec<AbortOnDropHandle<()>> =
         relays.into_iter().map(AbortOnDropHandle::new).collect();
     shared.results.send_replace(Some((number, results.clone())));
@@ -203,6 +206,7 @@ async fn open_session(shared: &Arc<SourceState>, number: u64) -> lapin::Result<S
         conn: &conn,
         consume: &consume,
         control: &control,
+        events: &events,
         tags: &tags,
     };
     Ok(session.serve(shared, deliveries).await)
@@ -274,6 +278,8 @@ struct Session<'a> {
     conn: &'a Connection,
     consume: &'a Channel,
     control: &'a Channel,
+    /// Celery events (`celeryev`), published by `monitor::run`.
+    events: &'a Channel,
     tags: &'a [String],
 }
 
@@ -300,6 +306,7 @@ impl Session<'_> {
                     self.cancel_consumers().await;
                 }
                 _ = shared.finished.cancelled() => {
+                    monitor::offline(shared, self.events).await;
                     shared.results.send_replace(None);
                     let _ = self.conn.close(200, "worker stopping".into()).await;
                     return SessionEnd::Finished;

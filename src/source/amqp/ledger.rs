@@ -120,6 +120,16 @@ impl<A, I: Clone> Ledger<A, I> {
     pub fn active(&self) -> Vec<I> {
         self.owned.values().map(|o| o.info.clone()).collect()
     }
+
+    /// The info of the owned task `id`.
+    pub fn info(&self, id: &str) -> Option<&I> {
+        self.owned.get(id).map(|o| &o.info)
+    }
+
+    /// How many ids have an owner (running or being answered).
+    pub fn active_count(&self) -> usize {
+        self.owned.len()
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 mod connection;
 mod delivery;
 mod ledger;
+mod monitor;
 mod publish;
 mod remote;
 mod revoked;
@@ -51,6 +52,8 @@ pub struct AmqpOptions {
     pub result_retry_timeout: Duration,
     /// Certificates for `amqps://` (empty for `amqp://`).
     pub tls: tls::BrokerTls,
+    /// Send Celery's `task-*` events from the start (`-E`); worker heartbeats go always.
+    pub task_events: bool,
 }
 
 /// A running AMQP source.
@@ -62,6 +65,7 @@ pub struct AmqpSource {
 impl AmqpSource {
     pub fn start(options: AmqpOptions, dispatcher: Arc<Dispatcher>) -> AmqpSource {
         let shared = Arc::new(SourceState {
+            monitor: monitor::Monitor::new(options.task_events),
             nodename: Mutex::new(options.nodename.clone()),
             tasks: Mutex::new(TaskTable {
                 ledger: Ledger::new(options.result_memory),
@@ -138,6 +142,8 @@ pub struct SourceState {
     started: SystemTime,
     totals: Mutex<BTreeMap<String, u64>>,
     handlers: TaskTracker,
+    /// Celery's event stream (Flower, `celery events`).
+    monitor: monitor::Monitor,
 }
 
 /// The task ids this worker holds: owners and answered ids, and eta tasks being held.
@@ -171,6 +177,11 @@ impl SourceState {
             .lock()
             .expect("nodename lock poisoned")
             .clone()
+    }
+
+    /// Tasks running here now (a heartbeat's `active`).
+    fn active_count(&self) -> usize {
+        self.tasks().ledger.active_count()
     }
 
     fn tasks(&self) -> std::sync::MutexGuard<'_, TaskTable> {

@@ -8,7 +8,7 @@ use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 impl RemoteWorker for SourceState {
     fn registered(&self) -> Vec<String> {
@@ -60,6 +60,7 @@ impl RemoteWorker for SourceState {
                 "instances": p.instances.len(), "queued": p.queued,
             })).collect::<Vec<_>>(),
             "worker": { "name": crate::WORKER_NAME, "version": crate::WORKER_VERSION },
+            "events": { "task_events": self.monitor.task_events(), "dropped": self.monitor.dropped() },
         })
     }
     /// Remembers the ids as revoked. With `terminate`, running ones are cancelled, then killed
@@ -93,6 +94,81 @@ impl RemoteWorker for SourceState {
     fn request_shutdown(&self) {
         tracing::info!("shutdown requested through remote control");
         self.shutdown_requested.cancel();
+    }
+    fn enable_events(&self) -> Value {
+        self.monitor.enable()
+    }
+    fn disable_events(&self) -> Value {
+        self.monitor.disable()
+    }
+    fn heartbeat(&self) {
+        self.monitor.heartbeat_requested(&self.nodename());
+    }
+    fn revoked(&self) -> Vec<String> {
+        self.revoked.lock().expect("revoked lock poisoned").ids()
+    }
+    fn query_task(&self, ids: &[String]) -> Map<String, Value> {
+        let tasks = self.tasks();
+        let mut found = Map::new();
+        for id in ids {
+            if let Some(info) = tasks.ledger.info(id) {
+                found.insert(id.clone(), json!(["active", info]));
+            } else if let Some(info) = tasks.reserved.get(id) {
+                // Held here until its eta.
+                found.insert(id.clone(), json!(["scheduled", info]));
+            }
+        }
+        found
+    }
+    fn conf(&self) -> Map<String, Value> {
+        let o = &self.options;
+        let mut conf = Map::new();
+        conf.insert("broker_url".into(), json!(mask_password(&o.url)));
+        conf.insert("result_backend".into(), json!("rpc://"));
+        conf.insert(
+            "worker_send_task_events".into(),
+            json!(self.monitor.task_events()),
+        );
+        conf.insert("queues".into(), json!(o.queues));
+        conf.insert("prefetch_count".into(), json!(o.prefetch));
+        conf.insert("result_memory".into(), json!(o.result_memory));
+        conf.insert(
+            "result_retry_timeout".into(),
+            json!(o.result_retry_timeout.as_secs_f64()),
+        );
+        conf
+    }
+    fn report(&self) -> String {
+        let uname = nix::sys::utsname::uname().ok();
+        let field = |f: fn(&nix::sys::utsname::UtsName) -> &std::ffi::OsStr| {
+            uname
+                .as_ref()
+                .map(|u| f(u).to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let mut text = format!(
+            "software -> {}:{} (out-of-process plugins) lapin\nplatform -> system:{} arch:{} kernel version:{}\nsettings -> transport:amqp results:rpc://\n\n",
+            crate::WORKER_NAME,
+            crate::WORKER_VERSION,
+            field(|u| u.sysname()),
+            field(|u| u.machine()),
+            field(|u| u.release()),
+        );
+        for (key, value) in self.conf() {
+            text.push_str(&format!("{key}: {value}\n"));
+        }
+        text
+    }
+}
+
+/// The broker URL with its password masked, as Celery's `inspect conf` shows it.
+fn mask_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let user = url[s + 3..at].split(':').next().unwrap_or_default();
+            format!("{}://{user}:********@{}", &url[..s], &url[at + 1..])
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -138,5 +214,17 @@ pub(super) async fn answer(shared: &SourceState, channel: &Channel, delivery: De
         .await
     {
         tracing::warn!("cannot answer remote control `{}`: {e}", req.method);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_masked_as_celery_masks_them() {
+        assert_eq!(
+            super::mask_password("amqp://guest:secret@host:5672//"),
+            "amqp://guest:********@host:5672//"
+        );
+        assert_eq!(super::mask_password("amqp://host//"), "amqp://host//");
     }
 }

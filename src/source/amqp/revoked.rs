@@ -26,6 +26,16 @@ impl Revoked {
         self.map.contains_key(id)
     }
 
+    /// The ids remembered, oldest first (`inspect revoked`).
+    pub(super) fn ids(&mut self) -> Vec<String> {
+        self.prune(Instant::now());
+        self.order
+            .iter()
+            .filter(|(id, at)| self.map.get(id) == Some(at))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     fn prune(&mut self, now: Instant) {
         while let Some((id, at)) = self.order.front() {
             if self.order.len() <= REVOKED_MAX && now.duration_since(*at) < REVOKED_TTL {
@@ -36,5 +46,20 @@ impl Revoked {
             }
             self.order.pop_front();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_listed_once_oldest_first() {
+        let mut r = Revoked::default();
+        for id in ["a", "b", "a", "c"] {
+            r.insert(id);
+        }
+        assert_eq!(r.ids(), ["b", "a", "c"]);
+        assert!(r.contains("a") && !r.contains("d"));
     }
 }

@@ -1,0 +1,505 @@
+//! Celery's event stream, so Flower and `celery events` see this worker: `worker-online`, a
+//! `worker-heartbeat` every 2 s and `worker-offline` always (monitors call a worker online
+//! from its heartbeats), and the `task-*` events while task events are on (`task_events`,
+//! `-E`, or the `enable_events` control command that Flower sends every 5 s).
+//!
+//! Events never slow a task: a task event is queued with `try_send` into a bounded buffer
+//! (dropped and counted when full, e.g. while the broker is away) and published by the
+//! session's own loop on its own channel, without confirms, transient, as a Celery worker does.
+
+use super::SourceState;
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, ExchangeKind};
+use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+/// Celery's event exchange (`event_exchange`).
+const EXCHANGE: &str = "celeryev";
+
+/// Seconds between heartbeats, as a Celery worker sends them (`freq`).
+pub(super) const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// Events waiting for the session's loop; past this they are dropped and counted.
+const BUFFER: usize = 4096;
+
+/// At most this many task events go out in one `task.multi` message.
+const BATCH: usize = 256;
+
+/// How long a task event waits for others to share its message: monitors see it at most this
+/// late, and the broker routes one message per `GATHER` instead of three per task.
+const GATHER: Duration = Duration::from_millis(50);
+
+/// At most this many characters of a result's repr go into `task-succeeded`, as in Celery.
+const RESULT_REPR_MAX: usize = 1024;
+
+/// The worker's side of Celery's event stream: whether task events are on, the Lamport clock,
+/// the count of tasks started, and the queue of events for the session to publish.
+pub(super) struct Monitor {
+    task_events: AtomicBool,
+    clock: AtomicU64,
+    processed: AtomicU64,
+    dropped: AtomicU64,
+    /// `utcoffset()` as f64 bits, refreshed with each heartbeat (reading the zone per event
+    /// would cost a `stat` of /etc/localtime each time).
+    utcoffset: AtomicU64,
+    tx: mpsc::Sender<(String, Value)>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<(String, Value)>>,
+}
+
+impl Monitor {
+    pub(super) fn new(task_events: bool) -> Monitor {
+        let (tx, rx) = mpsc::channel(BUFFER);
+        Monitor {
+            task_events: AtomicBool::new(task_events),
+            clock: AtomicU64::new(0),
+            processed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            utcoffset: AtomicU64::new(utcoffset().to_bits()),
+            tx,
+            rx: tokio::sync::Mutex::new(rx),
+        }
+    }
+
+    /// `enable_events`, answered as Celery's worker answers it.
+    pub(super) fn enable(&self) -> Value {
+        match self.task_events.swap(true, Ordering::Relaxed) {
+            true => json!({"ok": "task events already enabled"}),
+            false => {
+                tracing::info!("task events enabled by remote control");
+                json!({"ok": "task events enabled"})
+            }
+        }
+    }
+
+    /// `disable_events`, answered as Celery's worker answers it.
+    pub(super) fn disable(&self) -> Value {
+        match self.task_events.swap(false, Ordering::Relaxed) {
+            true => {
+                tracing::info!("task events disabled by remote control");
+                json!({"ok": "task events disabled"})
+            }
+            false => json!({"ok": "task events already disabled"}),
+        }
+    }
+
+    /// Counts a task handed to a plugin (the heartbeat's `processed`).
+    pub(super) fn count_started(&self) {
+        self.processed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether `task-*` events are being sent.
+    pub(super) fn task_events(&self) -> bool {
+        self.task_events.load(Ordering::Relaxed)
+    }
+
+    /// Events dropped because the buffer was full (the broker away, or far behind).
+    pub(super) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Queues `task-<kind>` for task `uuid` when task events are on; `fields` is only called
+    /// then. Never waits.
+    pub(super) fn task(
+        &self,
+        hostname: &str,
+        kind: &str,
+        uuid: &str,
+        fields: impl FnOnce() -> Map<String, Value>,
+    ) {
+        if !self.task_events.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut fields = fields();
+        fields.insert("uuid".into(), json!(uuid));
+        self.queue(self.event(hostname, &format!("task-{kind}"), fields));
+    }
+
+    /// Queues the one heartbeat a `heartbeat` control command asks for: only `freq` 5 and
+    /// the software fields, as Celery's worker sends it.
+    pub(super) fn heartbeat_requested(&self, hostname: &str) {
+        let mut fields = software();
+        fields.insert("freq".into(), json!(5.0));
+        self.queue(self.event(hostname, "worker-heartbeat", fields));
+    }
+
+    fn queue(&self, event: (String, Value)) {
+        if self.tx.try_send(event).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An event with the fields every Celery event carries; the routing key is its type with
+    /// `-` as `.`.
+    fn event(&self, hostname: &str, kind: &str, mut fields: Map<String, Value>) -> (String, Value) {
+        let clock = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+        fields.insert("type".into(), json!(kind));
+        fields.insert("hostname".into(), json!(hostname));
+        fields.insert("timestamp".into(), json!(now()));
+        let offset = f64::from_bits(self.utcoffset.load(Ordering::Relaxed));
+        fields.insert("utcoffset".into(), json!(offset));
+        fields.insert("pid".into(), json!(std::process::id()));
+        fields.insert("clock".into(), json!(clock));
+        (kind.replace('-', "."), Value::Object(fields))
+    }
+
+    /// A `worker-online`, `-heartbeat` or `-offline` event with the state Flower shows.
+    fn worker_event(&self, shared: &SourceState, kind: &str) -> (String, Value) {
+        self.utcoffset
+            .store(utcoffset().to_bits(), Ordering::Relaxed);
+        let mut fields = software();
+        fields.insert("freq".into(), json!(HEARTBEAT.as_secs_f64()));
+        fields.insert("active".into(), json!(shared.active_count()));
+        fields.insert(
+            "processed".into(),
+            json!(self.processed.load(Ordering::Relaxed)),
+        );
+        fields.insert("loadavg".into(), json!(loadavg()));
+        self.event(&shared.nodename(), kind, fields)
+    }
+}
+
+/// `sw_ident`, `sw_ver`, `sw_sys`: what Flower shows as the worker's software.
+fn software() -> Map<String, Value> {
+    let mut fields = Map::new();
+    fields.insert("sw_ident".into(), json!(crate::WORKER_NAME));
+    fields.insert("sw_ver".into(), json!(crate::WORKER_VERSION));
+    fields.insert("sw_sys".into(), json!("Linux"));
+    fields
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Hours west of UTC, as Celery computes it (receivers correct timestamps with it).
+fn utcoffset() -> f64 {
+    let east = chrono::Local::now().offset().local_minus_utc();
+    // `+ 0.0` turns UTC's -0.0 into 0.0.
+    -(east as f64) / 3600.0 + 0.0
+}
+
+/// The 1, 5 and 15 minute load averages, each rounded up to 2 decimals as Celery does.
+fn loadavg() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut out = [0.0; 3];
+    for (slot, field) in out.iter_mut().zip(text.split_whitespace()) {
+        *slot = field
+            .parse::<f64>()
+            .map(|v| (v * 100.0).ceil() / 100.0)
+            .unwrap_or(0.0);
+    }
+    out
+}
+
+/// Declares `celeryev` as a Celery worker finds it: topic, durable.
+pub(super) async fn declare(channel: &Channel) -> lapin::Result<()> {
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            EXCHANGE.into(),
+            ExchangeKind::Topic,
+            options,
+            FieldTable::default(),
+        )
+        .await
+}
+
+async fn publish(channel: &Channel, hostname: &str, (key, event): (String, Value)) -> bool {
+    let mut headers = FieldTable::default();
+    headers.insert("hostname".into(), AMQPValue::LongString(hostname.into()));
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_headers(headers)
+        .with_delivery_mode(1)
+        .with_priority(0);
+    let body = serde_json::to_vec(&event).expect("an event serializes");
+    let sent = channel
+        .basic_publish(
+            EXCHANGE.into(),
+            key.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            props,
+        )
+        .await;
+    match sent {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!("cannot publish a Celery event ({e}); the session is ending");
+            false
+        }
+    }
+}
+
+/// One session's event loop: `worker-online` at once, then queued events as they come and a
+/// heartbeat every `HEARTBEAT`, until the channel fails or the task is dropped.
+pub(super) async fn run(shared: Arc<SourceState>, channel: Channel) {
+    let monitor = &shared.monitor;
+    let node = shared.nodename();
+    if !publish(
+        &channel,
+        &node,
+        monitor.worker_event(&shared, "worker-online"),
+    )
+    .await
+    {
+        return;
+    }
+    let mut queued = monitor.rx.lock().await;
+    // The dispatcher's retries of a Celery task become `task-retried`.
+    let mut retries = shared
+        .dispatcher
+        .events()
+        .subscribe(&["task.retried".to_string()], 256);
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        tokio::select! {
+            _ = beat.tick() => batch.push(monitor.worker_event(&shared, "worker-heartbeat")),
+            e = queued.recv() => match e {
+                Some(e) => batch.push(e),
+                None => return,
+            },
+            Some(retried) = retries.events.recv() => {
+                retry_event(&shared, &retried);
+                continue;
+            }
+        };
+        // Task events wait up to `GATHER` for company, then go out as one `task.multi`
+        // message: under load one broker message carries the events of many tasks.
+        if batch.iter().any(|(key, _)| key.starts_with("task.")) {
+            let until = tokio::time::Instant::now() + GATHER;
+            while batch.len() < BATCH {
+                tokio::select! {
+                    e = queued.recv() => match e {
+                        Some(e) => batch.push(e),
+                        None => break,
+                    },
+                    Some(retried) = retries.events.recv() => retry_event(&shared, &retried),
+                    _ = tokio::time::sleep_until(until) => break,
+                }
+            }
+        }
+        if !publish_batch(&channel, &shared.nodename(), &mut batch).await {
+            return;
+        }
+    }
+}
+
+/// Publishes `batch` (emptying it): worker events one by one, task events together as a JSON
+/// array on `task.multi` when there are several, as Celery's worker buffers its task group.
+async fn publish_batch(
+    channel: &Channel,
+    hostname: &str,
+    batch: &mut Vec<(String, Value)>,
+) -> bool {
+    let (tasks, others): (Vec<_>, Vec<_>) = batch
+        .drain(..)
+        .partition(|(key, _)| key.starts_with("task."));
+    for event in others {
+        if !publish(channel, hostname, event).await {
+            return false;
+        }
+    }
+    match tasks.len() {
+        0 => true,
+        1 => publish(channel, hostname, tasks.into_iter().next().expect("one")).await,
+        _ => {
+            let events = tasks.into_iter().map(|(_, e)| e).collect();
+            publish(
+                channel,
+                hostname,
+                ("task.multi".into(), Value::Array(events)),
+            )
+            .await
+        }
+    }
+}
+
+/// Queues `task-retried` (then `task-started` again) for a Celery task the dispatcher runs
+/// again after a failed attempt (`reason` as the exception, as Celery's `Retry` carries it).
+fn retry_event(shared: &SourceState, event: &str) {
+    let Ok(event) = serde_json::from_str::<Value>(event) else {
+        return;
+    };
+    let Some(id) = event["task_id"].as_str() else {
+        return;
+    };
+    // A Celery task (not one from the control socket), running or just answered.
+    let tasks = shared.tasks();
+    if !tasks.ledger.owns(id) && !tasks.ledger.is_answered(id) {
+        return;
+    }
+    drop(tasks);
+    let node = shared.nodename();
+    let reason = event["reason"].as_str().unwrap_or_default();
+    shared.monitor.task(&node, "retried", id, || {
+        let mut f = Map::new();
+        f.insert("exception".into(), json!(exception_repr("Retry", reason)));
+        f.insert("traceback".into(), json!(""));
+        f
+    });
+    shared.monitor.task(&node, "started", id, Map::new);
+}
+
+/// `worker-offline`, sent once as the worker stops, so monitors mark it offline at once.
+pub(super) async fn offline(shared: &SourceState, channel: &Channel) {
+    let event = shared.monitor.worker_event(shared, "worker-offline");
+    publish(channel, &shared.nodename(), event).await;
+}
+
+/// Python's `repr` of a JSON value, as `task-succeeded` carries a result (Celery's `saferepr`,
+/// cut to 1024 characters).
+pub(super) fn repr(value: &Value) -> String {
+    let mut out = String::new();
+    write_repr(value, &mut out);
+    if out.chars().count() > RESULT_REPR_MAX {
+        out = out.chars().take(RESULT_REPR_MAX - 3).collect::<String>() + "...";
+    }
+    out
+}
+
+fn write_repr(value: &Value, out: &mut String) {
+    match value {
+        Value::Null => out.push_str("None"),
+        Value::Bool(true) => out.push_str("True"),
+        Value::Bool(false) => out.push_str("False"),
+        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::String(s) => out.push_str(&str_repr(s)),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_repr(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => write_map(map, out),
+    }
+}
+
+fn write_map(map: &Map<String, Value>, out: &mut String) {
+    out.push('{');
+    for (i, (k, v)) in map.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(&str_repr(k));
+        out.push_str(": ");
+        write_repr(v, out);
+    }
+    out.push('}');
+}
+
+/// A Python string literal: single quotes unless the text has one and no double quote.
+fn str_repr(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+/// Positional arguments as Python shows a tuple: `(26,)`, `(1, 2)`, `()`.
+pub(super) fn args_repr(args: &[Value]) -> String {
+    let items: Vec<String> = args.iter().map(repr).collect();
+    match items.len() {
+        1 => format!("({},)", items[0]),
+        _ => format!("({})", items.join(", ")),
+    }
+}
+
+/// Keyword arguments as Python shows a dict.
+pub(super) fn kwargs_repr(kwargs: &Map<String, Value>) -> String {
+    let mut out = String::new();
+    write_map(kwargs, &mut out);
+    out
+}
+
+/// `ExcType('message')`, as Celery's `task-failed` carries `repr(exc)`.
+pub(super) fn exception_repr(exc_type: &str, message: &str) -> String {
+    format!("{exc_type}({})", str_repr(message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_are_shown_as_python_shows_them() {
+        assert_eq!(repr(&json!(5)), "5");
+        assert_eq!(repr(&json!(null)), "None");
+        assert_eq!(
+            repr(&json!({"a": [true, false, 1.5], "b": "it's"})),
+            "{'a': [True, False, 1.5], 'b': \"it's\"}"
+        );
+        assert_eq!(repr(&json!("a\nb'\"")), "'a\\nb\\'\"'");
+        let long = repr(&json!("x".repeat(5000)));
+        assert_eq!(long.chars().count(), RESULT_REPR_MAX);
+        assert!(long.ends_with("..."));
+        assert_eq!(exception_repr("ValueError", "bad"), "ValueError('bad')");
+        assert_eq!(args_repr(&[json!(26)]), "(26,)");
+        assert_eq!(args_repr(&[json!(1), json!("a")]), "(1, 'a')");
+        assert_eq!(args_repr(&[]), "()");
+    }
+
+    #[test]
+    fn events_carry_what_every_celery_event_carries() {
+        let m = Monitor::new(false);
+        m.task("w@h", "received", "id-1", Map::new);
+        assert_eq!(m.tx.capacity(), BUFFER, "task events off: nothing queued");
+        assert_eq!(m.enable(), json!({"ok": "task events enabled"}));
+        assert_eq!(m.enable(), json!({"ok": "task events already enabled"}));
+        m.task("w@h", "succeeded", "id-1", || {
+            let mut f = Map::new();
+            f.insert("result".into(), json!("5"));
+            f
+        });
+        let (key, e) = m.rx.try_lock().unwrap().try_recv().unwrap();
+        assert_eq!(key, "task.succeeded");
+        assert_eq!(e["type"], "task-succeeded");
+        assert_eq!(e["uuid"], "id-1");
+        assert_eq!(e["hostname"], "w@h");
+        assert_eq!(e["clock"], 1);
+        assert!(e["timestamp"].as_f64().unwrap() > 1.7e9);
+        assert!(e["utcoffset"].is_number() && e["pid"].is_number());
+        assert_eq!(m.disable(), json!({"ok": "task events disabled"}));
+        assert_eq!(m.disable(), json!({"ok": "task events already disabled"}));
+        let load = loadavg();
+        assert!(load.iter().all(|v| *v >= 0.0));
+    }
+}
