@@ -326,6 +326,15 @@ mod tests {
     }
 
     #[test]
+    fn task_events_is_off_by_default_and_takes_celerys_name_too() {
+        assert!(!Config::default().task_events);
+        for text in ["task_events = true", "worker_send_task_events = true"] {
+            let c: Config = toml::from_str(text).unwrap();
+            assert!(c.task_events, "{text}");
+        }
+    }
+
+    #[test]
     fn cgroup_is_auto_off_or_an_absolute_directory() {
         let with = |cgroup: &str| {
             Config {

@@ -5,6 +5,7 @@ use super::LaunchSpec;
 use crate::supervisor::cgroup::InstanceCgroup;
 use crate::supervisor::process::{self, LogOrigin, StdoutEvent};
 use crate::supervisor::{containment, identity};
+use std::path::{Path, PathBuf};
 use tokio::process::Child;
 use tokio::sync::mpsc;
 
@@ -24,6 +25,35 @@ pub(super) struct Io {
     pub(super) cgroup: Option<InstanceCgroup>,
 }
 
+type Dirs = (Option<PathBuf>, Option<PathBuf>);
+
+/// The plugin's data directory and (when strict) its private tmp under `state`, made, given to
+/// its user, and checked to be within that user's reach.
+fn plugin_dirs(
+    spec: &LaunchSpec,
+    state: &Path,
+    identity: Option<&identity::Identity>,
+) -> std::io::Result<Dirs> {
+    let name = &spec.manifest.name;
+    let data = process::plugin_dir(state, "data", name)?;
+    let strict = spec.manifest.sandbox == crate::manifest::Sandbox::Strict;
+    let tmp = strict
+        .then(|| process::plugin_dir(state, "tmp", name))
+        .transpose()?;
+    for dir in std::iter::once(&data).chain(tmp.as_ref()) {
+        identity::give(dir, identity)?;
+        if let Some(id) = identity {
+            identity::check_reach(id, dir).map_err(|e| {
+                std::io::Error::other(format!(
+                    "{e}: make the state directory searchable by others (`chmod 755 {}`)",
+                    state.display()
+                ))
+            })?;
+        }
+    }
+    Ok((Some(data), tmp))
+}
+
 impl Io {
     /// Spawns the plugin's process and starts reading and writing its stdio.
     pub(super) fn start(spec: &LaunchSpec) -> Result<(Child, Io), String> {
@@ -37,29 +67,12 @@ impl Io {
             })?;
         }
         let (data, tmp) = match &spec.state_dir {
-            Some(state) => {
-                let prepared = process::plugin_dir(state, "data", name).and_then(|data| {
-                    let strict = spec.manifest.sandbox == crate::manifest::Sandbox::Strict;
-                    let tmp = strict
-                        .then(|| process::plugin_dir(state, "tmp", name))
-                        .transpose()?;
-                    for dir in std::iter::once(&data).chain(tmp.as_ref()) {
-                        identity::give(dir, identity.as_ref())?;
-                        if let Some(id) = &identity {
-                            identity::check_reach(id, dir).map_err(|e| {
-                                std::io::Error::other(format!("{e}: make the state directory searchable by others (`chmod 755 {}`)", state.display()))
-                            })?;
-                        }
-                    }
-                    Ok((Some(data), tmp))
-                });
-                prepared.map_err(|e| {
-                    format!(
-                        "cannot prepare the plugin's directories under {}: {e}",
-                        state.display()
-                    )
-                })?
-            }
+            Some(state) => plugin_dirs(spec, state, identity.as_ref()).map_err(|e| {
+                format!(
+                    "cannot prepare the plugin's directories under {}: {e}",
+                    state.display()
+                )
+            })?,
             None => (None, None),
         };
         let cgroup = spec
