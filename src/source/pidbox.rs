@@ -31,6 +31,10 @@ pub trait RemoteWorker {
     fn conf(&self) -> Map<String, Value>;
     /// `inspect report`: the worker, its software and its settings, as text.
     fn report(&self) -> String;
+    /// `control rate_limit TASK RATE`: Celery's reply.
+    fn rate_limit(&self, task: &str, rate: &Value) -> Value;
+    /// `control time_limit TASK SOFT HARD`: Celery's reply.
+    fn time_limit(&self, task: &str, soft: &Value, hard: &Value) -> Value;
 }
 
 /// A decoded control request.
@@ -121,52 +125,25 @@ pub async fn handle(req: &ControlRequest, worker: &impl RemoteWorker) -> Option<
         "stats" => worker.stats().await,
         "active_queues" => json!(worker.active_queues()),
         "revoked" | "dump_revoked" => json!(worker.revoked()),
-        "query_task" => {
-            let ids: Vec<String> = match req.arguments.get("ids") {
-                Some(Value::String(s)) => vec![s.clone()],
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .flat_map(|v| match v {
-                        // The CLI may send the ids as a list of lists.
-                        Value::Array(inner) => inner.clone(),
-                        other => vec![other.clone()],
-                    })
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect(),
-                _ => Vec::new(),
-            };
-            Value::Object(worker.query_task(&ids))
-        }
+        "query_task" => Value::Object(worker.query_task(&ids(req.arguments.get("ids")))),
         "conf" | "dump_conf" => Value::Object(worker.conf()),
+        "rate_limit" => {
+            let task = req
+                .arguments
+                .get("task_name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let rate = req.arguments.get("rate_limit").unwrap_or(&Value::Null);
+            worker.rate_limit(task, rate)
+        }
+        "time_limit" => {
+            let arg = |k: &str| req.arguments.get(k).unwrap_or(&Value::Null);
+            let task = arg("task_name").as_str().unwrap_or_default();
+            worker.time_limit(task, arg("soft"), arg("hard"))
+        }
         "report" => json!({ "ok": worker.report() }),
         // `celery control terminate SIGNAL ID` is revoke with terminate.
-        "revoke" | "terminate" => {
-            let ids: Vec<String> = match &req.arguments.get("task_id") {
-                Some(Value::String(s)) => vec![s.clone()],
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect(),
-                _ => Vec::new(),
-            };
-            let terminate = req.method == "terminate"
-                || req
-                    .arguments
-                    .get("terminate")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
-            worker.revoke(&ids, terminate).await;
-            // As Celery words it: a Python set of the ids, or the ids terminated.
-            match terminate {
-                true if ids.is_empty() => json!({ "ok": "terminate: tasks unknown" }),
-                true => json!({ "ok": format!("terminate: {}", ids.join(", ")) }),
-                false => {
-                    let set: Vec<String> = ids.iter().map(|id| format!("'{id}'")).collect();
-                    json!({ "ok": format!("tasks {{{}}} flagged as revoked", set.join(", ")) })
-                }
-            }
-        }
+        "revoke" | "terminate" => revoke(req, worker).await,
         "shutdown" => {
             worker.request_shutdown();
             json!({ "ok": "shutting down" })
@@ -183,6 +160,43 @@ pub async fn handle(req: &ControlRequest, worker: &impl RemoteWorker) -> Option<
         other => json!({ "error": format!("No such control command: {other}") }),
     };
     Some(result)
+}
+
+/// Task ids given as one id or a list (the CLI may nest them one level).
+fn ids(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .flat_map(|v| match v {
+                Value::Array(inner) => inner.clone(),
+                other => vec![other.clone()],
+            })
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `revoke` (and `terminate`, which is revoke with terminate), answered in Celery's words: a
+/// Python set of the ids, or the ids terminated.
+async fn revoke(req: &ControlRequest, worker: &impl RemoteWorker) -> Value {
+    let ids = ids(req.arguments.get("task_id"));
+    let terminate = req.method == "terminate"
+        || req
+            .arguments
+            .get("terminate")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+    worker.revoke(&ids, terminate).await;
+    match terminate {
+        true if ids.is_empty() => json!({ "ok": "terminate: tasks unknown" }),
+        true => json!({ "ok": format!("terminate: {}", ids.join(", ")) }),
+        false => {
+            let set: Vec<String> = ids.iter().map(|id| format!("'{id}'")).collect();
+            json!({ "ok": format!("tasks {{{}}} flagged as revoked", set.join(", ")) })
+        }
+    }
 }
 
 #[cfg(test)]

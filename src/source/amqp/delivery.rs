@@ -169,14 +169,20 @@ pub(super) async fn handle(
             match admission {
                 Admission::Revoke(reason) => {
                     tracing::info!(task_id = %task.id, task = %task.name, "task {reason} before it could start");
-                    announce_revoked(&shared, &task, reason);
+                    monitor::announce_revoked(&shared, &task, reason);
                     revoked_answer(reason)
                 }
+                _ if !rate_allows(&shared, &task).await => Settlement::Requeue,
+                // Revoked while its rate held it.
+                _ if shared.is_revoked(&task.id) => {
+                    monitor::announce_revoked(&shared, &task, "revoked");
+                    revoked_answer("revoked")
+                }
                 _ => {
-                    announce_start(&shared, &task);
+                    monitor::announce_start(&shared, &task);
                     let began = std::time::Instant::now();
                     let settlement = run_and_settle(&shared, &task, &info).await;
-                    announce_end(&shared, &task, &settlement, began.elapsed());
+                    monitor::announce_end(&shared, &task, &settlement, began.elapsed());
                     settlement
                 }
             }
@@ -185,106 +191,17 @@ pub(super) async fn handle(
     finish(&shared, &task, &acker, settlement).await;
 }
 
-/// `task-received` and `task-started` for Flower and `celery events` (when task events are on).
-fn announce_start(shared: &SourceState, task: &CeleryTask) {
-    let node = shared.nodename();
-    shared.monitor.count_started();
-    shared.monitor.task(&node, "received", &task.id, || {
-        let iso = |t: Option<SystemTime>| {
-            t.map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339())
-        };
-        let mut f = Map::new();
-        f.insert("name".into(), json!(task.name));
-        f.insert("args".into(), json!(monitor::args_repr(&task.args)));
-        f.insert("kwargs".into(), json!(monitor::kwargs_repr(&task.kwargs)));
-        f.insert(
-            "root_id".into(),
-            json!(task.root_id.as_deref().unwrap_or(&task.id)),
-        );
-        f.insert("parent_id".into(), json!(task.parent_id));
-        f.insert("retries".into(), json!(task.retries));
-        f.insert("eta".into(), json!(iso(task.eta)));
-        f.insert("expires".into(), json!(iso(task.expires)));
-        f
-    });
-    shared.monitor.task(&node, "started", &task.id, Map::new);
-}
-
-/// `task-revoked` for a task revoked or expired before it started.
-fn announce_revoked(shared: &SourceState, task: &CeleryTask, reason: &str) {
-    shared
-        .monitor
-        .task(&shared.nodename(), "revoked", &task.id, || {
-            let mut f = Map::new();
-            f.insert("terminated".into(), json!(false));
-            f.insert("signum".into(), Value::Null);
-            f.insert("expired".into(), json!(reason == "expired"));
-            f
-        });
-}
-
-/// `task-succeeded`, `task-failed` or `task-revoked` for a task that ran; nothing for one
-/// given back to the queue.
-fn announce_end(
-    shared: &SourceState,
-    task: &CeleryTask,
-    settlement: &Settlement,
-    runtime: std::time::Duration,
-) {
-    let Settlement::Answer {
-        status,
-        result,
-        traceback,
-        ..
-    } = settlement
-    else {
-        return;
-    };
-    let node = shared.nodename();
-    let mut f = Map::new();
-    let kind = match *status {
-        state::SUCCESS => {
-            f.insert("result".into(), json!(monitor::repr(result)));
-            f.insert("runtime".into(), json!(runtime.as_secs_f64()));
-            "succeeded"
-        }
-        state::REVOKED => {
-            let terminated = result["exc_message"]
-                .as_array()
-                .and_then(|m| m.first())
-                .and_then(Value::as_str)
-                == Some("terminated");
-            f.insert("terminated".into(), json!(terminated));
-            f.insert(
-                "signum".into(),
-                if terminated { json!(15) } else { Value::Null },
-            );
-            f.insert("expired".into(), json!(false));
-            "revoked"
-        }
-        _ => {
-            let exc_type = result["exc_type"].as_str().unwrap_or("Exception");
-            let message = match &result["exc_message"] {
-                Value::Array(parts) => parts
-                    .first()
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-                Value::String(m) => m.clone(),
-                _ => String::new(),
-            };
-            f.insert(
-                "exception".into(),
-                json!(monitor::exception_repr(exc_type, &message)),
-            );
-            f.insert(
-                "traceback".into(),
-                json!(traceback.clone().unwrap_or_default()),
-            );
-            "failed"
-        }
-    };
-    shared.monitor.task(&node, kind, &task.id, || f);
+/// Waits until `task`'s rate limit (`celery control rate_limit`) lets it start, the message
+/// unacked meanwhile. False if the worker began stopping first (the task goes back).
+async fn rate_allows(shared: &SourceState, task: &CeleryTask) -> bool {
+    let at = shared.controls.start_at(&task.name);
+    if at <= tokio::time::Instant::now() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep_until(at) => true,
+        _ = shared.stopping.cancelled() => false,
+    }
 }
 
 /// The facts about `task` now.
@@ -450,13 +367,16 @@ async fn run(
                 .to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
         })
     };
+    let controlled = shared.controls.time_limits(&task.name);
     let request = TaskRequest {
         id: task.id.clone(),
         name: task.name.clone(),
         args: task.args.clone(),
         kwargs: task.kwargs.clone(),
-        soft_time_limit: task.soft_time_limit,
-        hard_time_limit: task.hard_time_limit,
+        // The message's limits, else those set by `celery control time_limit`, else the
+        // manifest's (applied below the dispatcher).
+        soft_time_limit: task.soft_time_limit.or(controlled.0),
+        hard_time_limit: task.hard_time_limit.or(controlled.1),
         submitter,
         delivery_info: info.delivery.clone(),
         request_info: RequestInfo {

@@ -16,6 +16,7 @@ mod monitor;
 mod publish;
 mod remote;
 mod revoked;
+mod task_controls;
 pub mod tls;
 mod value;
 
@@ -66,6 +67,7 @@ impl AmqpSource {
     pub fn start(options: AmqpOptions, dispatcher: Arc<Dispatcher>) -> AmqpSource {
         let shared = Arc::new(SourceState {
             monitor: monitor::Monitor::new(options.task_events),
+            controls: task_controls::TaskControls::default(),
             nodename: Mutex::new(options.nodename.clone()),
             tasks: Mutex::new(TaskTable {
                 ledger: Ledger::new(options.result_memory),
@@ -144,6 +146,8 @@ pub struct SourceState {
     handlers: TaskTracker,
     /// Celery's event stream (Flower, `celery events`).
     monitor: monitor::Monitor,
+    /// Rate and time limits set by remote control.
+    controls: task_controls::TaskControls,
 }
 
 /// The task ids this worker holds: owners and answered ids, and eta tasks being held.

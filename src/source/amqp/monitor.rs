@@ -7,7 +7,9 @@
 //! (dropped and counted when full, e.g. while the broker is away) and published by the
 //! session's own loop on its own channel, without confirms, transient, as a Celery worker does.
 
+use super::delivery::Settlement;
 use super::SourceState;
+use crate::source::celery::{state, CeleryTask};
 use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, ExchangeKind};
@@ -352,6 +354,108 @@ fn retry_event(shared: &SourceState, event: &str) {
         f
     });
     shared.monitor.task(&node, "started", id, Map::new);
+}
+
+/// `task-received` and `task-started` for Flower and `celery events` (when task events are on).
+pub(super) fn announce_start(shared: &SourceState, task: &CeleryTask) {
+    let node = shared.nodename();
+    shared.monitor.count_started();
+    shared.monitor.task(&node, "received", &task.id, || {
+        let iso = |t: Option<SystemTime>| {
+            t.map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339())
+        };
+        let mut f = Map::new();
+        f.insert("name".into(), json!(task.name));
+        f.insert("args".into(), json!(args_repr(&task.args)));
+        f.insert("kwargs".into(), json!(kwargs_repr(&task.kwargs)));
+        f.insert(
+            "root_id".into(),
+            json!(task.root_id.as_deref().unwrap_or(&task.id)),
+        );
+        f.insert("parent_id".into(), json!(task.parent_id));
+        f.insert("retries".into(), json!(task.retries));
+        f.insert("eta".into(), json!(iso(task.eta)));
+        f.insert("expires".into(), json!(iso(task.expires)));
+        f
+    });
+    shared.monitor.task(&node, "started", &task.id, Map::new);
+}
+
+/// `task-revoked` for a task revoked or expired before it started.
+pub(super) fn announce_revoked(shared: &SourceState, task: &CeleryTask, reason: &str) {
+    shared
+        .monitor
+        .task(&shared.nodename(), "revoked", &task.id, || {
+            let mut f = Map::new();
+            f.insert("terminated".into(), json!(false));
+            f.insert("signum".into(), Value::Null);
+            f.insert("expired".into(), json!(reason == "expired"));
+            f
+        });
+}
+
+/// `task-succeeded`, `task-failed` or `task-revoked` for a task that ran; nothing for one
+/// given back to the queue.
+pub(super) fn announce_end(
+    shared: &SourceState,
+    task: &CeleryTask,
+    settlement: &Settlement,
+    runtime: std::time::Duration,
+) {
+    let Settlement::Answer {
+        status,
+        result,
+        traceback,
+        ..
+    } = settlement
+    else {
+        return;
+    };
+    let node = shared.nodename();
+    let mut f = Map::new();
+    let kind = match *status {
+        state::SUCCESS => {
+            f.insert("result".into(), json!(repr(result)));
+            f.insert("runtime".into(), json!(runtime.as_secs_f64()));
+            "succeeded"
+        }
+        state::REVOKED => {
+            let terminated = result["exc_message"]
+                .as_array()
+                .and_then(|m| m.first())
+                .and_then(Value::as_str)
+                == Some("terminated");
+            f.insert("terminated".into(), json!(terminated));
+            f.insert(
+                "signum".into(),
+                if terminated { json!(15) } else { Value::Null },
+            );
+            f.insert("expired".into(), json!(false));
+            "revoked"
+        }
+        _ => {
+            let exc_type = result["exc_type"].as_str().unwrap_or("Exception");
+            let message = match &result["exc_message"] {
+                Value::Array(parts) => parts
+                    .first()
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                Value::String(m) => m.clone(),
+                _ => String::new(),
+            };
+            f.insert(
+                "exception".into(),
+                json!(exception_repr(exc_type, &message)),
+            );
+            f.insert(
+                "traceback".into(),
+                json!(traceback.clone().unwrap_or_default()),
+            );
+            "failed"
+        }
+    };
+    shared.monitor.task(&node, kind, &task.id, || f);
 }
 
 /// `worker-offline`, sent once as the worker stops, so monitors mark it offline at once.

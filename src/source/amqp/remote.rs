@@ -138,6 +138,14 @@ impl RemoteWorker for SourceState {
         );
         conf
     }
+    fn rate_limit(&self, task: &str, rate: &Value) -> Value {
+        let known = self.dispatcher.task_names().iter().any(|t| t == task);
+        self.controls.set_rate(task, rate, known)
+    }
+    fn time_limit(&self, task: &str, soft: &Value, hard: &Value) -> Value {
+        let known = self.dispatcher.task_names().iter().any(|t| t == task);
+        self.controls.set_time_limits(task, soft, hard, known)
+    }
     fn report(&self) -> String {
         let uname = nix::sys::utsname::uname().ok();
         let field = |f: fn(&nix::sys::utsname::UtsName) -> &std::ffi::OsStr| {
