@@ -58,3 +58,70 @@ fn amqp_rate_limit_and_time_limit_by_remote_control() {
     assert_eq!(out["exc_type"], "TimeLimitExceeded", "{out}");
     assert_eq!(lane.run(&["call", "f.ok", "[1]"]), json!({"ok": [1]}));
 }
+
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_add_consumer_and_cancel_consumer_change_the_queues_at_run_time() {
+    let (lane, root, plugins) = setup!("amqp_consumers");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let _w = lane.worker(&plugins, &root.path().join("w.sock"));
+    let extra = format!("{}.extra", lane.queue);
+    let on_extra = |args: &[&str]| {
+        let out = lane.client_on(&extra, args).output().unwrap();
+        let text = text(&out.stdout);
+        serde_json::from_str::<serde_json::Value>(text.lines().last().unwrap_or_default())
+            .unwrap_or_else(|_| panic!("client said {text:?}"))
+    };
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["-d", lane.node.as_str()]);
+        lane.celery_cli(&all)
+    };
+
+    let said = cli(&["control", "add_consumer", &extra]);
+    assert!(said.contains(&format!("add consumer {extra}")), "{said}");
+    let said = cli(&["control", "add_consumer", &extra]);
+    assert!(
+        said.contains(&format!("already consuming from '{extra}'")),
+        "{said}"
+    );
+    let said = cli(&["inspect", "active_queues", "-j"]);
+    assert!(said.contains(&format!("\"name\": \"{extra}\"")), "{said}");
+    assert_eq!(on_extra(&["call", "f.ok", "[7]"]), json!({"ok": [7]}));
+
+    let said = cli(&["control", "cancel_consumer", &extra]);
+    assert!(
+        said.contains(&format!("no longer consuming from {extra}")),
+        "{said}"
+    );
+    let said = cli(&["inspect", "active_queues", "-j"]);
+    assert!(!said.contains(&format!("\"name\": \"{extra}\"")), "{said}");
+    assert!(
+        said.contains(&format!("\"name\": \"{}\"", lane.queue)),
+        "{said}"
+    );
+    // Sent now, it waits in the queue: nobody consumes it...
+    let mut waiting = lane
+        .client_on(&extra, &["send_wait", "f.ok", "[8]"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(waiting.stdout.take().unwrap());
+    let mut lines = std::io::BufRead::lines(stdout);
+    let sent = lines.next().unwrap().unwrap();
+    assert!(sent.contains("\"id\""), "{sent}");
+    // (The broker may count a message a moment after the publish returned: each look is a
+    // client process, which paces the looks.)
+    let depth = (0..20)
+        .map(|_| on_extra(&["depth"]))
+        .find(|d| d["messages"] == 1);
+    assert!(depth.is_some(), "the task never waited in {extra}");
+    // ...until the worker consumes the queue again.
+    cli(&["control", "add_consumer", &extra]);
+    let answered: serde_json::Value =
+        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(answered, json!({"ok": [8]}));
+    waiting.wait().unwrap();
+    assert_eq!(on_extra(&["depth"]), json!({"messages": 0}));
+    on_extra(&["delete"]);
+}

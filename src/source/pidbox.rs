@@ -35,6 +35,16 @@ pub trait RemoteWorker {
     fn rate_limit(&self, task: &str, rate: &Value) -> Value;
     /// `control time_limit TASK SOFT HARD`: Celery's reply.
     fn time_limit(&self, task: &str, soft: &Value, hard: &Value) -> Value;
+    /// `control add_consumer QUEUE [EXCHANGE [TYPE [ROUTING_KEY]]]`: start consuming it.
+    fn add_consumer(
+        &self,
+        queue: &str,
+        exchange: Option<&str>,
+        kind: Option<&str>,
+        key: Option<&str>,
+    ) -> Value;
+    /// `control cancel_consumer QUEUE`: stop consuming it.
+    fn cancel_consumer(&self, queue: &str) -> Value;
 }
 
 /// A decoded control request.
@@ -127,6 +137,24 @@ pub async fn handle(req: &ControlRequest, worker: &impl RemoteWorker) -> Option<
         "revoked" | "dump_revoked" => json!(worker.revoked()),
         "query_task" => Value::Object(worker.query_task(&ids(req.arguments.get("ids")))),
         "conf" | "dump_conf" => Value::Object(worker.conf()),
+        "add_consumer" | "cancel_consumer" => {
+            let arg = |k: &str| {
+                req.arguments
+                    .get(k)
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+            };
+            match (req.method.as_str(), arg("queue")) {
+                (_, None) => json!({ "error": "give the queue's name (`queue`)" }),
+                ("add_consumer", Some(q)) => worker.add_consumer(
+                    q,
+                    arg("exchange"),
+                    arg("exchange_type"),
+                    arg("routing_key"),
+                ),
+                (_, Some(q)) => worker.cancel_consumer(q),
+            }
+        }
         "rate_limit" => {
             let task = req
                 .arguments

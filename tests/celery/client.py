@@ -2,6 +2,10 @@
 
     client.py QUEUE call NAME ARGS_JSON [KWARGS_JSON]      one task; prints its outcome as JSON
     client.py QUEUE call_id NAME ARGS_JSON                 the same, with the task's "id" in the outcome
+    client.py QUEUE send_wait NAME ARGS_JSON               send one task, print {"id": ...} at once, then
+                                                           its outcome when it comes
+    client.py QUEUE depth                                  {"messages": ready messages in QUEUE}
+    client.py QUEUE delete                                 delete QUEUE and its exchange
     client.py QUEUE messages NAME ARGS_JSON [KWARGS_JSON]  also every state message seen by on_message
     client.py QUEUE batch NAME ARGS_JSON N                 N tasks; "got I" per result, then a summary
     client.py QUEUE revoke NODE NAME ARGS_JSON [plain]     start a task, wait until NODE lists it active,
@@ -50,6 +54,19 @@ def main():
         out = outcome(lambda: r.get(timeout=TIMEOUT))
         out["id"] = r.id
         print(json.dumps(out), flush=True)
+    elif command == "send_wait":
+        r = send(queue, rest[0], json.loads(rest[1]))
+        print(json.dumps({"id": r.id}), flush=True)
+        print(json.dumps(outcome(lambda: r.get(timeout=TIMEOUT))), flush=True)
+    elif command == "depth":
+        with app.connection_for_write() as conn:
+            _, messages, _ = conn.default_channel.queue_declare(queue, passive=True)
+        print(json.dumps({"messages": messages}), flush=True)
+    elif command == "delete":
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+            conn.default_channel.exchange_delete(queue)
+        print(json.dumps({"ok": True}), flush=True)
     elif command == "messages":
         kwargs = json.loads(rest[2]) if len(rest) > 2 else {}
         r = send(queue, rest[0], json.loads(rest[1]), kwargs)

@@ -233,9 +233,14 @@ impl Lane {
     }
 
     pub fn client(&self, args: &[&str]) -> Command {
+        self.client_on(&self.queue, args)
+    }
+
+    /// The client for `queue` rather than the lane's own.
+    pub fn client_on(&self, queue: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.python);
         cmd.arg(repo().join("tests/celery/client.py"))
-            .arg(&self.queue)
+            .arg(queue)
             .args(args)
             .current_dir(repo().join("tests/celery"))
             .env("BROKER_URL", BROKER)

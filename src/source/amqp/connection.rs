@@ -2,10 +2,10 @@
 //! queue), consume, and hand each delivery to its handler; reconnect when the connection is
 //! lost, at once the first time, then with the restart policy's backoff.
 
-use super::{delivery, monitor, redact, remote, Declare, SourceState};
+use super::consumers::{self, Consumers, Relayed};
+use super::{delivery, monitor, redact, remote, SourceState};
 use crate::metrics::Settled;
 use crate::supervisor::restart;
-use futures_lite::stream::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
@@ -13,7 +13,6 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -71,51 +70,6 @@ pub(super) async fn connection_loop(shared: Arc<SourceState>) {
             }
         }
     }
-}
-
-async fn declare_task_queue(channel: &Channel, queue: &str, declare: Declare) -> lapin::Result<()> {
-    match declare {
-        Declare::Passive => {
-            let opts = QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            channel
-                .queue_declare(queue.into(), opts, FieldTable::default())
-                .await?;
-        }
-        Declare::Kombu => {
-            let ex = ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            };
-            channel
-                .exchange_declare(
-                    queue.into(),
-                    ExchangeKind::Direct,
-                    ex,
-                    FieldTable::default(),
-                )
-                .await?;
-            let q = QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            };
-            channel
-                .queue_declare(queue.into(), q, FieldTable::default())
-                .await?;
-            channel
-                .queue_bind(
-                    queue.into(),
-                    queue.into(),
-                    queue.into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
-    }
-    Ok(())
 }
 
 async fn declare_pidbox(channel: &Channel, nodename: &str) -> lapin::Result<String> {
@@ -177,37 +131,50 @@ async fn open_session(shared: &Arc<SourceState>, number: u64) -> lapin::Result<S
     results
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    for q in &o.queues {
-        declare_task_queue(&consume, q, o.declare).await?;
-    }
     consume
         .basic_qos(o.prefetch, BasicQosOptions { global: false })
         .await?;
     let (control, pidbox_queue) = claim_pidbox(shared, &conn).await?;
     let events = conn.create_channel().await?;
     monitor::declare(&events).await?;
-    let (deliveries, tags, mut relays) =
-        start_consumers(shared, &consume, &control, &pidbox_queue).await?;
-    relays.push(tokio::spawn(monitor::run(shared.clone(), events.clone())));
-    // Dropped with the session: the relays and the event loop of a dead connection stop with it.
-    let _relays: Vec<AbortOnDropHandle<()>> =
-        relays.into_iter().map(AbortOnDropHandle::new).collect();
+    let (tx, deliveries) = mpsc::channel::<Relayed>(256);
+    let mut consumers = Consumers::new(consume.clone(), tx.clone());
+    let wanted = shared.queues.borrow().clone();
+    for q in &wanted {
+        consumers.start(shared, q).await?;
+    }
+    let options = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let pidbox = control
+        .basic_consume(
+            pidbox_queue.as_str().into(),
+            "".into(),
+            options,
+            FieldTable::default(),
+        )
+        .await?;
+    // Dropped with the session: the pidbox relay and the event loop of a dead connection stop
+    // with it (the consumers' relays stop with `consumers`).
+    let _pidbox = consumers::relay(pidbox, None, tx);
+    let _events =
+        AbortOnDropHandle::new(tokio::spawn(monitor::run(shared.clone(), events.clone())));
     shared.results.send_replace(Some((number, results.clone())));
     shared.connected.send_replace(true);
     shared.dispatcher.metrics().broker_connected(true);
     tracing::info!(
         broker = %redact(&o.url),
-        queues = %o.queues.join(","),
+        queues = %shared.queue_names().join(","),
         node = %shared.nodename(),
         prefetch = o.prefetch,
         "consuming Celery tasks"
     );
-    let session = Session {
+    let mut session = Session {
         conn: &conn,
-        consume: &consume,
         control: &control,
         events: &events,
-        tags: &tags,
+        consumers,
     };
     Ok(session.serve(shared, deliveries).await)
 }
@@ -234,59 +201,19 @@ async fn claim_pidbox(shared: &SourceState, conn: &Connection) -> lapin::Result<
     }
 }
 
-/// Consumes every task queue and the pidbox queue into one stream of deliveries.
-async fn start_consumers(
-    shared: &SourceState,
-    consume: &Channel,
-    control: &Channel,
-    pidbox_queue: &str,
-) -> lapin::Result<(mpsc::Receiver<Relayed>, Vec<String>, Vec<JoinHandle<()>>)> {
-    let (tx, deliveries) = mpsc::channel::<Relayed>(256);
-    let mut relays = Vec::new();
-    let mut tags = Vec::new();
-    for q in &shared.options.queues {
-        let tag = format!("{}-{q}", shared.nodename());
-        let consumer = consume
-            .basic_consume(
-                q.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        tags.push(tag);
-        relays.push(relay(consumer, Some(q.as_str().into()), tx.clone()));
-    }
-    let options = BasicConsumeOptions {
-        no_ack: true,
-        ..Default::default()
-    };
-    let pidbox_consumer = control
-        .basic_consume(
-            pidbox_queue.into(),
-            "".into(),
-            options,
-            FieldTable::default(),
-        )
-        .await?;
-    relays.push(relay(pidbox_consumer, None, tx));
-    Ok((deliveries, tags, relays))
-}
-
 /// The channels of a connected session.
 struct Session<'a> {
     conn: &'a Connection,
-    consume: &'a Channel,
     control: &'a Channel,
     /// Celery events (`celeryev`), published by `monitor::run`.
     events: &'a Channel,
-    tags: &'a [String],
+    consumers: Consumers,
 }
 
 impl Session<'_> {
     /// Hands each delivery to its handler until the connection is lost or the worker stops.
     async fn serve(
-        &self,
+        &mut self,
         shared: &Arc<SourceState>,
         mut deliveries: mpsc::Receiver<Relayed>,
     ) -> SessionEnd {
@@ -294,8 +221,13 @@ impl Session<'_> {
         let lost = CancellationToken::new();
         let _lost_guard = lost.clone().drop_guard();
         let mut cancelled = false;
+        let mut queues = shared.queues.subscribe();
         loop {
             tokio::select! {
+                _ = queues.changed(), if !cancelled => {
+                    let wanted = queues.borrow_and_update().clone();
+                    self.consumers.follow(shared, &wanted).await;
+                }
                 d = deliveries.recv() => match d {
                     Some((queue, Ok(delivery))) => self.dispatch(shared, queue, delivery, &lost).await,
                     Some((_, Err(e))) => return SessionEnd::Lost { reason: e.to_string(), was_up: true },
@@ -303,7 +235,8 @@ impl Session<'_> {
                 },
                 _ = shared.stopping.cancelled(), if !cancelled => {
                     cancelled = true;
-                    self.cancel_consumers().await;
+                    self.consumers.cancel_all().await;
+                    tracing::info!("stopped consuming; finishing tasks in flight");
                 }
                 _ = shared.finished.cancelled() => {
                     monitor::offline(shared, self.events).await;
@@ -343,35 +276,4 @@ impl Session<'_> {
             }
         }
     }
-
-    async fn cancel_consumers(&self) {
-        for tag in self.tags {
-            let cancel = self
-                .consume
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-            if let Err(e) = cancel.await {
-                tracing::warn!("cannot cancel consumer {tag}: {e}");
-            }
-        }
-        tracing::info!("stopped consuming; finishing tasks in flight");
-    }
-}
-
-/// Relays one consumer's deliveries into the session's single stream.
-/// A delivery with the task queue its consumer reads (`None`: the pidbox).
-type Relayed = (Option<Arc<str>>, lapin::Result<Delivery>);
-
-fn relay(
-    mut consumer: lapin::Consumer,
-    queue: Option<Arc<str>>,
-    tx: mpsc::Sender<Relayed>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        while let Some(d) = consumer.next().await {
-            let failed = d.is_err();
-            if tx.send((queue.clone(), d)).await.is_err() || failed {
-                return;
-            }
-        }
-    })
 }

@@ -10,6 +10,7 @@
 //! it, or without publishing again once its result was confirmed.
 
 mod connection;
+mod consumers;
 mod delivery;
 mod ledger;
 mod monitor;
@@ -68,6 +69,7 @@ impl AmqpSource {
         let shared = Arc::new(SourceState {
             monitor: monitor::Monitor::new(options.task_events),
             controls: task_controls::TaskControls::default(),
+            queues: watch::channel(options.queues.iter().map(|q| QueueSpec::named(q)).collect()).0,
             nodename: Mutex::new(options.nodename.clone()),
             tasks: Mutex::new(TaskTable {
                 ledger: Ledger::new(options.result_memory),
@@ -148,6 +150,31 @@ pub struct SourceState {
     monitor: monitor::Monitor,
     /// Rate and time limits set by remote control.
     controls: task_controls::TaskControls,
+    /// The task queues to consume now: `queues` at start, changed by `add_consumer` and
+    /// `cancel_consumer`; the live session follows it, and a new one starts from it.
+    queues: watch::Sender<Vec<QueueSpec>>,
+}
+
+/// A task queue to consume, declared (unless passive) as Celery declares it: a durable queue
+/// bound to a durable exchange (by default direct, named as the queue) with a routing key (by
+/// default the queue's name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    pub name: String,
+    pub exchange: String,
+    pub exchange_type: String,
+    pub routing_key: String,
+}
+
+impl QueueSpec {
+    pub fn named(name: &str) -> QueueSpec {
+        QueueSpec {
+            name: name.to_string(),
+            exchange: name.to_string(),
+            exchange_type: "direct".into(),
+            routing_key: name.to_string(),
+        }
+    }
 }
 
 /// The task ids this worker holds: owners and answered ids, and eta tasks being held.
@@ -186,6 +213,15 @@ impl SourceState {
     /// Tasks running here now (a heartbeat's `active`).
     fn active_count(&self) -> usize {
         self.tasks().ledger.active_count()
+    }
+
+    /// The names of the queues consumed now.
+    fn queue_names(&self) -> Vec<String> {
+        self.queues
+            .borrow()
+            .iter()
+            .map(|q| q.name.clone())
+            .collect()
     }
 
     fn tasks(&self) -> std::sync::MutexGuard<'_, TaskTable> {

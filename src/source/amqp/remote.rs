@@ -2,7 +2,7 @@
 //! control` ask of this worker ([`pidbox::RemoteWorker`]), and the replies on the wire.
 
 use super::value::json_to_amqp;
-use super::{redact, SourceState};
+use super::{redact, QueueSpec, SourceState};
 use crate::source::pidbox::{self, RemoteWorker};
 use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
@@ -22,13 +22,13 @@ impl RemoteWorker for SourceState {
         self.tasks().reserved.values().map(|a| json!(a)).collect()
     }
     fn active_queues(&self) -> Vec<Value> {
-        self.options
-            .queues
+        self.queues
+            .borrow()
             .iter()
             .map(|q| {
                 json!({
-                    "name": q, "exchange": {"name": q, "type": "direct", "durable": true, "auto_delete": false},
-                    "routing_key": q, "durable": true, "exclusive": false, "auto_delete": false, "no_ack": false,
+                    "name": q.name, "exchange": {"name": q.exchange, "type": q.exchange_type, "durable": true, "auto_delete": false},
+                    "routing_key": q.routing_key, "durable": true, "exclusive": false, "auto_delete": false, "no_ack": false,
                     "queue_arguments": null, "binding_arguments": null, "consumer_arguments": null
                 })
             })
@@ -129,7 +129,7 @@ impl RemoteWorker for SourceState {
             "worker_send_task_events".into(),
             json!(self.monitor.task_events()),
         );
-        conf.insert("queues".into(), json!(o.queues));
+        conf.insert("queues".into(), json!(self.queue_names()));
         conf.insert("prefetch_count".into(), json!(o.prefetch));
         conf.insert("result_memory".into(), json!(o.result_memory));
         conf.insert(
@@ -145,6 +145,39 @@ impl RemoteWorker for SourceState {
     fn time_limit(&self, task: &str, soft: &Value, hard: &Value) -> Value {
         let known = self.dispatcher.task_names().iter().any(|t| t == task);
         self.controls.set_time_limits(task, soft, hard, known)
+    }
+    fn add_consumer(
+        &self,
+        queue: &str,
+        exchange: Option<&str>,
+        kind: Option<&str>,
+        key: Option<&str>,
+    ) -> Value {
+        let spec = QueueSpec {
+            name: queue.to_string(),
+            exchange: exchange.unwrap_or(queue).to_string(),
+            exchange_type: kind.unwrap_or("direct").to_string(),
+            routing_key: key.unwrap_or(queue).to_string(),
+        };
+        let added = self.queues.send_if_modified(|queues| {
+            let new = !queues.iter().any(|q| q.name == queue);
+            if new {
+                queues.push(spec);
+            }
+            new
+        });
+        match added {
+            true => json!({ "ok": format!("add consumer {queue}") }),
+            false => json!({ "ok": format!("already consuming from '{queue}'") }),
+        }
+    }
+    fn cancel_consumer(&self, queue: &str) -> Value {
+        self.queues.send_if_modified(|queues| {
+            let before = queues.len();
+            queues.retain(|q| q.name != queue);
+            queues.len() != before
+        });
+        json!({ "ok": format!("no longer consuming from {queue}") })
     }
     fn report(&self) -> String {
         let uname = nix::sys::utsname::uname().ok();

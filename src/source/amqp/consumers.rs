@@ -1,0 +1,173 @@
+//! The task-queue consumers of one broker session: each wanted queue declared (as Celery
+//! declares it, or passively) and consumed into the session's single delivery stream, and the
+//! set changed while connected as `celery control add_consumer` / `cancel_consumer` change
+//! the wanted list.
+
+use super::{Declare, QueueSpec, SourceState};
+use futures_lite::stream::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{Channel, ExchangeKind};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
+
+/// A delivery with the task queue its consumer reads (`None`: the pidbox).
+pub(super) type Relayed = (Option<Arc<str>>, lapin::Result<Delivery>);
+
+/// Declares `q` as kombu does (durable exchange of its type, durable queue, bound with its
+/// routing key), or checks that it exists (`passive`).
+pub(super) async fn declare(channel: &Channel, q: &QueueSpec, how: Declare) -> lapin::Result<()> {
+    if how == Declare::Passive {
+        let opts = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(q.name.as_str().into(), opts, FieldTable::default())
+            .await?;
+        return Ok(());
+    }
+    let kind = match q.exchange_type.as_str() {
+        "topic" => ExchangeKind::Topic,
+        "fanout" => ExchangeKind::Fanout,
+        "headers" => ExchangeKind::Headers,
+        _ => ExchangeKind::Direct,
+    };
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            q.exchange.as_str().into(),
+            kind,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(q.name.as_str().into(), durable, FieldTable::default())
+        .await?;
+    channel
+        .queue_bind(
+            q.name.as_str().into(),
+            q.exchange.as_str().into(),
+            q.routing_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Relays one consumer's deliveries into the session's single stream.
+pub(super) fn relay(
+    mut consumer: lapin::Consumer,
+    queue: Option<Arc<str>>,
+    tx: mpsc::Sender<Relayed>,
+) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Some(d) = consumer.next().await {
+            let failed = d.is_err();
+            if tx.send((queue.clone(), d)).await.is_err() || failed {
+                return;
+            }
+        }
+    }))
+}
+
+/// The consumers of the task queues on one session's channel, by queue name.
+pub(super) struct Consumers {
+    channel: Channel,
+    tx: mpsc::Sender<Relayed>,
+    running: BTreeMap<String, (String, AbortOnDropHandle<()>)>,
+    /// Relays of cancelled consumers: they still hand on what the broker had sent before the
+    /// cancel (so it is answered, not held unacked), until the session ends.
+    retired: Vec<AbortOnDropHandle<()>>,
+}
+
+impl Consumers {
+    pub(super) fn new(channel: Channel, tx: mpsc::Sender<Relayed>) -> Consumers {
+        Consumers {
+            channel,
+            tx,
+            running: BTreeMap::new(),
+            retired: Vec::new(),
+        }
+    }
+
+    /// Declares and consumes `q` (nothing if it is consumed already).
+    pub(super) async fn start(&mut self, shared: &SourceState, q: &QueueSpec) -> lapin::Result<()> {
+        if self.running.contains_key(&q.name) {
+            return Ok(());
+        }
+        declare(&self.channel, q, shared.options.declare).await?;
+        let tag = format!("{}-{}", shared.nodename(), q.name);
+        let consumer = self
+            .channel
+            .basic_consume(
+                q.name.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let relay = relay(consumer, Some(q.name.as_str().into()), self.tx.clone());
+        self.running.insert(q.name.clone(), (tag, relay));
+        Ok(())
+    }
+
+    /// Stops consuming `queue`. Deliveries already relayed are still handled (and acked).
+    pub(super) async fn cancel(&mut self, queue: &str) {
+        let Some((tag, relay)) = self.running.remove(queue) else {
+            return;
+        };
+        self.retired.push(relay);
+        let cancel = self
+            .channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+        if let Err(e) = cancel.await {
+            tracing::warn!("cannot cancel the consumer of queue {queue}: {e}");
+        }
+    }
+
+    /// Makes the consumed queues the `wanted` ones. A queue that cannot be declared or
+    /// consumed is logged and left out (it may come back through `add_consumer`).
+    pub(super) async fn follow(&mut self, shared: &SourceState, wanted: &[QueueSpec]) {
+        let gone: Vec<String> = self
+            .running
+            .keys()
+            .filter(|name| !wanted.iter().any(|q| &q.name == *name))
+            .cloned()
+            .collect();
+        for queue in gone {
+            self.cancel(&queue).await;
+            tracing::info!(queue, "no longer consuming from {queue} (remote control)");
+        }
+        for q in wanted {
+            if self.running.contains_key(&q.name) {
+                continue;
+            }
+            match self.start(shared, q).await {
+                Ok(()) => {
+                    tracing::info!(queue = %q.name, "consuming from {} (remote control)", q.name)
+                }
+                Err(e) => tracing::error!(queue = %q.name, "cannot consume from {}: {e}", q.name),
+            }
+        }
+    }
+
+    /// Stops consuming every queue (the worker is stopping).
+    pub(super) async fn cancel_all(&mut self) {
+        let queues: Vec<String> = self.running.keys().cloned().collect();
+        for queue in queues {
+            self.cancel(&queue).await;
+        }
+    }
+}
