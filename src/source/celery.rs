@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use std::time::{Duration, SystemTime};
 
 /// What a Celery task message says, decoded.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct CeleryTask {
     pub id: String,
     pub name: String,
@@ -27,6 +27,8 @@ pub struct CeleryTask {
     /// Where results go (the client's reply queue); `None` publishes nothing.
     pub reply_to: Option<String>,
     pub correlation_id: String,
+    /// Workflow steps to carry on after it (protocol 2's embed; empty for v1).
+    pub embed: crate::source::canvas::Embed,
 }
 
 /// The parts of an AMQP message the decoder needs, headers already converted to JSON.
@@ -96,8 +98,10 @@ fn decode_v2(
         None | Some(Value::Null) => Map::new(),
         Some(_) => return Err(shape("body[1] (kwargs) must be an object")),
     };
+    let embed = crate::source::canvas::Embed::from_json(parts.next().as_ref())?;
     let (hard, soft) = time_limits(h.get("timelimit"))?;
     Ok(CeleryTask {
+        embed,
         correlation_id: corr.map(str::to_string).unwrap_or_else(|| id.clone()),
         args: untag_all(args)?,
         kwargs: untag_map(kwargs)?,
@@ -158,6 +162,7 @@ fn decode_v1(
         reply_to,
         id,
         name,
+        embed: Default::default(),
     })
 }
 

@@ -3,5 +3,7 @@
 //! dispatcher and turn outcomes into their own replies; they never talk to plugins.
 
 pub mod amqp;
+pub mod canvas;
 pub mod celery;
 pub mod pidbox;
+pub mod pyrepr;

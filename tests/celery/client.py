@@ -6,6 +6,7 @@
                                                            its outcome when it comes
     client.py QUEUE depth                                  {"messages": ready messages in QUEUE}
     client.py QUEUE delete                                 delete QUEUE and its exchange
+    client.py QUEUE canvas SCENARIO [PATH]                 a workflow through the worker (see `canvas`)
     client.py QUEUE messages NAME ARGS_JSON [KWARGS_JSON]  also every state message seen by on_message
     client.py QUEUE batch NAME ARGS_JSON N                 N tasks; "got I" per result, then a summary
     client.py QUEUE revoke NODE NAME ARGS_JSON [plain]     start a task, wait until NODE lists it active,
@@ -25,6 +26,7 @@ import json
 import sys
 import time
 
+from celery import chain, group
 from kombu import Connection, Exchange, Producer, Queue
 
 from capp import app
@@ -41,6 +43,33 @@ def outcome(fn):
 
 def send(queue, name, args, kwargs=None):
     return app.send_task(name, args=args, kwargs=kwargs or {}, queue=queue)
+
+
+def canvas(queue, scenario, path):
+    """chain: fibonacci(10) | rust.echo("x") | fibonacci.si(12), with the middle step's result;
+    chain_fails: fibonacci(10) | f.raise | fibonacci.si(3), errback f.note(path);
+    link: fibonacci(10) with link f.note(path); group: 20 rust.echo; chain_group: fibonacci(10)
+    then a group of 20 rust.echo."""
+    s = lambda name, *args: app.signature(name, args=args, queue=queue)
+    if scenario == "chain":
+        r = chain(s("fibonacci", 10), s("rust.echo", "x"), s("fibonacci", 12).set(immutable=True)).apply_async()
+        out = outcome(lambda: r.get(timeout=TIMEOUT))
+        out["middle"] = r.parent.get(timeout=TIMEOUT)
+        return out
+    if scenario == "chain_fails":
+        c = chain(s("fibonacci", 10), s("f.raise"), s("fibonacci", 3).set(immutable=True))
+        r = c.on_error(s("f.note", path)).apply_async()
+        out = outcome(lambda: r.get(timeout=TIMEOUT))
+        out["failed_id"] = r.parent.id
+        return out
+    if scenario == "link":
+        return outcome(lambda: s("fibonacci", 10).apply_async(link=s("f.note", path)).get(timeout=TIMEOUT))
+    if scenario == "group":
+        return outcome(lambda: group(s("rust.echo", i) for i in range(20)).apply_async().get(timeout=TIMEOUT))
+    if scenario == "chain_group":
+        r = chain(s("fibonacci", 10), group(s("rust.echo", i) for i in range(20))).apply_async()
+        return outcome(lambda: r.get(timeout=TIMEOUT))
+    sys.exit("unknown canvas scenario %s" % scenario)
 
 
 def main():
@@ -67,6 +96,8 @@ def main():
             conn.default_channel.queue_delete(queue)
             conn.default_channel.exchange_delete(queue)
         print(json.dumps({"ok": True}), flush=True)
+    elif command == "canvas":
+        print(json.dumps(canvas(queue, rest[0], rest[1] if len(rest) > 1 else None)), flush=True)
     elif command == "messages":
         kwargs = json.loads(rest[2]) if len(rest) > 2 else {}
         r = send(queue, rest[0], json.loads(rest[1]), kwargs)

@@ -44,6 +44,7 @@ pub const FAULTY_TASKS: &[&str] = &[
     "f.escape_clean",
     "f.write",
     "f.fs",
+    "f.note",
 ];
 
 pub fn repo() -> PathBuf {

@@ -31,7 +31,8 @@ stderr line that long), f.garbage_flood [n] (n non-protocol stdout lines), f.req
 rlimits), f.spin (burns CPU until killed), f.escape / f.escape_clean (a setsid() grandchild
 that outlives the plugin, returning its pid; _clean: with an empty environment), f.stderr [lines] (writes that many stderr
 lines, then returns), f.where (returns its interpreter's prefix, its working directory and the
-FAULT_TAG variable).
+FAULT_TAG variable), f.note [..., path] (appends its args as a JSON line to the file `path`, a
+canvas test's witness).
 """
 
 import json
@@ -195,6 +196,11 @@ def run_task(id_, params):
         elif name == "f.garbage":
             raw("this is not json\n")
             reply(id_, "ok")
+        elif name == "f.note":
+            # Appends its args as a JSON line to the file its last argument names.
+            with open(args[-1], "a") as f:
+                f.write(json.dumps(args) + "\n")
+            reply(id_, len(args))
         elif name == "f.raise":
             error(id_, -32000, "ValueError", "bad value: %r" % (args,))
         elif name == "f.progress":
@@ -219,7 +225,7 @@ def declared_tasks():
     names = ["f.ok", "f.pid", "f.sleep", "f.sleep_nocancel", "f.crash", "f.crash_once", "f.exit",
              "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr", "f.where",
              "f.string_id", "f.bad_utf8", "f.huge_then_answer", "f.block", "f.stderr_flood",
-             "f.garbage_flood", "f.request_flood", "f.env", "f.spin", "f.escape", "f.escape_clean", "f.write", "f.fs"]
+             "f.garbage_flood", "f.request_flood", "f.env", "f.spin", "f.escape", "f.escape_clean", "f.write", "f.fs", "f.note"]
     if ENV("FAULT_HANDSHAKE") == "extra_task":
         names.append("f.undeclared")
     return [{"name": n} for n in names]

@@ -5,7 +5,7 @@
 use super::ledger::Arrival;
 use super::publish::Delivered;
 use super::value::table_to_json;
-use super::{monitor, ActiveInfo, SourceState};
+use super::{monitor, workflow, ActiveInfo, SourceState};
 use crate::dispatch::TaskUpdate;
 use crate::metrics::Settled;
 use crate::source::celery::{self, state, CeleryTask, Envelope};
@@ -182,6 +182,7 @@ pub(super) async fn handle(
                     monitor::announce_start(&shared, &task);
                     let began = std::time::Instant::now();
                     let settlement = run_and_settle(&shared, &task, &info).await;
+                    let settlement = workflow::carry_on(&shared, &task, settlement).await;
                     monitor::announce_end(&shared, &task, &settlement, began.elapsed());
                     settlement
                 }

@@ -20,6 +20,7 @@ mod revoked;
 mod task_controls;
 pub mod tls;
 mod value;
+mod workflow;
 
 use crate::dispatch::Dispatcher;
 use lapin::Acker;

@@ -138,6 +138,58 @@ impl SourceState {
         }
     }
 
+    /// Publishes a task message (a chain's next step, a callback, an errback) until the broker
+    /// confirms it, across reconnects; false only if the worker stopped for good first.
+    pub(super) async fn publish_task(&self, message: &crate::source::canvas::Outgoing) -> bool {
+        let mut headers = lapin::types::FieldTable::default();
+        for (k, v) in &message.headers {
+            headers.insert(k.as_str().into(), super::value::json_to_amqp(v));
+        }
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_correlation_id(message.id.as_str().into())
+            .with_headers(headers)
+            .with_delivery_mode(2)
+            .with_priority(message.priority.unwrap_or(0));
+        if let Some(reply_to) = &message.reply_to {
+            props = props.with_reply_to(reply_to.as_str().into());
+        }
+        let body = serde_json::to_vec(&message.body).expect("a task body serializes");
+        let mut channels = self.results.subscribe();
+        let mut failed_on = None;
+        loop {
+            let Some((n, channel)) = self.channel(&mut channels, failed_on).await else {
+                return false;
+            };
+            let sent = channel
+                .basic_publish(
+                    message.exchange.as_str().into(),
+                    message.routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props.clone(),
+                )
+                .await;
+            match sent {
+                Ok(pending) => match pending.await {
+                    Ok(Confirmation::Nack(_)) => {
+                        tracing::warn!(task_id = %message.id, "the broker refused (nack) a workflow step; publishing it again");
+                    }
+                    Ok(_) => return true,
+                    Err(e) => {
+                        tracing::warn!(task_id = %message.id, "a workflow step was published but the connection closed before the broker confirmed it ({e}); publishing it again after reconnecting");
+                        failed_on = Some(n);
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(task_id = %message.id, "cannot publish a workflow step ({e}); publishing it after reconnecting");
+                    failed_on = Some(n);
+                }
+            }
+        }
+    }
+
     /// Publishes a progress or stream state, waiting for a connection if there is none.
     pub(super) async fn publish_event(&self, reply_to: &str, correlation_id: &str, body: &[u8]) {
         let mut channels = self.results.subscribe();

@@ -1,0 +1,476 @@
+//! Celery's canvas as a worker carries it on (pure functions; the AMQP source publishes what
+//! they return): after a success, each `link` callback and the next step of a `chain`, with the
+//! result prepended to its arguments; after a failure, the rest of the chain fails with the same
+//! exception and each `link_error` errback is sent the failed task's id. A `group` inside a
+//! chain or among the callbacks sends each of its members. Chords need a result backend that
+//! counts their parts (Celery's own client refuses them over rpc://), so a chord step is failed
+//! with a message that says so.
+
+use super::celery::{CeleryTask, DecodeError};
+use serde_json::{json, Map, Value};
+use std::time::{Duration, SystemTime};
+
+/// A serialized signature (`celery.canvas.Signature` as JSON).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Signature {
+    pub task: String,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    pub options: Map<String, Value>,
+    /// `group`, `chain`, `chord`, ... for composites; `None` for a plain task.
+    pub subtask_type: Option<String>,
+    /// `.si()`: never given the parent's result.
+    pub immutable: bool,
+}
+
+/// The workflow steps a protocol 2 message carries (its body's third element).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Embed {
+    pub callbacks: Vec<Signature>,
+    pub errbacks: Vec<Signature>,
+    /// The rest of the chain, reversed: the last element runs next.
+    pub chain: Vec<Signature>,
+    /// Set on the members of a chord's header: the chord's body.
+    pub chord: Option<Value>,
+}
+
+fn shape(msg: String) -> DecodeError {
+    DecodeError::Shape(msg)
+}
+
+impl Signature {
+    pub fn from_json(v: &Value, at: &str) -> Result<Signature, DecodeError> {
+        let Value::Object(o) = v else {
+            return Err(shape(format!("{at} must be a signature object")));
+        };
+        let task = o
+            .get("task")
+            .and_then(Value::as_str)
+            .ok_or_else(|| shape(format!("{at}: `task` must be a string")))?;
+        let field = |k: &str| o.get(k).filter(|v| !v.is_null());
+        Ok(Signature {
+            task: task.to_string(),
+            args: match field("args") {
+                None => Vec::new(),
+                Some(Value::Array(a)) => a.clone(),
+                Some(_) => return Err(shape(format!("{at}: `args` must be an array"))),
+            },
+            kwargs: match field("kwargs") {
+                None => Map::new(),
+                Some(Value::Object(k)) => k.clone(),
+                Some(_) => return Err(shape(format!("{at}: `kwargs` must be an object"))),
+            },
+            options: match field("options") {
+                None => Map::new(),
+                Some(Value::Object(k)) => k.clone(),
+                Some(_) => return Err(shape(format!("{at}: `options` must be an object"))),
+            },
+            subtask_type: field("subtask_type")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            immutable: field("immutable").and_then(Value::as_bool).unwrap_or(false),
+        })
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "task": self.task, "args": self.args, "kwargs": self.kwargs, "options": self.options,
+            "subtask_type": self.subtask_type, "immutable": self.immutable,
+        })
+    }
+
+    fn option_str(&self, key: &str) -> Option<&str> {
+        self.options
+            .get(key)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    }
+
+    /// The signatures an option holds (`link`, `link_error`): one, a list, or none.
+    fn option_signatures(&self, key: &str) -> Vec<Value> {
+        match self.options.get(key) {
+            Some(Value::Array(a)) => a.clone(),
+            Some(v @ Value::Object(_)) => vec![v.clone()],
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn signatures(v: Option<&Value>, at: &str) -> Result<Vec<Signature>, DecodeError> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Signature::from_json(s, &format!("{at}[{i}]")))
+            .collect(),
+        Some(_) => Err(shape(format!("{at} must be a list of signatures"))),
+    }
+}
+
+impl Embed {
+    /// Reads a v2 body's third element; `null` or absent is an empty embed.
+    pub fn from_json(v: Option<&Value>) -> Result<Embed, DecodeError> {
+        let o = match v {
+            None | Some(Value::Null) => return Ok(Embed::default()),
+            Some(Value::Object(o)) => o,
+            Some(_) => return Err(shape("body[2] (embed) must be an object".into())),
+        };
+        Ok(Embed {
+            callbacks: signatures(o.get("callbacks"), "embed.callbacks")?,
+            errbacks: signatures(o.get("errbacks"), "embed.errbacks")?,
+            chain: signatures(o.get("chain"), "embed.chain")?,
+            chord: o.get("chord").filter(|c| !c.is_null()).cloned(),
+        })
+    }
+}
+
+/// A task message to publish, in Celery's protocol 2.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub id: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub headers: Map<String, Value>,
+    pub reply_to: Option<String>,
+    pub priority: Option<u8>,
+    pub body: Value,
+}
+
+/// A remaining chain step that fails with its parent: its id and where its client waits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failed {
+    pub id: String,
+    pub reply_to: String,
+}
+
+/// Where the message of a step goes, and what this worker knows of its parent.
+pub struct Context<'a> {
+    pub parent: &'a CeleryTask,
+    /// This worker's node name (the `origin` header).
+    pub node: &'a str,
+    /// The queue for a step whose options name none (Celery's `task_default_queue`).
+    pub default_queue: &'a str,
+}
+
+impl Context<'_> {
+    fn root_id(&self) -> String {
+        self.parent
+            .root_id
+            .clone()
+            .unwrap_or_else(|| self.parent.id.clone())
+    }
+
+    /// The message for `sig` applied with `prepend` before its own arguments (unless it is
+    /// immutable), `chain` as its remaining chain, and `group` as `(group id, index)`.
+    fn message(
+        &self,
+        sig: &Signature,
+        prepend: &[Value],
+        chain: &[Signature],
+        group: Option<(&str, usize)>,
+    ) -> Outgoing {
+        let id = sig
+            .option_str("task_id")
+            .map(str::to_string)
+            .unwrap_or_else(new_id);
+        let args: Vec<Value> = match sig.immutable {
+            true => sig.args.clone(),
+            false => prepend.iter().chain(&sig.args).cloned().collect(),
+        };
+        let group_id = group
+            .map(|(g, _)| g.to_string())
+            .or_else(|| sig.option_str("group_id").map(str::to_string));
+        let group_index = group
+            .map(|(_, i)| json!(i))
+            .or_else(|| sig.options.get("group_index").cloned())
+            .unwrap_or(Value::Null);
+        let number = |k: &str| sig.options.get(k).and_then(Value::as_f64);
+        let eta = number("countdown")
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(|s| iso(SystemTime::now() + Duration::from_secs_f64(s.min(MAX_DELAY))))
+            .or_else(|| sig.option_str("eta").map(str::to_string));
+        let expires = match sig.options.get("expires") {
+            Some(Value::Number(n)) => n
+                .as_f64()
+                .map(|s| iso(SystemTime::now() + Duration::from_secs_f64(s.clamp(0.0, MAX_DELAY)))),
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let name = sig.task.clone();
+        let headers = json!({
+            "lang": "py", "task": name, "id": id, "shadow": sig.option_str("shadow"),
+            "eta": eta, "expires": expires, "group": group_id, "group_index": group_index,
+            "retries": 0, "timelimit": [number("time_limit"), number("soft_time_limit")],
+            "root_id": self.root_id(), "parent_id": self.parent.id,
+            "argsrepr": super::pyrepr::args_repr(&args), "kwargsrepr": super::pyrepr::kwargs_repr(&sig.kwargs),
+            "origin": self.node, "ignore_result": sig.options.get("ignore_result").and_then(Value::as_bool).unwrap_or(false),
+            "replaced_task_nesting": 0, "stamped_headers": null, "stamps": {},
+        });
+        let listed = |v: Vec<Value>| (!v.is_empty()).then_some(Value::Array(v));
+        let embed = json!({
+            "callbacks": listed(sig.option_signatures("link")),
+            "errbacks": listed(sig.option_signatures("link_error")),
+            "chain": chain.iter().map(Signature::to_json).collect::<Vec<_>>(),
+            "chord": sig.options.get("chord").filter(|c| !c.is_null()),
+        });
+        let (exchange, routing_key) = match (
+            sig.option_str("exchange"),
+            sig.option_str("routing_key"),
+            sig.option_str("queue"),
+        ) {
+            (Some(e), Some(k), _) => (e.to_string(), k.to_string()),
+            (_, _, Some(q)) => (String::new(), q.to_string()),
+            (_, Some(k), None) => (String::new(), k.to_string()),
+            _ => (String::new(), self.default_queue.to_string()),
+        };
+        Outgoing {
+            id,
+            exchange,
+            routing_key,
+            headers: match headers {
+                Value::Object(h) => h,
+                _ => unreachable!("a json object"),
+            },
+            reply_to: sig.option_str("reply_to").map(str::to_string),
+            priority: sig
+                .options
+                .get("priority")
+                .and_then(Value::as_u64)
+                .map(|p| p.min(255) as u8),
+            body: json!([args, sig.kwargs, embed]),
+        }
+    }
+
+    /// `sig` applied with `prepend`: a group sends each member (under the group's id, in
+    /// order), a plain signature one message. A chord cannot be carried on (see the module).
+    fn apply(
+        &self,
+        sig: &Signature,
+        prepend: &[Value],
+        chain: &[Signature],
+    ) -> Result<Vec<Outgoing>, String> {
+        match sig.subtask_type.as_deref() {
+            None => Ok(vec![self.message(sig, prepend, chain, None)]),
+            Some("group") => {
+                let members = signatures(sig.kwargs.get("tasks"), "group.kwargs.tasks")
+                    .map_err(|e| e.to_string())?;
+                let group_id = sig.option_str("task_id").map(str::to_string).unwrap_or_else(new_id);
+                Ok(members
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| self.message(m, prepend, &[], Some((&group_id, i))))
+                    .collect())
+            }
+            Some(other) => Err(format!(
+                "a `{other}` step ({}) cannot be carried on by this worker: chords need a result backend that counts their parts (Redis), and this worker answers through rpc://",
+                sig.task
+            )),
+        }
+    }
+}
+
+/// Longest countdown or expiry accepted from a signature (30 days), so no time can overflow.
+const MAX_DELAY: f64 = crate::task::MAX_DURATION_SECS;
+
+fn iso(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// What follows a success: the `link` callbacks (several plain ones as one group, each member
+/// with its index, as Celery sends them), then the next chain step with the rest of the chain.
+/// An error names a step that cannot be carried on.
+pub fn after_success(cx: &Context, result: &Value) -> Result<Vec<Outgoing>, String> {
+    let embed = &cx.parent.embed;
+    let prepend = [result.clone()];
+    let mut out = Vec::new();
+    let (groups, plain): (Vec<&Signature>, Vec<&Signature>) = embed
+        .callbacks
+        .iter()
+        .partition(|s| s.subtask_type.is_some());
+    match plain.as_slice() {
+        [] => {}
+        [one] => out.extend(cx.apply(one, &prepend, &[])?),
+        several => {
+            let group_id = new_id();
+            for (i, cb) in several.iter().enumerate() {
+                out.push(cx.message(cb, &prepend, &[], Some((&group_id, i))));
+            }
+        }
+    }
+    for g in groups {
+        out.extend(cx.apply(g, &prepend, &[])?);
+    }
+    if let Some((next, rest)) = embed.chain.split_last() {
+        out.extend(cx.apply(next, &prepend, rest)?);
+    }
+    Ok(out)
+}
+
+/// What follows a failure: every remaining chain step with a frozen id and a reply queue fails
+/// with the same exception (its client may wait on the last one), and the errbacks are sent
+/// the failed task's id, as one group.
+pub fn after_failure(cx: &Context) -> (Vec<Failed>, Vec<Outgoing>) {
+    let embed = &cx.parent.embed;
+    let failed = embed
+        .chain
+        .iter()
+        .filter_map(|s| {
+            Some(Failed {
+                id: s.option_str("task_id")?.to_string(),
+                reply_to: s.option_str("reply_to")?.to_string(),
+            })
+        })
+        .collect();
+    let prepend = [json!(cx.parent.id)];
+    let group_id = new_id();
+    let errbacks = embed
+        .errbacks
+        .iter()
+        .enumerate()
+        .map(|(i, eb)| cx.message(eb, &prepend, &[], Some((&group_id, i))))
+        .collect();
+    (failed, errbacks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sig(task: &str, extra: Value) -> Value {
+        let mut s = json!({"task": task, "args": [], "kwargs": {}, "options": {}, "subtask_type": null, "immutable": false});
+        s.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        s
+    }
+
+    fn parent(embed: Value) -> CeleryTask {
+        CeleryTask {
+            id: "p".into(),
+            name: "a".into(),
+            root_id: Some("r".into()),
+            embed: Embed::from_json(Some(&embed)).unwrap(),
+            ..CeleryTask::default()
+        }
+    }
+
+    fn cx(p: &CeleryTask) -> Context<'_> {
+        Context {
+            parent: p,
+            node: "w@h",
+            default_queue: "celery",
+        }
+    }
+
+    #[test]
+    fn the_next_chain_step_gets_the_result_and_the_rest_of_the_chain() {
+        let c = sig(
+            "c",
+            json!({"immutable": true, "args": [5], "options": {"task_id": "idc", "reply_to": "rq"}}),
+        );
+        let b = sig(
+            "b",
+            json!({"args": [3], "options": {"task_id": "idb", "reply_to": "rq", "queue": "q2"}}),
+        );
+        let p = parent(json!({"chain": [c, b]}));
+        let out = after_success(&cx(&p), &json!(3)).unwrap();
+        assert_eq!(out.len(), 1);
+        let m = &out[0];
+        assert_eq!(
+            (m.id.as_str(), m.exchange.as_str(), m.routing_key.as_str()),
+            ("idb", "", "q2")
+        );
+        assert_eq!(m.reply_to.as_deref(), Some("rq"));
+        assert_eq!(m.body[0], json!([3, 3]), "the result first");
+        assert_eq!(
+            m.body[2]["chain"][0]["task"], "c",
+            "the rest of the chain goes along"
+        );
+        assert_eq!(m.headers["parent_id"], "p");
+        assert_eq!(m.headers["root_id"], "r");
+        assert_eq!(m.headers["argsrepr"], "(3, 3)");
+
+        // The last step: immutable keeps its own args, and nothing follows it.
+        let p = parent(json!({"chain": [sig("c", json!({"immutable": true, "args": [5]}))]}));
+        let out = after_success(&cx(&p), &json!(8)).unwrap();
+        assert_eq!(out[0].body[0], json!([5]));
+        assert_eq!(out[0].body[2]["chain"], json!([]));
+        assert_eq!(out[0].routing_key, "celery", "no queue: the default one");
+    }
+
+    #[test]
+    fn several_callbacks_go_as_one_group_and_groups_send_each_member() {
+        let p = parent(json!({"callbacks": [sig("x", json!({})), sig("y", json!({"args": [1]}))]}));
+        let out = after_success(&cx(&p), &json!("r")).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].headers["group"], out[1].headers["group"]);
+        assert_eq!(
+            (
+                out[0].headers["group_index"].clone(),
+                out[1].headers["group_index"].clone()
+            ),
+            (json!(0), json!(1))
+        );
+        assert_eq!(out[1].body[0], json!(["r", 1]));
+
+        let members: Vec<Value> = (0..3).map(|i| sig("m", json!({"args": [i]}))).collect();
+        let g = sig(
+            "celery.group",
+            json!({"subtask_type": "group", "kwargs": {"tasks": members}, "options": {"task_id": "G"}}),
+        );
+        let p = parent(json!({"chain": [g]}));
+        let out = after_success(&cx(&p), &json!(10)).unwrap();
+        assert_eq!(out.len(), 3);
+        assert!(out.iter().all(|m| m.headers["group"] == "G"));
+        assert_eq!(out[2].body[0], json!([10, 2]));
+
+        let chord = sig("celery.chord", json!({"subtask_type": "chord"}));
+        let p = parent(json!({"chain": [chord]}));
+        let e = after_success(&cx(&p), &json!(1)).unwrap_err();
+        assert!(e.contains("chord") && e.contains("Redis"), "{e}");
+    }
+
+    #[test]
+    fn a_failure_fails_the_rest_of_the_chain_and_sends_errbacks_the_id() {
+        let c = sig(
+            "c",
+            json!({"options": {"task_id": "idc", "reply_to": "rq"}}),
+        );
+        let b = sig(
+            "b",
+            json!({"options": {"task_id": "idb", "reply_to": "rq"}}),
+        );
+        let eb = sig("on_err", json!({"args": ["extra"]}));
+        let p = parent(json!({"chain": [c, b], "errbacks": [eb]}));
+        let (failed, errbacks) = after_failure(&cx(&p));
+        assert_eq!(
+            failed,
+            vec![
+                Failed {
+                    id: "idc".into(),
+                    reply_to: "rq".into()
+                },
+                Failed {
+                    id: "idb".into(),
+                    reply_to: "rq".into()
+                }
+            ]
+        );
+        assert_eq!(errbacks.len(), 1);
+        assert_eq!(errbacks[0].body[0], json!(["p", "extra"]));
+        assert_eq!(errbacks[0].headers["group_index"], 0);
+    }
+
+    #[test]
+    fn embeds_are_read_strictly() {
+        assert_eq!(Embed::from_json(None).unwrap(), Embed::default());
+        assert!(Embed::from_json(Some(&json!([1]))).is_err());
+        assert!(Embed::from_json(Some(&json!({"chain": [{"args": []}]}))).is_err());
+        assert!(Embed::from_json(Some(&json!({"callbacks": "x"}))).is_err());
+    }
+}
