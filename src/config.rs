@@ -74,6 +74,11 @@ pub struct Config {
     /// Celery worker with `-E`; the `enable_events` control command turns them on at run time.
     #[serde(alias = "worker_send_task_events")]
     pub task_events: bool,
+    /// Where Celery task results go: `rpc://` (each client's reply queue, the default) or a
+    /// Redis URL, `redis://host:6379/0`, stored as Celery's Redis backend stores them.
+    pub result_backend: String,
+    /// Seconds a result stays in the Redis backend (Celery's `result_expires`); 0 keeps it.
+    pub result_expires: f64,
 }
 
 /// How the worker declares the task queues.
@@ -121,6 +126,8 @@ impl Default for Config {
             control_idle_timeout: 300.0,
             metrics_listen: None,
             task_events: false,
+            result_backend: "rpc://".into(),
+            result_expires: 86400.0,
             plugin_user: None,
             cgroup: "auto".into(),
         }
@@ -201,6 +208,23 @@ impl Config {
                 return Err(format!("key `plugin_user`: `{user}` is not a non-root user name; plugins run as root only when their plugin.toml says `user = \"root\"`"));
             }
         }
+        if self.result_backend != "rpc://" {
+            if !self.result_backend.starts_with("redis://") {
+                return Err(format!(
+                    "key `result_backend`: `{}` is not rpc:// or a redis:// URL",
+                    self.redis_backend_shown()
+                ));
+            }
+            crate::source::redis_backend::RedisBackend::new(&self.result_backend, None)?;
+        }
+        if !(self.result_expires.is_finite()
+            && (0.0..=crate::task::MAX_DURATION_SECS * 12.0).contains(&self.result_expires))
+        {
+            return Err(format!(
+                "key `result_expires`: {} is not a number of seconds from 0 (keep results) to 31104000 (a year)",
+                self.result_expires
+            ));
+        }
         if !matches!(self.cgroup.as_str(), "auto" | "off") && !Path::new(&self.cgroup).is_absolute()
         {
             return Err(format!(
@@ -231,6 +255,26 @@ impl Config {
 
     pub fn result_retry_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.result_retry_timeout)
+    }
+
+    /// The Redis result backend's URL, `None` for rpc://.
+    pub fn redis_backend(&self) -> Option<&str> {
+        (self.result_backend != "rpc://").then_some(self.result_backend.as_str())
+    }
+
+    /// `result_backend` without a password, for messages.
+    fn redis_backend_shown(&self) -> String {
+        match (
+            self.result_backend.find("://"),
+            self.result_backend.rfind('@'),
+        ) {
+            (Some(s), Some(at)) if at > s => format!(
+                "{}://{}",
+                &self.result_backend[..s],
+                &self.result_backend[at + 1..]
+            ),
+            _ => self.result_backend.clone(),
+        }
     }
 }
 

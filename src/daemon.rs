@@ -365,6 +365,8 @@ fn amqp_options(
         result_retry_timeout: config.result_retry_timeout(),
         tls,
         task_events: config.task_events,
+        result_backend: config.redis_backend().map(str::to_string),
+        result_expires: config.result_expires as u64,
     }
 }
 

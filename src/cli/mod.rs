@@ -123,6 +123,12 @@ pub struct CommonArgs {
         value_name = "ADDR"
     )]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where Celery results go: rpc:// or redis://host:6379/0 (`result_backend`)
+    #[arg(long, env = "WORKER_RESULT_BACKEND", global = true, value_name = "URL")]
+    pub result_backend: Option<String>,
+    /// Seconds a result stays in the Redis backend, 0 to keep it (`result_expires`)
+    #[arg(long, env = "WORKER_RESULT_EXPIRES", global = true)]
+    pub result_expires: Option<f64>,
     /// Send Celery task events for Flower and `celery events` (`task_events`), as Celery's `-E`
     #[arg(short = 'E', long, env = "WORKER_TASK_EVENTS", global = true)]
     pub task_events: bool,
@@ -259,6 +265,12 @@ impl CommonArgs {
         }
         if self.task_events {
             c.task_events = true;
+        }
+        if let Some(v) = &self.result_backend {
+            c.result_backend = v.clone();
+        }
+        if let Some(v) = self.result_expires {
+            c.result_expires = v;
         }
         if let Some(v) = &self.plugin_user {
             c.plugin_user = Some(v.clone());

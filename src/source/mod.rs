@@ -7,3 +7,4 @@ pub mod canvas;
 pub mod celery;
 pub mod pidbox;
 pub mod pyrepr;
+pub mod redis_backend;

@@ -6,6 +6,9 @@
                                                            its outcome when it comes
     client.py QUEUE depth                                  {"messages": ready messages in QUEUE}
     client.py QUEUE delete                                 delete QUEUE and its exchange
+    client.py QUEUE send_many NAME ARGS_JSON N             send N tasks, wait for none; prints {"ids": [...]}
+    client.py QUEUE collect IDS_FILE                       the outcome of each id in the JSON file (a result
+                                                           backend any process can read, e.g. Redis)
     client.py QUEUE canvas SCENARIO [PATH]                 a workflow through the worker (see `canvas`)
     client.py QUEUE messages NAME ARGS_JSON [KWARGS_JSON]  also every state message seen by on_message
     client.py QUEUE batch NAME ARGS_JSON N                 N tasks; "got I" per result, then a summary
@@ -96,6 +99,17 @@ def main():
             conn.default_channel.queue_delete(queue)
             conn.default_channel.exchange_delete(queue)
         print(json.dumps({"ok": True}), flush=True)
+    elif command == "send_many":
+        ids = [send(queue, rest[0], json.loads(rest[1])).id for _ in range(int(rest[2]))]
+        print(json.dumps({"ids": ids}), flush=True)
+    elif command == "collect":
+        ids = json.load(open(rest[0]))
+        failed = []
+        for task_id in ids:
+            out = outcome(lambda: app.AsyncResult(task_id).get(timeout=TIMEOUT))
+            if "ok" not in out:
+                failed.append(out)
+        print(json.dumps({"ok": len(ids) - len(failed), "failed": failed}), flush=True)
     elif command == "canvas":
         print(json.dumps(canvas(queue, rest[0], rest[1] if len(rest) > 1 else None)), flush=True)
     elif command == "messages":

@@ -113,6 +113,11 @@ pub fn flower_python(test: &str) -> PathBuf {
     celery_venv_with(test, "flower", "flower>=2,<3")
 }
 
+/// The Celery venv's Python with the Redis client Celery's Redis backend uses (`redis`).
+pub fn redis_python(test: &str) -> PathBuf {
+    celery_venv_with(test, "redis", "redis>=4.5")
+}
+
 /// The Celery venv's Python with `module` importable, pip-installing `requirement` on first use.
 fn celery_venv_with(test: &str, module: &str, requirement: &str) -> PathBuf {
     let python = ensure_celery(test);
@@ -220,6 +225,8 @@ pub struct Lane {
     pub queue: String,
     pub node: String,
     pub python: PathBuf,
+    /// The clients' `RESULT_BACKEND` (see `tests/celery/capp.py`); unset: rpc://.
+    pub result_backend: Option<String>,
 }
 
 impl Lane {
@@ -229,6 +236,7 @@ impl Lane {
             queue: format!("t.{tag}"),
             node: format!("{tag}@test"),
             python,
+            result_backend: None,
         }
     }
 
@@ -245,6 +253,9 @@ impl Lane {
             .current_dir(repo().join("tests/celery"))
             .env("BROKER_URL", BROKER)
             .stdin(Stdio::null());
+        if let Some(b) = &self.result_backend {
+            cmd.env("RESULT_BACKEND", b);
+        }
         cmd
     }
 
@@ -385,4 +396,87 @@ pub fn node_checksum_plugin(plugins: &Path, root: &Path) {
         modules.display().to_string()
     );
     super::write_manifest(&dir, &text);
+}
+
+/// A private `redis-server` on a free port with its data in a temp dir, for one test: it can be
+/// stopped (saving its data, as a restart keeps it) and started again. Killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut r = RedisServer {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        r.resume();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// `redis-cli -p PORT ARGS`: its stdout, trimmed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs (Debian's redis-tools)");
+        text(&out.stdout).trim().to_string()
+    }
+
+    /// Starts the server (again) and waits until it answers.
+    pub fn resume(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (Debian's redis-server; .ci/run installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        // Each look is a redis-cli process, which paces the looks.
+        while self.cli(&["ping"]) != "PONG" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+        }
+    }
+
+    /// Stops the server, saving its data first (a restart loads it back).
+    pub fn stop(&mut self) {
+        self.cli(&["shutdown", "save"]);
+        if let Some(mut c) = self.child.take() {
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

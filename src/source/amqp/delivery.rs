@@ -390,12 +390,14 @@ async fn run(
             hostname: None,
         },
     };
-    let reporting = task.reply_to.clone().filter(|_| !task.ignore_result);
+    let reporting = !task.ignore_result;
     let mut run = shared.dispatcher.submit(request);
     loop {
         match run.next().await {
             Some(TaskUpdate::Event(ev)) => {
-                publish_event(shared, task, reporting.as_deref(), ev).await
+                if reporting {
+                    publish_event(shared, task, ev).await
+                }
             }
             Some(TaskUpdate::Done(outcome)) => return outcome,
             None => unreachable!("a task run ends with Done"),
@@ -422,10 +424,15 @@ async fn finish(shared: &SourceState, task: &CeleryTask, acker: &Acker, settleme
             reject,
         } => (status, result, traceback, reject),
     };
-    if let (Some(reply_to), false) = (&task.reply_to, task.ignore_result) {
+    if !task.ignore_result {
         let body = celery::result_body(&task.id, status, result, traceback.as_deref());
         let delivered = shared
-            .publish_final(&task.id, reply_to, &task.correlation_id, &body)
+            .deliver_final(
+                &task.id,
+                task.reply_to.as_deref(),
+                &task.correlation_id,
+                &body,
+            )
             .await;
         if delivered == Delivered::GaveUp {
             tracing::warn!(task_id = %task.id, "gave up publishing the result at shutdown; the message is left unacked for redelivery");
@@ -446,13 +453,7 @@ async fn finish(shared: &SourceState, task: &CeleryTask, acker: &Acker, settleme
 }
 
 /// Progress and streamed items become custom-state messages, in order, before the final state.
-async fn publish_event(
-    shared: &SourceState,
-    task: &CeleryTask,
-    reply_to: Option<&str>,
-    ev: TaskEvent,
-) {
-    let Some(reply_to) = reply_to else { return };
+async fn publish_event(shared: &SourceState, task: &CeleryTask, ev: TaskEvent) {
     let (status, meta) = match ev {
         TaskEvent::Progress {
             done,
@@ -466,7 +467,12 @@ async fn publish_event(
     };
     let body = celery::result_body(&task.id, status, meta, None);
     shared
-        .publish_event(reply_to, &task.correlation_id, &body)
+        .deliver_event(
+            &task.id,
+            task.reply_to.as_deref(),
+            &task.correlation_id,
+            &body,
+        )
         .await;
 }
 

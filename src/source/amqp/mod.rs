@@ -57,6 +57,11 @@ pub struct AmqpOptions {
     pub tls: tls::BrokerTls,
     /// Send Celery's `task-*` events from the start (`-E`); worker heartbeats go always.
     pub task_events: bool,
+    /// `redis://...` to store results in Redis as Celery's Redis backend does; `None` answers
+    /// through rpc:// (reply queues).
+    pub result_backend: Option<String>,
+    /// Seconds a result stays in Redis (`result_expires`; 0 keeps it).
+    pub result_expires: u64,
 }
 
 /// A running AMQP source.
@@ -67,7 +72,12 @@ pub struct AmqpSource {
 
 impl AmqpSource {
     pub fn start(options: AmqpOptions, dispatcher: Arc<Dispatcher>) -> AmqpSource {
+        let redis = options.result_backend.as_deref().map(|url| {
+            crate::source::redis_backend::RedisBackend::new(url, Some(options.result_expires))
+                .expect("result_backend was checked with the config")
+        });
         let shared = Arc::new(SourceState {
+            redis,
             monitor: monitor::Monitor::new(options.task_events),
             controls: task_controls::TaskControls::default(),
             queues: watch::channel(options.queues.iter().map(|q| QueueSpec::named(q)).collect()).0,
@@ -151,6 +161,8 @@ pub struct SourceState {
     monitor: monitor::Monitor,
     /// Rate and time limits set by remote control.
     controls: task_controls::TaskControls,
+    /// The Redis result backend, when results go there instead of reply queues.
+    redis: Option<crate::source::redis_backend::RedisBackend>,
     /// The task queues to consume now: `queues` at start, changed by `add_consumer` and
     /// `cancel_consumer`; the live session follows it, and a new one starts from it.
     queues: watch::Sender<Vec<QueueSpec>>,

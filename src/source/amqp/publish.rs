@@ -190,8 +190,57 @@ impl SourceState {
         }
     }
 
+    /// A task's final state to where its client reads it: stored in the Redis result backend
+    /// when there is one, else published to its reply queue (nothing without one).
+    pub(super) async fn deliver_final(
+        &self,
+        task_id: &str,
+        reply_to: Option<&str>,
+        correlation_id: &str,
+        body: &[u8],
+    ) -> Delivered {
+        match (&self.redis, reply_to) {
+            (Some(redis), _) => {
+                let meta = std::str::from_utf8(body).expect("result bodies are JSON text");
+                match redis.store_final(task_id, meta, &self.finished).await {
+                    true => Delivered::Confirmed,
+                    false => Delivered::GaveUp,
+                }
+            }
+            (None, Some(reply_to)) => {
+                self.publish_final(task_id, reply_to, correlation_id, body)
+                    .await
+            }
+            (None, None) => Delivered::Confirmed,
+        }
+    }
+
+    /// A progress or stream state, best effort: stored once in Redis, or published to the
+    /// reply queue.
+    pub(super) async fn deliver_event(
+        &self,
+        task_id: &str,
+        reply_to: Option<&str>,
+        correlation_id: &str,
+        body: &[u8],
+    ) {
+        match (&self.redis, reply_to) {
+            (Some(redis), _) => {
+                let meta = std::str::from_utf8(body).expect("result bodies are JSON text");
+                if let Err(e) = redis.store(task_id, meta).await {
+                    tracing::debug!(
+                        task_id,
+                        "cannot store a progress state in Redis ({e}); dropped"
+                    );
+                }
+            }
+            (None, Some(reply_to)) => self.publish_event(reply_to, correlation_id, body).await,
+            (None, None) => {}
+        }
+    }
+
     /// Publishes a progress or stream state, waiting for a connection if there is none.
-    pub(super) async fn publish_event(&self, reply_to: &str, correlation_id: &str, body: &[u8]) {
+    async fn publish_event(&self, reply_to: &str, correlation_id: &str, body: &[u8]) {
         let mut channels = self.results.subscribe();
         let mut failed_on = None;
         loop {

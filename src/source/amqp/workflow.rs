@@ -88,7 +88,7 @@ async fn fail_the_rest(
     for step in failed {
         let body = celery::result_body(&step.id, state::FAILURE, failure.clone(), traceback);
         let delivered = shared
-            .publish_final(&step.id, &step.reply_to, &step.id, &body)
+            .deliver_final(&step.id, Some(&step.reply_to), &step.id, &body)
             .await;
         if delivered == Delivered::GaveUp {
             return false;

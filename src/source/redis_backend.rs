@@ -1,0 +1,141 @@
+//! Celery's Redis result backend (`result_backend = "redis://host:6379/0"`), written as
+//! Celery's `RedisBackend` writes it, so a client configured with `backend="redis://..."` reads
+//! results, failures and custom states (`PROGRESS`, `STREAM`) through `AsyncResult.state`,
+//! `.info`, `.get()` and `get(on_message=...)`:
+//!
+//! - a state is the JSON meta under `celery-task-meta-<id>`, set with the `result_expires` TTL
+//!   and `PUBLISH`ed on the channel of the same name in one `MULTI`; a stored `SUCCESS` is
+//!   never overwritten;
+//! - a final state is retried with backoff while Redis is away, until stored (the task's
+//!   message stays unacked meanwhile), so an outage delays results and loses none.
+
+use redis::aio::ConnectionManager;
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+/// First wait before storing a final state again after Redis failed; it doubles up to the max.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The key (and pub/sub channel) of a task's state.
+pub fn task_key(task_id: &str) -> String {
+    format!("celery-task-meta-{task_id}")
+}
+
+/// A Redis result backend: one auto-reconnecting connection, made on first use.
+pub struct RedisBackend {
+    client: redis::Client,
+    url: String,
+    /// `result_expires`: the TTL of stored states; `None` keeps them.
+    expires: Option<u64>,
+    connection: Mutex<Option<ConnectionManager>>,
+}
+
+impl RedisBackend {
+    /// Checks the URL; connects on first use.
+    pub fn new(url: &str, expires: Option<u64>) -> Result<RedisBackend, String> {
+        let client = redis::Client::open(url).map_err(|e| {
+            format!(
+                "key `result_backend`: `{}` is not a Redis URL ({e}); use redis://host:6379/0",
+                redact(url)
+            )
+        })?;
+        Ok(RedisBackend {
+            client,
+            url: redact(url),
+            expires: expires.filter(|s| *s > 0),
+            connection: Mutex::new(None),
+        })
+    }
+
+    /// The URL without its password, for logs.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        let mut slot = self.connection.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = ConnectionManager::new(self.client.clone()).await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Stores `meta` (JSON) as task `task_id`'s state and publishes it, unless a `SUCCESS` is
+    /// stored already (then nothing changes, as in Celery).
+    pub async fn store(&self, task_id: &str, meta: &str) -> redis::RedisResult<()> {
+        let mut c = self.connection().await?;
+        let key = task_key(task_id);
+        let stored: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
+        if stored.is_some_and(|s| is_success(&s)) {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match self.expires {
+            Some(ttl) => pipe.cmd("SETEX").arg(&key).arg(ttl).arg(meta).ignore(),
+            None => pipe.cmd("SET").arg(&key).arg(meta).ignore(),
+        };
+        pipe.cmd("PUBLISH").arg(&key).arg(meta).ignore();
+        pipe.query_async::<()>(&mut c).await
+    }
+
+    /// Stores a final state, retrying with backoff while Redis fails, until it is stored
+    /// (true) or `stop` fires first (false: the caller leaves the task's message unacked).
+    pub async fn store_final(&self, task_id: &str, meta: &str, stop: &CancellationToken) -> bool {
+        let mut wait = RETRY_MIN;
+        let mut failures = 0u32;
+        loop {
+            match self.store(task_id, meta).await {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(task_id, backend = %self.url, "result stored after {failures} failed attempt(s)");
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(task_id, backend = %self.url, "cannot store the result in Redis ({e}); retrying in {wait:?} (attempt {failures}); the task's message stays unacked until it is stored");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.cancelled() => return false,
+            }
+            wait = (wait * 2).min(RETRY_MAX);
+        }
+    }
+}
+
+fn is_success(meta: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(meta).is_ok_and(|v| v["status"] == "SUCCESS")
+}
+
+/// `redis://user:secret@host/0` without the secret.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_and_redacted() {
+        assert!(RedisBackend::new("redis://127.0.0.1:6379/0", Some(86400)).is_ok());
+        let e = RedisBackend::new("nonsense", None).err().unwrap();
+        assert!(e.contains("key `result_backend`"), "{e}");
+        let b = RedisBackend::new("redis://:pw@127.0.0.1:6379/1", None).unwrap();
+        assert_eq!(b.url(), "redis://127.0.0.1:6379/1");
+        assert_eq!(task_key("abc"), "celery-task-meta-abc");
+        assert!(is_success(r#"{"status": "SUCCESS"}"#) && !is_success(r#"{"status": "PROGRESS"}"#));
+    }
+}

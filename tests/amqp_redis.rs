@@ -1,0 +1,89 @@
+//! The Redis result backend with the real Celery client configured `backend="redis://..."`
+//! and a real `redis-server` of the test's own: results, failures, progress and streamed
+//! items, the stored key and its TTL, and an outage mid-batch that loses no result.
+
+mod common;
+
+use common::broker::RedisServer;
+use common::*;
+use serde_json::{json, Value};
+
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_redis_backend_holds_results_failures_and_custom_states() {
+    let (mut lane, root, plugins) = setup!("amqp_redis");
+    common::broker::redis_python("amqp_redis");
+    let redis = RedisServer::start();
+    lane.result_backend = Some(redis.url());
+    common::broker::fib_plugin(&plugins);
+    let _w = lane.worker_with(
+        &plugins,
+        &root.path().join("w.sock"),
+        &["--result-backend", &redis.url()],
+    );
+
+    let out = lane.run(&["call_id", "fibonacci", "[26]"]);
+    assert_eq!(out["ok"], 121393, "{out}");
+    let key = format!("celery-task-meta-{}", out["id"].as_str().unwrap());
+    let stored: Value = serde_json::from_str(&redis.cli(&["get", &key])).unwrap();
+    assert_eq!(stored["status"], "SUCCESS");
+    assert_eq!(stored["result"], 121393);
+    let ttl: u64 = redis.cli(&["ttl", &key]).parse().unwrap();
+    assert!(
+        (86_000..=86_400).contains(&ttl),
+        "result_expires: a day by default, got {ttl}"
+    );
+
+    let out = lane.run(&["call", "fibonacci", "[-1]"]);
+    assert_eq!(out["exc_type"], "ValueError", "{out}");
+
+    let out = lane.run(&["messages", "fibonacci", "[5]", "{\"stream\": true}"]);
+    assert_eq!(out["ok"], 5, "{out}");
+    let states: Vec<&str> = out["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m[0].as_str().unwrap())
+        .collect();
+    assert!(
+        states.contains(&"STREAM") && states.contains(&"PROGRESS"),
+        "{states:?}"
+    );
+    assert_eq!(states.last(), Some(&"SUCCESS"));
+}
+
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_a_redis_outage_mid_batch_loses_no_result() {
+    let (mut lane, root, plugins) = setup!("amqp_redis_outage");
+    common::broker::redis_python("amqp_redis_outage");
+    let mut redis = RedisServer::start();
+    lane.result_backend = Some(redis.url());
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let mut w = lane.worker_with(
+        &plugins,
+        &root.path().join("w.sock"),
+        &["--result-backend", &redis.url()],
+    );
+    // 300 tasks of 20 ms on one instance: about 6 s of work for the outage to cut through.
+    let n = 300;
+    let sent = lane.run(&["send_many", "f.sleep", "[0.02]", &n.to_string()]);
+    let ids = root.path().join("ids.json");
+    std::fs::write(&ids, sent["ids"].to_string()).unwrap();
+    // Once some results are stored (each look is a redis-cli process, which paces the looks)...
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while redis.cli(&["dbsize"]).parse::<u64>().unwrap_or(0) < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no results were stored"
+        );
+    }
+    redis.stop();
+    // ...Redis is away for 3 s: the fault itself, not a wait for something to pass.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    redis.resume();
+    let out = lane.run(&["collect", &ids.display().to_string()]);
+    assert_eq!(out, json!({"ok": n, "failed": []}));
+    w.wait_log("cannot store the result in Redis");
+    w.wait_log("result stored after");
+}
