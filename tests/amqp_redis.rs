@@ -87,3 +87,45 @@ fn amqp_a_redis_outage_mid_batch_loses_no_result() {
     w.wait_log("cannot store the result in Redis");
     w.wait_log("result stored after");
 }
+
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_a_chord_of_ten_runs_its_body_once_with_every_result_in_order() {
+    let (mut lane, root, plugins) = setup!("amqp_chord");
+    common::broker::redis_python("amqp_chord");
+    let redis = RedisServer::start();
+    lane.result_backend = Some(redis.url());
+    common::broker::fib_plugin(&plugins);
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let _w = lane.worker_with(
+        &plugins,
+        &root.path().join("w.sock"),
+        &["--result-backend", &redis.url()],
+    );
+    // The body (f.ok, which returns its arguments) gets one argument: the ten results.
+    let out = lane.run(&["canvas", "chord"]);
+    assert_eq!(out, json!({"ok": [[0, 1, 1, 2, 3, 5, 8, 13, 21, 34]]}));
+    // A failed part: the client raises it (Celery's client checks the header first), and the
+    // body is stored as failed with a ChordError naming the part.
+    let out = lane.run(&["canvas", "chord_fails"]);
+    assert_eq!(out["exc_type"], "ValueError", "{out}");
+    let key = format!("celery-task-meta-{}", out["body_id"].as_str().unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let body: Value = loop {
+        // Each look is a redis-cli process, which paces the looks.
+        if let Ok(v) = serde_json::from_str(&redis.cli(&["get", &key])) {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the body's state never came"
+        );
+    };
+    assert_eq!(body["status"], "FAILURE");
+    assert_eq!(body["result"]["exc_type"], "ChordError");
+    let why = body["result"]["exc_message"][0].as_str().unwrap();
+    assert!(
+        why.starts_with("Dependency ") && why.contains("raised ValueError("),
+        "{why}"
+    );
+}

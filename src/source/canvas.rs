@@ -311,6 +311,16 @@ pub fn after_success(cx: &Context, result: &Value) -> Result<Vec<Outgoing>, Stri
     Ok(out)
 }
 
+/// A chord's body, sent with the results of its header in header order as its first argument
+/// (a group body sends each member).
+pub fn chord_body(
+    cx: &Context,
+    body: &Signature,
+    results: Vec<Value>,
+) -> Result<Vec<Outgoing>, String> {
+    cx.apply(body, &[Value::Array(results)], &[])
+}
+
 /// What follows a failure: every remaining chain step with a frozen id and a reply queue fails
 /// with the same exception (its client may wait on the last one), and the errbacks are sent
 /// the failed task's id, as one group.

@@ -23,6 +23,8 @@ pub struct CeleryTask {
     pub parent_id: Option<String>,
     pub root_id: Option<String>,
     pub group: Option<String>,
+    /// Its place in its group (protocol 2's `group_index`): a chord's parts are ordered by it.
+    pub group_index: Option<u64>,
     pub ignore_result: bool,
     /// Where results go (the client's reply queue); `None` publishes nothing.
     pub reply_to: Option<String>,
@@ -113,6 +115,7 @@ fn decode_v2(
         parent_id: string(h.get("parent_id")),
         root_id: string(h.get("root_id")),
         group: string(h.get("group")),
+        group_index: h.get("group_index").and_then(Value::as_u64),
         ignore_result: h
             .get("ignore_result")
             .and_then(Value::as_bool)
@@ -158,6 +161,7 @@ fn decode_v1(
         parent_id: None,
         root_id: None,
         group: string(b.get("taskset")),
+        group_index: None,
         ignore_result: false,
         reply_to,
         id,

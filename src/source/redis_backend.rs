@@ -112,6 +112,119 @@ impl RedisBackend {
     }
 }
 
+/// One chord header task's part, counted as Celery 5.7's `on_chord_part_return` counts it
+/// (keys `celery-taskset-meta-<gid>` + `.j .t .s .d` and `.c`): added once per `tid:index`,
+/// and when the parts reach the size the client set, one worker claims the body.
+const CHORD_PART_LUA: &str = r"
+if redis.call('GET', KEYS[6]) == 'done' then return {-1, 0, -1, 0} end
+local member = ARGV[1] .. ':' .. ARGV[3]
+if redis.call('SISMEMBER', KEYS[4], member) == 0 then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+  redis.call('SADD', KEYS[4], member)
+end
+local ready = redis.call('ZCOUNT', KEYS[1], '-inf', '+inf')
+local expires = tonumber(ARGV[4])
+if expires > 0 then
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], expires) end
+  redis.call('EXPIRE', KEYS[5], expires)
+end
+local totaldiff = tonumber(redis.call('GET', KEYS[2]) or '0')
+local size = redis.call('GET', KEYS[3])
+local claimed = 0
+if size and ready == tonumber(size) + totaldiff then
+  if redis.call('SET', KEYS[6], ARGV[6], 'NX', 'EX', ARGV[5]) then claimed = 1 end
+end
+return {ready, totaldiff, size and tonumber(size) or -1, claimed}
+";
+
+/// After the body went out: the chord's counting keys are dropped and it is marked done.
+const CHORD_CLEANUP_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('SET', KEYS[1], 'done', 'EX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// How long a claim on a chord's body holds (Celery's 6 s, then extended while publishing).
+const CHORD_CLAIM_SECS: u64 = 30;
+
+impl RedisBackend {
+    fn chord_keys(group_id: &str) -> [String; 6] {
+        let p = format!("celery-taskset-meta-{group_id}");
+        [
+            format!("{p}.j"),
+            format!("{p}.t"),
+            format!("{p}.s"),
+            format!("{p}.d"),
+            p.clone(),
+            format!("{p}.c"),
+        ]
+    }
+
+    /// Adds a header task's part (`[1, tid, state, result]`, JSON) to its chord. `Some(token)`
+    /// when this was the last part and this worker claimed the body (it then sends it and
+    /// calls `chord_done` with the token).
+    pub async fn chord_part(
+        &self,
+        group_id: &str,
+        task_id: &str,
+        part: &str,
+        index: Option<u64>,
+    ) -> redis::RedisResult<Option<String>> {
+        let mut c = self.connection().await?;
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let score = index
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "+inf".into());
+        let lua = redis::Script::new(CHORD_PART_LUA);
+        let mut script = lua.prepare_invoke();
+        for key in Self::chord_keys(group_id) {
+            script.key(key);
+        }
+        script
+            .arg(task_id)
+            .arg(part)
+            .arg(score)
+            .arg(self.expires.unwrap_or(0))
+            .arg(CHORD_CLAIM_SECS)
+            .arg(&token);
+        let [ready, _, size, claimed]: [i64; 4] = script.invoke_async(&mut c).await?;
+        tracing::debug!(group_id, ready, size, claimed, "chord part counted");
+        Ok((claimed == 1).then_some(token))
+    }
+
+    /// The parts of a chord, in header order (`[1, tid, state, result]` each).
+    pub async fn chord_parts(&self, group_id: &str) -> redis::RedisResult<Vec<String>> {
+        let mut c = self.connection().await?;
+        let [j, ..] = Self::chord_keys(group_id);
+        redis::cmd("ZRANGE")
+            .arg(j)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut c)
+            .await
+    }
+
+    /// The body went out (or failed): the counting keys go, the chord is marked done.
+    pub async fn chord_done(&self, group_id: &str, token: &str) -> redis::RedisResult<()> {
+        let mut c = self.connection().await?;
+        let [j, t, s, d, _, claim] = Self::chord_keys(group_id);
+        redis::Script::new(CHORD_CLEANUP_LUA)
+            .key(claim)
+            .key(j)
+            .key(t)
+            .key(s)
+            .key(d)
+            .arg(token)
+            .arg(300)
+            .invoke_async::<i64>(&mut c)
+            .await
+            .map(drop)
+    }
+}
+
 fn is_success(meta: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(meta).is_ok_and(|v| v["status"] == "SUCCESS")
 }

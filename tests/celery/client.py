@@ -29,7 +29,7 @@ import json
 import sys
 import time
 
-from celery import chain, group
+from celery import chain, chord, group
 from kombu import Connection, Exchange, Producer, Queue
 
 from capp import app
@@ -52,7 +52,8 @@ def canvas(queue, scenario, path):
     """chain: fibonacci(10) | rust.echo("x") | fibonacci.si(12), with the middle step's result;
     chain_fails: fibonacci(10) | f.raise | fibonacci.si(3), errback f.note(path);
     link: fibonacci(10) with link f.note(path); group: 20 rust.echo; chain_group: fibonacci(10)
-    then a group of 20 rust.echo."""
+    then a group of 20 rust.echo; chord (needs a Redis backend): fibonacci(0..9) then f.ok with
+    their results; chord_fails: a header with f.raise."""
     s = lambda name, *args: app.signature(name, args=args, queue=queue)
     if scenario == "chain":
         r = chain(s("fibonacci", 10), s("rust.echo", "x"), s("fibonacci", 12).set(immutable=True)).apply_async()
@@ -69,6 +70,15 @@ def canvas(queue, scenario, path):
         return outcome(lambda: s("fibonacci", 10).apply_async(link=s("f.note", path)).get(timeout=TIMEOUT))
     if scenario == "group":
         return outcome(lambda: group(s("rust.echo", i) for i in range(20)).apply_async().get(timeout=TIMEOUT))
+    if scenario == "chord":
+        r = chord((s("fibonacci", i) for i in range(10)), s("f.ok")).apply_async()
+        return outcome(lambda: r.get(timeout=TIMEOUT))
+    if scenario == "chord_fails":
+        header = [s("fibonacci", 1), s("f.raise", "boom"), s("fibonacci", 2)]
+        r = chord(header, s("f.ok")).apply_async()
+        out = outcome(lambda: r.get(timeout=TIMEOUT))
+        out["body_id"] = r.id
+        return out
     if scenario == "chain_group":
         r = chain(s("fibonacci", 10), group(s("rust.echo", i) for i in range(20))).apply_async()
         return outcome(lambda: r.get(timeout=TIMEOUT))

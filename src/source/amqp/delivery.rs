@@ -424,6 +424,10 @@ async fn finish(shared: &SourceState, task: &CeleryTask, acker: &Acker, settleme
             reject,
         } => (status, result, traceback, reject),
     };
+    let result_for_chord = match task.embed.chord {
+        Some(_) => result.clone(),
+        None => Value::Null,
+    };
     if !task.ignore_result {
         let body = celery::result_body(&task.id, status, result, traceback.as_deref());
         let delivered = shared
@@ -439,6 +443,9 @@ async fn finish(shared: &SourceState, task: &CeleryTask, acker: &Acker, settleme
             shared.tasks().ledger.release(&task.id);
             return;
         }
+    }
+    if !task.ignore_result {
+        workflow::chord_part(shared, task, status, &result_for_chord).await;
     }
     let copies = shared.tasks().ledger.answered(&task.id);
     for a in std::iter::once(acker).chain(&copies) {

@@ -101,3 +101,97 @@ async fn fail_the_rest(
     }
     true
 }
+
+/// A chord header task's part, once its own state is stored: counted in Redis as Celery 5.7
+/// counts it; the worker that adds the last part sends the chord's body with every part's
+/// result in header order, or, if a part failed, stores a `ChordError` for the body naming it.
+pub(super) async fn chord_part(
+    shared: &SourceState,
+    task: &CeleryTask,
+    status: &str,
+    result: &Value,
+) {
+    let Some(body) = &task.embed.chord else {
+        return;
+    };
+    let Some(group_id) = &task.group else {
+        tracing::warn!(task_id = %task.id, "a chord part without a `group` header; its chord cannot be counted");
+        return;
+    };
+    let Some(redis) = &shared.redis else {
+        tracing::error!(task_id = %task.id, "task {} is part of a chord, but chords need the Redis result backend (result_backend = \"redis://...\"); the chord's body will not run", task.id);
+        return;
+    };
+    let part = serde_json::json!([1, task.id, status, result]).to_string();
+    let token = match redis
+        .chord_part(group_id, &task.id, &part, task.group_index)
+        .await
+    {
+        Ok(Some(token)) => token,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(task_id = %task.id, group_id, "cannot count the chord part in Redis ({e}); the chord's body may not run");
+            return;
+        }
+    };
+    if let Err(why) = send_chord_body(shared, task, redis, group_id, body).await {
+        tracing::error!(task_id = %task.id, group_id, "chord body: {why}");
+    }
+    if let Err(e) = redis.chord_done(group_id, &token).await {
+        tracing::warn!(group_id, "cannot mark the chord done in Redis ({e})");
+    }
+}
+
+async fn send_chord_body(
+    shared: &SourceState,
+    task: &CeleryTask,
+    redis: &crate::source::redis_backend::RedisBackend,
+    group_id: &str,
+    body: &Value,
+) -> Result<(), String> {
+    let body = canvas::Signature::from_json(body, "embed.chord").map_err(|e| e.to_string())?;
+    let parts = redis
+        .chord_parts(group_id)
+        .await
+        .map_err(|e| format!("cannot read the chord's parts ({e})"))?;
+    let mut results = Vec::with_capacity(parts.len());
+    let mut failed = None;
+    for part in &parts {
+        let v: Value =
+            serde_json::from_str(part).map_err(|e| format!("a chord part is not JSON ({e})"))?;
+        if failed.is_none() && matches!(v[2].as_str(), Some(state::FAILURE | state::REVOKED)) {
+            let message = v[3]["exc_message"][0].as_str().unwrap_or_default();
+            let exc = v[3]["exc_type"].as_str().unwrap_or("Exception");
+            let raised = crate::source::pyrepr::exception_repr(exc, message);
+            failed = Some(format!(
+                "Dependency {} raised {raised}",
+                v[1].as_str().unwrap_or_default()
+            ));
+        }
+        results.push(v[3].clone());
+    }
+    let node = shared.nodename();
+    let cx = Context {
+        parent: task,
+        node: &node,
+        default_queue: DEFAULT_QUEUE,
+    };
+    if let Some(why) = failed {
+        let Some(body_id) = body.options.get("task_id").and_then(Value::as_str) else {
+            return Err(format!("{why}, and the body has no task id to fail"));
+        };
+        let failure = celery::exception("ChordError", &why, "celery.exceptions");
+        let meta = celery::result_body(body_id, state::FAILURE, failure, None);
+        let reply_to = body.options.get("reply_to").and_then(Value::as_str);
+        shared
+            .deliver_final(body_id, reply_to, body_id, &meta)
+            .await;
+        return Ok(());
+    }
+    for m in canvas::chord_body(&cx, &body, results)? {
+        if !shared.publish_task(&m).await {
+            return Err("the worker stopped before the body was sent".into());
+        }
+    }
+    Ok(())
+}
