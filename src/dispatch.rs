@@ -157,6 +157,20 @@ impl Dispatcher {
         &self.metrics
     }
 
+    /// Grows or shrinks every plugin's instances, or sets autoscale bounds on each (Celery's
+    /// `pool_grow`, `pool_shrink`, `autoscale`): each plugin's instance count now wanted, or
+    /// why it refused.
+    pub async fn scale(
+        &self,
+        scale: crate::supervisor::pool::Scale,
+    ) -> Vec<(String, Result<usize, String>)> {
+        let mut out = Vec::new();
+        for pool in self.supervisor.plugins() {
+            out.push((pool.manifest().name.clone(), pool.scale(scale).await));
+        }
+        out
+    }
+
     /// Every task name some plugin serves, sorted.
     pub fn task_names(&self) -> Vec<String> {
         let mut names = self.supervisor.task_names();

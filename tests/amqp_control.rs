@@ -125,3 +125,44 @@ fn amqp_add_consumer_and_cancel_consumer_change_the_queues_at_run_time() {
     assert_eq!(on_extra(&["depth"]), json!({"messages": 0}));
     on_extra(&["delete"]);
 }
+
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_pool_grow_shrink_and_autoscale_by_remote_control() {
+    let (lane, root, plugins) = setup!("amqp_pool_scale");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let _w = lane.worker(&plugins, &root.path().join("w.sock"));
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["-d", lane.node.as_str()]);
+        lane.celery_cli(&all)
+    };
+    // `inspect stats` lists each plugin's instances (retiring ones until they end).
+    let instances = || -> u64 {
+        let said = cli(&["inspect", "stats", "-j"]);
+        let v: serde_json::Value =
+            serde_json::from_str(said.trim()).unwrap_or_else(|_| panic!("{said}"));
+        v[lane.node.as_str()]["plugins"][0]["instances"]
+            .as_u64()
+            .unwrap()
+    };
+    let wait_instances = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Each look is a CLI process, which paces the looks.
+        while instances() != n {
+            assert!(Instant::now() < deadline, "never {n} instances");
+        }
+    };
+    assert!(cli(&["control", "pool_grow", "2"]).contains("pool will grow"));
+    wait_instances(3);
+    assert!(cli(&["control", "pool_shrink", "2"]).contains("pool will shrink"));
+    wait_instances(1);
+    assert_eq!(lane.run(&["call", "f.ok", "[1]"]), json!({"ok": [1]}));
+    let said = cli(&["control", "autoscale", "3", "1"]);
+    assert!(said.contains("autoscale now max=3 min=1"), "{said}");
+    let said = cli(&["control", "pool_grow", "1"]);
+    assert!(
+        said.contains("pool_grow is not supported with autoscale. Adjust autoscale range instead."),
+        "{said}"
+    );
+}

@@ -657,3 +657,80 @@ async fn stop_drains_in_flight_tasks_within_grace() {
         FailureKind::PluginUnavailable
     );
 }
+
+#[tokio::test]
+async fn instances_grow_shrink_and_autoscale_while_tasks_run() {
+    use worker::supervisor::pool::Scale;
+    let root = tempfile::tempdir().unwrap();
+    let h = Harness::start(&[faulty_plugin(root.path(), "faulty", &[], "", "")]);
+    h.ready().await;
+    let pool = h.supervisor.plugin("faulty").unwrap();
+
+    // Grow: two more instances start and take tasks.
+    assert_eq!(pool.scale(Scale::By(2)).await, Ok(3));
+    let s = h
+        .wait_status("faulty", "3 ready", |s| {
+            s.instances.len() == 3 && s.instances.iter().all(|i| i.state == InstanceState::Ready)
+        })
+        .await;
+    let pids: Vec<u32> = s.instances.iter().filter_map(|i| i.pid).collect();
+    let tasks: Vec<_> = (0..3)
+        .map(|_| h.spawn("f.sleep", vec![json!(30)]))
+        .collect();
+    h.wait_status("faulty", "one task on each", |s| {
+        s.instances.iter().all(|i| i.in_flight == 1)
+    })
+    .await;
+
+    // Shrink: the two highest retire; each finishes its task before its process stops.
+    assert_eq!(pool.scale(Scale::By(-2)).await, Ok(1));
+    let s = h.status("faulty").await;
+    assert_eq!(
+        s.instances.len(),
+        3,
+        "retiring instances are shown until they end"
+    );
+    assert_eq!(s.instances[1].state, InstanceState::Stopping);
+    assert_eq!(s.instances[1].in_flight, 1, "its task is not interrupted");
+    for (id, _) in &tasks {
+        assert!(h.dispatcher.cancel(id, "test done").await);
+    }
+    for (_, t) in tasks {
+        assert_eq!(
+            failure(&t.await.unwrap()).kind,
+            FailureKind::Cancelled,
+            "ended as the cancel says, not interrupted"
+        );
+    }
+    let s = h
+        .wait_status("faulty", "one instance left", |s| s.instances.len() == 1)
+        .await;
+    assert_eq!(
+        s.instances[0].pid,
+        Some(pids[0]),
+        "the first instance stays"
+    );
+    for pid in &pids[1..] {
+        assert!(
+            wait_gone(*pid, Duration::from_secs(10)).await,
+            "retired pid {pid} ended"
+        );
+    }
+    assert_eq!(pool.scale(Scale::By(-5)).await, Ok(1), "never below one");
+
+    // Autoscale: tasks waiting with every instance busy bring instances up to the maximum;
+    // pool_grow is refused meanwhile, as in Celery.
+    assert_eq!(pool.scale(Scale::Auto { min: 1, max: 3 }).await, Ok(1));
+    assert!(pool.scale(Scale::By(1)).await.is_err());
+    let tasks: Vec<_> = (0..6)
+        .map(|_| h.spawn("f.sleep", vec![json!(30)]))
+        .collect();
+    h.wait_status("faulty", "autoscaled to 3 busy instances", |s| {
+        s.instances.len() == 3 && s.instances.iter().all(|i| i.in_flight == 1)
+    })
+    .await;
+    for (id, _) in &tasks {
+        h.dispatcher.cancel(id, "test done").await;
+    }
+    h.stop().await;
+}

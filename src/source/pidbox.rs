@@ -2,6 +2,7 @@
 //! revoke`. Requests arrive on the fanout exchange `celery.pidbox`; replies go to the exchange
 //! and routing key the request names, as `{nodename: result}`.
 
+use crate::supervisor::pool::Scale;
 use serde_json::{json, Map, Value};
 use std::future::Future;
 
@@ -45,6 +46,8 @@ pub trait RemoteWorker {
     ) -> Value;
     /// `control cancel_consumer QUEUE`: stop consuming it.
     fn cancel_consumer(&self, queue: &str) -> Value;
+    /// `pool_grow` / `pool_shrink` / `autoscale`: each plugin's answer (count or refusal).
+    fn scale(&self, scale: Scale) -> impl Future<Output = Vec<Result<usize, String>>> + Send;
 }
 
 /// A decoded control request.
@@ -155,6 +158,7 @@ pub async fn handle(req: &ControlRequest, worker: &impl RemoteWorker) -> Option<
                 (_, Some(q)) => worker.cancel_consumer(q),
             }
         }
+        "pool_grow" | "pool_shrink" | "autoscale" => scale(req, worker).await,
         "rate_limit" => {
             let task = req
                 .arguments
@@ -188,6 +192,49 @@ pub async fn handle(req: &ControlRequest, worker: &impl RemoteWorker) -> Option<
         other => json!({ "error": format!("No such control command: {other}") }),
     };
     Some(result)
+}
+
+/// `pool_grow N`, `pool_shrink N` (each plugin by N instances, within 1..=64) and
+/// `autoscale MAX MIN` (each plugin between them, following its load), answered as Celery's
+/// worker answers them.
+async fn scale(req: &ControlRequest, worker: &impl RemoteWorker) -> Value {
+    let number = |k: &str| {
+        req.arguments.get(k).and_then(|v| match v {
+            Value::String(s) => s.trim().parse::<u64>().ok(),
+            other => other.as_u64(),
+        })
+    };
+    let (scale, done) = match req.method.as_str() {
+        "pool_grow" => (
+            Scale::By(number("n").unwrap_or(1).min(64) as i64),
+            "pool will grow".to_string(),
+        ),
+        "pool_shrink" => (
+            Scale::By(-(number("n").unwrap_or(1).min(64) as i64)),
+            "pool will shrink".to_string(),
+        ),
+        _ => {
+            let Some(max) = number("max") else {
+                return json!({ "error": "give the most instances (`max`), e.g. `celery control autoscale 10 2`" });
+            };
+            let min = number("min").unwrap_or(1).min(max);
+            let (max, min) = (max.clamp(1, 64), min.clamp(1, 64));
+            (
+                Scale::Auto {
+                    min: min as usize,
+                    max: max as usize,
+                },
+                format!("autoscale now max={max} min={min}"),
+            )
+        }
+    };
+    let answers = worker.scale(scale).await;
+    match answers.iter().find_map(|a| a.as_ref().err()) {
+        Some(_) => {
+            json!({ "error": format!("{} is not supported with autoscale. Adjust autoscale range instead.", req.method) })
+        }
+        None => json!({ "ok": done }),
+    }
 }
 
 /// Task ids given as one id or a list (the CLI may nest them one level).

@@ -179,6 +179,16 @@ impl RemoteWorker for SourceState {
         });
         json!({ "ok": format!("no longer consuming from {queue}") })
     }
+    async fn scale(&self, scale: crate::supervisor::pool::Scale) -> Vec<Result<usize, String>> {
+        let answers = self.dispatcher.scale(scale).await;
+        for (plugin, answer) in &answers {
+            match answer {
+                Ok(n) => tracing::info!(plugin, instances = n, "{scale:?} by remote control"),
+                Err(why) => tracing::warn!(plugin, "{scale:?} refused: {why}"),
+            }
+        }
+        answers.into_iter().map(|(_, a)| a).collect()
+    }
     fn report(&self) -> String {
         let uname = nix::sys::utsname::uname().ok();
         let field = |f: fn(&nix::sys::utsname::UtsName) -> &std::ffi::OsStr| {

@@ -6,7 +6,10 @@
 //! except for tasks it refuses or that never left its queue.
 
 mod report;
+mod scale;
 mod slots;
+
+pub use scale::{Scale, MAX_INSTANCES};
 
 use slots::Slot;
 
@@ -83,6 +86,8 @@ enum PoolCommand {
     Freeze,
     /// Clear the `failed` state and start the instances again; answers whether it was failed.
     Restart(oneshot::Sender<bool>),
+    /// Change the instance count (see `scale`); answers the count now wanted.
+    Scale(Scale, oneshot::Sender<Result<usize, String>>),
     Stop {
         grace: Duration,
         done: oneshot::Sender<()>,
@@ -151,6 +156,17 @@ impl PoolHandle {
     pub async fn restart(&self) -> bool {
         let (tx, rx) = oneshot::channel();
         self.tx.send(PoolCommand::Restart(tx)).await.is_ok() && rx.await.unwrap_or(false)
+    }
+
+    /// Grows or shrinks the instance count, or sets autoscale bounds (see `scale`): the count
+    /// now wanted, or why it was refused.
+    pub async fn scale(&self, scale: Scale) -> Result<usize, String> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(PoolCommand::Scale(scale, tx)).await.is_err() {
+            return Err(format!("plugin `{}` is stopped", self.manifest.name));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(format!("plugin `{}` is stopped", self.manifest.name)))
     }
 
     /// Stops every instance (see `instance::Command::Stop`) and fails queued tasks.
@@ -227,6 +243,7 @@ pub fn start(manifest: Arc<Manifest>, options: PoolOptions, tracker: &TaskTracke
         retry_failed_at: None,
         last_exit: None,
         frozen: false,
+        autoscale: None,
     };
     for i in 0..pool.slots.len() {
         pool.launch(i);
@@ -260,6 +277,8 @@ struct Pool {
     frozen: bool,
     /// The delivery counts of its event subscription, if it subscribes.
     event_stats: Option<Arc<DeliveryStats>>,
+    /// `(min, max)` instances while autoscale is on (see `scale`).
+    autoscale: Option<(usize, usize)>,
 }
 
 /// The next event of a subscription; never, without one.
@@ -278,6 +297,7 @@ impl Pool {
         mut subscription: Option<Subscription>,
     ) {
         let mut events_retry_at: Option<Instant> = None;
+        let mut autoscale_at = Instant::now();
         loop {
             let next_restart = self
                 .slots
@@ -310,6 +330,10 @@ impl Pool {
                 // Taken only while an instance can take it; meanwhile the buffer holds (or drops).
                 Some(event) = next_event(&mut subscription), if self.takes_events() => {
                     self.deliver_event(event);
+                }
+                _ = sleep_until(autoscale_at), if self.autoscale.is_some() => {
+                    autoscale_at = Instant::now() + scale::AUTOSCALE_TICK;
+                    self.autoscale_tick();
                 }
                 _ = sleep_until(events_retry_at.unwrap_or_else(Instant::now)), if events_retry_at.is_some() => {
                     events_retry_at = None;
@@ -407,6 +431,9 @@ impl Pool {
                 }
                 let _ = reply.send(failed);
             }
+            PoolCommand::Scale(scale, reply) => {
+                let _ = reply.send(self.scale(scale));
+            }
             PoolCommand::Stop { grace, done } => {
                 self.stop_waiters.push(done);
                 self.begin_stop(grace);
@@ -480,6 +507,7 @@ impl Pool {
             match handle.send(Command::Run(job)) {
                 Ok(()) => {
                     self.slots[i].in_flight += 1;
+                    self.slots[i].idle_since = None;
                     self.placements.insert(task_id, i);
                 }
                 Err(Command::Run(job)) => {

@@ -30,6 +30,8 @@ impl Pool {
             instances: self
                 .slots
                 .iter()
+                // A retired instance is shown until its process has ended.
+                .filter(|s| !(s.retired && s.handle.is_none()))
                 .map(|s| InstanceStatus {
                     index: s.index as u32,
                     state: s.state,

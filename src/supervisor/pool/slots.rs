@@ -40,6 +40,12 @@ pub(super) struct Slot {
     pub(super) stderr: StderrTail,
     pub(super) stray_lines: Arc<AtomicU64>,
     pub(super) violations: Arc<AtomicU64>,
+    /// Taken out of service by a shrink (see `scale`): no new task, not restarted.
+    pub(super) retired: bool,
+    /// The stop of a retired instance was sent.
+    pub(super) stop_sent: bool,
+    /// Since when it has had no task (for autoscale).
+    pub(super) idle_since: Option<Instant>,
 }
 
 impl Slot {
@@ -64,6 +70,9 @@ impl Slot {
             stderr: StderrTail::default(),
             stray_lines: Arc::new(AtomicU64::new(0)),
             violations: Arc::new(AtomicU64::new(0)),
+            retired: false,
+            stop_sent: false,
+            idle_since: None,
         }
     }
 }
@@ -72,6 +81,7 @@ impl Pool {
     pub(super) fn launch(&mut self, i: usize) {
         let slot = &mut self.slots[i];
         slot.generation += 1;
+        slot.stop_sent = false;
         slot.state = InstanceState::Starting;
         slot.restart_at = None;
         slot.pid = None;
@@ -112,6 +122,7 @@ impl Pool {
                     "pid" => pid, "version" => plugin_version}
                 });
                 slot.pid = Some(pid);
+                slot.idle_since = Some(Instant::now());
                 slot.plugin_version = Some(plugin_version);
                 if slot.state == InstanceState::Starting {
                     slot.state = InstanceState::Ready;
@@ -127,7 +138,11 @@ impl Pool {
                 } else {
                     slot.failed += 1;
                 }
+                if slot.in_flight == 0 {
+                    slot.idle_since = Some(Instant::now());
+                }
                 self.placements.remove(&task_id);
+                self.stop_if_retired_and_idle(ev.slot);
             }
             EventKind::Exited { reason, ran_for } => self.on_exit(ev.slot, reason, ran_for),
         }
@@ -161,7 +176,10 @@ impl Pool {
         });
         let failed = matches!(self.state, PluginState::Failed(_));
         match reason {
-            // Stopped while the plugin is live again (revived while this one was stopping).
+            // Retired by a shrink: it stays down, however it ended.
+            _ if slot.retired => slot.state = InstanceState::Stopped,
+            // Stopped while the plugin is live again (revived while this one was stopping, or
+            // brought back by a grow while its retirement was ending).
             ExitReason::Stopped if !stopping && !failed => self.launch(i),
             ExitReason::Stopped => slot.state = InstanceState::Stopped,
             _ if stopping => slot.state = InstanceState::Stopped,
@@ -171,34 +189,7 @@ impl Pool {
                 slot.state = InstanceState::Failed;
                 self.fail(msg);
             }
-            ExitReason::Crashed(msg) => {
-                slot.last_exit = Some(msg.clone());
-                self.last_exit = Some(msg.clone());
-                let decision = restart::decide(
-                    &self.manifest.restart,
-                    &mut slot.backoff,
-                    &mut self.window,
-                    Instant::now().into_std(),
-                    ran_for,
-                    fastrand::f64(),
-                );
-                match decision {
-                    Decision::Restart { after } => {
-                        slot.restarts += 1;
-                        if after.is_zero() {
-                            self.launch(i);
-                        } else {
-                            tracing::info!(plugin = %self.manifest.name, instance = i, "restarting in {after:?}");
-                            slot.state = InstanceState::Backoff;
-                            slot.restart_at = Some(Instant::now() + after);
-                        }
-                    }
-                    Decision::GiveUp { restarts, window } => {
-                        slot.state = InstanceState::Failed;
-                        self.fail(format!("restarted {restarts} times within {window:?} (restart.max_restarts); last exit: {msg}"));
-                    }
-                }
-            }
+            ExitReason::Crashed(msg) => self.on_crash(i, msg, ran_for),
         }
         if self.slots[i].state == InstanceState::Failed {
             let (index, reason) = (self.slots[i].index, self.last_exit.clone());
@@ -209,6 +200,36 @@ impl Pool {
         }
         if self.state == PluginState::Stopping && self.slots.iter().all(|s| s.handle.is_none()) {
             self.state = PluginState::Stopped;
+        }
+    }
+    /// A crash: restart after its backoff, or give the plugin up (`restart.max_restarts`).
+    fn on_crash(&mut self, i: usize, msg: String, ran_for: Duration) {
+        let slot = &mut self.slots[i];
+        slot.last_exit = Some(msg.clone());
+        self.last_exit = Some(msg.clone());
+        let decision = restart::decide(
+            &self.manifest.restart,
+            &mut slot.backoff,
+            &mut self.window,
+            Instant::now().into_std(),
+            ran_for,
+            fastrand::f64(),
+        );
+        match decision {
+            Decision::Restart { after } => {
+                slot.restarts += 1;
+                if after.is_zero() {
+                    self.launch(i);
+                } else {
+                    tracing::info!(plugin = %self.manifest.name, instance = i, "restarting in {after:?}");
+                    slot.state = InstanceState::Backoff;
+                    slot.restart_at = Some(Instant::now() + after);
+                }
+            }
+            Decision::GiveUp { restarts, window } => {
+                slot.state = InstanceState::Failed;
+                self.fail(format!("restarted {restarts} times within {window:?} (restart.max_restarts); last exit: {msg}"));
+            }
         }
     }
     /// Puts the plugin in the `failed` state: no restarts until `restart.failed_retry` has
@@ -244,7 +265,7 @@ impl Pool {
         self.window = RestartWindow::default();
         for i in 0..self.slots.len() {
             self.slots[i].backoff = Backoff::default();
-            if self.slots[i].handle.is_none() {
+            if self.slots[i].handle.is_none() && !self.slots[i].retired {
                 self.launch(i);
             }
         }
