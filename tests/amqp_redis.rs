@@ -90,18 +90,26 @@ fn amqp_a_redis_outage_mid_batch_loses_no_result() {
 
 #[test]
 #[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
-fn amqp_a_chord_of_ten_runs_its_body_once_with_every_result_in_order() {
+fn amqp_chords_run_their_body_once_with_every_result_in_order() {
     let (mut lane, root, plugins) = setup!("amqp_chord");
     common::broker::redis_python("amqp_chord");
     let redis = RedisServer::start();
     lane.result_backend = Some(redis.url());
     common::broker::fib_plugin(&plugins);
     faulty_plugin(&plugins, "faulty", &[], "", "");
+    rust_plugin(&plugins, "");
     let _w = lane.worker_with(
         &plugins,
         &root.path().join("w.sock"),
         &["--result-backend", &redis.url()],
     );
+    // A chord as a chain's step: the worker opens it in Redis and sends its header with the
+    // parent's result (5) first; the body gets the three results in order.
+    let out = lane.run(&["canvas", "chain_chord"]);
+    let parts: Vec<Value> = (0..3)
+        .map(|i| json!({"args": [5, i], "kwargs": {}}))
+        .collect();
+    assert_eq!(out, json!({"ok": [parts]}));
     // The body (f.ok, which returns its arguments) gets one argument: the ten results.
     let out = lane.run(&["canvas", "chord"]);
     assert_eq!(out, json!({"ok": [[0, 1, 1, 2, 3, 5, 8, 13, 21, 34]]}));

@@ -2,9 +2,8 @@
 //! they return): after a success, each `link` callback and the next step of a `chain`, with the
 //! result prepended to its arguments; after a failure, the rest of the chain fails with the same
 //! exception and each `link_error` errback is sent the failed task's id. A `group` inside a
-//! chain or among the callbacks sends each of its members. Chords need a result backend that
-//! counts their parts (Celery's own client refuses them over rpc://), so a chord step is failed
-//! with a message that says so.
+//! chain or among the callbacks sends each of its members; a `chord` sends its header tasks
+//! carrying the body, once the result backend (Redis) knows the header's size.
 
 use super::celery::{CeleryTask, DecodeError};
 use serde_json::{json, Map, Value};
@@ -135,6 +134,10 @@ pub struct Outgoing {
     pub reply_to: Option<String>,
     pub priority: Option<u8>,
     pub body: Value,
+    /// Set on the first header task of a chord this message starts: `(group id, header
+    /// size)`, which the result backend must know before any part can finish (Celery's
+    /// client-side `SET <group>.s`).
+    pub opens_chord: Option<(String, usize)>,
 }
 
 /// A remaining chain step that fails with its parent: its id and where its client waits.
@@ -239,6 +242,7 @@ impl Context<'_> {
                 .and_then(Value::as_u64)
                 .map(|p| p.min(255) as u8),
             body: json!([args, sig.kwargs, embed]),
+            opens_chord: None,
         }
     }
 
@@ -262,11 +266,68 @@ impl Context<'_> {
                     .map(|(i, m)| self.message(m, prepend, &[], Some((&group_id, i))))
                     .collect())
             }
+            Some("chord") => self.chord(sig, prepend),
             Some(other) => Err(format!(
-                "a `{other}` step ({}) cannot be carried on by this worker: chords need a result backend that counts their parts (Redis), and this worker answers through rpc://",
+                "a `{other}` step ({}) cannot be carried on by this worker (only plain tasks, groups and chords)",
                 sig.task
             )),
         }
+    }
+}
+
+impl Context<'_> {
+    /// A chord as a step: each header task gets `prepend` (unless immutable), the chord's
+    /// group id and its index, and the body in its `embed.chord`; the first message says the
+    /// header's size (see `Outgoing::opens_chord`).
+    fn chord(&self, sig: &Signature, prepend: &[Value]) -> Result<Vec<Outgoing>, String> {
+        let header = sig
+            .kwargs
+            .get("header")
+            .ok_or("a chord step without a `header`")?;
+        let header =
+            Signature::from_json(header, "chord.kwargs.header").map_err(|e| e.to_string())?;
+        let members = match header.subtask_type.as_deref() {
+            Some("group") => signatures(header.kwargs.get("tasks"), "chord header tasks")
+                .map_err(|e| e.to_string())?,
+            _ => vec![header.clone()],
+        };
+        if members.iter().any(|m| m.subtask_type.is_some()) {
+            return Err("a chord step whose header holds composites (nested groups or chords) cannot be carried on by this worker".into());
+        }
+        let mut body = sig
+            .kwargs
+            .get("body")
+            .cloned()
+            .ok_or("a chord step without a `body`")?;
+        let group_id = header
+            .option_str("task_id")
+            .or_else(|| sig.option_str("group_id"))
+            .map(str::to_string)
+            .unwrap_or_else(new_id);
+        if let Some(options) = body.get_mut("options").and_then(Value::as_object_mut) {
+            options.entry("task_id").or_insert_with(|| {
+                json!(sig
+                    .option_str("task_id")
+                    .map(str::to_string)
+                    .unwrap_or_else(new_id))
+            });
+            options.insert("group_id".into(), json!(group_id));
+        }
+        let mut out: Vec<Outgoing> = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let mut m = m.clone();
+                m.options.insert("chord".into(), body.clone());
+                self.message(&m, prepend, &[], Some((&group_id, i)))
+            })
+            .collect();
+        let size = out.len();
+        match out.first_mut() {
+            Some(first) => first.opens_chord = Some((group_id, size)),
+            None => return Err("a chord step with an empty header".into()),
+        }
+        Ok(out)
     }
 }
 
@@ -439,10 +500,32 @@ mod tests {
         assert!(out.iter().all(|m| m.headers["group"] == "G"));
         assert_eq!(out[2].body[0], json!([10, 2]));
 
-        let chord = sig("celery.chord", json!({"subtask_type": "chord"}));
+        let header = sig(
+            "celery.group",
+            json!({"subtask_type": "group", "kwargs": {"tasks": [sig("h", json!({})), sig("h", json!({"args": [9]}))]}, "options": {"task_id": "G2"}}),
+        );
+        let body = sig("b", json!({"options": {"task_id": "B", "reply_to": "rq"}}));
+        let chord = sig(
+            "celery.chord",
+            json!({"subtask_type": "chord", "kwargs": {"header": header, "body": body}}),
+        );
         let p = parent(json!({"chain": [chord]}));
-        let e = after_success(&cx(&p), &json!(1)).unwrap_err();
-        assert!(e.contains("chord") && e.contains("Redis"), "{e}");
+        let out = after_success(&cx(&p), &json!(1)).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].opens_chord, Some(("G2".to_string(), 2)));
+        assert_eq!(out[1].opens_chord, None);
+        assert_eq!(out[1].body[0], json!([1, 9]));
+        assert_eq!(out[1].headers["group"], "G2");
+        assert_eq!(out[1].body[2]["chord"]["options"]["group_id"], "G2");
+        assert_eq!(out[1].body[2]["chord"]["options"]["task_id"], "B");
+        let nested = sig(
+            "celery.chord",
+            json!({"subtask_type": "chord", "kwargs": {"header": sig("celery.group", json!({"subtask_type": "group", "kwargs": {"tasks": [sig("celery.group", json!({"subtask_type": "group"}))]}})), "body": sig("b", json!({}))}}),
+        );
+        let p = parent(json!({"chain": [nested]}));
+        assert!(after_success(&cx(&p), &json!(1))
+            .unwrap_err()
+            .contains("composites"));
     }
 
     #[test]

@@ -195,6 +195,26 @@ impl RedisBackend {
         Ok((claimed == 1).then_some(token))
     }
 
+    /// Before a chord's header goes out: its size, and no claim left from before (Celery's
+    /// client does `DEL <group>.c` and `SET <group>.s <n> EX <expires>`).
+    pub async fn open_chord(&self, group_id: &str, size: usize) -> redis::RedisResult<()> {
+        let mut c = self.connection().await?;
+        let [_, _, s, _, _, claim] = Self::chord_keys(group_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("DEL").arg(&claim).ignore();
+        match self.expires {
+            Some(ttl) => pipe
+                .cmd("SET")
+                .arg(&s)
+                .arg(size)
+                .arg("EX")
+                .arg(ttl)
+                .ignore(),
+            None => pipe.cmd("SET").arg(&s).arg(size).ignore(),
+        };
+        pipe.query_async::<()>(&mut c).await
+    }
+
     /// The parts of a chord, in header order (`[1, tid, state, result]` each).
     pub async fn chord_parts(&self, group_id: &str) -> redis::RedisResult<Vec<String>> {
         let mut c = self.connection().await?;

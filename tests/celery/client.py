@@ -53,7 +53,8 @@ def canvas(queue, scenario, path):
     chain_fails: fibonacci(10) | f.raise | fibonacci.si(3), errback f.note(path);
     link: fibonacci(10) with link f.note(path); group: 20 rust.echo; chain_group: fibonacci(10)
     then a group of 20 rust.echo; chord (needs a Redis backend): fibonacci(0..9) then f.ok with
-    their results; chord_fails: a header with f.raise."""
+    their results; chord_fails: a header with f.raise; chain_chord: fibonacci(5) then a chord of
+    three rust.echo with f.ok as its body."""
     s = lambda name, *args: app.signature(name, args=args, queue=queue)
     if scenario == "chain":
         r = chain(s("fibonacci", 10), s("rust.echo", "x"), s("fibonacci", 12).set(immutable=True)).apply_async()
@@ -79,6 +80,9 @@ def canvas(queue, scenario, path):
         out = outcome(lambda: r.get(timeout=TIMEOUT))
         out["body_id"] = r.id
         return out
+    if scenario == "chain_chord":
+        r = chain(s("fibonacci", 5), chord([s("rust.echo", i) for i in range(3)], s("f.ok"))).apply_async()
+        return outcome(lambda: r.get(timeout=TIMEOUT))
     if scenario == "chain_group":
         r = chain(s("fibonacci", 10), group(s("rust.echo", i) for i in range(20))).apply_async()
         return outcome(lambda: r.get(timeout=TIMEOUT))

@@ -50,14 +50,18 @@ pub(super) async fn carry_on(
     };
     match status {
         state::SUCCESS => match canvas::after_success(&cx, &result) {
-            Ok(messages) => {
-                for m in &messages {
-                    if !shared.publish_task(m).await {
-                        return Settlement::Requeue;
+            Ok(messages) => match publish_all(shared, &messages).await {
+                Ok(true) => answer(status, result, traceback),
+                Ok(false) => Settlement::Requeue,
+                Err(why) => {
+                    tracing::error!(task_id = %task.id, task = %task.name, "cannot carry the workflow on: {why}");
+                    let failure = celery::exception("CanvasError", &why, "worker.errors");
+                    match fail_the_rest(shared, &cx, &failure, None).await {
+                        true => answer(state::FAILURE, failure, None),
+                        false => Settlement::Requeue,
                     }
                 }
-                answer(status, result, traceback)
-            }
+            },
             Err(why) => {
                 tracing::error!(task_id = %task.id, task = %task.name, "cannot carry the workflow on: {why}");
                 let failure = celery::exception("CanvasError", &why, "worker.errors");
@@ -74,6 +78,27 @@ pub(super) async fn carry_on(
         // Revoked: no errbacks and the chain is left alone, as in Celery.
         _ => answer(status, result, traceback),
     }
+}
+
+/// Publishes `messages` in order, telling the Redis backend a chord's size before its first
+/// header task goes out. Ok(false) if the worker stopped for good first; an error if a chord
+/// cannot be opened (no Redis backend, or Redis failing).
+async fn publish_all(shared: &SourceState, messages: &[canvas::Outgoing]) -> Result<bool, String> {
+    for m in messages {
+        if let Some((group_id, size)) = &m.opens_chord {
+            let Some(redis) = &shared.redis else {
+                return Err("a chord step needs the Redis result backend (result_backend = \"redis://...\"), which counts its parts".into());
+            };
+            redis
+                .open_chord(group_id, *size)
+                .await
+                .map_err(|e| format!("cannot open the chord in Redis ({e})"))?;
+        }
+        if !shared.publish_task(m).await {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The same failure for every remaining chain step whose client may wait on it, then the
