@@ -34,8 +34,18 @@ fn amqp_redis_backend_holds_results_failures_and_custom_states() {
         "result_expires: a day by default, got {ttl}"
     );
 
-    let out = lane.run(&["call", "fibonacci", "[-1]"]);
+    // Another client process reads it back through `AsyncResult.state` / `.info`.
+    let id = out["id"].as_str().unwrap();
+    assert_eq!(
+        lane.run(&["state", id]),
+        json!({"state": "SUCCESS", "info": 121393})
+    );
+
+    let out = lane.run(&["call_id", "fibonacci", "[-1]"]);
     assert_eq!(out["exc_type"], "ValueError", "{out}");
+    let seen = lane.run(&["state", out["id"].as_str().unwrap()]);
+    assert_eq!(seen["state"], "FAILURE");
+    assert_eq!(seen["info"]["exc_type"], "ValueError", "{seen}");
 
     let out = lane.run(&["messages", "fibonacci", "[5]", "{\"stream\": true}"]);
     assert_eq!(out["ok"], 5, "{out}");

@@ -6,6 +6,8 @@
                                                            its outcome when it comes
     client.py QUEUE depth                                  {"messages": ready messages in QUEUE}
     client.py QUEUE delete                                 delete QUEUE and its exchange
+    client.py QUEUE state ID                               AsyncResult(ID).state and .info (a backend any
+                                                           process can read, e.g. Redis)
     client.py QUEUE send_many NAME ARGS_JSON N             send N tasks, wait for none; prints {"ids": [...]}
     client.py QUEUE collect IDS_FILE                       the outcome of each id in the JSON file (a result
                                                            backend any process can read, e.g. Redis)
@@ -113,6 +115,12 @@ def main():
             conn.default_channel.queue_delete(queue)
             conn.default_channel.exchange_delete(queue)
         print(json.dumps({"ok": True}), flush=True)
+    elif command == "state":
+        r = app.AsyncResult(rest[0])
+        info = r.info
+        if isinstance(info, BaseException):
+            info = {"exc_type": type(info).__name__, "message": str(info)}
+        print(json.dumps({"state": r.state, "info": info}), flush=True)
     elif command == "send_many":
         ids = [send(queue, rest[0], json.loads(rest[1])).id for _ in range(int(rest[2]))]
         print(json.dumps({"ids": ids}), flush=True)
