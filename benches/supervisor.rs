@@ -49,6 +49,16 @@ fn rust_bin() -> PathBuf {
     bin
 }
 
+/// `user = "root"` when the bench runs as root (a root worker runs other plugins as `nobody`,
+/// who could not write the bench's files), so the plugins run as the raw-pipe baseline does.
+fn same_user() -> &'static str {
+    if nix::unistd::geteuid().is_root() {
+        "user = \"root\"\n"
+    } else {
+        ""
+    }
+}
+
 /// A plugin dir in `root` running `command` with the given tasks.
 fn manifest(root: &Path, name: &str, command: &[String], env: &str, tasks: &[&str]) -> Manifest {
     let dir = root.join(name);
@@ -59,8 +69,9 @@ fn manifest(root: &Path, name: &str, command: &[String], env: &str, tasks: &[&st
         .map(|t| format!("[[tasks]]\nname = \"{t}\"\n"))
         .collect();
     let text = format!(
-        "name = \"{name}\"\nversion = \"1\"\ncommand = [{}]\nconcurrency = {WINDOW}\n{env}\n{tasks}\n[restart]\nmax_restarts = 1000\nstable_after = 0\n",
-        command.join(", ")
+        "name = \"{name}\"\nversion = \"1\"\ncommand = [{}]\nconcurrency = {WINDOW}\n{}{env}\n{tasks}\n[restart]\nmax_restarts = 1000\nstable_after = 0\n",
+        command.join(", "),
+        same_user()
     );
     std::fs::write(dir.join("plugin.toml"), text).unwrap();
     Manifest::load(&dir).unwrap()
@@ -326,8 +337,9 @@ fn subscriber(root: &Path, name: &str, script: &str, env: &str) -> Manifest {
     std::fs::create_dir_all(&dir).unwrap();
     let log = root.join(format!("{name}.jsonl"));
     let text = format!(
-        "name = {name:?}\nversion = \"1.0.0\"\ncommand = [\"/usr/bin/python3\", \"-u\", {:?}]\nevents = [\"task.*\", \"instance.*\"]\n[timeouts]\nping_interval = 3600\nshutdown_grace = 0.5\n[env]\nPYTHONPATH = {:?}\nSUBSCRIBER_LOG = {:?}\n{env}[settings]\npath = {:?}\n",
+        "name = {name:?}\nversion = \"1.0.0\"\ncommand = [\"/usr/bin/python3\", \"-u\", {:?}]\n{}events = [\"task.*\", \"instance.*\"]\n[timeouts]\nping_interval = 3600\nshutdown_grace = 0.5\n[env]\nPYTHONPATH = {:?}\nSUBSCRIBER_LOG = {:?}\n{env}[settings]\npath = {:?}\n",
         repo().join(script).display().to_string(),
+        same_user(),
         repo().join("plugin-protocol/python").display().to_string(),
         log.display().to_string(),
         log.display().to_string(),
@@ -347,7 +359,54 @@ fn row(name: &str, s: &Stats, base: &Stats) {
     );
 }
 
+/// The smallest plugin that speaks the protocol in Rust, with no SDK: this bench's own binary
+/// run with `BENCH_MINIMAL_CHILD=1`. Lines in, `serde_json::Value` parsed, answers written and
+/// flushed once nothing more is waiting to be read.
+fn minimal_child() {
+    use std::io::{BufRead, Write};
+    let mut input = std::io::BufReader::with_capacity(1 << 16, std::io::stdin().lock());
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if input.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let id = &msg["id"];
+        let answer = match msg["method"].as_str() {
+            Some("task.run") | Some("shutdown") => {
+                json!({"jsonrpc": "2.0", "id": id, "result": null})
+            }
+            Some("ping") => json!({"jsonrpc": "2.0", "id": id, "result": {}}),
+            Some("initialize") => json!({"jsonrpc": "2.0", "id": id, "result": {
+                "protocol_version": "1.0", "plugin": {"name": "minimal-rust", "version": "1"},
+                "tasks": [{"name": "min.noop"}]}}),
+            Some("exit") => return,
+            _ => continue,
+        };
+        serde_json::to_writer(&mut out, &answer).unwrap();
+        out.write_all(b"\n").unwrap();
+        if input.buffer().is_empty() {
+            out.flush().unwrap();
+        }
+    }
+}
+
+/// `name`: `got` against `goal` (`higher` is better or not), and whether it is met.
+fn goal(name: &str, got: f64, goal: f64, higher: bool, unit: &str) {
+    let met = if higher { got >= goal } else { got <= goal };
+    let sign = if higher { ">=" } else { "<=" };
+    let verdict = if met { "met" } else { "NOT met" };
+    println!("goal {name}: {got:.2}{unit} (goal {sign} {goal}{unit}): {verdict}");
+}
+
 fn main() {
+    if std::env::var_os("BENCH_MINIMAL_CHILD").is_some() {
+        return minimal_child();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -376,7 +435,46 @@ fn main() {
         ),
         &["fibonacci", "py.noop"],
     );
+    let me = std::env::current_exe().unwrap().display().to_string();
+    // Apart from `root`, whose plugins the idle RSS measurement installs.
+    let minimal_root = tempfile::tempdir().unwrap();
+    let min_rust = manifest(
+        minimal_root.path(),
+        "minimal-rust",
+        &[me],
+        "[env]\nBENCH_MINIMAL_CHILD = \"1\"",
+        &["min.noop"],
+    );
+    let min_py = manifest(
+        minimal_root.path(),
+        "minimal-python",
+        &[
+            "/usr/bin/python3".into(),
+            repo()
+                .join("benches/minimal_child.py")
+                .display()
+                .to_string(),
+        ],
+        "",
+        &["minpy.noop"],
+    );
     rt.block_on(async {
+        println!("minimal children (no SDK), window {WINDOW} in flight; latency = one task at a time");
+        let raw_min = raw_pipe(&min_rust, "min.noop", N_THROUGHPUT).await;
+        let sup_min = via_supervisor(&min_rust, "min.noop", N_THROUGHPUT).await;
+        let raw_min_py = raw_pipe(&min_py, "minpy.noop", N_THROUGHPUT_PY).await;
+        let raw_sdk = raw_pipe(&rust, "rust.noop", N_THROUGHPUT).await;
+        let raw_sdk_py = raw_pipe(&py, "py.noop", N_THROUGHPUT_PY).await;
+        row("minimal rust child, raw pipe (baseline)", &raw_min, &raw_min);
+        row("minimal rust child, via supervisor", &sup_min, &raw_min);
+        row("rust SDK plugin, raw pipe", &raw_sdk, &raw_min);
+        row("minimal python child, raw pipe (baseline)", &raw_min_py, &raw_min_py);
+        row("python SDK plugin, raw pipe", &raw_sdk_py, &raw_min_py);
+        let overhead = sup_min.p50.saturating_sub(raw_min.p50).as_secs_f64() * 1e6;
+        goal("supervisor throughput, x raw pipe", sup_min.per_sec / raw_min.per_sec, 0.6, true, "x");
+        goal("supervisor p50 overhead one at a time", overhead, 30.0, false, " µs");
+        goal("rust SDK, x minimal child", raw_sdk.per_sec / raw_min.per_sec, 0.5, true, "x");
+        goal("python SDK, x minimal python child", raw_sdk_py.per_sec / raw_min_py.per_sec, 0.7, true, "x");
         println!("noop tasks, window {WINDOW} in flight, 1 plugin process; latency = one task at a time");
         let raw_rust = raw_pipe(&rust, "rust.noop", N_THROUGHPUT).await;
         let sup_rust = via_supervisor(&rust, "rust.noop", N_THROUGHPUT).await;
