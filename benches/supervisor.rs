@@ -5,6 +5,9 @@
 //! Run with `benches/run.sh` (it builds the release example plugin first). Figures are
 //! printed as ratios to the baseline; absolute numbers depend on the machine.
 
+#[path = "common/minimal.rs"]
+mod minimal;
+
 use plugin_protocol::{Frame, LineDecoder, Message};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -359,42 +362,6 @@ fn row(name: &str, s: &Stats, base: &Stats) {
     );
 }
 
-/// The smallest plugin that speaks the protocol in Rust, with no SDK: this bench's own binary
-/// run with `BENCH_MINIMAL_CHILD=1`. Lines in, `serde_json::Value` parsed, answers written and
-/// flushed once nothing more is waiting to be read.
-fn minimal_child() {
-    use std::io::{BufRead, Write};
-    let mut input = std::io::BufReader::with_capacity(1 << 16, std::io::stdin().lock());
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if input.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        let id = &msg["id"];
-        let answer = match msg["method"].as_str() {
-            Some("task.run") | Some("shutdown") => {
-                json!({"jsonrpc": "2.0", "id": id, "result": null})
-            }
-            Some("ping") => json!({"jsonrpc": "2.0", "id": id, "result": {}}),
-            Some("initialize") => json!({"jsonrpc": "2.0", "id": id, "result": {
-                "protocol_version": "1.0", "plugin": {"name": "minimal-rust", "version": "1"},
-                "tasks": [{"name": "min.noop"}]}}),
-            Some("exit") => return,
-            _ => continue,
-        };
-        serde_json::to_writer(&mut out, &answer).unwrap();
-        out.write_all(b"\n").unwrap();
-        if input.buffer().is_empty() {
-            out.flush().unwrap();
-        }
-    }
-}
-
 /// `name`: `got` against `goal` (`higher` is better or not), and whether it is met.
 fn goal(name: &str, got: f64, goal: f64, higher: bool, unit: &str) {
     let met = if higher { got >= goal } else { got <= goal };
@@ -405,7 +372,7 @@ fn goal(name: &str, got: f64, goal: f64, higher: bool, unit: &str) {
 
 fn main() {
     if std::env::var_os("BENCH_MINIMAL_CHILD").is_some() {
-        return minimal_child();
+        return minimal::child();
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
