@@ -101,9 +101,11 @@ class PluginTest(unittest.TestCase):
         progress = [m["params"] for m in before if m.get("method") == "task.progress"]
         self.assertEqual(progress[2], {"task_id": "task-2", "done": 3, "total": 3,
                                        "message": "step 3"})
-        self.p.send(id=3, method="ping")
-        self.p.response(3)
-        self.assertIn(b"this goes to stderr", self.p.stderr)
+        # stderr is read by its own thread: wait for the line rather than race it.
+        deadline = time.monotonic() + 10
+        while b"this goes to stderr" not in self.p.stderr:
+            self.assertLess(time.monotonic(), deadline, self.p.stderr)
+            time.sleep(0.01)
 
     def test_kwargs_and_the_attempt_reach_the_handler(self):
         self.p.run(1, "t.kwargs", kwargs={"x": 1})
