@@ -212,7 +212,7 @@ impl Config {
             if !self.result_backend.starts_with("redis://") {
                 return Err(format!(
                     "key `result_backend`: `{}` is not rpc:// or a redis:// URL",
-                    self.redis_backend_shown()
+                    crate::source::redact(&self.result_backend)
                 ));
             }
             crate::source::redis_backend::RedisBackend::new(&self.result_backend, None)?;
@@ -260,21 +260,6 @@ impl Config {
     /// The Redis result backend's URL, `None` for rpc://.
     pub fn redis_backend(&self) -> Option<&str> {
         (self.result_backend != "rpc://").then_some(self.result_backend.as_str())
-    }
-
-    /// `result_backend` without a password, for messages.
-    fn redis_backend_shown(&self) -> String {
-        match (
-            self.result_backend.find("://"),
-            self.result_backend.rfind('@'),
-        ) {
-            (Some(s), Some(at)) if at > s => format!(
-                "{}://{}",
-                &self.result_backend[..s],
-                &self.result_backend[at + 1..]
-            ),
-            _ => self.result_backend.clone(),
-        }
     }
 }
 
@@ -376,6 +361,29 @@ mod tests {
             let c: Config = toml::from_str(text).unwrap();
             assert!(c.task_events, "{text}");
         }
+    }
+
+    #[test]
+    fn result_backend_is_rpc_or_redis_and_its_password_is_never_shown() {
+        let with = |backend: &str, expires: f64| {
+            Config {
+                result_backend: backend.into(),
+                result_expires: expires,
+                ..Config::default()
+            }
+            .validate()
+        };
+        assert_eq!(Config::default().redis_backend(), None);
+        assert!(with("redis://127.0.0.1:6379/0", 0.0).is_ok());
+        let e = with("rediss://:secret@host/0", 86400.0).unwrap_err();
+        assert!(
+            e.0.contains("key `result_backend`") && !e.0.contains("secret"),
+            "{e}"
+        );
+        let e = with("rpc://", -1.0).unwrap_err();
+        assert!(e.0.contains("key `result_expires`"), "{e}");
+        let c: Config = toml::from_str("result_backend = \"redis://h:6379/1\"").unwrap();
+        assert_eq!(c.redis_backend(), Some("redis://h:6379/1"));
     }
 
     #[test]

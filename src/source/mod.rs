@@ -8,3 +8,11 @@ pub mod celery;
 pub mod pidbox;
 pub mod pyrepr;
 pub mod redis_backend;
+
+/// A broker or backend URL without its credentials, for logs, status and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}

@@ -9,6 +9,7 @@
 //! - a final state is retried with backoff while Redis is away, until stored (the task's
 //!   message stays unacked meanwhile), so an outage delays results and loses none.
 
+use super::redact;
 use redis::aio::ConnectionManager;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -247,14 +248,6 @@ impl RedisBackend {
 
 fn is_success(meta: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(meta).is_ok_and(|v| v["status"] == "SUCCESS")
-}
-
-/// `redis://user:secret@host/0` without the secret.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
 }
 
 #[cfg(test)]

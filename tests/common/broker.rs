@@ -269,11 +269,8 @@ impl Lane {
     }
 
     pub fn celery_cli(&self, args: &[&str]) -> String {
-        let out = Command::new(self.python.parent().unwrap().join("celery"))
-            .args(["-A", "capp"])
-            .args(args)
-            .current_dir(repo().join("tests/celery"))
-            .env("BROKER_URL", BROKER)
+        let out = self
+            .celery_command(args)
             .stdin(Stdio::null())
             .output()
             .expect("celery cli runs");

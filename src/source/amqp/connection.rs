@@ -168,6 +168,7 @@ async fn open_session(shared: &Arc<SourceState>, number: u64) -> lapin::Result<S
         queues = %shared.queue_names().join(","),
         node = %shared.nodename(),
         prefetch = o.prefetch,
+        results = shared.redis.as_ref().map_or("rpc://", |r| r.url()),
         "consuming Celery tasks"
     );
     let mut session = Session {

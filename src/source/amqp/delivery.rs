@@ -483,7 +483,7 @@ async fn publish_event(shared: &SourceState, task: &CeleryTask, ev: TaskEvent) {
         .await;
 }
 
-fn now_epoch() -> f64 {
+pub(super) fn now_epoch() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())

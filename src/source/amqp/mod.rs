@@ -258,12 +258,7 @@ impl SourceState {
     }
 }
 
-pub(super) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
-}
+pub(super) use crate::source::redact;
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,7 @@ use lapin::{BasicProperties, Channel, ExchangeKind};
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
 /// Celery's event exchange (`event_exchange`).
@@ -138,7 +138,7 @@ impl Monitor {
         let clock = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
         fields.insert("type".into(), json!(kind));
         fields.insert("hostname".into(), json!(hostname));
-        fields.insert("timestamp".into(), json!(now()));
+        fields.insert("timestamp".into(), json!(super::delivery::now_epoch()));
         let offset = f64::from_bits(self.utcoffset.load(Ordering::Relaxed));
         fields.insert("utcoffset".into(), json!(offset));
         fields.insert("pid".into(), json!(std::process::id()));
@@ -169,13 +169,6 @@ fn software() -> Map<String, Value> {
     fields.insert("sw_ver".into(), json!(crate::WORKER_VERSION));
     fields.insert("sw_sys".into(), json!("Linux"));
     fields
-}
-
-fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// Hours west of UTC, as Celery computes it (receivers correct timestamps with it).
@@ -356,8 +349,12 @@ fn retry_event(shared: &SourceState, event: &str) {
 
 /// `task-received` and `task-started` for Flower and `celery events` (when task events are on).
 pub(super) fn announce_start(shared: &SourceState, task: &CeleryTask) {
-    let node = shared.nodename();
     shared.monitor.count_started();
+    // Off (the default): nothing built on a task's way, not even the node name.
+    if !shared.monitor.task_events() {
+        return;
+    }
+    let node = shared.nodename();
     shared.monitor.task(&node, "received", &task.id, || {
         let iso = |t: Option<SystemTime>| {
             t.map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339())
@@ -409,6 +406,9 @@ pub(super) fn announce_end(
     else {
         return;
     };
+    if !shared.monitor.task_events() {
+        return;
+    }
     let node = shared.nodename();
     let mut f = Map::new();
     let kind = match *status {
