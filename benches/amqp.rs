@@ -1,24 +1,30 @@
 //! AMQP benchmark: drain rate of N no-op Celery tasks preloaded in a queue, with rpc results,
-//! for the Celery worker (prefork -c 2 and threads), `worker` with the Rust SDK plugin and with
-//! the Python SDK plugin, and a raw lapin consume-reply-ack loop (the ceiling). Also each
-//! contender's memory. Run with `benches/run-amqp.sh` (builds first; needs RabbitMQ and the
-//! Celery venv in `target/celery-venv`, which the broker tests create).
+//! for the Celery worker (prefork -c 2 and threads), `worker` with the Rust SDK plugin (task
+//! events off and on) and with the Python SDK plugin, and a raw lapin consume-reply-ack loop
+//! (the ceiling); then `worker` consuming 10 queues at once and two `worker`s sharing one
+//! queue. Also each contender's memory, and the CPU time per task of the contender, of its
+//! children (plugins, pool processes) and of RabbitMQ, from `/proc/<pid>/stat`.
+//! Run with `benches/run-amqp.sh` (builds first; needs RabbitMQ and the Celery venv in
+//! `target/celery-venv`, which the broker tests create).
 //!
 //! Every contender consumes the same messages, published here in Celery's protocol v2 exactly
 //! as the Python client does, with reply_to = a queue this program counts SUCCESS replies on.
-//! Rate = replies / (time of last reply - time of first reply), so start-up is excluded.
+//! Rate = replies / (time of last reply - time of first reply), so start-up is excluded; CPU
+//! is read at the first and the last reply, over the same window.
 
-use futures_lite::stream::StreamExt;
-use lapin::options::*;
-use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+#[path = "common/amqp_load.rs"]
+mod amqp_load;
+#[path = "common/procstat.rs"]
+mod procstat;
+
+use amqp_load::Replies;
+use lapin::{Connection, ConnectionProperties};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672//";
 const QUEUE: &str = "bench.tasks";
-const REPLIES: &str = "bench.replies";
 
 fn n_tasks() -> usize {
     std::env::var("BENCH_N")
@@ -45,176 +51,50 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn s(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
-}
-
-async fn declare(ch: &Channel) {
-    let ex = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    ch.exchange_declare(
-        QUEUE.into(),
-        ExchangeKind::Direct,
-        ex,
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let q = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    ch.queue_declare(QUEUE.into(), q, FieldTable::default())
-        .await
-        .unwrap();
-    ch.queue_bind(
-        QUEUE.into(),
-        QUEUE.into(),
-        QUEUE.into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(
-        REPLIES.into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_purge(QUEUE.into(), QueuePurgeOptions::default())
-        .await
-        .unwrap();
-    ch.queue_purge(REPLIES.into(), QueuePurgeOptions::default())
-        .await
-        .unwrap();
-}
-
-/// Publishes N protocol-v2 task messages for `task`.
-async fn preload(ch: &Channel, task: &str, n: usize) {
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .ok();
-    let body = br#"[[], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#;
-    let mut pending = Vec::with_capacity(1000);
-    for i in 0..n {
-        let id = format!("bench-{i}-{}", fastrand::u64(..));
-        let mut h = FieldTable::default();
-        h.insert("lang".into(), s("py"));
-        h.insert("task".into(), s(task));
-        h.insert("id".into(), s(&id));
-        h.insert("root_id".into(), s(&id));
-        h.insert("retries".into(), AMQPValue::LongInt(0));
-        let mut tl = FieldArray::default();
-        tl.push(AMQPValue::Void);
-        tl.push(AMQPValue::Void);
-        h.insert("timelimit".into(), AMQPValue::FieldArray(tl));
-        for k in ["eta", "expires", "group", "parent_id", "shadow"] {
-            h.insert(k.into(), AMQPValue::Void);
-        }
-        h.insert("argsrepr".into(), s("()"));
-        h.insert("kwargsrepr".into(), s("{}"));
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_content_encoding("utf-8".into())
-            .with_correlation_id(id.as_str().into())
-            .with_reply_to(REPLIES.into())
-            .with_delivery_mode(2)
-            .with_priority(0)
-            .with_headers(h);
-        pending.push(
-            ch.basic_publish(
-                "".into(),
-                QUEUE.into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await
-            .unwrap(),
-        );
-        if pending.len() == 1000 {
-            for p in pending.drain(..) {
-                p.await.unwrap();
-            }
-        }
-    }
-    for p in pending {
-        p.await.unwrap();
-    }
-}
-
-/// Counts SUCCESS replies until `n` arrived; returns (first, last) reply times.
-async fn count_replies(ch: &Channel, n: usize, limit: Duration) -> Option<(Instant, Instant)> {
-    ch.basic_qos(1000, BasicQosOptions::default())
-        .await
-        .unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            REPLIES.into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let deadline = Instant::now() + limit;
-    let (mut first, mut seen) = (None, 0);
-    while seen < n {
-        let left = deadline.checked_duration_since(Instant::now())?;
-        let d = tokio::time::timeout(left, consumer.next())
-            .await
-            .ok()??
-            .ok()?;
-        if d.data.windows(9).any(|w| w == b"\"SUCCESS\"") {
-            first.get_or_insert_with(Instant::now);
-            seen += 1;
-        }
-    }
-    Some((first?, Instant::now()))
-}
-
-/// RSS in KiB of `pid` and all its descendants.
-fn tree_rss_kib(pid: u32) -> (u64, u64) {
-    let rss = |p: u32| -> u64 {
-        std::fs::read_to_string(format!("/proc/{p}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0)
-    };
-    let mut children = Vec::new();
-    let mut stack = vec![pid];
-    while let Some(p) = stack.pop() {
-        // Children hang off whichever thread spawned them.
-        let threads = std::fs::read_dir(format!("/proc/{p}/task"))
-            .into_iter()
-            .flatten()
-            .flatten();
-        for t in threads {
-            let list = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            for c in list.split_whitespace().filter_map(|c| c.parse().ok()) {
-                children.push(c);
-                stack.push(c);
-            }
-        }
-    }
-    (rss(pid), children.iter().map(|&c| rss(c)).sum())
+/// How one process of a contender is started.
+struct Launch {
+    /// Which of the contender's processes this is (0 or 1 when two share a queue).
+    copy: usize,
+    queues: Vec<String>,
+    /// Where `worker` serves its metrics (the bench reads each one's acked count there).
+    metrics_port: u16,
 }
 
 struct Contender {
     name: &'static str,
     task: &'static str,
-    start: Box<dyn Fn() -> Child>,
+    /// Task queues the load is spread over (named `bench.tasks`, or `bench.tasks.<i>`).
+    queues: usize,
+    /// Processes started, all consuming every queue.
+    copies: usize,
+    start: Box<dyn Fn(&Launch) -> Child>,
+}
+
+impl Contender {
+    fn queue_names(&self) -> Vec<String> {
+        match self.queues {
+            1 => vec![QUEUE.to_string()],
+            k => (0..k).map(|i| format!("{QUEUE}.{i}")).collect(),
+        }
+    }
+}
+
+/// CPU time used in the measuring window: each process and its children, and RabbitMQ.
+#[derive(Debug, Clone, Default)]
+struct CpuUse {
+    per_copy: Vec<(Duration, Duration)>,
+    rabbit: Duration,
+}
+
+/// One drain's figures.
+#[derive(Debug, Clone)]
+struct Run {
+    replies: Option<Replies>,
+    /// RSS (KiB) of the first process and of its children, sampled mid-drain.
+    rss: (u64, u64),
+    cpu: CpuUse,
+    /// Deliveries each `worker` process acked (from its metrics; 0 for other contenders).
+    acked: Vec<u64>,
 }
 
 fn stop(mut child: Child) {
@@ -232,30 +112,91 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-/// One drain: preload, start the contender, count replies, stop it.
-async fn run_once(c: &Contender, n: usize) -> (Option<f64>, (u64, u64)) {
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free local port")
+}
+
+/// `worker_broker_deliveries_total{outcome="acked"}` from a worker's metrics endpoint.
+fn acked(port: u16) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .find(|l| l.starts_with("worker_broker_deliveries_total{outcome=\"acked\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The CPU counters of the contender's processes and of RabbitMQ, now.
+fn cpu_now(pids: &[u32], rabbit: Option<u32>) -> CpuUse {
+    CpuUse {
+        per_copy: pids.iter().map(|&p| procstat::tree_cpu(p)).collect(),
+        rabbit: rabbit.map(procstat::cpu).unwrap_or_default(),
+    }
+}
+
+fn cpu_between(a: &CpuUse, b: &CpuUse) -> CpuUse {
+    CpuUse {
+        per_copy: a
+            .per_copy
+            .iter()
+            .zip(&b.per_copy)
+            .map(|(x, y)| (y.0.saturating_sub(x.0), y.1.saturating_sub(x.1)))
+            .collect(),
+        rabbit: b.rabbit.saturating_sub(a.rabbit),
+    }
+}
+
+/// One drain: preload, start the contender, count replies, read its counters, stop it.
+async fn run_once(c: &Contender, n: usize) -> Run {
     let conn = Connection::connect(BROKER, ConnectionProperties::default())
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch).await;
-    preload(&ch, c.task, n).await;
+    let queues = c.queue_names();
+    amqp_load::declare(&ch, &queues).await;
+    amqp_load::preload(&ch, c.task, &queues, n).await;
     let counter = conn.create_channel().await.unwrap();
-    let child = (c.start)();
-    let pid = child.id();
+    let launches: Vec<Launch> = (0..c.copies)
+        .map(|copy| Launch {
+            copy,
+            queues: queues.clone(),
+            metrics_port: free_port(),
+        })
+        .collect();
+    let children: Vec<Child> = launches.iter().map(|l| (c.start)(l)).collect();
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    let rabbit = procstat::find_process("beam.smp");
     // Sample memory once the drain is under way.
+    let first = pids[0];
     let sampler = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        tree_rss_kib(pid)
+        procstat::tree_rss_kib(first)
     });
-    let times = count_replies(&counter, n, Duration::from_secs(600)).await;
+    let mut at_first = CpuUse::default();
+    let replies =
+        amqp_load::count_replies(&counter, n, queues.len(), Duration::from_secs(600), || {
+            at_first = cpu_now(&pids, rabbit)
+        })
+        .await;
+    let cpu = cpu_between(&at_first, &cpu_now(&pids, rabbit));
+    let acked = launches.iter().map(|l| acked(l.metrics_port)).collect();
     let rss = sampler.await.unwrap();
-    stop(child);
+    children.into_iter().for_each(stop);
     let _ = conn.close(200, "bench done".into()).await;
-    (
-        times.map(|(a, b)| (n - 1) as f64 / (b - a).as_secs_f64()),
+    Run {
+        replies,
         rss,
-    )
+        cpu,
+        acked,
+    }
 }
 
 fn plugin_dir(root: &std::path::Path, name: &str, manifest: String) -> PathBuf {
@@ -265,31 +206,97 @@ fn plugin_dir(root: &std::path::Path, name: &str, manifest: String) -> PathBuf {
     root.to_path_buf()
 }
 
-fn main() {
-    let n = n_tasks();
+fn celery(pool: &'static str, c: &'static str) -> Box<dyn Fn(&Launch) -> Child> {
     let venv = repo().join("target/celery-venv/bin");
-    assert!(
-        venv.join("celery").exists(),
-        "needs the Celery venv in target/celery-venv: `cargo test --test amqp` creates it (or: /usr/bin/python3 -m venv target/celery-venv && target/celery-venv/bin/pip install 'celery>=5.4,<6')"
-    );
-    let worker_bin = repo().join("target/release/worker");
-    let rust_plugin = repo().join("target/release/examples/rust-echo");
-    let ceiling_bin = repo().join("target/release/examples/amqp-ceiling");
-    for b in [&worker_bin, &rust_plugin, &ceiling_bin] {
+    Box::new(move |l: &Launch| {
+        Command::new(venv.join("celery"))
+            .args(["-A", "benchapp", "worker", "-P", pool, "-c", c, "-Q"])
+            .arg(l.queues.join(","))
+            .args(["-l", "warning", "--without-gossip", "--without-mingle"])
+            .args(["--without-heartbeat", "-n"])
+            .arg(format!("celery-bench-{pool}-{}@%h", l.copy))
+            .current_dir(repo().join("benches/celery"))
+            .env("BROKER_URL", BROKER)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    })
+}
+
+/// `worker serve` on the broker with the plugins in `dir` installed (each copy has its own
+/// state directory and control socket).
+fn ours(
+    dir: PathBuf,
+    tag: &'static str,
+    extra: &'static [&'static str],
+) -> Box<dyn Fn(&Launch) -> Child> {
+    let bin = repo().join("target/release/worker");
+    Box::new(move |l: &Launch| {
+        let state = dir.with_file_name(format!("{tag}-state-{}", l.copy));
+        let socket = dir.with_file_name(format!("{tag}-{}.sock", l.copy));
+        let installed = Command::new(&bin)
+            .args(["plugins", "install", "--plugins"])
+            .arg(&dir)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--socket")
+            .arg(&socket)
+            .output()
+            .unwrap();
         assert!(
-            b.exists(),
-            "{} missing: run benches/run-amqp.sh",
-            b.display()
+            installed.status.success(),
+            "plugins install failed: {}",
+            String::from_utf8_lossy(&installed.stdout)
         );
-    }
-    let tmp = tempfile::tempdir().unwrap();
+        Command::new(&bin)
+            .args(["serve", "--log-level", "warn", "--broker", BROKER, "-Q"])
+            .arg(l.queues.join(","))
+            .arg("-n")
+            .arg(format!("worker-bench-{tag}-{}@host", l.copy))
+            .arg("--plugins")
+            .arg(&dir)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{}", l.metrics_port))
+            .args(extra)
+            .args(
+                prefetch()
+                    .map(|p| vec!["--prefetch-count".to_string(), p.to_string()])
+                    .unwrap_or_default(),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    })
+}
+
+fn raw_loop() -> Box<dyn Fn(&Launch) -> Child> {
+    let bin = repo().join("target/release/examples/amqp-ceiling");
+    Box::new(move |l: &Launch| {
+        Command::new(&bin)
+            .arg(BROKER)
+            .arg(&l.queues[0])
+            .arg(prefetch().unwrap_or(64).to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    })
+}
+
+fn contenders(root: &std::path::Path) -> Vec<Contender> {
+    let rust_plugin = repo().join("target/release/examples/rust-echo");
     let rust_dir = plugin_dir(
-        &tmp.path().join("rust"),
+        &root.join("rust"),
         "rust-echo",
         format!("name = \"rust-echo\"\nversion = \"1\"\ncommand = [{:?}]\ninstances = {}\nconcurrency = {}\n[[tasks]]\nname = \"rust.noop\"\n[[tasks]]\nname = \"rust.echo\"\n[[tasks]]\nname = \"rust.count\"\n[[tasks]]\nname = \"rust.flood\"\n", rust_plugin.display().to_string(), env_or("BENCH_RUST_INSTANCES", 2), env_or("BENCH_RUST_CONCURRENCY", 16)),
     );
     let py_dir = plugin_dir(
-        &tmp.path().join("py"),
+        &root.join("py"),
         "python-fibonacci",
         format!(
             "name = \"python-fibonacci\"\nversion = \"1\"\ncommand = [\"/usr/bin/python3\", {:?}]\ninstances = 2\nconcurrency = 8\n[env]\nPYTHONPATH = {:?}\n[[tasks]]\nname = \"fibonacci\"\n[[tasks]]\nname = \"py.noop\"\n",
@@ -297,195 +304,230 @@ fn main() {
             repo().join("plugin-protocol/python").display().to_string()
         ),
     );
-    let celery = move |pool: &'static str, c: &'static str| -> Box<dyn Fn() -> Child> {
-        let venv = venv.clone();
-        Box::new(move || {
-            Command::new(venv.join("celery"))
-                .args([
-                    "-A",
-                    "benchapp",
-                    "worker",
-                    "-P",
-                    pool,
-                    "-c",
-                    c,
-                    "-Q",
-                    QUEUE,
-                    "-l",
-                    "warning",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                    "-n",
-                    &format!("celery-bench-{pool}@%h"),
-                ])
-                .current_dir(repo().join("benches/celery"))
-                .env("BROKER_URL", BROKER)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
+    let one = |name, task, start| Contender {
+        name,
+        task,
+        queues: 1,
+        copies: 1,
+        start,
     };
-    let ours = move |dir: PathBuf,
-                     tag: &'static str,
-                     extra: &'static [&'static str]|
-          -> Box<dyn Fn() -> Child> {
-        let bin = worker_bin.clone();
-        Box::new(move || {
-            // The daemon runs installed plugins (a no-op after the first round).
-            let state = dir.with_file_name(format!("{tag}-state"));
-            let installed = Command::new(&bin)
-                .args(["plugins", "install", "--plugins"])
-                .arg(&dir)
-                .arg("--state-dir")
-                .arg(&state)
-                .arg("--socket")
-                .arg(dir.join("w.sock"))
-                .output()
-                .unwrap();
-            assert!(
-                installed.status.success(),
-                "plugins install failed: {}",
-                String::from_utf8_lossy(&installed.stdout)
-            );
-            Command::new(&bin)
-                .args([
-                    "serve",
-                    "--log-level",
-                    "warn",
-                    "--broker",
-                    BROKER,
-                    "-Q",
-                    QUEUE,
-                    "-n",
-                    &format!("worker-bench-{tag}@host"),
-                    "--plugins",
-                ])
-                .arg(&dir)
-                .arg("--state-dir")
-                .arg(&state)
-                .arg("--socket")
-                .arg(dir.join("w.sock"))
-                .args(extra)
-                .args(
-                    prefetch()
-                        .map(|p| vec!["--prefetch-count".to_string(), p.to_string()])
-                        .unwrap_or_default(),
-                )
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-    };
-    let contenders = [
+    vec![
+        one("celery prefork -c 2", "bench.noop", celery("prefork", "2")),
+        one("celery threads -c 8", "bench.noop", celery("threads", "8")),
+        one(
+            "worker + rust plugin",
+            "rust.noop",
+            ours(rust_dir.clone(), "rust", &[]),
+        ),
+        // Celery's task events on (`-E`): every task also publishes received, started and
+        // succeeded to `celeryev`.
+        one(
+            "worker + rust, events on",
+            "rust.noop",
+            ours(rust_dir.clone(), "rust-events", &["-E"]),
+        ),
+        one(
+            "worker + python SDK plugin",
+            "py.noop",
+            ours(py_dir, "py", &[]),
+        ),
+        one("raw lapin consume-reply-ack", "bench.noop", raw_loop()),
         Contender {
-            name: "celery prefork -c 2",
-            task: "bench.noop",
-            start: celery("prefork", "2"),
-        },
-        Contender {
-            name: "celery threads -c 8",
-            task: "bench.noop",
-            start: celery("threads", "8"),
-        },
-        Contender {
-            name: "worker + rust plugin",
+            name: "worker + rust, 10 queues",
             task: "rust.noop",
-            start: ours(rust_dir.clone(), "rust", &[]),
+            queues: 10,
+            copies: 1,
+            start: ours(rust_dir.clone(), "rust-10q", &[]),
         },
         Contender {
-            // Celery's task events on (`-E`): every task also publishes received, started
-            // and succeeded to `celeryev`.
-            name: "worker + rust plugin, task events on",
+            name: "2 workers + rust, 1 queue",
             task: "rust.noop",
-            start: ours(rust_dir, "rust-events", &["-E"]),
+            queues: 1,
+            copies: 2,
+            start: ours(rust_dir, "rust-2w", &[]),
         },
-        Contender {
-            name: "worker + python SDK plugin",
-            task: "py.noop",
-            start: ours(py_dir, "py", &[]),
-        },
-        Contender {
-            name: "raw lapin consume-reply-ack",
-            task: "bench.noop",
-            start: Box::new(move || {
-                Command::new(&ceiling_bin)
-                    .arg(BROKER)
-                    .arg(QUEUE)
-                    .arg(prefetch().unwrap_or(64).to_string())
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .unwrap()
-            }),
-        },
-    ];
+    ]
+}
 
+fn main() {
+    let n = n_tasks();
+    let venv = repo().join("target/celery-venv/bin");
+    assert!(
+        venv.join("celery").exists(),
+        "needs the Celery venv in target/celery-venv: `cargo test --test amqp` creates it (or: /usr/bin/python3 -m venv target/celery-venv && target/celery-venv/bin/pip install 'celery>=5.4,<6')"
+    );
+    for b in ["worker", "examples/rust-echo", "examples/amqp-ceiling"] {
+        let path = repo().join("target/release").join(b);
+        assert!(
+            path.exists(),
+            "{} missing: run benches/run-amqp.sh",
+            path.display()
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let all = contenders(tmp.path());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let mut rows = Vec::new();
     // BENCH_ONLY=rust,raw (substrings of contenders' names) runs just the matching ones.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let selected: Vec<&Contender> = contenders
+    let selected: Vec<&Contender> = all
         .iter()
         .filter(|c| only.split(',').any(|o| c.name.contains(o)))
         .collect();
     // Rounds are interleaved (every contender once per round) so that drift in the broker's
     // speed hits all of them alike; each contender's figure is its median round.
     let rounds = env_or("BENCH_ROUNDS", 3).max(1) as usize;
-    let mut samples: Vec<Vec<(f64, (u64, u64))>> = vec![Vec::new(); selected.len()];
+    let mut samples: Vec<Vec<Run>> = vec![Vec::new(); selected.len()];
     for round in 1..=rounds {
         for (i, c) in selected.iter().enumerate() {
-            let (rate, rss) = rt.block_on(run_once(c, n));
-            match rate {
-                Some(r) => eprintln!("round {round}: {:<30} {:>9.0} tasks/s", c.name, r),
+            let run = rt.block_on(run_once(c, n));
+            match &run.replies {
+                Some(r) => eprintln!(
+                    "round {round}: {:<30} {:>9.0} tasks/s",
+                    c.name,
+                    r.all.rate()
+                ),
                 None => eprintln!("round {round}: {:<30} did not finish", c.name),
             }
-            samples[i].push((rate.unwrap_or(0.0), rss));
+            samples[i].push(run);
         }
     }
-    for (c, mut s) in selected.iter().zip(samples) {
-        s.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (rate, rss) = s[s.len() / 2];
-        rows.push((c.name, rate, rss));
+    let rows: Vec<(&Contender, Run)> = selected
+        .iter()
+        .zip(samples)
+        .map(|(c, mut runs)| {
+            runs.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+            (*c, runs.swap_remove(runs.len() / 2))
+        })
+        .collect();
+    report::print(n, rounds, &rows);
+}
+
+fn rate(r: &Run) -> f64 {
+    r.replies.as_ref().map(|r| r.all.rate()).unwrap_or(0.0)
+}
+
+/// The tables and the goals of issue 16, from the median runs.
+mod report {
+    use super::{rate, Contender, Run};
+
+    fn find<'a>(rows: &'a [(&Contender, Run)], name: &str) -> Option<&'a Run> {
+        rows.iter().find(|r| r.0.name == name).map(|r| &r.1)
     }
-    let best_celery = rows
-        .iter()
-        .filter(|r| r.0.starts_with("celery"))
-        .map(|r| r.1)
-        .fold(0.0, f64::max);
-    let ceiling = rows
-        .iter()
-        .find(|r| r.0.starts_with("raw"))
-        .map(|r| r.1)
-        .unwrap_or(f64::NAN);
-    let celery_rss = rows
-        .iter()
-        .filter(|r| r.0.starts_with("celery"))
-        .map(|r| r.2 .0 + r.2 .1)
-        .max()
-        .unwrap_or(0);
-    println!("\n{n} no-op tasks preloaded, rpc results; rate from first to last reply; median of {rounds} interleaved rounds");
-    println!(
-        "{:<30} {:>10} {:>12} {:>12} {:>14} {:>14}",
-        "contender", "tasks/s", "x best celery", "x raw lapin", "main RSS MiB", "children MiB"
-    );
-    for (name, rate, (main, children)) in &rows {
+
+    /// CPU µs per task of (the contender's processes, their children, RabbitMQ).
+    fn cpu_per_task(run: &Run, n: usize) -> (f64, f64, f64) {
+        let per = |d: std::time::Duration| d.as_secs_f64() * 1e6 / (n.max(2) - 1) as f64;
+        let main = run.cpu.per_copy.iter().map(|c| c.0).sum();
+        let children = run.cpu.per_copy.iter().map(|c| c.1).sum();
+        (per(main), per(children), per(run.cpu.rabbit))
+    }
+
+    fn goal(label: &str, ratio: f64, want: &str, met: bool) {
+        let verdict = if met { "met" } else { "NOT met" };
+        println!("  {label:<58} {ratio:>6.2}x  (goal {want}: {verdict})");
+    }
+
+    pub fn print(n: usize, rounds: usize, rows: &[(&Contender, Run)]) {
+        let best_celery = rows
+            .iter()
+            .filter(|r| r.0.name.starts_with("celery"))
+            .map(|r| rate(&r.1))
+            .fold(0.0, f64::max);
+        let raw = find(rows, "raw lapin consume-reply-ack");
+        let ceiling = raw.map(rate).unwrap_or(f64::NAN);
+        println!("\n{n} no-op tasks preloaded, rpc results; rate from first to last reply; median of {rounds} interleaved rounds");
         println!(
-            "{:<30} {:>10.0} {:>12.2} {:>12.2} {:>14.1} {:>14.1}",
-            name,
-            rate,
-            rate / best_celery,
-            rate / ceiling,
-            *main as f64 / 1024.0,
-            *children as f64 / 1024.0
+            "{:<30} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "contender",
+            "tasks/s",
+            "x celery",
+            "x raw",
+            "RSS MiB",
+            "kids MiB",
+            "CPU us/t",
+            "kids us/t",
+            "rabbit us/t"
         );
+        for (c, run) in rows {
+            let (main, kids, rabbit) = cpu_per_task(run, n);
+            println!(
+                "{:<30} {:>9.0} {:>8.2} {:>8.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+                c.name,
+                rate(run),
+                rate(run) / best_celery,
+                rate(run) / ceiling,
+                run.rss.0 as f64 / 1024.0,
+                run.rss.1 as f64 / 1024.0,
+                main,
+                kids,
+                rabbit
+            );
+        }
+        println!("(CPU us/t: CPU time of the contender's own processes per task, from /proc/<pid>/stat, over the same window as the rate; kids: their children (plugins, pool processes); rabbit: RabbitMQ's beam.smp)");
+        scale(rows, n);
+        goals(rows, n, raw);
     }
-    println!(
-        "largest Celery worker RSS (main + pool children): {:.1} MiB",
-        celery_rss as f64 / 1024.0
-    );
+
+    fn scale(rows: &[(&Contender, Run)], n: usize) {
+        let single = find(rows, "worker + rust plugin").map(rate);
+        if let Some(run) = find(rows, "worker + rust, 10 queues") {
+            if let Some(r) = &run.replies {
+                let rates: Vec<f64> = r.per_queue.iter().map(|s| s.rate()).collect();
+                let lo = rates.iter().cloned().fold(f64::INFINITY, f64::min);
+                let hi = rates.iter().cloned().fold(0.0, f64::max);
+                println!(
+                    "\n10 queues at once ({} tasks each): combined {:.0} tasks/s ({:.2}x one queue); per queue {:.0} to {:.0} tasks/s",
+                    n / 10,
+                    rate(run),
+                    rate(run) / single.unwrap_or(f64::NAN),
+                    lo,
+                    hi
+                );
+            }
+        }
+        if let Some(run) = find(rows, "2 workers + rust, 1 queue") {
+            if let Some(r) = &run.replies {
+                let window = (r.all.last - r.all.first).as_secs_f64().max(1e-9);
+                let each: Vec<String> = run
+                    .acked
+                    .iter()
+                    .map(|a| format!("{:.0} tasks/s ({a} tasks)", *a as f64 / window))
+                    .collect();
+                println!(
+                    "two workers sharing one queue: combined {:.0} tasks/s ({:.2}x one worker); each: {}",
+                    rate(run),
+                    rate(run) / single.unwrap_or(f64::NAN),
+                    each.join(", ")
+                );
+            }
+        }
+    }
+
+    fn goals(rows: &[(&Contender, Run)], n: usize, raw: Option<&Run>) {
+        let (Some(ours), Some(raw)) = (find(rows, "worker + rust plugin"), raw) else {
+            return;
+        };
+        println!("\nissue 16 goals, this run:");
+        let drain = rate(ours) / rate(raw);
+        goal(
+            "AMQP drain, worker + rust plugin / raw lapin loop",
+            drain,
+            ">= 0.9",
+            drain >= 0.9,
+        );
+        let cpu = cpu_per_task(ours, n).0 / cpu_per_task(raw, n).0;
+        goal(
+            "worker process CPU per task / raw loop's",
+            cpu,
+            "<= 1.3",
+            cpu <= 1.3,
+        );
+        if let Some(events) = find(rows, "worker + rust, events on") {
+            let r = rate(events) / rate(ours);
+            goal("task events on / off", r, ">= 0.9", r >= 0.9);
+        }
+    }
 }

@@ -1,0 +1,82 @@
+//! What a process and its descendants cost, read from `/proc`: CPU time (utime + stime, as
+//! the kernel accounts it) and resident memory. Shared by the AMQP and scale benches.
+
+use std::time::Duration;
+
+/// The ids of `pid`'s descendants (children hang off whichever thread spawned them).
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        let threads = std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        for t in threads {
+            let list = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for c in list.split_whitespace().filter_map(|c| c.parse().ok()) {
+                found.push(c);
+                stack.push(c);
+            }
+        }
+    }
+    found
+}
+
+/// Resident memory of `pid` in KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// RSS in KiB of `pid`, and the sum of its descendants'.
+pub fn tree_rss_kib(pid: u32) -> (u64, u64) {
+    let children = descendants(pid).iter().map(|&c| rss_kib(c)).sum();
+    (rss_kib(pid), children)
+}
+
+/// CPU time `pid` has used so far (user + system; 0 once it is gone).
+pub fn cpu(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which may hold spaces) start at field 3 (state);
+    // utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    Duration::from_secs_f64(ticks as f64 / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
+}
+
+/// CPU used so far by `pid` itself and by its descendants alive now.
+pub fn tree_cpu(pid: u32) -> (Duration, Duration) {
+    let children = descendants(pid).iter().map(|&c| cpu(c)).sum();
+    (cpu(pid), children)
+}
+
+/// The first process whose command name is `comm` (e.g. RabbitMQ's `beam.smp`).
+pub fn find_process(comm: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
+        })
+}
