@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 import types
-from concurrent.futures import ThreadPoolExecutor
+import queue
 
 PROTOCOL_VERSION = "1.3"
 
@@ -41,6 +41,10 @@ UNKNOWN_TASK = -32003
 
 
 _current = threading.local()
+
+# One encoder for every line: NaN and Infinity are not JSON, so allow_nan=False fails the task
+# instead of the line.
+_dumps = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
 
 
 def current_context():
@@ -64,23 +68,40 @@ class TaskError(Exception):
 class Context:
     """What a running task can see and do besides returning."""
 
-    def __init__(self, plugin, task_id, attempt, cancelled, params=None):
+    def __init__(self, plugin, task_id, attempt, cancelled=None, params=None):
+        # Built per task on the hot path: nothing here is copied or made before it is used.
         params = params or {}
         self._plugin = plugin
         self.task_id = task_id
         self.task = params.get("task")
-        self.kwargs = dict(params.get("kwargs") or {})
+        self.kwargs = params.get("kwargs") or {}
         self.attempt = attempt
+        # Set by task.cancel; the Event a waiting task sleeps on is made only by wait().
+        self._cancel_requested = False
         self._cancelled = cancelled
-        self.delivery_info = dict(params.get("delivery_info") or {})
-        request = dict(params.get("request") or {})
-        for key in ("retries", "eta", "expires", "parent_id", "root_id", "group", "hostname"):
-            request.setdefault(key, 0 if key == "retries" else None)
-        #: Where the task came from and Celery's request facts, like Celery's `self.request`:
-        #: `.id`, `.retries`, `.eta`, `.expires`, `.parent_id`, `.root_id`, `.group`,
-        #: `.hostname` (the worker's node name), `.delivery_info` (`queue`, `exchange`,
-        #: `routing_key`; all None for a task from the control socket).
-        self.request = types.SimpleNamespace(id=task_id, delivery_info=self.delivery_info, **request)
+        self.delivery_info = params.get("delivery_info") or {}
+        self._request_params = params.get("request")
+        self._request = None
+
+    @property
+    def request(self):
+        """Where the task came from and Celery's request facts, like Celery's `self.request`:
+        `.id`, `.retries`, `.eta`, `.expires`, `.parent_id`, `.root_id`, `.group`, `.hostname`
+        (the worker's node name), `.delivery_info` (`queue`, `exchange`, `routing_key`; all
+        None for a task from the control socket)."""
+        if self._request is None:
+            request = dict(self._request_params or {})
+            for key in ("retries", "eta", "expires", "parent_id", "root_id", "group", "hostname"):
+                request.setdefault(key, 0 if key == "retries" else None)
+            self._request = types.SimpleNamespace(
+                id=self.task_id, delivery_info=self.delivery_info, **request)
+        return self._request
+
+    def _cancel(self):
+        with self._plugin._running_lock:
+            self._cancel_requested = True
+            if self._cancelled is not None:
+                self._cancelled.set()
 
     @property
     def queue(self):
@@ -95,14 +116,19 @@ class Context:
     @property
     def cancelled(self):
         """True once the worker asked this task to stop (cancel or soft time limit)."""
-        return self._cancelled.is_set()
+        return self._cancel_requested or (self._cancelled is not None and self._cancelled.is_set())
 
     def check_cancelled(self):
-        if self._cancelled.is_set():
+        if self.cancelled:
             raise Cancelled("task cancelled")
 
     def wait(self, seconds):
         """Sleeps up to `seconds`, waking early (and raising Cancelled) when cancelled."""
+        with self._plugin._running_lock:
+            if self._cancelled is None:
+                self._cancelled = threading.Event()
+                if self._cancel_requested:
+                    self._cancelled.set()
         if self._cancelled.wait(seconds):
             raise Cancelled("task cancelled")
 
@@ -132,6 +158,8 @@ class Plugin:
         self._descriptions = {}
         self._out = None
         self._out_lock = threading.Lock()
+        self._pending = []
+        self._writing = False
         self._running = {}
         self._running_lock = threading.Condition()
         self._shutting_down = False
@@ -172,18 +200,33 @@ class Plugin:
 
     def _send(self, message):
         message["jsonrpc"] = "2.0"
-        # allow_nan=False: NaN and Infinity are not JSON; they fail the task instead of the line.
-        data = (json.dumps(message, separators=(",", ":"), default=str, allow_nan=False)
-                + "\n").encode("utf-8")
+        self._write((_dumps(message) + "\n").encode("utf-8"))
+
+    def _write(self, data):
+        # Whoever finds no write under way writes everything queued meanwhile: replies that
+        # end together leave in one write, and no thread waits for another's flush.
         with self._out_lock:
-            self._out.write(data)
-            self._out.flush()
+            self._pending.append(data)
+            if self._writing:
+                return
+            self._writing = True
+        while True:
+            with self._out_lock:
+                if not self._pending:
+                    self._writing = False
+                    return
+                batch = b"".join(self._pending)
+                self._pending.clear()
+            self._out.write(batch)
 
     def _notify(self, method, params):
         self._send({"method": method, "params": params})
 
     def _reply(self, id_, result):
-        self._send({"id": id_, "result": result})
+        # The hot path: one encode of the result into a fixed frame.
+        self._write(('{"jsonrpc":"2.0","id":%s,"result":%s}\n' % (
+            id_ if type(id_) is int else _dumps(id_),
+            "null" if result is None else _dumps(result))).encode("utf-8"))
 
     def _error(self, id_, code, message, data=None):
         err = {"code": code, "message": message}
@@ -196,7 +239,11 @@ class Plugin:
     def _initialize(self, id_, params):
         self.settings = params.get("settings") or {}
         concurrency = max(1, int((params.get("limits") or {}).get("concurrency", 1)))
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="task")
+        # A fixed pool on a SimpleQueue: a busy task thread takes the next task without
+        # sleeping, so a stream of short tasks costs no thread hand-off each.
+        self._pool = queue.SimpleQueue()
+        for i in range(concurrency):
+            threading.Thread(target=self._serve_tasks, name="task-%d" % i, daemon=True).start()
         tasks = []
         for name in self._tasks:
             info = {"name": name}
@@ -222,11 +269,14 @@ class Plugin:
         fn = self._tasks.get(name)
         if fn is None:
             return self._error(id_, UNKNOWN_TASK, "unknown task %s" % name)
-        cancelled = threading.Event()
-        with self._running_lock:
-            self._running[task_id] = cancelled
-        ctx = Context(self, task_id, params.get("attempt", 1), cancelled, params)
-        self._pool.submit(self._execute, id_, fn, ctx, params.get("args") or [], params.get("kwargs") or {})
+        ctx = Context(self, task_id, params.get("attempt", 1), None, params)
+        self._running[task_id] = ctx
+        self._pool.put((id_, fn, ctx, params.get("args") or [], ctx.kwargs))
+
+    def _serve_tasks(self):
+        take = self._pool.get
+        while True:
+            self._execute(*take())
 
     def _execute(self, id_, fn, ctx, args, kwargs):
         _current.ctx = ctx
@@ -251,9 +301,11 @@ class Plugin:
             })
         finally:
             _current.ctx = None
-            with self._running_lock:
-                self._running.pop(ctx.task_id, None)
-                self._running_lock.notify_all()
+            self._running.pop(ctx.task_id, None)
+            # Only a shutdown waits for the running set to empty (it sets the flag first).
+            if self._shutting_down:
+                with self._running_lock:
+                    self._running_lock.notify_all()
 
     def _shutdown(self, id_):
         self._shutting_down = True
@@ -261,16 +313,15 @@ class Plugin:
         def wait_then_reply():
             with self._running_lock:
                 while self._running:
-                    self._running_lock.wait()
+                    self._running_lock.wait(0.1)
             self._reply(id_, None)
 
         threading.Thread(target=wait_then_reply, daemon=True).start()
 
     def _cancel(self, params):
-        with self._running_lock:
-            event = self._running.get(params.get("task_id"))
-        if event is not None:
-            event.set()
+        ctx = self._running.get(params.get("task_id"))
+        if ctx is not None:
+            ctx._cancel()
 
     def _dispatch(self, msg):
         method = msg.get("method")

@@ -60,6 +60,13 @@ def wait(ctx, seconds):
     return "waited"
 
 
+@plugin.task("t.spin")
+def spin(ctx):
+    # Polls the flag without ever sleeping on it: a cancel must reach a busy task too.
+    while True:
+        ctx.check_cancelled()
+
+
 @plugin.task("t.unserializable")
 def unserializable(ctx):
     return float("nan")  # not JSON

@@ -140,6 +140,14 @@ class PluginTest(unittest.TestCase):
         err = self.p.response(1)["error"]
         self.assertEqual((err["code"], err["data"]["type"]), (-32001, "Cancelled"))
 
+    def test_a_cancel_reaches_a_busy_task_that_polls_check_cancelled(self):
+        self.p.run(1, "t.spin", [])
+        self.p.send(id=2, method="ping")
+        self.assertEqual(self.p.response(2)["result"], {})
+        self.p.send(method="task.cancel", params={"task_id": "task-1", "reason": "test"})
+        err = self.p.response(1)["error"]
+        self.assertEqual((err["code"], err["data"]["type"]), (-32001, "Cancelled"))
+
     def test_shutdown_answers_after_running_tasks_and_refuses_new_ones(self):
         self.p.run(1, "t.wait", [0.3])
         self.p.send(id=2, method="shutdown")
