@@ -51,6 +51,14 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Where the release binaries are: `target/release`, or BENCH_BIN_DIR (a build with debug
+/// symbols, for profiling the worker under the same load with `perf record`).
+fn bin_dir() -> PathBuf {
+    std::env::var_os("BENCH_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/release"))
+}
+
 /// How one process of a contender is started.
 struct Launch {
     /// Which of the contender's processes this is (0 or 1 when two share a queue).
@@ -231,7 +239,7 @@ fn ours(
     tag: &'static str,
     extra: &'static [&'static str],
 ) -> Box<dyn Fn(&Launch) -> Child> {
-    let bin = repo().join("target/release/worker");
+    let bin = bin_dir().join("worker");
     Box::new(move |l: &Launch| {
         let state = dir.with_file_name(format!("{tag}-state-{}", l.copy));
         let socket = dir.with_file_name(format!("{tag}-{}.sock", l.copy));
@@ -276,7 +284,7 @@ fn ours(
 }
 
 fn raw_loop() -> Box<dyn Fn(&Launch) -> Child> {
-    let bin = repo().join("target/release/examples/amqp-ceiling");
+    let bin = bin_dir().join("examples/amqp-ceiling");
     Box::new(move |l: &Launch| {
         Command::new(&bin)
             .arg(BROKER)
@@ -289,7 +297,7 @@ fn raw_loop() -> Box<dyn Fn(&Launch) -> Child> {
 }
 
 fn contenders(root: &std::path::Path) -> Vec<Contender> {
-    let rust_plugin = repo().join("target/release/examples/rust-echo");
+    let rust_plugin = bin_dir().join("examples/rust-echo");
     let rust_dir = plugin_dir(
         &root.join("rust"),
         "rust-echo",
@@ -357,7 +365,7 @@ fn main() {
         "needs the Celery venv in target/celery-venv: `cargo test --test amqp` creates it (or: /usr/bin/python3 -m venv target/celery-venv && target/celery-venv/bin/pip install 'celery>=5.4,<6')"
     );
     for b in ["worker", "examples/rust-echo", "examples/amqp-ceiling"] {
-        let path = repo().join("target/release").join(b);
+        let path = bin_dir().join(b);
         assert!(
             path.exists(),
             "{} missing: run benches/run-amqp.sh",
