@@ -15,6 +15,7 @@
 #[path = "common/amqp_load.rs"]
 mod amqp_load;
 #[path = "common/procstat.rs"]
+#[allow(dead_code)] // each bench uses its own part
 mod procstat;
 
 use amqp_load::Replies;

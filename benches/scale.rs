@@ -8,9 +8,18 @@
 //!   p99 latency while another plugin is replaced by a reload, against the same without it.
 //! - One plugin, one instance, concurrency 1: N tasks submitted at once (1k, 10k, 100k), the
 //!   RSS growth per queued task and the drain rate, which should stay flat as N grows.
+//! - The real daemon: `worker serve` (release build, no broker) with the same 50 plugins x 2
+//!   installed: time until it tells systemd READY=1 and until all 100 instances are ready,
+//!   and its idle RSS (goal: < 30 MiB).
+//! - The AMQP source's memories at their limits and at 10x: answered task ids (result_memory,
+//!   default 10,000) and revoked ids (Celery's 50,000): RSS per id, insert cost once full
+//!   (pruning), lookup cost (hit and miss). Each in a fresh process, so RSS is its own.
 
 #[path = "common/minimal.rs"]
 mod minimal;
+#[path = "common/procstat.rs"]
+#[allow(dead_code)] // each bench uses its own part
+mod procstat;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -172,9 +181,82 @@ async fn queued(root: &Path) {
     supervisor.stop(None).await;
 }
 
+/// The id memories at `limit`, in this (fresh) process: prints one line.
+fn id_memory(kind: &str, limit: usize) {
+    use worker::source::amqp::{ledger::Ledger, revoked::Revoked};
+    // Celery task ids are UUIDs: 36 characters.
+    let id = |i: usize| format!("{:08x}-0000-4000-8000-{:012x}", i >> 16, i);
+    let mut ledger: Ledger<(), ()> = Ledger::new(limit);
+    let mut revoked = Revoked::with_limit(limit);
+    let mut remember = |i: usize| match kind {
+        "answered" => {
+            ledger.arrive(&id(i), (), ());
+            ledger.answered(&id(i));
+        }
+        _ => revoked.insert(&id(i)),
+    };
+    let before = procstat::rss_kib(std::process::id());
+    (0..limit).for_each(&mut remember);
+    let full = procstat::rss_kib(std::process::id()).saturating_sub(before);
+    // Once full, every insert also forgets the oldest id.
+    let started = Instant::now();
+    (limit..2 * limit).for_each(&mut remember);
+    let insert = started.elapsed() / limit as u32;
+    // Alternately a remembered id and one never seen, made before the clock starts.
+    let probes: Vec<String> = (0..100_000)
+        .map(|i| {
+            if i % 2 == 0 {
+                id(limit + i % limit)
+            } else {
+                id(3 * limit + i)
+            }
+        })
+        .collect();
+    let lookups = 10 * probes.len();
+    let started = Instant::now();
+    let mut hits = 0;
+    for probe in probes.iter().cycle().take(lookups) {
+        let hit = match kind {
+            "answered" => ledger.is_answered(probe),
+            _ => revoked.contains(probe),
+        };
+        hits += usize::from(hit);
+    }
+    assert_eq!(hits, lookups / 2, "every remembered id is found, no other");
+    let lookup = started.elapsed() / lookups as u32;
+    println!(
+        "  {kind:<8} ids, limit {limit:>7}: RSS +{:>6.1} MiB when full ({:>3.0} B per id); insert at the limit {:>5.0?}; lookup {:>5.0?}",
+        full as f64 / 1024.0,
+        full as f64 * 1024.0 / limit as f64,
+        insert,
+        lookup
+    );
+}
+
+/// Runs [`id_memory`] for each limit in a fresh copy of this process.
+fn id_memories() {
+    println!("AMQP source id memories (answered: result_memory, default 10,000; revoked: 50,000 as Celery):");
+    for (kind, limit) in [
+        ("answered", 10_000),
+        ("answered", 100_000),
+        ("revoked", 50_000),
+        ("revoked", 500_000),
+    ] {
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("BENCH_ID_MEMORY", format!("{kind}:{limit}"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
 fn main() {
     if std::env::var_os("BENCH_MINIMAL_CHILD").is_some() {
         return minimal::child();
+    }
+    if let Ok(spec) = std::env::var("BENCH_ID_MEMORY") {
+        let (kind, limit) = spec.split_once(':').unwrap();
+        return id_memory(kind, limit.parse().unwrap());
     }
     let root = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -185,4 +267,114 @@ fn main() {
         many_plugins(root.path()).await;
         queued(root.path()).await;
     });
+    serve::idle(root.path());
+    id_memories();
+}
+
+/// The real daemon, as an operator runs it: `worker serve` with 50 installed plugins.
+mod serve {
+    use super::{plugin, procstat, PLUGINS};
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::{UnixDatagram, UnixStream};
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    fn worker_bin() -> PathBuf {
+        let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/worker");
+        assert!(
+            bin.exists(),
+            "{} missing: run benches/run.sh",
+            bin.display()
+        );
+        bin
+    }
+
+    /// How many instances the daemon reports ready (`plugins.status` on its control socket).
+    fn ready_instances(socket: &Path) -> usize {
+        let Ok(mut s) = UnixStream::connect(socket) else {
+            return 0;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.write_all(
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"plugins.status\",\"params\":{}}\n",
+        );
+        let mut line = String::new();
+        let _ = BufReader::new(s).read_line(&mut line);
+        line.matches("\"state\":\"ready\"").count()
+    }
+
+    pub fn idle(root: &Path) {
+        let dir = root.join("serve-plugins");
+        for i in 0..PLUGINS {
+            plugin(&dir, &format!("s{i:02}"), "1", 2, 4);
+        }
+        let state = root.join("serve-state");
+        let socket = root.join("serve.sock");
+        let common = |c: &mut Command| {
+            c.arg("--plugins")
+                .arg(&dir)
+                .arg("--state-dir")
+                .arg(&state)
+                .arg("--socket")
+                .arg(&socket);
+        };
+        let mut install = Command::new(worker_bin());
+        install.args(["plugins", "install"]);
+        common(&mut install);
+        let out = install.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // Told READY=1 the way systemd is (Type=notify).
+        let notify_path = root.join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let mut serve = Command::new(worker_bin());
+        serve.args(["serve", "--log-level", "warn"]);
+        common(&mut serve);
+        let started = Instant::now();
+        let mut child = serve
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let ready_at = loop {
+            let n = notify.recv(&mut buf).expect("READY=1 within 120 s");
+            if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+                break started.elapsed();
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ready_instances(&socket) < 2 * PLUGINS {
+            assert!(Instant::now() < deadline, "not every instance became ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let all_ready = started.elapsed();
+        // Idle: nothing submitted; the largest of a few samples over two seconds.
+        let rss = (0..10)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(200));
+                procstat::rss_kib(child.id())
+            })
+            .max()
+            .unwrap_or(0);
+        let children = procstat::descendants(child.id()).len();
+        let mib = rss as f64 / 1024.0;
+        let verdict = if mib < 30.0 { "met" } else { "NOT met" };
+        println!(
+            "worker serve, {PLUGINS} installed plugins x 2 instances ({children} children): READY=1 after {ready_at:.0?}, all instances ready after {all_ready:.0?}; idle RSS {mib:.1} MiB (goal < 30 MiB: {verdict})"
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = child.wait();
+    }
 }

@@ -12,11 +12,15 @@
 mod connection;
 mod consumers;
 mod delivery;
-mod ledger;
+/// Public only for the scale bench, which measures it at its limits.
+#[doc(hidden)]
+pub mod ledger;
 mod monitor;
 mod publish;
 mod remote;
-mod revoked;
+/// Public only for the scale bench, which measures it at its limits.
+#[doc(hidden)]
+pub mod revoked;
 mod task_controls;
 pub mod tls;
 mod value;

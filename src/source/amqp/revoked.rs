@@ -7,27 +7,42 @@ use std::time::{Duration, Instant};
 const REVOKED_MAX: usize = 50_000;
 const REVOKED_TTL: Duration = Duration::from_secs(3 * 3600);
 
-#[derive(Default)]
-pub(super) struct Revoked {
+pub struct Revoked {
     map: HashMap<String, Instant>,
     order: VecDeque<(String, Instant)>,
+    limit: usize,
+}
+
+impl Default for Revoked {
+    fn default() -> Self {
+        Revoked::with_limit(REVOKED_MAX)
+    }
 }
 
 impl Revoked {
-    pub(super) fn insert(&mut self, id: &str) {
+    /// A set that remembers at most `limit` ids (Celery's is 50,000; the bench goes past it).
+    pub fn with_limit(limit: usize) -> Revoked {
+        Revoked {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            limit: limit.max(1),
+        }
+    }
+
+    pub fn insert(&mut self, id: &str) {
         let now = Instant::now();
         self.map.insert(id.to_string(), now);
         self.order.push_back((id.to_string(), now));
         self.prune(now);
     }
 
-    pub(super) fn contains(&mut self, id: &str) -> bool {
+    pub fn contains(&mut self, id: &str) -> bool {
         self.prune(Instant::now());
         self.map.contains_key(id)
     }
 
     /// The ids remembered, oldest first (`inspect revoked`).
-    pub(super) fn ids(&mut self) -> Vec<String> {
+    pub fn ids(&mut self) -> Vec<String> {
         self.prune(Instant::now());
         self.order
             .iter()
@@ -38,7 +53,7 @@ impl Revoked {
 
     fn prune(&mut self, now: Instant) {
         while let Some((id, at)) = self.order.front() {
-            if self.order.len() <= REVOKED_MAX && now.duration_since(*at) < REVOKED_TTL {
+            if self.order.len() <= self.limit && now.duration_since(*at) < REVOKED_TTL {
                 break;
             }
             if self.map.get(id) == Some(at) {
