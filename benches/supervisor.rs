@@ -425,6 +425,13 @@ fn main() {
         "",
         &["minpy.noop"],
     );
+    // BENCH_PROFILE_SUPERVISOR=N: only the minimal Rust child through the supervisor, N tasks
+    // (long enough to attach `perf record -p` to this process).
+    if let Some(n) = std::env::var("BENCH_PROFILE_SUPERVISOR").ok().and_then(|n| n.parse().ok()) {
+        let s = rt.block_on(via_supervisor(&min_rust, "min.noop", n));
+        println!("minimal rust child via supervisor: {:.0}/s, p50 {:.1?}", s.per_sec, s.p50);
+        return;
+    }
     rt.block_on(async {
         println!("minimal children (no SDK), window {WINDOW} in flight; latency = one task at a time");
         let raw_min = raw_pipe(&min_rust, "min.noop", N_THROUGHPUT).await;

@@ -183,9 +183,10 @@ impl Message {
         }
     }
 
-    /// Serializes to one line, newline included.
+    /// Serializes to one line, newline included. Written straight from the message (no
+    /// intermediate `Value`, no copy of params or result): this is every line's hot path.
     pub fn to_line(&self) -> Vec<u8> {
-        crate::codec::encode_line(&self.to_value())
+        crate::codec::encode_line(self)
     }
 
     /// The wire form as a JSON value.
@@ -224,6 +225,39 @@ impl Message {
             }
         }
         Value::Object(obj)
+    }
+}
+
+/// The wire form, keys in the order JSON-RPC examples use (`jsonrpc`, `id`, `method`,
+/// `params` / `result` / `error`); the same members as [`Message::to_value`].
+impl Serialize for Message {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("jsonrpc", "2.0")?;
+        match self {
+            Message::Request(r) => {
+                map.serialize_entry("id", &r.id)?;
+                map.serialize_entry("method", &r.method)?;
+                if !r.params.is_null() {
+                    map.serialize_entry("params", &r.params)?;
+                }
+            }
+            Message::Notification(n) => {
+                map.serialize_entry("method", &n.method)?;
+                if !n.params.is_null() {
+                    map.serialize_entry("params", &n.params)?;
+                }
+            }
+            Message::Response(r) => {
+                map.serialize_entry("id", &r.id)?;
+                match &r.result {
+                    Ok(v) => map.serialize_entry("result", v)?,
+                    Err(e) => map.serialize_entry("error", e)?,
+                }
+            }
+        }
+        map.end()
     }
 }
 
@@ -266,6 +300,28 @@ impl Response {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The direct serialization writes what `to_value` describes, and parses back the same.
+    #[test]
+    fn a_line_is_the_wire_value_and_parses_back() {
+        let messages = [
+            Message::Request(Request::new(Id::Num(7), "task.run", json!({"a": [1, {"b": null}]}))),
+            Message::Request(Request::new(Id::Str("x".into()), "ping", Value::Null)),
+            Message::Notification(Notification::new("task.progress", json!({"done": 1}))),
+            Message::Notification(Notification::new("exit", Value::Null)),
+            Message::Response(Response::ok(Id::Num(3), Value::Null)),
+            Message::Response(Response::ok(Id::Str("s".into()), json!({"r": [true]}))),
+            Message::Response(Response::err(None, ErrorObject::new(-32700, "bad"))),
+            Message::Response(Response::err(Some(Id::Num(4)), ErrorObject::new(-32000, "no"))),
+        ];
+        for m in messages {
+            let line = m.to_line();
+            assert_eq!(line.last(), Some(&b'\n'));
+            let as_value: Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(as_value, m.to_value(), "{m:?}");
+            assert_eq!(Message::parse(&line[..line.len() - 1]).unwrap(), m);
+        }
+    }
 
     #[test]
     fn invalid_utf8_in_a_string_is_decoded_lossily() {
