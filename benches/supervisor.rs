@@ -427,9 +427,15 @@ fn main() {
     );
     // BENCH_PROFILE_SUPERVISOR=N: only the minimal Rust child through the supervisor, N tasks
     // (long enough to attach `perf record -p` to this process).
-    if let Some(n) = std::env::var("BENCH_PROFILE_SUPERVISOR").ok().and_then(|n| n.parse().ok()) {
+    if let Some(n) = std::env::var("BENCH_PROFILE_SUPERVISOR")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
         let s = rt.block_on(via_supervisor(&min_rust, "min.noop", n));
-        println!("minimal rust child via supervisor: {:.0}/s, p50 {:.1?}", s.per_sec, s.p50);
+        println!(
+            "minimal rust child via supervisor: {:.0}/s, p50 {:.1?}",
+            s.per_sec, s.p50
+        );
         return;
     }
     rt.block_on(async {

@@ -19,5 +19,7 @@ pub mod methods;
 pub mod plugin;
 
 pub use codec::{encode_line, Frame, LineDecoder, DEFAULT_MAX_LINE_BYTES};
-pub use message::{ErrorObject, Id, Message, Notification, ParseError, Request, Response};
+pub use message::{
+    request_line, ErrorObject, Id, Message, Notification, ParseError, Request, Response,
+};
 pub use methods::*;

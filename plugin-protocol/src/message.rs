@@ -261,6 +261,25 @@ impl Serialize for Message {
     }
 }
 
+/// One request line straight from typed params (no `Value` in between): the worker's path
+/// for every `task.run`. The same line as `Message::Request(Request::new(..)).to_line()` for
+/// params that serialize to an object (null params are written, not left out).
+pub fn request_line(id: &Id, method: &str, params: &impl Serialize) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Wire<'a, P> {
+        jsonrpc: &'static str,
+        id: &'a Id,
+        method: &'a str,
+        params: &'a P,
+    }
+    crate::codec::encode_line(&Wire {
+        jsonrpc: "2.0",
+        id,
+        method,
+        params,
+    })
+}
+
 impl Request {
     pub fn new(id: Id, method: &str, params: impl Serialize) -> Self {
         Request {
@@ -305,14 +324,21 @@ mod tests {
     #[test]
     fn a_line_is_the_wire_value_and_parses_back() {
         let messages = [
-            Message::Request(Request::new(Id::Num(7), "task.run", json!({"a": [1, {"b": null}]}))),
+            Message::Request(Request::new(
+                Id::Num(7),
+                "task.run",
+                json!({"a": [1, {"b": null}]}),
+            )),
             Message::Request(Request::new(Id::Str("x".into()), "ping", Value::Null)),
             Message::Notification(Notification::new("task.progress", json!({"done": 1}))),
             Message::Notification(Notification::new("exit", Value::Null)),
             Message::Response(Response::ok(Id::Num(3), Value::Null)),
             Message::Response(Response::ok(Id::Str("s".into()), json!({"r": [true]}))),
             Message::Response(Response::err(None, ErrorObject::new(-32700, "bad"))),
-            Message::Response(Response::err(Some(Id::Num(4)), ErrorObject::new(-32000, "no"))),
+            Message::Response(Response::err(
+                Some(Id::Num(4)),
+                ErrorObject::new(-32000, "no"),
+            )),
         ];
         for m in messages {
             let line = m.to_line();
@@ -321,6 +347,15 @@ mod tests {
             assert_eq!(as_value, m.to_value(), "{m:?}");
             assert_eq!(Message::parse(&line[..line.len() - 1]).unwrap(), m);
         }
+    }
+
+    #[test]
+    fn typed_lines_are_the_same_as_messages() {
+        let params = json!({"task_id": "t", "args": [1]});
+        assert_eq!(
+            request_line(&Id::Num(9), "task.run", &params),
+            Message::Request(Request::new(Id::Num(9), "task.run", &params)).to_line()
+        );
     }
 
     #[test]

@@ -384,7 +384,11 @@ impl Instance {
     }
 
     fn send(&mut self, msg: Message) {
-        match self.out.try_send(msg.to_line()) {
+        self.send_line(msg.to_line());
+    }
+
+    fn send_line(&mut self, line: Vec<u8>) {
+        match self.out.try_send(line) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => self.stdin_full = true,
             // The process is going away; its exit will be noticed.
@@ -396,6 +400,14 @@ impl Instance {
         let id = self.next_id;
         self.next_id += 1;
         self.send(Message::Request(Request::new(Id::Num(id), method, params)));
+        id
+    }
+
+    /// A request whose params are a struct (an object on the wire), written straight from it.
+    fn request_typed(&mut self, method: &str, params: &impl serde::Serialize) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send_line(plugin_protocol::request_line(&Id::Num(id), method, params));
         id
     }
 

@@ -58,7 +58,7 @@ impl Instance {
             "attempt" => job.attempt}
         });
         let now = Instant::now();
-        let id = self.request(method::TASK_RUN, params);
+        let id = self.request_typed(method::TASK_RUN, &params);
         self.by_task.insert(job.request.id.clone(), id);
         let running = Running {
             job,
