@@ -246,12 +246,14 @@ impl SourceState {
     }
 
     fn count_answered(&self, task: &str) {
-        *self
-            .totals
-            .lock()
-            .expect("totals lock poisoned")
-            .entry(task.to_string())
-            .or_default() += 1;
+        let mut totals = self.totals.lock().expect("totals lock poisoned");
+        // The name is copied only the first time it is counted.
+        match totals.get_mut(task) {
+            Some(n) => *n += 1,
+            None => {
+                totals.insert(task.to_string(), 1);
+            }
+        }
     }
 
     fn is_revoked(&self, id: &str) -> bool {
