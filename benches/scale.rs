@@ -225,7 +225,7 @@ fn id_memory(kind: &str, limit: usize) {
     assert_eq!(hits, lookups / 2, "every remembered id is found, no other");
     let lookup = started.elapsed() / lookups as u32;
     println!(
-        "  {kind:<8} ids, limit {limit:>7}: RSS +{:>6.1} MiB when full ({:>3.0} B per id); insert at the limit {:>5.0?}; lookup {:>5.0?}",
+        "  {kind:<8} ids, limit {limit:>7}: RSS +{:>6.1} MiB when full ({:>3.0} B per id); insert at the limit {:>5.0?} (making the id included); lookup {:>5.0?}",
         full as f64 / 1024.0,
         full as f64 * 1024.0 / limit as f64,
         insert,
