@@ -62,6 +62,14 @@ fn plugin(root: &Path, name: &str, version: &str, instances: u32, concurrency: u
     Manifest::load(&dir).unwrap()
 }
 
+/// `m` with health pings off: a bench stops its process (SIGSTOP) for seconds at a time.
+fn without_pings(m: Manifest) -> Manifest {
+    let path = m.dir.join("plugin.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text + "[timeouts]\nping_interval = 3600\n").unwrap();
+    Manifest::load(&m.dir).unwrap()
+}
+
 /// This process's resident memory, KiB.
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -143,17 +151,21 @@ async fn many_plugins(root: &Path) {
 }
 
 async fn queued(root: &Path) {
-    let m = plugin(root, "queue", "1", 1, 1);
+    let m = without_pings(plugin(root, "queue", "1", 1, 1));
     let supervisor = Arc::new(Supervisor::start(vec![m], options()));
     assert!(supervisor
         .wait_ready(Duration::from_secs(20))
         .await
         .is_empty());
     let dispatcher = Arc::new(Dispatcher::new(supervisor.clone()));
-    println!("one instance, concurrency 1, N tasks submitted at once:");
+    let pool = supervisor.plugin("queue").unwrap();
+    let pid = pool.status().await.unwrap().instances[0].pid.unwrap();
+    let signal = |s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), s).unwrap();
+    println!("one instance, concurrency 1, N tasks submitted at once in-process, queued while the plugin is stopped:");
     for n in [1_000usize, 10_000, 100_000] {
         let before = rss_kib();
-        let started = Instant::now();
+        // Stopped, the plugin holds one task and every other one waits in the pool's queue.
+        signal(nix::sys::signal::Signal::SIGSTOP);
         let runs: Vec<_> = (0..n)
             .map(|_| {
                 let d = dispatcher.clone();
@@ -164,13 +176,21 @@ async fn queued(root: &Path) {
                 })
             })
             .collect();
-        // Let every submission reach the pool's queue before sampling the memory it holds.
-        tokio::task::yield_now().await;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while pool.status().await.unwrap().queued < n - 1 {
+            assert!(
+                Instant::now() < deadline,
+                "not every task reached the queue"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let peak = rss_kib();
+        let resumed = Instant::now();
+        signal(nix::sys::signal::Signal::SIGCONT);
         for r in runs {
             assert!(r.await.unwrap().is_success());
         }
-        let took = started.elapsed();
+        let took = resumed.elapsed();
         println!(
             "  N = {n:>6}: {:>7.0} tasks/s drained; RSS +{:.1} MiB while queued ({:.2} KiB per task)",
             n as f64 / took.as_secs_f64(),
@@ -268,91 +288,122 @@ fn main() {
         queued(root.path()).await;
     });
     serve::idle(root.path());
+    serve::queued_on_socket(root.path());
     id_memories();
 }
 
-/// The real daemon, as an operator runs it: `worker serve` with 50 installed plugins.
+/// The real daemon, as an operator runs it: `worker serve` (release build, no broker).
 mod serve {
-    use super::{plugin, procstat, PLUGINS};
+    use super::{plugin, procstat, without_pings, PLUGINS};
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::{UnixDatagram, UnixStream};
     use std::path::{Path, PathBuf};
-    use std::process::{Command, Stdio};
+    use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
-    fn worker_bin() -> PathBuf {
-        let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/worker");
-        assert!(
-            bin.exists(),
-            "{} missing: run benches/run.sh",
-            bin.display()
-        );
-        bin
+    /// A running `worker serve` on its own plugins, state directory and control socket.
+    struct Daemon {
+        child: Child,
+        socket: PathBuf,
+        /// Since `serve` was started, when it told READY=1.
+        ready_after: Duration,
     }
 
-    /// How many instances the daemon reports ready (`plugins.status` on its control socket).
-    fn ready_instances(socket: &Path) -> usize {
-        let Ok(mut s) = UnixStream::connect(socket) else {
-            return 0;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = s.write_all(
-            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"plugins.status\",\"params\":{}}\n",
-        );
-        let mut line = String::new();
-        let _ = BufReader::new(s).read_line(&mut line);
-        line.matches("\"state\":\"ready\"").count()
+    impl Daemon {
+        /// Installs every plugin in `plugins`, starts `serve` with `extra` arguments and
+        /// waits for READY=1, received as systemd receives it (Type=notify).
+        fn start(root: &Path, plugins: &Path, extra: &[&str]) -> Daemon {
+            let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/worker");
+            assert!(
+                bin.exists(),
+                "{} missing: run benches/run.sh",
+                bin.display()
+            );
+            let tag = plugins.file_name().unwrap().to_string_lossy().to_string();
+            let socket = root.join(format!("{tag}.sock"));
+            let args = |c: &mut Command| {
+                c.arg("--plugins")
+                    .arg(plugins)
+                    .arg("--state-dir")
+                    .arg(root.join(format!("{tag}-state")))
+                    .arg("--socket")
+                    .arg(&socket);
+            };
+            let mut install = Command::new(&bin);
+            install.args(["plugins", "install"]);
+            args(&mut install);
+            let out = install.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            let notify_path = root.join(format!("{tag}-notify.sock"));
+            let notify = UnixDatagram::bind(&notify_path).unwrap();
+            notify
+                .set_read_timeout(Some(Duration::from_secs(120)))
+                .unwrap();
+            let mut serve = Command::new(&bin);
+            serve.args(["serve", "--log-level", "warn"]).args(extra);
+            args(&mut serve);
+            let started = Instant::now();
+            let child = serve
+                .env("NOTIFY_SOCKET", &notify_path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut buf = [0u8; 4096];
+            let ready_after = loop {
+                let n = notify.recv(&mut buf).expect("READY=1 within 120 s");
+                if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+                    break started.elapsed();
+                }
+            };
+            Daemon {
+                child,
+                socket,
+                ready_after,
+            }
+        }
+
+        fn pid(&self) -> u32 {
+            self.child.id()
+        }
+
+        /// How many instances it reports ready (`plugins.status` on the control socket).
+        fn ready_instances(&self) -> usize {
+            let Ok(mut s) = UnixStream::connect(&self.socket) else {
+                return 0;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.write_all(
+                b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"plugins.status\",\"params\":{}}\n",
+            );
+            let mut line = String::new();
+            let _ = BufReader::new(s).read_line(&mut line);
+            line.matches("\"state\":\"ready\"").count()
+        }
+
+        fn stop(mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = self.child.wait();
+        }
     }
 
+    /// 50 installed plugins x 2 instances: ready times and idle RSS.
     pub fn idle(root: &Path) {
         let dir = root.join("serve-plugins");
         for i in 0..PLUGINS {
             plugin(&dir, &format!("s{i:02}"), "1", 2, 4);
         }
-        let state = root.join("serve-state");
-        let socket = root.join("serve.sock");
-        let common = |c: &mut Command| {
-            c.arg("--plugins")
-                .arg(&dir)
-                .arg("--state-dir")
-                .arg(&state)
-                .arg("--socket")
-                .arg(&socket);
-        };
-        let mut install = Command::new(worker_bin());
-        install.args(["plugins", "install"]);
-        common(&mut install);
-        let out = install.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        // Told READY=1 the way systemd is (Type=notify).
-        let notify_path = root.join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
-        notify
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .unwrap();
-        let mut serve = Command::new(worker_bin());
-        serve.args(["serve", "--log-level", "warn"]);
-        common(&mut serve);
-        let started = Instant::now();
-        let mut child = serve
-            .env("NOTIFY_SOCKET", &notify_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut buf = [0u8; 4096];
-        let ready_at = loop {
-            let n = notify.recv(&mut buf).expect("READY=1 within 120 s");
-            if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
-                break started.elapsed();
-            }
-        };
+        let daemon = Daemon::start(root, &dir, &[]);
+        let started = Instant::now() - daemon.ready_after;
         let deadline = Instant::now() + Duration::from_secs(60);
-        while ready_instances(&socket) < 2 * PLUGINS {
+        while daemon.ready_instances() < 2 * PLUGINS {
             assert!(Instant::now() < deadline, "not every instance became ready");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -361,20 +412,74 @@ mod serve {
         let rss = (0..10)
             .map(|_| {
                 std::thread::sleep(Duration::from_millis(200));
-                procstat::rss_kib(child.id())
+                procstat::rss_kib(daemon.pid())
             })
             .max()
             .unwrap_or(0);
-        let children = procstat::descendants(child.id()).len();
+        let children = procstat::descendants(daemon.pid()).len();
         let mib = rss as f64 / 1024.0;
         let verdict = if mib < 30.0 { "met" } else { "NOT met" };
         println!(
-            "worker serve, {PLUGINS} installed plugins x 2 instances ({children} children): READY=1 after {ready_at:.0?}, all instances ready after {all_ready:.0?}; idle RSS {mib:.1} MiB (goal < 30 MiB: {verdict})"
+            "worker serve, {PLUGINS} installed plugins x 2 instances ({children} children): READY=1 after {:.0?}, all instances ready after {all_ready:.0?}; idle RSS {mib:.1} MiB (goal < 30 MiB: {verdict})",
+            daemon.ready_after
         );
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = child.wait();
+        daemon.stop();
+    }
+
+    /// Tasks queued on the control socket with one slot: while the plugin is stopped
+    /// (SIGSTOP), N submits are sent, at most 250 per connection (the daemon serves 256
+    /// requests per connection and 256 connections, so at most 65,536 tasks can wait on the
+    /// socket; 100,000 is measured in-process above), and all are accepted; the daemon's RSS
+    /// growth over N is the memory per queued task. Then the plugin goes on (SIGCONT) and the
+    /// drain rate is N over the time to the last result.
+    pub fn queued_on_socket(root: &Path) {
+        const PER_CONNECTION: usize = 250;
+        let dir = root.join("queue-plugins");
+        without_pings(plugin(&dir, "q", "1", 1, 1));
+        let daemon = Daemon::start(root, &dir, &["--queue-capacity", "1000000"]);
+        let plugin_pid = procstat::descendants(daemon.pid())[0];
+        let signal =
+            |s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(plugin_pid as i32), s).unwrap();
+        println!("worker serve, one instance with one slot, N tasks queued on the control socket ({PER_CONNECTION} per connection):");
+        for n in [1_000usize, 10_000, 60_000] {
+            let before = procstat::rss_kib(daemon.pid());
+            signal(nix::sys::signal::Signal::SIGSTOP);
+            let mut connections = Vec::new();
+            for first in (0..n).step_by(PER_CONNECTION) {
+                let count = PER_CONNECTION.min(n - first);
+                let mut conn = UnixStream::connect(&daemon.socket).unwrap();
+                let mut batch = String::new();
+                for i in first..first + count {
+                    batch.push_str(&format!("{{\"jsonrpc\":\"2.0\",\"id\":{i},\"method\":\"task.submit\",\"params\":{{\"name\":\"q.noop\"}}}}\n"));
+                }
+                conn.write_all(batch.as_bytes()).unwrap();
+                let mut lines = BufReader::new(conn).lines();
+                let mut accepted = 0;
+                while accepted < count {
+                    let line = lines.next().unwrap().unwrap();
+                    accepted += usize::from(line.contains("task.accepted"));
+                }
+                connections.push((lines, count));
+            }
+            let queued = procstat::rss_kib(daemon.pid()).saturating_sub(before);
+            let resumed = Instant::now();
+            signal(nix::sys::signal::Signal::SIGCONT);
+            for (lines, count) in &mut connections {
+                let mut done = 0;
+                while done < *count {
+                    let line = lines.next().unwrap().unwrap();
+                    assert!(!line.contains("\"error\""), "{line}");
+                    done += usize::from(!line.contains("\"method\""));
+                }
+            }
+            let took = resumed.elapsed();
+            println!(
+                "  N = {n:>6}: {:>7.0} tasks/s drained; daemon RSS +{:.1} MiB while queued ({:.2} KiB per task)",
+                n as f64 / took.as_secs_f64(),
+                queued as f64 / 1024.0,
+                queued as f64 / n as f64
+            );
+        }
+        daemon.stop();
     }
 }
