@@ -403,14 +403,6 @@ impl Instance {
         id
     }
 
-    /// A request whose params are a struct (an object on the wire), written straight from it.
-    fn request_typed(&mut self, method: &str, params: &impl serde::Serialize) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.send_line(plugin_protocol::request_line(&Id::Num(id), method, params));
-        id
-    }
-
     fn notify(&mut self, method: &str, params: impl serde::Serialize) {
         self.send(Message::Notification(Notification::new(method, params)));
     }

@@ -4,7 +4,9 @@
 use super::{Crash, EventKind, ExitReason, Instance, Job, Phase, Step};
 use crate::supervisor::process::StdoutEvent;
 use crate::task::{Failure, FailureKind, Outcome};
-use plugin_protocol::{method, Message, RequestInfo, TaskCancelParams, TaskRunParams, TimeLimits};
+use plugin_protocol::{
+    method, Id, Message, RequestInfo, TaskCancelParams, TaskRunParams, TimeLimits,
+};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -58,7 +60,7 @@ impl Instance {
             "attempt" => job.attempt}
         });
         let now = Instant::now();
-        let id = self.request_typed(method::TASK_RUN, &params);
+        let id = self.request_task_run(&params);
         self.by_task.insert(job.request.id.clone(), id);
         let running = Running {
             job,
@@ -68,6 +70,15 @@ impl Instance {
             cancel: None,
         };
         self.running.insert(id, running);
+    }
+
+    /// `task.run` written straight from its params (no `Value` in between: the hot path).
+    fn request_task_run(&mut self, params: &TaskRunParams) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = plugin_protocol::request_line(&Id::Num(id), method::TASK_RUN, params);
+        self.send_line(line);
+        id
     }
 
     /// Sends `task.cancel` once per task; `kill_grace` arms the kill if it does not end.
