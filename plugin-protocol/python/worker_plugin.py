@@ -215,9 +215,15 @@ class Plugin:
                 if not self._pending:
                     self._writing = False
                     return
-                batch = b"".join(self._pending)
+                batch = memoryview(b"".join(self._pending))
                 self._pending.clear()
-            self._out.write(batch)
+            try:
+                while batch:  # an unbuffered write may take part of it (a signal, say)
+                    batch = batch[self._out.write(batch):]
+            except BaseException:
+                with self._out_lock:
+                    self._writing = False
+                raise
 
     def _notify(self, method, params):
         self._send({"method": method, "params": params})
