@@ -15,6 +15,8 @@
 //!   default 10,000) and revoked ids (Celery's 50,000): RSS per id, insert cost once full
 //!   (pruning), lookup cost (hit and miss). Each in a fresh process, so RSS is its own.
 
+#[path = "common/daemon.rs"]
+mod daemon;
 #[path = "common/minimal.rs"]
 mod minimal;
 #[path = "common/procstat.rs"]
@@ -72,12 +74,7 @@ fn without_pings(m: Manifest) -> Manifest {
 
 /// This process's resident memory, KiB.
 fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    procstat::rss_kib(std::process::id())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -294,105 +291,12 @@ fn main() {
 
 /// The real daemon, as an operator runs it: `worker serve` (release build, no broker).
 mod serve {
+    use super::daemon::Daemon;
     use super::{plugin, procstat, without_pings, PLUGINS};
     use std::io::{BufRead, BufReader, Write};
-    use std::os::unix::net::{UnixDatagram, UnixStream};
-    use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
     use std::time::{Duration, Instant};
-
-    /// A running `worker serve` on its own plugins, state directory and control socket.
-    struct Daemon {
-        child: Child,
-        socket: PathBuf,
-        /// Since `serve` was started, when it told READY=1.
-        ready_after: Duration,
-    }
-
-    impl Daemon {
-        /// Installs every plugin in `plugins`, starts `serve` with `extra` arguments and
-        /// waits for READY=1, received as systemd receives it (Type=notify).
-        fn start(root: &Path, plugins: &Path, extra: &[&str]) -> Daemon {
-            let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/worker");
-            assert!(
-                bin.exists(),
-                "{} missing: run benches/run.sh",
-                bin.display()
-            );
-            let tag = plugins.file_name().unwrap().to_string_lossy().to_string();
-            let socket = root.join(format!("{tag}.sock"));
-            let args = |c: &mut Command| {
-                c.arg("--plugins")
-                    .arg(plugins)
-                    .arg("--state-dir")
-                    .arg(root.join(format!("{tag}-state")))
-                    .arg("--socket")
-                    .arg(&socket);
-            };
-            let mut install = Command::new(&bin);
-            install.args(["plugins", "install"]);
-            args(&mut install);
-            let out = install.output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-            let notify_path = root.join(format!("{tag}-notify.sock"));
-            let notify = UnixDatagram::bind(&notify_path).unwrap();
-            notify
-                .set_read_timeout(Some(Duration::from_secs(120)))
-                .unwrap();
-            let mut serve = Command::new(&bin);
-            serve.args(["serve", "--log-level", "warn"]).args(extra);
-            args(&mut serve);
-            let started = Instant::now();
-            let child = serve
-                .env("NOTIFY_SOCKET", &notify_path)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut buf = [0u8; 4096];
-            let ready_after = loop {
-                let n = notify.recv(&mut buf).expect("READY=1 within 120 s");
-                if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
-                    break started.elapsed();
-                }
-            };
-            Daemon {
-                child,
-                socket,
-                ready_after,
-            }
-        }
-
-        fn pid(&self) -> u32 {
-            self.child.id()
-        }
-
-        /// How many instances it reports ready (`plugins.status` on the control socket).
-        fn ready_instances(&self) -> usize {
-            let Ok(mut s) = UnixStream::connect(&self.socket) else {
-                return 0;
-            };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = s.write_all(
-                b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"plugins.status\",\"params\":{}}\n",
-            );
-            let mut line = String::new();
-            let _ = BufReader::new(s).read_line(&mut line);
-            line.matches("\"state\":\"ready\"").count()
-        }
-
-        fn stop(mut self) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.pid() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = self.child.wait();
-        }
-    }
 
     /// 50 installed plugins x 2 instances: ready times and idle RSS.
     pub fn idle(root: &Path) {

@@ -5,8 +5,14 @@
 //! Run with `benches/run.sh` (it builds the release example plugin first). Figures are
 //! printed as ratios to the baseline; absolute numbers depend on the machine.
 
+#[path = "common/daemon.rs"]
+#[allow(dead_code)] // each bench uses its own part
+mod daemon;
 #[path = "common/minimal.rs"]
 mod minimal;
+#[path = "common/procstat.rs"]
+#[allow(dead_code)] // each bench uses its own part
+mod procstat;
 
 use plugin_protocol::{Frame, LineDecoder, Message};
 use serde_json::json;
@@ -255,83 +261,27 @@ async fn restart_latency(m: &Manifest) -> (Duration, Duration) {
     (percentile(&times, 0.5), percentile(&times, 0.99))
 }
 
-/// Starts the release daemon on the bundled examples and reads its RSS once plugins are up.
+/// Starts the release daemon on the plugins in `root` and reads its RSS once every instance
+/// is ready.
 fn idle_rss_kib(root: &Path) -> Option<u64> {
-    let bin = repo().join("target/release/worker");
-    if !bin.exists() {
+    if !repo().join("target/release/worker").exists() {
         return None;
     }
-    let socket = root.join("w.sock");
-    let state_dir = tempfile::tempdir().ok()?;
-    let state = state_dir.path().to_path_buf();
-    // The daemon runs installed plugins: install the bench's plugins first.
-    let installed = std::process::Command::new(&bin)
-        .args(["plugins", "install", "--socket"])
-        .arg(&socket)
-        .arg("--plugins")
-        .arg(root)
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .ok()?;
-    if !installed.status.success() {
-        eprintln!(
-            "plugins install failed:\n{}",
-            String::from_utf8_lossy(&installed.stdout)
-        );
-        return None;
-    }
-    let mut child = std::process::Command::new(&bin)
-        .args(["serve", "--log-level", "warn", "--socket"])
-        .arg(&socket)
-        .arg("--plugins")
-        .arg(root)
-        .arg("--state-dir")
-        .arg(&state)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    // Ready means `plugins list` shows every instance ready.
+    let instances: usize = std::fs::read_dir(root)
+        .ok()?
+        .flatten()
+        .filter_map(|e| Manifest::load(&e.path()).ok())
+        .map(|m| m.instances as usize)
+        .sum();
+    let state = tempfile::tempdir().ok()?;
+    let daemon = daemon::Daemon::start(state.path(), root, &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let out = std::process::Command::new(&bin)
-            .args(["plugins", "list", "--json", "--socket"])
-            .arg(&socket)
-            .arg("--plugins")
-            .arg(root)
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .ok()?;
-        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let ready = doc["installed"].as_array().is_some_and(|ps| {
-            !ps.is_empty()
-                && ps.iter().all(|p| {
-                    p["live"]["instances"]
-                        .as_array()
-                        .is_some_and(|i| i.iter().all(|i| i["state"] == "ready"))
-                })
-        });
-        if ready {
-            break;
-        }
+    while daemon.ready_instances() < instances && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
-    rss
+    let rss = procstat::rss_kib(daemon.pid());
+    daemon.stop();
+    Some(rss)
 }
 
 /// A Python SDK subscriber to `task.*` and `instance.*`, logging to a file under `root`.

@@ -383,10 +383,6 @@ impl Instance {
         });
     }
 
-    fn send(&mut self, msg: Message) {
-        self.send_line(msg.to_line());
-    }
-
     fn send_line(&mut self, line: Vec<u8>) {
         match self.out.try_send(line) {
             Ok(()) => {}
@@ -397,14 +393,18 @@ impl Instance {
     }
 
     fn request(&mut self, method: &str, params: impl serde::Serialize) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.send(Message::Request(Request::new(Id::Num(id), method, params)));
+        let id = self.take_request_id();
+        self.send_line(Message::Request(Request::new(Id::Num(id), method, params)).to_line());
         id
     }
 
+    fn take_request_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id - 1
+    }
+
     fn notify(&mut self, method: &str, params: impl serde::Serialize) {
-        self.send(Message::Notification(Notification::new(method, params)));
+        self.send_line(Message::Notification(Notification::new(method, params)).to_line());
     }
 
     fn begin_handshake(&mut self) {

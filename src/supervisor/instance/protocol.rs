@@ -186,7 +186,7 @@ impl Instance {
                     code::METHOD_NOT_FOUND,
                     format!("the worker has no method `{}`", r.method),
                 );
-                self.send(Message::Response(Response::err(Some(r.id), err)));
+                self.send_line(Message::Response(Response::err(Some(r.id), err)).to_line());
             }
             Message::Response(_) => unreachable!("responses are handled by on_response"),
         }

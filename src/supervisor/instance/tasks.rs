@@ -74,8 +74,7 @@ impl Instance {
 
     /// `task.run` written straight from its params (no `Value` in between: the hot path).
     fn request_task_run(&mut self, params: &TaskRunParams) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.take_request_id();
         let line = plugin_protocol::request_line(&Id::Num(id), method::TASK_RUN, params);
         self.send_line(line);
         id
