@@ -7,6 +7,11 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// RabbitMQ's default `max_message_size` (128 MiB): what it accepts unless configured.
+const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 << 20;
+/// RabbitMQ's largest `max_message_size` (512 MiB).
+const MAX_MESSAGE_SIZE: usize = 512 << 20;
+
 /// Settings of the worker process (not of any one plugin).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -79,6 +84,9 @@ pub struct Config {
     pub result_backend: String,
     /// Seconds a result stays in the Redis backend (Celery's `result_expires`); 0 keeps it.
     pub result_expires: f64,
+    /// The largest task message (body bytes) the worker reads from the broker; a larger one is
+    /// rejected without requeue. The default is RabbitMQ's own `max_message_size` (128 MiB).
+    pub max_message_size: usize,
 }
 
 /// How the worker declares the task queues.
@@ -128,6 +136,7 @@ impl Default for Config {
             task_events: false,
             result_backend: "rpc://".into(),
             result_expires: 86400.0,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             plugin_user: None,
             cgroup: "auto".into(),
         }
@@ -230,6 +239,12 @@ impl Config {
             return Err(format!(
                 "key `cgroup`: `{}` is not \"auto\", \"off\" or an absolute cgroup v2 directory",
                 self.cgroup
+            ));
+        }
+        if !(1024..=MAX_MESSAGE_SIZE).contains(&self.max_message_size) {
+            return Err(format!(
+                "key `max_message_size`: {} is not a number of bytes from 1024 to {MAX_MESSAGE_SIZE} (RabbitMQ's largest)",
+                self.max_message_size
             ));
         }
         if self.prefetch_count == Some(0) {
@@ -423,6 +438,18 @@ mod tests {
             c.validate().is_ok(),
             "plugins_dir may live inside state_dir"
         );
+    }
+
+    #[test]
+    fn max_message_size_is_rabbitmqs_by_default_and_bounded() {
+        assert_eq!(Config::default().max_message_size, 128 << 20);
+        let c: Config = toml::from_str("max_message_size = 4096").unwrap();
+        assert!(c.validate().is_ok());
+        for bad in ["max_message_size = 10", "max_message_size = 1073741824"] {
+            let c: Config = toml::from_str(bad).unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(e.0.contains("key `max_message_size`"), "{bad}: {e}");
+        }
     }
 
     #[test]

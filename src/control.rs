@@ -207,7 +207,7 @@ async fn connection(
         let frame = tokio::select! {
             // Nothing asked, nothing running: free the slot for someone else.
             _ = &mut idle, if requests.is_empty() => {
-                let quiet_until = *last_done.lock().expect("last_done lock poisoned") + idle_timeout;
+                let quiet_until = *crate::sync::lock(&last_done) + idle_timeout;
                 if quiet_until > tokio::time::Instant::now() {
                     idle.as_mut().reset(quiet_until);
                     continue;
@@ -235,8 +235,7 @@ async fn connection(
                 let (ctx, last_done) = (ctx.clone(), last_done.clone());
                 requests.spawn(async move {
                     handle(req, ctx).await;
-                    *last_done.lock().expect("last_done lock poisoned") =
-                        tokio::time::Instant::now();
+                    *crate::sync::lock(&last_done) = tokio::time::Instant::now();
                     drop(permit);
                 });
             }
@@ -301,12 +300,7 @@ fn request_of(frame: Frame) -> Result<Request, Option<ErrorObject>> {
 
 /// The client went away: nobody will read the results of the tasks it did not detach.
 async fn cancel_attached(ctx: &Context) {
-    let ids: Vec<String> = ctx
-        .attached
-        .lock()
-        .expect("attached lock poisoned")
-        .drain()
-        .collect();
+    let ids: Vec<String> = crate::sync::lock(&ctx.attached).drain().collect();
     for id in ids {
         tracing::info!(task_id = %id, submitter = %ctx.submitter, "the client that submitted this task disconnected; cancelling it (submit with `detach: true` to keep it running)");
         ctx.dispatcher
@@ -410,10 +404,7 @@ async fn submit(params: Value, request_id: &Id, ctx: &Context) -> Result<Value, 
     let accepted = json!({ "task_id": task_id, "request": request_id });
     ctx.notify("task.accepted", accepted).await;
     if !p.detach {
-        ctx.attached
-            .lock()
-            .expect("attached lock poisoned")
-            .insert(task_id.clone());
+        crate::sync::lock(&ctx.attached).insert(task_id.clone());
     }
     let mut run = ctx.dispatcher.submit(request);
     let outcome = loop {
@@ -426,10 +417,7 @@ async fn submit(params: Value, request_id: &Id, ctx: &Context) -> Result<Value, 
             None => unreachable!("a task run ends with Done"),
         }
     };
-    ctx.attached
-        .lock()
-        .expect("attached lock poisoned")
-        .remove(&task_id);
+    crate::sync::lock(&ctx.attached).remove(&task_id);
     match outcome {
         Outcome::Success(result) => Ok(json!({ "task_id": task_id, "result": result })),
         Outcome::Failure(f) => {

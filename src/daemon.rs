@@ -367,6 +367,7 @@ fn amqp_options(
         task_events: config.task_events,
         result_backend: config.redis_backend().map(str::to_string),
         result_expires: config.result_expires as u64,
+        max_message_size: config.max_message_size,
     }
 }
 

@@ -130,7 +130,7 @@ struct ActiveGuard<'a> {
 
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
-        let mut active = self.dispatcher.active.lock().expect("active lock poisoned");
+        let mut active = crate::sync::lock(&self.dispatcher.active);
         active.remove(&self.id);
         self.dispatcher.in_flight.send_replace(active.len());
     }
@@ -346,7 +346,7 @@ impl Dispatcher {
         if self.supervisor.route(&request.name).is_none() {
             return Err(Outcome::Failure(Failure::not_registered(&request.name)));
         }
-        let mut active = self.active.lock().expect("active lock poisoned");
+        let mut active = crate::sync::lock(&self.active);
         if active.contains_key(&request.id) {
             return Err(Outcome::Failure(Failure::new(
                 FailureKind::Raised { retryable: false },
@@ -408,20 +408,13 @@ impl Dispatcher {
     }
 
     fn cancel_reason(&self, id: &str) -> Option<String> {
-        self.active
-            .lock()
-            .expect("active lock poisoned")
+        crate::sync::lock(&self.active)
             .get(id)
             .and_then(|a| a.cancel.clone())
     }
 
     fn set_attempt(&self, id: &str, attempt: u32, pool: &PoolHandle) {
-        if let Some(a) = self
-            .active
-            .lock()
-            .expect("active lock poisoned")
-            .get_mut(id)
-        {
+        if let Some(a) = crate::sync::lock(&self.active).get_mut(id) {
             a.attempt = attempt;
             a.pool = Some(pool.clone());
         }
@@ -437,7 +430,7 @@ impl Dispatcher {
             }
         }
         let mut listing: Vec<TaskListing> = {
-            let active = self.active.lock().expect("active lock poisoned");
+            let active = crate::sync::lock(&self.active);
             active
                 .iter()
                 .map(|(id, a)| {
@@ -469,7 +462,7 @@ impl Dispatcher {
     /// after the plugin's `cancel_grace`). False if no such task is active.
     pub async fn cancel(&self, task_id: &str, reason: &str) -> bool {
         let pool = {
-            let mut active = self.active.lock().expect("active lock poisoned");
+            let mut active = crate::sync::lock(&self.active);
             let Some(slot) = active.get_mut(task_id) else {
                 return false;
             };
@@ -488,7 +481,7 @@ impl Dispatcher {
     /// result. False if no such task is active.
     pub async fn cancel_cooperatively(&self, task_id: &str, reason: &str) -> bool {
         let pool = {
-            let mut active = self.active.lock().expect("active lock poisoned");
+            let mut active = crate::sync::lock(&self.active);
             let Some(slot) = active.get_mut(task_id) else {
                 return false;
             };
@@ -503,10 +496,7 @@ impl Dispatcher {
 
     /// Cancels a task only if it is still waiting in a plugin's queue. True if it was.
     pub async fn cancel_queued(&self, task_id: &str, reason: &str) -> bool {
-        let pool = self
-            .active
-            .lock()
-            .expect("active lock poisoned")
+        let pool = crate::sync::lock(&self.active)
             .get(task_id)
             .and_then(|a| a.pool.clone());
         match pool {

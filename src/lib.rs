@@ -21,6 +21,7 @@ pub mod reload;
 pub mod socket;
 pub mod source;
 pub mod supervisor;
+pub mod sync;
 pub mod task;
 
 /// The worker's own name and version, sent to plugins at `initialize`.

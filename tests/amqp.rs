@@ -278,10 +278,7 @@ fn amqp_garbage_messages_are_rejected_and_the_worker_keeps_serving() {
     ];
     for reason in reasons {
         let line = w.wait_log(reason);
-        assert!(
-            line.contains("rejecting a message that is not a readable Celery task"),
-            "{line}"
-        );
+        assert!(line.contains("rejecting a task message"), "{line}");
     }
     assert_eq!(
         lane.run(&["call", "fibonacci", "[20]"]),

@@ -107,20 +107,7 @@ fn drop_connections(name: &str) -> usize {
 
 /// Messages (ready and unacked) in `queue`.
 fn queue_depth(queue: &str) -> Option<u64> {
-    let out = Command::new("rabbitmqctl")
-        .args([
-            "list_queues",
-            "-q",
-            "--no-table-headers",
-            "name",
-            "messages",
-        ])
-        .output()
-        .expect("rabbitmqctl runs");
-    text(&out.stdout).lines().find_map(|l| {
-        let (name, n) = l.split_once('\t')?;
-        (name == queue).then(|| n.trim().parse().ok()).flatten()
-    })
+    queue_counts(queue).map(|(ready, unacked)| ready + unacked)
 }
 
 /// Task ids the worker logged as published on a connection that died before the confirm.

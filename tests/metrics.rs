@@ -1,6 +1,8 @@
 //! `/metrics` (`metrics_listen`) read by the reference OpenMetrics parser (`prometheus_client`,
 //! in the Celery venv): counters match known work through the broker and the control socket,
-//! and scraping while tasks flow answers every time without losing a task.
+//! and scraping while tasks flow answers every time without losing a task. Hostile clients of
+//! the port (idle keep-alive, silent, pipelining) cannot hold its connections: a scrape is
+//! answered at once (503 when every connection is taken) and they are closed in bounded time.
 
 mod common;
 
@@ -8,9 +10,11 @@ use common::broker::*;
 use common::*;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use worker::metrics::http::{HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_REQUESTS};
 
 /// `http://ADDR/metrics` from the daemon's log line.
 fn metrics_addr(d: &mut Daemon) -> String {
@@ -379,5 +383,182 @@ fn scraping_while_tasks_flow_answers_every_time_and_loses_no_task() {
         "{} scrapes; task throughput while scraped vs not, per round of {n}: {}",
         bodies.len(),
         ratios.join(", ")
+    );
+}
+
+/// A daemon serving the Rust example plugin with `/metrics` on a free port, and that address.
+fn metrics_daemon(root: &Path) -> (Daemon, String) {
+    let plugins = root.join("plugins");
+    rust_plugin(&plugins, "");
+    let mut d = Daemon::start_with(
+        &plugins,
+        &root.join("w.sock"),
+        &["--metrics-listen", "127.0.0.1:0"],
+    );
+    let addr = metrics_addr(&mut d);
+    (d, addr)
+}
+
+/// A connection to `addr` whose reads give up after `timeout`.
+fn connect(addr: &str, timeout: Duration) -> BufReader<TcpStream> {
+    let conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(timeout)).unwrap();
+    BufReader::new(conn)
+}
+
+/// Sends `GET /metrics` without closing the connection.
+fn ask(conn: &mut BufReader<TcpStream>) {
+    conn.get_mut()
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n\r\n")
+        .unwrap();
+}
+
+/// One HTTP response read off a connection.
+struct Answer {
+    status: String,
+    /// Lower-case names.
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The next response on `conn`; None when the server has closed the connection. Panics if
+/// nothing comes within the connection's read timeout.
+fn next_answer(conn: &mut BufReader<TcpStream>) -> Option<Answer> {
+    let mut status = String::new();
+    if conn.read_line(&mut status).expect("an answer in time") == 0 {
+        return None;
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        conn.read_line(&mut line).expect("the headers in time");
+        let Some((name, value)) = line.trim_end().split_once(':') else {
+            break;
+        };
+        headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
+    }
+    let mut answer = Answer {
+        status: status.trim_end().to_string(),
+        headers,
+        body: String::new(),
+    };
+    let length: usize = answer
+        .header("content-length")
+        .expect("a content-length")
+        .parse()
+        .unwrap();
+    let mut body = vec![0; length];
+    conn.read_exact(&mut body).expect("the body in time");
+    answer.body = text_of(&body);
+    Some(answer)
+}
+
+/// True if the server closes `conn` (end of stream, or a reset) before its read timeout.
+fn closed_by_server(conn: &mut BufReader<TcpStream>) -> bool {
+    let mut rest = Vec::new();
+    match conn.read_to_end(&mut rest) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+fn assert_busy(answer: &Answer) {
+    assert_eq!(answer.status, "HTTP/1.1 503 Service Unavailable");
+    assert_eq!(answer.header("retry-after"), Some("1"));
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert!(answer.body.contains("busy"), "{}", answer.body);
+}
+
+#[test]
+fn idle_keep_alive_connections_get_a_new_scrape_a_503_at_once_and_are_closed_soon() {
+    let root = tempfile::tempdir().unwrap();
+    let (_d, addr) = metrics_daemon(root.path());
+    // Every connection slot taken by a client that scraped once and keeps the connection.
+    let mut idle: Vec<_> = (0..MAX_CONNECTIONS)
+        .map(|_| {
+            let mut conn = connect(&addr, HEADER_TIMEOUT * 3);
+            ask(&mut conn);
+            let answer = next_answer(&mut conn).expect("an answer");
+            assert_eq!(answer.status, "HTTP/1.1 200 OK");
+            assert_eq!(answer.header("connection"), None, "kept alive");
+            conn
+        })
+        .collect();
+    let idle_since = Instant::now();
+
+    // A new scrape is not left waiting behind them: it is refused at once.
+    let mut conn = connect(&addr, Duration::from_secs(2));
+    ask(&mut conn);
+    assert_busy(&next_answer(&mut conn).expect("an answer"));
+    assert!(closed_by_server(&mut conn));
+
+    // The idle ones are closed after the header timeout, which hyper also runs between the
+    // requests of a keep-alive connection (up to 3 timeouts here: a slow machine is fine).
+    for conn in &mut idle {
+        assert!(closed_by_server(conn), "an idle connection stays open");
+    }
+    assert!(idle_since.elapsed() >= HEADER_TIMEOUT / 2);
+    let (status, _, _) = scrape(&addr);
+    assert_eq!(status, "HTTP/1.1 200 OK");
+}
+
+#[test]
+fn silent_connections_filling_every_slot_get_a_new_connection_a_503_at_once() {
+    let root = tempfile::tempdir().unwrap();
+    let (_d, addr) = metrics_daemon(root.path());
+    // Connections that never send a byte (the slots are taken in the order they connect).
+    let mut silent: Vec<_> = (0..MAX_CONNECTIONS)
+        .map(|_| connect(&addr, HEADER_TIMEOUT * 3))
+        .collect();
+    let began = Instant::now();
+    let mut conn = connect(&addr, Duration::from_secs(2));
+    ask(&mut conn);
+    assert_busy(&next_answer(&mut conn).expect("an answer"));
+    eprintln!("503 after {:?}", began.elapsed());
+    // And they lose their slots at the header timeout.
+    for conn in &mut silent {
+        assert!(closed_by_server(conn), "a silent connection stays open");
+    }
+    let (status, _, _) = scrape(&addr);
+    assert_eq!(status, "HTTP/1.1 200 OK");
+}
+
+#[test]
+fn a_pipelining_connection_is_answered_up_to_the_request_cap_then_closed() {
+    let root = tempfile::tempdir().unwrap();
+    let (_d, addr) = metrics_daemon(root.path());
+    let mut conn = connect(&addr, Duration::from_secs(10));
+    let sent = MAX_REQUESTS as usize + 50;
+    let requests = "GET /metrics HTTP/1.1\r\nHost: worker\r\n\r\n".repeat(sent);
+    conn.get_mut().write_all(requests.as_bytes()).unwrap();
+    let began = Instant::now();
+    let mut answers = Vec::new();
+    while let Some(answer) = next_answer(&mut conn) {
+        assert_eq!(answer.status, "HTTP/1.1 200 OK");
+        answers.push(answer);
+        assert!(
+            answers.len() <= MAX_REQUESTS as usize,
+            "answered past the cap"
+        );
+    }
+    assert_eq!(answers.len(), MAX_REQUESTS as usize, "of {sent} sent");
+    let last = answers.last().unwrap();
+    assert_eq!(last.header("connection"), Some("close"));
+    assert!(answers[..answers.len() - 1]
+        .iter()
+        .all(|a| a.header("connection").is_none()));
+    eprintln!(
+        "{} pipelined answers in {:?} (renders are spaced, answers paced)",
+        answers.len(),
+        began.elapsed()
     );
 }

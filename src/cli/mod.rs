@@ -129,6 +129,10 @@ pub struct CommonArgs {
     /// Seconds a result stays in the Redis backend, 0 to keep it (`result_expires`)
     #[arg(long, env = "WORKER_RESULT_EXPIRES", global = true)]
     pub result_expires: Option<f64>,
+    /// The largest task message (bytes) read from the broker; larger ones are rejected
+    /// (`max_message_size`)
+    #[arg(long, env = "WORKER_MAX_MESSAGE_SIZE", global = true)]
+    pub max_message_size: Option<usize>,
     /// Send Celery task events for Flower and `celery events` (`task_events`), as Celery's `-E`
     #[arg(short = 'E', long, env = "WORKER_TASK_EVENTS", global = true)]
     pub task_events: bool,
@@ -272,6 +276,9 @@ impl CommonArgs {
         if let Some(v) = self.result_expires {
             c.result_expires = v;
         }
+        if let Some(v) = self.max_message_size {
+            c.max_message_size = v;
+        }
         if let Some(v) = &self.plugin_user {
             c.plugin_user = Some(v.clone());
         }
@@ -304,7 +311,15 @@ fn init_logging(config: &Config, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(
         config.log_level.as_deref().unwrap_or(default_level),
     )
-    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level))
+    // lapin logs a message the broker returns (a reply queue that does not exist) at WARN
+    // with its whole body: task results in the journal, once per retry. We log our own line
+    // without the body, so that one is off whatever the level asked for.
+    .add_directive(
+        "lapin::returned_messages=error"
+            .parse()
+            .expect("a valid directive"),
+    );
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

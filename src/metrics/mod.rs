@@ -218,7 +218,7 @@ impl Metrics {
 
     /// The OpenMetrics text of every metric, with the pools as `status` reports them now.
     pub fn encode(&self, status: Vec<PluginStatus>) -> String {
-        *self.pools.plugins.lock().expect("metrics snapshot lock") = status;
+        *crate::sync::lock(&self.pools.plugins) = status;
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
@@ -303,7 +303,7 @@ impl PoolSnapshot {
 
 impl Collector for PoolSnapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let plugins = self.plugins.lock().expect("metrics snapshot lock");
+        let plugins = crate::sync::lock(&self.plugins);
         let sum = |p: &PluginStatus, f: fn(&crate::supervisor::status::InstanceStatus) -> u64| {
             p.instances.iter().map(f).sum::<u64>()
         };

@@ -6,7 +6,9 @@
 //! carrying the body, once the result backend (Redis) knows the header's size.
 
 use super::celery::{CeleryTask, DecodeError};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// A serialized signature (`celery.canvas.Signature` as JSON).
@@ -27,10 +29,93 @@ pub struct Signature {
 pub struct Embed {
     pub callbacks: Vec<Signature>,
     pub errbacks: Vec<Signature>,
-    /// The rest of the chain, reversed: the last element runs next.
-    pub chain: Vec<Signature>,
+    /// The rest of the chain.
+    pub chain: Chain,
     /// Set on the members of a chord's header: the chord's body.
     pub chord: Option<Value>,
+}
+
+/// Chain steps as text; shared, so handing them to the next message copies nothing.
+pub type Steps = Arc<[Box<RawValue>]>;
+
+/// No chain steps.
+fn no_steps() -> Steps {
+    Arc::from(Vec::new())
+}
+
+/// The rest of a chain, reversed as on the wire (the last step runs next). Only the next step
+/// is read; the others stay the text they came as and go on to the next message unparsed,
+/// so a step of a long chain costs its bytes, never a tree of every later step.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    /// The steps after the next one, as text, shared with the message that carries them on.
+    rest: Steps,
+    next: Option<Signature>,
+}
+
+impl Default for Chain {
+    fn default() -> Chain {
+        Chain {
+            rest: no_steps(),
+            next: None,
+        }
+    }
+}
+
+impl PartialEq for Chain {
+    fn eq(&self, other: &Chain) -> bool {
+        self.next == other.next
+            && self.rest.len() == other.rest.len()
+            && self
+                .rest
+                .iter()
+                .zip(other.rest.iter())
+                .all(|(a, b)| a.get() == b.get())
+    }
+}
+
+impl Chain {
+    /// Reads a chain from its steps' text: the next (last) one strictly, the others must be
+    /// objects.
+    fn from_raw(steps: Vec<&RawValue>) -> Result<Chain, DecodeError> {
+        let Some((next, rest)) = steps.split_last() else {
+            return Ok(Chain::default());
+        };
+        let at = format!("embed.chain[{}]", rest.len());
+        let next: Value =
+            serde_json::from_str(next.get()).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let next = Signature::from_json(&next, &at)?;
+        for (i, step) in rest.iter().enumerate() {
+            if !step.get().starts_with('{') {
+                return Err(shape(format!(
+                    "embed.chain[{i}] must be a signature object"
+                )));
+            }
+        }
+        let rest = rest
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect::<Vec<_>>()
+            .into();
+        Ok(Chain {
+            rest,
+            next: Some(next),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.next.is_none()
+    }
+
+    /// Every step in wire order (the next one last), read as signatures where they can be
+    /// (after a failure, to fail each); a step that cannot be read is left out.
+    fn steps(&self) -> impl Iterator<Item = Signature> + '_ {
+        let rest = self.rest.iter().filter_map(|raw| {
+            let v: Value = serde_json::from_str(raw.get()).ok()?;
+            Signature::from_json(&v, "embed.chain").ok()
+        });
+        rest.chain(self.next.clone())
+    }
 }
 
 fn shape(msg: String) -> DecodeError {
@@ -71,13 +156,6 @@ impl Signature {
         })
     }
 
-    fn to_json(&self) -> Value {
-        json!({
-            "task": self.task, "args": self.args, "kwargs": self.kwargs, "options": self.options,
-            "subtask_type": self.subtask_type, "immutable": self.immutable,
-        })
-    }
-
     fn option_str(&self, key: &str) -> Option<&str> {
         self.options
             .get(key)
@@ -107,25 +185,57 @@ fn signatures(v: Option<&Value>, at: &str) -> Result<Vec<Signature>, DecodeError
     }
 }
 
+/// An embed as its text is read: the chain's steps stay text.
+#[derive(serde::Deserialize)]
+struct EmbedText<'a> {
+    #[serde(default)]
+    callbacks: Value,
+    #[serde(default)]
+    errbacks: Value,
+    #[serde(borrow, default)]
+    chain: Option<&'a RawValue>,
+    #[serde(default)]
+    chord: Value,
+}
+
 impl Embed {
-    /// Reads a v2 body's third element; `null` or absent is an empty embed.
-    pub fn from_json(v: Option<&Value>) -> Result<Embed, DecodeError> {
-        let o = match v {
-            None | Some(Value::Null) => return Ok(Embed::default()),
-            Some(Value::Object(o)) => o,
-            Some(_) => return Err(shape("body[2] (embed) must be an object".into())),
+    /// Reads a v2 body's third element from its text; `null` or absent is an empty embed.
+    pub fn from_raw(raw: Option<&RawValue>) -> Result<Embed, DecodeError> {
+        let Some(raw) = raw.filter(|r| r.get() != "null") else {
+            return Ok(Embed::default());
+        };
+        if !raw.get().starts_with('{') {
+            return Err(shape("body[2] (embed) must be an object".into()));
+        }
+        let text: EmbedText =
+            serde_json::from_str(raw.get()).map_err(|e| shape(format!("body[2] (embed): {e}")))?;
+        let chain = match text.chain.filter(|c| c.get() != "null") {
+            None => Chain::default(),
+            Some(c) => {
+                let steps: Vec<&RawValue> = serde_json::from_str(c.get())
+                    .map_err(|_| shape("embed.chain must be a list of signatures".into()))?;
+                Chain::from_raw(steps)?
+            }
         };
         Ok(Embed {
-            callbacks: signatures(o.get("callbacks"), "embed.callbacks")?,
-            errbacks: signatures(o.get("errbacks"), "embed.errbacks")?,
-            chain: signatures(o.get("chain"), "embed.chain")?,
-            chord: o.get("chord").filter(|c| !c.is_null()).cloned(),
+            callbacks: signatures(Some(&text.callbacks), "embed.callbacks")?,
+            errbacks: signatures(Some(&text.errbacks), "embed.errbacks")?,
+            chain,
+            chord: Some(text.chord).filter(|c| !c.is_null()),
         })
+    }
+
+    /// The same from a JSON value (tests, and embeds built in memory).
+    pub fn from_json(v: Option<&Value>) -> Result<Embed, DecodeError> {
+        let raw = v
+            .map(|v| serde_json::value::to_raw_value(v).expect("JSON serializes"))
+            .filter(|r| r.get() != "null");
+        Embed::from_raw(raw.as_deref())
     }
 }
 
 /// A task message to publish, in Celery's protocol 2.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Outgoing {
     pub id: String,
     pub exchange: String,
@@ -133,11 +243,39 @@ pub struct Outgoing {
     pub headers: Map<String, Value>,
     pub reply_to: Option<String>,
     pub priority: Option<u8>,
+    /// `[args, kwargs, embed]`, the embed's chain empty: the chain goes in `chain`, as text.
     pub body: Value,
+    /// The message's remaining chain, as the text it came as.
+    pub chain: Steps,
     /// Set on the first header task of a chord this message starts: `(group id, header
     /// size)`, which the result backend must know before any part can finish (Celery's
     /// client-side `SET <group>.s`).
     pub opens_chord: Option<(String, usize)>,
+}
+
+impl Outgoing {
+    /// The message body on the wire: `body` with `chain` written into its embed as it came.
+    pub fn body_bytes(&self) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct Wire<'a> {
+            callbacks: &'a Value,
+            errbacks: &'a Value,
+            chain: &'a [Box<RawValue>],
+            chord: &'a Value,
+        }
+        let embed = &self.body[2];
+        let wire = (
+            &self.body[0],
+            &self.body[1],
+            Wire {
+                callbacks: &embed["callbacks"],
+                errbacks: &embed["errbacks"],
+                chain: &self.chain,
+                chord: &embed["chord"],
+            },
+        );
+        serde_json::to_vec(&wire).expect("a task body serializes")
+    }
 }
 
 /// A remaining chain step that fails with its parent: its id and where its client waits.
@@ -170,7 +308,7 @@ impl Context<'_> {
         &self,
         sig: &Signature,
         prepend: &[Value],
-        chain: &[Signature],
+        chain: &Steps,
         group: Option<(&str, usize)>,
     ) -> Outgoing {
         let id = sig
@@ -214,7 +352,7 @@ impl Context<'_> {
         let embed = json!({
             "callbacks": listed(sig.option_signatures("link")),
             "errbacks": listed(sig.option_signatures("link_error")),
-            "chain": chain.iter().map(Signature::to_json).collect::<Vec<_>>(),
+            "chain": [],
             "chord": sig.options.get("chord").filter(|c| !c.is_null()),
         });
         let (exchange, routing_key) = match (
@@ -242,6 +380,7 @@ impl Context<'_> {
                 .and_then(Value::as_u64)
                 .map(|p| p.min(255) as u8),
             body: json!([args, sig.kwargs, embed]),
+            chain: chain.clone(),
             opens_chord: None,
         }
     }
@@ -252,7 +391,7 @@ impl Context<'_> {
         &self,
         sig: &Signature,
         prepend: &[Value],
-        chain: &[Signature],
+        chain: &Steps,
     ) -> Result<Vec<Outgoing>, String> {
         match sig.subtask_type.as_deref() {
             None => Ok(vec![self.message(sig, prepend, chain, None)]),
@@ -263,7 +402,7 @@ impl Context<'_> {
                 Ok(members
                     .iter()
                     .enumerate()
-                    .map(|(i, m)| self.message(m, prepend, &[], Some((&group_id, i))))
+                    .map(|(i, m)| self.message(m, prepend, &no_steps(), Some((&group_id, i))))
                     .collect())
             }
             Some("chord") => self.chord(sig, prepend),
@@ -319,7 +458,7 @@ impl Context<'_> {
             .map(|(i, m)| {
                 let mut m = m.clone();
                 m.options.insert("chord".into(), body.clone());
-                self.message(&m, prepend, &[], Some((&group_id, i)))
+                self.message(&m, prepend, &no_steps(), Some((&group_id, i)))
             })
             .collect();
         let size = out.len();
@@ -355,19 +494,19 @@ pub fn after_success(cx: &Context, result: &Value) -> Result<Vec<Outgoing>, Stri
         .partition(|s| s.subtask_type.is_some());
     match plain.as_slice() {
         [] => {}
-        [one] => out.extend(cx.apply(one, &prepend, &[])?),
+        [one] => out.extend(cx.apply(one, &prepend, &no_steps())?),
         several => {
             let group_id = new_id();
             for (i, cb) in several.iter().enumerate() {
-                out.push(cx.message(cb, &prepend, &[], Some((&group_id, i))));
+                out.push(cx.message(cb, &prepend, &no_steps(), Some((&group_id, i))));
             }
         }
     }
     for g in groups {
-        out.extend(cx.apply(g, &prepend, &[])?);
+        out.extend(cx.apply(g, &prepend, &no_steps())?);
     }
-    if let Some((next, rest)) = embed.chain.split_last() {
-        out.extend(cx.apply(next, &prepend, rest)?);
+    if let Some(next) = &embed.chain.next {
+        out.extend(cx.apply(next, &prepend, &embed.chain.rest)?);
     }
     Ok(out)
 }
@@ -379,7 +518,7 @@ pub fn chord_body(
     body: &Signature,
     results: Vec<Value>,
 ) -> Result<Vec<Outgoing>, String> {
-    cx.apply(body, &[Value::Array(results)], &[])
+    cx.apply(body, &[Value::Array(results)], &no_steps())
 }
 
 /// What follows a failure: every remaining chain step with a frozen id and a reply queue fails
@@ -389,7 +528,7 @@ pub fn after_failure(cx: &Context) -> (Vec<Failed>, Vec<Outgoing>) {
     let embed = &cx.parent.embed;
     let failed = embed
         .chain
-        .iter()
+        .steps()
         .filter_map(|s| {
             Some(Failed {
                 id: s.option_str("task_id")?.to_string(),
@@ -403,7 +542,7 @@ pub fn after_failure(cx: &Context) -> (Vec<Failed>, Vec<Outgoing>) {
         .errbacks
         .iter()
         .enumerate()
-        .map(|(i, eb)| cx.message(eb, &prepend, &[], Some((&group_id, i))))
+        .map(|(i, eb)| cx.message(eb, &prepend, &no_steps(), Some((&group_id, i))))
         .collect();
     (failed, errbacks)
 }
@@ -418,6 +557,31 @@ mod tests {
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
         s
+    }
+
+    /// The body as it goes on the wire.
+    fn wire(m: &Outgoing) -> Value {
+        serde_json::from_slice(&m.body_bytes()).unwrap()
+    }
+
+    /// A 10,000-step chain: the next message carries the other steps as they came, byte for
+    /// byte, and only the next step was read.
+    #[test]
+    fn a_long_chain_is_carried_on_as_text() {
+        let steps: Vec<Value> = (0..10_000)
+            .map(|i| sig("s", json!({"args": [i], "options": {"task_id": format!("id{i}"), "reply_to": "rq"}})))
+            .collect();
+        let p = parent(json!({"chain": steps}));
+        let out = after_success(&cx(&p), &json!(1)).unwrap();
+        assert_eq!(out.len(), 1);
+        let m = wire(&out[0]);
+        assert_eq!(m[0], json!([1, 9999]), "the last step runs next");
+        assert_eq!(m[2]["chain"].as_array().unwrap().len(), 9_999);
+        assert_eq!(m[2]["chain"][0], steps[0]);
+        let (failed, _) = after_failure(&cx(&p));
+        assert_eq!(failed.len(), 10_000);
+        assert_eq!(failed[0].id, "id0", "in wire order");
+        assert_eq!(failed[9_999].id, "id9999");
     }
 
     fn parent(embed: Value) -> CeleryTask {
@@ -459,7 +623,8 @@ mod tests {
         assert_eq!(m.reply_to.as_deref(), Some("rq"));
         assert_eq!(m.body[0], json!([3, 3]), "the result first");
         assert_eq!(
-            m.body[2]["chain"][0]["task"], "c",
+            wire(m)[2]["chain"][0]["task"],
+            "c",
             "the rest of the chain goes along"
         );
         assert_eq!(m.headers["parent_id"], "p");
@@ -470,7 +635,7 @@ mod tests {
         let p = parent(json!({"chain": [sig("c", json!({"immutable": true, "args": [5]}))]}));
         let out = after_success(&cx(&p), &json!(8)).unwrap();
         assert_eq!(out[0].body[0], json!([5]));
-        assert_eq!(out[0].body[2]["chain"], json!([]));
+        assert_eq!(wire(&out[0])[2]["chain"], json!([]));
         assert_eq!(out[0].routing_key, "celery", "no queue: the default one");
     }
 

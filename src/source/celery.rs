@@ -4,6 +4,7 @@
 //! (`celery/app/amqp.py`, `celery/backends/rpc.py`, `kombu/messaging.py`).
 
 use crate::task::{Failure, FailureKind};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use std::time::{Duration, SystemTime};
 
@@ -66,41 +67,98 @@ pub fn decode(env: &Envelope) -> Result<CeleryTask, DecodeError> {
         None | Some("application/json") | Some("") => {}
         Some(other) => return Err(DecodeError::ContentType(other.to_string())),
     }
-    let body: Value =
-        serde_json::from_slice(env.body).map_err(|e| DecodeError::NotJson(e.to_string()))?;
     let reply_to = env.reply_to.filter(|r| !r.is_empty()).map(str::to_string);
     if env.headers.contains_key("task") {
-        decode_v2(&env.headers, body, reply_to, env.correlation_id)
+        // The parts as the text they came as: a chain's remaining steps are carried on as
+        // text, never built into a tree (a 100,000-step chain is one message).
+        let parts: Vec<&RawValue> = match serde_json::from_slice(env.body) {
+            Ok(parts) => parts,
+            Err(e) => match serde_json::from_slice::<PickledBody>(env.body) {
+                // Girder Worker's `girder_io` serializer: jsonpickle under application/json.
+                Ok(pickled) => {
+                    return decode_v2(
+                        &env.headers,
+                        &pickled.parts,
+                        true,
+                        reply_to,
+                        env.correlation_id,
+                    )
+                }
+                Err(_) => {
+                    return Err(
+                        match serde_json::from_slice::<serde::de::IgnoredAny>(env.body) {
+                            Ok(_) => shape("a v2 body must be a JSON array [args, kwargs, embed]"),
+                            Err(_) => DecodeError::NotJson(e.to_string()),
+                        },
+                    )
+                }
+            },
+        };
+        decode_v2(&env.headers, &parts, false, reply_to, env.correlation_id)
     } else {
+        let body: Value =
+            serde_json::from_slice(env.body).map_err(|e| DecodeError::NotJson(e.to_string()))?;
         decode_v1(body, reply_to, env.correlation_id)
     }
 }
 
+/// A v2 body as jsonpickle writes Python's tuple `(args, kwargs, embed)`:
+/// `{"py/tuple": [args, kwargs, embed]}` (Girder Worker's `girder_io` serializer, sent under
+/// content type `application/json`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PickledBody<'a> {
+    #[serde(rename = "py/tuple", borrow)]
+    parts: Vec<&'a RawValue>,
+}
+
+/// jsonpickle's tuples (`{"py/tuple": [...]}`), wherever they are, as arrays, as a JSON client
+/// would have sent them; every other jsonpickle tag (`py/object`, `py/id`, ...) is left as it
+/// is for the plugin.
+fn untuple(v: Value) -> Value {
+    match v {
+        Value::Object(mut o) if o.len() == 1 && o.get("py/tuple").is_some_and(Value::is_array) => {
+            match o.remove("py/tuple") {
+                Some(Value::Array(items)) => Value::Array(items.into_iter().map(untuple).collect()),
+                _ => unreachable!("checked to be an array"),
+            }
+        }
+        Value::Object(o) => Value::Object(o.into_iter().map(|(k, v)| (k, untuple(v))).collect()),
+        Value::Array(a) => Value::Array(a.into_iter().map(untuple).collect()),
+        other => other,
+    }
+}
+
+/// One part of a v2 body as JSON (`null` when absent); jsonpickle's tuples as arrays if the
+/// body was `pickled`.
+fn part(parts: &[&RawValue], i: usize, pickled: bool) -> Result<Value, DecodeError> {
+    let Some(raw) = parts.get(i) else {
+        return Ok(Value::Null);
+    };
+    let v = serde_json::from_str(raw.get()).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    Ok(if pickled { untuple(v) } else { v })
+}
+
 fn decode_v2(
     h: &Map<String, Value>,
-    body: Value,
+    parts: &[&RawValue],
+    pickled: bool,
     reply_to: Option<String>,
     corr: Option<&str>,
 ) -> Result<CeleryTask, DecodeError> {
     let name = string(h.get("task")).ok_or_else(|| shape("header `task` must be a string"))?;
     let id = string(h.get("id")).ok_or_else(|| shape("header `id` must be a string"))?;
-    let Value::Array(parts) = body else {
-        return Err(shape(
-            "a v2 body must be a JSON array [args, kwargs, embed]",
-        ));
+    let args = match part(parts, 0, pickled)? {
+        Value::Array(a) => a,
+        Value::Null => Vec::new(),
+        _ => return Err(shape("body[0] (args) must be an array")),
     };
-    let mut parts = parts.into_iter();
-    let args = match parts.next() {
-        Some(Value::Array(a)) => a,
-        None | Some(Value::Null) => Vec::new(),
-        Some(_) => return Err(shape("body[0] (args) must be an array")),
+    let kwargs = match part(parts, 1, pickled)? {
+        Value::Object(k) => k,
+        Value::Null => Map::new(),
+        _ => return Err(shape("body[1] (kwargs) must be an object")),
     };
-    let kwargs = match parts.next() {
-        Some(Value::Object(k)) => k,
-        None | Some(Value::Null) => Map::new(),
-        Some(_) => return Err(shape("body[1] (kwargs) must be an object")),
-    };
-    let embed = crate::source::canvas::Embed::from_json(parts.next().as_ref())?;
+    let embed = crate::source::canvas::Embed::from_raw(parts.get(2).copied())?;
     let (hard, soft) = time_limits(h.get("timelimit"))?;
     Ok(CeleryTask {
         embed,
@@ -359,6 +417,26 @@ mod tests {
             .unwrap()
             .as_secs();
         assert_eq!(expires, 1_893_456_000);
+    }
+
+    /// What Girder Worker 5.0.21's client publishes (captured from `Task.apply_async`): the
+    /// body is jsonpickle's tuple under application/json.
+    #[test]
+    fn decodes_girder_workers_jsonpickle_body() {
+        let h = json!({"task": "gw.add", "id": "a37e"});
+        let body = br#"{"py/tuple": [{"py/tuple": [{"py/tuple": [2, 3]}, 4]}, {"k": [1, 2], "obj": {"py/object": "girder_worker_utils.transforms.girder_io.GirderFileId", "file_id": "f1"}}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]}"#;
+        let t = decode(&env(h, body)).unwrap();
+        assert_eq!(t.args, vec![json!([2, 3]), json!(4)]);
+        assert_eq!(t.kwargs["k"], json!([1, 2]));
+        assert_eq!(
+            t.kwargs["obj"]["py/object"], "girder_worker_utils.transforms.girder_io.GirderFileId",
+            "other jsonpickle tags reach the plugin as they are"
+        );
+        let other = br#"{"py/tuple": [[1], {}, {}], "x": 1}"#;
+        assert!(matches!(
+            decode(&env(json!({"task": "t", "id": "i"}), other)),
+            Err(DecodeError::Shape(_))
+        ));
     }
 
     #[test]

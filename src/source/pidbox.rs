@@ -37,13 +37,15 @@ pub trait RemoteWorker {
     /// `control time_limit TASK SOFT HARD`: Celery's reply.
     fn time_limit(&self, task: &str, soft: &Value, hard: &Value) -> Value;
     /// `control add_consumer QUEUE [EXCHANGE [TYPE [ROUTING_KEY]]]`: start consuming it.
+    /// Celery's error reply if the broker refuses the queue (it is declared on a channel of its
+    /// own first, so a refusal never touches the running consumers).
     fn add_consumer(
         &self,
         queue: &str,
         exchange: Option<&str>,
         kind: Option<&str>,
         key: Option<&str>,
-    ) -> Value;
+    ) -> impl Future<Output = Value> + Send;
     /// `control cancel_consumer QUEUE`: stop consuming it.
     fn cancel_consumer(&self, queue: &str) -> Value;
     /// `pool_grow` / `pool_shrink` / `autoscale`: each plugin's answer (count or refusal).
@@ -149,12 +151,11 @@ pub async fn handle(req: &ControlRequest, worker: &impl RemoteWorker) -> Option<
             };
             match (req.method.as_str(), arg("queue")) {
                 (_, None) => json!({ "error": "give the queue's name (`queue`)" }),
-                ("add_consumer", Some(q)) => worker.add_consumer(
-                    q,
-                    arg("exchange"),
-                    arg("exchange_type"),
-                    arg("routing_key"),
-                ),
+                ("add_consumer", Some(q)) => {
+                    worker
+                        .add_consumer(q, arg("exchange"), arg("exchange_type"), arg("routing_key"))
+                        .await
+                }
                 (_, Some(q)) => worker.cancel_consumer(q),
             }
         }
@@ -275,6 +276,9 @@ async fn revoke(req: &ControlRequest, worker: &impl RemoteWorker) -> Value {
 }
 
 #[cfg(test)]
+pub(in crate::source) mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -306,5 +310,14 @@ mod tests {
         assert!(!addressed_to(&r, "xworker@b"));
         assert!(parse(b"nope").is_err());
         assert!(parse(br#"{"arguments": {}}"#).is_err());
+    }
+
+    #[test]
+    fn a_storm_of_remote_control_requests_never_panics() {
+        let worker = fuzz::FakeWorker {
+            rate_limit: Box::new(|task, rate| json!({"ok": format!("{task} {rate}")})),
+            time_limit: Box::new(|task, soft, hard| json!({"ok": [task, soft, hard]})),
+        };
+        fuzz::storm(&worker, 1000);
     }
 }

@@ -36,7 +36,7 @@ pub fn new_marker() -> String {
 pub struct Spawning(MutexGuard<'static, Option<HashSet<u32>>>);
 
 pub fn spawning() -> Spawning {
-    Spawning(SPAWNED.lock().expect("spawned set lock"))
+    Spawning(crate::sync::lock(&SPAWNED))
 }
 
 impl Spawning {
@@ -49,7 +49,7 @@ impl Spawning {
 
 /// The child `pid` was waited for: it is no longer ours to protect.
 pub fn waited(pid: u32) {
-    if let Some(set) = SPAWNED.lock().expect("spawned set lock").as_mut() {
+    if let Some(set) = crate::sync::lock(&SPAWNED).as_mut() {
         set.remove(&pid);
     }
 }
@@ -96,7 +96,7 @@ pub fn become_subreaper() -> bool {
 /// did not spawn itself); returns how many.
 pub fn reap_orphans() -> usize {
     let me = std::process::id();
-    let spawned = SPAWNED.lock().expect("spawned set lock");
+    let spawned = crate::sync::lock(&SPAWNED);
     let mut reaped = 0;
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;

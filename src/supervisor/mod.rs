@@ -20,7 +20,7 @@ use crate::manifest::Manifest;
 use pool::{PoolHandle, PoolOptions};
 use status::{PluginState, PluginStatus};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
@@ -140,7 +140,7 @@ impl Supervisor {
             }
         }
         next.index_tasks();
-        *self.routes.write().expect("route lock poisoned") = Arc::new(next);
+        *self.routes.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
         tracing::info!(?report, "plugins reloaded");
         self.publish_reload(&report);
         self.retire(retired, drain, wait).await;
@@ -232,7 +232,10 @@ impl Supervisor {
     }
 
     fn routes(&self) -> Arc<Routes> {
-        self.routes.read().expect("route lock poisoned").clone()
+        self.routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The pool serving `task`, if any.

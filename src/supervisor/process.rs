@@ -273,7 +273,7 @@ pub struct StderrTail(Arc<Mutex<VecDeque<(u32, String)>>>);
 
 impl StderrTail {
     fn push(&self, pid: u32, line: String) {
-        let mut tail = self.0.lock().expect("stderr tail lock poisoned");
+        let mut tail = crate::sync::lock(&self.0);
         if tail.len() == STDERR_TAIL_LINES {
             tail.pop_front();
         }
@@ -283,7 +283,7 @@ impl StderrTail {
     /// Every kept line, oldest first; lines of another process than `current` (an earlier
     /// process of the slot) are marked with their pid.
     pub fn lines(&self, current: Option<u32>) -> Vec<String> {
-        let tail = self.0.lock().expect("stderr tail lock poisoned");
+        let tail = crate::sync::lock(&self.0);
         tail.iter()
             .map(|(pid, line)| match Some(*pid) == current {
                 true => line.clone(),
@@ -296,7 +296,7 @@ impl StderrTail {
     /// wrote none.
     pub fn summary(&self, pid: u32, n: usize) -> String {
         let lines: Vec<String> = {
-            let tail = self.0.lock().expect("stderr tail lock poisoned");
+            let tail = crate::sync::lock(&self.0);
             tail.iter()
                 .filter(|(p, _)| *p == pid)
                 .map(|(_, l)| l.clone())

@@ -62,41 +62,54 @@ fn ensure_broker(test: &str) {
     let _ = Command::new("rabbitmqctl").arg("await_startup").status();
 }
 
-fn has_celery(python: &Path) -> bool {
-    Command::new(python)
-        .args(["-c", "import celery"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// The venv's Python with the real Celery client, created in `target/celery-venv` if missing.
 fn ensure_celery(test: &str) -> PathBuf {
-    let python = celery_venv().join("bin/python");
-    if has_celery(&python) {
+    venv_with(test, &celery_venv(), "celery", "celery>=5.4,<6")
+}
+
+/// A venv of its own with Girder Worker's package (`girder-worker`, which brings its Celery
+/// and jsonpickle), created in `target/girder-venv` on first use.
+pub fn girder_python(test: &str) -> PathBuf {
+    ensure_broker(test);
+    let venv = repo().join("target/girder-venv");
+    venv_with(test, &venv, "girder_worker.app", "girder-worker==5.0.21")
+}
+
+/// The Python of the venv at `venv` with `module` importable: the venv is created and
+/// `requirement` pip-installed on first use (once, across test threads and processes).
+fn venv_with(test: &str, venv: &Path, module: &str, requirement: &str) -> PathBuf {
+    let python = venv.join("bin/python");
+    let has = |p: &Path| {
+        Command::new(p)
+            .args(["-c", &format!("import {module}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has(&python) {
         return python;
     }
-    let _lock = prepare_lock("celery-venv");
-    if has_celery(&python) {
+    let name = venv.file_name().unwrap_or_default().to_string_lossy();
+    let _lock = prepare_lock(&name);
+    if has(&python) {
         return python;
     }
-    let venv = celery_venv();
     let fix = format!(
-        "/usr/bin/python3 -m venv {v} && {v}/bin/pip install 'celery>=5.4,<6'",
+        "/usr/bin/python3 -m venv {v} && {v}/bin/pip install '{requirement}'",
         v = venv.display()
     );
     let created = Command::new("/usr/bin/python3")
         .args(["-m", "venv"])
-        .arg(&venv)
+        .arg(venv)
         .status()
         .is_ok_and(|s| s.success())
         && Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "celery>=5.4,<6"])
+            .args(["install", "-q", requirement])
             .status()
             .is_ok_and(|s| s.success());
     assert!(
-        created && has_celery(&python),
-        "{test} needs the real Celery client and could not install it; run: {fix} (Debian's \
+        created && has(&python),
+        "{test} needs `{requirement}` and could not install it; run: {fix} (Debian's \
          python3-venv provides venv), or set WORKER_TESTS_WITHOUT_BROKER=1 to skip the broker tests"
     );
     python
@@ -120,30 +133,34 @@ pub fn redis_python(test: &str) -> PathBuf {
 
 /// The Celery venv's Python with `module` importable, pip-installing `requirement` on first use.
 fn celery_venv_with(test: &str, module: &str, requirement: &str) -> PathBuf {
-    let python = ensure_celery(test);
-    let has = |p: &Path| {
-        Command::new(p)
-            .args(["-c", &format!("import {module}")])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if has(&python) {
-        return python;
-    }
-    let _lock = prepare_lock("celery-venv");
-    if !has(&python) {
-        let installed = Command::new(python.parent().unwrap().join("pip"))
-            .args(["install", "-q", requirement])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            installed,
-            "{test} needs {module}: run {}/pip install '{requirement}'",
-            python.parent().unwrap().display()
-        );
-    }
-    python
+    ensure_celery(test);
+    venv_with(test, &celery_venv(), module, requirement)
+}
+
+/// Messages ready and unacknowledged in `queue`, as `rabbitmqctl` lists them (None if the
+/// broker does not list it).
+pub fn queue_counts(queue: &str) -> Option<(u64, u64)> {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    text(&out.stdout).lines().find_map(|l| {
+        let mut f = l.split('\t');
+        if f.next()? != queue {
+            return None;
+        }
+        Some((
+            f.next()?.trim().parse().ok()?,
+            f.next()?.trim().parse().ok()?,
+        ))
+    })
 }
 
 /// A child's stdout lines as they come, kept, to wait on with a timeout. The child is killed
@@ -246,10 +263,15 @@ impl Lane {
 
     /// The client for `queue` rather than the lane's own.
     pub fn client_on(&self, queue: &str, args: &[&str]) -> Command {
+        let mut cmd = self.script("client.py");
+        cmd.arg(queue).args(args);
+        cmd
+    }
+
+    /// `tests/celery/SCRIPT` under the lane's Python, broker and result backend.
+    pub fn script(&self, script: &str) -> Command {
         let mut cmd = Command::new(&self.python);
-        cmd.arg(repo().join("tests/celery/client.py"))
-            .arg(queue)
-            .args(args)
+        cmd.arg(repo().join("tests/celery").join(script))
             .current_dir(repo().join("tests/celery"))
             .env("BROKER_URL", BROKER)
             .stdin(Stdio::null());

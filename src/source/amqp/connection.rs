@@ -3,7 +3,7 @@
 //! lost, at once the first time, then with the restart policy's backoff.
 
 use super::consumers::{self, Consumers, Relayed};
-use super::{delivery, monitor, redact, remote, SourceState};
+use super::{delivery, monitor, redact, remote, SessionRequest, SourceState};
 use crate::metrics::Settled;
 use crate::supervisor::restart;
 use lapin::message::Delivery;
@@ -18,6 +18,9 @@ use tokio_util::task::AbortOnDropHandle;
 
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// Backoff for a wanted queue the broker refuses to declare or consume.
+const QUEUE_RETRY_MIN: Duration = Duration::from_millis(250);
+const QUEUE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// True for the broker's 405 RESOURCE_LOCKED: another connection holds an exclusive queue.
 fn resource_locked(e: &lapin::Error) -> bool {
@@ -39,11 +42,9 @@ pub(super) async fn connection_loop(shared: Arc<SourceState>) {
     // After losing a connection that was up, the first attempt is immediate; failed attempts
     // back off like plugin restarts: RECONNECT_MIN doubling, with jitter, up to RECONNECT_MAX.
     let mut failures = 0;
-    let mut number = 0;
     loop {
-        number += 1;
         let began = Instant::now();
-        match session(&shared, number).await {
+        match session(&shared).await {
             SessionEnd::Finished => return,
             SessionEnd::Lost { reason, was_up } => {
                 shared.results.send_replace(None);
@@ -112,8 +113,8 @@ async fn declare_pidbox(channel: &Channel, nodename: &str) -> lapin::Result<Stri
 }
 
 /// One connection, from connecting to its loss. Errors before consuming mean it never was up.
-async fn session(shared: &Arc<SourceState>, number: u64) -> SessionEnd {
-    match open_session(shared, number).await {
+async fn session(shared: &Arc<SourceState>) -> SessionEnd {
+    match open_session(shared).await {
         Ok(end) => end,
         Err(e) => SessionEnd::Lost {
             reason: e.to_string(),
@@ -122,7 +123,7 @@ async fn session(shared: &Arc<SourceState>, number: u64) -> SessionEnd {
     }
 }
 
-async fn open_session(shared: &Arc<SourceState>, number: u64) -> lapin::Result<SessionEnd> {
+async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
     let o = &shared.options;
     let props = ConnectionProperties::default().with_connection_name(shared.nodename().into());
     let conn = o.tls.connect(&o.url, props).await?;
@@ -137,11 +138,30 @@ async fn open_session(shared: &Arc<SourceState>, number: u64) -> lapin::Result<S
     let (control, pidbox_queue) = claim_pidbox(shared, &conn).await?;
     let events = conn.create_channel().await?;
     monitor::declare(&events).await?;
+    let parking = match super::delayed::declare(&conn).await {
+        Ok(()) => true,
+        Err(e) if super::publish::refused_by_broker(&e) => {
+            tracing::warn!("cannot declare the delay queues ({e}); countdown and eta tasks are held here, unacked, until due");
+            false
+        }
+        Err(e) => return Err(e),
+    };
+    shared
+        .parking
+        .store(parking, std::sync::atomic::Ordering::Relaxed);
     let (tx, deliveries) = mpsc::channel::<Relayed>(256);
     let mut consumers = Consumers::new(consume.clone(), tx.clone());
     let wanted = shared.queues.borrow().clone();
     for q in &wanted {
-        consumers.start(shared, q).await?;
+        match consumers.start(shared, &conn, q).await {
+            Ok(()) => {}
+            // Refused by the broker (its own channel closed, the connection lives on): the
+            // other queues are consumed; this one is tried again by the next session.
+            Err(e) if super::publish::refused_by_broker(&e) => {
+                tracing::error!(queue = %q.name, "cannot consume from {}: {e}", q.name)
+            }
+            Err(e) => return Err(e),
+        }
     }
     let options = BasicConsumeOptions {
         no_ack: true,
@@ -160,7 +180,9 @@ async fn open_session(shared: &Arc<SourceState>, number: u64) -> lapin::Result<S
     let _pidbox = consumers::relay(pidbox, None, tx);
     let _events =
         AbortOnDropHandle::new(tokio::spawn(monitor::run(shared.clone(), events.clone())));
-    shared.results.send_replace(Some((number, results.clone())));
+    shared
+        .results
+        .send_replace(Some((shared.next_channel_number(), results.clone())));
     shared.connected.send_replace(true);
     shared.dispatcher.metrics().broker_connected(true);
     tracing::info!(
@@ -193,7 +215,7 @@ async fn claim_pidbox(shared: &SourceState, conn: &Connection) -> lapin::Result<
                 .unwrap_or((taken.as_str(), "localhost"));
             let unique = format!("{name}-{}@{host}", std::process::id());
             tracing::warn!("node name {taken} is in use by another worker; this one answers remote control as {unique}");
-            *shared.nodename.lock().expect("nodename lock poisoned") = unique.clone();
+            *crate::sync::lock(&shared.nodename) = unique.clone();
             let control = conn.create_channel().await?;
             let q = declare_pidbox(&control, &unique).await?;
             Ok((control, q))
@@ -223,11 +245,33 @@ impl Session<'_> {
         let _lost_guard = lost.clone().drop_guard();
         let mut cancelled = false;
         let mut queues = shared.queues.subscribe();
+        let mut inbox = shared.session_inbox.lock().await;
+        // Wanted queues the broker refused (not there yet for a passive declare, another
+        // connection's exclusive queue...) are tried again with backoff, the others consumed.
+        let mut refused = 0;
+        let retry_in = |refused: u32| {
+            restart::delay(refused, QUEUE_RETRY_MIN, QUEUE_RETRY_MAX, fastrand::f64())
+        };
+        let mut retry = tokio::time::Instant::now() + retry_in(refused);
         loop {
+            let missing = !cancelled && self.consumers.missing(&queues.borrow());
             tokio::select! {
+                Some(request) = inbox.recv() => {
+                    if let Err(reason) = self.answer(shared, request).await {
+                        return SessionEnd::Lost { reason, was_up: true };
+                    }
+                }
+                _ = tokio::time::sleep_until(retry), if missing => {
+                    let wanted = queues.borrow().clone();
+                    self.consumers.follow(shared, self.conn, &wanted).await;
+                    refused += 1;
+                    retry = tokio::time::Instant::now() + retry_in(refused);
+                }
                 _ = queues.changed(), if !cancelled => {
                     let wanted = queues.borrow_and_update().clone();
-                    self.consumers.follow(shared, &wanted).await;
+                    self.consumers.follow(shared, self.conn, &wanted).await;
+                    refused = 0;
+                    retry = tokio::time::Instant::now() + retry_in(refused);
                 }
                 d = deliveries.recv() => match d {
                     Some((queue, Ok(delivery))) => self.dispatch(shared, queue, delivery, &lost).await,
@@ -245,6 +289,47 @@ impl Session<'_> {
                     let _ = self.conn.close(200, "worker stopping".into()).await;
                     return SessionEnd::Finished;
                 }
+            }
+        }
+    }
+
+    /// Opens a channel for a caller, or replaces a results channel the broker closed (a
+    /// refused publish closes the channel it was sent on, never the connection). An error
+    /// ends the session: the connection itself is gone.
+    async fn answer(&self, shared: &SourceState, request: SessionRequest) -> Result<(), String> {
+        match request {
+            SessionRequest::Channel(reply) => {
+                // A caller that gave up meanwhile leaves no channel open behind it.
+                if let Err(Ok(channel)) = reply.send(self.conn.create_channel().await) {
+                    let _ = channel.close(200, "unused".into()).await;
+                }
+                Ok(())
+            }
+            SessionRequest::ResultsFailed(number) => {
+                let current = shared.results.borrow().clone();
+                let Some((n, channel)) = current else {
+                    return Ok(());
+                };
+                if n != number || channel.status().connected() {
+                    return Ok(());
+                }
+                let reopened = async {
+                    let channel = self.conn.create_channel().await?;
+                    channel
+                        .confirm_select(ConfirmSelectOptions::default())
+                        .await?;
+                    lapin::Result::Ok(channel)
+                };
+                let channel = reopened.await.map_err(|e| {
+                    format!(
+                        "the broker closed the results channel and another cannot be opened ({e})"
+                    )
+                })?;
+                tracing::warn!("the broker closed the results channel (a publish it refused); results go on a new channel");
+                shared
+                    .results
+                    .send_replace(Some((shared.next_channel_number(), channel)));
+                Ok(())
             }
         }
     }

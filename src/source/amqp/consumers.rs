@@ -8,7 +8,7 @@ use futures_lite::stream::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::*;
 use lapin::types::FieldTable;
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -102,12 +102,30 @@ impl Consumers {
         }
     }
 
-    /// Declares and consumes `q` (nothing if it is consumed already).
-    pub(super) async fn start(&mut self, shared: &SourceState, q: &QueueSpec) -> lapin::Result<()> {
+    /// Declares and consumes `q` (nothing if it is consumed already). The declaration goes on
+    /// a channel of its own: a queue the broker refuses (reserved name, another connection's
+    /// exclusive queue, other arguments) closes only that channel, never the consumers'.
+    pub(super) async fn start(
+        &mut self,
+        shared: &SourceState,
+        conn: &Connection,
+        q: &QueueSpec,
+    ) -> lapin::Result<()> {
         if self.running.contains_key(&q.name) {
             return Ok(());
         }
-        declare(&self.channel, q, shared.options.declare).await?;
+        let probe = conn.create_channel().await?;
+        declare(&probe, q, shared.options.declare).await?;
+        // So that parked eta tasks (and Celery clients' delayed ones) come back to it.
+        if let Err(e) = super::delayed::bind(&probe, q).await {
+            tracing::warn!(queue = %q.name, "cannot bind the queue to the delay exchange ({e}); countdown and eta tasks are held here, unacked, until due");
+            shared
+                .parking
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        if probe.status().connected() {
+            let _ = probe.close(200, "declared".into()).await;
+        }
         let tag = format!("{}-{}", shared.nodename(), q.name);
         let consumer = self
             .channel
@@ -139,7 +157,12 @@ impl Consumers {
 
     /// Makes the consumed queues the `wanted` ones. A queue that cannot be declared or
     /// consumed is logged and left out (it may come back through `add_consumer`).
-    pub(super) async fn follow(&mut self, shared: &SourceState, wanted: &[QueueSpec]) {
+    pub(super) async fn follow(
+        &mut self,
+        shared: &SourceState,
+        conn: &Connection,
+        wanted: &[QueueSpec],
+    ) {
         let gone: Vec<String> = self
             .running
             .keys()
@@ -154,13 +177,18 @@ impl Consumers {
             if self.running.contains_key(&q.name) {
                 continue;
             }
-            match self.start(shared, q).await {
+            match self.start(shared, conn, q).await {
                 Ok(()) => {
                     tracing::info!(queue = %q.name, "consuming from {} (remote control)", q.name)
                 }
                 Err(e) => tracing::error!(queue = %q.name, "cannot consume from {}: {e}", q.name),
             }
         }
+    }
+
+    /// True if a wanted queue is not consumed (the broker refused it).
+    pub(super) fn missing(&self, wanted: &[QueueSpec]) -> bool {
+        wanted.iter().any(|q| !self.running.contains_key(&q.name))
     }
 
     /// Stops consuming every queue (the worker is stopping).

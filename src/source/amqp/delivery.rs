@@ -2,19 +2,19 @@
 //! hold until its eta, run it through the dispatcher, publish its final state, then ack (or
 //! requeue) the message and every redelivered copy of it.
 
+use super::delayed;
+use super::inbound::{self, Inbound};
 use super::ledger::Arrival;
-use super::publish::Delivered;
-use super::value::table_to_json;
+use super::publish::{Delivered, Published, Returns};
 use super::{monitor, workflow, ActiveInfo, SourceState};
 use crate::dispatch::TaskUpdate;
 use crate::metrics::Settled;
-use crate::source::celery::{self, state, CeleryTask, Envelope};
-use crate::task::{FailureKind, Outcome, TaskEvent, TaskRequest};
+use crate::source::celery::{self, state, CeleryTask};
+use crate::task::{FailureKind, Outcome, TaskEvent};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::Acker;
-use plugin_protocol::RequestInfo;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
@@ -137,13 +137,18 @@ pub(super) async fn handle(
     lost: CancellationToken,
 ) {
     let redelivered = delivery.redelivered;
-    let Some((task, info, acker)) = decode(&shared, &queue, delivery).await else {
+    let Some((task, info, acker, mut raw)) = decode(&shared, &queue, delivery).await else {
         return;
     };
     let admission = loop {
         let admission = admit(arrived(&shared, &task, redelivered));
         if admission != Admission::Hold {
             break admission;
+        }
+        if let Some(raw) = raw.take() {
+            if park(&shared, &queue, &task, raw, &acker).await {
+                return;
+            }
         }
         if !hold_until_eta(&shared, &task, &info, &acker, &lost).await {
             return;
@@ -208,13 +213,13 @@ async fn rate_allows(shared: &SourceState, task: &CeleryTask) -> bool {
 /// The facts about `task` now.
 fn arrived(shared: &SourceState, task: &CeleryTask, redelivered: bool) -> Arrived {
     let now = SystemTime::now();
-    let tasks = shared.tasks();
+    let mut tasks = shared.tasks();
     Arrived {
         answered: tasks.ledger.is_answered(&task.id),
         owned: tasks.ledger.owns(&task.id),
         stopping: shared.stopping.is_cancelled(),
         eta_ahead: task.eta.is_some_and(|eta| eta > now),
-        revoked: shared.is_revoked(&task.id),
+        revoked: tasks.revoked.contains(&task.id),
         expired: task.expires.is_some_and(|t| t <= now),
         redelivered,
     }
@@ -222,11 +227,7 @@ fn arrived(shared: &SourceState, task: &CeleryTask, redelivered: bool) -> Arrive
 
 /// Runs an owned task and decides how it ends on the wire.
 async fn run_and_settle(shared: &SourceState, task: &CeleryTask, info: &ActiveInfo) -> Settlement {
-    let submitter = format!(
-        "amqp: queue {}",
-        info.delivery.queue.as_deref().unwrap_or_default()
-    );
-    let outcome = run(shared, task, info, submitter).await;
+    let outcome = run(shared, task, info).await;
     if let Outcome::Failure(f) = &outcome {
         match f.kind {
             FailureKind::NotRegistered => {
@@ -253,65 +254,100 @@ async fn ack_answered_copy(shared: &SourceState, task: &CeleryTask, acker: &Acke
     ack(shared, acker).await;
 }
 
-/// Reads the Celery task out of a delivery; an unreadable one is rejected without requeue.
+/// Reads the Celery task out of a delivery; one that is unreadable or breaks a limit is
+/// rejected without requeue (dead-lettered if the queue has a DLX), with one log line.
 async fn decode(
     shared: &SourceState,
     queue: &str,
     delivery: Delivery,
-) -> Option<(CeleryTask, ActiveInfo, Acker)> {
-    let headers = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .map(|h| match table_to_json(h) {
-            Value::Object(m) => m,
-            _ => Map::new(),
-        })
-        .unwrap_or_default();
-    let props = &delivery.properties;
-    let env = Envelope {
-        headers,
+) -> Option<(CeleryTask, ActiveInfo, Acker, Option<Raw>)> {
+    let message = Inbound {
+        queue,
+        exchange: delivery.exchange.as_str(),
+        routing_key: delivery.routing_key.as_str(),
+        redelivered: delivery.redelivered,
+        properties: &delivery.properties,
         body: &delivery.data,
-        content_type: props.content_type().as_ref().map(|s| s.as_str()),
-        correlation_id: props.correlation_id().as_ref().map(|s| s.as_str()),
-        reply_to: props.reply_to().as_ref().map(|s| s.as_str()),
     };
-    let task = match celery::decode(&env) {
-        Ok(t) => t,
-        Err(e) => {
+    let max = shared.options.max_message_size;
+    match inbound::read(&message, max, &shared.nodename(), now_epoch()) {
+        Ok((task, info)) => {
+            // Kept only for a task that may be parked until its eta.
+            let ahead = task.eta.is_some_and(|eta| eta > SystemTime::now());
+            let raw = ahead.then_some(Raw {
+                properties: delivery.properties,
+                body: delivery.data,
+            });
+            Some((task, info, delivery.acker, raw))
+        }
+        Err(refusal) => {
             tracing::error!(
                 queue = %delivery.routing_key,
                 delivery_tag = delivery.delivery_tag,
                 bytes = delivery.data.len(),
-                "rejecting a message that is not a readable Celery task (dead-lettered if the queue has a DLX): {e}"
+                "rejecting a task message (dead-lettered if the queue has a DLX): {refusal}"
             );
             reject(shared, &delivery.acker, Settled::Rejected).await;
-            return None;
+            None
         }
+    }
+}
+
+/// A message as it arrived, to publish again unchanged.
+struct Raw {
+    properties: lapin::BasicProperties,
+    body: Vec<u8>,
+}
+
+/// Parks an eta task a second or more away in the broker's delay topology (see `delayed`):
+/// published again, confirmed, then the original acked. False if it is to be held here
+/// instead (due within a second, no topology, a refusal); the message is still unacked then.
+async fn park(
+    shared: &SourceState,
+    queue: &str,
+    task: &CeleryTask,
+    raw: Raw,
+    acker: &Acker,
+) -> bool {
+    let Some(eta) = task.eta else { return false };
+    let remaining = eta.duration_since(SystemTime::now()).unwrap_or_default();
+    let Some(secs) = delayed::park_for(remaining) else {
+        return false;
     };
-    let info = ActiveInfo {
-        id: task.id.clone(),
-        name: task.name.clone(),
-        args: task.args.clone(),
-        kwargs: task.kwargs.clone(),
-        type_: task.name.clone(),
-        hostname: shared.nodename(),
-        time_start: now_epoch(),
-        acknowledged: false,
-        delivery_info: json!({
-            "exchange": delivery.exchange.as_str(),
-            "routing_key": delivery.routing_key.as_str(),
-            "priority": props.priority().unwrap_or(0),
-            "redelivered": delivery.redelivered,
-        }),
-        worker_pid: std::process::id(),
-        delivery: plugin_protocol::DeliveryInfo {
-            queue: Some(queue.to_string()),
-            exchange: Some(delivery.exchange.to_string()),
-            routing_key: Some(delivery.routing_key.to_string()),
-        },
+    if !shared.parking.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    let spec = shared
+        .queues
+        .borrow()
+        .iter()
+        .find(|q| q.name == queue)
+        .cloned();
+    let Some(key) = spec.and_then(|q| delayed::routing_key(secs, &q.routing_key)) else {
+        return false;
     };
-    Some((task, info, delivery.acker.clone()))
+    let props = raw.properties.with_delivery_mode(2);
+    let published = shared
+        .publish_confirmed(
+            &task.id,
+            delayed::ENTRY.into(),
+            key.as_str().into(),
+            props,
+            &raw.body,
+        )
+        .await;
+    match published {
+        Published::Confirmed => {
+            tracing::debug!(task_id = %task.id, "eta {secs} s away: parked in the broker's delay queues");
+            ack(shared, acker).await;
+            true
+        }
+        Published::Refused(why) => {
+            tracing::warn!(task_id = %task.id, "cannot park an eta task in the delay queues ({why}); holding it here");
+            false
+        }
+        Published::Stopped => false,
+    }
 }
 
 /// Holds an eta task unacked until it is due; revocations and stops wake it early. False if
@@ -356,40 +392,9 @@ async fn hold_until_eta(
 
 /// Runs the task through the dispatcher, publishing its progress and streamed items as they
 /// come, and returns its outcome.
-async fn run(
-    shared: &SourceState,
-    task: &CeleryTask,
-    info: &ActiveInfo,
-    submitter: String,
-) -> Outcome {
-    let iso = |t: Option<SystemTime>| {
-        t.map(|t| {
-            chrono::DateTime::<chrono::Utc>::from(t)
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
-        })
-    };
+async fn run(shared: &SourceState, task: &CeleryTask, info: &ActiveInfo) -> Outcome {
     let controlled = shared.controls.time_limits(&task.name);
-    let request = TaskRequest {
-        id: task.id.clone(),
-        name: task.name.clone(),
-        args: task.args.clone(),
-        kwargs: task.kwargs.clone(),
-        // The message's limits, else those set by `celery control time_limit`, else the
-        // manifest's (applied below the dispatcher).
-        soft_time_limit: task.soft_time_limit.or(controlled.0),
-        hard_time_limit: task.hard_time_limit.or(controlled.1),
-        submitter,
-        delivery_info: info.delivery.clone(),
-        request_info: RequestInfo {
-            retries: task.retries,
-            eta: iso(task.eta),
-            expires: iso(task.expires),
-            parent_id: task.parent_id.clone(),
-            root_id: task.root_id.clone(),
-            group: task.group.clone(),
-            hostname: None,
-        },
-    };
+    let request = inbound::task_request(task, info, controlled);
     let reporting = !task.ignore_result;
     let mut run = shared.dispatcher.submit(request);
     loop {
@@ -428,6 +433,7 @@ async fn finish(shared: &SourceState, task: &CeleryTask, acker: &Acker, settleme
         Some(_) => result.clone(),
         None => Value::Null,
     };
+    let mut returned = None;
     if !task.ignore_result {
         let body = celery::result_body(&task.id, status, result, traceback.as_deref());
         let delivered = shared
@@ -436,17 +442,50 @@ async fn finish(shared: &SourceState, task: &CeleryTask, acker: &Acker, settleme
                 task.reply_to.as_deref(),
                 &task.correlation_id,
                 &body,
+                Returns::Report,
             )
             .await;
-        if delivered == Delivered::GaveUp {
-            tracing::warn!(task_id = %task.id, "gave up publishing the result at shutdown; the message is left unacked for redelivery");
-            shared.tasks().ledger.release(&task.id);
-            return;
+        match delivered {
+            Delivered::GaveUp => {
+                tracing::warn!(task_id = %task.id, "gave up publishing the result at shutdown; the message is left unacked for redelivery");
+                shared.tasks().ledger.release(&task.id);
+                return;
+            }
+            Delivered::Returned => returned = Some(body),
+            _ => {}
         }
-    }
-    if !task.ignore_result {
         workflow::chord_part(shared, task, status, &result_for_chord).await;
     }
+    settle_answered(shared, task, acker, reject_it).await;
+    // Its reply queue did not exist: the message is settled above, so it holds no prefetch
+    // slot, and the result alone is retried, within a bound, while its client may return.
+    if let Some(body) = returned {
+        retry_returned(shared, task, &body).await;
+    }
+}
+
+/// Retries a result whose reply queue does not exist, for `result_retry_timeout`, if fewer
+/// than `MAX_RETURNED_RESULTS` already wait; otherwise it is dropped at once, logged.
+async fn retry_returned(shared: &SourceState, task: &CeleryTask, body: &[u8]) {
+    let Ok(_slot) = shared.returned_results.try_acquire() else {
+        tracing::error!(task_id = %task.id, reply_to = task.reply_to.as_deref().unwrap_or_default(), "result undeliverable: its reply queue does not exist and {} results already wait for theirs", super::MAX_RETURNED_RESULTS);
+        return;
+    };
+    let reply_to = task.reply_to.as_deref().unwrap_or_default();
+    shared
+        .publish_final(
+            &task.id,
+            reply_to,
+            &task.correlation_id,
+            body,
+            Returns::Retry,
+        )
+        .await;
+}
+
+/// Acks (or, for a task nobody serves, rejects) the owner's message and every copy, and
+/// remembers the id as answered.
+async fn settle_answered(shared: &SourceState, task: &CeleryTask, acker: &Acker, reject_it: bool) {
     let copies = shared.tasks().ledger.answered(&task.id);
     for a in std::iter::once(acker).chain(&copies) {
         if reject_it {

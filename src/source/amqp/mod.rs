@@ -11,7 +11,10 @@
 
 mod connection;
 mod consumers;
+mod delayed;
 mod delivery;
+mod frame_guard;
+mod inbound;
 /// Public only for the scale bench, which measures it at its limits.
 #[doc(hidden)]
 pub mod ledger;
@@ -27,20 +30,22 @@ mod value;
 mod workflow;
 
 use crate::dispatch::Dispatcher;
+use crate::sync::lock;
 use lapin::Acker;
+use lapin::Channel;
 use ledger::Ledger;
 use publish::ResultsChannel;
 use revoked::Revoked;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-pub use value::amqp_to_json;
 
 pub use crate::config::QueueDeclare as Declare;
 
@@ -66,7 +71,13 @@ pub struct AmqpOptions {
     pub result_backend: Option<String>,
     /// Seconds a result stays in Redis (`result_expires`; 0 keeps it).
     pub result_expires: u64,
+    /// The largest task message body read; a larger one is rejected unread.
+    pub max_message_size: usize,
 }
+
+/// At most this many results are retried at once while their reply queue does not exist;
+/// their task messages are acked first, so they hold no prefetch slot.
+pub const MAX_RETURNED_RESULTS: usize = 1000;
 
 /// A running AMQP source.
 pub struct AmqpSource {
@@ -80,6 +91,7 @@ impl AmqpSource {
             crate::source::redis_backend::RedisBackend::new(url, Some(options.result_expires))
                 .expect("result_backend was checked with the config")
         });
+        let (session_tx, session_rx) = mpsc::channel(64);
         let shared = Arc::new(SourceState {
             redis,
             monitor: monitor::Monitor::new(options.task_events),
@@ -89,11 +101,11 @@ impl AmqpSource {
             tasks: Mutex::new(TaskTable {
                 ledger: Ledger::new(options.result_memory),
                 reserved: HashMap::new(),
+                revoked: Revoked::default(),
             }),
             options,
             dispatcher,
             results: watch::channel(None).0,
-            revoked: Mutex::new(Revoked::default()),
             revoke_signal: Notify::new(),
             stopping: CancellationToken::new(),
             finished: CancellationToken::new(),
@@ -102,6 +114,11 @@ impl AmqpSource {
             totals: Mutex::new(BTreeMap::new()),
             handlers: TaskTracker::new(),
             connected: watch::channel(false).0,
+            channel_numbers: AtomicU64::new(0),
+            parking: AtomicBool::new(false),
+            returned_results: tokio::sync::Semaphore::new(MAX_RETURNED_RESULTS),
+            session_requests: session_tx,
+            session_inbox: tokio::sync::Mutex::new(session_rx),
         });
         let task = tokio::spawn(connection::connection_loop(shared.clone()));
         AmqpSource { shared, task }
@@ -151,8 +168,9 @@ pub struct SourceState {
     /// `None` while disconnected.
     results: watch::Sender<ResultsChannel>,
     connected: watch::Sender<bool>,
+    /// The one lock of the task-id state (owners, held eta tasks, revoked ids). Never held
+    /// across an await, and no other lock is taken while it is held, so it is in no cycle.
     tasks: Mutex<TaskTable>,
-    revoked: Mutex<Revoked>,
     /// Wakes handlers holding an eta task so they re-check revocations and stops.
     revoke_signal: Notify,
     stopping: CancellationToken,
@@ -170,6 +188,28 @@ pub struct SourceState {
     /// The task queues to consume now: `queues` at start, changed by `add_consumer` and
     /// `cancel_consumer`; the live session follows it, and a new one starts from it.
     queues: watch::Sender<Vec<QueueSpec>>,
+    /// Results retried while their reply queue does not exist (their messages already acked).
+    returned_results: tokio::sync::Semaphore,
+    /// Whether the broker's delay topology is declared on this session (eta tasks are parked
+    /// there; without it they are held here).
+    parking: AtomicBool,
+    /// Numbers the results channels, so a publisher can wait for one other than the channel
+    /// that just failed.
+    channel_numbers: AtomicU64,
+    /// What publishers and remote control ask of the live session (it owns the connection).
+    session_requests: mpsc::Sender<SessionRequest>,
+    /// Read by one session at a time.
+    session_inbox: tokio::sync::Mutex<mpsc::Receiver<SessionRequest>>,
+}
+
+/// A request to the live broker session.
+pub(super) enum SessionRequest {
+    /// A channel of the caller's own (a throwaway one: declaring a queue that may be refused,
+    /// or a publish that may be), closed when the caller drops it.
+    Channel(oneshot::Sender<lapin::Result<Channel>>),
+    /// The results channel with this number failed: if the broker closed it and the
+    /// connection lives on, open another; if the connection is gone, the session ends.
+    ResultsFailed(u64),
 }
 
 /// A task queue to consume, declared (unless passive) as Celery declares it: a durable queue
@@ -194,10 +234,13 @@ impl QueueSpec {
     }
 }
 
-/// The task ids this worker holds: owners and answered ids, and eta tasks being held.
+/// The task ids this worker holds: owners and answered ids, eta tasks being held, and revoked
+/// ids. One lock owns them all, so a delivery deciding what to do and a revoke marking its
+/// tasks can never wait on each other (they once took two locks in opposite orders).
 struct TaskTable {
     ledger: Ledger<Acker, ActiveInfo>,
     reserved: HashMap<String, ActiveInfo>,
+    revoked: Revoked,
 }
 
 /// What `celery inspect active` shows for a task.
@@ -221,10 +264,7 @@ pub struct ActiveInfo {
 
 impl SourceState {
     pub fn nodename(&self) -> String {
-        self.nodename
-            .lock()
-            .expect("nodename lock poisoned")
-            .clone()
+        lock(&self.nodename).clone()
     }
 
     /// Tasks running here now (a heartbeat's `active`).
@@ -242,11 +282,11 @@ impl SourceState {
     }
 
     fn tasks(&self) -> std::sync::MutexGuard<'_, TaskTable> {
-        self.tasks.lock().expect("task table lock poisoned")
+        lock(&self.tasks)
     }
 
     fn count_answered(&self, task: &str) {
-        let mut totals = self.totals.lock().expect("totals lock poisoned");
+        let mut totals = lock(&self.totals);
         // The name is copied only the first time it is counted.
         match totals.get_mut(task) {
             Some(n) => *n += 1,
@@ -256,11 +296,40 @@ impl SourceState {
         }
     }
 
+    fn next_channel_number(&self) -> u64 {
+        self.channel_numbers.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A channel of the caller's own on the live connection; an error if there is none now.
+    pub(super) async fn own_channel(&self) -> Result<Channel, String> {
+        if !*self.connected.borrow() {
+            return Err("not connected to the broker".into());
+        }
+        let (tx, rx) = oneshot::channel();
+        if self
+            .session_requests
+            .try_send(SessionRequest::Channel(tx))
+            .is_err()
+        {
+            return Err("the broker session is busy; try again".into());
+        }
+        match rx.await {
+            Ok(Ok(channel)) => Ok(channel),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the broker connection ended".into()),
+        }
+    }
+
+    /// Tells the session that the results channel `number` failed.
+    fn results_failed(&self, number: u64) {
+        // A full inbox already holds a request that makes the session look at its channels.
+        let _ = self
+            .session_requests
+            .try_send(SessionRequest::ResultsFailed(number));
+    }
+
     fn is_revoked(&self, id: &str) -> bool {
-        self.revoked
-            .lock()
-            .expect("revoked lock poisoned")
-            .contains(id)
+        self.tasks().revoked.contains(id)
     }
 }
 

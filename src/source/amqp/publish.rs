@@ -9,6 +9,7 @@
 
 use super::SourceState;
 use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -25,19 +26,63 @@ pub enum Delivered {
     Confirmed,
     /// The reply queue did not exist for `result_retry_timeout`; logged as undeliverable.
     Undeliverable,
+    /// The reply queue does not exist (returned at once); asked not to wait for it.
+    Returned,
     /// The worker is stopping for good before it could be confirmed.
     GaveUp,
 }
 
-/// The results channel of the current connection; the number tells connections apart.
+/// What a final-state publish does when the broker returns it (no such reply queue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Returns {
+    /// Say so at once (`Delivered::Returned`): the caller frees the task's message first.
+    Report,
+    /// Retry with backoff for `result_retry_timeout`.
+    Retry,
+}
+
+/// How publishing a workflow step ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    Confirmed,
+    /// The broker refused it (no such exchange, access refused...), or it cannot be sent at
+    /// all (a name longer than a short string): the step's workflow fails with this reason.
+    Refused(String),
+    /// The worker is stopping for good before it could be confirmed.
+    Stopped,
+}
+
+/// True for a channel-level error the broker raised about what was sent (403, 404, 406...):
+/// the channel is closed, the connection lives on.
+pub(super) fn refused_by_broker(e: &lapin::Error) -> bool {
+    use lapin::protocol::AMQPErrorKind;
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if matches!(p.kind(), AMQPErrorKind::Soft(_)))
+}
+
+/// A short string for the wire, or why it cannot be one.
+fn short(what: &str, s: &str) -> Result<lapin::types::ShortString, String> {
+    lapin::types::ShortString::try_new(s)
+        .map_err(|_| format!("its {what} is longer than AMQP's 255-byte limit"))
+}
+
+/// The results channel of the current connection; the number tells channels apart.
 pub(super) type ResultsChannel = Option<(u64, Channel)>;
 
-fn properties(correlation_id: &str) -> BasicProperties {
+fn properties(correlation_id: ShortString) -> BasicProperties {
     BasicProperties::default()
         .with_content_type("application/json".into())
         .with_content_encoding("utf-8".into())
-        .with_correlation_id(correlation_id.into())
+        .with_correlation_id(correlation_id)
         .with_delivery_mode(1)
+}
+
+/// The routing key and correlation id of a reply, if both fit a short string (ids of the
+/// message itself were checked when it was read; a workflow step's come from its options).
+fn reply_names(reply_to: &str, correlation_id: &str) -> Option<(ShortString, ShortString)> {
+    Some((
+        ShortString::try_new(reply_to).ok()?,
+        ShortString::try_new(correlation_id).ok()?,
+    ))
 }
 
 impl SourceState {
@@ -67,7 +112,12 @@ impl SourceState {
         reply_to: &str,
         correlation_id: &str,
         body: &[u8],
+        returns: Returns,
     ) -> Delivered {
+        let Some((key, corr)) = reply_names(reply_to, correlation_id) else {
+            tracing::error!(task_id, "result undeliverable: its reply queue or correlation id is longer than AMQP's 255-byte limit");
+            return Delivered::Undeliverable;
+        };
         let mut channels = self.results.subscribe();
         let mut failed_on = None;
         let mut returned_since: Option<Instant> = None;
@@ -84,22 +134,15 @@ impl SourceState {
             let sent = channel
                 .basic_publish(
                     "".into(),
-                    reply_to.into(),
+                    key.clone(),
                     options,
                     body,
-                    properties(correlation_id),
+                    properties(corr.clone()),
                 )
                 .await;
             let confirmed = match sent {
                 Ok(pending) => pending.await,
-                Err(e) => {
-                    tracing::warn!(
-                        task_id,
-                        "cannot publish the result ({e}); publishing it after reconnecting"
-                    );
-                    failed_on = Some(n);
-                    continue;
-                }
+                Err(e) => Err(e),
             };
             match confirmed {
                 Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {
@@ -109,13 +152,10 @@ impl SourceState {
                     return Delivered::Confirmed;
                 }
                 Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_))) => {
-                    let since = *returned_since.get_or_insert_with(|| {
-                        tracing::warn!(task_id, reply_to, "the reply queue does not exist (the client may be reconnecting); retrying for up to {:?} (`result_retry_timeout`)", self.options.result_retry_timeout);
-                        Instant::now()
-                    });
-                    if since.elapsed() >= self.options.result_retry_timeout {
-                        tracing::error!(task_id, reply_to, "result undeliverable: the reply queue did not exist for {:?} (`result_retry_timeout`); the task message is acked and the result dropped", self.options.result_retry_timeout);
-                        return Delivered::Undeliverable;
+                    if let Some(end) =
+                        self.returned(task_id, reply_to, returns, &mut returned_since)
+                    {
+                        return end;
                     }
                 }
                 Ok(Confirmation::Nack(None)) => {
@@ -125,7 +165,8 @@ impl SourceState {
                     );
                 }
                 Err(e) => {
-                    tracing::warn!(task_id, "the result was published but the connection closed before the broker confirmed it ({e}); publishing it again after reconnecting, so the client may receive this result twice");
+                    tracing::warn!(task_id, "the result was not confirmed: its channel failed ({e}); publishing it again on a new channel, so the client may receive this result twice");
+                    self.results_failed(n);
                     failed_on = Some(n);
                     continue;
                 }
@@ -133,58 +174,148 @@ impl SourceState {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.finished.cancelled() => return Delivered::GaveUp,
+                _ = self.stopping.cancelled(), if returns == Returns::Retry => {}
             }
             wait = (wait * 2).min(RETURN_RETRY_MAX);
         }
     }
 
+    /// The broker returned a result (its reply queue does not exist): `Some` ends the publish
+    /// with that, `None` retries after the backoff.
+    fn returned(
+        &self,
+        task_id: &str,
+        reply_to: &str,
+        returns: Returns,
+        since: &mut Option<Instant>,
+    ) -> Option<Delivered> {
+        if returns == Returns::Report {
+            return Some(Delivered::Returned);
+        }
+        if self.stopping.is_cancelled() {
+            tracing::error!(
+                task_id,
+                reply_to,
+                "result undeliverable: its reply queue does not exist and the worker is stopping"
+            );
+            return Some(Delivered::Undeliverable);
+        }
+        let timeout = self.options.result_retry_timeout;
+        let since = *since.get_or_insert_with(|| {
+            tracing::warn!(task_id, reply_to, "the reply queue does not exist (the client may be reconnecting); retrying for up to {timeout:?} (`result_retry_timeout`)");
+            Instant::now()
+        });
+        if since.elapsed() >= timeout {
+            tracing::error!(task_id, reply_to, "result undeliverable: the reply queue did not exist for {timeout:?} (`result_retry_timeout`); the result is dropped");
+            return Some(Delivered::Undeliverable);
+        }
+        None
+    }
+
     /// Publishes a task message (a chain's next step, a callback, an errback) until the broker
-    /// confirms it, across reconnects; false only if the worker stopped for good first.
-    pub(super) async fn publish_task(&self, message: &crate::source::canvas::Outgoing) -> bool {
+    /// confirms it, across reconnects. A step the broker refuses (it closes the channel: no
+    /// such exchange, access refused) is tried once more alone, on a channel of its own, so a
+    /// step that was only caught in another's refusal goes through; refused again, it is
+    /// `Refused` with the broker's reason, and the results channel it closed is replaced.
+    pub(super) async fn publish_task(
+        &self,
+        message: &crate::source::canvas::Outgoing,
+    ) -> Published {
         let mut headers = lapin::types::FieldTable::default();
         for (k, v) in &message.headers {
-            headers.insert(k.as_str().into(), super::value::json_to_amqp(v));
+            if let Ok(key) = lapin::types::ShortString::try_new(k.as_str()) {
+                headers.insert(key, super::value::json_to_amqp(v));
+            }
         }
-        let mut props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_content_encoding("utf-8".into())
-            .with_correlation_id(message.id.as_str().into())
-            .with_headers(headers)
-            .with_delivery_mode(2)
-            .with_priority(message.priority.unwrap_or(0));
-        if let Some(reply_to) = &message.reply_to {
-            props = props.with_reply_to(reply_to.as_str().into());
-        }
-        let body = serde_json::to_vec(&message.body).expect("a task body serializes");
+        let names = (|| {
+            let mut props = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_content_encoding("utf-8".into())
+                .with_correlation_id(short("task id", &message.id)?)
+                .with_headers(headers)
+                .with_delivery_mode(2)
+                .with_priority(message.priority.unwrap_or(0));
+            if let Some(reply_to) = &message.reply_to {
+                props = props.with_reply_to(short("reply_to", reply_to)?);
+            }
+            let exchange = short("exchange", &message.exchange)?;
+            let key = short("routing key", &message.routing_key)?;
+            Ok::<_, String>((props, exchange, key))
+        })();
+        let (props, exchange, key) = match names {
+            Ok(n) => n,
+            Err(why) => return Published::Refused(why),
+        };
+        let body = message.body_bytes();
+        self.publish_confirmed(&message.id, exchange, key, props, &body)
+            .await
+    }
+
+    /// Publishes one message until the broker confirms it, across reconnects (see
+    /// `publish_task`: a refusal is told apart from a step caught in another's).
+    pub(super) async fn publish_confirmed(
+        &self,
+        task_id: &str,
+        exchange: ShortString,
+        key: ShortString,
+        props: BasicProperties,
+        body: &[u8],
+    ) -> Published {
         let mut channels = self.results.subscribe();
         let mut failed_on = None;
         loop {
             let Some((n, channel)) = self.channel(&mut channels, failed_on).await else {
-                return false;
+                return Published::Stopped;
             };
-            let sent = channel
-                .basic_publish(
-                    message.exchange.as_str().into(),
-                    message.routing_key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    props.clone(),
-                )
-                .await;
-            match sent {
-                Ok(pending) => match pending.await {
-                    Ok(Confirmation::Nack(_)) => {
-                        tracing::warn!(task_id = %message.id, "the broker refused (nack) a workflow step; publishing it again");
-                    }
-                    Ok(_) => return true,
-                    Err(e) => {
-                        tracing::warn!(task_id = %message.id, "a workflow step was published but the connection closed before the broker confirmed it ({e}); publishing it again after reconnecting");
-                        failed_on = Some(n);
-                    }
-                },
+            let publish = |channel: Channel| {
+                let (exchange, key, props) = (exchange.clone(), key.clone(), props.clone());
+                async move {
+                    let pending = channel
+                        .basic_publish(exchange, key, BasicPublishOptions::default(), body, props)
+                        .await?;
+                    pending.await
+                }
+            };
+            match publish(channel).await {
+                Ok(Confirmation::Nack(_)) => {
+                    tracing::warn!(
+                        task_id,
+                        "the broker refused (nack) a message; publishing it again"
+                    );
+                }
+                Ok(_) => return Published::Confirmed,
                 Err(e) => {
-                    tracing::warn!(task_id = %message.id, "cannot publish a workflow step ({e}); publishing it after reconnecting");
+                    self.results_failed(n);
                     failed_on = Some(n);
+                    if !refused_by_broker(&e) {
+                        tracing::warn!(task_id, "a message was not confirmed ({e}); publishing it again after reconnecting");
+                        continue;
+                    }
+                    // Alone on a channel of its own: refused again, it is this message's fault.
+                    let alone = async {
+                        let channel = self.own_channel().await.map_err(|e| (false, e))?;
+                        channel
+                            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+                            .await
+                            .map_err(|e| (false, e.to_string()))?;
+                        let sent = publish(channel.clone()).await;
+                        let _ = channel.close(200, "done".into()).await;
+                        sent.map_err(|e| (refused_by_broker(&e), e.to_string()))
+                    };
+                    match alone.await {
+                        Ok(Confirmation::Nack(_)) => {}
+                        Ok(_) => return Published::Confirmed,
+                        Err((true, why)) => {
+                            tracing::error!(task_id, exchange = %exchange, "the broker refused a message: {why}");
+                            return Published::Refused(format!("the broker refused it: {why}"));
+                        }
+                        Err((false, why)) => {
+                            tracing::warn!(
+                                task_id,
+                                "a message was not confirmed ({why}); publishing it again"
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -198,6 +329,7 @@ impl SourceState {
         reply_to: Option<&str>,
         correlation_id: &str,
         body: &[u8],
+        returns: Returns,
     ) -> Delivered {
         match (&self.redis, reply_to) {
             (Some(redis), _) => {
@@ -208,7 +340,7 @@ impl SourceState {
                 }
             }
             (None, Some(reply_to)) => {
-                self.publish_final(task_id, reply_to, correlation_id, body)
+                self.publish_final(task_id, reply_to, correlation_id, body, returns)
                     .await
             }
             (None, None) => Delivered::Confirmed,
@@ -241,6 +373,9 @@ impl SourceState {
 
     /// Publishes a progress or stream state, waiting for a connection if there is none.
     async fn publish_event(&self, reply_to: &str, correlation_id: &str, body: &[u8]) {
+        let Some((key, corr)) = reply_names(reply_to, correlation_id) else {
+            return;
+        };
         let mut channels = self.results.subscribe();
         let mut failed_on = None;
         loop {
@@ -250,18 +385,19 @@ impl SourceState {
             let sent = channel
                 .basic_publish(
                     "".into(),
-                    reply_to.into(),
+                    key.clone(),
                     BasicPublishOptions::default(),
                     body,
-                    properties(correlation_id),
+                    properties(corr.clone()),
                 )
                 .await;
             match sent {
                 Ok(_) => return,
                 Err(e) => {
                     tracing::debug!(
-                        "cannot publish a progress message ({e}); retrying after reconnecting"
+                        "cannot publish a progress message ({e}); retrying on a new channel"
                     );
+                    self.results_failed(n);
                     failed_on = Some(n);
                 }
             }

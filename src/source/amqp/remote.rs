@@ -46,7 +46,7 @@ impl RemoteWorker for SourceState {
             "pid": std::process::id(),
             "clock": "0",
             "uptime": uptime,
-            "total": *self.totals.lock().expect("totals lock poisoned"),
+            "total": *crate::sync::lock(&self.totals),
             "pool": {
                 "implementation": "worker (out-of-process plugins)",
                 "max-concurrency": capacity,
@@ -70,10 +70,13 @@ impl RemoteWorker for SourceState {
     async fn revoke(&self, ids: &[String], terminate: bool) {
         let mut to_cancel = Vec::new();
         {
-            let mut revoked = self.revoked.lock().expect("revoked lock poisoned");
             let mut tasks = self.tasks();
-            for id in ids {
-                revoked.insert(id);
+            // A longer id can name no task here (refused when read): not worth remembering.
+            for id in ids
+                .iter()
+                .filter(|id| id.len() <= super::inbound::MAX_ID_BYTES)
+            {
+                tasks.revoked.insert(id);
                 if tasks.ledger.owns(id) {
                     // Marked first: a plugin may answer the cancel at once.
                     let reason = if terminate { "terminated" } else { "revoked" };
@@ -105,7 +108,7 @@ impl RemoteWorker for SourceState {
         self.monitor.heartbeat_requested(&self.nodename());
     }
     fn revoked(&self) -> Vec<String> {
-        self.revoked.lock().expect("revoked lock poisoned").ids()
+        self.tasks().revoked.ids()
     }
     fn query_task(&self, ids: &[String]) -> Map<String, Value> {
         let tasks = self.tasks();
@@ -124,7 +127,8 @@ impl RemoteWorker for SourceState {
         let o = &self.options;
         let mut conf = Map::new();
         conf.insert("broker_url".into(), json!(mask_password(&o.url)));
-        conf.insert("result_backend".into(), json!("rpc://"));
+        let backend = self.redis.as_ref().map_or("rpc://", |r| r.url());
+        conf.insert("result_backend".into(), json!(mask_password(backend)));
         conf.insert(
             "worker_send_task_events".into(),
             json!(self.monitor.task_events()),
@@ -146,7 +150,7 @@ impl RemoteWorker for SourceState {
         let known = self.dispatcher.task_names().iter().any(|t| t == task);
         self.controls.set_time_limits(task, soft, hard, known)
     }
-    fn add_consumer(
+    async fn add_consumer(
         &self,
         queue: &str,
         exchange: Option<&str>,
@@ -159,6 +163,13 @@ impl RemoteWorker for SourceState {
             exchange_type: kind.unwrap_or("direct").to_string(),
             routing_key: key.unwrap_or(queue).to_string(),
         };
+        if self.queues.borrow().iter().any(|q| q.name == queue) {
+            return json!({ "ok": format!("already consuming from '{queue}'") });
+        }
+        if let Err(why) = self.try_declare(&spec).await {
+            tracing::error!(queue, "add_consumer refused: {why}");
+            return json!({ "error": format!("cannot consume from {queue}: {why}") });
+        }
         let added = self.queues.send_if_modified(|queues| {
             let new = !queues.iter().any(|q| q.name == queue);
             if new {
@@ -198,17 +209,40 @@ impl RemoteWorker for SourceState {
                 .unwrap_or_default()
         };
         let mut text = format!(
-            "software -> {}:{} (out-of-process plugins) lapin\nplatform -> system:{} arch:{} kernel version:{}\nsettings -> transport:amqp results:rpc://\n\n",
+            "software -> {}:{} (out-of-process plugins) lapin\nplatform -> system:{} arch:{} kernel version:{}\nsettings -> transport:amqp results:{}\n\n",
             crate::WORKER_NAME,
             crate::WORKER_VERSION,
             field(|u| u.sysname()),
             field(|u| u.machine()),
             field(|u| u.release()),
+            mask_password(self.redis.as_ref().map_or("rpc://", |r| r.url())),
         );
         for (key, value) in self.conf() {
             text.push_str(&format!("{key}: {value}\n"));
         }
         text
+    }
+}
+
+impl SourceState {
+    /// Declares `q` (as the consumers would) on a channel of its own, so that a queue the
+    /// broker refuses (a reserved `amq.` name, another connection's exclusive queue, other
+    /// arguments) closes only that channel.
+    async fn try_declare(&self, q: &QueueSpec) -> Result<(), String> {
+        for name in [&q.name, &q.exchange, &q.routing_key] {
+            if name.len() > 255 {
+                return Err(format!(
+                    "`{}...` is longer than AMQP's 255-byte limit",
+                    &name[..32]
+                ));
+            }
+        }
+        let channel = self.own_channel().await?;
+        let declared = super::consumers::declare(&channel, q, self.options.declare).await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "declared".into()).await;
+        }
+        declared.map_err(|e| e.to_string())
     }
 }
 
@@ -243,6 +277,13 @@ pub(super) async fn answer(shared: &SourceState, channel: &Channel, delivery: De
     let Some((exchange, routing_key)) = &req.reply_to else {
         return;
     };
+    let (Ok(exchange), Ok(routing_key)) = (
+        lapin::types::ShortString::try_new(exchange.as_str()),
+        lapin::types::ShortString::try_new(routing_key.as_str()),
+    ) else {
+        tracing::warn!("not answering remote control `{}`: its reply exchange or routing key is longer than AMQP's 255-byte limit", req.method);
+        return;
+    };
     let mut headers = FieldTable::default();
     if let Some(ticket) = &req.ticket {
         headers.insert("ticket".into(), json_to_amqp(&json!(ticket)));
@@ -256,8 +297,8 @@ pub(super) async fn answer(shared: &SourceState, channel: &Channel, delivery: De
         .with_delivery_mode(1);
     if let Err(e) = channel
         .basic_publish(
-            exchange.as_str().into(),
-            routing_key.as_str().into(),
+            exchange,
+            routing_key,
             BasicPublishOptions::default(),
             &body,
             props,

@@ -4,6 +4,7 @@
 //! (say, the broker is reached by IP). The files are read once, at start, so a missing one stops
 //! `serve` with its path rather than failing every reconnect.
 
+use super::frame_guard::{FrameGuard, GuardedReactor};
 use lapin::tcp::{AsyncTcpStream, OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
@@ -79,29 +80,32 @@ impl BrokerTls {
                 format!("not an AMQP URL ({e})"),
             ))
         })?;
-        let runtime = lapin::runtime::default_runtime()?;
-        let name = match (&uri.scheme, &self.server_name) {
-            (AMQPScheme::AMQPS, Some(name)) => name.clone(),
-            _ => {
-                return Connection::connect_uri_with_config(
-                    uri,
-                    props,
-                    self.config.clone(),
-                    runtime,
-                )
-                .await
-            }
-        };
-        // The TCP connection goes to the URL's host; the certificate is checked against `name`.
-        let config = self.config.clone();
-        let connect = move |uri: AMQPUri, runtime| {
-            let (name, config) = (name.clone(), config.clone());
+        // Every connection's stream is vetted before lapin parses it (see `frame_guard`).
+        let runtime = async_rs::Runtime::new(async_rs::util::RuntimeParts::new(
+            async_rs::Tokio::current(),
+            GuardedReactor(async_rs::Tokio::current()),
+        ));
+        let tls = (uri.scheme == AMQPScheme::AMQPS).then(|| {
+            let name = self
+                .server_name
+                .clone()
+                .unwrap_or_else(|| uri.authority.host.clone());
+            (name, self.config.clone())
+        });
+        // The TCP connection goes to the URL's host; the certificate is checked against the
+        // name (`broker_tls_server_name`, else the host).
+        let connect = move |uri: AMQPUri, _runtime| {
+            let tls = tls.clone();
             async move {
                 let host = (uri.authority.host.as_str(), uri.authority.port);
                 let addresses: Vec<std::net::SocketAddr> =
                     tokio::net::lookup_host(host).await?.collect();
-                let stream = AsyncTcpStream::connect(&runtime, addresses).await?;
-                Ok(stream.into_tls(&name, config.as_ref()).await?)
+                let tcp = AsyncTcpStream::connect(&async_rs::Tokio::current(), addresses).await?;
+                let stream = match &tls {
+                    Some((name, config)) => tcp.into_tls(name, config.as_ref()).await?,
+                    None => tcp,
+                };
+                Ok(AsyncTcpStream::Plain(FrameGuard::new(stream)))
             }
         };
         Connection::connector(uri, runtime, connect, props).await

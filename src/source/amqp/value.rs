@@ -4,9 +4,14 @@
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use serde_json::{json, Value};
 
-/// AMQP field values as JSON (every numeric type accepted).
-pub fn amqp_to_json(v: &AMQPValue) -> Value {
-    match v {
+/// A header value nested deeper than the limit: the message is refused, never converted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooDeep;
+
+/// AMQP field values as JSON (every numeric type accepted), at most `depth` tables or arrays
+/// deep: the recursion is bounded, whatever a producer nested.
+pub fn amqp_to_json(v: &AMQPValue, depth: usize) -> Result<Value, TooDeep> {
+    Ok(match v {
         AMQPValue::Boolean(b) => json!(b),
         AMQPValue::ShortShortInt(n) => json!(n),
         AMQPValue::ShortShortUInt(n) => json!(n),
@@ -20,23 +25,30 @@ pub fn amqp_to_json(v: &AMQPValue) -> Value {
         AMQPValue::DecimalValue(d) => json!(d.value as f64 / 10f64.powi(d.scale as i32)),
         AMQPValue::ShortString(s) => json!(s.as_str()),
         AMQPValue::LongString(s) => json!(String::from_utf8_lossy(s.as_bytes())),
-        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(amqp_to_json).collect()),
+        AMQPValue::FieldArray(a) => {
+            let inner = depth.checked_sub(1).ok_or(TooDeep)?;
+            let items = a.as_slice().iter().map(|x| amqp_to_json(x, inner));
+            Value::Array(items.collect::<Result<_, _>>()?)
+        }
         AMQPValue::Timestamp(t) => json!(t),
-        AMQPValue::FieldTable(t) => table_to_json(t),
+        AMQPValue::FieldTable(t) => table_to_json(t, depth)?,
         AMQPValue::ByteArray(b) => json!(String::from_utf8_lossy(b.as_slice())),
         AMQPValue::Void => Value::Null,
-    }
+    })
 }
 
-pub fn table_to_json(t: &FieldTable) -> Value {
-    Value::Object(
-        t.inner()
-            .iter()
-            .map(|(k, v)| (k.as_str().to_string(), amqp_to_json(v)))
-            .collect(),
-    )
+/// A field table as a JSON object, nested at most `depth` deep (the table itself counts).
+pub fn table_to_json(t: &FieldTable, depth: usize) -> Result<Value, TooDeep> {
+    let inner = depth.checked_sub(1).ok_or(TooDeep)?;
+    let fields = t
+        .inner()
+        .iter()
+        .map(|(k, v)| Ok((k.as_str().to_string(), amqp_to_json(v, inner)?)));
+    Ok(Value::Object(fields.collect::<Result<_, _>>()?))
 }
 
+/// JSON as AMQP field values. An object key longer than a short string (255 bytes) cannot be
+/// a field name: that entry is left out (such keys can only come from a JSON body).
 pub fn json_to_amqp(v: &Value) -> AMQPValue {
     match v {
         Value::Null => AMQPValue::Void,
@@ -56,7 +68,9 @@ pub fn json_to_amqp(v: &Value) -> AMQPValue {
         Value::Object(o) => {
             let mut t = FieldTable::default();
             for (k, x) in o {
-                t.insert(ShortString::from(k.as_str()), json_to_amqp(x));
+                if let Ok(key) = ShortString::try_new(k.as_str()) {
+                    t.insert(key, json_to_amqp(x));
+                }
             }
             AMQPValue::FieldTable(t)
         }
@@ -91,11 +105,22 @@ mod tests {
             (AMQPValue::Void, Value::Null),
         ];
         for (v, want) in cases {
-            assert_eq!(amqp_to_json(&v), want, "{v:?}");
+            assert_eq!(amqp_to_json(&v, 0), Ok(want), "{v:?}");
         }
-        let back = amqp_to_json(&json_to_amqp(
-            &json!({"a": [1, "x", null, 2.5, {"b": true}]}),
-        ));
-        assert_eq!(back, json!({"a": [1, "x", null, 2.5, {"b": true}]}));
+        let back = amqp_to_json(
+            &json_to_amqp(&json!({"a": [1, "x", null, 2.5, {"b": true}]})),
+            3,
+        );
+        assert_eq!(back, Ok(json!({"a": [1, "x", null, 2.5, {"b": true}]})));
+    }
+
+    #[test]
+    fn nesting_past_the_depth_is_refused_and_long_keys_are_left_out() {
+        let v = json_to_amqp(&json!({"a": [[{"b": 1}]]}));
+        assert!(amqp_to_json(&v, 4).is_ok());
+        assert_eq!(amqp_to_json(&v, 3), Err(TooDeep));
+        let long = "k".repeat(256);
+        let v = json_to_amqp(&json!({ long: 1, "ok": 2 }));
+        assert_eq!(amqp_to_json(&v, 1), Ok(json!({"ok": 2})));
     }
 }

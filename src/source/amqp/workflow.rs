@@ -6,7 +6,7 @@
 //! worker killed in between publishes them again after redelivery, never loses them.
 
 use super::delivery::Settlement;
-use super::publish::Delivered;
+use super::publish::{Delivered, Published, Returns};
 use super::SourceState;
 use crate::source::canvas::{self, Context};
 use crate::source::celery::{self, state, CeleryTask};
@@ -94,8 +94,12 @@ async fn publish_all(shared: &SourceState, messages: &[canvas::Outgoing]) -> Res
                 .await
                 .map_err(|e| format!("cannot open the chord in Redis ({e})"))?;
         }
-        if !shared.publish_task(m).await {
-            return Ok(false);
+        match shared.publish_task(m).await {
+            Published::Confirmed => {}
+            Published::Stopped => return Ok(false),
+            Published::Refused(why) => {
+                return Err(format!("cannot send task {} ({}): {why}", m.id, m.exchange))
+            }
         }
     }
     Ok(true)
@@ -113,15 +117,24 @@ async fn fail_the_rest(
     for step in failed {
         let body = celery::result_body(&step.id, state::FAILURE, failure.clone(), traceback);
         let delivered = shared
-            .deliver_final(&step.id, Some(&step.reply_to), &step.id, &body)
+            .deliver_final(
+                &step.id,
+                Some(&step.reply_to),
+                &step.id,
+                &body,
+                Returns::Retry,
+            )
             .await;
         if delivered == Delivered::GaveUp {
             return false;
         }
     }
     for m in &errbacks {
-        if !shared.publish_task(m).await {
-            return false;
+        match shared.publish_task(m).await {
+            Published::Confirmed => {}
+            Published::Stopped => return false,
+            // Logged by `publish_task`; the failure is answered all the same.
+            Published::Refused(_) => {}
         }
     }
     true
@@ -209,13 +222,15 @@ async fn send_chord_body(
         let meta = celery::result_body(body_id, state::FAILURE, failure, None);
         let reply_to = body.options.get("reply_to").and_then(Value::as_str);
         shared
-            .deliver_final(body_id, reply_to, body_id, &meta)
+            .deliver_final(body_id, reply_to, body_id, &meta, Returns::Retry)
             .await;
         return Ok(());
     }
     for m in canvas::chord_body(&cx, &body, results)? {
-        if !shared.publish_task(&m).await {
-            return Err("the worker stopped before the body was sent".into());
+        match shared.publish_task(&m).await {
+            Published::Confirmed => {}
+            Published::Stopped => return Err("the worker stopped before the body was sent".into()),
+            Published::Refused(why) => return Err(format!("cannot send the body: {why}")),
         }
     }
     Ok(())
