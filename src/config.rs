@@ -87,6 +87,11 @@ pub struct Config {
     /// The largest task message (body bytes) the worker reads from the broker; a larger one is
     /// rejected without requeue. The default is RabbitMQ's own `max_message_size` (128 MiB).
     pub max_message_size: usize,
+    /// URL prefixes of the Girder jobs the worker keeps up to date (a task message's
+    /// `jobInfoSpec` names the job's URL); `["*"]` allows any http(s) URL. Empty (the default):
+    /// no job is updated, since any broker user could otherwise make the worker send requests
+    /// to a URL of their choosing.
+    pub girder_job_urls: Vec<String>,
 }
 
 /// How the worker declares the task queues.
@@ -137,6 +142,7 @@ impl Default for Config {
             result_backend: "rpc://".into(),
             result_expires: 86400.0,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            girder_job_urls: Vec::new(),
             plugin_user: None,
             cgroup: "auto".into(),
         }
@@ -239,6 +245,15 @@ impl Config {
             return Err(format!(
                 "key `cgroup`: `{}` is not \"auto\", \"off\" or an absolute cgroup v2 directory",
                 self.cgroup
+            ));
+        }
+        if let Some(bad) = self
+            .girder_job_urls
+            .iter()
+            .find(|u| *u != "*" && !(u.starts_with("http://") || u.starts_with("https://")))
+        {
+            return Err(format!(
+                "key `girder_job_urls`: `{bad}` is not \"*\" or an http:// or https:// URL prefix"
             ));
         }
         if !(1024..=MAX_MESSAGE_SIZE).contains(&self.max_message_size) {
@@ -367,6 +382,17 @@ mod tests {
         let c: Config = toml::from_str("").unwrap();
         assert_eq!(c.queue_capacity, 1024);
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn girder_job_urls_are_off_by_default_and_must_be_http_prefixes() {
+        assert!(Config::default().girder_job_urls.is_empty());
+        let ok: Config =
+            toml::from_str(r#"girder_job_urls = ["*", "https://girder.example/api/v1/"]"#).unwrap();
+        assert!(ok.validate().is_ok());
+        let bad: Config = toml::from_str(r#"girder_job_urls = ["girder.example"]"#).unwrap();
+        let e = bad.validate().unwrap_err();
+        assert!(e.0.contains("key `girder_job_urls`"), "{e}");
     }
 
     #[test]

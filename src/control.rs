@@ -434,6 +434,8 @@ fn event_notification(task_id: &str, ev: TaskEvent) -> (&'static str, Value) {
     let method = match ev {
         TaskEvent::Progress { .. } => "task.progress",
         TaskEvent::Stream { .. } => "task.stream",
+        // Never asked for by the control socket (`capture_log` is off).
+        TaskEvent::Log { .. } => "task.log",
     };
     if let Some(obj) = params.as_object_mut() {
         obj.remove("event");

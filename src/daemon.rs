@@ -368,6 +368,7 @@ fn amqp_options(
         result_backend: config.redis_backend().map(str::to_string),
         result_expires: config.result_expires as u64,
         max_message_size: config.max_message_size,
+        girder_job_urls: config.girder_job_urls.clone(),
     }
 }
 

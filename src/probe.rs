@@ -128,6 +128,7 @@ impl Session {
             child.stderr.take().expect("stderr is piped"),
             origin,
             stderr.clone(),
+            process::TaskLog::default(),
         );
         Ok(Session {
             pid,

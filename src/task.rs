@@ -23,6 +23,10 @@ pub struct TaskRequest {
     /// The request's facts, passed to the plugin (`task.run` `request`; the instance adds the
     /// worker's node name).
     pub request_info: RequestInfo,
+    /// The plugin's log lines while it runs come back as [`TaskEvent::Log`] (a Girder job's
+    /// log): its `log` notifications naming the task, and its stderr lines while it is the
+    /// process's only task. Lines the submitter has no room for are dropped, never waited for.
+    pub capture_log: bool,
 }
 
 impl TaskRequest {
@@ -37,6 +41,7 @@ impl TaskRequest {
             submitter: "local".into(),
             delivery_info: DeliveryInfo::default(),
             request_info: RequestInfo::default(),
+            capture_log: false,
         }
     }
 }
@@ -79,6 +84,11 @@ pub enum TaskEvent {
     },
     Stream {
         items: Vec<Value>,
+    },
+    /// A line the plugin logged while running the task; only for a request with
+    /// `capture_log`.
+    Log {
+        line: String,
     },
 }
 

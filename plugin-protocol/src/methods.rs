@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// The protocol version this crate speaks. Peers must agree on the major number.
-pub const PROTOCOL_VERSION: &str = "1.3";
+pub const PROTOCOL_VERSION: &str = "1.4";
 
 /// The major number of a `"MAJOR.MINOR"` version string, if it has one.
 pub fn protocol_major(version: &str) -> Option<u32> {
@@ -176,6 +176,11 @@ pub struct DeliveryInfo {
     pub exchange: Option<String>,
     #[serde(default)]
     pub routing_key: Option<String>,
+    /// How the message body was encoded (1.4): `json`, or `jsonpickle` (Girder Worker's
+    /// `girder_io`), whose tags other than `py/tuple` reach the plugin intact. Absent for a
+    /// task from the control socket or `worker run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serializer: Option<String>,
 }
 
 /// `task.run`'s `request`: Celery's request facts (null where the message has none) and the
@@ -201,6 +206,10 @@ pub struct RequestInfo {
     /// The worker's node name, e.g. `worker@host`.
     #[serde(default)]
     pub hostname: Option<String>,
+    /// The message's own headers besides Celery's protocol fields (1.4), e.g. Girder's
+    /// `jobInfoSpec` and `girder_client_token`. Absent when there are none.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub headers: Map<String, Value>,
 }
 
 fn one() -> u32 {

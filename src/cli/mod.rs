@@ -133,6 +133,15 @@ pub struct CommonArgs {
     /// (`max_message_size`)
     #[arg(long, env = "WORKER_MAX_MESSAGE_SIZE", global = true)]
     pub max_message_size: Option<usize>,
+    /// URL prefixes of the Girder jobs to keep up to date, `*` for any (`girder_job_urls`)
+    #[arg(
+        long = "girder-job-url",
+        env = "WORKER_GIRDER_JOB_URLS",
+        value_delimiter = ',',
+        global = true,
+        value_name = "PREFIX"
+    )]
+    pub girder_job_urls: Vec<String>,
     /// Send Celery task events for Flower and `celery events` (`task_events`), as Celery's `-E`
     #[arg(short = 'E', long, env = "WORKER_TASK_EVENTS", global = true)]
     pub task_events: bool,
@@ -278,6 +287,9 @@ impl CommonArgs {
         }
         if let Some(v) = self.max_message_size {
             c.max_message_size = v;
+        }
+        if !self.girder_job_urls.is_empty() {
+            c.girder_job_urls = self.girder_job_urls.clone();
         }
         if let Some(v) = &self.plugin_user {
             c.plugin_user = Some(v.clone());

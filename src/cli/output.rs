@@ -33,6 +33,7 @@ pub fn event(ev: &TaskEvent) {
                 line(&item.to_string());
             }
         }
+        TaskEvent::Log { line } => eprintln!("log: {line}"),
     }
 }
 

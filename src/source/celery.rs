@@ -32,6 +32,48 @@ pub struct CeleryTask {
     pub correlation_id: String,
     /// Workflow steps to carry on after it (protocol 2's embed; empty for v1).
     pub embed: crate::source::canvas::Embed,
+    /// How the body was encoded: [`JSON`], or [`JSONPICKLE`] (Girder Worker's `girder_io`).
+    pub serializer: &'static str,
+    /// The message's own headers: every header but Celery's protocol fields and the broker's
+    /// `x-` ones (Girder's `jobInfoSpec`, `girder_client_token`, ...). Empty for v1.
+    pub headers: Map<String, Value>,
+}
+
+/// [`CeleryTask::serializer`] of a JSON body.
+pub const JSON: &str = "json";
+/// [`CeleryTask::serializer`] of a jsonpickle body (`{"py/tuple": [args, kwargs, embed]}`).
+pub const JSONPICKLE: &str = "jsonpickle";
+
+/// Celery's own protocol 2 headers (celery/app/amqp.py `as_task_v2`): everything else a
+/// client set in `headers=` or as an unknown `apply_async` option reaches the plugin.
+const PROTOCOL_HEADERS: &[&str] = &[
+    "lang",
+    "task",
+    "id",
+    "shadow",
+    "eta",
+    "expires",
+    "group",
+    "group_index",
+    "retries",
+    "timelimit",
+    "root_id",
+    "parent_id",
+    "argsrepr",
+    "kwargsrepr",
+    "origin",
+    "ignore_result",
+    "replaced_task_nesting",
+    "stamped_headers",
+    "stamps",
+];
+
+/// The headers a plugin is given: `h` without Celery's protocol fields and the broker's own.
+fn own_headers(h: &Map<String, Value>) -> Map<String, Value> {
+    h.iter()
+        .filter(|(k, _)| !PROTOCOL_HEADERS.contains(&k.as_str()) && !k.starts_with("x-"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// The parts of an AMQP message the decoder needs, headers already converted to JSON.
@@ -76,13 +118,20 @@ pub fn decode(env: &Envelope) -> Result<CeleryTask, DecodeError> {
             Err(e) => match serde_json::from_slice::<PickledBody>(env.body) {
                 // Girder Worker's `girder_io` serializer: jsonpickle under application/json.
                 Ok(pickled) => {
+                    // jsonpickle's `py/id` counts lists but not tuples: where the body holds
+                    // references, inner tuples stay tagged so the plugin's jsonpickle can
+                    // resolve them (only the args tuple becomes an array).
+                    let tuples = match env.body.windows(7).any(|w| w == b"\"py/id\"") {
+                        true => Tuples::ArgsOnly,
+                        false => Tuples::Arrays,
+                    };
                     return decode_v2(
                         &env.headers,
                         &pickled.parts,
-                        true,
+                        tuples,
                         reply_to,
                         env.correlation_id,
-                    )
+                    );
                 }
                 Err(_) => {
                     return Err(
@@ -94,12 +143,30 @@ pub fn decode(env: &Envelope) -> Result<CeleryTask, DecodeError> {
                 }
             },
         };
-        decode_v2(&env.headers, &parts, false, reply_to, env.correlation_id)
+        decode_v2(
+            &env.headers,
+            &parts,
+            Tuples::Json,
+            reply_to,
+            env.correlation_id,
+        )
     } else {
         let body: Value =
             serde_json::from_slice(env.body).map_err(|e| DecodeError::NotJson(e.to_string()))?;
         decode_v1(body, reply_to, env.correlation_id)
     }
+}
+
+/// What becomes of jsonpickle's tuples in a v2 body's args and kwargs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Tuples {
+    /// A JSON body: there are none.
+    Json,
+    /// Every `{"py/tuple": [...]}` becomes an array, as a JSON client would have sent it.
+    Arrays,
+    /// Only the args tuple becomes an array: the body holds `py/id` references, which count
+    /// objects as jsonpickle does (lists but not tuples), so inner tuples keep their tag.
+    ArgsOnly,
 }
 
 /// A v2 body as jsonpickle writes Python's tuple `(args, kwargs, embed)`:
@@ -130,30 +197,39 @@ fn untuple(v: Value) -> Value {
 }
 
 /// One part of a v2 body as JSON (`null` when absent); jsonpickle's tuples as arrays if the
-/// body was `pickled`.
-fn part(parts: &[&RawValue], i: usize, pickled: bool) -> Result<Value, DecodeError> {
+/// body was pickled.
+fn part(parts: &[&RawValue], i: usize, tuples: Tuples) -> Result<Value, DecodeError> {
     let Some(raw) = parts.get(i) else {
         return Ok(Value::Null);
     };
     let v = serde_json::from_str(raw.get()).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-    Ok(if pickled { untuple(v) } else { v })
+    Ok(match (tuples, v) {
+        (Tuples::Json, v) => v,
+        (Tuples::Arrays, v) => untuple(v),
+        (Tuples::ArgsOnly, Value::Object(mut o))
+            if o.len() == 1 && o.get("py/tuple").is_some_and(Value::is_array) =>
+        {
+            o.remove("py/tuple").unwrap_or_default()
+        }
+        (Tuples::ArgsOnly, v) => v,
+    })
 }
 
 fn decode_v2(
     h: &Map<String, Value>,
     parts: &[&RawValue],
-    pickled: bool,
+    tuples: Tuples,
     reply_to: Option<String>,
     corr: Option<&str>,
 ) -> Result<CeleryTask, DecodeError> {
     let name = string(h.get("task")).ok_or_else(|| shape("header `task` must be a string"))?;
     let id = string(h.get("id")).ok_or_else(|| shape("header `id` must be a string"))?;
-    let args = match part(parts, 0, pickled)? {
+    let args = match part(parts, 0, tuples)? {
         Value::Array(a) => a,
         Value::Null => Vec::new(),
         _ => return Err(shape("body[0] (args) must be an array")),
     };
-    let kwargs = match part(parts, 1, pickled)? {
+    let kwargs = match part(parts, 1, tuples)? {
         Value::Object(k) => k,
         Value::Null => Map::new(),
         _ => return Err(shape("body[1] (kwargs) must be an object")),
@@ -181,6 +257,11 @@ fn decode_v2(
         reply_to,
         id,
         name,
+        serializer: match tuples {
+            Tuples::Json => JSON,
+            Tuples::Arrays | Tuples::ArgsOnly => JSONPICKLE,
+        },
+        headers: own_headers(h),
     })
 }
 
@@ -225,6 +306,8 @@ fn decode_v1(
         id,
         name,
         embed: Default::default(),
+        serializer: JSON,
+        headers: Map::new(),
     })
 }
 
@@ -432,11 +515,40 @@ mod tests {
             t.kwargs["obj"]["py/object"], "girder_worker_utils.transforms.girder_io.GirderFileId",
             "other jsonpickle tags reach the plugin as they are"
         );
+        assert_eq!(t.serializer, JSONPICKLE);
         let other = br#"{"py/tuple": [[1], {}, {}], "x": 1}"#;
         assert!(matches!(
             decode(&env(json!({"task": "t", "id": "i"}), other)),
             Err(DecodeError::Shape(_))
         ));
+    }
+
+    /// jsonpickle numbers `py/id` targets counting lists but not tuples: a body with
+    /// references keeps its inner tuples tagged, so the plugin's jsonpickle resolves them.
+    #[test]
+    fn a_jsonpickle_body_with_references_keeps_its_inner_tuples() {
+        let h = json!({"task": "gw.add", "id": "a37e"});
+        let body = br#"{"py/tuple": [{"py/tuple": [{"py/tuple": [3, 4]}, ["a"]]}, {"same": {"py/id": 2}}, {}]}"#;
+        let t = decode(&env(h, body)).unwrap();
+        assert_eq!(t.args, vec![json!({"py/tuple": [3, 4]}), json!(["a"])]);
+        assert_eq!(t.kwargs["same"], json!({"py/id": 2}));
+        assert_eq!(t.serializer, JSONPICKLE);
+    }
+
+    /// Girder's headers (and any a client added) reach the plugin; Celery's own and the
+    /// broker's `x-` headers do not.
+    #[test]
+    fn a_messages_own_headers_are_kept_for_the_plugin() {
+        let h = json!({
+            "lang": "py", "task": "t", "id": "i", "argsrepr": "()", "stamps": {},
+            "x-death": [{"count": 1}],
+            "jobInfoSpec": {"url": "http://g/api/v1/job/1", "method": "PUT"},
+            "girder_client_token": "tok"
+        });
+        let t = decode(&env(h, b"[[], {}, {}]")).unwrap();
+        let keys: Vec<&str> = t.headers.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["girder_client_token", "jobInfoSpec"]);
+        assert_eq!(t.serializer, JSON);
     }
 
     #[test]

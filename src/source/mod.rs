@@ -5,6 +5,7 @@
 pub mod amqp;
 pub mod canvas;
 pub mod celery;
+pub mod girder;
 pub mod pidbox;
 pub mod pyrepr;
 pub mod redis_backend;

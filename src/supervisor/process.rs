@@ -11,6 +11,7 @@ use super::{containment, sandbox};
 use crate::framed::FramedReader;
 use crate::manifest::Manifest;
 use crate::manifest::Sandbox;
+use crate::task::TaskEvent;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use plugin_protocol::{Frame, Message, ParseError};
@@ -310,6 +311,30 @@ impl StderrTail {
     }
 }
 
+/// Where a process's stderr lines also go while one task that asked for its log
+/// ([`TaskRequest::capture_log`](crate::task::TaskRequest)) runs alone on it: set by the
+/// instance, read by the stderr reader. Weak, so it never keeps a finished task's event
+/// channel open; a full channel drops the line (stderr is never held back).
+#[derive(Debug, Clone, Default)]
+pub struct TaskLog(Arc<Mutex<Option<mpsc::WeakSender<TaskEvent>>>>);
+
+impl TaskLog {
+    pub fn set(&self, to: Option<mpsc::WeakSender<TaskEvent>>) {
+        *crate::sync::lock(&self.0) = to;
+    }
+
+    fn offer(&self, line: &str) {
+        let sink = crate::sync::lock(&self.0)
+            .as_ref()
+            .and_then(|w| w.upgrade());
+        if let Some(tx) = sink {
+            let _ = tx.try_send(TaskEvent::Log {
+                line: line.to_string(),
+            });
+        }
+    }
+}
+
 /// Who a log line comes from.
 #[derive(Debug, Clone)]
 pub struct LogOrigin {
@@ -319,7 +344,12 @@ pub struct LogOrigin {
 }
 
 /// Reads stderr to the end, logging each line and keeping the tail.
-pub fn read_stderr<R>(stderr: R, origin: LogOrigin, tail: StderrTail) -> JoinHandle<()>
+pub fn read_stderr<R>(
+    stderr: R,
+    origin: LogOrigin,
+    tail: StderrTail,
+    task_log: TaskLog,
+) -> JoinHandle<()>
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
 {
@@ -348,6 +378,7 @@ where
                 pid = origin.pid,
                 "{line}"
             );
+            task_log.offer(&line);
             tail.push(origin.pid, line);
         }
     })

@@ -10,7 +10,9 @@ use super::{monitor, workflow, ActiveInfo, SourceState};
 use crate::dispatch::TaskUpdate;
 use crate::metrics::Settled;
 use crate::source::celery::{self, state, CeleryTask};
-use crate::task::{FailureKind, Outcome, TaskEvent};
+use crate::source::girder::{reporter::Reporter, JobEnd};
+use crate::source::pidbox::RemoteWorker;
+use crate::task::{Failure, FailureKind, Outcome, TaskEvent};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::Acker;
@@ -175,12 +177,14 @@ pub(super) async fn handle(
                 Admission::Revoke(reason) => {
                     tracing::info!(task_id = %task.id, task = %task.name, "task {reason} before it could start");
                     monitor::announce_revoked(&shared, &task, reason);
+                    cancel_girder_job(&shared, &task).await;
                     revoked_answer(reason)
                 }
                 _ if !rate_allows(&shared, &task).await => Settlement::Requeue,
                 // Revoked while its rate held it.
                 _ if shared.is_revoked(&task.id) => {
                     monitor::announce_revoked(&shared, &task, "revoked");
+                    cancel_girder_job(&shared, &task).await;
                     revoked_answer("revoked")
                 }
                 _ => {
@@ -225,19 +229,57 @@ fn arrived(shared: &SourceState, task: &CeleryTask, redelivered: bool) -> Arrive
     }
 }
 
-/// Runs an owned task and decides how it ends on the wire.
+/// Runs an owned task and decides how it ends on the wire; a Girder job it names is kept up
+/// to date meanwhile and given its final status before the result is sent.
 async fn run_and_settle(shared: &SourceState, task: &CeleryTask, info: &ActiveInfo) -> Settlement {
-    let outcome = run(shared, task, info).await;
-    if let Outcome::Failure(f) = &outcome {
-        match f.kind {
-            FailureKind::NotRegistered => {
-                tracing::error!(task_id = %task.id, task = %task.name, "received a task no plugin serves; answering NotRegistered and rejecting it")
+    let canceling = CancellationToken::new();
+    let spec = shared.girder.job_of(&task.id, &task.headers);
+    let log_print = spec.as_ref().is_some_and(|s| s.log_print);
+    let job = spec.map(|s| shared.girder.start(s, &task.id, canceling.clone()));
+    let outcome = run(shared, task, info, job.as_ref(), log_print, &canceling).await;
+    let failure = match &outcome {
+        Outcome::Failure(f) => {
+            match f.kind {
+                FailureKind::NotRegistered => {
+                    tracing::error!(task_id = %task.id, task = %task.name, "received a task no plugin serves; answering NotRegistered and rejecting it")
+                }
+                _ => tracing::info!(task_id = %task.id, task = %task.name, "task failed: {f}"),
             }
-            _ => tracing::info!(task_id = %task.id, task = %task.name, "task failed: {f}"),
+            Some(f.clone())
         }
-    }
+        Outcome::Success(_) => None,
+    };
     let revoked = shared.tasks().ledger.revoked(&task.id);
-    settlement_of(outcome, revoked, shared.stopping.is_cancelled())
+    let settlement = settlement_of(outcome, revoked, shared.stopping.is_cancelled());
+    if let Some((job, end)) = job.zip(job_end(&settlement, failure)) {
+        job.end(end).await;
+    }
+    settlement
+}
+
+/// How a task's Girder job ends, given how the task ends on the wire: none when it goes back
+/// to the queue (it runs again, and that run keeps the job).
+fn job_end(settlement: &Settlement, failure: Option<Failure>) -> Option<JobEnd> {
+    let Settlement::Answer { status, .. } = settlement else {
+        return None;
+    };
+    Some(match (*status, failure) {
+        (state::SUCCESS, _) => JobEnd::Succeeded,
+        (state::REVOKED, _) => JobEnd::Canceled,
+        (_, Some(f)) => JobEnd::Failed {
+            exc_type: f.exc_type,
+            message: f.message,
+            traceback: f.traceback,
+        },
+        (_, None) => JobEnd::Canceled,
+    })
+}
+
+/// Sets the Girder job of a task that will not run (revoked or expired first) to CANCELED.
+async fn cancel_girder_job(shared: &SourceState, task: &CeleryTask) {
+    if let Some(spec) = shared.girder.job_of(&task.id, &task.headers) {
+        shared.girder.canceled_before_start(spec, &task.id).await;
+    }
 }
 
 fn revoked_answer(reason: &'static str) -> Settlement {
@@ -391,22 +433,56 @@ async fn hold_until_eta(
 }
 
 /// Runs the task through the dispatcher, publishing its progress and streamed items as they
-/// come, and returns its outcome.
-async fn run(shared: &SourceState, task: &CeleryTask, info: &ActiveInfo) -> Outcome {
+/// come and feeding its Girder `job` (log lines too, with `log_print`), and returns its
+/// outcome. When `canceling` fires (Girder set the job CANCELING) the task is revoked.
+async fn run(
+    shared: &SourceState,
+    task: &CeleryTask,
+    info: &ActiveInfo,
+    job: Option<&Reporter>,
+    log_print: bool,
+    canceling: &CancellationToken,
+) -> Outcome {
     let controlled = shared.controls.time_limits(&task.name);
-    let request = inbound::task_request(task, info, controlled);
+    let mut request = inbound::task_request(task, info, controlled);
+    request.capture_log = log_print;
     let reporting = !task.ignore_result;
     let mut run = shared.dispatcher.submit(request);
+    let mut revoked = false;
     loop {
-        match run.next().await {
+        let update = tokio::select! {
+            update = run.next() => update,
+            _ = canceling.cancelled(), if !revoked => {
+                revoked = true;
+                shared.revoke(std::slice::from_ref(&task.id), false).await;
+                continue;
+            }
+        };
+        match update {
             Some(TaskUpdate::Event(ev)) => {
-                if reporting {
+                if let Some(job) = job {
+                    feed(job, &ev);
+                }
+                if reporting && !matches!(ev, TaskEvent::Log { .. }) {
                     publish_event(shared, task, ev).await
                 }
             }
             Some(TaskUpdate::Done(outcome)) => return outcome,
             None => unreachable!("a task run ends with Done"),
         }
+    }
+}
+
+/// A task's log line or progress, for its Girder job.
+fn feed(job: &Reporter, ev: &TaskEvent) {
+    match ev {
+        TaskEvent::Log { line } => job.log(line.clone()),
+        TaskEvent::Progress {
+            done,
+            total,
+            message,
+        } => job.progress(*done, *total, message.clone()),
+        TaskEvent::Stream { .. } => {}
     }
 }
 
@@ -510,6 +586,7 @@ async fn publish_event(shared: &SourceState, task: &CeleryTask, ev: TaskEvent) {
             json!({ "done": done, "total": total, "message": message }),
         ),
         TaskEvent::Stream { items } => (state::STREAM, json!({ "items": items })),
+        TaskEvent::Log { .. } => return,
     };
     let body = celery::result_body(&task.id, status, meta, None);
     shared

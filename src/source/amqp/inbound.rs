@@ -106,6 +106,7 @@ pub fn read(
             queue: Some(m.queue.to_string()),
             exchange: Some(m.exchange.to_string()),
             routing_key: Some(m.routing_key.to_string()),
+            serializer: Some(task.serializer.to_string()),
         },
     };
     Ok((task, info))
@@ -165,7 +166,9 @@ pub fn task_request(
             root_id: task.root_id.clone(),
             group: task.group.clone(),
             hostname: None,
+            headers: task.headers.clone(),
         },
+        capture_log: false,
     }
 }
 

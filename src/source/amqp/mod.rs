@@ -73,6 +73,8 @@ pub struct AmqpOptions {
     pub result_expires: u64,
     /// The largest task message body read; a larger one is rejected unread.
     pub max_message_size: usize,
+    /// URL prefixes of the Girder jobs kept up to date (`*` any; empty none).
+    pub girder_job_urls: Vec<String>,
 }
 
 /// At most this many results are retried at once while their reply queue does not exist;
@@ -95,6 +97,9 @@ impl AmqpSource {
         let shared = Arc::new(SourceState {
             redis,
             monitor: monitor::Monitor::new(options.task_events),
+            girder: crate::source::girder::reporter::GirderJobs::new(
+                options.girder_job_urls.clone(),
+            ),
             controls: task_controls::TaskControls::default(),
             queues: watch::channel(options.queues.iter().map(|q| QueueSpec::named(q)).collect()).0,
             nodename: Mutex::new(options.nodename.clone()),
@@ -196,6 +201,8 @@ pub struct SourceState {
     /// Numbers the results channels, so a publisher can wait for one other than the channel
     /// that just failed.
     channel_numbers: AtomicU64,
+    /// Girder jobs named by task messages, kept up to date over HTTP.
+    girder: crate::source::girder::reporter::GirderJobs,
     /// What publishers and remote control ask of the live session (it owns the connection).
     session_requests: mpsc::Sender<SessionRequest>,
     /// Read by one session at a time.

@@ -3,7 +3,7 @@
 
 use super::LaunchSpec;
 use crate::supervisor::cgroup::InstanceCgroup;
-use crate::supervisor::process::{self, LogOrigin, StdoutEvent};
+use crate::supervisor::process::{self, LogOrigin, StdoutEvent, TaskLog};
 use crate::supervisor::{containment, identity};
 use std::path::{Path, PathBuf};
 use tokio::process::Child;
@@ -23,6 +23,8 @@ pub(super) struct Io {
     pub(super) marker: String,
     /// The process's own cgroup, where the worker has a cgroup tree.
     pub(super) cgroup: Option<InstanceCgroup>,
+    /// The task the stderr reader also sends lines to, if any.
+    pub(super) task_log: TaskLog,
 }
 
 type Dirs = (Option<PathBuf>, Option<PathBuf>);
@@ -102,7 +104,9 @@ impl Io {
             pid: child.id().unwrap_or(0),
         };
         let stderr = child.stderr.take().expect("stderr is piped");
-        let stderr_reader = process::read_stderr(stderr, origin, spec.stderr.clone());
+        let task_log = TaskLog::default();
+        let stderr_reader =
+            process::read_stderr(stderr, origin, spec.stderr.clone(), task_log.clone());
         let (stdout_tx, stdout) = mpsc::channel(process::STDOUT_BUFFER);
         let pipe = child.stdout.take().expect("stdout is piped");
         let stdout_reader = process::read_stdout(pipe, spec.max_line_bytes, stdout_tx);
@@ -117,6 +121,7 @@ impl Io {
             stderr_reader,
             stdout_reader,
             writer,
+            task_log,
         };
         Ok((child, io))
     }

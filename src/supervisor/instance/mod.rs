@@ -253,6 +253,8 @@ struct Instance {
     /// Stray-line logging: window start, lines logged in it, lines only counted.
     stray_log: (Instant, u32, u64),
     started: Instant,
+    /// Where the stderr reader sends lines of a lone task that asked for its log.
+    task_log: crate::supervisor::process::TaskLog,
 }
 
 async fn run(
@@ -295,6 +297,7 @@ async fn run(
         held: None,
         stray_log: (Instant::now(), 0, 0),
         started,
+        task_log: io.task_log.clone(),
     };
     tracing::debug!(plugin = %inst.name(), instance = inst.spec.index, pid = inst.pid, "plugin process started");
     inst.begin_handshake();

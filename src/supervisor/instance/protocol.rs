@@ -82,6 +82,7 @@ impl Instance {
         };
         let task_id = run.job.request.id.clone();
         self.by_task.remove(&task_id);
+        self.follow_task_log();
         let outcome = match r.result {
             Ok(value) => Outcome::Success(value),
             Err(e) => Outcome::Failure(task_failure(e, run.cancel.as_ref())),
@@ -192,6 +193,25 @@ impl Instance {
         }
     }
 
+    /// A `log` record whose `fields.task_id` names a task running here that asked for its
+    /// log goes to it too (dropped when its channel is full).
+    fn log_to_task(&self, p: &LogParams) {
+        let Some(task_id) = p.fields.get("task_id").and_then(Value::as_str) else {
+            return;
+        };
+        let Some(run) = self
+            .by_task
+            .get(task_id)
+            .and_then(|id| self.running.get(id))
+        else {
+            return;
+        };
+        if run.job.request.capture_log {
+            let line = p.message.clone();
+            let _ = run.job.events.try_send(TaskEvent::Log { line });
+        }
+    }
+
     /// Tells event subscribers of the progress of a task running here.
     fn publish_progress(&self, p: &TaskProgressParams) {
         if !self.by_task.contains_key(&p.task_id) {
@@ -239,6 +259,7 @@ impl Instance {
     }
 
     fn log(&self, p: LogParams) {
+        self.log_to_task(&p);
         let fields = if p.fields.is_empty() {
             String::new()
         } else {

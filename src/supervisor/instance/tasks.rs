@@ -70,6 +70,20 @@ impl Instance {
             cancel: None,
         };
         self.running.insert(id, running);
+        self.follow_task_log();
+    }
+
+    /// Points the stderr reader at the task running here if it runs alone and asked for its
+    /// log (a line cannot be told apart by task when several run at once), else at nothing.
+    pub(super) fn follow_task_log(&self) {
+        let alone = match self.running.len() {
+            1 => self.running.values().next(),
+            _ => None,
+        };
+        let sink = alone
+            .filter(|r| r.job.request.capture_log)
+            .map(|r| r.job.events.downgrade());
+        self.task_log.set(sink);
     }
 
     /// `task.run` written straight from its params (no `Value` in between: the hot path).
