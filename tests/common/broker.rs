@@ -67,6 +67,14 @@ fn ensure_celery(test: &str) -> PathBuf {
     venv_with(test, &celery_venv(), "celery", "celery>=5.4,<6")
 }
 
+/// The Python of a venv with Celery 5.3.6, the oldest client the drop-in promise covers,
+/// created in `target/celery536-venv` on first use.
+pub fn celery_536_python(test: &str) -> PathBuf {
+    ensure_broker(test);
+    let venv = repo().join("target/celery536-venv");
+    venv_with(test, &venv, "celery", "celery==5.3.6")
+}
+
 /// A venv of its own with Girder Worker's package (`girder-worker`, which brings its Celery
 /// and jsonpickle), created in `target/girder-venv` on first use.
 pub fn girder_python(test: &str) -> PathBuf {
