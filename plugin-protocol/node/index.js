@@ -12,12 +12,17 @@
 // also passed as a last argument when the task has any). A handler may be async; tasks run
 // concurrently on the event loop. The SDK keeps stdout for the protocol: console.log and any
 // process.stdout.write land on stderr (the worker's log) instead of corrupting it.
+//
+// A task whose Celery message was encoded by jsonpickle (Girder Worker's `girder_io`;
+// `ctx.serializer === 'jsonpickle'`) gets its args and kwargs as the JSON they came as:
+// jsonpickle's tags (`py/object`, `py/reduce`, `py/id`, ...) intact, tuples made arrays by the
+// worker. This SDK decodes nothing (the Python SDK does, when jsonpickle is installed).
 'use strict';
 
 const readline = require('readline');
 const files = require('./files');
 
-const PROTOCOL_VERSION = '1.3';
+const PROTOCOL_VERSION = '1.4';
 const PARSE_ERROR = -32700;
 const METHOD_NOT_FOUND = -32601;
 const INVALID_REQUEST = -32600;
@@ -53,13 +58,18 @@ class Context {
     this.kwargs = params.kwargs || {};
     /** `queue`, `exchange`, `routing_key` (all null for a task from the control socket). */
     this.deliveryInfo = { queue: null, exchange: null, routing_key: null, ...(params.delivery_info || {}) };
+    const request = params.request || {};
+    const headers = request.headers && typeof request.headers === 'object' && !Array.isArray(request.headers)
+      ? request.headers : {};
     /** Celery's request facts: `id`, `retries`, `eta`, `expires`, `parent_id`, `root_id`,
-     * `group`, `hostname` (the worker's node name), `delivery_info`. */
+     * `group`, `hostname` (the worker's node name), `delivery_info`, and `headers`: the
+     * message's application headers (e.g. Girder's `jobInfoSpec`; `{}` when none), as JSON. */
     this.request = {
       retries: 0, eta: null, expires: null, parent_id: null, root_id: null, group: null, hostname: null,
-      ...(params.request || {}),
+      ...request,
       id: params.task_id,
       delivery_info: this.deliveryInfo,
+      headers,
     };
     this._cancelled = false;
     this._wakers = new Set();
@@ -68,6 +78,12 @@ class Context {
   /** The queue the task was consumed from; null when it came from the control socket. */
   get queue() {
     return this.deliveryInfo.queue;
+  }
+
+  /** How the task's Celery message body was encoded: 'json', or 'jsonpickle' (Girder Worker's
+   * `girder_io`), whose args arrive with jsonpickle's tags intact: this SDK decodes nothing. */
+  get serializer() {
+    return this.deliveryInfo.serializer || 'json';
   }
 
   /** The [settings] table of the plugin's manifest. */

@@ -1,4 +1,4 @@
-"""Python SDK for `worker` plugins (protocol v1). Standard library only.
+"""Python SDK for `worker` plugins (protocol v1). Standard library only (`jsonpickle` optional).
 
     from worker_plugin import Plugin
 
@@ -13,9 +13,37 @@
 
 Handlers receive a Context first, then the task's args and kwargs. The SDK reads requests on
 the main thread and runs tasks on a thread pool as large as the worker's declared concurrency.
-At start it moves the protocol to a private copy of stdout and points file descriptor 1 and
-sys.stdout at stderr, so a stray print() (even from a C extension) lands in the log instead of
+At start it moves the protocol to a private copy of stdout and points file descriptor 1 at
+stderr, so a stray write to fd 1 (a C extension, a subprocess) lands in the log instead of
 corrupting the protocol.
+
+What a task's handler prints belongs to that task: while a handler runs, text its thread writes
+through `sys.stdout` or `sys.stderr` (print(), `print(file=sys.stderr)`, `sys.stderr.write`, a
+logging handler that looks up `sys.stderr` when it writes) becomes `log` notifications on the
+protocol pipe, one per line: `{"level": "info", "message": <the line, without its newline>,
+"fields": {"task_id": <the task>, "stream": "stdout"}}` (stream `stderr` for what went to
+sys.stderr; level `info` for both, as plain stderr lines are logged). Several tasks run at once on the pool, so this is how the worker
+tells their output apart (a Girder job's log gets its task's lines, as Girder Worker's
+`logPrint` tees a task's output). A partial line waits for its newline; what is left when the
+handler returns or raises is sent then, before the task's answer, so the lines of a task always
+come before its answer. A line longer than 64 KiB characters goes out in 64 KiB pieces, and a
+message the worker's `max_line_bytes` could not take is cut, saying so. Text from any other
+thread (the reader, threads the plugin starts) and writes to fd 1 or fd 2 go to stderr as plain
+lines; so does text written to `sys.stdout.buffer`, and through a stream a logging handler took
+before `run()` (`logging.basicConfig()` at import keeps the old `sys.stderr`). Before `run()`
+stdout is still the protocol pipe: print() at import is a stray line there (the worker logs it)
+unless still buffered at `run()`, which sends it to stderr. `Plugin(..., capture_output=False)`
+sends what tasks print to stderr too, unattributed, as before.
+
+A task whose Celery message was encoded by jsonpickle (Girder Worker's `girder_io`;
+`ctx.serializer == "jsonpickle"`) arrives with jsonpickle's tags (`py/object`, `py/reduce`,
+`py/id`, ...) still in its args and kwargs, tuples already turned into lists by the worker
+(where the body holds `py/id` references, inner tuples keep their tag for jsonpickle). When the plugin's own environment can import `jsonpickle`, the SDK decodes them (imported on
+the first such task) on the task's thread before the handler is called, so the handler and
+`ctx.kwargs` get the objects a Girder Worker task would get, but lists for tuples; args that do
+not decode fail the task as `JsonpickleDecodeError`. Without jsonpickle the handler gets the
+JSON as it came. Decoding calls what the message names, as in Girder Worker: take such tasks
+only from a broker you trust. JSON tasks and `ctx.request.headers` are never decoded.
 """
 
 import datetime
@@ -29,7 +57,7 @@ import traceback
 import types
 import queue
 
-PROTOCOL_VERSION = "1.3"
+PROTOCOL_VERSION = "1.4"
 
 PARSE_ERROR = -32700
 INVALID_PARAMS = -32602
@@ -41,6 +69,14 @@ UNKNOWN_TASK = -32003
 
 
 _current = threading.local()
+"""Per thread: `ctx`, the Context of the task whose handler runs on it (absent or None when none
+does). It decides where text written through sys.stdout and sys.stderr goes."""
+
+_OUTPUT_STREAMS = (("stdout", "info"), ("stderr", "info"))
+"""The `fields.stream` and `level` of a task's output lines, by index (0 stdout, 1 stderr)."""
+_OUTPUT_PIECE = 64 * 1024
+"""The most characters one output line or partial line is sent as: longer goes out in pieces."""
+_DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 
 # One encoder for every line: NaN and Infinity are not JSON, so allow_nan=False fails the task
 # instead of the line.
@@ -56,6 +92,10 @@ class Cancelled(Exception):
     """Raise (or let Context.check_cancelled raise) to end a task that was asked to stop."""
 
 
+class JsonpickleDecodeError(Exception):
+    """The failure of a jsonpickle task whose args or kwargs jsonpickle could not decode."""
+
+
 class TaskError(Exception):
     """An error with an explicit type name and retry hint, for callers that want them."""
 
@@ -67,6 +107,10 @@ class TaskError(Exception):
 
 class Context:
     """What a running task can see and do besides returning."""
+
+    # The handler's partial output lines, made on its first write without a newline; a class
+    # default, so a task that prints nothing costs nothing for it. See Plugin._capture.
+    _partial = None
 
     def __init__(self, plugin, task_id, attempt, cancelled=None, params=None):
         # Built per task on the hot path: nothing here is copied or made before it is used.
@@ -88,14 +132,34 @@ class Context:
         """Where the task came from and Celery's request facts, like Celery's `self.request`:
         `.id`, `.retries`, `.eta`, `.expires`, `.parent_id`, `.root_id`, `.group`, `.hostname`
         (the worker's node name), `.delivery_info` (`queue`, `exchange`, `routing_key`; all
-        None for a task from the control socket)."""
+        None for a task from the control socket), `.headers` (the message's application
+        headers, e.g. Girder's `jobInfoSpec`; `{}` when there are none). Each header is also
+        an attribute (`.jobInfoSpec`, `.girder_client_token`) unless its name is not a Python
+        identifier or is already taken (`.id`, `.retries`, `.headers`, ...): those are only
+        in `.headers`. Headers stay JSON: nothing in them is decoded."""
         if self._request is None:
             request = dict(self._request_params or {})
+            headers = request.get("headers")
+            if not isinstance(headers, dict):
+                headers = {}
+            request["headers"] = headers
+            request["id"] = self.task_id
+            request["delivery_info"] = self.delivery_info
             for key in ("retries", "eta", "expires", "parent_id", "root_id", "group", "hostname"):
                 request.setdefault(key, 0 if key == "retries" else None)
-            self._request = types.SimpleNamespace(
-                id=self.task_id, delivery_info=self.delivery_info, **request)
+            for key, value in headers.items():
+                # Never over a fact or one of the namespace's own attributes (`__class__`).
+                if key.isidentifier() and key not in request and not hasattr(
+                        types.SimpleNamespace, key):
+                    request[key] = value
+            self._request = types.SimpleNamespace(**request)
         return self._request
+
+    @property
+    def serializer(self):
+        """How the task's Celery message body was encoded: `"json"`, or `"jsonpickle"` (Girder
+        Worker's `girder_io`; see the module doc for what the SDK decodes)."""
+        return self.delivery_info.get("serializer") or "json"
 
     def _cancel(self):
         with self._plugin._running_lock:
@@ -149,10 +213,89 @@ class Context:
         self._plugin._notify("log", {"level": level, "message": str(message), "fields": fields})
 
 
+class _TaskOutput:
+    """What sys.stdout or sys.stderr is while the plugin runs. On the thread of a running task,
+    text written here becomes that task's `log` notifications (see Plugin._capture); on any
+    other thread it goes to `real`, the stderr the plugin started with. Anything else a text
+    stream has (`buffer`, `reconfigure`, ...) is `real`'s: bytes written to `.buffer` go
+    straight to stderr."""
+
+    def __init__(self, plugin, which, real):
+        self._plugin = plugin
+        self._which = which  # the index into _OUTPUT_STREAMS
+        self._real = real
+
+    def write(self, text):
+        ctx = getattr(_current, "ctx", None)
+        if ctx is None:
+            return self._real.write(text)
+        if not isinstance(text, str):
+            raise TypeError("write() argument must be str, not %s" % type(text).__name__)
+        self._plugin._capture(ctx, self._which, text)
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        # A task's partial line waits for its newline or the handler's end, flush or not.
+        if getattr(_current, "ctx", None) is None:
+            self._real.flush()
+
+    def fileno(self):
+        return self._real.fileno()
+
+    def isatty(self):
+        return False
+
+    def readable(self):
+        return False
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return False
+
+    @property
+    def closed(self):
+        return False
+
+    @property
+    def encoding(self):
+        return getattr(self._real, "encoding", "utf-8")
+
+    @property
+    def errors(self):
+        return getattr(self._real, "errors", "strict")
+
+    @property
+    def name(self):
+        return "<%s>" % _OUTPUT_STREAMS[self._which][0]
+
+    def __getattr__(self, attr):
+        real = self.__dict__.get("_real")  # absent on a half-made copy: no recursion
+        if real is None:
+            raise AttributeError(attr)
+        return getattr(real, attr)
+
+
+def _real_stderr():
+    """The stderr the plugin started with, whichever thread asks: the SDK's own messages about
+    the plugin (not a task) go there."""
+    err = sys.stderr
+    return err._real if isinstance(err, _TaskOutput) else err
+
+
 class Plugin:
-    def __init__(self, name, version):
+    def __init__(self, name, version, capture_output=True):
+        """`capture_output=False` leaves what tasks print on stderr, unattributed, instead of
+        sending it as their `log` notifications (see the module doc)."""
         self.name = name
         self.version = version
+        self.capture_output = capture_output
+        self._max_line_bytes = _DEFAULT_MAX_LINE_BYTES
         self.settings = {}
         self._tasks = {}
         self._descriptions = {}
@@ -240,11 +383,78 @@ class Plugin:
             err["data"] = data
         self._send({"id": id_, "error": err})
 
+    # -- a task's output ------------------------------------------------------------------
+
+    def _capture(self, ctx, which, text):
+        """Text a task's thread wrote to stream `which`: each completed line goes out now, the
+        rest waits in `ctx._partial` (one list of parts and its length per stream), bounded by
+        sending any full piece at once. Only that thread touches its task's parts."""
+        partial = ctx._partial
+        if "\n" in text:
+            lines = text.split("\n")
+            text = lines.pop()
+            if partial is not None and partial[which]:
+                lines[0] = "".join(partial[which][0]) + lines[0]
+                partial[which] = None
+            for line in lines:
+                self._send_output(ctx.task_id, which, line)
+        if not text:
+            return
+        if partial is None:
+            partial = ctx._partial = [None, None]
+        held = partial[which]
+        if held is None:
+            held = partial[which] = [[], 0]
+        held[0].append(text)
+        held[1] += len(text)
+        if held[1] >= _OUTPUT_PIECE:
+            rest = "".join(held[0])
+            cut = len(rest) - len(rest) % _OUTPUT_PIECE
+            self._send_output(ctx.task_id, which, rest[:cut])
+            rest = rest[cut:]
+            partial[which] = [[rest], len(rest)] if rest else None
+
+    def _end_output(self, ctx):
+        """Sends what the task's handler left without a newline, stdout's first."""
+        partial, ctx._partial = ctx._partial, None
+        for which, held in enumerate(partial):
+            if held is not None:
+                self._send_output(ctx.task_id, which, "".join(held[0]))
+
+    def _send_output(self, task_id, which, text):
+        """`text` (no newline in it) as `log` notifications of at most _OUTPUT_PIECE
+        characters each; one that would still pass `max_line_bytes` is cut, with a marker."""
+        stream, level = _OUTPUT_STREAMS[which]
+
+        def line(message):
+            # ensure_ascii: the line is ASCII, so its length is its size in bytes.
+            return _dumps({"jsonrpc": "2.0", "method": "log", "params": {
+                "level": level, "message": message,
+                "fields": {"task_id": task_id, "stream": stream}}})
+
+        for start in range(0, max(len(text), 1), _OUTPUT_PIECE):
+            message = text[start:start + _OUTPUT_PIECE]
+            data = line(message)
+            keep = len(message)
+            while len(data) > self._max_line_bytes and keep:
+                # Escapes make a character up to 12 bytes: shrink in proportion, then re-check.
+                keep = max(0, min(keep - 1, keep * self._max_line_bytes // len(data) - 64))
+                data = line("%s... [output line cut: %d of %d characters]" % (
+                    message[:keep], keep, len(message)))
+            if len(data) > self._max_line_bytes:  # not even the marker fits: the log has it
+                err = _real_stderr()
+                err.write("task %s %s: %s\n" % (task_id, stream, message))
+                err.flush()
+                continue
+            self._write((data + "\n").encode("ascii"))
+
     # -- requests -------------------------------------------------------------------------
 
     def _initialize(self, id_, params):
         self.settings = params.get("settings") or {}
-        concurrency = max(1, int((params.get("limits") or {}).get("concurrency", 1)))
+        limits = params.get("limits") or {}
+        concurrency = max(1, int(limits.get("concurrency", 1)))
+        self._max_line_bytes = int(limits.get("max_line_bytes") or _DEFAULT_MAX_LINE_BYTES)
         # A fixed pool on a SimpleQueue: a busy task thread takes the next task without
         # sleeping, so a stream of short tasks costs no thread hand-off each.
         self._pool = queue.SimpleQueue()
@@ -277,7 +487,11 @@ class Plugin:
             return self._error(id_, UNKNOWN_TASK, "unknown task %s" % name)
         ctx = Context(self, task_id, params.get("attempt", 1), None, params)
         self._running[task_id] = ctx
-        self._pool.put((id_, fn, ctx, params.get("args") or [], ctx.kwargs))
+        if ctx.delivery_info.get("serializer") == "jsonpickle":
+            # Decoded on the task's thread: the reader stays free for pings and cancels.
+            self._pool.put((id_, _decoding_jsonpickle(fn, params.get("args") or []), ctx, (), {}))
+        else:
+            self._pool.put((id_, fn, ctx, params.get("args") or [], ctx.kwargs))
 
     def _serve_tasks(self):
         take = self._pool.get
@@ -287,7 +501,14 @@ class Plugin:
     def _execute(self, id_, fn, ctx, args, kwargs):
         _current.ctx = ctx
         try:
-            result = fn(ctx, *args, **kwargs)
+            try:
+                result = fn(ctx, *args, **kwargs)
+            finally:
+                # The handler is done: what it printed goes out before its answer, and what is
+                # written from here on is the SDK's, not the task's.
+                _current.ctx = None
+                if ctx._partial is not None:
+                    self._end_output(ctx)
             try:
                 self._reply(id_, result)
             except (TypeError, ValueError) as exc:
@@ -306,7 +527,6 @@ class Plugin:
                 "retryable": bool(getattr(exc, "retryable", False)),
             })
         finally:
-            _current.ctx = None
             self._running.pop(ctx.task_id, None)
             # Only a shutdown waits for the running set to empty (it sets the flag first).
             if self._shutting_down:
@@ -359,7 +579,16 @@ class Plugin:
         """Serves the protocol until the worker says `exit` or closes stdin."""
         proto_fd = os.dup(1)
         os.dup2(2, 1)
-        sys.stdout = sys.stderr
+        old_stdout, real = sys.stdout, sys.stderr
+        try:  # what was printed before and still sits in its buffer now goes to stderr
+            old_stdout.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+        if self.capture_output:
+            sys.stdout = _TaskOutput(self, 0, real)
+            sys.stderr = _TaskOutput(self, 1, real)
+        else:
+            sys.stdout = real
         self._out = os.fdopen(proto_fd, "wb", buffering=0)
         stdin = sys.stdin.buffer
         while True:
@@ -377,6 +606,60 @@ class Plugin:
                 continue
             self._dispatch(msg)
         os._exit(0)
+
+
+# -- jsonpickle tasks (Girder Worker's `girder_io` serializer) ---------------------------------
+
+_jsonpickle_unpickler = None
+"""jsonpickle's Unpickler class once looked for; False when jsonpickle cannot be imported."""
+_jsonpickle_lock = threading.Lock()
+
+
+def _jsonpickle():
+    """jsonpickle's Unpickler class, or None when the plugin's environment lacks jsonpickle.
+    Looked for once, on the first jsonpickle task: a plugin that gets none never imports it."""
+    global _jsonpickle_unpickler
+    if _jsonpickle_unpickler is None:
+        with _jsonpickle_lock:
+            if _jsonpickle_unpickler is None:
+                try:
+                    from jsonpickle.unpickler import Unpickler
+                except Exception as exc:  # absent or broken: the JSON goes through as it came
+                    Unpickler = False
+                    # About the plugin, not the task that happens to ask first: the plugin's log.
+                    err = _real_stderr()
+                    err.write(
+                        "jsonpickle cannot be imported (%s: %s): jsonpickle tasks get their args "
+                        "and kwargs as JSON, tags intact\n" % (type(exc).__name__, exc))
+                    err.flush()
+                _jsonpickle_unpickler = Unpickler
+    return _jsonpickle_unpickler or None
+
+
+def _decoding_jsonpickle(fn, args):
+    """A call of `fn` that first decodes the task's `args` and `ctx.kwargs` with jsonpickle
+    (when it can be imported) and puts the decoded kwargs in `ctx.kwargs`."""
+
+    def decode_then_call(ctx):
+        kwargs = ctx.kwargs
+        unpickler = _jsonpickle()
+        if unpickler is None:
+            return fn(ctx, *args, **kwargs)
+        try:
+            # Celery's body is the tuple (args, kwargs, embed), args a tuple too, and jsonpickle
+            # numbers the objects `py/id` points at in encoding order, counting lists but not
+            # tuples: restoring that shape (not a list of two) keeps every reference right.
+            decoded_args, kwargs = unpickler(keys=True).restore(
+                {"py/tuple": [{"py/tuple": args}, kwargs]}, reset=True)
+            if not isinstance(kwargs, dict):
+                raise TypeError("kwargs decoded to %s, not a dict" % type(kwargs).__name__)
+        except Exception as exc:
+            raise JsonpickleDecodeError("jsonpickle could not decode the task's args and kwargs: "
+                                        "%s: %s" % (type(exc).__name__, exc)) from exc
+        ctx.kwargs = kwargs
+        return fn(ctx, *decoded_args, **kwargs)
+
+    return decode_then_call
 
 
 # -- file-action tasks (the Ngenea Hub contract) ------------------------------------------------

@@ -4,6 +4,7 @@ const assert = require('node:assert');
 const { spawn } = require('node:child_process');
 const path = require('node:path');
 const readline = require('node:readline');
+const { Context } = require('..');
 
 /** The fixture plugin as a child process, and its messages as they come. */
 function start() {
@@ -43,7 +44,7 @@ const run = (p, id, task, args = [], kwargs = {}) =>
 
 test('initialize names the plugin, its tasks and capabilities', async () => {
   const { p, init } = await initialized();
-  assert.strictEqual(init.result.protocol_version, '1.3');
+  assert.strictEqual(init.result.protocol_version, '1.4');
   assert.deepStrictEqual(init.result.plugin, { name: 'fixture', version: '0.1.0' });
   assert.deepStrictEqual(init.result.tasks[0], { name: 't.add', description: 'Adds' });
   assert.ok(init.result.capabilities.includes('ping_while_busy'));
@@ -172,5 +173,49 @@ test('the current queue name is the running task\'s, across awaits', async () =>
   assert.deepStrictEqual((await p.response(1)).result, {
     name: 'london.highpriority#custom', site: 'london', parsed: 'london.highpriority#custom',
   });
+  p.child.kill();
+});
+
+test('ctx.request.headers and ctx.serializer (1.4), with defaults before 1.4', () => {
+  const headers = { jobInfoSpec: { method: 'PUT' }, girder_client_token: 'abc', id: 'not-the-task' };
+  const ctx = new Context({}, {
+    task_id: 'h1', task: 't.context', delivery_info: { queue: 'q', serializer: 'jsonpickle' },
+    request: { retries: 1, headers },
+  });
+  assert.strictEqual(ctx.serializer, 'jsonpickle');
+  assert.strictEqual(ctx.request.headers, headers);
+  assert.strictEqual(ctx.request.id, 'h1');
+  assert.strictEqual(ctx.request.retries, 1);
+  const json = new Context({}, { task_id: 'h2', delivery_info: { queue: 'q', serializer: 'json' } });
+  assert.strictEqual(json.serializer, 'json');
+  const old = new Context({}, { task_id: 'h3', delivery_info: { queue: 'q' }, request: { retries: 0 } });
+  assert.strictEqual(old.serializer, 'json');
+  assert.deepStrictEqual(old.request.headers, {});
+  const local = new Context({}, { task_id: 'h4' });
+  assert.strictEqual(local.serializer, 'json');
+  assert.deepStrictEqual(local.request.headers, {});
+});
+
+test('headers reach the handler; a jsonpickle task\'s args arrive as JSON, tags intact', async () => {
+  const { p } = await initialized();
+  const headers = { jobInfoSpec: { method: 'PUT' }, girder_api_url: 'http://girder/api/v1' };
+  p.send({
+    id: 1, method: 'task.run',
+    params: { task_id: 'h1', task: 't.context', args: [], kwargs: {}, request: { headers } },
+  });
+  const { request } = (await p.response(1)).result;
+  assert.deepStrictEqual(request.headers, headers);
+  const kwargs = {
+    when: { 'py/object': 'datetime.date', __reduce__: [{ 'py/type': 'datetime.date' }, ['B+QBAg==']] },
+    same: { 'py/id': 1 },
+  };
+  p.send({
+    id: 2, method: 'task.run',
+    params: {
+      task_id: 'h2', task: 't.kwargs', args: [], kwargs, attempt: 1,
+      delivery_info: { serializer: 'jsonpickle' },
+    },
+  });
+  assert.deepStrictEqual((await p.response(2)).result.kwargs, kwargs);
   p.child.kill();
 });

@@ -1,12 +1,19 @@
 """A plugin built on the SDK, driven by test_plugin.py over its real stdin/stdout."""
+import logging
 import os
 import sys
+import threading
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+if os.environ.get("FIXTURE_HIDE_JSONPICKLE"):
+    sys.modules["jsonpickle"] = None  # `import jsonpickle` now fails, as where it is absent
+
 from worker_plugin import Plugin, TaskError  # noqa: E402
 
-plugin = Plugin("fixture", "0.1.0")
+plugin = Plugin("fixture", "0.1.0",
+                capture_output=os.environ.get("FIXTURE_CAPTURE_OUTPUT", "1") == "1")
 
 
 @plugin.task("t.add", description="Adds")
@@ -32,11 +39,52 @@ def events(ctx):
 
 @plugin.task("t.report")
 def report(ctx, n):
-    print("this goes to stderr")
+    print("reporting")
     for i in range(1, n + 1):
         ctx.progress(i, n, "step %d" % i)
         ctx.stream(i)
     return ctx.settings.get("greeting")
+
+
+@plugin.task("t.print")
+def print_lines(ctx):
+    """A line on stdout, one on stderr through logging, and one without its newline."""
+    print("one")
+    logging.getLogger("fixture.quiet").warning("three")  # no handler: logging's last resort
+    sys.stderr.write("two")
+    return "printed"
+
+
+@plugin.task("t.write")
+def write(ctx, writes, fail=False):
+    """Writes each [stream, text] of `writes` as it is, then returns or raises."""
+    for stream, text in writes:
+        getattr(sys, stream).write(text)
+    if fail:
+        raise ValueError("failed after writing")
+    return "written"
+
+
+together = threading.Barrier(2, timeout=10)
+
+
+@plugin.task("t.chatter")
+def chatter(ctx, tag, n):
+    """Prints `n` lines tagged `tag` once another chatter task runs too."""
+    together.wait()
+    for i in range(n):
+        print("%s %d" % (tag, i))
+        time.sleep(0.001)
+    return tag
+
+
+@plugin.task("t.thread_print")
+def thread_print(ctx):
+    """Prints from a thread of its own, which is not the task's."""
+    thread = threading.Thread(target=print, args=("from a plugin thread",))
+    thread.start()
+    thread.join()
+    return "ok"
 
 
 @plugin.task("t.kwargs")
@@ -74,7 +122,19 @@ def unserializable(ctx):
 
 @plugin.task("t.context")
 def context(ctx):
-    return {"queue": ctx.queue, "request": dict(vars(ctx.request))}
+    return {"queue": ctx.queue, "serializer": ctx.serializer, "request": dict(vars(ctx.request))}
+
+
+def _describe(value):
+    return [type(value).__module__ + "." + type(value).__qualname__, repr(value)]
+
+
+@plugin.task("t.decoded")
+def decoded(ctx, *args, **kwargs):
+    """Each arg's and kwarg's type and repr, as the handler got them (and ctx.kwargs's)."""
+    return {"serializer": ctx.serializer, "args": [_describe(a) for a in args],
+            "kwargs": {k: _describe(v) for k, v in kwargs.items()},
+            "ctx_kwargs": {k: _describe(v) for k, v in ctx.kwargs.items()}}
 
 
 @plugin.task("t.queue")

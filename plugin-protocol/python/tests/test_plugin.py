@@ -1,9 +1,12 @@
 """The Python SDK driven over a real pipe, as the worker drives it."""
+import importlib.util
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -14,14 +17,16 @@ FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixture_plug
 class Session:
     """The fixture plugin as a child process, and its messages as they come."""
 
-    def __init__(self):
-        self.child = subprocess.Popen([sys.executable, FIXTURE], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def __init__(self, python=sys.executable, env=None):
+        self.child = subprocess.Popen([python, FIXTURE], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         self.messages = []
         self._lines = queue.Queue()
         self.stderr = b""
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._readers = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
 
     def _read(self):
         for line in self.child.stdout:
@@ -55,22 +60,59 @@ class Session:
         params.update(extra)
         self.send(id=id_, method="task.run", params=params)
 
+    def wait_for_stderr(self, text, timeout=10):
+        # stderr is read by its own thread: wait for the text rather than race it.
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr:
+            if time.monotonic() > deadline:
+                raise AssertionError("%r never reached stderr: %r" % (text, self.stderr))
+            time.sleep(0.01)
+
     def close(self):
         self.child.kill()
         self.child.wait()
+        for reader in self._readers:  # they end at the pipes' end of file
+            reader.join(timeout=10)
+        for pipe in (self.child.stdin, self.child.stdout, self.child.stderr):
+            pipe.close()
+
+
+def started(test, python=sys.executable, env=None, **limits):
+    """The fixture, initialized, stopped when `test` ends; returns it and its initialize reply."""
+    session = Session(python, env)
+    test.addCleanup(session.close)
+    session.send(id=0, method="initialize",
+                 params={"settings": {"greeting": "hi"}, "limits": dict(concurrency=4, **limits)})
+    return session, session.response(0)
+
+
+def output_of(messages, task_id):
+    """The (stream, level, message) of each output line of `task_id` among `messages`."""
+    return [(m["params"]["fields"]["stream"], m["params"]["level"], m["params"]["message"])
+            for m in messages if m.get("method") == "log"
+            and m["params"]["fields"].get("task_id") == task_id
+            and "stream" in m["params"]["fields"]]
+
+
+# Args and kwargs of a jsonpickle body as the worker passes them on (tuples made arrays): a date
+# and a Fraction, as jsonpickle 4 writes them.
+JSONPICKLED_ARGS = [{"py/object": "datetime.date",
+                     "__reduce__": [{"py/type": "datetime.date"}, ["B+QBAg=="]]}]
+JSONPICKLED_KWARGS = {"ratio": {"py/reduce": [{"py/type": "fractions.Fraction"}, [3, 4]]}}
+
+
+def as_json(value):
+    """How t.decoded describes a value that arrived as plain JSON."""
+    return [type(value).__module__ + "." + type(value).__qualname__, repr(value)]
 
 
 class PluginTest(unittest.TestCase):
     def setUp(self):
-        self.p = Session()
-        self.addCleanup(self.p.close)
-        self.p.send(id=0, method="initialize",
-                    params={"settings": {"greeting": "hi"}, "limits": {"concurrency": 4}})
-        self.init = self.p.response(0)
+        self.p, self.init = started(self)
 
     def test_initialize_names_the_plugin_its_tasks_and_capabilities(self):
         result = self.init["result"]
-        self.assertEqual(result["protocol_version"], "1.3")
+        self.assertEqual(result["protocol_version"], "1.4")
         self.assertEqual(result["plugin"], {"name": "fixture", "version": "0.1.0"})
         self.assertEqual(result["tasks"][0], {"name": "t.add", "description": "Adds"})
         self.assertIn("ping_while_busy", result["capabilities"])
@@ -89,7 +131,7 @@ class PluginTest(unittest.TestCase):
             self.assertLess(time.monotonic(), deadline, self.p.stderr)
             time.sleep(0.01)
 
-    def test_results_come_after_progress_and_stream_and_print_goes_to_stderr(self):
+    def test_results_come_after_progress_stream_and_what_the_task_printed(self):
         self.p.run(1, "t.add", [2, 3])
         self.assertEqual(self.p.response(1)["result"], 5)
         self.p.run(2, "t.report", [3])
@@ -101,11 +143,7 @@ class PluginTest(unittest.TestCase):
         progress = [m["params"] for m in before if m.get("method") == "task.progress"]
         self.assertEqual(progress[2], {"task_id": "task-2", "done": 3, "total": 3,
                                        "message": "step 3"})
-        # stderr is read by its own thread: wait for the line rather than race it.
-        deadline = time.monotonic() + 10
-        while b"this goes to stderr" not in self.p.stderr:
-            self.assertLess(time.monotonic(), deadline, self.p.stderr)
-            time.sleep(0.01)
+        self.assertEqual(output_of(before, "task-2"), [("stdout", "info", "reporting")])
 
     def test_kwargs_and_the_attempt_reach_the_handler(self):
         self.p.run(1, "t.kwargs", kwargs={"x": 1})
@@ -177,11 +215,233 @@ class PluginTest(unittest.TestCase):
         self.assertIsNone(old["queue"])
         self.assertEqual(old["request"]["retries"], 0)
 
+    def test_headers_reach_ctx_request_as_a_dict_and_as_attributes_never_over_a_fact(self):
+        headers = {"jobInfoSpec": {"method": "PUT", "url": "http://girder/api/v1/job/1"},
+                   "girder_client_token": "abc", "girder_result_hooks": [{"py/object": "x.Y"}],
+                   "id": "not-the-task", "retries": 9, "headers": "not-the-dict",
+                   "content-type": "text/plain", "__class__": "no"}
+        self.p.run(1, "t.context", request={"retries": 1, "headers": headers})
+        request = self.p.response(1)["result"]["request"]
+        self.assertEqual(request["headers"], headers)
+        self.assertEqual(request["jobInfoSpec"], headers["jobInfoSpec"])
+        self.assertEqual(request["girder_client_token"], "abc")
+        # Left as JSON, not decoded.
+        self.assertEqual(request["girder_result_hooks"], [{"py/object": "x.Y"}])
+        self.assertEqual((request["id"], request["retries"]), ("task-1", 1))
+        self.assertNotIn("content-type", request)
+        self.assertNotIn("__class__", request)
+        # None at all (a 1.3 worker, or a message without any): an empty dict.
+        self.p.run(2, "t.context", request={"retries": 0})
+        self.assertEqual(self.p.response(2)["result"]["request"]["headers"], {})
+        self.p.run(3, "t.context")
+        self.assertEqual(self.p.response(3)["result"]["request"]["headers"], {})
+
+    def test_a_json_task_gets_its_args_as_they_came_even_with_jsonpickle_tags(self):
+        for id_, delivery_info in ((1, {}), (2, {"queue": "q", "serializer": "json"})):
+            self.p.run(id_, "t.decoded", JSONPICKLED_ARGS, JSONPICKLED_KWARGS,
+                       delivery_info=delivery_info)
+            seen = self.p.response(id_)["result"]
+            self.assertEqual(seen["serializer"], "json")
+            self.assertEqual(seen["args"], [as_json(JSONPICKLED_ARGS[0])])
+            self.assertEqual(seen["kwargs"], {"ratio": as_json(JSONPICKLED_KWARGS["ratio"])})
+
     def test_the_current_queue_name_is_the_running_tasks(self):
         self.p.run(1, "t.queue", delivery_info={"queue": "london.highpriority#custom"})
         self.assertEqual(self.p.response(1)["result"], {
             "name": "london.highpriority#custom", "site": "london",
             "parsed": "london.highpriority#custom"})
+
+
+class TaskOutputTest(unittest.TestCase):
+    """What a handler writes to sys.stdout and sys.stderr reaches the worker as its task's `log`
+    notifications, before its answer."""
+
+    def test_a_tasks_lines_come_as_its_log_before_its_answer_the_partial_one_last(self):
+        p, _ = started(self)
+        p.run(1, "t.print")
+        done = p.response(1)
+        self.assertEqual(done["result"], "printed")
+        before = p.messages[:p.messages.index(done)]
+        self.assertEqual(output_of(before, "task-1"), [
+            ("stdout", "info", "one"), ("stderr", "info", "three"), ("stderr", "info", "two")])
+        self.assertEqual(output_of(p.messages, "task-1"), output_of(before, "task-1"))
+        line = next(m for m in before if m.get("method") == "log")
+        self.assertEqual(line["params"], {"level": "info", "message": "one",
+                                          "fields": {"task_id": "task-1", "stream": "stdout"}})
+
+    def test_a_failing_task_sends_its_partial_line_before_its_error(self):
+        p, _ = started(self)
+        p.run(1, "t.write", [[["stdout", "a\nb\n\nhalf"], ["stderr", "err"]]], {"fail": True})
+        done = p.response(1)
+        self.assertEqual(done["error"]["data"]["type"], "ValueError")
+        before = p.messages[:p.messages.index(done)]
+        self.assertEqual(output_of(before, "task-1"), [
+            ("stdout", "info", "a"), ("stdout", "info", "b"), ("stdout", "info", ""),
+            ("stdout", "info", "half"), ("stderr", "info", "err")])
+
+    def test_long_lines_go_in_pieces_and_one_too_big_for_a_line_is_cut(self):
+        p, _ = started(self)
+        p.run(1, "t.write", [[["stdout", "x" * 150000], ["stderr", "y" * 70000 + "\nz\n"]]])
+        done = p.response(1)
+        before = p.messages[:p.messages.index(done)]
+        pieces = output_of(before, "task-1")
+        self.assertEqual([(s, len(m)) for s, _, m in pieces], [
+            ("stdout", 65536), ("stdout", 65536), ("stderr", 65536), ("stderr", 4464),
+            ("stderr", 1), ("stdout", 150000 - 131072)])
+        self.assertEqual("".join(m for s, _, m in pieces if s == "stdout"), "x" * 150000)
+
+        small, _ = started(self, max_line_bytes=1000)
+        small.run(1, "t.write", [[["stderr", "\u00e9" * 5000 + "\n"]]])
+        small.response(1)
+        (cut,) = [m for m in small.messages if m.get("method") == "log"]
+        self.assertLessEqual(len(json.dumps(cut, separators=(",", ":"))), 1000)
+        self.assertTrue(cut["params"]["message"].startswith("\u00e9" * 50))
+        self.assertRegex(cut["params"]["message"], r"\.\.\. \[output line cut: \d+ of 5000 "
+                                                   r"characters\]$")
+
+    def test_concurrent_tasks_each_get_their_own_lines(self):
+        p, _ = started(self)
+        p.run(1, "t.chatter", ["left", 50])
+        p.run(2, "t.chatter", ["right", 50])
+        self.assertEqual(p.response(1)["result"], "left")
+        self.assertEqual(p.response(2)["result"], "right")
+        for task_id, tag in (("task-1", "left"), ("task-2", "right")):
+            self.assertEqual(output_of(p.messages, task_id),
+                             [("stdout", "info", "%s %d" % (tag, i)) for i in range(50)])
+
+    def test_a_thread_the_task_started_prints_to_stderr(self):
+        p, _ = started(self)
+        p.run(1, "t.thread_print")
+        self.assertEqual(p.response(1)["result"], "ok")
+        p.wait_for_stderr(b"from a plugin thread\n")
+        self.assertEqual([m for m in p.messages if m.get("method") == "log"], [])
+
+    def test_capture_output_false_leaves_prints_on_stderr(self):
+        p, _ = started(self, env=dict(os.environ, FIXTURE_CAPTURE_OUTPUT="0"))
+        p.run(1, "t.print")
+        self.assertEqual(p.response(1)["result"], "printed")
+        # stderr is read by lines: a second task ends the one the first left open.
+        p.run(2, "t.write", [[["stdout", "end\n"]]])
+        self.assertEqual(p.response(2)["result"], "written")
+        p.wait_for_stderr(b"one\nthree\ntwoend\n")
+        self.assertEqual([m for m in p.messages if m.get("method") == "log"], [])
+
+
+class JsonpickleAbsentTest(unittest.TestCase):
+    def test_without_jsonpickle_a_jsonpickle_task_gets_the_json_as_it_came(self):
+        p, _ = started(self, env=dict(os.environ, FIXTURE_HIDE_JSONPICKLE="1"))
+        for id_ in (1, 2):
+            p.run(id_, "t.decoded", JSONPICKLED_ARGS, JSONPICKLED_KWARGS,
+                  delivery_info={"serializer": "jsonpickle"})
+            seen = p.response(id_)["result"]
+            self.assertEqual(seen["serializer"], "jsonpickle")
+            self.assertEqual(seen["args"], [as_json(JSONPICKLED_ARGS[0])])
+            self.assertEqual(seen["kwargs"], {"ratio": as_json(JSONPICKLED_KWARGS["ratio"])})
+        p.wait_for_stderr(b"jsonpickle cannot be imported")
+        self.assertEqual(p.stderr.count(b"jsonpickle cannot be imported"), 1)
+
+
+_jsonpickle_python = None
+
+
+def jsonpickle_python():
+    """An interpreter that can import jsonpickle and why there is none: this one, else a venv
+    made once for the run (ensurepip and `pip install jsonpickle`), else (None, the reason)."""
+    global _jsonpickle_python
+    if _jsonpickle_python is None:
+        _jsonpickle_python = _find_jsonpickle_python()
+    return _jsonpickle_python
+
+
+def _find_jsonpickle_python():
+    if importlib.util.find_spec("jsonpickle") is not None:
+        return sys.executable, None
+    root = tempfile.mkdtemp(prefix="worker-plugin-jsonpickle-")
+    unittest.addModuleCleanup(shutil.rmtree, root, True)
+    python = os.path.join(root, "venv", "bin", "python")
+    for cmd in ([sys.executable, "-m", "venv", os.path.join(root, "venv")],
+                [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                 "--timeout", "20", "--retries", "1", "jsonpickle"]):
+        try:
+            done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return None, "no interpreter with jsonpickle: %s: %s" % (" ".join(cmd[1:4]), exc)
+        if done.returncode != 0:
+            why = (done.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+            return None, "no interpreter with jsonpickle: `%s` failed: %s" % (
+                " ".join(cmd[1:4]), why)
+    return python, None
+
+
+# A Girder Worker client's body (args, kwargs, embed), encoded as `girder_io` does.
+ENCODE_BODY = """
+import datetime, fractions, warnings
+warnings.simplefilter("ignore")  # jsonpickle 4 says `keys` will default to True in 5.0
+import jsonpickle
+shared = ["a"]
+print(jsonpickle.encode(
+    ((datetime.date(2020, 1, 2), shared),
+     {"same": shared, "tags": {"x"}, "ratio": fractions.Fraction(3, 4), "pair": (1, 2)},
+     {"callbacks": None, "errbacks": None, "chain": None, "chord": None})))
+"""
+
+
+def untupled(value):
+    """`value` with jsonpickle's tuples made arrays, as the worker passes a jsonpickle body on."""
+    if isinstance(value, dict):
+        if len(value) == 1 and isinstance(value.get("py/tuple"), list):
+            return [untupled(v) for v in value["py/tuple"]]
+        return {k: untupled(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [untupled(v) for v in value]
+    return value
+
+
+class JsonpickleTest(unittest.TestCase):
+    """The fixture under an interpreter that has jsonpickle (a venv made for the run if need be)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.python, why = jsonpickle_python()
+        if cls.python is None:
+            raise unittest.SkipTest(why)
+
+    def setUp(self):
+        self.p, _ = started(self, self.python)
+
+    def test_a_jsonpickle_task_gets_its_args_and_kwargs_decoded(self):
+        body = subprocess.run([self.python, "-c", ENCODE_BODY], capture_output=True, check=True,
+                              timeout=60).stdout
+        args, kwargs, _embed = untupled(json.loads(body))
+        self.p.run(1, "t.decoded", args, kwargs, delivery_info={"serializer": "jsonpickle"})
+        seen = self.p.response(1)["result"]
+        self.assertEqual(seen["serializer"], "jsonpickle")
+        self.assertEqual(seen["args"], [["datetime.date", "datetime.date(2020, 1, 2)"],
+                                        ["builtins.list", "['a']"]])
+        self.assertEqual(seen["kwargs"], {
+            "same": ["builtins.list", "['a']"],  # `py/id` finds the list args[1] is
+            "tags": ["builtins.set", "{'x'}"],
+            "ratio": ["fractions.Fraction", "Fraction(3, 4)"],
+            "pair": ["builtins.list", "[1, 2]"],  # the worker made the tuple a list
+        })
+        self.assertEqual(seen["ctx_kwargs"], seen["kwargs"])
+        # A JSON task next to it is left alone, tags and all.
+        self.p.run(2, "t.decoded", JSONPICKLED_ARGS, JSONPICKLED_KWARGS)
+        self.assertEqual(self.p.response(2)["result"]["args"], [as_json(JSONPICKLED_ARGS[0])])
+
+    def test_args_jsonpickle_cannot_decode_fail_the_task_not_the_plugin(self):
+        self.p.run(1, "t.decoded", [], {"bad": {"py/reduce": [{"py/type": "fractions.Fraction"},
+                                                              ["not a number"]]}},
+                   delivery_info={"serializer": "jsonpickle"})
+        err = self.p.response(1)["error"]
+        self.assertEqual(err["code"], -32000)
+        self.assertEqual(err["data"]["type"], "JsonpickleDecodeError")
+        self.assertIn("jsonpickle could not decode the task's args and kwargs: ValueError",
+                      err["data"]["message"])
+        self.assertFalse(err["data"]["retryable"])
+        self.p.run(2, "t.add", [2, 3])
+        self.assertEqual(self.p.response(2)["result"], 5)
 
 
 if __name__ == "__main__":
