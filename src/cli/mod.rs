@@ -232,29 +232,8 @@ impl CommonArgs {
         Ok(())
     }
 
-    /// The effective config: file, then environment and flags on top.
-    pub fn resolve(&self) -> anyhow::Result<Config> {
-        let mut c = Config::load(self.config.as_deref())?;
-        if let Some(v) = &self.plugins_dir {
-            c.plugins_dir = v.clone();
-        }
-        if let Some(v) = &self.state_dir {
-            c.state_dir = v.clone();
-        }
-        if let Some(v) = &self.socket {
-            c.socket = v.clone();
-        }
-        if let Some(v) = &self.name {
-            c.name = v.clone();
-        }
-        // As in Celery, `%h` in the node name stands for the host name.
-        if c.name.contains("%h") {
-            c.name = c.name.replace("%h", &crate::config::hostname());
-        }
-        if let Some(v) = &self.broker {
-            c.broker = Some(v.clone()).filter(|b| !b.is_empty());
-        }
-        self.apply_broker_tls(&mut c)?;
+    /// The keys of the Celery source: queues, results, events and what a message may ask.
+    fn apply_celery(&self, c: &mut Config) {
         if let Some(v) = &self.queues {
             c.queues = v.clone();
         }
@@ -291,6 +270,32 @@ impl CommonArgs {
         if !self.girder_job_urls.is_empty() {
             c.girder_job_urls = self.girder_job_urls.clone();
         }
+    }
+
+    /// The effective config: file, then environment and flags on top.
+    pub fn resolve(&self) -> anyhow::Result<Config> {
+        let mut c = Config::load(self.config.as_deref())?;
+        if let Some(v) = &self.plugins_dir {
+            c.plugins_dir = v.clone();
+        }
+        if let Some(v) = &self.state_dir {
+            c.state_dir = v.clone();
+        }
+        if let Some(v) = &self.socket {
+            c.socket = v.clone();
+        }
+        if let Some(v) = &self.name {
+            c.name = v.clone();
+        }
+        // As in Celery, `%h` in the node name stands for the host name.
+        if c.name.contains("%h") {
+            c.name = c.name.replace("%h", &crate::config::hostname());
+        }
+        if let Some(v) = &self.broker {
+            c.broker = Some(v.clone()).filter(|b| !b.is_empty());
+        }
+        self.apply_broker_tls(&mut c)?;
+        self.apply_celery(&mut c);
         if let Some(v) = &self.plugin_user {
             c.plugin_user = Some(v.clone());
         }

@@ -3,6 +3,7 @@
 //! requeue) the message and every redelivered copy of it.
 
 use super::delayed;
+use super::girder_job::{self, TaskJob};
 use super::inbound::{self, Inbound};
 use super::ledger::Arrival;
 use super::publish::{Delivered, Published, Returns};
@@ -10,9 +11,8 @@ use super::{monitor, workflow, ActiveInfo, SourceState};
 use crate::dispatch::TaskUpdate;
 use crate::metrics::Settled;
 use crate::source::celery::{self, state, CeleryTask};
-use crate::source::girder::{reporter::Reporter, JobEnd};
 use crate::source::pidbox::RemoteWorker;
-use crate::task::{Failure, FailureKind, Outcome, TaskEvent};
+use crate::task::{FailureKind, Outcome, TaskEvent};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::Acker;
@@ -177,14 +177,14 @@ pub(super) async fn handle(
                 Admission::Revoke(reason) => {
                     tracing::info!(task_id = %task.id, task = %task.name, "task {reason} before it could start");
                     monitor::announce_revoked(&shared, &task, reason);
-                    cancel_girder_job(&shared, &task).await;
+                    girder_job::cancel_before_start(&shared, &task).await;
                     revoked_answer(reason)
                 }
                 _ if !rate_allows(&shared, &task).await => Settlement::Requeue,
                 // Revoked while its rate held it.
                 _ if shared.is_revoked(&task.id) => {
                     monitor::announce_revoked(&shared, &task, "revoked");
-                    cancel_girder_job(&shared, &task).await;
+                    girder_job::cancel_before_start(&shared, &task).await;
                     revoked_answer("revoked")
                 }
                 _ => {
@@ -232,11 +232,8 @@ fn arrived(shared: &SourceState, task: &CeleryTask, redelivered: bool) -> Arrive
 /// Runs an owned task and decides how it ends on the wire; a Girder job it names is kept up
 /// to date meanwhile and given its final status before the result is sent.
 async fn run_and_settle(shared: &SourceState, task: &CeleryTask, info: &ActiveInfo) -> Settlement {
-    let canceling = CancellationToken::new();
-    let spec = shared.girder.job_of(&task.id, &task.headers);
-    let log_print = spec.as_ref().is_some_and(|s| s.log_print);
-    let job = spec.map(|s| shared.girder.start(s, &task.id, canceling.clone()));
-    let outcome = run(shared, task, info, job.as_ref(), log_print, &canceling).await;
+    let job = TaskJob::start(shared, task);
+    let outcome = run(shared, task, info, &job).await;
     let failure = match &outcome {
         Outcome::Failure(f) => {
             match f.kind {
@@ -251,35 +248,8 @@ async fn run_and_settle(shared: &SourceState, task: &CeleryTask, info: &ActiveIn
     };
     let revoked = shared.tasks().ledger.revoked(&task.id);
     let settlement = settlement_of(outcome, revoked, shared.stopping.is_cancelled());
-    if let Some((job, end)) = job.zip(job_end(&settlement, failure)) {
-        job.end(end).await;
-    }
+    job.end(&settlement, failure).await;
     settlement
-}
-
-/// How a task's Girder job ends, given how the task ends on the wire: none when it goes back
-/// to the queue (it runs again, and that run keeps the job).
-fn job_end(settlement: &Settlement, failure: Option<Failure>) -> Option<JobEnd> {
-    let Settlement::Answer { status, .. } = settlement else {
-        return None;
-    };
-    Some(match (*status, failure) {
-        (state::SUCCESS, _) => JobEnd::Succeeded,
-        (state::REVOKED, _) => JobEnd::Canceled,
-        (_, Some(f)) => JobEnd::Failed {
-            exc_type: f.exc_type,
-            message: f.message,
-            traceback: f.traceback,
-        },
-        (_, None) => JobEnd::Canceled,
-    })
-}
-
-/// Sets the Girder job of a task that will not run (revoked or expired first) to CANCELED.
-async fn cancel_girder_job(shared: &SourceState, task: &CeleryTask) {
-    if let Some(spec) = shared.girder.job_of(&task.id, &task.headers) {
-        shared.girder.canceled_before_start(spec, &task.id).await;
-    }
 }
 
 fn revoked_answer(reason: &'static str) -> Settlement {
@@ -433,26 +403,19 @@ async fn hold_until_eta(
 }
 
 /// Runs the task through the dispatcher, publishing its progress and streamed items as they
-/// come and feeding its Girder `job` (log lines too, with `log_print`), and returns its
-/// outcome. When `canceling` fires (Girder set the job CANCELING) the task is revoked.
-async fn run(
-    shared: &SourceState,
-    task: &CeleryTask,
-    info: &ActiveInfo,
-    job: Option<&Reporter>,
-    log_print: bool,
-    canceling: &CancellationToken,
-) -> Outcome {
+/// come and feeding its Girder `job`, and returns its outcome. When Girder sets the job
+/// CANCELING, the task is revoked.
+async fn run(shared: &SourceState, task: &CeleryTask, info: &ActiveInfo, job: &TaskJob) -> Outcome {
     let controlled = shared.controls.time_limits(&task.name);
     let mut request = inbound::task_request(task, info, controlled);
-    request.capture_log = log_print;
+    request.capture_log = job.wants_log();
     let reporting = !task.ignore_result;
     let mut run = shared.dispatcher.submit(request);
     let mut revoked = false;
     loop {
         let update = tokio::select! {
             update = run.next() => update,
-            _ = canceling.cancelled(), if !revoked => {
+            _ = job.canceling.cancelled(), if !revoked => {
                 revoked = true;
                 shared.revoke(std::slice::from_ref(&task.id), false).await;
                 continue;
@@ -460,9 +423,7 @@ async fn run(
         };
         match update {
             Some(TaskUpdate::Event(ev)) => {
-                if let Some(job) = job {
-                    feed(job, &ev);
-                }
+                job.feed(&ev);
                 if reporting && !matches!(ev, TaskEvent::Log { .. }) {
                     publish_event(shared, task, ev).await
                 }
@@ -470,19 +431,6 @@ async fn run(
             Some(TaskUpdate::Done(outcome)) => return outcome,
             None => unreachable!("a task run ends with Done"),
         }
-    }
-}
-
-/// A task's log line or progress, for its Girder job.
-fn feed(job: &Reporter, ev: &TaskEvent) {
-    match ev {
-        TaskEvent::Log { line } => job.log(line.clone()),
-        TaskEvent::Progress {
-            done,
-            total,
-            message,
-        } => job.progress(*done, *total, message.clone()),
-        TaskEvent::Stream { .. } => {}
     }
 }
 

@@ -14,6 +14,7 @@ mod consumers;
 mod delayed;
 mod delivery;
 mod frame_guard;
+mod girder_job;
 mod inbound;
 /// Public only for the scale bench, which measures it at its limits.
 #[doc(hidden)]
