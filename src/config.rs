@@ -247,14 +247,9 @@ impl Config {
                 self.cgroup
             ));
         }
-        if let Some(bad) = self
-            .girder_job_urls
-            .iter()
-            .find(|u| *u != "*" && !(u.starts_with("http://") || u.starts_with("https://")))
-        {
-            return Err(format!(
-                "key `girder_job_urls`: `{bad}` is not \"*\" or an http:// or https:// URL prefix"
-            ));
+        for entry in &self.girder_job_urls {
+            crate::source::girder::url_prefix(entry)
+                .map_err(|e| format!("key `girder_job_urls`: {e}"))?;
         }
         if !(1024..=MAX_MESSAGE_SIZE).contains(&self.max_message_size) {
             return Err(format!(

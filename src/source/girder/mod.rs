@@ -56,9 +56,12 @@ impl JobSpec {
             Some(Value::String(u)) => u.clone(),
             _ => return Err("`jobInfoSpec.url` is not a string".into()),
         };
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(format!("`jobInfoSpec.url` {url:?} is not an http(s) URL"));
-        }
+        // Compared and used as parsed (dot segments resolved, the host made plain), so a
+        // prefix check cannot be walked around with `..` or `user@host` tricks.
+        let url = match reqwest::Url::parse(&url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => u.to_string(),
+            _ => return Err(format!("`jobInfoSpec.url` {url:?} is not an http(s) URL")),
+        };
         let method = match spec.get("method") {
             None | Some(Value::Null) => "PUT".to_string(),
             Some(Value::String(m)) if is_token(m) => m.to_ascii_uppercase(),
@@ -87,11 +90,25 @@ impl JobSpec {
     }
 
     /// Whether updates may go to this job's URL: `allowed` are URL prefixes (`girder_job_urls`
-    /// in worker.toml); `*` allows any.
+    /// in worker.toml, as [`url_prefix`] gives them); `*` allows any.
     pub fn allowed_by(&self, allowed: &[String]) -> bool {
         allowed
             .iter()
             .any(|p| p == "*" || self.url.starts_with(p.as_str()))
+    }
+}
+
+/// A `girder_job_urls` entry as job URLs are compared with it: `*`, or the URL parsed (a bare
+/// host gains its `/`, so `https://girder.example` cannot match `https://girder.example.evil`).
+pub fn url_prefix(entry: &str) -> Result<String, String> {
+    if entry == "*" {
+        return Ok(entry.to_string());
+    }
+    match reqwest::Url::parse(entry) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Ok(u.to_string()),
+        _ => Err(format!(
+            "`{entry}` is not \"*\" or an http:// or https:// URL prefix"
+        )),
     }
 }
 
@@ -275,6 +292,24 @@ mod tests {
         assert!(spec.allowed_by(&["https://girder.example/api/v1/".into()]));
         assert!(!spec.allowed_by(&["https://other/".into()]));
         assert!(!spec.allowed_by(&[]));
+        let allowed = [url_prefix("https://girder.example/api/v1/").unwrap()];
+        for sneaky in [
+            "https://girder.example/api/v1/../../admin",
+            "https://girder.example/api/v1/%2e%2e/%2e%2e/admin",
+            "https://girder.example.evil/api/v1/job/1",
+            "https://girder.example@evil/api/v1/job/1",
+        ] {
+            let h = headers(json!({ "url": sneaky }));
+            let spec = JobSpec::from_headers(&h).unwrap().unwrap();
+            assert!(!spec.allowed_by(&allowed), "{sneaky} -> {}", spec.url);
+        }
+        let bare = [url_prefix("https://girder.example").unwrap()];
+        let h = headers(json!({"url": "https://girder.example.evil/api/v1/job/1"}));
+        assert!(!JobSpec::from_headers(&h)
+            .unwrap()
+            .unwrap()
+            .allowed_by(&bare));
+        assert!(url_prefix("girder.example").is_err());
     }
 
     #[test]

@@ -34,9 +34,13 @@ pub struct GirderJobs {
 }
 
 impl GirderJobs {
+    /// `allowed` as in worker.toml (checked there: an entry that does not parse allows nothing).
     pub fn new(allowed: Vec<String>) -> Self {
         GirderJobs {
-            allowed,
+            allowed: allowed
+                .iter()
+                .filter_map(|p| super::url_prefix(p).ok())
+                .collect(),
             client: OnceLock::new(),
         }
     }
