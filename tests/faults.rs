@@ -7,8 +7,9 @@ mod common;
 use common::*;
 use serde_json::json;
 use std::time::Duration;
+use worker::dispatch::TaskUpdate;
 use worker::supervisor::status::{InstanceState, PluginState};
-use worker::task::FailureKind;
+use worker::task::{FailureKind, Outcome, TaskEvent, TaskRequest};
 
 const FAST_RESTARTS: &str =
     "[restart]\nmax_restarts = 2\nbackoff_initial = 0.01\nbackoff_max = 0.05\n";
@@ -156,6 +157,43 @@ async fn a_task_interrupted_by_a_replacement_spends_no_attempt() {
     assert_eq!(report.replaced, vec!["faulty".to_string()]);
     let outcome = within(Duration::from_secs(30), task).await.unwrap();
     assert_eq!(success(&outcome), &json!("slept"));
+    h.stop().await;
+}
+
+/// A task that asks for its log (a Girder job's) gets its lone process's stderr lines and the
+/// `log` records naming it; one that does not ask gets none.
+#[tokio::test]
+async fn a_task_that_asks_for_its_log_gets_its_stderr_and_log_records() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = faulty_plugin(root.path(), "faulty", &[], "", "");
+    let h = Harness::start(&[dir]);
+    h.ready().await;
+    let mut request = TaskRequest::new("f.stderr_wait", vec![json!(2)], Default::default());
+    request.capture_log = true;
+    let id = request.id.clone();
+    let mut run = h.dispatcher.submit(request);
+    let mut lines = Vec::new();
+    while lines.len() < 3 {
+        match within(Duration::from_secs(30), run.next()).await {
+            Some(TaskUpdate::Event(TaskEvent::Log { line })) => lines.push(line),
+            other => panic!("expected log lines, got {other:?} after {lines:?}"),
+        }
+    }
+    lines.sort();
+    assert_eq!(lines, ["noted", "stderr line 0", "stderr line 1"]);
+    assert!(h.dispatcher.cancel(&id, "test").await);
+    let rest = within(Duration::from_secs(30), run.next()).await;
+    assert!(
+        matches!(rest, Some(TaskUpdate::Done(Outcome::Failure(_)))),
+        "{rest:?}"
+    );
+
+    let (outcome, events) = h.run("f.stderr", vec![json!(3)]).await;
+    assert_eq!(success(&outcome), &json!("wrote"));
+    assert!(
+        events.is_empty(),
+        "no log asked for, none given: {events:?}"
+    );
     h.stop().await;
 }
 

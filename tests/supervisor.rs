@@ -78,7 +78,7 @@ async fn handshake_failure_init_timeout() {
 async fn handshake_failure_version_mismatch_is_not_retried() {
     let reason = failed_reason(&[("FAULT_HANDSHAKE", "version")], "").await;
     assert!(
-        reason.contains("speaks protocol version 2.0 but this worker speaks 1.3"),
+        reason.contains("speaks protocol version 2.0 but this worker speaks 1.4"),
         "{reason}"
     );
 }

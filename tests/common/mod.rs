@@ -30,6 +30,7 @@ pub const FAULTY_TASKS: &[&str] = &[
     "f.raise",
     "f.progress",
     "f.stderr",
+    "f.stderr_wait",
     "f.where",
     "f.string_id",
     "f.bad_utf8",
