@@ -56,6 +56,13 @@ pub struct Config {
     pub queues: Vec<String>,
     /// `kombu` (declare exactly as Celery clients do) or `passive` (queues must exist).
     pub queue_declare: QueueDeclare,
+    /// The type of the task queues the worker declares (Celery's `task_default_queue_type`):
+    /// `classic` or `quorum`. A queue that exists already is consumed as it is.
+    #[serde(alias = "task_default_queue_type")]
+    pub queue_type: QueueType,
+    /// Arguments of the task queues the worker declares (a Celery `Queue`'s
+    /// `queue_arguments`), e.g. `{ "x-max-priority" = 10, "x-dead-letter-exchange" = "dlx" }`.
+    pub queue_arguments: std::collections::BTreeMap<String, serde_json::Value>,
     /// Per-consumer prefetch; unset = twice the plugins' total capacity (at least 4).
     pub prefetch_count: Option<u16>,
     /// Recent results remembered to answer redelivered copies without running them again.
@@ -105,6 +112,33 @@ pub enum QueueDeclare {
     Passive,
 }
 
+/// The type of the task queues the worker declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// RabbitMQ's default (`x-queue-type` not set).
+    Classic,
+    /// Replicated across a cluster's nodes (`x-queue-type = "quorum"`); durable.
+    Quorum,
+}
+
+/// The queue arguments the worker may declare: RabbitMQ's current ones for classic and quorum
+/// queues (none deprecated in RabbitMQ 4).
+pub const QUEUE_ARGUMENTS: &[&str] = &[
+    "x-max-priority",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-dead-letter-strategy",
+    "x-delivery-limit",
+    "x-message-ttl",
+    "x-expires",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-overflow",
+    "x-single-active-consumer",
+    "x-queue-leader-locator",
+];
+
 /// The format of the worker's log lines on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -133,6 +167,8 @@ impl Default for Config {
             broker_tls_server_name: None,
             queues: vec!["celery".into()],
             queue_declare: QueueDeclare::Kombu,
+            queue_type: QueueType::Classic,
+            queue_arguments: Default::default(),
             prefetch_count: None,
             result_memory: 10_000,
             result_retry_timeout: 60.0,
@@ -246,6 +282,19 @@ impl Config {
                 "key `cgroup`: `{}` is not \"auto\", \"off\" or an absolute cgroup v2 directory",
                 self.cgroup
             ));
+        }
+        for (key, value) in &self.queue_arguments {
+            if !QUEUE_ARGUMENTS.contains(&key.as_str()) {
+                return Err(format!(
+                    "key `queue_arguments`: `{key}` is not one of {}; the queue type is `queue_type`",
+                    QUEUE_ARGUMENTS.join(", ")
+                ));
+            }
+            if !(value.is_string() || value.is_i64() || value.is_u64() || value.is_boolean()) {
+                return Err(format!(
+                    "key `queue_arguments`: `{key}` = {value} is not a string, integer or boolean"
+                ));
+            }
         }
         for entry in &self.girder_job_urls {
             crate::source::girder::url_prefix(entry)
@@ -377,6 +426,25 @@ mod tests {
         let c: Config = toml::from_str("").unwrap();
         assert_eq!(c.queue_capacity, 1024);
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn queue_type_and_arguments_take_celerys_names_and_only_known_arguments() {
+        let c: Config = toml::from_str(
+            "task_default_queue_type = \"quorum\"\n[queue_arguments]\n\"x-max-priority\" = 10\n\"x-dead-letter-exchange\" = \"dlx\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.queue_type, QueueType::Quorum);
+        assert!(c.validate().is_ok());
+        for bad in [
+            "\"x-queue-type\" = \"quorum\"",
+            "\"x-ha-policy\" = \"all\"",
+            "\"x-max-priority\" = 1.5",
+        ] {
+            let c: Config = toml::from_str(&format!("[queue_arguments]\n{bad}\n")).unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(e.0.contains("key `queue_arguments`"), "{bad}: {e}");
+        }
     }
 
     #[test]

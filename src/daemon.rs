@@ -359,6 +359,7 @@ fn amqp_options(
         url: url.to_string(),
         queues: config.queues.clone(),
         declare: config.queue_declare,
+        queue_arguments: queue_arguments(config),
         prefetch,
         nodename: config.name.clone(),
         result_memory: config.result_memory,
@@ -370,6 +371,20 @@ fn amqp_options(
         max_message_size: config.max_message_size,
         girder_job_urls: config.girder_job_urls.clone(),
     }
+}
+
+/// The arguments of the task queues the worker declares: the queue type and
+/// `queue_arguments`.
+fn queue_arguments(config: &Config) -> serde_json::Map<String, serde_json::Value> {
+    let mut args: serde_json::Map<_, _> = config
+        .queue_arguments
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if config.queue_type == crate::config::QueueType::Quorum {
+        args.insert("x-queue-type".into(), "quorum".into());
+    }
+    args
 }
 
 /// SIGKILLs every plugin process group.

@@ -106,6 +106,10 @@ pub struct CommonArgs {
     /// `kombu` or `passive` (`queue_declare`)
     #[arg(long, env = "WORKER_QUEUE_DECLARE", global = true)]
     pub queue_declare: Option<crate::config::QueueDeclare>,
+    /// The type of the task queues the worker declares: `classic` or `quorum` (`queue_type`,
+    /// Celery's `task_default_queue_type`)
+    #[arg(long, env = "WORKER_QUEUE_TYPE", global = true)]
+    pub queue_type: Option<crate::config::QueueType>,
     /// Recent results remembered for redelivered copies (`result_memory`)
     #[arg(long, env = "WORKER_RESULT_MEMORY", global = true)]
     pub result_memory: Option<usize>,
@@ -242,6 +246,9 @@ impl CommonArgs {
         }
         if let Some(v) = self.queue_declare {
             c.queue_declare = v;
+        }
+        if let Some(v) = self.queue_type {
+            c.queue_type = v;
         }
         if let Some(v) = self.result_memory {
             c.result_memory = v;

@@ -1,5 +1,7 @@
 """The Celery app the tests' Python clients and `celery -A capp ...` use: a plain client
-(broker from BROKER_URL; results through rpc://, or RESULT_BACKEND), nothing worker-specific."""
+(broker from BROKER_URL; results through rpc://, or RESULT_BACKEND), nothing worker-specific.
+QUEUE_TYPE=quorum declares its queues quorum (`task_default_queue_type`,
+`task_create_missing_queue_type`)."""
 
 import os
 
@@ -7,3 +9,7 @@ from celery import Celery
 
 app = Celery(broker=os.environ.get("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"), backend=os.environ.get("RESULT_BACKEND", "rpc://"))
 app.conf.broker_connection_retry_on_startup = True
+if os.environ.get("QUEUE_TYPE"):
+    app.conf.task_default_queue_type = os.environ["QUEUE_TYPE"]
+    # Celery 5.6+: the type of a queue named by `send_task(queue=...)` (5.5 has no such key).
+    app.conf.task_create_missing_queue_type = os.environ["QUEUE_TYPE"]

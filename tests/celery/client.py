@@ -5,6 +5,7 @@
     client.py QUEUE send_wait NAME ARGS_JSON               send one task, print {"id": ...} at once, then
                                                            its outcome when it comes
     client.py QUEUE depth                                  {"messages": ready messages in QUEUE}
+    client.py QUEUE declare                                declare QUEUE as this app would (QUEUE_TYPE)
     client.py QUEUE delete                                 delete QUEUE and its exchange
     client.py QUEUE state ID                               AsyncResult(ID).state and .info (a backend any
                                                            process can read, e.g. Redis)
@@ -106,6 +107,10 @@ def main():
         r = send(queue, rest[0], json.loads(rest[1]))
         print(json.dumps({"id": r.id}), flush=True)
         print(json.dumps(outcome(lambda: r.get(timeout=TIMEOUT))), flush=True)
+    elif command == "declare":
+        with app.connection_for_write() as conn:
+            app.amqp.queues[queue].bind(conn.default_channel).declare()
+        print(json.dumps({"declared": queue}), flush=True)
     elif command == "depth":
         with app.connection_for_write() as conn:
             _, messages, _ = conn.default_channel.queue_declare(queue, passive=True)

@@ -17,9 +17,14 @@ use tokio_util::task::AbortOnDropHandle;
 /// A delivery with the task queue its consumer reads (`None`: the pidbox).
 pub(super) type Relayed = (Option<Arc<str>>, lapin::Result<Delivery>);
 
-/// Declares `q` as kombu does (durable exchange of its type, durable queue, bound with its
-/// routing key), or checks that it exists (`passive`).
-pub(super) async fn declare(channel: &Channel, q: &QueueSpec, how: Declare) -> lapin::Result<()> {
+/// Declares `q` as kombu does (durable exchange of its type, durable queue with `args`, bound
+/// with its routing key), or checks that it exists (`passive`).
+pub(super) async fn declare(
+    channel: &Channel,
+    q: &QueueSpec,
+    how: Declare,
+    args: &FieldTable,
+) -> lapin::Result<()> {
     if how == Declare::Passive {
         let opts = QueueDeclareOptions {
             passive: true,
@@ -53,7 +58,7 @@ pub(super) async fn declare(channel: &Channel, q: &QueueSpec, how: Declare) -> l
         ..Default::default()
     };
     channel
-        .queue_declare(q.name.as_str().into(), durable, FieldTable::default())
+        .queue_declare(q.name.as_str().into(), durable, args.clone())
         .await?;
     channel
         .queue_bind(
@@ -64,6 +69,38 @@ pub(super) async fn declare(channel: &Channel, q: &QueueSpec, how: Declare) -> l
             FieldTable::default(),
         )
         .await
+}
+
+/// True for the broker's 406 PRECONDITION_FAILED: the queue exists with other arguments.
+pub(super) fn inequivalent(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+}
+
+/// Declares `q` on a channel of its own and returns that channel; a queue that exists with
+/// other arguments (a client declared it quorum, with a priority, a dead-letter exchange...) is
+/// taken as it is, with one warning per queue naming what differs and the setting that would
+/// match it. Never a reconnect for it.
+async fn declare_or_take(
+    shared: &SourceState,
+    conn: &Connection,
+    q: &QueueSpec,
+) -> lapin::Result<Channel> {
+    let args = super::value::json_to_table(&shared.options.queue_arguments);
+    let probe = conn.create_channel().await?;
+    match declare(&probe, q, shared.options.declare, &args).await {
+        Err(e) if inequivalent(&e) && shared.options.declare == Declare::Kombu => {
+            let probe = conn.create_channel().await?;
+            declare(&probe, q, Declare::Passive, &args).await?;
+            if shared.first_warning_for(&q.name) {
+                tracing::warn!(queue = %q.name, "queue {} exists with other arguments than this worker declares ({e}); consuming it as it is. To declare it the same way, set `queue_type` (classic or quorum) and `queue_arguments` in worker.toml", q.name);
+            }
+            Ok(probe)
+        }
+        Err(e) => Err(e),
+        Ok(()) => Ok(probe),
+    }
 }
 
 /// Relays one consumer's deliveries into the session's single stream.
@@ -114,8 +151,7 @@ impl Consumers {
         if self.running.contains_key(&q.name) {
             return Ok(());
         }
-        let probe = conn.create_channel().await?;
-        declare(&probe, q, shared.options.declare).await?;
+        let probe = declare_or_take(shared, conn, q).await?;
         // So that parked eta tasks (and Celery clients' delayed ones) come back to it.
         if let Err(e) = super::delayed::bind(&probe, q).await {
             tracing::warn!(queue = %q.name, "cannot bind the queue to the delay exchange ({e}); countdown and eta tasks are held here, unacked, until due");

@@ -55,6 +55,8 @@ pub struct AmqpOptions {
     pub url: String,
     pub queues: Vec<String>,
     pub declare: Declare,
+    /// Arguments of the task queues declared here (`x-queue-type`, `x-max-priority`, ...).
+    pub queue_arguments: Map<String, Value>,
     /// Per-consumer prefetch (never global).
     pub prefetch: u16,
     pub nodename: String,
@@ -98,6 +100,7 @@ impl AmqpSource {
         let shared = Arc::new(SourceState {
             redis,
             monitor: monitor::Monitor::new(options.task_events),
+            warned_queues: Mutex::default(),
             girder: crate::source::girder::reporter::GirderJobs::new(
                 options.girder_job_urls.clone(),
             ),
@@ -202,6 +205,8 @@ pub struct SourceState {
     /// Numbers the results channels, so a publisher can wait for one other than the channel
     /// that just failed.
     channel_numbers: AtomicU64,
+    /// Queues already warned about (taken as they exist, with other arguments).
+    warned_queues: Mutex<std::collections::HashSet<String>>,
     /// Girder jobs named by task messages, kept up to date over HTTP.
     girder: crate::source::girder::reporter::GirderJobs,
     /// What publishers and remote control ask of the live session (it owns the connection).
@@ -338,6 +343,11 @@ impl SourceState {
 
     fn is_revoked(&self, id: &str) -> bool {
         self.tasks().revoked.contains(id)
+    }
+
+    /// True the first time a queue is named here: a warning about it is logged once.
+    fn first_warning_for(&self, queue: &str) -> bool {
+        lock(&self.warned_queues).insert(queue.to_string())
     }
 }
 

@@ -2,7 +2,7 @@
 //! control` ask of this worker ([`pidbox::RemoteWorker`]), and the replies on the wire.
 
 use super::value::json_to_amqp;
-use super::{redact, QueueSpec, SourceState};
+use super::{redact, Declare, QueueSpec, SourceState};
 use crate::source::pidbox::{self, RemoteWorker};
 use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
@@ -237,12 +237,22 @@ impl SourceState {
                 ));
             }
         }
-        let channel = self.own_channel().await?;
-        let declared = super::consumers::declare(&channel, q, self.options.declare).await;
-        if channel.status().connected() {
-            let _ = channel.close(200, "declared".into()).await;
+        let args = super::value::json_to_table(&self.options.queue_arguments);
+        let mut how = self.options.declare;
+        loop {
+            let channel = self.own_channel().await?;
+            let declared = super::consumers::declare(&channel, q, how, &args).await;
+            if channel.status().connected() {
+                let _ = channel.close(200, "declared".into()).await;
+            }
+            match declared {
+                // It exists with other arguments: the consumer takes it as it is.
+                Err(e) if super::consumers::inequivalent(&e) && how == Declare::Kombu => {
+                    how = Declare::Passive;
+                }
+                other => return other.map_err(|e| e.to_string()),
+            }
         }
-        declared.map_err(|e| e.to_string())
     }
 }
 

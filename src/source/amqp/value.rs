@@ -47,6 +47,20 @@ pub fn table_to_json(t: &FieldTable, depth: usize) -> Result<Value, TooDeep> {
     Ok(Value::Object(fields.collect::<Result<_, _>>()?))
 }
 
+/// Queue arguments as a field table, integers as py-amqp sends them (a signed 32-bit `I` where
+/// they fit), so a queue a Celery client declared compares equal to the worker's declaration.
+pub fn json_to_table(args: &serde_json::Map<String, Value>) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (k, v) in args {
+        let value = match v.as_i64().and_then(|i| i32::try_from(i).ok()) {
+            Some(i) => AMQPValue::LongInt(i),
+            None => json_to_amqp(v),
+        };
+        table.insert(k.as_str().into(), value);
+    }
+    table
+}
+
 /// JSON as AMQP field values. An object key longer than a short string (255 bytes) cannot be
 /// a field name: that entry is left out (such keys can only come from a JSON body).
 pub fn json_to_amqp(v: &Value) -> AMQPValue {
