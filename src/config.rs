@@ -37,7 +37,10 @@ pub struct Config {
     pub log_level: Option<String>,
     /// `text` or `json`.
     pub log_format: LogFormat,
-    /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`); unset = embedded mode only.
+    /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`); unset = embedded mode only. Several
+    /// (`amqp://a;amqp://b`, or a list in the file) are tried in turn, as Celery's failover
+    /// does: the next one after each lost or refused connection.
+    #[serde(deserialize_with = "one_or_many_urls")]
     pub broker: Option<String>,
     /// A file holding the broker URL (e.g. systemd's `LoadCredential=`), read when `broker` is
     /// unset, so the password need not sit in the config or the environment.
@@ -110,6 +113,30 @@ pub enum QueueDeclare {
     Kombu,
     /// Passive: the queue must already exist (any flags or arguments).
     Passive,
+}
+
+/// `broker` as a string or a list of URLs, kept as Celery's `;`-separated string.
+fn one_or_many_urls<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Urls {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<Urls>::deserialize(d)? {
+        None => None,
+        Some(Urls::One(s)) => Some(s),
+        Some(Urls::Many(list)) => Some(list.join(";")),
+    })
+}
+
+/// The URLs of a `broker` setting, in failover order (Celery's `amqp://a;amqp://b`).
+pub fn broker_urls(broker: &str) -> Vec<&str> {
+    broker
+        .split(';')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 /// The type of the task queues the worker declares.
@@ -310,9 +337,17 @@ impl Config {
             return Err("key `prefetch_count`: must be at least 1".into());
         }
         if let Some(b) = &self.broker {
-            if !(b.starts_with("amqp://") || b.starts_with("amqps://")) {
+            let urls = broker_urls(b);
+            if urls.is_empty() {
+                return Err("key `broker`: no URL given".into());
+            }
+            if let Some(bad) = urls
+                .iter()
+                .find(|u| !(u.starts_with("amqp://") || u.starts_with("amqps://")))
+            {
                 return Err(format!(
-                    "key `broker`: `{b}` is not an amqp:// or amqps:// URL"
+                    "key `broker`: `{}` is not an amqp:// or amqps:// URL",
+                    crate::source::redact(bad)
                 ));
             }
         }
@@ -445,6 +480,24 @@ mod tests {
             let e = c.validate().unwrap_err();
             assert!(e.0.contains("key `queue_arguments`"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn broker_takes_celerys_failover_list_as_a_string_or_a_list() {
+        let one: Config = toml::from_str(r#"broker = "amqp://a//;amqps://b//""#).unwrap();
+        let many: Config = toml::from_str(r#"broker = ["amqp://a//", "amqps://b//"]"#).unwrap();
+        assert_eq!(one.broker, many.broker);
+        assert_eq!(
+            broker_urls(one.broker.as_deref().unwrap()),
+            ["amqp://a//", "amqps://b//"]
+        );
+        assert!(one.validate().is_ok());
+        let bad: Config = toml::from_str(r#"broker = "amqp://a//;redis://:secret@b/0""#).unwrap();
+        let e = bad.validate().unwrap_err();
+        assert!(
+            e.0.contains("key `broker`") && !e.0.contains("secret"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -60,3 +60,26 @@ fn amqp_queue_type_quorum_declares_what_a_quorum_client_declares() {
     assert_eq!(out["ok"], serde_json::json!([2]), "{out}");
     drop(w);
 }
+
+/// Celery's failover syntax: with the first broker unreachable, the worker moves to the next
+/// URL (round robin) and consumes there.
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_a_broker_list_fails_over_to_the_next_url() {
+    let (lane, root, plugins) = setup!("amqp_failover");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!(
+        "amqp://guest:guest@127.0.0.1:{}//",
+        closed.local_addr().unwrap().port()
+    );
+    drop(closed);
+    let brokers = format!("{dead};{BROKER}");
+    let args = ["--broker", &brokers, "-Q", &lane.queue, "-n", &lane.node];
+    let mut w = Daemon::start_with(&plugins, &root.path().join("w.sock"), &args);
+    let moved = w.wait_log("reconnecting to amqp://127.0.0.1:5672");
+    assert!(moved.contains(&dead.replace("guest:guest@", "")), "{moved}");
+    w.wait_log("consuming Celery tasks");
+    let out = lane.run(&["call", "f.ok", "[3]"]);
+    assert_eq!(out["ok"], serde_json::json!([3]), "{out}");
+}

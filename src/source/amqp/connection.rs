@@ -60,9 +60,16 @@ pub(super) async fn connection_loop(shared: Arc<SourceState>) {
                     false => format!("in {wait:?}"),
                 };
                 let hint = super::tls::hint(&reason);
+                let failed = shared.broker_url().to_string();
+                // Celery's failover: the next URL after each lost or refused connection.
+                shared.next_broker();
+                let next = match shared.broker_url() == failed {
+                    true => String::new(),
+                    false => format!(" to {}", redact(shared.broker_url())),
+                };
                 tracing::warn!(
-                    broker = %redact(&shared.options.url),
-                    "broker connection lost or refused ({reason}){hint}; reconnecting {when}. Plugins keep running; results of running tasks are published after reconnecting"
+                    broker = %redact(&failed),
+                    "broker connection lost or refused ({reason}){hint}; reconnecting{next} {when}. Plugins keep running; results of running tasks are published after reconnecting"
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -126,7 +133,7 @@ async fn session(shared: &Arc<SourceState>) -> SessionEnd {
 async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
     let o = &shared.options;
     let props = ConnectionProperties::default().with_connection_name(shared.nodename().into());
-    let conn = o.tls.connect(&o.url, props).await?;
+    let conn = o.tls.connect(shared.broker_url(), props).await?;
     let consume = conn.create_channel().await?;
     let results = conn.create_channel().await?;
     results
@@ -186,7 +193,7 @@ async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
     shared.connected.send_replace(true);
     shared.dispatcher.metrics().broker_connected(true);
     tracing::info!(
-        broker = %redact(&o.url),
+        broker = %redact(shared.broker_url()),
         queues = %shared.queue_names().join(","),
         node = %shared.nodename(),
         prefetch = o.prefetch,

@@ -101,6 +101,7 @@ impl AmqpSource {
             redis,
             monitor: monitor::Monitor::new(options.task_events),
             warned_queues: Mutex::default(),
+            broker_at: Default::default(),
             girder: crate::source::girder::reporter::GirderJobs::new(
                 options.girder_job_urls.clone(),
             ),
@@ -205,6 +206,8 @@ pub struct SourceState {
     /// Numbers the results channels, so a publisher can wait for one other than the channel
     /// that just failed.
     channel_numbers: AtomicU64,
+    /// Which URL of the broker's failover list is in use.
+    broker_at: std::sync::atomic::AtomicUsize,
     /// Queues already warned about (taken as they exist, with other arguments).
     warned_queues: Mutex<std::collections::HashSet<String>>,
     /// Girder jobs named by task messages, kept up to date over HTTP.
@@ -343,6 +346,22 @@ impl SourceState {
 
     fn is_revoked(&self, id: &str) -> bool {
         self.tasks().revoked.contains(id)
+    }
+
+    /// The broker URL this session uses (or the next tries): one of `options.url`'s
+    /// failover list.
+    fn broker_url(&self) -> &str {
+        let urls = crate::config::broker_urls(&self.options.url);
+        let at = self.broker_at.load(std::sync::atomic::Ordering::Relaxed);
+        urls.get(at % urls.len().max(1))
+            .copied()
+            .unwrap_or(&self.options.url)
+    }
+
+    /// Moves to the next URL of the failover list (round robin).
+    fn next_broker(&self) {
+        self.broker_at
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// True the first time a queue is named here: a warning about it is logged once.
