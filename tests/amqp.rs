@@ -439,11 +439,24 @@ fn amqp_a_task_sees_its_queue_and_request_facts_and_a_local_one_sees_none() {
     let (lane, root, plugins) = setup!("amqp_context");
     context_plugin(&plugins);
     let w = lane.worker(&plugins, &root.path().join("w.sock"));
-    let out = lane.run(&["call", "ctx.where", "[]"]);
+    let out = lane
+        .client(&["call", "ctx.where", "[]"])
+        .env("PRIORITY", "7")
+        .output();
+    let out: Value = serde_json::from_str(
+        text(&out.unwrap().stdout)
+            .lines()
+            .last()
+            .unwrap_or_default(),
+    )
+    .unwrap();
     let seen = &out["ok"];
     assert_eq!(seen["queue"], lane.queue.as_str(), "{out}");
     let request = &seen["request"];
     assert_eq!(request["delivery_info"]["queue"], lane.queue.as_str());
+    assert_eq!(request["delivery_info"]["priority"], 7, "{request}");
+    assert_eq!(request["delivery_info"]["redelivered"], false, "{request}");
+    assert_eq!(request["delivery_info"]["serializer"], "json", "{request}");
     assert_eq!(request["delivery_info"]["routing_key"], lane.queue.as_str());
     assert_eq!(request["hostname"], lane.node.as_str());
     assert_eq!(request["retries"], 0);

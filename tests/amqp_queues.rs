@@ -83,3 +83,94 @@ fn amqp_a_broker_list_fails_over_to_the_next_url() {
     let out = lane.run(&["call", "f.ok", "[3]"]);
     assert_eq!(out["ok"], serde_json::json!([3]), "{out}");
 }
+
+/// The lane's client with `env` set; the JSON of its last line.
+fn client_with(lane: &Lane, env: &[(&str, &str)], args: &[&str]) -> Value {
+    let mut cmd = lane.client(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("python runs");
+    let stdout = text(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|_| panic!("client said {stdout:?}, stderr {}", text(&out.stderr)))
+}
+
+/// The JSON lines `f.note` wrote to `path`, once there are `n` (within 30 s).
+fn notes(path: &std::path::Path, n: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let lines: Vec<Value> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} notes never came: {lines:?}"
+        );
+        // Written by the plugin's tasks as they run: look again shortly.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// With `x-max-priority` (`queue_arguments`), a high-priority task overtakes a backlog of low
+/// ones once the consumer has room (prefetch 1 here).
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_a_high_priority_task_overtakes_a_backlog() {
+    let (lane, root, plugins) = setup!("amqp_priority");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let config = root.path().join("worker.toml");
+    std::fs::write(&config, "[queue_arguments]\n\"x-max-priority\" = 10\n").unwrap();
+    let config = config.display().to_string();
+    let _w = lane.worker_with(
+        &plugins,
+        &root.path().join("w.sock"),
+        &["--config", &config, "--prefetch-count", "1"],
+    );
+    let prio = [("QUEUE_MAX_PRIORITY", "10")];
+    // The one prefetch slot is taken by a task that waits for its revoke.
+    let mut blocker = lane.client(&["send_wait", "f.sleep", "[60]"]);
+    blocker
+        .env("QUEUE_MAX_PRIORITY", "10")
+        .stdout(std::process::Stdio::piped());
+    let mut blocker = blocker.spawn().unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(blocker.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let blocker_id = serde_json::from_str::<Value>(&first).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while client_with(&lane, &prio, &["depth"])["messages"] != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the blocker was never delivered"
+        );
+    }
+    let path = root.path().join("notes.jsonl");
+    let path_s = path.display().to_string();
+    let low = serde_json::json!(["low", path_s]).to_string();
+    let high = serde_json::json!(["high", path_s]).to_string();
+    let low_env = [("QUEUE_MAX_PRIORITY", "10"), ("PRIORITY", "1")];
+    let sent = client_with(&lane, &low_env, &["send_many", "f.note", &low, "5"]);
+    assert_eq!(sent["ids"].as_array().map(Vec::len), Some(5), "{sent}");
+    let high_env = [("QUEUE_MAX_PRIORITY", "10"), ("PRIORITY", "9")];
+    client_with(&lane, &high_env, &["send_many", "f.note", &high, "1"]);
+    let said = lane.celery_cli(&["control", "revoke", &blocker_id]);
+    let _ = blocker.wait();
+    let order = notes(&path, 6);
+    assert_eq!(
+        order[0][0], "high",
+        "the high-priority task first: {order:?} ({said})"
+    );
+    assert!(order[1..].iter().all(|n| n[0] == "low"), "{order:?}");
+}

@@ -181,6 +181,16 @@ pub struct DeliveryInfo {
     /// task from the control socket or `worker run`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serializer: Option<String>,
+    /// The message's priority (0-255; only a queue with `x-max-priority` orders by it) (1.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    /// The broker delivered it before, to this or another consumer (1.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redelivered: Option<bool>,
+    /// How often a quorum queue delivered it before (`x-delivery-count`; RabbitMQ 4 drops or
+    /// dead-letters it past the queue's delivery limit) (1.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_count: Option<u64>,
 }
 
 /// `task.run`'s `request`: Celery's request facts (null where the message has none) and the

@@ -1,7 +1,7 @@
 """The Celery app the tests' Python clients and `celery -A capp ...` use: a plain client
 (broker from BROKER_URL; results through rpc://, or RESULT_BACKEND), nothing worker-specific.
 QUEUE_TYPE=quorum declares its queues quorum (`task_default_queue_type`,
-`task_create_missing_queue_type`)."""
+`task_create_missing_queue_type`); QUEUE_MAX_PRIORITY=N gives them x-max-priority N."""
 
 import os
 
@@ -13,3 +13,6 @@ if os.environ.get("QUEUE_TYPE"):
     app.conf.task_default_queue_type = os.environ["QUEUE_TYPE"]
     # Celery 5.6+: the type of a queue named by `send_task(queue=...)` (5.5 has no such key).
     app.conf.task_create_missing_queue_type = os.environ["QUEUE_TYPE"]
+if os.environ.get("QUEUE_MAX_PRIORITY"):
+    # Queues declared with x-max-priority, as Celery's `task_queue_max_priority` does.
+    app.conf.task_queue_max_priority = int(os.environ["QUEUE_MAX_PRIORITY"])

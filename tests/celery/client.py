@@ -29,6 +29,7 @@ Outcomes print as {"ok": result} or {"exc_type": ..., "exc_module": ..., "messag
 """
 
 import json
+import os
 import sys
 import time
 
@@ -48,7 +49,9 @@ def outcome(fn):
 
 
 def send(queue, name, args, kwargs=None):
-    return app.send_task(name, args=args, kwargs=kwargs or {}, queue=queue)
+    # PRIORITY: the message's priority (as `apply_async(priority=...)`).
+    priority = int(os.environ["PRIORITY"]) if os.environ.get("PRIORITY") else None
+    return app.send_task(name, args=args, kwargs=kwargs or {}, queue=queue, priority=priority)
 
 
 def canvas(queue, scenario, path):

@@ -77,6 +77,7 @@ pub fn read(
         let reason = reason.as_str().unwrap_or_default().to_string();
         return Err(Refusal::HeadersDropped(reason));
     }
+    let delivery_count = headers.get("x-delivery-count").and_then(Value::as_u64);
     let env = Envelope {
         headers,
         body: m.body,
@@ -107,6 +108,9 @@ pub fn read(
             exchange: Some(m.exchange.to_string()),
             routing_key: Some(m.routing_key.to_string()),
             serializer: Some(task.serializer.to_string()),
+            priority: *props.priority(),
+            redelivered: Some(m.redelivered),
+            delivery_count,
         },
     };
     Ok((task, info))
