@@ -174,3 +174,26 @@ fn amqp_a_high_priority_task_overtakes_a_backlog() {
     );
     assert!(order[1..].iter().all(|n| n[0] == "low"), "{order:?}");
 }
+
+/// A queue deleted under the worker (an operator, or its node gone): the broker cancels the
+/// consumer, and the worker declares the queue again and consumes it.
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_a_consumer_the_broker_cancels_is_declared_and_consumed_again() {
+    let (lane, root, plugins) = setup!("amqp_broker_cancel");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let mut w = lane.worker(&plugins, &root.path().join("w.sock"));
+    assert_eq!(
+        lane.run(&["call", "f.ok", "[1]"])["ok"],
+        serde_json::json!([1])
+    );
+    let deleted = lane.run(&["delete"]);
+    assert!(
+        deleted.get("deleted").is_some() || deleted.is_object(),
+        "{deleted}"
+    );
+    w.wait_log("cancelled by the broker");
+    w.wait_log_from(0, "consuming from");
+    let out = lane.run(&["call", "f.ok", "[2]"]);
+    assert_eq!(out["ok"], serde_json::json!([2]), "{out}");
+}

@@ -2,7 +2,7 @@
 //! queue), consume, and hand each delivery to its handler; reconnect when the connection is
 //! lost, at once the first time, then with the restart policy's backoff.
 
-use super::consumers::{self, Consumers, Relayed};
+use super::consumers::{self, Consumers, Relay, Relayed};
 use super::{delivery, monitor, redact, remote, SessionRequest, SourceState};
 use crate::metrics::Settled;
 use crate::supervisor::restart;
@@ -184,7 +184,7 @@ async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
         .await?;
     // Dropped with the session: the pidbox relay and the event loop of a dead connection stop
     // with it (the consumers' relays stop with `consumers`).
-    let _pidbox = consumers::relay(pidbox, None, tx);
+    let _pidbox = consumers::relay(pidbox, None, tx, 0);
     let _events =
         AbortOnDropHandle::new(tokio::spawn(monitor::run(shared.clone(), events.clone())));
     shared
@@ -281,8 +281,16 @@ impl Session<'_> {
                     retry = tokio::time::Instant::now() + retry_in(refused);
                 }
                 d = deliveries.recv() => match d {
-                    Some((queue, Ok(delivery))) => self.dispatch(shared, queue, delivery, &lost).await,
-                    Some((_, Err(e))) => return SessionEnd::Lost { reason: e.to_string(), was_up: true },
+                    Some((queue, Relay::Delivery(Ok(delivery)))) => self.dispatch(shared, queue, delivery, &lost).await,
+                    Some((_, Relay::Delivery(Err(e)))) => return SessionEnd::Lost { reason: e.to_string(), was_up: true },
+                    Some((Some(queue), Relay::Ended(start))) => {
+                        if !cancelled && self.consumers.ended(&queue, start) {
+                            tracing::warn!(queue = %queue, "the consumer of {queue} was cancelled by the broker (queue deleted, or its node gone); declaring and consuming it again");
+                            refused = 0;
+                            retry = tokio::time::Instant::now() + retry_in(refused);
+                        }
+                    }
+                    Some((None, Relay::Ended(_))) => return SessionEnd::Lost { reason: "the broker cancelled the remote-control consumer".into(), was_up: true },
                     None => return SessionEnd::Lost { reason: "the broker closed the consumers".into(), was_up: true },
                 },
                 _ = shared.stopping.cancelled(), if !cancelled => {

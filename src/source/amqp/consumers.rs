@@ -14,8 +14,16 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
-/// A delivery with the task queue its consumer reads (`None`: the pidbox).
-pub(super) type Relayed = (Option<Arc<str>>, lapin::Result<Delivery>);
+/// What a consumer relays, with the task queue it reads (`None`: the pidbox).
+pub(super) type Relayed = (Option<Arc<str>>, Relay);
+
+#[derive(Debug)]
+pub(super) enum Relay {
+    Delivery(lapin::Result<Delivery>),
+    /// The consumer of this start (see [`Consumers::start`]) ended without the worker asking:
+    /// the broker cancelled it (the queue was deleted, its node went away).
+    Ended(u64),
+}
 
 /// Declares `q` as kombu does (durable exchange of its type, durable queue with `args`, bound
 /// with its routing key), or checks that it exists (`passive`).
@@ -103,19 +111,22 @@ async fn declare_or_take(
     }
 }
 
-/// Relays one consumer's deliveries into the session's single stream.
+/// Relays one consumer's deliveries into the session's single stream, then says when it
+/// ended (`start` tells which start of the queue's consumer it is).
 pub(super) fn relay(
     mut consumer: lapin::Consumer,
     queue: Option<Arc<str>>,
     tx: mpsc::Sender<Relayed>,
+    start: u64,
 ) -> AbortOnDropHandle<()> {
     AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some(d) = consumer.next().await {
             let failed = d.is_err();
-            if tx.send((queue.clone(), d)).await.is_err() || failed {
+            if tx.send((queue.clone(), Relay::Delivery(d))).await.is_err() || failed {
                 return;
             }
         }
+        let _ = tx.send((queue, Relay::Ended(start))).await;
     }))
 }
 
@@ -123,7 +134,9 @@ pub(super) fn relay(
 pub(super) struct Consumers {
     channel: Channel,
     tx: mpsc::Sender<Relayed>,
-    running: BTreeMap<String, (String, AbortOnDropHandle<()>)>,
+    /// Consumer tag, start number and relay of each consumed queue.
+    running: BTreeMap<String, (String, u64, AbortOnDropHandle<()>)>,
+    starts: u64,
     /// Relays of cancelled consumers: they still hand on what the broker had sent before the
     /// cancel (so it is answered, not held unacked), until the session ends.
     retired: Vec<AbortOnDropHandle<()>>,
@@ -135,6 +148,7 @@ impl Consumers {
             channel,
             tx,
             running: BTreeMap::new(),
+            starts: 0,
             retired: Vec::new(),
         }
     }
@@ -172,14 +186,21 @@ impl Consumers {
                 FieldTable::default(),
             )
             .await?;
-        let relay = relay(consumer, Some(q.name.as_str().into()), self.tx.clone());
-        self.running.insert(q.name.clone(), (tag, relay));
+        self.starts += 1;
+        let relay = relay(
+            consumer,
+            Some(q.name.as_str().into()),
+            self.tx.clone(),
+            self.starts,
+        );
+        self.running
+            .insert(q.name.clone(), (tag, self.starts, relay));
         Ok(())
     }
 
     /// Stops consuming `queue`. Deliveries already relayed are still handled (and acked).
     pub(super) async fn cancel(&mut self, queue: &str) {
-        let Some((tag, relay)) = self.running.remove(queue) else {
+        let Some((tag, _, relay)) = self.running.remove(queue) else {
             return;
         };
         self.retired.push(relay);
@@ -215,10 +236,23 @@ impl Consumers {
             }
             match self.start(shared, conn, q).await {
                 Ok(()) => {
-                    tracing::info!(queue = %q.name, "consuming from {} (remote control)", q.name)
+                    tracing::info!(queue = %q.name, "consuming from {}", q.name)
                 }
                 Err(e) => tracing::error!(queue = %q.name, "cannot consume from {}: {e}", q.name),
             }
+        }
+    }
+
+    /// Forgets the consumer of `queue` that the broker cancelled (if it is still the one of
+    /// that `start`), so it is declared and consumed again like a refused queue. True if it
+    /// was.
+    pub(super) fn ended(&mut self, queue: &str, start: u64) -> bool {
+        match self.running.get(queue) {
+            Some((_, s, _)) if *s == start => {
+                self.running.remove(queue);
+                true
+            }
+            _ => false,
         }
     }
 
