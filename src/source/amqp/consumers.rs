@@ -17,6 +17,8 @@ use tokio_util::task::AbortOnDropHandle;
 /// What a consumer relays, with the task queue it reads (`None`: the pidbox).
 pub(super) type Relayed = (Option<Arc<str>>, Relay);
 
+// Deliveries are the hot path: boxing them would allocate once per message for the rare end.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(super) enum Relay {
     Delivery(lapin::Result<Delivery>),
