@@ -113,6 +113,7 @@ impl Outcome {
         match failure.kind {
             FailureKind::Raised { .. } => "raised",
             FailureKind::Cancelled => "cancelled",
+            FailureKind::RetryRequested => "retry",
             FailureKind::SoftTimeLimit => "soft_time_limit",
             FailureKind::HardTimeLimit => "hard_time_limit",
             FailureKind::PluginCrashed => "plugin_crashed",
@@ -137,6 +138,9 @@ pub struct Failure {
     /// Where `exc_type` comes from (Python module for Celery clients).
     pub module: String,
     pub traceback: Option<String>,
+    /// The plugin asked to run the task again later (kind `Retry`): when, and how often.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Box<plugin_protocol::TaskRetryData>>,
 }
 
 /// The failure categories the worker reacts to differently.
@@ -147,6 +151,10 @@ pub enum FailureKind {
     Raised { retryable: bool },
     /// Stopped on request.
     Cancelled,
+    /// The plugin asked to run it again later (`failure.retry` says when); a source with a
+    /// broker publishes it again, the others report it as this failure.
+    #[serde(rename = "retry")]
+    RetryRequested,
     /// Stopped after its soft time limit.
     SoftTimeLimit,
     /// Its process was killed at the hard time limit.
@@ -181,6 +189,7 @@ impl Failure {
             message: message.into(),
             module: module.to_string(),
             traceback: None,
+            retry: None,
         }
     }
 

@@ -69,6 +69,9 @@ pub mod code {
     pub const SHUTTING_DOWN: i64 = -32002;
     /// The plugin does not serve the task name it was sent.
     pub const UNKNOWN_TASK: i64 = -32003;
+    /// The task asks to be run again later (1.4); `data` is a
+    /// [`TaskRetryData`](super::TaskRetryData).
+    pub const TASK_RETRY: i64 = -32004;
 }
 
 /// Name and version of either peer.
@@ -241,6 +244,26 @@ pub struct TaskErrorData {
     /// True if running the task again could succeed.
     #[serde(default)]
     pub retryable: bool,
+}
+
+/// `data` of a [`code::TASK_RETRY`] error (1.4): run the task again later, as Celery's
+/// `self.retry(countdown=..., eta=..., max_retries=..., exc=...)` does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRetryData {
+    /// Seconds from now; absent (and no `eta`): Celery's default, 180.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub countdown: Option<f64>,
+    /// ISO 8601, when to run it again (`countdown` wins when both are given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<String>,
+    /// How many retries in all; absent: Celery's default, 3. Past it the task fails with
+    /// `exc` (or `MaxRetriesExceededError`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u64>,
+    /// Why: the exception reported with the RETRY state, and as the failure once no retry is
+    /// left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exc: Option<TaskErrorData>,
 }
 
 /// `task.progress` params.

@@ -408,6 +408,8 @@ pub mod state {
     pub const SUCCESS: &str = "SUCCESS";
     pub const FAILURE: &str = "FAILURE";
     pub const REVOKED: &str = "REVOKED";
+    /// Published again to run later (`Task.retry`); not final.
+    pub const RETRY: &str = "RETRY";
     /// Custom state carrying `task.progress`: `{done, total, message}`.
     pub const PROGRESS: &str = "PROGRESS";
     /// Custom state carrying `task.stream` items: `{items: [...]}`.

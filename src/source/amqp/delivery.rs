@@ -7,6 +7,7 @@ use super::girder_job::{self, TaskJob};
 use super::inbound::{self, Inbound};
 use super::ledger::Arrival;
 use super::publish::{Delivered, Published, Returns};
+use super::retry;
 use super::{monitor, workflow, ActiveInfo, SourceState};
 use crate::dispatch::TaskUpdate;
 use crate::metrics::Settled;
@@ -35,6 +36,13 @@ pub enum Settlement {
     /// The task did not run to an end because this worker is stopping: give the message back
     /// to the queue, unanswered, for another worker.
     Requeue,
+    /// The plugin asked to run it again later (`retry`): publish it again, due at `eta`,
+    /// confirmed; report RETRY with `result`; then ack the original without answering it.
+    Retry {
+        eta: SystemTime,
+        result: Value,
+        traceback: Option<String>,
+    },
 }
 
 /// Decides how a task that ran ends on the wire (the table test covers every kind). Pure: `revoked` is the reason a revoke
@@ -139,18 +147,20 @@ pub(super) async fn handle(
     lost: CancellationToken,
 ) {
     let redelivered = delivery.redelivered;
-    let Some((task, info, acker, mut raw)) = decode(&shared, &queue, delivery).await else {
+    let Some((task, info, acker, raw)) = decode(&shared, &queue, delivery).await else {
         return;
     };
+    // An eta task is offered to the broker's delay queues once.
+    let mut parking_tried = false;
     let admission = loop {
         let admission = admit(arrived(&shared, &task, redelivered));
         if admission != Admission::Hold {
             break admission;
         }
-        if let Some(raw) = raw.take() {
-            if park(&shared, &queue, &task, raw, &acker).await {
-                return;
-            }
+        if !std::mem::replace(&mut parking_tried, true)
+            && park(&shared, &queue, &task, &raw, &acker).await
+        {
+            return;
         }
         if !hold_until_eta(&shared, &task, &info, &acker, &lost).await {
             return;
@@ -198,7 +208,7 @@ pub(super) async fn handle(
             }
         }
     };
-    finish(&shared, &task, &acker, settlement).await;
+    finish(&shared, &task, &acker, &raw, settlement).await;
 }
 
 /// Waits until `task`'s rate limit (`celery control rate_limit`) lets it start, the message
@@ -247,7 +257,12 @@ async fn run_and_settle(shared: &SourceState, task: &CeleryTask, info: &ActiveIn
         Outcome::Success(_) => None,
     };
     let revoked = shared.tasks().ledger.revoked(&task.id);
-    let settlement = settlement_of(outcome, revoked, shared.stopping.is_cancelled());
+    let settlement = match &outcome {
+        Outcome::Failure(f) if f.kind == FailureKind::RetryRequested && revoked.is_none() => {
+            retry::plan(task, f, SystemTime::now())
+        }
+        _ => settlement_of(outcome, revoked, shared.stopping.is_cancelled()),
+    };
     job.end(&settlement, failure).await;
     settlement
 }
@@ -272,7 +287,7 @@ async fn decode(
     shared: &SourceState,
     queue: &str,
     delivery: Delivery,
-) -> Option<(CeleryTask, ActiveInfo, Acker, Option<Raw>)> {
+) -> Option<(CeleryTask, ActiveInfo, Acker, Raw)> {
     let message = Inbound {
         queue,
         exchange: delivery.exchange.as_str(),
@@ -284,12 +299,14 @@ async fn decode(
     let max = shared.options.max_message_size;
     match inbound::read(&message, max, &shared.nodename(), now_epoch()) {
         Ok((task, info)) => {
-            // Kept only for a task that may be parked until its eta.
-            let ahead = task.eta.is_some_and(|eta| eta > SystemTime::now());
-            let raw = ahead.then_some(Raw {
+            // Kept (moved, not copied) while the task is handled: it may be parked until its
+            // eta, or published again for a retry, as it came.
+            let raw = Raw {
                 properties: delivery.properties,
                 body: delivery.data,
-            });
+                exchange: delivery.exchange.to_string(),
+                routing_key: delivery.routing_key.to_string(),
+            };
             Some((task, info, delivery.acker, raw))
         }
         Err(refusal) => {
@@ -305,10 +322,13 @@ async fn decode(
     }
 }
 
-/// A message as it arrived, to publish again unchanged.
-struct Raw {
-    properties: lapin::BasicProperties,
-    body: Vec<u8>,
+/// A message as it arrived, to publish again (parked until its eta, or retried).
+pub(super) struct Raw {
+    pub(super) properties: lapin::BasicProperties,
+    pub(super) body: Vec<u8>,
+    /// Where it was published to.
+    pub(super) exchange: String,
+    pub(super) routing_key: String,
 }
 
 /// Parks an eta task a second or more away in the broker's delay topology (see `delayed`):
@@ -318,7 +338,7 @@ async fn park(
     shared: &SourceState,
     queue: &str,
     task: &CeleryTask,
-    raw: Raw,
+    raw: &Raw,
     acker: &Acker,
 ) -> bool {
     let Some(eta) = task.eta else { return false };
@@ -338,7 +358,7 @@ async fn park(
     let Some(key) = spec.and_then(|q| delayed::routing_key(secs, &q.routing_key)) else {
         return false;
     };
-    let props = raw.properties.with_delivery_mode(2);
+    let props = raw.properties.clone().with_delivery_mode(2);
     let published = shared
         .publish_confirmed(
             &task.id,
@@ -436,8 +456,19 @@ async fn run(shared: &SourceState, task: &CeleryTask, info: &ActiveInfo, job: &T
 
 /// The owner's duty: publish the final state and only once it is confirmed, remember the id
 /// as answered and ack the message and its copies; or give them all back to the queue.
-async fn finish(shared: &SourceState, task: &CeleryTask, acker: &Acker, settlement: Settlement) {
+async fn finish(
+    shared: &SourceState,
+    task: &CeleryTask,
+    acker: &Acker,
+    raw: &Raw,
+    settlement: Settlement,
+) {
     let (status, result, traceback, reject_it) = match settlement {
+        Settlement::Retry {
+            eta,
+            result,
+            traceback,
+        } => return retry_later(shared, task, acker, raw, eta, result, traceback).await,
         Settlement::Requeue => {
             tracing::info!(task_id = %task.id, "worker stopping: returning the task to the queue");
             let copies = shared.tasks().ledger.release(&task.id);
@@ -485,6 +516,45 @@ async fn finish(shared: &SourceState, task: &CeleryTask, acker: &Acker, settleme
     // slot, and the result alone is retried, within a bound, while its client may return.
     if let Some(body) = returned {
         retry_returned(shared, task, &body).await;
+    }
+}
+
+/// A retry: ownership released first (so the copy, should it come back here at once, runs
+/// rather than joining this one), published again, RETRY reported, then the original and its
+/// copies acked. If it cannot be published the message goes back to its queue as it was.
+async fn retry_later(
+    shared: &SourceState,
+    task: &CeleryTask,
+    acker: &Acker,
+    raw: &Raw,
+    eta: SystemTime,
+    result: Value,
+    traceback: Option<String>,
+) {
+    let copies = shared.tasks().ledger.release(&task.id);
+    let settled = match retry::publish_again(shared, task, raw, eta).await {
+        true => Settled::Acked,
+        false => Settled::Requeued,
+    };
+    if settled == Settled::Acked {
+        monitor::announce_retried(shared, task, &result, traceback.as_deref());
+        if !task.ignore_result {
+            let body = celery::result_body(&task.id, state::RETRY, result, traceback.as_deref());
+            shared
+                .deliver_event(
+                    &task.id,
+                    task.reply_to.as_deref(),
+                    &task.correlation_id,
+                    &body,
+                )
+                .await;
+        }
+    }
+    for a in std::iter::once(acker).chain(&copies) {
+        match settled {
+            Settled::Acked => ack(shared, a).await,
+            _ => reject(shared, a, Settled::Requeued).await,
+        }
     }
 }
 

@@ -22,6 +22,7 @@ pub mod ledger;
 mod monitor;
 mod publish;
 mod remote;
+mod retry;
 /// Public only for the scale bench, which measures it at its limits.
 #[doc(hidden)]
 pub mod revoked;

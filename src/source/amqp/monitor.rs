@@ -376,6 +376,29 @@ pub(super) fn announce_start(shared: &SourceState, task: &CeleryTask) {
     shared.monitor.task(&node, "started", &task.id, Map::new);
 }
 
+/// `task-retried` for a task its plugin asked to run again later.
+pub(super) fn announce_retried(
+    shared: &SourceState,
+    task: &CeleryTask,
+    result: &Value,
+    traceback: Option<&str>,
+) {
+    if !shared.monitor.task_events() {
+        return;
+    }
+    let exc_type = result["exc_type"].as_str().unwrap_or("Retry");
+    let message = result["exc_message"][0].as_str().unwrap_or_default();
+    let exception = exception_repr(exc_type, message);
+    shared
+        .monitor
+        .task(&shared.nodename(), "retried", &task.id, || {
+            let mut f = Map::new();
+            f.insert("exception".into(), json!(exception));
+            f.insert("traceback".into(), json!(traceback.unwrap_or_default()));
+            f
+        });
+}
+
 /// `task-revoked` for a task revoked or expired before it started.
 pub(super) fn announce_revoked(shared: &SourceState, task: &CeleryTask, reason: &str) {
     shared

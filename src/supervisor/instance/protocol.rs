@@ -7,7 +7,7 @@ use crate::supervisor::reply_id;
 use crate::task::{Failure, FailureKind, Outcome, TaskEvent};
 use plugin_protocol::{
     capability, code, method, ErrorObject, Id, LogLevel, LogParams, Message, Response,
-    TaskErrorData, TaskProgressParams, TaskStreamParams,
+    TaskErrorData, TaskProgressParams, TaskRetryData, TaskStreamParams,
 };
 use serde_json::Value;
 use std::sync::atomic::Ordering;
@@ -330,6 +330,41 @@ impl Instance {
     }
 }
 
+/// A retry answer (1.4) as a failure of kind `Retry` carrying its exception and its plan; a
+/// retry answer whose data does not read is a plain failure naming why.
+fn retry_failure(e: ErrorObject) -> Failure {
+    let data = e.data.unwrap_or_else(|| Value::Object(Default::default()));
+    let retry: TaskRetryData =
+        match serde_json::from_value(data) {
+            Ok(r) => r,
+            Err(why) => return Failure::new(
+                FailureKind::Raised { retryable: false },
+                "PluginError",
+                "worker.errors",
+                format!(
+                    "the plugin answered a retry (error -32004) whose data does not read: {why}"
+                ),
+            ),
+        };
+    let (exc_type, message, module, traceback) = match &retry.exc {
+        Some(x) => (
+            x.exc_type.clone(),
+            x.message.clone(),
+            x.module.clone().unwrap_or_else(|| "worker.errors".into()),
+            x.traceback.clone(),
+        ),
+        None => ("Retry".into(), e.message, "celery.exceptions".into(), None),
+    };
+    Failure {
+        kind: FailureKind::RetryRequested,
+        exc_type,
+        message,
+        module,
+        traceback,
+        retry: Some(Box::new(retry)),
+    }
+}
+
 /// Maps a `task.run` error response to a failure.
 fn task_failure(e: ErrorObject, cancel: Option<&super::tasks::Cancel>) -> Failure {
     let data: Option<TaskErrorData> = e.data.clone().and_then(|d| serde_json::from_value(d).ok());
@@ -345,6 +380,7 @@ fn task_failure(e: ErrorObject, cancel: Option<&super::tasks::Cancel>) -> Failur
             None => Failure::cancelled("the plugin cancelled the task itself"),
         },
         code::SHUTTING_DOWN => Failure::rejected(format!("the plugin refused it: {}", e.message)),
+        code::TASK_RETRY => retry_failure(e),
         code::UNKNOWN_TASK => Failure::new(
             FailureKind::NotRegistered,
             "NotRegistered",
@@ -360,6 +396,7 @@ fn task_failure(e: ErrorObject, cancel: Option<&super::tasks::Cancel>) -> Failur
                 message: d.message,
                 module: d.module.unwrap_or_else(|| "worker.errors".into()),
                 traceback: d.traceback,
+                retry: None,
             },
             None => Failure::new(
                 FailureKind::Raised { retryable: false },
