@@ -197,3 +197,30 @@ fn amqp_a_consumer_the_broker_cancels_is_declared_and_consumed_again() {
     let out = lane.run(&["call", "f.ok", "[2]"]);
     assert_eq!(out["ok"], serde_json::json!([2]), "{out}");
 }
+
+/// A plugin's retry answer, as Celery's `self.retry(...)`: the task is published again with
+/// `retries` + 1 until it succeeds; past `max_retries` it fails with its exception, or
+/// `MaxRetriesExceededError` when it gave none.
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_a_plugin_retries_a_task_as_celery_does() {
+    let (lane, root, plugins) = setup!("amqp_retry");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let _w = lane.worker(&plugins, &root.path().join("w.sock"));
+    let began = std::time::Instant::now();
+    let out = lane.run(&["call", "f.retry_until", "[2]"]);
+    assert_eq!(out["ok"], serde_json::json!({"retries": 2}), "{out}");
+    assert!(
+        began.elapsed() >= std::time::Duration::from_secs(2),
+        "each retry waits its countdown (1 s): {:?}",
+        began.elapsed()
+    );
+    let out = lane.run(&["call", "f.retry_until", "[5, 1]"]);
+    assert_eq!(
+        out["exc_type"], "ConnectionError",
+        "past max_retries: {out}"
+    );
+    assert_eq!(out["message"], "try again", "{out}");
+    let out = lane.run(&["call", "f.retry_bare", "[5, 1]"]);
+    assert_eq!(out["exc_type"], "MaxRetriesExceededError", "{out}");
+}

@@ -31,6 +31,8 @@ pub const FAULTY_TASKS: &[&str] = &[
     "f.progress",
     "f.stderr",
     "f.stderr_wait",
+    "f.retry_until",
+    "f.retry_bare",
     "f.where",
     "f.string_id",
     "f.bad_utf8",

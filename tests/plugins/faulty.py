@@ -29,7 +29,7 @@ the whole plugin: reads nothing, answers no ping, for that long), f.stderr_flood
 stderr line that long), f.garbage_flood [n] (n non-protocol stdout lines), f.request_flood [n]
 (n requests to the worker while reading nothing), f.env (its environment, NoNewPrivs and
 rlimits), f.spin (burns CPU until killed), f.escape / f.escape_clean (a setsid() grandchild
-that outlives the plugin, returning its pid; _clean: with an empty environment), f.stderr_wait [lines] (as f.stderr, then a `log` record naming the task, then waits for its cancel), f.stderr [lines] (writes that many stderr
+that outlives the plugin, returning its pid; _clean: with an empty environment), f.retry_until [n, max] / f.retry_bare [n, max] (ask for a retry in 1 s, with an exception or without, until the request's retries reach n; max_retries max, default 5), f.stderr_wait [lines] (as f.stderr, then a `log` record naming the task, then waits for its cancel), f.stderr [lines] (writes that many stderr
 lines, then returns), f.where (returns its interpreter's prefix, its working directory and the
 FAULT_TAG variable), f.note [..., path] (appends its args as a JSON line to the file `path`, a
 canvas test's witness).
@@ -213,6 +213,17 @@ def run_task(id_, params):
                 sys.stderr.write("stderr line %d\n" % i)
             sys.stderr.flush()
             reply(id_, "wrote")
+        elif name in ("f.retry_until", "f.retry_bare"):
+            # Asks for a retry (protocol 1.4) until Celery's retry count reaches args[0].
+            retries = (params.get("request") or {}).get("retries", 0)
+            if retries >= (args[0] if args else 1):
+                reply(id_, {"retries": retries})
+            else:
+                data = {"countdown": 1, "max_retries": args[1] if len(args) > 1 else 5}
+                if name == "f.retry_until":
+                    data["exc"] = {"type": "ConnectionError", "message": "try again",
+                                   "module": "builtins", "retryable": True}
+                send({"id": id_, "error": {"code": -32004, "message": "retry", "data": data}})
         elif name == "f.stderr_wait":
             for i in range(args[0] if args else 1):
                 sys.stderr.write("stderr line %d\n" % i)
@@ -231,7 +242,7 @@ def run_task(id_, params):
 
 def declared_tasks():
     names = ["f.ok", "f.pid", "f.sleep", "f.sleep_nocancel", "f.crash", "f.crash_once", "f.exit",
-             "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr", "f.stderr_wait", "f.where",
+             "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr", "f.stderr_wait", "f.retry_until", "f.retry_bare", "f.where",
              "f.string_id", "f.bad_utf8", "f.huge_then_answer", "f.block", "f.stderr_flood",
              "f.garbage_flood", "f.request_flood", "f.env", "f.spin", "f.escape", "f.escape_clean", "f.write", "f.fs", "f.note"]
     if ENV("FAULT_HANDSHAKE") == "extra_task":
