@@ -22,12 +22,16 @@ pub const DEFAULT_MAX_RETRIES: u64 = 3;
 
 /// How a retry answer ends on the wire. Pure: `now` is the time it was answered.
 pub fn plan(task: &CeleryTask, f: &Failure, now: SystemTime) -> Settlement {
-    let retry = f.retry.as_deref().cloned().unwrap_or(plugin_protocol::TaskRetryData {
-        countdown: None,
-        eta: None,
-        max_retries: None,
-        exc: None,
-    });
+    let retry = f
+        .retry
+        .as_deref()
+        .cloned()
+        .unwrap_or(plugin_protocol::TaskRetryData {
+            countdown: None,
+            eta: None,
+            max_retries: None,
+            exc: None,
+        });
     let max = retry.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
     let exc = retry.exc.is_some();
     if task.retries >= max {
@@ -165,7 +169,12 @@ mod tests {
     fn asked(retry: TaskRetryData) -> Failure {
         Failure {
             retry: Some(Box::new(retry)),
-            ..Failure::new(FailureKind::RetryRequested, "ConnectionError", "builtins", "refused")
+            ..Failure::new(
+                FailureKind::RetryRequested,
+                "ConnectionError",
+                "builtins",
+                "refused",
+            )
         }
     }
 

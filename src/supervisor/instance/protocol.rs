@@ -334,18 +334,19 @@ impl Instance {
 /// retry answer whose data does not read is a plain failure naming why.
 fn retry_failure(e: ErrorObject) -> Failure {
     let data = e.data.unwrap_or_else(|| Value::Object(Default::default()));
-    let retry: TaskRetryData =
-        match serde_json::from_value(data) {
-            Ok(r) => r,
-            Err(why) => return Failure::new(
+    let retry: TaskRetryData = match serde_json::from_value(data) {
+        Ok(r) => r,
+        Err(why) => {
+            return Failure::new(
                 FailureKind::Raised { retryable: false },
                 "PluginError",
                 "worker.errors",
                 format!(
                     "the plugin answered a retry (error -32004) whose data does not read: {why}"
                 ),
-            ),
-        };
+            )
+        }
+    };
     let (exc_type, message, module, traceback) = match &retry.exc {
         Some(x) => (
             x.exc_type.clone(),
