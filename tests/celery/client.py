@@ -144,9 +144,31 @@ def main():
         print(json.dumps(canvas(queue, rest[0], rest[1] if len(rest) > 1 else None)), flush=True)
     elif command == "messages":
         kwargs = json.loads(rest[2]) if len(rest) > 2 else {}
-        r = send(queue, rest[0], json.loads(rest[1]), kwargs)
-        seen = []
-        out = outcome(lambda: r.get(timeout=TIMEOUT, on_message=lambda m: seen.append([m["status"], m["result"]])))
+        if app.conf.result_backend.startswith("redis://"):
+            # Celery's Redis client reads a result that is already final from its key and then
+            # skips the states before it (a race with a fast task): listen to the task's
+            # channel from before it is sent instead, as the worker publishes every state there.
+            import redis
+            task_id = "messages-%d" % time.time_ns()
+            listener = redis.Redis.from_url(app.conf.result_backend).pubsub()
+            listener.subscribe("celery-task-meta-" + task_id)
+            r = app.send_task(rest[0], args=json.loads(rest[1]), kwargs=kwargs, queue=queue, task_id=task_id)
+            out = outcome(lambda: r.get(timeout=TIMEOUT))
+            seen = []
+            while True:
+                m = listener.get_message(timeout=TIMEOUT)
+                if m is None:
+                    break
+                if m["type"] != "message":
+                    continue
+                meta = json.loads(m["data"])
+                seen.append([meta["status"], meta["result"]])
+                if meta["status"] in ("SUCCESS", "FAILURE", "REVOKED"):
+                    break
+        else:
+            r = send(queue, rest[0], json.loads(rest[1]), kwargs)
+            seen = []
+            out = outcome(lambda: r.get(timeout=TIMEOUT, on_message=lambda m: seen.append([m["status"], m["result"]])))
         out["messages"] = seen
         print(json.dumps(out), flush=True)
     elif command == "batch":
