@@ -224,3 +224,89 @@ fn amqp_a_plugin_retries_a_task_as_celery_does() {
     let out = lane.run(&["call", "f.retry_bare", "[5, 1]"]);
     assert_eq!(out["exc_type"], "MaxRetriesExceededError", "{out}");
 }
+
+/// `rabbitmqctl LIST --formatter json` as JSON rows.
+fn rabbitmqctl(args: &[&str]) -> Vec<Value> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .args(["--formatter", "json"])
+        .output()
+        .expect("rabbitmqctl runs (the broker's own CLI, beside the server)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        text(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// RabbitMQ 4.3's rules, as the broker itself reports what the worker declared: every queue
+/// durable or exclusive (no transient shared queue), no deprecated argument, no global QoS.
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_what_the_worker_declares_meets_rabbitmq_4_3_rules() {
+    let (lane, root, plugins) = setup!("amqp_rmq43");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let _w = lane.worker_with(&plugins, &root.path().join("w.sock"), &["-E"]);
+    assert_eq!(
+        lane.run(&["call", "f.ok", "[1]"])["ok"],
+        serde_json::json!([1])
+    );
+    const DEPRECATED: &[&str] = &[
+        "x-ha-policy",
+        "x-ha-nodes",
+        "x-ha-params",
+        "x-queue-master-locator",
+        "x-queue-mode",
+        "x-max-in-memory-length",
+        "x-max-in-memory-bytes",
+    ];
+    let queues = rabbitmqctl(&["list_queues", "name", "durable", "exclusive", "arguments"]);
+    let ours: Vec<&Value> = queues
+        .iter()
+        .filter(|q| {
+            let name = q["name"].as_str().unwrap_or_default();
+            name == lane.queue || name.starts_with(&lane.node) || name.starts_with("celery_delayed")
+        })
+        .collect();
+    assert!(
+        ours.len() >= 3,
+        "the task queue, the pidbox, the delay queues: {ours:#?}"
+    );
+    for q in &ours {
+        let exclusive =
+            q["exclusive"].as_str().is_some_and(|s| !s.is_empty()) || q["exclusive"] == true;
+        assert!(
+            q["durable"] == true || exclusive,
+            "durable or exclusive: {q}"
+        );
+        let args = q["arguments"].as_array().cloned().unwrap_or_default();
+        for a in &args {
+            let name = a[0].as_str().unwrap_or_default();
+            assert!(
+                !DEPRECATED.contains(&name),
+                "deprecated argument {name}: {q}"
+            );
+        }
+    }
+    let conns = rabbitmqctl(&["list_connections", "pid", "client_properties"]);
+    let named = |c: &&Value| {
+        c["client_properties"].as_array().is_some_and(|props| {
+            props
+                .iter()
+                .any(|p| p[0] == "connection_name" && p[2] == lane.node.as_str())
+        })
+    };
+    let pid = conns
+        .iter()
+        .find(named)
+        .map(|c| c["pid"].clone())
+        .unwrap_or_else(|| panic!("the worker's connection is named after its node: {conns:#?}"));
+    let channels = rabbitmqctl(&["list_channels", "connection", "global_prefetch_count"]);
+    let mine: Vec<&Value> = channels.iter().filter(|c| c["connection"] == pid).collect();
+    assert!(!mine.is_empty(), "{channels:#?}");
+    assert!(
+        mine.iter().all(|c| c["global_prefetch_count"] == 0),
+        "QoS is never global: {mine:#?}"
+    );
+}
