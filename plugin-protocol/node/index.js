@@ -1,4 +1,4 @@
-// Node.js SDK for `worker` plugins (protocol 1.2). No dependencies.
+// Node.js SDK for `worker` plugins (protocol 1.4). No dependencies.
 //
 //   const { Plugin } = require('worker-plugin');
 //   const plugin = new Plugin('my-plugin', '1.0.0');
@@ -13,6 +13,10 @@
 // concurrently on the event loop. The SDK keeps stdout for the protocol: console.log and any
 // process.stdout.write land on stderr (the worker's log) instead of corrupting it.
 //
+// A handler asks to be run again later with `ctx.retry({ exc, countdown, eta, maxRetries })`,
+// as a Celery task calls `self.retry(...)`: it throws `Retry`, which the SDK answers with error
+// -32004 (see `Retry`).
+//
 // A task whose Celery message was encoded by jsonpickle (Girder Worker's `girder_io`;
 // `ctx.serializer === 'jsonpickle'`) gets its args and kwargs as the JSON they came as:
 // jsonpickle's tags (`py/object`, `py/reduce`, `py/id`, ...) intact, tuples made arrays by the
@@ -20,6 +24,7 @@
 'use strict';
 
 const readline = require('readline');
+const { types } = require('util');
 const files = require('./files');
 
 const PROTOCOL_VERSION = '1.4';
@@ -30,6 +35,7 @@ const TASK_FAILED = -32000;
 const TASK_CANCELLED = -32001;
 const SHUTTING_DOWN = -32002;
 const UNKNOWN_TASK = -32003;
+const TASK_RETRY = -32004;
 
 /** Throw (or let ctx.checkCancelled throw) to end a task that was asked to stop. */
 class Cancelled extends Error {
@@ -46,6 +52,130 @@ class TaskError extends Error {
     this.name = type || 'TaskError';
     this.retryable = retryable;
   }
+}
+
+/**
+ * Ends a task asking the worker to run it again later, like Celery's `Retry`; `ctx.retry(...)`
+ * throws it. The SDK answers the task with error -32004 (PROTOCOL.md §4): `exc` (an Error, or
+ * absent) is reported as a task error's data (type, message, traceback, retryable); `countdown`
+ * (seconds, a finite number >= 0) or `eta` (a Date, or an ISO 8601 string; no offset means UTC)
+ * says when, `countdown` winning when both are given, neither meaning 180 s; `maxRetries` (an
+ * integer >= 0, default 3) is how many retries the task may have in all. The options are
+ * checked here: a bad one throws TypeError or RangeError instead, which fails the task as any
+ * error does.
+ */
+class Retry extends Error {
+  constructor(options = {}) {
+    super(retryMessage(retryOptions(options).exc));
+    this.name = 'Retry';
+    this.exc = options.exc;
+    this.countdown = options.countdown;
+    this.eta = options.eta;
+    this.maxRetries = options.maxRetries;
+  }
+
+  /** The message and `data` of the task's -32004 answer. Checked again: the handler may have
+   * changed the properties since. */
+  _answer() {
+    const { exc, countdown, eta, maxRetries } = retryOptions(this);
+    const data = {};
+    if (countdown !== undefined) data.countdown = countdown;
+    if (eta !== undefined) data.eta = eta;
+    if (maxRetries !== undefined) data.max_retries = maxRetries;
+    if (exc !== undefined) data.exc = errorData(exc);
+    return [retryMessage(exc), data];
+  }
+}
+
+const RETRY_OPTIONS = ['exc', 'countdown', 'eta', 'maxRetries'];
+/** An ISO 8601 time: date, time, fraction, offset sign, hours, minutes (no offset: UTC). */
+const ISO_TIME = /^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d+)?(?:[Zz]|([+-])(\d{2}):?(\d{2}))?$/;
+
+/** The options of a retry, checked (null counts as absent): the `eta` as the RFC 3339 string
+ * the worker reads. Throws TypeError or RangeError naming the option that is wrong. */
+function retryOptions(options) {
+  if (options === null || typeof options !== 'object') {
+    throw new TypeError(`ctx.retry: options must be an object, not ${describe(options)}`);
+  }
+  if (!(options instanceof Retry)) {
+    const unknown = Object.keys(options).filter((key) => !RETRY_OPTIONS.includes(key));
+    if (unknown.length) {
+      throw new TypeError(`ctx.retry: unknown option ${unknown.join(', ')} (known: ${RETRY_OPTIONS.join(', ')})`);
+    }
+  }
+  const given = (value) => (value === null ? undefined : value);
+  const exc = given(options.exc);
+  const countdown = given(options.countdown);
+  const maxRetries = given(options.maxRetries);
+  if (exc !== undefined && !(exc instanceof Error || types.isNativeError(exc))) {
+    throw new TypeError(`ctx.retry: exc must be an Error, not ${describe(exc)}`);
+  }
+  if (countdown !== undefined) {
+    if (typeof countdown !== 'number') {
+      throw new TypeError(`ctx.retry: countdown must be a number of seconds, not ${describe(countdown)}`);
+    }
+    if (!Number.isFinite(countdown) || countdown < 0) {
+      throw new RangeError(`ctx.retry: countdown must be a finite number of seconds >= 0, not ${countdown}`);
+    }
+  }
+  if (maxRetries !== undefined) {
+    if (typeof maxRetries !== 'number' || !Number.isInteger(maxRetries)) {
+      throw new TypeError(`ctx.retry: maxRetries must be an integer, not ${describe(maxRetries)}`);
+    }
+    if (maxRetries < 0) throw new RangeError(`ctx.retry: maxRetries must be >= 0, not ${maxRetries}`);
+  }
+  return { exc, countdown, eta: isoTime(given(options.eta)), maxRetries };
+}
+
+/** `eta` as the RFC 3339 string the worker reads: a Date in UTC; a string checked, its offset
+ * kept (none meaning UTC), written out in full (`T`, and `+hh:mm` for `Z`, `+hhmm` or none). */
+function isoTime(eta) {
+  if (eta === undefined) return undefined;
+  if (eta instanceof Date) {
+    if (Number.isNaN(eta.getTime())) throw new RangeError('ctx.retry: eta is an invalid Date');
+    return eta.toISOString();
+  }
+  if (typeof eta !== 'string') {
+    throw new TypeError(`ctx.retry: eta must be a Date or an ISO 8601 string, not ${describe(eta)}`);
+  }
+  const match = ISO_TIME.exec(eta);
+  if (!match || !isRealTime(match)) {
+    throw new RangeError(
+      `ctx.retry: eta must be an ISO 8601 time such as 2030-01-02T03:04:05+00:00, not ${describe(eta)}`);
+  }
+  const [, date, clock, fraction = '', sign = '+', hours = '00', minutes = '00'] = match;
+  return `${date}T${clock}${fraction}${sign}${hours}:${minutes}`;
+}
+
+/** Whether an ISO_TIME match names a time that exists: Date.UTC rolls 2030-02-30 over to
+ * March, so a field that comes back changed was out of range. */
+function isRealTime([, date, clock, , , hours = '0', minutes = '0']) {
+  const [y, mo, d, h, mi, sec] = [...date.split('-'), ...clock.split(':')].map(Number);
+  const back = new Date(Date.UTC(y, mo - 1, d, h, mi));
+  return sec <= 59 && Number(hours) <= 23 && Number(minutes) <= 59
+    && back.getUTCFullYear() === y && back.getUTCMonth() === mo - 1 && back.getUTCDate() === d
+    && back.getUTCHours() === h && back.getUTCMinutes() === mi;
+}
+
+function describe(value) {
+  if (typeof value === 'string') return JSON.stringify(value);
+  if (typeof value === 'bigint') return `${value}n`;
+  return String(value);
+}
+
+function retryMessage(exc) {
+  return exc === undefined ? 'retry' : `retry: ${errorMessage(exc)}`;
+}
+
+/** The message of a task error answer for `err`. */
+function errorMessage(err) {
+  return `${err.name}: ${err.message}`;
+}
+
+/** The `data` of a task error answer (PROTOCOL.md §4) for `err`: of a -32000 failure, and the
+ * `exc` of a -32004 retry. */
+function errorData(err) {
+  return { type: err.name, message: err.message, traceback: err.stack, retryable: Boolean(err.retryable) };
 }
 
 /** What a running task can see and do besides returning. */
@@ -131,6 +261,16 @@ class Context {
   log(message, level = 'info', fields = {}) {
     const params = { level, message: String(message), fields: { ...fields, task_id: this.taskId } };
     this._plugin._send({ method: 'log', params });
+  }
+
+  /**
+   * Ends the task asking the worker to run it again later, as Celery's `self.retry(...)` does:
+   * throws Retry (see it for the options), so `throw ctx.retry(...)` works too. A Celery task
+   * below its `maxRetries` is published again (same id, `retries` + 1); past it, or from the
+   * control socket, the task fails with `exc`.
+   */
+  retry(options = {}) {
+    throw new Retry(options);
   }
 
   _cancel() {
@@ -230,18 +370,27 @@ class Plugin {
       }
       this._send({ id, result: JSON.parse(line) });
     } catch (e) {
-      if (e instanceof Cancelled) {
+      if (e instanceof Retry) {
+        try {
+          this._error(id, TASK_RETRY, ...e._answer());
+        } catch (changed) { // changed since it was checked, or its exc will not encode
+          this._fail(id, changed);
+        }
+      } else if (e instanceof Cancelled) {
         this._error(id, TASK_CANCELLED, 'task cancelled', { type: 'Cancelled', message: e.message, retryable: false });
       } else {
-        const err = e instanceof Error ? e : new Error(String(e));
-        this._error(id, TASK_FAILED, `${err.name}: ${err.message}`, {
-          type: err.name, message: err.message, traceback: err.stack, retryable: Boolean(err.retryable),
-        });
+        this._fail(id, e);
       }
     } finally {
       this._running.delete(ctx.taskId);
       this._maybeShutDown();
     }
+  }
+
+  /** Answers task `id` as failed (-32000) with `e`, whatever was thrown. */
+  _fail(id, e) {
+    const err = e instanceof Error ? e : new Error(String(e));
+    this._error(id, TASK_FAILED, errorMessage(err), errorData(err));
   }
 
   _maybeShutDown() {
@@ -303,7 +452,7 @@ class Plugin {
 }
 
 module.exports = {
-  Plugin, Context, Cancelled, TaskError, PROTOCOL_VERSION,
+  Plugin, Context, Cancelled, TaskError, Retry, PROTOCOL_VERSION,
   FileActionStatus: files.FileActionStatus,
   StreamTaskResults: files.StreamTaskResults,
   expandPaths: files.expandPaths,

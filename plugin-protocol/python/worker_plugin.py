@@ -17,6 +17,10 @@ At start it moves the protocol to a private copy of stdout and points file descr
 stderr, so a stray write to fd 1 (a C extension, a subprocess) lands in the log instead of
 corrupting the protocol.
 
+A handler asks to be run again later with `ctx.retry(exc=..., countdown=..., eta=...,
+max_retries=...)`, as a Celery task calls `self.retry(...)`: it raises `Retry`, which the SDK
+answers with error -32004 (see `Retry`).
+
 What a task's handler prints belongs to that task: while a handler runs, text its thread writes
 through `sys.stdout` or `sys.stderr` (print(), `print(file=sys.stderr)`, `sys.stderr.write`, a
 logging handler that looks up `sys.stderr` when it writes) becomes `log` notifications on the
@@ -48,7 +52,10 @@ only from a broker you trust. JSON tasks and `ctx.request.headers` are never dec
 
 import datetime
 import json
+import math
+import numbers
 import os
+import re
 import stat
 import sys
 import threading
@@ -66,6 +73,7 @@ TASK_FAILED = -32000
 TASK_CANCELLED = -32001
 SHUTTING_DOWN = -32002
 UNKNOWN_TASK = -32003
+TASK_RETRY = -32004
 
 
 _current = threading.local()
@@ -103,6 +111,114 @@ class TaskError(Exception):
         super().__init__(message)
         self.type_name = type_name
         self.retryable = retryable
+
+
+class Retry(Exception):
+    """Ends a task asking the worker to run it again later, like Celery's
+    `celery.exceptions.Retry`; `ctx.retry(...)` raises it. The SDK answers the task with error
+    -32004 (PROTOCOL.md §4): `exc` (an exception instance, or None) is reported as a task
+    error's data (type, message, module, traceback, retryable); `countdown` (seconds, a finite
+    number >= 0) or `eta` (a datetime, naive meaning UTC, or an ISO 8601 string) says when,
+    `countdown` winning when both are given, neither meaning 180 s; `max_retries` (an int >= 0,
+    default 3) is how many retries the task may have in all. Values are checked here: a bad one
+    raises TypeError or ValueError instead, which fails the task as any exception does."""
+
+    def __init__(self, exc=None, countdown=None, eta=None, max_retries=None):
+        _retry_fields(exc, countdown, eta, max_retries)
+        super().__init__(_retry_message(exc))
+        self.exc = exc
+        self.countdown = countdown
+        self.eta = eta
+        self.max_retries = max_retries
+
+    def _answer(self):
+        """The message and `data` of the task's -32004 answer. Checked again: the handler may
+        have changed the attributes since."""
+        data = _retry_fields(self.exc, self.countdown, self.eta, self.max_retries)
+        if self.exc is not None:
+            # A fresh exception has no traceback of its own: where ctx.retry was called is one.
+            data["exc"] = _error_data(self.exc, self.exc.__traceback__ or self.__traceback__)
+        return _retry_message(self.exc), data
+
+
+_ISO_TIME = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d+)?"
+                       r"(?:[Zz]|([+-])(\d{2}):?(\d{2}))?", re.ASCII)
+"""An ISO 8601 time: date, time, fraction, offset sign, hours, minutes (no offset: UTC)."""
+
+
+def _retry_fields(exc, countdown, eta, max_retries):
+    """The `countdown`, `eta` and `max_retries` of a -32004 answer's data, only those given,
+    after checking them and `exc`: TypeError or ValueError names the argument that is wrong."""
+    if exc is not None and not isinstance(exc, BaseException):
+        raise TypeError("ctx.retry: exc must be an exception instance or None, not %r" % (exc,))
+    fields = {}
+    if countdown is not None:
+        if isinstance(countdown, bool) or not isinstance(countdown, numbers.Real):
+            raise TypeError("ctx.retry: countdown must be a number of seconds, not %r"
+                            % (countdown,))
+        try:
+            seconds = float(countdown)
+        except OverflowError:
+            seconds = math.inf
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError("ctx.retry: countdown must be a finite number of seconds >= 0, "
+                             "not %r" % (countdown,))
+        fields["countdown"] = seconds
+    if eta is not None:
+        fields["eta"] = _iso_time(eta)
+    if max_retries is not None:
+        if isinstance(max_retries, bool) or not isinstance(max_retries, numbers.Integral):
+            raise TypeError("ctx.retry: max_retries must be an int, not %r" % (max_retries,))
+        if max_retries < 0:
+            raise ValueError("ctx.retry: max_retries must be >= 0, not %r" % (max_retries,))
+        fields["max_retries"] = int(max_retries)
+    return fields
+
+
+def _iso_time(eta):
+    """`eta` as the RFC 3339 string the worker reads: a datetime in UTC (a naive one is taken
+    as UTC already); a string checked, its offset kept (none meaning UTC), written out in full
+    (`T`, and `+hh:mm` for `Z`, `+hhmm` or none)."""
+    if isinstance(eta, datetime.datetime):
+        if eta.tzinfo is None:
+            eta = eta.replace(tzinfo=datetime.timezone.utc)
+        return eta.astimezone(datetime.timezone.utc).isoformat()
+    if not isinstance(eta, str):
+        raise TypeError("ctx.retry: eta must be a datetime or an ISO 8601 string, not %r" % (eta,))
+    match = _ISO_TIME.fullmatch(eta)
+    try:
+        if match is None:
+            raise ValueError
+        date, clock, fraction, sign, hours, minutes = match.groups()
+        datetime.datetime.strptime(date + " " + clock, "%Y-%m-%d %H:%M:%S")  # 2030-02-30: no
+        if sign and (int(hours) > 23 or int(minutes) > 59):
+            raise ValueError
+    except ValueError:
+        raise ValueError("ctx.retry: eta must be an ISO 8601 time such as "
+                         "2030-01-02T03:04:05+00:00, not %r" % (eta,)) from None
+    return "%sT%s%s%s%s:%s" % (date, clock, fraction or "", sign or "+", hours or "00",
+                               minutes or "00")
+
+
+def _retry_message(exc):
+    return "retry" if exc is None else "retry: " + _error_message(exc)
+
+
+def _error_message(exc):
+    """The message of a task error answer for `exc`."""
+    return "%s: %s" % (type(exc).__name__, exc)
+
+
+def _error_data(exc, tb):
+    """The `data` of a task error answer (PROTOCOL.md §4) for `exc`, raised with traceback
+    `tb`: of a -32000 failure, and the `exc` of a -32004 retry."""
+    return {
+        "type": getattr(exc, "type_name", None) or type(exc).__name__,
+        "message": str(exc),
+        "module": type(exc).__module__,
+        "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
+        "retryable": bool(getattr(exc, "retryable", False)),
+    }
 
 
 class Context:
@@ -211,6 +327,13 @@ class Context:
     def log(self, message, level="info", **fields):
         fields["task_id"] = self.task_id
         self._plugin._notify("log", {"level": level, "message": str(message), "fields": fields})
+
+    def retry(self, exc=None, countdown=None, eta=None, max_retries=None):
+        """Ends the task asking the worker to run it again later, as Celery's `self.retry(...)`
+        does: raises Retry (see it for the arguments), so `raise ctx.retry(...)` works too. A
+        Celery task below its `max_retries` is published again (same id, `retries` + 1); past
+        it, or from the control socket, the task fails with `exc`."""
+        raise Retry(exc, countdown, eta, max_retries)
 
 
 class _TaskOutput:
@@ -515,23 +638,26 @@ class Plugin:
                 self._error(id_, TASK_FAILED, "result is not JSON-serializable", {
                     "type": "TypeError", "message": "result is not JSON-serializable: %s" % exc,
                     "module": "builtins", "retryable": False})
+        except Retry as retry:
+            try:
+                self._error(id_, TASK_RETRY, *retry._answer())
+            except Exception as exc:  # changed since it was checked, or its exc will not encode
+                self._fail(id_, exc)
         except Cancelled as exc:
             self._error(id_, TASK_CANCELLED, "task cancelled", {
                 "type": "Cancelled", "message": str(exc) or "task cancelled", "retryable": False})
         except BaseException as exc:  # a task failure must never end the plugin
-            self._error(id_, TASK_FAILED, "%s: %s" % (type(exc).__name__, exc), {
-                "type": getattr(exc, "type_name", None) or type(exc).__name__,
-                "message": str(exc),
-                "module": type(exc).__module__,
-                "traceback": traceback.format_exc(),
-                "retryable": bool(getattr(exc, "retryable", False)),
-            })
+            self._fail(id_, exc)
         finally:
             self._running.pop(ctx.task_id, None)
             # Only a shutdown waits for the running set to empty (it sets the flag first).
             if self._shutting_down:
                 with self._running_lock:
                     self._running_lock.notify_all()
+
+    def _fail(self, id_, exc):
+        """Answers task `id_` as failed (-32000) with `exc`, the exception being handled."""
+        self._error(id_, TASK_FAILED, _error_message(exc), _error_data(exc, exc.__traceback__))
 
     def _shutdown(self, id_):
         self._shutting_down = True

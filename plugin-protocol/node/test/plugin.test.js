@@ -6,9 +6,12 @@ const path = require('node:path');
 const readline = require('node:readline');
 const { Context } = require('..');
 
-/** The fixture plugin as a child process, and its messages as they come. */
-function start() {
-  const child = spawn(process.execPath, [path.join(__dirname, '..', 'fixtures', 'plugin.js')], { stdio: ['pipe', 'pipe', 'pipe'] });
+const FIXTURE = [path.join(__dirname, '..', 'fixtures', 'plugin.js')];
+
+/** A plugin (the fixture, unless `argv` says another) as a child process, and its messages as
+ * they come. */
+function start(argv = FIXTURE) {
+  const child = spawn(process.execPath, argv, { stdio: ['pipe', 'pipe', 'pipe'] });
   const messages = [];
   const waiters = [];
   let stderr = '';
@@ -32,8 +35,8 @@ function start() {
   return { child, messages, send, response, until, stderr: () => stderr };
 }
 
-async function initialized() {
-  const p = start();
+async function initialized(argv) {
+  const p = start(argv);
   p.send({ id: 0, method: 'initialize', params: { settings: { greeting: 'hi' }, limits: { concurrency: 4 } } });
   const init = await p.response(0);
   return { p, init };
@@ -218,4 +221,109 @@ test('headers reach the handler; a jsonpickle task\'s args arrive as JSON, tags 
   });
   assert.deepStrictEqual((await p.response(2)).result.kwargs, kwargs);
   p.child.kill();
+});
+
+/**
+ * A plugin whose tasks retry (1.4), run as `node -e` with this function's source, so it may use
+ * nothing but the SDK it is given.
+ */
+function retryPlugin({ Plugin, Retry, TaskError }) {
+  const plugin = new Plugin('retry-fixture', '0.1.0');
+  plugin.task('t.add', (ctx, a, b) => a + b);
+  // Asks to be run again with its kwargs as the options, as they came (JSON).
+  plugin.task('t.retry', (ctx, options) => {
+    throw ctx.retry(options);
+  });
+  plugin.task('t.retry_exc', async (ctx) => {
+    await new Promise((resolve) => setTimeout(resolve, 1)); // thrown after an await
+    ctx.retry({ exc: new RangeError('x'), countdown: 5, maxRetries: 2 });
+  });
+  plugin.task('t.retry_typed', (ctx) => {
+    ctx.retry({ exc: new TaskError('try later', { type: 'Busy', retryable: true }), countdown: 0.5 });
+  });
+  plugin.task('t.retry_eta', (ctx) => {
+    ctx.retry({ eta: new Date(Date.UTC(2030, 0, 2, 3, 4, 5, 600)), maxRetries: 0 });
+  });
+  plugin.task('t.retry_new', () => {
+    throw new Retry({ countdown: 1 });
+  });
+  plugin.task('t.retry_changed', () => {
+    const retry = new Retry({ countdown: 1 });
+    retry.countdown = NaN; // spoiled after it was checked
+    throw retry;
+  });
+  plugin.run();
+}
+
+const RETRY_PLUGIN = ['-e', `(${retryPlugin})(require(${JSON.stringify(path.join(__dirname, '..'))}))`];
+
+test('ctx.retry answers -32004 with countdown, maxRetries and exc as a failure\'s data (1.4)', async (t) => {
+  const { p } = await initialized(RETRY_PLUGIN);
+  t.after(() => p.child.kill());
+  run(p, 1, 't.retry_exc');
+  const retry = (await p.response(1)).error;
+  assert.strictEqual(retry.code, -32004);
+  assert.strictEqual(retry.message, 'retry: RangeError: x');
+  const { traceback, ...exc } = retry.data.exc;
+  assert.deepStrictEqual({ ...retry.data, exc }, {
+    countdown: 5, max_retries: 2, exc: { type: 'RangeError', message: 'x', retryable: false },
+  });
+  assert.match(traceback, /^RangeError: x\n\s+at .*\[eval\]/); // where it was made
+  run(p, 2, 't.retry_typed');
+  const typed = (await p.response(2)).error;
+  assert.strictEqual(typed.message, 'retry: Busy: try later');
+  assert.deepStrictEqual([typed.data.countdown, typed.data.exc.type, typed.data.exc.retryable], [0.5, 'Busy', true]);
+});
+
+test('a bare retry has empty data; a thrown Retry works too; an eta is sent as ISO 8601', async (t) => {
+  const { p } = await initialized(RETRY_PLUGIN);
+  t.after(() => p.child.kill());
+  run(p, 1, 't.retry');
+  assert.deepStrictEqual((await p.response(1)).error, { code: -32004, message: 'retry', data: {} });
+  run(p, 2, 't.retry_new');
+  assert.deepStrictEqual((await p.response(2)).error.data, { countdown: 1 });
+  run(p, 3, 't.retry_eta');
+  assert.deepStrictEqual((await p.response(3)).error.data, { eta: '2030-01-02T03:04:05.600Z', max_retries: 0 });
+  const given = [
+    ['2030-01-02T03:04:05+02:00', '2030-01-02T03:04:05+02:00'],
+    ['2030-01-02 03:04:05.5Z', '2030-01-02T03:04:05.5+00:00'],
+    ['2030-01-02T03:04:05-0130', '2030-01-02T03:04:05-01:30'],
+    ['2030-01-02T03:04:05', '2030-01-02T03:04:05+00:00'],
+  ];
+  for (const [n, [eta, sent]] of given.entries()) {
+    run(p, 10 + n, 't.retry', [], { eta, countdown: 0, maxRetries: null });
+    const answer = (await p.response(10 + n)).error;
+    assert.strictEqual(answer.code, -32004);
+    assert.deepStrictEqual(answer.data, { countdown: 0, eta: sent });
+  }
+});
+
+test('bad retry options fail the task naming the option, and the plugin goes on', async (t) => {
+  const { p } = await initialized(RETRY_PLUGIN);
+  t.after(() => p.child.kill());
+  const bad = [
+    [{ countdown: -1 }, 'RangeError', 'countdown must be a finite number'],
+    [{ countdown: 'soon' }, 'TypeError', 'countdown must be a number'],
+    [{ maxRetries: -1 }, 'RangeError', 'maxRetries must be >= 0'],
+    [{ maxRetries: 2.5 }, 'TypeError', 'maxRetries must be an integer'],
+    [{ eta: 'tomorrow' }, 'RangeError', 'eta must be an ISO 8601 time'],
+    [{ eta: '2030-02-30T00:00:00Z' }, 'RangeError', 'eta must be an ISO 8601 time'],
+    [{ eta: 5 }, 'TypeError', 'eta must be a Date or an ISO 8601 string'],
+    [{ exc: 'boom' }, 'TypeError', 'exc must be an Error'],
+    [{ max_retries: 2 }, 'TypeError', 'unknown option max_retries'],
+  ];
+  for (const [n, [options, type, says]] of bad.entries()) {
+    run(p, n + 1, 't.retry', [], options);
+    const failed = (await p.response(n + 1)).error;
+    assert.strictEqual(failed.code, -32000, JSON.stringify(options));
+    assert.strictEqual(failed.data.type, type, JSON.stringify(options));
+    assert.ok(failed.data.message.includes(says), failed.data.message);
+    assert.ok(failed.message.includes(says), failed.message);
+  }
+  run(p, 98, 't.retry_changed');
+  const changed = (await p.response(98)).error;
+  assert.deepStrictEqual([changed.code, changed.data.type], [-32000, 'RangeError']);
+  assert.match(changed.data.message, /countdown must be a finite number/);
+  run(p, 99, 't.add', [2, 3]);
+  assert.strictEqual((await p.response(99)).result, 5);
 });

@@ -1,4 +1,5 @@
 """A plugin built on the SDK, driven by test_plugin.py over its real stdin/stdout."""
+import datetime
 import logging
 import os
 import sys
@@ -10,7 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 if os.environ.get("FIXTURE_HIDE_JSONPICKLE"):
     sys.modules["jsonpickle"] = None  # `import jsonpickle` now fails, as where it is absent
 
-from worker_plugin import Plugin, TaskError  # noqa: E402
+from worker_plugin import Plugin, Retry, TaskError  # noqa: E402
 
 plugin = Plugin("fixture", "0.1.0",
                 capture_output=os.environ.get("FIXTURE_CAPTURE_OUTPUT", "1") == "1")
@@ -100,6 +101,43 @@ def fail(ctx):
 @plugin.task("t.typed")
 def typed(ctx):
     raise TaskError("try later", type_name="Busy", retryable=True)
+
+
+@plugin.task("t.retry")
+def retry(ctx, **options):
+    """Asks to be run again with `options` as they came (JSON), after printing half a line."""
+    sys.stdout.write("retrying")
+    raise ctx.retry(**options)
+
+
+@plugin.task("t.retry_exc")
+def retry_exc(ctx):
+    ctx.retry(exc=ValueError("x"), countdown=5, max_retries=2)
+
+
+@plugin.task("t.retry_raised")
+def retry_raised(ctx):
+    """Retries on an exception it caught: its own traceback goes with it."""
+    try:
+        raise ConnectionError("upstream refused")
+    except ConnectionError as exc:
+        ctx.retry(exc=exc)
+
+
+@plugin.task("t.retry_eta")
+def retry_eta(ctx, aware):
+    when = datetime.datetime(2030, 1, 2, 3, 4, 5, 600000)
+    if aware:  # 05:04:05.6 two hours east of UTC: 03:04:05.6 UTC
+        when = when.replace(hour=5, tzinfo=datetime.timezone(datetime.timedelta(hours=2)))
+    ctx.retry(eta=when)
+
+
+@plugin.task("t.retry_changed")
+def retry_changed(ctx):
+    """Raises a Retry whose countdown it spoiled after it was checked."""
+    retry = Retry(countdown=1)
+    retry.countdown = float("nan")
+    raise retry
 
 
 @plugin.task("t.wait")

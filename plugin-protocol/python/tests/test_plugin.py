@@ -252,6 +252,85 @@ class PluginTest(unittest.TestCase):
             "parsed": "london.highpriority#custom"})
 
 
+class RetryTest(unittest.TestCase):
+    """ctx.retry(...) answers -32004 (protocol 1.4); bad arguments fail the task instead."""
+
+    def setUp(self):
+        self.p, _ = started(self)
+
+    def retry_answer(self, id_, task, args=(), kwargs=None):
+        self.p.run(id_, task, args, kwargs)
+        err = self.p.response(id_)["error"]
+        self.assertEqual(err["code"], -32004, err)
+        return err
+
+    def test_a_retry_with_exc_countdown_and_max_retries_carries_them_all(self):
+        err = self.retry_answer(1, "t.retry_exc")
+        self.assertEqual(err["message"], "retry: ValueError: x")
+        traceback = err["data"]["exc"].pop("traceback")
+        self.assertEqual(err["data"], {
+            "countdown": 5, "max_retries": 2,
+            "exc": {"type": "ValueError", "message": "x", "module": "builtins",
+                    "retryable": False}})
+        # The exception was never raised: the traceback is where ctx.retry was called.
+        self.assertIn('ctx.retry(exc=ValueError("x")', traceback)
+        self.assertTrue(traceback.endswith("ValueError: x\n"), traceback)
+
+    def test_a_caught_exception_keeps_its_own_traceback(self):
+        err = self.retry_answer(1, "t.retry_raised")
+        self.assertEqual(err["message"], "retry: ConnectionError: upstream refused")
+        exc = err["data"]["exc"]
+        self.assertEqual((exc["type"], exc["module"]), ("ConnectionError", "builtins"))
+        self.assertIn('raise ConnectionError("upstream refused")', exc["traceback"])
+        self.assertNotIn("ctx.retry", exc["traceback"])
+
+    def test_a_bare_retry_has_empty_data_and_what_the_task_printed_comes_first(self):
+        err = self.retry_answer(1, "t.retry")
+        self.assertEqual((err["message"], err["data"]), ("retry", {}))
+        answer = self.p.response(1)
+        before = self.p.messages[:self.p.messages.index(answer)]
+        self.assertEqual(output_of(before, "task-1"), [("stdout", "info", "retrying")])
+
+    def test_an_eta_becomes_an_iso_string_in_utc_and_a_string_one_is_written_in_full(self):
+        for id_, aware in ((1, False), (2, True)):
+            err = self.retry_answer(id_, "t.retry_eta", [aware])
+            self.assertEqual(err["data"], {"eta": "2030-01-02T03:04:05.600000+00:00"})
+        for id_, (given, sent) in enumerate([
+                ("2030-01-02T03:04:05+02:00", "2030-01-02T03:04:05+02:00"),
+                ("2030-01-02 03:04:05.5Z", "2030-01-02T03:04:05.5+00:00"),
+                ("2030-01-02T03:04:05-0130", "2030-01-02T03:04:05-01:30"),
+                ("2030-01-02T03:04:05", "2030-01-02T03:04:05+00:00")], start=3):
+            err = self.retry_answer(id_, "t.retry", kwargs={"eta": given, "countdown": 0})
+            self.assertEqual(err["data"], {"countdown": 0, "eta": sent})
+
+    def test_bad_arguments_fail_the_task_naming_the_argument(self):
+        for id_, (kwargs, type_, says) in enumerate([
+                ({"countdown": -1}, "ValueError", "countdown must be a finite number"),
+                ({"countdown": "soon"}, "TypeError", "countdown must be a number"),
+                ({"countdown": True}, "TypeError", "countdown must be a number"),
+                ({"countdown": 10 ** 400}, "ValueError", "countdown must be a finite number"),
+                ({"max_retries": -1}, "ValueError", "max_retries must be >= 0"),
+                ({"max_retries": 2.5}, "TypeError", "max_retries must be an int"),
+                ({"eta": "tomorrow"}, "ValueError", "eta must be an ISO 8601 time"),
+                ({"eta": "2030-02-30T00:00:00Z"}, "ValueError", "eta must be an ISO 8601 time"),
+                ({"eta": 5}, "TypeError", "eta must be a datetime or an ISO 8601 string"),
+                ({"exc": "boom"}, "TypeError", "exc must be an exception instance"),
+                ({"throw": False}, "TypeError", "throw"),
+        ], start=1):
+            self.p.run(id_, "t.retry", kwargs=kwargs)
+            err = self.p.response(id_)["error"]
+            self.assertEqual(err["code"], -32000, kwargs)
+            self.assertEqual(err["data"]["type"], type_, kwargs)
+            self.assertIn(says, err["data"]["message"])
+            self.assertIn(says, err["message"])
+        self.p.run(99, "t.retry_changed")
+        err = self.p.response(99)["error"]
+        self.assertEqual((err["code"], err["data"]["type"]), (-32000, "ValueError"))
+        self.assertIn("countdown must be a finite number", err["data"]["message"])
+        self.p.run(100, "t.add", [2, 3])
+        self.assertEqual(self.p.response(100)["result"], 5)
+
+
 class TaskOutputTest(unittest.TestCase):
     """What a handler writes to sys.stdout and sys.stderr reaches the worker as its task's `log`
     notifications, before its answer."""
