@@ -66,6 +66,11 @@ pub struct Config {
     /// Arguments of the task queues the worker declares (a Celery `Queue`'s
     /// `queue_arguments`), e.g. `{ "x-max-priority" = 10, "x-dead-letter-exchange" = "dlx" }`.
     pub queue_arguments: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The type of the exchange the worker declares for each task queue (Celery's
+    /// `task_default_exchange_type`): `direct`, `topic` (what Celery 5.5's native delayed
+    /// delivery needs on quorum queues), `fanout` or `headers`.
+    #[serde(alias = "task_default_exchange_type")]
+    pub exchange_type: String,
     /// Per-consumer prefetch; unset = twice the plugins' total capacity (at least 4).
     pub prefetch_count: Option<u16>,
     /// Recent results remembered to answer redelivered copies without running them again.
@@ -196,6 +201,7 @@ impl Default for Config {
             queue_declare: QueueDeclare::Kombu,
             queue_type: QueueType::Classic,
             queue_arguments: Default::default(),
+            exchange_type: "direct".into(),
             prefetch_count: None,
             result_memory: 10_000,
             result_retry_timeout: 60.0,
@@ -308,6 +314,12 @@ impl Config {
             return Err(format!(
                 "key `cgroup`: `{}` is not \"auto\", \"off\" or an absolute cgroup v2 directory",
                 self.cgroup
+            ));
+        }
+        if !["direct", "topic", "fanout", "headers"].contains(&self.exchange_type.as_str()) {
+            return Err(format!(
+                "key `exchange_type`: `{}` is not direct, topic, fanout or headers",
+                self.exchange_type
             ));
         }
         for (key, value) in &self.queue_arguments {

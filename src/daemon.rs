@@ -360,6 +360,7 @@ fn amqp_options(
         queues: config.queues.clone(),
         declare: config.queue_declare,
         queue_arguments: queue_arguments(config),
+        exchange_type: config.exchange_type.clone(),
         prefetch,
         nodename: config.name.clone(),
         result_memory: config.result_memory,

@@ -310,3 +310,26 @@ fn amqp_what_the_worker_declares_meets_rabbitmq_4_3_rules() {
         "QoS is never global: {mine:#?}"
     );
 }
+
+/// Celery 5.5's native delayed delivery from a quorum, topic-exchange client: a countdown task
+/// goes through `celery_delayed_27` ... `celery_delayed_delivery` to the queue (bound there
+/// with `#.<routing key>`), and runs when due (3 s, within a second).
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_a_celery_clients_native_delayed_countdown_arrives_on_time() {
+    let (lane, root, plugins) = setup!("amqp_native_delay");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let _w = lane.worker_with(
+        &plugins,
+        &root.path().join("w.sock"),
+        &["--queue-type", "quorum", "--exchange-type", "topic"],
+    );
+    let env = [("QUEUE_TYPE", "quorum"), ("EXCHANGE_TYPE", "topic")];
+    let out = client_with(&lane, &env, &["countdown", "f.ok", "[5]", "3"]);
+    assert_eq!(out["ok"], serde_json::json!([5]), "{out}");
+    let secs = out["seconds"].as_f64().unwrap();
+    assert!(
+        (2.0..=4.5).contains(&secs),
+        "countdown 3 s ran after {secs} s"
+    );
+}

@@ -110,6 +110,10 @@ pub struct CommonArgs {
     /// Celery's `task_default_queue_type`)
     #[arg(long, env = "WORKER_QUEUE_TYPE", global = true)]
     pub queue_type: Option<crate::config::QueueType>,
+    /// The type of each task queue's exchange: direct, topic, fanout or headers
+    /// (`exchange_type`, Celery's `task_default_exchange_type`)
+    #[arg(long, env = "WORKER_EXCHANGE_TYPE", global = true)]
+    pub exchange_type: Option<String>,
     /// Recent results remembered for redelivered copies (`result_memory`)
     #[arg(long, env = "WORKER_RESULT_MEMORY", global = true)]
     pub result_memory: Option<usize>,
@@ -249,6 +253,9 @@ impl CommonArgs {
         }
         if let Some(v) = self.queue_type {
             c.queue_type = v;
+        }
+        if let Some(v) = &self.exchange_type {
+            c.exchange_type = v.clone();
         }
         if let Some(v) = self.result_memory {
             c.result_memory = v;

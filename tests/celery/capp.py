@@ -1,7 +1,8 @@
 """The Celery app the tests' Python clients and `celery -A capp ...` use: a plain client
 (broker from BROKER_URL; results through rpc://, or RESULT_BACKEND), nothing worker-specific.
 QUEUE_TYPE=quorum declares its queues quorum (`task_default_queue_type`,
-`task_create_missing_queue_type`); QUEUE_MAX_PRIORITY=N gives them x-max-priority N."""
+`task_create_missing_queue_type`); QUEUE_MAX_PRIORITY=N gives them x-max-priority N;
+EXCHANGE_TYPE=topic their exchanges (`task_default_exchange_type`)."""
 
 import os
 
@@ -16,3 +17,7 @@ if os.environ.get("QUEUE_TYPE"):
 if os.environ.get("QUEUE_MAX_PRIORITY"):
     # Queues declared with x-max-priority, as Celery's `task_queue_max_priority` does.
     app.conf.task_queue_max_priority = int(os.environ["QUEUE_MAX_PRIORITY"])
+if os.environ.get("EXCHANGE_TYPE"):
+    # Celery 5.5's native delayed delivery needs topic exchanges on quorum queues.
+    app.conf.task_default_exchange_type = os.environ["EXCHANGE_TYPE"]
+    app.conf.task_create_missing_queue_exchange_type = os.environ["EXCHANGE_TYPE"]

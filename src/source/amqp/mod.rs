@@ -58,6 +58,8 @@ pub struct AmqpOptions {
     pub declare: Declare,
     /// Arguments of the task queues declared here (`x-queue-type`, `x-max-priority`, ...).
     pub queue_arguments: Map<String, Value>,
+    /// The type of the exchange named after each task queue (`direct`, `topic`, ...).
+    pub exchange_type: String,
     /// Per-consumer prefetch (never global).
     pub prefetch: u16,
     pub nodename: String,
@@ -107,7 +109,17 @@ impl AmqpSource {
                 options.girder_job_urls.clone(),
             ),
             controls: task_controls::TaskControls::default(),
-            queues: watch::channel(options.queues.iter().map(|q| QueueSpec::named(q)).collect()).0,
+            queues: watch::channel(
+                options
+                    .queues
+                    .iter()
+                    .map(|q| QueueSpec {
+                        exchange_type: options.exchange_type.clone(),
+                        ..QueueSpec::named(q)
+                    })
+                    .collect(),
+            )
+            .0,
             nodename: Mutex::new(options.nodename.clone()),
             tasks: Mutex::new(TaskTable {
                 ledger: Ledger::new(options.result_memory),
