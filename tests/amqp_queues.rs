@@ -333,3 +333,58 @@ fn amqp_a_celery_clients_native_delayed_countdown_arrives_on_time() {
         "countdown 3 s ran after {secs} s"
     );
 }
+
+/// A Celery 5.7 worker and this one on the same quorum queue: both declare the delay topology
+/// the same way (neither refuses the other's), and countdown tasks sent by a Celery client are
+/// each answered once, by whichever worker got them.
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_side_by_side_with_a_celery_worker_countdown_tasks_are_answered_once() {
+    let (lane, root, plugins) = setup!("amqp_side_by_side");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let env = [("QUEUE_TYPE", "quorum"), ("EXCHANGE_TYPE", "topic")];
+    let node = format!("celery-{}", lane.node);
+    let mut celery = std::process::Command::new(lane.python.parent().unwrap().join("celery"));
+    celery
+        .args(["-A", "cworker", "worker", "-Q", &lane.queue, "-n", &node])
+        .args(["--pool", "solo", "--without-gossip", "--without-mingle"])
+        .current_dir(repo().join("tests/celery"))
+        .env("BROKER_URL", BROKER)
+        .envs(env)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut celery = ChildGuard(celery.spawn().expect("celery worker starts"));
+    let _w = lane.worker_with(
+        &plugins,
+        &root.path().join("w.sock"),
+        &["--queue-type", "quorum", "--exchange-type", "topic"],
+    );
+    let out = client_with(&lane, &env, &["countdown_many", "f.ok", "[7]", "40", "1"]);
+    let results = out["results"].as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), 40, "{out}");
+    let by_celery = results
+        .iter()
+        .filter(|r| r["ok"] == serde_json::json!(["celery", 7]))
+        .count();
+    let by_us = results
+        .iter()
+        .filter(|r| r["ok"] == serde_json::json!([7]))
+        .count();
+    assert_eq!(by_celery + by_us, 40, "every task answered: {out}");
+    assert!(
+        celery.0.try_wait().unwrap().is_none(),
+        "the Celery worker still runs (it accepted the delay topology)"
+    );
+    eprintln!("celery worker ran {by_celery}, this worker {by_us}");
+}
+
+/// Kills a child process when the test ends, whatever happened.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

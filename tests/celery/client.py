@@ -20,6 +20,7 @@
                                                            with "plain"), print outcome
     client.py QUEUE garbage                                publish unreadable messages to QUEUE
     client.py QUEUE countdown NAME ARGS_JSON SECONDS        apply_async(countdown=...); also the seconds taken
+    client.py QUEUE countdown_many NAME ARGS_JSON N SECONDS N tasks with that countdown; {"results": [...], "seconds": ...}
     client.py QUEUE expires NAME ARGS_JSON                 countdown 2 s but expires after 1 s
     client.py QUEUE revoked_first NAME ARGS_JSON           revoke an id, then send a task with that id
     client.py QUEUE flood NAME ARGS_JSON N REPLY_QUEUE     send N tasks whose results go to REPLY_QUEUE
@@ -205,6 +206,13 @@ def main():
         out = outcome(lambda: r.get(timeout=TIMEOUT))
         out["seconds"] = time.time() - started
         print(json.dumps(out), flush=True)
+    elif command == "countdown_many":
+        started = time.time()
+        rs = [app.send_task(rest[0], args=json.loads(rest[1]), queue=queue, countdown=float(rest[3]))
+              for _ in range(int(rest[2]))]
+        results = [outcome(lambda: r.get(timeout=TIMEOUT)) for r in rs]
+        print(json.dumps({"results": results, "ids": [r.id for r in rs],
+                          "seconds": time.time() - started}), flush=True)
     elif command == "expires":
         r = app.send_task(rest[0], args=json.loads(rest[1]), queue=queue, countdown=2, expires=1)
         print(json.dumps(outcome(lambda: r.get(timeout=TIMEOUT))), flush=True)
