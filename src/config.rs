@@ -316,6 +316,11 @@ impl Config {
                 self.cgroup
             ));
         }
+        self.check_broker()
+    }
+
+    /// The keys of the Celery source: the broker, its queues and what its messages may ask.
+    fn check_broker(&self) -> Result<(), String> {
         if !["direct", "topic", "fanout", "headers"].contains(&self.exchange_type.as_str()) {
             return Err(format!(
                 "key `exchange_type`: `{}` is not direct, topic, fanout or headers",

@@ -4,32 +4,9 @@
 
 mod common;
 
+use common::broker::notes;
 use common::*;
 use serde_json::{json, Value};
-use std::path::Path;
-use std::time::{Duration, Instant};
-
-/// The JSON lines `f.note` wrote to `path`, once there are `n` (within 30 s).
-fn notes(path: &Path, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let lines: Vec<Value> = std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{n} notes never came to {}",
-            path.display()
-        );
-        // The note is written by a task the worker publishes: look again shortly.
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 #[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]

@@ -96,27 +96,6 @@ fn client_with(lane: &Lane, env: &[(&str, &str)], args: &[&str]) -> Value {
         .unwrap_or_else(|_| panic!("client said {stdout:?}, stderr {}", text(&out.stderr)))
 }
 
-/// The JSON lines `f.note` wrote to `path`, once there are `n` (within 30 s).
-fn notes(path: &std::path::Path, n: usize) -> Vec<Value> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let lines: Vec<Value> = std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{n} notes never came: {lines:?}"
-        );
-        // Written by the plugin's tasks as they run: look again shortly.
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 /// With `x-max-priority` (`queue_arguments`), a high-priority task overtakes a backlog of low
 /// ones once the consumer has room (prefetch 1 here).
 #[test]

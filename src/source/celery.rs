@@ -416,6 +416,24 @@ pub mod state {
     pub const STREAM: &str = "STREAM";
 }
 
+/// A task's progress or streamed items as the custom state a Celery client reads (`PROGRESS`
+/// `{done, total, message}`, `STREAM` `{items}`); none for a log line.
+pub fn event_state(ev: crate::task::TaskEvent) -> Option<(&'static str, Value)> {
+    use crate::task::TaskEvent;
+    match ev {
+        TaskEvent::Progress {
+            done,
+            total,
+            message,
+        } => Some((
+            state::PROGRESS,
+            json!({ "done": done, "total": total, "message": message }),
+        )),
+        TaskEvent::Stream { items } => Some((state::STREAM, json!({ "items": items }))),
+        TaskEvent::Log { .. } => None,
+    }
+}
+
 /// The exact body Celery's rpc backend reads.
 pub fn result_body(task_id: &str, status: &str, result: Value, traceback: Option<&str>) -> Vec<u8> {
     let date_done = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, false);

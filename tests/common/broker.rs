@@ -507,3 +507,25 @@ impl Drop for RedisServer {
         }
     }
 }
+
+/// The JSON lines `f.note` wrote to `path`, once there are `n` (within 30 s).
+pub fn notes(path: &Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} notes never came to {}",
+            path.display()
+        );
+        // The note is written by a task the worker publishes: look again shortly.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

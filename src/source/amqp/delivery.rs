@@ -17,7 +17,7 @@ use crate::task::{FailureKind, Outcome, TaskEvent};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::Acker;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
@@ -468,7 +468,7 @@ async fn finish(
             eta,
             result,
             traceback,
-        } => return retry_later(shared, task, acker, raw, eta, result, traceback).await,
+        } => return retry::later(shared, task, acker, raw, (eta, result, traceback)).await,
         Settlement::Requeue => {
             tracing::info!(task_id = %task.id, "worker stopping: returning the task to the queue");
             let copies = shared.tasks().ledger.release(&task.id);
@@ -519,45 +519,6 @@ async fn finish(
     }
 }
 
-/// A retry: ownership released first (so the copy, should it come back here at once, runs
-/// rather than joining this one), published again, RETRY reported, then the original and its
-/// copies acked. If it cannot be published the message goes back to its queue as it was.
-async fn retry_later(
-    shared: &SourceState,
-    task: &CeleryTask,
-    acker: &Acker,
-    raw: &Raw,
-    eta: SystemTime,
-    result: Value,
-    traceback: Option<String>,
-) {
-    let copies = shared.tasks().ledger.release(&task.id);
-    let settled = match retry::publish_again(shared, task, raw, eta).await {
-        true => Settled::Acked,
-        false => Settled::Requeued,
-    };
-    if settled == Settled::Acked {
-        monitor::announce_retried(shared, task, &result, traceback.as_deref());
-        if !task.ignore_result {
-            let body = celery::result_body(&task.id, state::RETRY, result, traceback.as_deref());
-            shared
-                .deliver_event(
-                    &task.id,
-                    task.reply_to.as_deref(),
-                    &task.correlation_id,
-                    &body,
-                )
-                .await;
-        }
-    }
-    for a in std::iter::once(acker).chain(&copies) {
-        match settled {
-            Settled::Acked => ack(shared, a).await,
-            _ => reject(shared, a, Settled::Requeued).await,
-        }
-    }
-}
-
 /// Retries a result whose reply queue does not exist, for `result_retry_timeout`, if fewer
 /// than `MAX_RETURNED_RESULTS` already wait; otherwise it is dropped at once, logged.
 async fn retry_returned(shared: &SourceState, task: &CeleryTask, body: &[u8]) {
@@ -594,26 +555,13 @@ async fn settle_answered(shared: &SourceState, task: &CeleryTask, acker: &Acker,
 
 /// Progress and streamed items become custom-state messages, in order, before the final state.
 async fn publish_event(shared: &SourceState, task: &CeleryTask, ev: TaskEvent) {
-    let (status, meta) = match ev {
-        TaskEvent::Progress {
-            done,
-            total,
-            message,
-        } => (
-            state::PROGRESS,
-            json!({ "done": done, "total": total, "message": message }),
-        ),
-        TaskEvent::Stream { items } => (state::STREAM, json!({ "items": items })),
-        TaskEvent::Log { .. } => return,
+    let Some((status, meta)) = celery::event_state(ev) else {
+        return;
     };
     let body = celery::result_body(&task.id, status, meta, None);
+    let reply_to = task.reply_to.as_deref();
     shared
-        .deliver_event(
-            &task.id,
-            task.reply_to.as_deref(),
-            &task.correlation_id,
-            &body,
-        )
+        .deliver_event(&task.id, reply_to, &task.correlation_id, &body)
         .await;
 }
 
@@ -624,7 +572,7 @@ pub(super) fn now_epoch() -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn ack(shared: &SourceState, acker: &Acker) {
+pub(super) async fn ack(shared: &SourceState, acker: &Acker) {
     if let Err(e) = acker.ack(BasicAckOptions::default()).await {
         // The channel is gone (connection lost): RabbitMQ redelivers, and the copy is acked
         // as answered without publishing again.
@@ -649,6 +597,7 @@ pub(super) async fn reject(shared: &SourceState, acker: &Acker, how: Settled) {
 mod tests {
     use super::*;
     use crate::task::Failure;
+    use serde_json::json;
 
     fn failure(kind: FailureKind) -> Outcome {
         Outcome::Failure(Failure::new(kind, "T", "m", "why"))

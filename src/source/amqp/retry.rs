@@ -4,14 +4,17 @@
 //! the result backend; `task-retried` for monitors. Past `max_retries`, FAILURE with the
 //! exception (`MaxRetriesExceededError` without one).
 
-use super::delivery::{Raw, Settlement};
+use super::delivery::{ack, reject, Raw, Settlement};
+use super::monitor;
 use super::publish::Published;
 use super::value::json_to_amqp;
 use super::SourceState;
+use crate::metrics::Settled;
 use crate::source::celery::{self, state, CeleryTask};
 use crate::source::pyrepr;
 use crate::task::{Failure, MAX_DURATION_SECS};
 use lapin::types::AMQPValue;
+use lapin::Acker;
 use serde_json::{json, Value};
 use std::time::{Duration, SystemTime};
 
@@ -92,6 +95,43 @@ fn max_retries_exceeded(task: &CeleryTask) -> Value {
         pyrepr::repr(&Value::Object(task.kwargs.clone()))
     );
     celery::exception("MaxRetriesExceededError", &message, "celery.exceptions")
+}
+
+/// A retry: ownership released first (so the copy, should it come back here at once, runs
+/// rather than joining this one), published again, RETRY reported, then the original and its
+/// copies acked. If it cannot be published the message goes back to its queue as it was.
+pub(super) async fn later(
+    shared: &SourceState,
+    task: &CeleryTask,
+    acker: &Acker,
+    raw: &Raw,
+    (eta, result, traceback): (SystemTime, Value, Option<String>),
+) {
+    let copies = shared.tasks().ledger.release(&task.id);
+    let settled = match publish_again(shared, task, raw, eta).await {
+        true => Settled::Acked,
+        false => Settled::Requeued,
+    };
+    if settled == Settled::Acked {
+        monitor::announce_retried(shared, task, &result, traceback.as_deref());
+        if !task.ignore_result {
+            let body = celery::result_body(&task.id, state::RETRY, result, traceback.as_deref());
+            shared
+                .deliver_event(
+                    &task.id,
+                    task.reply_to.as_deref(),
+                    &task.correlation_id,
+                    &body,
+                )
+                .await;
+        }
+    }
+    for a in std::iter::once(acker).chain(&copies) {
+        match settled {
+            Settled::Acked => ack(shared, a).await,
+            _ => reject(shared, a, Settled::Requeued).await,
+        }
+    }
 }
 
 /// Publishes `raw` again, due at `eta`, as its next retry, to where it came from; true once
