@@ -14,23 +14,15 @@ mod common;
 
 use common::broker::*;
 use common::*;
-use futures_lite::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Connection, ConnectionProperties};
 use serde_json::Value;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-const FINAL_STATES: [&str; 3] = ["SUCCESS", "FAILURE", "REVOKED"];
-
-/// Final-state messages seen per task id.
-type Counts = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
 /// One RabbitMQ node of the test's cluster: its name, ports and directory.
 struct Node {
@@ -282,73 +274,6 @@ impl Drop for Cluster {
     }
 }
 
-/// Consumes `queue` at `url` (no-ack, so nothing is ever redelivered to the test) and records
-/// every final state; `ready` is sent once it consumes. The queue is quorum, so it and this
-/// consumer outlive the node the worker is connected to. As in `tests/amqp_faults.rs`, the
-/// connection is never dropped while results may come; on `stop`, cancels the consumer and
-/// reads what the broker had already sent.
-async fn read_replies(
-    url: String,
-    queue: String,
-    counts: Counts,
-    ready: tokio::sync::oneshot::Sender<()>,
-    stop: CancellationToken,
-) {
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .expect("the reply reader connects");
-    let channel = conn.create_channel().await.expect("a channel");
-    let declare = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    channel
-        .queue_declare(queue.as_str().into(), declare, args)
-        .await
-        .expect("the reply queue is declared");
-    let options = BasicConsumeOptions {
-        no_ack: true,
-        ..Default::default()
-    };
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "replies".into(),
-            options,
-            FieldTable::default(),
-        )
-        .await
-        .expect("the reply queue is consumed");
-    let _ = ready.send(());
-    let mut cancelled = false;
-    loop {
-        tokio::select! {
-            next = consumer.next() => match next {
-                Some(Ok(d)) => {
-                    let body: Value = serde_json::from_slice(&d.data).expect("a JSON result body");
-                    let status = body["status"].as_str().unwrap_or_default().to_string();
-                    if FINAL_STATES.contains(&status.as_str()) {
-                        let id = body["task_id"].as_str().unwrap_or_default().to_string();
-                        counts.lock().unwrap().entry(id).or_default().push(status);
-                    }
-                }
-                Some(Err(e)) => panic!("the reply reader's connection failed: {e}"),
-                None if cancelled => return,
-                None => panic!("the reply reader's consumer ended unasked"),
-            },
-            _ = stop.cancelled(), if !cancelled => {
-                cancelled = true;
-                let _ = channel.basic_cancel("replies".into(), BasicCancelOptions::default()).await;
-            }
-        }
-    }
-}
-
 /// Messages (ready and unacked) in `queue`, as `node` lists them.
 fn queue_depth(node: &Node, queue: &str) -> Option<u64> {
     let listing = node
@@ -364,15 +289,7 @@ fn queue_depth(node: &Node, queue: &str) -> Option<u64> {
             Duration::from_secs(30),
         )
         .ok()?;
-    listing.lines().find_map(|l| {
-        let mut f = l.split('\t');
-        if f.next()? != queue {
-            return None;
-        }
-        let ready: u64 = f.next()?.trim().parse().ok()?;
-        let unacked: u64 = f.next()?.trim().parse().ok()?;
-        Some(ready + unacked)
-    })
+    parse_queue_counts(&listing, queue).map(|(ready, unacked)| ready + unacked)
 }
 
 /// The type and leader of `queue`, as `node` lists them.
@@ -398,15 +315,6 @@ fn queue_type_and_leader(node: &Node, queue: &str) -> Result<(String, String), S
             Some((f.next()?.trim().to_string(), f.next()?.trim().to_string()))
         })
         .ok_or_else(|| format!("{queue} is not listed:\n{listing}"))
-}
-
-/// Task ids the worker logged as published on a channel that died before the confirm.
-fn ambiguous_ids(log: &[String]) -> HashSet<String> {
-    let re = regex::Regex::new(r#"task_id="?([0-9a-f-]{36})"#).unwrap();
-    log.iter()
-        .filter(|l| l.contains("may receive this result twice"))
-        .filter_map(|l| re.captures(l).map(|c| c[1].to_string()))
-        .collect()
 }
 
 /// Polls `pred` (a counter fed by the reader, or a broker listing) until it holds, failing at
@@ -448,11 +356,18 @@ fn amqp_stopping_the_workers_cluster_node_under_load_leaves_exactly_one_final_st
     let counts: Counts = Arc::default();
     let stop = CancellationToken::new();
     let (ready, consuming) = tokio::sync::oneshot::channel();
+    // Quorum, so the reply queue and its consumer outlive the node the worker is connected to.
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
     let reader = rt.spawn(read_replies(
         third.url(),
         replies.clone(),
+        quorum,
         counts.clone(),
-        ready,
+        Some(ready),
         stop.clone(),
     ));
     rt.block_on(within(Duration::from_secs(30), consuming))

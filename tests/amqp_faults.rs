@@ -8,74 +8,14 @@ mod common;
 use common::broker::*;
 use common::*;
 use futures_lite::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::{json, Value};
-use std::collections::{HashMap, HashSet};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-const FINAL_STATES: [&str; 3] = ["SUCCESS", "FAILURE", "REVOKED"];
-
-/// Final-state messages seen per task id.
-type Counts = Arc<Mutex<HashMap<String, Vec<String>>>>;
-
-/// Consumes `queue` (no-ack, so nothing is ever redelivered to the test) and records every
-/// final state. The test never drops this connection: a no-ack consumer loses what the broker
-/// had sent when its connection closes, which would be the test's loss, not the worker's. On
-/// `stop`, cancels the consumer and reads what the broker had already sent.
-async fn read_replies(queue: String, counts: Counts, stop: CancellationToken) {
-    let conn = Connection::connect(BROKER, ConnectionProperties::default())
-        .await
-        .expect("the reply reader connects");
-    let channel = conn.create_channel().await.expect("a channel");
-    let declare = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(queue.as_str().into(), declare, FieldTable::default())
-        .await
-        .expect("the reply queue is declared");
-    let options = BasicConsumeOptions {
-        no_ack: true,
-        ..Default::default()
-    };
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "replies".into(),
-            options,
-            FieldTable::default(),
-        )
-        .await
-        .expect("the reply queue is consumed");
-    let mut cancelled = false;
-    loop {
-        tokio::select! {
-            next = consumer.next() => match next {
-                Some(Ok(d)) => {
-                    let body: Value = serde_json::from_slice(&d.data).expect("a JSON result body");
-                    let status = body["status"].as_str().unwrap_or_default().to_string();
-                    if FINAL_STATES.contains(&status.as_str()) {
-                        let id = body["task_id"].as_str().unwrap_or_default().to_string();
-                        counts.lock().unwrap().entry(id).or_default().push(status);
-                    }
-                }
-                Some(Err(e)) => panic!("the reply reader's connection failed: {e}"),
-                None if cancelled => return,
-                None => panic!("the reply reader's consumer ended unasked"),
-            },
-            _ = stop.cancelled(), if !cancelled => {
-                cancelled = true;
-                let _ = channel.basic_cancel("replies".into(), BasicCancelOptions::default()).await;
-            }
-        }
-    }
-}
 
 /// Forces closed every broker connection whose properties mention `name`.
 fn drop_connections(name: &str) -> usize {
@@ -110,15 +50,6 @@ fn queue_depth(queue: &str) -> Option<u64> {
     queue_counts(queue).map(|(ready, unacked)| ready + unacked)
 }
 
-/// Task ids the worker logged as published on a connection that died before the confirm.
-fn ambiguous_ids(log: &[String]) -> HashSet<String> {
-    let re = regex::Regex::new(r#"task_id="?([0-9a-f-]{36})"#).unwrap();
-    log.iter()
-        .filter(|l| l.contains("may receive this result twice"))
-        .filter_map(|l| re.captures(l).map(|c| c[1].to_string()))
-        .collect()
-}
-
 #[test]
 #[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
 fn amqp_connection_drops_leave_exactly_one_final_state_per_task_in_the_raw_reply_queue() {
@@ -140,7 +71,15 @@ fn amqp_connection_drops_leave_exactly_one_final_state_per_task_in_the_raw_reply
     let rt = tokio::runtime::Runtime::new().unwrap();
     let counts: Counts = Arc::default();
     let stop = CancellationToken::new();
-    let reader = rt.spawn(read_replies(replies.clone(), counts.clone(), stop.clone()));
+    let durable = FieldTable::default();
+    let reader = rt.spawn(read_replies(
+        BROKER.into(),
+        replies.clone(),
+        durable,
+        counts.clone(),
+        None,
+        stop.clone(),
+    ));
 
     let sent = lane.run(&["flood", "f.sleep", "[0.05]", &TASKS.to_string(), &replies]);
     let ids: Vec<String> = serde_json::from_value(sent["ids"].clone()).unwrap();

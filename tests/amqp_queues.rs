@@ -10,14 +10,7 @@ use serde_json::Value;
 
 /// Runs the lane's client with `QUEUE_TYPE=quorum` (its queues declared quorum).
 fn quorum_client(lane: &Lane, args: &[&str]) -> Value {
-    let out = lane
-        .client(args)
-        .env("QUEUE_TYPE", "quorum")
-        .output()
-        .expect("python runs");
-    let stdout = text(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|_| panic!("client said {stdout:?}, stderr {}", text(&out.stderr)))
+    client_with(lane, &[("QUEUE_TYPE", "quorum")], args)
 }
 
 #[test]

@@ -159,7 +159,13 @@ pub fn queue_counts(queue: &str) -> Option<(u64, u64)> {
         ])
         .output()
         .expect("rabbitmqctl runs");
-    text(&out.stdout).lines().find_map(|l| {
+    parse_queue_counts(&text(&out.stdout), queue)
+}
+
+/// `queue`'s (ready, unacked) in a `rabbitmqctl list_queues -q --no-table-headers name
+/// messages_ready messages_unacknowledged` listing.
+pub fn parse_queue_counts(listing: &str, queue: &str) -> Option<(u64, u64)> {
+    listing.lines().find_map(|l| {
         let mut f = l.split('\t');
         if f.next()? != queue {
             return None;
@@ -528,4 +534,87 @@ pub fn notes(path: &Path, n: usize) -> Vec<serde_json::Value> {
         // The note is written by a task the worker publishes: look again shortly.
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// The states after which a Celery task has its answer.
+pub const FINAL_STATES: [&str; 3] = ["SUCCESS", "FAILURE", "REVOKED"];
+
+/// Final-state messages seen per task id.
+pub type Counts = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>>;
+
+/// Consumes the reply queue `queue` at `url` (declared durable with `args`; no-ack, so nothing
+/// is ever redelivered to the test) and records every final state; `ready` is sent once it
+/// consumes. The connection is never dropped while results may come (a no-ack consumer loses
+/// what the broker had sent when its connection closes, which would be the test's loss, not the
+/// worker's); on `stop`, it cancels the consumer and reads what the broker had already sent.
+pub async fn read_replies(
+    url: String,
+    queue: String,
+    args: lapin::types::FieldTable,
+    counts: Counts,
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use futures_lite::StreamExt;
+    use lapin::options::{BasicCancelOptions, BasicConsumeOptions, QueueDeclareOptions};
+    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .expect("the reply reader connects");
+    let channel = conn.create_channel().await.expect("a channel");
+    let declare = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.as_str().into(), declare, args)
+        .await
+        .expect("the reply queue is declared");
+    let options = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "replies".into(),
+            options,
+            Default::default(),
+        )
+        .await
+        .expect("the reply queue is consumed");
+    if let Some(ready) = ready {
+        let _ = ready.send(());
+    }
+    let mut cancelled = false;
+    loop {
+        tokio::select! {
+            next = consumer.next() => match next {
+                Some(Ok(d)) => {
+                    let body: serde_json::Value = serde_json::from_slice(&d.data).expect("a JSON result body");
+                    let status = body["status"].as_str().unwrap_or_default().to_string();
+                    if FINAL_STATES.contains(&status.as_str()) {
+                        let id = body["task_id"].as_str().unwrap_or_default().to_string();
+                        counts.lock().unwrap().entry(id).or_default().push(status);
+                    }
+                }
+                Some(Err(e)) => panic!("the reply reader's connection failed: {e}"),
+                None if cancelled => return,
+                None => panic!("the reply reader's consumer ended unasked"),
+            },
+            _ = stop.cancelled(), if !cancelled => {
+                cancelled = true;
+                let _ = channel.basic_cancel("replies".into(), BasicCancelOptions::default()).await;
+            }
+        }
+    }
+}
+
+/// Task ids the worker logged as published on a connection that died before the confirm (the
+/// one window where a result may be seen twice).
+pub fn ambiguous_ids(log: &[String]) -> std::collections::HashSet<String> {
+    let re = regex::Regex::new(r#"task_id="?([0-9a-f-]{36})"#).unwrap();
+    log.iter()
+        .filter(|l| l.contains("may receive this result twice"))
+        .filter_map(|l| re.captures(l).map(|c| c[1].to_string()))
+        .collect()
 }
