@@ -80,6 +80,9 @@ pub struct StatusReport {
     pub worker: WorkerInfo,
     pub in_flight: usize,
     pub plugins: Vec<PluginStatus>,
+    /// The broker connection and its queues; absent without a broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<crate::broker_status::BrokerStatus>,
 }
 
 /// Binds the socket in a private directory (see [`crate::socket`]), replacing a stale file but
@@ -336,6 +339,7 @@ async fn handle(req: Request, ctx: Context) {
             worker: ctx.info.clone(),
             in_flight: dispatcher.in_flight(),
             plugins: dispatcher.status().await,
+            broker: dispatcher.metrics().broker().snapshot(),
         })
         .expect("status serializes")),
         "plugins.restart" => restart(req.params, dispatcher).await,

@@ -97,10 +97,12 @@ pub async fn status_line(dispatcher: &Dispatcher, broker: Option<bool>) -> Strin
         ", {instances} instances, {} tasks in flight",
         dispatcher.in_flight()
     ));
-    match broker {
-        Some(true) => line.push_str(", broker connected"),
-        Some(false) => line.push_str(", broker disconnected"),
-        None => {}
+    // The board says more (why it is down, refused queues); the flag is the fallback.
+    match (dispatcher.metrics().broker().snapshot(), broker) {
+        (Some(b), Some(_)) => line.push_str(&format!(", broker {}", b.summary())),
+        (_, Some(true)) => line.push_str(", broker connected"),
+        (_, Some(false)) => line.push_str(", broker disconnected"),
+        (_, None) => {}
     }
     line
 }

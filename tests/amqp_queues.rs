@@ -360,3 +360,140 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// A queue the broker refuses (here: passive declaration of a queue nobody declared yet) is a
+/// configuration error, not a connection failure: named once at ERROR, shown as the broker's
+/// state by `plugins list` and the metrics, tried again with backoff while the other queue is
+/// served, and consumed as soon as it exists.
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_a_refused_queue_is_named_once_shown_as_broker_state_and_consumed_once_it_exists() {
+    let (lane, root, plugins) = setup!("amqp_refused_queue");
+    faulty_plugin(&plugins, "faulty", &[], "", "");
+    let later = format!("{}-later", lane.queue);
+    lane.run(&["declare"]);
+    client_with_queue(&lane, &later, &["delete"]);
+    let queues = format!("{},{later}", lane.queue);
+    let args = [
+        "--broker",
+        BROKER,
+        "-Q",
+        &queues,
+        "-n",
+        &lane.node,
+        "--queue-declare",
+        "passive",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let mut w = Daemon::start_with(&plugins, &root.path().join("w.sock"), &args);
+    let line = w.wait_log("metrics at http://");
+    let rest = &line[line.find("http://").unwrap() + 7..];
+    let metrics = rest[..rest.find('/').unwrap()].to_string();
+    w.wait_log("consuming Celery tasks");
+    let queue = |doc: &Value, name: &str| -> Value {
+        doc["broker"]["queues"]
+            .as_array()
+            .and_then(|qs| qs.iter().find(|q| q["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let doc = w.wait_list("the new queue refused three times", |doc| {
+        queue(doc, &later)["refusals"].as_u64().unwrap_or(0) >= 3
+    });
+    assert_eq!(doc["broker"]["state"], "connected", "{doc:#}");
+    assert_eq!(queue(&doc, &lane.queue)["state"], "consuming", "{doc:#}");
+    let refused = queue(&doc, &later);
+    assert_eq!(refused["state"], "refused", "{doc:#}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("NOT_FOUND"),
+        "the broker's words: {refused}"
+    );
+    let listing = text(&output(&mut w.cli(&["plugins", "list"])).stdout);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.contains(&format!("queue {later}: REFUSED")) && l.contains("NOT_FOUND")),
+        "{listing}"
+    );
+    let body = scrape(&metrics);
+    let sample = |name: &str, queue: &str| -> Option<f64> {
+        let prefix = format!("{name}{{queue=\"{queue}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    assert_eq!(
+        sample("worker_broker_queue_consuming", &later),
+        Some(0.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample("worker_broker_queue_consuming", &lane.queue),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        sample("worker_broker_queue_refusals_total", &later).unwrap_or(0.0) >= 3.0,
+        "{body}"
+    );
+    // The other queue is served meanwhile.
+    assert_eq!(
+        lane.run(&["call", "f.ok", "[1]"])["ok"],
+        serde_json::json!([1])
+    );
+    let logs = w.drain_log();
+    let named: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains(&format!("cannot consume from {later}")))
+        .collect();
+    assert_eq!(named.len(), 1, "named once over 3 refusals: {named:#?}");
+    assert!(
+        !logs.iter().any(|l| l.contains("reconnecting")),
+        "no reconnect over a refused queue: {logs:#?}"
+    );
+
+    // Once the queue exists, the next try consumes it and says so.
+    client_with_queue(&lane, &later, &["declare"]);
+    w.wait_list("the new queue consumed", |doc| {
+        queue(doc, &later)["state"] == "consuming"
+    });
+    w.wait_log("which the broker had refused");
+    let out = client_with_queue(&lane, &later, &["call", "f.ok", "[2]"]);
+    assert_eq!(out["ok"], serde_json::json!([2]), "{out}");
+    let body = scrape(&metrics);
+    assert!(
+        body.contains(&format!(
+            "worker_broker_queue_consuming{{queue=\"{later}\"}} 1"
+        )),
+        "{body}"
+    );
+}
+
+/// The lane's client on another `queue`; the JSON of its last line.
+fn client_with_queue(lane: &Lane, queue: &str, args: &[&str]) -> Value {
+    let out = lane.client_on(queue, args).output().expect("python runs");
+    let stdout = text(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|_| panic!("client said {stdout:?}, stderr {}", text(&out.stderr)))
+}
+
+/// The body of one `GET /metrics` from `addr`.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        conn,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).unwrap();
+    raw.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or(raw)
+}

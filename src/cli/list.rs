@@ -2,7 +2,7 @@
 //! the plugins available in the plugins directory, as text or as stable JSON.
 
 use super::daemon_client;
-use super::live::{instance_line, next_try};
+use super::live::{broker_lines, instance_line, next_try};
 use super::output;
 use crate::config::Config;
 use crate::control::StatusReport;
@@ -160,6 +160,7 @@ impl Listing<'_> {
             "plugins_dir": config.plugins_dir.display().to_string(),
             "state_dir": config.state_dir.display().to_string(),
             "daemon": self.live.as_ref().map(|r| &r.worker),
+            "broker": self.live.as_ref().and_then(|r| r.broker.as_ref()),
             "installed": self.installed(),
             "available": self.available(),
             "not_installed_but_running": self.stale(),
@@ -178,6 +179,11 @@ impl Listing<'_> {
                 ));
                 if !r.worker.containment.is_empty() {
                     output::line(&format!("containment: {}", r.worker.containment));
+                }
+                if let Some(broker) = &r.broker {
+                    for line in broker_lines(broker) {
+                        output::line(&line);
+                    }
                 }
             }
             None => output::line(&format!(

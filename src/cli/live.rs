@@ -1,5 +1,6 @@
 //! How the CLI prints a running plugin's live state (shared by `plugins list` and `inspect`).
 
+use crate::broker_status::{BrokerStatus, QueueState};
 use crate::supervisor::status::{InstanceStatus, PluginStatus};
 
 /// When a failed plugin is tried again, for `list` and `inspect`.
@@ -44,4 +45,39 @@ pub(super) fn instance_line(i: &InstanceStatus) -> String {
 /// A duration for people, to the second ("4m 59s").
 pub(super) fn human(d: std::time::Duration) -> String {
     humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string()
+}
+
+/// The broker connection and each wanted queue, for `list`: what the broker refuses, in its
+/// own words, and since when.
+pub(super) fn broker_lines(b: &BrokerStatus) -> Vec<String> {
+    let mut lines = vec![format!("broker: {} {}", b.url, b.summary())];
+    for q in &b.queues {
+        let mut line = match q.state {
+            QueueState::Consuming => format!("  queue {}: consuming", q.name),
+            QueueState::Waiting => format!("  queue {}: not consumed yet", q.name),
+            QueueState::Refused => format!(
+                "  queue {}: REFUSED by the broker for {} ({} time(s)), tried again with backoff: {}",
+                q.name,
+                ago(q.since),
+                q.refusals,
+                q.error.as_deref().unwrap_or("?")
+            ),
+        };
+        if let Some(how) = &q.differs {
+            line.push_str(&format!(
+                "\n    exists with other arguments than the worker's settings, consumed as it is: {how}"
+            ));
+        }
+        lines.push(line);
+    }
+    lines
+}
+
+/// How long ago a Unix time was ("4m 59s").
+fn ago(at: f64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    human(std::time::Duration::from_secs_f64((now - at).max(0.0)))
 }

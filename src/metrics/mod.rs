@@ -6,8 +6,10 @@
 //! task nobody serves is counted under `task=""`), outcomes from a closed set, never task ids
 //! or pids. Counting is always on (atomic adds); serving them is `metrics_listen` ([`http`]).
 
+mod broker;
 pub mod http;
 
+use crate::broker_status::BrokerBoard;
 use crate::supervisor::status::{InstanceState, PluginStatus};
 use crate::supervisor::ReloadReport;
 use prometheus_client::collector::Collector;
@@ -79,6 +81,8 @@ pub struct Metrics {
     result_publish: Histogram,
     plugin_changes: Family<ChangeResult, Counter>,
     pools: Arc<PoolSnapshot>,
+    /// The broker source's view of its connection and queues (also `plugins.status`'s).
+    broker: BrokerBoard,
 }
 
 impl Default for Metrics {
@@ -147,6 +151,8 @@ impl Metrics {
         );
         let pools = Arc::new(PoolSnapshot::default());
         registry.register_collector(Box::new(pools.clone()));
+        let broker = BrokerBoard::default();
+        registry.register_collector(Box::new(broker::BrokerCollector(broker.clone())));
         Metrics {
             registry,
             tasks,
@@ -158,6 +164,7 @@ impl Metrics {
             result_publish,
             plugin_changes,
             pools,
+            broker,
         }
     }
 
@@ -178,6 +185,11 @@ impl Metrics {
         self.task_duration
             .get_or_create(&name)
             .observe(took.as_secs_f64());
+    }
+
+    /// What the broker source saw last, written by it and read by status reports.
+    pub fn broker(&self) -> &BrokerBoard {
+        &self.broker
     }
 
     /// The broker connection came up (counted as a reconnect after the first) or went down.

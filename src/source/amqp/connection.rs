@@ -20,7 +20,7 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
 /// Backoff for a wanted queue the broker refuses to declare or consume.
 const QUEUE_RETRY_MIN: Duration = Duration::from_millis(250);
-const QUEUE_RETRY_MAX: Duration = Duration::from_secs(30);
+pub(super) const QUEUE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// True for the broker's 405 RESOURCE_LOCKED: another connection holds an exclusive queue.
 fn resource_locked(e: &lapin::Error) -> bool {
@@ -67,10 +67,21 @@ pub(super) async fn connection_loop(shared: Arc<SourceState>) {
                     true => String::new(),
                     false => format!(" to {}", redact(shared.broker_url())),
                 };
-                tracing::warn!(
-                    broker = %redact(&failed),
-                    "broker connection lost or refused ({reason}){hint}; reconnecting{next} {when}. Plugins keep running; results of running tasks are published after reconnecting"
-                );
+                // A failure repeated while the broker stays away (a wrong password, a node
+                // down) is named once; each loss of a connection that was up is news.
+                let news = shared
+                    .dispatcher
+                    .metrics()
+                    .broker()
+                    .lost(&redact(&failed), &reason);
+                if news || was_up {
+                    tracing::warn!(
+                        broker = %redact(&failed),
+                        "broker connection lost or refused ({reason}){hint}; reconnecting{next} {when}. Plugins keep running; results of running tasks are published after reconnecting. The same failure again is logged at debug level only; `worker plugins list` shows the broker's state"
+                    );
+                } else {
+                    tracing::debug!(broker = %redact(&failed), "broker connection refused again ({reason}); reconnecting{next} {when}");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shared.finished.cancelled() => return,
@@ -159,16 +170,12 @@ async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
     let (tx, deliveries) = mpsc::channel::<Relayed>(256);
     let mut consumers = Consumers::new(consume.clone(), tx.clone());
     let wanted = shared.queues.borrow().clone();
+    let board = shared.dispatcher.metrics().broker();
+    board.new_session();
+    board.want(wanted.iter().map(|q| q.name.as_str()));
     for q in &wanted {
-        match consumers.start(shared, &conn, q).await {
-            Ok(()) => {}
-            // Refused by the broker (its own channel closed, the connection lives on): the
-            // other queues are consumed; this one is tried again by the next session.
-            Err(e) if super::publish::refused_by_broker(&e) => {
-                tracing::error!(queue = %q.name, "cannot consume from {}: {e}", q.name)
-            }
-            Err(e) => return Err(e),
-        }
+        // A queue the broker refuses is left out; the session tries it again with backoff.
+        consumers.start_reported(shared, &conn, q, false).await?;
     }
     let options = BasicConsumeOptions {
         no_ack: true,
@@ -192,6 +199,7 @@ async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
         .send_replace(Some((shared.next_channel_number(), results.clone())));
     shared.connected.send_replace(true);
     shared.dispatcher.metrics().broker_connected(true);
+    board.connected(&redact(shared.broker_url()));
     tracing::info!(
         broker = %redact(shared.broker_url()),
         queues = %shared.queue_names().join(","),
@@ -276,6 +284,7 @@ impl Session<'_> {
                 }
                 _ = queues.changed(), if !cancelled => {
                     let wanted = queues.borrow_and_update().clone();
+                    shared.dispatcher.metrics().broker().want(wanted.iter().map(|q| q.name.as_str()));
                     self.consumers.follow(shared, self.conn, &wanted).await;
                     refused = 0;
                     retry = tokio::time::Instant::now() + retry_in(refused);

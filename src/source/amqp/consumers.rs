@@ -103,13 +103,31 @@ async fn declare_or_take(
         Err(e) if inequivalent(&e) && shared.options.declare == Declare::Kombu => {
             let probe = conn.create_channel().await?;
             declare(&probe, q, Declare::Passive, &args).await?;
-            if shared.first_warning_for(&q.name) {
+            if shared
+                .dispatcher
+                .metrics()
+                .broker()
+                .differs(&q.name, &e.to_string())
+            {
                 tracing::warn!(queue = %q.name, "queue {} exists with other arguments than this worker declares ({e}); consuming it as it is. To declare it the same way, set `queue_type` (classic or quorum) and `queue_arguments` in worker.toml", q.name);
             }
             Ok(probe)
         }
         Err(e) => Err(e),
         Ok(()) => Ok(probe),
+    }
+}
+
+/// What an operator can do about the broker's refusal of a queue.
+fn refusal_hint(reason: &str, declare: Declare) -> &'static str {
+    if reason.contains("NOT_FOUND") && declare == Declare::Passive {
+        " (with `queue_declare = \"passive\"` the worker declares nothing: declare the queue, or set `queue_declare = \"kombu\"`)"
+    } else if reason.contains("ACCESS_REFUSED") {
+        " (the broker user needs configure, write and read permission on the queue and its exchange, and names starting with `amq.` are reserved)"
+    } else if reason.contains("RESOURCE_LOCKED") {
+        " (another connection holds it as an exclusive queue)"
+    } else {
+        ""
     }
 }
 
@@ -200,6 +218,48 @@ impl Consumers {
         Ok(())
     }
 
+    /// Starts `q` and records how it went on the broker board. A queue the broker refuses
+    /// (it closed only the declaring channel) is logged once while the same refusal lasts, and
+    /// left for the session to try again with backoff; `Ok(false)` then. A queue consumed
+    /// after a refusal is logged, others only when `announce`. Errors of the connection
+    /// itself are returned.
+    pub(super) async fn start_reported(
+        &mut self,
+        shared: &SourceState,
+        conn: &Connection,
+        q: &QueueSpec,
+        announce: bool,
+    ) -> lapin::Result<bool> {
+        let board = shared.dispatcher.metrics().broker();
+        match self.start(shared, conn, q).await {
+            Ok(()) => {
+                match board.consuming(&q.name) {
+                    Some(was) => {
+                        tracing::info!(queue = %q.name, "consuming from {}, which the broker had refused ({was})", q.name)
+                    }
+                    None if announce => {
+                        tracing::info!(queue = %q.name, "consuming from {}", q.name)
+                    }
+                    None => {}
+                }
+                Ok(true)
+            }
+            Err(e) if super::publish::refused_by_broker(&e) => {
+                let reason = e.to_string();
+                match board.refused(&q.name, &reason) {
+                    true => {
+                        tracing::error!(queue = %q.name, "cannot consume from {}: {reason}{}. Tried again with backoff (up to {:?} apart) and logged again only if the reason changes; `worker plugins list` shows the queue's state", q.name, refusal_hint(&reason, shared.options.declare), super::connection::QUEUE_RETRY_MAX)
+                    }
+                    false => {
+                        tracing::debug!(queue = %q.name, "cannot consume from {} yet: {reason}", q.name)
+                    }
+                }
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Stops consuming `queue`. Deliveries already relayed are still handled (and acked).
     pub(super) async fn cancel(&mut self, queue: &str) {
         let Some((tag, _, relay)) = self.running.remove(queue) else {
@@ -236,11 +296,8 @@ impl Consumers {
             if self.running.contains_key(&q.name) {
                 continue;
             }
-            match self.start(shared, conn, q).await {
-                Ok(()) => {
-                    tracing::info!(queue = %q.name, "consuming from {}", q.name)
-                }
-                Err(e) => tracing::error!(queue = %q.name, "cannot consume from {}: {e}", q.name),
+            if let Err(e) = self.start_reported(shared, conn, q, true).await {
+                tracing::error!(queue = %q.name, "cannot consume from {}: {e}", q.name)
             }
         }
     }

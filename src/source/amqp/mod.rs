@@ -103,7 +103,6 @@ impl AmqpSource {
         let shared = Arc::new(SourceState {
             redis,
             monitor: monitor::Monitor::new(options.task_events),
-            warned_queues: Mutex::default(),
             broker_at: Default::default(),
             girder: crate::source::girder::reporter::GirderJobs::new(
                 options.girder_job_urls.clone(),
@@ -143,6 +142,9 @@ impl AmqpSource {
             session_requests: session_tx,
             session_inbox: tokio::sync::Mutex::new(session_rx),
         });
+        let board = shared.dispatcher.metrics().broker();
+        board.connecting(&redact(shared.broker_url()));
+        board.want(shared.queue_names().iter().map(String::as_str));
         let task = tokio::spawn(connection::connection_loop(shared.clone()));
         AmqpSource { shared, task }
     }
@@ -221,8 +223,6 @@ pub struct SourceState {
     channel_numbers: AtomicU64,
     /// Which URL of the broker's failover list is in use.
     broker_at: std::sync::atomic::AtomicUsize,
-    /// Queues already warned about (taken as they exist, with other arguments).
-    warned_queues: Mutex<std::collections::HashSet<String>>,
     /// Girder jobs named by task messages, kept up to date over HTTP.
     girder: crate::source::girder::reporter::GirderJobs,
     /// What publishers and remote control ask of the live session (it owns the connection).
@@ -375,11 +375,6 @@ impl SourceState {
     fn next_broker(&self) {
         self.broker_at
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// True the first time a queue is named here: a warning about it is logged once.
-    fn first_warning_for(&self, queue: &str) -> bool {
-        lock(&self.warned_queues).insert(queue.to_string())
     }
 }
 
