@@ -23,7 +23,6 @@
 use crate::methods::TaskRunParams;
 use crate::plugin::{TaskContext, TaskError};
 use serde_json::{json, Map, Value};
-use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
@@ -343,22 +342,9 @@ pub fn format_queue_name(site: Option<&str>, queue: &str, function: Option<&str>
     }
 }
 
-thread_local! {
-    static CURRENT_QUEUE: RefCell<Option<String>> = const { RefCell::new(None) };
-}
-
-/// Runs `f` with `queue` as the current task's queue on this thread (the SDK's task threads).
-pub(crate) fn with_current_queue<T>(queue: Option<String>, f: impl FnOnce() -> T) -> T {
-    CURRENT_QUEUE.with(|q| *q.borrow_mut() = queue);
-    let out = f();
-    CURRENT_QUEUE.with(|q| *q.borrow_mut() = None);
-    out
-}
-
-/// The queue the task running on this thread was consumed from.
-pub fn current_task_queue_name() -> Option<String> {
-    CURRENT_QUEUE.with(|q| q.borrow().clone())
-}
+/// The queue the task running on this thread was consumed from (kept by the SDK's task
+/// threads, [`crate::plugin`]).
+pub use crate::plugin::current_task_queue_name;
 
 /// The site of the running task's queue.
 pub fn current_site() -> Option<String> {
@@ -474,12 +460,13 @@ mod tests {
             "paris.low#checksum"
         );
         assert_eq!(current_task_queue_name(), None);
-        let inside = with_current_queue(Some("london.highpriority#custom".into()), || {
-            (
-                current_site(),
-                ParsedQueueName::current().map(|q| q.to_string()),
-            )
-        });
+        let inside =
+            crate::plugin::with_current_queue(Some("london.highpriority#custom".into()), || {
+                (
+                    current_site(),
+                    ParsedQueueName::current().map(|q| q.to_string()),
+                )
+            });
         assert_eq!(
             inside,
             (

@@ -544,8 +544,7 @@ fn start_pool(
                 out: out.clone(),
             };
             let queue = ctx.queue().map(str::to_string);
-            let run =
-                || crate::files::with_current_queue(queue, || (job.handler)(&ctx, &job.params));
+            let run = || with_current_queue(queue, || (job.handler)(&ctx, &job.params));
             let result = catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
                 let message = panic
                     .downcast_ref::<&str>()
@@ -583,6 +582,23 @@ fn write_lines<W: Write>(outbox: mpsc::Receiver<Vec<u8>>, output: W) {
             return;
         }
     }
+}
+
+thread_local! {
+    static CURRENT_QUEUE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with `queue` as the current task's queue on this thread (the SDK's task threads).
+pub(crate) fn with_current_queue<T>(queue: Option<String>, f: impl FnOnce() -> T) -> T {
+    CURRENT_QUEUE.with(|q| *q.borrow_mut() = queue);
+    let out = f();
+    CURRENT_QUEUE.with(|q| *q.borrow_mut() = None);
+    out
+}
+
+/// The queue the task running on this thread was consumed from (`None` outside a task).
+pub fn current_task_queue_name() -> Option<String> {
+    CURRENT_QUEUE.with(|q| q.borrow().clone())
 }
 
 #[cfg(test)]
