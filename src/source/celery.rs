@@ -31,7 +31,7 @@ pub struct CeleryTask {
     pub reply_to: Option<String>,
     pub correlation_id: String,
     /// Workflow steps to carry on after it (protocol 2's embed; empty for v1).
-    pub embed: crate::source::canvas::Embed,
+    pub embed: crate::source::embed::Embed,
     /// How the body was encoded: [`JSON`], or [`JSONPICKLE`] (Girder Worker's `girder_io`).
     pub serializer: &'static str,
     /// The message's own headers: every header but Celery's protocol fields and the broker's
@@ -86,17 +86,7 @@ pub struct Envelope<'a> {
     pub reply_to: Option<&'a str>,
 }
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum DecodeError {
-    #[error(
-        "content type `{0}` is not supported; configure the client with task_serializer='json'"
-    )]
-    ContentType(String),
-    #[error("body is not JSON: {0}")]
-    NotJson(String),
-    #[error("malformed task message: {0}")]
-    Shape(String),
-}
+pub use super::decode_error::DecodeError;
 
 fn shape(msg: impl Into<String>) -> DecodeError {
     DecodeError::Shape(msg.into())
@@ -234,7 +224,7 @@ fn decode_v2(
         Value::Null => Map::new(),
         _ => return Err(shape("body[1] (kwargs) must be an object")),
     };
-    let embed = crate::source::canvas::Embed::from_raw(parts.get(2).copied())?;
+    let embed = crate::source::embed::Embed::from_raw(parts.get(2).copied())?;
     let (hard, soft) = time_limits(h.get("timelimit"))?;
     Ok(CeleryTask {
         embed,

@@ -5,6 +5,8 @@
 pub mod amqp;
 pub mod canvas;
 pub mod celery;
+pub mod decode_error;
+pub mod embed;
 pub mod girder;
 pub mod pidbox;
 pub mod pyrepr;

@@ -187,7 +187,8 @@ async fn send_chord_body(
     group_id: &str,
     body: &Value,
 ) -> Result<(), String> {
-    let body = canvas::Signature::from_json(body, "embed.chord").map_err(|e| e.to_string())?;
+    let body = crate::source::embed::Signature::from_json(body, "embed.chord")
+        .map_err(|e| e.to_string())?;
     let parts = redis
         .chord_parts(group_id)
         .await
