@@ -2,7 +2,7 @@
 //! queue), consume, and hand each delivery to its handler; reconnect when the connection is
 //! lost, at once the first time, then with the restart policy's backoff.
 
-use super::consumers::{self, Consumers, Relay, Relayed};
+use super::consumers::{self, Consumers, Relay, Relayed, QUEUE_RETRY_MAX, QUEUE_RETRY_MIN};
 use super::{delivery, monitor, redact, remote, SessionRequest, SourceState};
 use crate::metrics::Settled;
 use crate::supervisor::restart;
@@ -18,9 +18,6 @@ use tokio_util::task::AbortOnDropHandle;
 
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
-/// Backoff for a wanted queue the broker refuses to declare or consume.
-const QUEUE_RETRY_MIN: Duration = Duration::from_millis(250);
-pub(super) const QUEUE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// True for the broker's 405 RESOURCE_LOCKED: another connection holds an exclusive queue.
 fn resource_locked(e: &lapin::Error) -> bool {
@@ -75,9 +72,13 @@ pub(super) async fn connection_loop(shared: Arc<SourceState>) {
                     .broker()
                     .lost(&redact(&failed), &reason);
                 if news || was_up {
+                    let quiet = match was_up {
+                        true => "",
+                        false => ". Until a connection comes up, the same failure again is logged at debug level only; `worker plugins list` shows the broker's state",
+                    };
                     tracing::warn!(
                         broker = %redact(&failed),
-                        "broker connection lost or refused ({reason}){hint}; reconnecting{next} {when}. Plugins keep running; results of running tasks are published after reconnecting. The same failure again is logged at debug level only; `worker plugins list` shows the broker's state"
+                        "broker connection lost or refused ({reason}){hint}; reconnecting{next} {when}. Plugins keep running; results of running tasks are published after reconnecting{quiet}"
                     );
                 } else {
                     tracing::debug!(broker = %redact(&failed), "broker connection refused again ({reason}); reconnecting{next} {when}");
@@ -376,7 +377,7 @@ impl Session<'_> {
                     .spawn(async move { remote::answer(&state, &control, delivery).await });
             }
             Some(_) if shared.stopping.is_cancelled() => {
-                delivery::reject(shared, &delivery.acker, Settled::Requeued).await;
+                super::settle::reject(shared, &delivery.acker, Settled::Requeued).await;
             }
             Some(queue) => {
                 let (state, lost) = (shared.clone(), lost.clone());

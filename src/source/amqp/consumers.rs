@@ -81,6 +81,10 @@ pub(super) async fn declare(
         .await
 }
 
+/// Backoff for a wanted queue the broker refuses to declare or consume.
+pub(super) const QUEUE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(250);
+pub(super) const QUEUE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// True for the broker's 406 PRECONDITION_FAILED: the queue exists with other arguments.
 pub(super) fn inequivalent(e: &lapin::Error) -> bool {
     use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
@@ -248,7 +252,7 @@ impl Consumers {
                 let reason = e.to_string();
                 match board.refused(&q.name, &reason) {
                     true => {
-                        tracing::error!(queue = %q.name, "cannot consume from {}: {reason}{}. Tried again with backoff (up to {:?} apart) and logged again only if the reason changes; `worker plugins list` shows the queue's state", q.name, refusal_hint(&reason, shared.options.declare), super::connection::QUEUE_RETRY_MAX)
+                        tracing::error!(queue = %q.name, "cannot consume from {}: {reason}{}. Tried again with backoff (up to {:?} apart) and logged again only if the reason changes; `worker plugins list` shows the queue's state", q.name, refusal_hint(&reason, shared.options.declare), QUEUE_RETRY_MAX)
                     }
                     false => {
                         tracing::debug!(queue = %q.name, "cannot consume from {} yet: {reason}", q.name)

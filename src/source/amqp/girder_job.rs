@@ -3,7 +3,7 @@
 //! its settlement means, before the result is sent. The contract itself is
 //! `crate::source::girder`.
 
-use super::delivery::Settlement;
+use super::rules::Settlement;
 use super::SourceState;
 use crate::source::celery::{state, CeleryTask};
 use crate::source::girder::{reporter::Reporter, JobEnd};

@@ -26,6 +26,8 @@ mod retry;
 /// Public only for the scale bench, which measures it at its limits.
 #[doc(hidden)]
 pub mod revoked;
+mod rules;
+mod settle;
 mod task_controls;
 pub mod tls;
 mod value;

@@ -7,7 +7,7 @@
 //! (dropped and counted when full, e.g. while the broker is away) and published by the
 //! session's own loop on its own channel, without confirms, transient, as a Celery worker does.
 
-use super::delivery::Settlement;
+use super::rules::Settlement;
 use super::SourceState;
 use crate::source::celery::{state, CeleryTask};
 use crate::source::pyrepr::{args_repr, exception_repr, kwargs_repr, repr};
@@ -138,7 +138,7 @@ impl Monitor {
         let clock = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
         fields.insert("type".into(), json!(kind));
         fields.insert("hostname".into(), json!(hostname));
-        fields.insert("timestamp".into(), json!(super::delivery::now_epoch()));
+        fields.insert("timestamp".into(), json!(now_epoch()));
         let offset = f64::from_bits(self.utcoffset.load(Ordering::Relaxed));
         fields.insert("utcoffset".into(), json!(offset));
         fields.insert("pid".into(), json!(std::process::id()));
@@ -483,6 +483,14 @@ pub(super) fn announce_end(
 pub(super) async fn offline(shared: &SourceState, channel: &Channel) {
     let event = shared.monitor.worker_event(shared, "worker-offline");
     publish(channel, &shared.nodename(), event).await;
+}
+
+/// Seconds since the epoch, as Celery's events and messages carry time.
+pub(super) fn now_epoch() -> f64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 #[cfg(test)]

@@ -404,3 +404,12 @@ impl SourceState {
         }
     }
 }
+
+/// A message as it arrived, to publish again (parked until its eta, or retried).
+pub(super) struct Raw {
+    pub(super) properties: lapin::BasicProperties,
+    pub(super) body: Vec<u8>,
+    /// Where it was published to.
+    pub(super) exchange: String,
+    pub(super) routing_key: String,
+}

@@ -4,9 +4,11 @@
 //! the result backend; `task-retried` for monitors. Past `max_retries`, FAILURE with the
 //! exception (`MaxRetriesExceededError` without one).
 
-use super::delivery::{ack, reject, Raw, Settlement};
 use super::monitor;
 use super::publish::Published;
+use super::publish::Raw;
+use super::rules::Settlement;
+use super::settle::{ack, reject};
 use super::value::json_to_amqp;
 use super::SourceState;
 use crate::metrics::Settled;

@@ -5,8 +5,8 @@
 //! Every message is confirmed by the broker before the task's own message is acked, so a
 //! worker killed in between publishes them again after redelivery, never loses them.
 
-use super::delivery::Settlement;
 use super::publish::{Delivered, Published, Returns};
+use super::rules::Settlement;
 use super::SourceState;
 use crate::source::canvas::{self, Context};
 use crate::source::celery::{self, state, CeleryTask};
