@@ -539,12 +539,13 @@ pub fn notes(path: &Path, n: usize) -> Vec<serde_json::Value> {
 /// The states after which a Celery task has its answer.
 pub const FINAL_STATES: [&str; 3] = ["SUCCESS", "FAILURE", "REVOKED"];
 
-/// Final-state messages seen per task id.
-pub type Counts = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>>;
+/// Final-state messages (their JSON bodies: `status`, `result`...) seen per task id.
+pub type Counts =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<serde_json::Value>>>>;
 
 /// Consumes the reply queue `queue` at `url` (declared durable with `args`; no-ack, so nothing
-/// is ever redelivered to the test) and records every final state; `ready` is sent once it
-/// consumes. The connection is never dropped while results may come (a no-ack consumer loses
+/// is ever redelivered to the test) and records every final-state message; `ready` is sent once
+/// it consumes. The connection is never dropped while results may come (a no-ack consumer loses
 /// what the broker had sent when its connection closes, which would be the test's loss, not the
 /// worker's); on `stop`, it cancels the consumer and reads what the broker had already sent.
 pub async fn read_replies(
@@ -591,10 +592,10 @@ pub async fn read_replies(
             next = consumer.next() => match next {
                 Some(Ok(d)) => {
                     let body: serde_json::Value = serde_json::from_slice(&d.data).expect("a JSON result body");
-                    let status = body["status"].as_str().unwrap_or_default().to_string();
-                    if FINAL_STATES.contains(&status.as_str()) {
+                    let status = body["status"].as_str().unwrap_or_default();
+                    if FINAL_STATES.contains(&status) {
                         let id = body["task_id"].as_str().unwrap_or_default().to_string();
-                        counts.lock().unwrap().entry(id).or_default().push(status);
+                        counts.lock().unwrap().entry(id).or_default().push(body);
                     }
                 }
                 Some(Err(e)) => panic!("the reply reader's connection failed: {e}"),

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod nodes;
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -48,6 +49,7 @@ pub const FAULTY_TASKS: &[&str] = &[
     "f.write",
     "f.fs",
     "f.note",
+    "f.note_sleep",
 ];
 
 pub fn repo() -> PathBuf {

@@ -32,7 +32,8 @@ rlimits), f.spin (burns CPU until killed), f.escape / f.escape_clean (a setsid()
 that outlives the plugin, returning its pid; _clean: with an empty environment), f.retry_until [n, max] / f.retry_bare [n, max] (ask for a retry in 1 s, with an exception or without, until the request's retries reach n; max_retries max, default 5), f.stderr_wait [lines] (as f.stderr, then a `log` record naming the task, then waits for its cancel), f.stderr [lines] (writes that many stderr
 lines, then returns), f.where (returns its interpreter's prefix, its working directory and the
 FAULT_TAG variable), f.note [..., path] (appends its args as a JSON line to the file `path`, a
-canvas test's witness).
+canvas test's witness), f.note_sleep [secs, path] (appends {"pid", "task_id", "args"} as a JSON
+line to `path`, then sleeps like f.sleep: one line per run of the task).
 """
 
 import json
@@ -201,6 +202,16 @@ def run_task(id_, params):
             with open(args[-1], "a") as f:
                 f.write(json.dumps(args) + "\n")
             reply(id_, len(args))
+        elif name == "f.note_sleep":
+            # Notes each run (its pid and task id) before sleeping, so a test can count runs.
+            seconds, path = args
+            with open(path, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "task_id": task_id, "args": args}) + "\n")
+                f.flush()
+            if cancel.wait(seconds):
+                error(id_, -32001, "Cancelled", "cancelled")
+            else:
+                reply(id_, "slept")
         elif name == "f.raise":
             error(id_, -32000, "ValueError", "bad value: %r" % (args,))
         elif name == "f.progress":
@@ -244,7 +255,8 @@ def declared_tasks():
     names = ["f.ok", "f.pid", "f.sleep", "f.sleep_nocancel", "f.crash", "f.crash_once", "f.exit",
              "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr", "f.stderr_wait", "f.retry_until", "f.retry_bare", "f.where",
              "f.string_id", "f.bad_utf8", "f.huge_then_answer", "f.block", "f.stderr_flood",
-             "f.garbage_flood", "f.request_flood", "f.env", "f.spin", "f.escape", "f.escape_clean", "f.write", "f.fs", "f.note"]
+             "f.garbage_flood", "f.request_flood", "f.env", "f.spin", "f.escape", "f.escape_clean", "f.write", "f.fs", "f.note",
+             "f.note_sleep"]
     if ENV("FAULT_HANDSHAKE") == "extra_task":
         names.append("f.undeclared")
     return [{"name": n} for n in names]
