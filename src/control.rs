@@ -440,6 +440,7 @@ fn event_notification(task_id: &str, ev: TaskEvent) -> (&'static str, Value) {
         TaskEvent::Stream { .. } => "task.stream",
         // Never asked for by the control socket (`capture_log` is off).
         TaskEvent::Log { .. } => "task.log",
+        TaskEvent::Retrying { .. } => "task.retrying",
     };
     if let Some(obj) = params.as_object_mut() {
         obj.remove("event");

@@ -1,5 +1,5 @@
 //! The daemon as a library: [`Daemon::start`] starts the installed plugins, the control socket
-//! and (with a broker) the AMQP source; [`Daemon::run`] serves until a shutdown future
+//! and (with a broker) its source; [`Daemon::run`] serves until a shutdown future
 //! resolves, then stops in three phases: stop accepting (consumers cancelled, new tasks
 //! refused), drain in-flight tasks up to `drain_timeout`, stop the plugins. A second future
 //! forces an immediate stop. Tests and embedding programs use it without signals;
@@ -13,7 +13,7 @@ use crate::manifest::Manifest;
 use crate::notify::Notifier;
 use crate::reload::{self, ReloadError, ReloadSettings};
 use crate::source::amqp::tls::{BrokerTls, TlsSettings};
-use crate::source::amqp::{AmqpOptions, AmqpSource};
+use crate::source::Source;
 use crate::supervisor::cgroup::CgroupTree;
 use crate::supervisor::containment;
 use crate::supervisor::pool::PoolOptions;
@@ -62,7 +62,8 @@ pub struct Daemon {
     config: Config,
     supervisor: Arc<Supervisor>,
     dispatcher: Arc<Dispatcher>,
-    amqp: Option<AmqpSource>,
+    /// The broker's source, when there is a broker.
+    broker: Option<Box<dyn Source>>,
     server: JoinHandle<()>,
     stop_server: CancellationToken,
     reload: ReloadSettings,
@@ -179,12 +180,12 @@ impl Daemon {
             stop_server.clone(),
         ));
         let metrics = metrics_listener.map(|listener| serve_metrics(listener, &dispatcher));
-        let amqp = config.broker.as_ref().map(|url| {
-            let options = amqp_options(&config, url, &dispatcher, tls.clone());
-            AmqpSource::start(options, dispatcher.clone())
-        });
+        let source = config
+            .broker
+            .as_ref()
+            .map(|url| crate::source::start_broker(&config, url, &dispatcher, tls.clone()));
         let notifier = Notifier::from_env();
-        let broker = amqp.as_ref().map(AmqpSource::connected);
+        let broker = source.as_ref().map(|s| s.connected());
         let notify = tokio::spawn(crate::notify::supervise(
             notifier,
             dispatcher.clone(),
@@ -201,7 +202,7 @@ impl Daemon {
             config,
             supervisor,
             dispatcher,
-            amqp,
+            broker: source,
             server,
             stop_server,
             reload,
@@ -234,9 +235,9 @@ impl Daemon {
         force: impl Future<Output = ()>,
     ) -> Stopped {
         let remote = self
-            .amqp
+            .broker
             .as_ref()
-            .map(AmqpSource::shutdown_requested)
+            .map(|s| s.shutdown_requested())
             .unwrap_or_default();
         tokio::select! {
             _ = shutdown => {}
@@ -265,8 +266,8 @@ impl Daemon {
 
     /// The three phases: accept nothing new, drain, stop the plugins.
     async fn stop_gracefully(&mut self) {
-        if let Some(a) = &self.amqp {
-            a.stop_consuming();
+        if let Some(source) = &self.broker {
+            source.stop_consuming();
         }
         self.dispatcher.stop_accepting();
         let drain = self.config.drain_timeout();
@@ -281,10 +282,10 @@ impl Daemon {
             );
         }
         self.stop_server.cancel();
-        if let Some(a) = self.amqp.take() {
+        if let Some(source) = self.broker.take() {
             // Results of finished tasks are published and their messages acked before the
-            // connection closes; anything left is redelivered by RabbitMQ.
-            a.finish(Duration::from_secs(10)).await;
+            // connection closes; anything left is redelivered by the broker.
+            source.finish(Duration::from_secs(10)).await;
         }
         self.supervisor.stop(None).await;
     }
@@ -344,48 +345,6 @@ fn serve_metrics(
         stop.clone(),
     ));
     (AbortOnDropHandle::new(serving), stop)
-}
-
-fn amqp_options(
-    config: &Config,
-    url: &str,
-    dispatcher: &Dispatcher,
-    tls: BrokerTls,
-) -> AmqpOptions {
-    let prefetch = config
-        .prefetch_count
-        .unwrap_or_else(|| (dispatcher.capacity() * 2).clamp(4, u16::MAX as usize) as u16);
-    AmqpOptions {
-        url: url.to_string(),
-        queues: config.queues.clone(),
-        declare: config.queue_declare,
-        queue_arguments: queue_arguments(config),
-        exchange_type: config.exchange_type.clone(),
-        prefetch,
-        nodename: config.name.clone(),
-        result_memory: config.result_memory,
-        result_retry_timeout: config.result_retry_timeout(),
-        tls,
-        task_events: config.task_events,
-        result_backend: config.redis_backend().map(str::to_string),
-        result_expires: config.result_expires as u64,
-        max_message_size: config.max_message_size,
-        girder_job_urls: config.girder_job_urls.clone(),
-    }
-}
-
-/// The arguments of the task queues the worker declares: the queue type and
-/// `queue_arguments`.
-fn queue_arguments(config: &Config) -> serde_json::Map<String, serde_json::Value> {
-    let mut args: serde_json::Map<_, _> = config
-        .queue_arguments
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    if config.queue_type == crate::config::QueueType::Quorum {
-        args.insert("x-queue-type".into(), "quorum".into());
-    }
-    args
 }
 
 /// SIGKILLs every plugin process group.

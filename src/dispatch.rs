@@ -332,6 +332,12 @@ impl Dispatcher {
                         crate::fields! {"task_id" => request.id, "task" => request.name,
                         "plugin" => pool.manifest().name, "attempt" => attempt, "reason" => why}
                     });
+                    // The submitter hears it on the task's own stream, as data.
+                    let retrying = TaskEvent::Retrying {
+                        attempt,
+                        reason: why,
+                    };
+                    let _ = events.send(retrying).await;
                     attempt += 1;
                 }
             }

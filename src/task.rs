@@ -90,6 +90,12 @@ pub enum TaskEvent {
     Log {
         line: String,
     },
+    /// The dispatcher runs the task again after attempt `attempt` failed for `reason` (the
+    /// plugin's process died under it): what came before is void, a new run starts.
+    Retrying {
+        attempt: u32,
+        reason: String,
+    },
 }
 
 /// How a task ended. Every task gets exactly one.

@@ -279,11 +279,18 @@ async fn crashed_task_is_retried_on_a_fresh_process() {
         "",
     )]);
     h.ready().await;
-    let (outcome, _) = h
+    let (outcome, events) = h
         .run("f.crash_once", vec![json!(marker.to_str().unwrap())])
         .await;
     assert_eq!(success(&outcome), &json!("survived"));
     assert!(marker.exists());
+    // The submitter hears of the rerun on the task's own stream, as data.
+    match &events[..] {
+        [worker::task::TaskEvent::Retrying { attempt: 1, reason }] => {
+            assert!(!reason.is_empty(), "the reason is given")
+        }
+        other => panic!("one Retrying event for attempt 1, got {other:?}"),
+    }
     h.stop().await;
 }
 

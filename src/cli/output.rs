@@ -34,6 +34,9 @@ pub fn event(ev: &TaskEvent) {
             }
         }
         TaskEvent::Log { line } => eprintln!("log: {line}"),
+        TaskEvent::Retrying { attempt, reason } => {
+            eprintln!("attempt {attempt} failed ({reason}); running it again")
+        }
     }
 }
 

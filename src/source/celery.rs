@@ -420,7 +420,7 @@ pub fn event_state(ev: crate::task::TaskEvent) -> Option<(&'static str, Value)> 
             json!({ "done": done, "total": total, "message": message }),
         )),
         TaskEvent::Stream { items } => Some((state::STREAM, json!({ "items": items }))),
-        TaskEvent::Log { .. } => None,
+        TaskEvent::Log { .. } | TaskEvent::Retrying { .. } => None,
     }
 }
 
@@ -464,6 +464,29 @@ pub fn failure_result(f: &Failure) -> Value {
 
 pub fn revoked_result(reason: &str) -> Value {
     exception("TaskRevokedError", reason, "celery.exceptions")
+}
+
+/// Celery's `Retry` for a retry the plugin gave no exception for (the RETRY state's result).
+pub fn retry_exception() -> Value {
+    exception("Retry", "Retry in the future", "celery.exceptions")
+}
+
+/// Celery's `MaxRetriesExceededError` for `task`.
+pub fn max_retries_exceeded(task: &CeleryTask) -> Value {
+    let args: Vec<String> = task.args.iter().map(super::pyrepr::repr).collect();
+    let message = format!(
+        "Can't retry {}[{}] args:({}) kwargs:{}",
+        task.name,
+        task.id,
+        args.join(", "),
+        super::pyrepr::repr(&Value::Object(task.kwargs.clone()))
+    );
+    exception("MaxRetriesExceededError", &message, "celery.exceptions")
+}
+
+/// Celery's `ChordError`: the chord's body fails because a header part did (`why`).
+pub fn chord_error(why: &str) -> Value {
+    exception("ChordError", why, "celery.exceptions")
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Where tasks come from. The control socket (`crate::control`) and `worker run` are the local
 //! sources; [`amqp`] consumes Celery task messages from RabbitMQ. Sources hand tasks to the
-//! dispatcher and turn outcomes into their own replies; they never talk to plugins.
+//! dispatcher and turn outcomes into their own replies; they never talk to plugins. The daemon
+//! runs a broker's source through the [`Source`] contract, whatever its transport.
 
 pub mod amqp;
 pub mod canvas;
@@ -18,4 +19,34 @@ pub fn redact(url: &str) -> String {
         (Some(s), Some(at)) if at > s => format!("{}://{}", &url[..s], &url[at + 1..]),
         _ => url.to_string(),
     }
+}
+
+/// What a source's graceful finish is: a future the daemon awaits.
+pub type Finishing = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A source of tasks the daemon runs beside the control socket: started by [`start_broker`],
+/// stopped in the daemon's phases, watched for READY. Its broker state is on the broker board
+/// ([`crate::broker_status`]).
+pub trait Source: Send + Sync {
+    /// Fires when the source is asked to stop the worker (Celery's `control shutdown`).
+    fn shutdown_requested(&self) -> tokio_util::sync::CancellationToken;
+    /// Whether it is connected and consuming, as that changes.
+    fn connected(&self) -> tokio::sync::watch::Receiver<bool>;
+    /// Graceful stop, phase 1: take no more tasks.
+    fn stop_consuming(&self);
+    /// Phase 2, once the dispatcher drained: settle what was answered (up to `timeout`) and
+    /// disconnect.
+    fn finish(self: Box<Self>, timeout: std::time::Duration) -> Finishing;
+}
+
+/// Starts the source for `config.broker`'s URL, its transport chosen by the URL's scheme
+/// (checked with the config: `amqp://`, `amqps://`).
+pub fn start_broker(
+    config: &crate::config::Config,
+    url: &str,
+    dispatcher: &std::sync::Arc<crate::dispatch::Dispatcher>,
+    tls: amqp::tls::BrokerTls,
+) -> Box<dyn Source> {
+    let options = amqp::AmqpOptions::from_config(config, url, dispatcher, tls);
+    Box::new(amqp::AmqpSource::start(options, dispatcher.clone()))
 }

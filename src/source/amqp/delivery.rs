@@ -318,6 +318,9 @@ async fn run(shared: &SourceState, task: &CeleryTask, info: &ActiveInfo, job: &T
             }
         };
         match update {
+            Some(TaskUpdate::Event(TaskEvent::Retrying { reason, .. })) => {
+                monitor::announce_rerun(shared, task, &reason)
+            }
             Some(TaskUpdate::Event(ev)) => {
                 job.feed(&ev);
                 if reporting && !matches!(ev, TaskEvent::Log { .. }) {

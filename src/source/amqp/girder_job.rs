@@ -47,7 +47,7 @@ impl TaskJob {
                 total,
                 message,
             } => job.progress(*done, *total, message.clone()),
-            TaskEvent::Stream { .. } => {}
+            TaskEvent::Stream { .. } | TaskEvent::Retrying { .. } => {}
         }
     }
 

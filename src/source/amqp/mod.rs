@@ -151,38 +151,81 @@ impl AmqpSource {
         AmqpSource { shared, task }
     }
 
-    /// Fires when a `celery control shutdown` asks this worker to stop.
-    pub fn shutdown_requested(&self) -> CancellationToken {
-        self.shared.shutdown_requested.clone()
-    }
-
-    /// Whether the source is connected and consuming, as it changes.
-    pub fn connected(&self) -> watch::Receiver<bool> {
-        self.shared.connected.subscribe()
-    }
-
     pub fn nodename(&self) -> String {
         self.shared.nodename()
     }
+}
 
-    /// Graceful stop, phase 1: consume no more; tasks not yet started go back to the queue.
-    pub fn stop_consuming(&self) {
+impl crate::source::Source for AmqpSource {
+    /// Fires when a `celery control shutdown` asks this worker to stop.
+    fn shutdown_requested(&self) -> CancellationToken {
+        self.shared.shutdown_requested.clone()
+    }
+
+    fn connected(&self) -> watch::Receiver<bool> {
+        self.shared.connected.subscribe()
+    }
+
+    /// Tasks not yet started go back to the queue.
+    fn stop_consuming(&self) {
         self.shared.stopping.cancel();
         self.shared.revoke_signal.notify_waiters();
     }
 
-    /// Phase 2: wait (up to `timeout`) for every message handler to publish and ack, then
-    /// close the connection.
-    pub async fn finish(self, timeout: Duration) {
-        self.shared.handlers.close();
-        if tokio::time::timeout(timeout, self.shared.handlers.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("some task messages were still being answered at shutdown; RabbitMQ will redeliver them");
+    /// Waits (up to `timeout`) for every message handler to publish and ack, then closes the
+    /// connection.
+    fn finish(self: Box<Self>, timeout: Duration) -> crate::source::Finishing {
+        Box::pin(async move {
+            self.shared.handlers.close();
+            if tokio::time::timeout(timeout, self.shared.handlers.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("some task messages were still being answered at shutdown; RabbitMQ will redeliver them");
+            }
+            self.shared.finished.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        })
+    }
+}
+
+impl AmqpOptions {
+    /// The options `worker.toml` (with env and flags) gives the source for broker `url`;
+    /// `prefetch_count` unset means twice the plugins' capacity.
+    pub fn from_config(
+        config: &crate::config::Config,
+        url: &str,
+        dispatcher: &Dispatcher,
+        tls: tls::BrokerTls,
+    ) -> AmqpOptions {
+        let prefetch = config
+            .prefetch_count
+            .unwrap_or_else(|| (dispatcher.capacity() * 2).clamp(4, u16::MAX as usize) as u16);
+        let mut queue_arguments: serde_json::Map<_, _> = config
+            .queue_arguments
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if config.queue_type == crate::config::QueueType::Quorum {
+            queue_arguments.insert("x-queue-type".into(), "quorum".into());
         }
-        self.shared.finished.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        AmqpOptions {
+            url: url.to_string(),
+            queues: config.queues.clone(),
+            declare: config.queue_declare,
+            queue_arguments,
+            exchange_type: config.exchange_type.clone(),
+            prefetch,
+            nodename: config.name.clone(),
+            result_memory: config.result_memory,
+            result_retry_timeout: config.result_retry_timeout(),
+            tls,
+            task_events: config.task_events,
+            result_backend: config.redis_backend().map(str::to_string),
+            result_expires: config.result_expires as u64,
+            max_message_size: config.max_message_size,
+            girder_job_urls: config.girder_job_urls.clone(),
+        }
     }
 }
 

@@ -250,11 +250,6 @@ pub(super) async fn run(shared: Arc<SourceState>, channel: Channel) {
         return;
     }
     let mut queued = monitor.rx.lock().await;
-    // The dispatcher's retries of a Celery task become `task-retried`.
-    let mut retries = shared
-        .dispatcher
-        .events()
-        .subscribe(&["task.retried".to_string()], 256);
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(BATCH);
@@ -265,10 +260,6 @@ pub(super) async fn run(shared: Arc<SourceState>, channel: Channel) {
                 Some(e) => batch.push(e),
                 None => return,
             },
-            Some(retried) = retries.events.recv() => {
-                retry_event(&shared, &retried);
-                continue;
-            }
         };
         // Task events wait up to `GATHER` for company, then go out as one `task.multi`
         // message: under load one broker message carries the events of many tasks.
@@ -280,7 +271,6 @@ pub(super) async fn run(shared: Arc<SourceState>, channel: Channel) {
                         Some(e) => batch.push(e),
                         None => break,
                     },
-                    Some(retried) = retries.events.recv() => retry_event(&shared, &retried),
                     _ = tokio::time::sleep_until(until) => break,
                 }
             }
@@ -321,30 +311,18 @@ async fn publish_batch(
     }
 }
 
-/// Queues `task-retried` (then `task-started` again) for a Celery task the dispatcher runs
-/// again after a failed attempt (`reason` as the exception, as Celery's `Retry` carries it).
-fn retry_event(shared: &SourceState, event: &str) {
-    let Ok(event) = serde_json::from_str::<Value>(event) else {
-        return;
-    };
-    let Some(id) = event["task_id"].as_str() else {
-        return;
-    };
-    // A Celery task (not one from the control socket), running or just answered.
-    let tasks = shared.tasks();
-    if !tasks.ledger.owns(id) && !tasks.ledger.is_answered(id) {
-        return;
-    }
-    drop(tasks);
+/// Queues `task-retried` (then `task-started` again) for a task the dispatcher runs again
+/// after its plugin's process died under it (`reason` as the exception, as Celery's `Retry`
+/// carries it).
+pub(super) fn announce_rerun(shared: &SourceState, task: &CeleryTask, reason: &str) {
     let node = shared.nodename();
-    let reason = event["reason"].as_str().unwrap_or_default();
-    shared.monitor.task(&node, "retried", id, || {
+    shared.monitor.task(&node, "retried", &task.id, || {
         let mut f = Map::new();
         f.insert("exception".into(), json!(exception_repr("Retry", reason)));
         f.insert("traceback".into(), json!(""));
         f
     });
-    shared.monitor.task(&node, "started", id, Map::new);
+    shared.monitor.task(&node, "started", &task.id, Map::new);
 }
 
 /// `task-received` and `task-started` for Flower and `celery events` (when task events are on).

@@ -13,7 +13,6 @@ use super::value::json_to_amqp;
 use super::SourceState;
 use crate::metrics::Settled;
 use crate::source::celery::{self, state, CeleryTask};
-use crate::source::pyrepr;
 use crate::task::{Failure, MAX_DURATION_SECS};
 use lapin::types::AMQPValue;
 use lapin::Acker;
@@ -42,7 +41,7 @@ pub fn plan(task: &CeleryTask, f: &Failure, now: SystemTime) -> Settlement {
     if task.retries >= max {
         let (result, traceback) = match exc {
             true => (celery::failure_result(f), f.traceback.clone()),
-            false => (max_retries_exceeded(task), None),
+            false => (celery::max_retries_exceeded(task), None),
         };
         return failed(result, traceback);
     }
@@ -63,7 +62,7 @@ pub fn plan(task: &CeleryTask, f: &Failure, now: SystemTime) -> Settlement {
     };
     let result = match exc {
         true => celery::failure_result(f),
-        false => celery::exception("Retry", "Retry in the future", "celery.exceptions"),
+        false => celery::retry_exception(),
     };
     Settlement::Retry {
         eta,
@@ -84,19 +83,6 @@ fn failed(result: Value, traceback: Option<String>) -> Settlement {
 fn invalid(why: String) -> Settlement {
     let message = format!("the plugin asked for a retry the worker cannot follow: {why}");
     failed(celery::exception("ValueError", &message, "builtins"), None)
-}
-
-/// Celery's `MaxRetriesExceededError` for `task`.
-fn max_retries_exceeded(task: &CeleryTask) -> Value {
-    let args: Vec<String> = task.args.iter().map(pyrepr::repr).collect();
-    let message = format!(
-        "Can't retry {}[{}] args:({}) kwargs:{}",
-        task.name,
-        task.id,
-        args.join(", "),
-        pyrepr::repr(&Value::Object(task.kwargs.clone()))
-    );
-    celery::exception("MaxRetriesExceededError", &message, "celery.exceptions")
 }
 
 /// A retry: ownership released first (so the copy, should it come back here at once, runs

@@ -219,7 +219,7 @@ async fn send_chord_body(
         let Some(body_id) = body.options.get("task_id").and_then(Value::as_str) else {
             return Err(format!("{why}, and the body has no task id to fail"));
         };
-        let failure = celery::exception("ChordError", &why, "celery.exceptions");
+        let failure = celery::chord_error(&why);
         let meta = celery::result_body(body_id, state::FAILURE, failure, None);
         let reply_to = body.options.get("reply_to").and_then(Value::as_str);
         shared

@@ -354,7 +354,7 @@ fn retry_failure(e: ErrorObject) -> Failure {
             x.module.clone().unwrap_or_else(|| "worker.errors".into()),
             x.traceback.clone(),
         ),
-        None => ("Retry".into(), e.message, "celery.exceptions".into(), None),
+        None => ("Retry".into(), e.message, "worker.errors".into(), None),
     };
     Failure {
         kind: FailureKind::RetryRequested,
