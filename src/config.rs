@@ -248,15 +248,41 @@ impl Config {
             }
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
             path: path.clone(),
             message: e.to_string(),
         })?;
+        config.absolutize();
         config.validate().map_err(|e| ConfigError::Invalid {
             path,
             message: e.to_string(),
         })?;
         Ok(config)
+    }
+
+    /// Makes every path absolute, against the current directory (where a relative one means
+    /// something now): plugins and install steps run elsewhere (an installed copy, their data
+    /// directory), so a path handed to them must not depend on where they run.
+    pub fn absolutize(&mut self) {
+        let absolute = |p: &mut PathBuf| {
+            if let Ok(a) = std::path::absolute(&*p) {
+                *p = a;
+            }
+        };
+        absolute(&mut self.plugins_dir);
+        absolute(&mut self.state_dir);
+        absolute(&mut self.socket);
+        for p in [
+            &mut self.broker_file,
+            &mut self.broker_ca,
+            &mut self.broker_cert,
+            &mut self.broker_key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            absolute(p);
+        }
     }
 
     pub fn validate(&self) -> Result<(), InvalidSetting> {

@@ -676,3 +676,52 @@ fn a_node_sdk_plugin_runs_under_the_worker_and_streams_before_its_result() {
         text(&out.stderr)
     );
 }
+
+/// Paths typed relative to the current directory (`--plugins plugins`, the natural thing in a
+/// checkout) reach install steps and plugins absolute: a step runs inside the installed copy,
+/// where a relative `WORKER_PLUGIN_SOURCE` would name nothing.
+#[test]
+fn relative_plugins_and_state_dirs_reach_install_steps_and_plugins_absolute() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    // An install step that needs its source: it copies a file from there into the copy.
+    let step = r#"install = [["/bin/sh", "-c", "cp \"$WORKER_PLUGIN_SOURCE/from-source\" . && echo \"$WORKER_PLUGIN_SOURCE\" > source-was"]]"#;
+    let dir = faulty_plugin(&plugins, "faulty", &[], step, "");
+    std::fs::write(dir.join("from-source"), "x").unwrap();
+    let relative = |args: &[&str]| {
+        let mut cmd = worker();
+        cmd.current_dir(root.path()).args(args).args([
+            "--plugins",
+            "plugins",
+            "--state-dir",
+            "state",
+            "--socket",
+            "w.sock",
+        ]);
+        output(&mut cmd)
+    };
+    let out = relative(&["plugins", "install", "faulty"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let copies: Vec<_> = std::fs::read_dir(root.path().join("state/installed/faulty"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let [copy] = &copies[..] else {
+        panic!("one installed copy: {copies:?}")
+    };
+    let source = std::fs::read_to_string(copy.join("source-was")).unwrap();
+    assert_eq!(
+        source.trim(),
+        plugins.join("faulty").display().to_string(),
+        "the step saw its source as an absolute path"
+    );
+    // A task through `worker run` with the same relative directories.
+    let out = relative(&["run", "f.ok", "7"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "[7]");
+}

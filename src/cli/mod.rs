@@ -331,6 +331,7 @@ impl CommonArgs {
         if let Some(v) = self.log_format {
             c.log_format = v;
         }
+        c.absolutize();
         c.validate()
             .map_err(|e| anyhow::anyhow!("invalid setting: {e}"))?;
         Ok(c)
