@@ -5,14 +5,30 @@ use super::{Crash, EventKind, ExitReason, Instance, Job, Phase, Step};
 use crate::supervisor::process::StdoutEvent;
 use crate::task::{Failure, FailureKind, Outcome};
 use plugin_protocol::{
-    method, Id, Message, RequestInfo, TaskCancelParams, TaskRunParams, TimeLimits,
+    method, DeliveryInfo, Id, Message, RequestInfo, TaskCancelParams, TimeLimits,
 };
+use serde_json::{Map, Value};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// How many stderr lines go into a crash message.
 const CRASH_STDERR_LINES: usize = 5;
+
+/// `task.run`'s params exactly as [`plugin_protocol::TaskRunParams`] writes them, borrowed
+/// from the task's request: its args and kwargs go to the plugin's stdin from where they are,
+/// never copied on the way (the hot path).
+#[derive(serde::Serialize)]
+struct TaskRunWire<'a> {
+    task_id: &'a str,
+    task: &'a str,
+    args: &'a [Value],
+    kwargs: &'a Map<String, Value>,
+    attempt: u32,
+    time_limit: TimeLimits,
+    delivery_info: &'a DeliveryInfo,
+    request: RequestInfo,
+}
 
 /// A task running on the process.
 pub(super) struct Running {
@@ -38,21 +54,21 @@ impl Instance {
         let m = &self.spec.manifest;
         let soft = job.request.soft_time_limit.or(m.timeouts.task_soft);
         let hard = job.request.hard_time_limit.or(m.timeouts.task_hard);
-        let params = TaskRunParams {
-            task_id: job.request.id.clone(),
-            task: job.request.name.clone(),
-            args: job.request.args.clone(),
-            kwargs: job.request.kwargs.clone(),
+        let params = TaskRunWire {
+            task_id: &job.request.id,
+            task: &job.request.name,
+            args: &job.request.args,
+            kwargs: &job.request.kwargs,
             attempt: job.attempt,
             time_limit: TimeLimits {
                 soft: soft.map(|d| d.as_secs_f64()),
                 hard: hard.map(|d| d.as_secs_f64()),
             },
-            delivery_info: Some(job.request.delivery_info.clone()),
-            request: Some(RequestInfo {
+            delivery_info: &job.request.delivery_info,
+            request: RequestInfo {
                 hostname: Some(self.spec.worker_name.clone()),
                 ..job.request.request_info.clone()
-            }),
+            },
         };
         self.spec.events.publish("task.started", || {
             crate::fields! {"task_id" => job.request.id, "task" => job.request.name,
@@ -87,7 +103,7 @@ impl Instance {
     }
 
     /// `task.run` written straight from its params (no `Value` in between: the hot path).
-    fn request_task_run(&mut self, params: &TaskRunParams) -> u64 {
+    fn request_task_run(&mut self, params: &TaskRunWire) -> u64 {
         let id = self.take_request_id();
         let line = plugin_protocol::request_line(&Id::Num(id), method::TASK_RUN, params);
         self.send_line(line);
@@ -329,5 +345,55 @@ impl Instance {
             job.finish(Outcome::Failure(failure));
             self.report(EventKind::Finished { task_id, ok: false });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plugin_protocol::TaskRunParams;
+    use serde_json::json;
+
+    #[test]
+    fn the_borrowed_task_run_is_what_task_run_params_write() {
+        let args = vec![json!(1), json!({"a": [2]})];
+        let kwargs: Map<String, Value> = json!({"k": "v"}).as_object().unwrap().clone();
+        let delivery = DeliveryInfo {
+            queue: Some("celery".into()),
+            ..DeliveryInfo::default()
+        };
+        let request = RequestInfo {
+            retries: 2,
+            hostname: Some("w@h".into()),
+            ..RequestInfo::default()
+        };
+        let limits = TimeLimits {
+            soft: Some(1.5),
+            hard: None,
+        };
+        let wire = TaskRunWire {
+            task_id: "id-1",
+            task: "t",
+            args: &args,
+            kwargs: &kwargs,
+            attempt: 2,
+            time_limit: limits.clone(),
+            delivery_info: &delivery,
+            request: request.clone(),
+        };
+        let owned = TaskRunParams {
+            task_id: "id-1".into(),
+            task: "t".into(),
+            args: args.clone(),
+            kwargs: kwargs.clone(),
+            attempt: 2,
+            time_limit: limits,
+            delivery_info: Some(delivery.clone()),
+            request: Some(request),
+        };
+        assert_eq!(
+            serde_json::to_string(&wire).unwrap(),
+            serde_json::to_string(&owned).unwrap()
+        );
     }
 }
