@@ -200,7 +200,7 @@ async fn queued(root: &Path) {
 
 /// The id memories at `limit`, in this (fresh) process: prints one line.
 fn id_memory(kind: &str, limit: usize) {
-    use worker::source::amqp::{ledger::Ledger, revoked::Revoked};
+    use worker::source::engine::{ledger::Ledger, revoked::Revoked};
     // Celery task ids are UUIDs: 36 characters.
     let id = |i: usize| format!("{:08x}-0000-4000-8000-{:012x}", i >> 16, i);
     let mut ledger: Ledger<(), ()> = Ledger::new(limit);

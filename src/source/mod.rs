@@ -8,6 +8,7 @@ pub mod canvas;
 pub mod celery;
 pub mod decode_error;
 pub mod embed;
+pub mod engine;
 pub mod girder;
 pub mod pidbox;
 pub mod pyrepr;

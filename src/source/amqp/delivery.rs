@@ -5,16 +5,16 @@
 use super::delayed;
 use super::girder_job::{self, TaskJob};
 use super::inbound::{self, Inbound};
-use super::ledger::Arrival;
 use super::publish::Raw;
 use super::publish::{Delivered, Published, Returns};
 use super::retry;
-use super::rules::{admit, settlement_of, Admission, Arrived, Settlement};
 use super::settle::{ack, reject};
 use super::{monitor, workflow, ActiveInfo, SourceState};
 use crate::dispatch::TaskUpdate;
 use crate::metrics::Settled;
 use crate::source::celery::{self, state, CeleryTask};
+use crate::source::engine::ledger::Arrival;
+use crate::source::engine::rules::{admit, settlement_of, Admission, Arrived, Settlement};
 use crate::source::pidbox::RemoteWorker;
 use crate::task::{FailureKind, Outcome, TaskEvent};
 use lapin::message::Delivery;

@@ -3,9 +3,9 @@
 //! its settlement means, before the result is sent. The contract itself is
 //! `crate::source::girder`.
 
-use super::rules::Settlement;
 use super::SourceState;
 use crate::source::celery::{state, CeleryTask};
+use crate::source::engine::rules::Settlement;
 use crate::source::girder::{reporter::Reporter, JobEnd};
 use crate::task::{Failure, TaskEvent};
 use tokio_util::sync::CancellationToken;

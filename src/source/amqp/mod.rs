@@ -16,30 +16,23 @@ mod delivery;
 mod frame_guard;
 mod girder_job;
 mod inbound;
-/// Public only for the scale bench, which measures it at its limits.
-#[doc(hidden)]
-pub mod ledger;
 mod monitor;
 mod publish;
 mod remote;
 mod retry;
-/// Public only for the scale bench, which measures it at its limits.
-#[doc(hidden)]
-pub mod revoked;
-mod rules;
 mod settle;
-mod task_controls;
 pub mod tls;
 mod value;
 mod workflow;
 
 use crate::dispatch::Dispatcher;
+use crate::source::engine::ledger::Ledger;
+use crate::source::engine::revoked::Revoked;
+use crate::source::engine::task_controls::TaskControls;
 use crate::sync::lock;
 use lapin::Acker;
 use lapin::Channel;
-use ledger::Ledger;
 use publish::ResultsChannel;
-use revoked::Revoked;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -109,7 +102,7 @@ impl AmqpSource {
             girder: crate::source::girder::reporter::GirderJobs::new(
                 options.girder_job_urls.clone(),
             ),
-            controls: task_controls::TaskControls::default(),
+            controls: TaskControls::default(),
             queues: watch::channel(
                 options
                     .queues
@@ -252,7 +245,7 @@ pub struct SourceState {
     /// Celery's event stream (Flower, `celery events`).
     monitor: monitor::Monitor,
     /// Rate and time limits set by remote control.
-    controls: task_controls::TaskControls,
+    controls: TaskControls,
     /// The Redis result backend, when results go there instead of reply queues.
     redis: Option<crate::source::redis_backend::RedisBackend>,
     /// The task queues to consume now: `queues` at start, changed by `add_consumer` and

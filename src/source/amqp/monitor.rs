@@ -7,9 +7,9 @@
 //! (dropped and counted when full, e.g. while the broker is away) and published by the
 //! session's own loop on its own channel, without confirms, transient, as a Celery worker does.
 
-use super::rules::Settlement;
 use super::SourceState;
 use crate::source::celery::{state, CeleryTask};
+use crate::source::engine::rules::Settlement;
 use crate::source::pyrepr::{args_repr, exception_repr, kwargs_repr, repr};
 use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};

@@ -7,12 +7,12 @@
 use super::monitor;
 use super::publish::Published;
 use super::publish::Raw;
-use super::rules::Settlement;
 use super::settle::{ack, reject};
 use super::value::json_to_amqp;
 use super::SourceState;
 use crate::metrics::Settled;
 use crate::source::celery::{self, state, CeleryTask};
+use crate::source::engine::rules::Settlement;
 use crate::task::{Failure, MAX_DURATION_SECS};
 use lapin::types::AMQPValue;
 use lapin::Acker;

@@ -6,10 +6,10 @@
 //! worker killed in between publishes them again after redelivery, never loses them.
 
 use super::publish::{Delivered, Published, Returns};
-use super::rules::Settlement;
 use super::SourceState;
 use crate::source::canvas::{self, Context};
 use crate::source::celery::{self, state, CeleryTask};
+use crate::source::engine::rules::Settlement;
 use serde_json::Value;
 
 /// Where a step whose options name no queue goes: Celery's `task_default_queue`.

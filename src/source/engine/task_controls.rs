@@ -33,13 +33,13 @@ const QUOTED_MAX: usize = 64;
 
 /// The settings of every task that has any.
 #[derive(Debug, Default)]
-pub(super) struct TaskControls {
+pub(crate) struct TaskControls {
     tasks: Mutex<HashMap<String, Controls>>,
 }
 
 /// Why a rate string is refused, worded as Celery's reply.
 #[derive(Debug, PartialEq)]
-pub(super) enum RateError {
+pub(crate) enum RateError {
     /// The number does not parse or is out of range: `Invalid rate limit string: ValueError(...)`.
     Number(String),
     /// The unit is not s, m or h: Celery's `KeyError('y')`.
@@ -50,7 +50,7 @@ pub(super) enum RateError {
 /// plain number of tasks a second; zero, empty or null means no limit (`None`). A rate is
 /// refused unless it is finite and at least one task a day ([`SLOWEST_PER_SECOND`]), so the
 /// wait between two starts is at most [`LONGEST_INTERVAL`].
-pub(super) fn parse_rate(v: &Value) -> Result<Option<f64>, RateError> {
+pub(crate) fn parse_rate(v: &Value) -> Result<Option<f64>, RateError> {
     let text = match v {
         Value::Null => return Ok(None),
         Value::Number(n) => n.to_string(),
@@ -118,7 +118,7 @@ impl TaskControls {
     }
 
     /// `rate_limit`: the reply Celery's worker gives. `known` says whether a plugin serves it.
-    pub(super) fn set_rate(&self, task: &str, rate: &Value, known: bool) -> Value {
+    pub(crate) fn set_rate(&self, task: &str, rate: &Value, known: bool) -> Value {
         let per_second = match parse_rate(rate) {
             Ok(r) => r,
             Err(RateError::Number(why)) => {
@@ -147,7 +147,7 @@ impl TaskControls {
 
     /// `time_limit`: both limits are set (a null, zero or negative clears one), as in Celery;
     /// a limit over [`crate::task::time_limit`]'s bound is refused and changes nothing.
-    pub(super) fn set_time_limits(
+    pub(crate) fn set_time_limits(
         &self,
         task: &str,
         soft: &Value,
@@ -175,7 +175,7 @@ impl TaskControls {
     }
 
     /// The `(soft, hard)` limits set for `task`.
-    pub(super) fn time_limits(&self, task: &str) -> (Option<Duration>, Option<Duration>) {
+    pub(crate) fn time_limits(&self, task: &str) -> (Option<Duration>, Option<Duration>) {
         let tasks = crate::sync::lock(&self.tasks);
         tasks
             .get(task)
@@ -186,7 +186,7 @@ impl TaskControls {
     /// When `task` may start under its rate limit (now if it has none), reserving that slot.
     /// The next slot is at most [`LONGEST_INTERVAL`] later; should even that not fit the
     /// clock, the next start is not pushed back further.
-    pub(super) fn start_at(&self, task: &str) -> Instant {
+    pub(crate) fn start_at(&self, task: &str) -> Instant {
         let now = Instant::now();
         let mut tasks = crate::sync::lock(&self.tasks);
         let Some((per_second, next)) = tasks.get_mut(task).and_then(|c| c.rate.as_mut()) else {
