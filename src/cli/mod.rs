@@ -35,6 +35,24 @@ pub struct Cli {
     pub command: Commands,
 }
 
+/// Whether `args` (the words after `worker`) parse as a command line, checked against the real
+/// definitions without running anything; the error is clap's message. The book's runnable
+/// examples are checked with it (tests/docs.rs).
+pub fn parses(args: &[&str]) -> Result<(), String> {
+    use clap::error::ErrorKind;
+    match Cli::try_parse_from(std::iter::once("worker").chain(args.iter().copied())) {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => Ok(()),
+        Err(e) => Err(e.render().to_string()),
+    }
+}
+
+/// The book's command-line reference (`docs/src/reference/cli.md`) as Markdown, generated from
+/// the definitions.
+pub fn reference_markdown() -> String {
+    docs::markdown()
+}
+
 /// Flags every command takes; each is also a `worker.toml` key and a `WORKER_*` variable.
 #[derive(Debug, Args, Clone, Default)]
 pub struct CommonArgs {

@@ -20,19 +20,22 @@ pub enum PluginsCommand {
     /// List installed plugins (with live instance state from a running daemon) and the
     /// plugins available in the plugins directory
     List {
-        /// Machine-readable output (stable; see README)
+        /// Machine-readable output (stable; its shape is in the book's Control API reference)
         #[arg(long)]
         json: bool,
     },
     /// Scaffold a working plugin (manifest, code with one task, README, self-test)
     Create {
+        /// Plugin name; the scaffold goes to NAME/ in the plugins directory
         name: String,
+        /// Language of the scaffold and its SDK
         #[arg(long, value_enum, default_value = "python")]
         lang: super::scaffold::Lang,
     },
     /// Install plugins from the plugins directory (none named = all available): copy, run
     /// their install steps, handshake, record, and start them in a running daemon
     Install {
+        /// Plugins in the plugins directory (none: every available plugin)
         names: Vec<String>,
         /// Allow a downgrade, or reinstalling an installed version with different files
         #[arg(long)]
@@ -41,6 +44,7 @@ pub enum PluginsCommand {
     /// Uninstall installed plugins by exact name: a running daemon drains and stops them,
     /// then their installed copies are deleted
     Uninstall {
+        /// Installed plugins, by exact name
         names: Vec<String>,
         /// Every installed plugin
         #[arg(long)]
@@ -52,6 +56,7 @@ pub enum PluginsCommand {
     /// Start a plugin alone and check it: handshake, protocol conformance, its manifest's
     /// [[tests]], shutdown. Exit code 0 = pass
     Test {
+        /// Plugin name
         name: String,
         /// Test the installed copy instead of the source in the plugins directory
         #[arg(long)]
@@ -59,11 +64,16 @@ pub enum PluginsCommand {
     },
     /// Start a `failed` plugin again now in the running daemon (it is otherwise tried again
     /// after `restart.failed_retry`, or on reload)
-    Restart { name: String },
+    Restart {
+        /// Plugin name
+        name: String,
+    },
     /// One plugin in detail: manifest, tasks, install record, instances, recent exits, last
     /// stderr lines
     Inspect {
+        /// Plugin name
         name: String,
+        /// Machine-readable output
         #[arg(long)]
         json: bool,
     },

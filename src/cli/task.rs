@@ -15,7 +15,9 @@ pub enum TaskCommand {
     Run(TaskRunArgs),
     /// Cancel a queued or running task by id
     Cancel {
+        /// The task's id (`task run --id`, or as `task list` shows it)
         task_id: String,
+        /// Why, sent to the plugin with `task.cancel` (default: "cancelled by request")
         #[arg(long)]
         reason: Option<String>,
     },
@@ -29,6 +31,7 @@ pub enum TaskCommand {
 
 #[derive(Debug, Args)]
 pub struct TaskRunArgs {
+    /// Task name
     pub name: String,
     /// Positional arguments; each is read as JSON if it parses, else as a string
     #[arg(allow_negative_numbers = true)]

@@ -9,8 +9,8 @@
 //! as one (reply routing key, correlation id), and headers may nest only so deep.
 
 use super::value::{table_to_json, TooDeep};
-use super::ActiveInfo;
 use crate::source::celery::{self, CeleryTask, Envelope};
+use crate::source::engine::ActiveInfo;
 use crate::task::TaskRequest;
 use lapin::BasicProperties;
 use plugin_protocol::RequestInfo;

@@ -33,7 +33,6 @@ use crate::sync::lock;
 use lapin::Acker;
 use lapin::Channel;
 use publish::ResultsChannel;
-use serde::Serialize;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -301,33 +300,8 @@ impl QueueSpec {
     }
 }
 
-/// The task ids this worker holds: owners and answered ids, eta tasks being held, and revoked
-/// ids. One lock owns them all, so a delivery deciding what to do and a revoke marking its
-/// tasks can never wait on each other (they once took two locks in opposite orders).
-struct TaskTable {
-    ledger: Ledger<Acker, ActiveInfo>,
-    reserved: HashMap<String, ActiveInfo>,
-    revoked: Revoked,
-}
-
-/// What `celery inspect active` shows for a task.
-#[derive(Debug, Clone, Serialize)]
-pub struct ActiveInfo {
-    id: String,
-    name: String,
-    args: Vec<Value>,
-    kwargs: Map<String, Value>,
-    #[serde(rename = "type")]
-    type_: String,
-    hostname: String,
-    time_start: f64,
-    acknowledged: bool,
-    delivery_info: Value,
-    worker_pid: u32,
-    /// What the plugin is told of where the task came from.
-    #[serde(skip)]
-    delivery: plugin_protocol::DeliveryInfo,
-}
+/// The task table, its acks being AMQP deliveries'.
+type TaskTable = crate::source::engine::TaskTable<Acker>;
 
 impl SourceState {
     pub fn nodename(&self) -> String {
