@@ -497,3 +497,59 @@ fn scrape(addr: &str) -> String {
         .map(|(_, body)| body.to_string())
         .unwrap_or(raw)
 }
+
+/// A task redelivered from a quorum queue tells the plugin so: `redelivered` and the broker's
+/// `x-delivery-count` (RabbitMQ 4 drops a message after 20 deliveries unless it is
+/// dead-lettered, so a plugin may want to know how close it is).
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_a_redelivered_quorum_task_tells_the_plugin_its_delivery_count() {
+    let (lane, root, plugins) = setup!("amqp_delivery_count");
+    context_plugin(&plugins);
+    let mut send = lane.client(&["send_wait", "ctx.where", "[]"]);
+    send.env("QUEUE_TYPE", "quorum");
+    let mut client = Watched::spawn(send);
+    client.wait("the id of the task sent", |l| l.contains("\"id\""));
+    // Before any worker consumes it, another consumer takes the message and gives it back.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(within(
+        std::time::Duration::from_secs(30),
+        take_and_requeue(&lane.queue),
+    ));
+    let _w = lane.worker_with(
+        &plugins,
+        &root.path().join("w.sock"),
+        &["--queue-type", "quorum"],
+    );
+    let answer = client.wait("the task's result", |l| l.contains("\"ok\""));
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    let info = &answer["ok"]["request"]["delivery_info"];
+    assert_eq!(info["redelivered"], true, "{answer}");
+    assert_eq!(info["delivery_count"], 1, "{answer}");
+}
+
+/// Takes the first message of `queue` (waiting for one) and rejects it with requeue.
+async fn take_and_requeue(queue: &str) {
+    use lapin::options::{BasicGetOptions, BasicRejectOptions};
+    let conn = lapin::Connection::connect(BROKER, lapin::ConnectionProperties::default())
+        .await
+        .expect("the broker");
+    let channel = conn.create_channel().await.expect("a channel");
+    let message = loop {
+        let got = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await;
+        match got {
+            Ok(Some(m)) => break m,
+            // Not there yet (or the queue is being declared): look again.
+            _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    message
+        .delivery
+        .acker
+        .reject(BasicRejectOptions { requeue: true })
+        .await
+        .expect("the reject");
+    let _ = conn.close(200, "done".into()).await;
+}
