@@ -300,10 +300,12 @@ fn amqp_a_celery_clients_native_delayed_countdown_arrives_on_time() {
     let out = client_with(&lane, &env, &["countdown", "f.ok", "[5]", "3"]);
     assert_eq!(out["ok"], serde_json::json!([5]), "{out}");
     let secs = out["seconds"].as_f64().unwrap();
+    // 3 s +- 1 s from sending to the client holding the result.
     assert!(
-        (2.0..=4.5).contains(&secs),
-        "countdown 3 s ran after {secs} s"
+        (2.0..=4.0).contains(&secs),
+        "countdown 3 s answered after {secs} s"
     );
+    eprintln!("countdown 3 s answered after {secs:.2} s");
 }
 
 /// A Celery 5.7 worker and this one on the same quorum queue: both declare the delay topology
