@@ -418,7 +418,7 @@ fn rate(r: &Run) -> f64 {
     r.replies.as_ref().map(|r| r.all.rate()).unwrap_or(0.0)
 }
 
-/// The tables and the goals of issue 16, from the median runs.
+/// The tables and the benchmark goals, from the median runs.
 mod report {
     use super::{rate, Contender, Run};
 
@@ -519,7 +519,7 @@ mod report {
         let (Some(ours), Some(raw)) = (find(rows, "worker + rust plugin"), raw) else {
             return;
         };
-        println!("\nissue 16 goals, this run:");
+        println!("\ngoals, this run:");
         let drain = rate(ours) / rate(raw);
         goal(
             "AMQP drain, worker + rust plugin / raw lapin loop",

@@ -1,5 +1,5 @@
 """The smallest plugin that speaks the protocol in Python: stdlib json, no SDK. The supervisor
-bench compares the Python SDK with it (issue 16: the SDK's share of the cost)."""
+bench compares the Python SDK with it (the SDK's share of the cost)."""
 
 import json
 import sys

@@ -1,4 +1,4 @@
-//! Scale bench (issue 16): how the supervisor's cost grows with the number of plugins and
+//! Scale bench: how the supervisor's cost grows with the number of plugins and
 //! with the number of queued tasks. Plugins are the protocol-only child in
 //! `benches/common/minimal.rs` (this binary run with `BENCH_MINIMAL_CHILD=1`), so what is
 //! measured is the worker's side. Run with `cargo bench --bench scale`.

@@ -1,6 +1,6 @@
 //! The control socket: a Unix socket speaking the plugin protocol's JSON-RPC line codec, through
 //! which local clients submit tasks, cancel them and read status. Server and client both live
-//! here so the wire stays in one place (documented in README, "Control API").
+//! here so the wire stays in one place (documented in docs/src/reference/control-api.md).
 //!
 //! Methods: `task.submit` (notifications `task.accepted`, `task.progress`, `task.stream`, then
 //! the response), `task.cancel`, `task.list`, `plugins.status`, `plugins.restart` (`{name}`),

@@ -1,4 +1,5 @@
-"""Example plugin: Girder Worker tasks ported to the Python SDK (README "Porting a plugin").
+"""Example plugin: Girder Worker tasks ported to the Python SDK (the book's "Porting Girder Worker tasks",
+docs/src/porting/girder-worker.md).
 
 A Girder server's task messages name the job to keep up to date (the `jobInfoSpec` header);
 the worker does that, out of process: RUNNING when a task starts, what the task prints in the
