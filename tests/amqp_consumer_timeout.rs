@@ -2,8 +2,9 @@
 //!
 //! RabbitMQ closes a channel whose oldest unacknowledged delivery is older than
 //! `consumer_timeout` ("delivery acknowledgement on channel 1 timed out") and requeues what it
-//! had delivered there; the worker connects again and is handed the same message while the task
-//! still runs, maybe more than once. The copies must join the running task: one run, one final
+//! had delivered there; the worker opens a new channel for its consumers (the connection, and
+//! the results, control and event channels on it, stay) and is handed the same message while
+//! the task still runs, maybe more than once. The copies must join the running task: one run, one final
 //! state. Counted where the client would read them, as in `tests/amqp_faults.rs`: the test
 //! consumes a raw reply queue and the task's id must have exactly one final state there; the
 //! task notes each of its runs in a file.
@@ -187,6 +188,20 @@ fn amqp_a_task_longer_than_the_consumer_timeout_is_answered_once_and_runs_once()
         2,
         "no final state for an unknown id: {counts:?}"
     );
+    // The connection itself stayed: only the consumers' channel was replaced.
+    let reconnects: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("broker connection lost or refused"))
+        .collect();
+    assert!(reconnects.is_empty(), "no reconnect: {reconnects:#?}");
+    let reopened = log
+        .iter()
+        .filter(|l| l.contains("consuming on a new channel"))
+        .count();
+    assert!(
+        reopened >= 1,
+        "the consumers' channel was replaced: {log:#?}"
+    );
     // (c) The long task ran once.
     let runs = json_lines(&notes);
     assert_eq!(runs.len(), 1, "the long task ran once: {runs:?}");
@@ -206,6 +221,7 @@ fn amqp_a_task_longer_than_the_consumer_timeout_is_answered_once_and_runs_once()
          {closes} time(s) (consumer_timeout {CONSUMER_TIMEOUT_MS} ms, tick {TICK_MS} ms), the \
          first seen {timed_out_after:.1?} after the task was sent; f.note_sleep \
          [{TASK_SECONDS}] answered once (SUCCESS) {answered_after:.1?} after it was sent, ran \
-         once, {joined} redelivered copies joined it; f.ok answered after it; total {total:.1?}"
+         once, {joined} redelivered copies joined it; the consumers' channel replaced {reopened} \
+         time(s), no reconnect; f.ok answered after it; total {total:.1?}"
     );
 }

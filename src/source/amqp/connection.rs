@@ -292,6 +292,17 @@ impl Session<'_> {
                 }
                 d = deliveries.recv() => match d {
                     Some((queue, Relay::Delivery(Ok(delivery)))) => self.dispatch(shared, queue, delivery, &lost).await,
+                    Some((Some(_), Relay::Delivery(Err(e)))) if !cancelled && self.conn.status().connected() => {
+                        match self.consumers.reopen(self.conn, shared.options.prefetch).await {
+                            Ok(true) => {
+                                tracing::warn!("the broker closed the task consumers' channel ({e}); consuming on a new channel (tasks running go on; their messages come back and join them)");
+                                refused = 0;
+                                retry = tokio::time::Instant::now();
+                            }
+                            Ok(false) => {}
+                            Err(e) => return SessionEnd::Lost { reason: e.to_string(), was_up: true },
+                        }
+                    }
                     Some((_, Relay::Delivery(Err(e)))) => return SessionEnd::Lost { reason: e.to_string(), was_up: true },
                     Some((Some(queue), Relay::Ended(start))) => {
                         if !cancelled && self.consumers.ended(&queue, start) {

@@ -264,6 +264,28 @@ impl Consumers {
         }
     }
 
+    /// Replaces the consumers' channel after the broker closed it while the connection lives
+    /// (a delivery unacked past `consumer_timeout`, a channel error): a new channel with the
+    /// same prefetch; the queues are consumed again by the session's next `follow`. The
+    /// deliveries of the closed channel went back to their queues: copies that come again
+    /// join their owners. False if the channel is open (an error of a channel replaced
+    /// already).
+    pub(super) async fn reopen(&mut self, conn: &Connection, prefetch: u16) -> lapin::Result<bool> {
+        if self.channel.status().connected() {
+            return Ok(false);
+        }
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await?;
+        // Their consumers went with the channel; what their relays still hold is handed on.
+        let gone = std::mem::take(&mut self.running);
+        self.retired
+            .extend(gone.into_values().map(|(_, _, relay)| relay));
+        self.channel = channel;
+        Ok(true)
+    }
+
     /// Stops consuming `queue`. Deliveries already relayed are still handled (and acked).
     pub(super) async fn cancel(&mut self, queue: &str) {
         let Some((tag, _, relay)) = self.running.remove(queue) else {
