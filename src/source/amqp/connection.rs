@@ -46,7 +46,7 @@ pub(super) async fn connection_loop(shared: Arc<SourceState>) {
             SessionEnd::Lost { reason, was_up } => {
                 shared.results.send_replace(None);
                 shared.connected.send_replace(false);
-                shared.dispatcher.metrics().broker_connected(false);
+                shared.engine.dispatcher.metrics().broker_connected(false);
                 if was_up && began.elapsed() > Duration::from_secs(1) {
                     failures = 0;
                 }
@@ -67,6 +67,7 @@ pub(super) async fn connection_loop(shared: Arc<SourceState>) {
                 // A failure repeated while the broker stays away (a wrong password, a node
                 // down) is named once; each loss of a connection that was up is news.
                 let news = shared
+                    .engine
                     .dispatcher
                     .metrics()
                     .broker()
@@ -85,7 +86,7 @@ pub(super) async fn connection_loop(shared: Arc<SourceState>) {
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = shared.finished.cancelled() => return,
+                    _ = shared.engine.finished.cancelled() => return,
                 }
             }
         }
@@ -144,7 +145,8 @@ async fn session(shared: &Arc<SourceState>) -> SessionEnd {
 
 async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
     let o = &shared.options;
-    let props = ConnectionProperties::default().with_connection_name(shared.nodename().into());
+    let props =
+        ConnectionProperties::default().with_connection_name(shared.engine.nodename().into());
     let conn = o.tls.connect(shared.broker_url(), props).await?;
     let consume = conn.create_channel().await?;
     let results = conn.create_channel().await?;
@@ -171,7 +173,7 @@ async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
     let (tx, deliveries) = mpsc::channel::<Relayed>(256);
     let mut consumers = Consumers::new(consume.clone(), tx.clone());
     let wanted = shared.queues.borrow().clone();
-    let board = shared.dispatcher.metrics().broker();
+    let board = shared.engine.dispatcher.metrics().broker();
     board.new_session();
     board.want(wanted.iter().map(|q| q.name.as_str()));
     for q in &wanted {
@@ -199,12 +201,12 @@ async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
         .results
         .send_replace(Some((shared.next_channel_number(), results.clone())));
     shared.connected.send_replace(true);
-    shared.dispatcher.metrics().broker_connected(true);
+    shared.engine.dispatcher.metrics().broker_connected(true);
     board.connected(&redact(shared.broker_url()));
     tracing::info!(
         broker = %redact(shared.broker_url()),
         queues = %shared.queue_names().join(","),
-        node = %shared.nodename(),
+        node = %shared.engine.nodename(),
         prefetch = o.prefetch,
         results = shared.redis.as_ref().map_or("rpc://", |r| r.url()),
         "consuming Celery tasks"
@@ -222,16 +224,16 @@ async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
 /// gets RESOURCE_LOCKED, and then this one takes a per-process name instead.
 async fn claim_pidbox(shared: &SourceState, conn: &Connection) -> lapin::Result<(Channel, String)> {
     let control = conn.create_channel().await?;
-    match declare_pidbox(&control, &shared.nodename()).await {
+    match declare_pidbox(&control, &shared.engine.nodename()).await {
         Ok(q) => Ok((control, q)),
         Err(e) if resource_locked(&e) => {
-            let taken = shared.nodename();
+            let taken = shared.engine.nodename();
             let (name, host) = taken
                 .split_once('@')
                 .unwrap_or((taken.as_str(), "localhost"));
             let unique = format!("{name}-{}@{host}", std::process::id());
             tracing::warn!("node name {taken} is in use by another worker; this one answers remote control as {unique}");
-            *crate::sync::lock(&shared.nodename) = unique.clone();
+            *crate::sync::lock(&shared.engine.nodename) = unique.clone();
             let control = conn.create_channel().await?;
             let q = declare_pidbox(&control, &unique).await?;
             Ok((control, q))
@@ -285,7 +287,7 @@ impl Session<'_> {
                 }
                 _ = queues.changed(), if !cancelled => {
                     let wanted = queues.borrow_and_update().clone();
-                    shared.dispatcher.metrics().broker().want(wanted.iter().map(|q| q.name.as_str()));
+                    shared.engine.dispatcher.metrics().broker().want(wanted.iter().map(|q| q.name.as_str()));
                     self.consumers.follow(shared, self.conn, &wanted).await;
                     refused = 0;
                     retry = tokio::time::Instant::now() + retry_in(refused);
@@ -314,12 +316,12 @@ impl Session<'_> {
                     Some((None, Relay::Ended(_))) => return SessionEnd::Lost { reason: "the broker cancelled the remote-control consumer".into(), was_up: true },
                     None => return SessionEnd::Lost { reason: "the broker closed the consumers".into(), was_up: true },
                 },
-                _ = shared.stopping.cancelled(), if !cancelled => {
+                _ = shared.engine.stopping.cancelled(), if !cancelled => {
                     cancelled = true;
                     self.consumers.cancel_all().await;
                     tracing::info!("stopped consuming; finishing tasks in flight");
                 }
-                _ = shared.finished.cancelled() => {
+                _ = shared.engine.finished.cancelled() => {
                     monitor::offline(shared, self.events).await;
                     shared.results.send_replace(None);
                     let _ = self.conn.close(200, "worker stopping".into()).await;
@@ -384,15 +386,17 @@ impl Session<'_> {
             None => {
                 let (state, control) = (shared.clone(), self.control.clone());
                 shared
+                    .engine
                     .handlers
                     .spawn(async move { remote::answer(&state, &control, delivery).await });
             }
-            Some(_) if shared.stopping.is_cancelled() => {
+            Some(_) if shared.engine.stopping.is_cancelled() => {
                 super::settle::reject(shared, &delivery.acker, Settled::Requeued).await;
             }
             Some(queue) => {
                 let (state, lost) = (shared.clone(), lost.clone());
                 shared
+                    .engine
                     .handlers
                     .spawn(async move { delivery::handle(state, queue, delivery, lost).await });
             }

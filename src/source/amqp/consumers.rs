@@ -108,6 +108,7 @@ async fn declare_or_take(
             let probe = conn.create_channel().await?;
             declare(&probe, q, Declare::Passive, &args).await?;
             if shared
+                .engine
                 .dispatcher
                 .metrics()
                 .broker()
@@ -200,7 +201,7 @@ impl Consumers {
         if probe.status().connected() {
             let _ = probe.close(200, "declared".into()).await;
         }
-        let tag = format!("{}-{}", shared.nodename(), q.name);
+        let tag = format!("{}-{}", shared.engine.nodename(), q.name);
         let consumer = self
             .channel
             .basic_consume(
@@ -234,7 +235,7 @@ impl Consumers {
         q: &QueueSpec,
         announce: bool,
     ) -> lapin::Result<bool> {
-        let board = shared.dispatcher.metrics().broker();
+        let board = shared.engine.dispatcher.metrics().broker();
         match self.start(shared, conn, q).await {
             Ok(()) => {
                 match board.consuming(&q.name) {

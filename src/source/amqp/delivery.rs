@@ -57,10 +57,12 @@ pub(super) async fn handle(
         Admission::Hold => unreachable!("held above"),
         Admission::AckAnswered | Admission::Attach | Admission::Revoke(_) | Admission::Run => {
             // Claimed atomically: the facts may have changed since they were read.
-            let arrival = shared
-                .tasks()
-                .ledger
-                .arrive(&task.id, info.clone(), acker.clone());
+            let arrival =
+                shared
+                    .engine
+                    .tasks()
+                    .ledger
+                    .arrive(&task.id, info.clone(), acker.clone());
             match arrival {
                 Arrival::Owner => {}
                 Arrival::Attached => {
@@ -100,24 +102,24 @@ pub(super) async fn handle(
 /// Waits until `task`'s rate limit (`celery control rate_limit`) lets it start, the message
 /// unacked meanwhile. False if the worker began stopping first (the task goes back).
 async fn rate_allows(shared: &SourceState, task: &CeleryTask) -> bool {
-    let at = shared.controls.start_at(&task.name);
+    let at = shared.engine.controls.start_at(&task.name);
     if at <= tokio::time::Instant::now() {
         return true;
     }
     tokio::select! {
         _ = tokio::time::sleep_until(at) => true,
-        _ = shared.stopping.cancelled() => false,
+        _ = shared.engine.stopping.cancelled() => false,
     }
 }
 
 /// The facts about `task` now.
 fn arrived(shared: &SourceState, task: &CeleryTask, redelivered: bool) -> Arrived {
     let now = SystemTime::now();
-    let mut tasks = shared.tasks();
+    let mut tasks = shared.engine.tasks();
     Arrived {
         answered: tasks.ledger.is_answered(&task.id),
         owned: tasks.ledger.owns(&task.id),
-        stopping: shared.stopping.is_cancelled(),
+        stopping: shared.engine.stopping.is_cancelled(),
         eta_ahead: task.eta.is_some_and(|eta| eta > now),
         revoked: tasks.revoked.contains(&task.id),
         expired: task.expires.is_some_and(|t| t <= now),
@@ -142,12 +144,12 @@ async fn run_and_settle(shared: &SourceState, task: &CeleryTask, info: &ActiveIn
         }
         Outcome::Success(_) => None,
     };
-    let revoked = shared.tasks().ledger.revoked(&task.id);
+    let revoked = shared.engine.tasks().ledger.revoked(&task.id);
     let settlement = match &outcome {
         Outcome::Failure(f) if f.kind == FailureKind::RetryRequested && revoked.is_none() => {
             retry::plan(task, f, SystemTime::now())
         }
-        _ => settlement_of(outcome, revoked, shared.stopping.is_cancelled()),
+        _ => settlement_of(outcome, revoked, shared.engine.stopping.is_cancelled()),
     };
     job.end(&settlement, failure).await;
     settlement
@@ -183,7 +185,12 @@ async fn decode(
         body: &delivery.data,
     };
     let max = shared.options.max_message_size;
-    match inbound::read(&message, max, &shared.nodename(), monitor::now_epoch()) {
+    match inbound::read(
+        &message,
+        max,
+        &shared.engine.nodename(),
+        monitor::now_epoch(),
+    ) {
         Ok((task, info)) => {
             // Kept (moved, not copied) while the task is handled: it may be parked until its
             // eta, or published again for a retry, as it came.
@@ -270,23 +277,24 @@ async fn hold_until_eta(
 ) -> bool {
     let eta = task.eta.unwrap_or_else(SystemTime::now);
     shared
+        .engine
         .tasks()
         .reserved
         .insert(task.id.clone(), info.clone());
     let wait = eta.duration_since(SystemTime::now()).unwrap_or_default();
     let deadline = tokio::time::Instant::now() + wait;
     let released = loop {
-        let woken = shared.revoke_signal.notified();
+        let woken = shared.engine.revoke_signal.notified();
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break None,
             _ = lost.cancelled() => break Some(false),
             _ = woken => {
-                if shared.stopping.is_cancelled() { break Some(true) }
+                if shared.engine.stopping.is_cancelled() { break Some(true) }
                 if shared.is_revoked(&task.id) { break None }
             }
         }
     };
-    shared.tasks().reserved.remove(&task.id);
+    shared.engine.tasks().reserved.remove(&task.id);
     match released {
         // Connection lost: the broker already took the message back.
         Some(false) => false,
@@ -303,11 +311,11 @@ async fn hold_until_eta(
 /// come and feeding its Girder `job`, and returns its outcome. When Girder sets the job
 /// CANCELING, the task is revoked.
 async fn run(shared: &SourceState, task: &CeleryTask, info: &ActiveInfo, job: &TaskJob) -> Outcome {
-    let controlled = shared.controls.time_limits(&task.name);
+    let controlled = shared.engine.controls.time_limits(&task.name);
     let mut request = inbound::task_request(task, info, controlled);
     request.capture_log = job.wants_log();
     let reporting = !task.ignore_result;
-    let mut run = shared.dispatcher.submit(request);
+    let mut run = shared.engine.dispatcher.submit(request);
     let mut revoked = false;
     loop {
         let update = tokio::select! {
@@ -351,7 +359,7 @@ async fn finish(
         } => return retry::later(shared, task, acker, raw, (eta, result, traceback)).await,
         Settlement::Requeue => {
             tracing::info!(task_id = %task.id, "worker stopping: returning the task to the queue");
-            let copies = shared.tasks().ledger.release(&task.id);
+            let copies = shared.engine.tasks().ledger.release(&task.id);
             for a in std::iter::once(acker).chain(&copies) {
                 reject(shared, a, Settled::Requeued).await;
             }
@@ -383,7 +391,7 @@ async fn finish(
         match delivered {
             Delivered::GaveUp => {
                 tracing::warn!(task_id = %task.id, "gave up publishing the result at shutdown; the message is left unacked for redelivery");
-                shared.tasks().ledger.release(&task.id);
+                shared.engine.tasks().ledger.release(&task.id);
                 return;
             }
             Delivered::Returned => returned = Some(body),
@@ -421,7 +429,7 @@ async fn retry_returned(shared: &SourceState, task: &CeleryTask, body: &[u8]) {
 /// Acks (or, for a task nobody serves, rejects) the owner's message and every copy, and
 /// remembers the id as answered.
 async fn settle_answered(shared: &SourceState, task: &CeleryTask, acker: &Acker, reject_it: bool) {
-    let copies = shared.tasks().ledger.answered(&task.id);
+    let copies = shared.engine.tasks().ledger.answered(&task.id);
     for a in std::iter::once(acker).chain(&copies) {
         if reject_it {
             // Nobody serves it: a dead-letter exchange on the queue, if any, receives it.
@@ -430,7 +438,7 @@ async fn settle_answered(shared: &SourceState, task: &CeleryTask, acker: &Acker,
             ack(shared, a).await;
         }
     }
-    shared.count_answered(&task.name);
+    shared.engine.count_answered(&task.name);
 }
 
 /// Progress and streamed items become custom-state messages, in order, before the final state.

@@ -26,22 +26,16 @@ mod value;
 mod workflow;
 
 use crate::dispatch::Dispatcher;
-use crate::source::engine::ledger::Ledger;
-use crate::source::engine::revoked::Revoked;
-use crate::source::engine::task_controls::TaskControls;
-use crate::sync::lock;
 use lapin::Acker;
 use lapin::Channel;
 use publish::ResultsChannel;
 use serde_json::{Map, Value};
-use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use crate::config::QueueDeclare as Declare;
 
@@ -101,7 +95,6 @@ impl AmqpSource {
             girder: crate::source::girder::reporter::GirderJobs::new(
                 options.girder_job_urls.clone(),
             ),
-            controls: TaskControls::default(),
             queues: watch::channel(
                 options
                     .queues
@@ -113,22 +106,9 @@ impl AmqpSource {
                     .collect(),
             )
             .0,
-            nodename: Mutex::new(options.nodename.clone()),
-            tasks: Mutex::new(TaskTable {
-                ledger: Ledger::new(options.result_memory),
-                reserved: HashMap::new(),
-                revoked: Revoked::default(),
-            }),
+            engine: Engine::new(dispatcher, options.nodename.clone(), options.result_memory),
             options,
-            dispatcher,
             results: watch::channel(None).0,
-            revoke_signal: Notify::new(),
-            stopping: CancellationToken::new(),
-            finished: CancellationToken::new(),
-            shutdown_requested: CancellationToken::new(),
-            started: SystemTime::now(),
-            totals: Mutex::new(BTreeMap::new()),
-            handlers: TaskTracker::new(),
             connected: watch::channel(false).0,
             channel_numbers: AtomicU64::new(0),
             parking: AtomicBool::new(false),
@@ -136,7 +116,7 @@ impl AmqpSource {
             session_requests: session_tx,
             session_inbox: tokio::sync::Mutex::new(session_rx),
         });
-        let board = shared.dispatcher.metrics().broker();
+        let board = shared.engine.dispatcher.metrics().broker();
         board.connecting(&redact(shared.broker_url()));
         board.want(shared.queue_names().iter().map(String::as_str));
         let task = tokio::spawn(connection::connection_loop(shared.clone()));
@@ -144,14 +124,14 @@ impl AmqpSource {
     }
 
     pub fn nodename(&self) -> String {
-        self.shared.nodename()
+        self.shared.engine.nodename()
     }
 }
 
 impl crate::source::Source for AmqpSource {
     /// Fires when a `celery control shutdown` asks this worker to stop.
     fn shutdown_requested(&self) -> CancellationToken {
-        self.shared.shutdown_requested.clone()
+        self.shared.engine.shutdown_requested.clone()
     }
 
     fn connected(&self) -> watch::Receiver<bool> {
@@ -160,22 +140,22 @@ impl crate::source::Source for AmqpSource {
 
     /// Tasks not yet started go back to the queue.
     fn stop_consuming(&self) {
-        self.shared.stopping.cancel();
-        self.shared.revoke_signal.notify_waiters();
+        self.shared.engine.stopping.cancel();
+        self.shared.engine.revoke_signal.notify_waiters();
     }
 
     /// Waits (up to `timeout`) for every message handler to publish and ack, then closes the
     /// connection.
     fn finish(self: Box<Self>, timeout: Duration) -> crate::source::Finishing {
         Box::pin(async move {
-            self.shared.handlers.close();
-            if tokio::time::timeout(timeout, self.shared.handlers.wait())
+            self.shared.engine.handlers.close();
+            if tokio::time::timeout(timeout, self.shared.engine.handlers.wait())
                 .await
                 .is_err()
             {
                 tracing::warn!("some task messages were still being answered at shutdown; RabbitMQ will redeliver them");
             }
-            self.shared.finished.cancel();
+            self.shared.engine.finished.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
         })
     }
@@ -224,27 +204,14 @@ impl AmqpOptions {
 /// State shared by the connection loop, the message handlers and the pidbox.
 pub struct SourceState {
     options: AmqpOptions,
-    dispatcher: Arc<Dispatcher>,
-    nodename: Mutex<String>,
+    /// What a Celery worker keeps whatever the transport (see [`Engine`]).
+    engine: Engine,
     /// The current result channel (publisher confirms on) and its connection's number;
     /// `None` while disconnected.
     results: watch::Sender<ResultsChannel>,
     connected: watch::Sender<bool>,
-    /// The one lock of the task-id state (owners, held eta tasks, revoked ids). Never held
-    /// across an await, and no other lock is taken while it is held, so it is in no cycle.
-    tasks: Mutex<TaskTable>,
-    /// Wakes handlers holding an eta task so they re-check revocations and stops.
-    revoke_signal: Notify,
-    stopping: CancellationToken,
-    finished: CancellationToken,
-    shutdown_requested: CancellationToken,
-    started: SystemTime,
-    totals: Mutex<BTreeMap<String, u64>>,
-    handlers: TaskTracker,
     /// Celery's event stream (Flower, `celery events`).
     monitor: monitor::Monitor,
-    /// Rate and time limits set by remote control.
-    controls: TaskControls,
     /// The Redis result backend, when results go there instead of reply queues.
     redis: Option<crate::source::redis_backend::RedisBackend>,
     /// The task queues to consume now: `queues` at start, changed by `add_consumer` and
@@ -301,16 +268,12 @@ impl QueueSpec {
 }
 
 /// The task table, its acks being AMQP deliveries'.
-type TaskTable = crate::source::engine::TaskTable<Acker>;
+type Engine = crate::source::engine::Engine<Acker>;
 
 impl SourceState {
-    pub fn nodename(&self) -> String {
-        lock(&self.nodename).clone()
-    }
-
     /// Tasks running here now (a heartbeat's `active`).
     fn active_count(&self) -> usize {
-        self.tasks().ledger.active_count()
+        self.engine.tasks().ledger.active_count()
     }
 
     /// The names of the queues consumed now.
@@ -320,21 +283,6 @@ impl SourceState {
             .iter()
             .map(|q| q.name.clone())
             .collect()
-    }
-
-    fn tasks(&self) -> std::sync::MutexGuard<'_, TaskTable> {
-        lock(&self.tasks)
-    }
-
-    fn count_answered(&self, task: &str) {
-        let mut totals = lock(&self.totals);
-        // The name is copied only the first time it is counted.
-        match totals.get_mut(task) {
-            Some(n) => *n += 1,
-            None => {
-                totals.insert(task.to_string(), 1);
-            }
-        }
     }
 
     fn next_channel_number(&self) -> u64 {
@@ -370,7 +318,7 @@ impl SourceState {
     }
 
     fn is_revoked(&self, id: &str) -> bool {
-        self.tasks().revoked.contains(id)
+        self.engine.tasks().revoked.contains(id)
     }
 
     /// The broker URL this session uses (or the next tries): one of `options.url`'s

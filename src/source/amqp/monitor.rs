@@ -158,7 +158,7 @@ impl Monitor {
             json!(self.processed.load(Ordering::Relaxed)),
         );
         fields.insert("loadavg".into(), json!(loadavg()));
-        self.event(&shared.nodename(), kind, fields)
+        self.event(&shared.engine.nodename(), kind, fields)
     }
 }
 
@@ -239,7 +239,7 @@ async fn publish(channel: &Channel, hostname: &str, (key, event): (String, Value
 /// heartbeat every `HEARTBEAT`, until the channel fails or the task is dropped.
 pub(super) async fn run(shared: Arc<SourceState>, channel: Channel) {
     let monitor = &shared.monitor;
-    let node = shared.nodename();
+    let node = shared.engine.nodename();
     if !publish(
         &channel,
         &node,
@@ -275,7 +275,7 @@ pub(super) async fn run(shared: Arc<SourceState>, channel: Channel) {
                 }
             }
         }
-        if !publish_batch(&channel, &shared.nodename(), &mut batch).await {
+        if !publish_batch(&channel, &shared.engine.nodename(), &mut batch).await {
             return;
         }
     }
@@ -315,7 +315,7 @@ async fn publish_batch(
 /// after its plugin's process died under it (`reason` as the exception, as Celery's `Retry`
 /// carries it).
 pub(super) fn announce_rerun(shared: &SourceState, task: &CeleryTask, reason: &str) {
-    let node = shared.nodename();
+    let node = shared.engine.nodename();
     shared.monitor.task(&node, "retried", &task.id, || {
         let mut f = Map::new();
         f.insert("exception".into(), json!(exception_repr("Retry", reason)));
@@ -332,7 +332,7 @@ pub(super) fn announce_start(shared: &SourceState, task: &CeleryTask) {
     if !shared.monitor.task_events() {
         return;
     }
-    let node = shared.nodename();
+    let node = shared.engine.nodename();
     shared.monitor.task(&node, "received", &task.id, || {
         let iso = |t: Option<SystemTime>| {
             t.map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339())
@@ -369,7 +369,7 @@ pub(super) fn announce_retried(
     let exception = exception_repr(exc_type, message);
     shared
         .monitor
-        .task(&shared.nodename(), "retried", &task.id, || {
+        .task(&shared.engine.nodename(), "retried", &task.id, || {
             let mut f = Map::new();
             f.insert("exception".into(), json!(exception));
             f.insert("traceback".into(), json!(traceback.unwrap_or_default()));
@@ -381,7 +381,7 @@ pub(super) fn announce_retried(
 pub(super) fn announce_revoked(shared: &SourceState, task: &CeleryTask, reason: &str) {
     shared
         .monitor
-        .task(&shared.nodename(), "revoked", &task.id, || {
+        .task(&shared.engine.nodename(), "revoked", &task.id, || {
             let mut f = Map::new();
             f.insert("terminated".into(), json!(false));
             f.insert("signum".into(), Value::Null);
@@ -410,7 +410,7 @@ pub(super) fn announce_end(
     if !shared.monitor.task_events() {
         return;
     }
-    let node = shared.nodename();
+    let node = shared.engine.nodename();
     let mut f = Map::new();
     let kind = match *status {
         state::SUCCESS => {
@@ -460,7 +460,7 @@ pub(super) fn announce_end(
 /// `worker-offline`, sent once as the worker stops, so monitors mark it offline at once.
 pub(super) async fn offline(shared: &SourceState, channel: &Channel) {
     let event = shared.monitor.worker_event(shared, "worker-offline");
-    publish(channel, &shared.nodename(), event).await;
+    publish(channel, &shared.engine.nodename(), event).await;
 }
 
 /// Seconds since the epoch, as Celery's events and messages carry time.

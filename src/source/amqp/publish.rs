@@ -100,7 +100,7 @@ impl SourceState {
             }
             tokio::select! {
                 changed = channels.changed() => if changed.is_err() { return None },
-                _ = self.finished.cancelled() => return None,
+                _ = self.engine.finished.cancelled() => return None,
             }
         }
     }
@@ -146,7 +146,8 @@ impl SourceState {
             };
             match confirmed {
                 Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {
-                    self.dispatcher
+                    self.engine
+                        .dispatcher
                         .metrics()
                         .result_confirmed(sent_at.elapsed());
                     return Delivered::Confirmed;
@@ -173,8 +174,8 @@ impl SourceState {
             }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.finished.cancelled() => return Delivered::GaveUp,
-                _ = self.stopping.cancelled(), if returns == Returns::Retry => {}
+                _ = self.engine.finished.cancelled() => return Delivered::GaveUp,
+                _ = self.engine.stopping.cancelled(), if returns == Returns::Retry => {}
             }
             wait = (wait * 2).min(RETURN_RETRY_MAX);
         }
@@ -192,7 +193,7 @@ impl SourceState {
         if returns == Returns::Report {
             return Some(Delivered::Returned);
         }
-        if self.stopping.is_cancelled() {
+        if self.engine.stopping.is_cancelled() {
             tracing::error!(
                 task_id,
                 reply_to,
@@ -334,7 +335,10 @@ impl SourceState {
         match (&self.redis, reply_to) {
             (Some(redis), _) => {
                 let meta = std::str::from_utf8(body).expect("result bodies are JSON text");
-                match redis.store_final(task_id, meta, &self.finished).await {
+                match redis
+                    .store_final(task_id, meta, &self.engine.finished)
+                    .await
+                {
                     true => Delivered::Confirmed,
                     false => Delivered::GaveUp,
                 }

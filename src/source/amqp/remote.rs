@@ -12,14 +12,19 @@ use serde_json::{json, Map, Value};
 
 impl RemoteWorker for SourceState {
     fn registered(&self) -> Vec<String> {
-        self.dispatcher.task_names()
+        self.engine.dispatcher.task_names()
     }
     fn active(&self) -> Vec<Value> {
-        let active = self.tasks().ledger.active();
+        let active = self.engine.tasks().ledger.active();
         active.into_iter().map(|a| json!(a)).collect()
     }
     fn reserved(&self) -> Vec<Value> {
-        self.tasks().reserved.values().map(|a| json!(a)).collect()
+        self.engine
+            .tasks()
+            .reserved
+            .values()
+            .map(|a| json!(a))
+            .collect()
     }
     fn active_queues(&self) -> Vec<Value> {
         self.queues
@@ -35,18 +40,23 @@ impl RemoteWorker for SourceState {
             .collect()
     }
     async fn stats(&self) -> Value {
-        let plugins = self.dispatcher.status().await;
+        let plugins = self.engine.dispatcher.status().await;
         let processes: Vec<u32> = plugins
             .iter()
             .flat_map(|p| p.instances.iter().filter_map(|i| i.pid))
             .collect();
-        let capacity = self.dispatcher.capacity();
-        let uptime = self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+        let capacity = self.engine.dispatcher.capacity();
+        let uptime = self
+            .engine
+            .started
+            .elapsed()
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         json!({
             "pid": std::process::id(),
             "clock": "0",
             "uptime": uptime,
-            "total": *crate::sync::lock(&self.totals),
+            "total": *crate::sync::lock(&self.engine.totals),
             "pool": {
                 "implementation": "worker (out-of-process plugins)",
                 "max-concurrency": capacity,
@@ -70,7 +80,7 @@ impl RemoteWorker for SourceState {
     async fn revoke(&self, ids: &[String], terminate: bool) {
         let mut to_cancel = Vec::new();
         {
-            let mut tasks = self.tasks();
+            let mut tasks = self.engine.tasks();
             // A longer id can name no task here (refused when read): not worth remembering.
             for id in ids
                 .iter()
@@ -85,18 +95,24 @@ impl RemoteWorker for SourceState {
                 }
             }
         }
-        self.revoke_signal.notify_waiters();
+        self.engine.revoke_signal.notify_waiters();
         for (id, terminate) in to_cancel {
             if terminate {
-                self.dispatcher.cancel(&id, "revoked (terminate)").await;
+                self.engine
+                    .dispatcher
+                    .cancel(&id, "revoked (terminate)")
+                    .await;
             } else {
-                self.dispatcher.cancel_cooperatively(&id, "revoked").await;
+                self.engine
+                    .dispatcher
+                    .cancel_cooperatively(&id, "revoked")
+                    .await;
             }
         }
     }
     fn request_shutdown(&self) {
         tracing::info!("shutdown requested through remote control");
-        self.shutdown_requested.cancel();
+        self.engine.shutdown_requested.cancel();
     }
     fn enable_events(&self) -> Value {
         self.monitor.enable()
@@ -105,13 +121,13 @@ impl RemoteWorker for SourceState {
         self.monitor.disable()
     }
     fn heartbeat(&self) {
-        self.monitor.heartbeat_requested(&self.nodename());
+        self.monitor.heartbeat_requested(&self.engine.nodename());
     }
     fn revoked(&self) -> Vec<String> {
-        self.tasks().revoked.ids()
+        self.engine.tasks().revoked.ids()
     }
     fn query_task(&self, ids: &[String]) -> Map<String, Value> {
-        let tasks = self.tasks();
+        let tasks = self.engine.tasks();
         let mut found = Map::new();
         for id in ids {
             if let Some(info) = tasks.ledger.info(id) {
@@ -143,12 +159,24 @@ impl RemoteWorker for SourceState {
         conf
     }
     fn rate_limit(&self, task: &str, rate: &Value) -> Value {
-        let known = self.dispatcher.task_names().iter().any(|t| t == task);
-        self.controls.set_rate(task, rate, known)
+        let known = self
+            .engine
+            .dispatcher
+            .task_names()
+            .iter()
+            .any(|t| t == task);
+        self.engine.controls.set_rate(task, rate, known)
     }
     fn time_limit(&self, task: &str, soft: &Value, hard: &Value) -> Value {
-        let known = self.dispatcher.task_names().iter().any(|t| t == task);
-        self.controls.set_time_limits(task, soft, hard, known)
+        let known = self
+            .engine
+            .dispatcher
+            .task_names()
+            .iter()
+            .any(|t| t == task);
+        self.engine
+            .controls
+            .set_time_limits(task, soft, hard, known)
     }
     async fn add_consumer(
         &self,
@@ -191,7 +219,7 @@ impl RemoteWorker for SourceState {
         json!({ "ok": format!("no longer consuming from {queue}") })
     }
     async fn scale(&self, scale: crate::supervisor::pool::Scale) -> Vec<Result<usize, String>> {
-        let answers = self.dispatcher.scale(scale).await;
+        let answers = self.engine.dispatcher.scale(scale).await;
         for (plugin, answer) in &answers {
             match answer {
                 Ok(n) => tracing::info!(plugin, instances = n, "{scale:?} by remote control"),
@@ -276,7 +304,7 @@ pub(super) async fn answer(shared: &SourceState, channel: &Channel, delivery: De
             return;
         }
     };
-    let node = shared.nodename();
+    let node = shared.engine.nodename();
     if !pidbox::addressed_to(&req, &node) {
         return;
     }

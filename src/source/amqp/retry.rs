@@ -95,7 +95,7 @@ pub(super) async fn later(
     raw: &Raw,
     (eta, result, traceback): (SystemTime, Value, Option<String>),
 ) {
-    let copies = shared.tasks().ledger.release(&task.id);
+    let copies = shared.engine.tasks().ledger.release(&task.id);
     let settled = match publish_again(shared, task, raw, eta).await {
         true => Settled::Acked,
         false => Settled::Requeued,

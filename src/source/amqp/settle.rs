@@ -16,14 +16,18 @@ pub(super) async fn ack(shared: &SourceState, acker: &Acker) {
         );
         return;
     }
-    shared.dispatcher.metrics().delivery_settled(Settled::Acked);
+    shared
+        .engine
+        .dispatcher
+        .metrics()
+        .delivery_settled(Settled::Acked);
 }
 
 /// Rejects with requeue for [`Settled::Requeued`], without it otherwise.
 pub(super) async fn reject(shared: &SourceState, acker: &Acker, how: Settled) {
     let requeue = how == Settled::Requeued;
     match acker.reject(BasicRejectOptions { requeue }).await {
-        Ok(_) => shared.dispatcher.metrics().delivery_settled(how),
+        Ok(_) => shared.engine.dispatcher.metrics().delivery_settled(how),
         Err(e) => tracing::debug!("reject failed ({e})"),
     }
 }

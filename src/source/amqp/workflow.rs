@@ -36,7 +36,7 @@ pub(super) async fn carry_on(
     else {
         return settlement;
     };
-    let node = shared.nodename();
+    let node = shared.engine.nodename();
     let cx = Context {
         parent: task,
         node: &node,
@@ -209,7 +209,7 @@ async fn send_chord_body(
         }
         results.push(v[3].clone());
     }
-    let node = shared.nodename();
+    let node = shared.engine.nodename();
     let cx = Context {
         parent: task,
         node: &node,

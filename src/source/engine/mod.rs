@@ -47,3 +47,77 @@ pub struct ActiveInfo {
     #[serde(skip)]
     pub(crate) delivery: plugin_protocol::DeliveryInfo,
 }
+
+/// What a Celery worker keeps while it serves, whatever carries its messages: the dispatcher
+/// it hands tasks to, its node name, the task table behind its one lock, remote control's task
+/// limits, what it has answered, and the tokens of its stop. `A` is how the transport acks a
+/// message.
+pub(crate) struct Engine<A> {
+    pub(crate) dispatcher: std::sync::Arc<crate::dispatch::Dispatcher>,
+    /// Changed once if another worker holds the same name (see the pidbox claim).
+    pub(crate) nodename: std::sync::Mutex<String>,
+    /// The one lock of the task-id state (owners, held eta tasks, revoked ids). Never held
+    /// across an await, and no other lock is taken while it is held, so it is in no cycle.
+    pub(crate) tasks: std::sync::Mutex<TaskTable<A>>,
+    /// Wakes handlers holding an eta task so they re-check revocations and stops.
+    pub(crate) revoke_signal: tokio::sync::Notify,
+    /// Graceful stop, phase 1: consume no more.
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
+    /// Phase 2: every handler is done; disconnect.
+    pub(crate) finished: tokio_util::sync::CancellationToken,
+    /// Remote control asked the worker to stop.
+    pub(crate) shutdown_requested: tokio_util::sync::CancellationToken,
+    pub(crate) started: std::time::SystemTime,
+    /// Tasks answered, by name (`inspect stats`' `total`).
+    pub(crate) totals: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Every message handler, so a stop can wait for them.
+    pub(crate) handlers: tokio_util::task::TaskTracker,
+    /// Rate and time limits set by remote control.
+    pub(crate) controls: task_controls::TaskControls,
+}
+
+impl<A> Engine<A> {
+    pub(crate) fn new(
+        dispatcher: std::sync::Arc<crate::dispatch::Dispatcher>,
+        nodename: String,
+        result_memory: usize,
+    ) -> Engine<A> {
+        Engine {
+            dispatcher,
+            nodename: std::sync::Mutex::new(nodename),
+            tasks: std::sync::Mutex::new(TaskTable {
+                ledger: Ledger::new(result_memory),
+                reserved: HashMap::new(),
+                revoked: Revoked::default(),
+            }),
+            revoke_signal: tokio::sync::Notify::new(),
+            stopping: tokio_util::sync::CancellationToken::new(),
+            finished: tokio_util::sync::CancellationToken::new(),
+            shutdown_requested: tokio_util::sync::CancellationToken::new(),
+            started: std::time::SystemTime::now(),
+            totals: std::sync::Mutex::default(),
+            handlers: tokio_util::task::TaskTracker::new(),
+            controls: task_controls::TaskControls::default(),
+        }
+    }
+
+    pub(crate) fn nodename(&self) -> String {
+        crate::sync::lock(&self.nodename).clone()
+    }
+
+    pub(crate) fn tasks(&self) -> std::sync::MutexGuard<'_, TaskTable<A>> {
+        crate::sync::lock(&self.tasks)
+    }
+
+    /// Counts a task answered (`inspect stats`).
+    pub(crate) fn count_answered(&self, task: &str) {
+        let mut totals = crate::sync::lock(&self.totals);
+        // The name is copied only the first time it is counted.
+        match totals.get_mut(task) {
+            Some(n) => *n += 1,
+            None => {
+                totals.insert(task.to_string(), 1);
+            }
+        }
+    }
+}
