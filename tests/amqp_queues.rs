@@ -389,9 +389,7 @@ fn amqp_a_refused_queue_is_named_once_shown_as_broker_state_and_consumed_once_it
         "127.0.0.1:0",
     ];
     let mut w = Daemon::start_with(&plugins, &root.path().join("w.sock"), &args);
-    let line = w.wait_log("metrics at http://");
-    let rest = &line[line.find("http://").unwrap() + 7..];
-    let metrics = rest[..rest.find('/').unwrap()].to_string();
+    let metrics = metrics_addr(&mut w);
     w.wait_log("consuming Celery tasks");
     let queue = |doc: &Value, name: &str| -> Value {
         doc["broker"]["queues"]
@@ -420,7 +418,7 @@ fn amqp_a_refused_queue_is_named_once_shown_as_broker_state_and_consumed_once_it
             .any(|l| l.contains(&format!("queue {later}: REFUSED")) && l.contains("NOT_FOUND")),
         "{listing}"
     );
-    let body = scrape(&metrics);
+    let (_, _, body) = scrape(&metrics);
     let sample = |name: &str, queue: &str| -> Option<f64> {
         let prefix = format!("{name}{{queue=\"{queue}\"}} ");
         body.lines()
@@ -465,7 +463,7 @@ fn amqp_a_refused_queue_is_named_once_shown_as_broker_state_and_consumed_once_it
     w.wait_log("which the broker had refused");
     let out = client_with_queue(&lane, &later, &["call", "f.ok", "[2]"]);
     assert_eq!(out["ok"], serde_json::json!([2]), "{out}");
-    let body = scrape(&metrics);
+    let (_, _, body) = scrape(&metrics);
     assert!(
         body.contains(&format!(
             "worker_broker_queue_consuming{{queue=\"{later}\"}} 1"
@@ -480,24 +478,6 @@ fn client_with_queue(lane: &Lane, queue: &str, args: &[&str]) -> Value {
     let stdout = text(&out.stdout);
     serde_json::from_str(stdout.lines().last().unwrap_or_default())
         .unwrap_or_else(|_| panic!("client said {stdout:?}, stderr {}", text(&out.stderr)))
-}
-
-/// The body of one `GET /metrics` from `addr`.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(std::time::Duration::from_secs(20)))
-        .unwrap();
-    write!(
-        conn,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    conn.read_to_string(&mut raw).unwrap();
-    raw.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or(raw)
 }
 
 /// A task redelivered from a quorum queue tells the plugin so: `redelivered` and the broker's

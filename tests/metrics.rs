@@ -16,38 +16,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use worker::metrics::http::{HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_REQUESTS};
 
-/// `http://ADDR/metrics` from the daemon's log line.
-fn metrics_addr(d: &mut Daemon) -> String {
-    let line = d.wait_log("metrics at http://");
-    let rest = &line[line.find("http://").unwrap() + 7..];
-    rest[..rest.find('/').unwrap()].to_string()
-}
-
-/// One scrape: status line, content type and body.
-fn scrape(addr: &str) -> (String, String, String) {
-    let mut conn = std::net::TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    write!(
-        conn,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    conn.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response");
-    let status = head.lines().next().unwrap().to_string();
-    let content_type = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-type: ")
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
-    (status, content_type, body.to_string())
-}
-
 /// The samples of `text`, as the reference parser reads them (it fails on invalid text).
 fn parse(python: &Path, text: &str) -> Vec<Value> {
     let mut child = Command::new(python)

@@ -159,21 +159,11 @@ impl RemoteWorker for SourceState {
         conf
     }
     fn rate_limit(&self, task: &str, rate: &Value) -> Value {
-        let known = self
-            .engine
-            .dispatcher
-            .task_names()
-            .iter()
-            .any(|t| t == task);
+        let known = self.serves(task);
         self.engine.controls.set_rate(task, rate, known)
     }
     fn time_limit(&self, task: &str, soft: &Value, hard: &Value) -> Value {
-        let known = self
-            .engine
-            .dispatcher
-            .task_names()
-            .iter()
-            .any(|t| t == task);
+        let known = self.serves(task);
         self.engine
             .controls
             .set_time_limits(task, soft, hard, known)
@@ -253,6 +243,15 @@ impl RemoteWorker for SourceState {
 }
 
 impl SourceState {
+    /// Whether some plugin serves `task` (remote control's limits apply to known tasks).
+    fn serves(&self, task: &str) -> bool {
+        self.engine
+            .dispatcher
+            .task_names()
+            .iter()
+            .any(|t| t == task)
+    }
+
     /// Declares `q` (as the consumers would) on a channel of its own, so that a queue the
     /// broker refuses (a reserved `amq.` name, another connection's exclusive queue, other
     /// arguments) closes only that channel.
