@@ -79,14 +79,7 @@ fn amqp_a_broker_list_fails_over_to_the_next_url() {
 
 /// The lane's client with `env` set; the JSON of its last line.
 fn client_with(lane: &Lane, env: &[(&str, &str)], args: &[&str]) -> Value {
-    let mut cmd = lane.client(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("python runs");
-    let stdout = text(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|_| panic!("client said {stdout:?}, stderr {}", text(&out.stderr)))
+    last_json(lane.client(args).envs(env.iter().copied()))
 }
 
 /// With `x-max-priority` (`queue_arguments`), a high-priority task overtakes a backlog of low
@@ -474,10 +467,7 @@ fn amqp_a_refused_queue_is_named_once_shown_as_broker_state_and_consumed_once_it
 
 /// The lane's client on another `queue`; the JSON of its last line.
 fn client_with_queue(lane: &Lane, queue: &str, args: &[&str]) -> Value {
-    let out = lane.client_on(queue, args).output().expect("python runs");
-    let stdout = text(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|_| panic!("client said {stdout:?}, stderr {}", text(&out.stderr)))
+    last_json(&mut lane.client_on(queue, args))
 }
 
 /// A task redelivered from a quorum queue tells the plugin so: `redelivered` and the broker's

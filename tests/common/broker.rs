@@ -145,18 +145,29 @@ fn celery_venv_with(test: &str, module: &str, requirement: &str) -> PathBuf {
     venv_with(test, &celery_venv(), module, requirement)
 }
 
+/// Runs a client command and returns the JSON of its last stdout line.
+pub fn last_json(cmd: &mut Command) -> Value {
+    let out = cmd.output().expect("python runs");
+    let stdout = text(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|_| panic!("client said {stdout:?}, stderr {}", text(&out.stderr)))
+}
+
+/// `rabbitmqctl list_queues` arguments whose listing [`parse_queue_counts`] reads.
+pub const LIST_QUEUE_COUNTS: [&str; 6] = [
+    "list_queues",
+    "-q",
+    "--no-table-headers",
+    "name",
+    "messages_ready",
+    "messages_unacknowledged",
+];
+
 /// Messages ready and unacknowledged in `queue`, as `rabbitmqctl` lists them (None if the
 /// broker does not list it).
 pub fn queue_counts(queue: &str) -> Option<(u64, u64)> {
     let out = Command::new("rabbitmqctl")
-        .args([
-            "list_queues",
-            "-q",
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ])
+        .args(LIST_QUEUE_COUNTS)
         .output()
         .expect("rabbitmqctl runs");
     parse_queue_counts(&text(&out.stdout), queue)
@@ -297,11 +308,7 @@ impl Lane {
 
     /// Runs the client and returns the JSON of its last stdout line.
     pub fn run(&self, args: &[&str]) -> Value {
-        let out = self.client(args).output().expect("python runs");
-        let stdout = text(&out.stdout);
-        let last = stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(last)
-            .unwrap_or_else(|_| panic!("client said {stdout:?}, stderr {}", text(&out.stderr)))
+        last_json(&mut self.client(args))
     }
 
     pub fn celery_cli(&self, args: &[&str]) -> String {

@@ -8,7 +8,7 @@
 //! that user here), so they and the CLI share its Erlang cookie; their files are given to that
 //! user.
 
-use super::broker::parse_queue_counts;
+use super::broker::{parse_queue_counts, LIST_QUEUE_COUNTS};
 use super::{process_gone, text};
 use serde_json::Value;
 use std::collections::HashSet;
@@ -333,19 +333,7 @@ impl Drop for Cluster {
 
 /// Messages (ready and unacked) in `queue`, as `node` lists them.
 pub fn queue_depth(node: &Node, queue: &str) -> Option<u64> {
-    let listing = node
-        .ctl(
-            &[
-                "list_queues",
-                "-q",
-                "--no-table-headers",
-                "name",
-                "messages_ready",
-                "messages_unacknowledged",
-            ],
-            Duration::from_secs(30),
-        )
-        .ok()?;
+    let listing = node.ctl(&LIST_QUEUE_COUNTS, Duration::from_secs(30)).ok()?;
     parse_queue_counts(&listing, queue).map(|(ready, unacked)| ready + unacked)
 }
 
