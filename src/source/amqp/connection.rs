@@ -3,7 +3,7 @@
 //! lost, at once the first time, then with the restart policy's backoff.
 
 use super::consumers::{self, Consumers, Relay, Relayed, QUEUE_RETRY_MAX, QUEUE_RETRY_MIN};
-use super::{delivery, monitor, redact, remote, SessionRequest, SourceState};
+use super::{monitor, receive, redact, remote, SessionRequest, SourceState};
 use crate::metrics::Settled;
 use crate::supervisor::restart;
 use lapin::message::Delivery;
@@ -44,8 +44,8 @@ pub(super) async fn connection_loop(shared: Arc<SourceState>) {
         match session(&shared).await {
             SessionEnd::Finished => return,
             SessionEnd::Lost { reason, was_up } => {
-                shared.results.send_replace(None);
-                shared.connected.send_replace(false);
+                shared.transport.results.send_replace(None);
+                shared.transport.connected.send_replace(false);
                 shared.engine.dispatcher.metrics().broker_connected(false);
                 if was_up && began.elapsed() > Duration::from_secs(1) {
                     failures = 0;
@@ -144,7 +144,7 @@ async fn session(shared: &Arc<SourceState>) -> SessionEnd {
 }
 
 async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
-    let o = &shared.options;
+    let o = &shared.transport.options;
     let props =
         ConnectionProperties::default().with_connection_name(shared.engine.nodename().into());
     let conn = o.tls.connect(shared.broker_url(), props).await?;
@@ -168,11 +168,12 @@ async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
         Err(e) => return Err(e),
     };
     shared
+        .transport
         .parking
         .store(parking, std::sync::atomic::Ordering::Relaxed);
     let (tx, deliveries) = mpsc::channel::<Relayed>(256);
     let mut consumers = Consumers::new(consume.clone(), tx.clone());
-    let wanted = shared.queues.borrow().clone();
+    let wanted = shared.transport.queues.borrow().clone();
     let board = shared.engine.dispatcher.metrics().broker();
     board.new_session();
     board.want(wanted.iter().map(|q| q.name.as_str()));
@@ -198,9 +199,10 @@ async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
     let _events =
         AbortOnDropHandle::new(tokio::spawn(monitor::run(shared.clone(), events.clone())));
     shared
+        .transport
         .results
         .send_replace(Some((shared.next_channel_number(), results.clone())));
-    shared.connected.send_replace(true);
+    shared.transport.connected.send_replace(true);
     shared.engine.dispatcher.metrics().broker_connected(true);
     board.connected(&redact(shared.broker_url()));
     tracing::info!(
@@ -208,7 +210,7 @@ async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
         queues = %shared.queue_names().join(","),
         node = %shared.engine.nodename(),
         prefetch = o.prefetch,
-        results = shared.redis.as_ref().map_or("rpc://", |r| r.url()),
+        results = shared.result_backend.as_ref().map_or("rpc://", |r| r.url()),
         "consuming Celery tasks"
     );
     let mut session = Session {
@@ -262,8 +264,8 @@ impl Session<'_> {
         let lost = CancellationToken::new();
         let _lost_guard = lost.clone().drop_guard();
         let mut cancelled = false;
-        let mut queues = shared.queues.subscribe();
-        let mut inbox = shared.session_inbox.lock().await;
+        let mut queues = shared.transport.queues.subscribe();
+        let mut inbox = shared.transport.session_inbox.lock().await;
         // Wanted queues the broker refused (not there yet for a passive declare, another
         // connection's exclusive queue...) are tried again with backoff, the others consumed.
         let mut refused = 0;
@@ -295,7 +297,7 @@ impl Session<'_> {
                 d = deliveries.recv() => match d {
                     Some((queue, Relay::Delivery(Ok(delivery)))) => self.dispatch(shared, queue, delivery, &lost).await,
                     Some((Some(_), Relay::Delivery(Err(e)))) if !cancelled && self.conn.status().connected() => {
-                        match self.consumers.reopen(self.conn, shared.options.prefetch).await {
+                        match self.consumers.reopen(self.conn, shared.transport.options.prefetch).await {
                             Ok(true) => {
                                 tracing::warn!("the broker closed the task consumers' channel ({e}); consuming on a new channel (tasks running go on; their messages come back and join them)");
                                 refused = 0;
@@ -323,7 +325,7 @@ impl Session<'_> {
                 }
                 _ = shared.engine.finished.cancelled() => {
                     monitor::offline(shared, self.events).await;
-                    shared.results.send_replace(None);
+                    shared.transport.results.send_replace(None);
                     let _ = self.conn.close(200, "worker stopping".into()).await;
                     return SessionEnd::Finished;
                 }
@@ -344,7 +346,7 @@ impl Session<'_> {
                 Ok(())
             }
             SessionRequest::ResultsFailed(number) => {
-                let current = shared.results.borrow().clone();
+                let current = shared.transport.results.borrow().clone();
                 let Some((n, channel)) = current else {
                     return Ok(());
                 };
@@ -365,6 +367,7 @@ impl Session<'_> {
                 })?;
                 tracing::warn!("the broker closed the results channel (a publish it refused); results go on a new channel");
                 shared
+                    .transport
                     .results
                     .send_replace(Some((shared.next_channel_number(), channel)));
                 Ok(())
@@ -391,14 +394,14 @@ impl Session<'_> {
                     .spawn(async move { remote::answer(&state, &control, delivery).await });
             }
             Some(_) if shared.engine.stopping.is_cancelled() => {
-                super::settle::reject(shared, &delivery.acker, Settled::Requeued).await;
+                shared.reject(&delivery.acker, Settled::Requeued).await;
             }
             Some(queue) => {
                 let (state, lost) = (shared.clone(), lost.clone());
                 shared
                     .engine
                     .handlers
-                    .spawn(async move { delivery::handle(state, queue, delivery, lost).await });
+                    .spawn(async move { receive::handle(state, queue, delivery, lost).await });
             }
         }
     }

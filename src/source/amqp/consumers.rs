@@ -101,10 +101,10 @@ async fn declare_or_take(
     conn: &Connection,
     q: &QueueSpec,
 ) -> lapin::Result<Channel> {
-    let args = super::value::json_to_table(&shared.options.queue_arguments);
+    let args = super::value::json_to_table(&shared.transport.options.queue_arguments);
     let probe = conn.create_channel().await?;
-    match declare(&probe, q, shared.options.declare, &args).await {
-        Err(e) if inequivalent(&e) && shared.options.declare == Declare::Kombu => {
+    match declare(&probe, q, shared.transport.options.declare, &args).await {
+        Err(e) if inequivalent(&e) && shared.transport.options.declare == Declare::Kombu => {
             let probe = conn.create_channel().await?;
             declare(&probe, q, Declare::Passive, &args).await?;
             if shared
@@ -195,6 +195,7 @@ impl Consumers {
         if let Err(e) = super::delayed::bind(&probe, q).await {
             tracing::warn!(queue = %q.name, "cannot bind the queue to the delay exchange ({e}); countdown and eta tasks are held here, unacked, until due");
             shared
+                .transport
                 .parking
                 .store(false, std::sync::atomic::Ordering::Relaxed);
         }
@@ -253,7 +254,7 @@ impl Consumers {
                 let reason = e.to_string();
                 match board.refused(&q.name, &reason) {
                     true => {
-                        tracing::error!(queue = %q.name, "cannot consume from {}: {reason}{}. Tried again with backoff (up to {:?} apart) and logged again only if the reason changes; `worker plugins list` shows the queue's state", q.name, refusal_hint(&reason, shared.options.declare), QUEUE_RETRY_MAX)
+                        tracing::error!(queue = %q.name, "cannot consume from {}: {reason}{}. Tried again with backoff (up to {:?} apart) and logged again only if the reason changes; `worker plugins list` shows the queue's state", q.name, refusal_hint(&reason, shared.transport.options.declare), QUEUE_RETRY_MAX)
                     }
                     false => {
                         tracing::debug!(queue = %q.name, "cannot consume from {} yet: {reason}", q.name)

@@ -11,14 +11,11 @@
 use super::value::{table_to_json, TooDeep};
 use crate::source::celery::{self, CeleryTask, Envelope};
 use crate::source::engine::ActiveInfo;
-use crate::task::TaskRequest;
 use lapin::BasicProperties;
-use plugin_protocol::RequestInfo;
-use serde_json::{json, Map, Value};
-use std::time::{Duration, SystemTime};
 
-/// AMQP's short string: the longest id, reply queue or correlation id the worker can publish.
-pub const MAX_ID_BYTES: usize = 255;
+use serde_json::{json, Map, Value};
+
+pub use crate::source::engine::MAX_ID_BYTES;
 /// How deep a header value may nest (tables and arrays); Celery's own headers nest 3 deep.
 pub const MAX_HEADER_DEPTH: usize = 32;
 
@@ -137,50 +134,13 @@ fn check_ids(task: &CeleryTask) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// The request the dispatcher sees for `task`: the message's time limits, else those set by
-/// `celery control time_limit` (`controlled`), else the manifest's (applied below).
-pub fn task_request(
-    task: &CeleryTask,
-    info: &ActiveInfo,
-    controlled: (Option<Duration>, Option<Duration>),
-) -> TaskRequest {
-    let iso = |t: Option<SystemTime>| {
-        t.map(|t| {
-            chrono::DateTime::<chrono::Utc>::from(t)
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
-        })
-    };
-    TaskRequest {
-        id: task.id.clone(),
-        name: task.name.clone(),
-        args: task.args.clone(),
-        kwargs: task.kwargs.clone(),
-        soft_time_limit: task.soft_time_limit.or(controlled.0),
-        hard_time_limit: task.hard_time_limit.or(controlled.1),
-        submitter: format!(
-            "amqp: queue {}",
-            info.delivery.queue.as_deref().unwrap_or_default()
-        ),
-        delivery_info: info.delivery.clone(),
-        request_info: RequestInfo {
-            retries: task.retries,
-            eta: iso(task.eta),
-            expires: iso(task.expires),
-            parent_id: task.parent_id.clone(),
-            root_id: task.root_id.clone(),
-            group: task.group.clone(),
-            hostname: None,
-            headers: task.headers.clone(),
-        },
-        capture_log: false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::engine::request::task_request;
     use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
     use proptest::prelude::*;
+    use std::time::Duration;
 
     const MAX: usize = 1 << 20;
 
@@ -210,7 +170,7 @@ mod tests {
         let (task, info) = read(&inbound(&props, b"[[1], {\"k\": 2}, {}]"), MAX, "n@h", 1.0)
             .expect("a valid task");
         assert_eq!((task.id.as_str(), task.name.as_str()), ("abc", "t"));
-        let request = task_request(&task, &info, (None, Some(Duration::from_secs(3))));
+        let request = task_request(&task, &info, "amqp", (None, Some(Duration::from_secs(3))));
         assert_eq!(request.args, vec![json!(1)]);
         assert_eq!(request.kwargs["k"], json!(2));
         assert_eq!(request.hard_time_limit, Some(Duration::from_secs(3)));
@@ -424,7 +384,7 @@ mod tests {
                     Ok((task, info)) => {
                         prop_assert!(task.id.len() <= MAX_ID_BYTES && !task.id.is_empty());
                         prop_assert!(task.correlation_id.len() <= MAX_ID_BYTES);
-                        let request = task_request(&task, &info, (None, None));
+                        let request = task_request(&task, &info, "amqp", (None, None));
                         prop_assert_eq!(&request.id, &task.id);
                         let _ = serde_json::to_string(&info).expect("inspect active serializes");
                     }

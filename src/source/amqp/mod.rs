@@ -12,21 +12,17 @@
 mod connection;
 mod consumers;
 mod delayed;
-mod delivery;
 mod frame_guard;
-mod girder_job;
 mod inbound;
 mod monitor;
 mod publish;
+mod receive;
 mod remote;
-mod retry;
-mod settle;
 pub mod tls;
 mod value;
-mod workflow;
 
 use crate::dispatch::Dispatcher;
-use lapin::Acker;
+use crate::source::engine::worker::{Worker, WorkerOptions};
 use lapin::Channel;
 use publish::ResultsChannel;
 use serde_json::{Map, Value};
@@ -71,10 +67,6 @@ pub struct AmqpOptions {
     pub girder_job_urls: Vec<String>,
 }
 
-/// At most this many results are retried at once while their reply queue does not exist;
-/// their task messages are acked first, so they hold no prefetch slot.
-pub const MAX_RETURNED_RESULTS: usize = 1000;
-
 /// A running AMQP source.
 pub struct AmqpSource {
     shared: Arc<SourceState>,
@@ -83,18 +75,17 @@ pub struct AmqpSource {
 
 impl AmqpSource {
     pub fn start(options: AmqpOptions, dispatcher: Arc<Dispatcher>) -> AmqpSource {
-        let redis = options.result_backend.as_deref().map(|url| {
-            crate::source::redis_backend::RedisBackend::new(url, Some(options.result_expires))
-                .expect("result_backend was checked with the config")
-        });
         let (session_tx, session_rx) = mpsc::channel(64);
-        let shared = Arc::new(SourceState {
-            redis,
-            monitor: monitor::Monitor::new(options.task_events),
+        let worker = WorkerOptions {
+            nodename: options.nodename.clone(),
+            result_memory: options.result_memory,
+            task_events: options.task_events,
+            result_backend: options.result_backend.clone(),
+            result_expires: options.result_expires,
+            girder_job_urls: options.girder_job_urls.clone(),
+        };
+        let transport = Amqp {
             broker_at: Default::default(),
-            girder: crate::source::girder::reporter::GirderJobs::new(
-                options.girder_job_urls.clone(),
-            ),
             queues: watch::channel(
                 options
                     .queues
@@ -106,16 +97,15 @@ impl AmqpSource {
                     .collect(),
             )
             .0,
-            engine: Engine::new(dispatcher, options.nodename.clone(), options.result_memory),
             options,
             results: watch::channel(None).0,
             connected: watch::channel(false).0,
             channel_numbers: AtomicU64::new(0),
             parking: AtomicBool::new(false),
-            returned_results: tokio::sync::Semaphore::new(MAX_RETURNED_RESULTS),
             session_requests: session_tx,
             session_inbox: tokio::sync::Mutex::new(session_rx),
-        });
+        };
+        let shared = Arc::new(Worker::new(worker, dispatcher, transport));
         let board = shared.engine.dispatcher.metrics().broker();
         board.connecting(&redact(shared.broker_url()));
         board.want(shared.queue_names().iter().map(String::as_str));
@@ -135,7 +125,7 @@ impl crate::source::Source for AmqpSource {
     }
 
     fn connected(&self) -> watch::Receiver<bool> {
-        self.shared.connected.subscribe()
+        self.shared.transport.connected.subscribe()
     }
 
     /// Tasks not yet started go back to the queue.
@@ -201,24 +191,19 @@ impl AmqpOptions {
     }
 }
 
-/// State shared by the connection loop, the message handlers and the pidbox.
-pub struct SourceState {
+/// The AMQP source's worker: the Celery engine over the [`Amqp`] transport.
+pub type SourceState = Worker<Amqp>;
+
+/// The RabbitMQ side of the worker: its options and its connection's state.
+pub struct Amqp {
     options: AmqpOptions,
-    /// What a Celery worker keeps whatever the transport (see [`Engine`]).
-    engine: Engine,
     /// The current result channel (publisher confirms on) and its connection's number;
     /// `None` while disconnected.
     results: watch::Sender<ResultsChannel>,
     connected: watch::Sender<bool>,
-    /// Celery's event stream (Flower, `celery events`).
-    monitor: monitor::Monitor,
-    /// The Redis result backend, when results go there instead of reply queues.
-    redis: Option<crate::source::redis_backend::RedisBackend>,
     /// The task queues to consume now: `queues` at start, changed by `add_consumer` and
     /// `cancel_consumer`; the live session follows it, and a new one starts from it.
     queues: watch::Sender<Vec<QueueSpec>>,
-    /// Results retried while their reply queue does not exist (their messages already acked).
-    returned_results: tokio::sync::Semaphore,
     /// Whether the broker's delay topology is declared on this session (eta tasks are parked
     /// there; without it they are held here).
     parking: AtomicBool,
@@ -227,8 +212,6 @@ pub struct SourceState {
     channel_numbers: AtomicU64,
     /// Which URL of the broker's failover list is in use.
     broker_at: std::sync::atomic::AtomicUsize,
-    /// Girder jobs named by task messages, kept up to date over HTTP.
-    girder: crate::source::girder::reporter::GirderJobs,
     /// What publishers and remote control ask of the live session (it owns the connection).
     session_requests: mpsc::Sender<SessionRequest>,
     /// Read by one session at a time.
@@ -267,18 +250,11 @@ impl QueueSpec {
     }
 }
 
-/// The task table, its acks being AMQP deliveries'.
-type Engine = crate::source::engine::Engine<Acker>;
-
 impl SourceState {
-    /// Tasks running here now (a heartbeat's `active`).
-    fn active_count(&self) -> usize {
-        self.engine.tasks().ledger.active_count()
-    }
-
     /// The names of the queues consumed now.
     fn queue_names(&self) -> Vec<String> {
-        self.queues
+        self.transport
+            .queues
             .borrow()
             .iter()
             .map(|q| q.name.clone())
@@ -286,16 +262,20 @@ impl SourceState {
     }
 
     fn next_channel_number(&self) -> u64 {
-        self.channel_numbers.fetch_add(1, Ordering::Relaxed) + 1
+        self.transport
+            .channel_numbers
+            .fetch_add(1, Ordering::Relaxed)
+            + 1
     }
 
     /// A channel of the caller's own on the live connection; an error if there is none now.
     pub(super) async fn own_channel(&self) -> Result<Channel, String> {
-        if !*self.connected.borrow() {
+        if !*self.transport.connected.borrow() {
             return Err("not connected to the broker".into());
         }
         let (tx, rx) = oneshot::channel();
         if self
+            .transport
             .session_requests
             .try_send(SessionRequest::Channel(tx))
             .is_err()
@@ -313,27 +293,28 @@ impl SourceState {
     fn results_failed(&self, number: u64) {
         // A full inbox already holds a request that makes the session look at its channels.
         let _ = self
+            .transport
             .session_requests
             .try_send(SessionRequest::ResultsFailed(number));
-    }
-
-    fn is_revoked(&self, id: &str) -> bool {
-        self.engine.tasks().revoked.contains(id)
     }
 
     /// The broker URL this session uses (or the next tries): one of `options.url`'s
     /// failover list.
     fn broker_url(&self) -> &str {
-        let urls = crate::config::broker_urls(&self.options.url);
-        let at = self.broker_at.load(std::sync::atomic::Ordering::Relaxed);
+        let urls = crate::config::broker_urls(&self.transport.options.url);
+        let at = self
+            .transport
+            .broker_at
+            .load(std::sync::atomic::Ordering::Relaxed);
         urls.get(at % urls.len().max(1))
             .copied()
-            .unwrap_or(&self.options.url)
+            .unwrap_or(&self.transport.options.url)
     }
 
     /// Moves to the next URL of the failover list (round robin).
     fn next_broker(&self) {
-        self.broker_at
+        self.transport
+            .broker_at
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

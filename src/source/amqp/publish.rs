@@ -8,6 +8,7 @@
 //! on the next connection (never lost), and logged, because the client may then see it twice.
 
 use super::SourceState;
+use crate::source::engine::transport::{Delivered, Published, Returns};
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation};
@@ -18,39 +19,6 @@ use tokio::time::Instant;
 /// First wait before publishing a returned result again; it doubles up to the maximum.
 const RETURN_RETRY_MIN: Duration = Duration::from_millis(50);
 const RETURN_RETRY_MAX: Duration = Duration::from_secs(2);
-
-/// How a final-state publish ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivered {
-    /// The broker confirmed it into the reply queue.
-    Confirmed,
-    /// The reply queue did not exist for `result_retry_timeout`; logged as undeliverable.
-    Undeliverable,
-    /// The reply queue does not exist (returned at once); asked not to wait for it.
-    Returned,
-    /// The worker is stopping for good before it could be confirmed.
-    GaveUp,
-}
-
-/// What a final-state publish does when the broker returns it (no such reply queue).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Returns {
-    /// Say so at once (`Delivered::Returned`): the caller frees the task's message first.
-    Report,
-    /// Retry with backoff for `result_retry_timeout`.
-    Retry,
-}
-
-/// How publishing a workflow step ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Published {
-    Confirmed,
-    /// The broker refused it (no such exchange, access refused...), or it cannot be sent at
-    /// all (a name longer than a short string): the step's workflow fails with this reason.
-    Refused(String),
-    /// The worker is stopping for good before it could be confirmed.
-    Stopped,
-}
 
 /// True for a channel-level error the broker raised about what was sent (403, 404, 406...):
 /// the channel is closed, the connection lives on.
@@ -118,7 +86,7 @@ impl SourceState {
             tracing::error!(task_id, "result undeliverable: its reply queue or correlation id is longer than AMQP's 255-byte limit");
             return Delivered::Undeliverable;
         };
-        let mut channels = self.results.subscribe();
+        let mut channels = self.transport.results.subscribe();
         let mut failed_on = None;
         let mut returned_since: Option<Instant> = None;
         let mut wait = RETURN_RETRY_MIN;
@@ -201,7 +169,7 @@ impl SourceState {
             );
             return Some(Delivered::Undeliverable);
         }
-        let timeout = self.options.result_retry_timeout;
+        let timeout = self.transport.options.result_retry_timeout;
         let since = *since.get_or_insert_with(|| {
             tracing::warn!(task_id, reply_to, "the reply queue does not exist (the client may be reconnecting); retrying for up to {timeout:?} (`result_retry_timeout`)");
             Instant::now()
@@ -262,7 +230,7 @@ impl SourceState {
         props: BasicProperties,
         body: &[u8],
     ) -> Published {
-        let mut channels = self.results.subscribe();
+        let mut channels = self.transport.results.subscribe();
         let mut failed_on = None;
         loop {
             let Some((n, channel)) = self.channel(&mut channels, failed_on).await else {
@@ -322,65 +290,12 @@ impl SourceState {
         }
     }
 
-    /// A task's final state to where its client reads it: stored in the Redis result backend
-    /// when there is one, else published to its reply queue (nothing without one).
-    pub(super) async fn deliver_final(
-        &self,
-        task_id: &str,
-        reply_to: Option<&str>,
-        correlation_id: &str,
-        body: &[u8],
-        returns: Returns,
-    ) -> Delivered {
-        match (&self.redis, reply_to) {
-            (Some(redis), _) => {
-                let meta = std::str::from_utf8(body).expect("result bodies are JSON text");
-                match redis
-                    .store_final(task_id, meta, &self.engine.finished)
-                    .await
-                {
-                    true => Delivered::Confirmed,
-                    false => Delivered::GaveUp,
-                }
-            }
-            (None, Some(reply_to)) => {
-                self.publish_final(task_id, reply_to, correlation_id, body, returns)
-                    .await
-            }
-            (None, None) => Delivered::Confirmed,
-        }
-    }
-
-    /// A progress or stream state, best effort: stored once in Redis, or published to the
-    /// reply queue.
-    pub(super) async fn deliver_event(
-        &self,
-        task_id: &str,
-        reply_to: Option<&str>,
-        correlation_id: &str,
-        body: &[u8],
-    ) {
-        match (&self.redis, reply_to) {
-            (Some(redis), _) => {
-                let meta = std::str::from_utf8(body).expect("result bodies are JSON text");
-                if let Err(e) = redis.store(task_id, meta).await {
-                    tracing::debug!(
-                        task_id,
-                        "cannot store a progress state in Redis ({e}); dropped"
-                    );
-                }
-            }
-            (None, Some(reply_to)) => self.publish_event(reply_to, correlation_id, body).await,
-            (None, None) => {}
-        }
-    }
-
     /// Publishes a progress or stream state, waiting for a connection if there is none.
-    async fn publish_event(&self, reply_to: &str, correlation_id: &str, body: &[u8]) {
+    pub(super) async fn publish_event(&self, reply_to: &str, correlation_id: &str, body: &[u8]) {
         let Some((key, corr)) = reply_names(reply_to, correlation_id) else {
             return;
         };
-        let mut channels = self.results.subscribe();
+        let mut channels = self.transport.results.subscribe();
         let mut failed_on = None;
         loop {
             let Some((n, channel)) = self.channel(&mut channels, failed_on).await else {
@@ -410,7 +325,7 @@ impl SourceState {
 }
 
 /// A message as it arrived, to publish again (parked until its eta, or retried).
-pub(super) struct Raw {
+pub struct Raw {
     pub(super) properties: lapin::BasicProperties,
     pub(super) body: Vec<u8>,
     /// Where it was published to.

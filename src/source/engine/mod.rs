@@ -5,14 +5,28 @@
 //! `inspect active` shows of each task ([`ActiveInfo`]). No transport types here: a transport (the AMQP
 //! source) carries the decisions out, and everything here is unit-tested without a broker.
 
+pub(crate) mod announce;
+pub(crate) mod delivery;
+pub(crate) mod girder_job;
 /// Public only for the scale bench, which measures it at its limits.
 #[doc(hidden)]
 pub mod ledger;
+pub(crate) mod monitor;
+pub(crate) mod remote;
+pub(crate) mod request;
+pub(crate) mod retry;
 /// Public only for the scale bench, which measures it at its limits.
 #[doc(hidden)]
 pub mod revoked;
 pub(crate) mod rules;
 pub(crate) mod task_controls;
+pub mod transport;
+pub mod worker;
+pub(crate) mod workflow;
+
+/// The longest id, reply queue or correlation id the worker keeps or sends back (AMQP's short
+/// string, which every transport's ids are held to, so a task can move between brokers).
+pub const MAX_ID_BYTES: usize = 255;
 
 use ledger::Ledger;
 use revoked::Revoked;

@@ -4,19 +4,14 @@
 //! the result backend; `task-retried` for monitors. Past `max_retries`, FAILURE with the
 //! exception (`MaxRetriesExceededError` without one).
 
-use super::monitor;
-use super::publish::Published;
-use super::publish::Raw;
-use super::settle::{ack, reject};
-use super::value::json_to_amqp;
-use super::SourceState;
+use super::announce;
+use super::rules::Settlement;
+use super::transport::Published;
+use super::worker::{Transport, Worker};
 use crate::metrics::Settled;
 use crate::source::celery::{self, state, CeleryTask};
-use crate::source::engine::rules::Settlement;
 use crate::task::{Failure, MAX_DURATION_SECS};
-use lapin::types::AMQPValue;
-use lapin::Acker;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::time::{Duration, SystemTime};
 
 /// Celery's `default_retry_delay`: seconds before a retry that names no time.
@@ -88,11 +83,11 @@ fn invalid(why: String) -> Settlement {
 /// A retry: ownership released first (so the copy, should it come back here at once, runs
 /// rather than joining this one), published again, RETRY reported, then the original and its
 /// copies acked. If it cannot be published the message goes back to its queue as it was.
-pub(super) async fn later(
-    shared: &SourceState,
+pub(crate) async fn later<T: Transport>(
+    shared: &Worker<T>,
     task: &CeleryTask,
-    acker: &Acker,
-    raw: &Raw,
+    acker: &T::Ack,
+    raw: &T::Raw,
     (eta, result, traceback): (SystemTime, Value, Option<String>),
 ) {
     let copies = shared.engine.tasks().ledger.release(&task.id);
@@ -101,7 +96,7 @@ pub(super) async fn later(
         false => Settled::Requeued,
     };
     if settled == Settled::Acked {
-        monitor::announce_retried(shared, task, &result, traceback.as_deref());
+        announce::retried(shared, task, &result, traceback.as_deref());
         if !task.ignore_result {
             let body = celery::result_body(&task.id, state::RETRY, result, traceback.as_deref());
             shared
@@ -116,56 +111,24 @@ pub(super) async fn later(
     }
     for a in std::iter::once(acker).chain(&copies) {
         match settled {
-            Settled::Acked => ack(shared, a).await,
-            _ => reject(shared, a, Settled::Requeued).await,
+            Settled::Acked => shared.ack(a).await,
+            _ => shared.reject(a, Settled::Requeued).await,
         }
     }
 }
 
 /// Publishes `raw` again, due at `eta`, as its next retry, to where it came from; true once
 /// the broker confirmed it.
-pub async fn publish_again(
-    shared: &SourceState,
+async fn publish_again<T: Transport>(
+    shared: &Worker<T>,
     task: &CeleryTask,
-    raw: &Raw,
+    raw: &T::Raw,
     eta: SystemTime,
 ) -> bool {
     let when = chrono::DateTime::<chrono::Utc>::from(eta)
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, false);
     let retries = task.retries + 1;
-    let (props, body) = match raw.properties.headers() {
-        // Protocol 2: the retry count and eta are headers; the body goes as it came.
-        Some(h) if h.inner().contains_key("task") => {
-            let mut headers = h.clone();
-            headers.insert("retries".into(), AMQPValue::LongLongInt(retries as i64));
-            headers.insert("eta".into(), json_to_amqp(&json!(when)));
-            (
-                raw.properties.clone().with_headers(headers),
-                raw.body.clone(),
-            )
-        }
-        // Protocol 1: they are in the body.
-        _ => {
-            let mut body: Value = serde_json::from_slice(&raw.body).unwrap_or_default();
-            if let Some(b) = body.as_object_mut() {
-                b.insert("retries".into(), json!(retries));
-                b.insert("eta".into(), json!(when));
-            }
-            let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| raw.body.clone());
-            (raw.properties.clone(), bytes)
-        }
-    };
-    let props = props.with_delivery_mode(2);
-    let published = shared
-        .publish_confirmed(
-            &task.id,
-            raw.exchange.as_str().into(),
-            raw.routing_key.as_str().into(),
-            props,
-            &body,
-        )
-        .await;
-    match published {
+    match T::publish_retry(shared, task, raw, retries, &when).await {
         Published::Confirmed => {
             tracing::info!(task_id = %task.id, task = %task.name, retries, eta = %when, "the plugin asked for a retry: published again");
             true
@@ -183,6 +146,7 @@ mod tests {
     use super::*;
     use crate::task::FailureKind;
     use plugin_protocol::{TaskErrorData, TaskRetryData};
+    use serde_json::json;
 
     fn task(retries: u64) -> CeleryTask {
         CeleryTask {

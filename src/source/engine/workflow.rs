@@ -5,11 +5,11 @@
 //! Every message is confirmed by the broker before the task's own message is acked, so a
 //! worker killed in between publishes them again after redelivery, never loses them.
 
-use super::publish::{Delivered, Published, Returns};
-use super::SourceState;
+use super::rules::Settlement;
+use super::transport::{Delivered, Published, Returns};
+use super::worker::{Transport, Worker};
 use crate::source::canvas::{self, Context};
 use crate::source::celery::{self, state, CeleryTask};
-use crate::source::engine::rules::Settlement;
 use serde_json::Value;
 
 /// Where a step whose options name no queue goes: Celery's `task_default_queue`.
@@ -18,8 +18,8 @@ const DEFAULT_QUEUE: &str = "celery";
 /// Publishes what follows `task` and returns the settlement to publish for it: a success
 /// whose next step cannot be carried on (a chord) becomes a failure saying why; if the worker
 /// stops for good before the broker confirmed the follow-ups, the task goes back to the queue.
-pub(super) async fn carry_on(
-    shared: &SourceState,
+pub(crate) async fn carry_on<T: Transport>(
+    shared: &Worker<T>,
     task: &CeleryTask,
     settlement: Settlement,
 ) -> Settlement {
@@ -83,10 +83,13 @@ pub(super) async fn carry_on(
 /// Publishes `messages` in order, telling the Redis backend a chord's size before its first
 /// header task goes out. Ok(false) if the worker stopped for good first; an error if a chord
 /// cannot be opened (no Redis backend, or Redis failing).
-async fn publish_all(shared: &SourceState, messages: &[canvas::Outgoing]) -> Result<bool, String> {
+async fn publish_all<T: Transport>(
+    shared: &Worker<T>,
+    messages: &[canvas::Outgoing],
+) -> Result<bool, String> {
     for m in messages {
         if let Some((group_id, size)) = &m.opens_chord {
-            let Some(redis) = &shared.redis else {
+            let Some(redis) = &shared.result_backend else {
                 return Err("a chord step needs the Redis result backend (result_backend = \"redis://...\"), which counts its parts".into());
             };
             redis
@@ -94,7 +97,7 @@ async fn publish_all(shared: &SourceState, messages: &[canvas::Outgoing]) -> Res
                 .await
                 .map_err(|e| format!("cannot open the chord in Redis ({e})"))?;
         }
-        match shared.publish_task(m).await {
+        match T::publish_task(shared, m).await {
             Published::Confirmed => {}
             Published::Stopped => return Ok(false),
             Published::Refused(why) => {
@@ -107,8 +110,8 @@ async fn publish_all(shared: &SourceState, messages: &[canvas::Outgoing]) -> Res
 
 /// The same failure for every remaining chain step whose client may wait on it, then the
 /// errbacks. False if the worker stopped for good first.
-async fn fail_the_rest(
-    shared: &SourceState,
+async fn fail_the_rest<T: Transport>(
+    shared: &Worker<T>,
     cx: &Context<'_>,
     failure: &Value,
     traceback: Option<&str>,
@@ -130,7 +133,7 @@ async fn fail_the_rest(
         }
     }
     for m in &errbacks {
-        match shared.publish_task(m).await {
+        match T::publish_task(shared, m).await {
             Published::Confirmed => {}
             Published::Stopped => return false,
             // Logged by `publish_task`; the failure is answered all the same.
@@ -143,8 +146,8 @@ async fn fail_the_rest(
 /// A chord header task's part, once its own state is stored: counted in Redis as Celery 5.7
 /// counts it; the worker that adds the last part sends the chord's body with every part's
 /// result in header order, or, if a part failed, stores a `ChordError` for the body naming it.
-pub(super) async fn chord_part(
-    shared: &SourceState,
+pub(crate) async fn chord_part<T: Transport>(
+    shared: &Worker<T>,
     task: &CeleryTask,
     status: &str,
     result: &Value,
@@ -156,7 +159,7 @@ pub(super) async fn chord_part(
         tracing::warn!(task_id = %task.id, "a chord part without a `group` header; its chord cannot be counted");
         return;
     };
-    let Some(redis) = &shared.redis else {
+    let Some(redis) = &shared.result_backend else {
         tracing::error!(task_id = %task.id, "task {} is part of a chord, but chords need the Redis result backend (result_backend = \"redis://...\"); the chord's body will not run", task.id);
         return;
     };
@@ -180,8 +183,8 @@ pub(super) async fn chord_part(
     }
 }
 
-async fn send_chord_body(
-    shared: &SourceState,
+async fn send_chord_body<T: Transport>(
+    shared: &Worker<T>,
     task: &CeleryTask,
     redis: &crate::source::redis_backend::RedisBackend,
     group_id: &str,
@@ -228,7 +231,7 @@ async fn send_chord_body(
         return Ok(());
     }
     for m in canvas::chord_body(&cx, &body, results)? {
-        match shared.publish_task(&m).await {
+        match T::publish_task(shared, &m).await {
             Published::Confirmed => {}
             Published::Stopped => return Err("the worker stopped before the body was sent".into()),
             Published::Refused(why) => return Err(format!("cannot send the body: {why}")),

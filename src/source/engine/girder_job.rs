@@ -3,24 +3,24 @@
 //! its settlement means, before the result is sent. The contract itself is
 //! `crate::source::girder`.
 
-use super::SourceState;
+use super::rules::Settlement;
+use super::worker::{Transport, Worker};
 use crate::source::celery::{state, CeleryTask};
-use crate::source::engine::rules::Settlement;
 use crate::source::girder::{reporter::Reporter, JobEnd};
 use crate::task::{Failure, TaskEvent};
 use tokio_util::sync::CancellationToken;
 
 /// A task's Girder job, if it has one the worker may follow.
-pub(super) struct TaskJob {
+pub(crate) struct TaskJob {
     reporter: Option<Reporter>,
     log_print: bool,
     /// Fires when Girder says the job is CANCELING.
-    pub(super) canceling: CancellationToken,
+    pub(crate) canceling: CancellationToken,
 }
 
 impl TaskJob {
     /// Starts following `task`'s job (RUNNING), if it names one `girder_job_urls` allows.
-    pub(super) fn start(shared: &SourceState, task: &CeleryTask) -> TaskJob {
+    pub(crate) fn start<T: Transport>(shared: &Worker<T>, task: &CeleryTask) -> TaskJob {
         let canceling = CancellationToken::new();
         let spec = shared.girder.job_of(&task.id, &task.headers);
         let log_print = spec.as_ref().is_some_and(|s| s.log_print);
@@ -33,12 +33,12 @@ impl TaskJob {
     }
 
     /// Whether the task's log lines are wanted (`logPrint`).
-    pub(super) fn wants_log(&self) -> bool {
+    pub(crate) fn wants_log(&self) -> bool {
         self.log_print
     }
 
     /// A task's log line or progress, for its job.
-    pub(super) fn feed(&self, ev: &TaskEvent) {
+    pub(crate) fn feed(&self, ev: &TaskEvent) {
         let Some(job) = &self.reporter else { return };
         match ev {
             TaskEvent::Log { line } => job.log(line.clone()),
@@ -53,7 +53,7 @@ impl TaskJob {
 
     /// Gives the job the status `settlement` means (none when the task goes back to its
     /// queue: it runs again, and that run keeps the job).
-    pub(super) async fn end(self, settlement: &Settlement, failure: Option<Failure>) {
+    pub(crate) async fn end(self, settlement: &Settlement, failure: Option<Failure>) {
         if let Some((job, end)) = self.reporter.zip(job_end(settlement, failure)) {
             job.end(end).await;
         }
@@ -77,7 +77,7 @@ fn job_end(settlement: &Settlement, failure: Option<Failure>) -> Option<JobEnd> 
 }
 
 /// Sets the Girder job of a task that will not run (revoked or expired first) to CANCELED.
-pub(super) async fn cancel_before_start(shared: &SourceState, task: &CeleryTask) {
+pub(crate) async fn cancel_before_start<T: Transport>(shared: &Worker<T>, task: &CeleryTask) {
     if let Some(spec) = shared.girder.job_of(&task.id, &task.headers) {
         shared.girder.canceled_before_start(spec, &task.id).await;
     }
