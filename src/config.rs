@@ -107,6 +107,14 @@ pub struct Config {
     /// no job is updated, since any broker user could otherwise make the worker send requests
     /// to a URL of their choosing.
     pub girder_job_urls: Vec<String>,
+    /// Redis broker: seconds a message taken but not acked stays with its worker before any
+    /// worker may restore it to its queue (kombu's `visibility_timeout`, 3600 by default).
+    /// This worker renews the lease of every task it still runs, so a longer task is never
+    /// run twice; it only bounds how long a killed worker's tasks wait to come back.
+    pub visibility_timeout: f64,
+    /// Redis broker: a prefix before every key and channel (kombu's `global_keyprefix`), the
+    /// same as the clients' transport option.
+    pub global_keyprefix: String,
 }
 
 /// How the worker declares the task queues.
@@ -212,6 +220,8 @@ impl Default for Config {
             result_expires: 86400.0,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             girder_job_urls: Vec::new(),
+            visibility_timeout: 3600.0,
+            global_keyprefix: String::new(),
             plugin_user: None,
             cgroup: "auto".into(),
         }
@@ -306,6 +316,10 @@ impl Config {
         seconds("drain_timeout", self.drain_timeout)?;
         seconds("result_retry_timeout", self.result_retry_timeout)?;
         seconds("control_idle_timeout", self.control_idle_timeout)?;
+        seconds("visibility_timeout", self.visibility_timeout)?;
+        if self.visibility_timeout < 1.0 {
+            return Err("key `visibility_timeout`: must be at least 1 second".into());
+        }
         if self.queues.is_empty() || self.queues.iter().any(|q| q.trim().is_empty()) {
             return Err("key `queues`: give at least one non-empty queue name".into());
         }
@@ -384,12 +398,19 @@ impl Config {
             if urls.is_empty() {
                 return Err("key `broker`: no URL given".into());
             }
-            if let Some(bad) = urls
+            let redis = |u: &&str| u.starts_with("redis://") || u.starts_with("rediss://");
+            if urls.iter().any(redis) {
+                if urls.len() > 1 {
+                    return Err("key `broker`: a Redis broker is one URL (redis://host:6379/0), not a failover list".into());
+                }
+                crate::source::redis_broker::RedisOptions::check_url(urls[0])
+                    .map_err(|e| format!("key `broker`: {e}"))?;
+            } else if let Some(bad) = urls
                 .iter()
                 .find(|u| !(u.starts_with("amqp://") || u.starts_with("amqps://")))
             {
                 return Err(format!(
-                    "key `broker`: `{}` is not an amqp:// or amqps:// URL",
+                    "key `broker`: `{}` is not an amqp://, amqps://, redis:// or rediss:// URL",
                     crate::source::redact(bad)
                 ));
             }
@@ -407,6 +428,13 @@ impl Config {
 
     pub fn result_retry_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.result_retry_timeout)
+    }
+
+    /// Whether `broker` is a Redis broker (`redis://`, `rediss://`).
+    pub fn redis_broker(&self) -> bool {
+        self.broker
+            .as_deref()
+            .is_some_and(|b| b.starts_with("redis://") || b.starts_with("rediss://"))
     }
 
     /// The Redis result backend's URL, `None` for rpc://.

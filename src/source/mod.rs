@@ -1,5 +1,5 @@
 //! Where tasks come from. The control socket (`crate::control`) and `worker run` are the local
-//! sources; [`amqp`] consumes Celery task messages from RabbitMQ. Sources hand tasks to the
+//! sources; [`amqp`] consumes Celery task messages from RabbitMQ, [`redis_broker`] from Redis. Sources hand tasks to the
 //! dispatcher and turn outcomes into their own replies; they never talk to plugins. The daemon
 //! runs a broker's source through the [`Source`] contract, whatever its transport.
 
@@ -13,6 +13,7 @@ pub mod girder;
 pub mod pidbox;
 pub mod pyrepr;
 pub mod redis_backend;
+pub mod redis_broker;
 
 /// A broker or backend URL without its credentials, for logs, status and errors.
 pub fn redact(url: &str) -> String {
@@ -41,13 +42,20 @@ pub trait Source: Send + Sync {
 }
 
 /// Starts the source for `config.broker`'s URL, its transport chosen by the URL's scheme
-/// (checked with the config: `amqp://`, `amqps://`).
+/// (checked with the config: `amqp://`, `amqps://`, `redis://`).
 pub fn start_broker(
     config: &crate::config::Config,
     url: &str,
     dispatcher: &std::sync::Arc<crate::dispatch::Dispatcher>,
     tls: amqp::tls::BrokerTls,
 ) -> Box<dyn Source> {
+    if config.redis_broker() {
+        let options = redis_broker::RedisOptions::from_config(config, url, dispatcher);
+        return Box::new(redis_broker::RedisSource::start(
+            options,
+            dispatcher.clone(),
+        ));
+    }
     let options = amqp::AmqpOptions::from_config(config, url, dispatcher, tls);
     Box::new(amqp::AmqpSource::start(options, dispatcher.clone()))
 }

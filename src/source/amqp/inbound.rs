@@ -9,13 +9,13 @@
 //! as one (reply routing key, correlation id), and headers may nest only so deep.
 
 use super::value::{table_to_json, TooDeep};
-use crate::source::celery::{self, CeleryTask, Envelope};
+use crate::source::celery::{CeleryTask, Envelope};
+use crate::source::engine::request::{read_task, DeliveryFacts, Unreadable};
 use crate::source::engine::ActiveInfo;
 use lapin::BasicProperties;
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
-pub use crate::source::engine::MAX_ID_BYTES;
 /// How deep a header value may nest (tables and arrays); Celery's own headers nest 3 deep.
 pub const MAX_HEADER_DEPTH: usize = 32;
 
@@ -41,10 +41,8 @@ pub enum Refusal {
     /// The connection's frame guard replaced the headers before they were parsed.
     #[error("its headers were dropped unread: {0}")]
     HeadersDropped(String),
-    #[error("its {field} is {len} bytes, over AMQP's short-string limit of {MAX_ID_BYTES}; ids and reply queues are answered as short strings")]
-    TooLong { field: &'static str, len: usize },
-    #[error("it is not a readable Celery task: {0}")]
-    Decode(#[from] celery::DecodeError),
+    #[error(transparent)]
+    Task(#[from] Unreadable),
 }
 
 /// Reads a task message, holding it to the limits. `node` is this worker's name (for
@@ -82,64 +80,25 @@ pub fn read(
         correlation_id: props.correlation_id().as_ref().map(|s| s.as_str()),
         reply_to: props.reply_to().as_ref().map(|s| s.as_str()),
     };
-    let task = celery::decode(&env)?;
-    check_ids(&task)?;
-    let info = ActiveInfo {
-        id: task.id.clone(),
-        name: task.name.clone(),
-        args: task.args.clone(),
-        kwargs: task.kwargs.clone(),
-        type_: task.name.clone(),
-        hostname: node.to_string(),
-        time_start: now,
-        acknowledged: false,
-        delivery_info: json!({
-            "exchange": m.exchange,
-            "routing_key": m.routing_key,
-            "priority": props.priority().unwrap_or(0),
-            "redelivered": m.redelivered,
-        }),
-        worker_pid: std::process::id(),
-        delivery: plugin_protocol::DeliveryInfo {
-            queue: Some(m.queue.to_string()),
-            exchange: Some(m.exchange.to_string()),
-            routing_key: Some(m.routing_key.to_string()),
-            serializer: Some(task.serializer.to_string()),
-            priority: *props.priority(),
-            redelivered: Some(m.redelivered),
-            delivery_count,
-        },
+    let facts = DeliveryFacts {
+        queue: m.queue,
+        exchange: m.exchange,
+        routing_key: m.routing_key,
+        priority: *props.priority(),
+        redelivered: m.redelivered,
+        delivery_count,
     };
-    Ok((task, info))
-}
-
-/// Every id the worker keeps or publishes back must fit a short string.
-fn check_ids(task: &CeleryTask) -> Result<(), Refusal> {
-    let fields = [
-        ("task id", Some(&task.id)),
-        ("reply_to", task.reply_to.as_ref()),
-        ("correlation_id", Some(&task.correlation_id)),
-        ("parent_id", task.parent_id.as_ref()),
-        ("root_id", task.root_id.as_ref()),
-        ("group", task.group.as_ref()),
-    ];
-    for (field, value) in fields {
-        if let Some(v) = value.filter(|v| v.len() > MAX_ID_BYTES) {
-            return Err(Refusal::TooLong {
-                field,
-                len: v.len(),
-            });
-        }
-    }
-    Ok(())
+    Ok(read_task(&env, &facts, node, now)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::source::engine::request::task_request;
+    use crate::source::engine::MAX_ID_BYTES;
     use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
     use proptest::prelude::*;
+    use serde_json::json;
     use std::time::Duration;
 
     const MAX: usize = 1 << 20;
@@ -185,10 +144,10 @@ mod tests {
             |p: &BasicProperties, max: usize| read(&inbound(p, body), max, "n", 0.0).map(|_| ());
         assert!(matches!(
             refused(&v2(&long), MAX),
-            Err(Refusal::TooLong {
+            Err(Refusal::Task(Unreadable::TooLong {
                 field: "task id",
                 ..
-            })
+            }))
         ));
         let p = v2("a").with_reply_to(ShortString::from("r".repeat(255)));
         assert!(refused(&p, MAX).is_ok(), "255 bytes fit");
@@ -204,10 +163,10 @@ mod tests {
         let p = BasicProperties::default().with_headers(h);
         assert!(matches!(
             refused(&p, MAX),
-            Err(Refusal::TooLong {
+            Err(Refusal::Task(Unreadable::TooLong {
                 field: "parent_id",
                 ..
-            })
+            }))
         ));
         assert_eq!(
             refused(&v2("a"), 4),

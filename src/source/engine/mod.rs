@@ -13,7 +13,7 @@ pub(crate) mod girder_job;
 pub mod ledger;
 pub(crate) mod monitor;
 pub(crate) mod remote;
-pub(crate) mod request;
+pub mod request;
 pub(crate) mod retry;
 /// Public only for the scale bench, which measures it at its limits.
 #[doc(hidden)]
