@@ -155,6 +155,14 @@ pub struct CommonArgs {
     /// Seconds a result stays in the Redis backend, 0 to keep it (`result_expires`)
     #[arg(long, env = "WORKER_RESULT_EXPIRES", global = true)]
     pub result_expires: Option<f64>,
+    /// Redis broker: seconds a taken, unacked message stays with its worker before any worker
+    /// may restore it (`visibility_timeout`; this worker renews what it holds)
+    #[arg(long, env = "WORKER_VISIBILITY_TIMEOUT", global = true, value_name = "SECONDS")]
+    pub visibility_timeout: Option<f64>,
+    /// Redis broker: a prefix before every key and channel, as the clients'
+    /// `global_keyprefix` (`global_keyprefix`)
+    #[arg(long, env = "WORKER_GLOBAL_KEYPREFIX", global = true, value_name = "PREFIX")]
+    pub global_keyprefix: Option<String>,
     /// The largest task message (bytes) read from the broker; larger ones are rejected
     /// (`max_message_size`)
     #[arg(long, env = "WORKER_MAX_MESSAGE_SIZE", global = true)]
@@ -298,6 +306,12 @@ impl CommonArgs {
         }
         if let Some(v) = self.max_message_size {
             c.max_message_size = v;
+        }
+        if let Some(v) = self.visibility_timeout {
+            c.visibility_timeout = v;
+        }
+        if let Some(v) = &self.global_keyprefix {
+            c.global_keyprefix = v.clone();
         }
         if !self.girder_job_urls.is_empty() {
             c.girder_job_urls = self.girder_job_urls.clone();
