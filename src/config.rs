@@ -405,6 +405,9 @@ impl Config {
                 }
                 crate::source::redis_broker::RedisOptions::check_url(urls[0])
                     .map_err(|e| format!("key `broker`: {e}"))?;
+                if self.broker_tls_server_name.is_some() {
+                    return Err("key `broker_tls_server_name`: not supported with a Redis broker; use the name the certificate carries as the URL's host (rediss://name:6380/0)".into());
+                }
             } else if let Some(bad) = urls
                 .iter()
                 .find(|u| !(u.starts_with("amqp://") || u.starts_with("amqps://")))

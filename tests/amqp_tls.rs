@@ -6,60 +6,12 @@
 mod common;
 
 use common::broker::*;
+use common::tls::{certificates, run};
 use common::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("the command runs");
-    assert!(out.status.success(), "{cmd:?}: {}", text(&out.stderr));
-}
-
-/// A CA, and a server certificate it signs for `broker.test` only (not for 127.0.0.1).
-fn certificates(dir: &Path, ca: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let p = |name: &str| dir.join(name);
-    let openssl = || {
-        let mut cmd = Command::new("openssl");
-        cmd.current_dir(dir);
-        cmd
-    };
-    run(openssl()
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args(["-subj", &format!("/CN={ca}"), "-keyout"])
-        .arg(p(&format!("{ca}.key")))
-        .arg("-out")
-        .arg(p(&format!("{ca}.pem"))));
-    run(openssl()
-        .args([
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=broker.test",
-            "-keyout",
-        ])
-        .arg(p("server.key"))
-        .arg("-out")
-        .arg(p("server.csr")));
-    std::fs::write(p("san.ext"), "subjectAltName=DNS:broker.test\n").unwrap();
-    run(openssl()
-        .args(["x509", "-req", "-days", "2", "-in"])
-        .arg(p("server.csr"))
-        .arg("-CA")
-        .arg(p(&format!("{ca}.pem")))
-        .arg("-CAkey")
-        .arg(p(&format!("{ca}.key")))
-        .args(["-CAcreateserial", "-extfile"])
-        .arg(p("san.ext"))
-        .arg("-out")
-        .arg(p("server.pem")));
-    (p(&format!("{ca}.pem")), p("server.pem"), p("server.key"))
-}
 
 /// stunnel4 listening with TLS on a free port, forwarding to RabbitMQ; killed on drop.
 struct Terminator {
@@ -135,7 +87,7 @@ fn serve(lane: &Lane, plugins: &Path, socket: &Path, url: &str, tls: &[&str]) ->
 fn amqp_tls_verifies_the_broker_and_never_shows_the_password() {
     let (lane, root, plugins) = setup!("amqp_tls");
     fib_plugin(&plugins);
-    let (ca, cert, key) = certificates(root.path(), "test-ca");
+    let (ca, cert, key) = certificates(root.path(), "test-ca", "broker.test");
     let Some(tunnel) = stunnel(root.path(), &cert, &key, "") else {
         return;
     };
@@ -178,7 +130,7 @@ fn amqp_tls_verifies_the_broker_and_never_shows_the_password() {
     // Another CA: refused, with the cause, and never consuming.
     let other = root.path().join("other");
     std::fs::create_dir_all(&other).unwrap();
-    let (wrong_ca, _, _) = certificates(&other, "other-ca");
+    let (wrong_ca, _, _) = certificates(&other, "other-ca", "broker.test");
     let mut d = serve(
         &lane,
         &plugins,
@@ -300,7 +252,7 @@ fn client_certificate(dir: &Path, ca: &str) -> (PathBuf, PathBuf) {
 fn amqp_tls_presents_the_client_certificate_a_broker_requires() {
     let (lane, root, plugins) = setup!("amqp_tls_client");
     fib_plugin(&plugins);
-    let (ca, cert, key) = certificates(root.path(), "test-ca");
+    let (ca, cert, key) = certificates(root.path(), "test-ca", "broker.test");
     let (client_cert, client_key) = client_certificate(root.path(), "test-ca");
     // The terminator accepts only clients with a certificate signed by the test CA.
     let verify = format!("verify = 2\nCAfile = {}", ca.display());

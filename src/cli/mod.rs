@@ -157,11 +157,21 @@ pub struct CommonArgs {
     pub result_expires: Option<f64>,
     /// Redis broker: seconds a taken, unacked message stays with its worker before any worker
     /// may restore it (`visibility_timeout`; this worker renews what it holds)
-    #[arg(long, env = "WORKER_VISIBILITY_TIMEOUT", global = true, value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "WORKER_VISIBILITY_TIMEOUT",
+        global = true,
+        value_name = "SECONDS"
+    )]
     pub visibility_timeout: Option<f64>,
     /// Redis broker: a prefix before every key and channel, as the clients'
     /// `global_keyprefix` (`global_keyprefix`)
-    #[arg(long, env = "WORKER_GLOBAL_KEYPREFIX", global = true, value_name = "PREFIX")]
+    #[arg(
+        long,
+        env = "WORKER_GLOBAL_KEYPREFIX",
+        global = true,
+        value_name = "PREFIX"
+    )]
     pub global_keyprefix: Option<String>,
     /// The largest task message (bytes) read from the broker; larger ones are rejected
     /// (`max_message_size`)

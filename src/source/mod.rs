@@ -50,7 +50,7 @@ pub fn start_broker(
     tls: amqp::tls::BrokerTls,
 ) -> Box<dyn Source> {
     if config.redis_broker() {
-        let options = redis_broker::RedisOptions::from_config(config, url, dispatcher);
+        let options = redis_broker::RedisOptions::from_config(config, url, dispatcher, &tls);
         return Box::new(redis_broker::RedisSource::start(
             options,
             dispatcher.clone(),

@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod nodes;
+pub mod tls;
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};

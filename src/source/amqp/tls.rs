@@ -68,6 +68,19 @@ impl BrokerTls {
         })
     }
 
+    /// `broker_ca`'s PEM text, if set.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.config.cert_chain.as_deref()
+    }
+
+    /// `broker_cert` and `broker_key`, PEM, if set.
+    pub fn client_pem(&self) -> Option<(&[u8], &[u8])> {
+        match &self.config.identity {
+            Some(OwnedIdentity::PKCS8 { pem, key }) => Some((pem, key)),
+            _ => None,
+        }
+    }
+
     /// Connects to `url`: plain for `amqp://`, TLS for `amqps://`.
     pub async fn connect(
         &self,

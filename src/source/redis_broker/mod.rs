@@ -31,6 +31,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// How long a command may take before the connection counts as failed.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What a Redis broker source is built from.
 pub struct RedisOptions {
     /// `redis://[:password@]host:port/db`.
@@ -45,6 +49,9 @@ pub struct RedisOptions {
     pub global_keyprefix: String,
     /// The largest message read; a larger one is dropped unread.
     pub max_message_size: usize,
+    /// For `rediss://`: `broker_ca` (then the only roots trusted, as the redis crate takes
+    /// it) and the client certificate, as read at start.
+    pub tls: redis::TlsCertificates,
     /// What every broker's worker is built from.
     pub worker: WorkerOptions,
 }
@@ -52,12 +59,6 @@ pub struct RedisOptions {
 impl RedisOptions {
     /// Checks a Redis broker URL as the config is read.
     pub fn check_url(url: &str) -> Result<(), String> {
-        if url.starts_with("rediss://") {
-            return Err(format!(
-                "`{}`: rediss:// (Redis over TLS) is not supported by this build; reach Redis through a TLS tunnel (stunnel) at a redis:// URL",
-                redact(url)
-            ));
-        }
         redis::Client::open(url).map(|_| ()).map_err(|e| {
             format!(
                 "`{}` is not a Redis URL ({e}); use redis://[:password@]host:6379/0",
@@ -72,6 +73,7 @@ impl RedisOptions {
         config: &crate::config::Config,
         url: &str,
         dispatcher: &Dispatcher,
+        tls: &crate::source::amqp::tls::BrokerTls,
     ) -> RedisOptions {
         let prefetch = config
             .prefetch_count
@@ -83,6 +85,13 @@ impl RedisOptions {
             visibility_timeout: Duration::from_secs_f64(config.visibility_timeout),
             global_keyprefix: config.global_keyprefix.clone(),
             max_message_size: config.max_message_size,
+            tls: redis::TlsCertificates {
+                client_tls: tls.client_pem().map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.to_vec(),
+                    client_key: key.to_vec(),
+                }),
+                root_cert: tls.ca_pem().map(|pem| pem.as_bytes().to_vec()),
+            },
             worker: WorkerOptions {
                 nodename: config.name.clone(),
                 result_memory: config.result_memory,
@@ -124,8 +133,15 @@ pub struct Redis {
 
 impl Redis {
     fn new(options: &RedisOptions) -> Redis {
-        let client = redis::Client::open(options.url.as_str())
-            .expect("the broker URL was checked with the config");
+        let client = match options.url.starts_with("rediss://") {
+            true => {
+                // Both of rustls's providers are linked (lapin, reqwest): name the one to use.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                redis::Client::build_with_tls(options.url.as_str(), options.tls.clone())
+            }
+            false => redis::Client::open(options.url.as_str()),
+        }
+        .expect("the broker URL was checked with the config");
         let db = client.get_connection_info().redis_settings().db() as u32;
         Redis {
             client,
@@ -149,7 +165,15 @@ impl Redis {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = self.client.get_connection_manager().await?;
+        // A script may wait behind others on a busy server: far longer than the crate's
+        // 0.5 s default, which would make a taken message look lost.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT));
+        let c = self
+            .client
+            .get_connection_manager_with_config(config)
+            .await?;
         *slot = Some(c.clone());
         Ok(c)
     }
