@@ -115,6 +115,9 @@ pub struct Config {
     /// Redis broker: a prefix before every key and channel (kombu's `global_keyprefix`), the
     /// same as the clients' transport option.
     pub global_keyprefix: String,
+    /// Redis Sentinel broker (`sentinel://...`): the name of the master the sentinels watch
+    /// (Celery's `broker_transport_options["master_name"]`).
+    pub master_name: Option<String>,
 }
 
 /// How the worker declares the task queues.
@@ -222,6 +225,7 @@ impl Default for Config {
             girder_job_urls: Vec::new(),
             visibility_timeout: 3600.0,
             global_keyprefix: String::new(),
+            master_name: None,
             plugin_user: None,
             cgroup: "auto".into(),
         }
@@ -399,9 +403,21 @@ impl Config {
                 return Err("key `broker`: no URL given".into());
             }
             let redis = |u: &&str| u.starts_with("redis://") || u.starts_with("rediss://");
-            if urls.iter().any(redis) {
+            let sentinel = |u: &&str| u.starts_with("sentinel://");
+            if urls.iter().any(sentinel) {
+                if !urls.iter().all(sentinel) {
+                    return Err("key `broker`: a Sentinel broker lists sentinels only (sentinel://a:26379;sentinel://b:26379)".into());
+                }
+                if self.master_name.as_deref().unwrap_or_default().is_empty() {
+                    return Err("key `master_name`: a sentinel:// broker needs the name of the master the sentinels watch (Celery's broker_transport_options['master_name'])".into());
+                }
+                for url in &urls {
+                    crate::source::redis_broker::RedisOptions::check_url(url)
+                        .map_err(|e| format!("key `broker`: {e}"))?;
+                }
+            } else if urls.iter().any(redis) {
                 if urls.len() > 1 {
-                    return Err("key `broker`: a Redis broker is one URL (redis://host:6379/0), not a failover list".into());
+                    return Err("key `broker`: a Redis broker is one URL (redis://host:6379/0), not a failover list; for failover use Sentinel (sentinel://...)".into());
                 }
                 crate::source::redis_broker::RedisOptions::check_url(urls[0])
                     .map_err(|e| format!("key `broker`: {e}"))?;
@@ -433,11 +449,13 @@ impl Config {
         Duration::from_secs_f64(self.result_retry_timeout)
     }
 
-    /// Whether `broker` is a Redis broker (`redis://`, `rediss://`).
+    /// Whether `broker` is a Redis broker (`redis://`, `rediss://`, `sentinel://`).
     pub fn redis_broker(&self) -> bool {
-        self.broker
-            .as_deref()
-            .is_some_and(|b| b.starts_with("redis://") || b.starts_with("rediss://"))
+        self.broker.as_deref().is_some_and(|b| {
+            ["redis://", "rediss://", "sentinel://"]
+                .iter()
+                .any(|s| b.starts_with(s))
+        })
     }
 
     /// The Redis result backend's URL, `None` for rpc://.

@@ -173,6 +173,9 @@ pub struct CommonArgs {
         value_name = "PREFIX"
     )]
     pub global_keyprefix: Option<String>,
+    /// Redis Sentinel broker: the master's name (`master_name`)
+    #[arg(long, env = "WORKER_MASTER_NAME", global = true, value_name = "NAME")]
+    pub master_name: Option<String>,
     /// The largest task message (bytes) read from the broker; larger ones are rejected
     /// (`max_message_size`)
     #[arg(long, env = "WORKER_MAX_MESSAGE_SIZE", global = true)]
@@ -322,6 +325,9 @@ impl CommonArgs {
         }
         if let Some(v) = &self.global_keyprefix {
             c.global_keyprefix = v.clone();
+        }
+        if let Some(v) = &self.master_name {
+            c.master_name = Some(v.clone());
         }
         if !self.girder_job_urls.is_empty() {
             c.girder_job_urls = self.girder_job_urls.clone();

@@ -44,7 +44,13 @@ pub(super) async fn pidbox_loop(shared: Arc<SourceState>) {
 }
 
 async fn listen(shared: &Arc<SourceState>, channel: &str) -> redis::RedisResult<()> {
-    let mut pubsub = shared.transport.client.get_async_pubsub().await?;
+    let mut pubsub = shared
+        .transport
+        .server
+        .client()
+        .await?
+        .get_async_pubsub()
+        .await?;
     pubsub.subscribe(channel).await?;
     let mut messages = pubsub.on_message();
     while let Some(message) = messages.next().await {

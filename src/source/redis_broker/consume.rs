@@ -87,12 +87,16 @@ pub(super) async fn consume_loop(shared: Arc<SourceState>) {
                     }
                 }
             }
-            Err(e) => down(&shared, &mut failures, &e),
+            Err(e) => {
+                t.connection_failed().await;
+                down(&shared, &mut failures, &e)
+            }
         };
         drop(permit);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = queues.changed() => {}
+            // `changed` marks the new list seen, so the check above would miss it: take it now.
+            _ = queues.changed() => cycle = QueueCycle::new(&queues.borrow_and_update()),
             _ = shared.engine.stopping.cancelled() => return,
         }
     }

@@ -17,6 +17,7 @@ pub mod ops;
 mod broadcast;
 mod consume;
 mod lease;
+mod server;
 mod transport;
 
 use crate::dispatch::Dispatcher;
@@ -37,8 +38,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a Redis broker source is built from.
 pub struct RedisOptions {
-    /// `redis://[:password@]host:port/db`.
+    /// `redis://[:password@]host:port/db`, `rediss://...`, or Celery's Sentinel list
+    /// (`sentinel://host:26379;sentinel://...`).
     pub url: String,
+    /// The master's name for a Sentinel broker (Celery's `master_name` transport option).
+    pub master_name: Option<String>,
     pub queues: Vec<String>,
     /// Messages taken and not yet settled, at most (as AMQP's prefetch).
     pub prefetch: u16,
@@ -59,12 +63,7 @@ pub struct RedisOptions {
 impl RedisOptions {
     /// Checks a Redis broker URL as the config is read.
     pub fn check_url(url: &str) -> Result<(), String> {
-        redis::Client::open(url).map(|_| ()).map_err(|e| {
-            format!(
-                "`{}` is not a Redis URL ({e}); use redis://[:password@]host:6379/0",
-                redact(url)
-            )
-        })
+        server::check_url(url)
     }
 
     /// The options `worker.toml` (with env and flags) gives the source for broker `url`;
@@ -80,6 +79,7 @@ impl RedisOptions {
             .unwrap_or_else(|| (dispatcher.capacity() * 2).clamp(4, u16::MAX as usize) as u16);
         RedisOptions {
             url: url.to_string(),
+            master_name: config.master_name.clone(),
             queues: config.queues.clone(),
             prefetch,
             visibility_timeout: Duration::from_secs_f64(config.visibility_timeout),
@@ -109,7 +109,7 @@ pub type SourceState = Worker<Redis>;
 
 /// The Redis side of the worker: its connection, names, wanted queues and what it holds.
 pub struct Redis {
-    client: redis::Client,
+    server: server::Server,
     /// The URL without its password, for logs and status.
     url: String,
     /// The URL as configured (remote control's `conf` masks its password).
@@ -133,19 +133,13 @@ pub struct Redis {
 
 impl Redis {
     fn new(options: &RedisOptions) -> Redis {
-        let client = match options.url.starts_with("rediss://") {
-            true => {
-                // Both of rustls's providers are linked (lapin, reqwest): name the one to use.
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                redis::Client::build_with_tls(options.url.as_str(), options.tls.clone())
-            }
-            false => redis::Client::open(options.url.as_str()),
-        }
-        .expect("the broker URL was checked with the config");
-        let db = client.get_connection_info().redis_settings().db() as u32;
+        let urls = crate::config::broker_urls(&options.url);
+        let server = server::Server::open(&urls, &options.tls, options.master_name.as_deref())
+            .expect("the broker URL was checked with the config");
+        let db = server.db() as u32;
         Redis {
-            client,
-            url: redact(&options.url),
+            server,
+            url: urls.iter().map(|u| redact(u)).collect::<Vec<_>>().join(";"),
             configured_url: options.url.clone(),
             keys: Keys::new(&options.global_keyprefix, db),
             prefetch: options.prefetch,
@@ -171,11 +165,21 @@ impl Redis {
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(CONNECT_TIMEOUT));
         let c = self
-            .client
+            .server
+            .client()
+            .await?
             .get_connection_manager_with_config(config)
             .await?;
         *slot = Some(c.clone());
         Ok(c)
+    }
+
+    /// After a failure: with Sentinel, the next connection asks the sentinels which server is
+    /// the master now; a plain server's connection reconnects by itself.
+    async fn connection_failed(&self) {
+        if self.server.follows_failover() {
+            *self.connection.lock().await = None;
+        }
     }
 
     fn hold(&self, tag: &str) {

@@ -38,6 +38,7 @@ where
             Ok(v) => return Some(v),
             Err(e) => {
                 tracing::warn!("cannot {what} in Redis ({e}); trying again in {wait:?}");
+                shared.transport.connection_failed().await;
             }
         }
         tokio::select! {
