@@ -50,7 +50,15 @@ pub fn start_broker(
     tls: amqp::tls::BrokerTls,
 ) -> Box<dyn Source> {
     if config.redis_broker() {
-        let options = redis_broker::RedisOptions::from_config(config, url, dispatcher, &tls);
+        let certificates = redis::TlsCertificates {
+            client_tls: tls.client_pem().map(|(cert, key)| redis::ClientTlsConfig {
+                client_cert: cert.to_vec(),
+                client_key: key.to_vec(),
+            }),
+            root_cert: tls.ca_pem().map(|pem| pem.as_bytes().to_vec()),
+        };
+        let options =
+            redis_broker::RedisOptions::from_config(config, url, dispatcher, certificates);
         return Box::new(redis_broker::RedisSource::start(
             options,
             dispatcher.clone(),

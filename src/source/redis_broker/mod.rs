@@ -72,7 +72,7 @@ impl RedisOptions {
         config: &crate::config::Config,
         url: &str,
         dispatcher: &Dispatcher,
-        tls: &crate::source::amqp::tls::BrokerTls,
+        tls: redis::TlsCertificates,
     ) -> RedisOptions {
         let prefetch = config
             .prefetch_count
@@ -85,13 +85,7 @@ impl RedisOptions {
             visibility_timeout: Duration::from_secs_f64(config.visibility_timeout),
             global_keyprefix: config.global_keyprefix.clone(),
             max_message_size: config.max_message_size,
-            tls: redis::TlsCertificates {
-                client_tls: tls.client_pem().map(|(cert, key)| redis::ClientTlsConfig {
-                    client_cert: cert.to_vec(),
-                    client_key: key.to_vec(),
-                }),
-                root_cert: tls.ca_pem().map(|pem| pem.as_bytes().to_vec()),
-            },
+            tls,
             worker: WorkerOptions {
                 nodename: config.name.clone(),
                 result_memory: config.result_memory,
