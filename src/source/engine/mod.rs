@@ -24,6 +24,9 @@ pub mod transport;
 pub mod worker;
 pub(crate) mod workflow;
 
+#[cfg(test)]
+mod tests;
+
 /// The longest id, reply queue or correlation id the worker keeps or sends back (AMQP's short
 /// string, which every transport's ids are held to, so a task can move between brokers).
 pub const MAX_ID_BYTES: usize = 255;
