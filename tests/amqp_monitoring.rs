@@ -8,8 +8,6 @@ mod common;
 use common::broker::*;
 use common::*;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::time::{Duration, Instant};
 
 /// Flower broadcasts `enable_events` to every worker every 5 s: the test that switches events
 /// itself must not run beside it.
@@ -82,41 +80,6 @@ fn amqp_celery_events_dump_shows_every_event_type() {
     w.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(w.wait_exit().success());
     dump.wait("offline", |l| ours(l, "] shutdown: "));
-}
-
-/// `GET path` on 127.0.0.1:`port`: the status and the body, or `None` while nothing listens.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_string()))
-}
-
-/// Polls `GET path` until its JSON satisfies `pred` (30 s), paced by the request itself.
-fn wait_json(port: u16, path: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = None;
-    while Instant::now() < deadline {
-        if let Some((200, body)) = http_get(port, path) {
-            if let Ok(doc) = serde_json::from_str::<Value>(&body) {
-                if pred(&doc) {
-                    return doc;
-                }
-                last = Some(doc);
-            }
-        }
-        // Flower answers at once; between polls, wait on the next thing it could learn.
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("Flower never showed {what} at {path}; last: {last:?}");
 }
 
 #[test]

@@ -71,6 +71,23 @@ fn ensure_celery(test: &str) -> PathBuf {
 /// created in `target/celery536-venv` on first use.
 pub fn celery_536_python(test: &str) -> PathBuf {
     ensure_broker(test);
+    celery_536_venv(test)
+}
+
+/// Celery 5.3.6's Python with kombu's Redis transport (`kombu[redis]`: the redis-py and
+/// `packaging` the newest kombu, which pip picks for Celery 5.3.6, needs; Celery 5.3.6's own
+/// `redis` extra pins a redis-py too old for it), for the Redis broker's tests (no RabbitMQ).
+pub fn celery_536_redis_python(test: &str) -> PathBuf {
+    celery_536_venv(test);
+    venv_with(
+        test,
+        &repo().join("target/celery536-venv"),
+        "redis",
+        "kombu[redis]",
+    )
+}
+
+fn celery_536_venv(test: &str) -> PathBuf {
     let venv = repo().join("target/celery536-venv");
     venv_with(test, &venv, "celery", "celery==5.3.6")
 }
@@ -261,12 +278,15 @@ pub fn requirements(test: &str) -> PathBuf {
     ensure_celery(test)
 }
 
-/// A test's own queue and node name, so tests never see each other's messages; the queue and
-/// its exchange are deleted when the test ends.
+/// A test's own queue and node name, so tests never see each other's messages; on RabbitMQ
+/// the queue and its exchange are deleted when the test ends (a Redis broker is the test's own
+/// `RedisServer`, gone with it).
 pub struct Lane {
     pub queue: String,
     pub node: String,
     pub python: PathBuf,
+    /// The broker of the clients and the worker: [`BROKER`] unless set (e.g. `RedisServer::url`).
+    pub broker: String,
     /// The clients' `RESULT_BACKEND` (see `tests/celery/capp.py`); unset: rpc://.
     pub result_backend: Option<String>,
 }
@@ -278,6 +298,7 @@ impl Lane {
             queue: format!("t.{tag}"),
             node: format!("{tag}@test"),
             python,
+            broker: BROKER.to_string(),
             result_backend: None,
         }
     }
@@ -298,7 +319,7 @@ impl Lane {
         let mut cmd = Command::new(&self.python);
         cmd.arg(repo().join("tests/celery").join(script))
             .current_dir(repo().join("tests/celery"))
-            .env("BROKER_URL", BROKER)
+            .env("BROKER_URL", &self.broker)
             .stdin(Stdio::null());
         if let Some(b) = &self.result_backend {
             cmd.env("RESULT_BACKEND", b);
@@ -326,11 +347,31 @@ impl Lane {
 
     /// A worker on this lane with `extra` arguments (e.g. `-E`).
     pub fn worker_with(&self, plugins: &Path, socket: &Path, extra: &[&str]) -> Daemon {
-        let mut args = vec!["--broker", BROKER, "-Q", &self.queue, "-n", &self.node];
+        let mut args = vec![
+            "--broker",
+            &self.broker,
+            "-Q",
+            &self.queue,
+            "-n",
+            &self.node,
+        ];
         args.extend_from_slice(extra);
         let mut d = Daemon::start_with(plugins, socket, &args);
-        d.wait_log("consuming Celery tasks");
+        d.wait_log(self.consuming());
         d
+    }
+
+    /// The log line of a worker on this lane's broker that consumes.
+    pub fn consuming(&self) -> &'static str {
+        if self.on_redis() {
+            "consuming from Redis"
+        } else {
+            "consuming Celery tasks"
+        }
+    }
+
+    pub fn on_redis(&self) -> bool {
+        self.broker.starts_with("redis://")
     }
 
     /// The `celery -A capp ARGS` command (from the client's venv), to spawn.
@@ -339,13 +380,16 @@ impl Lane {
         cmd.args(["-A", "capp"])
             .args(args)
             .current_dir(repo().join("tests/celery"))
-            .env("BROKER_URL", BROKER);
+            .env("BROKER_URL", &self.broker);
         cmd
     }
 }
 
 impl Drop for Lane {
     fn drop(&mut self) {
+        if self.on_redis() {
+            return;
+        }
         let script = format!(
             "from capp import app\nwith app.connection_for_write() as c:\n ch = c.channel()\n ch.queue_delete({q:?})\n ch.exchange_delete({q:?})",
             q = self.queue
@@ -353,7 +397,7 @@ impl Drop for Lane {
         let _ = Command::new(&self.python)
             .args(["-c", &script])
             .current_dir(repo().join("tests/celery"))
-            .env("BROKER_URL", BROKER)
+            .env("BROKER_URL", &self.broker)
             .output();
     }
 }
@@ -625,4 +669,41 @@ pub fn ambiguous_ids(log: &[String]) -> std::collections::HashSet<String> {
         .filter(|l| l.contains("may receive this result twice"))
         .filter_map(|l| re.captures(l).map(|c| c[1].to_string()))
         .collect()
+}
+
+/// `GET path` on 127.0.0.1:`port` (Flower's API): the status and the body, or `None` while
+/// nothing listens.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// Polls `GET path` until its JSON satisfies `pred` (30 s), paced by the request itself.
+pub fn wait_json(port: u16, path: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        if let Some((200, body)) = http_get(port, path) {
+            if let Ok(doc) = serde_json::from_str::<Value>(&body) {
+                if pred(&doc) {
+                    return doc;
+                }
+                last = Some(doc);
+            }
+        }
+        // Flower answers at once; between polls, wait on the next thing it could learn.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("Flower never showed {what} at {path}; last: {last:?}");
 }
