@@ -155,9 +155,12 @@ impl Redis {
         }
         // A script may wait behind others on a busy server: far longer than the crate's
         // 0.5 s default, which would make a taken message look lost.
+        // Reconnects at most a second apart, so leases are renewed soon after an outage
+        // (the crate's backoff grows to ~10 s, longer than a short visibility timeout).
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT));
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_max_delay(Duration::from_secs(1));
         let c = self
             .server
             .client()

@@ -85,9 +85,18 @@ pub(super) async fn restore_held(shared: &SourceState) {
         if matches!(requeued, Ok(Requeued::Restored { .. })) {
             restored += 1;
         }
-        shared.transport.release(tag);
+        // Given back: its handler, still running, must not settle it later (another worker
+        // may hold it by then, under the same tag). One left in `unacked` stays ours.
+        if matches!(requeued, Ok(Requeued::Restored { .. } | Requeued::Missing)) {
+            shared.transport.release(tag);
+        }
     }
     tracing::info!(restored, "put the messages still held back to their queues");
+}
+
+/// Whether `tag` is still ours to settle: taken here and not given back at shutdown.
+fn ours(shared: &SourceState, tag: &str) -> bool {
+    crate::sync::lock(&shared.transport.held).contains(tag)
 }
 
 impl Transport for Redis {
@@ -96,8 +105,12 @@ impl Transport for Redis {
     const NAME: &'static str = "redis";
 
     /// Forgets the message (`unacked` and its index), retried while Redis is away: the lease
-    /// goes on being renewed until then, so it is not restored meanwhile.
+    /// goes on being renewed until then, so it is not restored meanwhile. False, untouched,
+    /// once it was given back at shutdown.
     async fn ack(shared: &SourceState, tag: &Arc<str>) -> bool {
+        if !ours(shared, tag) {
+            return false;
+        }
         let keys = &shared.transport.keys;
         let done = until_done(shared, "ack a message", |mut conn| async move {
             ops::ack(&mut conn, keys, tag)
@@ -113,6 +126,9 @@ impl Transport for Redis {
     async fn reject(shared: &SourceState, tag: &Arc<str>, requeue: bool) -> bool {
         if !requeue {
             return Self::ack(shared, tag).await;
+        }
+        if !ours(shared, tag) {
+            return false;
         }
         let keys = &shared.transport.keys;
         let done = until_done(shared, "requeue a message", |mut conn| async move {
