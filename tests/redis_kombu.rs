@@ -493,43 +493,6 @@ async fn a_message_is_always_in_its_list_or_unacked_never_neither() {
     assert_eq!(listed + unacked, n);
 }
 
-/// The Celery venv's Python with kombu's Redis transport importable (`kombu[redis]` brings
-/// `packaging` beside `redis`), installed on first use under the venv's lock.
-fn kombu_python(test: &str) -> PathBuf {
-    let python = common::broker::redis_python(test);
-    let has = |p: &PathBuf| {
-        Command::new(p)
-            .args(["-c", "import kombu.transport.redis"])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if has(&python) {
-        return python;
-    }
-    let lock = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(common::repo().join("target/celery-venv.lock"))
-        .unwrap();
-    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .expect("lock for the Celery venv");
-    if !has(&python) {
-        let pip = python.parent().unwrap().join("pip");
-        let _ = Command::new(&pip)
-            .args(["install", "-q", "kombu[redis]"])
-            .status();
-    }
-    assert!(
-        has(&python),
-        "{test} needs kombu's Redis transport in the Celery venv; run: {} install 'kombu[redis]'",
-        python.parent().unwrap().join("pip").display()
-    );
-    python
-}
-
 /// Runs `script` under the venv's Python with `URL` set; the JSON of its last stdout line.
 fn python(python: &PathBuf, redis: &RedisServer, script: &str) -> Value {
     common::broker::last_json(
@@ -551,7 +514,7 @@ print(json.dumps(ids))
 #[tokio::test]
 #[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
 async fn redis_kombu_tasks_sent_by_the_celery_client_are_taken_and_read() {
-    let py = kombu_python("redis_kombu_client");
+    let py = common::broker::redis_python("redis_kombu_client");
     let redis = RedisServer::start();
     let ids = python(&py, &redis, SEND);
     let mut c = connect(&redis).await;
@@ -617,7 +580,7 @@ fn kombu_get(py: &PathBuf, redis: &RedisServer, abandon: bool) -> Value {
 #[tokio::test]
 #[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
 async fn redis_kombu_reads_what_we_push_and_restore_and_we_restore_what_it_abandoned() {
-    let py = kombu_python("redis_kombu_kombu");
+    let py = common::broker::redis_python("redis_kombu_kombu");
     let redis = RedisServer::start();
     let mut c = connect(&redis).await;
     let keys = Keys::new("", 0);
@@ -689,7 +652,7 @@ with Connection(os.environ['URL'], transport_options={'global_keyprefix': 'app:'
 #[tokio::test]
 #[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
 async fn redis_kombu_a_global_keyprefix_and_a_named_exchange_match_kombus() {
-    let py = kombu_python("redis_kombu_prefix");
+    let py = common::broker::redis_python("redis_kombu_prefix");
     let redis = RedisServer::start();
     let run = |what: &str| {
         common::broker::last_json(

@@ -151,9 +151,10 @@ pub fn flower_python(test: &str) -> PathBuf {
     celery_venv_with(test, "flower", "flower>=2,<3")
 }
 
-/// The Celery venv's Python with the Redis client Celery's Redis backend uses (`redis`).
+/// The Celery venv's Python with kombu's Redis transport (`kombu[redis]`: redis-py, which
+/// Celery's Redis backend uses too, and `packaging`, which the transport imports).
 pub fn redis_python(test: &str) -> PathBuf {
-    celery_venv_with(test, "redis", "redis>=4.5")
+    celery_venv_with(test, "kombu.transport.redis", "kombu[redis]")
 }
 
 /// The Celery venv's Python with `module` importable, pip-installing `requirement` on first use.
