@@ -130,6 +130,43 @@ fn glob_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
     regex::Regex::new(&format!("^{escaped}$"))
 }
 
+/// The reply to a remote-control message, for its transport to send.
+pub struct Reply {
+    /// The method answered, for log lines.
+    pub method: String,
+    pub exchange: String,
+    pub routing_key: String,
+    /// `{node: result}`, as Celery's mailbox reads it.
+    pub body: Vec<u8>,
+    /// The `ticket` header the client matches replies with.
+    pub ticket: Option<String>,
+}
+
+/// Reads a remote-control message (its body) and answers it, if it is for `nodename` and
+/// wants a reply; one that cannot be read is logged and ignored.
+pub async fn answer(body: &[u8], nodename: &str, worker: &impl RemoteWorker) -> Option<Reply> {
+    let req = match parse(body) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("ignoring a remote control message that cannot be read: {e}");
+            return None;
+        }
+    };
+    if !addressed_to(&req, nodename) {
+        return None;
+    }
+    tracing::debug!(method = %req.method, "remote control request");
+    let result = handle(&req, worker).await?;
+    let (exchange, routing_key) = req.reply_to?;
+    Some(Reply {
+        body: serde_json::to_vec(&json!({ nodename: result })).expect("reply serializes"),
+        method: req.method,
+        exchange,
+        routing_key,
+        ticket: req.ticket,
+    })
+}
+
 /// Answers one request; `None` means no reply (the method asks for none or is ignored).
 pub async fn handle(req: &ControlRequest, worker: &impl RemoteWorker) -> Option<Value> {
     let result = match req.method.as_str() {

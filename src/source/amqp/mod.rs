@@ -130,19 +130,14 @@ impl crate::source::Source for AmqpSource {
 
     /// Tasks not yet started go back to the queue.
     fn stop_consuming(&self) {
-        self.shared.engine.stopping.cancel();
-        self.shared.engine.revoke_signal.notify_waiters();
+        self.shared.stop_consuming();
     }
 
     /// Waits (up to `timeout`) for every message handler to publish and ack, then closes the
     /// connection.
     fn finish(self: Box<Self>, timeout: Duration) -> crate::source::Finishing {
         Box::pin(async move {
-            self.shared.engine.handlers.close();
-            if tokio::time::timeout(timeout, self.shared.engine.handlers.wait())
-                .await
-                .is_err()
-            {
+            if !self.shared.wait_for_handlers(timeout).await {
                 tracing::warn!("some task messages were still being answered at shutdown; RabbitMQ will redeliver them");
             }
             self.shared.engine.finished.cancel();

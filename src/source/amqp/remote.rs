@@ -110,37 +110,22 @@ impl SourceState {
 
 /// Answers one remote-control message addressed to this node.
 pub(super) async fn answer(shared: &SourceState, channel: &Channel, delivery: Delivery) {
-    let req = match pidbox::parse(&delivery.data) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!("ignoring a remote control message that cannot be read: {e}");
-            return;
-        }
-    };
     let node = shared.engine.nodename();
-    if !pidbox::addressed_to(&req, &node) {
-        return;
-    }
-    tracing::debug!(method = %req.method, "remote control request");
-    let Some(result) = pidbox::handle(&req, shared).await else {
-        return;
-    };
-    let Some((exchange, routing_key)) = &req.reply_to else {
+    let Some(reply) = pidbox::answer(&delivery.data, &node, shared).await else {
         return;
     };
     let (Ok(exchange), Ok(routing_key)) = (
-        lapin::types::ShortString::try_new(exchange.as_str()),
-        lapin::types::ShortString::try_new(routing_key.as_str()),
+        lapin::types::ShortString::try_new(reply.exchange.as_str()),
+        lapin::types::ShortString::try_new(reply.routing_key.as_str()),
     ) else {
-        tracing::warn!("not answering remote control `{}`: its reply exchange or routing key is longer than AMQP's 255-byte limit", req.method);
+        tracing::warn!("not answering remote control `{}`: its reply exchange or routing key is longer than AMQP's 255-byte limit", reply.method);
         return;
     };
     let mut headers = FieldTable::default();
-    if let Some(ticket) = &req.ticket {
+    if let Some(ticket) = &reply.ticket {
         headers.insert("ticket".into(), json_to_amqp(&json!(ticket)));
     }
     headers.insert("clock".into(), AMQPValue::LongLongInt(0));
-    let body = serde_json::to_vec(&json!({ node: result })).expect("reply serializes");
     let props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_content_encoding("utf-8".into())
@@ -151,12 +136,12 @@ pub(super) async fn answer(shared: &SourceState, channel: &Channel, delivery: De
             exchange,
             routing_key,
             BasicPublishOptions::default(),
-            &body,
+            &reply.body,
             props,
         )
         .await
     {
-        tracing::warn!("cannot answer remote control `{}`: {e}", req.method);
+        tracing::warn!("cannot answer remote control `{}`: {e}", reply.method);
     }
 }
 

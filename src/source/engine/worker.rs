@@ -73,6 +73,22 @@ impl<T: Transport> Worker<T> {
         }
     }
 
+    /// Graceful stop, phase 1: consume no more; held eta tasks and tasks not yet started go
+    /// back to their queue as their handlers wake.
+    pub(crate) fn stop_consuming(&self) {
+        self.engine.stopping.cancel();
+        self.engine.revoke_signal.notify_waiters();
+    }
+
+    /// Phase 2: waits up to `timeout` for every message handler to answer and settle; false
+    /// if some were still at work.
+    pub(crate) async fn wait_for_handlers(&self, timeout: std::time::Duration) -> bool {
+        self.engine.handlers.close();
+        tokio::time::timeout(timeout, self.engine.handlers.wait())
+            .await
+            .is_ok()
+    }
+
     /// Tasks running here now (a heartbeat's `active`).
     pub(crate) fn active_count(&self) -> usize {
         self.engine.tasks().ledger.active_count()

@@ -73,36 +73,22 @@ async fn answer(shared: &SourceState, payload: &[u8]) {
             return;
         }
     };
-    let req = match pidbox::parse(&message.body) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!("ignoring a remote control message that cannot be read: {e}");
-            return;
-        }
-    };
     let node = shared.engine.nodename();
-    if !pidbox::addressed_to(&req, &node) {
-        return;
-    }
-    tracing::debug!(method = %req.method, "remote control request");
-    let Some(result) = pidbox::handle(&req, shared).await else {
-        return;
-    };
-    let Some((exchange, routing_key)) = &req.reply_to else {
+    let Some(reply) = pidbox::answer(&message.body, &node, shared).await else {
         return;
     };
     let mut headers = Map::new();
-    if let Some(ticket) = &req.ticket {
+    if let Some(ticket) = &reply.ticket {
         headers.insert("ticket".into(), json!(ticket));
     }
     headers.insert("clock".into(), json!(0));
-    let body = serde_json::to_vec(&json!({ node: result })).expect("reply serializes");
-    let reply = Envelope {
+    let (exchange, routing_key) = (reply.exchange.as_str(), reply.routing_key.as_str());
+    let message = Envelope {
         headers,
         delivery_mode: 1,
-        ..Envelope::plain(&body, exchange, routing_key)
+        ..Envelope::plain(&reply.body, exchange, routing_key)
     };
-    let payload = envelope::encode(&reply);
+    let payload = envelope::encode(&message);
     let t = &shared.transport;
     let pushed = match t.connection().await {
         Ok(mut conn) => ops::push(&mut conn, &t.keys, exchange, routing_key, 0, &payload)
@@ -112,10 +98,10 @@ async fn answer(shared: &SourceState, payload: &[u8]) {
     };
     match pushed {
         Ok(0) => {
-            tracing::debug!(method = %req.method, "the client of a remote control request is gone; reply dropped")
+            tracing::debug!(method = %reply.method, "the client of a remote control request is gone; reply dropped")
         }
         Ok(_) => {}
-        Err(e) => tracing::warn!("cannot answer remote control `{}`: {e}", req.method),
+        Err(e) => tracing::warn!("cannot answer remote control `{}`: {e}", reply.method),
     }
 }
 

@@ -226,8 +226,7 @@ impl crate::source::Source for RedisSource {
 
     /// Takes no more messages; held eta tasks and tasks not started go back to their queue.
     fn stop_consuming(&self) {
-        self.shared.engine.stopping.cancel();
-        self.shared.engine.revoke_signal.notify_waiters();
+        self.shared.stop_consuming();
     }
 
     /// Waits (up to `timeout`) for every message handler to store its result and ack, puts
@@ -236,11 +235,7 @@ impl crate::source::Source for RedisSource {
     fn finish(self: Box<Self>, timeout: Duration) -> crate::source::Finishing {
         Box::pin(async move {
             let shared = &self.shared;
-            shared.engine.handlers.close();
-            if tokio::time::timeout(timeout, shared.engine.handlers.wait())
-                .await
-                .is_err()
-            {
+            if !shared.wait_for_handlers(timeout).await {
                 tracing::warn!("some task messages were still being answered at shutdown; they go back to their queue");
             }
             transport::restore_held(shared).await;
