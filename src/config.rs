@@ -575,6 +575,39 @@ mod tests {
     }
 
     #[test]
+    fn a_redis_broker_is_one_url_or_sentinels_with_a_master_name() {
+        let ok = |text: &str| toml::from_str::<Config>(text).unwrap().validate();
+        for good in [
+            r#"broker = "redis://:pw@h:6379/0""#,
+            r#"broker = "rediss://h:6380/0""#,
+            "broker = \"sentinel://a:26379;sentinel://b:26379\"\nmaster_name = \"m\"",
+        ] {
+            assert!(ok(good).is_ok(), "{good}");
+            let c: Config = toml::from_str(good).unwrap();
+            assert!(c.redis_broker(), "{good}");
+        }
+        for (bad, key) in [
+            (r#"broker = "sentinel://a:26379""#, "key `master_name`"),
+            (r#"broker = "redis://a/0;redis://b/0""#, "failover list"),
+            (
+                "broker = \"sentinel://a:1;redis://b/0\"\nmaster_name = \"m\"",
+                "sentinels only",
+            ),
+            (
+                "broker = \"redis://h/0\"\nbroker_tls_server_name = \"x\"",
+                "key `broker_tls_server_name`",
+            ),
+            (
+                "broker = \"redis://h/0\"\nvisibility_timeout = 0.5",
+                "key `visibility_timeout`",
+            ),
+        ] {
+            let e = ok(bad).unwrap_err();
+            assert!(e.0.contains(key), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn broker_takes_celerys_failover_list_as_a_string_or_a_list() {
         let one: Config = toml::from_str(r#"broker = "amqp://a//;amqps://b//""#).unwrap();
         let many: Config = toml::from_str(r#"broker = ["amqp://a//", "amqps://b//"]"#).unwrap();
