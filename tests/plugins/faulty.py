@@ -187,7 +187,15 @@ def run_task(id_, params):
                     os.execv("/bin/sleep", ["sleep", "300"])
                 os._exit(0)
             os.close(w)
-            pid = int(os.read(r, 32))
+            # The pipe is close-on-exec: EOF means the grandchild has exec'd (and, for
+            # f.escape_clean, cleared its environment), so the test never sees it half-way.
+            got = b""
+            while True:
+                chunk = os.read(r, 32)
+                if not chunk:
+                    break
+                got += chunk
+            pid = int(got)
             os.close(r)
             os.waitpid(child, 0)
             reply(id_, pid)
