@@ -12,6 +12,7 @@
 //! The crate README, with a complete plugin, follows.
 #![doc = include_str!("../README.md")]
 
+pub mod backends;
 pub mod codec;
 pub mod files;
 pub mod message;
@@ -22,4 +23,5 @@ pub use codec::{encode_line, Frame, LineDecoder, DEFAULT_MAX_LINE_BYTES};
 pub use message::{
     request_line, ErrorObject, Id, Message, Notification, ParseError, Request, Response,
 };
+pub use backends::*;
 pub use methods::*;

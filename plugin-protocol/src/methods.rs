@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// The protocol version this crate speaks. Peers must agree on the major number.
-pub const PROTOCOL_VERSION: &str = "1.4";
+pub const PROTOCOL_VERSION: &str = "1.5";
 
 /// The major number of a `"MAJOR.MINOR"` version string, if it has one.
 pub fn protocol_major(version: &str) -> Option<u32> {
@@ -52,6 +52,14 @@ pub mod method {
     /// worker -> plugin notification (1.3): something happened in the worker; sent only to a
     /// plugin whose manifest subscribes (`events = [...]`).
     pub const EVENT: &str = "event";
+    /// plugin -> worker request (1.5): a queue backend offers one task from its queue.
+    pub const TASK_OFFER: &str = "task.offer";
+    /// worker -> plugin notification (1.5): progress of an offered task that asked for it.
+    pub const OFFER_PROGRESS: &str = "offer.progress";
+    /// worker -> plugin notification (1.5): stream items of an offered task that asked.
+    pub const OFFER_STREAM: &str = "offer.stream";
+    /// worker -> plugin request (1.5): a result backend stores one final state.
+    pub const RESULT_STORE: &str = "result.store";
 }
 
 /// Error codes used in responses.
@@ -72,6 +80,8 @@ pub mod code {
     /// The task asks to be run again later (1.4); `data` is a
     /// [`TaskRetryData`](super::TaskRetryData).
     pub const TASK_RETRY: i64 = -32004;
+    /// A `task.offer` beyond the window `initialize` gave (1.5); nothing was run.
+    pub const OFFER_WINDOW_FULL: i64 = -32005;
 }
 
 /// Name and version of either peer.
@@ -109,6 +119,9 @@ pub struct InitializeParams {
     #[serde(default)]
     pub settings: Map<String, Value>,
     pub limits: Limits,
+    /// Sent only to a queue backend (1.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_backend: Option<crate::backends::QueueBackendInit>,
 }
 
 /// One task a plugin serves.
@@ -143,6 +156,12 @@ pub struct TimeLimits {
     /// After this long the worker kills the process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hard: Option<f64>,
+}
+
+impl TimeLimits {
+    pub fn is_empty(&self) -> bool {
+        self.soft.is_none() && self.hard.is_none()
+    }
 }
 
 /// `task.run` params.

@@ -56,14 +56,18 @@ fn every_documented_message_matches_the_types() {
                 match method.as_str() {
                     method::INITIALIZE => typed::<InitializeParams>(&r.params),
                     method::TASK_RUN => typed::<TaskRunParams>(&r.params),
+                    method::TASK_OFFER => typed::<TaskOfferParams>(&r.params),
+                    method::RESULT_STORE => typed::<ResultStoreParams>(&r.params),
                     method::PING | method::SHUTDOWN => {}
                     other => panic!("undocumented request {other}"),
                 }
             }
             (Message::Response(r), "result") => {
                 let v = r.result.expect("a result");
-                if method == method::INITIALIZE {
-                    typed::<InitializeResult>(&v);
+                match method.as_str() {
+                    method::INITIALIZE => typed::<InitializeResult>(&v),
+                    method::TASK_OFFER => typed::<TaskFinal>(&v),
+                    _ => {}
                 }
             }
             (Message::Response(r), "error") => {
@@ -72,6 +76,9 @@ fn every_documented_message_matches_the_types() {
                 match e.code {
                     code::TASK_FAILED | code::TASK_CANCELLED => typed::<TaskErrorData>(data),
                     code::TASK_RETRY => typed::<TaskRetryData>(data),
+                    code::SHUTTING_DOWN if method == method::TASK_OFFER => {
+                        typed::<OfferRefusedData>(data)
+                    }
                     other => panic!("undocumented error code {other}"),
                 }
             }
@@ -85,6 +92,8 @@ fn every_documented_message_matches_the_types() {
                     method::TASK_CANCEL => typed::<TaskCancelParams>(&n.params),
                     method::LOG => typed::<LogParams>(&n.params),
                     method::EVENT => typed::<EventParams>(&n.params),
+                    method::OFFER_PROGRESS => typed::<OfferProgressParams>(&n.params),
+                    method::OFFER_STREAM => typed::<OfferStreamParams>(&n.params),
                     method::INITIALIZED | method::EXIT => {}
                     other => panic!("undocumented notification {other}"),
                 }
