@@ -3,9 +3,11 @@
 //! A manifest error names the file, the key and the line, and a broken manifest only removes
 //! that one plugin: discovery returns the good plugins and the errors side by side.
 
+mod backends;
 mod discover;
 mod limits;
 
+pub use backends::{Backends, QueueBackend, ResultBackend};
 pub use discover::{discover, Discovery};
 
 pub use limits::Limits;
@@ -55,6 +57,9 @@ pub struct Manifest {
     pub limits: Limits,
     /// Passed verbatim in `initialize`.
     pub settings: Map<String, Value>,
+    /// Queue and result backends it provides (protocol 1.5), besides its tasks.
+    #[serde(flatten)]
+    pub backends: Backends,
     /// Self-tests run by `worker plugins test`.
     #[serde(skip)]
     pub tests: Vec<SelfTest>,
@@ -191,8 +196,12 @@ impl Checker<'_> {
 
     fn tasks(&self, raw: &RawManifest) -> Result<(), String> {
         let tasks = raw.tasks.get_ref();
-        if tasks.is_empty() && raw.events.get_ref().is_empty() {
-            let msg = "declare at least one [[tasks]] entry (or subscribe to `events`)";
+        let provides = raw.provides.as_ref();
+        if tasks.is_empty()
+            && raw.events.get_ref().is_empty()
+            && provides.is_none_or(|p| p.get_ref().is_empty())
+        {
+            let msg = "declare at least one [[tasks]] entry (or subscribe to `events`, or provide a backend)";
             return Err(self.err("tasks", raw.tasks.span(), msg));
         }
         let mut seen = HashMap::new();
@@ -360,6 +369,12 @@ struct RawManifest {
     tests: Vec<RawSelfTest>,
     #[serde(default = "no_steps")]
     install: Spanned<Vec<Vec<String>>>,
+    #[serde(default)]
+    provides: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    queue_backend: Option<Spanned<backends::RawQueueBackend>>,
+    #[serde(default)]
+    result_backend: Option<Spanned<backends::RawResultBackend>>,
 }
 
 #[derive(Deserialize)]
@@ -487,7 +502,13 @@ impl Manifest {
         };
         c.install(&raw)?;
         let tests = self_tests(raw.tests, raw.tasks.get_ref())?;
+        let backends = c.backends(backends::RawBackends {
+            provides: raw.provides,
+            queue_backend: raw.queue_backend,
+            result_backend: raw.result_backend,
+        })?;
         Ok(Manifest {
+            backends,
             tests,
             name: raw.name.into_inner(),
             version: raw.version.into_inner(),

@@ -31,6 +31,11 @@ pub fn initialize_params(
             max_line_bytes: max_line_bytes as u64,
             concurrency: m.concurrency,
         },
+        queue_backend: m
+            .backends
+            .queue_backend
+            .as_ref()
+            .map(|q| plugin_protocol::QueueBackendInit { window: q.window }),
     }
 }
 
