@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -76,6 +76,8 @@ pub struct Daemon {
     metrics: Option<(AbortOnDropHandle<()>, CancellationToken)>,
     /// READY, STATUS and WATCHDOG for systemd; ends with the daemon.
     _notify: AbortOnDropHandle<()>,
+    /// Queue backends' offers taken, and the offers running (see `offers`).
+    offers: (AbortOnDropHandle<()>, TaskTracker),
 }
 
 /// A cheap, cloneable way to reach a running daemon from outside its run (e.g. on SIGHUP).
@@ -105,6 +107,7 @@ pub fn pool_options(config: &Config) -> PoolOptions {
         plugin_user: config.plugin_user.clone(),
         events: crate::events::EventBus::new(),
         cgroups: None,
+        offers: Default::default(),
     }
 }
 
@@ -160,12 +163,20 @@ impl Daemon {
             .ok();
         let names: Vec<String> = plugins.iter().map(|m| m.name.clone()).collect();
         let (reaper, info, cgroups) = contain(&config)?;
+        let (offers, offer_inbox) = crate::supervisor::offer::OfferInbox::channel();
         let options = PoolOptions {
             cgroups,
+            offers,
             ..pool_options(&config)
         };
         let supervisor = Arc::new(Supervisor::start(plugins, options));
         let dispatcher = Arc::new(Dispatcher::new(supervisor.clone()));
+        let offer_tasks = TaskTracker::new();
+        let offer_source = tokio::spawn(crate::offers::serve(
+            dispatcher.clone(),
+            offer_inbox,
+            offer_tasks.clone(),
+        ));
         let reload = ReloadSettings {
             state: StateDir::new(&config.state_dir),
             drain: config.drain_timeout(),
@@ -211,6 +222,7 @@ impl Daemon {
             _reaper: reaper,
             metrics,
             _notify: AbortOnDropHandle::new(notify),
+            offers: (AbortOnDropHandle::new(offer_source), offer_tasks),
         })
     }
 
@@ -287,6 +299,11 @@ impl Daemon {
             // connection closes; anything left is redelivered by the broker.
             source.finish(Duration::from_secs(10)).await;
         }
+        // Offers whose tasks ended are answered before their queue backends are stopped;
+        // those still running are not, and their backends offer them again.
+        let (_, offers) = &self.offers;
+        offers.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), offers.wait()).await;
         self.supervisor.stop(None).await;
     }
 }

@@ -157,6 +157,16 @@ impl Dispatcher {
         &self.metrics
     }
 
+    /// What queue and result backends did, by plugin name.
+    pub fn backend_stats(&self) -> &Arc<crate::supervisor::backend_stats::BackendStats> {
+        self.supervisor.backend_stats()
+    }
+
+    /// False once a stop began: new tasks are refused.
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::SeqCst)
+    }
+
     /// Grows or shrinks every plugin's instances, or sets autoscale bounds on each (Celery's
     /// `pool_grow`, `pool_shrink`, `autoscale`): each plugin's instance count now wanted, or
     /// why it refused.
@@ -252,8 +262,15 @@ impl Dispatcher {
     /// Runs `request` to its end and counts how it ended.
     async fn run_to_end(&self, request: TaskRequest, events: mpsc::Sender<TaskEvent>) -> Outcome {
         let since = Instant::now();
+        let started = std::time::SystemTime::now();
         let request = Arc::new(request);
-        let (outcome, attempt) = self.run_attempts(&request, events).await;
+        let (outcome, attempt, guard) = match self.admit(&request) {
+            Ok(guard) => {
+                let (outcome, attempt) = self.run_attempts(&request, events).await;
+                (outcome, attempt, Some(guard))
+            }
+            Err(refused) => (refused, 0, None),
+        };
         // Labelled only with names a manifest declares: a name nobody serves counts as "".
         let (plugin, task) = match self.supervisor.route(&request.name) {
             Some(pool) => (pool.manifest().name.clone(), request.name.as_str()),
@@ -263,6 +280,18 @@ impl Dispatcher {
         self.metrics
             .task_ended(&plugin, task, outcome.kind(), runtime);
         self.publish_end(&request, &plugin, attempt, &outcome, runtime);
+        if guard.is_some() {
+            // Still counted in flight: a graceful stop waits for the store as for the task.
+            let ended = crate::results::Ended {
+                request: &request,
+                outcome: &outcome,
+                attempts: attempt,
+                started,
+                stopping: !self.accepting.load(Ordering::SeqCst),
+            };
+            crate::results::store(&self.supervisor, ended).await;
+        }
+        drop(guard);
         outcome
     }
 
@@ -292,16 +321,13 @@ impl Dispatcher {
         });
     }
 
-    /// Runs `request` to its end, through reruns. Events go to `events` as they come.
+    /// Runs an admitted `request` to its end, through reruns. Events go to `events` as they
+    /// come.
     async fn run_attempts(
         &self,
         request: &Arc<TaskRequest>,
         events: mpsc::Sender<TaskEvent>,
     ) -> (Outcome, u32) {
-        let _guard = match self.admit(request) {
-            Ok(guard) => guard,
-            Err(refused) => return (refused, 0),
-        };
         let (mut attempt, mut refusals) = (1, 0);
         loop {
             // Looked up on every attempt: a reload may have replaced the plugin meanwhile.
@@ -356,7 +382,7 @@ impl Dispatcher {
         if active.contains_key(&request.id) {
             return Err(Outcome::Failure(Failure::new(
                 FailureKind::Raised { retryable: false },
-                "DuplicateTaskId",
+                crate::task::DUPLICATE_TASK_ID,
                 "worker.errors",
                 format!(
                     "task id {} is already running; task ids must be unique",
@@ -403,6 +429,7 @@ impl Dispatcher {
             attempt,
             events: events.clone(),
             reply,
+            store: None,
         };
         pool.run(job).await;
         outcome.await.unwrap_or_else(|_| {

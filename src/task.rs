@@ -272,7 +272,27 @@ impl Failure {
             FailureKind::PluginCrashed | FailureKind::Rejected | FailureKind::Interrupted
         )
     }
+
+    /// The task did not run to a state of its own and belongs back in its queue, to run
+    /// later here or elsewhere: the worker was stopping (`stopping`: what a stop interrupted
+    /// too), its plugin is unavailable or full, or a task with its id was running. Queue
+    /// backends offer such a task again, and no result backend stores it.
+    pub fn belongs_back(&self, stopping: bool) -> bool {
+        match self.kind {
+            FailureKind::ShuttingDown | FailureKind::PluginUnavailable | FailureKind::QueueFull => {
+                true
+            }
+            FailureKind::Interrupted | FailureKind::Rejected | FailureKind::PluginCrashed => {
+                stopping
+            }
+            FailureKind::Raised { .. } => self.exc_type == DUPLICATE_TASK_ID,
+            _ => false,
+        }
+    }
 }
+
+/// The exception type of a task refused because a task with its id is running.
+pub const DUPLICATE_TASK_ID: &str = "DuplicateTaskId";
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -4,11 +4,13 @@
 //! and is swapped as a whole, so replacing one plugin (a new pool started beside the old one,
 //! then the route switched, then the old pool drained) never touches the others.
 
+pub mod backend_stats;
 pub mod cgroup;
 pub mod containment;
 pub mod handshake;
 pub mod identity;
 pub mod instance;
+pub mod offer;
 pub mod pool;
 pub mod process;
 pub mod reply_id;
@@ -229,6 +231,27 @@ impl Supervisor {
     /// The worker's event bus, which every pool and instance publishes on.
     pub fn events(&self) -> &Arc<crate::events::EventBus> {
         &self.options.events
+    }
+
+    /// What queue and result backends did, by plugin name.
+    pub fn backend_stats(&self) -> &Arc<backend_stats::BackendStats> {
+        &self.options.offers.stats
+    }
+
+    /// The names of the result backends that store `task`'s final states.
+    pub fn result_backends(&self, task: &str) -> Vec<String> {
+        self.routes()
+            .by_plugin
+            .values()
+            .filter(|p| {
+                let m = p.manifest();
+                m.backends
+                    .result_backend
+                    .as_ref()
+                    .is_some_and(|r| r.stores(task))
+            })
+            .map(|p| p.manifest().name.clone())
+            .collect()
     }
 
     fn routes(&self) -> Arc<Routes> {

@@ -91,6 +91,33 @@ pub struct PluginStatus {
     /// Its event subscription, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<EventsStatus>,
+    /// The queue and result backends it provides, if any (protocol 1.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backends: Option<BackendsStatus>,
+}
+
+/// A queue or result backend's work so far: offers taken and answered, results stored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendsStatus {
+    /// `queue_backend`, `result_backend`.
+    pub provides: Vec<String>,
+    /// Offers each process may have unanswered (`queue_backend.window`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u32>,
+    /// Offered tasks running or waiting for their results to be stored.
+    pub offers_in_flight: u64,
+    /// Offers answered with a final state.
+    pub offers_answered: u64,
+    /// Offers answered "not run, offer again later" (stopping, plugin unavailable, ...).
+    pub offers_not_taken: u64,
+    /// Offers refused as malformed or beyond the window.
+    pub offers_refused: u64,
+    /// Final states it stored.
+    pub results_stored: u64,
+    /// `result.store` attempts that failed (each retried with backoff).
+    pub result_store_failures: u64,
+    /// Final states waiting to be stored (their tasks not answered or acked yet).
+    pub results_pending: u64,
 }
 
 /// What a subscribing plugin was sent and what it missed.

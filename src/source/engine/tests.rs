@@ -100,6 +100,7 @@ fn worker() -> Arc<Worker<Fake>> {
         plugin_user: None,
         events: crate::events::EventBus::new(),
         cgroups: None,
+        offers: Default::default(),
     };
     let supervisor = Arc::new(Supervisor::start(Vec::new(), options));
     let options = WorkerOptions {

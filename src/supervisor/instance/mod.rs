@@ -9,6 +9,7 @@
 //! of where tasks come from.
 
 mod io;
+mod offers;
 mod protocol;
 mod tasks;
 
@@ -39,6 +40,9 @@ pub struct Job {
     /// Bounded: when full, the instance stops reading its plugin's stdout until there is room.
     pub events: mpsc::Sender<TaskEvent>,
     pub reply: oneshot::Sender<Outcome>,
+    /// Set for a result backend's job: `result.store` with these params is sent instead of
+    /// `task.run` (protocol 1.5); the reply is the outcome all the same.
+    pub store: Option<Arc<plugin_protocol::ResultStoreParams>>,
 }
 
 impl Job {
@@ -127,6 +131,8 @@ pub struct LaunchSpec {
     pub events: Arc<crate::events::EventBus>,
     /// Where its process gets a cgroup, if anywhere.
     pub cgroups: Option<Arc<crate::supervisor::cgroup::CgroupTree>>,
+    /// Where a queue backend's offers go.
+    pub offers: crate::supervisor::offer::OfferInbox,
 }
 
 /// The pool's side of an instance.
@@ -255,6 +261,8 @@ struct Instance {
     started: Instant,
     /// Where the stderr reader sends lines of a lone task that asked for its log.
     task_log: crate::supervisor::process::TaskLog,
+    /// Offers this process made that are not answered yet (its queue backend window).
+    offers_out: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 async fn run(
@@ -298,6 +306,7 @@ async fn run(
         stray_log: (Instant::now(), 0, 0),
         started,
         task_log: io.task_log.clone(),
+        offers_out: Arc::default(),
     };
     tracing::debug!(plugin = %inst.name(), instance = inst.spec.index, pid = inst.pid, "plugin process started");
     inst.begin_handshake();

@@ -182,13 +182,7 @@ impl Instance {
                     tracing::debug!(plugin = %self.name(), method = other, "ignoring unknown notification")
                 }
             },
-            Message::Request(r) => {
-                let err = ErrorObject::new(
-                    code::METHOD_NOT_FOUND,
-                    format!("the worker has no method `{}`", r.method),
-                );
-                self.send_line(Message::Response(Response::err(Some(r.id), err)).to_line());
-            }
+            Message::Request(r) => self.on_request(r),
             Message::Response(_) => unreachable!("responses are handled by on_response"),
         }
     }

@@ -54,6 +54,26 @@ impl Instance {
         let m = &self.spec.manifest;
         let soft = job.request.soft_time_limit.or(m.timeouts.task_soft);
         let hard = job.request.hard_time_limit.or(m.timeouts.task_hard);
+        let now = Instant::now();
+        let id = match &job.store {
+            Some(store) => self.request(method::RESULT_STORE, &**store),
+            None => self.start_task_run(&job, soft, hard),
+        };
+        self.by_task.insert(job.request.id.clone(), id);
+        let running = Running {
+            job,
+            soft_at: soft.map(|d| now + d),
+            hard_at: hard.map(|d| now + d),
+            hard_limit: hard,
+            cancel: None,
+        };
+        self.running.insert(id, running);
+        self.follow_task_log();
+    }
+
+    /// Sends `task.run` for `job` and tells event subscribers it started.
+    fn start_task_run(&mut self, job: &Job, soft: Option<Duration>, hard: Option<Duration>) -> u64 {
+        let m = &self.spec.manifest;
         let params = TaskRunWire {
             task_id: &job.request.id,
             task: &job.request.name,
@@ -75,18 +95,7 @@ impl Instance {
             "plugin" => m.name, "instance" => self.spec.index, "pid" => self.pid,
             "attempt" => job.attempt}
         });
-        let now = Instant::now();
-        let id = self.request_task_run(&params);
-        self.by_task.insert(job.request.id.clone(), id);
-        let running = Running {
-            job,
-            soft_at: soft.map(|d| now + d),
-            hard_at: hard.map(|d| now + d),
-            hard_limit: hard,
-            cancel: None,
-        };
-        self.running.insert(id, running);
-        self.follow_task_log();
+        self.request_task_run(&params)
     }
 
     /// Points the stderr reader at the task running here if it runs alone and asked for its

@@ -44,6 +44,8 @@ pub struct PoolOptions {
     pub events: Arc<EventBus>,
     /// Where each plugin process gets a cgroup of its own, if the worker has one to manage.
     pub cgroups: Option<Arc<super::cgroup::CgroupTree>>,
+    /// Where queue backends' offers go (none taken by default).
+    pub offers: super::offer::OfferInbox,
 }
 
 /// A cheap summary others can wait on (e.g. "ready", "failed").

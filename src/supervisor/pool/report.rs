@@ -22,6 +22,7 @@ impl Pool {
                     .map(|d| d.as_secs_f64())
                     .unwrap_or(0.0)
             }),
+            backends: self.options.offers.stats.status(m),
             events: self.event_stats.as_ref().map(|stats| EventsStatus {
                 subscribed: m.events.clone(),
                 delivered: stats.delivered(),

@@ -100,6 +100,7 @@ impl Pool {
             plugin_user: self.options.plugin_user.clone(),
             events: self.options.events.clone(),
             cgroups: self.options.cgroups.clone(),
+            offers: self.options.offers.clone(),
         };
         let (handle, task) = instance::start(spec, self.events_tx.clone());
         slot.handle = Some(handle);

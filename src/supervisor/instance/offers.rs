@@ -1,0 +1,96 @@
+//! `task.offer` from a queue backend, checked here (the plugin provides a queue backend, the
+//! instance is serving, the params are well-formed, the window has room) and handed to the
+//! offer inbox; anything else is answered at once, so an offer never waits unanswered.
+
+use super::{Instance, Phase};
+use crate::supervisor::backend_stats::BackendCounters;
+use crate::supervisor::offer::{not_taken, Offer, OfferReply};
+use plugin_protocol::{
+    code, method, ErrorObject, Id, Message, Request, Response, TaskOfferParams, MAX_OFFER_ID_BYTES,
+};
+use std::sync::atomic::Ordering;
+
+impl Instance {
+    /// A request from the plugin: `task.offer` from a queue backend, else method not found.
+    pub(super) fn on_request(&mut self, r: Request) {
+        let window = self.spec.manifest.backends.queue_backend.as_ref().map(|q| q.window);
+        let result = match (r.method.as_str(), window) {
+            (method::TASK_OFFER, Some(window)) => self.offer(r.id.clone(), r.params, window),
+            (method::TASK_OFFER, None) => Err(ErrorObject::new(
+                code::METHOD_NOT_FOUND,
+                "`task.offer` is for queue backends: add provides = [\"queue_backend\"] to plugin.toml",
+            )),
+            (other, _) => Err(ErrorObject::new(
+                code::METHOD_NOT_FOUND,
+                format!("the worker has no method `{other}`"),
+            )),
+        };
+        if let Err(e) = result {
+            if window.is_some() {
+                let stats = self.spec.offers.stats.of(&self.spec.manifest.name);
+                BackendCounters::add(match e.code {
+                    code::SHUTTING_DOWN => &stats.offers_not_taken,
+                    _ => &stats.offers_refused,
+                });
+            }
+            self.send_line(Message::Response(Response::err(Some(r.id), e)).to_line());
+        }
+    }
+
+    /// Hands a checked offer on; `Err` is the answer to send now.
+    fn offer(&mut self, id: Id, params: serde_json::Value, window: u32) -> Result<(), ErrorObject> {
+        let params = read_offer(params)?;
+        if !matches!(self.phase, Phase::Serving) {
+            return Err(not_taken(
+                &params.task_id,
+                "shutting_down",
+                "the plugin is stopping",
+            ));
+        }
+        if self.offers_out.load(Ordering::SeqCst) >= window as usize {
+            return Err(ErrorObject::new(
+                code::OFFER_WINDOW_FULL,
+                format!(
+                    "window full: {window} offers are unanswered (queue_backend.window); offer task {} again after an answer",
+                    params.task_id
+                ),
+            ));
+        }
+        let offer = Offer {
+            plugin: self.spec.manifest.name.clone(),
+            instance: self.spec.index,
+            params,
+            reply: OfferReply::new(id, self.out.clone(), self.offers_out.clone()),
+        };
+        self.spec.offers.send(offer).map_err(|offer| {
+            let why = "this worker runs no offer source";
+            not_taken(&offer.params.task_id, "plugin_unavailable", why)
+        })
+    }
+}
+
+/// The offer's params, or an invalid-params error that says what is wrong.
+fn read_offer(params: serde_json::Value) -> Result<TaskOfferParams, ErrorObject> {
+    let invalid = |msg: String| ErrorObject::new(code::INVALID_PARAMS, msg);
+    let p: TaskOfferParams = serde_json::from_value(params)
+        .map_err(|e| invalid(format!("malformed task.offer: {e}")))?;
+    if p.task_id.is_empty() || p.task_id.len() > MAX_OFFER_ID_BYTES {
+        return Err(invalid(format!(
+            "task.offer `task_id` must be 1 to {MAX_OFFER_ID_BYTES} bytes (it is {})",
+            p.task_id.len()
+        )));
+    }
+    if p.task.trim().is_empty() {
+        return Err(invalid("task.offer `task` must name a task".into()));
+    }
+    let limits = [
+        ("time_limit.soft", p.time_limit.soft),
+        ("time_limit.hard", p.time_limit.hard),
+    ];
+    for (field, secs) in limits {
+        if let Some(secs) = secs {
+            crate::task::time_limit(field, secs).map_err(invalid)?;
+        }
+    }
+    Ok(p)
+}

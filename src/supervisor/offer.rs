@@ -1,0 +1,106 @@
+//! A queue backend's `task.offer` (protocol 1.5) as the instance hands it on: the offer, and
+//! the way back to the process that made it. The instance checks the offer and its window;
+//! whoever takes offers (the daemon's offer source) runs it and answers through
+//! [`OfferReply`]. The supervisor never knows what runs it.
+
+use super::backend_stats::BackendStats;
+use plugin_protocol::{code, ErrorObject, Id, Message, Notification, Response, TaskOfferParams};
+use serde_json::Value;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// One offer, checked: well-formed and within its process's window.
+#[derive(Debug)]
+pub struct Offer {
+    pub plugin: String,
+    pub instance: u32,
+    pub params: TaskOfferParams,
+    pub reply: OfferReply,
+}
+
+/// The way back to the process that offered: its stdin and its window count. Dropping it
+/// unanswered frees the window place too (the process is gone or the answer was lost).
+#[derive(Debug)]
+pub struct OfferReply {
+    id: Id,
+    stdin: mpsc::Sender<Vec<u8>>,
+    outstanding: Arc<AtomicUsize>,
+}
+
+impl OfferReply {
+    /// Takes a place in the window.
+    pub(super) fn new(id: Id, stdin: mpsc::Sender<Vec<u8>>, outstanding: Arc<AtomicUsize>) -> Self {
+        outstanding.fetch_add(1, Ordering::SeqCst);
+        OfferReply {
+            id,
+            stdin,
+            outstanding,
+        }
+    }
+
+    /// Writes the answer, waiting for room in the process's stdin; a process that is gone
+    /// gets nothing (it never acked, so its backend offers the task again).
+    pub async fn answer(self, result: Result<Value, ErrorObject>) {
+        let response = match result {
+            Ok(value) => Response::ok(self.id.clone(), value),
+            Err(e) => Response::err(Some(self.id.clone()), e),
+        };
+        let _ = self.stdin.send(Message::Response(response).to_line()).await;
+    }
+
+    /// A notification about the offered task, dropped when the process's stdin is full.
+    pub fn notify(&self, method: &str, params: impl serde::Serialize) {
+        let line = Message::Notification(Notification::new(method, params)).to_line();
+        let _ = self.stdin.try_send(line);
+    }
+
+    /// The offering process has ended.
+    pub fn is_closed(&self) -> bool {
+        self.stdin.is_closed()
+    }
+}
+
+impl Drop for OfferReply {
+    fn drop(&mut self) {
+        self.outstanding.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Where instances hand offers, and the backends' counters. The default takes no offers:
+/// each is answered "not run" (a harness or `worker run`, with no offer source).
+#[derive(Debug, Clone, Default)]
+pub struct OfferInbox {
+    tx: Option<mpsc::UnboundedSender<Offer>>,
+    pub stats: Arc<BackendStats>,
+}
+
+impl OfferInbox {
+    /// An inbox and the receiver the offer source reads.
+    pub fn channel() -> (OfferInbox, mpsc::UnboundedReceiver<Offer>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inbox = OfferInbox {
+            tx: Some(tx),
+            stats: Arc::default(),
+        };
+        (inbox, rx)
+    }
+
+    /// Hands `offer` on, or gives it back when nothing takes offers.
+    pub fn send(&self, offer: Offer) -> Result<(), Box<Offer>> {
+        match &self.tx {
+            Some(tx) => tx.send(offer).map_err(|e| Box::new(e.0)),
+            None => Err(Box::new(offer)),
+        }
+    }
+}
+
+/// The error for an offer that was not run: offer it again later. `kind` is the reason's
+/// failure kind (`shutting_down`, `plugin_unavailable`, ...).
+pub fn not_taken(task_id: &str, kind: &str, why: &str) -> ErrorObject {
+    ErrorObject::new(
+        code::SHUTTING_DOWN,
+        format!("not run: {why}; offer task {task_id} again later"),
+    )
+    .with_data(serde_json::json!({ "task_id": task_id, "kind": kind }))
+}
