@@ -44,6 +44,7 @@ fn options() -> PoolOptions {
         plugin_user: None,
         events: worker::events::EventBus::new(),
         cgroups: None,
+        offers: Default::default(),
     }
 }
 

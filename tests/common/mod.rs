@@ -152,6 +152,7 @@ pub fn options() -> PoolOptions {
         plugin_user: None,
         events: worker::events::EventBus::new(),
         cgroups: None,
+        offers: Default::default(),
     }
 }
 
