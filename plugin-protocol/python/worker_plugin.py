@@ -1,4 +1,4 @@
-"""Python SDK for `worker` plugins (protocol v1). Standard library only (`jsonpickle` optional).
+"""Python SDK for `worker` plugins (protocol 1.5). Standard library only (`jsonpickle` optional).
 
     from worker_plugin import Plugin
 
@@ -48,9 +48,17 @@ the first such task) on the task's thread before the handler is called, so the h
 not decode fail the task as `JsonpickleDecodeError`. Without jsonpickle the handler gets the
 JSON as it came. Decoding calls what the message names, as in Girder Worker: take such tasks
 only from a broker you trust. JSON tasks and `ctx.request.headers` are never decoded.
+
+A plugin may also be a queue backend and a result backend (protocol 1.5, PROTOCOL.md §4a), with
+or without tasks: `@plugin.offers` registers a generator of `Offer` objects (the tasks of the
+plugin's own queue, sent to the worker as `task.offer` requests, at most the worker's window
+unanswered), and `@plugin.stores` a function that stores each `result.store` record. See
+`Offer`, `Plugin.offers` and `Plugin.stores`.
 """
 
+import collections
 import datetime
+import itertools
 import json
 import math
 import numbers
@@ -63,8 +71,9 @@ import time
 import traceback
 import types
 import queue
+import uuid
 
-PROTOCOL_VERSION = "1.4"
+PROTOCOL_VERSION = "1.5"
 
 PARSE_ERROR = -32700
 INVALID_PARAMS = -32602
@@ -74,6 +83,7 @@ TASK_CANCELLED = -32001
 SHUTTING_DOWN = -32002
 UNKNOWN_TASK = -32003
 TASK_RETRY = -32004
+WINDOW_FULL = -32005
 
 
 _current = threading.local()
@@ -411,6 +421,264 @@ def _real_stderr():
     return err._real if isinstance(err, _TaskOutput) else err
 
 
+def _log(text):
+    """A line of the SDK's own in the plugin's log (the stderr it started with)."""
+    err = _real_stderr()
+    err.write(text if text.endswith("\n") else text + "\n")
+    err.flush()
+
+
+# -- queue and result backends (protocol 1.5, PROTOCOL.md §4a) ----------------------------------
+
+_REOFFER_DELAY = 1.0
+"""Seconds an offer the worker did not take (-32002, -32005) waits before it is offered again."""
+
+_PULL = object()
+"""_Offers._wait_for_turn's answer when the generator may be asked for its next item."""
+
+
+class Offer:
+    """One task from a queue backend's own queue, as the `@plugin.offers` generator yields it;
+    the SDK sends it as a `task.offer` request. `task_id` (the backend's id, at most 255 bytes,
+    unique across the worker's sources) defaults to a fresh uuid4 string; `soft_time_limit`
+    and `hard_time_limit` are seconds, sent only when given. The callbacks:
+
+    - `on_outcome(outcome)`, required: the task reached its final state. `outcome` is the
+      `task.offer` result as a dict: `task_id`, `state` ("SUCCESS" with `result`, "FAILURE"
+      with `error`). Record it and ack the task in the backend now, and only now. Called on
+      the SDK's thread pool; an exception is logged with its traceback and the task stays
+      unacked (the worker remembers the answer, so its re-offer is answered at once).
+    - `on_progress(done, total, message)`, `on_stream(items)`: the running task's progress
+      and stream items (asked for only when the callback is given), called on the thread that
+      reads stdin, in order: keep them quick. `total` and `message` may be None.
+    - `on_release(reason)`: the offer is given up and must not be acked: the worker refused
+      it for good (`reason` is its message: a malformed offer), or the plugin is shutting
+      down while the offer waited to be offered again. Called on the SDK's thread pool.
+    """
+
+    def __init__(self, task, args=(), kwargs=None, task_id=None, soft_time_limit=None,
+                 hard_time_limit=None, on_outcome=None, on_progress=None, on_stream=None,
+                 on_release=None):
+        if not callable(on_outcome):
+            raise TypeError("Offer(%r): on_outcome is required: the callback that records the "
+                            "task's outcome and acks it in the queue" % (task,))
+        self.task = task
+        self.args = list(args)
+        self.kwargs = dict(kwargs or {})
+        self.task_id = str(uuid.uuid4()) if task_id is None else task_id
+        self.soft_time_limit = soft_time_limit
+        self.hard_time_limit = hard_time_limit
+        self.on_outcome = on_outcome
+        self.on_progress = on_progress
+        self.on_stream = on_stream
+        self.on_release = on_release
+
+    def __repr__(self):
+        return "Offer(%r, task_id=%r)" % (self.task, self.task_id)
+
+    def _params(self):
+        """The `task.offer` params: members left out where the defaults say the same."""
+        params = {"task_id": self.task_id, "task": self.task, "args": self.args,
+                  "kwargs": self.kwargs}
+        limits = {name: float(value) for name, value in (
+            ("soft", self.soft_time_limit), ("hard", self.hard_time_limit)) if value is not None}
+        if limits:
+            params["time_limit"] = limits
+        if self.on_progress is not None:
+            params["progress"] = True
+        if self.on_stream is not None:
+            params["stream"] = True
+        return params
+
+
+def _call_back(offer, name, *args):
+    """Calls `offer`'s callback `name` (if given) with `args`; an exception is logged, since the
+    SDK's threads must outlive a plugin's bug."""
+    fn = getattr(offer, name)
+    if fn is None:
+        return
+    try:
+        fn(*args)
+    except Exception:
+        _log("%s of the offer of task %s failed:\n%s" % (name, offer.task_id,
+                                                         traceback.format_exc()))
+
+
+class _Offers:
+    """The queue-backend side of a plugin: asks the `@plugin.offers` generator for offers on a
+    thread of its own while fewer than `window` are unanswered, routes the worker's answers and
+    `offer.*` notifications to each offer's callbacks, and offers again, a second later, what
+    the worker did not take (-32002, -32005).
+
+    Only the offering thread sends offers; the thread that reads stdin only settles answers and
+    never waits for a place. A waiting re-offer holds no window place, but while `window` of
+    them wait the generator is not asked for more, so a worker that takes nothing (a plugin
+    down) never makes the SDK drain the backend's queue into memory."""
+
+    def __init__(self, plugin, make_offers, window):
+        self._plugin = plugin
+        self._make_offers = make_offers
+        self.window = window
+        self._lock = threading.Condition()
+        self._ids = itertools.count(1)
+        self._outstanding = {}  # request id -> Offer: sent, not answered yet
+        self._by_task_id = {}  # task_id -> Offer, the same offers, for offer.progress/stream
+        self._waiting = collections.deque()  # (monotonic time due, Offer), due in this order
+        self._exhausted = False  # the generator has ended
+        self._stopping = False  # shutdown: nothing more is pulled or offered
+        self._thread = None
+
+    def start(self):
+        """Starts offering (on `initialized`); once at most, never after a shutdown."""
+        with self._lock:
+            if self._thread is None and not self._stopping:
+                self._thread = threading.Thread(target=self._serve, name="offers", daemon=True)
+                self._thread.start()
+
+    def stop(self):
+        """Shutdown: pulls and offers nothing more, waits for the offering thread to close the
+        generator and for every outstanding offer to be answered, then releases the offers
+        waiting to be offered again. Callbacks go to the pool, which the caller waits for."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        with self._lock:
+            while self._outstanding:
+                self._lock.wait()
+            while self._waiting:
+                self._release(self._waiting.popleft()[1], "shutting down")
+
+    # -- the offering thread
+
+    def _serve(self):
+        try:
+            self._offer_from(iter(self._make_offers(self.window)))
+        except BaseException:
+            # A dead generator offers nothing again: crashing lets the worker restart the
+            # plugin (with backoff), which calls it afresh; unacked offers come back then.
+            _log("the @plugin.offers generator failed; the plugin exits so that the worker "
+                 "restarts it:\n" + traceback.format_exc())
+            os._exit(1)
+
+    def _offer_from(self, items):
+        try:
+            offer = self._next_offer(items)
+            while offer is not None:
+                self._send(offer)
+                offer = self._next_offer(items)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    def _next_offer(self, items):
+        """The next offer to send, once the window has a place for it: a due re-offer first,
+        else the generator's next Offer. None when stopping, or once the generator has ended
+        and no offer is left to answer or offer again."""
+        while True:
+            turn = self._wait_for_turn()
+            if turn is not _PULL:
+                return turn
+            try:
+                item = next(items)
+            except StopIteration:
+                with self._lock:
+                    self._exhausted = True
+                continue
+            if item is not None:
+                if not isinstance(item, Offer):
+                    raise TypeError("@plugin.offers yielded %r: yield Offer(...) objects, or "
+                                    "None when nothing is ready" % (item,))
+                return item
+
+    def _wait_for_turn(self):
+        """Waits for a window place, then says what fills it: a due re-offer, _PULL, or None
+        (stopping, or nothing left at all)."""
+        with self._lock:
+            while not self._stopping:
+                now = time.monotonic()
+                room = len(self._outstanding) < self.window
+                if room and self._waiting and self._waiting[0][0] <= now:
+                    return self._waiting.popleft()[1]
+                if room and not self._exhausted and len(self._waiting) < self.window:
+                    return _PULL
+                if self._exhausted and not (self._waiting or self._outstanding):
+                    return None
+                # An answer notifies; a re-offer falls due on its own.
+                self._lock.wait(self._waiting[0][0] - now if room and self._waiting else None)
+            return None
+
+    def _send(self, offer):
+        try:
+            params = _dumps(offer._params())
+        except (TypeError, ValueError) as exc:  # NaN, a circular structure
+            _log("cannot offer task %s: %s; released" % (offer.task_id, exc))
+            return self._release(offer, "cannot offer: %s" % exc)
+        with self._lock:
+            if self._stopping:  # pulled (or fell due) just as the shutdown came
+                return self._release(offer, "shutting down")
+            id_ = next(self._ids)
+            # Registered before it is written: the answer may come back at once.
+            self._outstanding[id_] = offer
+            self._by_task_id[offer.task_id] = offer
+        self._plugin._write(('{"jsonrpc":"2.0","id":%d,"method":"task.offer","params":%s}\n' % (
+            id_, params)).encode("utf-8"))
+
+    # -- on the thread that reads stdin
+
+    def answered(self, msg):
+        """The worker's answer to one of our offers."""
+        id_ = msg.get("id")
+        with self._lock:
+            offer = self._outstanding.get(id_)
+        if offer is None:
+            return _log("an answer to no outstanding offer (id %r) was ignored" % (id_,))
+        error = msg.get("error")
+        if not isinstance(error, dict):
+            return self._settle(id_, outcome=msg.get("result"))
+        message = str(error.get("message") or "offer refused (%s)" % error.get("code"))
+        if error.get("code") in (SHUTTING_DOWN, WINDOW_FULL):
+            return self._settle(id_, not_taken=message)
+        _log("the worker refused the offer of task %s for good (%s: %s): released" % (
+            offer.task_id, error.get("code"), message))
+        self._settle(id_, released=message)
+
+    def _settle(self, id_, outcome=None, not_taken=None, released=None):
+        """Frees answered offer `id_`'s window place and hands it on: its `outcome` to
+        on_outcome, or (`not_taken`) to wait and be offered again, or to on_release (`released`,
+        and `not_taken` while stopping). Callbacks are submitted before the place is freed, so
+        a shutdown that sees no offer outstanding finds them on the pool."""
+        with self._lock:
+            offer = self._outstanding.pop(id_)
+            if self._by_task_id.get(offer.task_id) is offer:
+                del self._by_task_id[offer.task_id]
+            if not_taken is not None and not self._stopping:
+                self._waiting.append((time.monotonic() + _REOFFER_DELAY, offer))
+            elif not_taken is not None or released is not None:
+                self._release(offer, not_taken if not_taken is not None else released)
+            else:
+                self._plugin._submit(_call_back, offer, "on_outcome", outcome)
+            self._lock.notify_all()
+
+    def _release(self, offer, reason):
+        self._plugin._submit(_call_back, offer, "on_release", reason)
+
+    def notified(self, method, params):
+        """`offer.progress` or `offer.stream`: to the matching outstanding offer's callback."""
+        with self._lock:
+            offer = self._by_task_id.get(params.get("task_id"))
+        if offer is None:
+            return  # answered meanwhile, or not ours: notifications are best effort
+        if method == "offer.progress":
+            _call_back(offer, "on_progress", params.get("done"), params.get("total"),
+                       params.get("message"))
+        else:
+            _call_back(offer, "on_stream", params.get("items") or [])
+
+
 class Plugin:
     def __init__(self, name, version, capture_output=True):
         """`capture_output=False` leaves what tasks print on stderr, unattributed, instead of
@@ -430,7 +698,11 @@ class Plugin:
         self._running_lock = threading.Condition()
         self._shutting_down = False
         self._pool = None
+        self._jobs = 0  # callbacks and stores on the pool, queued or running (under _running_lock)
         self._event_handler = None
+        self._offers_fn = None
+        self._offers = None  # the _Offers, once the worker made this plugin a queue backend
+        self._store_fn = None
 
     def task(self, name=None, description=None):
         """Decorator registering a handler under `name` (default: the function's name)."""
@@ -450,6 +722,26 @@ class Plugin:
         reads requests: keep it quick, since while it runs the worker drops events for this
         plugin (counted in the next event's `dropped`). An exception is logged, not fatal."""
         self._event_handler = fn
+        return fn
+
+    def offers(self, fn):
+        """Decorator registering the plugin's queue (protocol 1.5): `fn(window)` is called once,
+        on a thread of its own, after the worker's `initialized`, when the worker made this
+        plugin a queue backend (`provides = ["queue_backend"]` in plugin.toml). It yields
+        Offer objects, or None when nothing is ready, so the SDK can notice a shutdown. The
+        SDK asks for the next item only while fewer than `window` offers are unanswered, and
+        at shutdown stops asking and closes the generator. Should the generator raise, the
+        plugin exits for the worker to restart it."""
+        self._offers_fn = fn
+        return fn
+
+    def stores(self, fn):
+        """Decorator registering the plugin's result store (protocol 1.5): `fn(record)` gets
+        each `result.store` request's params as a dict (`task_id`, `task`, `state`, `result`
+        or `error`, `args`, `kwargs`, `submitter`, `attempts`, `started`, `finished`) on the
+        thread pool, as tasks run, and returns once the record is stored (an upsert by
+        `task_id`: a record may come twice). Raising makes the worker store it again later."""
+        self._store_fn = fn
         return fn
 
     def _on_event(self, params):
@@ -583,6 +875,7 @@ class Plugin:
         self._pool = queue.SimpleQueue()
         for i in range(concurrency):
             threading.Thread(target=self._serve_tasks, name="task-%d" % i, daemon=True).start()
+        self._offers = self._queue_backend(params.get("queue_backend"))
         tasks = []
         for name in self._tasks:
             info = {"name": name}
@@ -598,6 +891,18 @@ class Plugin:
             "capabilities": ["cancel", "progress", "stream", "ping_while_busy"],
         })
 
+    def _queue_backend(self, init):
+        """The queue-backend side, when the plugin has `@plugin.offers` and the worker's
+        initialize made it a queue backend (`queue_backend.window`); else None."""
+        if self._offers_fn is None:
+            return None
+        if not isinstance(init, dict):
+            _log("@plugin.offers is registered but the worker did not make this plugin a queue "
+                 "backend (no queue_backend in initialize): add `provides = [\"queue_backend\"]` "
+                 "to plugin.toml; nothing is offered")
+            return None
+        return _Offers(self, self._offers_fn, max(1, int(init.get("window") or 16)))
+
     def _run_task(self, id_, params):
         task_id = params.get("task_id")
         name = params.get("task")
@@ -612,14 +917,40 @@ class Plugin:
         self._running[task_id] = ctx
         if ctx.delivery_info.get("serializer") == "jsonpickle":
             # Decoded on the task's thread: the reader stays free for pings and cancels.
-            self._pool.put((id_, _decoding_jsonpickle(fn, params.get("args") or []), ctx, (), {}))
+            self._pool.put((self._execute, (
+                id_, _decoding_jsonpickle(fn, params.get("args") or []), ctx, (), {})))
         else:
-            self._pool.put((id_, fn, ctx, params.get("args") or [], ctx.kwargs))
+            self._pool.put((self._execute, (id_, fn, ctx, params.get("args") or [], ctx.kwargs)))
 
     def _serve_tasks(self):
         take = self._pool.get
         while True:
-            self._execute(*take())
+            job, args = take()
+            job(*args)
+
+    def _submit(self, fn, *args):
+        """Runs `fn(*args)` on the pool, counted so that a shutdown waits for it."""
+        with self._running_lock:
+            self._jobs += 1
+        self._pool.put((self._run_job, (fn, args)))
+
+    def _run_job(self, fn, args):
+        try:
+            fn(*args)
+        except BaseException:  # the pool's thread must outlive it
+            _log("%s failed:\n%s" % (getattr(fn, "__name__", fn), traceback.format_exc()))
+        finally:
+            with self._running_lock:
+                self._jobs -= 1
+                self._running_lock.notify_all()
+
+    def _store(self, id_, record):
+        """A `result.store` request, on the pool: `{}` once stored, -32000 if the store raised."""
+        try:
+            self._store_fn(record)
+        except BaseException as exc:  # a failed store must never end the plugin
+            return self._fail(id_, exc)
+        self._reply(id_, {})
 
     def _execute(self, id_, fn, ctx, args, kwargs):
         _current.ctx = ctx
@@ -663,8 +994,11 @@ class Plugin:
         self._shutting_down = True
 
         def wait_then_reply():
+            # Offers first: their answers submit callbacks, which the pool then runs.
+            if self._offers is not None:
+                self._offers.stop()
             with self._running_lock:
-                while self._running:
+                while self._running or self._jobs:
                     self._running_lock.wait(0.1)
             self._reply(id_, None)
 
@@ -680,16 +1014,12 @@ class Plugin:
         id_ = msg.get("id")
         params = msg.get("params") or {}
         if method is None:
-            return  # a response: the worker sends none we wait for
-        if id_ is None:
-            if method == "task.cancel":
-                self._cancel(params)
-            elif method == "event":
-                self._on_event(params)
-            elif method == "exit":
-                self._out.flush()
-                os._exit(0)
+            # A response: only a queue backend asks the worker anything (task.offer).
+            if self._offers is not None:
+                self._offers.answered(msg)
             return
+        if id_ is None:
+            return self._notified(method, params)
         if method == "initialize":
             self._initialize(id_, params)
         elif method == "task.run":
@@ -698,8 +1028,29 @@ class Plugin:
             self._reply(id_, {})
         elif method == "shutdown":
             self._shutdown(id_)
+        elif method == "result.store" and self._store_fn is not None:
+            if self._pool is None:
+                return self._error(id_, -32600, "result.store before initialize")
+            # Accepted while shutting down too: the worker stores an offered task's result
+            # before it answers the offer, and a shutdown waits for those answers.
+            self._submit(self._store, id_, params)
         else:
             self._error(id_, METHOD_NOT_FOUND, "unknown method %s" % method)
+
+    def _notified(self, method, params):
+        if method == "task.cancel":
+            self._cancel(params)
+        elif method == "event":
+            self._on_event(params)
+        elif method in ("offer.progress", "offer.stream"):
+            if self._offers is not None:
+                self._offers.notified(method, params)
+        elif method == "initialized":
+            if self._offers is not None:
+                self._offers.start()
+        elif method == "exit":
+            self._out.flush()
+            os._exit(0)
 
     def run(self):
         """Serves the protocol until the worker says `exit` or closes stdin."""

@@ -27,7 +27,7 @@ fn python_sdk() -> String {
 }
 
 /// The version in `plugin-protocol/python/pyproject.toml` (the packaged wheel's name has it).
-const PYTHON_SDK_VERSION: &str = "1.4.0";
+const PYTHON_SDK_VERSION: &str = "1.5.0";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Lang {

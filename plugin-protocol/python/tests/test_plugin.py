@@ -15,10 +15,10 @@ FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixture_plug
 
 
 class Session:
-    """The fixture plugin as a child process, and its messages as they come."""
+    """A fixture plugin (`script`) as a child process, and its messages as they come."""
 
-    def __init__(self, python=sys.executable, env=None):
-        self.child = subprocess.Popen([python, FIXTURE], stdin=subprocess.PIPE,
+    def __init__(self, python=sys.executable, env=None, script=FIXTURE):
+        self.child = subprocess.Popen([python, script], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         self.messages = []
         self._lines = queue.Queue()
@@ -112,7 +112,7 @@ class PluginTest(unittest.TestCase):
 
     def test_initialize_names_the_plugin_its_tasks_and_capabilities(self):
         result = self.init["result"]
-        self.assertEqual(result["protocol_version"], "1.4")
+        self.assertEqual(result["protocol_version"], "1.5")
         self.assertEqual(result["plugin"], {"name": "fixture", "version": "0.1.0"})
         self.assertEqual(result["tasks"][0], {"name": "t.add", "description": "Adds"})
         self.assertIn("ping_while_busy", result["capabilities"])
