@@ -278,7 +278,9 @@ fn a_result_backend_that_is_down_holds_the_answer_and_stores_it_once_back() {
     let stored = s.socket.with_extension("stored");
     let down = s.socket.with_extension("down");
     sink_plugin(&s.plugins, &stored, &down, "[\"f.*\"]");
-    let mut d = Daemon::start(&s.plugins, &s.socket);
+    let metrics = ["--metrics-listen", "127.0.0.1:0"];
+    let mut d = Daemon::start_with(&s.plugins, &s.socket, &metrics);
+    let addr = metrics_addr(&mut d);
     // Up: a success and a failure stored before the submitter hears either.
     let out = output(&mut d.cli(&["task", "run", "f.note", "1", &s.notes.display().to_string()]));
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -328,6 +330,11 @@ fn a_result_backend_that_is_down_holds_the_answer_and_stores_it_once_back() {
     let b = &plugin_status(&d, "sink")["backends"];
     assert_eq!(b["results_stored"], 3, "{b}");
     assert_eq!(b["results_pending"], 0, "{b}");
+    let (_, _, body) = scrape(&addr);
+    assert!(body.contains("worker_results_stored_total{plugin=\"sink\"} 3"), "{body}");
+    assert!(body.contains("worker_results_pending{plugin=\"sink\"} 0"), "{body}");
+    let failures = "worker_result_store_failures_total{plugin=\"sink\"} ";
+    assert!(body.contains(failures), "{body}");
     d.wait_log("did not store task");
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(d.wait_exit().success());

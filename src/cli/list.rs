@@ -282,6 +282,9 @@ fn print_live(p: &PluginStatus) {
             e.dropped
         ));
     }
+    if let Some(b) = &p.backends {
+        output::line(&format!("    {}", super::live::backends_line(b)));
+    }
     for i in &p.instances {
         output::line(&format!("    {}", instance_line(i)));
     }

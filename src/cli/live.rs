@@ -81,3 +81,24 @@ fn ago(at: f64) -> String {
         .unwrap_or(0.0);
     human(std::time::Duration::from_secs_f64((now - at).max(0.0)))
 }
+
+/// What a queue or result backend did: `queue_backend (window 16): 3 offers in flight, ...`.
+pub(super) fn backends_line(b: &crate::supervisor::status::BackendsStatus) -> String {
+    let mut parts = Vec::new();
+    if let Some(window) = b.window {
+        parts.push(format!(
+            "queue_backend (window {window}): {} offers in flight, {} answered, {} not taken, {} refused",
+            b.offers_in_flight, b.offers_answered, b.offers_not_taken, b.offers_refused
+        ));
+    }
+    if b.provides
+        .iter()
+        .any(|p| p == plugin_protocol::provides::RESULT_BACKEND)
+    {
+        parts.push(format!(
+            "result_backend: {} stored, {} pending, {} failed stores",
+            b.results_stored, b.results_pending, b.result_store_failures
+        ));
+    }
+    parts.join("; ")
+}

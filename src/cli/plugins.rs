@@ -338,6 +338,18 @@ fn print_manifest(
         "  {} instance(s) x {} concurrent, max_attempts {}",
         m.instances, m.concurrency, m.max_attempts
     ));
+    if let Some(q) = &m.backends.queue_backend {
+        output::line(&format!(
+            "  provides queue_backend: window {} offers per process",
+            q.window
+        ));
+    }
+    if let Some(r) = &m.backends.result_backend {
+        output::line(&format!(
+            "  provides result_backend: stores the results of {}",
+            r.tasks.join(", ")
+        ));
+    }
     output::line("  tasks:");
     for t in tasks {
         let description = t["description"].as_str().map(|d| format!(" - {d}"));
@@ -355,6 +367,9 @@ fn print_live_detail(p: &PluginStatus) {
     if let crate::supervisor::status::PluginState::Failed(reason) = &p.state {
         output::line(&format!("  failed: {reason}"));
         output::line(&format!("  {}", next_try(p)));
+    }
+    if let Some(b) = &p.backends {
+        output::line(&format!("  {}", super::live::backends_line(b)));
     }
     for i in &p.instances {
         output::line(&format!("  {}", instance_line(i)));

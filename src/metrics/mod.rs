@@ -371,6 +371,73 @@ impl Collector for PoolSnapshot {
             ),
             |p| ConstGauge::new(p.uptime_secs),
         )?;
-        Self::per_instance(e, &plugins)
+        Self::per_instance(e, &plugins)?;
+        Self::per_backend(e, &plugins)
+    }
+}
+
+impl PoolSnapshot {
+    /// The work of queue and result backends (protocol 1.5), for the plugins that provide one.
+    fn per_backend(
+        e: &mut DescriptorEncoder,
+        plugins: &[PluginStatus],
+    ) -> Result<(), std::fmt::Error> {
+        let backends: Vec<PluginStatus> = plugins
+            .iter()
+            .filter(|p| p.backends.is_some())
+            .cloned()
+            .collect();
+        let b = |p: &PluginStatus| p.backends.clone().unwrap_or_default();
+        type Read = fn(&crate::supervisor::status::BackendsStatus) -> u64;
+        let gauges: [(&str, &str, Read); 2] = [
+            (
+                "offers_in_flight",
+                "Offered tasks a queue backend waits for",
+                |b| b.offers_in_flight,
+            ),
+            (
+                "results_pending",
+                "Final states waiting for a result backend to store them",
+                |b| b.results_pending,
+            ),
+        ];
+        for (name, help, read) in gauges {
+            Self::per_plugin(e, &backends, (name, help), |p| {
+                ConstGauge::new(read(&b(p)) as i64)
+            })?;
+        }
+        let counters: [(&str, &str, Read); 5] = [
+            (
+                "offers_answered",
+                "Offers answered with a final state",
+                |b| b.offers_answered,
+            ),
+            (
+                "offers_not_taken",
+                "Offers answered not run (offer again later)",
+                |b| b.offers_not_taken,
+            ),
+            (
+                "offers_refused",
+                "Offers refused as malformed or beyond the window",
+                |b| b.offers_refused,
+            ),
+            (
+                "results_stored",
+                "Final states a result backend stored",
+                |b| b.results_stored,
+            ),
+            (
+                "result_store_failures",
+                "result.store attempts that failed (retried)",
+                |b| b.result_store_failures,
+            ),
+        ];
+        for (name, help, read) in counters {
+            Self::per_plugin(e, &backends, (name, help), |p| {
+                ConstCounter::new(read(&b(p)))
+            })?;
+        }
+        Ok(())
     }
 }
