@@ -1,4 +1,4 @@
-// Node.js SDK for `worker` plugins (protocol 1.4). No dependencies.
+// Node.js SDK for `worker` plugins (protocol 1.5). No dependencies.
 //
 //   const { Plugin } = require('worker-plugin');
 //   const plugin = new Plugin('my-plugin', '1.0.0');
@@ -21,13 +21,18 @@
 // `ctx.serializer === 'jsonpickle'`) gets its args and kwargs as the JSON they came as:
 // jsonpickle's tags (`py/object`, `py/reduce`, `py/id`, ...) intact, tuples made arrays by the
 // worker. This SDK decodes nothing (the Python SDK does, when jsonpickle is installed).
+//
+// Queue and result backends (1.5): `plugin.offers(async function* (window) { ... })` yields
+// the tasks of the plugin's own queue as offers, `plugin.stores(async (record) => ...)` stores
+// final states (see `offers` and `stores`, and backends.js).
 'use strict';
 
 const readline = require('readline');
 const { types } = require('util');
 const files = require('./files');
+const { QueueBackend, ResultBackend } = require('./backends');
 
-const PROTOCOL_VERSION = '1.4';
+const PROTOCOL_VERSION = '1.5';
 const PARSE_ERROR = -32700;
 const METHOD_NOT_FOUND = -32601;
 const INVALID_REQUEST = -32600;
@@ -291,6 +296,41 @@ class Plugin {
     this._shuttingDown = null;
     this._write = null;
     this._onEvent = null;
+    this._offersFn = null;
+    this._offers = null; // the QueueBackend, once initialize made this plugin one
+    this._storeFn = null;
+    this._stores = null; // the ResultBackend, once initialized
+  }
+
+  /**
+   * Makes the plugin a queue backend (protocol 1.5, `provides = ["queue_backend"]` in
+   * plugin.toml): `fn(window)`, an async (or plain) generator function, is called once after
+   * the worker's `initialized`, when its `initialize` carried a `queue_backend` window. It
+   * yields offers, `{ task, args, kwargs, taskId, softTimeLimit, hardTimeLimit, onOutcome,
+   * onProgress, onStream, onRelease }` (`onOutcome` required), or null when nothing is ready
+   * (after waiting a little: the SDK asks again at once). The SDK asks for the next one only
+   * while fewer than `window` offers are unanswered; at shutdown it stops asking and closes the
+   * generator. `onOutcome(outcome)` gets the task's final state (`task_id`, `state`, `result`
+   * or `error`): record it and ack the task now. `onRelease(reason)`: the offer was given up
+   * (refused for good, or the plugin is shutting down): do not ack it. `onProgress(done,
+   * total, message)` and `onStream(items)` get the running task's progress and stream items.
+   * A generator that throws ends the plugin, for the worker to restart it.
+   */
+  offers(fn) {
+    this._offersFn = fn;
+    return this;
+  }
+
+  /**
+   * Makes the plugin a result backend (protocol 1.5, `provides = ["result_backend"]`):
+   * `fn(record)` (may be async) gets each `result.store` request's params (`task_id`, `task`,
+   * `state`, `result` or `error`, `args`, `kwargs`, `submitter`, `attempts`, `started`,
+   * `finished`), at most `concurrency` at once, and returns once it is stored (an upsert by
+   * `task_id`: a record may come twice). Throwing makes the worker store it again later.
+   */
+  stores(fn) {
+    this._storeFn = fn;
+    return this;
   }
 
   /**
@@ -335,6 +375,11 @@ class Plugin {
   _initialize(id, params) {
     this.settings = params.settings || {};
     this._initialized = true;
+    this._offers = this._queueBackend(params.queue_backend);
+    if (this._storeFn) {
+      const concurrency = (params.limits && params.limits.concurrency) || 1;
+      this._stores = new ResultBackend(this, this._storeFn, concurrency);
+    }
     const tasks = [...this._tasks].map(([name, t]) => (t.description ? { name, description: t.description } : { name }));
     this._send({
       id,
@@ -346,6 +391,26 @@ class Plugin {
         capabilities: ['cancel', 'progress', 'stream', 'ping_while_busy'],
       },
     });
+  }
+
+  /** The queue-backend side, when the plugin has `offers` and initialize made it a queue
+   * backend (`queue_backend.window`); else null. */
+  _queueBackend(init) {
+    if (!this._offersFn) return null;
+    if (init === null || typeof init !== 'object') {
+      console.error('plugin.offers is registered but the worker did not make this plugin a queue backend '
+        + '(no queue_backend in initialize): add `provides = ["queue_backend"]` to plugin.toml; nothing is offered');
+      return null;
+    }
+    return new QueueBackend(this, this._offersFn, Math.max(1, Math.trunc(Number(init.window)) || 16));
+  }
+
+  /** `result.store`: run by the ResultBackend; accepted while shutting down too, since the
+   * worker stores an offered task's result before it answers the offer. */
+  _store(id, params) {
+    if (!this._storeFn) return this._error(id, METHOD_NOT_FOUND, 'unknown method result.store');
+    if (!this._initialized) return this._error(id, INVALID_REQUEST, 'result.store before initialize');
+    return this._stores.store(id, params);
   }
 
   async _run(id, params) {
@@ -394,7 +459,8 @@ class Plugin {
   }
 
   _maybeShutDown() {
-    if (this._shuttingDown !== null && this._running.size === 0) {
+    if (this._shuttingDown !== null && this._running.size === 0
+        && (!this._offers || this._offers.drained()) && (!this._stores || this._stores.idle())) {
       const id = this._shuttingDown;
       this._shuttingDown = undefined;
       if (id !== undefined) this._send({ id, result: null });
@@ -403,13 +469,21 @@ class Plugin {
 
   _dispatch(msg) {
     const { id, method, params = {} } = msg;
-    if (method === undefined) return; // a response: the worker sends none we wait for
+    if (method === undefined) {
+      // A response: only a queue backend asks the worker anything (task.offer).
+      if (this._offers) this._offers.answered(msg);
+      return;
+    }
     if (id === undefined || id === null) {
       if (method === 'task.cancel') {
         const ctx = this._running.get(params.task_id);
         if (ctx) ctx._cancel();
       } else if (method === 'event') {
         this._event(params);
+      } else if (method === 'initialized') {
+        if (this._offers) this._offers.start();
+      } else if (method === 'offer.progress' || method === 'offer.stream') {
+        if (this._offers) this._offers.notified(method, params);
       } else if (method === 'exit') {
         process.exit(0);
       }
@@ -418,8 +492,10 @@ class Plugin {
     if (method === 'initialize') this._initialize(id, params);
     else if (method === 'task.run') this._run(id, params);
     else if (method === 'ping') this._send({ id, result: {} });
+    else if (method === 'result.store') this._store(id, params);
     else if (method === 'shutdown') {
       this._shuttingDown = id;
+      if (this._offers) this._offers.stop();
       this._maybeShutDown();
     } else this._error(id, METHOD_NOT_FOUND, `unknown method ${method}`);
   }

@@ -18,13 +18,6 @@ pub mod provides {
 /// Longest `task_id` an offer may carry, in bytes.
 pub const MAX_OFFER_ID_BYTES: usize = 255;
 
-/// `initialize` params' `queue_backend` (1.5): sent only to a queue backend.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct QueueBackendInit {
-    /// How many `task.offer` requests the process may have unanswered at once.
-    pub window: u32,
-}
-
 /// `task.offer` params: one task from the plugin's queue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskOfferParams {

@@ -18,10 +18,14 @@ pub mod files;
 pub mod message;
 pub mod methods;
 pub mod plugin;
+mod plugin_backends;
+mod plugin_error;
+mod plugin_offers;
+mod plugin_pool;
 
+pub use backends::*;
 pub use codec::{encode_line, Frame, LineDecoder, DEFAULT_MAX_LINE_BYTES};
 pub use message::{
     request_line, ErrorObject, Id, Message, Notification, ParseError, Request, Response,
 };
-pub use backends::*;
 pub use methods::*;

@@ -121,7 +121,14 @@ pub struct InitializeParams {
     pub limits: Limits,
     /// Sent only to a queue backend (1.5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub queue_backend: Option<crate::backends::QueueBackendInit>,
+    pub queue_backend: Option<QueueBackendInit>,
+}
+
+/// `initialize` params' `queue_backend` (1.5): sent only to a queue backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueBackendInit {
+    /// How many `task.offer` requests the process may have unanswered at once.
+    pub window: u32,
 }
 
 /// One task a plugin serves.

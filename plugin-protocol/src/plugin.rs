@@ -19,10 +19,17 @@
 //! thread that batches what is ready, so pipelined requests cost few syscalls. Handlers see
 //! cancellation through [`TaskContext::is_cancelled`]; a panicking handler fails its task,
 //! not the plugin. Stdout belongs to the protocol: log with `eprintln!` or [`TaskContext::log`].
+//!
+//! Queue and result backends (protocol 1.5) register with [`Plugin::offers`] and
+//! [`Plugin::stores`]; `plugin_backends` and `plugin_offers` serve them, fed their messages here.
 
+use crate::backends::ResultStoreParams;
 use crate::codec::{Frame, LineDecoder};
 use crate::message::{ErrorObject, Id, Message, Notification, Request, Response};
 use crate::methods::*;
+use crate::plugin_backends::{BackendSession, Backends};
+pub use crate::plugin_error::TaskError;
+pub use crate::plugin_offers::{Closed, Offer, Offers};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -36,95 +43,6 @@ use std::thread;
 /// A task handler: gets the task's context and params, returns its JSON result or an error.
 pub type Handler =
     Arc<dyn Fn(&TaskContext, &TaskRunParams) -> Result<Value, TaskError> + Send + Sync>;
-
-/// An error a task ends with; becomes a `task.run` error response.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TaskError {
-    pub exc_type: String,
-    pub message: String,
-    pub retryable: bool,
-    pub traceback: Option<String>,
-    /// Set by [`TaskError::retry`]: the task asks to be run again later (protocol 1.4).
-    /// Boxed: the common error stays small.
-    pub retry: Option<Box<TaskRetryData>>,
-}
-
-impl TaskError {
-    /// An error of the given type name (what a Celery client will see) and message.
-    pub fn new(exc_type: impl Into<String>, message: impl Into<String>) -> Self {
-        TaskError {
-            exc_type: exc_type.into(),
-            message: message.into(),
-            retryable: false,
-            traceback: None,
-            retry: None,
-        }
-    }
-
-    /// Asks the worker to run the task again later, as Celery's `self.retry(...)` does
-    /// (protocol 1.4): after `countdown` (default 180 s), at most `max_retries` times in all
-    /// (default 3), failing with `exc` once none is left (`MaxRetriesExceededError` without one).
-    ///
-    /// `return Err(TaskError::retry(Some(Duration::from_secs(5)), Some(3), Some(cause)))`
-    pub fn retry(
-        countdown: Option<std::time::Duration>,
-        max_retries: Option<u64>,
-        exc: Option<TaskError>,
-    ) -> Self {
-        let message = exc
-            .as_ref()
-            .map(|e| format!("{}: {}", e.exc_type, e.message))
-            .unwrap_or_default();
-        TaskError {
-            retry: Some(Box::new(TaskRetryData {
-                countdown: countdown.map(|d| d.as_secs_f64()),
-                eta: None,
-                max_retries,
-                exc: exc.map(|e| e.data()),
-            })),
-            ..TaskError::new("Retry", message)
-        }
-    }
-
-    /// The error a handler returns after it saw [`TaskContext::is_cancelled`].
-    pub fn cancelled() -> Self {
-        TaskError::new("Cancelled", "task cancelled")
-    }
-
-    /// Marks the error as one that a retry could fix.
-    pub fn retryable(mut self) -> Self {
-        self.retryable = true;
-        self
-    }
-
-    fn data(&self) -> TaskErrorData {
-        TaskErrorData {
-            exc_type: self.exc_type.clone(),
-            message: self.message.clone(),
-            module: None,
-            traceback: self.traceback.clone(),
-            retryable: self.retryable,
-        }
-    }
-
-    fn to_error_object(&self) -> ErrorObject {
-        if let Some(retry) = &self.retry {
-            let message = match self.message.is_empty() {
-                true => "retry".to_string(),
-                false => format!("retry: {}", self.message),
-            };
-            return ErrorObject::new(code::TASK_RETRY, message)
-                .with_data(serde_json::to_value(retry).expect("retry data serializes"));
-        }
-        let code = if self.exc_type == "Cancelled" {
-            code::TASK_CANCELLED
-        } else {
-            code::TASK_FAILED
-        };
-        ErrorObject::new(code, format!("{}: {}", self.exc_type, self.message))
-            .with_data(serde_json::to_value(self.data()).expect("error data serializes"))
-    }
-}
 
 /// Queue of encoded lines for the writer thread.
 type Outbox = mpsc::Sender<Vec<u8>>;
@@ -247,6 +165,8 @@ struct Session {
     in_flight: Arc<InFlight>,
     shutting_down: Arc<AtomicBool>,
     jobs: Option<mpsc::Sender<Job>>,
+    /// The queue and result backends' side, once `initialize` started it.
+    backends: Option<BackendSession>,
 }
 
 impl Session {
@@ -262,6 +182,7 @@ pub struct Plugin {
     tasks: Vec<TaskInfo>,
     handlers: HashMap<String, Handler>,
     on_event: Option<EventHandler>,
+    backends: Backends,
 }
 
 /// What a plugin does with each `event` it is sent (see [`Plugin::on_event`]).
@@ -275,7 +196,35 @@ impl Plugin {
             tasks: Vec::new(),
             handlers: HashMap::new(),
             on_event: None,
+            backends: Backends::default(),
         }
+    }
+
+    /// Makes the plugin a queue backend (protocol 1.5, `provides = ["queue_backend"]`): after
+    /// `initialized`, `offers(window, &Offers)` is called once, on a thread of its own, only if
+    /// `initialize` carried a `queue_backend` window. It takes tasks from the plugin's queue and
+    /// hands each to [`Offers::offer`], which waits while the window is full and returns
+    /// [`Closed`] once `shutdown` began: then return (`shutdown` is answered after it has, and
+    /// after every offer's answer). See [`Offer`] for what is called when; a panic here ends
+    /// the process, so that the worker restarts the plugin.
+    pub fn offers<F>(mut self, offers: F) -> Self
+    where
+        F: FnOnce(u32, &Offers) + Send + 'static,
+    {
+        self.backends.set_offers(Box::new(offers));
+        self
+    }
+
+    /// Makes the plugin a result backend (protocol 1.5, `provides = ["result_backend"]`): each
+    /// `result.store` runs `store(record)` on one of `concurrency` threads, during a shutdown
+    /// too; `Ok` answers `{}` (stored), `Err(message)` or a panic answers error -32000 and the
+    /// worker retries later. Store by `task_id` (an upsert): a record may come twice.
+    pub fn stores<F>(mut self, store: F) -> Self
+    where
+        F: Fn(ResultStoreParams) -> Result<(), String> + Send + Sync + 'static,
+    {
+        self.backends.set_store(Arc::new(store));
+        self
     }
 
     /// Handles the worker's `event` notifications, sent when `plugin.toml` subscribes
@@ -318,6 +267,7 @@ impl Plugin {
             in_flight: Arc::new(InFlight::default()),
             shutting_down: Arc::new(AtomicBool::new(false)),
             jobs: None,
+            backends: None,
         };
         let mut reader = BufReader::with_capacity(64 * 1024, input);
         let mut decoder = LineDecoder::new(crate::codec::DEFAULT_MAX_LINE_BYTES);
@@ -339,11 +289,15 @@ impl Plugin {
                 match Message::parse(&line) {
                     Ok(Message::Request(req)) => self.on_request(&mut session, req),
                     Ok(Message::Notification(n)) => {
-                        if self.on_notification(n, &session.in_flight).is_break() {
+                        if self.on_notification(n, &session).is_break() {
                             break 'read;
                         }
                     }
-                    Ok(Message::Response(_)) => {}
+                    Ok(Message::Response(r)) => {
+                        if let Some(backends) = &session.backends {
+                            backends.answered(r);
+                        }
+                    }
                     Err(e) => {
                         let err = ErrorObject::new(code::PARSE_ERROR, e.to_string());
                         session.reply(Response::err(None, err));
@@ -355,8 +309,12 @@ impl Plugin {
             out,
             in_flight,
             jobs,
+            backends,
             ..
         } = session;
+        if let Some(backends) = backends {
+            backends.close();
+        }
         drop(jobs);
         drop(out);
         let idle = in_flight
@@ -377,6 +335,7 @@ impl Plugin {
             method::INITIALIZE => {
                 let reply = match serde_json::from_value::<InitializeParams>(req.params) {
                     Ok(params) => {
+                        session.backends = Some(self.backends.start(&params, session.out.clone()));
                         let threads = params.limits.concurrency.max(1);
                         let settings = Arc::new(params.settings);
                         session.jobs = Some(start_pool(
@@ -406,12 +365,26 @@ impl Plugin {
                 }
             }
             method::PING => session.reply(Response::ok(req.id, Map::new())),
+            method::RESULT_STORE => match &session.backends {
+                Some(backends) => backends.store(req),
+                None => {
+                    let err =
+                        ErrorObject::new(code::INVALID_REQUEST, "result.store before initialize");
+                    session.reply(Response::err(Some(req.id), err));
+                }
+            },
             method::SHUTDOWN => {
                 session.shutting_down.store(true, Ordering::SeqCst);
-                let in_flight = session.in_flight.clone();
+                if let Some(backends) = &session.backends {
+                    backends.begin_shutdown();
+                }
+                let (in_flight, backends) = (session.in_flight.clone(), session.backends.clone());
                 let out = session.out.clone();
                 thread::spawn(move || {
                     in_flight.wait_empty();
+                    if let Some(backends) = backends {
+                        backends.wait_drained();
+                    }
                     let _ =
                         out.send(Message::Response(Response::ok(req.id, Value::Null)).to_line());
                 });
@@ -425,11 +398,25 @@ impl Plugin {
     }
 
     /// Handles a notification from the worker; `Break` for `exit`.
-    fn on_notification(&self, n: Notification, in_flight: &InFlight) -> ControlFlow<()> {
+    fn on_notification(&self, n: Notification, session: &Session) -> ControlFlow<()> {
         match n.method.as_str() {
+            method::INITIALIZED => {
+                if let Some(backends) = &session.backends {
+                    backends.initialized();
+                }
+            }
+            method::OFFER_PROGRESS | method::OFFER_STREAM => {
+                if let Some(backends) = &session.backends {
+                    backends.notified(n);
+                }
+            }
             method::TASK_CANCEL => {
                 if let Ok(p) = serde_json::from_value::<TaskCancelParams>(n.params) {
-                    let tasks = in_flight.tasks.lock().expect("in-flight lock poisoned");
+                    let tasks = session
+                        .in_flight
+                        .tasks
+                        .lock()
+                        .expect("in-flight lock poisoned");
                     if let Some(flag) = tasks.get(&p.task_id) {
                         flag.store(true, Ordering::SeqCst);
                     }

@@ -47,7 +47,7 @@ const run = (p, id, task, args = [], kwargs = {}) =>
 
 test('initialize names the plugin, its tasks and capabilities', async () => {
   const { p, init } = await initialized();
-  assert.strictEqual(init.result.protocol_version, '1.4');
+  assert.strictEqual(init.result.protocol_version, '1.5');
   assert.deepStrictEqual(init.result.plugin, { name: 'fixture', version: '0.1.0' });
   assert.deepStrictEqual(init.result.tasks[0], { name: 't.add', description: 'Adds' });
   assert.ok(init.result.capabilities.includes('ping_while_busy'));
