@@ -157,10 +157,7 @@ impl Daemon {
                     path: config.socket.clone(),
                     cause,
                 })?;
-        // So that an install through another socket keeps the copies this daemon runs.
-        let registration = crate::install::daemons::register(&config.state_dir, &config.socket)
-            .map_err(|e| tracing::warn!("cannot register in {}: {e}; installs through another socket may delete copies this daemon runs", config.state_dir.display()))
-            .ok();
+        let registration = register(&config);
         let names: Vec<String> = plugins.iter().map(|m| m.name.clone()).collect();
         let (reaper, info, cgroups) = contain(&config)?;
         let (offers, offer_inbox) = crate::supervisor::offer::OfferInbox::channel();
@@ -171,12 +168,7 @@ impl Daemon {
         };
         let supervisor = Arc::new(Supervisor::start(plugins, options));
         let dispatcher = Arc::new(Dispatcher::new(supervisor.clone()));
-        let offer_tasks = TaskTracker::new();
-        let offer_source = tokio::spawn(crate::offers::serve(
-            dispatcher.clone(),
-            offer_inbox,
-            offer_tasks.clone(),
-        ));
+        let offers = start_offers(&dispatcher, &supervisor, offer_inbox);
         let reload = ReloadSettings {
             state: StateDir::new(&config.state_dir),
             drain: config.drain_timeout(),
@@ -222,7 +214,7 @@ impl Daemon {
             _reaper: reaper,
             metrics,
             _notify: AbortOnDropHandle::new(notify),
-            offers: (AbortOnDropHandle::new(offer_source), offer_tasks),
+            offers,
         })
     }
 
@@ -306,6 +298,26 @@ impl Daemon {
         let _ = tokio::time::timeout(Duration::from_secs(5), offers.wait()).await;
         self.supervisor.stop(None).await;
     }
+}
+
+/// This daemon's entry in the state directory, so that an install through another socket
+/// keeps the copies this daemon runs.
+fn register(config: &Config) -> Option<crate::install::daemons::Registration> {
+    crate::install::daemons::register(&config.state_dir, &config.socket)
+        .map_err(|e| tracing::warn!("cannot register in {}: {e}; installs through another socket may delete copies this daemon runs", config.state_dir.display()))
+        .ok()
+}
+
+/// The offer source (see `offers`), taking what instances hand it, and its running offers.
+fn start_offers(
+    dispatcher: &Arc<Dispatcher>,
+    supervisor: &Supervisor,
+    inbox: tokio::sync::mpsc::UnboundedReceiver<crate::supervisor::offer::Offer>,
+) -> (AbortOnDropHandle<()>, TaskTracker) {
+    let tracker = TaskTracker::new();
+    let stats = supervisor.backend_stats().clone();
+    let serving = crate::offers::serve(dispatcher.clone(), stats, inbox, tracker.clone());
+    (AbortOnDropHandle::new(tokio::spawn(serving)), tracker)
 }
 
 /// What a daemon's reaper, status and cgroup tree are.

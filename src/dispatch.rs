@@ -157,11 +157,6 @@ impl Dispatcher {
         &self.metrics
     }
 
-    /// What queue and result backends did, by plugin name.
-    pub fn backend_stats(&self) -> &Arc<crate::supervisor::backend_stats::BackendStats> {
-        self.supervisor.backend_stats()
-    }
-
     /// False once a stop began: new tasks are refused.
     pub fn accepting(&self) -> bool {
         self.accepting.load(Ordering::SeqCst)
@@ -321,8 +316,7 @@ impl Dispatcher {
         });
     }
 
-    /// Runs an admitted `request` to its end, through reruns. Events go to `events` as they
-    /// come.
+    /// Runs an admitted `request` to its end, through reruns; its events go to `events`.
     async fn run_attempts(
         &self,
         request: &Arc<TaskRequest>,

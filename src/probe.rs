@@ -15,6 +15,27 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
+/// The answer to a request from the plugin: a `task.offer` is recorded and answered "not
+/// run" (the plugin keeps the task), anything else is an unknown method.
+fn answer_plugin_request(r: Request, offered: &mut Vec<(String, String)>) -> Vec<u8> {
+    let error = if r.method == method::TASK_OFFER {
+        let task = r.params["task"].as_str().unwrap_or("?").to_string();
+        let task_id = r.params["task_id"].as_str().unwrap_or("?").to_string();
+        offered.push((task, task_id.clone()));
+        crate::supervisor::offer::not_taken(
+            &task_id,
+            "shutting_down",
+            "this is `worker plugins test`",
+        )
+    } else {
+        ErrorObject::new(
+            plugin_protocol::code::METHOD_NOT_FOUND,
+            format!("`worker plugins test` has no method `{}`", r.method),
+        )
+    };
+    Message::Response(Response::err(Some(r.id), error)).to_line()
+}
+
 /// How long an install-time probe waits for a clean stop before killing the plugin.
 const PROBE_STOP_GRACE: Duration = Duration::from_secs(3);
 
@@ -34,6 +55,9 @@ pub struct Session {
     marker: String,
     /// `WORKER_PLUGIN_DATA` while probing: a temporary directory.
     _data: tempfile::TempDir,
+    /// The `(task, task_id)` of each `task.offer` a queue backend made, each answered "not
+    /// run" (so the plugin acks nothing: a test never consumes its queue).
+    pub offered: Vec<(String, String)>,
 }
 
 /// What went wrong talking to a plugin directly.
@@ -144,6 +168,7 @@ impl Session {
             _stderr_reader: stderr_reader,
             marker,
             _data: data,
+            offered: Vec::new(),
         })
     }
 
@@ -168,10 +193,10 @@ impl Session {
         self.send(Message::Request(Request::new(Id::Num(id), method, params)))
             .await
             .map_err(ProbeError::Write)?;
+        let (stdout, stdin, offered) = (&mut self.stdout, &mut self.stdin, &mut self.offered);
         let wait = async {
             loop {
-                let frame = self
-                    .stdout
+                let frame = stdout
                     .next()
                     .await
                     .map_err(ProbeError::Read)?
@@ -179,6 +204,10 @@ impl Session {
                 let Frame::Line(line) = frame else { continue };
                 match Message::parse(&line) {
                     Ok(Message::Response(r)) if r.id == Some(Id::Num(id)) => return Ok(r.result),
+                    Ok(Message::Request(r)) => {
+                        let answer = answer_plugin_request(r, offered);
+                        stdin.write_all(&answer).await.map_err(ProbeError::Write)?;
+                    }
                     // A string id never matches: say so now rather than time out.
                     Ok(Message::Response(Response {
                         id: Some(Id::Str(s)),
@@ -200,6 +229,28 @@ impl Session {
                 method: method.to_string(),
                 timeout,
             })?
+    }
+
+    /// Reads for `wait`, answering what the plugin asks meanwhile (a queue backend's
+    /// offers): for a test of what it does unprompted.
+    pub async fn listen(&mut self, wait: Duration) -> Result<(), ProbeError> {
+        let (stdout, stdin, offered) = (&mut self.stdout, &mut self.stdin, &mut self.offered);
+        let read = async {
+            loop {
+                let frame = stdout
+                    .next()
+                    .await
+                    .map_err(ProbeError::Read)?
+                    .ok_or(ProbeError::Closed)?;
+                let Frame::Line(line) = frame else { continue };
+                if let Ok(Message::Request(r)) = Message::parse(&line) {
+                    let answer = answer_plugin_request(r, offered);
+                    stdin.write_all(&answer).await.map_err(ProbeError::Write)?;
+                }
+            }
+        };
+        let heard: Result<Result<(), ProbeError>, _> = tokio::time::timeout(wait, read).await;
+        heard.unwrap_or(Ok(()))
     }
 
     /// Sends `initialize` and judges the reply by the same rules the pool uses.

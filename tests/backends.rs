@@ -185,7 +185,12 @@ fn offers_beyond_the_window_are_refused_and_an_answered_id_is_answered_again_wit
     );
     std::fs::create_dir_all(s.plugins.join("raw")).unwrap();
     write_manifest(&s.plugins.join("raw"), &text);
-    let mut d = Daemon::start(&s.plugins, &s.socket);
+    // Installed first: the install-time handshake's offers are answered "not run" and noted too.
+    let state = s.socket.with_extension("state");
+    let (installed, said) = install_all(&s.plugins, &state, &s.socket);
+    assert!(installed, "{said}");
+    let _ = std::fs::remove_file(&answers);
+    let mut d = Daemon::serve(&s.plugins, &state, &s.socket, &[]);
     wait_for("both rounds answered", Duration::from_secs(30), || {
         answers.exists() && json_lines(&answers).len() == 10
     });
@@ -331,11 +336,66 @@ fn a_result_backend_that_is_down_holds_the_answer_and_stores_it_once_back() {
     assert_eq!(b["results_stored"], 3, "{b}");
     assert_eq!(b["results_pending"], 0, "{b}");
     let (_, _, body) = scrape(&addr);
-    assert!(body.contains("worker_results_stored_total{plugin=\"sink\"} 3"), "{body}");
-    assert!(body.contains("worker_results_pending{plugin=\"sink\"} 0"), "{body}");
+    assert!(
+        body.contains("worker_results_stored_total{plugin=\"sink\"} 3"),
+        "{body}"
+    );
+    assert!(
+        body.contains("worker_results_pending{plugin=\"sink\"} 0"),
+        "{body}"
+    );
     let failures = "worker_result_store_failures_total{plugin=\"sink\"} ";
     assert!(body.contains(failures), "{body}");
     d.wait_log("did not store task");
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(d.wait_exit().success());
+}
+
+#[test]
+fn plugins_test_answers_a_queue_backend_not_run_and_has_a_result_backend_store_a_record() {
+    let s = setup();
+    enqueue(&s.spool, "a", "f.note", json!([1]));
+    enqueue(&s.spool, "b", "f.note", json!([2]));
+    spool_plugin(&s.plugins, &s.spool, 4, "");
+    let stored = s.socket.with_extension("stored");
+    let down = s.socket.with_extension("down");
+    sink_plugin(&s.plugins, &stored, &down, "[\"*\"]");
+    let test = |name: &str| {
+        output(
+            worker()
+                .args(["plugins", "test", name, "--plugins"])
+                .arg(&s.plugins),
+        )
+    };
+    let out = test("spool");
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    assert!(
+        said.contains("ok    queue backend: offered 2 task(s) (f.note)"),
+        "{said}"
+    );
+    // Answered "not run": the queue keeps both, released at shutdown.
+    assert_eq!(count_ext(&s.spool, "json"), 2, "{said}");
+    assert_eq!(count_ext(&s.spool, "done"), 0);
+
+    let out = test("sink");
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    assert!(
+        said.contains("ok    result backend: stored test record"),
+        "{said}"
+    );
+    let records = json_lines(&stored);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["task"], "worker.plugins_test");
+
+    std::fs::write(&down, "").unwrap();
+    let out = test("sink");
+    assert!(!out.status.success());
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("FAIL  result backend: answered error -32000"),
+        "{said}"
+    );
+    assert!(said.contains("the store is down"), "{said}");
 }

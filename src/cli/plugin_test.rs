@@ -90,6 +90,13 @@ async fn run_checks(
         s.reply_timeout = m.timeouts.task_hard.unwrap_or(Duration::from_secs(60));
         self_test(s, i + 1, t, report).await?;
     }
+    if let Some(q) = &m.backends.queue_backend {
+        check_offers(s, q.window, report).await?;
+    }
+    if m.backends.result_backend.is_some() {
+        s.reply_timeout = m.timeouts.task_hard.unwrap_or(Duration::from_secs(60));
+        check_store(s, report).await?;
+    }
     let grace = m.timeouts.shutdown_grace;
     let answered = s.shutdown(grace).await;
     let ok = answered.is_ok();
@@ -199,5 +206,69 @@ async fn self_test(
         (_, Err(e)) => Err(format!("raised {}: {}", error_type(&e), e.message)),
     };
     report.check(&label, verdict);
+    Ok(())
+}
+
+/// How long a queue backend is listened to for offers.
+const OFFER_LISTEN: Duration = Duration::from_secs(3);
+
+/// A queue backend: what it offers within a few seconds, each answered "not run", so the
+/// test takes nothing from its queue. Offering nothing is not a failure (its queue may be
+/// empty); a malformed offer is.
+async fn check_offers(s: &mut Session, window: u32, report: &mut Report) -> Result<(), ProbeError> {
+    s.listen(OFFER_LISTEN).await?;
+    let mut names: Vec<&str> = s.offered.iter().map(|(t, _)| t.as_str()).collect();
+    let mut ids: Vec<&str> = s.offered.iter().map(|(_, id)| id.as_str()).collect();
+    let offers = ids.len();
+    for list in [&mut names, &mut ids] {
+        list.sort_unstable();
+        list.dedup();
+    }
+    let detail = match ids.len() {
+        0 => format!("offered nothing in {OFFER_LISTEN:?} (is its queue empty?)"),
+        n => format!(
+            "offered {n} task(s) ({}) in {offers} offer(s) within {OFFER_LISTEN:?}, window {window}; each answered \"not run\", so its queue keeps them",
+            names.join(", ")
+        ),
+    };
+    let malformed = s.offered.iter().any(|(t, id)| t == "?" || id == "?");
+    let verdict = match malformed {
+        true => {
+            Err("an offer had no `task` or `task_id` (see PROTOCOL.md, task.offer)".to_string())
+        }
+        false => Ok(detail),
+    };
+    report.check("queue backend", verdict);
+    Ok(())
+}
+
+/// A result backend: stores one test record (task `worker.plugins_test`) and answers.
+async fn check_store(s: &mut Session, report: &mut Report) -> Result<(), ProbeError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let record = plugin_protocol::ResultStoreParams {
+        task_id: format!("worker-plugins-test-{}", crate::task::new_task_id()),
+        task: "worker.plugins_test".into(),
+        state: plugin_protocol::FinalState::Success,
+        result: Some(json!("a test record from `worker plugins test`")),
+        error: None,
+        args: vec![],
+        kwargs: Default::default(),
+        submitter: "worker plugins test".into(),
+        attempts: 1,
+        started: now,
+        finished: now,
+    };
+    let task_id = record.task_id.clone();
+    let params = serde_json::to_value(record).expect("result.store params serialize");
+    let verdict = match s.call(method::RESULT_STORE, params).await? {
+        Ok(_) => Ok(format!(
+            "stored test record {task_id} (task worker.plugins_test)"
+        )),
+        Err(e) => Err(format!("answered error {}: {}", e.code, e.message)),
+    };
+    report.check("result backend", verdict);
     Ok(())
 }

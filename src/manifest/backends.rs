@@ -58,13 +58,6 @@ impl Backends {
     }
 }
 
-/// The three keys as `plugin.toml` has them, checked together.
-pub(super) struct RawBackends {
-    pub(super) provides: Option<Spanned<Vec<String>>>,
-    pub(super) queue_backend: Option<Spanned<RawQueueBackend>>,
-    pub(super) result_backend: Option<Spanned<RawResultBackend>>,
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawQueueBackend {
@@ -81,8 +74,13 @@ pub(super) struct RawResultBackend {
 
 impl super::Checker<'_> {
     /// `provides` and its tables, checked together: a table needs its kind in `provides`.
-    pub(super) fn backends(&self, raw: RawBackends) -> Result<Backends, String> {
-        let (listed, span) = match raw.provides {
+    pub(super) fn backends(
+        &self,
+        provides: Option<Spanned<Vec<String>>>,
+        queue_backend: Option<Spanned<RawQueueBackend>>,
+        result_backend: Option<Spanned<RawResultBackend>>,
+    ) -> Result<Backends, String> {
+        let (listed, span) = match provides {
             Some(p) => {
                 let span = p.span();
                 (p.into_inner(), span)
@@ -100,8 +98,8 @@ impl super::Checker<'_> {
             }
         }
         let has = |kind: &str| listed.iter().any(|k| k == kind);
-        let queue = self.queue_backend(has(provides::QUEUE_BACKEND), raw.queue_backend)?;
-        let results = self.result_backend(has(provides::RESULT_BACKEND), raw.result_backend)?;
+        let queue = self.queue_backend(has(provides::QUEUE_BACKEND), queue_backend)?;
+        let results = self.result_backend(has(provides::RESULT_BACKEND), result_backend)?;
         Ok(Backends {
             queue_backend: queue,
             result_backend: results,

@@ -6,6 +6,7 @@
 mod backends;
 mod discover;
 mod limits;
+mod self_tests;
 
 pub use backends::{Backends, QueueBackend, ResultBackend};
 pub use discover::{discover, Discovery};
@@ -272,38 +273,6 @@ impl Checker<'_> {
     }
 }
 
-/// The `[[tests]]` entries, each for a declared task, with what it expects.
-fn self_tests(raw: Vec<RawSelfTest>, tasks: &[TaskDecl]) -> Result<Vec<SelfTest>, String> {
-    let mut tests = Vec::new();
-    for (i, t) in raw.into_iter().enumerate() {
-        let at = format!("key `tests` (entry {})", i + 1);
-        if !tasks.iter().any(|d| d.name == t.task) {
-            return Err(format!(
-                "{at}: task `{}` is not declared in [[tasks]]",
-                t.task
-            ));
-        }
-        let expect = match (t.expect, t.expect_error) {
-            (Some(_), Some(_)) => {
-                return Err(format!("{at}: give `expect` or `expect_error`, not both"))
-            }
-            (Some(v), None) => Expect::Result(to_json(&v)),
-            (None, Some(e)) => Expect::Error(e),
-            (None, None) => Expect::Success,
-        };
-        tests.push(SelfTest {
-            task: t.task,
-            args: t.args.iter().map(to_json).collect(),
-            kwargs: match to_json(&t.kwargs) {
-                Value::Object(m) => m,
-                _ => Map::new(),
-            },
-            expect,
-        });
-    }
-    Ok(tests)
-}
-
 fn seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
@@ -366,7 +335,7 @@ struct RawManifest {
     #[serde(default)]
     settings: toml::Table,
     #[serde(default)]
-    tests: Vec<RawSelfTest>,
+    tests: Vec<self_tests::RawSelfTest>,
     #[serde(default = "no_steps")]
     install: Spanned<Vec<Vec<String>>>,
     #[serde(default)]
@@ -375,18 +344,6 @@ struct RawManifest {
     queue_backend: Option<Spanned<backends::RawQueueBackend>>,
     #[serde(default)]
     result_backend: Option<Spanned<backends::RawResultBackend>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSelfTest {
-    task: String,
-    #[serde(default)]
-    args: Vec<toml::Value>,
-    #[serde(default)]
-    kwargs: toml::Table,
-    expect: Option<toml::Value>,
-    expect_error: Option<String>,
 }
 
 fn one() -> Spanned<u32> {
@@ -501,12 +458,8 @@ impl Manifest {
             _ => return Err("key `settings`: must be a table of plain values".into()),
         };
         c.install(&raw)?;
-        let tests = self_tests(raw.tests, raw.tasks.get_ref())?;
-        let backends = c.backends(backends::RawBackends {
-            provides: raw.provides,
-            queue_backend: raw.queue_backend,
-            result_backend: raw.result_backend,
-        })?;
+        let tests = self_tests::self_tests(raw.tests, raw.tasks.get_ref())?;
+        let backends = c.backends(raw.provides, raw.queue_backend, raw.result_backend)?;
         Ok(Manifest {
             backends,
             tests,

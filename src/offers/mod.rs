@@ -25,11 +25,12 @@ type Answer = Result<Value, ErrorObject>;
 /// Takes offers from the inbox until it closes; each runs on `tracker`.
 pub async fn serve(
     dispatcher: Arc<Dispatcher>,
+    stats: Arc<BackendStats>,
     mut inbox: mpsc::UnboundedReceiver<Offer>,
     tracker: TaskTracker,
 ) {
     let source = Arc::new(OfferSource {
-        stats: dispatcher.backend_stats().clone(),
+        stats,
         dispatcher,
         memory: Mutex::default(),
     });

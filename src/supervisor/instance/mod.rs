@@ -13,10 +13,12 @@ mod offers;
 mod protocol;
 mod tasks;
 
+pub use tasks::Job;
+
 use super::containment;
 use super::process::{self, StderrTail, StdoutEvent};
 use crate::manifest::Manifest;
-use crate::task::{Failure, Outcome, TaskEvent, TaskRequest};
+use crate::task::{Failure, Outcome, TaskEvent};
 use io::Io;
 use nix::sys::signal::Signal;
 use plugin_protocol::{method, Id, Message, Notification, Request};
@@ -26,35 +28,11 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::process::Child;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout, Instant};
 
 /// How long to wait for the stderr reader to catch up after the process died.
 const STDERR_SETTLE: Duration = Duration::from_millis(250);
-
-/// A task handed to an instance, with where its events and its outcome go.
-#[derive(Debug)]
-pub struct Job {
-    pub request: Arc<TaskRequest>,
-    pub attempt: u32,
-    /// Bounded: when full, the instance stops reading its plugin's stdout until there is room.
-    pub events: mpsc::Sender<TaskEvent>,
-    pub reply: oneshot::Sender<Outcome>,
-    /// Set for a result backend's job: `result.store` with these params is sent instead of
-    /// `task.run` (protocol 1.5); the reply is the outcome all the same.
-    pub store: Option<Arc<plugin_protocol::ResultStoreParams>>,
-}
-
-impl Job {
-    pub fn finish(self, outcome: Outcome) {
-        // The event sender goes first: once the outcome is visible, this attempt's events are
-        // all in the channel and it is closed, so the submitter needs no second wake-up.
-        let Job { events, reply, .. } = self;
-        drop(events);
-        // The submitter may have gone away (e.g. its connection closed); nothing to do then.
-        let _ = reply.send(outcome);
-    }
-}
 
 /// What the pool tells an instance.
 #[derive(Debug)]

@@ -13,7 +13,13 @@ use std::sync::atomic::Ordering;
 impl Instance {
     /// A request from the plugin: `task.offer` from a queue backend, else method not found.
     pub(super) fn on_request(&mut self, r: Request) {
-        let window = self.spec.manifest.backends.queue_backend.as_ref().map(|q| q.window);
+        let window = self
+            .spec
+            .manifest
+            .backends
+            .queue_backend
+            .as_ref()
+            .map(|q| q.window);
         let result = match (r.method.as_str(), window) {
             (method::TASK_OFFER, Some(window)) => self.offer(r.id.clone(), r.params, window),
             (method::TASK_OFFER, None) => Err(ErrorObject::new(

@@ -1,15 +1,18 @@
 //! The tasks an instance holds: sending them, cancelling them, the timers that watch them
 //! (time limits, cancel grace, health pings), and their outcomes when the process ends.
 
-use super::{Crash, EventKind, ExitReason, Instance, Job, Phase, Step};
+use super::{Crash, EventKind, ExitReason, Instance, Phase, Step};
 use crate::supervisor::process::StdoutEvent;
 use crate::task::{Failure, FailureKind, Outcome};
+use crate::task::{TaskEvent, TaskRequest};
 use plugin_protocol::{
     method, DeliveryInfo, Id, Message, RequestInfo, TaskCancelParams, TimeLimits,
 };
 use serde_json::{Map, Value};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 /// How many stderr lines go into a crash message.
@@ -28,6 +31,30 @@ struct TaskRunWire<'a> {
     time_limit: TimeLimits,
     delivery_info: &'a DeliveryInfo,
     request: RequestInfo,
+}
+
+/// A task handed to an instance, with where its events and its outcome go.
+#[derive(Debug)]
+pub struct Job {
+    pub request: Arc<TaskRequest>,
+    pub attempt: u32,
+    /// Bounded: when full, the instance stops reading its plugin's stdout until there is room.
+    pub events: mpsc::Sender<TaskEvent>,
+    pub reply: oneshot::Sender<Outcome>,
+    /// Set for a result backend's job: `result.store` with these params is sent instead of
+    /// `task.run` (protocol 1.5); the reply is the outcome all the same.
+    pub store: Option<Arc<plugin_protocol::ResultStoreParams>>,
+}
+
+impl Job {
+    pub fn finish(self, outcome: Outcome) {
+        // The event sender goes first: once the outcome is visible, this attempt's events are
+        // all in the channel and it is closed, so the submitter needs no second wake-up.
+        let Job { events, reply, .. } = self;
+        drop(events);
+        // The submitter may have gone away (e.g. its connection closed); nothing to do then.
+        let _ = reply.send(outcome);
+    }
 }
 
 /// A task running on the process.
