@@ -16,8 +16,12 @@ fn sdk() -> String {
 
 /// A queue backend over `spool` (tests/plugins/spool_queue.py) with `window`.
 fn spool_plugin(plugins: &Path, spool: &Path, window: u32, env: &str) {
+    spool_version(plugins, spool, window, env, "1.0.0")
+}
+
+fn spool_version(plugins: &Path, spool: &Path, window: u32, env: &str, version: &str) {
     let text = format!(
-        "name = \"spool\"\nversion = \"1.0.0\"\ncommand = [\"/usr/bin/python3\", \"-u\", {:?}]\nprovides = [\"queue_backend\"]\n{}\n[queue_backend]\nwindow = {window}\n[restart]\nmax_restarts = 1000\nbackoff_initial = 0.02\nbackoff_max = 0.2\n[timeouts]\nshutdown_grace = 2\n[settings]\ndir = {:?}\n[env]\nWORKER_SDK = {:?}\n{env}",
+        "name = \"spool\"\nversion = \"{version}\"\ncommand = [\"/usr/bin/python3\", \"-u\", {:?}]\nprovides = [\"queue_backend\"]\n{}\n[queue_backend]\nwindow = {window}\n[restart]\nmax_restarts = 1000\nbackoff_initial = 0.02\nbackoff_max = 0.2\n[timeouts]\nshutdown_grace = 2\n[settings]\ndir = {:?}\n[env]\nWORKER_SDK = {:?}\n{env}",
         repo().join("tests/plugins/spool_queue.py").display().to_string(),
         own_user(),
         spool.display().to_string(),
@@ -398,4 +402,45 @@ fn plugins_test_answers_a_queue_backend_not_run_and_has_a_result_backend_store_a
         "{said}"
     );
     assert!(said.contains("the store is down"), "{said}");
+}
+
+#[test]
+fn an_upgraded_queue_backend_drains_its_offers_and_no_task_runs_twice() {
+    let s = setup();
+    let notes = s.notes.display().to_string();
+    for i in 0..60 {
+        enqueue(
+            &s.spool,
+            &format!("u{i:02}"),
+            "f.note_sleep",
+            json!([0.2, notes]),
+        );
+    }
+    spool_plugin(&s.plugins, &s.spool, 8, "");
+    let mut d = Daemon::start(&s.plugins, &s.socket);
+    wait_for("ten tasks answered", Duration::from_secs(30), || {
+        count_ext(&s.spool, "done") >= 10
+    });
+    spool_version(&s.plugins, &s.spool, 8, "", "1.0.1");
+    let out = output(&mut d.cli(&["plugins", "install", "spool"]));
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    assert!(said.contains("daemon: replaced spool"), "{said}");
+    wait_for("60 tasks answered", Duration::from_secs(60), || {
+        count_ext(&s.spool, "done") == 60
+    });
+    let mut per_task: HashMap<String, usize> = HashMap::new();
+    for line in json_lines(&s.notes) {
+        let id = line["task_id"].as_str().unwrap().to_string();
+        *per_task.entry(id).or_default() += 1;
+    }
+    assert_eq!(per_task.len(), 60);
+    assert!(per_task.values().all(|&n| n == 1), "{per_task:?}");
+    for i in 0..60 {
+        assert_eq!(outcome(&s.spool, &format!("u{i:02}"))["state"], "SUCCESS");
+    }
+    let status = plugin_status(&d, "spool");
+    assert_eq!(status["version"], "1.0.1", "{status:#}");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d.wait_exit().success());
 }

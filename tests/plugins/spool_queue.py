@@ -40,11 +40,17 @@ def recover(spool):
 
 def ack(base, outcome):
     write_atomically(base + ".done", json.dumps(outcome))
-    os.unlink(base + ".taken")
+    try:
+        os.unlink(base + ".taken")
+    except FileNotFoundError:
+        pass  # while it is replaced, the new process may have taken this task again
 
 
 def release(base, reason):
-    os.rename(base + ".taken", base + ".json")
+    try:
+        os.rename(base + ".taken", base + ".json")
+    except FileNotFoundError:
+        pass
 
 
 def take(spool):
