@@ -444,3 +444,56 @@ fn an_upgraded_queue_backend_drains_its_offers_and_no_task_runs_twice() {
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(d.wait_exit().success());
 }
+
+#[test]
+fn a_result_backend_that_is_down_holds_a_queue_backends_ack_and_loses_nothing() {
+    let s = setup();
+    let stored = s.socket.with_extension("stored");
+    let down = s.socket.with_extension("down");
+    std::fs::write(&down, "").unwrap();
+    sink_plugin(&s.plugins, &stored, &down, "[\"f.*\"]");
+    spool_plugin(&s.plugins, &s.spool, 4, "");
+    let notes = s.notes.display().to_string();
+    for i in 0..5 {
+        enqueue(&s.spool, &format!("h{i}"), "f.note", json!([i, notes]));
+    }
+    let mut d = Daemon::start(&s.plugins, &s.socket);
+    // A window's worth runs, but none is answered (so none acked, and no fifth offered) while
+    // their results cannot be stored.
+    wait_for("four runs", Duration::from_secs(20), || {
+        s.notes.exists() && json_lines(&s.notes).len() == 4
+    });
+    d.wait_list("failed stores", |doc| {
+        doc["installed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "sink" && p["live"]["backends"]["results_pending"] == 4)
+    });
+    assert_eq!(
+        count_ext(&s.spool, "done"),
+        0,
+        "nothing acked before it is stored"
+    );
+    assert_eq!(
+        plugin_status(&d, "spool")["backends"]["offers_in_flight"],
+        4
+    );
+    std::fs::remove_file(&down).unwrap();
+    wait_for("five answered", Duration::from_secs(60), || {
+        count_ext(&s.spool, "done") == 5
+    });
+    let records = json_lines(&stored);
+    let mut ids: Vec<&str> = records
+        .iter()
+        .map(|r| r["task_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["h0", "h1", "h2", "h3", "h4"]);
+    assert!(records
+        .iter()
+        .all(|r| r["submitter"] == "queue backend spool"));
+    assert_eq!(runs(&s.notes).len(), 5, "each ran once");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d.wait_exit().success());
+}
