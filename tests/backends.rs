@@ -497,3 +497,46 @@ fn a_result_backend_that_is_down_holds_a_queue_backends_ack_and_loses_nothing() 
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(d.wait_exit().success());
 }
+
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_a_result_backend_that_is_down_holds_the_brokers_ack_and_loses_nothing() {
+    let (lane, root, plugins) = setup!("amqp_result_backend_down");
+    common::broker::fib_plugin(&plugins);
+    let stored = root.path().join("stored.jsonl");
+    let down = root.path().join("down");
+    std::fs::write(&down, "").unwrap();
+    sink_plugin(&plugins, &stored, &down, "[\"fibonacci\"]");
+    let d = lane.worker(&plugins, &root.path().join("w.sock"));
+    let mut call = lane
+        .client(&["call", "fibonacci", "[10]"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    d.wait_list("a pending store", |doc| {
+        doc["installed"].as_array().unwrap().iter().any(|p| {
+            p["name"] == "sink"
+                && p["live"]["backends"]["result_store_failures"].as_u64() >= Some(1)
+        })
+    });
+    // The task ran; its message is still unacked and the client has no result.
+    assert_eq!(common::broker::queue_counts(&lane.queue), Some((0, 1)));
+    assert!(
+        call.try_wait().unwrap().is_none(),
+        "no result before it is stored"
+    );
+    std::fs::remove_file(&down).unwrap();
+    let out = call.wait_with_output().unwrap();
+    let said = text(&out.stdout);
+    assert!(said.contains("{\"ok\": 55}"), "{said}");
+    let records = json_lines(&stored);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["result"], 55);
+    assert!(
+        records[0]["submitter"].as_str().unwrap().contains("amqp"),
+        "{records:?}"
+    );
+    wait_for("the ack", Duration::from_secs(20), || {
+        common::broker::queue_counts(&lane.queue) == Some((0, 0))
+    });
+}
