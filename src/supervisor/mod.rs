@@ -30,14 +30,20 @@ use tokio_util::task::TaskTracker;
 struct Routes {
     by_task: HashMap<String, PoolHandle>,
     by_plugin: BTreeMap<String, PoolHandle>,
+    /// The plugins that provide a result backend: looked at for every task that ends.
+    result_backends: Vec<PoolHandle>,
 }
 
 impl Routes {
-    /// Fills `by_task` from `by_plugin`.
+    /// Fills `by_task` and `result_backends` from `by_plugin`.
     fn index_tasks(&mut self) {
+        self.result_backends.clear();
         for handle in self.by_plugin.values() {
             for t in handle.manifest().task_names() {
                 self.by_task.insert(t.to_string(), handle.clone());
+            }
+            if handle.manifest().backends.result_backend.is_some() {
+                self.result_backends.push(handle.clone());
             }
         }
     }
@@ -241,8 +247,8 @@ impl Supervisor {
     /// The names of the result backends that store `task`'s final states.
     pub fn result_backends(&self, task: &str) -> Vec<String> {
         self.routes()
-            .by_plugin
-            .values()
+            .result_backends
+            .iter()
             .filter(|p| {
                 let m = p.manifest();
                 m.backends
