@@ -77,10 +77,11 @@ async fn handshake_failure_init_timeout() {
 #[tokio::test]
 async fn handshake_failure_version_mismatch_is_not_retried() {
     let reason = failed_reason(&[("FAULT_HANDSHAKE", "version")], "").await;
-    assert!(
-        reason.contains("speaks protocol version 2.0 but this worker speaks 1.4"),
-        "{reason}"
+    let expected = format!(
+        "speaks protocol version 2.0 but this worker speaks {}",
+        plugin_protocol::PROTOCOL_VERSION
     );
+    assert!(reason.contains(&expected), "{reason}");
 }
 
 #[tokio::test]
