@@ -1,7 +1,7 @@
 //! What the offer source remembers per offered task id, so a re-offer never runs a task twice:
 //! the offers waiting on a task that runs, and the answers of tasks that ended (for
-//! `REMEMBER_FOR`, at most `REMEMBER_MAX` per plugin, oldest forgotten first). Pure: the
-//! caller passes the time.
+//! `REMEMBER_FOR`, at most `REMEMBER_MAX` ids and `REMEMBER_BYTES` of answers per plugin,
+//! oldest forgotten first). Pure: the caller passes the time and each answer's size.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 pub const REMEMBER_FOR: Duration = Duration::from_secs(600);
 /// Answered ids remembered per plugin at most.
 pub const REMEMBER_MAX: usize = 100_000;
+/// Bytes of answers (and their ids) remembered per plugin at most: large results are
+/// forgotten sooner, so the memory stays bounded whatever the tasks return.
+pub const REMEMBER_BYTES: usize = 32 << 20;
 
 /// Where an offer goes.
 #[derive(Debug, PartialEq)]
@@ -31,8 +34,10 @@ enum Entry<A, W> {
 /// One plugin's memory; `A` is an answer, `W` a waiting offer.
 pub struct Memory<A, W> {
     entries: HashMap<String, Entry<A, W>>,
-    /// Answered ids, oldest first, with when they were answered.
-    answered: VecDeque<(String, Instant)>,
+    /// Answered ids, oldest first, with when they were answered and their size.
+    answered: VecDeque<(String, Instant, usize)>,
+    /// The sizes in `answered`, summed.
+    bytes: usize,
 }
 
 impl<A: Clone, W> Default for Memory<A, W> {
@@ -40,6 +45,7 @@ impl<A: Clone, W> Default for Memory<A, W> {
         Memory {
             entries: HashMap::new(),
             answered: VecDeque::new(),
+            bytes: 0,
         }
     }
 }
@@ -62,14 +68,17 @@ impl<A: Clone, W> Memory<A, W> {
         }
     }
 
-    /// The task ended with a final `answer`: remembered; returns the offers that joined it.
-    pub fn answered(&mut self, id: &str, answer: A, now: Instant) -> Vec<W> {
+    /// The task ended with a final `answer` of `size` bytes: remembered; returns the offers
+    /// that joined it.
+    pub fn answered(&mut self, id: &str, answer: A, size: usize, now: Instant) -> Vec<W> {
         let waiting = match self.entries.insert(id.to_string(), Entry::Answered(answer)) {
             Some(Entry::Running(waiting)) => waiting,
             _ => Vec::new(),
         };
-        self.answered.push_back((id.to_string(), now));
-        while self.answered.len() > REMEMBER_MAX {
+        let size = size + id.len();
+        self.answered.push_back((id.to_string(), now, size));
+        self.bytes += size;
+        while self.answered.len() > REMEMBER_MAX || self.bytes > REMEMBER_BYTES {
             self.pop_oldest();
         }
         waiting
@@ -101,14 +110,15 @@ impl<A: Clone, W> Memory<A, W> {
         while self
             .answered
             .front()
-            .is_some_and(|(_, at)| now.saturating_duration_since(*at) > REMEMBER_FOR)
+            .is_some_and(|(_, at, _)| now.saturating_duration_since(*at) > REMEMBER_FOR)
         {
             self.pop_oldest();
         }
     }
 
     fn pop_oldest(&mut self) {
-        if let Some((id, _)) = self.answered.pop_front() {
+        if let Some((id, _, size)) = self.answered.pop_front() {
+            self.bytes -= size;
             // Only if still answered: an id forgotten and run again is Running now.
             if matches!(self.entries.get(&id), Some(Entry::Answered(_))) {
                 self.entries.remove(&id);
@@ -128,7 +138,7 @@ mod tests {
         assert_eq!(m.claim("a", 1, t0), Claim::Run(1));
         assert_eq!(m.claim("a", 2, t0), Claim::Joined);
         assert_eq!(m.claim("a", 3, t0), Claim::Joined);
-        assert_eq!(m.answered("a", "ok", t0), vec![2, 3]);
+        assert_eq!(m.answered("a", "ok", 2, t0), vec![2, 3]);
         assert_eq!(m.claim("a", 4, t0), Claim::Answered("ok", 4));
         assert_eq!(m.claim("b", 5, t0), Claim::Run(5));
     }
@@ -149,13 +159,13 @@ mod tests {
         let t0 = Instant::now();
         let mut m: Memory<&str, u32> = Memory::default();
         m.claim("a", 1, t0);
-        m.answered("a", "ok", t0);
+        m.answered("a", "ok", 2, t0);
         let later = t0 + REMEMBER_FOR;
         assert_eq!(m.claim("a", 2, later), Claim::Answered("ok", 2));
         let much_later = later + Duration::from_secs(1);
         assert_eq!(m.claim("a", 3, much_later), Claim::Run(3));
         // Its old record, popped later, does not forget the new run.
-        m.answered("a", "again", much_later);
+        m.answered("a", "again", 5, much_later);
         assert_eq!(m.claim("a", 4, much_later), Claim::Answered("again", 4));
     }
 
@@ -166,10 +176,25 @@ mod tests {
         for i in 0..=REMEMBER_MAX as u32 {
             let id = i.to_string();
             m.claim(&id, i, t0);
-            m.answered(&id, i, t0);
+            m.answered(&id, i, 4, t0);
         }
         assert_eq!(m.len(), REMEMBER_MAX);
         assert_eq!(m.claim("0", 7, t0), Claim::Run(7));
         assert_eq!(m.claim("1", 7, t0), Claim::Answered(1, 7));
+    }
+
+    #[test]
+    fn large_answers_are_forgotten_sooner_within_the_byte_budget() {
+        let t0 = Instant::now();
+        let mut m: Memory<u32, u32> = Memory::default();
+        let big = REMEMBER_BYTES / 4;
+        for i in 0..5u32 {
+            let id = i.to_string();
+            m.claim(&id, i, t0);
+            m.answered(&id, i, big, t0);
+        }
+        assert_eq!(m.len(), 3, "three quarters fit, a fourth of four would not");
+        assert_eq!(m.claim("1", 9, t0), Claim::Run(9));
+        assert_eq!(m.claim("4", 9, t0), Claim::Answered(4, 9));
     }
 }

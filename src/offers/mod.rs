@@ -12,6 +12,7 @@ use crate::supervisor::offer::{not_taken, Offer, OfferReply};
 use crate::task::{Outcome, TaskEvent, TaskRequest};
 use memory::{Claim, Memory};
 use plugin_protocol::{method, ErrorObject, TaskFinal, TaskOfferParams};
+use serde_json::value::{to_raw_value, RawValue};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,8 @@ use tokio_util::task::TaskTracker;
 
 /// What an offer is answered with: a final state, or "not run, offer again later".
 type Answer = Result<Value, ErrorObject>;
+/// A final state as remembered: its JSON text, compact and shared by every re-offer.
+type Remembered = Arc<Box<RawValue>>;
 
 /// Takes offers from the inbox until it closes; each runs on `tracker`.
 pub async fn serve(
@@ -43,7 +46,7 @@ struct OfferSource {
     dispatcher: Arc<Dispatcher>,
     stats: Arc<BackendStats>,
     /// Per plugin: its offered ids (see [`memory`]).
-    memory: Mutex<HashMap<String, Memory<Answer, OfferReply>>>,
+    memory: Mutex<HashMap<String, Memory<Remembered, OfferReply>>>,
 }
 
 impl OfferSource {
@@ -64,7 +67,7 @@ impl OfferSource {
             Claim::Run(reply) => reply,
             Claim::Answered(answer, reply) => {
                 BackendCounters::add(&counters.offers_answered);
-                return reply.answer(answer).await;
+                return reply.answer_json(&answer).await;
             }
             Claim::Joined => return,
         };
@@ -76,9 +79,12 @@ impl OfferSource {
         let joined = {
             let mut memory = crate::sync::lock(&self.memory);
             let mine = memory.entry(plugin.clone()).or_default();
-            match &answer {
-                Ok(_) => mine.answered(&task_id, answer.clone(), Instant::now()),
-                Err(_) => mine.released(&task_id),
+            match answer.as_ref().map(to_raw_value) {
+                Ok(Ok(raw)) => {
+                    let size = raw.get().len();
+                    mine.answered(&task_id, Arc::new(raw), size, Instant::now())
+                }
+                _ => mine.released(&task_id),
             }
         };
         let count = match answer {

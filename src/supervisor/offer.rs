@@ -19,13 +19,17 @@ pub struct Offer {
     pub reply: OfferReply,
 }
 
-/// The way back to the process that offered: its stdin and its window count. Dropping it
-/// unanswered frees the window place too (the process is gone or the answer was lost).
+/// The way back to the process that offered: its stdin and its window count. Answering
+/// frees the window place first, so the process may offer again as soon as it reads the
+/// answer; dropping it unanswered frees the place too (the process is gone or the answer was
+/// lost).
 #[derive(Debug)]
 pub struct OfferReply {
     id: Id,
     stdin: mpsc::Sender<Vec<u8>>,
     outstanding: Arc<AtomicUsize>,
+    /// Still holds its window place.
+    holding: bool,
 }
 
 impl OfferReply {
@@ -36,6 +40,7 @@ impl OfferReply {
             id,
             stdin,
             outstanding,
+            holding: true,
         }
     }
 
@@ -46,7 +51,30 @@ impl OfferReply {
             Ok(value) => Response::ok(self.id.clone(), value),
             Err(e) => Response::err(Some(self.id.clone()), e),
         };
-        let _ = self.stdin.send(Message::Response(response).to_line()).await;
+        self.send(Message::Response(response).to_line()).await;
+    }
+
+    /// Writes a final state given as JSON text (`result`), as [`answer`](Self::answer) does.
+    pub async fn answer_json(self, result: &serde_json::value::RawValue) {
+        #[derive(serde::Serialize)]
+        struct Raw<'a> {
+            jsonrpc: &'static str,
+            id: &'a Id,
+            result: &'a serde_json::value::RawValue,
+        }
+        let raw = Raw {
+            jsonrpc: "2.0",
+            id: &self.id,
+            result,
+        };
+        let mut line = serde_json::to_vec(&raw).expect("a response serializes");
+        line.push(b'\n');
+        self.send(line).await;
+    }
+
+    async fn send(mut self, line: Vec<u8>) {
+        self.release();
+        let _ = self.stdin.send(line).await;
     }
 
     /// A notification about the offered task, dropped when the process's stdin is full.
@@ -59,11 +87,17 @@ impl OfferReply {
     pub fn is_closed(&self) -> bool {
         self.stdin.is_closed()
     }
+
+    fn release(&mut self) {
+        if std::mem::take(&mut self.holding) {
+            self.outstanding.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Drop for OfferReply {
     fn drop(&mut self) {
-        self.outstanding.fetch_sub(1, Ordering::SeqCst);
+        self.release();
     }
 }
 
