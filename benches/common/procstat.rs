@@ -80,3 +80,16 @@ pub fn find_process(comm: &str) -> Option<u32> {
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
         })
 }
+
+/// A `/proc/<pid>/status` figure in KiB, e.g. `VmRSS` or `VmHWM` (the peak RSS); 0 once the
+/// process is gone.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.split(':').next() == Some(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
