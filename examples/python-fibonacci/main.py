@@ -21,7 +21,7 @@ def fibonacci(ctx, n, stream=False):
     return a
 
 
-@plugin.task("py.noop", description="Returns null at once")
+@plugin.task("py.noop", description="Returns null at once", inline=True)
 def noop(ctx, *args, **kwargs):
     return None
 

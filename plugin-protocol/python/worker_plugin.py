@@ -700,16 +700,27 @@ class Plugin:
         self._pool = None
         self._jobs = 0  # callbacks and stores on the pool, queued or running (under _running_lock)
         self._event_handler = None
+        self._inline = set()  # task names run on the reader thread (@plugin.task(inline=True))
         self._offers_fn = None
         self._offers = None  # the _Offers, once the worker made this plugin a queue backend
         self._store_fn = None
 
-    def task(self, name=None, description=None):
-        """Decorator registering a handler under `name` (default: the function's name)."""
+    def task(self, name=None, description=None, inline=False):
+        """Decorator registering a handler under `name` (default: the function's name).
+
+        `inline=True` says the task is quick (microseconds, never blocking): it runs on the
+        thread that reads stdin, with no hand-off to a task thread (and so no GIL hand-off),
+        which is how a plugin of many tiny tasks keeps up with the worker. While it runs,
+        nothing else is read, so a `task.cancel` or `ping` waits for it: keep slow, blocking or
+        cancellable work off `inline`."""
 
         def register(fn):
             task_name = name or fn.__name__
             self._tasks[task_name] = fn
+            if inline:
+                self._inline.add(task_name)
+            else:
+                self._inline.discard(task_name)
             self._descriptions[task_name] = description or (fn.__doc__ or "").strip() or None
             return fn
 
@@ -919,6 +930,8 @@ class Plugin:
             # Decoded on the task's thread: the reader stays free for pings and cancels.
             self._pool.put((self._execute, (
                 id_, _decoding_jsonpickle(fn, params.get("args") or []), ctx, (), {})))
+        elif name in self._inline:
+            self._execute(id_, fn, ctx, params.get("args") or [], ctx.kwargs)
         else:
             self._pool.put((self._execute, (id_, fn, ctx, params.get("args") or [], ctx.kwargs)))
 

@@ -22,6 +22,20 @@ def add(ctx, a, b):
     return a + b
 
 
+@plugin.task("t.where", inline=True)
+def where_inline(ctx, fail=False):
+    """Runs on the reader thread: says which thread, prints, or raises."""
+    print("inline says hi")
+    if fail:
+        raise ValueError("inline failure")
+    return threading.current_thread().name
+
+
+@plugin.task("t.where_pooled")
+def where_pooled(ctx):
+    return threading.current_thread().name
+
+
 events_seen = []
 
 

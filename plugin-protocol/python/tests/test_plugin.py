@@ -145,6 +145,20 @@ class PluginTest(unittest.TestCase):
                                        "message": "step 3"})
         self.assertEqual(output_of(before, "task-2"), [("stdout", "info", "reporting")])
 
+    def test_an_inline_task_runs_on_the_reader_thread_with_everything_a_task_has(self):
+        self.p.run(1, "t.where")
+        done = self.p.response(1)
+        self.assertEqual(done["result"], threading.main_thread().name)
+        before = self.p.messages[:self.p.messages.index(done)]
+        self.assertEqual(output_of(before, "task-1"), [("stdout", "info", "inline says hi")])
+        self.p.run(2, "t.where_pooled")
+        self.assertTrue(self.p.response(2)["result"].startswith("task-"))
+        self.p.run(3, "t.where", [True])
+        err = self.p.response(3)["error"]
+        self.assertEqual((err["code"], err["data"]["type"]), (-32000, "ValueError"))
+        self.p.run(4, "t.add", [1, 1])  # the reader goes on after an inline failure
+        self.assertEqual(self.p.response(4)["result"], 2)
+
     def test_kwargs_and_the_attempt_reach_the_handler(self):
         self.p.run(1, "t.kwargs", kwargs={"x": 1})
         self.assertEqual(self.p.response(1)["result"],
