@@ -11,7 +11,7 @@ use crate::dispatch::{Dispatcher, TaskUpdate};
 use crate::framed::FramedReader;
 use crate::reload::{self, ReloadSettings};
 use crate::supervisor::status::PluginStatus;
-use crate::task::{Outcome, TaskEvent, TaskRequest};
+use crate::task::{Cancellation, Outcome, TaskEvent, TaskRequest};
 use plugin_protocol::{code, ErrorObject, Frame, Id, Message, Notification, Request, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -309,7 +309,7 @@ async fn cancel_attached(ctx: &Context) {
         ctx.dispatcher
             .cancel(
                 &id,
-                "the control-socket client that submitted it disconnected",
+                Cancellation::requested("the control-socket client that submitted it disconnected"),
             )
             .await;
     }
@@ -330,7 +330,8 @@ async fn handle(req: Request, ctx: Context) {
             match serde_json::from_value::<P>(req.params) {
                 Ok(p) => {
                     let reason = p.reason.unwrap_or_else(|| "cancelled by request".into());
-                    Ok(json!({ "cancelled": dispatcher.cancel(&p.task_id, &reason).await }))
+                    let cancel = Cancellation::requested(reason);
+                    Ok(json!({ "cancelled": dispatcher.cancel(&p.task_id, cancel).await }))
                 }
                 Err(e) => Err(ErrorObject::new(code::INVALID_PARAMS, e.to_string())),
             }

@@ -11,7 +11,7 @@ use crate::supervisor::instance::Job;
 use crate::supervisor::pool::{CancelMode, PoolHandle};
 use crate::supervisor::status::{PluginState, PluginStatus};
 use crate::supervisor::{ReloadReport, Supervisor};
-use crate::task::{Failure, FailureKind, Outcome, TaskEvent, TaskRequest};
+use crate::task::{Cancellation, Failure, FailureKind, Outcome, TaskEvent, TaskRequest};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::future::Future;
@@ -103,7 +103,7 @@ struct Active {
     /// The pool of the current attempt: where a cancel goes.
     pool: Option<PoolHandle>,
     /// A cancel request, if one was made.
-    cancel: Option<String>,
+    cancel: Option<Cancellation>,
 }
 
 /// One in-flight task, as `worker task list` (control method `task.list`) shows it.
@@ -301,7 +301,7 @@ impl Dispatcher {
     ) {
         let kind = match outcome {
             Outcome::Success(_) => "task.succeeded",
-            Outcome::Failure(f) if f.kind == FailureKind::Cancelled => "task.revoked",
+            Outcome::Failure(f) if matches!(f.kind, FailureKind::Cancelled(_)) => "task.revoked",
             Outcome::Failure(_) => "task.failed",
         };
         self.supervisor.events().publish(kind, || {
@@ -335,7 +335,7 @@ impl Dispatcher {
             let Outcome::Failure(failure) = outcome else {
                 return (outcome, attempt);
             };
-            let cancel = self.cancel_reason(&request.id);
+            let cancel = self.cancel_request(&request.id);
             let accepting = self.accepting.load(Ordering::SeqCst);
             let max_attempts = pool.manifest().max_attempts;
             let why = failure.message.clone();
@@ -434,7 +434,7 @@ impl Dispatcher {
         })
     }
 
-    fn cancel_reason(&self, id: &str) -> Option<String> {
+    fn cancel_request(&self, id: &str) -> Option<Cancellation> {
         crate::sync::lock(&self.active)
             .get(id)
             .and_then(|a| a.cancel.clone())
@@ -487,47 +487,42 @@ impl Dispatcher {
 
     /// Asks a task to stop: dropped if still queued, `task.cancel` if running (then killed
     /// after the plugin's `cancel_grace`). False if no such task is active.
-    pub async fn cancel(&self, task_id: &str, reason: &str) -> bool {
-        let pool = {
-            let mut active = crate::sync::lock(&self.active);
-            let Some(slot) = active.get_mut(task_id) else {
-                return false;
-            };
-            slot.cancel = Some(reason.to_string());
-            slot.pool.clone()
-        };
-        // Between attempts (no pool holds it), the retry loop sees the reason and ends it.
-        if let Some(pool) = pool {
-            pool.cancel(task_id, reason, CancelMode::Escalate).await;
-        }
-        true
+    pub async fn cancel(&self, task_id: &str, cancel: Cancellation) -> bool {
+        self.cancel_with(task_id, cancel, CancelMode::Escalate)
+            .await
     }
 
     /// Asks a task to stop without forcing it: dropped if still queued, `task.cancel` if running,
     /// and no kill after it (Celery's plain `revoke`). The plugin may still finish it with its
     /// result. False if no such task is active.
-    pub async fn cancel_cooperatively(&self, task_id: &str, reason: &str) -> bool {
+    pub async fn cancel_cooperatively(&self, task_id: &str, cancel: Cancellation) -> bool {
+        self.cancel_with(task_id, cancel, CancelMode::Cooperative)
+            .await
+    }
+
+    async fn cancel_with(&self, task_id: &str, cancel: Cancellation, mode: CancelMode) -> bool {
         let pool = {
             let mut active = crate::sync::lock(&self.active);
             let Some(slot) = active.get_mut(task_id) else {
                 return false;
             };
-            slot.cancel = Some(reason.to_string());
+            slot.cancel = Some(cancel.clone());
             slot.pool.clone()
         };
+        // Between attempts (no pool holds it), the retry loop sees the request and ends it.
         if let Some(pool) = pool {
-            pool.cancel(task_id, reason, CancelMode::Cooperative).await;
+            pool.cancel(task_id, cancel, mode).await;
         }
         true
     }
 
     /// Cancels a task only if it is still waiting in a plugin's queue. True if it was.
-    pub async fn cancel_queued(&self, task_id: &str, reason: &str) -> bool {
+    pub async fn cancel_queued(&self, task_id: &str, cancel: Cancellation) -> bool {
         let pool = crate::sync::lock(&self.active)
             .get(task_id)
             .and_then(|a| a.pool.clone());
         match pool {
-            Some(pool) => pool.cancel(task_id, reason, CancelMode::QueuedOnly).await,
+            Some(pool) => pool.cancel(task_id, cancel, CancelMode::QueuedOnly).await,
             None => false,
         }
     }
@@ -567,13 +562,13 @@ fn retry(
     max_attempts: u32,
     refusals: u32,
     accepting: bool,
-    cancel: Option<String>,
+    cancel: Option<Cancellation>,
 ) -> Retry {
     if !failure.is_retryable() {
         return Retry::End(failure);
     }
-    if let Some(reason) = cancel {
-        return Retry::End(Failure::cancelled(&reason));
+    if let Some(c) = cancel {
+        return Retry::End(Failure::cancelled(c.cause, &c.reason));
     }
     match failure.kind {
         FailureKind::Interrupted if !accepting => return Retry::End(failure),
@@ -627,7 +622,7 @@ mod tests {
         );
         for kind in [
             Raised { retryable: true },
-            Cancelled,
+            Cancelled(crate::task::CancelCause::Revoked),
             HardTimeLimit,
             NotRegistered,
             QueueFull,
@@ -640,10 +635,11 @@ mod tests {
                 "{kind:?}"
             );
         }
-        let Retry::End(c) = retry(f(PluginCrashed), 1, 3, 0, true, Some("stop".into())) else {
+        let stop = Cancellation::new(crate::task::CancelCause::Terminated, "stop");
+        let Retry::End(c) = retry(f(PluginCrashed), 1, 3, 0, true, Some(stop)) else {
             panic!()
         };
-        assert_eq!(c.kind, Cancelled);
+        assert_eq!(c.kind, Cancelled(crate::task::CancelCause::Terminated));
         let Retry::End(gave_up) = retry(f(PluginCrashed), 2, 2, 0, true, None) else {
             panic!()
         };

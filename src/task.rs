@@ -118,7 +118,7 @@ impl Outcome {
         };
         match failure.kind {
             FailureKind::Raised { .. } => "raised",
-            FailureKind::Cancelled => "cancelled",
+            FailureKind::Cancelled(_) => "cancelled",
             FailureKind::RetryRequested => "retry",
             FailureKind::SoftTimeLimit => "soft_time_limit",
             FailureKind::HardTimeLimit => "hard_time_limit",
@@ -150,13 +150,16 @@ pub struct Failure {
 }
 
 /// The failure categories the worker reacts to differently.
+///
+/// On the control API's wire a kind keeps the shape it had before causes were carried
+/// (`"cancelled"`, not the cause): clients compare it as a string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(from = "KindOnWire", into = "KindOnWire")]
 pub enum FailureKind {
     /// The task raised; `retryable` is the plugin's own judgement.
     Raised { retryable: bool },
-    /// Stopped on request.
-    Cancelled,
+    /// Stopped on request; the cause says whose, so each source reports it its own way.
+    Cancelled(CancelCause),
     /// The plugin asked to run it again later (`failure.retry` says when); a source with a
     /// broker publishes it again, the others report it as this failure.
     #[serde(rename = "retry")]
@@ -180,6 +183,117 @@ pub enum FailureKind {
     QueueFull,
     /// The worker is stopping and accepts no new tasks.
     ShuttingDown,
+}
+
+/// Why a task was asked to stop. It travels with the cancel to the task's failure, so a
+/// source reads how to report it off the outcome (a Celery revoke ends REVOKED, a cancel
+/// through the control socket a failure) instead of remembering it beside the task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelCause {
+    /// Through the control socket, `worker task cancel`, Ctrl-C of `worker run`, or by the
+    /// task's queue backend.
+    Requested,
+    /// A broker's revoke: asked to stop, not forced (Celery's plain `revoke`).
+    Revoked,
+    /// A broker's revoke with `terminate`: stopped, killed after the cancel grace.
+    Terminated,
+    /// The task's soft time limit ran out (it ends as a soft-time-limit failure).
+    SoftTimeLimit,
+    /// The plugin answered the task cancelled without being asked.
+    ByPlugin,
+}
+
+impl CancelCause {
+    /// The word Celery's REVOKED result carries (`TaskRevokedError(...)`), for the causes a
+    /// revoke gives; `None` for the others, which are failures.
+    pub fn revoke_word(self) -> Option<&'static str> {
+        match self {
+            CancelCause::Revoked => Some("revoked"),
+            CancelCause::Terminated => Some("terminated"),
+            _ => None,
+        }
+    }
+}
+
+/// A request to stop a task: why, and the words the plugin is sent (`task.cancel`'s reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cancellation {
+    pub cause: CancelCause,
+    pub reason: String,
+}
+
+impl Cancellation {
+    pub fn new(cause: CancelCause, reason: impl Into<String>) -> Cancellation {
+        Cancellation {
+            cause,
+            reason: reason.into(),
+        }
+    }
+
+    /// A cancel someone asked for (the control socket, `worker task cancel`, Ctrl-C).
+    pub fn requested(reason: impl Into<String>) -> Cancellation {
+        Cancellation::new(CancelCause::Requested, reason)
+    }
+}
+
+/// [`FailureKind`] as the control API writes and reads it: a cancel is `"cancelled"`
+/// whatever its cause, as before causes were carried; one read back is `Requested`.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum KindOnWire {
+    Raised {
+        retryable: bool,
+    },
+    Cancelled,
+    #[serde(rename = "retry")]
+    RetryRequested,
+    SoftTimeLimit,
+    HardTimeLimit,
+    PluginCrashed,
+    Interrupted,
+    Rejected,
+    NotRegistered,
+    PluginUnavailable,
+    QueueFull,
+    ShuttingDown,
+}
+
+impl From<FailureKind> for KindOnWire {
+    fn from(kind: FailureKind) -> KindOnWire {
+        match kind {
+            FailureKind::Raised { retryable } => KindOnWire::Raised { retryable },
+            FailureKind::Cancelled(_) => KindOnWire::Cancelled,
+            FailureKind::RetryRequested => KindOnWire::RetryRequested,
+            FailureKind::SoftTimeLimit => KindOnWire::SoftTimeLimit,
+            FailureKind::HardTimeLimit => KindOnWire::HardTimeLimit,
+            FailureKind::PluginCrashed => KindOnWire::PluginCrashed,
+            FailureKind::Interrupted => KindOnWire::Interrupted,
+            FailureKind::Rejected => KindOnWire::Rejected,
+            FailureKind::NotRegistered => KindOnWire::NotRegistered,
+            FailureKind::PluginUnavailable => KindOnWire::PluginUnavailable,
+            FailureKind::QueueFull => KindOnWire::QueueFull,
+            FailureKind::ShuttingDown => KindOnWire::ShuttingDown,
+        }
+    }
+}
+
+impl From<KindOnWire> for FailureKind {
+    fn from(kind: KindOnWire) -> FailureKind {
+        match kind {
+            KindOnWire::Raised { retryable } => FailureKind::Raised { retryable },
+            KindOnWire::Cancelled => FailureKind::Cancelled(CancelCause::Requested),
+            KindOnWire::RetryRequested => FailureKind::RetryRequested,
+            KindOnWire::SoftTimeLimit => FailureKind::SoftTimeLimit,
+            KindOnWire::HardTimeLimit => FailureKind::HardTimeLimit,
+            KindOnWire::PluginCrashed => FailureKind::PluginCrashed,
+            KindOnWire::Interrupted => FailureKind::Interrupted,
+            KindOnWire::Rejected => FailureKind::Rejected,
+            KindOnWire::NotRegistered => FailureKind::NotRegistered,
+            KindOnWire::PluginUnavailable => FailureKind::PluginUnavailable,
+            KindOnWire::QueueFull => FailureKind::QueueFull,
+            KindOnWire::ShuttingDown => FailureKind::ShuttingDown,
+        }
+    }
 }
 
 impl Failure {
@@ -255,9 +369,9 @@ impl Failure {
         )
     }
 
-    pub fn cancelled(reason: &str) -> Self {
+    pub fn cancelled(cause: CancelCause, reason: &str) -> Self {
         Failure::new(
-            FailureKind::Cancelled,
+            FailureKind::Cancelled(cause),
             "TaskCancelled",
             "worker.errors",
             format!("cancelled: {reason}"),
@@ -319,6 +433,32 @@ mod tests {
             assert!(
                 e.contains("`hard_time_limit`") && e.contains("30 days"),
                 "{e}"
+            );
+        }
+    }
+
+    /// The control API shows a cancel as `"cancelled"` whatever its cause, and every other
+    /// kind as it always did.
+    #[test]
+    fn failure_kinds_keep_their_wire_shape() {
+        let wire = |k: FailureKind| serde_json::to_value(k).unwrap();
+        for cause in [CancelCause::Requested, CancelCause::Terminated] {
+            assert_eq!(wire(FailureKind::Cancelled(cause)), "cancelled");
+        }
+        assert_eq!(
+            wire(FailureKind::Raised { retryable: true }),
+            serde_json::json!({"raised": {"retryable": true}})
+        );
+        assert_eq!(wire(FailureKind::RetryRequested), "retry");
+        assert_eq!(wire(FailureKind::HardTimeLimit), "hard_time_limit");
+        for kind in [
+            FailureKind::Cancelled(CancelCause::Requested),
+            FailureKind::QueueFull,
+            FailureKind::Raised { retryable: false },
+        ] {
+            assert_eq!(
+                serde_json::from_value::<FailureKind>(wire(kind)).unwrap(),
+                kind
             );
         }
     }

@@ -313,7 +313,11 @@ async fn retries_revokes_failed_instances_and_reloads_are_told() {
         e["event"] == "task.started" && e["task_id"] == id
     })
     .await;
-    assert!(h.dispatcher.cancel(&id, "test").await);
+    assert!(
+        h.dispatcher
+            .cancel(&id, worker::task::Cancellation::requested("test"))
+            .await
+    );
     failure(&running.await.unwrap());
     let events = wait_logged(&log, "task.revoked", |e| {
         e["event"] == "task.revoked" && e["task_id"] == id

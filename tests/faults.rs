@@ -181,7 +181,11 @@ async fn a_task_that_asks_for_its_log_gets_its_stderr_and_log_records() {
     }
     lines.sort();
     assert_eq!(lines, ["noted", "stderr line 0", "stderr line 1"]);
-    assert!(h.dispatcher.cancel(&id, "test").await);
+    assert!(
+        h.dispatcher
+            .cancel(&id, worker::task::Cancellation::requested("test"))
+            .await
+    );
     let rest = within(Duration::from_secs(30), run.next()).await;
     assert!(
         matches!(rest, Some(TaskUpdate::Done(Outcome::Failure(_)))),

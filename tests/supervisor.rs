@@ -7,7 +7,7 @@ use common::*;
 use serde_json::json;
 use std::time::{Duration, Instant};
 use worker::supervisor::status::{InstanceState, PluginState};
-use worker::task::{FailureKind, TaskEvent, TaskRequest};
+use worker::task::{CancelCause, Cancellation, FailureKind, TaskEvent, TaskRequest};
 
 const FAST_RESTARTS: &str =
     "[restart]\nmax_restarts = 2\nbackoff_initial = 0.01\nbackoff_max = 0.05\n";
@@ -150,10 +150,17 @@ async fn concurrent_tasks_spread_over_instances() {
     h.wait_status("faulty", "one queued", |s| s.queued == 1)
         .await;
     for (id, _) in &tasks {
-        assert!(h.dispatcher.cancel(id, "test done").await);
+        assert!(
+            h.dispatcher
+                .cancel(id, Cancellation::requested("test done"))
+                .await
+        );
     }
     for (_, t) in tasks {
-        assert_eq!(failure(&t.await.unwrap()).kind, FailureKind::Cancelled);
+        assert_eq!(
+            failure(&t.await.unwrap()).kind,
+            FailureKind::Cancelled(CancelCause::Requested)
+        );
     }
     assert_eq!(
         success(&queued.await.unwrap()),
@@ -547,12 +554,26 @@ async fn cancel_running_queued_and_stubborn_tasks() {
     // Queued behind it: dropped from the queue.
     let (queued, t2) = h.spawn("f.ok", vec![]);
     h.wait_status("faulty", "queued", |s| s.queued == 1).await;
-    assert!(h.dispatcher.cancel(&queued, "not needed").await);
-    assert_eq!(failure(&t2.await.unwrap()).kind, FailureKind::Cancelled);
+    assert!(
+        h.dispatcher
+            .cancel(&queued, Cancellation::requested("not needed"))
+            .await
+    );
+    assert_eq!(
+        failure(&t2.await.unwrap()).kind,
+        FailureKind::Cancelled(CancelCause::Requested)
+    );
     let pid = h.status("faulty").await.instances[0].pid;
-    assert!(h.dispatcher.cancel(&running, "user asked").await);
+    assert!(
+        h.dispatcher
+            .cancel(&running, Cancellation::requested("user asked"))
+            .await
+    );
     let f = t1.await.unwrap();
-    assert_eq!(failure(&f).kind, FailureKind::Cancelled);
+    assert_eq!(
+        failure(&f).kind,
+        FailureKind::Cancelled(CancelCause::Requested)
+    );
     assert!(failure(&f).message.contains("user asked"));
     assert_eq!(h.status("faulty").await.instances[0].pid, pid);
     // Stubborn: ignores task.cancel, so the process is killed after cancel_grace.
@@ -561,15 +582,26 @@ async fn cancel_running_queued_and_stubborn_tasks() {
         s.instances[0].in_flight == 1
     })
     .await;
-    assert!(h.dispatcher.cancel(&stubborn, "really").await);
+    assert!(
+        h.dispatcher
+            .cancel(&stubborn, Cancellation::requested("really"))
+            .await
+    );
     let f = t3.await.unwrap();
-    assert_eq!(failure(&f).kind, FailureKind::Cancelled);
+    assert_eq!(
+        failure(&f).kind,
+        FailureKind::Cancelled(CancelCause::Requested)
+    );
     assert!(
         failure(&f).message.contains("killed"),
         "{}",
         failure(&f).message
     );
-    assert!(!h.dispatcher.cancel("no-such-task", "x").await);
+    assert!(
+        !h.dispatcher
+            .cancel("no-such-task", Cancellation::requested("x"))
+            .await
+    );
     h.stop().await;
 }
 
@@ -633,7 +665,9 @@ async fn task_errors_unknown_tasks_and_full_queues_are_explicit() {
     let (queued, t2) = h.spawn("f.ok", vec![]);
     h.wait_status("faulty", "queued", |s| s.queued == 1).await;
     assert_eq!(h.fails("f.ok", vec![]).await.kind, FailureKind::QueueFull);
-    h.dispatcher.cancel(&running, "done").await;
+    h.dispatcher
+        .cancel(&running, Cancellation::requested("done"))
+        .await;
     t1.await.unwrap();
     success(&t2.await.unwrap());
     let _ = queued;
@@ -701,12 +735,16 @@ async fn instances_grow_shrink_and_autoscale_while_tasks_run() {
     assert_eq!(s.instances[1].state, InstanceState::Stopping);
     assert_eq!(s.instances[1].in_flight, 1, "its task is not interrupted");
     for (id, _) in &tasks {
-        assert!(h.dispatcher.cancel(id, "test done").await);
+        assert!(
+            h.dispatcher
+                .cancel(id, Cancellation::requested("test done"))
+                .await
+        );
     }
     for (_, t) in tasks {
         assert_eq!(
             failure(&t.await.unwrap()).kind,
-            FailureKind::Cancelled,
+            FailureKind::Cancelled(CancelCause::Requested),
             "ended as the cancel says, not interrupted"
         );
     }
@@ -738,7 +776,9 @@ async fn instances_grow_shrink_and_autoscale_while_tasks_run() {
     })
     .await;
     for (id, _) in &tasks {
-        h.dispatcher.cancel(id, "test done").await;
+        h.dispatcher
+            .cancel(id, Cancellation::requested("test done"))
+            .await;
     }
     h.stop().await;
 }

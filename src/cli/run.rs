@@ -10,7 +10,7 @@ use crate::dispatch::{Dispatcher, TaskUpdate};
 use crate::install::registry::StateDir;
 use crate::manifest;
 use crate::supervisor::Supervisor;
-use crate::task::{Outcome, TaskRequest};
+use crate::task::{Cancellation, Outcome, TaskRequest};
 use clap::Args;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -71,7 +71,8 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
             _ = tokio::signal::ctrl_c(), if !interrupted => {
                 interrupted = true;
                 eprintln!("interrupted: cancelling task {task_id}");
-                dispatcher.cancel(&task_id, "interrupted (Ctrl-C)").await;
+                let cancel = Cancellation::requested("interrupted (Ctrl-C)");
+                dispatcher.cancel(&task_id, cancel).await;
             }
         }
     };

@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+import uuid
 
 from celery import chain, chord, group
 from kombu import Connection, Exchange, Producer, Queue
@@ -53,6 +54,21 @@ def send(queue, name, args, kwargs=None):
     # PRIORITY: the message's priority (as `apply_async(priority=...)`).
     priority = int(os.environ["PRIORITY"]) if os.environ.get("PRIORITY") else None
     return app.send_task(name, args=args, kwargs=kwargs or {}, queue=queue, priority=priority)
+
+
+def flood_one(queue, name, args, reply_to):
+    """Sends one task of a flood, again with the same id until the broker takes it: with
+    publisher confirms (BROKER_TRANSPORT_OPTIONS={"confirm_publish": true}) a message the
+    broker refuses while a cluster node stops raises here, and was not queued."""
+    task_id = str(uuid.uuid4())
+    for attempt in range(40):
+        try:
+            app.send_task(name, args=args, queue=queue, reply_to=reply_to, task_id=task_id)
+            return task_id
+        except Exception as exc:  # kombu's MessageNacked, a lost connection...
+            print("sending %s again (attempt %d): %r" % (task_id, attempt + 1, exc), file=sys.stderr, flush=True)
+            time.sleep(0.25)
+    sys.exit("the broker refused task %s 40 times" % task_id)
 
 
 def canvas(queue, scenario, path):
@@ -223,7 +239,7 @@ def main():
         print(json.dumps(outcome(lambda: r.get(timeout=TIMEOUT))), flush=True)
     elif command == "flood":
         name, args, n, reply_to = rest[0], json.loads(rest[1]), int(rest[2]), rest[3]
-        ids = [app.send_task(name, args=args, queue=queue, reply_to=reply_to).id for _ in range(n)]
+        ids = [flood_one(queue, name, args, reply_to) for _ in range(n)]
         print(json.dumps({"ids": ids}), flush=True)
     elif command == "garbage":
         with Connection(app.conf.broker_url) as conn:

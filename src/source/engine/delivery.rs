@@ -155,12 +155,14 @@ async fn run_and_settle<T: Transport>(
         }
         Outcome::Success(_) => None,
     };
-    let revoked = shared.engine.tasks().ledger.revoked(&task.id);
     let settlement = match &outcome {
-        Outcome::Failure(f) if f.kind == FailureKind::RetryRequested && revoked.is_none() => {
+        // A revoked task is not run again, whatever its plugin asked.
+        Outcome::Failure(f)
+            if f.kind == FailureKind::RetryRequested && !shared.is_revoked(&task.id) =>
+        {
             retry::plan(task, f, SystemTime::now())
         }
-        _ => settlement_of(outcome, revoked, shared.engine.stopping.is_cancelled()),
+        _ => settlement_of(outcome, shared.engine.stopping.is_cancelled()),
     };
     job.end(&settlement, failure).await;
     settlement

@@ -25,9 +25,6 @@ struct Owned<A, I> {
     info: I,
     /// Redelivered copies, acked (or requeued) together with the owner's message.
     copies: Vec<A>,
-    /// Set when a revoke stopped it: its cancelled outcome is answered REVOKED with this
-    /// reason ("terminated" while running, "revoked" while still queued).
-    revoked: Option<&'static str>,
 }
 
 /// The owners of task ids in flight and a bounded memory of answered ids.
@@ -70,7 +67,6 @@ impl<A, I: Clone> Ledger<A, I> {
             Owned {
                 info,
                 copies: Vec::new(),
-                revoked: None,
             },
         );
         Arrival::Owner
@@ -95,21 +91,6 @@ impl<A, I: Clone> Ledger<A, I> {
     /// return the copies, to be requeued with the owner's message.
     pub fn release(&mut self, id: &str) -> Vec<A> {
         self.owned.remove(id).map(|o| o.copies).unwrap_or_default()
-    }
-
-    /// Marks an owned task as revoked with `reason`; false if this worker does not own it.
-    pub fn mark_revoked(&mut self, id: &str, reason: &'static str) -> bool {
-        match self.owned.get_mut(id) {
-            Some(owner) => {
-                owner.revoked = Some(reason);
-                true
-            }
-            None => false,
-        }
-    }
-
-    pub fn revoked(&self, id: &str) -> Option<&'static str> {
-        self.owned.get(id).and_then(|o| o.revoked)
     }
 
     pub fn owns(&self, id: &str) -> bool {
@@ -191,16 +172,5 @@ mod tests {
         }
         assert!(!l.is_answered("a") && l.is_answered("b") && l.is_answered("c"));
         assert_eq!(l.arrive("b", (), 7), Arrival::Answered(7));
-    }
-
-    #[test]
-    fn revocation_is_kept_per_owner() {
-        let mut l = L::new(2);
-        assert!(!l.mark_revoked("t", "revoked"), "not owned yet");
-        l.arrive("t", (), 1);
-        assert!(l.mark_revoked("t", "terminated"));
-        assert_eq!(l.revoked("t"), Some("terminated"));
-        l.answered("t");
-        assert_eq!(l.revoked("t"), None);
     }
 }

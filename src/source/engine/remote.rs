@@ -6,6 +6,7 @@ use super::transport::WantedQueue;
 use super::worker::{Transport, Worker};
 use crate::source::pidbox::RemoteWorker;
 use crate::source::redact;
+use crate::task::{CancelCause, Cancellation};
 use serde_json::{json, Map, Value};
 
 impl<T: Transport> RemoteWorker for Worker<T> {
@@ -74,25 +75,20 @@ impl<T: Transport> RemoteWorker for Worker<T> {
             for id in ids.iter().filter(|id| id.len() <= super::MAX_ID_BYTES) {
                 tasks.revoked.insert(id);
                 if tasks.ledger.owns(id) {
-                    // Marked first: a plugin may answer the cancel at once.
-                    let reason = if terminate { "terminated" } else { "revoked" };
-                    tasks.ledger.mark_revoked(id, reason);
-                    to_cancel.push((id.clone(), terminate));
+                    to_cancel.push(id.clone());
                 }
             }
         }
         self.engine.revoke_signal.notify_waiters();
-        for (id, terminate) in to_cancel {
+        // The cause travels with the cancel to the task's outcome, which settles it REVOKED.
+        let dispatcher = &self.engine.dispatcher;
+        for id in to_cancel {
             if terminate {
-                self.engine
-                    .dispatcher
-                    .cancel(&id, "revoked (terminate)")
-                    .await;
+                let cancel = Cancellation::new(CancelCause::Terminated, "revoked (terminate)");
+                dispatcher.cancel(&id, cancel).await;
             } else {
-                self.engine
-                    .dispatcher
-                    .cancel_cooperatively(&id, "revoked")
-                    .await;
+                let cancel = Cancellation::new(CancelCause::Revoked, "revoked");
+                dispatcher.cancel_cooperatively(&id, cancel).await;
             }
         }
     }

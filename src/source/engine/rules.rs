@@ -30,13 +30,10 @@ pub enum Settlement {
     },
 }
 
-/// Decides how a task that ran ends on the wire (the table test covers every kind). Pure: `revoked` is the reason a revoke
-/// stopped it, `stopping` whether this worker is shutting down.
-pub fn settlement_of(
-    outcome: Outcome,
-    revoked: Option<&'static str>,
-    stopping: bool,
-) -> Settlement {
+/// Decides how a task that ran ends on the wire (the table test covers every kind). Pure: a
+/// cancel's cause says whether a revoke stopped it, `stopping` whether this worker is
+/// shutting down.
+pub fn settlement_of(outcome: Outcome, stopping: bool) -> Settlement {
     let answer = |status, result, traceback, reject| Settlement::Answer {
         status,
         result,
@@ -47,19 +44,21 @@ pub fn settlement_of(
         Outcome::Success(value) => return answer(state::SUCCESS, value, None, false),
         Outcome::Failure(f) => f,
     };
-    match (f.kind, revoked) {
-        (FailureKind::Cancelled, Some(reason)) => {
-            answer(state::REVOKED, celery::revoked_result(reason), None, false)
+    match f.kind {
+        FailureKind::Cancelled(cause) if cause.revoke_word().is_some() => {
+            let result = celery::revoked_result(cause.revoke_word().unwrap_or_default());
+            answer(state::REVOKED, result, None, false)
         }
-        (FailureKind::ShuttingDown, _) => Settlement::Requeue,
-        (
-            FailureKind::PluginUnavailable
-            | FailureKind::PluginCrashed
-            | FailureKind::Interrupted
-            | FailureKind::Rejected,
-            _,
-        ) if stopping => Settlement::Requeue,
-        (FailureKind::NotRegistered, _) => {
+        FailureKind::ShuttingDown => Settlement::Requeue,
+        FailureKind::PluginUnavailable
+        | FailureKind::PluginCrashed
+        | FailureKind::Interrupted
+        | FailureKind::Rejected
+            if stopping =>
+        {
+            Settlement::Requeue
+        }
+        FailureKind::NotRegistered => {
             answer(state::FAILURE, celery::failure_result(&f), None, true)
         }
         _ => {
@@ -172,13 +171,18 @@ mod tests {
         }
     }
 
-    /// Every outcome kind, revoked or not, stopping or not.
+    /// Every outcome kind, each cause of a cancel, stopping or not.
     #[test]
     fn how_each_outcome_ends_on_the_wire() {
+        use crate::task::CancelCause;
         use FailureKind::*;
         let kinds = [
             Raised { retryable: false },
-            Cancelled,
+            Cancelled(CancelCause::Requested),
+            Cancelled(CancelCause::Revoked),
+            Cancelled(CancelCause::Terminated),
+            Cancelled(CancelCause::SoftTimeLimit),
+            Cancelled(CancelCause::ByPlugin),
             SoftTimeLimit,
             HardTimeLimit,
             PluginCrashed,
@@ -190,31 +194,39 @@ mod tests {
             ShuttingDown,
         ];
         for kind in kinds {
-            for revoked in [None, Some("terminated")] {
-                for stopping in [false, true] {
-                    let got = settlement_of(failure(kind), revoked, stopping);
-                    let want_status = match (kind, revoked, stopping) {
-                        (Cancelled, Some(_), _) => Some(state::REVOKED),
-                        (ShuttingDown, _, _) => None,
-                        (PluginUnavailable | PluginCrashed | Interrupted | Rejected, _, true) => {
-                            None
+            for stopping in [false, true] {
+                let got = settlement_of(failure(kind), stopping);
+                let want = match (kind, stopping) {
+                    (Cancelled(CancelCause::Revoked), _) => Some((state::REVOKED, "revoked")),
+                    (Cancelled(CancelCause::Terminated), _) => Some((state::REVOKED, "terminated")),
+                    (ShuttingDown, _) => None,
+                    (PluginUnavailable | PluginCrashed | Interrupted | Rejected, true) => None,
+                    _ => Some((state::FAILURE, "")),
+                };
+                match (&got, want) {
+                    (Settlement::Requeue, None) => {}
+                    (
+                        Settlement::Answer {
+                            status,
+                            reject,
+                            result,
+                            ..
+                        },
+                        Some((want, word)),
+                    ) => {
+                        assert_eq!(*status, want, "{kind:?} {stopping}");
+                        assert_eq!(*reject, kind == NotRegistered, "{kind:?}");
+                        if want == state::REVOKED {
+                            assert_eq!(*result, celery::revoked_result(word), "{kind:?}");
                         }
-                        _ => Some(state::FAILURE),
-                    };
-                    match (&got, want_status) {
-                        (Settlement::Requeue, None) => {}
-                        (Settlement::Answer { status, reject, .. }, Some(want)) => {
-                            assert_eq!(*status, want, "{kind:?} {revoked:?} {stopping}");
-                            assert_eq!(*reject, kind == NotRegistered, "{kind:?}");
-                        }
-                        _ => panic!("{kind:?} {revoked:?} {stopping}: got {got:?}"),
                     }
+                    _ => panic!("{kind:?} {stopping}: got {got:?}"),
                 }
             }
         }
         for stopping in [false, true] {
             assert_eq!(
-                settlement_of(Outcome::Success(json!(1)), None, stopping),
+                settlement_of(Outcome::Success(json!(1)), stopping),
                 Settlement::Answer {
                     status: state::SUCCESS,
                     result: json!(1),

@@ -18,7 +18,7 @@ pub use tasks::Job;
 use super::containment;
 use super::process::{self, StderrTail, StdoutEvent};
 use crate::manifest::Manifest;
-use crate::task::{Failure, Outcome, TaskEvent};
+use crate::task::{Cancellation, Failure, Outcome, TaskEvent};
 use io::Io;
 use nix::sys::signal::Signal;
 use plugin_protocol::{method, Id, Message, Notification, Request};
@@ -40,7 +40,7 @@ pub enum Command {
     Run(Job),
     Cancel {
         task_id: String,
-        reason: String,
+        cancel: Cancellation,
         /// Kill the process after `cancel_grace` if the task has not ended.
         escalate: bool,
     },
@@ -529,13 +529,13 @@ impl Instance {
             (
                 Some(Command::Cancel {
                     task_id,
-                    reason,
+                    cancel,
                     escalate,
                 }),
                 _,
             ) => {
                 let grace = escalate.then_some(self.spec.manifest.timeouts.cancel_grace);
-                self.cancel(&task_id, reason, false, grace);
+                self.cancel(&task_id, cancel, grace);
             }
         }
         Step::Continue

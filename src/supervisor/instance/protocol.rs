@@ -4,7 +4,7 @@
 use super::{Crash, EventKind, Instance, Phase, Step};
 use crate::supervisor::process::StdoutEvent;
 use crate::supervisor::reply_id;
-use crate::task::{Failure, FailureKind, Outcome, TaskEvent};
+use crate::task::{CancelCause, Failure, FailureKind, Outcome, TaskEvent};
 use plugin_protocol::{
     capability, code, method, ErrorObject, Id, LogLevel, LogParams, Message, Response,
     TaskErrorData, TaskProgressParams, TaskRetryData, TaskStreamParams,
@@ -364,15 +364,18 @@ fn retry_failure(e: ErrorObject) -> Failure {
 fn task_failure(e: ErrorObject, cancel: Option<&super::tasks::Cancel>) -> Failure {
     let data: Option<TaskErrorData> = e.data.clone().and_then(|d| serde_json::from_value(d).ok());
     match e.code {
-        code::TASK_CANCELLED => match cancel {
-            Some(c) if c.soft_limit => Failure::new(
+        code::TASK_CANCELLED => match cancel.map(|c| &c.request) {
+            Some(c) if c.cause == CancelCause::SoftTimeLimit => Failure::new(
                 FailureKind::SoftTimeLimit,
                 "SoftTimeLimitExceeded",
                 "worker.errors",
                 c.reason.clone(),
             ),
-            Some(c) => Failure::cancelled(&c.reason),
-            None => Failure::cancelled("the plugin cancelled the task itself"),
+            Some(c) => Failure::cancelled(c.cause, &c.reason),
+            None => Failure::cancelled(
+                CancelCause::ByPlugin,
+                "the plugin cancelled the task itself",
+            ),
         },
         code::SHUTTING_DOWN => Failure::rejected(format!("the plugin refused it: {}", e.message)),
         code::TASK_RETRY => retry_failure(e),

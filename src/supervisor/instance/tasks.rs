@@ -3,7 +3,7 @@
 
 use super::{Crash, EventKind, ExitReason, Instance, Phase, Step};
 use crate::supervisor::process::StdoutEvent;
-use crate::task::{Failure, FailureKind, Outcome};
+use crate::task::{CancelCause, Cancellation, Failure, FailureKind, Outcome};
 use crate::task::{TaskEvent, TaskRequest};
 use plugin_protocol::{
     method, DeliveryInfo, Id, Message, RequestInfo, TaskCancelParams, TimeLimits,
@@ -68,9 +68,9 @@ pub(super) struct Running {
 }
 
 pub(super) struct Cancel {
-    pub(super) reason: String,
-    /// A soft time limit maps the plugin's Cancelled error to SoftTimeLimitExceeded.
-    pub(super) soft_limit: bool,
+    /// Why, and what the plugin was told; a soft time limit's maps the plugin's Cancelled
+    /// error to SoftTimeLimitExceeded.
+    pub(super) request: Cancellation,
     /// When the process is killed if the task has not ended (user cancels only).
     kill_at: Option<Instant>,
 }
@@ -150,8 +150,7 @@ impl Instance {
     pub(super) fn cancel(
         &mut self,
         task_id: &str,
-        reason: String,
-        soft_limit: bool,
+        request: Cancellation,
         kill_grace: Option<Duration>,
     ) {
         let Some(id) = self.by_task.get(task_id).copied() else {
@@ -163,15 +162,14 @@ impl Instance {
         if run.cancel.is_some() {
             return;
         }
-        run.cancel = Some(Cancel {
-            reason: reason.clone(),
-            soft_limit,
-            kill_at: kill_grace.map(|g| Instant::now() + g),
-        });
         let params = TaskCancelParams {
             task_id: task_id.to_string(),
-            reason,
+            reason: request.reason.clone(),
         };
+        run.cancel = Some(Cancel {
+            request,
+            kill_at: kill_grace.map(|g| Instant::now() + g),
+        });
         self.notify(method::TASK_CANCEL, params);
     }
 
@@ -279,10 +277,13 @@ impl Instance {
             }
             match &run.cancel {
                 Some(c) if c.kill_at.is_some_and(|t| now >= t) => {
-                    let failure = Failure::cancelled(&format!(
-                        "{} (the plugin did not stop the task in time and was killed)",
-                        c.reason
-                    ));
+                    let failure = Failure::cancelled(
+                        c.request.cause,
+                        &format!(
+                            "{} (the plugin did not stop the task in time and was killed)",
+                            c.request.reason
+                        ),
+                    );
                     let reason = format!(
                         "was killed because task {task_id} did not stop after `task.cancel`"
                     );
@@ -296,7 +297,8 @@ impl Instance {
             }
         }
         for task_id in soft_due {
-            self.cancel(&task_id, "soft time limit exceeded".into(), true, None);
+            let soft = Cancellation::new(CancelCause::SoftTimeLimit, "soft time limit exceeded");
+            self.cancel(&task_id, soft, None);
         }
         None
     }

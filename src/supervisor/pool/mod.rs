@@ -18,7 +18,7 @@ use super::restart::RestartWindow;
 use super::status::{InstanceState, PluginState, PluginStatus};
 use crate::events::{DeliveryStats, Event, EventBus, Subscription};
 use crate::manifest::Manifest;
-use crate::task::{Failure, FailureKind, Outcome};
+use crate::task::{Cancellation, Failure, FailureKind, Outcome};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -77,7 +77,7 @@ enum PoolCommand {
     Run(Job),
     Cancel {
         task_id: String,
-        reason: String,
+        cancel: Cancellation,
         mode: CancelMode,
         reply: oneshot::Sender<bool>,
     },
@@ -123,11 +123,11 @@ impl PoolHandle {
 
     /// Asks the task to stop, wherever it is in this pool (with `queued_only`, only if it has
     /// not started yet). False if the pool does not hold it (so).
-    pub async fn cancel(&self, task_id: &str, reason: &str, mode: CancelMode) -> bool {
+    pub async fn cancel(&self, task_id: &str, cancel: Cancellation, mode: CancelMode) -> bool {
         let (reply, rx) = oneshot::channel();
         let cmd = PoolCommand::Cancel {
             task_id: task_id.into(),
-            reason: reason.into(),
+            cancel,
             mode,
             reply,
         };
@@ -405,11 +405,11 @@ impl Pool {
             PoolCommand::Run(job) => self.admit(job),
             PoolCommand::Cancel {
                 task_id,
-                reason,
+                cancel,
                 mode,
                 reply,
             } => {
-                let _ = reply.send(self.cancel(&task_id, &reason, mode));
+                let _ = reply.send(self.cancel(&task_id, cancel, mode));
             }
             PoolCommand::Status(reply) => {
                 let _ = reply.send(self.status());
@@ -465,10 +465,11 @@ impl Pool {
         }
     }
 
-    fn cancel(&mut self, task_id: &str, reason: &str, mode: CancelMode) -> bool {
+    fn cancel(&mut self, task_id: &str, cancel: Cancellation, mode: CancelMode) -> bool {
         if let Some(pos) = self.queue.iter().position(|j| j.request.id == task_id) {
             let job = self.queue.remove(pos).expect("position is in range");
-            job.finish(Outcome::Failure(Failure::cancelled(reason)));
+            let failure = Failure::cancelled(cancel.cause, &cancel.reason);
+            job.finish(Outcome::Failure(failure));
             return true;
         }
         if mode == CancelMode::QueuedOnly {
@@ -479,7 +480,7 @@ impl Pool {
         };
         let cmd = Command::Cancel {
             task_id: task_id.into(),
-            reason: reason.into(),
+            cancel,
             escalate: mode == CancelMode::Escalate,
         };
         self.slots[slot]
