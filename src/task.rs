@@ -3,6 +3,7 @@
 use plugin_protocol::{DeliveryInfo, RequestInfo};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A task as a source hands it to the dispatcher.
@@ -11,8 +12,9 @@ pub struct TaskRequest {
     /// Unique id; the source picks it (Celery's task id) or the dispatcher makes one.
     pub id: String,
     pub name: String,
-    pub args: Vec<Value>,
-    pub kwargs: Map<String, Value>,
+    /// Shared, not copied, by whoever else keeps them (a Celery source's `inspect active`).
+    pub args: Arc<Vec<Value>>,
+    pub kwargs: Arc<Map<String, Value>>,
     /// Overrides of the manifest's time limits (e.g. from a Celery header).
     pub soft_time_limit: Option<Duration>,
     pub hard_time_limit: Option<Duration>,
@@ -34,8 +36,8 @@ impl TaskRequest {
         TaskRequest {
             id: new_task_id(),
             name: name.into(),
-            args,
-            kwargs,
+            args: Arc::new(args),
+            kwargs: Arc::new(kwargs),
             soft_time_limit: None,
             hard_time_limit: None,
             submitter: "local".into(),

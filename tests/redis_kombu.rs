@@ -536,7 +536,7 @@ async fn redis_kombu_tasks_sent_by_the_celery_client_are_taken_and_read() {
         );
         let task = worker::source::celery::decode(&m.envelope()).unwrap();
         assert_eq!(
-            (task.name.as_str(), task.args.clone()),
+            (task.name.as_str(), task.args.to_vec()),
             ("t", vec![json!(1)])
         );
         assert_eq!(task.kwargs.get("a"), Some(&json!(2)));

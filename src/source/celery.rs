@@ -13,8 +13,9 @@ use std::time::{Duration, SystemTime};
 pub struct CeleryTask {
     pub id: String,
     pub name: String,
-    pub args: Vec<Value>,
-    pub kwargs: Map<String, Value>,
+    /// Shared, never copied, with what `inspect active` shows and the dispatcher's request.
+    pub args: std::sync::Arc<Vec<Value>>,
+    pub kwargs: std::sync::Arc<Map<String, Value>>,
     pub eta: Option<SystemTime>,
     pub expires: Option<SystemTime>,
     pub hard_time_limit: Option<Duration>,
@@ -229,8 +230,8 @@ fn decode_v2(
     Ok(CeleryTask {
         embed,
         correlation_id: corr.map(str::to_string).unwrap_or_else(|| id.clone()),
-        args: untag_all(args)?,
-        kwargs: untag_map(kwargs)?,
+        args: untag_all(args)?.into(),
+        kwargs: untag_map(kwargs)?.into(),
         eta: time(h.get("eta"), "eta")?,
         expires: time(h.get("expires"), "expires")?,
         hard_time_limit: hard,
@@ -280,8 +281,8 @@ fn decode_v1(
     let (hard, soft) = time_limits(b.get("timelimit"))?;
     Ok(CeleryTask {
         correlation_id: corr.map(str::to_string).unwrap_or_else(|| id.clone()),
-        args: untag_all(args)?,
-        kwargs: untag_map(kwargs)?,
+        args: untag_all(args)?.into(),
+        kwargs: untag_map(kwargs)?.into(),
         eta: time(b.get("eta"), "eta")?,
         expires: time(b.get("expires"), "expires")?,
         hard_time_limit: hard,
@@ -479,7 +480,7 @@ pub fn max_retries_exceeded(task: &CeleryTask) -> Value {
         task.name,
         task.id,
         args.join(", "),
-        super::pyrepr::repr(&Value::Object(task.kwargs.clone()))
+        super::pyrepr::repr(&Value::Object((*task.kwargs).clone()))
     );
     exception("MaxRetriesExceededError", &message, "celery.exceptions")
 }
@@ -521,7 +522,7 @@ mod tests {
         let t = decode(&env(h, body)).unwrap();
         assert_eq!(t.name, "fibonacci");
         assert_eq!(t.id, "abc");
-        assert_eq!(t.args, vec![json!(26)]);
+        assert_eq!(*t.args, vec![json!(26)]);
         assert_eq!(t.kwargs["k"], json!("u-1"));
         assert_eq!(t.hard_time_limit, Some(Duration::from_secs(10)));
         assert_eq!(t.soft_time_limit, Some(Duration::from_secs_f64(5.5)));
@@ -542,7 +543,7 @@ mod tests {
         let h = json!({"task": "gw.add", "id": "a37e"});
         let body = br#"{"py/tuple": [{"py/tuple": [{"py/tuple": [2, 3]}, 4]}, {"k": [1, 2], "obj": {"py/object": "girder_worker_utils.transforms.girder_io.GirderFileId", "file_id": "f1"}}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]}"#;
         let t = decode(&env(h, body)).unwrap();
-        assert_eq!(t.args, vec![json!([2, 3]), json!(4)]);
+        assert_eq!(*t.args, vec![json!([2, 3]), json!(4)]);
         assert_eq!(t.kwargs["k"], json!([1, 2]));
         assert_eq!(
             t.kwargs["obj"]["py/object"], "girder_worker_utils.transforms.girder_io.GirderFileId",
@@ -563,7 +564,7 @@ mod tests {
         let h = json!({"task": "gw.add", "id": "a37e"});
         let body = br#"{"py/tuple": [{"py/tuple": [{"py/tuple": [3, 4]}, ["a"]]}, {"same": {"py/id": 2}}, {}]}"#;
         let t = decode(&env(h, body)).unwrap();
-        assert_eq!(t.args, vec![json!({"py/tuple": [3, 4]}), json!(["a"])]);
+        assert_eq!(*t.args, vec![json!({"py/tuple": [3, 4]}), json!(["a"])]);
         assert_eq!(t.kwargs["same"], json!({"py/id": 2}));
         assert_eq!(t.serializer, JSONPICKLE);
     }
@@ -592,7 +593,7 @@ mod tests {
             (t.name.as_str(), t.id.as_str(), t.retries),
             ("add", "x1", 1)
         );
-        assert_eq!(t.args, vec![json!(1), json!(2)]);
+        assert_eq!(*t.args, vec![json!(1), json!(2)]);
         assert!(t.eta.is_some());
         assert_eq!(
             (t.hard_time_limit, t.soft_time_limit),

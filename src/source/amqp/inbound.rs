@@ -130,7 +130,7 @@ mod tests {
             .expect("a valid task");
         assert_eq!((task.id.as_str(), task.name.as_str()), ("abc", "t"));
         let request = task_request(&task, &info, "amqp", (None, Some(Duration::from_secs(3))));
-        assert_eq!(request.args, vec![json!(1)]);
+        assert_eq!(*request.args, vec![json!(1)]);
         assert_eq!(request.kwargs["k"], json!(2));
         assert_eq!(request.hard_time_limit, Some(Duration::from_secs(3)));
         assert_eq!(request.submitter, "amqp: queue q");

@@ -51,8 +51,8 @@ pub(crate) struct TaskTable<A> {
 pub struct ActiveInfo {
     pub(crate) id: String,
     pub(crate) name: String,
-    pub(crate) args: Vec<Value>,
-    pub(crate) kwargs: Map<String, Value>,
+    pub(crate) args: std::sync::Arc<Vec<Value>>,
+    pub(crate) kwargs: std::sync::Arc<Map<String, Value>>,
     #[serde(rename = "type")]
     pub(crate) type_: String,
     pub(crate) hostname: String,

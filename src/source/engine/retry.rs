@@ -152,7 +152,7 @@ mod tests {
         CeleryTask {
             id: "t1".into(),
             name: "fetch".into(),
-            args: vec![json!(1)],
+            args: vec![json!(1)].into(),
             retries,
             ..CeleryTask::default()
         }

@@ -129,7 +129,7 @@ fn message(id: &str, ack: u32) -> Received<Fake> {
     let info = ActiveInfo {
         id: id.into(),
         name: task.name.clone(),
-        args: Vec::new(),
+        args: Default::default(),
         kwargs: Default::default(),
         type_: task.name.clone(),
         hostname: "engine@test".into(),

@@ -384,7 +384,7 @@ mod tests {
         let task = crate::source::celery::decode(&m.envelope()).unwrap();
         assert_eq!(task.name, "t");
         assert_eq!(task.id, "067f1e64-c4f0-46b5-bc0f-889bc7d9fc6e");
-        assert_eq!(task.args, [json!(1)]);
+        assert_eq!(*task.args, [json!(1)]);
         assert_eq!(task.kwargs.get("a"), Some(&json!(2)));
         assert_eq!(task.correlation_id, "067f1e64-c4f0-46b5-bc0f-889bc7d9fc6e");
         assert_eq!(
