@@ -132,7 +132,7 @@ impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
         let mut active = crate::sync::lock(&self.dispatcher.active);
         active.remove(&self.id);
-        self.dispatcher.in_flight.send_replace(active.len());
+        self.dispatcher.count_in_flight(active.len());
     }
 }
 
@@ -259,22 +259,22 @@ impl Dispatcher {
         let since = Instant::now();
         let started = std::time::SystemTime::now();
         let request = Arc::new(request);
-        let (outcome, attempt, guard) = match self.admit(&request) {
+        let (outcome, attempt, pool, guard) = match self.admit(&request) {
             Ok(guard) => {
-                let (outcome, attempt) = self.run_attempts(&request, events).await;
-                (outcome, attempt, Some(guard))
+                let (outcome, attempt, pool) = self.run_attempts(&request, events).await;
+                (outcome, attempt, pool, Some(guard))
             }
-            Err(refused) => (refused, 0, None),
+            Err(refused) => (refused, 0, self.supervisor.route(&request.name), None),
         };
         // Labelled only with names a manifest declares: a name nobody serves counts as "".
-        let (plugin, task) = match self.supervisor.route(&request.name) {
-            Some(pool) => (pool.manifest().name.clone(), request.name.as_str()),
-            None => (String::new(), ""),
+        let (plugin, task) = match &pool {
+            Some(pool) => (pool.manifest().name.as_str(), request.name.as_str()),
+            None => ("", ""),
         };
         let runtime = since.elapsed();
         self.metrics
-            .task_ended(&plugin, task, outcome.kind(), runtime);
-        self.publish_end(&request, &plugin, attempt, &outcome, runtime);
+            .task_ended(plugin, task, outcome.kind(), runtime);
+        self.publish_end(&request, plugin, attempt, &outcome, runtime);
         if guard.is_some() {
             // Still counted in flight: a graceful stop waits for the store as for the task.
             let ended = crate::results::Ended {
@@ -317,30 +317,29 @@ impl Dispatcher {
     }
 
     /// Runs an admitted `request` to its end, through reruns; its events go to `events`.
+    /// Also returns the pool of its last attempt.
     async fn run_attempts(
         &self,
         request: &Arc<TaskRequest>,
         events: mpsc::Sender<TaskEvent>,
-    ) -> (Outcome, u32) {
+    ) -> (Outcome, u32, Option<PoolHandle>) {
         let (mut attempt, mut refusals) = (1, 0);
         loop {
             // Looked up on every attempt: a reload may have replaced the plugin meanwhile.
             let Some(pool) = self.supervisor.route(&request.name) else {
-                return (
-                    Outcome::Failure(Failure::not_registered(&request.name)),
-                    attempt,
-                );
+                let failure = Failure::not_registered(&request.name);
+                return (Outcome::Failure(failure), attempt, None);
             };
             let outcome = self.attempt(&pool, request, attempt, &events).await;
             let Outcome::Failure(failure) = outcome else {
-                return (outcome, attempt);
+                return (outcome, attempt, Some(pool));
             };
             let cancel = self.cancel_request(&request.id);
             let accepting = self.accepting.load(Ordering::SeqCst);
             let max_attempts = pool.manifest().max_attempts;
             let why = failure.message.clone();
             match retry(failure, attempt, max_attempts, refusals, accepting, cancel) {
-                Retry::End(failure) => return (Outcome::Failure(failure), attempt),
+                Retry::End(failure) => return (Outcome::Failure(failure), attempt, Some(pool)),
                 Retry::Again {
                     spends_attempt: false,
                 } => refusals += 1,
@@ -369,7 +368,7 @@ impl Dispatcher {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(Outcome::Failure(Failure::shutting_down()));
         }
-        if self.supervisor.route(&request.name).is_none() {
+        if !self.supervisor.serves(&request.name) {
             return Err(Outcome::Failure(Failure::not_registered(&request.name)));
         }
         let mut active = crate::sync::lock(&self.active);
@@ -392,7 +391,7 @@ impl Dispatcher {
             cancel: None,
         };
         active.insert(request.id.clone(), entry);
-        self.in_flight.send_replace(active.len());
+        self.count_in_flight(active.len());
         drop(active);
         self.supervisor.events().publish("task.received", || {
             let plugin = self
@@ -534,6 +533,15 @@ impl Dispatcher {
 
     pub fn in_flight(&self) -> usize {
         *self.in_flight.borrow()
+    }
+
+    /// Records how many tasks are in flight. Waiters (`wait_idle`) are woken only when it
+    /// reaches zero: waking them for every task cost a notification per task.
+    fn count_in_flight(&self, n: usize) {
+        self.in_flight.send_if_modified(|count| {
+            *count = n;
+            n == 0
+        });
     }
 
     /// Waits until no task is in flight, up to `timeout`. True if it got there.

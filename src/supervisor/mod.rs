@@ -272,6 +272,11 @@ impl Supervisor {
         self.routes().by_task.get(task).cloned()
     }
 
+    /// Whether some plugin serves `task` (without handing out its pool).
+    pub fn serves(&self, task: &str) -> bool {
+        self.routes().by_task.contains_key(task)
+    }
+
     /// Every task name some plugin serves.
     pub fn task_names(&self) -> Vec<String> {
         self.routes().by_task.keys().cloned().collect()
