@@ -34,6 +34,10 @@ use tokio::time::{sleep_until, timeout, Instant};
 /// How long to wait for the stderr reader to catch up after the process died.
 const STDERR_SETTLE: Duration = Duration::from_millis(250);
 
+/// Commands taken in one turn of the actor after the one that woke it: enough for a burst of
+/// placed tasks, few enough that stdout and timers are looked at again soon.
+const COMMAND_BATCH: usize = 64;
+
 /// What the pool tells an instance.
 #[derive(Debug)]
 pub enum Command {
@@ -449,11 +453,23 @@ impl Instance {
             };
             commands_open &= !matches!(wake, Wake::Command(None));
             let batch = matches!(wake, Wake::Stdout(Some(_)));
+            let commanded = matches!(wake, Wake::Command(Some(_)));
             let mut step = self.handle(wake);
             // Take every stdout message already read in one go, while nothing holds it back.
             while batch && matches!(step, Step::Continue) && self.held.is_none() {
                 match stdout.try_recv() {
                     Ok(ev) => step = self.handle(Wake::Stdout(Some(ev))),
+                    Err(_) => break,
+                }
+            }
+            // Likewise the commands already sent (a burst of tasks placed together), so their
+            // lines reach the stdin writer together and go out in one write.
+            for _ in 0..COMMAND_BATCH {
+                if !(commanded && matches!(step, Step::Continue)) {
+                    break;
+                }
+                match commands.try_recv() {
+                    Ok(cmd) => step = self.handle(Wake::Command(Some(cmd))),
                     Err(_) => break,
                 }
             }
