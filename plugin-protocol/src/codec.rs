@@ -142,7 +142,7 @@ pub fn encode_line<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 /// The buffer a line is written into starts this large.
-const LINE_CAPACITY: usize = 512;
+pub(crate) const LINE_CAPACITY: usize = 512;
 
 #[cfg(test)]
 mod tests {

@@ -265,19 +265,20 @@ impl Serialize for Message {
 /// for every `task.run`. The same line as `Message::Request(Request::new(..)).to_line()` for
 /// params that serialize to an object (null params are written, not left out).
 pub fn request_line(id: &Id, method: &str, params: &impl Serialize) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Wire<'a, P> {
-        jsonrpc: &'static str,
-        id: &'a Id,
-        method: &'a str,
-        params: &'a P,
-    }
-    crate::codec::encode_line(&Wire {
-        jsonrpc: "2.0",
-        id,
-        method,
-        params,
-    })
+    // The envelope's keys are written as they are, not escaped one by one.
+    let mut out = Vec::with_capacity(crate::codec::LINE_CAPACITY);
+    out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
+    put_json(&mut out, id);
+    out.extend_from_slice(br#","method":"#);
+    put_json(&mut out, method);
+    out.extend_from_slice(br#","params":"#);
+    put_json(&mut out, params);
+    out.extend_from_slice(b"}\n");
+    out
+}
+
+fn put_json(out: &mut Vec<u8>, value: &(impl Serialize + ?Sized)) {
+    serde_json::to_writer(out, value).expect("protocol values always serialize");
 }
 
 impl Request {
@@ -351,11 +352,15 @@ mod tests {
 
     #[test]
     fn typed_lines_are_the_same_as_messages() {
-        let params = json!({"task_id": "t", "args": [1]});
-        assert_eq!(
-            request_line(&Id::Num(9), "task.run", &params),
-            Message::Request(Request::new(Id::Num(9), "task.run", &params)).to_line()
-        );
+        let params = json!({"task_id": "t\"\n", "args": [1]});
+        for id in [Id::Num(9), Id::Str("a \"quoted\" id".into())] {
+            for method in ["task.run", "odd \"method\"\u{1}"] {
+                assert_eq!(
+                    request_line(&id, method, &params),
+                    Message::Request(Request::new(id.clone(), method, &params)).to_line()
+                );
+            }
+        }
     }
 
     #[test]

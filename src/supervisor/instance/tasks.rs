@@ -30,7 +30,37 @@ struct TaskRunWire<'a> {
     attempt: u32,
     time_limit: TimeLimits,
     delivery_info: &'a DeliveryInfo,
-    request: RequestInfo,
+    request: RequestWire<'a>,
+}
+
+/// `task.run`'s `request` exactly as [`RequestInfo`] writes it, borrowed from the task's
+/// request (its headers are not copied) with this worker's node name.
+#[derive(serde::Serialize)]
+struct RequestWire<'a> {
+    retries: u64,
+    eta: &'a Option<String>,
+    expires: &'a Option<String>,
+    parent_id: &'a Option<String>,
+    root_id: &'a Option<String>,
+    group: &'a Option<String>,
+    hostname: &'a str,
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    headers: &'a Map<String, Value>,
+}
+
+impl<'a> RequestWire<'a> {
+    fn of(info: &'a RequestInfo, hostname: &'a str) -> RequestWire<'a> {
+        RequestWire {
+            retries: info.retries,
+            eta: &info.eta,
+            expires: &info.expires,
+            parent_id: &info.parent_id,
+            root_id: &info.root_id,
+            group: &info.group,
+            hostname,
+            headers: &info.headers,
+        }
+    }
 }
 
 /// A task handed to an instance, with where its events and its outcome go.
@@ -99,7 +129,10 @@ impl Instance {
     }
 
     /// Sends `task.run` for `job` and tells event subscribers it started.
+    /// The line is written straight from params borrowed from the task (no `Value` in
+    /// between, nothing copied: the hot path).
     fn start_task_run(&mut self, job: &Job, soft: Option<Duration>, hard: Option<Duration>) -> u64 {
+        let id = self.take_request_id();
         let m = &self.spec.manifest;
         let params = TaskRunWire {
             task_id: &job.request.id,
@@ -112,17 +145,16 @@ impl Instance {
                 hard: hard.map(|d| d.as_secs_f64()),
             },
             delivery_info: &job.request.delivery_info,
-            request: RequestInfo {
-                hostname: Some(self.spec.worker_name.clone()),
-                ..job.request.request_info.clone()
-            },
+            request: RequestWire::of(&job.request.request_info, &self.spec.worker_name),
         };
         self.spec.events.publish("task.started", || {
             crate::fields! {"task_id" => job.request.id, "task" => job.request.name,
             "plugin" => m.name, "instance" => self.spec.index, "pid" => self.pid,
             "attempt" => job.attempt}
         });
-        self.request_task_run(&params)
+        let line = plugin_protocol::request_line(&Id::Num(id), method::TASK_RUN, &params);
+        self.send_line(line);
+        id
     }
 
     /// Points the stderr reader at the task running here if it runs alone and asked for its
@@ -136,14 +168,6 @@ impl Instance {
             .filter(|r| r.job.request.capture_log)
             .map(|r| r.job.events.downgrade());
         self.task_log.set(sink);
-    }
-
-    /// `task.run` written straight from its params (no `Value` in between: the hot path).
-    fn request_task_run(&mut self, params: &TaskRunWire) -> u64 {
-        let id = self.take_request_id();
-        let line = plugin_protocol::request_line(&Id::Num(id), method::TASK_RUN, params);
-        self.send_line(line);
-        id
     }
 
     /// Sends `task.cancel` once per task; `kill_grace` arms the kill if it does not end.
@@ -402,7 +426,14 @@ mod tests {
         };
         let request = RequestInfo {
             retries: 2,
+            eta: Some("2026-12-05T10:00:00+00:00".into()),
+            parent_id: Some("p-1".into()),
+            group: Some("g-1".into()),
             hostname: Some("w@h".into()),
+            headers: json!({"jobInfoSpec": {"url": "u"}})
+                .as_object()
+                .unwrap()
+                .clone(),
             ..RequestInfo::default()
         };
         let limits = TimeLimits {
@@ -417,7 +448,7 @@ mod tests {
             attempt: 2,
             time_limit: limits.clone(),
             delivery_info: &delivery,
-            request: request.clone(),
+            request: RequestWire::of(&request, "w@h"),
         };
         let owned = TaskRunParams {
             task_id: "id-1".into(),
@@ -427,11 +458,21 @@ mod tests {
             attempt: 2,
             time_limit: limits,
             delivery_info: Some(delivery.clone()),
-            request: Some(request),
+            request: Some(request.clone()),
         };
         assert_eq!(
             serde_json::to_string(&wire).unwrap(),
             serde_json::to_string(&owned).unwrap()
+        );
+        // Without headers, the key is left out as RequestInfo leaves it out.
+        let bare = RequestInfo::default();
+        let with_name = RequestInfo {
+            hostname: Some("w@h".into()),
+            ..RequestInfo::default()
+        };
+        assert_eq!(
+            serde_json::to_value(RequestWire::of(&bare, "w@h")).unwrap(),
+            serde_json::to_value(&with_name).unwrap()
         );
     }
 }
