@@ -11,12 +11,28 @@
 //! as the Python client does, with reply_to = a queue this program counts SUCCESS replies on.
 //! Rate = replies / (time of last reply - time of first reply), so start-up is excluded; CPU
 //! is read at the first and the last reply, over the same window.
+//!
+//! Rounds (`benches/common/rounds.rs`): every contender drains once per round, in the listed
+//! order in odd rounds and in reverse in even ones. The goals are ratios taken round by round
+//! (the two contenders of a ratio from the same round), printed as their median and spread
+//! (lowest-highest) and met only when the whole spread clears the goal over >= 5 rounds; a round
+//! in which either contender did not finish is left out of the ratios that need it.
+//!
+//! Knobs (environment): `BENCH_N` (tasks per drain, default 20,000), `BENCH_ROUNDS` (default 5;
+//! fewer only when set so, and then no goal is met), `BENCH_ONLY=rust,raw` (substrings of the
+//! contenders' names), `BENCH_PREFETCH`, `BENCH_BIN_DIR`, `BENCH_RUST_INSTANCES` (default 2),
+//! `BENCH_RUST_CONCURRENCY` (default 16).
 
 #[path = "common/amqp_load.rs"]
 mod amqp_load;
 #[path = "common/procstat.rs"]
 #[allow(dead_code)] // each bench uses its own part
 mod procstat;
+#[path = "common/amqp_report.rs"]
+mod report;
+#[path = "common/rounds.rs"]
+#[allow(dead_code)] // each bench uses its own part
+mod rounds;
 
 use amqp_load::Replies;
 use lapin::{Connection, ConnectionProperties};
@@ -385,12 +401,14 @@ fn main() {
         .iter()
         .filter(|c| only.split(',').any(|o| c.name.contains(o)))
         .collect();
-    // Rounds are interleaved (every contender once per round) so that drift in the broker's
-    // speed hits all of them alike; each contender's figure is its median round.
-    let rounds = env_or("BENCH_ROUNDS", 3).max(1) as usize;
+    let rounds = rounds::from_env();
+    // Interleaved: every contender once per round, the order reversed every other round, so
+    // drift in the broker's speed hits all of them alike; ratios are taken round by round.
     let mut samples: Vec<Vec<Run>> = vec![Vec::new(); selected.len()];
+    let indices: Vec<usize> = (0..selected.len()).collect();
     for round in 1..=rounds {
-        for (i, c) in selected.iter().enumerate() {
+        for i in rounds::in_order(round, &indices) {
+            let c = selected[i];
             let run = rt.block_on(run_once(c, n));
             match &run.replies {
                 Some(r) => eprintln!(
@@ -403,140 +421,5 @@ fn main() {
             samples[i].push(run);
         }
     }
-    let rows: Vec<(&Contender, Run)> = selected
-        .iter()
-        .zip(samples)
-        .map(|(c, mut runs)| {
-            runs.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
-            (*c, runs.swap_remove(runs.len() / 2))
-        })
-        .collect();
-    report::print(n, rounds, &rows);
-}
-
-fn rate(r: &Run) -> f64 {
-    r.replies.as_ref().map(|r| r.all.rate()).unwrap_or(0.0)
-}
-
-/// The tables and the benchmark goals, from the median runs.
-mod report {
-    use super::{rate, Contender, Run};
-
-    fn find<'a>(rows: &'a [(&Contender, Run)], name: &str) -> Option<&'a Run> {
-        rows.iter().find(|r| r.0.name == name).map(|r| &r.1)
-    }
-
-    /// CPU µs per task of (the contender's processes, their children, RabbitMQ).
-    fn cpu_per_task(run: &Run, n: usize) -> (f64, f64, f64) {
-        let per = |d: std::time::Duration| d.as_secs_f64() * 1e6 / (n.max(2) - 1) as f64;
-        let main = run.cpu.per_copy.iter().map(|c| c.0).sum();
-        let children = run.cpu.per_copy.iter().map(|c| c.1).sum();
-        (per(main), per(children), per(run.cpu.rabbit))
-    }
-
-    fn goal(label: &str, ratio: f64, want: &str, met: bool) {
-        let verdict = if met { "met" } else { "NOT met" };
-        println!("  {label:<58} {ratio:>6.2}x  (goal {want}: {verdict})");
-    }
-
-    pub fn print(n: usize, rounds: usize, rows: &[(&Contender, Run)]) {
-        let best_celery = rows
-            .iter()
-            .filter(|r| r.0.name.starts_with("celery"))
-            .map(|r| rate(&r.1))
-            .fold(0.0, f64::max);
-        let raw = find(rows, "raw lapin consume-reply-ack");
-        let ceiling = raw.map(rate).unwrap_or(f64::NAN);
-        println!("\n{n} no-op tasks preloaded, rpc results; rate from first to last reply; median of {rounds} interleaved rounds");
-        println!(
-            "{:<30} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "contender",
-            "tasks/s",
-            "x celery",
-            "x raw",
-            "RSS MiB",
-            "kids MiB",
-            "CPU us/t",
-            "kids us/t",
-            "rabbit us/t"
-        );
-        for (c, run) in rows {
-            let (main, kids, rabbit) = cpu_per_task(run, n);
-            println!(
-                "{:<30} {:>9.0} {:>8.2} {:>8.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
-                c.name,
-                rate(run),
-                rate(run) / best_celery,
-                rate(run) / ceiling,
-                run.rss.0 as f64 / 1024.0,
-                run.rss.1 as f64 / 1024.0,
-                main,
-                kids,
-                rabbit
-            );
-        }
-        println!("(CPU us/t: CPU time of the contender's own processes per task, from /proc/<pid>/stat, over the same window as the rate; kids: their children (plugins, pool processes); rabbit: RabbitMQ's beam.smp)");
-        scale(rows, n);
-        goals(rows, n, raw);
-    }
-
-    fn scale(rows: &[(&Contender, Run)], n: usize) {
-        let single = find(rows, "worker + rust plugin").map(rate);
-        if let Some(run) = find(rows, "worker + rust, 10 queues") {
-            if let Some(r) = &run.replies {
-                let rates: Vec<f64> = r.per_queue.iter().map(|s| s.rate()).collect();
-                let lo = rates.iter().cloned().fold(f64::INFINITY, f64::min);
-                let hi = rates.iter().cloned().fold(0.0, f64::max);
-                println!(
-                    "\n10 queues at once ({} tasks each): combined {:.0} tasks/s ({:.2}x one queue); per queue {:.0} to {:.0} tasks/s",
-                    n / 10,
-                    rate(run),
-                    rate(run) / single.unwrap_or(f64::NAN),
-                    lo,
-                    hi
-                );
-            }
-        }
-        if let Some(run) = find(rows, "2 workers + rust, 1 queue") {
-            if let Some(r) = &run.replies {
-                let window = (r.all.last - r.all.first).as_secs_f64().max(1e-9);
-                let each: Vec<String> = run
-                    .acked
-                    .iter()
-                    .map(|a| format!("{:.0} tasks/s ({a} tasks)", *a as f64 / window))
-                    .collect();
-                println!(
-                    "two workers sharing one queue: combined {:.0} tasks/s ({:.2}x one worker); each: {}",
-                    rate(run),
-                    rate(run) / single.unwrap_or(f64::NAN),
-                    each.join(", ")
-                );
-            }
-        }
-    }
-
-    fn goals(rows: &[(&Contender, Run)], n: usize, raw: Option<&Run>) {
-        let (Some(ours), Some(raw)) = (find(rows, "worker + rust plugin"), raw) else {
-            return;
-        };
-        println!("\ngoals, this run:");
-        let drain = rate(ours) / rate(raw);
-        goal(
-            "AMQP drain, worker + rust plugin / raw lapin loop",
-            drain,
-            ">= 0.9",
-            drain >= 0.9,
-        );
-        let cpu = cpu_per_task(ours, n).0 / cpu_per_task(raw, n).0;
-        goal(
-            "worker process CPU per task / raw loop's",
-            cpu,
-            "<= 1.3",
-            cpu <= 1.3,
-        );
-        if let Some(events) = find(rows, "worker + rust, events on") {
-            let r = rate(events) / rate(ours);
-            goal("task events on / off", r, ">= 0.9", r >= 0.9);
-        }
-    }
+    report::print(n, rounds, &selected, &samples);
 }

@@ -34,6 +34,9 @@ mod offer_load;
 #[path = "common/procstat.rs"]
 #[allow(dead_code)] // each bench uses its own part
 mod procstat;
+#[path = "common/rounds.rs"]
+#[allow(dead_code)] // each bench uses its own part
+mod rounds;
 
 use daemon::Daemon;
 use offer_load::{Flood, Lines, Tally, ECHO};
@@ -266,27 +269,7 @@ fn throughput() {
 /// The tables, from every round.
 mod report {
     use super::offer_load::Tally;
-
-    /// The median and the lowest and highest of `values`.
-    fn stats(values: impl IntoIterator<Item = f64>) -> (f64, f64, f64) {
-        let mut v: Vec<f64> = values.into_iter().collect();
-        if v.is_empty() {
-            return (f64::NAN, f64::NAN, f64::NAN);
-        }
-        v.sort_by(f64::total_cmp);
-        let mid = v.len() / 2;
-        let median = if v.len() % 2 == 1 {
-            v[mid]
-        } else {
-            (v[mid - 1] + v[mid]) / 2.0
-        };
-        (median, v[0], v[v.len() - 1])
-    }
-
-    /// The figure as `median (low-high)`.
-    fn spread(s: (f64, f64, f64), digits: usize) -> String {
-        format!("{:.d$} ({:.d$}-{:.d$})", s.0, s.1, s.2, d = digits)
-    }
+    use super::rounds::spread;
 
     fn line(t: &Tally) -> String {
         format!(
@@ -360,8 +343,8 @@ mod report {
             ("client CPU per task", |t| t.per_task(t.client_cpu)),
         ];
         for (name, f) in figures {
-            let ratio = stats(pairs.iter().map(|(b, o)| f(o) / f(b)));
-            println!("  {name:<22} {}x", spread(ratio, 2));
+            let ratio = spread(pairs.iter().map(|(b, o)| f(o) / f(b)), 2);
+            println!("  {name:<22} {ratio}x");
         }
         println!(
             "{:<28} {:>22} {:>22} {:>22} {:>22} {:>18}",
@@ -375,14 +358,11 @@ mod report {
         for (name, side) in &sides {
             println!(
                 "{name:<28} {:>22} {:>22} {:>22} {:>22} {:>18}",
-                spread(stats(side.iter().map(|t| t.rate())), 0),
-                spread(stats(side.iter().map(|t| t.per_task(t.worker_cpu))), 1),
-                spread(stats(side.iter().map(|t| t.per_task(t.plugins_cpu))), 1),
-                spread(stats(side.iter().map(|t| t.per_task(t.client_cpu))), 1),
-                spread(
-                    stats(side.iter().map(|t| t.worker_rss_kib as f64 / 1024.0)),
-                    1
-                ),
+                spread(side.iter().map(|t| t.rate()), 0),
+                spread(side.iter().map(|t| t.per_task(t.worker_cpu)), 1),
+                spread(side.iter().map(|t| t.per_task(t.plugins_cpu)), 1),
+                spread(side.iter().map(|t| t.per_task(t.client_cpu)), 1),
+                spread(side.iter().map(|t| t.worker_rss_kib as f64 / 1024.0), 1),
             );
         }
         println!("(CPU from /proc/<pid>/stat over the timed span, per task run: worker = the daemon's process; plugins = its rust-echo instances; client = the queue backend process, or this bench process on the control socket; worker RSS = its VmRSS after the last answer)");

@@ -19,6 +19,9 @@
 mod procstat;
 #[path = "common/redis_load.rs"]
 mod redis_load;
+#[path = "common/rounds.rs"]
+#[allow(dead_code)] // each bench uses its own part
+mod rounds;
 
 use redis_load::{Server, Span};
 use std::path::{Path, PathBuf};
@@ -268,27 +271,12 @@ fn main() {
 
 /// The table and the ratios, from every round.
 mod report {
+    use super::rounds::{spread, Spread};
     use super::{Contender, Run};
 
-    /// The median and the lowest and highest of `values`.
-    fn stats(values: impl IntoIterator<Item = f64>) -> (f64, f64, f64) {
-        let mut v: Vec<f64> = values.into_iter().collect();
-        if v.is_empty() {
-            return (f64::NAN, f64::NAN, f64::NAN);
-        }
-        v.sort_by(f64::total_cmp);
-        let mid = v.len() / 2;
-        let median = if v.len() % 2 == 1 {
-            v[mid]
-        } else {
-            (v[mid - 1] + v[mid]) / 2.0
-        };
-        (median, v[0], v[v.len() - 1])
-    }
-
-    /// The figure as `median (low-high)`.
-    fn spread(s: (f64, f64, f64), digits: usize) -> String {
-        format!("{:.d$} ({:.d$}-{:.d$})", s.0, s.1, s.2, d = digits)
+    /// The median of `values` (NaN when there is none).
+    fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+        Spread::of(values).map_or(f64::NAN, |s| s.median)
     }
 
     fn total_cpu(r: &Run) -> f64 {
@@ -310,21 +298,15 @@ mod report {
         );
         for (c, runs) in contenders.iter().zip(samples) {
             let done: Vec<&Run> = runs.iter().filter(|r| r.span.is_some()).collect();
-            let rate = stats(done.iter().map(|r| r.rate()));
-            let own = stats(done.iter().map(|r| r.cpu_per_task().0));
-            let kids = stats(done.iter().map(|r| r.cpu_per_task().1));
-            let redis = stats(done.iter().map(|r| r.cpu_per_task().2));
-            let rss = stats(done.iter().map(|r| r.rss.0 as f64 / 1024.0));
-            let kids_rss = stats(done.iter().map(|r| r.rss.1 as f64 / 1024.0));
+            let rate = spread(done.iter().map(|r| r.rate()), 0);
+            let own = spread(done.iter().map(|r| r.cpu_per_task().0), 1);
+            let kids = spread(done.iter().map(|r| r.cpu_per_task().1), 1);
+            let redis = spread(done.iter().map(|r| r.cpu_per_task().2), 1);
+            let rss = median(done.iter().map(|r| r.rss.0 as f64 / 1024.0));
+            let kids_rss = median(done.iter().map(|r| r.rss.1 as f64 / 1024.0));
             println!(
                 "{:<22} {:>22} {:>20} {:>20} {:>20} {:>9.1} {:>9.1}",
-                c.name,
-                spread(rate, 0),
-                spread(own, 1),
-                spread(kids, 1),
-                spread(redis, 1),
-                rss.0,
-                kids_rss.0
+                c.name, rate, own, kids, redis, rss, kids_rss
             );
             if done.len() < runs.len() {
                 println!(
@@ -353,25 +335,14 @@ mod report {
                 .zip(&samples[i])
                 .filter(|(a, b)| a.span.is_some() && b.span.is_some())
                 .collect();
-            let rate = stats(pairs.iter().map(|(a, b)| a.rate() / b.rate()));
-            let own = stats(
-                pairs
-                    .iter()
-                    .map(|(a, b)| a.cpu_per_task().0 / b.cpu_per_task().0),
-            );
-            let total = stats(pairs.iter().map(|(a, b)| total_cpu(a) / total_cpu(b)));
-            let redis = stats(
-                pairs
-                    .iter()
-                    .map(|(a, b)| a.cpu_per_task().2 / b.cpu_per_task().2),
-            );
+            let ratio = |f: &dyn Fn(&Run) -> f64| spread(pairs.iter().map(|(a, b)| f(a) / f(b)), 2);
             println!(
                 "  vs {:<20} rate {}x; CPU/task: own {}x, with children {}x, redis-server {}x",
                 c.name,
-                spread(rate, 2),
-                spread(own, 2),
-                spread(total, 2),
-                spread(redis, 2)
+                ratio(&|r| r.rate()),
+                ratio(&|r| r.cpu_per_task().0),
+                ratio(&total_cpu),
+                ratio(&|r| r.cpu_per_task().2)
             );
         }
     }

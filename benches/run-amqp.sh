@@ -2,7 +2,9 @@
 # AMQP benchmark: Celery worker vs `worker` vs a raw lapin loop on the same RabbitMQ.
 # Needs RabbitMQ on 127.0.0.1:5672 and the Celery venv in target/celery-venv (the broker tests
 # prepare both: `cargo test --test amqp`).
-# BENCH_N sets the number of tasks (default 20000).
+# BENCH_N sets the number of tasks (default 20000), BENCH_ROUNDS the interleaved rounds (default 5;
+# goals are judged on the spread of per-round ratios and need >= 5), BENCH_ONLY=rust,raw the
+# contenders.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bins --example rust-echo --example amqp-ceiling

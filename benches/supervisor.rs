@@ -4,6 +4,26 @@
 //!
 //! Run with `benches/run.sh` (it builds the release example plugin first). Figures are
 //! printed as ratios to the baseline; absolute numbers depend on the machine.
+//!
+//! The goals come from interleaved rounds (`benches/common/rounds.rs`): every round measures
+//! each pair (baseline and contender) once, in the listed order in odd rounds and in reverse in
+//! even ones, and each goal's ratio is taken round by round; its median and spread
+//! (lowest-highest) are over the rounds, and it is met only when the whole spread clears it.
+//! The other rows (the Rust and Python SDK plugins through the supervisor, a stalled event
+//! subscriber, restart latency, idle RSS) are single runs after the rounds.
+//!
+//! Knobs (environment):
+//! - `BENCH_ROUNDS`: rounds (default 5; fewer only when set so, and then no goal is met).
+//! - `BENCH_N`: tasks per throughput run with a Rust child (default 100,000).
+//! - `BENCH_N_PY`: the same with a Python child (default 30,000).
+//! - `BENCH_N_LATENCY`: one-at-a-time tasks per run, for p50 and p99 (default 5,000).
+//! - `BENCH_PROFILE_SUPERVISOR=N`: only the minimal Rust child through the supervisor, N tasks.
+//!
+//! The single-run bench this replaced pushed 50,000 and 10,000 tasks per run: a tenth of a
+//! second for a Python child, too short for a per-round ratio on a shared machine. At the
+//! defaults above the whole bench took 46 s on this 2-core machine with other builds running
+//! (it must stay under 6 minutes); `BENCH_N=5000 BENCH_N_PY=2000 BENCH_N_LATENCY=500` is a quick
+//! smoke run.
 
 #[path = "common/daemon.rs"]
 #[allow(dead_code)] // each bench uses its own part
@@ -13,36 +33,49 @@ mod minimal;
 #[path = "common/procstat.rs"]
 #[allow(dead_code)] // each bench uses its own part
 mod procstat;
+#[path = "common/rounds.rs"]
+#[allow(dead_code)] // each bench uses its own part
+mod rounds;
+#[path = "common/supervisor_load.rs"]
+mod supervisor_load;
 
-use plugin_protocol::{Frame, LineDecoder, Message};
-use serde_json::json;
+use rounds::{Unit, Want};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
-use worker::dispatch::Dispatcher;
+use supervisor_load::{
+    beside, raw_pipe, restart_latency, via_supervisor, Load, Stats, N_RESTARTS, WINDOW,
+};
 use worker::manifest::Manifest;
-use worker::supervisor::pool::PoolOptions;
-use worker::supervisor::Supervisor;
-use worker::task::TaskRequest;
 
-const N_THROUGHPUT: usize = 50_000;
-const N_THROUGHPUT_PY: usize = 10_000;
-const N_LATENCY: usize = 5_000;
-const N_RESTARTS: usize = 50;
-const WINDOW: usize = 16;
-
-struct Stats {
-    per_sec: f64,
-    p50: Duration,
-    p99: Duration,
+fn env_or(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+        .max(1)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+/// The loads for the Rust and the Python children, from the environment.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    rust: Load,
+    python: Load,
+}
+
+impl Sizes {
+    fn from_env() -> Sizes {
+        let latency = env_or("BENCH_N_LATENCY", 5_000);
+        Sizes {
+            rust: Load {
+                tasks: env_or("BENCH_N", 100_000),
+                latency,
+            },
+            python: Load {
+                tasks: env_or("BENCH_N_PY", 30_000),
+                latency,
+            },
+        }
+    }
 }
 
 fn repo() -> PathBuf {
@@ -84,182 +117,6 @@ fn manifest(root: &Path, name: &str, command: &[String], env: &str, tasks: &[&st
     );
     std::fs::write(dir.join("plugin.toml"), text).unwrap();
     Manifest::load(&dir).unwrap()
-}
-
-/// Drives the plugin process directly: handshake, then `task.run` requests over the pipe.
-async fn raw_pipe(m: &Manifest, task: &str, n: usize) -> Stats {
-    let mut child = tokio::process::Command::new(m.program())
-        .args(&m.command[1..])
-        .current_dir(&m.dir)
-        .envs(&m.env)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
-        "protocol_version":"1.0","worker":{"name":"bench","version":"0"},
-        "plugin":{"name":m.name,"instance":0},"settings":{},
-        "limits":{"max_line_bytes":16777216,"concurrency":WINDOW}}});
-    stdin
-        .write_all(format!("{init}\n").as_bytes())
-        .await
-        .unwrap();
-    let (tx, mut responses) = mpsc::unbounded_channel::<Instant>();
-    let reader = tokio::spawn(async move {
-        let mut dec = LineDecoder::new(1 << 24);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let k = stdout.read(&mut buf).await.unwrap();
-            if k == 0 {
-                return;
-            }
-            dec.extend(&buf[..k]);
-            while let Some(Frame::Line(l)) = dec.next_frame() {
-                if let Ok(Message::Response(_)) = Message::parse(&l) {
-                    let _ = tx.send(Instant::now());
-                }
-            }
-        }
-    });
-    responses.recv().await.unwrap();
-    stdin
-        .write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"initialized\"}\n")
-        .await
-        .unwrap();
-    let request = |id: usize| {
-        let r = json!({"jsonrpc":"2.0","id":id,"method":"task.run","params":{"task_id":format!("t{id}"),"task":task,"args":[],"kwargs":{},"attempt":1}});
-        format!("{r}\n").into_bytes()
-    };
-    // Throughput: keep WINDOW requests in flight.
-    let start = Instant::now();
-    let mut sent = 0;
-    let mut done = 0;
-    while done < n {
-        while sent < n && sent - done < WINDOW {
-            stdin.write_all(&request(sent + 1)).await.unwrap();
-            sent += 1;
-        }
-        stdin.flush().await.unwrap();
-        responses.recv().await.unwrap();
-        done += 1;
-    }
-    let per_sec = n as f64 / start.elapsed().as_secs_f64();
-    // Latency: one request at a time.
-    let mut lat = Vec::with_capacity(N_LATENCY);
-    for i in 0..N_LATENCY {
-        let t = Instant::now();
-        stdin.write_all(&request(n + 1 + i)).await.unwrap();
-        stdin.flush().await.unwrap();
-        let end = responses.recv().await.unwrap();
-        lat.push(end - t);
-    }
-    lat.sort();
-    drop(stdin);
-    let _ = child.kill().await;
-    reader.abort();
-    Stats {
-        per_sec,
-        p50: percentile(&lat, 0.5),
-        p99: percentile(&lat, 0.99),
-    }
-}
-
-fn options() -> PoolOptions {
-    PoolOptions {
-        worker_name: "bench".into(),
-        max_line_bytes: 1 << 24,
-        queue_capacity: 1 << 20,
-        state_dir: None,
-        plugin_user: None,
-        events: worker::events::EventBus::new(),
-        cgroups: None,
-        offers: Default::default(),
-    }
-}
-
-/// The same work submitted through the dispatcher and supervisor.
-async fn via_supervisor(m: &Manifest, task: &str, n: usize) -> Stats {
-    beside(m, &[], task, n).await
-}
-
-/// The same, with other plugins running beside it (event subscribers).
-async fn beside(m: &Manifest, others: &[Manifest], task: &str, n: usize) -> Stats {
-    let plugins = std::iter::once(m).chain(others).cloned().collect();
-    let supervisor = Arc::new(Supervisor::start(plugins, options()));
-    let dispatcher = Arc::new(Dispatcher::new(supervisor.clone()));
-    assert!(supervisor
-        .wait_ready(Duration::from_secs(20))
-        .await
-        .is_empty());
-    let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..WINDOW {
-        let (d, next, task) = (dispatcher.clone(), next.clone(), task.to_string());
-        workers.push(tokio::spawn(async move {
-            while next.fetch_add(1, Ordering::Relaxed) < n {
-                let outcome = d
-                    .submit(TaskRequest::new(&task, vec![], Default::default()))
-                    .outcome(|_| {})
-                    .await;
-                assert!(outcome.is_success(), "{outcome:?}");
-            }
-        }));
-    }
-    for w in workers {
-        w.await.unwrap();
-    }
-    let per_sec = n as f64 / start.elapsed().as_secs_f64();
-    let mut lat = Vec::with_capacity(N_LATENCY);
-    for _ in 0..N_LATENCY {
-        let t = Instant::now();
-        let outcome = dispatcher
-            .submit(TaskRequest::new(task, vec![], Default::default()))
-            .outcome(|_| {})
-            .await;
-        lat.push(t.elapsed());
-        assert!(outcome.is_success());
-    }
-    lat.sort();
-    supervisor.stop(None).await;
-    Stats {
-        per_sec,
-        p50: percentile(&lat, 0.5),
-        p99: percentile(&lat, 0.99),
-    }
-}
-
-/// SIGKILL the instance, time until the pool reports it ready again.
-async fn restart_latency(m: &Manifest) -> (Duration, Duration) {
-    let supervisor = Supervisor::start(vec![m.clone()], options());
-    assert!(supervisor
-        .wait_ready(Duration::from_secs(20))
-        .await
-        .is_empty());
-    let pool = supervisor.plugin(&m.name).unwrap();
-    let mut view = pool.view();
-    let mut times = Vec::new();
-    for _ in 0..N_RESTARTS {
-        let pid = pool.status().await.unwrap().instances[0].pid.unwrap();
-        let restarts = view.borrow().restarts;
-        let t = Instant::now();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        view.wait_for(|v| v.restarts > restarts && v.ready == 1)
-            .await
-            .unwrap();
-        times.push(t.elapsed());
-    }
-    times.sort();
-    supervisor.stop(None).await;
-    (percentile(&times, 0.5), percentile(&times, 0.99))
 }
 
 /// Starts the release daemon on the plugins in `root` and reads its RSS once every instance
@@ -304,7 +161,7 @@ fn subscriber(root: &Path, name: &str, script: &str, env: &str) -> Manifest {
 
 fn row(name: &str, s: &Stats, base: &Stats) {
     println!(
-        "{name:<34} {:>10.0}/s ({:>5.2}x)   p50 {:>8.1?} ({:>5.2}x)   p99 {:>8.1?}",
+        "{name:<44} {:>10.0}/s ({:>5.2}x)   p50 {:>8.1?} ({:>5.2}x)   p99 {:>8.1?}",
         s.per_sec,
         s.per_sec / base.per_sec,
         s.p50,
@@ -313,12 +170,249 @@ fn row(name: &str, s: &Stats, base: &Stats) {
     );
 }
 
-/// `name`: `got` against `goal` (`higher` is better or not), and whether it is met.
-fn goal(name: &str, got: f64, goal: f64, higher: bool, unit: &str) {
-    let met = if higher { got >= goal } else { got <= goal };
-    let sign = if higher { ">=" } else { "<=" };
-    let verdict = if met { "met" } else { "NOT met" };
-    println!("goal {name}: {got:.2}{unit} (goal {sign} {goal}{unit}): {verdict}");
+/// The plugins the bench drives: the example plugins (with the SDKs), the minimal children
+/// (no SDK) and two event subscribers.
+struct Plugins {
+    rust: Manifest,
+    py: Manifest,
+    min_rust: Manifest,
+    min_py: Manifest,
+    /// `examples/event-log`, writing every event to `event_log_file`.
+    event_log: Manifest,
+    event_log_file: PathBuf,
+    /// A subscriber that stops reading at its first event.
+    stalled: Manifest,
+}
+
+impl Plugins {
+    /// The example plugins and subscribers in `root` (the idle RSS run installs them), the
+    /// minimal children in `minimal_root`.
+    fn create(root: &Path, minimal_root: &Path) -> Plugins {
+        let py_path = repo().join("plugin-protocol/python").display().to_string();
+        let rust = manifest(
+            root,
+            "rust-echo",
+            &[rust_bin().display().to_string()],
+            "",
+            &["rust.noop", "rust.echo", "rust.count", "rust.flood"],
+        );
+        let py_main = repo().join("examples/python-fibonacci/main.py");
+        let py = manifest(
+            root,
+            "python-fibonacci",
+            &["/usr/bin/python3".into(), py_main.display().to_string()],
+            &format!("[env]\nPYTHONPATH = {py_path:?}"),
+            &["fibonacci", "py.noop"],
+        );
+        let event_log = subscriber(root, "event-log", "examples/event-log/main.py", "");
+        let stalled = subscriber(
+            root,
+            "subscriber",
+            "tests/plugins/subscriber.py",
+            "SUBSCRIBER_STALL = \"1\"\n",
+        );
+        let me = std::env::current_exe().unwrap().display().to_string();
+        let min_rust = manifest(
+            minimal_root,
+            "minimal-rust",
+            &[me],
+            "[env]\nBENCH_MINIMAL_CHILD = \"1\"",
+            &["min.noop"],
+        );
+        let min_py_main = repo().join("benches/minimal_child.py");
+        let min_py = manifest(
+            minimal_root,
+            "minimal-python",
+            &["/usr/bin/python3".into(), min_py_main.display().to_string()],
+            "",
+            &["minpy.noop"],
+        );
+        Plugins {
+            rust,
+            py,
+            min_rust,
+            min_py,
+            event_log,
+            event_log_file: root.join("event-log.jsonl"),
+            stalled,
+        }
+    }
+}
+
+/// One measurement of a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Measure {
+    RawMin,
+    SupMin,
+    RawSdk,
+    RawMinPy,
+    RawSdkPy,
+    Alone,
+    WithLog,
+}
+
+impl Measure {
+    /// A round's measurements, each baseline listed before its contender(s): odd rounds run
+    /// them in this order, even rounds in reverse.
+    const ALL: [Measure; 7] = [
+        Measure::RawMin,
+        Measure::SupMin,
+        Measure::RawSdk,
+        Measure::RawMinPy,
+        Measure::RawSdkPy,
+        Measure::Alone,
+        Measure::WithLog,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Measure::RawMin => "minimal rust child, raw pipe",
+            Measure::SupMin => "minimal rust child, via supervisor",
+            Measure::RawSdk => "rust SDK plugin, raw pipe",
+            Measure::RawMinPy => "minimal python child, raw pipe",
+            Measure::RawSdkPy => "python SDK plugin, raw pipe",
+            Measure::Alone => "rust SDK plugin, via supervisor",
+            Measure::WithLog => "rust SDK plugin + event-log subscriber",
+        }
+    }
+
+    async fn run(self, p: &Plugins, sizes: Sizes) -> Stats {
+        match self {
+            Measure::RawMin => raw_pipe(&p.min_rust, "min.noop", sizes.rust).await,
+            Measure::SupMin => via_supervisor(&p.min_rust, "min.noop", sizes.rust).await,
+            Measure::RawSdk => raw_pipe(&p.rust, "rust.noop", sizes.rust).await,
+            Measure::RawMinPy => raw_pipe(&p.min_py, "minpy.noop", sizes.python).await,
+            Measure::RawSdkPy => raw_pipe(&p.py, "py.noop", sizes.python).await,
+            Measure::Alone => via_supervisor(&p.rust, "rust.noop", sizes.rust).await,
+            Measure::WithLog => {
+                // The log is appended to; each run starts it empty.
+                let _ = std::fs::remove_file(&p.event_log_file);
+                let others = [p.event_log.clone()];
+                beside(&p.rust, &others, "rust.noop", sizes.rust).await
+            }
+        }
+    }
+}
+
+/// One round's figures, one per [`Measure`].
+struct Round([Stats; Measure::ALL.len()]);
+
+impl Round {
+    fn get(&self, m: Measure) -> &Stats {
+        &self.0[m as usize]
+    }
+}
+
+/// Runs `rounds` rounds, printing each measurement as it ends (to stderr).
+async fn run_rounds(p: &Plugins, sizes: Sizes, rounds: usize) -> Vec<Round> {
+    let mut all = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        let mut got = [None; Measure::ALL.len()];
+        for m in rounds::in_order(round, &Measure::ALL) {
+            let s = m.run(p, sizes).await;
+            eprintln!(
+                "round {round}: {:<40} {:>9.0}/s   p50 {:>8.1?}   p99 {:>8.1?}",
+                m.label(),
+                s.per_sec,
+                s.p50,
+                s.p99
+            );
+            got[m as usize] = Some(s);
+        }
+        all.push(Round(got.map(|s| s.expect("a round runs every measure"))));
+    }
+    all
+}
+
+/// Contender / baseline throughput, round by round.
+fn throughput_ratio(all: &[Round], base: Measure, contender: Measure) -> Vec<Option<f64>> {
+    all.iter()
+        .map(|r| Some(r.get(contender).per_sec / r.get(base).per_sec))
+        .collect()
+}
+
+/// The medians of every measurement, then the goals, from the rounds.
+fn report(all: &[Round], sizes: Sizes) {
+    println!(
+        "\n{} rounds, window {WINDOW} in flight ({} tasks with a Rust child, {} with a Python one), then {} one at a time for the latency; median (lowest-highest) over the rounds:",
+        all.len(),
+        sizes.rust.tasks,
+        sizes.python.tasks,
+        sizes.rust.latency
+    );
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    for m in Measure::ALL {
+        let stats = || all.iter().map(|r| r.get(m));
+        println!(
+            "{:<40} {:>26}/s   p50 {:>20} µs   p99 {:>20} µs",
+            m.label(),
+            rounds::spread(stats().map(|s| s.per_sec), 0),
+            rounds::spread(stats().map(|s| micros(s.p50)), 1),
+            rounds::spread(stats().map(|s| micros(s.p99)), 1),
+        );
+    }
+    rounds::ratio(
+        "rust SDK plugin via supervisor / raw pipe (no goal)",
+        &throughput_ratio(all, Measure::RawSdk, Measure::Alone),
+        Unit::Ratio,
+    );
+    let overhead: Vec<Option<f64>> = all
+        .iter()
+        .map(|r| Some(micros(r.get(Measure::SupMin).p50) - micros(r.get(Measure::RawMin).p50)))
+        .collect();
+    rounds::goals_header();
+    rounds::goal(
+        "supervisor throughput, minimal Rust child via supervisor / raw pipe",
+        &throughput_ratio(all, Measure::RawMin, Measure::SupMin),
+        Want::AtLeast(0.8),
+        Unit::Ratio,
+    );
+    rounds::goal(
+        "supervisor p50 overhead, one task at a time",
+        &overhead,
+        Want::AtMost(30.0),
+        Unit::Micros,
+    );
+    rounds::goal(
+        "Python SDK / minimal Python child, raw pipe",
+        &throughput_ratio(all, Measure::RawMinPy, Measure::RawSdkPy),
+        Want::AtLeast(0.7),
+        Unit::Ratio,
+    );
+    rounds::goal(
+        "events on / off (rust plugin + event-log / alone, via supervisor)",
+        &throughput_ratio(all, Measure::Alone, Measure::WithLog),
+        Want::AtLeast(0.9),
+        Unit::Ratio,
+    );
+    rounds::goal(
+        "rust SDK / minimal child, raw pipe",
+        &throughput_ratio(all, Measure::RawMin, Measure::RawSdk),
+        Want::AtLeast(0.5),
+        Unit::Ratio,
+    );
+}
+
+/// The rows measured once, after the rounds: each against a baseline run just before it.
+async fn single_runs(p: &Plugins, sizes: Sizes) {
+    println!("\nsingle runs (not in rounds; one run each, the baseline just before its contender), window {WINDOW} in flight:");
+    let raw_rust = raw_pipe(&p.rust, "rust.noop", sizes.rust).await;
+    let sup_rust = via_supervisor(&p.rust, "rust.noop", sizes.rust).await;
+    row("rust plugin, raw pipe (baseline)", &raw_rust, &raw_rust);
+    row("rust plugin, via supervisor", &sup_rust, &raw_rust);
+    let raw_py = raw_pipe(&p.py, "py.noop", sizes.python).await;
+    let sup_py = via_supervisor(&p.py, "py.noop", sizes.python).await;
+    row("python SDK, raw pipe (baseline)", &raw_py, &raw_py);
+    row("python SDK, via supervisor", &sup_py, &raw_py);
+    let alone = via_supervisor(&p.rust, "rust.noop", sizes.rust).await;
+    let others = [p.stalled.clone()];
+    let with_stalled = beside(&p.rust, &others, "rust.noop", sizes.rust).await;
+    row("rust plugin, no subscriber (baseline)", &alone, &alone);
+    row("+ a subscriber that stopped reading", &with_stalled, &alone);
+    let (p50, p99) = restart_latency(&p.rust).await;
+    println!("restart latency, rust plugin (SIGKILL -> ready, {N_RESTARTS} runs): p50 {p50:.1?}, p99 {p99:.1?}");
+    let (p50, p99) = restart_latency(&p.py).await;
+    println!("restart latency, python SDK  (SIGKILL -> ready, {N_RESTARTS} runs): p50 {p50:.1?}, p99 {p99:.1?}");
 }
 
 fn main() {
@@ -330,109 +424,33 @@ fn main() {
         .build()
         .unwrap();
     let root = tempfile::tempdir().unwrap();
-    let rust = manifest(
-        root.path(),
-        "rust-echo",
-        &[rust_bin().display().to_string()],
-        "",
-        &["rust.noop", "rust.echo", "rust.count", "rust.flood"],
-    );
-    let py = manifest(
-        root.path(),
-        "python-fibonacci",
-        &[
-            "/usr/bin/python3".into(),
-            repo()
-                .join("examples/python-fibonacci/main.py")
-                .display()
-                .to_string(),
-        ],
-        &format!(
-            "[env]\nPYTHONPATH = {:?}",
-            repo().join("plugin-protocol/python").display().to_string()
-        ),
-        &["fibonacci", "py.noop"],
-    );
-    let me = std::env::current_exe().unwrap().display().to_string();
     // Apart from `root`, whose plugins the idle RSS measurement installs.
     let minimal_root = tempfile::tempdir().unwrap();
-    let min_rust = manifest(
-        minimal_root.path(),
-        "minimal-rust",
-        &[me],
-        "[env]\nBENCH_MINIMAL_CHILD = \"1\"",
-        &["min.noop"],
-    );
-    let min_py = manifest(
-        minimal_root.path(),
-        "minimal-python",
-        &[
-            "/usr/bin/python3".into(),
-            repo()
-                .join("benches/minimal_child.py")
-                .display()
-                .to_string(),
-        ],
-        "",
-        &["minpy.noop"],
-    );
+    let plugins = Plugins::create(root.path(), minimal_root.path());
+    let sizes = Sizes::from_env();
     // BENCH_PROFILE_SUPERVISOR=N: only the minimal Rust child through the supervisor, N tasks
     // (long enough to attach `perf record -p` to this process).
     if let Some(n) = std::env::var("BENCH_PROFILE_SUPERVISOR")
         .ok()
         .and_then(|n| n.parse().ok())
     {
-        let s = rt.block_on(via_supervisor(&min_rust, "min.noop", n));
+        let load = Load {
+            tasks: n,
+            ..sizes.rust
+        };
+        let s = rt.block_on(via_supervisor(&plugins.min_rust, "min.noop", load));
         println!(
             "minimal rust child via supervisor: {:.0}/s, p50 {:.1?}",
             s.per_sec, s.p50
         );
         return;
     }
+    let rounds = rounds::from_env();
+    println!("{rounds} interleaved rounds: minimal children (no SDK) and the SDK plugins over a raw pipe and through the supervisor, and the rust plugin beside an event-log subscriber of every task.* and instance.* event");
     rt.block_on(async {
-        println!("minimal children (no SDK), window {WINDOW} in flight; latency = one task at a time");
-        let raw_min = raw_pipe(&min_rust, "min.noop", N_THROUGHPUT).await;
-        let sup_min = via_supervisor(&min_rust, "min.noop", N_THROUGHPUT).await;
-        let raw_min_py = raw_pipe(&min_py, "minpy.noop", N_THROUGHPUT_PY).await;
-        let raw_sdk = raw_pipe(&rust, "rust.noop", N_THROUGHPUT).await;
-        let raw_sdk_py = raw_pipe(&py, "py.noop", N_THROUGHPUT_PY).await;
-        row("minimal rust child, raw pipe (baseline)", &raw_min, &raw_min);
-        row("minimal rust child, via supervisor", &sup_min, &raw_min);
-        row("rust SDK plugin, raw pipe", &raw_sdk, &raw_min);
-        row("minimal python child, raw pipe (baseline)", &raw_min_py, &raw_min_py);
-        row("python SDK plugin, raw pipe", &raw_sdk_py, &raw_min_py);
-        let overhead = sup_min.p50.saturating_sub(raw_min.p50).as_secs_f64() * 1e6;
-        goal("supervisor throughput, x raw pipe", sup_min.per_sec / raw_min.per_sec, 0.6, true, "x");
-        goal("supervisor p50 overhead one at a time", overhead, 30.0, false, " µs");
-        goal("rust SDK, x minimal child", raw_sdk.per_sec / raw_min.per_sec, 0.5, true, "x");
-        goal("python SDK, x minimal python child", raw_sdk_py.per_sec / raw_min_py.per_sec, 0.7, true, "x");
-        println!("noop tasks, window {WINDOW} in flight, 1 plugin process; latency = one task at a time");
-        let raw_rust = raw_pipe(&rust, "rust.noop", N_THROUGHPUT).await;
-        let sup_rust = via_supervisor(&rust, "rust.noop", N_THROUGHPUT).await;
-        let raw_py = raw_pipe(&py, "py.noop", N_THROUGHPUT_PY).await;
-        let sup_py = via_supervisor(&py, "py.noop", N_THROUGHPUT_PY).await;
-        row("rust plugin, raw pipe (baseline)", &raw_rust, &raw_rust);
-        row("rust plugin, via supervisor", &sup_rust, &raw_rust);
-        row("python SDK, raw pipe (baseline)", &raw_py, &raw_py);
-        row("python SDK, via supervisor", &sup_py, &raw_py);
-        println!("event subscribers beside the rust plugin (every task.* and instance.* event):");
-        let reading = subscriber(root.path(), "event-log", "examples/event-log/main.py", "");
-        let stalled = subscriber(
-            root.path(),
-            "subscriber",
-            "tests/plugins/subscriber.py",
-            "SUBSCRIBER_STALL = \"1\"\n",
-        );
-        let alone = via_supervisor(&rust, "rust.noop", N_THROUGHPUT).await;
-        let with_log = beside(&rust, &[reading], "rust.noop", N_THROUGHPUT).await;
-        let with_stalled = beside(&rust, &[stalled], "rust.noop", N_THROUGHPUT).await;
-        row("no subscriber (baseline)", &alone, &alone);
-        row("+ event-log writing every event", &with_log, &alone);
-        row("+ a subscriber that stopped reading", &with_stalled, &alone);
-        let (p50, p99) = restart_latency(&rust).await;
-        println!("restart latency, rust plugin (SIGKILL -> ready, {N_RESTARTS} runs): p50 {p50:.1?}, p99 {p99:.1?}");
-        let (p50, p99) = restart_latency(&py).await;
-        println!("restart latency, python SDK  (SIGKILL -> ready, {N_RESTARTS} runs): p50 {p50:.1?}, p99 {p99:.1?}");
+        let all = run_rounds(&plugins, sizes, rounds).await;
+        report(&all, sizes);
+        single_runs(&plugins, sizes).await;
     });
     match idle_rss_kib(root.path()) {
         Some(kib) => println!(
