@@ -5,12 +5,14 @@
 //! plugin gives up (`failed`). It hands tasks to instances and never produces their outcomes,
 //! except for tasks it refuses or that never left its queue.
 
+mod placement;
 mod report;
 mod scale;
 mod slots;
 
 pub use scale::{Scale, MAX_INSTANCES};
 
+use placement::Refusal;
 use slots::Slot;
 
 use super::instance::{Command, InstanceEvent, Job};
@@ -444,25 +446,28 @@ impl Pool {
     }
 
     fn admit(&mut self, job: Job) {
-        let refusal = match &self.state {
-            PluginState::Failed(reason) => Some(Failure::unavailable(format!("plugin `{}` is failed: {reason}; {}", self.name(), self.next_try()))),
-            PluginState::Stopping | PluginState::Stopped => Some(Failure::unavailable(format!("plugin `{}` is stopping", self.name()))),
-            _ if self.queue.len() >= self.options.queue_capacity => Some(Failure::new(
+        let capacity = self.options.queue_capacity;
+        let failure = match placement::refusal(&self.state, self.queue.len(), capacity) {
+            None => return self.queue.push_back(job),
+            Some(Refusal::Failed(reason)) => Failure::unavailable(format!(
+                "plugin `{}` is failed: {reason}; {}",
+                self.name(),
+                self.next_try()
+            )),
+            Some(Refusal::Stopping) => {
+                Failure::unavailable(format!("plugin `{}` is stopping", self.name()))
+            }
+            Some(Refusal::Full { queued }) => Failure::new(
                 FailureKind::QueueFull,
                 "QueueFull",
                 "worker.errors",
                 format!(
-                    "plugin `{}` has {} tasks waiting (queue_capacity); try again later or add instances",
+                    "plugin `{}` has {queued} tasks waiting (queue_capacity); try again later or add instances",
                     self.name(),
-                    self.queue.len()
                 ),
-            )),
-            _ => None,
+            ),
         };
-        match refusal {
-            Some(f) => job.finish(Outcome::Failure(f)),
-            None => self.queue.push_back(job),
-        }
+        job.finish(Outcome::Failure(failure));
     }
 
     fn cancel(&mut self, task_id: &str, cancel: Cancellation, mode: CancelMode) -> bool {
@@ -493,14 +498,10 @@ impl Pool {
     fn place_queued(&mut self) {
         let limit = self.manifest.concurrency as usize;
         while !self.queue.is_empty() {
-            let best = self
-                .slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.state == InstanceState::Ready && s.in_flight < limit)
-                .min_by_key(|(_, s)| s.in_flight)
-                .map(|(i, _)| i);
-            let Some(i) = best else { return };
+            let slots = self.slots.iter().map(|s| (s.state, s.in_flight));
+            let Some(i) = placement::choose(slots, limit) else {
+                return;
+            };
             let job = self.queue.pop_front().expect("queue is not empty");
             let task_id = job.request.id.clone();
             let handle = self.slots[i]
