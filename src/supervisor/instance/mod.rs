@@ -8,6 +8,7 @@
 //! process ends the pool hears `Exited` after every task has had its outcome. It knows nothing
 //! of where tasks come from.
 
+mod deadlines;
 mod io;
 mod offers;
 mod protocol;

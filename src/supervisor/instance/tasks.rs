@@ -1,6 +1,7 @@
 //! The tasks an instance holds: sending them, cancelling them, the timers that watch them
 //! (time limits, cancel grace, health pings), and their outcomes when the process ends.
 
+use super::deadlines::{Deadlines, Due};
 use super::{Crash, EventKind, ExitReason, Instance, Phase, Step};
 use crate::supervisor::process::StdoutEvent;
 use crate::task::{CancelCause, Cancellation, Failure, FailureKind, Outcome};
@@ -90,8 +91,7 @@ impl Job {
 /// A task running on the process.
 pub(super) struct Running {
     pub(super) job: Job,
-    soft_at: Option<Instant>,
-    hard_at: Option<Instant>,
+    deadlines: Deadlines,
     hard_limit: Option<Duration>,
     /// Set once `task.cancel` was sent.
     pub(super) cancel: Option<Cancel>,
@@ -101,8 +101,6 @@ pub(super) struct Cancel {
     /// Why, and what the plugin was told; a soft time limit's maps the plugin's Cancelled
     /// error to SoftTimeLimitExceeded.
     pub(super) request: Cancellation,
-    /// When the process is killed if the task has not ended (user cancels only).
-    kill_at: Option<Instant>,
 }
 
 impl Instance {
@@ -119,8 +117,11 @@ impl Instance {
         self.by_task.insert(job.request.id.clone(), id);
         let running = Running {
             job,
-            soft_at: soft.map(|d| now + d),
-            hard_at: hard.map(|d| now + d),
+            deadlines: Deadlines {
+                soft_at: soft.map(|d| now + d),
+                hard_at: hard.map(|d| now + d),
+                ..Deadlines::default()
+            },
             hard_limit: hard,
             cancel: None,
         };
@@ -190,10 +191,9 @@ impl Instance {
             task_id: task_id.to_string(),
             reason: request.reason.clone(),
         };
-        run.cancel = Some(Cancel {
-            request,
-            kill_at: kill_grace.map(|g| Instant::now() + g),
-        });
+        run.cancel = Some(Cancel { request });
+        run.deadlines.cancel_sent = true;
+        run.deadlines.kill_at = kill_grace.map(|g| Instant::now() + g);
         self.notify(method::TASK_CANCEL, params);
     }
 
@@ -218,9 +218,7 @@ impl Instance {
             _ => idle,
         };
         for run in serving.running.values() {
-            let soft = run.soft_at.filter(|_| run.cancel.is_none());
-            let kill = run.cancel.as_ref().and_then(|c| c.kill_at);
-            for t in [soft, run.hard_at, kill].into_iter().flatten() {
+            if let Some(t) = run.deadlines.next() {
                 next = next.min(t);
             }
         }
@@ -283,42 +281,44 @@ impl Instance {
         let mut soft_due = Vec::new();
         for (&id, run) in &self.running {
             let task_id = &run.job.request.id;
-            if run.hard_at.is_some_and(|t| now >= t) {
-                let limit = run.hard_limit.unwrap_or_default();
-                let failure = Failure::new(
-                    FailureKind::HardTimeLimit,
-                    "TimeLimitExceeded",
-                    "worker.errors",
-                    format!("task {task_id} exceeded its hard time limit of {limit:?}; the plugin process was killed"),
-                );
-                let reason = format!(
-                    "was killed because task {task_id} exceeded its hard time limit of {limit:?}"
-                );
-                return Some(Box::new(Crash {
-                    culprit: Some((id, failure)),
-                    ..*Crash::new(reason)
-                }));
-            }
-            match &run.cancel {
-                Some(c) if c.kill_at.is_some_and(|t| now >= t) => {
+            let (failure, reason) = match (run.deadlines.due(now), &run.cancel) {
+                (None, _) => continue,
+                (Some(Due::SoftLimit), _) => {
+                    soft_due.push(task_id.clone());
+                    continue;
+                }
+                (Some(Due::HardLimit), _) => {
+                    let limit = run.hard_limit.unwrap_or_default();
+                    let failure = Failure::new(
+                        FailureKind::HardTimeLimit,
+                        "TimeLimitExceeded",
+                        "worker.errors",
+                        format!("task {task_id} exceeded its hard time limit of {limit:?}; the plugin process was killed"),
+                    );
+                    let reason = format!(
+                        "was killed because task {task_id} exceeded its hard time limit of {limit:?}"
+                    );
+                    (failure, reason)
+                }
+                (Some(Due::CancelGrace), cancel) => {
+                    let cancel = cancel.as_ref().map(|c| &c.request);
                     let failure = Failure::cancelled(
-                        c.request.cause,
+                        cancel.map_or(CancelCause::Requested, |c| c.cause),
                         &format!(
                             "{} (the plugin did not stop the task in time and was killed)",
-                            c.request.reason
+                            cancel.map_or("cancelled", |c| c.reason.as_str())
                         ),
                     );
                     let reason = format!(
                         "was killed because task {task_id} did not stop after `task.cancel`"
                     );
-                    return Some(Box::new(Crash {
-                        culprit: Some((id, failure)),
-                        ..*Crash::new(reason)
-                    }));
+                    (failure, reason)
                 }
-                None if run.soft_at.is_some_and(|t| now >= t) => soft_due.push(task_id.clone()),
-                _ => {}
-            }
+            };
+            return Some(Box::new(Crash {
+                culprit: Some((id, failure)),
+                ..*Crash::new(reason)
+            }));
         }
         for task_id in soft_due {
             let soft = Cancellation::new(CancelCause::SoftTimeLimit, "soft time limit exceeded");
