@@ -60,10 +60,11 @@ pub(super) async fn consume_loop(shared: Arc<SourceState>) {
                         cycle.rotate(&queue);
                         t.hold(&tag);
                         let (state, lost) = (shared.clone(), never.clone());
-                        shared.engine.handlers.spawn(async move {
+                        // Boxed, as the AMQP source's: a large future moved once, not twice.
+                        shared.engine.handlers.spawn(Box::pin(async move {
                             let _permit = permit;
                             handle(state, queue, payload, tag, lost).await
-                        });
+                        }));
                         continue;
                     }
                     Some(Taken::Unreadable {
