@@ -100,3 +100,67 @@ fn read_offer(params: serde_json::Value) -> Result<TaskOfferParams, ErrorObject>
     }
     Ok(p)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// What PROTOCOL.md §4a promises of an offer's params: each mistake is `-32602` naming
+    /// the field, and a sound offer is read as it was sent.
+    #[test]
+    fn an_offer_is_read_or_refused_naming_its_mistake() {
+        let long_id = "x".repeat(MAX_OFFER_ID_BYTES + 1);
+        let longest_id = "x".repeat(MAX_OFFER_ID_BYTES);
+        let refused = [
+            (
+                json!({"task_id": long_id, "task": "t"}),
+                "`task_id` must be 1 to 255 bytes (it is 256)",
+            ),
+            (
+                json!({"task_id": "", "task": "t"}),
+                "`task_id` must be 1 to 255 bytes (it is 0)",
+            ),
+            (
+                json!({"task_id": "a", "task": "  "}),
+                "`task` must name a task",
+            ),
+            (json!({"task_id": "a"}), "malformed task.offer"),
+            (
+                json!({"task_id": "a", "task": "t", "args": {"not": "a list"}}),
+                "malformed task.offer",
+            ),
+            (
+                json!({"task_id": "a", "task": "t", "time_limit": {"soft": 0}}),
+                "`time_limit.soft`",
+            ),
+            (
+                json!({"task_id": "a", "task": "t", "time_limit": {"hard": -1}}),
+                "`time_limit.hard`",
+            ),
+            (
+                json!({"task_id": "a", "task": "t", "time_limit": {"hard": 1e300}}),
+                "`time_limit.hard`",
+            ),
+            (json!([1, 2]), "malformed task.offer"),
+        ];
+        for (params, says) in refused {
+            let e = read_offer(params.clone()).unwrap_err();
+            assert_eq!(e.code, code::INVALID_PARAMS, "{params}");
+            assert!(e.message.contains(says), "{params}: {}", e.message);
+        }
+        let sound = json!({"task_id": longest_id, "task": "t", "args": [1], "kwargs": {"k": 2},
+            "time_limit": {"soft": 1.5, "hard": 3}, "progress": true});
+        let p = read_offer(sound).unwrap();
+        assert_eq!(
+            (p.task_id.len(), p.task.as_str()),
+            (MAX_OFFER_ID_BYTES, "t")
+        );
+        assert_eq!((p.args, p.kwargs["k"].clone()), (vec![json!(1)], json!(2)));
+        assert_eq!(
+            (p.time_limit.soft, p.time_limit.hard),
+            (Some(1.5), Some(3.0))
+        );
+        assert!(p.progress && !p.stream);
+    }
+}
