@@ -316,8 +316,7 @@ impl Dispatcher {
         });
     }
 
-    /// Runs an admitted `request` to its end, through reruns; its events go to `events`.
-    /// Also returns the pool of its last attempt.
+    /// Runs an admitted `request` to its end, through reruns (events to `events`); with its last pool.
     async fn run_attempts(
         &self,
         request: &Arc<TaskRequest>,
@@ -535,8 +534,7 @@ impl Dispatcher {
         *self.in_flight.borrow()
     }
 
-    /// Records how many tasks are in flight. Waiters (`wait_idle`) are woken only when it
-    /// reaches zero: waking them for every task cost a notification per task.
+    /// Records how many tasks are in flight, waking `wait_idle` only at zero (not per task).
     fn count_in_flight(&self, n: usize) {
         self.in_flight.send_if_modified(|count| {
             *count = n;

@@ -35,8 +35,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 /// How long to wait for the stderr reader to catch up after the process died.
 const STDERR_SETTLE: Duration = Duration::from_millis(250);
 
-/// Commands taken in one turn of the actor after the one that woke it: enough for a burst of
-/// placed tasks, few enough that stdout and timers are looked at again soon.
+/// Commands taken in one turn after the one that woke the actor (a burst of placed tasks).
 const COMMAND_BATCH: usize = 64;
 
 /// What the pool tells an instance.
@@ -463,16 +462,12 @@ impl Instance {
                     Err(_) => break,
                 }
             }
-            // Likewise the commands already sent (a burst of tasks placed together), so their
-            // lines reach the stdin writer together and go out in one write.
-            for _ in 0..COMMAND_BATCH {
-                if !(commanded && matches!(step, Step::Continue)) {
-                    break;
-                }
-                match commands.try_recv() {
-                    Ok(cmd) => step = self.handle(Wake::Command(Some(cmd))),
-                    Err(_) => break,
-                }
+            // Likewise the commands already sent: their lines go out in one write.
+            let mut more = if commanded { COMMAND_BATCH } else { 0 };
+            while more > 0 && matches!(step, Step::Continue) {
+                let Ok(cmd) = commands.try_recv() else { break };
+                step = self.handle(Wake::Command(Some(cmd)));
+                more -= 1;
             }
             match step {
                 Step::Continue if self.stdin_full => {
