@@ -88,7 +88,7 @@ pub struct Dispatcher {
     supervisor: Arc<Supervisor>,
     metrics: Metrics,
     /// Tasks between submit and outcome.
-    active: Mutex<HashMap<String, Active>>,
+    active: Mutex<crate::idmap::IdMap<Active>>,
     accepting: AtomicBool,
     in_flight: watch::Sender<usize>,
 }
@@ -141,7 +141,7 @@ impl Dispatcher {
         Dispatcher {
             supervisor,
             metrics: Metrics::new(),
-            active: Mutex::new(HashMap::new()),
+            active: Mutex::new(Default::default()),
             accepting: AtomicBool::new(true),
             in_flight: watch::channel(0).0,
         }

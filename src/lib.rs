@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod dispatch;
 pub mod events;
 pub mod framed;
+pub mod idmap;
 pub mod install;
 pub mod manifest;
 pub mod metrics;

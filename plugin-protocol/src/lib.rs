@@ -26,6 +26,7 @@ mod plugin_pool;
 pub use backends::*;
 pub use codec::{encode_line, Frame, LineDecoder, DEFAULT_MAX_LINE_BYTES};
 pub use message::{
-    request_line, ErrorObject, Id, Message, Notification, ParseError, Request, Response,
+    request_line, request_line_with, ErrorObject, Id, Message, Notification, ParseError, Request,
+    Response,
 };
 pub use methods::*;

@@ -265,6 +265,16 @@ impl Serialize for Message {
 /// for every `task.run`. The same line as `Message::Request(Request::new(..)).to_line()` for
 /// params that serialize to an object (null params are written, not left out).
 pub fn request_line(id: &Id, method: &str, params: &impl Serialize) -> Vec<u8> {
+    request_line_with(id, method, |out| put_json(out, params))
+}
+
+/// One request line whose params `write_params` appends itself (one JSON value): for a
+/// caller that writes its hot params by hand.
+pub fn request_line_with(
+    id: &Id,
+    method: &str,
+    write_params: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
     // The envelope's keys are written as they are, not escaped one by one.
     let mut out = Vec::with_capacity(crate::codec::LINE_CAPACITY);
     out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
@@ -272,7 +282,7 @@ pub fn request_line(id: &Id, method: &str, params: &impl Serialize) -> Vec<u8> {
     out.extend_from_slice(br#","method":"#);
     put_json(&mut out, method);
     out.extend_from_slice(br#","params":"#);
-    put_json(&mut out, params);
+    write_params(&mut out);
     out.extend_from_slice(b"}\n");
     out
 }

@@ -10,6 +10,7 @@ mod broker;
 pub mod http;
 
 use crate::broker_status::BrokerBoard;
+use crate::idmap::IdMap;
 use crate::supervisor::status::{InstanceState, PluginStatus};
 use crate::supervisor::ReloadReport;
 use prometheus_client::collector::Collector;
@@ -20,7 +21,6 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -85,7 +85,7 @@ pub struct Metrics {
     task_duration: Family<TaskName, Histogram>,
     /// Handles on the two families' series by plugin and task name, looked up without
     /// allocating (a task's end cost four label strings and two family lookups).
-    task_series: std::sync::RwLock<HashMap<String, HashMap<String, TaskSeries>>>,
+    task_series: std::sync::RwLock<IdMap<IdMap<TaskSeries>>>,
     broker_connected: Gauge,
     broker_reconnects: Counter,
     broker_was_up: AtomicBool,
@@ -184,7 +184,7 @@ impl Metrics {
     /// A task ended: `plugin` served it (empty when none did), `task` is its name when some
     /// plugin serves it, `outcome` what [`crate::task::Outcome::kind`] says.
     pub fn task_ended(&self, plugin: &str, task: &str, outcome: &'static str, took: Duration) {
-        let seen = |series: &HashMap<String, HashMap<String, TaskSeries>>| {
+        let seen = |series: &IdMap<IdMap<TaskSeries>>| {
             let series = series.get(plugin)?.get(task)?;
             let (_, counter) = series.outcomes.iter().find(|(o, _)| *o == outcome)?;
             counter.inc();

@@ -21,14 +21,14 @@ pub mod status;
 use crate::manifest::Manifest;
 use pool::{PoolHandle, PoolOptions};
 use status::{PluginState, PluginStatus};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
 #[derive(Debug, Default)]
 struct Routes {
-    by_task: HashMap<String, PoolHandle>,
+    by_task: crate::idmap::IdMap<PoolHandle>,
     by_plugin: BTreeMap<String, PoolHandle>,
     /// The plugins that provide a result backend: looked at for every task that ends.
     result_backends: Vec<PoolHandle>,

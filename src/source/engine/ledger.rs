@@ -6,7 +6,7 @@
 //!
 //! Generic over the acker type so the rules are tested without a broker.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 
 /// What a delivery of a task id should do, decided atomically with claiming it.
 #[derive(Debug, PartialEq)]
@@ -30,7 +30,7 @@ struct Owned<A, I> {
 /// The owners of task ids in flight and a bounded memory of answered ids.
 #[derive(Debug)]
 pub struct Ledger<A, I> {
-    owned: HashMap<String, Owned<A, I>>,
+    owned: crate::idmap::IdMap<Owned<A, I>>,
     answered: HashSet<String>,
     order: VecDeque<String>,
     capacity: usize,
@@ -40,7 +40,7 @@ impl<A, I: Clone> Ledger<A, I> {
     /// A ledger that remembers the last `capacity` answered ids (at least one).
     pub fn new(capacity: usize) -> Self {
         Ledger {
-            owned: HashMap::new(),
+            owned: Default::default(),
             answered: HashSet::new(),
             order: VecDeque::new(),
             capacity: capacity.max(1),

@@ -35,14 +35,13 @@ use ledger::Ledger;
 use revoked::Revoked;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use std::collections::HashMap;
 
 /// The task ids this worker holds: owners and answered ids, eta tasks being held, and revoked
 /// ids; `A` is how the transport acks a message. A source keeps it behind one lock, so a delivery deciding what to do and a revoke marking its
 /// tasks can never wait on each other (they once took two locks in opposite orders).
 pub(crate) struct TaskTable<A> {
     pub(crate) ledger: Ledger<A, ActiveInfo>,
-    pub(crate) reserved: HashMap<String, ActiveInfo>,
+    pub(crate) reserved: crate::idmap::IdMap<ActiveInfo>,
     pub(crate) revoked: Revoked,
 }
 
@@ -104,7 +103,7 @@ impl<A> Engine<A> {
             nodename: std::sync::Mutex::new(nodename),
             tasks: std::sync::Mutex::new(TaskTable {
                 ledger: Ledger::new(result_memory),
-                reserved: HashMap::new(),
+                reserved: Default::default(),
                 revoked: Revoked::default(),
             }),
             revoke_signal: tokio::sync::Notify::new(),

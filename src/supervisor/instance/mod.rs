@@ -13,6 +13,7 @@ mod io;
 mod offers;
 mod protocol;
 mod tasks;
+mod wire;
 
 pub use tasks::Job;
 
@@ -23,7 +24,6 @@ use crate::task::{Cancellation, Failure, Outcome, TaskEvent};
 use io::Io;
 use nix::sys::signal::Signal;
 use plugin_protocol::{method, Id, Message, Notification, Request};
-use std::collections::HashMap;
 use std::process::ExitStatus;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -228,8 +228,8 @@ struct Instance {
     stdin_full: bool,
     events: mpsc::UnboundedSender<InstanceEvent>,
     next_id: u64,
-    running: HashMap<u64, tasks::Running>,
-    by_task: HashMap<String, u64>,
+    running: crate::idmap::NumMap<tasks::Running>,
+    by_task: crate::idmap::IdMap<u64>,
     /// Outstanding ping id and when it times out.
     ping: Option<(u64, Instant)>,
     next_ping: Instant,
@@ -280,8 +280,8 @@ async fn run(
         spec,
         events,
         next_id: 1,
-        running: HashMap::new(),
-        by_task: HashMap::new(),
+        running: Default::default(),
+        by_task: Default::default(),
         ping: None,
         pings_while_busy: false,
         held: None,

@@ -6,10 +6,7 @@ use super::{Crash, EventKind, ExitReason, Instance, Phase, Step};
 use crate::supervisor::process::StdoutEvent;
 use crate::task::{CancelCause, Cancellation, Failure, FailureKind, Outcome};
 use crate::task::{TaskEvent, TaskRequest};
-use plugin_protocol::{
-    method, DeliveryInfo, Id, Message, RequestInfo, TaskCancelParams, TimeLimits,
-};
-use serde_json::{Map, Value};
+use plugin_protocol::{method, Id, Message, TaskCancelParams, TimeLimits};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -18,51 +15,6 @@ use tokio::time::Instant;
 
 /// How many stderr lines go into a crash message.
 const CRASH_STDERR_LINES: usize = 5;
-
-/// `task.run`'s params exactly as [`plugin_protocol::TaskRunParams`] writes them, borrowed
-/// from the task's request: its args and kwargs go to the plugin's stdin from where they are,
-/// never copied on the way (the hot path).
-#[derive(serde::Serialize)]
-struct TaskRunWire<'a> {
-    task_id: &'a str,
-    task: &'a str,
-    args: &'a [Value],
-    kwargs: &'a Map<String, Value>,
-    attempt: u32,
-    time_limit: TimeLimits,
-    delivery_info: &'a DeliveryInfo,
-    request: RequestWire<'a>,
-}
-
-/// `task.run`'s `request` exactly as [`RequestInfo`] writes it, borrowed from the task's
-/// request (its headers are not copied) with this worker's node name.
-#[derive(serde::Serialize)]
-struct RequestWire<'a> {
-    retries: u64,
-    eta: &'a Option<String>,
-    expires: &'a Option<String>,
-    parent_id: &'a Option<String>,
-    root_id: &'a Option<String>,
-    group: &'a Option<String>,
-    hostname: &'a str,
-    #[serde(skip_serializing_if = "Map::is_empty")]
-    headers: &'a Map<String, Value>,
-}
-
-impl<'a> RequestWire<'a> {
-    fn of(info: &'a RequestInfo, hostname: &'a str) -> RequestWire<'a> {
-        RequestWire {
-            retries: info.retries,
-            eta: &info.eta,
-            expires: &info.expires,
-            parent_id: &info.parent_id,
-            root_id: &info.root_id,
-            group: &info.group,
-            hostname,
-            headers: &info.headers,
-        }
-    }
-}
 
 /// A task handed to an instance, with where its events and its outcome go.
 #[derive(Debug)]
@@ -135,7 +87,7 @@ impl Instance {
     fn start_task_run(&mut self, job: &Job, soft: Option<Duration>, hard: Option<Duration>) -> u64 {
         let id = self.take_request_id();
         let m = &self.spec.manifest;
-        let params = TaskRunWire {
+        let params = super::wire::TaskRunWire {
             task_id: &job.request.id,
             task: &job.request.name,
             args: &job.request.args,
@@ -146,14 +98,19 @@ impl Instance {
                 hard: hard.map(|d| d.as_secs_f64()),
             },
             delivery_info: &job.request.delivery_info,
-            request: RequestWire::of(&job.request.request_info, &self.spec.worker_name),
+            request: super::wire::RequestWire::of(
+                &job.request.request_info,
+                &self.spec.worker_name,
+            ),
         };
         self.spec.events.publish("task.started", || {
             crate::fields! {"task_id" => job.request.id, "task" => job.request.name,
             "plugin" => m.name, "instance" => self.spec.index, "pid" => self.pid,
             "attempt" => job.attempt}
         });
-        let line = plugin_protocol::request_line(&Id::Num(id), method::TASK_RUN, &params);
+        let line = plugin_protocol::request_line_with(&Id::Num(id), method::TASK_RUN, |out| {
+            params.write(out)
+        });
         self.send_line(line);
         id
     }
@@ -407,72 +364,5 @@ impl Instance {
             job.finish(Outcome::Failure(failure));
             self.report(EventKind::Finished { task_id, ok: false });
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use plugin_protocol::TaskRunParams;
-    use serde_json::json;
-
-    #[test]
-    fn the_borrowed_task_run_is_what_task_run_params_write() {
-        let args = vec![json!(1), json!({"a": [2]})];
-        let kwargs: Map<String, Value> = json!({"k": "v"}).as_object().unwrap().clone();
-        let delivery = DeliveryInfo {
-            queue: Some("celery".into()),
-            ..DeliveryInfo::default()
-        };
-        let request = RequestInfo {
-            retries: 2,
-            eta: Some("2026-12-05T10:00:00+00:00".into()),
-            parent_id: Some("p-1".into()),
-            group: Some("g-1".into()),
-            hostname: Some("w@h".into()),
-            headers: json!({"jobInfoSpec": {"url": "u"}})
-                .as_object()
-                .unwrap()
-                .clone(),
-            ..RequestInfo::default()
-        };
-        let limits = TimeLimits {
-            soft: Some(1.5),
-            hard: None,
-        };
-        let wire = TaskRunWire {
-            task_id: "id-1",
-            task: "t",
-            args: &args,
-            kwargs: &kwargs,
-            attempt: 2,
-            time_limit: limits.clone(),
-            delivery_info: &delivery,
-            request: RequestWire::of(&request, "w@h"),
-        };
-        let owned = TaskRunParams {
-            task_id: "id-1".into(),
-            task: "t".into(),
-            args: args.clone(),
-            kwargs: kwargs.clone(),
-            attempt: 2,
-            time_limit: limits,
-            delivery_info: Some(delivery.clone()),
-            request: Some(request.clone()),
-        };
-        assert_eq!(
-            serde_json::to_string(&wire).unwrap(),
-            serde_json::to_string(&owned).unwrap()
-        );
-        // Without headers, the key is left out as RequestInfo leaves it out.
-        let bare = RequestInfo::default();
-        let with_name = RequestInfo {
-            hostname: Some("w@h".into()),
-            ..RequestInfo::default()
-        };
-        assert_eq!(
-            serde_json::to_value(RequestWire::of(&bare, "w@h")).unwrap(),
-            serde_json::to_value(&with_name).unwrap()
-        );
     }
 }

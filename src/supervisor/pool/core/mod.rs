@@ -21,7 +21,7 @@ use crate::supervisor::instance::ExitReason;
 use crate::supervisor::restart::{Backoff, RestartWindow};
 use crate::supervisor::status::{ExitRecord, InstanceState, PluginState};
 use crate::task::{Cancellation, Failure, FailureKind};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
@@ -228,7 +228,7 @@ pub(in crate::supervisor) struct PoolCore<J> {
     slots: Vec<Slot>,
     queue: VecDeque<J>,
     /// Which slot each placed task runs on.
-    placements: HashMap<String, usize>,
+    placements: crate::idmap::IdMap<usize>,
     state: PluginState,
     window: RestartWindow,
     /// While `failed`: when it is tried again on its own (`restart.failed_retry`).
@@ -254,7 +254,7 @@ impl<J: Queued> PoolCore<J> {
             rules,
             slots: (0..instances).map(Slot::new).collect(),
             queue: VecDeque::new(),
-            placements: HashMap::new(),
+            placements: Default::default(),
             state: PluginState::Starting,
             window: RestartWindow::default(),
             retry_failed_at: None,
