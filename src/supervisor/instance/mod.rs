@@ -9,10 +9,13 @@
 //! of where tasks come from.
 
 mod deadlines;
+mod ending;
 mod io;
 mod offers;
 mod protocol;
 mod tasks;
+#[cfg(test)]
+mod tests;
 mod wire;
 
 pub use tasks::Job;
@@ -22,7 +25,6 @@ use super::process::{self, StderrTail, StdoutEvent};
 use crate::manifest::Manifest;
 use crate::task::{Cancellation, Failure, Outcome, TaskEvent};
 use io::Io;
-use nix::sys::signal::Signal;
 use plugin_protocol::{method, Id, Message, Notification, Request};
 use std::process::ExitStatus;
 use std::sync::atomic::AtomicU64;
@@ -271,25 +273,15 @@ async fn run(
             return;
         }
     };
-    let mut inst = Instance {
-        next_ping: Instant::now() + spec.manifest.timeouts.ping_interval,
-        phase: Phase::Serving,
-        pid: child.id().unwrap_or(0),
-        out: io.out.clone(),
-        stdin_full: false,
+    let pid = child.id().unwrap_or(0);
+    let mut inst = Instance::new(
         spec,
+        pid,
+        io.out.clone(),
         events,
-        next_id: 1,
-        running: Default::default(),
-        by_task: Default::default(),
-        ping: None,
-        pings_while_busy: false,
-        held: None,
-        stray_log: (Instant::now(), 0, 0),
+        io.task_log.clone(),
         started,
-        task_log: io.task_log.clone(),
-        offers_out: Arc::default(),
-    };
+    );
     tracing::debug!(plugin = %inst.name(), instance = inst.spec.index, pid = inst.pid, "plugin process started");
     inst.begin_handshake();
     let step = inst.drive(&mut child, &mut io.stdout, &mut commands).await;
@@ -316,55 +308,40 @@ fn refuse_waiting(commands: &mut mpsc::UnboundedReceiver<Command>, reason: &str)
 }
 
 impl Instance {
-    /// Ends the process after the final step: buries it after a crash, or finishes the stop
-    /// sequence. Then sweeps its process group and says why it ended.
-    async fn end(&mut self, step: Step, child: &mut Child, mut io: Io) -> ExitReason {
-        let crash = match step {
-            Step::Crash(crash) => {
-                process::signal_group(self.pid, Signal::SIGKILL);
-                let _ = child.wait().await;
-                Some(crash)
-            }
-            Step::Drained { grace, exited } => {
-                self.finish_stop(child, grace, exited).await;
-                None
-            }
-            Step::Continue | Step::StdoutClosed => unreachable!("drive returns only a final step"),
-        };
-        // The group may still hold forked grandchildren: sweep it. Once they are gone stderr
-        // reaches EOF, so the crash report carries the plugin's last words.
-        process::signal_group(self.pid, Signal::SIGKILL);
-        // Everything in its cgroup, wherever it went and whatever it did to its environment.
-        if let Some(cgroup) = io.cgroup.take() {
-            let dir = cgroup.dir().to_path_buf();
-            match tokio::task::spawn_blocking(move || cgroup.kill_and_remove()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(plugin = %self.name(), instance = self.spec.index, "could not kill and remove the cgroup {}: {e}", dir.display())
-                }
-                Err(e) => tracing::warn!(plugin = %self.name(), "cgroup cleanup failed: {e}"),
-            }
+    /// The actor's state for a process just started (`pid`), before its handshake: lines for
+    /// its stdin go to `out`, reports to its pool to `events`. No I/O of its own, so the
+    /// tests build one without a process.
+    fn new(
+        spec: LaunchSpec,
+        pid: u32,
+        out: mpsc::Sender<Vec<u8>>,
+        events: mpsc::UnboundedSender<InstanceEvent>,
+        task_log: process::TaskLog,
+        started: Instant,
+    ) -> Instance {
+        Instance {
+            next_ping: Instant::now() + spec.manifest.timeouts.ping_interval,
+            phase: Phase::Serving,
+            pid,
+            out,
+            stdin_full: false,
+            spec,
+            events,
+            next_id: 1,
+            running: Default::default(),
+            by_task: Default::default(),
+            ping: None,
+            pings_while_busy: false,
+            held: None,
+            stray_log: (Instant::now(), 0, 0),
+            started,
+            task_log,
+            offers_out: Arc::default(),
         }
-        // And what left the group (`setsid()`) but still carries the marker.
-        let marker = io.marker.clone();
-        let escaped = tokio::task::spawn_blocking(move || containment::kill_marked(&marker))
-            .await
-            .unwrap_or_default();
-        if !escaped.is_empty() {
-            tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "killed {} process(es) that had left the plugin's process group: {escaped:?}", escaped.len());
-        }
-        containment::waited(self.pid);
-        let _ = timeout(STDERR_SETTLE, &mut io.stderr_reader).await;
-        let reason = match crash {
-            Some(crash) => self.bury(&mut io.stdout, *crash),
-            None => ExitReason::Stopped,
-        };
-        io.stdout_reader.abort();
-        io.writer.abort();
-        self.summarize_stray_lines();
-        reason
     }
+}
 
+impl Instance {
     fn name(&self) -> &str {
         &self.spec.manifest.name
     }
@@ -568,27 +545,6 @@ impl Instance {
             }
         }
         .into()
-    }
-
-    /// After `shutdown` was answered (or not in time): `exit`, SIGTERM, SIGKILL, each given
-    /// `grace`; then the tasks still in flight were interrupted by the worker.
-    async fn finish_stop(&mut self, child: &mut Child, grace: Duration, mut exited: bool) {
-        if !exited {
-            self.notify(method::EXIT, serde_json::Value::Null);
-            exited = timeout(grace, child.wait()).await.is_ok();
-        }
-        if !exited {
-            tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "plugin did not exit within {grace:?} of `exit`; sending SIGTERM");
-            process::signal_group(self.pid, Signal::SIGTERM);
-            exited = timeout(grace, child.wait()).await.is_ok();
-        }
-        if !exited {
-            tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "plugin ignored SIGTERM for {grace:?}; sending SIGKILL");
-            process::signal_group(self.pid, Signal::SIGKILL);
-            let _ = child.wait().await;
-        }
-        self.interrupt_all();
-        tracing::info!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "plugin instance stopped");
     }
 }
 

@@ -1,0 +1,84 @@
+//! How an instance's process ends: the stop sequence after a drain (`exit`, SIGTERM,
+//! SIGKILL, each given its grace), or the kill after a crash; then the sweep of whatever it
+//! left (its process group, its cgroup, processes that escaped both but carry its marker).
+
+use super::io::Io;
+use super::{containment, process, Instance, Step, STDERR_SETTLE};
+use crate::supervisor::instance::ExitReason;
+use nix::sys::signal::Signal;
+use plugin_protocol::method;
+use std::time::Duration;
+use tokio::process::Child;
+use tokio::time::timeout;
+
+impl Instance {
+    /// Ends the process after the final step: buries it after a crash, or finishes the stop
+    /// sequence. Then sweeps its process group and says why it ended.
+    pub(super) async fn end(&mut self, step: Step, child: &mut Child, mut io: Io) -> ExitReason {
+        let crash = match step {
+            Step::Crash(crash) => {
+                process::signal_group(self.pid, Signal::SIGKILL);
+                let _ = child.wait().await;
+                Some(crash)
+            }
+            Step::Drained { grace, exited } => {
+                self.finish_stop(child, grace, exited).await;
+                None
+            }
+            Step::Continue | Step::StdoutClosed => unreachable!("drive returns only a final step"),
+        };
+        // The group may still hold forked grandchildren: sweep it. Once they are gone stderr
+        // reaches EOF, so the crash report carries the plugin's last words.
+        process::signal_group(self.pid, Signal::SIGKILL);
+        // Everything in its cgroup, wherever it went and whatever it did to its environment.
+        if let Some(cgroup) = io.cgroup.take() {
+            let dir = cgroup.dir().to_path_buf();
+            match tokio::task::spawn_blocking(move || cgroup.kill_and_remove()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(plugin = %self.name(), instance = self.spec.index, "could not kill and remove the cgroup {}: {e}", dir.display())
+                }
+                Err(e) => tracing::warn!(plugin = %self.name(), "cgroup cleanup failed: {e}"),
+            }
+        }
+        // And what left the group (`setsid()`) but still carries the marker.
+        let marker = io.marker.clone();
+        let escaped = tokio::task::spawn_blocking(move || containment::kill_marked(&marker))
+            .await
+            .unwrap_or_default();
+        if !escaped.is_empty() {
+            tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "killed {} process(es) that had left the plugin's process group: {escaped:?}", escaped.len());
+        }
+        containment::waited(self.pid);
+        let _ = timeout(STDERR_SETTLE, &mut io.stderr_reader).await;
+        let reason = match crash {
+            Some(crash) => self.bury(&mut io.stdout, *crash),
+            None => ExitReason::Stopped,
+        };
+        io.stdout_reader.abort();
+        io.writer.abort();
+        self.summarize_stray_lines();
+        reason
+    }
+
+    /// After `shutdown` was answered (or not in time): `exit`, SIGTERM, SIGKILL, each given
+    /// `grace`; then the tasks still in flight were interrupted by the worker.
+    async fn finish_stop(&mut self, child: &mut Child, grace: Duration, mut exited: bool) {
+        if !exited {
+            self.notify(method::EXIT, serde_json::Value::Null);
+            exited = timeout(grace, child.wait()).await.is_ok();
+        }
+        if !exited {
+            tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "plugin did not exit within {grace:?} of `exit`; sending SIGTERM");
+            process::signal_group(self.pid, Signal::SIGTERM);
+            exited = timeout(grace, child.wait()).await.is_ok();
+        }
+        if !exited {
+            tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "plugin ignored SIGTERM for {grace:?}; sending SIGKILL");
+            process::signal_group(self.pid, Signal::SIGKILL);
+            let _ = child.wait().await;
+        }
+        self.interrupt_all();
+        tracing::info!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "plugin instance stopped");
+    }
+}
