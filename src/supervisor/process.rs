@@ -21,14 +21,13 @@ use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-/// Messages read from a plugin's stdout but not yet handled by its instance. Small, because
-/// each may be up to `max_line_bytes`: when the instance stops reading (its task's submitter
-/// is slow), the reader stops soon after, and the plugin blocks on its pipe.
-pub const STDOUT_BUFFER: usize = 16;
+/// Messages an instance reads from a dead process's stdout for the answers it wrote before it
+/// died, at most (a grandchild that kept the pipe open cannot keep the instance reading).
+pub const STDOUT_AFTER_DEATH: usize = 64;
 
 /// Stderr lines kept per instance for crash reports and `plugins inspect`.
 const STDERR_TAIL_LINES: usize = 20;
@@ -422,28 +421,33 @@ pub enum StdoutEvent {
     Closed,
 }
 
-/// Reads protocol lines from stdout until it closes. Sends wait when the actor is busy or holds
-/// an event back, which in turn stops reading: a plugin cannot outrun the worker's memory.
-pub fn read_stdout(
-    stdout: ChildStdout,
-    max_line: usize,
-    tx: mpsc::Sender<StdoutEvent>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut frames = FramedReader::new(stdout, max_line);
-        loop {
-            let (event, last) = match frames.next().await {
-                Ok(Some(Frame::Line(line))) if line.iter().all(u8::is_ascii_whitespace) => continue,
-                Ok(Some(Frame::Line(line))) => (parse(&line), false),
-                // Nothing a process writes after breaking the protocol is read.
-                Ok(Some(Frame::TooLong { seen })) => (StdoutEvent::TooLong { seen }, true),
-                Ok(None) | Err(_) => (StdoutEvent::Closed, true),
-            };
-            if tx.send(event).await.is_err() || last {
-                return;
-            }
-        }
-    })
+/// The next thing a plugin's stdout says, read by its instance itself (no reader task in
+/// between: one hop less per answer). Blank lines are skipped. Cancel-safe, as
+/// [`FramedReader::next`] is: the instance reads only while nothing holds its output back, so
+/// a slow submitter stops the reading and the plugin blocks on its pipe.
+pub async fn next_stdout_event<R: tokio::io::AsyncRead + Unpin>(
+    frames: &mut FramedReader<R>,
+) -> StdoutEvent {
+    loop {
+        return match frames.next().await {
+            Ok(Some(Frame::Line(line))) if line.iter().all(u8::is_ascii_whitespace) => continue,
+            Ok(Some(Frame::Line(line))) => parse(&line),
+            // Nothing a process writes after breaking the protocol is read: the instance ends it.
+            Ok(Some(Frame::TooLong { seen })) => StdoutEvent::TooLong { seen },
+            Ok(None) | Err(_) => StdoutEvent::Closed,
+        };
+    }
+}
+
+/// `future`'s output if it is ready without waiting (polled once, with a waker that does
+/// nothing: whoever waits on the same source later polls it again with its own).
+pub fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
+    }
 }
 
 fn parse(line: &[u8]) -> StdoutEvent {

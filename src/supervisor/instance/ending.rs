@@ -55,7 +55,6 @@ impl Instance {
             Some(crash) => self.bury(&mut io.stdout, *crash),
             None => ExitReason::Stopped,
         };
-        io.stdout_reader.abort();
         io.writer.abort();
         self.summarize_stray_lines();
         reason

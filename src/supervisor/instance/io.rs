@@ -1,9 +1,11 @@
 //! The stdio of one plugin process: spawning it (with its data directory and, when strict,
-//! its private tmp), the readers of stderr and stdout, and the batching stdin writer.
+//! its private tmp), the stderr reader, the stdout frames the instance reads, and the
+//! batching stdin writer.
 
 use super::LaunchSpec;
+use crate::framed::FramedReader;
 use crate::supervisor::cgroup::InstanceCgroup;
-use crate::supervisor::process::{self, LogOrigin, StdoutEvent, TaskLog};
+use crate::supervisor::process::{self, LogOrigin, TaskLog};
 use crate::supervisor::{containment, identity};
 use std::path::{Path, PathBuf};
 use tokio::process::Child;
@@ -12,12 +14,12 @@ use tokio::sync::mpsc;
 /// Lines waiting to be written to a plugin's stdin, at least (more for high concurrency).
 const STDIN_BUFFER: usize = 256;
 
-/// A plugin process's stdio: the readers of stderr and stdout, and the stdin writer.
+/// A plugin process's stdio: the stderr reader, stdout, and the stdin writer.
 pub(super) struct Io {
-    pub(super) stdout: mpsc::Receiver<StdoutEvent>,
+    /// Read by the instance itself (see `process::next_stdout_event`).
+    pub(super) stdout: FramedReader<tokio::process::ChildStdout>,
     pub(super) out: mpsc::Sender<Vec<u8>>,
     pub(super) stderr_reader: tokio::task::JoinHandle<()>,
-    pub(super) stdout_reader: tokio::task::JoinHandle<()>,
     pub(super) writer: tokio::task::JoinHandle<()>,
     /// In the environment of every process of this plugin process's tree.
     pub(super) marker: String,
@@ -107,9 +109,8 @@ impl Io {
         let task_log = TaskLog::default();
         let stderr_reader =
             process::read_stderr(stderr, origin, spec.stderr.clone(), task_log.clone());
-        let (stdout_tx, stdout) = mpsc::channel(process::STDOUT_BUFFER);
         let pipe = child.stdout.take().expect("stdout is piped");
-        let stdout_reader = process::read_stdout(pipe, spec.max_line_bytes, stdout_tx);
+        let stdout = FramedReader::new(pipe, spec.max_line_bytes);
         let capacity = STDIN_BUFFER.max(2 * spec.manifest.concurrency as usize + 16);
         let stdin = child.stdin.take().expect("stdin is piped");
         let (out, writer) = process::spawn_writer(stdin, capacity);
@@ -119,7 +120,6 @@ impl Io {
             stdout,
             out,
             stderr_reader,
-            stdout_reader,
             writer,
             task_log,
         };

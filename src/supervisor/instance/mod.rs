@@ -22,6 +22,7 @@ pub use tasks::Job;
 
 use super::containment;
 use super::process::{self, StderrTail, StdoutEvent};
+use crate::framed::FramedReader;
 use crate::manifest::Manifest;
 use crate::task::{Cancellation, Failure, Outcome, TaskEvent};
 use io::Io;
@@ -30,7 +31,7 @@ use std::process::ExitStatus;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::process::Child;
+use tokio::process::{Child, ChildStdout};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout, Instant};
 
@@ -408,7 +409,7 @@ impl Instance {
     async fn drive(
         &mut self,
         child: &mut Child,
-        stdout: &mut mpsc::Receiver<StdoutEvent>,
+        stdout: &mut FramedReader<ChildStdout>,
         commands: &mut mpsc::UnboundedReceiver<Command>,
     ) -> Step {
         let mut exited = std::pin::pin!(child.wait());
@@ -423,7 +424,7 @@ impl Instance {
             let reading = room.is_none();
             let wake = tokio::select! {
                 cmd = commands.recv(), if commands_open => Wake::Command(cmd),
-                ev = stdout.recv(), if reading => Wake::Stdout(ev),
+                ev = process::next_stdout_event(stdout), if reading => Wake::Stdout(Some(ev)),
                 status = &mut exited => Wake::Exited(status),
                 _ = &mut timer => Wake::Timer,
                 permit = async move { room?.reserve_owned().await.ok() }, if !reading => Wake::Room(permit),
@@ -434,9 +435,9 @@ impl Instance {
             let mut step = self.handle(wake);
             // Take every stdout message already read in one go, while nothing holds it back.
             while batch && matches!(step, Step::Continue) && self.held.is_none() {
-                match stdout.try_recv() {
-                    Ok(ev) => step = self.handle(Wake::Stdout(Some(ev))),
-                    Err(_) => break,
+                match process::ready_now(process::next_stdout_event(stdout)) {
+                    Some(ev) => step = self.handle(Wake::Stdout(Some(ev))),
+                    None => break,
                 }
             }
             // Likewise the commands already sent: their lines go out in one write.

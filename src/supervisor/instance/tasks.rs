@@ -3,7 +3,8 @@
 
 use super::deadlines::{Deadlines, Due};
 use super::{Crash, EventKind, ExitReason, Instance, Phase, Step};
-use crate::supervisor::process::StdoutEvent;
+use crate::framed::FramedReader;
+use crate::supervisor::process::{self, StdoutEvent};
 use crate::task::{CancelCause, Cancellation, Failure, FailureKind, Outcome};
 use crate::task::{TaskEvent, TaskRequest};
 use plugin_protocol::{method, Id, Message, TaskCancelParams, TimeLimits};
@@ -285,25 +286,32 @@ impl Instance {
     }
 
     /// After the process died: fails every task it held and says why it ended.
-    pub(super) fn bury(
+    pub(super) fn bury<R: tokio::io::AsyncRead + Unpin>(
         &mut self,
-        stdout: &mut mpsc::Receiver<StdoutEvent>,
+        stdout: &mut FramedReader<R>,
         crash: Crash,
     ) -> ExitReason {
-        // Answers that were already written before the crash still count, unless the crash
-        // is a protocol violation: whatever came after it is not trusted.
-        stdout.close();
+        // Answers already written before the crash still count (the process is dead: only
+        // what its pipe holds is read), unless the crash is a protocol violation: whatever
+        // came after it is not trusted.
         self.held = None;
         if crash.violation {
             self.spec
                 .violations
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        while let (false, Ok(ev)) = (crash.violation, stdout.try_recv()) {
-            if let StdoutEvent::Message(Message::Response(r)) = ev {
-                if !matches!(self.on_response(r), Step::Continue) {
-                    break;
+        for _ in 0..process::STDOUT_AFTER_DEATH {
+            if crash.violation {
+                break;
+            }
+            match process::ready_now(process::next_stdout_event(stdout)) {
+                Some(StdoutEvent::Message(Message::Response(r))) => {
+                    if !matches!(self.on_response(r), Step::Continue) {
+                        break;
+                    }
                 }
+                Some(StdoutEvent::Closed | StdoutEvent::TooLong { .. }) | None => break,
+                Some(_) => {}
             }
         }
         let lead = format!(

@@ -25,7 +25,7 @@ struct Harness {
     inst: Instance,
     stdin: mpsc::Receiver<Vec<u8>>,
     reports: mpsc::UnboundedReceiver<InstanceEvent>,
-    stdout: mpsc::Receiver<StdoutEvent>,
+    stdout: FramedReader<&'static [u8]>,
 }
 
 /// A task's far end: its outcome and its events.
@@ -68,7 +68,7 @@ impl Harness {
         };
         let (out, stdin) = mpsc::channel(16);
         let (events, reports) = mpsc::unbounded_channel();
-        let (_, stdout) = mpsc::channel(1);
+        let stdout = FramedReader::new(&b""[..], 1024);
         let task_log = process::TaskLog::default();
         let mut inst = Instance::new(spec, 42, out, events, task_log, Instant::now());
         inst.begin_handshake();
@@ -507,4 +507,26 @@ impl Step {
     fn is_drained(&self) -> bool {
         matches!(self, Step::Drained { .. })
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_written_before_a_crash_still_count_unless_it_broke_the_protocol() {
+    let written: &'static [u8] = b"{\"jsonrpc\":\"2.0\",\"id\":2,\"result\":\"done\"}\n\n";
+    let mut h = Harness::serving(manifest(2));
+    let mut answered = h.run("answered", 1);
+    let mut lost = h.run("lost", 1);
+    h.stdout = FramedReader::new(written, 1024);
+    let step = h.inst.on_exit(Ok(ExitStatus::default()));
+    h.bury(step);
+    assert!(matches!(answered.outcome(), Some(Outcome::Success(v)) if v == "done"));
+    assert_eq!(lost.failure().kind, FailureKind::PluginCrashed);
+
+    let mut h = Harness::serving(manifest(1));
+    let mut untrusted = h.run("untrusted", 1);
+    h.stdout = FramedReader::new(written, 1024);
+    let step = h.wake(Wake::Stdout(Some(StdoutEvent::TooLong { seen: 4096 })));
+    assert!(step.ends_with("[violation]"));
+    let step = Step::Crash(Crash::violation("too long".into()));
+    h.bury(step);
+    assert_eq!(untrusted.failure().kind, FailureKind::PluginCrashed);
 }
