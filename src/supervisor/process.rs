@@ -20,8 +20,8 @@ use std::io;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -466,31 +466,6 @@ fn parse(line: &[u8]) -> StdoutEvent {
             StdoutEvent::Stray { line, error }
         }
     }
-}
-
-/// Writes queued lines to stdin, flushing once per batch of whatever is ready. The queue holds
-/// `capacity` lines: the worker sends at most one `task.run` per in-flight task plus a few
-/// control messages, so a full queue means the plugin stopped reading its stdin (its instance
-/// then ends as a protocol violation instead of the worker buffering without bound).
-pub fn spawn_writer(stdin: ChildStdin, capacity: usize) -> (mpsc::Sender<Vec<u8>>, JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(capacity);
-    let handle = tokio::spawn(async move {
-        let mut stdin = tokio::io::BufWriter::with_capacity(64 * 1024, stdin);
-        while let Some(line) = rx.recv().await {
-            if stdin.write_all(&line).await.is_err() {
-                return;
-            }
-            while let Ok(line) = rx.try_recv() {
-                if stdin.write_all(&line).await.is_err() {
-                    return;
-                }
-            }
-            if stdin.flush().await.is_err() {
-                return;
-            }
-        }
-    });
-    (tx, handle)
 }
 
 /// Describes how a process ended, for humans: "exited with status 3", "was killed by signal 9 (SIGKILL)".

@@ -8,7 +8,8 @@ use crate::supervisor::instance::ExitReason;
 use nix::sys::signal::Signal;
 use plugin_protocol::method;
 use std::time::Duration;
-use tokio::process::Child;
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, ChildStdin};
 use tokio::time::timeout;
 
 impl Instance {
@@ -22,7 +23,7 @@ impl Instance {
                 Some(crash)
             }
             Step::Drained { grace, exited } => {
-                self.finish_stop(child, grace, exited).await;
+                self.finish_stop(child, &mut io.stdin, grace, exited).await;
                 None
             }
             Step::Continue | Step::StdoutClosed => unreachable!("drive returns only a final step"),
@@ -55,17 +56,28 @@ impl Instance {
             Some(crash) => self.bury(&mut io.stdout, *crash),
             None => ExitReason::Stopped,
         };
-        io.writer.abort();
         self.summarize_stray_lines();
         reason
     }
 
     /// After `shutdown` was answered (or not in time): `exit`, SIGTERM, SIGKILL, each given
     /// `grace`; then the tasks still in flight were interrupted by the worker.
-    async fn finish_stop(&mut self, child: &mut Child, grace: Duration, mut exited: bool) {
+    async fn finish_stop(
+        &mut self,
+        child: &mut Child,
+        stdin: &mut ChildStdin,
+        grace: Duration,
+        mut exited: bool,
+    ) {
         if !exited {
             self.notify(method::EXIT, serde_json::Value::Null);
-            exited = timeout(grace, child.wait()).await.is_ok();
+            // What still waits for stdin goes first (`exit` last), within the same grace.
+            let pending = std::mem::take(&mut self.out);
+            let flushed_then_exited = async {
+                let _ = stdin.write_all(pending.pending()).await;
+                child.wait().await
+            };
+            exited = timeout(grace, flushed_then_exited).await.is_ok();
         }
         if !exited {
             tracing::warn!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "plugin did not exit within {grace:?} of `exit`; sending SIGTERM");

@@ -1,6 +1,6 @@
 //! The stdio of one plugin process: spawning it (with its data directory and, when strict,
-//! its private tmp), the stderr reader, the stdout frames the instance reads, and the
-//! batching stdin writer.
+//! its private tmp), the stderr reader, and the stdout and stdin the instance reads and
+//! writes itself.
 
 use super::LaunchSpec;
 use crate::framed::FramedReader;
@@ -11,16 +11,19 @@ use std::path::{Path, PathBuf};
 use tokio::process::Child;
 use tokio::sync::mpsc;
 
-/// Lines waiting to be written to a plugin's stdin, at least (more for high concurrency).
-const STDIN_BUFFER: usize = 256;
+/// Lines from outside the actor (offer answers) waiting for it to queue them for stdin.
+const LATE_LINES: usize = 256;
 
-/// A plugin process's stdio: the stderr reader, stdout, and the stdin writer.
+/// A plugin process's stdio: the stderr reader, stdout, and stdin.
 pub(super) struct Io {
     /// Read by the instance itself (see `process::next_stdout_event`).
     pub(super) stdout: FramedReader<tokio::process::ChildStdout>,
-    pub(super) out: mpsc::Sender<Vec<u8>>,
+    /// Written by the instance itself (see `stdin.rs`).
+    pub(super) stdin: tokio::process::ChildStdin,
+    /// Lines for stdin from outside the actor: offer answers hold a sender.
+    pub(super) late_tx: mpsc::Sender<Vec<u8>>,
+    pub(super) late_rx: mpsc::Receiver<Vec<u8>>,
     pub(super) stderr_reader: tokio::task::JoinHandle<()>,
-    pub(super) writer: tokio::task::JoinHandle<()>,
     /// In the environment of every process of this plugin process's tree.
     pub(super) marker: String,
     /// The process's own cgroup, where the worker has a cgroup tree.
@@ -111,16 +114,16 @@ impl Io {
             process::read_stderr(stderr, origin, spec.stderr.clone(), task_log.clone());
         let pipe = child.stdout.take().expect("stdout is piped");
         let stdout = FramedReader::new(pipe, spec.max_line_bytes);
-        let capacity = STDIN_BUFFER.max(2 * spec.manifest.concurrency as usize + 16);
         let stdin = child.stdin.take().expect("stdin is piped");
-        let (out, writer) = process::spawn_writer(stdin, capacity);
+        let (late_tx, late_rx) = mpsc::channel(LATE_LINES);
         let io = Io {
             cgroup,
             marker,
             stdout,
-            out,
+            stdin,
+            late_tx,
+            late_rx,
             stderr_reader,
-            writer,
             task_log,
         };
         Ok((child, io))

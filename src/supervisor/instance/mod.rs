@@ -13,6 +13,7 @@ mod ending;
 mod io;
 mod offers;
 mod protocol;
+mod stdin;
 mod tasks;
 #[cfg(test)]
 mod tests;
@@ -22,7 +23,6 @@ pub use tasks::Job;
 
 use super::containment;
 use super::process::{self, StderrTail, StdoutEvent};
-use crate::framed::FramedReader;
 use crate::manifest::Manifest;
 use crate::task::{Cancellation, Failure, Outcome, TaskEvent};
 use io::Io;
@@ -31,7 +31,8 @@ use std::process::ExitStatus;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::process::{Child, ChildStdout};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Child;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout, Instant};
 
@@ -151,6 +152,10 @@ enum Wake {
     Timer,
     /// Room for the event held back by backpressure; `None` if its submitter is gone.
     Room(Option<mpsc::OwnedPermit<TaskEvent>>),
+    /// The pipe took this many bytes of what waits for stdin (or is gone).
+    Written(std::io::Result<usize>),
+    /// A line for stdin from outside the actor (an offer's answer).
+    Late(Option<Vec<u8>>),
 }
 
 /// What the actor is doing with its process.
@@ -226,7 +231,10 @@ struct Instance {
     spec: LaunchSpec,
     pid: u32,
     phase: Phase,
-    out: mpsc::Sender<Vec<u8>>,
+    /// What waits for the plugin's stdin; the actor writes it itself.
+    out: stdin::StdinQueue,
+    /// Where lines for stdin come from outside the actor (offer answers, see `OfferReply`).
+    late: mpsc::Sender<Vec<u8>>,
     /// The stdin queue was full: the plugin stopped reading its stdin.
     stdin_full: bool,
     events: mpsc::UnboundedSender<InstanceEvent>,
@@ -278,14 +286,14 @@ async fn run(
     let mut inst = Instance::new(
         spec,
         pid,
-        io.out.clone(),
+        io.late_tx.clone(),
         events,
         io.task_log.clone(),
         started,
     );
     tracing::debug!(plugin = %inst.name(), instance = inst.spec.index, pid = inst.pid, "plugin process started");
     inst.begin_handshake();
-    let step = inst.drive(&mut child, &mut io.stdout, &mut commands).await;
+    let step = inst.drive(&mut child, &mut io, &mut commands).await;
     let reason = inst.end(step, &mut child, io).await;
     refuse_waiting(
         &mut commands,
@@ -310,12 +318,12 @@ fn refuse_waiting(commands: &mut mpsc::UnboundedReceiver<Command>, reason: &str)
 
 impl Instance {
     /// The actor's state for a process just started (`pid`), before its handshake: lines for
-    /// its stdin go to `out`, reports to its pool to `events`. No I/O of its own, so the
-    /// tests build one without a process.
+    /// its stdin wait in `out` (offer answers come through `late`), reports to its pool go to
+    /// `events`. No I/O of its own, so the tests build one without a process.
     fn new(
         spec: LaunchSpec,
         pid: u32,
-        out: mpsc::Sender<Vec<u8>>,
+        late: mpsc::Sender<Vec<u8>>,
         events: mpsc::UnboundedSender<InstanceEvent>,
         task_log: process::TaskLog,
         started: Instant,
@@ -324,7 +332,10 @@ impl Instance {
             next_ping: Instant::now() + spec.manifest.timeouts.ping_interval,
             phase: Phase::Serving,
             pid,
-            out,
+            out: stdin::StdinQueue::new(
+                stdin::STDIN_LINES.max(2 * spec.manifest.concurrency as usize + 16),
+            ),
+            late,
             stdin_full: false,
             spec,
             events,
@@ -356,11 +367,16 @@ impl Instance {
     }
 
     fn send_line(&mut self, line: Vec<u8>) {
-        match self.out.try_send(line) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.stdin_full = true,
-            // The process is going away; its exit will be noticed.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        if !self.out.push(&line) {
+            self.stdin_full = true;
+        }
+    }
+
+    /// What the pipe took; a pipe that is gone takes nothing more (the exit is on its way).
+    fn on_written(&mut self, written: std::io::Result<usize>) {
+        match written {
+            Ok(n) if n > 0 => self.out.written(n),
+            _ => self.out.discard(),
         }
     }
 
@@ -409,9 +425,15 @@ impl Instance {
     async fn drive(
         &mut self,
         child: &mut Child,
-        stdout: &mut FramedReader<ChildStdout>,
+        io: &mut Io,
         commands: &mut mpsc::UnboundedReceiver<Command>,
     ) -> Step {
+        let Io {
+            stdout,
+            stdin,
+            late_rx,
+            ..
+        } = io;
         let mut exited = std::pin::pin!(child.wait());
         let mut timer = std::pin::pin!(sleep_until(self.next_deadline()));
         let mut commands_open = true;
@@ -428,6 +450,8 @@ impl Instance {
                 status = &mut exited => Wake::Exited(status),
                 _ = &mut timer => Wake::Timer,
                 permit = async move { room?.reserve_owned().await.ok() }, if !reading => Wake::Room(permit),
+                written = stdin.write(self.out.pending()), if !self.out.is_empty() => Wake::Written(written),
+                line = late_rx.recv() => Wake::Late(line),
             };
             commands_open &= !matches!(wake, Wake::Command(None));
             let batch = matches!(wake, Wake::Stdout(Some(_)));
@@ -447,11 +471,17 @@ impl Instance {
                 step = self.handle(Wake::Command(Some(cmd)));
                 more -= 1;
             }
+            // What this turn queued goes out now, in one write, if the pipe takes it.
+            if !self.out.is_empty() {
+                if let Some(written) = process::ready_now(stdin.write(self.out.pending())) {
+                    self.on_written(written);
+                }
+            }
             match step {
                 Step::Continue if self.stdin_full => {
                     let reason = format!(
                         "broke the protocol: it stopped reading its stdin ({} messages waiting for it)",
-                        self.out.max_capacity()
+                        self.out.capacity()
                     );
                     return Crash::violation(reason).into();
                 }
@@ -490,6 +520,17 @@ impl Instance {
                 self.release_held(permit);
                 Step::Continue
             }
+            Wake::Written(written) => {
+                self.on_written(written);
+                Step::Continue
+            }
+            Wake::Late(line) => {
+                // Never `None`: the actor holds a sender itself.
+                if let Some(line) = line {
+                    self.send_line(line);
+                }
+                Step::Continue
+            }
         }
     }
 
@@ -506,12 +547,12 @@ impl Instance {
             ))),
             // Events never take the last quarter of the stdin queue: requests need it.
             (Some(Command::Event { event, stats }), Phase::Serving)
-                if self.out.capacity() > self.out.max_capacity() / 4 =>
+                if self.out.has_room_for_event() =>
             {
                 let (line, reported) = stats.notification(&event);
-                match self.out.try_send(line) {
-                    Ok(()) => stats.sent(),
-                    Err(_) => stats.unsent(reported),
+                match self.out.push(&line) {
+                    true => stats.sent(),
+                    false => stats.unsent(reported),
                 }
             }
             (Some(Command::Event { stats, .. }), Phase::Serving) => stats.unsent(0),

@@ -66,7 +66,7 @@ impl Instance {
             plugin: self.spec.manifest.name.clone(),
             instance: self.spec.index,
             params,
-            reply: OfferReply::new(id, self.out.clone(), self.offers_out.clone()),
+            reply: OfferReply::new(id, self.late.clone(), self.offers_out.clone()),
         };
         self.spec.offers.send(offer).map_err(|offer| {
             let why = "this worker runs no offer source";

@@ -3,6 +3,7 @@
 //! and events) and fed [`Wake`]s as its event loop would; time is tokio's paused clock.
 
 use super::*;
+use crate::framed::FramedReader;
 use crate::task::{CancelCause, FailureKind, TaskRequest};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -23,7 +24,6 @@ fn manifest(concurrency: u32) -> Manifest {
 /// An instance under test and the other ends of its channels.
 struct Harness {
     inst: Instance,
-    stdin: mpsc::Receiver<Vec<u8>>,
     reports: mpsc::UnboundedReceiver<InstanceEvent>,
     stdout: FramedReader<&'static [u8]>,
 }
@@ -66,15 +66,14 @@ impl Harness {
             cgroups: None,
             offers: Default::default(),
         };
-        let (out, stdin) = mpsc::channel(16);
+        let (late, _) = mpsc::channel(1);
         let (events, reports) = mpsc::unbounded_channel();
         let stdout = FramedReader::new(&b""[..], 1024);
         let task_log = process::TaskLog::default();
-        let mut inst = Instance::new(spec, 42, out, events, task_log, Instant::now());
+        let mut inst = Instance::new(spec, 42, late, events, task_log, Instant::now());
         inst.begin_handshake();
         Harness {
             inst,
-            stdin,
             reports,
             stdout,
         }
@@ -136,11 +135,14 @@ impl Harness {
         })
     }
 
-    /// What was written to stdin since the last look: "method id" or "method" per line.
+    /// What was queued for stdin since the last look ("method id task" per line), as if the
+    /// pipe took it all.
     fn written(&mut self) -> Vec<String> {
         let mut lines = Vec::new();
-        while let Ok(line) = self.stdin.try_recv() {
-            let v: Value = serde_json::from_slice(&line).expect("json");
+        let pending = self.inst.out.pending().to_vec();
+        self.inst.out.written(pending.len());
+        for line in pending.split_inclusive(|&b| b == b'\n') {
+            let v: Value = serde_json::from_slice(line).expect("json");
             let method = v["method"].as_str().unwrap_or("response").to_string();
             lines.push(match (&v["id"], &v["params"]["task_id"]) {
                 (Value::Number(id), Value::String(t)) => format!("{method} {id} {t}"),
@@ -529,4 +531,33 @@ async fn answers_written_before_a_crash_still_count_unless_it_broke_the_protocol
     let step = Step::Crash(Crash::violation("too long".into()));
     h.bury(step);
     assert_eq!(untrusted.failure().kind, FailureKind::PluginCrashed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_plugin_that_stops_reading_its_stdin_is_found_out_and_events_give_way_first() {
+    let mut h = Harness::serving(manifest(1));
+    let capacity = h.inst.out.capacity();
+    assert_eq!(capacity, stdin::STDIN_LINES);
+    let stats = Arc::new(crate::events::DeliveryStats::default());
+    let mut tasks = Vec::new();
+    for i in 0..capacity {
+        if i == capacity * 3 / 4 {
+            let event = Command::Event {
+                event: "{}".into(),
+                stats: stats.clone(),
+            };
+            assert_eq!(h.command(event), "continue");
+            assert_eq!(
+                stats.delivered(),
+                0,
+                "the last quarter is kept for requests"
+            );
+        }
+        tasks.push(h.run(&format!("t{i}"), 1));
+    }
+    assert!(!h.inst.stdin_full);
+    tasks.push(h.run("one too many", 1));
+    assert!(h.inst.stdin_full, "the drive loop ends it as a violation");
+    h.written();
+    assert!(h.inst.out.is_empty());
 }
