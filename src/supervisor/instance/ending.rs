@@ -1,10 +1,12 @@
-//! How an instance's process ends: the stop sequence after a drain (`exit`, SIGTERM,
-//! SIGKILL, each given its grace), or the kill after a crash; then the sweep of whatever it
-//! left (its process group, its cgroup, processes that escaped both but carry its marker).
+//! How an instance's process ends: why it must end now ([`Crash`]), the stop sequence after
+//! a drain (`exit`, SIGTERM, SIGKILL, each given its grace) or the kill after a crash; then
+//! the sweep of whatever it left (its process group, its cgroup, processes that escaped both
+//! but carry its marker).
 
 use super::io::Io;
 use super::{containment, process, Instance, Step, STDERR_SETTLE};
 use crate::supervisor::instance::ExitReason;
+use crate::task::Failure;
 use nix::sys::signal::Signal;
 use plugin_protocol::method;
 use std::time::Duration;
@@ -91,5 +93,47 @@ impl Instance {
         }
         self.interrupt_all();
         tracing::info!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, "plugin instance stopped");
+    }
+}
+
+/// Why the actor must end the process now.
+pub(super) struct Crash {
+    pub(super) reason: String,
+    /// A task whose own fault this is (request id and its failure); the others are crashed.
+    pub(super) culprit: Option<(u64, Failure)>,
+    /// The process broke the protocol: nothing it wrote after that is accepted.
+    pub(super) violation: bool,
+    /// The handshake showed it can never work with its manifest: no restart.
+    pub(super) incompatible: bool,
+}
+
+impl Crash {
+    pub(super) fn new(reason: String) -> Box<Crash> {
+        Box::new(Crash {
+            reason,
+            culprit: None,
+            violation: false,
+            incompatible: false,
+        })
+    }
+
+    pub(super) fn violation(reason: String) -> Box<Crash> {
+        Box::new(Crash {
+            violation: true,
+            ..*Crash::new(reason)
+        })
+    }
+
+    pub(super) fn incompatible(reason: String) -> Box<Crash> {
+        Box::new(Crash {
+            incompatible: true,
+            ..*Crash::new(reason)
+        })
+    }
+}
+
+impl From<Box<Crash>> for Step {
+    fn from(crash: Box<Crash>) -> Step {
+        Step::Crash(crash)
     }
 }

@@ -25,6 +25,7 @@ use super::containment;
 use super::process::{self, StderrTail, StdoutEvent};
 use crate::manifest::Manifest;
 use crate::task::{Cancellation, Failure, Outcome, TaskEvent};
+use ending::Crash;
 use io::Io;
 use plugin_protocol::{method, Id, Message, Notification, Request};
 use std::process::ExitStatus;
@@ -188,42 +189,6 @@ enum Step {
     },
     /// Stdout reached its end; the loop finds out why (usually the process exited).
     StdoutClosed,
-}
-
-/// Why the actor must end the process now.
-struct Crash {
-    reason: String,
-    /// A task whose own fault this is (request id and its failure); the others are crashed.
-    culprit: Option<(u64, Failure)>,
-    /// The process broke the protocol: nothing it wrote after that is accepted.
-    violation: bool,
-    /// The handshake showed it can never work with its manifest: no restart.
-    incompatible: bool,
-}
-
-impl Crash {
-    fn new(reason: String) -> Box<Crash> {
-        Box::new(Crash {
-            reason,
-            culprit: None,
-            violation: false,
-            incompatible: false,
-        })
-    }
-
-    fn violation(reason: String) -> Box<Crash> {
-        Box::new(Crash {
-            violation: true,
-            ..*Crash::new(reason)
-        })
-    }
-
-    fn incompatible(reason: String) -> Box<Crash> {
-        Box::new(Crash {
-            incompatible: true,
-            ..*Crash::new(reason)
-        })
-    }
 }
 
 /// The actor's state: one process and the tasks it holds.
@@ -486,26 +451,32 @@ impl Instance {
                     return Crash::violation(reason).into();
                 }
                 Step::Continue => {}
-                Step::StdoutClosed => {
-                    // Usually the process is exiting: prefer its exit status as the reason.
-                    let status = timeout(Duration::from_millis(500), &mut exited).await;
-                    let how = match &status {
-                        Ok(Ok(status)) => process::describe_exit(status),
-                        _ => "closed its stdout".to_string(),
-                    };
-                    return match self.phase {
-                        Phase::Draining { grace, .. } => Step::Drained {
-                            grace,
-                            exited: status.is_ok(),
-                        },
-                        Phase::Handshake { .. } => {
-                            Crash::new(format!("{how} before answering `initialize`")).into()
-                        }
-                        Phase::Serving => Crash::new(how).into(),
-                    };
-                }
+                Step::StdoutClosed => return self.stdout_closed(exited.as_mut()).await,
                 final_step => return final_step,
             }
+        }
+    }
+
+    /// The final step once stdout has closed: usually the process is exiting, so its exit
+    /// status is preferred as the reason.
+    async fn stdout_closed(
+        &self,
+        exited: std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<ExitStatus>>>,
+    ) -> Step {
+        let status = timeout(Duration::from_millis(500), exited).await;
+        let how = match &status {
+            Ok(Ok(status)) => process::describe_exit(status),
+            _ => "closed its stdout".to_string(),
+        };
+        match self.phase {
+            Phase::Draining { grace, .. } => Step::Drained {
+                grace,
+                exited: status.is_ok(),
+            },
+            Phase::Handshake { .. } => {
+                Crash::new(format!("{how} before answering `initialize`")).into()
+            }
+            Phase::Serving => Crash::new(how).into(),
         }
     }
 
@@ -587,11 +558,5 @@ impl Instance {
             }
         }
         .into()
-    }
-}
-
-impl From<Box<Crash>> for Step {
-    fn from(crash: Box<Crash>) -> Step {
-        Step::Crash(crash)
     }
 }
