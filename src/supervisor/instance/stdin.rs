@@ -56,6 +56,10 @@ impl StdinQueue {
 
     /// `n` bytes of [`pending`](Self::pending) were written.
     pub fn written(&mut self, n: usize) {
+        if n == self.buf.len() {
+            // Nearly always: the pipe took it all (nothing to count).
+            return self.discard();
+        }
         let ends = self.buf[..n].iter().filter(|&&b| b == b'\n').count();
         self.lines -= ends;
         self.buf.drain(..n);

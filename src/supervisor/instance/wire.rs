@@ -135,7 +135,11 @@ impl Sep {
 /// A JSON string: as it is when nothing in it needs escaping (ids and names, nearly always),
 /// else escaped by serde_json. The check is what serde_json escapes: `"`, `\` and controls.
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    // Without an early exit, so the compiler checks many bytes at a time.
+    let plain = !s
+        .bytes()
+        .fold(false, |seen, b| seen | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    if plain {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
