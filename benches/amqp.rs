@@ -1,8 +1,9 @@
 //! AMQP benchmark: drain rate of N no-op Celery tasks preloaded in a queue, with rpc results,
 //! for the Celery worker (prefork -c 2 and threads), `worker` with the Rust SDK plugin (task
 //! events off and on) and with the Python SDK plugin, and a raw lapin consume-reply-ack loop
-//! (the ceiling); then `worker` consuming 10 queues at once and two `worker`s sharing one
-//! queue. Also each contender's memory, and the CPU time per task of the contender, of its
+//! (the ceiling the goals compare against), again acking with one multiple ack per 32
+//! deliveries (the broker's ceiling with multiple-ack, shown beside it); then `worker`
+//! consuming 10 queues at once and two `worker`s sharing one queue. Also each contender's memory, and the CPU time per task of the contender, of its
 //! children (plugins, pool processes) and of RabbitMQ, from `/proc/<pid>/stat`.
 //! Run with `benches/run-amqp.sh` (builds first; needs RabbitMQ and the Celery venv in
 //! `target/celery-venv`, which the broker tests create).
@@ -300,13 +301,16 @@ fn ours(
     })
 }
 
-fn raw_loop() -> Box<dyn Fn(&Launch) -> Child> {
+/// `examples/amqp-ceiling`, acking each delivery on its own (`ack_every` 1) or with one
+/// multiple ack per `ack_every` deliveries.
+fn raw_loop(ack_every: u32) -> Box<dyn Fn(&Launch) -> Child> {
     let bin = bin_dir().join("examples/amqp-ceiling");
     Box::new(move |l: &Launch| {
         Command::new(&bin)
             .arg(BROKER)
             .arg(&l.queues[0])
             .arg(prefetch().unwrap_or(64).to_string())
+            .arg(ack_every.to_string())
             .stdout(Stdio::null())
             .spawn()
             .unwrap()
@@ -356,7 +360,8 @@ fn contenders(root: &std::path::Path) -> Vec<Contender> {
             "py.noop",
             ours(py_dir, "py", &[]),
         ),
-        one("raw lapin consume-reply-ack", "bench.noop", raw_loop()),
+        one("raw lapin consume-reply-ack", "bench.noop", raw_loop(1)),
+        one("raw loop, multiple-ack", "bench.noop", raw_loop(32)),
         Contender {
             name: "worker + rust, 10 queues",
             task: "rust.noop",

@@ -10,6 +10,9 @@ type Samples = [Vec<Run>];
 
 const OURS: &str = "worker + rust plugin";
 const RAW: &str = "raw lapin consume-reply-ack";
+/// The raw loop acking 32 deliveries at a time: the broker's ceiling with multiple-ack,
+/// shown beside the goals (which stay against the per-message loop).
+const RAW_MULTIPLE: &str = "raw loop, multiple-ack";
 
 /// The drain rate, NaN if the run did not finish.
 fn rate(r: &Run) -> f64 {
@@ -117,7 +120,49 @@ pub fn print(n: usize, rounds: usize, contenders: &[&Contender], samples: &Sampl
     }
     println!("(CPU us/t: CPU time of the contender's own processes per task, from /proc/<pid>/stat, over the same window as the rate; kids: their children (plugins, pool processes); rabbit: RabbitMQ's beam.smp)");
     scale(contenders, samples, n);
+    ceiling(contenders, samples, n);
     goals(contenders, samples, n);
+}
+
+/// The broker's ceiling with multiple-ack against the per-message raw loop, and `worker`
+/// against it (informational: the goals compare with the per-message loop).
+fn ceiling(contenders: &[&Contender], samples: &Samples, n: usize) {
+    let Some(multiple) = index(contenders, RAW_MULTIPLE) else {
+        return;
+    };
+    println!();
+    if let Some(raw) = index(contenders, RAW) {
+        let rates = per_round(samples, raw, multiple, |r, m| rate(m) / rate(r));
+        rounds::ratio(
+            "the broker's ceiling with multiple-ack: raw loop, multiple-ack / per-message raw loop, drain rate",
+            &rates,
+            Unit::Ratio,
+        );
+        let cpu = per_round(samples, raw, multiple, |r, m| {
+            cpu_per_task(m, n).0 / cpu_per_task(r, n).0
+        });
+        rounds::ratio(
+            "  its CPU per task / the per-message loop's",
+            &cpu,
+            Unit::Ratio,
+        );
+        let rabbit = per_round(samples, raw, multiple, |r, m| {
+            cpu_per_task(m, n).2 / cpu_per_task(r, n).2
+        });
+        rounds::ratio(
+            "  RabbitMQ's CPU per task / with the per-message loop",
+            &rabbit,
+            Unit::Ratio,
+        );
+    }
+    if let Some(ours) = index(contenders, OURS) {
+        let drain = per_round(samples, multiple, ours, |m, o| rate(o) / rate(m));
+        rounds::ratio(
+            "worker + rust / raw loop, multiple-ack, drain rate",
+            &drain,
+            Unit::Ratio,
+        );
+    }
 }
 
 /// Ten queues at once, and two workers on one queue, against one worker on one queue.

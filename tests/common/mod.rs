@@ -51,6 +51,7 @@ pub const FAULTY_TASKS: &[&str] = &[
     "f.fs",
     "f.note",
     "f.note_sleep",
+    "f.wait_file",
 ];
 
 pub fn repo() -> PathBuf {

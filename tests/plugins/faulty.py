@@ -33,7 +33,8 @@ that outlives the plugin, returning its pid; _clean: with an empty environment),
 lines, then returns), f.where (returns its interpreter's prefix, its working directory and the
 FAULT_TAG variable), f.note [..., path] (appends its args as a JSON line to the file `path`, a
 canvas test's witness), f.note_sleep [secs, path] (appends {"pid", "task_id", "args"} as a JSON
-line to `path`, then sleeps like f.sleep: one line per run of the task).
+line to `path`, then sleeps like f.sleep: one line per run of the task), f.wait_file [path]
+(runs until the file `path` exists, the test's go-ahead, then returns "released").
 """
 
 import json
@@ -220,6 +221,14 @@ def run_task(id_, params):
                 error(id_, -32001, "Cancelled", "cancelled")
             else:
                 reply(id_, "slept")
+        elif name == "f.wait_file":
+            # A long task the test ends when it is ready to: it creates the file.
+            while not os.path.exists(args[0]):
+                if cancel.wait(0.02):
+                    error(id_, -32001, "Cancelled", "cancelled")
+                    break
+            else:
+                reply(id_, "released")
         elif name == "f.raise":
             error(id_, -32000, "ValueError", "bad value: %r" % (args,))
         elif name == "f.progress":
@@ -264,7 +273,7 @@ def declared_tasks():
              "f.huge", "f.garbage", "f.raise", "f.progress", "f.stderr", "f.stderr_wait", "f.retry_until", "f.retry_bare", "f.where",
              "f.string_id", "f.bad_utf8", "f.huge_then_answer", "f.block", "f.stderr_flood",
              "f.garbage_flood", "f.request_flood", "f.env", "f.spin", "f.escape", "f.escape_clean", "f.write", "f.fs", "f.note",
-             "f.note_sleep"]
+             "f.note_sleep", "f.wait_file"]
     if ENV("FAULT_HANDSHAKE") == "extra_task":
         names.append("f.undeclared")
     return [{"name": n} for n in names]

@@ -2,6 +2,7 @@
 //! queue), consume, and hand each delivery to its handler; reconnect when the connection is
 //! lost, at once the first time, then with the restart policy's backoff.
 
+use super::acks::Tag;
 use super::consumers::{self, Consumers, Relay, Relayed, QUEUE_RETRY_MAX, QUEUE_RETRY_MIN};
 use super::{monitor, receive, redact, remote, SessionRequest, SourceState};
 use crate::metrics::Settled;
@@ -172,7 +173,7 @@ async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
         .parking
         .store(parking, std::sync::atomic::Ordering::Relaxed);
     let (tx, deliveries) = mpsc::channel::<Relayed>(256);
-    let mut consumers = Consumers::new(consume.clone(), tx.clone());
+    let mut consumers = Consumers::new(consume.clone(), o.prefetch, tx.clone());
     let wanted = shared.transport.queues.borrow().clone();
     let board = shared.engine.dispatcher.metrics().broker();
     board.new_session();
@@ -195,7 +196,7 @@ async fn open_session(shared: &Arc<SourceState>) -> lapin::Result<SessionEnd> {
         .await?;
     // Dropped with the session: the pidbox relay and the event loop of a dead connection stop
     // with it (the consumers' relays stop with `consumers`).
-    let _pidbox = consumers::relay(pidbox, None, tx, 0);
+    let _pidbox = consumers::relay(pidbox, None, None, tx, 0);
     let _events =
         AbortOnDropHandle::new(tokio::spawn(monitor::run(shared.clone(), events.clone())));
     shared
@@ -297,7 +298,7 @@ impl Session<'_> {
                 d = deliveries.recv() => match d {
                     Some((queue, Relay::Delivery(Ok(delivery)))) => self.dispatch(shared, queue, delivery, &lost).await,
                     Some((Some(_), Relay::Delivery(Err(e)))) if !cancelled && self.conn.status().connected() => {
-                        match self.consumers.reopen(self.conn, shared.transport.options.prefetch).await {
+                        match self.consumers.reopen(self.conn).await {
                             Ok(true) => {
                                 tracing::warn!("the broker closed the task consumers' channel ({e}); consuming on a new channel (tasks running go on; their messages come back and join them)");
                                 refused = 0;
@@ -324,6 +325,8 @@ impl Session<'_> {
                     tracing::info!("stopped consuming; finishing tasks in flight");
                 }
                 _ = shared.engine.finished.cancelled() => {
+                    // Handlers that answered flushed their acks; any still pending go now.
+                    self.consumers.flush_acks().await;
                     monitor::offline(shared, self.events).await;
                     shared.transport.results.send_replace(None);
                     let _ = self.conn.close(200, "worker stopping".into()).await;
@@ -375,17 +378,18 @@ impl Session<'_> {
         }
     }
 
-    /// A remote-control message or a task message, each to its tracked handler.
+    /// A remote-control message or a task message (with its tag on the consumers' channel),
+    /// each to its tracked handler.
     async fn dispatch(
         &self,
         shared: &Arc<SourceState>,
         queue: Option<Arc<str>>,
-        delivery: Delivery,
+        (delivery, tag): (Delivery, Option<Tag>),
         lost: &CancellationToken,
     ) {
         let pidbox = delivery.routing_key.as_str().is_empty()
             || delivery.exchange.as_str() == "celery.pidbox";
-        match queue.filter(|_| !pidbox) {
+        match queue.zip(tag).filter(|_| !pidbox) {
             None => {
                 let (state, control) = (shared.clone(), self.control.clone());
                 shared
@@ -393,14 +397,14 @@ impl Session<'_> {
                     .handlers
                     .spawn(async move { remote::answer(&state, &control, delivery).await });
             }
-            Some(_) if shared.engine.stopping.is_cancelled() => {
-                shared.reject(&delivery.acker, Settled::Requeued).await;
+            Some((_, tag)) if shared.engine.stopping.is_cancelled() => {
+                shared.reject(&tag, Settled::Requeued).await;
             }
-            Some(queue) => {
+            Some((queue, tag)) => {
                 let (state, lost) = (shared.clone(), lost.clone());
                 // Boxed: the handler's future is large, and spawning moved it by value twice
                 // (about 2% of the worker's time under load, in memcpy).
-                let handler = Box::pin(receive::handle(state, queue, delivery, lost));
+                let handler = Box::pin(receive::handle(state, queue, delivery, tag, lost));
                 shared.engine.handlers.spawn(handler);
             }
         }

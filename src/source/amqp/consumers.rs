@@ -3,6 +3,7 @@
 //! set changed while connected as `celery control add_consumer` / `cancel_consumer` change
 //! the wanted list.
 
+use super::acks::{ChannelAcks, Tag};
 use super::{Declare, QueueSpec, SourceState};
 use futures_lite::stream::StreamExt;
 use lapin::message::Delivery;
@@ -21,7 +22,9 @@ pub(super) type Relayed = (Option<Arc<str>>, Relay);
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(super) enum Relay {
-    Delivery(lapin::Result<Delivery>),
+    /// A delivery, and for a task queue's how to settle it (its tag on the consumers' channel,
+    /// recorded there as it was handed on; the pidbox consumes without acks).
+    Delivery(lapin::Result<(Delivery, Option<Tag>)>),
     /// The consumer of this start (see [`Consumers::start`]) ended without the worker asking:
     /// the broker cancelled it (the queue was deleted, its node went away).
     Ended(u64),
@@ -137,16 +140,22 @@ fn refusal_hint(reason: &str, declare: Declare) -> &'static str {
 }
 
 /// Relays one consumer's deliveries into the session's single stream, then says when it
-/// ended (`start` tells which start of the queue's consumer it is).
+/// ended (`start` tells which start of the queue's consumer it is). A task queue's
+/// deliveries are recorded in `acks`, the acks of the channel it is consumed on.
 pub(super) fn relay(
     mut consumer: lapin::Consumer,
     queue: Option<Arc<str>>,
+    acks: Option<Arc<ChannelAcks>>,
     tx: mpsc::Sender<Relayed>,
     start: u64,
 ) -> AbortOnDropHandle<()> {
     AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some(d) = consumer.next().await {
             let failed = d.is_err();
+            let d = d.map(|d| {
+                let tag = acks.as_ref().map(|a| a.delivered(d.delivery_tag));
+                (d, tag)
+            });
             if tx.send((queue.clone(), Relay::Delivery(d))).await.is_err() || failed {
                 return;
             }
@@ -158,6 +167,9 @@ pub(super) fn relay(
 /// The consumers of the task queues on one session's channel, by queue name.
 pub(super) struct Consumers {
     channel: Channel,
+    /// The acks of `channel`'s deliveries (replaced with it).
+    acks: Arc<ChannelAcks>,
+    prefetch: u16,
     tx: mpsc::Sender<Relayed>,
     /// Consumer tag, start number and relay of each consumed queue.
     running: BTreeMap<String, (String, u64, AbortOnDropHandle<()>)>,
@@ -168,9 +180,12 @@ pub(super) struct Consumers {
 }
 
 impl Consumers {
-    pub(super) fn new(channel: Channel, tx: mpsc::Sender<Relayed>) -> Consumers {
+    /// The consumers on `channel`, whose prefetch is `prefetch`.
+    pub(super) fn new(channel: Channel, prefetch: u16, tx: mpsc::Sender<Relayed>) -> Consumers {
         Consumers {
+            acks: ChannelAcks::new(channel.clone(), prefetch),
             channel,
+            prefetch,
             tx,
             running: BTreeMap::new(),
             starts: 0,
@@ -216,6 +231,7 @@ impl Consumers {
         let relay = relay(
             consumer,
             Some(q.name.as_str().into()),
+            Some(self.acks.clone()),
             self.tx.clone(),
             self.starts,
         );
@@ -271,21 +287,29 @@ impl Consumers {
     /// same prefetch; the queues are consumed again by the session's next `follow`. The
     /// deliveries of the closed channel went back to their queues: copies that come again
     /// join their owners. False if the channel is open (an error of a channel replaced
-    /// already).
-    pub(super) async fn reopen(&mut self, conn: &Connection, prefetch: u16) -> lapin::Result<bool> {
+    /// already). The new channel's tags start again at 1: it has acks of its own, and what
+    /// the old one had pending is dropped with it.
+    pub(super) async fn reopen(&mut self, conn: &Connection) -> lapin::Result<bool> {
         if self.channel.status().connected() {
             return Ok(false);
         }
         let channel = conn.create_channel().await?;
         channel
-            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .basic_qos(self.prefetch, BasicQosOptions { global: false })
             .await?;
         // Their consumers went with the channel; what their relays still hold is handed on.
         let gone = std::mem::take(&mut self.running);
         self.retired
             .extend(gone.into_values().map(|(_, _, relay)| relay));
+        self.acks = ChannelAcks::new(channel.clone(), self.prefetch);
         self.channel = channel;
         Ok(true)
+    }
+
+    /// Sends the acks still waiting on the consumers' channel (a graceful stop, before the
+    /// connection closes: an answered message left unacked would be delivered again).
+    pub(super) async fn flush_acks(&self) {
+        self.acks.flush().await;
     }
 
     /// Stops consuming `queue`. Deliveries already relayed are still handled (and acked).

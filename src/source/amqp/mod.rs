@@ -9,6 +9,7 @@
 //! connection; each task id has one owner (`ledger`), so redelivered copies are acked with
 //! it, or without publishing again once its result was confirmed.
 
+mod acks;
 mod connection;
 mod consumers;
 mod delayed;

@@ -1,8 +1,10 @@
 //! RabbitMQ as the Celery engine's [`Transport`]: a delivery read into the engine's
-//! [`Received`] (one that is unreadable or breaks a limit rejected at once), acks and rejects
-//! through lapin's `Acker`, eta tasks parked in the broker's delay queues, retries published
-//! again with their headers changed, and replies through the publisher.
+//! [`Received`] (one that is unreadable or breaks a limit rejected at once), settled through
+//! its channel's [`acks`](super::acks) (acks coalesced, rejects sent at once), eta tasks
+//! parked in the broker's delay queues, retries published again with their headers changed,
+//! and replies through the publisher.
 
+use super::acks::Tag;
 use super::inbound::{self, Inbound};
 use super::publish::Raw;
 use super::value::json_to_amqp;
@@ -17,29 +19,34 @@ use crate::source::engine::transport::{
 };
 use crate::source::engine::worker::Transport;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
-use lapin::Acker;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 
-/// Handles one task message to its end. `lost` fires when the connection it came on is gone.
+/// Handles one task message (settled through `tag`) to its end. `lost` fires when the
+/// connection it came on is gone.
 pub(super) async fn handle(
     shared: Arc<SourceState>,
     queue: Arc<str>,
     delivery: Delivery,
+    tag: Tag,
     lost: CancellationToken,
 ) {
-    if let Some(received) = decode(&shared, &queue, delivery).await {
+    if let Some(received) = decode(&shared, &queue, delivery, tag).await {
         delivery::handle(shared, queue, received, lost).await
     }
 }
 
 /// Reads the Celery task out of a delivery; one that is unreadable or breaks a limit is
 /// rejected without requeue (dead-lettered if the queue has a DLX), with one log line.
-async fn decode(shared: &SourceState, queue: &str, delivery: Delivery) -> Option<Received<Amqp>> {
+async fn decode(
+    shared: &SourceState,
+    queue: &str,
+    delivery: Delivery,
+    tag: Tag,
+) -> Option<Received<Amqp>> {
     let message = Inbound {
         queue,
         exchange: delivery.exchange.as_str(),
@@ -62,7 +69,7 @@ async fn decode(shared: &SourceState, queue: &str, delivery: Delivery) -> Option
             Some(Received {
                 task,
                 info,
-                ack: delivery.acker,
+                ack: tag,
                 raw,
                 redelivered: delivery.redelivered,
             })
@@ -74,37 +81,26 @@ async fn decode(shared: &SourceState, queue: &str, delivery: Delivery) -> Option
                 bytes = delivery.data.len(),
                 "rejecting a task message (dead-lettered if the queue has a DLX): {refusal}"
             );
-            shared.reject(&delivery.acker, Settled::Rejected).await;
+            shared.reject(&tag, Settled::Rejected).await;
             None
         }
     }
 }
 
 impl Transport for Amqp {
-    type Ack = Acker;
+    type Ack = Tag;
     type Raw = Raw;
     const NAME: &'static str = "amqp";
 
-    async fn ack(_: &SourceState, acker: &Acker) -> bool {
-        match acker.ack(BasicAckOptions::default()).await {
-            Ok(_) => true,
-            Err(e) => {
-                // The channel is gone (connection lost): RabbitMQ redelivers, and the copy is
-                // acked as answered without publishing again.
-                tracing::debug!("ack failed ({e}); the broker will redeliver and the copy will be acked as answered");
-                false
-            }
-        }
+    /// Coalesced with its channel's other answers (see `acks`): true once taken on an open
+    /// channel, sent within `acks::FLUSH_DEADLINE`.
+    async fn ack(_: &SourceState, tag: &Tag) -> bool {
+        tag.ack().await
     }
 
-    async fn reject(_: &SourceState, acker: &Acker, requeue: bool) -> bool {
-        match acker.reject(BasicRejectOptions { requeue }).await {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::debug!("reject failed ({e})");
-                false
-            }
-        }
+    /// Sent at once, never coalesced.
+    async fn reject(_: &SourceState, tag: &Tag, requeue: bool) -> bool {
+        tag.reject(requeue).await
     }
 
     /// An eta task a second or more away goes to the broker's delay topology (see `delayed`):
@@ -115,7 +111,7 @@ impl Transport for Amqp {
         queue: &str,
         task: &CeleryTask,
         raw: &Raw,
-        acker: &Acker,
+        tag: &Tag,
     ) -> bool {
         let Some(eta) = task.eta else { return false };
         let remaining = eta.duration_since(SystemTime::now()).unwrap_or_default();
@@ -152,7 +148,7 @@ impl Transport for Amqp {
         match published {
             Published::Confirmed => {
                 tracing::debug!(task_id = %task.id, "eta {secs} s away: parked in the broker's delay queues");
-                shared.ack(acker).await;
+                shared.ack(tag).await;
                 true
             }
             Published::Refused(why) => {
