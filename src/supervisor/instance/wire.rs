@@ -136,9 +136,9 @@ impl Sep {
 /// else escaped by serde_json. The check is what serde_json escapes: `"`, `\` and controls.
 fn put_str(out: &mut Vec<u8>, s: &str) {
     // Without an early exit, so the compiler checks many bytes at a time.
-    let plain = !s
-        .bytes()
-        .fold(false, |seen, b| seen | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    let plain = !s.bytes().fold(false, |seen, b| {
+        seen | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
     if plain {
         out.reserve(s.len() + 2);
         out.push(b'"');
