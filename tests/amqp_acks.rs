@@ -9,6 +9,7 @@
 mod common;
 
 use common::broker::*;
+use common::nodes::wait_within as wait_until;
 use common::*;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
@@ -23,17 +24,6 @@ use tokio_util::sync::CancellationToken;
 /// of a tag a multiple ack covered, would show here (PRECONDITION_FAILED, unknown delivery tag).
 const CHANNEL_CLOSED: [&str; 2] = ["closed the task consumers' channel", "PRECONDITION_FAILED"];
 
-/// Polls `pred` (a broker listing or a counter fed by the reader) until it holds.
-fn wait_until(what: &str, limit: Duration, mut pred: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + limit;
-    while !pred() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 /// A reader of the raw reply queue `replies` into `counts`, consuming once this returns.
 fn reader(

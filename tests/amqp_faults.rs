@@ -6,6 +6,7 @@
 mod common;
 
 use common::broker::*;
+use common::nodes::wait_within as wait_until;
 use common::*;
 use futures_lite::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
@@ -189,17 +190,6 @@ async fn delete_queue(queue: &str) {
     }
 }
 
-/// Polls `pred` (a broker listing or a counter fed by the reader) until it holds.
-fn wait_until(what: &str, limit: Duration, mut pred: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + limit;
-    while !pred() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 /// Reads one message from `queue` (declaring it), waiting up to `limit`.
 async fn first_message(queue: &str, limit: Duration) -> Value {

@@ -370,3 +370,8 @@ pub fn wait_until(what: &str, deadline: Instant, mut pred: impl FnMut() -> bool)
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// [`wait_until`] for at most `limit` from now.
+pub fn wait_within(what: &str, limit: Duration, pred: impl FnMut() -> bool) {
+    wait_until(what, Instant::now() + limit, pred)
+}
