@@ -24,7 +24,6 @@ use tokio_util::sync::CancellationToken;
 /// of a tag a multiple ack covered, would show here (PRECONDITION_FAILED, unknown delivery tag).
 const CHANNEL_CLOSED: [&str; 2] = ["closed the task consumers' channel", "PRECONDITION_FAILED"];
 
-
 /// A reader of the raw reply queue `replies` into `counts`, consuming once this returns.
 fn reader(
     rt: &Runtime,

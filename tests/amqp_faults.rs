@@ -190,7 +190,6 @@ async fn delete_queue(queue: &str) {
     }
 }
 
-
 /// Reads one message from `queue` (declaring it), waiting up to `limit`.
 async fn first_message(queue: &str, limit: Duration) -> Value {
     let conn = Connection::connect(BROKER, ConnectionProperties::default())
