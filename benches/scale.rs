@@ -383,13 +383,16 @@ fn main() {
         return id_memory(kind, limit.parse().unwrap());
     }
     let root = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    // The worker's own runtime, as `worker serve` builds it; the work a spawned task, as the
+    // daemon's sources are.
+    let rt = worker::runtime::build(worker::config::Config::default().runtime_threads).unwrap();
+    let dir = root.path().to_path_buf();
     rt.block_on(async {
-        many_plugins(root.path()).await;
-        queued(root.path()).await;
+        let work = async move {
+            many_plugins(&dir).await;
+            queued(&dir).await;
+        };
+        tokio::spawn(work).await.unwrap();
     });
     serve::idle(root.path());
     serve::queued_on_socket(root.path());

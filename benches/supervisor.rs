@@ -17,7 +17,8 @@
 //! - `BENCH_N`: tasks per throughput run with a Rust child (default 100,000).
 //! - `BENCH_N_PY`: the same with a Python child (default 30,000).
 //! - `BENCH_N_LATENCY`: one-at-a-time tasks per run, for p50 and p99 (default 5,000).
-//! - `BENCH_PROFILE_SUPERVISOR=N`: only the minimal Rust child through the supervisor, N tasks.
+//! - `BENCH_PROFILE_SUPERVISOR=N`: only the minimal Rust child through the supervisor, N tasks;
+//!   `BENCH_PROFILE_RAW=N`: only its raw-pipe baseline.
 //!
 //! The single-run bench this replaced pushed 50,000 and 10,000 tasks per run: a tenth of a
 //! second for a Python child, too short for a per-round ratio on a shared machine. At the
@@ -43,7 +44,7 @@ use rounds::{Unit, Want};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use supervisor_load::{
-    beside, raw_pipe, restart_latency, via_supervisor, Load, Stats, N_RESTARTS, WINDOW,
+    beside, raw_pipe, restart_latency, via_supervisor, Load, Runtimes, Stats, N_RESTARTS, WINDOW,
 };
 use worker::manifest::Manifest;
 
@@ -276,19 +277,20 @@ impl Measure {
         }
     }
 
-    async fn run(self, p: &Plugins, sizes: Sizes) -> Stats {
+    fn run(self, p: &Plugins, sizes: Sizes, rt: &Runtimes) -> Stats {
+        let (rust, py) = (sizes.rust, sizes.python);
         match self {
-            Measure::RawMin => raw_pipe(&p.min_rust, "min.noop", sizes.rust).await,
-            Measure::SupMin => via_supervisor(&p.min_rust, "min.noop", sizes.rust).await,
-            Measure::RawSdk => raw_pipe(&p.rust, "rust.noop", sizes.rust).await,
-            Measure::RawMinPy => raw_pipe(&p.min_py, "minpy.noop", sizes.python).await,
-            Measure::RawSdkPy => raw_pipe(&p.py, "py.noop", sizes.python).await,
-            Measure::Alone => via_supervisor(&p.rust, "rust.noop", sizes.rust).await,
+            Measure::RawMin => rt.raw(raw_pipe(p.min_rust.clone(), "min.noop", rust)),
+            Measure::SupMin => rt.worker(via_supervisor(p.min_rust.clone(), "min.noop", rust)),
+            Measure::RawSdk => rt.raw(raw_pipe(p.rust.clone(), "rust.noop", rust)),
+            Measure::RawMinPy => rt.raw(raw_pipe(p.min_py.clone(), "minpy.noop", py)),
+            Measure::RawSdkPy => rt.raw(raw_pipe(p.py.clone(), "py.noop", py)),
+            Measure::Alone => rt.worker(via_supervisor(p.rust.clone(), "rust.noop", rust)),
             Measure::WithLog => {
                 // The log is appended to; each run starts it empty.
                 let _ = std::fs::remove_file(&p.event_log_file);
-                let others = [p.event_log.clone()];
-                beside(&p.rust, &others, "rust.noop", sizes.rust).await
+                let others = vec![p.event_log.clone()];
+                rt.worker(beside(p.rust.clone(), others, "rust.noop", rust))
             }
         }
     }
@@ -304,12 +306,12 @@ impl Round {
 }
 
 /// Runs `rounds` rounds, printing each measurement as it ends (to stderr).
-async fn run_rounds(p: &Plugins, sizes: Sizes, rounds: usize) -> Vec<Round> {
+fn run_rounds(p: &Plugins, sizes: Sizes, rounds: usize, rt: &Runtimes) -> Vec<Round> {
     let mut all = Vec::with_capacity(rounds);
     for round in 1..=rounds {
         let mut got = [None; Measure::ALL.len()];
         for m in rounds::in_order(round, &Measure::ALL) {
-            let s = m.run(p, sizes).await;
+            let s = m.run(p, sizes, rt);
             eprintln!(
                 "round {round}: {:<40} {:>9.0}/s   p50 {:>8.1?}   p99 {:>8.1?}",
                 m.label(),
@@ -394,24 +396,25 @@ fn report(all: &[Round], sizes: Sizes) {
 }
 
 /// The rows measured once, after the rounds: each against a baseline run just before it.
-async fn single_runs(p: &Plugins, sizes: Sizes) {
+fn single_runs(p: &Plugins, sizes: Sizes, rt: &Runtimes) {
     println!("\nsingle runs (not in rounds; one run each, the baseline just before its contender), window {WINDOW} in flight:");
-    let raw_rust = raw_pipe(&p.rust, "rust.noop", sizes.rust).await;
-    let sup_rust = via_supervisor(&p.rust, "rust.noop", sizes.rust).await;
+    let (rust, py) = (sizes.rust, sizes.python);
+    let raw_rust = rt.raw(raw_pipe(p.rust.clone(), "rust.noop", rust));
+    let sup_rust = rt.worker(via_supervisor(p.rust.clone(), "rust.noop", rust));
     row("rust plugin, raw pipe (baseline)", &raw_rust, &raw_rust);
     row("rust plugin, via supervisor", &sup_rust, &raw_rust);
-    let raw_py = raw_pipe(&p.py, "py.noop", sizes.python).await;
-    let sup_py = via_supervisor(&p.py, "py.noop", sizes.python).await;
+    let raw_py = rt.raw(raw_pipe(p.py.clone(), "py.noop", py));
+    let sup_py = rt.worker(via_supervisor(p.py.clone(), "py.noop", py));
     row("python SDK, raw pipe (baseline)", &raw_py, &raw_py);
     row("python SDK, via supervisor", &sup_py, &raw_py);
-    let alone = via_supervisor(&p.rust, "rust.noop", sizes.rust).await;
-    let others = [p.stalled.clone()];
-    let with_stalled = beside(&p.rust, &others, "rust.noop", sizes.rust).await;
+    let alone = rt.worker(via_supervisor(p.rust.clone(), "rust.noop", rust));
+    let others = vec![p.stalled.clone()];
+    let with_stalled = rt.worker(beside(p.rust.clone(), others, "rust.noop", rust));
     row("rust plugin, no subscriber (baseline)", &alone, &alone);
     row("+ a subscriber that stopped reading", &with_stalled, &alone);
-    let (p50, p99) = restart_latency(&p.rust).await;
+    let (p50, p99) = rt.worker(restart_latency(p.rust.clone()));
     println!("restart latency, rust plugin (SIGKILL -> ready, {N_RESTARTS} runs): p50 {p50:.1?}, p99 {p99:.1?}");
-    let (p50, p99) = restart_latency(&p.py).await;
+    let (p50, p99) = rt.worker(restart_latency(p.py.clone()));
     println!("restart latency, python SDK  (SIGKILL -> ready, {N_RESTARTS} runs): p50 {p50:.1?}, p99 {p99:.1?}");
 }
 
@@ -419,39 +422,46 @@ fn main() {
     if std::env::var_os("BENCH_MINIMAL_CHILD").is_some() {
         return minimal::child();
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = Runtimes::new();
     let root = tempfile::tempdir().unwrap();
     // Apart from `root`, whose plugins the idle RSS measurement installs.
     let minimal_root = tempfile::tempdir().unwrap();
     let plugins = Plugins::create(root.path(), minimal_root.path());
     let sizes = Sizes::from_env();
-    // BENCH_PROFILE_SUPERVISOR=N: only the minimal Rust child through the supervisor, N tasks
-    // (long enough to attach `perf record -p` to this process).
-    if let Some(n) = std::env::var("BENCH_PROFILE_SUPERVISOR")
-        .ok()
-        .and_then(|n| n.parse().ok())
-    {
+    // BENCH_PROFILE_SUPERVISOR=N (or BENCH_PROFILE_RAW=N for its baseline): only the minimal
+    // Rust child through the supervisor (or over the raw pipe), N tasks (long enough to attach
+    // `perf record -p` to this process, or to count its instructions under callgrind).
+    for (knob, raw) in [
+        ("BENCH_PROFILE_SUPERVISOR", false),
+        ("BENCH_PROFILE_RAW", true),
+    ] {
+        let Some(n) = std::env::var(knob).ok().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
         let load = Load {
             tasks: n,
             ..sizes.rust
         };
-        let s = rt.block_on(via_supervisor(&plugins.min_rust, "min.noop", load));
+        let m = plugins.min_rust.clone();
+        let (how, s) = if raw {
+            ("over the raw pipe", rt.raw(raw_pipe(m, "min.noop", load)))
+        } else {
+            (
+                "via supervisor",
+                rt.worker(via_supervisor(m, "min.noop", load)),
+            )
+        };
         println!(
-            "minimal rust child via supervisor: {:.0}/s, p50 {:.1?}",
+            "minimal rust child {how}: {:.0}/s, p50 {:.1?}",
             s.per_sec, s.p50
         );
         return;
     }
     let rounds = rounds::from_env();
     println!("{rounds} interleaved rounds: minimal children (no SDK) and the SDK plugins over a raw pipe and through the supervisor, and the rust plugin beside an event-log subscriber of every task.* and instance.* event");
-    rt.block_on(async {
-        let all = run_rounds(&plugins, sizes, rounds).await;
-        report(&all, sizes);
-        single_runs(&plugins, sizes).await;
-    });
+    let all = run_rounds(&plugins, sizes, rounds, &rt);
+    report(&all, sizes);
+    single_runs(&plugins, sizes, &rt);
     match idle_rss_kib(root.path()) {
         Some(kib) => println!(
             "worker serve idle RSS with both plugins running: {:.1} MiB",

@@ -11,6 +11,8 @@ use std::time::Duration;
 const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 << 20;
 /// RabbitMQ's largest `max_message_size` (512 MiB).
 const MAX_MESSAGE_SIZE: usize = 512 << 20;
+/// The most threads `runtime_threads` may ask for.
+const MAX_RUNTIME_THREADS: usize = 256;
 
 /// Settings of the worker process (not of any one plugin).
 #[derive(Debug, Clone, Deserialize)]
@@ -32,6 +34,12 @@ pub struct Config {
     pub queue_capacity: usize,
     /// How long a graceful stop waits for in-flight tasks, in seconds.
     pub drain_timeout: f64,
+    /// Threads of the worker's own async runtime. Plugins are processes of their own, so this
+    /// is only the worker's bookkeeping (a few microseconds per task): one thread leaves every
+    /// other core to the plugins and spares the hand-offs between threads, which cost more
+    /// than the work they share (see the book's benchmarks page). More help only a worker
+    /// that parses very large messages, so that one does not hold up the others meanwhile.
+    pub runtime_threads: usize,
     /// `trace`, `debug`, `info`, `warn` or `error`, or a tracing filter directive. Unset, it
     /// is `info` for `serve` and `warn` for the one-shot commands.
     pub log_level: Option<String>,
@@ -200,6 +208,7 @@ impl Default for Config {
             max_line_bytes: plugin_protocol::DEFAULT_MAX_LINE_BYTES,
             queue_capacity: 1024,
             drain_timeout: 30.0,
+            runtime_threads: 1,
             log_level: None,
             log_format: LogFormat::Text,
             broker: None,
@@ -316,6 +325,12 @@ impl Config {
         }
         if self.queue_capacity == 0 {
             return Err("key `queue_capacity`: must be at least 1".into());
+        }
+        if !(1..=MAX_RUNTIME_THREADS).contains(&self.runtime_threads) {
+            return Err(format!(
+                "key `runtime_threads`: {} is not a number of threads from 1 to {MAX_RUNTIME_THREADS}",
+                self.runtime_threads
+            ));
         }
         seconds("drain_timeout", self.drain_timeout)?;
         seconds("result_retry_timeout", self.result_retry_timeout)?;
@@ -553,6 +568,18 @@ mod tests {
         let c: Config = toml::from_str("").unwrap();
         assert_eq!(c.queue_capacity, 1024);
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn runtime_threads_is_one_by_default_and_at_most_256() {
+        assert_eq!(Config::default().runtime_threads, 1);
+        let four: Config = toml::from_str("runtime_threads = 4").unwrap();
+        assert!(four.validate().is_ok());
+        for bad in ["runtime_threads = 0", "runtime_threads = 257"] {
+            let c: Config = toml::from_str(bad).unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(e.0.contains("key `runtime_threads`"), "{bad}: {e}");
+        }
     }
 
     #[test]

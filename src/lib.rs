@@ -22,6 +22,7 @@ pub mod offers;
 pub mod probe;
 pub mod reload;
 pub mod results;
+pub mod runtime;
 pub mod socket;
 pub mod source;
 pub mod supervisor;

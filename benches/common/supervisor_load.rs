@@ -6,6 +6,7 @@
 
 use plugin_protocol::{Frame, LineDecoder, Message};
 use serde_json::json;
+use std::future::Future;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -40,6 +41,36 @@ pub struct Stats {
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Where each side runs. The raw pipe as it always ran, its loop on the bench's main thread and
+/// its reader on tokio's default runtime (a thread per core): its best p50, and a baseline
+/// comparable across sessions. The supervisor on the worker's own runtime, built as `worker
+/// serve` builds it, the measurement a spawned task as the daemon's sources are.
+pub struct Runtimes {
+    raw: tokio::runtime::Runtime,
+    worker: tokio::runtime::Runtime,
+}
+
+impl Runtimes {
+    pub fn new() -> Runtimes {
+        let threads = worker::config::Config::default().runtime_threads;
+        Runtimes {
+            raw: tokio::runtime::Runtime::new().unwrap(),
+            worker: worker::runtime::build(threads).unwrap(),
+        }
+    }
+
+    /// Runs a raw-pipe measurement to its end.
+    pub fn raw<T>(&self, f: impl Future<Output = T>) -> T {
+        self.raw.block_on(f)
+    }
+
+    /// Runs a measurement through the worker to its end.
+    pub fn worker<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+        let spawned = async { tokio::spawn(f).await.expect("a measurement panicked") };
+        self.worker.block_on(spawned)
+    }
 }
 
 /// A plugin process past its handshake, driven over its pipes by the bench.
@@ -112,9 +143,9 @@ impl Pipe {
 }
 
 /// Drives the plugin process directly: handshake, then `task.run` requests over the pipe.
-pub async fn raw_pipe(m: &Manifest, task: &str, load: Load) -> Stats {
+pub async fn raw_pipe(m: Manifest, task: &'static str, load: Load) -> Stats {
     let n = load.tasks;
-    let mut pipe = Pipe::start(m).await;
+    let mut pipe = Pipe::start(&m).await;
     let request = |id: usize| {
         let r = json!({"jsonrpc":"2.0","id":id,"method":"task.run","params":{"task_id":format!("t{id}"),"task":task,"args":[],"kwargs":{},"attempt":1}});
         format!("{r}\n").into_bytes()
@@ -165,14 +196,14 @@ fn options() -> PoolOptions {
 }
 
 /// The same work submitted through the dispatcher and supervisor.
-pub async fn via_supervisor(m: &Manifest, task: &str, load: Load) -> Stats {
-    beside(m, &[], task, load).await
+pub async fn via_supervisor(m: Manifest, task: &'static str, load: Load) -> Stats {
+    beside(m, Vec::new(), task, load).await
 }
 
 /// The same, with other plugins running beside it (event subscribers).
-pub async fn beside(m: &Manifest, others: &[Manifest], task: &str, load: Load) -> Stats {
+pub async fn beside(m: Manifest, others: Vec<Manifest>, task: &'static str, load: Load) -> Stats {
     let n = load.tasks;
-    let plugins = std::iter::once(m).chain(others).cloned().collect();
+    let plugins = std::iter::once(m).chain(others).collect();
     let supervisor = Arc::new(Supervisor::start(plugins, options()));
     let dispatcher = Arc::new(Dispatcher::new(supervisor.clone()));
     assert!(supervisor
@@ -183,11 +214,11 @@ pub async fn beside(m: &Manifest, others: &[Manifest], task: &str, load: Load) -
     let start = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..WINDOW {
-        let (d, next, task) = (dispatcher.clone(), next.clone(), task.to_string());
+        let (d, next) = (dispatcher.clone(), next.clone());
         workers.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < n {
                 let outcome = d
-                    .submit(TaskRequest::new(&task, vec![], Default::default()))
+                    .submit(TaskRequest::new(task, vec![], Default::default()))
                     .outcome(|_| {})
                     .await;
                 assert!(outcome.is_success(), "{outcome:?}");
@@ -218,7 +249,7 @@ pub async fn beside(m: &Manifest, others: &[Manifest], task: &str, load: Load) -
 }
 
 /// SIGKILL the instance, time until the pool reports it ready again.
-pub async fn restart_latency(m: &Manifest) -> (Duration, Duration) {
+pub async fn restart_latency(m: Manifest) -> (Duration, Duration) {
     let supervisor = Supervisor::start(vec![m.clone()], options());
     assert!(supervisor
         .wait_ready(Duration::from_secs(20))

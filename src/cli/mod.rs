@@ -213,6 +213,9 @@ pub struct CommonArgs {
     /// Seconds a graceful stop waits for in-flight tasks (`drain_timeout`)
     #[arg(long, env = "WORKER_DRAIN_TIMEOUT", global = true)]
     pub drain_timeout: Option<f64>,
+    /// Threads of the worker's async runtime (`runtime_threads`)
+    #[arg(long, env = "WORKER_RUNTIME_THREADS", global = true)]
+    pub runtime_threads: Option<usize>,
     /// Log level or tracing filter (`log_level`)
     #[arg(long, env = "WORKER_LOG", global = true)]
     pub log_level: Option<String>,
@@ -373,6 +376,9 @@ impl CommonArgs {
         if let Some(v) = self.drain_timeout {
             c.drain_timeout = v;
         }
+        if let Some(v) = self.runtime_threads {
+            c.runtime_threads = v;
+        }
         if let Some(v) = &self.log_level {
             c.log_level = Some(v.clone());
         }
@@ -449,10 +455,7 @@ pub fn main() -> ExitCode {
         "warn"
     };
     init_logging(&config, default_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::runtime::build(config.runtime_threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -1,0 +1,13 @@
+//! The worker's async runtime, built the one way `serve`, the one-shot commands and the
+//! benches share, so that what the benches measure is what the daemon runs.
+
+/// A runtime of `threads` worker threads (`runtime_threads`; 1 by default) with I/O and
+/// timers. The worker's own work per task is a few microseconds of bookkeeping between
+/// processes; on one thread it is never handed from thread to thread, which costs more than it
+/// shares, and every other core is left to the plugins.
+pub fn build(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()
+}
