@@ -99,6 +99,9 @@ _DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 # One encoder for every line: NaN and Infinity are not JSON, so allow_nan=False fails the task
 # instead of the line.
 _dumps = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
+# One decoder for every line read, given text: json.loads would check the type and sniff the
+# encoding of every line first (the protocol is UTF-8; a bad byte is a ValueError like any).
+_loads = json.JSONDecoder().decode
 
 
 def current_context():
@@ -694,6 +697,8 @@ class Plugin:
         self._out_lock = threading.Lock()
         self._pending = []
         self._writing = False
+        self._reader = None  # the thread that reads stdin, once run() starts
+        self._held = None  # while it handles one read's lines: what it wrote meanwhile
         self._running = {}
         self._running_lock = threading.Condition()
         self._shutting_down = False
@@ -772,27 +777,35 @@ class Plugin:
         self._write((_dumps(message) + "\n").encode("utf-8"))
 
     def _write(self, data):
-        # Whoever finds no write under way writes everything queued meanwhile: replies that
-        # end together leave in one write, and no thread waits for another's flush.
+        # Whoever finds no write under way writes its own data, then everything queued
+        # meanwhile: replies that end together leave in one write, and no thread waits for
+        # another's flush. The reader thread may be holding its own back (see run).
+        held = self._held
+        if held is not None and threading.get_ident() == self._reader:
+            held.append(data)
+            return
         with self._out_lock:
-            self._pending.append(data)
             if self._writing:
+                self._pending.append(data)
                 return
             self._writing = True
         while True:
-            with self._out_lock:
-                if not self._pending:
-                    self._writing = False
-                    return
-                batch = memoryview(b"".join(self._pending))
-                self._pending.clear()
             try:
-                while batch:  # an unbuffered write may take part of it (a signal, say)
-                    batch = batch[self._out.write(batch):]
+                written = self._out.write(data)
+                if written != len(data):  # an unbuffered write may take part (a signal, say)
+                    rest = memoryview(data)[written:]
+                    while rest:
+                        rest = rest[self._out.write(rest):]
             except BaseException:
                 with self._out_lock:
                     self._writing = False
                 raise
+            with self._out_lock:
+                if not self._pending:
+                    self._writing = False
+                    return
+                data = b"".join(self._pending)
+                self._pending.clear()
 
     def _notify(self, method, params):
         self._send({"method": method, "params": params})
@@ -1005,6 +1018,8 @@ class Plugin:
 
     def _shutdown(self, id_):
         self._shutting_down = True
+        # Answers held back by the reader go out first: the shutdown answer says they all did.
+        self._release_held()
 
         def wait_then_reply():
             # Offers first: their answers submit callbacks, which the pool then runs.
@@ -1022,6 +1037,23 @@ class Plugin:
         if ctx is not None:
             ctx._cancel()
 
+    def _handle_line(self, line):
+        if line[:1] != b"{" and not line.strip():
+            return
+        try:
+            msg = _loads(line.decode("utf-8"))
+            if not isinstance(msg, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            return self._error(None, PARSE_ERROR, "cannot parse request: %s" % exc)
+        self._dispatch(msg)
+
+    def _release_held(self):
+        """Writes what the reader thread held back (see run), and holds nothing more."""
+        held, self._held = self._held, None
+        if held:
+            self._write(b"".join(held))
+
     def _dispatch(self, msg):
         method = msg.get("method")
         id_ = msg.get("id")
@@ -1033,10 +1065,10 @@ class Plugin:
             return
         if id_ is None:
             return self._notified(method, params)
-        if method == "initialize":
-            self._initialize(id_, params)
-        elif method == "task.run":
+        if method == "task.run":
             self._run_task(id_, params)
+        elif method == "initialize":
+            self._initialize(id_, params)
         elif method == "ping":
             self._reply(id_, {})
         elif method == "shutdown":
@@ -1062,7 +1094,7 @@ class Plugin:
             if self._offers is not None:
                 self._offers.start()
         elif method == "exit":
-            self._out.flush()
+            self._release_held()
             os._exit(0)
 
     def run(self):
@@ -1080,22 +1112,38 @@ class Plugin:
         else:
             sys.stdout = real
         self._out = os.fdopen(proto_fd, "wb", buffering=0)
-        stdin = sys.stdin.buffer
-        while True:
-            line = stdin.readline()
-            if not line:
-                break
-            if not line.strip():
-                continue
-            try:
-                msg = json.loads(line)
-                if not isinstance(msg, dict):
-                    raise ValueError("not an object")
-            except ValueError as exc:
-                self._error(None, PARSE_ERROR, "cannot parse request: %s" % exc)
-                continue
-            self._dispatch(msg)
+        self._reader = threading.get_ident()
+        for lines in _lines_read(sys.stdin.fileno()):
+            # What this thread writes while it handles what one read brought (replies of inline
+            # tasks, pings) leaves in one write once it is done: one syscall, not one per reply.
+            self._held = []
+            for line in lines:
+                self._handle_line(line)
+            self._release_held()
+        self._release_held()
         os._exit(0)
+
+
+def _lines_read(fd):
+    """The complete lines each read of `fd` brings, one list per read (without their newlines;
+    a line cut by a read's end is finished by the next), until the end of the input."""
+    partial = []
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            if partial:
+                yield [b"".join(partial)]
+            return
+        if b"\n" not in chunk:
+            partial.append(chunk)
+            continue
+        lines = chunk.split(b"\n")
+        if partial:
+            partial.append(lines[0])
+            lines[0] = b"".join(partial)
+        last = lines.pop()
+        partial = [last] if last else []
+        yield lines
 
 
 # -- jsonpickle tasks (Girder Worker's `girder_io` serializer) ---------------------------------

@@ -212,6 +212,35 @@ class PluginTest(unittest.TestCase):
         self.p.send(method="exit")
         self.assertEqual(self.p.child.wait(timeout=10), 0)
 
+    def test_answers_to_lines_read_together_leave_together_and_before_a_shutdowns(self):
+        # Everything in one write, so one read of the plugin's takes it all: inline tasks,
+        # a ping, a line that does not parse, then the shutdown, an inline task it refuses,
+        # and a last inline answer that must still go out before the plugin exits.
+        lines = [{"id": i, "method": "task.run", "params": {
+            "task_id": "task-%d" % i, "task": "t.where", "args": [], "kwargs": {},
+            "attempt": 1}} for i in range(1, 101)]
+        lines.append({"id": 101, "method": "ping"})
+        lines.append({"id": 102, "method": "shutdown"})
+        lines.append({"id": 103, "method": "task.run", "params": {
+            "task_id": "task-103", "task": "t.where", "args": [], "kwargs": {}, "attempt": 1}})
+        text = "".join(json.dumps(dict(m, jsonrpc="2.0")) + "\n" for m in lines[:101])
+        text += "not json\n"
+        text += "".join(json.dumps(dict(m, jsonrpc="2.0")) + "\n" for m in lines[101:])
+        self.p.child.stdin.write(text.encode())
+        self.p.child.stdin.flush()
+        answers = [self.p.response(i) for i in range(1, 104)]
+        self.assertEqual([a["result"] for a in answers[:100]], ["MainThread"] * 100)
+        self.assertEqual(answers[100]["result"], {})
+        self.assertEqual(answers[102]["error"]["code"], -32002)
+        order = [self.p.messages.index(a) for a in answers]
+        self.assertEqual(order[:102], sorted(order[:102]), "answered in the order asked")
+        parse_error = self.p.until(lambda m: m.get("error", {}).get("code") == -32700)
+        self.assertLess(order[100], self.p.messages.index(parse_error))
+        self.assertLess(self.p.messages.index(parse_error), order[101])
+        self.p.send(method="exit")
+        self.assertEqual(self.p.child.wait(timeout=10), 0)
+
+
     def test_ctx_queue_and_request_carry_where_the_task_came_from(self):
         self.p.run(1, "t.context",
                    delivery_info={"queue": "london.highpriority#custom", "exchange": "",
@@ -535,6 +564,26 @@ class JsonpickleTest(unittest.TestCase):
         self.assertFalse(err["data"]["retryable"])
         self.p.run(2, "t.add", [2, 3])
         self.assertEqual(self.p.response(2)["result"], 5)
+
+
+class LinesReadTest(unittest.TestCase):
+    """How the SDK cuts what it reads from stdin into lines (worker_plugin._lines_read)."""
+
+    def test_each_read_gives_its_complete_lines_and_a_cut_line_is_finished_by_the_next(self):
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+        import worker_plugin
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        lines = worker_plugin._lines_read(r)
+        os.write(w, b'{"a":1}\n{"b"')
+        self.assertEqual(next(lines), [b'{"a":1}'])
+        os.write(w, b':2}\n\n{"c":')
+        self.assertEqual(next(lines), [b'{"b":2}', b""])
+        os.write(w, b"3")
+        os.write(w, b"}")
+        os.close(w)  # the end of the input finishes a line without its newline
+        self.assertEqual(next(lines), [b'{"c":3}'])
+        self.assertEqual(list(lines), [])
 
 
 if __name__ == "__main__":
