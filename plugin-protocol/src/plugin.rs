@@ -142,15 +142,19 @@ struct Job {
     cancelled: Arc<AtomicBool>,
 }
 
-/// Tasks in flight, by task id, with a condvar signalled whenever one finishes.
+/// Tasks in flight, by task id, with a condvar signalled when one finishes while a shutdown
+/// waits for them all (a signal is a syscall: no task pays it otherwise).
 #[derive(Default)]
 struct InFlight {
     tasks: Mutex<HashMap<String, Arc<AtomicBool>>>,
     finished: Condvar,
+    /// Set (before the lock is taken) once a shutdown waits in `wait_empty`.
+    waited_for: AtomicBool,
 }
 
 impl InFlight {
     fn wait_empty(&self) {
+        self.waited_for.store(true, Ordering::SeqCst);
         let mut tasks = self.tasks.lock().expect("in-flight lock poisoned");
         while !tasks.is_empty() {
             tasks = self.finished.wait(tasks).expect("in-flight lock poisoned");
@@ -164,7 +168,7 @@ struct Session {
     out: mpsc::Sender<Vec<u8>>,
     in_flight: Arc<InFlight>,
     shutting_down: Arc<AtomicBool>,
-    jobs: Option<mpsc::Sender<Job>>,
+    jobs: Option<crossbeam_channel::Sender<Job>>,
     /// The queue and result backends' side, once `initialize` started it.
     backends: Option<BackendSession>,
 }
@@ -461,7 +465,7 @@ impl Plugin {
     fn accept_task(
         &self,
         req: Request,
-        jobs: Option<&mpsc::Sender<Job>>,
+        jobs: Option<&crossbeam_channel::Sender<Job>>,
         in_flight: &InFlight,
         shutting_down: &AtomicBool,
     ) -> Option<Response> {
@@ -496,7 +500,7 @@ impl Plugin {
             handler,
             cancelled,
         };
-        if let Err(mpsc::SendError(job)) = jobs.send(job) {
+        if let Err(crossbeam_channel::SendError(job)) = jobs.send(job) {
             let err = ErrorObject::new(code::INTERNAL_ERROR, "task pool stopped");
             return Some(Response::err(Some(job.id), err));
         }
@@ -509,16 +513,16 @@ fn start_pool(
     out: Outbox,
     in_flight: Arc<InFlight>,
     settings: Arc<Map<String, Value>>,
-) -> mpsc::Sender<Job> {
-    let (tx, rx) = mpsc::channel::<Job>();
-    let rx = Arc::new(Mutex::new(rx));
+) -> crossbeam_channel::Sender<Job> {
+    // Each task thread holds a receiver of its own: an idle one is woken only for a job.
+    let (tx, rx) = crossbeam_channel::unbounded::<Job>();
     for _ in 0..threads {
         let rx = rx.clone();
         let out = out.clone();
         let in_flight = in_flight.clone();
         let settings = settings.clone();
         thread::spawn(move || loop {
-            let job = match rx.lock().expect("job queue lock poisoned").recv() {
+            let job = match rx.recv() {
                 Ok(job) => job,
                 Err(_) => return,
             };
@@ -547,7 +551,9 @@ fn start_pool(
             let _ = out.send(Message::Response(reply).to_line());
             let mut tasks = in_flight.tasks.lock().expect("in-flight lock poisoned");
             tasks.remove(&job.params.task_id);
-            in_flight.finished.notify_all();
+            if in_flight.waited_for.load(Ordering::SeqCst) {
+                in_flight.finished.notify_all();
+            }
         });
     }
     tx
