@@ -8,8 +8,8 @@
 //!   p99 latency while another plugin is replaced by a reload, against the same without it.
 //! - One plugin, one instance, concurrency 1: N tasks submitted at once, the RSS growth per
 //!   queued task and the drain rate, which should stay flat as N grows. N = 1k and 100k in
-//!   interleaved rounds (`benches/common/rounds.rs`; the order flipped every round), for the
-//!   goal: drain rate with 100k queued / with 1k >= 0.8x, taken round by round and met only
+//!   interleaved rounds (`benches/common/rounds.rs`; the order flipped every round; 1k drained
+//!   ten times a round, its rate over the ten), for the goal: drain rate with 100k queued / with 1k >= 0.8x, taken round by round and met only
 //!   when the whole spread (lowest-highest) clears it; then N = 10k once. Before each drain
 //!   the allocator hands its free memory back (`malloc_trim`), so a run's RSS growth is its
 //!   own, not a larger run's leftovers reused.
@@ -21,7 +21,8 @@
 //!   (pruning), lookup cost (hit and miss). Each in a fresh process, so RSS is its own.
 //!
 //! Knobs (environment): `BENCH_ROUNDS`, the queued-drain rounds (default 5; fewer only when set
-//! so, and then the goal is not met).
+//! so, and then the goal is not met); `BENCH_DRAIN_ONLY=<n>x<times>` (e.g. `100000x1`): only
+//! that drain, to profile it (`perf stat`, `perf record`).
 
 #[path = "common/daemon.rs"]
 mod daemon;
@@ -182,14 +183,18 @@ struct Queue {
     pid: u32,
 }
 
-/// One drain: how many tasks, how fast they drained, how much this process grew while they
-/// waited.
+/// One drain (or several of the same size, taken together): how many tasks were queued at
+/// once, how fast they drained, how much this process grew while they waited.
 #[derive(Debug, Clone, Copy)]
 struct Drain {
     n: usize,
     per_sec: f64,
     rss_kib: u64,
 }
+
+/// How often the small queue is drained per round: one drain of 1,000 lasts about 50 ms, short
+/// enough to land in a lull or a burst of the machine's; ten of them average it out.
+const SMALL_DRAINS: usize = 10;
 
 impl Drain {
     fn kib_per_task(&self) -> f64 {
@@ -210,6 +215,23 @@ impl Drain {
 impl Queue {
     fn signal(&self, s: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), s).unwrap();
+    }
+
+    /// `times` drains of `n` queued tasks: their tasks over their summed drain times, and the
+    /// largest growth.
+    async fn drains(&self, n: usize, times: usize) -> Drain {
+        let (mut tasks, mut secs, mut rss_kib) = (0, 0.0, 0);
+        for _ in 0..times {
+            let d = self.drain(n).await;
+            tasks += d.n;
+            secs += d.n as f64 / d.per_sec;
+            rss_kib = rss_kib.max(d.rss_kib);
+        }
+        Drain {
+            n,
+            per_sec: tasks as f64 / secs,
+            rss_kib,
+        }
     }
 
     async fn drain(&self, n: usize) -> Drain {
@@ -269,13 +291,25 @@ async fn queued(root: &Path) {
         pid: pool.status().await.unwrap().instances[0].pid.unwrap(),
         pool,
     };
+    // BENCH_DRAIN_ONLY=<n>x<times>: only that drain (e.g. 100000x1), to profile it.
+    if let Some((n, times)) = std::env::var("BENCH_DRAIN_ONLY").ok().and_then(|spec| {
+        Some((
+            spec.split_once('x')?.0.parse().ok()?,
+            spec.split_once('x')?.1.parse().ok()?,
+        ))
+    }) {
+        queue.drains(n, times).await.print("only");
+        supervisor.stop(None).await;
+        return;
+    }
     let rounds = rounds::from_env();
-    println!("one instance, concurrency 1, N tasks submitted at once in-process, queued while the plugin is stopped; {rounds} interleaved rounds of N = {SMALL} and {LARGE} (the order flipped every round):");
+    println!("one instance, concurrency 1, N tasks submitted at once in-process, queued while the plugin is stopped; {rounds} interleaved rounds of N = {SMALL} (drained {SMALL_DRAINS} times, the rate over them all) and {LARGE} (the order flipped every round):");
     let mut drains: Vec<(Drain, Drain)> = Vec::with_capacity(rounds);
     for round in 1..=rounds {
         let (mut small, mut large) = (None, None);
         for n in rounds::in_order(round, &[SMALL, LARGE]) {
-            let d = queue.drain(n).await;
+            let times = if n == SMALL { SMALL_DRAINS } else { 1 };
+            let d = queue.drains(n, times).await;
             d.print(&format!("round {round}"));
             *if n == SMALL { &mut small } else { &mut large } = Some(d);
         }
@@ -389,11 +423,16 @@ fn main() {
     let dir = root.path().to_path_buf();
     rt.block_on(async {
         let work = async move {
-            many_plugins(&dir).await;
+            if std::env::var_os("BENCH_DRAIN_ONLY").is_none() {
+                many_plugins(&dir).await;
+            }
             queued(&dir).await;
         };
         tokio::spawn(work).await.unwrap();
     });
+    if std::env::var_os("BENCH_DRAIN_ONLY").is_some() {
+        return;
+    }
     serve::idle(root.path());
     serve::queued_on_socket(root.path());
     id_memories();

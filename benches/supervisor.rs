@@ -18,7 +18,9 @@
 //! - `BENCH_N_PY`: the same with a Python child (default 30,000).
 //! - `BENCH_N_LATENCY`: one-at-a-time tasks per run, for p50 and p99 (default 5,000).
 //! - `BENCH_PROFILE_SUPERVISOR=N`: only the minimal Rust child through the supervisor, N tasks;
-//!   `BENCH_PROFILE_RAW=N`: only its raw-pipe baseline.
+//!   `BENCH_PROFILE_RAW=N`: only its raw-pipe baseline; `BENCH_PROFILE_ALONE=N` and
+//!   `BENCH_PROFILE_EVENTS=N`: only the Rust SDK plugin through the supervisor, alone or beside
+//!   the event-log subscriber.
 //!
 //! The single-run bench this replaced pushed 50,000 and 10,000 tasks per run: a tenth of a
 //! second for a Python child, too short for a per-round ratio on a shared machine. At the
@@ -428,12 +430,13 @@ fn main() {
     let minimal_root = tempfile::tempdir().unwrap();
     let plugins = Plugins::create(root.path(), minimal_root.path());
     let sizes = Sizes::from_env();
-    // BENCH_PROFILE_SUPERVISOR=N (or BENCH_PROFILE_RAW=N for its baseline): only the minimal
-    // Rust child through the supervisor (or over the raw pipe), N tasks (long enough to attach
-    // `perf record -p` to this process, or to count its instructions under callgrind).
-    for (knob, raw) in [
-        ("BENCH_PROFILE_SUPERVISOR", false),
-        ("BENCH_PROFILE_RAW", true),
+    // BENCH_PROFILE_*=N: one measurement alone, N tasks (long enough to attach `perf record -p`
+    // to this process, or to count its instructions under callgrind).
+    for (knob, m) in [
+        ("BENCH_PROFILE_SUPERVISOR", Measure::SupMin),
+        ("BENCH_PROFILE_RAW", Measure::RawMin),
+        ("BENCH_PROFILE_ALONE", Measure::Alone),
+        ("BENCH_PROFILE_EVENTS", Measure::WithLog),
     ] {
         let Some(n) = std::env::var(knob).ok().and_then(|n| n.parse().ok()) else {
             continue;
@@ -442,19 +445,20 @@ fn main() {
             tasks: n,
             ..sizes.rust
         };
-        let m = plugins.min_rust.clone();
-        let (how, s) = if raw {
-            ("over the raw pipe", rt.raw(raw_pipe(m, "min.noop", load)))
-        } else {
-            (
-                "via supervisor",
-                rt.worker(via_supervisor(m, "min.noop", load)),
-            )
-        };
-        println!(
-            "minimal rust child {how}: {:.0}/s, p50 {:.1?}",
-            s.per_sec, s.p50
+        let s = m.run(
+            &plugins,
+            Sizes {
+                rust: load,
+                python: load,
+            },
+            &rt,
         );
+        println!("{}: {:.0}/s, p50 {:.1?}", m.label(), s.per_sec, s.p50);
+        if m == Measure::WithLog {
+            let logged = std::fs::read(&plugins.event_log_file).unwrap_or_default();
+            let lines = logged.iter().filter(|&&b| b == b'\n').count();
+            println!("events the subscriber logged: {lines}");
+        }
         return;
     }
     let rounds = rounds::from_env();
