@@ -122,27 +122,60 @@ pub struct LaunchSpec {
     pub offers: crate::supervisor::offer::OfferInbox,
 }
 
+/// Where instances report to their pool: bounded by what a pool can have outstanding (see
+/// [`reports_capacity`]).
+pub type Reports = mpsc::Sender<InstanceEvent>;
+
+/// Room for reports from every slot a pool can have (`MAX_INSTANCES`, twice over for retired
+/// slots still stopping), each with two generations at once (one ending, one starting) of
+/// `concurrency` finished tasks plus a ready and an exit. A pool places no more tasks on an
+/// instance than it has heard the end of, so a pool's reports never outgrow this; the channel
+/// allocates only what is used.
+pub fn reports_capacity(concurrency: usize) -> usize {
+    2 * crate::supervisor::pool::MAX_INSTANCES * 2 * (concurrency + 2)
+}
+
+/// Room for subscribers' events in an instance's command queue, beyond what its tasks may need.
+const EVENT_ROOM: usize = 64;
+
+/// What an instance's commands can be at most without events: each task placed on it (at
+/// most `concurrency`), a cancel and an escalation of each (the pool forwards no more), and
+/// stops.
+fn task_commands(concurrency: usize) -> usize {
+    3 * concurrency + 4
+}
+
 /// The pool's side of an instance.
 #[derive(Debug, Clone)]
 pub struct InstanceHandle {
-    tx: mpsc::UnboundedSender<Command>,
+    tx: mpsc::Sender<Command>,
+    /// Room kept for task commands: an event is sent only while more than this is free.
+    reserved: usize,
 }
 
 impl InstanceHandle {
-    /// Sends a command; gives it back if the instance has already ended.
+    /// Sends a command; gives it back if the instance has already ended (or, for an event, if
+    /// its queue holds no room beyond what tasks may need).
     pub fn send(&self, cmd: Command) -> Result<(), Command> {
-        self.tx.send(cmd).map_err(|e| e.0)
+        if matches!(cmd, Command::Event { .. }) && self.tx.capacity() <= self.reserved {
+            return Err(cmd);
+        }
+        self.tx.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(cmd) => {
+                tracing::error!("an instance's command queue is full, which the pool's limits rule out; the command is refused");
+                cmd
+            }
+            mpsc::error::TrySendError::Closed(cmd) => cmd,
+        })
     }
 }
 
 /// Starts the instance's actor. The pool hears `Ready` or `Exited` on `events`.
-pub fn start(
-    spec: LaunchSpec,
-    events: mpsc::UnboundedSender<InstanceEvent>,
-) -> (InstanceHandle, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::unbounded_channel();
+pub fn start(spec: LaunchSpec, events: Reports) -> (InstanceHandle, tokio::task::JoinHandle<()>) {
+    let reserved = task_commands(spec.manifest.concurrency as usize);
+    let (tx, rx) = mpsc::channel(reserved + EVENT_ROOM);
     let handle = tokio::spawn(run(spec, rx, events));
-    (InstanceHandle { tx }, handle)
+    (InstanceHandle { tx, reserved }, handle)
 }
 
 /// Everything the actor waits on, as one value.
@@ -202,7 +235,7 @@ struct Instance {
     late: mpsc::Sender<Vec<u8>>,
     /// The stdin queue was full: the plugin stopped reading its stdin.
     stdin_full: bool,
-    events: mpsc::UnboundedSender<InstanceEvent>,
+    events: Reports,
     next_id: u64,
     running: crate::idmap::NumMap<tasks::Running>,
     by_task: crate::idmap::IdMap<u64>,
@@ -223,11 +256,7 @@ struct Instance {
     offers_out: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-async fn run(
-    spec: LaunchSpec,
-    mut commands: mpsc::UnboundedReceiver<Command>,
-    events: mpsc::UnboundedSender<InstanceEvent>,
-) {
+async fn run(spec: LaunchSpec, mut commands: mpsc::Receiver<Command>, events: Reports) {
     let started = Instant::now();
     let (mut child, mut io) = match Io::start(&spec) {
         Ok(started) => started,
@@ -239,11 +268,14 @@ async fn run(
                 ran_for: Duration::ZERO,
             };
             let (slot, generation) = (spec.slot, spec.generation);
-            let _ = events.send(InstanceEvent {
-                slot,
-                generation,
-                kind,
-            });
+            report_to(
+                &events,
+                InstanceEvent {
+                    slot,
+                    generation,
+                    kind,
+                },
+            );
             return;
         }
     };
@@ -270,9 +302,20 @@ async fn run(
     });
 }
 
+/// Tells the pool; never waits (a pool gone is a pool that no longer listens).
+fn report_to(reports: &Reports, event: InstanceEvent) {
+    if let Err(mpsc::error::TrySendError::Full(event)) = reports.try_send(event) {
+        tracing::error!(
+            slot = event.slot,
+            "a pool's report queue is full, which its limits rule out; a report is lost: {:?}",
+            event.kind
+        );
+    }
+}
+
 /// Tasks the pool sent after the instance decided to end never reached the process: they go
 /// back as `Rejected`, which the dispatcher reruns without counting an attempt.
-fn refuse_waiting(commands: &mut mpsc::UnboundedReceiver<Command>, reason: &str) {
+fn refuse_waiting(commands: &mut mpsc::Receiver<Command>, reason: &str) {
     commands.close();
     while let Ok(cmd) = commands.try_recv() {
         if let Command::Run(job) = cmd {
@@ -289,7 +332,7 @@ impl Instance {
         spec: LaunchSpec,
         pid: u32,
         late: mpsc::Sender<Vec<u8>>,
-        events: mpsc::UnboundedSender<InstanceEvent>,
+        events: Reports,
         task_log: process::TaskLog,
         started: Instant,
     ) -> Instance {
@@ -324,11 +367,12 @@ impl Instance {
     }
 
     fn report(&self, kind: EventKind) {
-        let _ = self.events.send(InstanceEvent {
+        let event = InstanceEvent {
             slot: self.spec.slot,
             generation: self.spec.generation,
             kind,
-        });
+        };
+        report_to(&self.events, event);
     }
 
     fn send_line(&mut self, line: Vec<u8>) {
@@ -391,7 +435,7 @@ impl Instance {
         &mut self,
         child: &mut Child,
         io: &mut Io,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
+        commands: &mut mpsc::Receiver<Command>,
     ) -> Step {
         let Io {
             stdout,

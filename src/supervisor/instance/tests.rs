@@ -24,7 +24,7 @@ fn manifest(concurrency: u32) -> Manifest {
 /// An instance under test and the other ends of its channels.
 struct Harness {
     inst: Instance,
-    reports: mpsc::UnboundedReceiver<InstanceEvent>,
+    reports: mpsc::Receiver<InstanceEvent>,
     stdout: FramedReader<&'static [u8]>,
 }
 
@@ -67,7 +67,7 @@ impl Harness {
             offers: Default::default(),
         };
         let (late, _) = mpsc::channel(1);
-        let (events, reports) = mpsc::unbounded_channel();
+        let (events, reports) = mpsc::channel(super::reports_capacity(4));
         let stdout = FramedReader::new(&b""[..], 1024);
         let task_log = process::TaskLog::default();
         let mut inst = Instance::new(spec, 42, late, events, task_log, Instant::now());

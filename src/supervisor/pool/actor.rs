@@ -52,9 +52,8 @@ pub fn start(manifest: Arc<Manifest>, options: PoolOptions, tracker: &TaskTracke
         last_exit: None,
     };
     let (view_tx, view_rx) = watch::channel(view);
-    // Bounded in practice: an instance reports at most once per task placed on it (at most
-    // `concurrency`), plus its ready and its exit.
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (events_tx, events_rx) =
+        mpsc::channel(instance::reports_capacity(manifest.concurrency as usize));
     let subscription = (!manifest.events.is_empty()).then(|| {
         options
             .events
@@ -98,7 +97,7 @@ pub(super) struct Pool {
     pub(super) core: PoolCore<Job>,
     /// Beside `core.slots()`, index for index (grown as the core grows).
     pub(super) io: Vec<SlotIo>,
-    events_tx: mpsc::UnboundedSender<InstanceEvent>,
+    events_tx: instance::Reports,
     pub(super) view: watch::Sender<PoolView>,
     stop_waiters: Vec<oneshot::Sender<()>>,
     pub(super) started: Instant,
@@ -122,7 +121,7 @@ impl Pool {
     async fn run(
         mut self,
         mut commands: mpsc::Receiver<PoolCommand>,
-        mut events: mpsc::UnboundedReceiver<InstanceEvent>,
+        mut events: mpsc::Receiver<InstanceEvent>,
         mut subscription: Option<Subscription>,
     ) {
         let mut events_retry_at: Option<Instant> = None;
@@ -369,7 +368,7 @@ impl Pool {
                 let step = self.core.cancel(&task_id, &cancel, mode, &mut effects);
                 self.carry_out(effects);
                 let answered = match step {
-                    CancelStep::Dropped => true,
+                    CancelStep::Dropped | CancelStep::Asked => true,
                     CancelStep::NotHere => false,
                     CancelStep::Running { slot, escalate } => {
                         let cmd = Command::Cancel {

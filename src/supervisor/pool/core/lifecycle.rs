@@ -65,7 +65,7 @@ impl<J: Queued> PoolCore<J> {
         out: &mut Vec<Effect<J>>,
     ) {
         out.push(Effect::Reap { slot: i });
-        self.placements.retain(|_, s| *s != i);
+        self.placements.retain(|_, p| p.slot != i);
         let stopping = matches!(self.state, PluginState::Stopping | PluginState::Stopped);
         let failed = matches!(self.state, PluginState::Failed(_));
         let slot = &mut self.slots[i];

@@ -165,6 +165,8 @@ pub(in crate::supervisor) enum CancelStep {
     Dropped,
     /// It runs on this slot: the instance is to be asked (`escalate`: kill after its grace).
     Running { slot: usize, escalate: bool },
+    /// It runs, and its instance was already asked as hard: nothing more is sent.
+    Asked,
     /// This pool does not hold it (or only queued ones were to be cancelled).
     NotHere,
 }
@@ -222,13 +224,21 @@ impl Slot {
     }
 }
 
+/// A task placed on an instance.
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    slot: usize,
+    /// Whether its instance was asked to cancel it, and whether to escalate.
+    asked: Option<bool>,
+}
+
 /// The pool's state; see the module doc.
 pub(in crate::supervisor) struct PoolCore<J> {
     rules: Rules,
     slots: Vec<Slot>,
     queue: VecDeque<J>,
-    /// Which slot each placed task runs on.
-    placements: crate::idmap::IdMap<usize>,
+    /// Where each placed task runs, and how hard its instance was already asked to cancel it.
+    placements: crate::idmap::IdMap<Placed>,
     state: PluginState,
     window: RestartWindow,
     /// While `failed`: when it is tried again on its own (`restart.failed_retry`).
@@ -289,7 +299,7 @@ impl<J: Queued> PoolCore<J> {
 
     /// Where each placed task runs: (task id, slot).
     pub fn placements(&self) -> impl Iterator<Item = (&String, usize)> {
-        self.placements.iter().map(|(id, &slot)| (id, slot))
+        self.placements.iter().map(|(id, p)| (id, p.slot))
     }
 
     /// The slot that gets events for a subscribing plugin: the first ready one.
@@ -407,11 +417,20 @@ impl<J: Queued> PoolCore<J> {
             out.push(Effect::Finish { job, failure });
             return CancelStep::Dropped;
         }
-        match self.placements.get(task_id) {
-            Some(&slot) if mode != CancelMode::QueuedOnly => CancelStep::Running {
-                slot,
-                escalate: mode == CancelMode::Escalate,
-            },
+        match self.placements.get_mut(task_id) {
+            Some(placed) if mode != CancelMode::QueuedOnly => {
+                let escalate = mode == CancelMode::Escalate;
+                // Each running task's instance is asked at most twice (to cancel, then to
+                // escalate): a storm of revokes of one id sends it nothing more.
+                if placed.asked.is_some_and(|escalated| escalated || !escalate) {
+                    return CancelStep::Asked;
+                }
+                placed.asked = Some(escalate);
+                CancelStep::Running {
+                    slot: placed.slot,
+                    escalate,
+                }
+            }
             _ => CancelStep::NotHere,
         }
     }
@@ -429,7 +448,11 @@ impl<J: Queued> PoolCore<J> {
             let slot = &mut self.slots[i];
             slot.in_flight += 1;
             slot.idle_since = None;
-            self.placements.insert(job.task_id().to_string(), i);
+            let placed = Placed {
+                slot: i,
+                asked: None,
+            };
+            self.placements.insert(job.task_id().to_string(), placed);
             out.push(Effect::Place { slot: i, job });
         }
     }

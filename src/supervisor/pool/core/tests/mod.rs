@@ -98,7 +98,7 @@ fn the_door_refuses_when_full_failed_or_stopping() {
 }
 
 #[test]
-fn a_cancel_drops_a_queued_task_and_forwards_a_running_one() {
+fn a_cancel_drops_a_queued_task_and_forwards_a_running_one_once_per_strength() {
     let mut p = Pool::new(1, 1, rules(1, 10));
     p.run("running");
     p.run("queued");
@@ -124,6 +124,13 @@ fn a_cancel_drops_a_queued_task_and_forwards_a_running_one() {
             },
             vec![],
         ),
+        // Asked again as hard or softer: nothing more goes to the instance.
+        (
+            "running",
+            CancelMode::Cooperative,
+            CancelStep::Asked,
+            vec![],
+        ),
         (
             "running",
             CancelMode::Escalate,
@@ -131,6 +138,13 @@ fn a_cancel_drops_a_queued_task_and_forwards_a_running_one() {
                 slot: 0,
                 escalate: true,
             },
+            vec![],
+        ),
+        ("running", CancelMode::Escalate, CancelStep::Asked, vec![]),
+        (
+            "running",
+            CancelMode::Cooperative,
+            CancelStep::Asked,
             vec![],
         ),
         ("unknown", CancelMode::Escalate, CancelStep::NotHere, vec![]),
