@@ -8,8 +8,8 @@
 //!   p99 latency while another plugin is replaced by a reload, against the same without it.
 //! - One plugin, one instance, concurrency 1: N tasks submitted at once, the RSS growth per
 //!   queued task and the drain rate, which should stay flat as N grows. N = 1k and 100k in
-//!   interleaved rounds (`benches/common/rounds.rs`; the order flipped every round; 1k drained
-//!   ten times a round, its rate over the ten), for the goal: drain rate with 100k queued / with 1k >= 0.8x, taken round by round and met only
+//!   interleaved rounds (`benches/common/rounds.rs`; the order flipped every round), for the
+//!   goal: drain rate with 100k queued / with 1k >= 0.8x, taken round by round and met only
 //!   when the whole spread (lowest-highest) clears it; then N = 10k once. Before each drain
 //!   the allocator hands its free memory back (`malloc_trim`), so a run's RSS growth is its
 //!   own, not a larger run's leftovers reused.
@@ -192,10 +192,6 @@ struct Drain {
     rss_kib: u64,
 }
 
-/// How often the small queue is drained per round: one drain of 1,000 lasts about 50 ms, short
-/// enough to land in a lull or a burst of the machine's; ten of them average it out.
-const SMALL_DRAINS: usize = 10;
-
 impl Drain {
     fn kib_per_task(&self) -> f64 {
         self.rss_kib as f64 / self.n as f64
@@ -303,13 +299,14 @@ async fn queued(root: &Path) {
         return;
     }
     let rounds = rounds::from_env();
-    println!("one instance, concurrency 1, N tasks submitted at once in-process, queued while the plugin is stopped; {rounds} interleaved rounds of N = {SMALL} (drained {SMALL_DRAINS} times, the rate over them all) and {LARGE} (the order flipped every round):");
+    println!("one instance, concurrency 1, N tasks submitted at once in-process, queued while the plugin is stopped; {rounds} interleaved rounds of N = {SMALL} and {LARGE} (the order flipped every round):");
     let mut drains: Vec<(Drain, Drain)> = Vec::with_capacity(rounds);
     for round in 1..=rounds {
         let (mut small, mut large) = (None, None);
         for n in rounds::in_order(round, &[SMALL, LARGE]) {
-            let times = if n == SMALL { SMALL_DRAINS } else { 1 };
-            let d = queue.drains(n, times).await;
+            // One drain each: a drain right after another of 1,000 runs 2-5x faster (its
+            // memory is warm), which is not what a queue of 1,000 costs.
+            let d = queue.drain(n).await;
             d.print(&format!("round {round}"));
             *if n == SMALL { &mut small } else { &mut large } = Some(d);
         }
