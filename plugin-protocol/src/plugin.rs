@@ -168,7 +168,7 @@ struct Session {
     out: mpsc::Sender<Vec<u8>>,
     in_flight: Arc<InFlight>,
     shutting_down: Arc<AtomicBool>,
-    jobs: Option<crossbeam_channel::Sender<Job>>,
+    jobs: Option<mpsc::Sender<Job>>,
     /// The queue and result backends' side, once `initialize` started it.
     backends: Option<BackendSession>,
 }
@@ -465,7 +465,7 @@ impl Plugin {
     fn accept_task(
         &self,
         req: Request,
-        jobs: Option<&crossbeam_channel::Sender<Job>>,
+        jobs: Option<&mpsc::Sender<Job>>,
         in_flight: &InFlight,
         shutting_down: &AtomicBool,
     ) -> Option<Response> {
@@ -500,7 +500,7 @@ impl Plugin {
             handler,
             cancelled,
         };
-        if let Err(crossbeam_channel::SendError(job)) = jobs.send(job) {
+        if let Err(mpsc::SendError(job)) = jobs.send(job) {
             let err = ErrorObject::new(code::INTERNAL_ERROR, "task pool stopped");
             return Some(Response::err(Some(job.id), err));
         }
@@ -513,16 +513,16 @@ fn start_pool(
     out: Outbox,
     in_flight: Arc<InFlight>,
     settings: Arc<Map<String, Value>>,
-) -> crossbeam_channel::Sender<Job> {
-    // Each task thread holds a receiver of its own: an idle one is woken only for a job.
-    let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+) -> mpsc::Sender<Job> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    let rx = Arc::new(Mutex::new(rx));
     for _ in 0..threads {
         let rx = rx.clone();
         let out = out.clone();
         let in_flight = in_flight.clone();
         let settings = settings.clone();
         thread::spawn(move || loop {
-            let job = match rx.recv() {
+            let job = match rx.lock().expect("job queue lock poisoned").recv() {
                 Ok(job) => job,
                 Err(_) => return,
             };
