@@ -561,3 +561,54 @@ async fn a_plugin_that_stops_reading_its_stdin_is_found_out_and_events_give_way_
     h.written();
     assert!(h.inst.out.is_empty());
 }
+
+#[test]
+fn the_command_queue_keeps_room_for_tasks_that_events_cannot_take() {
+    let concurrency = 2;
+    let reserved = task_commands(concurrency);
+    let (tx, mut rx) = mpsc::channel(reserved + EVENT_ROOM);
+    let handle = InstanceHandle { tx, reserved };
+    let stats = Arc::new(crate::events::DeliveryStats::default());
+    let event = || Command::Event {
+        event: "{}".into(),
+        stats: stats.clone(),
+    };
+    for _ in 0..EVENT_ROOM {
+        assert!(handle.send(event()).is_ok());
+    }
+    assert!(
+        handle.send(event()).is_err(),
+        "an event past its room is refused"
+    );
+    // Every task command the pool can send still fits: a run, a cancel and an escalation of
+    // each task, and the stops.
+    let cancel = |escalate| Command::Cancel {
+        task_id: "t".into(),
+        cancel: Cancellation::new(CancelCause::Revoked, "asked"),
+        escalate,
+    };
+    for i in 0..reserved {
+        let cmd = match i % 3 {
+            0 => cancel(false),
+            1 => cancel(true),
+            _ => Command::Stop {
+                grace: Duration::from_secs(1),
+            },
+        };
+        assert!(handle.send(cmd).is_ok(), "task command {i} fits");
+    }
+    assert!(
+        handle.send(cancel(false)).is_err(),
+        "and the queue is bounded"
+    );
+    rx.try_recv().expect("an event waits first");
+    assert!(
+        handle.send(event()).is_err(),
+        "a freed place is the tasks' first"
+    );
+    drop(rx);
+    assert!(
+        handle.send(cancel(false)).is_err(),
+        "an ended instance refuses"
+    );
+}
