@@ -13,12 +13,14 @@ mod ending;
 mod io;
 mod offers;
 mod protocol;
+mod queues;
 mod stdin;
 mod tasks;
 #[cfg(test)]
 mod tests;
 mod wire;
 
+pub use queues::{reports_capacity, InstanceHandle, Reports};
 pub use tasks::Job;
 
 use super::containment;
@@ -28,6 +30,7 @@ use crate::task::{Cancellation, Failure, Outcome, TaskEvent};
 use ending::Crash;
 use io::Io;
 use plugin_protocol::{method, Id, Message, Notification, Request};
+use queues::{report_to, task_commands, EVENT_ROOM};
 use std::process::ExitStatus;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -120,54 +123,6 @@ pub struct LaunchSpec {
     pub cgroups: Option<Arc<crate::supervisor::cgroup::CgroupTree>>,
     /// Where a queue backend's offers go.
     pub offers: crate::supervisor::offer::OfferInbox,
-}
-
-/// Where instances report to their pool: bounded by what a pool can have outstanding (see
-/// [`reports_capacity`]).
-pub type Reports = mpsc::Sender<InstanceEvent>;
-
-/// Room for reports from every slot a pool can have (`MAX_INSTANCES`, twice over for retired
-/// slots still stopping), each with two generations at once (one ending, one starting) of
-/// `concurrency` finished tasks plus a ready and an exit. A pool places no more tasks on an
-/// instance than it has heard the end of, so a pool's reports never outgrow this; the channel
-/// allocates only what is used.
-pub fn reports_capacity(concurrency: usize) -> usize {
-    2 * crate::supervisor::pool::MAX_INSTANCES * 2 * (concurrency + 2)
-}
-
-/// Room for subscribers' events in an instance's command queue, beyond what its tasks may need.
-const EVENT_ROOM: usize = 64;
-
-/// What an instance's commands can be at most without events: each task placed on it (at
-/// most `concurrency`), a cancel and an escalation of each (the pool forwards no more), and
-/// stops.
-fn task_commands(concurrency: usize) -> usize {
-    3 * concurrency + 4
-}
-
-/// The pool's side of an instance.
-#[derive(Debug, Clone)]
-pub struct InstanceHandle {
-    tx: mpsc::Sender<Command>,
-    /// Room kept for task commands: an event is sent only while more than this is free.
-    reserved: usize,
-}
-
-impl InstanceHandle {
-    /// Sends a command; gives it back if the instance has already ended (or, for an event, if
-    /// its queue holds no room beyond what tasks may need).
-    pub fn send(&self, cmd: Command) -> Result<(), Command> {
-        if matches!(cmd, Command::Event { .. }) && self.tx.capacity() <= self.reserved {
-            return Err(cmd);
-        }
-        self.tx.try_send(cmd).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(cmd) => {
-                tracing::error!("an instance's command queue is full, which the pool's limits rule out; the command is refused");
-                cmd
-            }
-            mpsc::error::TrySendError::Closed(cmd) => cmd,
-        })
-    }
 }
 
 /// Starts the instance's actor. The pool hears `Ready` or `Exited` on `events`.
@@ -300,17 +255,6 @@ async fn run(spec: LaunchSpec, mut commands: mpsc::Receiver<Command>, events: Re
         reason,
         ran_for: inst.started.elapsed(),
     });
-}
-
-/// Tells the pool; never waits (a pool gone is a pool that no longer listens).
-fn report_to(reports: &Reports, event: InstanceEvent) {
-    if let Err(mpsc::error::TrySendError::Full(event)) = reports.try_send(event) {
-        tracing::error!(
-            slot = event.slot,
-            "a pool's report queue is full, which its limits rule out; a report is lost: {:?}",
-            event.kind
-        );
-    }
 }
 
 /// Tasks the pool sent after the instance decided to end never reached the process: they go
