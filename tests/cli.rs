@@ -369,6 +369,29 @@ fn bundled_config_example_is_valid() {
 }
 
 #[test]
+fn runtime_threads_comes_from_the_flag_or_the_environment_and_is_bounded() {
+    let out = output(worker().args(["--runtime-threads", "0", "plugins", "list"]));
+    assert_eq!(out.status.code(), Some(2));
+    let said = "key `runtime_threads`: 0 is not a number of threads from 1 to 256";
+    assert!(text(&out.stderr).contains(said), "{}", text(&out.stderr));
+    let out = output(
+        worker()
+            .env("WORKER_RUNTIME_THREADS", "257")
+            .args(["plugins", "list"]),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("257 is not a number of threads"));
+    // A one-shot task on four threads works as on the default one.
+    let out = output(
+        worker()
+            .env("WORKER_RUNTIME_THREADS", "4")
+            .args(["run", "fibonacci", "10"]),
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "55\n");
+}
+
+#[test]
 fn plugins_inspect_shows_manifest_instances_exits_and_stderr() {
     let root = tempfile::tempdir().unwrap();
     let plugins = root.path().join("plugins");
