@@ -289,10 +289,8 @@ async fn queued(root: &Path) {
     };
     // BENCH_DRAIN_ONLY=<n>x<times>: only that drain (e.g. 100000x1), to profile it.
     if let Some((n, times)) = std::env::var("BENCH_DRAIN_ONLY").ok().and_then(|spec| {
-        Some((
-            spec.split_once('x')?.0.parse().ok()?,
-            spec.split_once('x')?.1.parse().ok()?,
-        ))
+        let (n, times) = spec.split_once('x')?;
+        Some((n.parse().ok()?, times.parse().ok()?))
     }) {
         queue.drains(n, times).await.print("only");
         supervisor.stop(None).await;
