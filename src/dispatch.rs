@@ -11,7 +11,9 @@ use crate::supervisor::instance::Job;
 use crate::supervisor::pool::{CancelMode, PoolHandle};
 use crate::supervisor::status::{PluginState, PluginStatus};
 use crate::supervisor::{ReloadReport, Supervisor};
-use crate::task::{Cancellation, Failure, FailureKind, Outcome, TaskEvent, TaskRequest};
+use crate::task::{
+    Cancellation, EventReceiver, EventSender, Failure, FailureKind, Outcome, TaskEvent, TaskRequest,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,7 +39,7 @@ pub enum TaskUpdate {
 /// one `Done`. It must be read to its end (every source does): the task lives in it.
 pub struct TaskRun<'a> {
     run: Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>,
-    events: mpsc::Receiver<TaskEvent>,
+    events: EventReceiver,
     outcome: Option<Outcome>,
     finished: bool,
 }
@@ -52,7 +54,7 @@ impl TaskRun<'_> {
             }
             if self.outcome.is_some() {
                 return Some(match self.events.recv().await {
-                    Some(ev) => TaskUpdate::Event(ev),
+                    Some(ev) => TaskUpdate::Event(*ev),
                     None => {
                         self.finished = true;
                         TaskUpdate::Done(self.outcome.take().expect("checked above"))
@@ -61,7 +63,7 @@ impl TaskRun<'_> {
             }
             tokio::select! {
                 biased;
-                Some(ev) = self.events.recv() => return Some(TaskUpdate::Event(ev)),
+                Some(ev) = self.events.recv() => return Some(TaskUpdate::Event(*ev)),
                 outcome = &mut self.run => self.outcome = Some(outcome),
             }
         }
@@ -255,7 +257,7 @@ impl Dispatcher {
     }
 
     /// Runs `request` to its end and counts how it ended.
-    async fn run_to_end(&self, request: TaskRequest, events: mpsc::Sender<TaskEvent>) -> Outcome {
+    async fn run_to_end(&self, request: TaskRequest, events: EventSender) -> Outcome {
         let since = Instant::now();
         let started = std::time::SystemTime::now();
         let request = Arc::new(request);
@@ -320,7 +322,7 @@ impl Dispatcher {
     async fn run_attempts(
         &self,
         request: &Arc<TaskRequest>,
-        events: mpsc::Sender<TaskEvent>,
+        events: EventSender,
     ) -> (Outcome, u32, Option<PoolHandle>) {
         let (mut attempt, mut refusals) = (1, 0);
         loop {
@@ -355,7 +357,8 @@ impl Dispatcher {
                         attempt,
                         reason: why,
                     };
-                    let _ = events.send(retrying).await;
+                    // Boxed: the future of every task would otherwise hold room for this wait.
+                    let _ = Box::pin(events.send(Box::new(retrying))).await;
                     attempt += 1;
                 }
             }
@@ -412,7 +415,7 @@ impl Dispatcher {
         pool: &PoolHandle,
         request: &Arc<TaskRequest>,
         attempt: u32,
-        events: &mpsc::Sender<TaskEvent>,
+        events: &EventSender,
     ) -> Outcome {
         self.set_attempt(&request.id, attempt, pool);
         let (reply, outcome) = oneshot::channel();

@@ -39,7 +39,8 @@ pub async fn store(supervisor: &Supervisor, ended: Ended<'_>) {
     let params = Arc::new(store_params(&ended));
     // In turn: usually there is one, and each must have it before the task counts as done.
     for sink in &sinks {
-        store_in(supervisor, sink, params.clone()).await;
+        // Boxed: every task's future would otherwise hold room for this rare wait.
+        Box::pin(store_in(supervisor, sink, params.clone())).await;
     }
 }
 

@@ -79,6 +79,12 @@ pub fn new_task_id() -> String {
         .to_string()
 }
 
+/// Where a running task's events go to its submitter: bounded, one channel per task. Each
+/// event is boxed because tokio allocates a channel's first block of 32 slots when it is made:
+/// a queued task then holds 32 pointers for it rather than 32 events (1.5 KiB).
+pub type EventSender = tokio::sync::mpsc::Sender<Box<TaskEvent>>;
+pub type EventReceiver = tokio::sync::mpsc::Receiver<Box<TaskEvent>>;
+
 /// Something a running task reports before it ends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "lowercase")]

@@ -315,10 +315,10 @@ impl StderrTail {
 /// instance, read by the stderr reader. Weak, so it never keeps a finished task's event
 /// channel open; a full channel drops the line (stderr is never held back).
 #[derive(Debug, Clone, Default)]
-pub struct TaskLog(Arc<Mutex<Option<mpsc::WeakSender<TaskEvent>>>>);
+pub struct TaskLog(Arc<Mutex<Option<mpsc::WeakSender<Box<TaskEvent>>>>>);
 
 impl TaskLog {
-    pub fn set(&self, to: Option<mpsc::WeakSender<TaskEvent>>) {
+    pub fn set(&self, to: Option<mpsc::WeakSender<Box<TaskEvent>>>) {
         *crate::sync::lock(&self.0) = to;
     }
 
@@ -327,9 +327,9 @@ impl TaskLog {
             .as_ref()
             .and_then(|w| w.upgrade());
         if let Some(tx) = sink {
-            let _ = tx.try_send(TaskEvent::Log {
+            let _ = tx.try_send(Box::new(TaskEvent::Log {
                 line: line.to_string(),
-            });
+            }));
         }
     }
 }

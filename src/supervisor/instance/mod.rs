@@ -140,7 +140,7 @@ enum Wake {
     Exited(std::io::Result<ExitStatus>),
     Timer,
     /// Room for the event held back by backpressure; `None` if its submitter is gone.
-    Room(Option<mpsc::OwnedPermit<TaskEvent>>),
+    Room(Option<mpsc::OwnedPermit<Box<TaskEvent>>>),
     /// The pipe took this many bytes of what waits for stdin (or is gone).
     Written(std::io::Result<usize>),
     /// A line for stdin from outside the actor (an offer's answer).
@@ -201,7 +201,7 @@ struct Instance {
     /// only while idle, since a plugin that runs one task at a time cannot answer meanwhile.
     pings_while_busy: bool,
     /// An event its submitter has no room for yet; stdout is not read until it is delivered.
-    held: Option<(mpsc::Sender<TaskEvent>, TaskEvent)>,
+    held: Option<(crate::task::EventSender, Box<TaskEvent>)>,
     /// Stray-line logging: window start, lines logged in it, lines only counted.
     stray_log: (Instant, u32, u64),
     started: Instant,

@@ -202,7 +202,7 @@ impl Instance {
         };
         if run.job.request.capture_log {
             let line = p.message.clone();
-            let _ = run.job.events.try_send(TaskEvent::Log { line });
+            let _ = run.job.events.try_send(Box::new(TaskEvent::Log { line }));
         }
     }
 
@@ -229,7 +229,7 @@ impl Instance {
             tracing::debug!(plugin = %self.name(), task_id, "event for a task that is not running here; ignored");
             return;
         };
-        match run.job.events.try_send(event) {
+        match run.job.events.try_send(Box::new(event)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(event)) => {
                 self.held = Some((run.job.events.clone(), event));
@@ -241,7 +241,7 @@ impl Instance {
 
     /// Room for the held event: deliver it and read stdout again. A ping that was outstanding
     /// gets its full timeout from now, since its answer may have waited behind our pause.
-    pub(super) fn release_held(&mut self, permit: Option<mpsc::OwnedPermit<TaskEvent>>) {
+    pub(super) fn release_held(&mut self, permit: Option<mpsc::OwnedPermit<Box<TaskEvent>>>) {
         if let (Some(permit), Some((_, event))) = (permit, self.held.take()) {
             permit.send(event);
         }

@@ -6,11 +6,10 @@ use super::{Crash, EventKind, ExitReason, Instance, Phase, Step};
 use crate::framed::FramedReader;
 use crate::supervisor::process::{self, StdoutEvent};
 use crate::task::{CancelCause, Cancellation, Failure, FailureKind, Outcome};
-use crate::task::{TaskEvent, TaskRequest};
+use crate::task::{EventSender, TaskRequest};
 use plugin_protocol::{method, Id, Message, TaskCancelParams, TimeLimits};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -23,7 +22,7 @@ pub struct Job {
     pub request: Arc<TaskRequest>,
     pub attempt: u32,
     /// Bounded: when full, the instance stops reading its plugin's stdout until there is room.
-    pub events: mpsc::Sender<TaskEvent>,
+    pub events: EventSender,
     pub reply: oneshot::Sender<Outcome>,
     /// Set for a result backend's job: `result.store` with these params is sent instead of
     /// `task.run` (protocol 1.5); the reply is the outcome all the same.

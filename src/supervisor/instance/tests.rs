@@ -31,7 +31,7 @@ struct Harness {
 /// A task's far end: its outcome and its events.
 struct Submitted {
     outcome: oneshot::Receiver<Outcome>,
-    events: mpsc::Receiver<TaskEvent>,
+    events: crate::task::EventReceiver,
 }
 
 impl Submitted {
@@ -260,14 +260,16 @@ async fn a_task_runs_and_its_answer_reaches_its_submitter() {
     );
     assert!(matches!(ok.outcome(), Some(Outcome::Success(v)) if v == json!(3)));
     assert!(matches!(
-        ok.events.try_recv(),
+        ok.events.try_recv().map(|e| *e),
         Ok(TaskEvent::Progress {
             done: 1,
             total: Some(2),
             ..
         })
     ));
-    assert!(matches!(ok.events.try_recv(), Ok(TaskEvent::Stream { items }) if items == [json!(7)]));
+    assert!(
+        matches!(ok.events.try_recv().map(|e| *e), Ok(TaskEvent::Stream { items }) if items == [json!(7)])
+    );
     let failure = bad.failure();
     assert_eq!(
         (failure.exc_type.as_str(), failure.message.as_str()),
@@ -425,7 +427,7 @@ async fn an_event_its_submitter_has_no_room_for_holds_stdout_back() {
         "the channel of one is full: held, stdout not read"
     );
     assert!(matches!(
-        slow.events.try_recv(),
+        slow.events.try_recv().map(|e| *e),
         Ok(TaskEvent::Progress { done: 1, .. })
     ));
     let (tx, _) = h.inst.held.clone().unwrap();
@@ -433,7 +435,7 @@ async fn an_event_its_submitter_has_no_room_for_holds_stdout_back() {
     assert_eq!(h.wake(Wake::Room(permit)), "continue");
     assert!(h.inst.held.is_none());
     assert!(matches!(
-        slow.events.try_recv(),
+        slow.events.try_recv().map(|e| *e),
         Ok(TaskEvent::Progress { done: 2, .. })
     ));
 }

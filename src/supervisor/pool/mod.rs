@@ -95,8 +95,17 @@ impl PoolHandle {
 
     /// Queues a task. Its outcome arrives on `job.reply`, whatever happens to the pool.
     pub async fn run(&self, job: Job) {
+        // Usually there is room at once. Otherwise the send is boxed, so that the future of
+        // every task does not hold room for that wait.
+        let cmd = match self.tx.try_send(PoolCommand::Run(job)) {
+            Ok(()) => return,
+            // A closed channel refuses the send below at once.
+            Err(mpsc::error::TrySendError::Full(cmd) | mpsc::error::TrySendError::Closed(cmd)) => {
+                cmd
+            }
+        };
         if let Err(mpsc::error::SendError(PoolCommand::Run(job))) =
-            self.tx.send(PoolCommand::Run(job)).await
+            Box::pin(self.tx.send(cmd)).await
         {
             let name = &self.manifest.name;
             job.finish(Outcome::Failure(Failure::unavailable(format!(
