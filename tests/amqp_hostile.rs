@@ -454,6 +454,44 @@ fn amqp_ids_reply_queues_and_tickets_of_300_bytes_are_consumed_and_free_their_sl
 
 #[test]
 #[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
+fn amqp_tasks_routed_with_an_empty_key_through_a_fanout_are_run_acked_and_answered() {
+    // A fanout exchange delivers with the routing key the publisher gave, here none. Such a
+    // message on a task queue once passed for remote control and was never acked: as many as
+    // the prefetch stalled the worker for good.
+    let (lane, root, plugins) = setup!("amqp_fanout_tasks");
+    let (mut w, pid) = faulty_worker(&lane, root.path(), &plugins, &[]);
+    let exchange = format!("{}.fanout", lane.queue);
+    assert_eq!(
+        hostile(&lane, &["fanout", &exchange, &lane.queue]),
+        json!({"ok": true})
+    );
+    let replies = ScratchQueue::declare(&lane, format!("{}.replies", lane.queue));
+    let body =
+        json!([[1], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}])
+            .to_string();
+    let specs: Vec<Value> = (0..200)
+        .map(|i| {
+            json!({"exchange": exchange, "routing_key": "", "body": body,
+                   "headers": {"lang": "py", "task": "f.ok", "id": format!("fanout-{i}"), "retries": 0},
+                   "properties": {"reply_to": replies.name, "correlation_id": format!("fanout-{i}")}})
+        })
+        .collect();
+    let file = root.path().join("fanout.json");
+    std::fs::write(&file, json!(specs).to_string()).unwrap();
+    let published = hostile(&lane, &["raw", &file.display().to_string()]);
+    let _ = hostile_command(&lane, &["fanout_delete", &exchange, &lane.queue]).output();
+    assert_eq!(published, json!({"ok": 200}));
+    wait_drained(&mut w, &lane.queue, Duration::from_secs(30));
+    assert_eq!(
+        queue_counts(&replies.name),
+        Some((200, 0)),
+        "every task answered once"
+    );
+    assert_unharmed(&lane, &mut w, pid, "after 200 tasks through a fanout");
+}
+
+#[test]
+#[cfg_attr(without_broker, ignore = "WORKER_TESTS_WITHOUT_BROKER=1")]
 fn amqp_add_consumer_of_a_queue_the_broker_refuses_is_an_error_reply_not_a_reconnect() {
     let (lane, root, plugins) = setup!("amqp_bad_consumer");
     let (mut w, pid) = faulty_worker(&lane, root.path(), &plugins, &[]);

@@ -162,6 +162,20 @@ def declare(queue, delete=False):
     return {"ok": True}
 
 
+def fanout(exchange, queue, delete=False):
+    """A fanout exchange bound to QUEUE (what it delivers has an empty routing key), or its
+    deletion."""
+    conn = connection()
+    ch = conn.channel()
+    if delete:
+        ch.exchange_delete(exchange)
+    else:
+        ch.exchange_declare(exchange, "fanout", durable=False, auto_delete=False)
+        ch.queue_bind(queue, exchange, routing_key="")
+    conn.close()
+    return {"ok": True}
+
+
 def long_chain(queue, name, steps, sink):
     step = {"task": name, "args": [], "kwargs": {}, "options": {"queue": sink},
             "subtask_type": None, "immutable": False}
@@ -268,6 +282,8 @@ def main():
         out = long_ids(rest[0], rest[1], int(rest[2]), int(rest[3]), *rest[4:5])
     elif command in ("declare", "delete"):
         out = declare(rest[0], delete=command == "delete")
+    elif command in ("fanout", "fanout_delete"):
+        out = fanout(rest[0], rest[1], delete=command == "fanout_delete")
     elif command == "long_chain":
         out = long_chain(rest[0], rest[1], int(rest[2]), rest[3])
     elif command == "revoke_long":

@@ -387,15 +387,25 @@ impl Session<'_> {
         (delivery, tag): (Delivery, Option<Tag>),
         lost: &CancellationToken,
     ) {
-        let pidbox = delivery.routing_key.as_str().is_empty()
-            || delivery.exchange.as_str() == "celery.pidbox";
-        match queue.zip(tag).filter(|_| !pidbox) {
+        // A task queue delivers whatever its bindings route to it: a task published through a
+        // fanout exchange (an empty routing key) is a task like any other.
+        let pidbox = delivery.exchange.as_str() == "celery.pidbox";
+        match queue.zip(tag) {
             None => {
                 let (state, control) = (shared.clone(), self.control.clone());
                 shared
                     .engine
                     .handlers
                     .spawn(async move { remote::answer(&state, &control, delivery).await });
+            }
+            // A task queue bound to the pidbox exchange: the control message is answered and
+            // acked, or it would hold a prefetch slot until the channel closed.
+            Some((_, tag)) if pidbox => {
+                let (state, control) = (shared.clone(), self.control.clone());
+                shared.engine.handlers.spawn(async move {
+                    remote::answer(&state, &control, delivery).await;
+                    tag.ack().await;
+                });
             }
             Some((_, tag)) if shared.engine.stopping.is_cancelled() => {
                 shared.reject(&tag, Settled::Requeued).await;
