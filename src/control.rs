@@ -190,14 +190,15 @@ async fn connection(
     let submitter = submitter_of(&stream);
     let (read, write) = stream.into_split();
     let (out, writer) = spawn_writer(write);
-    let ctx = Context {
+    // Shared by the connection's requests: each queued submit holds a pointer, not a copy.
+    let ctx = Arc::new(Context {
         dispatcher,
         info,
         reload,
         out: out.clone(),
         submitter,
         attached: Arc::default(),
-    };
+    });
     let requests = TaskTracker::new();
     // A client that pipelines requests without reading answers waits here, not in our memory.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(REQUESTS_PER_CONNECTION));
@@ -315,10 +316,24 @@ async fn cancel_attached(ctx: &Context) {
     }
 }
 
-async fn handle(req: Request, ctx: Context) {
-    let dispatcher = &ctx.dispatcher;
+async fn handle(req: Request, ctx: Arc<Context>) {
     let result = match req.method.as_str() {
         "task.submit" => submit(req.params, &req.id, &ctx).await,
+        // Boxed: the future of every queued submit would otherwise keep room for the largest
+        // of the other methods' (a reload's).
+        method => Box::pin(answer(method, req.params, &ctx)).await,
+    };
+    let resp = match result {
+        Ok(v) => Response::ok(req.id, v),
+        Err(e) => Response::err(Some(req.id), e),
+    };
+    let _ = ctx.out.send(Message::Response(resp).to_line()).await;
+}
+
+/// The answer to any method but `task.submit`.
+async fn answer(method: &str, params: Value, ctx: &Context) -> Result<Value, ErrorObject> {
+    let dispatcher = &ctx.dispatcher;
+    match method {
         "task.list" => Ok(json!({ "tasks": dispatcher.list().await })),
         "task.cancel" => {
             #[derive(Deserialize)]
@@ -327,7 +342,7 @@ async fn handle(req: Request, ctx: Context) {
                 #[serde(default)]
                 reason: Option<String>,
             }
-            match serde_json::from_value::<P>(req.params) {
+            match serde_json::from_value::<P>(params) {
                 Ok(p) => {
                     let reason = p.reason.unwrap_or_else(|| "cancelled by request".into());
                     let cancel = Cancellation::requested(reason);
@@ -343,15 +358,15 @@ async fn handle(req: Request, ctx: Context) {
             broker: dispatcher.metrics().broker().snapshot(),
         })
         .expect("status serializes")),
-        "plugins.restart" => restart(req.params, dispatcher).await,
+        "plugins.restart" => restart(params, dispatcher).await,
         // Test hook only: wedges a pool actor, so a test can see the watchdog stop.
         "debug.freeze" if std::env::var_os("WORKER_TEST_HOOKS").is_some() => {
-            let plugin = req.params["plugin"].as_str().unwrap_or_default();
+            let plugin = params["plugin"].as_str().unwrap_or_default();
             Ok(json!({ "frozen": dispatcher.freeze(plugin).await }))
         }
         "ping" => Ok(serde_json::to_value(&ctx.info).expect("info serializes")),
         "plugins.reload" => {
-            let wait = wants_wait(&req.params);
+            let wait = wants_wait(&params);
             match reload::apply_install_record(dispatcher, &ctx.reload, wait).await {
                 Ok(report) => Ok(serde_json::to_value(report).expect("report serializes")),
                 Err(e) => Err(ErrorObject::new(code::INTERNAL_ERROR, e.to_string())),
@@ -361,12 +376,7 @@ async fn handle(req: Request, ctx: Context) {
             code::METHOD_NOT_FOUND,
             format!("unknown method `{other}`"),
         )),
-    };
-    let resp = match result {
-        Ok(v) => Response::ok(req.id, v),
-        Err(e) => Response::err(Some(req.id), e),
-    };
-    let _ = ctx.out.send(Message::Response(resp).to_line()).await;
+    }
 }
 
 /// `plugins.restart {name}`: a failed plugin is started again at once.
@@ -387,31 +397,18 @@ async fn restart(params: Value, dispatcher: &Dispatcher) -> Result<Value, ErrorO
 }
 
 async fn submit(params: Value, request_id: &Id, ctx: &Context) -> Result<Value, ErrorObject> {
-    let p: SubmitParams = serde_json::from_value(params)
-        .map_err(|e| ErrorObject::new(code::INVALID_PARAMS, e.to_string()))?;
-    let secs = |field: &str, s: Option<f64>| {
-        s.map(|s| crate::task::time_limit(field, s))
-            .transpose()
-            .map_err(|e| ErrorObject::new(code::INVALID_PARAMS, e))
-    };
-    let soft = secs("soft_time_limit", p.soft_time_limit)?;
-    let hard = secs("hard_time_limit", p.hard_time_limit)?;
-    let mut request = TaskRequest::new(p.name, p.args, p.kwargs);
-    if let Some(id) = p.id {
-        request.id = id;
-    }
-    request.soft_time_limit = soft;
-    request.hard_time_limit = hard;
-    request.submitter = ctx.submitter.clone();
+    let (request, detach) = submitted(params, ctx)?;
     let task_id = request.id.clone();
+    // Made before the first wait, so that the request is not kept beside it; the task starts
+    // only when `run` is first read, after the client was told it was accepted.
+    let mut run = ctx.dispatcher.submit(request);
     // `request` is the submit's own JSON-RPC id, so a client with many submits in flight on one
     // connection knows which task id each got before any result arrives.
     let accepted = json!({ "task_id": task_id, "request": request_id });
     ctx.notify("task.accepted", accepted).await;
-    if !p.detach {
+    if !detach {
         crate::sync::lock(&ctx.attached).insert(task_id.clone());
     }
-    let mut run = ctx.dispatcher.submit(request);
     let outcome = loop {
         match run.next().await {
             Some(TaskUpdate::Event(ev)) => {
@@ -431,6 +428,27 @@ async fn submit(params: Value, request_id: &Id, ctx: &Context) -> Result<Value, 
             Err(ErrorObject::new(code::TASK_FAILED, f.to_string()).with_data(data))
         }
     }
+}
+
+/// The task a `task.submit` asks for, and whether it is detached.
+fn submitted(params: Value, ctx: &Context) -> Result<(TaskRequest, bool), ErrorObject> {
+    let p: SubmitParams = serde_json::from_value(params)
+        .map_err(|e| ErrorObject::new(code::INVALID_PARAMS, e.to_string()))?;
+    let secs = |field: &str, s: Option<f64>| {
+        s.map(|s| crate::task::time_limit(field, s))
+            .transpose()
+            .map_err(|e| ErrorObject::new(code::INVALID_PARAMS, e))
+    };
+    let soft = secs("soft_time_limit", p.soft_time_limit)?;
+    let hard = secs("hard_time_limit", p.hard_time_limit)?;
+    let mut request = TaskRequest::new(p.name, p.args, p.kwargs);
+    if let Some(id) = p.id {
+        request.id = id;
+    }
+    request.soft_time_limit = soft;
+    request.hard_time_limit = hard;
+    request.submitter = ctx.submitter.clone();
+    Ok((request, p.detach))
 }
 
 /// A progress or stream event as the control socket's notification.
