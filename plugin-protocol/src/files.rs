@@ -460,13 +460,15 @@ mod tests {
             "paris.low#checksum"
         );
         assert_eq!(current_task_queue_name(), None);
-        let inside =
-            crate::plugin::with_current_queue(Some("london.highpriority#custom".into()), || {
+        let inside = crate::plugin_tasks::with_current_queue(
+            Some("london.highpriority#custom".into()),
+            || {
                 (
                     current_site(),
                     ParsedQueueName::current().map(|q| q.to_string()),
                 )
-            });
+            },
+        );
         assert_eq!(
             inside,
             (

@@ -22,6 +22,7 @@ mod plugin_backends;
 mod plugin_error;
 mod plugin_offers;
 mod plugin_pool;
+mod plugin_tasks;
 
 pub use backends::*;
 pub use codec::{encode_line, Frame, LineDecoder, DEFAULT_MAX_LINE_BYTES};

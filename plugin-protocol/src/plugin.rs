@@ -25,157 +25,50 @@
 
 use crate::backends::ResultStoreParams;
 use crate::codec::{Frame, LineDecoder};
-use crate::message::{ErrorObject, Id, Message, Notification, Request, Response};
+use crate::message::{ErrorObject, Message, Notification, Request, Response};
 use crate::methods::*;
 use crate::plugin_backends::{BackendSession, Backends};
 pub use crate::plugin_error::TaskError;
 pub use crate::plugin_offers::{Closed, Offer, Offers};
 use serde_json::{Map, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::ops::ControlFlow;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread;
 
-/// A task handler: gets the task's context and params, returns its JSON result or an error.
-pub type Handler =
-    Arc<dyn Fn(&TaskContext, &TaskRunParams) -> Result<Value, TaskError> + Send + Sync>;
-
-/// Queue of encoded lines for the writer thread.
-type Outbox = mpsc::Sender<Vec<u8>>;
-
-/// What a running task can see and do besides returning.
-pub struct TaskContext {
-    task_id: String,
-    delivery_info: DeliveryInfo,
-    request: RequestInfo,
-    cancelled: Arc<AtomicBool>,
-    settings: Arc<Map<String, Value>>,
-    out: Outbox,
-}
-
-impl TaskContext {
-    pub fn task_id(&self) -> &str {
-        &self.task_id
-    }
-
-    /// The queue the task was consumed from; `None` for a task from the control socket (or
-    /// from a worker older than protocol 1.2).
-    pub fn queue(&self) -> Option<&str> {
-        self.delivery_info.queue.as_deref()
-    }
-
-    /// Where the task came from: queue, exchange and routing key.
-    pub fn delivery_info(&self) -> &DeliveryInfo {
-        &self.delivery_info
-    }
-
-    /// Celery's request facts (retries, eta, expires, parent, root, group) and the worker's
-    /// node name; defaults where the worker sent none.
-    pub fn request(&self) -> &RequestInfo {
-        &self.request
-    }
-
-    /// True once the worker asked this task to stop (cancel or soft time limit).
-    pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Relaxed)
-    }
-
-    /// The `[settings]` table of the plugin's manifest.
-    pub fn settings(&self) -> &Map<String, Value> {
-        &self.settings
-    }
-
-    /// Reports how far the task has come.
-    pub fn progress(&self, done: u64, total: Option<u64>, message: Option<&str>) {
-        self.notify(
-            method::TASK_PROGRESS,
-            TaskProgressParams {
-                task_id: self.task_id.clone(),
-                done,
-                total,
-                message: message.map(str::to_string),
-            },
-        );
-    }
-
-    /// Streams partial results; they reach the caller in order, before the final result.
-    pub fn stream(&self, items: Vec<Value>) {
-        self.notify(
-            method::TASK_STREAM,
-            TaskStreamParams {
-                task_id: self.task_id.clone(),
-                items,
-            },
-        );
-    }
-
-    /// Sends a structured log record to the worker's log.
-    pub fn log(&self, level: LogLevel, message: &str) {
-        let mut fields = Map::new();
-        fields.insert("task_id".into(), Value::from(self.task_id.clone()));
-        self.notify(
-            method::LOG,
-            LogParams {
-                level,
-                message: message.to_string(),
-                fields,
-            },
-        );
-    }
-
-    fn notify(&self, method: &str, params: impl serde::Serialize) {
-        // A closed outbox means the worker is gone; there is nobody left to tell.
-        let _ = self
-            .out
-            .send(Message::Notification(Notification::new(method, params)).to_line());
-    }
-}
-
-struct Job {
-    id: Id,
-    params: TaskRunParams,
-    handler: Handler,
-    cancelled: Arc<AtomicBool>,
-}
-
-/// Tasks in flight, by task id, with a condvar signalled when one finishes while a shutdown
-/// waits for them all (a signal is a syscall: no task pays it otherwise).
-#[derive(Default)]
-struct InFlight {
-    tasks: Mutex<HashMap<String, Arc<AtomicBool>>>,
-    finished: Condvar,
-    /// Set (before the lock is taken) once a shutdown waits in `wait_empty`.
-    waited_for: AtomicBool,
-}
-
-impl InFlight {
-    fn wait_empty(&self) {
-        self.waited_for.store(true, Ordering::SeqCst);
-        let mut tasks = self.tasks.lock().expect("in-flight lock poisoned");
-        while !tasks.is_empty() {
-            tasks = self.finished.wait(tasks).expect("in-flight lock poisoned");
-        }
-    }
-}
+use crate::plugin_tasks::{answer, run_handler, start_pool, InFlight, Job};
+pub use crate::plugin_tasks::{current_task_queue_name, Handler, TaskContext};
 
 /// What `serve` keeps between messages: the outgoing queue, the tasks in flight, whether
 /// `shutdown` was asked, and the task threads' queue once `initialize` started them.
 struct Session {
     out: mpsc::Sender<Vec<u8>>,
+    /// What the reading thread answered while it handles one read's lines: sent in one piece
+    /// after them (one hand-off to the writer, one write), and before a shutdown's answer.
+    held: Vec<u8>,
     in_flight: Arc<InFlight>,
     shutting_down: Arc<AtomicBool>,
     jobs: Option<mpsc::Sender<Job>>,
+    /// `initialize`'s settings, for the tasks' contexts.
+    settings: Arc<Map<String, Value>>,
     /// The queue and result backends' side, once `initialize` started it.
     backends: Option<BackendSession>,
 }
 
 impl Session {
-    fn reply(&self, response: Response) {
-        let _ = self.out.send(Message::Response(response).to_line());
+    fn reply(&mut self, response: Response) {
+        self.held
+            .extend_from_slice(&Message::Response(response).to_line());
+    }
+
+    /// Sends what was held.
+    fn release(&mut self) {
+        if !self.held.is_empty() {
+            let _ = self.out.send(std::mem::take(&mut self.held));
+        }
     }
 }
 
@@ -185,6 +78,8 @@ pub struct Plugin {
     version: String,
     tasks: Vec<TaskInfo>,
     handlers: HashMap<String, Handler>,
+    /// Tasks run on the thread that reads requests (see [`Plugin::quick_task`]).
+    quick: HashSet<String>,
     on_event: Option<EventHandler>,
     backends: Backends,
 }
@@ -199,6 +94,7 @@ impl Plugin {
             version: version.into(),
             tasks: Vec::new(),
             handlers: HashMap::new(),
+            quick: HashSet::new(),
             on_event: None,
             backends: Backends::default(),
         }
@@ -254,7 +150,22 @@ impl Plugin {
             params: None,
         });
         self.handlers.insert(name.to_string(), Arc::new(handler));
+        self.quick.remove(name);
         self
+    }
+
+    /// Registers a task that is quick (microseconds, never blocking): it runs on the thread
+    /// that reads requests, and its answer leaves with the others read at the same time, in
+    /// one write. That spares two thread hand-offs per task. While it runs nothing else is
+    /// read, and a `task.cancel` for it comes too late: keep anything slow or cancellable in
+    /// [`Plugin::task`].
+    pub fn quick_task<F>(self, name: &str, description: &str, handler: F) -> Self
+    where
+        F: Fn(&TaskContext, &TaskRunParams) -> Result<Value, TaskError> + Send + Sync + 'static,
+    {
+        let mut plugin = self.task(name, description, handler);
+        plugin.quick.insert(name.to_string());
+        plugin
     }
 
     /// Serves the protocol on stdin/stdout until the worker says `exit` or closes stdin.
@@ -268,9 +179,11 @@ impl Plugin {
         let writer = thread::spawn(move || write_lines(outbox, output));
         let mut session = Session {
             out,
+            held: Vec::new(),
             in_flight: Arc::new(InFlight::default()),
             shutting_down: Arc::new(AtomicBool::new(false)),
             jobs: None,
+            settings: Arc::default(),
             backends: None,
         };
         let mut reader = BufReader::with_capacity(64 * 1024, input);
@@ -294,6 +207,7 @@ impl Plugin {
                     Ok(Message::Request(req)) => self.on_request(&mut session, req),
                     Ok(Message::Notification(n)) => {
                         if self.on_notification(n, &session).is_break() {
+                            session.release();
                             break 'read;
                         }
                     }
@@ -308,7 +222,9 @@ impl Plugin {
                     }
                 }
             }
+            session.release();
         }
+        session.release();
         let Session {
             out,
             in_flight,
@@ -341,12 +257,12 @@ impl Plugin {
                     Ok(params) => {
                         session.backends = Some(self.backends.start(&params, session.out.clone()));
                         let threads = params.limits.concurrency.max(1);
-                        let settings = Arc::new(params.settings);
+                        session.settings = Arc::new(params.settings);
                         session.jobs = Some(start_pool(
                             threads,
                             session.out.clone(),
                             session.in_flight.clone(),
-                            settings,
+                            session.settings.clone(),
                         ));
                         Response::ok(req.id, self.initialize_result())
                     }
@@ -358,13 +274,7 @@ impl Plugin {
                 session.reply(reply);
             }
             method::TASK_RUN => {
-                let accepted = self.accept_task(
-                    req,
-                    session.jobs.as_ref(),
-                    &session.in_flight,
-                    &session.shutting_down,
-                );
-                if let Some(reply) = accepted {
+                if let Some(reply) = self.accept_task(req, session) {
                     session.reply(reply);
                 }
             }
@@ -378,6 +288,8 @@ impl Plugin {
                 }
             },
             method::SHUTDOWN => {
+                // What this thread answered so far goes before the shutdown's answer.
+                session.release();
                 session.shutting_down.store(true, Ordering::SeqCst);
                 if let Some(backends) = &session.backends {
                     backends.begin_shutdown();
@@ -461,14 +373,10 @@ impl Plugin {
         }
     }
 
-    /// Queues a `task.run`; returns an immediate error response when it cannot run.
-    fn accept_task(
-        &self,
-        req: Request,
-        jobs: Option<&mpsc::Sender<Job>>,
-        in_flight: &InFlight,
-        shutting_down: &AtomicBool,
-    ) -> Option<Response> {
+    /// Queues a `task.run`, or runs it here if it is quick; returns the answer to send now (an
+    /// error, or a quick task's result).
+    fn accept_task(&self, req: Request, session: &Session) -> Option<Response> {
+        let (jobs, in_flight) = (session.jobs.as_ref(), &session.in_flight);
         let params: TaskRunParams = match serde_json::from_value(req.params) {
             Ok(p) => p,
             Err(e) => {
@@ -480,7 +388,7 @@ impl Plugin {
             let err = ErrorObject::new(code::INVALID_REQUEST, "task.run before initialize");
             return Some(Response::err(Some(req.id), err));
         };
-        if shutting_down.load(Ordering::SeqCst) {
+        if session.shutting_down.load(Ordering::SeqCst) {
             let err = ErrorObject::new(code::SHUTTING_DOWN, "plugin is shutting down");
             return Some(Response::err(Some(req.id), err));
         }
@@ -489,6 +397,16 @@ impl Plugin {
             return Some(Response::err(Some(req.id), err));
         };
         let cancelled = Arc::new(AtomicBool::new(false));
+        if self.quick.contains(&params.task) {
+            let job = Job {
+                id: req.id,
+                params,
+                handler,
+                cancelled,
+            };
+            let result = run_handler(&job, &session.settings, &session.out);
+            return Some(answer(job.id, result));
+        }
         in_flight
             .tasks
             .lock()
@@ -506,57 +424,6 @@ impl Plugin {
         }
         None
     }
-}
-
-fn start_pool(
-    threads: u32,
-    out: Outbox,
-    in_flight: Arc<InFlight>,
-    settings: Arc<Map<String, Value>>,
-) -> mpsc::Sender<Job> {
-    let (tx, rx) = mpsc::channel::<Job>();
-    let rx = Arc::new(Mutex::new(rx));
-    for _ in 0..threads {
-        let rx = rx.clone();
-        let out = out.clone();
-        let in_flight = in_flight.clone();
-        let settings = settings.clone();
-        thread::spawn(move || loop {
-            let job = match rx.lock().expect("job queue lock poisoned").recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            };
-            let ctx = TaskContext {
-                task_id: job.params.task_id.clone(),
-                delivery_info: job.params.delivery_info.clone().unwrap_or_default(),
-                request: job.params.request.clone().unwrap_or_default(),
-                cancelled: job.cancelled,
-                settings: settings.clone(),
-                out: out.clone(),
-            };
-            let queue = ctx.queue().map(str::to_string);
-            let run = || with_current_queue(queue, || (job.handler)(&ctx, &job.params));
-            let result = catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "handler panicked".into());
-                Err(TaskError::new("Panic", message))
-            });
-            let reply = match result {
-                Ok(value) => Response::ok(job.id, value),
-                Err(e) => Response::err(Some(job.id), e.to_error_object()),
-            };
-            let _ = out.send(Message::Response(reply).to_line());
-            let mut tasks = in_flight.tasks.lock().expect("in-flight lock poisoned");
-            tasks.remove(&job.params.task_id);
-            if in_flight.waited_for.load(Ordering::SeqCst) {
-                in_flight.finished.notify_all();
-            }
-        });
-    }
-    tx
 }
 
 /// Writes queued lines, flushing once per batch of whatever is ready.
@@ -577,28 +444,12 @@ fn write_lines<W: Write>(outbox: mpsc::Receiver<Vec<u8>>, output: W) {
     }
 }
 
-thread_local! {
-    static CURRENT_QUEUE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Runs `f` with `queue` as the current task's queue on this thread (the SDK's task threads).
-pub(crate) fn with_current_queue<T>(queue: Option<String>, f: impl FnOnce() -> T) -> T {
-    CURRENT_QUEUE.with(|q| *q.borrow_mut() = queue);
-    let out = f();
-    CURRENT_QUEUE.with(|q| *q.borrow_mut() = None);
-    out
-}
-
-/// The queue the task running on this thread was consumed from (`None` outside a task).
-pub fn current_task_queue_name() -> Option<String> {
-    CURRENT_QUEUE.with(|q| q.borrow().clone())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
     use std::sync::mpsc::Receiver;
+    use std::sync::Mutex;
 
     /// A `Write` that forwards each flushed buffer to a channel.
     struct ChannelWriter(mpsc::Sender<Vec<u8>>, Vec<u8>);
@@ -690,5 +541,70 @@ mod tests {
             .unwrap();
         let result_at = out.iter().position(|m| m["id"] == 2).unwrap();
         assert!(stream_at < result_at, "stream items precede the result");
+    }
+    #[test]
+    fn quick_tasks_run_on_the_reading_thread_and_are_answered_in_order_before_the_shutdown() {
+        let input = [
+            json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
+                "protocol_version":"1.0","worker":{"name":"w","version":"0"},
+                "plugin":{"name":"p","instance":0},"settings":{},
+                "limits":{"max_line_bytes":1000,"concurrency":2}}}),
+            json!({"jsonrpc":"2.0","method":"initialized"}),
+            json!({"jsonrpc":"2.0","id":2,"method":"task.run","params":{"task_id":"a","task":"inc","args":[1]}}),
+            json!({"jsonrpc":"2.0","id":3,"method":"task.run","params":{"task_id":"b","task":"boom"}}),
+            json!({"jsonrpc":"2.0","id":4,"method":"ping"}),
+            json!({"jsonrpc":"2.0","id":5,"method":"task.run","params":{"task_id":"c","task":"inc","args":[5]}}),
+            json!({"jsonrpc":"2.0","id":6,"method":"task.run","params":{"task_id":"d","task":"slow","args":[7]}}),
+            json!({"jsonrpc":"2.0","id":7,"method":"shutdown"}),
+        ]
+        .iter()
+        .map(|v| format!("{v}\n"))
+        .collect::<String>();
+        let reader = thread::current().id();
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let (seen, seen_slow) = (threads.clone(), threads.clone());
+        let (tx, rx) = mpsc::channel();
+        Plugin::new("p", "1.0")
+            .quick_task("inc", "adds one", move |ctx, p| {
+                seen.lock().unwrap().push(thread::current().id());
+                ctx.progress(1, Some(1), None);
+                Ok(json!(p.args[0].as_i64().unwrap() + 1))
+            })
+            .quick_task("boom", "panics", |_, _| panic!("quick and broken"))
+            .task("slow", "echoes on a task thread", move |_, p| {
+                seen_slow.lock().unwrap().push(thread::current().id());
+                Ok(p.args[0].clone())
+            })
+            .serve(input.as_bytes(), ChannelWriter(tx, Vec::new()))
+            .unwrap();
+        let out = collect(rx);
+        let at = |id: u64| out.iter().position(|m| m["id"] == json!(id)).unwrap();
+        assert_eq!(out[at(2)]["result"], 2);
+        assert_eq!(out[at(3)]["error"]["data"]["type"], "Panic", "{out:?}");
+        assert_eq!(out[at(5)]["result"], 6);
+        assert_eq!(out[at(6)]["result"], 7);
+        assert!(
+            at(2) < at(3) && at(3) < at(4) && at(4) < at(5),
+            "in the order read"
+        );
+        assert!(
+            at(5) < at(7) && at(6) < at(7),
+            "all before the shutdown's answer"
+        );
+        let progress = out
+            .iter()
+            .position(|m| m["method"] == "task.progress")
+            .unwrap();
+        assert!(
+            progress < at(2),
+            "a quick task's progress precedes its answer"
+        );
+        let threads = threads.lock().unwrap();
+        assert_eq!(
+            threads[..2],
+            [reader, reader],
+            "quick tasks ran on the reading thread"
+        );
+        assert_ne!(threads[2], reader, "the other task ran on a task thread");
     }
 }
