@@ -118,6 +118,19 @@ async fn one_tasks_events_come_in_order_with_their_facts() {
     assert_eq!(ev.subscribed, ["task.*", "instance.*"]);
     assert!(ev.delivered >= 8, "{ev:?}");
     assert_eq!(ev.dropped, 0);
+    // It only watches, so its process yields the CPU to the tasks' (nice 10); rust-echo's not.
+    let nice = |pid: Option<u32>| {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.unwrap())).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        after_name
+            .split(' ')
+            .nth(16)
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+    };
+    assert_eq!(nice(status.instances[0].pid), 10);
+    assert_eq!(nice(h.status("rust-echo").await.instances[0].pid), 0);
     h.stop().await;
 }
 
@@ -228,6 +241,16 @@ fn a_manifest_subscribes_to_known_kinds_and_may_serve_no_task() {
     let m = worker::manifest::Manifest::parse(ok, dir).expect("a subscriber without tasks");
     assert_eq!(m.events, ["task.*", "plugin.removed"]);
     assert!(m.tasks.is_empty());
+    assert_eq!(m.nice(), worker::manifest::WATCHER_NICE, "it only watches");
+    let m = worker::manifest::Manifest::parse(&format!("{ok}[limits]\nnice = 0\n"), dir).unwrap();
+    assert_eq!(m.nice(), 0, "unless its limits say otherwise");
+    let serving = format!("{ok}[[tasks]]\nname = \"m.t\"\n");
+    let m = worker::manifest::Manifest::parse(&serving, dir).unwrap();
+    assert_eq!(
+        m.nice(),
+        0,
+        "a plugin that serves tasks keeps the tasks' priority"
+    );
     let bad = ok.replace("plugin.removed", "tasks.*");
     let err = worker::manifest::Manifest::parse(&bad, dir)
         .unwrap_err()

@@ -16,6 +16,9 @@ pub struct Limits {
     pub cpu_time: Option<u64>,
     /// Core file size in bytes (RLIMIT_CORE); 0, no core dumps, by default.
     pub core: u64,
+    /// CPU priority (setpriority), 0-19: higher yields the CPU to others. Unset, see
+    /// [`Manifest::nice`](super::Manifest::nice).
+    pub nice: Option<u8>,
 }
 
 /// `[limits]` as written: sizes may carry a unit (`"512MiB"`, `"2GiB"`) or be plain bytes.
@@ -27,6 +30,7 @@ pub(super) struct RawLimits {
     processes: Option<u64>,
     cpu_time: Option<u64>,
     core: Option<Size>,
+    nice: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +92,11 @@ impl RawLimits {
                 .map(|s| s.bytes("core"))
                 .transpose()?
                 .unwrap_or(0),
+            nice: match self.nice {
+                None => None,
+                Some(n @ 0..=19) => Some(n as u8),
+                Some(n) => return Err(format!("key `limits.nice`: {n} is not 0-19 (a plugin may give up CPU priority, not take more)")),
+            },
         })
     }
 }
@@ -108,5 +117,14 @@ mod tests {
         assert!(raw.check().unwrap_err().contains("key `limits.memory`"));
         let raw: RawLimits = toml::from_str("cpu_time = 0").unwrap();
         assert!(raw.check().unwrap_err().contains("at least 1"));
+        let raw: RawLimits = toml::from_str("nice = 19").unwrap();
+        assert_eq!(raw.check().unwrap().nice, Some(19));
+        for bad in ["nice = -1", "nice = 20"] {
+            let raw: RawLimits = toml::from_str(bad).unwrap();
+            assert!(
+                raw.check().unwrap_err().contains("key `limits.nice`"),
+                "{bad}"
+            );
+        }
     }
 }

@@ -21,6 +21,9 @@ use toml::Spanned;
 
 pub const MANIFEST_FILE: &str = "plugin.toml";
 
+/// The CPU priority of a plugin that only watches events, unless its `[limits]` say otherwise.
+pub const WATCHER_NICE: u8 = 10;
+
 /// A validated plugin manifest.
 /// A plugin's manifest. Serializes (for `plugins inspect --json`) with durations in seconds
 /// and the install steps as `install_steps`.
@@ -485,6 +488,18 @@ impl Manifest {
             settings,
             install: raw.install.into_inner(),
         })
+    }
+
+    /// Its processes' CPU priority: `[limits] nice`, or else `WATCHER_NICE` for a plugin that
+    /// only watches events (no task, no backend), so that on a busy host its work waits for
+    /// the tasks' rather than the other way round; 0 for every other.
+    pub fn nice(&self) -> u8 {
+        let watches_only = self.tasks.is_empty()
+            && self.backends.queue_backend.is_none()
+            && self.backends.result_backend.is_none()
+            && !self.events.is_empty();
+        let default = if watches_only { WATCHER_NICE } else { 0 };
+        self.limits.nice.unwrap_or(default)
     }
 
     /// The program to execute: relative paths with a `/` are taken from the plugin dir.

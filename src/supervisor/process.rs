@@ -122,7 +122,8 @@ pub fn spawn(manifest: &Manifest, launch: Launch) -> io::Result<Child> {
         .process_group(0)
         .kill_on_drop(true);
     let parent = nix::unistd::getpid();
-    let limits = manifest.limits.clone();
+    let mut limits = manifest.limits.clone();
+    limits.nice = Some(manifest.nice());
     let identity = launch.identity.cloned();
     let mut ruleset = match (manifest.sandbox, launch.data, launch.tmp) {
         (Sandbox::None, _, _) => None,
@@ -251,6 +252,13 @@ fn apply_limits(limits: &crate::manifest::Limits) -> io::Result<()> {
     if let Some(v) = limits.cpu_time {
         // SIGXCPU at the limit (named in the crash report), SIGKILL a second later.
         setrlimit(Resource::RLIMIT_CPU, v, v.saturating_add(1)).map_err(io::Error::from)?;
+    }
+    if let Some(nice @ 1..) = limits.nice {
+        // SAFETY: a plain syscall on this process (async-signal-safe, as `pre_exec` needs).
+        let set = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS as _, 0, nice.into()) };
+        if set != 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(())
 }
