@@ -7,8 +7,9 @@
 //! the channel, so it is sent only when each of them has been answered. A task still running
 //! with a low tag, a delivery another consumer's relay has not handed on yet, and a delivery
 //! about to be rejected all block it (a reject of a tag a multiple ack already covered would
-//! close the channel with PRECONDITION_FAILED); answered tags above such a blocker are acked
-//! one by one instead, at the same flush, so a long task never holds them past the deadline.
+//! close the channel with PRECONDITION_FAILED). Answered tags above such a blocker wait in
+//! their batch until its deadline, and go one by one then if it still blocks them, so a long
+//! task never holds them past the deadline.
 //!
 //! Tags are per channel and start again at 1 on a new one, so each channel has its own
 //! [`ChannelAcks`] and each delivery's [`Tag`] names the one of the channel it came on: a new
@@ -74,6 +75,8 @@ pub struct Coalescer {
     answered: BTreeSet<u64>,
     /// Number of the batch `answered` belongs to; a flush starts the next.
     batch: u64,
+    /// The batch has a leader waiting out [`FLUSH_DEADLINE`] (see [`Answered::Lead`]).
+    led: bool,
 }
 
 impl Coalescer {
@@ -85,6 +88,7 @@ impl Coalescer {
             seen: 0,
             answered: BTreeSet::new(),
             batch: 0,
+            led: false,
         }
     }
 
@@ -116,6 +120,7 @@ impl Coalescer {
         if self.answered.len() >= self.batch_size || self.open.is_empty() {
             Answered::Flush
         } else if self.answered.len() == 1 {
+            self.led = true;
             Answered::Lead(self.batch)
         } else {
             Answered::Joined
@@ -139,17 +144,28 @@ impl Coalescer {
             return Vec::new();
         }
         self.batch += 1;
+        self.led = false;
         let lowest_open = self.open.first().copied().unwrap_or(u64::MAX);
         let above = self.answered.split_off(&lowest_open);
         let below = std::mem::take(&mut self.answered);
         let mut ops = Vec::with_capacity(1 + above.len());
-        match (below.len(), below.last()) {
-            (1, Some(&tag)) => ops.push(AckOp::Single(tag)),
-            (_, Some(&tag)) => ops.push(AckOp::Multiple(tag)),
-            (_, None) => {}
-        }
+        ops.extend(covering(&below));
         ops.extend(above.into_iter().map(AckOp::Single));
         ops
+    }
+
+    /// What a full batch sends at once: one ack for the answers below the lowest open tag.
+    /// The answers above it stay in the batch until its leader's deadline, by when that tag
+    /// is usually answered too and one multiple ack covers them all (each single ack costs
+    /// the broker about as much as a delivery). Without a leader, everything goes now.
+    pub fn flush_full(&mut self) -> Vec<AckOp> {
+        let lowest_open = self.open.first().copied().unwrap_or(u64::MAX);
+        if !self.led || self.answered.last().is_none_or(|&t| t < lowest_open) {
+            return self.flush();
+        }
+        let above = self.answered.split_off(&lowest_open);
+        let below = std::mem::replace(&mut self.answered, above);
+        covering(&below).into_iter().collect()
     }
 
     /// [`flush`](Self::flush) if batch `batch` still waits (its leader's deadline passed);
@@ -159,6 +175,15 @@ impl Coalescer {
             true => self.flush(),
             false => Vec::new(),
         }
+    }
+}
+
+/// One ack for every tag of `tags`, all answered and contiguous with what was acked before.
+fn covering(tags: &BTreeSet<u64>) -> Option<AckOp> {
+    match (tags.len(), tags.last()) {
+        (1, Some(&tag)) => Some(AckOp::Single(tag)),
+        (_, Some(&tag)) => Some(AckOp::Multiple(tag)),
+        (_, None) => None,
     }
 }
 
@@ -247,7 +272,7 @@ impl Tag {
         }
         let next = lock(&acks.core).answered(self.tag);
         match next {
-            Answered::Flush => acks.send(Coalescer::flush).await,
+            Answered::Flush => acks.send(Coalescer::flush_full).await,
             Answered::Lead(batch) => {
                 tokio::time::sleep(FLUSH_DEADLINE).await;
                 acks.send(|core| core.due(batch)).await
@@ -382,6 +407,35 @@ mod tests {
                 "prefetch {prefetch}"
             );
         }
+    }
+
+    #[test]
+    fn a_full_batch_acks_below_the_lowest_open_tag_and_keeps_the_rest_for_its_deadline() {
+        let mut c = Coalescer::new(8); // batches of 4
+        (1..=8).for_each(|t| c.delivered(t));
+        assert_eq!(c.answered(2), Lead(0));
+        assert_eq!((c.answered(3), c.answered(4)), (Joined, Joined));
+        assert_eq!(c.answered(5), Flush, "the batch is full");
+        assert_eq!(c.flush_full(), vec![], "tag 1 still runs: 2-5 wait");
+        assert_eq!(c.answered(1), Flush);
+        assert_eq!(c.flush_full(), vec![Multiple(5)], "one ack for all five");
+        assert_eq!(c.due(0), vec![], "the batch was flushed");
+        // A low tag that keeps running: the rest go one by one at the leader's deadline.
+        assert_eq!(c.answered(7), Lead(1));
+        (8..=10).for_each(|t| c.delivered(t));
+        assert_eq!((c.answered(8), c.answered(9)), (Joined, Joined));
+        assert_eq!(c.answered(10), Flush);
+        assert_eq!(c.flush_full(), vec![], "tag 6 still runs");
+        assert_eq!(c.due(1), vec![Single(7), Single(8), Single(9), Single(10)]);
+        // No leader (batches of 1): what is answered goes at once.
+        let mut c = Coalescer::new(2);
+        (1..=2).for_each(|t| c.delivered(t));
+        assert_eq!(c.answered(2), Flush);
+        assert_eq!(
+            c.flush_full(),
+            vec![Single(2)],
+            "nobody would flush it later"
+        );
     }
 
     #[test]
