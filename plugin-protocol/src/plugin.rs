@@ -156,9 +156,9 @@ impl Plugin {
 
     /// Registers a task that is quick (microseconds, never blocking): it runs on the thread
     /// that reads requests, and its answer leaves with the others read at the same time, in
-    /// one write. That spares two thread hand-offs per task. While it runs nothing else is
-    /// read, and a `task.cancel` for it comes too late: keep anything slow or cancellable in
-    /// [`Plugin::task`].
+    /// one write: no task thread is woken, and the writer gets one piece per read. While it
+    /// runs nothing else is read, and a `task.cancel` for it comes too late: keep anything
+    /// slow or cancellable in [`Plugin::task`].
     pub fn quick_task<F>(self, name: &str, description: &str, handler: F) -> Self
     where
         F: Fn(&TaskContext, &TaskRunParams) -> Result<Value, TaskError> + Send + Sync + 'static,
