@@ -436,6 +436,10 @@ fn plugins_inspect_shows_manifest_instances_exits_and_stderr() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["settings"]["colour"], "blue");
     assert_eq!(
+        doc["limits"]["nice"], 0,
+        "the priority it runs at, not null"
+    );
+    assert_eq!(
         doc["live"]["instances"][0]["recent_exits"]
             .as_array()
             .unwrap()

@@ -241,14 +241,17 @@ fn a_manifest_subscribes_to_known_kinds_and_may_serve_no_task() {
     let m = worker::manifest::Manifest::parse(ok, dir).expect("a subscriber without tasks");
     assert_eq!(m.events, ["task.*", "plugin.removed"]);
     assert!(m.tasks.is_empty());
-    assert_eq!(m.nice(), worker::manifest::WATCHER_NICE, "it only watches");
+    assert_eq!(
+        m.limits.nice,
+        worker::manifest::WATCHER_NICE,
+        "it only watches"
+    );
     let m = worker::manifest::Manifest::parse(&format!("{ok}[limits]\nnice = 0\n"), dir).unwrap();
-    assert_eq!(m.nice(), 0, "unless its limits say otherwise");
+    assert_eq!(m.limits.nice, 0, "unless its limits say otherwise");
     let serving = format!("{ok}[[tasks]]\nname = \"m.t\"\n");
     let m = worker::manifest::Manifest::parse(&serving, dir).unwrap();
     assert_eq!(
-        m.nice(),
-        0,
+        m.limits.nice, 0,
         "a plugin that serves tasks keeps the tasks' priority"
     );
     let bad = ok.replace("plugin.removed", "tasks.*");

@@ -16,9 +16,10 @@ pub struct Limits {
     pub cpu_time: Option<u64>,
     /// Core file size in bytes (RLIMIT_CORE); 0, no core dumps, by default.
     pub core: u64,
-    /// CPU priority (setpriority), 0-19: higher yields the CPU to others. Unset, see
-    /// [`Manifest::nice`](super::Manifest::nice).
-    pub nice: Option<u8>,
+    /// CPU priority (setpriority), 0-19: higher yields the CPU to others. Unset in the
+    /// manifest, it is resolved when the manifest is parsed: `WATCHER_NICE` for a plugin that
+    /// only watches events, else 0 (see [`RawLimits::check`]).
+    pub nice: u8,
 }
 
 /// `[limits]` as written: sizes may carry a unit (`"512MiB"`, `"2GiB"`) or be plain bytes.
@@ -72,7 +73,8 @@ impl Size {
 }
 
 impl RawLimits {
-    pub(super) fn check(&self) -> Result<Limits, String> {
+    /// The limits as applied; `default_nice` is the priority when `nice` is not written.
+    pub(super) fn check(&self, default_nice: u8) -> Result<Limits, String> {
         let positive = |key: &str, v: Option<u64>| match v {
             Some(0) => Err(format!("key `limits.{key}`: must be at least 1")),
             v => Ok(v),
@@ -93,8 +95,8 @@ impl RawLimits {
                 .transpose()?
                 .unwrap_or(0),
             nice: match self.nice {
-                None => None,
-                Some(n @ 0..=19) => Some(n as u8),
+                None => default_nice,
+                Some(n @ 0..=19) => n as u8,
                 Some(n) => return Err(format!("key `limits.nice`: {n} is not 0-19 (a plugin may give up CPU priority, not take more)")),
             },
         })
@@ -108,21 +110,23 @@ mod tests {
     #[test]
     fn sizes_take_units_and_bad_ones_are_named() {
         let raw: RawLimits = toml::from_str("memory = \"512MiB\"\nopen_files = 64").unwrap();
-        let l = raw.check().unwrap();
+        let l = raw.check(0).unwrap();
         assert_eq!(
             (l.memory, l.open_files, l.core),
             (Some(512 << 20), Some(64), 0)
         );
         let raw: RawLimits = toml::from_str("memory = \"lots\"").unwrap();
-        assert!(raw.check().unwrap_err().contains("key `limits.memory`"));
+        assert!(raw.check(0).unwrap_err().contains("key `limits.memory`"));
         let raw: RawLimits = toml::from_str("cpu_time = 0").unwrap();
-        assert!(raw.check().unwrap_err().contains("at least 1"));
+        assert!(raw.check(0).unwrap_err().contains("at least 1"));
         let raw: RawLimits = toml::from_str("nice = 19").unwrap();
-        assert_eq!(raw.check().unwrap().nice, Some(19));
+        assert_eq!(raw.check(0).unwrap().nice, 19);
+        let raw: RawLimits = toml::from_str("").unwrap();
+        assert_eq!(raw.check(7).unwrap().nice, 7, "unset takes the default");
         for bad in ["nice = -1", "nice = 20"] {
             let raw: RawLimits = toml::from_str(bad).unwrap();
             assert!(
-                raw.check().unwrap_err().contains("key `limits.nice`"),
+                raw.check(0).unwrap_err().contains("key `limits.nice`"),
                 "{bad}"
             );
         }

@@ -455,7 +455,6 @@ impl Manifest {
         }
         let timeouts = c.timeouts(&raw.timeouts)?;
         let restart = c.restart(&raw.restart)?;
-        let limits = raw.limits.check()?;
         let settings = match serde_json::to_value(&raw.settings) {
             Ok(Value::Object(map)) => map,
             _ => return Err("key `settings`: must be a table of plain values".into()),
@@ -463,6 +462,13 @@ impl Manifest {
         c.install(&raw)?;
         let tests = self_tests::self_tests(raw.tests, raw.tasks.get_ref())?;
         let backends = c.backends(raw.provides, raw.queue_backend, raw.result_backend)?;
+        let watches_only = raw.tasks.get_ref().is_empty()
+            && backends.queue_backend.is_none()
+            && backends.result_backend.is_none()
+            && !raw.events.get_ref().is_empty();
+        let limits = raw
+            .limits
+            .check(if watches_only { WATCHER_NICE } else { 0 })?;
         Ok(Manifest {
             backends,
             tests,
@@ -488,18 +494,6 @@ impl Manifest {
             settings,
             install: raw.install.into_inner(),
         })
-    }
-
-    /// Its processes' CPU priority: `[limits] nice`, or else `WATCHER_NICE` for a plugin that
-    /// only watches events (no task, no backend), so that on a busy host its work waits for
-    /// the tasks' rather than the other way round; 0 for every other.
-    pub fn nice(&self) -> u8 {
-        let watches_only = self.tasks.is_empty()
-            && self.backends.queue_backend.is_none()
-            && self.backends.result_backend.is_none()
-            && !self.events.is_empty();
-        let default = if watches_only { WATCHER_NICE } else { 0 };
-        self.limits.nice.unwrap_or(default)
     }
 
     /// The program to execute: relative paths with a `/` are taken from the plugin dir.

@@ -122,8 +122,7 @@ pub fn spawn(manifest: &Manifest, launch: Launch) -> io::Result<Child> {
         .process_group(0)
         .kill_on_drop(true);
     let parent = nix::unistd::getpid();
-    let mut limits = manifest.limits.clone();
-    limits.nice = Some(manifest.nice());
+    let limits = manifest.limits.clone();
     let identity = launch.identity.cloned();
     let mut ruleset = match (manifest.sandbox, launch.data, launch.tmp) {
         (Sandbox::None, _, _) => None,
@@ -253,7 +252,8 @@ fn apply_limits(limits: &crate::manifest::Limits) -> io::Result<()> {
         // SIGXCPU at the limit (named in the crash report), SIGKILL a second later.
         setrlimit(Resource::RLIMIT_CPU, v, v.saturating_add(1)).map_err(io::Error::from)?;
     }
-    if let Some(nice @ 1..) = limits.nice {
+    if limits.nice > 0 {
+        let nice = limits.nice;
         // SAFETY: a plain syscall on this process (async-signal-safe, as `pre_exec` needs).
         let set = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS as _, 0, nice.into()) };
         if set != 0 {
