@@ -26,6 +26,8 @@
 
 #[path = "common/amqp_load.rs"]
 mod amqp_load;
+#[path = "common/idle.rs"]
+mod idle;
 #[path = "common/procstat.rs"]
 #[allow(dead_code)] // each bench uses its own part
 mod procstat;
@@ -380,6 +382,7 @@ fn contenders(root: &std::path::Path) -> Vec<Contender> {
 }
 
 fn main() {
+    let _idle = idle::hold();
     let n = n_tasks();
     let venv = repo().join("target/celery-venv/bin");
     assert!(

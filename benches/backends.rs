@@ -29,6 +29,8 @@
 #[path = "common/daemon.rs"]
 #[allow(dead_code)] // each bench uses its own part
 mod daemon;
+#[path = "common/idle.rs"]
+mod idle;
 #[path = "common/offer_load.rs"]
 mod offer_load;
 #[path = "common/procstat.rs"]
@@ -223,6 +225,7 @@ fn main() {
     if std::env::var_os("BENCH_OFFERS_CHILD").is_some() {
         return offer_load::child();
     }
+    let _idle = idle::hold();
     for b in ["worker", "examples/rust-echo"] {
         let path = repo().join("target/release").join(b);
         assert!(

@@ -14,6 +14,8 @@
 //! window. Rounds are interleaved (every contender once per round); the figures are medians
 //! over the rounds, with the spread (lowest to highest) beside them.
 
+#[path = "common/idle.rs"]
+mod idle;
 #[path = "common/procstat.rs"]
 #[allow(dead_code)] // each bench uses its own part
 mod procstat;
@@ -202,6 +204,7 @@ fn ours(root: &Path) -> Box<dyn Fn(&Server) -> Child> {
 }
 
 fn main() {
+    let _idle = idle::hold();
     let n = env_or("BENCH_N", 20_000).max(2);
     let rounds = env_or("BENCH_ROUNDS", 5).max(1);
     let venv = repo().join("target/celery-venv/bin");

@@ -26,6 +26,8 @@
 
 #[path = "common/daemon.rs"]
 mod daemon;
+#[path = "common/idle.rs"]
+mod idle;
 #[path = "common/minimal.rs"]
 mod minimal;
 #[path = "common/procstat.rs"]
@@ -411,6 +413,7 @@ fn main() {
         let (kind, limit) = spec.split_once(':').unwrap();
         return id_memory(kind, limit.parse().unwrap());
     }
+    let _idle = idle::hold();
     let root = tempfile::tempdir().unwrap();
     // The worker's own runtime, as `worker serve` builds it; the work a spawned task, as the
     // daemon's sources are.

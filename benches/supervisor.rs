@@ -31,6 +31,8 @@
 #[path = "common/daemon.rs"]
 #[allow(dead_code)] // each bench uses its own part
 mod daemon;
+#[path = "common/idle.rs"]
+mod idle;
 #[path = "common/minimal.rs"]
 mod minimal;
 #[path = "common/procstat.rs"]
@@ -424,6 +426,7 @@ fn main() {
     if std::env::var_os("BENCH_MINIMAL_CHILD").is_some() {
         return minimal::child();
     }
+    let _idle = idle::hold();
     let rt = Runtimes::new();
     let root = tempfile::tempdir().unwrap();
     // Apart from `root`, whose plugins the idle RSS measurement installs.

@@ -147,9 +147,10 @@ impl Unit {
     }
 }
 
-/// The heading above a bench's goal lines.
+/// The heading above a bench's goal lines, with how idle CPUs waited (`idle.rs`).
 pub fn goals_header() {
-    println!("\ngoals: median of the per-round figures (lowest-highest); met only when the whole spread clears the goal, over >= {MIN_ROUNDS} rounds");
+    let idle = super::idle::mode();
+    println!("\ngoals ({idle}): median of the per-round figures (lowest-highest); met only when the whole spread clears the goal, over >= {MIN_ROUNDS} rounds");
 }
 
 /// Prints `goal <name>` with its median, spread and verdict, and the per-round figures below it
