@@ -4,11 +4,10 @@
 
 use super::SourceState;
 use crate::source::engine::announce::worker_event;
-use crate::source::engine::monitor::{heartbeats, BATCH};
+use crate::source::engine::monitor::{heartbeats, multi_body, Event, BATCH};
 use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, ExchangeKind};
-use serde_json::Value;
 use std::sync::Arc;
 
 /// Celery's event exchange (`event_exchange`).
@@ -30,7 +29,7 @@ pub(super) async fn declare(channel: &Channel) -> lapin::Result<()> {
         .await
 }
 
-async fn publish(channel: &Channel, hostname: &str, (key, event): (String, Value)) -> bool {
+async fn publish(channel: &Channel, hostname: &str, key: &str, body: &[u8]) -> bool {
     let mut headers = FieldTable::default();
     headers.insert("hostname".into(), AMQPValue::LongString(hostname.into()));
     let props = BasicProperties::default()
@@ -39,13 +38,12 @@ async fn publish(channel: &Channel, hostname: &str, (key, event): (String, Value
         .with_headers(headers)
         .with_delivery_mode(1)
         .with_priority(0);
-    let body = serde_json::to_vec(&event).expect("an event serializes");
     let sent = channel
         .basic_publish(
             EXCHANGE.into(),
-            key.as_str().into(),
+            key.into(),
             BasicPublishOptions::default(),
-            &body,
+            body,
             props,
         )
         .await;
@@ -63,7 +61,8 @@ async fn publish(channel: &Channel, hostname: &str, (key, event): (String, Value
 pub(super) async fn run(shared: Arc<SourceState>, channel: Channel) {
     let monitor = &shared.monitor;
     let node = shared.engine.nodename();
-    if !publish(&channel, &node, worker_event(&shared, "worker-online")).await {
+    let online = worker_event(&shared, "worker-online");
+    if !publish(&channel, &node, &online.key, &online.body).await {
         return;
     }
     let mut queued = monitor.queued().await;
@@ -89,36 +88,22 @@ pub(super) async fn run(shared: Arc<SourceState>, channel: Channel) {
 
 /// Publishes `batch` (emptying it): worker events one by one, task events together as a JSON
 /// array on `task.multi` when there are several, as Celery's worker buffers its task group.
-async fn publish_batch(
-    channel: &Channel,
-    hostname: &str,
-    batch: &mut Vec<(String, Value)>,
-) -> bool {
-    let (tasks, others): (Vec<_>, Vec<_>) = batch
-        .drain(..)
-        .partition(|(key, _)| key.starts_with("task."));
+async fn publish_batch(channel: &Channel, hostname: &str, batch: &mut Vec<Event>) -> bool {
+    let (tasks, others): (Vec<_>, Vec<_>) = batch.drain(..).partition(Event::is_task);
     for event in others {
-        if !publish(channel, hostname, event).await {
+        if !publish(channel, hostname, &event.key, &event.body).await {
             return false;
         }
     }
-    match tasks.len() {
-        0 => true,
-        1 => publish(channel, hostname, tasks.into_iter().next().expect("one")).await,
-        _ => {
-            let events = tasks.into_iter().map(|(_, e)| e).collect();
-            publish(
-                channel,
-                hostname,
-                ("task.multi".into(), Value::Array(events)),
-            )
-            .await
-        }
+    match tasks.as_slice() {
+        [] => true,
+        [one] => publish(channel, hostname, &one.key, &one.body).await,
+        _ => publish(channel, hostname, "task.multi", &multi_body(&tasks)).await,
     }
 }
 
 /// `worker-offline`, sent once as the worker stops, so monitors mark it offline at once.
 pub(super) async fn offline(shared: &SourceState, channel: &Channel) {
     let event = worker_event(shared, "worker-offline");
-    publish(channel, &shared.engine.nodename(), event).await;
+    publish(channel, &shared.engine.nodename(), &event.key, &event.body).await;
 }

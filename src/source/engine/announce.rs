@@ -2,6 +2,7 @@
 //! `-retried`, `-revoked`, `-succeeded`, `-failed`), queued on the worker's
 //! [`Monitor`](super::monitor::Monitor) only while task events are on.
 
+use super::monitor::Event;
 use super::rules::Settlement;
 use super::worker::{Transport, Worker};
 use crate::source::celery::{state, CeleryTask};
@@ -11,7 +12,7 @@ use std::time::SystemTime;
 
 /// A `worker-online`, `-heartbeat` or `-offline` event for `shared`, with the state Flower
 /// shows.
-pub(crate) fn worker_event<T: Transport>(shared: &Worker<T>, kind: &str) -> (String, Value) {
+pub(crate) fn worker_event<T: Transport>(shared: &Worker<T>, kind: &str) -> Event {
     shared
         .monitor
         .worker_event(&shared.engine.nodename(), shared.active_count(), kind)

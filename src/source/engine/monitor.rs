@@ -23,6 +23,9 @@ const BUFFER: usize = 4096;
 /// late, and the broker routes one message per `GATHER` instead of three per task.
 const GATHER: Duration = Duration::from_millis(50);
 
+/// How often a gathering loop takes what was queued meanwhile (see [`Monitor::next_batch`]).
+const GATHER_POLL: Duration = Duration::from_millis(5);
+
 /// The worker's side of Celery's event stream: whether task events are on, the Lamport clock,
 /// the count of tasks started, and the queue of events for the session to publish.
 pub(crate) struct Monitor {
@@ -33,9 +36,59 @@ pub(crate) struct Monitor {
     /// `utcoffset()` as f64 bits, refreshed with each heartbeat (reading the zone per event
     /// would cost a `stat` of /etc/localtime each time).
     utcoffset: AtomicU64,
-    tx: mpsc::Sender<(String, Value)>,
-    rx: tokio::sync::Mutex<mpsc::Receiver<(String, Value)>>,
+    tx: mpsc::Sender<Event>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Event>>,
 }
+
+/// One Celery event as it will be published: its routing key (the type with `-` as `.`) and
+/// its body, a JSON object written once when the event is made, so neither the queue nor the
+/// publishing loop builds or walks a map per event.
+#[derive(Debug, Clone)]
+pub(crate) struct Event {
+    pub(crate) key: String,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Event {
+    /// Whether it is a `task-*` event (batched on `task.multi`).
+    pub(crate) fn is_task(&self) -> bool {
+        self.key.starts_with("task.")
+    }
+
+    /// The body as a value (tests and diagnostics).
+    #[cfg(test)]
+    pub(crate) fn value(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("an event body is JSON")
+    }
+}
+
+/// The body of a `task.multi` message: the events' bodies as one JSON array.
+pub(crate) fn multi_body(events: &[Event]) -> Vec<u8> {
+    let len = events.iter().map(|e| e.body.len() + 1).sum::<usize>() + 1;
+    let mut body = Vec::with_capacity(len);
+    body.push(b'[');
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&e.body);
+    }
+    body.push(b']');
+    body
+}
+
+/// Appends `"key":value` to an event body being written (a comma first unless it is the first).
+fn put(body: &mut Vec<u8>, key: &str, value: &impl serde::Serialize) {
+    if body.len() > 1 {
+        body.push(b',');
+    }
+    serde_json::to_writer(&mut *body, key).expect("a key serializes");
+    body.push(b':');
+    serde_json::to_writer(&mut *body, value).expect("an event field serializes");
+}
+
+/// The fields every Celery event carries; a handler's field of the same name gives way to them.
+const COMMON: [&str; 6] = ["type", "hostname", "timestamp", "utcoffset", "pid", "clock"];
 
 impl Monitor {
     pub(crate) fn new(task_events: bool) -> Monitor {
@@ -102,7 +155,7 @@ impl Monitor {
         }
         let mut fields = fields();
         fields.insert("uuid".into(), json!(uuid));
-        self.queue(self.event(hostname, &format!("task-{kind}"), fields));
+        self.queue(self.event(hostname, &format!("task-{kind}"), &fields));
     }
 
     /// Queues the one heartbeat a `heartbeat` control command asks for: only `freq` 5 and
@@ -110,31 +163,41 @@ impl Monitor {
     pub(crate) fn heartbeat_requested(&self, hostname: &str) {
         let mut fields = software();
         fields.insert("freq".into(), json!(5.0));
-        self.queue(self.event(hostname, "worker-heartbeat", fields));
+        self.queue(self.event(hostname, "worker-heartbeat", &fields));
     }
 
-    fn queue(&self, event: (String, Value)) {
+    fn queue(&self, event: Event) {
         if self.tx.try_send(event).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// An event with the fields every Celery event carries; the routing key is its type with
-    /// `-` as `.`.
-    fn event(&self, hostname: &str, kind: &str, mut fields: Map<String, Value>) -> (String, Value) {
+    /// An event of type `kind` with `fields` and the fields every Celery event carries.
+    fn event(&self, hostname: &str, kind: &str, fields: &Map<String, Value>) -> Event {
         let clock = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
-        fields.insert("type".into(), json!(kind));
-        fields.insert("hostname".into(), json!(hostname));
-        fields.insert("timestamp".into(), json!(now_epoch()));
         let offset = f64::from_bits(self.utcoffset.load(Ordering::Relaxed));
-        fields.insert("utcoffset".into(), json!(offset));
-        fields.insert("pid".into(), json!(std::process::id()));
-        fields.insert("clock".into(), json!(clock));
-        (kind.replace('-', "."), Value::Object(fields))
+        let mut body = Vec::with_capacity(256);
+        body.push(b'{');
+        for (key, value) in fields {
+            if !COMMON.contains(&key.as_str()) {
+                put(&mut body, key, value);
+            }
+        }
+        put(&mut body, "type", &kind);
+        put(&mut body, "hostname", &hostname);
+        put(&mut body, "timestamp", &now_epoch());
+        put(&mut body, "utcoffset", &offset);
+        put(&mut body, "pid", &std::process::id());
+        put(&mut body, "clock", &clock);
+        body.push(b'}');
+        Event {
+            key: kind.replace('-', "."),
+            body,
+        }
     }
 
     /// A `worker-online`, `-heartbeat` or `-offline` event with the state Flower shows.
-    pub(crate) fn worker_event(&self, node: &str, active: usize, kind: &str) -> (String, Value) {
+    pub(crate) fn worker_event(&self, node: &str, active: usize, kind: &str) -> Event {
         self.utcoffset
             .store(utcoffset().to_bits(), Ordering::Relaxed);
         let mut fields = software();
@@ -145,7 +208,7 @@ impl Monitor {
             json!(self.processed.load(Ordering::Relaxed)),
         );
         fields.insert("loadavg".into(), json!(loadavg()));
-        self.event(node, kind, fields)
+        self.event(node, kind, &fields)
     }
 }
 
@@ -180,22 +243,21 @@ fn loadavg() -> [f64; 3] {
 
 impl Monitor {
     /// The queued events, read by one publishing loop at a time.
-    pub(crate) async fn queued(
-        &self,
-    ) -> tokio::sync::MutexGuard<'_, mpsc::Receiver<(String, Value)>> {
+    pub(crate) async fn queued(&self) -> tokio::sync::MutexGuard<'_, mpsc::Receiver<Event>> {
         self.rx.lock().await
     }
 
     /// Fills `batch` with what is due next: a heartbeat when `beat` ticks, else the next
     /// queued event; task events then wait up to `GATHER` for company (up to `BATCH`), so
-    /// under load one broker message carries the events of many tasks. False once the queue
-    /// is closed.
+    /// under load one broker message carries the events of many tasks. While it gathers, the
+    /// loop looks at the queue every `GATHER_POLL` instead of waiting on it, so the tasks that
+    /// queue events do not wake it once per event. False once the queue is closed.
     pub(crate) async fn next_batch(
         &self,
-        heartbeat: impl Fn() -> (String, Value),
-        queued: &mut mpsc::Receiver<(String, Value)>,
+        heartbeat: impl Fn() -> Event,
+        queued: &mut mpsc::Receiver<Event>,
         beat: &mut tokio::time::Interval,
-        batch: &mut Vec<(String, Value)>,
+        batch: &mut Vec<Event>,
     ) -> bool {
         tokio::select! {
             _ = beat.tick() => batch.push(heartbeat()),
@@ -204,19 +266,25 @@ impl Monitor {
                 None => return false,
             },
         };
-        if batch.iter().any(|(key, _)| key.starts_with("task.")) {
-            let until = tokio::time::Instant::now() + GATHER;
+        if !batch.iter().any(Event::is_task) {
+            return true;
+        }
+        let until = tokio::time::Instant::now() + GATHER;
+        loop {
             while batch.len() < BATCH {
-                tokio::select! {
-                    e = queued.recv() => match e {
-                        Some(e) => batch.push(e),
-                        None => break,
-                    },
-                    _ = tokio::time::sleep_until(until) => break,
+                match queued.try_recv() {
+                    Ok(e) => batch.push(e),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    // Closed: what was gathered still goes out; the next call says so.
+                    Err(mpsc::error::TryRecvError::Disconnected) => return true,
                 }
             }
+            let now = tokio::time::Instant::now();
+            if batch.len() >= BATCH || now >= until {
+                return true;
+            }
+            tokio::time::sleep_until(until.min(now + GATHER_POLL)).await;
         }
-        true
     }
 }
 
@@ -254,17 +322,81 @@ mod tests {
             f.insert("result".into(), json!("5"));
             f
         });
-        let (key, e) = m.rx.try_lock().unwrap().try_recv().unwrap();
-        assert_eq!(key, "task.succeeded");
+        let event = m.rx.try_lock().unwrap().try_recv().unwrap();
+        let e = event.value();
+        assert_eq!(event.key, "task.succeeded");
         assert_eq!(e["type"], "task-succeeded");
         assert_eq!(e["uuid"], "id-1");
         assert_eq!(e["hostname"], "w@h");
         assert_eq!(e["clock"], 1);
         assert!(e["timestamp"].as_f64().unwrap() > 1.7e9);
         assert!(e["utcoffset"].is_number() && e["pid"].is_number());
+        // A handler's field named like a common one gives way to it; bodies join into an array.
+        m.task("w@h", "failed", "id-2", || {
+            let mut f = Map::new();
+            f.insert("hostname".into(), json!("spoofed"));
+            f.insert("exception".into(), json!("ValueError('x')"));
+            f
+        });
+        let failed = m.rx.try_lock().unwrap().try_recv().unwrap();
+        let body = String::from_utf8(failed.body.clone()).unwrap();
+        assert_eq!(body.matches("\"hostname\"").count(), 1, "{body}");
+        assert_eq!(failed.value()["hostname"], "w@h");
+        let multi: Value = serde_json::from_slice(&multi_body(&[event, failed])).unwrap();
+        assert_eq!(multi[0]["uuid"], "id-1");
+        assert_eq!(multi[1]["exception"], "ValueError('x')");
+        assert_eq!(multi[1]["clock"], 2);
         assert_eq!(m.disable(), json!({"ok": "task events disabled"}));
         assert_eq!(m.disable(), json!({"ok": "task events already disabled"}));
         let load = loadavg();
         assert!(load.iter().all(|v| *v >= 0.0));
+    }
+
+    /// A batch of task events waits `GATHER` for company (taking what came every
+    /// `GATHER_POLL`), leaves at once when full, and a heartbeat alone does not wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_gathers_task_events_for_its_deadline_or_until_full() {
+        let m = Monitor::new(true);
+        let mut queued = m.queued().await;
+        let mut beat = heartbeats();
+        let beat_event = || m.worker_event("w@h", 0, "worker-heartbeat");
+        let mut batch = Vec::new();
+        let started = tokio::time::Instant::now();
+        for i in 0..BATCH + 10 {
+            m.task("w@h", "started", &format!("id-{i}"), Map::new);
+        }
+        assert!(
+            m.next_batch(beat_event, &mut queued, &mut beat, &mut batch)
+                .await
+        );
+        assert_eq!(batch.len(), BATCH, "full: it leaves at once");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        batch.clear();
+        // The last ten, then two more that come while they wait: one batch at the deadline.
+        let late = async {
+            tokio::time::sleep(GATHER / 2).await;
+            m.task("w@h", "succeeded", "id-late-1", Map::new);
+            m.task("w@h", "succeeded", "id-late-2", Map::new);
+        };
+        let (gathered, ()) = tokio::join!(
+            m.next_batch(beat_event, &mut queued, &mut beat, &mut batch),
+            late
+        );
+        assert!(gathered);
+        assert_eq!(batch.len(), 12);
+        assert_eq!(batch[11].value()["uuid"], "id-late-2");
+        assert!(started.elapsed() >= GATHER && started.elapsed() < GATHER + GATHER_POLL);
+        batch.clear();
+        // Nothing queued: the heartbeat comes at its period and goes out alone.
+        let before = tokio::time::Instant::now();
+        assert!(
+            m.next_batch(beat_event, &mut queued, &mut beat, &mut batch)
+                .await
+        );
+        assert_eq!(
+            (batch.len(), batch[0].key.as_str()),
+            (1, "worker.heartbeat")
+        );
+        assert!(before.elapsed() <= HEARTBEAT);
     }
 }

@@ -9,11 +9,11 @@ use super::envelope::{self, Outgoing as Envelope};
 use super::ops;
 use super::SourceState;
 use crate::source::engine::announce::worker_event;
-use crate::source::engine::monitor::{heartbeats, BATCH};
+use crate::source::engine::monitor::{heartbeats, multi_body, Event, BATCH};
 use crate::source::pidbox;
 use crate::supervisor::restart;
 use futures_lite::StreamExt;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Map};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -136,20 +136,20 @@ pub(super) async fn offline(shared: &SourceState) {
 /// Publishes `batch` (emptying it): worker events one by one, task events together as a JSON
 /// array on `task.multi` when there are several, as Celery's worker buffers its task group.
 /// Best effort: events are dropped while Redis is away.
-async fn publish_batch(shared: &SourceState, batch: &mut Vec<(String, Value)>) {
+async fn publish_batch(shared: &SourceState, batch: &mut Vec<Event>) {
     if batch.is_empty() {
         return;
     }
-    let (tasks, mut events): (Vec<_>, Vec<_>) = batch
-        .drain(..)
-        .partition(|(key, _)| key.starts_with("task."));
+    let (tasks, mut events): (Vec<_>, Vec<_>) = batch.drain(..).partition(Event::is_task);
     match tasks.len() {
         0 => {}
         1 => events.extend(tasks),
         _ => {
             for chunk in tasks.chunks(BATCH) {
-                let all = chunk.iter().map(|(_, e)| e.clone()).collect();
-                events.push(("task.multi".into(), Value::Array(all)));
+                events.push(Event {
+                    key: "task.multi".into(),
+                    body: multi_body(chunk),
+                });
             }
         }
     }
@@ -159,14 +159,13 @@ async fn publish_batch(shared: &SourceState, batch: &mut Vec<(String, Value)>) {
     let node = shared.engine.nodename();
     let keys = &shared.transport.keys;
     let mut pipe = redis::pipe();
-    for (key, event) in &events {
-        let body = serde_json::to_vec(event).expect("an event serializes");
+    for Event { key, body } in &events {
         let mut headers = Map::new();
         headers.insert("hostname".into(), json!(node));
         let message = Envelope {
             headers,
             delivery_mode: 1,
-            ..Envelope::plain(&body, EVENTS, key)
+            ..Envelope::plain(body, EVENTS, key)
         };
         pipe.publish(keys.fanout_channel(EVENTS, key), envelope::encode(&message))
             .ignore();
