@@ -11,7 +11,7 @@
 //!   interleaved rounds (`benches/common/rounds.rs`; the order flipped every round), for the
 //!   goal: drain rate with 100k queued / with 1k >= 0.8x, taken round by round and met only
 //!   when the whole spread (lowest-highest) clears it; then N = 10k once. Before each drain
-//!   the allocator hands its free memory back (`malloc_trim`), so a run's RSS growth is its
+//!   the allocator hands its free memory back (jemalloc's `arena.<all>.purge`), so a run's RSS growth is its
 //!   own, not a larger run's leftovers reused.
 //! - The real daemon: `worker serve` (release build, no broker) with the same 50 plugins x 2
 //!   installed: time until it tells systemd READY=1 and until all 100 instances are ready,
@@ -162,20 +162,24 @@ async fn many_plugins(root: &Path) {
     supervisor.stop(None).await;
 }
 
-/// Hands the allocator's free memory back to the kernel (glibc's `malloc_trim`, every arena).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// Hands the allocator's free memory back to the kernel: the worker's allocator is jemalloc
+/// (`src/lib.rs`), and purging every arena returns its dirty and muzzy pages at once instead of
+/// after their decay time.
 fn release_free_memory() {
-    extern "C" {
-        fn malloc_trim(pad: usize) -> std::ffi::c_int;
-    }
-    // SAFETY: malloc_trim only releases free heap pages; it touches no memory in use.
-    unsafe {
-        malloc_trim(0);
-    }
+    // MALLCTL_ARENAS_ALL: every arena.
+    let purge = c"arena.4096.purge";
+    // SAFETY: a void mallctl (no old or new value); it releases free pages, none in use.
+    let failed = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            purge.as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(failed, 0, "jemalloc refused arena.4096.purge");
 }
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() {}
 
 /// The queued drains: one instance with one slot, its plugin stopped (SIGSTOP) while the tasks
 /// are submitted, so all but one wait in the pool's queue; then it goes on (SIGCONT).

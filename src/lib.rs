@@ -5,6 +5,7 @@
 //! that serves it; an instance runs it on a child process and the task ends with exactly one
 //! [`task::Outcome`]. See ARCHITECTURE.md for the map and the invariants.
 
+mod allocator;
 pub mod broker_status;
 pub mod cli;
 pub mod config;

@@ -136,6 +136,18 @@ fn assert_pings(lane: &Lane, w: &mut Daemon, when: &str) {
     );
 }
 
+/// RSS and peak of `pid` once the RSS is below `below_kb`, or at `within`; and how long that took.
+fn settled_rss_kb(pid: u32, below_kb: u64, within: Duration) -> (u64, u64, Duration) {
+    let began = Instant::now();
+    loop {
+        let (rss, peak) = rss_kb(pid);
+        if rss < below_kb || began.elapsed() > within {
+            return (rss, peak, began.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The worker's resident memory, and its peak, in kB.
 fn rss_kb(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -562,15 +574,18 @@ fn amqp_memory_stays_bounded_after_megabyte_ids_and_a_100000_step_chain() {
         pid,
         "after 1 MB ids and a 100,000-step chain",
     );
-    let (after, peak) = rss_kb(pid);
+    // What the allocator holds after a burst goes back within its decay time (about a
+    // second, src/allocator.rs): wait for it, then judge.
+    let (after, peak, settled) = settled_rss_kb(pid, before + 16 * 1024, Duration::from_secs(10));
     let grew = after.saturating_sub(before);
     eprintln!(
         "RSS {before} kB -> {after_ids} kB after 150 ids of 1 MiB -> {after} kB (+{grew} kB; \
-         peak {peak} kB) after a {chain_bytes}-byte 100,000-step chain too, drained in {drained:?}"
+         peak {peak} kB, settled in {settled:?}) after a {chain_bytes}-byte 100,000-step chain \
+         too, drained in {drained:?}"
     );
     assert!(
-        grew < 64 * 1024,
-        "the worker's RSS grew by {grew} kB (limit 64 MiB): {before} -> {after} kB, peak {peak} kB"
+        grew < 16 * 1024,
+        "the worker's RSS grew by {grew} kB (limit 16 MiB, within 10 s of the drain): {before} -> {after} kB, peak {peak} kB"
     );
 }
 
@@ -590,7 +605,7 @@ fn amqp_memory_stays_bounded_after_200_revokes_of_100_kb_ids() {
     );
     wait_drained(&mut w, &pidbox_queue(&lane), Duration::from_secs(60));
     assert_unharmed(&lane, &mut w, pid, "after 200 revokes of 100 KB ids");
-    let (after, peak) = rss_kb(pid);
+    let (after, peak, _) = settled_rss_kb(pid, before + 10 * 1024, Duration::from_secs(10));
     let grew = after.saturating_sub(before);
     eprintln!(
         "RSS {before} kB -> {after} kB (+{grew} kB; peak {peak} kB) after 200 revokes of 100 KB ids"
