@@ -194,16 +194,29 @@ impl EventBus {
     }
 }
 
+/// The event as a JSON object, written straight from `fields` (no second map): `event` and
+/// `time` first, then the fields, less any that would repeat those two.
 fn serialize(kind: &str, fields: Map<String, Value>) -> String {
     let time = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64();
-    let mut object = Map::with_capacity(fields.len() + 2);
-    object.insert("event".into(), kind.into());
-    object.insert("time".into(), time.into());
-    object.extend(fields);
-    Value::Object(object).to_string()
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(b"{\"event\":");
+    serde_json::to_writer(&mut out, kind).expect("a str serializes");
+    out.extend_from_slice(b",\"time\":");
+    serde_json::to_writer(&mut out, &time).expect("an f64 serializes");
+    for (key, value) in fields
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "event" | "time"))
+    {
+        out.push(b',');
+        serde_json::to_writer(&mut out, key).expect("a str serializes");
+        out.push(b':');
+        serde_json::to_writer(&mut out, value).expect("a value serializes");
+    }
+    out.push(b'}');
+    String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
 /// Builds a field map: `fields!{"task_id" => id, "attempt" => 2}`.
@@ -258,6 +271,7 @@ mod tests {
         assert_eq!(v["params"]["event"], "task.received");
         assert_eq!(v["params"]["n"], 0);
         assert_eq!(v["params"]["dropped"], 3);
+        assert!(v["params"]["time"].as_f64().unwrap() > 1.7e9);
         sub.stats.sent();
         let (line, _) = sub.stats.notification(&sub.events.try_recv().unwrap());
         let v: Value = serde_json::from_slice(&line).unwrap();
@@ -265,6 +279,20 @@ mod tests {
             (v["params"]["n"].clone(), v["params"]["dropped"].clone()),
             (1.into(), 0.into())
         );
+    }
+
+    #[test]
+    fn an_event_is_one_object_whose_kind_no_field_replaces() {
+        let text = serialize(
+            "task.failed",
+            crate::fields! {"event" => "x", "error" => "boom"},
+        );
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (v["event"].as_str(), v["error"].as_str()),
+            (Some("task.failed"), Some("boom"))
+        );
+        assert_eq!(text.matches("\"event\"").count(), 1, "{text}");
     }
 
     #[test]

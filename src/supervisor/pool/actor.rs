@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
-/// Commands taken in one turn before the queue is placed: a burst is queued, then placed once.
+/// Commands (or a subscription's events) taken in one turn: a burst is queued, then placed once.
 const COMMAND_BATCH: usize = 256;
 
 impl Queued for Job {
@@ -154,6 +154,19 @@ impl Pool {
                 // Taken only while an instance can take it; meanwhile the buffer holds (or drops).
                 Some(event) = next_event(&mut subscription), if self.takes_events() => {
                     self.deliver_event(event);
+                    // The events already waiting go with it, while an instance takes them:
+                    // one turn of this loop per burst, not per event.
+                    if let Some(s) = subscription.as_mut() {
+                        for _ in 0..COMMAND_BATCH {
+                            if !self.takes_events() {
+                                break;
+                            }
+                            match s.events.try_recv() {
+                                Ok(event) => self.deliver_event(event),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                 }
                 _ = sleep_until(autoscale_at), if self.core.autoscaling() => {
                     autoscale_at = Instant::now() + super::core::AUTOSCALE_TICK;
