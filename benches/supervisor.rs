@@ -14,6 +14,8 @@
 //!
 //! Knobs (environment):
 //! - `BENCH_ROUNDS`: rounds (default 5; fewer only when set so, and then no goal is met).
+//! - `BENCH_IDLE=halt`: measure with the machine's own idle; by default idle CPUs poll for the
+//!   run (`benches/common/idle.rs`).
 //! - `BENCH_N`: tasks per throughput run with a Rust child (default 100,000).
 //! - `BENCH_N_PY`: the same with a Python child (default 30,000).
 //! - `BENCH_N_LATENCY`: one-at-a-time tasks per run, for p50 and p99 (default 5,000).
