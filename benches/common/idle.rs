@@ -3,10 +3,12 @@
 //! Every task crosses between processes, so a bench's figures hang on how fast a sleeping CPU
 //! wakes. On a virtual machine whose idle CPUs halt (this project's 2-core VMs boot with
 //! `haltpoll.guest_halt_poll_ns=0`), each wake-up is a round trip through the host, 30-80 µs,
-//! taken or not by luck: one run's per-round ratios for the same code spread from 0.14x to 1.14x. So by default a bench
-//! holds `/dev/cpu_dma_latency` at 0 for its run, as tuned's `latency-performance` profile and
-//! cyclictest do: idle CPUs poll instead of halting, a wake-up costs what it costs on a server,
-//! and the figures measure the code on both sides of each ratio rather than the host.
+//! taken or not by luck: one run's per-round drain ratios for the same code spread from 0.19x to
+//! 1.13x. So by default a bench holds `/dev/cpu_dma_latency` at 0 for its run, as cyclictest
+//! does (tuned's `latency-performance` profile holds it at 1 µs): idle CPUs poll instead of
+//! halting, a wake-up costs microseconds, and the figures measure the code on both sides of each
+//! ratio rather than the host. Where a ratio hangs on wake-ups (the supervisor's batching against
+//! a raw pipe's one line at a time), the two modes can judge it differently: run both.
 //! `BENCH_IDLE=halt` leaves the machine's own idle alone (figures for a host run as it is).
 
 use std::fs::File;
