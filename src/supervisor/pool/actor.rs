@@ -153,20 +153,7 @@ impl Pool {
                 }
                 // Taken only while an instance can take it; meanwhile the buffer holds (or drops).
                 Some(event) = next_event(&mut subscription), if self.takes_events() => {
-                    self.deliver_event(event);
-                    // The events already waiting go with it, while an instance takes them:
-                    // one turn of this loop per burst, not per event.
-                    if let Some(s) = subscription.as_mut() {
-                        for _ in 0..COMMAND_BATCH {
-                            if !self.takes_events() {
-                                break;
-                            }
-                            match s.events.try_recv() {
-                                Ok(event) => self.deliver_event(event),
-                                Err(_) => break,
-                            }
-                        }
-                    }
+                    self.deliver_events(event, subscription.as_mut());
                 }
                 _ = sleep_until(autoscale_at), if self.core.autoscaling() => {
                     autoscale_at = Instant::now() + super::core::AUTOSCALE_TICK;
@@ -353,6 +340,22 @@ impl Pool {
     /// Whether the next event may be taken from the buffer now.
     fn takes_events(&self) -> bool {
         self.event_stats.as_ref().is_some_and(|s| !s.blocked()) && self.event_taker().is_some()
+    }
+
+    /// Delivers `first` and the events already waiting behind it, while an instance takes
+    /// them: one turn of the actor's loop per burst, not per event.
+    fn deliver_events(&mut self, first: Event, subscription: Option<&mut Subscription>) {
+        self.deliver_event(first);
+        let Some(s) = subscription else { return };
+        for _ in 0..COMMAND_BATCH {
+            if !self.takes_events() {
+                break;
+            }
+            match s.events.try_recv() {
+                Ok(event) => self.deliver_event(event),
+                Err(_) => break,
+            }
+        }
     }
 
     fn deliver_event(&mut self, event: Event) {
