@@ -11,8 +11,8 @@
 //!   interleaved rounds (`benches/common/rounds.rs`; the order flipped every round), for the
 //!   goal: drain rate with 100k queued / with 1k >= 0.8x, taken round by round and met only
 //!   when the whole spread (lowest-highest) clears it; then N = 10k once. Before each drain
-//!   the allocator hands its free memory back (jemalloc's `arena.<all>.purge`), so a run's RSS growth is its
-//!   own, not a larger run's leftovers reused.
+//!   the allocator hands its free memory back (jemalloc's `arena.<all>.purge`), so a run's
+//!   RSS growth is its own, not a larger run's leftovers reused.
 //! - The real daemon: `worker serve` (release build, no broker) with the same 50 plugins x 2
 //!   installed: time until it tells systemd READY=1 and until all 100 instances are ready,
 //!   and its idle RSS (goal: < 30 MiB).
@@ -163,8 +163,8 @@ async fn many_plugins(root: &Path) {
 }
 
 /// Hands the allocator's free memory back to the kernel: the worker's allocator is jemalloc
-/// (`src/lib.rs`), and purging every arena returns its dirty and muzzy pages at once instead of
-/// after their decay time.
+/// (`src/allocator.rs`), and purging every arena returns its dirty and muzzy pages at once
+/// instead of after their decay time.
 fn release_free_memory() {
     // MALLCTL_ARENAS_ALL: every arena.
     let purge = c"arena.4096.purge";

@@ -10,6 +10,7 @@
 //! `BLOCKED_RETRY` and the bus drops meanwhile. So a subscriber that stops reading loses events (and is told how many, in the
 //! `dropped` field of the next one it gets) while every task goes on at full speed.
 
+use crate::json_object::ObjectWriter;
 use serde_json::{Map, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -201,22 +202,16 @@ fn serialize(kind: &str, fields: Map<String, Value>) -> String {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64();
-    let mut out = Vec::with_capacity(128);
-    out.extend_from_slice(b"{\"event\":");
-    serde_json::to_writer(&mut out, kind).expect("a str serializes");
-    out.extend_from_slice(b",\"time\":");
-    serde_json::to_writer(&mut out, &time).expect("an f64 serializes");
+    let mut object = ObjectWriter::with_capacity(128);
+    object.field("event", kind);
+    object.field("time", &time);
     for (key, value) in fields
         .iter()
         .filter(|(k, _)| !matches!(k.as_str(), "event" | "time"))
     {
-        out.push(b',');
-        serde_json::to_writer(&mut out, key).expect("a str serializes");
-        out.push(b':');
-        serde_json::to_writer(&mut out, value).expect("a value serializes");
+        object.field(key, value);
     }
-    out.push(b'}');
-    String::from_utf8(out).expect("serde_json writes UTF-8")
+    String::from_utf8(object.finish()).expect("serde_json writes UTF-8")
 }
 
 /// Builds a field map: `fields!{"task_id" => id, "attempt" => 2}`.

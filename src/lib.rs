@@ -16,6 +16,7 @@ pub mod events;
 pub mod framed;
 pub mod idmap;
 pub mod install;
+mod json_object;
 pub mod manifest;
 pub mod metrics;
 pub mod notify;

@@ -253,9 +253,9 @@ fn apply_limits(limits: &crate::manifest::Limits) -> io::Result<()> {
         setrlimit(Resource::RLIMIT_CPU, v, v.saturating_add(1)).map_err(io::Error::from)?;
     }
     if limits.nice > 0 {
-        let nice = limits.nice;
         // SAFETY: a plain syscall on this process (async-signal-safe, as `pre_exec` needs).
-        let set = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS as _, 0, nice.into()) };
+        let set =
+            unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS as _, 0, limits.nice.into()) };
         if set != 0 {
             return Err(io::Error::last_os_error());
         }

@@ -8,6 +8,7 @@
 //! transport's own loop (on AMQP its own channel, without confirms, transient, as a Celery worker
 //! does). The loop's batching is here: [`Monitor::next_batch`].
 
+use crate::json_object::ObjectWriter;
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -75,16 +76,6 @@ pub(crate) fn multi_body(events: &[Event]) -> Vec<u8> {
     }
     body.push(b']');
     body
-}
-
-/// Appends `"key":value` to an event body being written (a comma first unless it is the first).
-fn put(body: &mut Vec<u8>, key: &str, value: &impl serde::Serialize) {
-    if body.len() > 1 {
-        body.push(b',');
-    }
-    serde_json::to_writer(&mut *body, key).expect("a key serializes");
-    body.push(b':');
-    serde_json::to_writer(&mut *body, value).expect("an event field serializes");
 }
 
 /// The fields every Celery event carries; a handler's field of the same name gives way to them.
@@ -176,23 +167,21 @@ impl Monitor {
     fn event(&self, hostname: &str, kind: &str, fields: &Map<String, Value>) -> Event {
         let clock = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
         let offset = f64::from_bits(self.utcoffset.load(Ordering::Relaxed));
-        let mut body = Vec::with_capacity(256);
-        body.push(b'{');
+        let mut body = ObjectWriter::with_capacity(256);
         for (key, value) in fields {
             if !COMMON.contains(&key.as_str()) {
-                put(&mut body, key, value);
+                body.field(key, value);
             }
         }
-        put(&mut body, "type", &kind);
-        put(&mut body, "hostname", &hostname);
-        put(&mut body, "timestamp", &now_epoch());
-        put(&mut body, "utcoffset", &offset);
-        put(&mut body, "pid", &std::process::id());
-        put(&mut body, "clock", &clock);
-        body.push(b'}');
+        body.field("type", kind);
+        body.field("hostname", hostname);
+        body.field("timestamp", &now_epoch());
+        body.field("utcoffset", &offset);
+        body.field("pid", &std::process::id());
+        body.field("clock", &clock);
         Event {
             key: kind.replace('-', "."),
-            body,
+            body: body.finish(),
         }
     }
 
