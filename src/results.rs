@@ -22,7 +22,9 @@ pub struct Ended<'a> {
     pub request: &'a TaskRequest,
     pub outcome: &'a Outcome,
     pub attempts: u32,
-    pub started: SystemTime,
+    /// From its admission to its end (monotonic): `started` is told as the end less this, so
+    /// the running task costs no wall-clock read.
+    pub runtime: Duration,
     /// The worker is stopping: what a stop interrupted is not a final state.
     pub stopping: bool,
 }
@@ -120,6 +122,7 @@ fn store_params(ended: &Ended) -> ResultStoreParams {
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0)
     };
+    let finished = SystemTime::now();
     ResultStoreParams {
         task_id: ended.request.id.clone(),
         task: ended.request.name.clone(),
@@ -130,8 +133,8 @@ fn store_params(ended: &Ended) -> ResultStoreParams {
         kwargs: (*ended.request.kwargs).clone(),
         submitter: ended.request.submitter.clone(),
         attempts: ended.attempts,
-        started: secs(ended.started),
-        finished: secs(SystemTime::now()),
+        started: secs(finished.checked_sub(ended.runtime).unwrap_or(finished)),
+        finished: secs(finished),
     }
 }
 

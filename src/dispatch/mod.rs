@@ -262,8 +262,7 @@ impl Dispatcher {
     /// Runs `request` to its end and counts how it ended.
     async fn run_to_end(&self, request: Arc<TaskRequest>, events: EventSender) -> Outcome {
         let since = Instant::now();
-        let started = std::time::SystemTime::now();
-        let (outcome, attempt, pool, guard) = match self.admit(&request) {
+        let (outcome, attempt, pool, guard) = match self.admit(&request, since) {
             Ok(guard) => {
                 let (outcome, attempt, pool) = self.run_attempts(&request, events).await;
                 (outcome, attempt, pool, Some(guard))
@@ -285,7 +284,7 @@ impl Dispatcher {
                 request: &request,
                 outcome: &outcome,
                 attempts: attempt,
-                started,
+                runtime,
                 stopping: !self.accepting.load(Ordering::SeqCst),
             };
             crate::results::store(&self.supervisor, ended).await;
@@ -368,7 +367,11 @@ impl Dispatcher {
     }
 
     /// Admits a task: refused while stopping, for an unknown name or a duplicate id.
-    fn admit(&self, request: &Arc<TaskRequest>) -> Result<ActiveGuard<'_>, Outcome> {
+    fn admit(
+        &self,
+        request: &Arc<TaskRequest>,
+        since: Instant,
+    ) -> Result<ActiveGuard<'_>, Outcome> {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(Outcome::Failure(Failure::shutting_down()));
         }
@@ -389,7 +392,7 @@ impl Dispatcher {
         }
         let entry = Active {
             request: request.clone(),
-            since: Instant::now(),
+            since,
             attempt: 1,
             pool: None,
             cancel: None,

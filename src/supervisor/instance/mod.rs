@@ -388,12 +388,13 @@ impl Instance {
             ..
         } = io;
         let mut exited = std::pin::pin!(child.wait());
-        let mut timer = std::pin::pin!(sleep_until(self.next_deadline()));
+        let first = self.next_deadline();
+        let mut timer = std::pin::pin!(sleep_until(first.unwrap_or_else(Instant::now)));
         let mut commands_open = true;
         loop {
             let deadline = self.next_deadline();
-            if timer.deadline() != deadline {
-                timer.as_mut().reset(deadline);
+            if let Some(at) = deadline.filter(|&at| at != timer.deadline()) {
+                timer.as_mut().reset(at);
             }
             let room = self.held.as_ref().map(|(tx, _)| tx.clone());
             let reading = room.is_none();
@@ -401,7 +402,7 @@ impl Instance {
                 cmd = commands.recv(), if commands_open => Wake::Command(cmd),
                 ev = process::next_stdout_event(stdout), if reading => Wake::Stdout(Some(ev)),
                 status = &mut exited => Wake::Exited(status),
-                _ = &mut timer => Wake::Timer,
+                _ = &mut timer, if deadline.is_some() => Wake::Timer,
                 permit = async move { room?.reserve_owned().await.ok() }, if !reading => Wake::Room(permit),
                 written = stdin.write(self.out.pending()), if !self.out.is_empty() => Wake::Written(written),
                 line = late_rx.recv() => Wake::Late(line),

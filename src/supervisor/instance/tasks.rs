@@ -61,7 +61,8 @@ impl Instance {
         let m = &self.spec.manifest;
         let soft = job.request.soft_time_limit.or(m.timeouts.task_soft);
         let hard = job.request.hard_time_limit.or(m.timeouts.task_hard);
-        let now = Instant::now();
+        // Read only for a task with a time limit: most have none.
+        let now = (soft.is_some() || hard.is_some()).then(Instant::now);
         let id = match &job.store {
             Some(store) => self.request(method::RESULT_STORE, &**store),
             None => self.start_task_run(&job, soft, hard),
@@ -70,8 +71,8 @@ impl Instance {
         let running = Running {
             job,
             deadlines: Deadlines {
-                soft_at: soft.map(|d| now + d),
-                hard_at: hard.map(|d| now + d),
+                soft_at: soft.zip(now).map(|(d, now)| now + d),
+                hard_at: hard.zip(now).map(|(d, now)| now + d),
                 ..Deadlines::default()
             },
             hard_limit: hard,
@@ -160,23 +161,25 @@ impl Instance {
         (self.pings_while_busy || self.running.is_empty()) && self.held.is_none()
     }
 
-    pub(super) fn next_deadline(&self) -> Instant {
+    /// When the timer must next wake the actor; `None` while nothing is due (busy with tasks
+    /// that have no time limit and no ping to send), so a turn neither reads the clock nor
+    /// moves the timer.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
         let serving = match self.phase {
             Phase::Handshake { deadline, .. } | Phase::Draining { deadline, .. } => {
-                return deadline
+                return Some(deadline)
             }
             Phase::Serving => self,
         };
-        // Without any timer due, wake up rarely; a ping is only scheduled while pingable.
-        let idle = Instant::now() + serving.spec.manifest.timeouts.ping_interval;
+        // A ping is only scheduled while pingable; its timeout waits while stdout is held.
         let mut next = match serving.ping {
-            Some((_, due)) if serving.held.is_none() => due,
-            None if serving.pingable() => serving.next_ping,
-            _ => idle,
+            Some((_, due)) if serving.held.is_none() => Some(due),
+            None if serving.pingable() => Some(serving.next_ping),
+            _ => None,
         };
         for run in serving.running.values() {
             if let Some(t) = run.deadlines.next() {
-                next = next.min(t);
+                next = Some(next.map_or(t, |n| n.min(t)));
             }
         }
         next

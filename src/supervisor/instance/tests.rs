@@ -169,7 +169,8 @@ impl Harness {
 
     /// Moves the paused clock to the next deadline and fires the timer.
     async fn timer_at_next_deadline(&mut self) -> String {
-        tokio::time::advance(self.inst.next_deadline() - Instant::now()).await;
+        let due = self.inst.next_deadline().expect("a timer is due");
+        tokio::time::advance(due - Instant::now()).await;
         self.wake(Wake::Timer)
     }
 
@@ -410,7 +411,13 @@ async fn an_idle_plugin_is_pinged_and_ended_when_it_does_not_answer() {
     let mut h = Harness::serving(manifest(1));
     let _busy = h.run("busy", 1);
     h.written();
-    assert_eq!(h.timer_at_next_deadline().await, "continue");
+    assert_eq!(
+        h.inst.next_deadline(),
+        None,
+        "nothing is due: the timer is not armed"
+    );
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_eq!(h.wake(Wake::Timer), "continue");
     assert_eq!(h.written(), Vec::<String>::new());
 }
 

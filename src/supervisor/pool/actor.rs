@@ -81,6 +81,7 @@ pub fn start(manifest: Arc<Manifest>, options: PoolOptions, tracker: &TaskTracke
         started: Instant::now(),
         frozen: false,
         effects: Vec::new(),
+        turn_now: None,
     };
     pool.carry_out(effects);
     tracker.spawn(pool.run(rx, events_rx, subscription));
@@ -107,6 +108,27 @@ pub(super) struct Pool {
     pub(super) event_stats: Option<Arc<DeliveryStats>>,
     /// The core's output, reused from turn to turn.
     effects: Vec<Effect<Job>>,
+    /// The time of this turn of the loop, read at its first input: a burst of inputs taken
+    /// in one turn reads the clocks once, not twice per task.
+    turn_now: Option<Now>,
+}
+
+/// The actor's own deadlines, beside the core's.
+struct Clock {
+    /// The next autoscale tick, for a pool that autoscales.
+    autoscale_at: Option<Instant>,
+    /// When event delivery resumes after the plugin's stdin had no room.
+    events_retry_at: Option<Instant>,
+}
+
+impl Clock {
+    /// The earliest of these and the core's next timer.
+    fn next(&self, core: Option<Instant>) -> Option<Instant> {
+        [core, self.autoscale_at, self.events_retry_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
 }
 
 /// The next event of a subscription; never, without one.
@@ -124,10 +146,18 @@ impl Pool {
         mut events: mpsc::Receiver<InstanceEvent>,
         mut subscription: Option<Subscription>,
     ) {
-        let mut events_retry_at: Option<Instant> = None;
-        let mut autoscale_at = Instant::now();
+        let mut clock = Clock {
+            autoscale_at: self.core.autoscaling().then(Instant::now),
+            events_retry_at: None,
+        };
+        // One timer for all the actor waits on, moved only when its deadline does: a turn
+        // with nothing due neither reads the clock nor touches the timer wheel.
+        let mut timer = std::pin::pin!(sleep_until(Instant::now()));
         loop {
-            let next_timer = self.core.next_timer();
+            let due = clock.next(self.core.next_timer());
+            if let Some(at) = due.filter(|&at| at != timer.deadline()) {
+                timer.as_mut().reset(at);
+            }
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     Some(cmd) => {
@@ -148,26 +178,20 @@ impl Pool {
                         self.on_instance(ev);
                     }
                 }
-                _ = sleep_until(next_timer.unwrap_or_else(Instant::now)), if next_timer.is_some() => {
-                    self.feed(Input::Timers);
-                }
+                _ = &mut timer, if due.is_some() => self.on_timer(&mut clock),
                 // Taken only while an instance can take it; meanwhile the buffer holds (or drops).
                 Some(event) = next_event(&mut subscription), if self.takes_events() => {
                     self.deliver_events(event, subscription.as_mut());
                 }
-                _ = sleep_until(autoscale_at), if self.core.autoscaling() => {
-                    autoscale_at = Instant::now() + super::core::AUTOSCALE_TICK;
-                    self.feed(Input::AutoscaleTick);
-                }
-                _ = sleep_until(events_retry_at.unwrap_or_else(Instant::now)), if events_retry_at.is_some() => {
-                    events_retry_at = None;
-                    if let Some(stats) = &self.event_stats {
-                        stats.unblock();
-                    }
-                }
             }
-            if events_retry_at.is_none() && self.event_stats.as_ref().is_some_and(|s| s.blocked()) {
-                events_retry_at = Some(Instant::now() + crate::events::BLOCKED_RETRY);
+            if clock.events_retry_at.is_none()
+                && self.event_stats.as_ref().is_some_and(|s| s.blocked())
+            {
+                clock.events_retry_at = Some(self.now().at + crate::events::BLOCKED_RETRY);
+            }
+            if self.core.autoscaling() != clock.autoscale_at.is_some() {
+                // Autoscale bounds set at run time (`autoscale` control): the first tick is now.
+                clock.autoscale_at = self.core.autoscaling().then(|| self.now().at);
             }
             if matches!(
                 self.core.state(),
@@ -181,6 +205,7 @@ impl Pool {
             }
             self.place_queued();
             self.publish();
+            self.turn_now = None;
             if *self.core.state() == PluginState::Stopped {
                 for w in self.stop_waiters.drain(..) {
                     let _ = w.send(());
@@ -195,11 +220,35 @@ impl Pool {
         }
     }
 
+    /// What is due when the timer fires: the core's timers, the autoscale tick, the end of an
+    /// event delivery pause.
+    fn on_timer(&mut self, clock: &mut Clock) {
+        let now = self.now().at;
+        if self.core.next_timer().is_some_and(|at| at <= now) {
+            self.feed(Input::Timers);
+        }
+        if clock.autoscale_at.is_some_and(|at| at <= now) {
+            clock.autoscale_at = Some(now + super::core::AUTOSCALE_TICK);
+            self.feed(Input::AutoscaleTick);
+        }
+        if clock.events_retry_at.is_some_and(|at| at <= now) {
+            clock.events_retry_at = None;
+            if let Some(stats) = &self.event_stats {
+                stats.unblock();
+            }
+        }
+    }
+
     /// Hands the core one input and carries out what it decides.
     fn feed(&mut self, input: Input<Job>) {
         let mut effects = std::mem::take(&mut self.effects);
-        self.core.handle(input, Now::current(), &mut effects);
+        let now = self.now();
+        self.core.handle(input, now, &mut effects);
         self.carry_out(effects);
+    }
+
+    fn now(&mut self) -> Now {
+        *self.turn_now.get_or_insert_with(Now::current)
     }
 
     fn place_queued(&mut self) {
@@ -418,13 +467,15 @@ impl Pool {
             }
             PoolCommand::Restart(reply) => {
                 let mut effects = std::mem::take(&mut self.effects);
-                let failed = self.core.restart(Now::current(), &mut effects);
+                let now = self.now();
+                let failed = self.core.restart(now, &mut effects);
                 self.carry_out(effects);
                 let _ = reply.send(failed);
             }
             PoolCommand::Scale(scale, reply) => {
                 let mut effects = std::mem::take(&mut self.effects);
-                let scaled = self.core.scale(scale, Now::current(), &mut effects);
+                let now = self.now();
+                let scaled = self.core.scale(scale, now, &mut effects);
                 self.carry_out(effects);
                 let _ = reply.send(scaled);
             }
@@ -433,5 +484,26 @@ impl Pool {
                 self.feed(Input::Stop { grace });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_timer_waits_for_the_earliest_deadline_or_for_nothing() {
+        let t0 = Instant::now();
+        let at = |s: u64| Some(t0 + Duration::from_secs(s));
+        let clock = |autoscale_at, events_retry_at| Clock {
+            autoscale_at,
+            events_retry_at,
+        };
+        assert_eq!(clock(None, None).next(None), None, "nothing due: not armed");
+        assert_eq!(clock(None, None).next(at(3)), at(3));
+        assert_eq!(clock(at(5), None).next(at(3)), at(3));
+        assert_eq!(clock(at(5), at(1)).next(at(3)), at(1));
+        assert_eq!(clock(at(2), at(4)).next(None), at(2));
     }
 }
