@@ -4,8 +4,11 @@
 //! members of exactly one message kind) and lenient about everything else: unknown members are
 //! ignored so a newer peer never breaks an older one within the same major version.
 
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::fmt;
 
 /// A request id. The worker always uses numbers and never reuses one on a connection;
@@ -106,6 +109,41 @@ impl std::error::Error for ParseError {}
 /// Distinguishes a member that is present with `null` from one that is absent.
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     Value::deserialize(d).map(Some)
+}
+
+/// Marks a member as present, whatever its value (`null` included), without building it.
+fn present_any<'de, D: Deserializer<'de>>(d: D) -> Result<Option<()>, D::Error> {
+    IgnoredAny::deserialize(d).map(|_| Some(()))
+}
+
+/// A line read only as far as telling whether it is a `task.run` request; its params stay
+/// JSON text.
+#[derive(Deserialize)]
+struct TaskRunProbe<'a> {
+    #[serde(borrow)]
+    jsonrpc: Option<Cow<'a, str>>,
+    id: Option<Id>,
+    #[serde(borrow)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    params: Option<&'a RawValue>,
+    #[serde(default, deserialize_with = "present_any")]
+    result: Option<()>,
+    #[serde(default, deserialize_with = "present_any")]
+    error: Option<()>,
+}
+
+/// The id and params (as JSON text) of a line that is a well-formed `task.run` request, so
+/// that the params are parsed once, straight into their own type, with no [`Value`] tree in
+/// between: a plugin's hot path. `None` for every other line, which [`Message::parse`] then
+/// reads and judges as usual.
+pub fn task_run_request(line: &[u8]) -> Option<(Id, &RawValue)> {
+    let probe: TaskRunProbe = serde_json::from_slice(line).ok()?;
+    let well_formed = probe.jsonrpc.as_deref() == Some("2.0")
+        && probe.method.as_deref() == Some(crate::methods::method::TASK_RUN)
+        && probe.result.is_none()
+        && probe.error.is_none();
+    Some((probe.id.filter(|_| well_formed)?, probe.params?))
 }
 
 #[derive(Deserialize)]
@@ -330,6 +368,42 @@ impl Response {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn only_a_well_formed_task_run_request_is_read_by_the_probe() {
+        let params = r#"{"task_id":"t1","task":"x","args":[1,"a\"b"],"kwargs":{}}"#;
+        let line = format!(r#"{{"jsonrpc":"2.0","id":4,"method":"task.run","params":{params}}}"#);
+        let (id, raw) = task_run_request(line.as_bytes()).expect("a task.run request");
+        assert_eq!((id, raw.get()), (Id::Num(4), params));
+        // Members in any order, an escaped method name, a string id, unknown members.
+        let line = r#"{"params":{},"x":1,"method":"task.run","id":"s","jsonrpc":"2.0"}"#;
+        assert_eq!(
+            task_run_request(line.as_bytes()).unwrap().0,
+            Id::Str("s".into())
+        );
+        // Everything else goes to `Message::parse`, which judges it as before.
+        for line in [
+            r#"{"jsonrpc":"2.0","method":"task.run","params":{}}"#,
+            r#"{"jsonrpc":"2.0","id":null,"method":"task.run","params":{}}"#,
+            r#"{"jsonrpc":"2.0","id":-1,"method":"task.run","params":{}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"task.run"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"task.run","params":null}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"task.run","params":{},"result":null}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"task.run","params":{},"error":{}}"#,
+            r#"{"jsonrpc":"1.0","id":1,"method":"task.run","params":{}}"#,
+            r#"{"id":1,"method":"task.run","params":{}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping","params":{}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"id":2,"method":"task.run","params":{}}"#,
+            r#"[1]"#,
+            "not json",
+        ] {
+            assert!(task_run_request(line.as_bytes()).is_none(), "{line}");
+        }
+        let mut invalid_utf8 =
+            br#"{"jsonrpc":"2.0","id":1,"method":"task.run","params":{"a":""#.to_vec();
+        invalid_utf8.extend_from_slice(b"\xff\"}}");
+        assert!(task_run_request(&invalid_utf8).is_none());
+    }
 
     /// The direct serialization writes what `to_value` describes, and parses back the same.
     #[test]

@@ -25,7 +25,7 @@
 
 use crate::backends::ResultStoreParams;
 use crate::codec::{Frame, LineDecoder};
-use crate::message::{ErrorObject, Message, Notification, Request, Response};
+use crate::message::{ErrorObject, Id, Message, Notification, Request, Response};
 use crate::methods::*;
 use crate::plugin_backends::{BackendSession, Backends};
 pub use crate::plugin_error::TaskError;
@@ -203,23 +203,9 @@ impl Plugin {
                     session.reply(Response::err(None, err));
                     continue;
                 };
-                match Message::parse(&line) {
-                    Ok(Message::Request(req)) => self.on_request(&mut session, req),
-                    Ok(Message::Notification(n)) => {
-                        if self.on_notification(n, &session).is_break() {
-                            session.release();
-                            break 'read;
-                        }
-                    }
-                    Ok(Message::Response(r)) => {
-                        if let Some(backends) = &session.backends {
-                            backends.answered(r);
-                        }
-                    }
-                    Err(e) => {
-                        let err = ErrorObject::new(code::PARSE_ERROR, e.to_string());
-                        session.reply(Response::err(None, err));
-                    }
+                if self.on_line(&mut session, &line).is_break() {
+                    session.release();
+                    break 'read;
                 }
             }
             session.release();
@@ -249,6 +235,32 @@ impl Plugin {
         Ok(())
     }
 
+    /// Handles one line from the worker; `Break` for `exit`.
+    fn on_line(&self, session: &mut Session, line: &[u8]) -> ControlFlow<()> {
+        // The hot path: a `task.run`'s params are parsed once, straight into their type.
+        if let Some((id, params)) = crate::message::task_run_request(line) {
+            let params = serde_json::from_str(params.get()).map_err(|e| e.to_string());
+            if let Some(reply) = self.accept_task(id, params, session) {
+                session.reply(reply);
+            }
+            return ControlFlow::Continue(());
+        }
+        match Message::parse(line) {
+            Ok(Message::Request(req)) => self.on_request(session, req),
+            Ok(Message::Notification(n)) => return self.on_notification(n, session),
+            Ok(Message::Response(r)) => {
+                if let Some(backends) = &session.backends {
+                    backends.answered(r);
+                }
+            }
+            Err(e) => {
+                let err = ErrorObject::new(code::PARSE_ERROR, e.to_string());
+                session.reply(Response::err(None, err));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
     /// Handles a request from the worker; every request is answered (tasks by their thread).
     fn on_request(&self, session: &mut Session, req: Request) {
         match req.method.as_str() {
@@ -274,7 +286,8 @@ impl Plugin {
                 session.reply(reply);
             }
             method::TASK_RUN => {
-                if let Some(reply) = self.accept_task(req, session) {
+                let params = serde_json::from_value(req.params).map_err(|e| e.to_string());
+                if let Some(reply) = self.accept_task(req.id, params, session) {
                     session.reply(reply);
                 }
             }
@@ -375,31 +388,36 @@ impl Plugin {
 
     /// Queues a `task.run`, or runs it here if it is quick; returns the answer to send now (an
     /// error, or a quick task's result).
-    fn accept_task(&self, req: Request, session: &Session) -> Option<Response> {
+    fn accept_task(
+        &self,
+        id: Id,
+        params: Result<TaskRunParams, String>,
+        session: &Session,
+    ) -> Option<Response> {
         let (jobs, in_flight) = (session.jobs.as_ref(), &session.in_flight);
-        let params: TaskRunParams = match serde_json::from_value(req.params) {
+        let params = match params {
             Ok(p) => p,
             Err(e) => {
-                let err = ErrorObject::new(code::INVALID_PARAMS, e.to_string());
-                return Some(Response::err(Some(req.id), err));
+                let err = ErrorObject::new(code::INVALID_PARAMS, e);
+                return Some(Response::err(Some(id), err));
             }
         };
         let Some(jobs) = jobs else {
             let err = ErrorObject::new(code::INVALID_REQUEST, "task.run before initialize");
-            return Some(Response::err(Some(req.id), err));
+            return Some(Response::err(Some(id), err));
         };
         if session.shutting_down.load(Ordering::SeqCst) {
             let err = ErrorObject::new(code::SHUTTING_DOWN, "plugin is shutting down");
-            return Some(Response::err(Some(req.id), err));
+            return Some(Response::err(Some(id), err));
         }
         let Some(handler) = self.handlers.get(&params.task).cloned() else {
             let err = ErrorObject::new(code::UNKNOWN_TASK, format!("unknown task {}", params.task));
-            return Some(Response::err(Some(req.id), err));
+            return Some(Response::err(Some(id), err));
         };
         let cancelled = Arc::new(AtomicBool::new(false));
         if self.quick.contains(&params.task) {
             let job = Job {
-                id: req.id,
+                id,
                 params,
                 handler,
                 cancelled,
@@ -413,7 +431,7 @@ impl Plugin {
             .expect("in-flight lock poisoned")
             .insert(params.task_id.clone(), cancelled.clone());
         let job = Job {
-            id: req.id,
+            id,
             params,
             handler,
             cancelled,
