@@ -146,9 +146,28 @@ pub fn task_run_request(line: &[u8]) -> Option<(Id, &RawValue)> {
     Some((probe.id.filter(|_| well_formed)?, probe.params?))
 }
 
+/// The `jsonrpc` member, read only as far as whether it says "2.0" (no string kept).
+struct Version2(bool);
+
+impl<'de> Deserialize<'de> for Version2 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Version2;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Version2, E> {
+                Ok(Version2(v == "2.0"))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
 #[derive(Deserialize)]
 struct RawMessage {
-    jsonrpc: Option<String>,
+    jsonrpc: Option<Version2>,
     #[serde(default, deserialize_with = "present")]
     id: Option<Value>,
     method: Option<String>,
@@ -197,7 +216,7 @@ impl Message {
             id: id.clone(),
             reason: reason.to_string(),
         };
-        if raw.jsonrpc.as_deref() != Some("2.0") {
+        if !matches!(raw.jsonrpc, Some(Version2(true))) {
             return Err(invalid("missing \"jsonrpc\": \"2.0\""));
         }
         match (raw.method, raw.result, raw.error) {
@@ -519,5 +538,21 @@ mod tests {
             ),
             Err(ParseError::NotJsonRpc { .. })
         ));
+        // The version must be the string "2.0" (escapes allowed), nothing else.
+        for line in [
+            r#"{"jsonrpc":"1.0","id":1,"method":"x"}"#,
+            r#"{"jsonrpc":2,"id":1,"method":"x"}"#,
+            r#"{"jsonrpc":null,"id":1,"method":"x"}"#,
+        ] {
+            assert!(
+                matches!(
+                    Message::parse(line.as_bytes()),
+                    Err(ParseError::NotJsonRpc { .. })
+                ),
+                "{line}"
+            );
+        }
+        let escaped = br#"{"jsonrpc":"2\u002e0","id":1,"method":"x"}"#;
+        assert!(matches!(Message::parse(escaped), Ok(Message::Request(_))));
     }
 }
