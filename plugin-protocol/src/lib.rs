@@ -27,7 +27,7 @@ mod plugin_tasks;
 pub use backends::*;
 pub use codec::{encode_line, Frame, LineDecoder, DEFAULT_MAX_LINE_BYTES};
 pub use message::{
-    request_line, request_line_with, ErrorObject, Id, Message, Notification, ParseError, Request,
-    Response,
+    append_request_line, request_line, request_line_with, ErrorObject, Id, Message, Notification,
+    ParseError, Request, Response,
 };
 pub use methods::*;

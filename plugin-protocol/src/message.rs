@@ -332,16 +332,26 @@ pub fn request_line_with(
     method: &str,
     write_params: impl FnOnce(&mut Vec<u8>),
 ) -> Vec<u8> {
-    // The envelope's keys are written as they are, not escaped one by one.
     let mut out = Vec::with_capacity(crate::codec::LINE_CAPACITY);
-    out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
-    put_json(&mut out, id);
-    out.extend_from_slice(br#","method":"#);
-    put_json(&mut out, method);
-    out.extend_from_slice(br#","params":"#);
-    write_params(&mut out);
-    out.extend_from_slice(b"}\n");
+    append_request_line(&mut out, id, method, write_params);
     out
+}
+
+/// Appends the same line to `out`: for a writer that queues lines in one buffer of its own.
+pub fn append_request_line(
+    out: &mut Vec<u8>,
+    id: &Id,
+    method: &str,
+    write_params: impl FnOnce(&mut Vec<u8>),
+) {
+    // The envelope's keys are written as they are, not escaped one by one.
+    out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
+    put_json(out, id);
+    out.extend_from_slice(br#","method":"#);
+    put_json(out, method);
+    out.extend_from_slice(br#","params":"#);
+    write_params(out);
+    out.extend_from_slice(b"}\n");
 }
 
 fn put_json(out: &mut Vec<u8>, value: &(impl Serialize + ?Sized)) {

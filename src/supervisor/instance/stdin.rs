@@ -36,6 +36,17 @@ impl StdinQueue {
         true
     }
 
+    /// Queues the line `write` appends (newline-terminated) straight into the queue's buffer,
+    /// with no line of its own in between; false when `capacity` lines already wait.
+    pub fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+        if self.lines >= self.capacity {
+            return false;
+        }
+        write(&mut self.buf);
+        self.lines += 1;
+        true
+    }
+
     /// Events never take the last quarter of the queue: requests need it.
     pub fn has_room_for_event(&self) -> bool {
         self.lines < self.capacity - self.capacity / 4
@@ -95,6 +106,8 @@ mod tests {
         q.written(q.pending().len());
         assert!(q.is_empty() && q.has_room_for_event());
         assert!(q.push(b"seven\n"));
+        assert!(q.push_with(|buf| buf.extend_from_slice(b"eight\n")));
+        assert_eq!(q.pending(), b"seven\neight\n");
         q.discard();
         assert!(q.is_empty());
         assert_eq!(q.capacity(), 4);

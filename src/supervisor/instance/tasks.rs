@@ -109,10 +109,12 @@ impl Instance {
             "plugin" => m.name, "instance" => self.spec.index, "pid" => self.pid,
             "attempt" => job.attempt}
         });
-        let line = plugin_protocol::request_line_with(&Id::Num(id), method::TASK_RUN, |out| {
-            params.write(out)
+        let queued = self.out.push_with(|out| {
+            plugin_protocol::append_request_line(out, &Id::Num(id), method::TASK_RUN, |out| {
+                params.write(out)
+            })
         });
-        self.send_line(line);
+        self.stdin_full |= !queued;
         id
     }
 
