@@ -524,7 +524,7 @@ mod tests {
 
     #[test]
     fn serves_a_session() {
-        let input = [
+        let mut input = [
             json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
                 "protocol_version":"1.0","worker":{"name":"w","version":"0"},
                 "plugin":{"name":"p","instance":0},"settings":{},
@@ -533,18 +533,22 @@ mod tests {
             json!({"jsonrpc":"2.0","id":2,"method":"task.run","params":{"task_id":"a","task":"double","args":[21]}}),
             json!({"jsonrpc":"2.0","id":3,"method":"task.run","params":{"task_id":"b","task":"nope"}}),
             json!({"jsonrpc":"2.0","id":4,"method":"bogus"}),
-            json!({"jsonrpc":"2.0","id":5,"method":"shutdown"}),
+            json!({"jsonrpc":"2.0","id":6,"method":"task.run","params":{"task_id":7,"task":"double"}}),
         ]
         .iter()
         .map(|v| format!("{v}\n"))
-        .collect::<String>();
+        .collect::<String>()
+        .into_bytes();
+        // Invalid UTF-8 in a string: not the fast path, but served all the same (decoded lossily).
+        input.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"task.run\",\"params\":{\"task_id\":\"c\",\"task\":\"double\",\"args\":[4],\"kwargs\":{\"x\":\"\xff\"}}}\n");
+        input.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"shutdown\"}\n");
         let (tx, rx) = mpsc::channel();
         Plugin::new("p", "1.0")
             .task("double", "doubles", |ctx, p| {
                 ctx.stream(vec![json!("half-way")]);
                 Ok(json!(p.args[0].as_i64().unwrap() * 2))
             })
-            .serve(input.as_bytes(), ChannelWriter(tx, Vec::new()))
+            .serve(&input[..], ChannelWriter(tx, Vec::new()))
             .unwrap();
         let out = collect(rx);
         let by_id = |id: u64| out.iter().find(|m| m["id"] == json!(id)).cloned().unwrap();
@@ -552,6 +556,8 @@ mod tests {
         assert_eq!(by_id(2)["result"], 42);
         assert_eq!(by_id(3)["error"]["code"], code::UNKNOWN_TASK);
         assert_eq!(by_id(4)["error"]["code"], code::METHOD_NOT_FOUND);
+        assert_eq!(by_id(6)["error"]["code"], code::INVALID_PARAMS);
+        assert_eq!(by_id(7)["result"], 8);
         assert_eq!(by_id(5)["result"], Value::Null);
         let stream_at = out
             .iter()
