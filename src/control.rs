@@ -398,7 +398,7 @@ async fn restart(params: Value, dispatcher: &Dispatcher) -> Result<Value, ErrorO
 
 async fn submit(params: Value, request_id: &Id, ctx: &Context) -> Result<Value, ErrorObject> {
     let (request, detach) = submitted(params, ctx)?;
-    let task_id = request.id.clone();
+    let task_id = request.id.to_string();
     // Made before the first wait, so that the request is not kept beside it; the task starts
     // only when `run` is first read, after the client was told it was accepted.
     let mut run = ctx.dispatcher.submit(request);
@@ -443,7 +443,7 @@ fn submitted(params: Value, ctx: &Context) -> Result<(TaskRequest, bool), ErrorO
     let hard = secs("hard_time_limit", p.hard_time_limit)?;
     let mut request = TaskRequest::new(p.name, p.args, p.kwargs);
     if let Some(id) = p.id {
-        request.id = id;
+        request.id = id.into();
     }
     request.soft_time_limit = soft;
     request.hard_time_limit = hard;

@@ -9,3 +9,7 @@ pub type IdMap<V> = std::collections::HashMap<String, V, foldhash::fast::RandomS
 
 /// A map from a number the worker chose (request ids) to `V`.
 pub type NumMap<V> = std::collections::HashMap<u64, V, foldhash::fast::RandomState>;
+
+/// A map from task id to `V`, looked up by `&str`: its keys share the id's one allocation.
+pub type TaskMap<V> =
+    std::collections::HashMap<crate::task_id::TaskId, V, foldhash::fast::RandomState>;

@@ -30,6 +30,7 @@ pub mod source;
 pub mod supervisor;
 pub mod sync;
 pub mod task;
+pub mod task_id;
 
 /// The worker's own name and version, sent to plugins at `initialize`.
 pub const WORKER_NAME: &str = "worker";

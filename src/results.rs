@@ -92,7 +92,7 @@ async fn store_once(
         vec![],
         Default::default(),
     );
-    request.id = format!("result.store:{}", params.task_id);
+    request.id = format!("result.store:{}", params.task_id).into();
     request.submitter = "result backend".into();
     request.hard_time_limit = Some(
         pool.manifest()
@@ -124,7 +124,7 @@ fn store_params(ended: &Ended) -> ResultStoreParams {
     };
     let finished = SystemTime::now();
     ResultStoreParams {
-        task_id: ended.request.id.clone(),
+        task_id: ended.request.id.to_string(),
         task: ended.request.name.clone(),
         state,
         result,

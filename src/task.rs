@@ -4,13 +4,15 @@ use plugin_protocol::{DeliveryInfo, RequestInfo};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::sync::Arc;
+
+pub use crate::task_id::TaskId;
 use std::time::Duration;
 
 /// A task as a source hands it to the dispatcher.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskRequest {
     /// Unique id; the source picks it (Celery's task id) or the dispatcher makes one.
-    pub id: String,
+    pub id: TaskId,
     pub name: String,
     /// Shared, not copied, by whoever else keeps them (a Celery source's `inspect active`).
     pub args: Arc<Vec<Value>>,
@@ -34,7 +36,7 @@ pub struct TaskRequest {
 impl TaskRequest {
     pub fn new(name: impl Into<String>, args: Vec<Value>, kwargs: Map<String, Value>) -> Self {
         TaskRequest {
-            id: new_task_id(),
+            id: new_task_id().into(),
             name: name.into(),
             args: Arc::new(args),
             kwargs: Arc::new(kwargs),

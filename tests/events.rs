@@ -62,7 +62,7 @@ async fn one_tasks_events_come_in_order_with_their_facts() {
     let failed = h.fails("rust.nope", vec![]).await;
     assert_eq!(failed.exc_type, "NotRegistered");
     let events = wait_logged(&log, "task.succeeded", |e| {
-        e["event"] == "task.succeeded" && e["task_id"] == id
+        e["event"] == "task.succeeded" && e["task_id"] == id.as_str()
     })
     .await;
     let mine = of_task(&events, &id);
@@ -222,7 +222,7 @@ async fn a_crashing_subscriber_is_restarted_and_told_what_it_missed() {
     let id = request.id.clone();
     success(&h.run_request(request).await.0);
     let events = wait_logged(&log, "the later task's end", |e| {
-        e["event"] == "task.succeeded" && e["task_id"] == id
+        e["event"] == "task.succeeded" && e["task_id"] == id.as_str()
     })
     .await;
     // The new process was told of its predecessor's crash (what was written to the dying
@@ -310,7 +310,7 @@ async fn retries_revokes_failed_instances_and_reloads_are_told() {
     let id = request.id.clone();
     success(&h.run_request(request).await.0);
     let events = wait_logged(&log, "the retried task's end", |e| {
-        e["event"] == "task.succeeded" && e["task_id"] == id
+        e["event"] == "task.succeeded" && e["task_id"] == id.as_str()
     })
     .await;
     let kinds: Vec<(&str, u64)> = of_task(&events, &id)

@@ -90,7 +90,7 @@ pub struct Dispatcher {
     supervisor: Arc<Supervisor>,
     metrics: Metrics,
     /// Tasks between submit and outcome.
-    active: Mutex<crate::idmap::IdMap<Active>>,
+    active: Mutex<crate::idmap::TaskMap<Active>>,
     accepting: AtomicBool,
     in_flight: watch::Sender<usize>,
 }
@@ -475,7 +475,7 @@ impl Dispatcher {
                             .map(|p| p.manifest().name.clone())
                     });
                     TaskListing {
-                        task_id: id.clone(),
+                        task_id: id.to_string(),
                         task: a.request.name.clone(),
                         plugin,
                         instance: at.map(|(_, i, _)| *i),

@@ -118,7 +118,7 @@ impl OfferSource {
 fn request_of(plugin: &str, p: TaskOfferParams) -> TaskRequest {
     let secs = |s: Option<f64>| s.and_then(|s| crate::task::time_limit("time_limit", s).ok());
     let mut request = TaskRequest::new(p.task, p.args, p.kwargs);
-    request.id = p.task_id;
+    request.id = p.task_id.into();
     request.soft_time_limit = secs(p.time_limit.soft);
     request.hard_time_limit = secs(p.time_limit.hard);
     request.submitter = format!("queue backend {plugin}");

@@ -228,7 +228,7 @@ impl Harness {
         args: Vec<Value>,
     ) -> (String, tokio::task::JoinHandle<Outcome>) {
         let request = TaskRequest::new(name, args, Default::default());
-        let id = request.id.clone();
+        let id = request.id.to_string();
         let dispatcher = self.dispatcher.clone();
         let handle = tokio::spawn(async move { dispatcher.submit(request).outcome(|_| {}).await });
         (id, handle)

@@ -107,7 +107,7 @@ pub fn task_request(
         })
     };
     TaskRequest {
-        id: task.id.clone(),
+        id: task.id.as_str().into(),
         name: task.name.clone(),
         args: task.args.clone(),
         kwargs: task.kwargs.clone(),

@@ -26,7 +26,7 @@ pub use tasks::Job;
 use super::containment;
 use super::process::{self, StderrTail, StdoutEvent};
 use crate::manifest::Manifest;
-use crate::task::{Cancellation, Failure, Outcome, TaskEvent};
+use crate::task::{Cancellation, Failure, Outcome, TaskEvent, TaskId};
 use ending::Crash;
 use io::Io;
 use plugin_protocol::{method, Id, Message, Notification, Request};
@@ -81,7 +81,7 @@ pub enum EventKind {
     /// Handshake done; tasks may be sent.
     Ready { pid: u32, plugin_version: String },
     /// A task ended (its outcome is already delivered).
-    Finished { task_id: String, ok: bool },
+    Finished { task_id: TaskId, ok: bool },
     /// The process is gone and every task it held has its outcome.
     Exited {
         reason: ExitReason,
@@ -193,7 +193,7 @@ struct Instance {
     events: Reports,
     next_id: u64,
     running: crate::idmap::NumMap<tasks::Running>,
-    by_task: crate::idmap::IdMap<u64>,
+    by_task: crate::idmap::TaskMap<u64>,
     /// Outstanding ping id and when it times out.
     ping: Option<(u64, Instant)>,
     next_ping: Instant,

@@ -208,7 +208,7 @@ impl Instance {
 
     /// Tells event subscribers of the progress of a task running here.
     fn publish_progress(&self, p: &TaskProgressParams) {
-        if !self.by_task.contains_key(&p.task_id) {
+        if !self.by_task.contains_key(p.task_id.as_str()) {
             return;
         }
         self.spec.events.publish("task.progress", || {

@@ -27,6 +27,9 @@ impl Queued for Job {
     fn task_id(&self) -> &str {
         &self.request.id
     }
+    fn key(&self) -> crate::task::TaskId {
+        self.request.id.clone()
+    }
 }
 
 /// What the actor holds of one slot's process beside the core's view of it.

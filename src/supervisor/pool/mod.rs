@@ -67,7 +67,7 @@ enum PoolCommand {
     },
     Status(oneshot::Sender<PluginStatus>),
     /// Where each task placed on an instance runs: (task id, instance index, pid).
-    Placements(oneshot::Sender<Vec<(String, u32, Option<u32>)>>),
+    Placements(oneshot::Sender<Vec<(crate::task::TaskId, u32, Option<u32>)>>),
     /// Test hook: the actor stops handling anything, as a wedged one would.
     Freeze,
     /// Clear the `failed` state and start the instances again; answers whether it was failed.
@@ -134,7 +134,7 @@ impl PoolHandle {
     }
 
     /// Tasks running on this plugin's instances: (task id, instance index, pid).
-    pub async fn placements(&self) -> Vec<(String, u32, Option<u32>)> {
+    pub async fn placements(&self) -> Vec<(crate::task::TaskId, u32, Option<u32>)> {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(PoolCommand::Placements(tx)).await.is_err() {
             return Vec::new();

@@ -31,6 +31,8 @@ const RECENT_EXITS: usize = 10;
 /// A task waiting in the pool's queue: all the core needs to know of it is its id.
 pub(in crate::supervisor) trait Queued {
     fn task_id(&self) -> &str;
+    /// The id as a key of the placements (shared with the task, not copied).
+    fn key(&self) -> crate::task::TaskId;
 }
 
 /// The manifest's settings the core decides by (and the name its messages give).
@@ -100,7 +102,7 @@ pub(in crate::supervisor) enum Input<J> {
     Finished {
         slot: usize,
         generation: u64,
-        task_id: String,
+        task_id: crate::task::TaskId,
         ok: bool,
     },
     /// An instance's process is gone, with every task it held answered.
@@ -238,7 +240,7 @@ pub(in crate::supervisor) struct PoolCore<J> {
     slots: Vec<Slot>,
     queue: VecDeque<J>,
     /// Where each placed task runs, and how hard its instance was already asked to cancel it.
-    placements: crate::idmap::IdMap<Placed>,
+    placements: crate::idmap::TaskMap<Placed>,
     state: PluginState,
     window: RestartWindow,
     /// While `failed`: when it is tried again on its own (`restart.failed_retry`).
@@ -298,7 +300,7 @@ impl<J: Queued> PoolCore<J> {
     }
 
     /// Where each placed task runs: (task id, slot).
-    pub fn placements(&self) -> impl Iterator<Item = (&String, usize)> {
+    pub fn placements(&self) -> impl Iterator<Item = (&crate::task::TaskId, usize)> {
         self.placements.iter().map(|(id, p)| (id, p.slot))
     }
 
@@ -452,7 +454,7 @@ impl<J: Queued> PoolCore<J> {
                 slot: i,
                 asked: None,
             };
-            self.placements.insert(job.task_id().to_string(), placed);
+            self.placements.insert(job.key(), placed);
             out.push(Effect::Place { slot: i, job });
         }
     }

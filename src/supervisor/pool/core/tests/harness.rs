@@ -12,6 +12,9 @@ impl Queued for J {
     fn task_id(&self) -> &str {
         self.0
     }
+    fn key(&self) -> crate::task::TaskId {
+        self.0.into()
+    }
 }
 
 pub(super) fn rules(concurrency: usize, queue_capacity: usize) -> Rules {
