@@ -349,8 +349,10 @@ fn id_memory(kind: &str, limit: usize) {
     let mut revoked = Revoked::with_limit(limit);
     let mut remember = |i: usize| match kind {
         "answered" => {
-            ledger.arrive(&id(i), (), ());
-            ledger.answered(&id(i));
+            // One id shared by both calls, as a delivery's task id is.
+            let task_id = worker::task::TaskId::from(id(i));
+            ledger.arrive(&task_id, (), ());
+            ledger.answered(&task_id);
         }
         _ => revoked.insert(&id(i)),
     };

@@ -10,7 +10,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 /// A task id: cheap to clone, and read as a `&str` (`Deref`, `Borrow<str>` for map lookups).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TaskId(Arc<str>);
 
 impl TaskId {
@@ -54,6 +54,12 @@ impl From<&str> for TaskId {
 impl From<&String> for TaskId {
     fn from(id: &String) -> Self {
         TaskId(id.as_str().into())
+    }
+}
+
+impl From<&TaskId> for TaskId {
+    fn from(id: &TaskId) -> Self {
+        id.clone()
     }
 }
 

@@ -541,7 +541,7 @@ async fn redis_kombu_tasks_sent_by_the_celery_client_are_taken_and_read() {
         );
         assert_eq!(task.kwargs.get("a"), Some(&json!(2)));
         assert_eq!(list, keys.list_for("celery", m.priority));
-        got.push((task.id, m.priority));
+        got.push((task.id.to_string(), m.priority));
     }
     // Sent 9, 5, 0: taken by step, 0 first.
     let want: Vec<(String, u8)> = [(2, 0), (1, 5), (0, 9)]

@@ -76,7 +76,7 @@ impl Context<'_> {
         self.parent
             .root_id
             .clone()
-            .unwrap_or_else(|| self.parent.id.clone())
+            .unwrap_or_else(|| self.parent.id.to_string())
     }
 
     /// The message for `sig` applied with `prepend` before its own arguments (unless it is

@@ -68,7 +68,7 @@ async fn decode(
             };
             Some(Received {
                 task,
-                info,
+                info: info.into(),
                 ack: tag,
                 raw,
                 redelivered: delivery.redelivered,

@@ -23,16 +23,19 @@ pub fn amqp_to_json(v: &AMQPValue, depth: usize) -> Result<Value, TooDeep> {
         AMQPValue::Float(f) => json!(f),
         AMQPValue::Double(f) => json!(f),
         AMQPValue::DecimalValue(d) => json!(d.value as f64 / 10f64.powi(d.scale as i32)),
-        AMQPValue::ShortString(s) => json!(s.as_str()),
-        AMQPValue::LongString(s) => json!(String::from_utf8_lossy(s.as_bytes())),
+        AMQPValue::ShortString(s) => Value::String(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => Value::String(String::from_utf8_lossy(s.as_bytes()).into()),
         AMQPValue::FieldArray(a) => {
             let inner = depth.checked_sub(1).ok_or(TooDeep)?;
-            let items = a.as_slice().iter().map(|x| amqp_to_json(x, inner));
-            Value::Array(items.collect::<Result<_, _>>()?)
+            let mut items = Vec::with_capacity(a.as_slice().len());
+            for x in a.as_slice() {
+                items.push(amqp_to_json(x, inner)?);
+            }
+            Value::Array(items)
         }
         AMQPValue::Timestamp(t) => json!(t),
         AMQPValue::FieldTable(t) => table_to_json(t, depth)?,
-        AMQPValue::ByteArray(b) => json!(String::from_utf8_lossy(b.as_slice())),
+        AMQPValue::ByteArray(b) => Value::String(String::from_utf8_lossy(b.as_slice()).into()),
         AMQPValue::Void => Value::Null,
     })
 }
@@ -40,11 +43,13 @@ pub fn amqp_to_json(v: &AMQPValue, depth: usize) -> Result<Value, TooDeep> {
 /// A field table as a JSON object, nested at most `depth` deep (the table itself counts).
 pub fn table_to_json(t: &FieldTable, depth: usize) -> Result<Value, TooDeep> {
     let inner = depth.checked_sub(1).ok_or(TooDeep)?;
-    let fields = t
-        .inner()
-        .iter()
-        .map(|(k, v)| Ok((k.as_str().to_string(), amqp_to_json(v, inner)?)));
-    Ok(Value::Object(fields.collect::<Result<_, _>>()?))
+    // Inserted one by one: collecting would first gather the fields in a vector grown by
+    // doubling (four reallocations for a Celery message's headers) and sort it again.
+    let mut object = serde_json::Map::new();
+    for (k, v) in t.inner() {
+        object.insert(k.as_str().to_string(), amqp_to_json(v, inner)?);
+    }
+    Ok(Value::Object(object))
 }
 
 /// Queue arguments as a field table, integers as py-amqp sends them (a signed 32-bit `I` where
@@ -117,6 +122,11 @@ mod tests {
             ),
             (AMQPValue::Timestamp(9), json!(9)),
             (AMQPValue::Void, Value::Null),
+            (AMQPValue::ShortString("s".into()), json!("s")),
+            (
+                AMQPValue::LongString(b"a\xffb".to_vec().into()),
+                json!("a\u{fffd}b"),
+            ),
         ];
         for (v, want) in cases {
             assert_eq!(amqp_to_json(&v, 0), Ok(want), "{v:?}");

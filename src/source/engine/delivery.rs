@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 /// to settle it and the message itself (to publish again).
 pub(crate) struct Received<T: Transport> {
     pub(crate) task: CeleryTask,
-    pub(crate) info: ActiveInfo,
+    /// Shared with the ledger (what `inspect active` lists) rather than copied.
+    pub(crate) info: Arc<ActiveInfo>,
     pub(crate) ack: T::Ack,
     pub(crate) raw: T::Raw,
     /// The broker says it delivered this message before.
@@ -187,7 +188,7 @@ async fn ack_answered_copy<T: Transport>(shared: &Worker<T>, task: &CeleryTask, 
 async fn hold_until_eta<T: Transport>(
     shared: &Worker<T>,
     task: &CeleryTask,
-    info: &ActiveInfo,
+    info: &Arc<ActiveInfo>,
     acker: &T::Ack,
     lost: &CancellationToken,
 ) -> bool {
@@ -210,7 +211,7 @@ async fn hold_until_eta<T: Transport>(
             }
         }
     };
-    shared.engine.tasks().reserved.remove(&task.id);
+    shared.engine.tasks().reserved.remove(task.id.as_str());
     match released {
         // Connection lost: the broker already took the message back.
         Some(false) => false,
@@ -243,7 +244,7 @@ async fn run<T: Transport>(
             update = run.next() => update,
             _ = job.canceling.cancelled(), if !revoked => {
                 revoked = true;
-                shared.revoke(std::slice::from_ref(&task.id), false).await;
+                shared.revoke(&[task.id.to_string()], false).await;
                 continue;
             }
         };

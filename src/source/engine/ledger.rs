@@ -6,6 +6,7 @@
 //!
 //! Generic over the acker type so the rules are tested without a broker.
 
+use crate::task::TaskId;
 use std::collections::{HashSet, VecDeque};
 
 /// What a delivery of a task id should do, decided atomically with claiming it.
@@ -30,9 +31,10 @@ struct Owned<A, I> {
 /// The owners of task ids in flight and a bounded memory of answered ids.
 #[derive(Debug)]
 pub struct Ledger<A, I> {
-    owned: crate::idmap::IdMap<Owned<A, I>>,
-    answered: HashSet<String>,
-    order: VecDeque<String>,
+    owned: crate::idmap::TaskMap<Owned<A, I>>,
+    /// Keyed by the id the task came with: remembering it costs no copy.
+    answered: HashSet<TaskId, foldhash::fast::RandomState>,
+    order: VecDeque<TaskId>,
     capacity: usize,
 }
 
@@ -41,7 +43,7 @@ impl<A, I: Clone> Ledger<A, I> {
     pub fn new(capacity: usize) -> Self {
         Ledger {
             owned: Default::default(),
-            answered: HashSet::new(),
+            answered: Default::default(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
         }
@@ -54,16 +56,17 @@ impl<A, I: Clone> Ledger<A, I> {
 
     /// A delivery of `id` arrived: claim it, attach it to its owner, or hand it back to be
     /// acked because the id is answered.
-    pub fn arrive(&mut self, id: &str, info: I, acker: A) -> Arrival<A> {
-        if self.answered.contains(id) {
+    pub fn arrive(&mut self, id: impl Into<TaskId>, info: I, acker: A) -> Arrival<A> {
+        let id = id.into();
+        if self.answered.contains(&id) {
             return Arrival::Answered(acker);
         }
-        if let Some(owner) = self.owned.get_mut(id) {
+        if let Some(owner) = self.owned.get_mut(&id) {
             owner.copies.push(acker);
             return Arrival::Attached;
         }
         self.owned.insert(
-            id.to_string(),
+            id,
             Owned {
                 info,
                 copies: Vec::new(),
@@ -74,10 +77,11 @@ impl<A, I: Clone> Ledger<A, I> {
 
     /// The owner's final state is confirmed (or can never be delivered): remember the id and
     /// return the copies to ack with the owner's message.
-    pub fn answered(&mut self, id: &str) -> Vec<A> {
-        let copies = self.owned.remove(id).map(|o| o.copies).unwrap_or_default();
-        if self.answered.insert(id.to_string()) {
-            self.order.push_back(id.to_string());
+    pub fn answered(&mut self, id: impl Into<TaskId>) -> Vec<A> {
+        let id = id.into();
+        let copies = self.owned.remove(&id).map(|o| o.copies).unwrap_or_default();
+        if self.answered.insert(id.clone()) {
+            self.order.push_back(id);
         }
         while self.order.len() > self.capacity {
             if let Some(old) = self.order.pop_front() {

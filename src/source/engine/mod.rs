@@ -40,15 +40,15 @@ use serde_json::{Map, Value};
 /// ids; `A` is how the transport acks a message. A source keeps it behind one lock, so a delivery deciding what to do and a revoke marking its
 /// tasks can never wait on each other (they once took two locks in opposite orders).
 pub(crate) struct TaskTable<A> {
-    pub(crate) ledger: Ledger<A, ActiveInfo>,
-    pub(crate) reserved: crate::idmap::IdMap<ActiveInfo>,
+    pub(crate) ledger: Ledger<A, std::sync::Arc<ActiveInfo>>,
+    pub(crate) reserved: crate::idmap::TaskMap<std::sync::Arc<ActiveInfo>>,
     pub(crate) revoked: Revoked,
 }
 
 /// What `celery inspect active` shows for a task.
 #[derive(Debug, Clone, Serialize)]
 pub struct ActiveInfo {
-    pub(crate) id: String,
+    pub(crate) id: crate::task::TaskId,
     pub(crate) name: String,
     pub(crate) args: std::sync::Arc<Vec<Value>>,
     pub(crate) kwargs: std::sync::Arc<Map<String, Value>>,
@@ -57,11 +57,25 @@ pub struct ActiveInfo {
     pub(crate) hostname: String,
     pub(crate) time_start: f64,
     pub(crate) acknowledged: bool,
-    pub(crate) delivery_info: Value,
     pub(crate) worker_pid: u32,
-    /// What the plugin is told of where the task came from.
-    #[serde(skip)]
+    /// What the plugin is told of where the task came from; `inspect active` shows part of it
+    /// as `delivery_info`, written only when asked for.
+    #[serde(rename = "delivery_info", serialize_with = "inspect_delivery_info")]
     pub(crate) delivery: plugin_protocol::DeliveryInfo,
+}
+
+/// `delivery_info` as a Celery worker's `inspect active` shows it.
+fn inspect_delivery_info<S: serde::Serializer>(
+    d: &plugin_protocol::DeliveryInfo,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(4))?;
+    map.serialize_entry("exchange", d.exchange.as_deref().unwrap_or_default())?;
+    map.serialize_entry("routing_key", d.routing_key.as_deref().unwrap_or_default())?;
+    map.serialize_entry("priority", &d.priority.unwrap_or(0))?;
+    map.serialize_entry("redelivered", &d.redelivered.unwrap_or(false))?;
+    map.end()
 }
 
 /// What a Celery worker keeps while it serves, whatever carries its messages: the dispatcher

@@ -114,7 +114,7 @@ impl<T: Transport> RemoteWorker for Worker<T> {
         for id in ids {
             if let Some(info) = tasks.ledger.info(id) {
                 found.insert(id.clone(), json!(["active", info]));
-            } else if let Some(info) = tasks.reserved.get(id) {
+            } else if let Some(info) = tasks.reserved.get(id.as_str()) {
                 // Held here until its eta.
                 found.insert(id.clone(), json!(["scheduled", info]));
             }

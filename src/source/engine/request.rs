@@ -6,7 +6,6 @@ use super::{ActiveInfo, MAX_ID_BYTES};
 use crate::source::celery::{self, CeleryTask, Envelope};
 use crate::task::TaskRequest;
 use plugin_protocol::RequestInfo;
-use serde_json::json;
 use std::time::{Duration, SystemTime};
 
 /// Where a message came from and how, as its transport saw it.
@@ -51,12 +50,6 @@ pub fn read_task(
         hostname: node.to_string(),
         time_start: now,
         acknowledged: false,
-        delivery_info: json!({
-            "exchange": facts.exchange,
-            "routing_key": facts.routing_key,
-            "priority": facts.priority.unwrap_or(0),
-            "redelivered": facts.redelivered,
-        }),
         worker_pid: std::process::id(),
         delivery: plugin_protocol::DeliveryInfo {
             queue: Some(facts.queue.to_string()),
@@ -74,12 +67,12 @@ pub fn read_task(
 /// Every id the worker keeps or publishes back must fit a short string.
 fn check_ids(task: &CeleryTask) -> Result<(), Unreadable> {
     let fields = [
-        ("task id", Some(&task.id)),
-        ("reply_to", task.reply_to.as_ref()),
-        ("correlation_id", Some(&task.correlation_id)),
-        ("parent_id", task.parent_id.as_ref()),
-        ("root_id", task.root_id.as_ref()),
-        ("group", task.group.as_ref()),
+        ("task id", Some(task.id.as_str())),
+        ("reply_to", task.reply_to.as_deref()),
+        ("correlation_id", Some(task.correlation_id.as_str())),
+        ("parent_id", task.parent_id.as_deref()),
+        ("root_id", task.root_id.as_deref()),
+        ("group", task.group.as_deref()),
     ];
     for (field, value) in fields {
         if let Some(v) = value.filter(|v| v.len() > MAX_ID_BYTES) {
@@ -107,7 +100,7 @@ pub fn task_request(
         })
     };
     TaskRequest {
-        id: task.id.as_str().into(),
+        id: task.id.clone(),
         name: task.name.clone(),
         args: task.args.clone(),
         kwargs: task.kwargs.clone(),

@@ -135,13 +135,12 @@ fn message(id: &str, ack: u32) -> Received<Fake> {
         hostname: "engine@test".into(),
         time_start: 0.0,
         acknowledged: false,
-        delivery_info: Value::Null,
         worker_pid: 0,
         delivery: Default::default(),
     };
     Received {
         task,
-        info,
+        info: info.into(),
         ack,
         raw: (),
         redelivered: false,
@@ -192,4 +191,26 @@ async fn each_admission_ends_on_the_transport_as_the_rules_say() {
         handle(&w, message("t6", 6)).await,
         ["reject 6 requeue=true"]
     );
+}
+
+#[test]
+fn inspect_active_shows_a_task_as_a_celery_worker_does() {
+    let mut info = Arc::unwrap_or_clone(message("t-1", 1).info);
+    info.delivery = plugin_protocol::DeliveryInfo {
+        queue: Some("celery".into()),
+        exchange: Some("".into()),
+        routing_key: Some("celery".into()),
+        serializer: Some("json".into()),
+        priority: Some(3),
+        redelivered: Some(true),
+        delivery_count: None,
+    };
+    let shown = serde_json::to_value(&info).unwrap();
+    let want = serde_json::json!({
+        "id": "t-1", "name": "nobody.serves.this", "args": [], "kwargs": {},
+        "type": "nobody.serves.this", "hostname": "engine@test", "time_start": 0.0,
+        "acknowledged": false, "worker_pid": 0,
+        "delivery_info": {"exchange": "", "routing_key": "celery", "priority": 3, "redelivered": true},
+    });
+    assert_eq!(shown, want);
 }

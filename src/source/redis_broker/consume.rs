@@ -160,7 +160,7 @@ async fn handle(
         Ok((task, info, raw)) => {
             let received = Received {
                 task,
-                info,
+                info: info.into(),
                 ack,
                 redelivered: raw.redelivered,
                 raw,
