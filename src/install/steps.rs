@@ -57,6 +57,13 @@ fn tool_setting(name: &str) -> bool {
 /// Lines of a failed step's output quoted in its error.
 const TAIL_LINES: usize = 15;
 
+/// A step's output line is kept up to this many bytes: a step that writes megabytes without
+/// a newline (a progress bar, a binary dump) must not make the installer hold them all.
+const STEP_LINE_BYTES: usize = 16 * 1024;
+
+/// Lines read but not yet logged: past this, the readers wait, and so does the step's pipe.
+const STEP_LINES_QUEUED: usize = 256;
+
 /// Why a step failed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepFailure {
@@ -129,7 +136,7 @@ async fn run_step(
     let mut child = spawn_step(m, source, &program, argv)
         .map_err(|e| fail(format!("cannot start `{}`: {e}", program.display()), vec![]))?;
     let pid = child.id().unwrap_or(0);
-    let (tx, mut lines) = mpsc::unbounded_channel();
+    let (tx, mut lines) = mpsc::channel(STEP_LINES_QUEUED);
     let readers = [
         tokio::spawn(read_lines(child.stdout.take(), tx.clone())),
         tokio::spawn(read_lines(child.stderr.take(), tx)),
@@ -186,19 +193,55 @@ async fn run_step(
     Ok(())
 }
 
-async fn read_lines(pipe: Option<impl AsyncRead + Unpin>, tx: mpsc::UnboundedSender<String>) {
+/// Sends each line of `pipe` (the last one even without a newline), each cut at
+/// `STEP_LINE_BYTES` with a note of how much was left out.
+async fn read_lines(pipe: Option<impl AsyncRead + Unpin>, tx: mpsc::Sender<String>) {
     let Some(pipe) = pipe else { return };
     let mut reader = BufReader::new(pipe);
-    let mut buf = Vec::new();
-    while let Ok(n) = reader.read_until(b'\n', &mut buf).await {
-        if n == 0 {
+    let mut line = StepLine::default();
+    loop {
+        let chunk = match reader.fill_buf().await {
+            Ok(chunk) if !chunk.is_empty() => chunk,
+            _ => break,
+        };
+        let newline = chunk.iter().position(|&b| b == b'\n');
+        let used = newline.map_or(chunk.len(), |i| i + 1);
+        line.extend(&chunk[..newline.unwrap_or(chunk.len())]);
+        reader.consume(used);
+        if newline.is_some() && tx.send(line.take()).await.is_err() {
             return;
         }
-        let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-        buf.clear();
-        if tx.send(line).is_err() {
-            return;
+    }
+    if !line.is_empty() {
+        let _ = tx.send(line.take()).await;
+    }
+}
+
+/// One output line as it is read: its first `STEP_LINE_BYTES` and a count of the rest.
+#[derive(Default)]
+struct StepLine {
+    kept: Vec<u8>,
+    cut: usize,
+}
+
+impl StepLine {
+    fn extend(&mut self, bytes: &[u8]) {
+        let room = STEP_LINE_BYTES.saturating_sub(self.kept.len());
+        self.kept.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        self.cut += bytes.len().saturating_sub(room);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.kept.is_empty() && self.cut == 0
+    }
+
+    fn take(&mut self) -> String {
+        let mut text = String::from_utf8_lossy(&self.kept).trim_end().to_string();
+        if self.cut > 0 {
+            text.push_str(&format!(" [{} more bytes not kept]", self.cut));
         }
+        *self = StepLine::default();
+        text
     }
 }
 
@@ -254,6 +297,32 @@ mod tests {
             e.reason.contains("cannot start") && e.reason.contains("missing-tool"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_output_is_logged_whole_and_a_huge_line_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manifest(
+            dir.path(),
+            r#"[["/bin/sh", "-c", "seq 1 100000; head -c 3000000 /dev/zero | tr '\\0' x; echo; printf 'no newline'; exit 4"]]"#,
+        );
+        let mut log = Vec::new();
+        let e = run(&m, dir.path(), &mut log).await.unwrap_err();
+        assert!(e.reason.contains("status 4"), "{e}");
+        let log = String::from_utf8(log).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        // Every line of the flood, in order, though the readers waited for the log.
+        assert_eq!(lines[1], "1");
+        assert_eq!(lines[100_000], "100000");
+        let cut = 3_000_000 - STEP_LINE_BYTES;
+        assert_eq!(
+            lines[100_001],
+            format!(
+                "{} [{cut} more bytes not kept]",
+                "x".repeat(STEP_LINE_BYTES)
+            )
+        );
+        assert_eq!(e.tail.last().map(String::as_str), Some("no newline"));
     }
 
     #[tokio::test]

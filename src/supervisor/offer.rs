@@ -103,6 +103,9 @@ impl Drop for OfferReply {
 
 /// Where instances hand offers, and the backends' counters. The default takes no offers:
 /// each is answered "not run" (a harness or `worker run`, with no offer source).
+/// Unbounded as a channel, bounded in fact: an instance hands on no more than its backend's
+/// `window` of unanswered offers (`instance/offers.rs` refuses the rest at once), so the
+/// inbox never holds more than the sum of the windows.
 #[derive(Debug, Clone, Default)]
 pub struct OfferInbox {
     tx: Option<mpsc::UnboundedSender<Offer>>,
