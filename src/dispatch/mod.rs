@@ -264,8 +264,8 @@ impl Dispatcher {
     async fn run_to_end(&self, request: Arc<TaskRequest>, events: EventSender) -> Outcome {
         let since = Instant::now();
         let (outcome, attempt, pool, guard) = match self.admit(&request, since) {
-            Ok(guard) => {
-                let (outcome, attempt, pool) = self.run_attempts(&request, events).await;
+            Ok((guard, pool)) => {
+                let (outcome, attempt, pool) = self.run_attempts(&request, events, pool).await;
                 (outcome, attempt, pool, Some(guard))
             }
             Err(refused) => (refused, 0, self.supervisor.route(&request.name), None),
@@ -320,18 +320,29 @@ impl Dispatcher {
         });
     }
 
-    /// Runs an admitted `request` to its end, through reruns (events to `events`); with its last pool.
+    /// Runs an admitted `request` to its end, through reruns (events to `events`), starting on
+    /// the pool it was admitted for (`first`); with its last pool.
     async fn run_attempts(
         &self,
         request: &Arc<TaskRequest>,
         events: EventSender,
+        first: PoolHandle,
     ) -> (Outcome, u32, Option<PoolHandle>) {
         let (mut attempt, mut refusals) = (1, 0);
+        let mut first = Some(first);
         loop {
-            // Looked up on every attempt: a reload may have replaced the plugin meanwhile.
-            let Some(pool) = self.supervisor.route(&request.name) else {
-                let failure = Failure::not_registered(&request.name);
-                return (Outcome::Failure(failure), attempt, None);
+            let pool = match first.take() {
+                // Admission recorded it in the task's entry already.
+                Some(pool) => pool,
+                // Looked up again for a rerun: a reload may have replaced the plugin meanwhile.
+                None => {
+                    let Some(pool) = self.supervisor.route(&request.name) else {
+                        let failure = Failure::not_registered(&request.name);
+                        return (Outcome::Failure(failure), attempt, None);
+                    };
+                    self.set_attempt(&request.id, attempt, &pool);
+                    pool
+                }
             };
             let outcome = self.attempt(&pool, request, attempt, &events).await;
             let Outcome::Failure(failure) = outcome else {
@@ -367,18 +378,19 @@ impl Dispatcher {
         }
     }
 
-    /// Admits a task: refused while stopping, for an unknown name or a duplicate id.
+    /// Admits a task, with the pool of its first attempt: refused while stopping, for an
+    /// unknown name or a duplicate id.
     fn admit(
         &self,
         request: &Arc<TaskRequest>,
         since: Instant,
-    ) -> Result<ActiveGuard<'_>, Outcome> {
+    ) -> Result<(ActiveGuard<'_>, PoolHandle), Outcome> {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(Outcome::Failure(Failure::shutting_down()));
         }
-        if !self.supervisor.serves(&request.name) {
+        let Some(pool) = self.supervisor.route(&request.name) else {
             return Err(Outcome::Failure(Failure::not_registered(&request.name)));
-        }
+        };
         let mut active = crate::sync::lock(&self.active);
         if active.contains_key(&request.id) {
             return Err(Outcome::Failure(Failure::new(
@@ -395,24 +407,22 @@ impl Dispatcher {
             request: request.clone(),
             since,
             attempt: 1,
-            pool: None,
+            pool: Some(pool.clone()),
             cancel: None,
         };
         active.insert(request.id.clone(), entry);
         self.count_in_flight(active.len());
         drop(active);
         self.supervisor.events().publish("task.received", || {
-            let plugin = self
-                .supervisor
-                .route(&request.name)
-                .map(|p| p.manifest().name.clone());
+            let plugin = Some(&pool.manifest().name);
             crate::fields! {"task_id" => request.id, "task" => request.name, "plugin" => plugin,
             "submitter" => request.submitter}
         });
-        Ok(ActiveGuard {
+        let guard = ActiveGuard {
             dispatcher: self,
             request: request.clone(),
-        })
+        };
+        Ok((guard, pool))
     }
 
     /// One run of the task on `pool`.
@@ -423,7 +433,6 @@ impl Dispatcher {
         attempt: u32,
         events: &EventSender,
     ) -> Outcome {
-        self.set_attempt(&request.id, attempt, pool);
         let (reply, outcome) = oneshot::channel();
         let job = Job {
             request: request.clone(),

@@ -22,7 +22,7 @@ use crate::manifest::Manifest;
 use pool::{PoolHandle, PoolOptions};
 use status::{PluginState, PluginStatus};
 use std::collections::BTreeMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
@@ -52,7 +52,8 @@ impl Routes {
 /// Owns every plugin pool of this worker.
 #[derive(Debug)]
 pub struct Supervisor {
-    routes: RwLock<Arc<Routes>>,
+    /// Read by every task (no lock, no reference count taken), replaced whole by a reload.
+    routes: arc_swap::ArcSwap<Routes>,
     /// Every pool actor and every drain of a retired pool: tracked, never growing with
     /// reloads (finished tasks leave it), waited for at stop.
     tasks: TaskTracker,
@@ -98,7 +99,7 @@ impl Supervisor {
         }
         routes.index_tasks();
         Supervisor {
-            routes: RwLock::new(Arc::new(routes)),
+            routes: arc_swap::ArcSwap::from_pointee(routes),
             tasks,
             options,
             reloading: tokio::sync::Mutex::new(()),
@@ -117,7 +118,7 @@ impl Supervisor {
         wait: bool,
     ) -> ReloadReport {
         let _one_at_a_time = self.reloading.lock().await;
-        let current = self.routes();
+        let current = self.routes.load_full();
         let mut report = ReloadReport::default();
         let mut next = Routes::default();
         let mut candidates = Vec::new();
@@ -148,7 +149,7 @@ impl Supervisor {
             }
         }
         next.index_tasks();
-        *self.routes.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
+        self.routes.store(Arc::new(next));
         tracing::info!(?report, "plugins reloaded");
         self.publish_reload(&report);
         self.retire(retired, drain, wait).await;
@@ -260,11 +261,8 @@ impl Supervisor {
             .collect()
     }
 
-    fn routes(&self) -> Arc<Routes> {
-        self.routes
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    fn routes(&self) -> arc_swap::Guard<Arc<Routes>> {
+        self.routes.load()
     }
 
     /// The pool serving `task`, if any.

@@ -207,6 +207,9 @@ struct Instance {
     started: Instant,
     /// Where the stderr reader sends lines of a lone task that asked for its log.
     task_log: crate::supervisor::process::TaskLog,
+    /// `task_log` points at a task: it needs setting again when tasks change. While it points
+    /// at nothing and no task asks for its log, it is left alone (a lock less per task).
+    task_log_set: bool,
     /// Offers this process made that are not answered yet (its queue backend window).
     offers_out: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -300,6 +303,7 @@ impl Instance {
             stray_log: (Instant::now(), 0, 0),
             started,
             task_log,
+            task_log_set: false,
             offers_out: Arc::default(),
         }
     }

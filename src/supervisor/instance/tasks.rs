@@ -120,7 +120,7 @@ impl Instance {
 
     /// Points the stderr reader at the task running here if it runs alone and asked for its
     /// log (a line cannot be told apart by task when several run at once), else at nothing.
-    pub(super) fn follow_task_log(&self) {
+    pub(super) fn follow_task_log(&mut self) {
         let alone = match self.running.len() {
             1 => self.running.values().next(),
             _ => None,
@@ -128,6 +128,10 @@ impl Instance {
         let sink = alone
             .filter(|r| r.job.request.capture_log)
             .map(|r| r.job.events.downgrade());
+        if sink.is_none() && !self.task_log_set {
+            return;
+        }
+        self.task_log_set = sink.is_some();
         self.task_log.set(sink);
     }
 
