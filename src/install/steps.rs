@@ -10,6 +10,7 @@
 //! `timeouts.install` is killed with its whole group, and so is anything a finished step
 //! left running.
 
+use crate::framed::read_log_line;
 use crate::manifest::Manifest;
 use crate::supervisor::process::{describe_exit, signal_group};
 use nix::sys::signal::Signal;
@@ -17,7 +18,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
@@ -198,50 +199,13 @@ async fn run_step(
 async fn read_lines(pipe: Option<impl AsyncRead + Unpin>, tx: mpsc::Sender<String>) {
     let Some(pipe) = pipe else { return };
     let mut reader = BufReader::new(pipe);
-    let mut line = StepLine::default();
-    loop {
-        let chunk = match reader.fill_buf().await {
-            Ok(chunk) if !chunk.is_empty() => chunk,
-            _ => break,
-        };
-        let newline = chunk.iter().position(|&b| b == b'\n');
-        let used = newline.map_or(chunk.len(), |i| i + 1);
-        line.extend(&chunk[..newline.unwrap_or(chunk.len())]);
-        reader.consume(used);
-        if newline.is_some() && tx.send(line.take()).await.is_err() {
+    while let Ok(Some((mut line, cut))) = read_log_line(&mut reader, STEP_LINE_BYTES).await {
+        if cut > 0 {
+            line.push_str(&format!(" [{cut} more bytes not kept]"));
+        }
+        if tx.send(line).await.is_err() {
             return;
         }
-    }
-    if !line.is_empty() {
-        let _ = tx.send(line.take()).await;
-    }
-}
-
-/// One output line as it is read: its first `STEP_LINE_BYTES` and a count of the rest.
-#[derive(Default)]
-struct StepLine {
-    kept: Vec<u8>,
-    cut: usize,
-}
-
-impl StepLine {
-    fn extend(&mut self, bytes: &[u8]) {
-        let room = STEP_LINE_BYTES.saturating_sub(self.kept.len());
-        self.kept.extend_from_slice(&bytes[..bytes.len().min(room)]);
-        self.cut += bytes.len().saturating_sub(room);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.kept.is_empty() && self.cut == 0
-    }
-
-    fn take(&mut self) -> String {
-        let mut text = String::from_utf8_lossy(&self.kept).trim_end().to_string();
-        if self.cut > 0 {
-            text.push_str(&format!(" [{} more bytes not kept]", self.cut));
-        }
-        *self = StepLine::default();
-        text
     }
 }
 

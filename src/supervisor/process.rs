@@ -8,7 +8,7 @@
 
 use super::identity::{self, Identity};
 use super::{containment, sandbox};
-use crate::framed::FramedReader;
+use crate::framed::{read_log_line, FramedReader};
 use crate::manifest::Manifest;
 use crate::manifest::Sandbox;
 use crate::task::TaskEvent;
@@ -20,7 +20,7 @@ use std::io;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::BufReader;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -362,22 +362,7 @@ where
 {
     tokio::spawn(async move {
         let mut reader = BufReader::new(stderr);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match (&mut reader)
-                .take(STDERR_MAX_LINE as u64)
-                .read_until(b'\n', &mut buf)
-                .await
-            {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let complete = buf.last() == Some(&b'\n');
-            let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-            if !complete && skip_line(&mut reader).await.is_err() {
-                return;
-            }
+        while let Ok(Some((line, _))) = read_log_line(&mut reader, STDERR_MAX_LINE).await {
             tracing::info!(
                 target: "plugin",
                 plugin = %origin.plugin,
@@ -389,27 +374,6 @@ where
             tail.push(origin.pid, line);
         }
     })
-}
-
-/// Skips the rest of an over-long stderr line without buffering it: memory stays bounded
-/// however much a plugin writes without a newline.
-async fn skip_line<R: tokio::io::AsyncRead + Unpin>(reader: &mut BufReader<R>) -> io::Result<()> {
-    loop {
-        let buf = reader.fill_buf().await?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        match buf.iter().position(|&b| b == b'\n') {
-            Some(at) => {
-                reader.consume(at + 1);
-                return Ok(());
-            }
-            None => {
-                let n = buf.len();
-                reader.consume(n);
-            }
-        }
-    }
 }
 
 /// What the stdout reader saw.
