@@ -26,12 +26,6 @@ impl Deref for TaskId {
     }
 }
 
-impl AsRef<str> for TaskId {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
 /// Hashes and compares as the `str` it holds, so a map keyed by `TaskId` is looked up by `&str`.
 impl Borrow<str> for TaskId {
     fn borrow(&self) -> &str {
@@ -51,12 +45,6 @@ impl From<&str> for TaskId {
     }
 }
 
-impl From<&String> for TaskId {
-    fn from(id: &String) -> Self {
-        TaskId(id.as_str().into())
-    }
-}
-
 impl From<&TaskId> for TaskId {
     fn from(id: &TaskId) -> Self {
         id.clone()
@@ -69,39 +57,9 @@ impl From<TaskId> for String {
     }
 }
 
-impl PartialEq<str> for TaskId {
-    fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
-    }
-}
-
 impl PartialEq<&str> for TaskId {
     fn eq(&self, other: &&str) -> bool {
         &*self.0 == *other
-    }
-}
-
-impl PartialEq<String> for TaskId {
-    fn eq(&self, other: &String) -> bool {
-        *self.0 == **other
-    }
-}
-
-impl PartialEq<TaskId> for str {
-    fn eq(&self, other: &TaskId) -> bool {
-        self == &*other.0
-    }
-}
-
-impl PartialEq<TaskId> for &str {
-    fn eq(&self, other: &TaskId) -> bool {
-        *self == &*other.0
-    }
-}
-
-impl PartialEq<TaskId> for String {
-    fn eq(&self, other: &TaskId) -> bool {
-        **self == *other.0
     }
 }
 

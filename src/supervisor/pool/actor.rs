@@ -24,11 +24,8 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 const COMMAND_BATCH: usize = 256;
 
 impl Queued for Job {
-    fn task_id(&self) -> &str {
+    fn task_id(&self) -> &crate::task::TaskId {
         &self.request.id
-    }
-    fn key(&self) -> crate::task::TaskId {
-        self.request.id.clone()
     }
 }
 

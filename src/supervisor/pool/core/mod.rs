@@ -30,9 +30,8 @@ const RECENT_EXITS: usize = 10;
 
 /// A task waiting in the pool's queue: all the core needs to know of it is its id.
 pub(in crate::supervisor) trait Queued {
-    fn task_id(&self) -> &str;
-    /// The id as a key of the placements (shared with the task, not copied).
-    fn key(&self) -> crate::task::TaskId;
+    /// Shared with the task, so keying the placements by it copies nothing.
+    fn task_id(&self) -> &crate::task::TaskId;
 }
 
 /// The manifest's settings the core decides by (and the name its messages give).
@@ -413,7 +412,11 @@ impl<J: Queued> PoolCore<J> {
         mode: CancelMode,
         out: &mut Vec<Effect<J>>,
     ) -> CancelStep {
-        if let Some(pos) = self.queue.iter().position(|j| j.task_id() == task_id) {
+        if let Some(pos) = self
+            .queue
+            .iter()
+            .position(|j| j.task_id().as_str() == task_id)
+        {
             let job = self.queue.remove(pos).expect("position is in range");
             let failure = Failure::cancelled(cancel.cause, &cancel.reason);
             out.push(Effect::Finish { job, failure });
@@ -454,7 +457,7 @@ impl<J: Queued> PoolCore<J> {
                 slot: i,
                 asked: None,
             };
-            self.placements.insert(job.key(), placed);
+            self.placements.insert(job.task_id().clone(), placed);
             out.push(Effect::Place { slot: i, job });
         }
     }

@@ -6,14 +6,11 @@ use crate::manifest::RestartSettings;
 use crate::task::CancelCause;
 
 #[derive(Debug)]
-pub(super) struct J(pub(super) &'static str);
+pub(super) struct J(pub(super) crate::task::TaskId);
 
 impl Queued for J {
-    fn task_id(&self) -> &str {
-        self.0
-    }
-    fn key(&self) -> crate::task::TaskId {
-        self.0.into()
+    fn task_id(&self) -> &crate::task::TaskId {
+        &self.0
     }
 }
 
@@ -87,7 +84,7 @@ impl Pool {
     }
 
     pub(super) fn run(&mut self, id: &'static str) -> Vec<String> {
-        let mut shown = self.input(Input::Run(J(id)));
+        let mut shown = self.input(Input::Run(J(id.into())));
         shown.extend(self.place());
         shown
     }

@@ -163,20 +163,20 @@ fn a_cancel_drops_a_queued_task_and_forwards_a_running_one_once_per_strength() {
 #[test]
 fn a_placement_the_instance_refused_waits_at_the_front_of_the_queue() {
     let mut p = Pool::new(2, 2, rules(1, 10));
-    p.input(Input::Run(J("a")));
-    p.input(Input::Run(J("b")));
+    p.input(Input::Run(J("a".into())));
+    p.input(Input::Run(J("b".into())));
     assert_eq!(p.place(), ["place 0 a", "place 1 b"]);
     assert_eq!(
         p.input(Input::PlaceRefused {
             slot: 0,
-            job: J("a")
+            job: J("a".into())
         }),
         Vec::<String>::new()
     );
     assert_eq!(p.states(), [Crashed, Ready]);
     assert_eq!(p.core.slots()[0].in_flight, 0);
     assert_eq!(p.core.placements().count(), 1);
-    p.input(Input::Run(J("c")));
+    p.input(Input::Run(J("c".into())));
     p.finished(1, "b", true);
     assert_eq!(p.place(), ["place 1 a"], "the refused one goes first");
 }
@@ -459,7 +459,7 @@ fn a_failed_plugins_refusal_says_when_it_is_tried_next() {
     let mut p = Pool::new(1, 1, rules(1, 10));
     p.exited(0, ExitReason::Incompatible("x".into()), Duration::ZERO);
     let mut out = Vec::new();
-    p.core.handle(Input::Run(J("a")), p.now, &mut out);
+    p.core.handle(Input::Run(J("a".into())), p.now, &mut out);
     let Some(Effect::Finish { failure, .. }) = out.first() else {
         panic!("refused: {:?}", shown(&out));
     };
