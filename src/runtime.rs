@@ -4,10 +4,18 @@
 /// A runtime of `threads` worker threads (`runtime_threads`; 1 by default) with I/O and
 /// timers. The worker's own work per task is a few microseconds of bookkeeping between
 /// processes; on one thread it is never handed from thread to thread, which costs more than it
-/// shares, and every other core is left to the plugins.
+/// shares, and every other core is left to the plugins. One thread is tokio's current-thread
+/// scheduler, which runs everything on the thread that calls `block_on`: its polls and wake-ups
+/// skip the work-stealing bookkeeping a pool of one still pays (about a fifth more tasks per
+/// second through the supervisor here, `docs/src/benchmarks.md`).
 pub fn build(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
+        .worker_threads(threads)
         .enable_all()
         .build()
 }
