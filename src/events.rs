@@ -11,7 +11,8 @@
 //! `dropped` field of the next one it gets) while every task goes on at full speed.
 
 use crate::json_object::ObjectWriter;
-use serde_json::{Map, Value};
+use serde::Serialize;
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -83,16 +84,20 @@ impl DeliveryStats {
         self.unreported.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The `event` notification line for `event` (a JSON object), taking the drops not yet
-    /// reported into its `dropped` field. Call `sent` or `unsent` after trying to write it.
-    pub fn notification(&self, event: &str) -> (Vec<u8>, u64) {
+    /// Appends the `event` notification line for `event` (a JSON object) to `out`, taking the
+    /// drops not yet reported into its `dropped` field, and returns how many it took. Call
+    /// `sent` or `unsent` after trying to write it.
+    pub fn write_notification(&self, event: &str, out: &mut Vec<u8>) -> u64 {
         let dropped = self.unreported.swap(0, Ordering::Relaxed);
         let body = event.strip_suffix('}').unwrap_or(event);
-        let sep = if body.len() > 1 { "," } else { "" };
-        let line = format!(
-            "{{\"jsonrpc\":\"2.0\",\"method\":\"event\",\"params\":{body}{sep}\"dropped\":{dropped}}}}}\n"
-        );
-        (line.into_bytes(), dropped)
+        out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":\"event\",\"params\":");
+        out.extend_from_slice(body.as_bytes());
+        if body.len() > 1 {
+            out.push(b',');
+        }
+        // Writing into a Vec cannot fail.
+        let _ = writeln!(out, "\"dropped\":{dropped}}}}}");
+        dropped
     }
 
     pub fn sent(&self) {
@@ -170,8 +175,9 @@ impl EventBus {
         }
     }
 
-    /// Tells every subscriber that wants `kind`; `fields` is called only if one does.
-    pub fn publish(&self, kind: &'static str, fields: impl FnOnce() -> Map<String, Value>) {
+    /// Tells every subscriber that wants `kind`; `fields` writes the event's fields, and is
+    /// called only if one does.
+    pub fn publish(&self, kind: &'static str, fields: impl FnOnce(&mut EventFields)) {
         let subscribers = self.subscribers.read().expect("event bus lock");
         let (mut fields, mut event) = (Some(fields), None::<Event>);
         for s in subscribers
@@ -186,7 +192,7 @@ impl EventBus {
             }
             let event = event.get_or_insert_with(|| {
                 let fields = fields.take().expect("built once");
-                serialize(kind, fields()).into()
+                serialize(kind, fields).into()
             });
             if s.tx.try_send(event.clone()).is_err() {
                 s.stats.count_drop();
@@ -195,38 +201,41 @@ impl EventBus {
     }
 }
 
-/// The event as a JSON object, written straight from `fields` (no second map): `event` and
-/// `time` first, then the fields, less any that would repeat those two.
-fn serialize(kind: &str, fields: Map<String, Value>) -> String {
+/// An event's fields, written straight into its JSON object as they are given (no map is
+/// built: the worker makes three events for every task while anyone subscribes).
+pub struct EventFields {
+    object: ObjectWriter,
+}
+
+impl EventFields {
+    /// Appends `"key":value`. `event` and `time` are the bus's own and are left out; the
+    /// caller keeps the other keys unique.
+    pub fn field(&mut self, key: &str, value: &(impl Serialize + ?Sized)) -> &mut EventFields {
+        if !matches!(key, "event" | "time") {
+            self.object.field(key, value);
+        }
+        self
+    }
+}
+
+/// The event as a JSON object: `event` and `time` first, then what `fields` writes.
+fn serialize(kind: &str, fields: impl FnOnce(&mut EventFields)) -> String {
     let time = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64();
-    let mut object = ObjectWriter::with_capacity(128);
+    let mut object = ObjectWriter::with_capacity(192);
     object.field("event", kind);
     object.field("time", &time);
-    for (key, value) in fields
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "event" | "time"))
-    {
-        object.field(key, value);
-    }
-    String::from_utf8(object.finish()).expect("serde_json writes UTF-8")
-}
-
-/// Builds a field map: `fields!{"task_id" => id, "attempt" => 2}`.
-#[macro_export]
-macro_rules! fields {
-    ($($key:literal => $value:expr),* $(,)?) => {{
-        let mut map = serde_json::Map::new();
-        $(map.insert($key.to_string(), serde_json::json!($value));)*
-        map
-    }};
+    let mut event = EventFields { object };
+    fields(&mut event);
+    String::from_utf8(event.object.finish()).expect("serde_json writes UTF-8")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn patterns_are_families_kinds_or_everything() {
@@ -248,18 +257,19 @@ mod tests {
         let mut sub = bus.subscribe(&["task.*".into()], 2);
         let mut built = 0;
         for i in 0..5 {
-            bus.publish("task.received", || {
+            bus.publish("task.received", |f| {
                 built += 1;
-                crate::fields! {"n" => i}
+                f.field("n", &i);
             });
         }
-        bus.publish("plugin.installed", || {
+        bus.publish("plugin.installed", |_| {
             unreachable!("nobody wants plugin events")
         });
         assert_eq!(built, 2, "built only while a buffer has room");
         assert_eq!(sub.stats.dropped(), 3);
         let first = sub.events.try_recv().unwrap();
-        let (line, reported) = sub.stats.notification(&first);
+        let mut line = Vec::new();
+        let reported = sub.stats.write_notification(&first, &mut line);
         assert_eq!(reported, 3);
         let v: Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["method"], "event");
@@ -268,8 +278,12 @@ mod tests {
         assert_eq!(v["params"]["dropped"], 3);
         assert!(v["params"]["time"].as_f64().unwrap() > 1.7e9);
         sub.stats.sent();
-        let (line, _) = sub.stats.notification(&sub.events.try_recv().unwrap());
-        let v: Value = serde_json::from_slice(&line).unwrap();
+        let mut line = b"before\n".to_vec();
+        sub.stats
+            .write_notification(&sub.events.try_recv().unwrap(), &mut line);
+        let line = line.strip_prefix(b"before\n").expect("appended");
+        assert_eq!(line.last(), Some(&b'\n'), "one whole line");
+        let v: Value = serde_json::from_slice(line).unwrap();
         assert_eq!(
             (v["params"]["n"].clone(), v["params"]["dropped"].clone()),
             (1.into(), 0.into())
@@ -278,23 +292,25 @@ mod tests {
 
     #[test]
     fn an_event_is_one_object_whose_kind_no_field_replaces() {
-        let text = serialize(
-            "task.failed",
-            crate::fields! {"event" => "x", "error" => "boom"},
-        );
+        let text = serialize("task.failed", |f| {
+            f.field("event", "x")
+                .field("time", &0)
+                .field("error", "boom");
+        });
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
             (v["event"].as_str(), v["error"].as_str()),
             (Some("task.failed"), Some("boom"))
         );
         assert_eq!(text.matches("\"event\"").count(), 1, "{text}");
+        assert_eq!(text.matches("\"time\"").count(), 1, "{text}");
     }
 
     #[test]
     fn a_dropped_subscription_is_forgotten() {
         let bus = EventBus::new();
         drop(bus.subscribe(&["*".into()], 4));
-        bus.publish("task.received", || unreachable!("no live subscriber"));
+        bus.publish("task.received", |_| unreachable!("no live subscriber"));
         let _live = bus.subscribe(&["*".into()], 4);
         assert_eq!(bus.subscribers.read().unwrap().len(), 1);
     }

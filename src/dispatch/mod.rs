@@ -308,15 +308,17 @@ impl Dispatcher {
             Outcome::Failure(f) if matches!(f.kind, FailureKind::Cancelled(_)) => "task.revoked",
             Outcome::Failure(_) => "task.failed",
         };
-        self.supervisor.events().publish(kind, || {
-            let mut fields = crate::fields! {"task_id" => request.id, "task" => request.name,
-            "plugin" => plugin, "attempt" => attempt, "runtime" => runtime.as_secs_f64(),
-            "outcome" => outcome.kind()};
-            if let Outcome::Failure(f) = outcome {
-                fields.insert("exception".into(), f.exc_type.clone().into());
-                fields.insert("message".into(), f.message.clone().into());
+        self.supervisor.events().publish(kind, |f| {
+            f.field("task_id", &request.id)
+                .field("task", &request.name)
+                .field("plugin", plugin)
+                .field("attempt", &attempt)
+                .field("runtime", &runtime.as_secs_f64())
+                .field("outcome", outcome.kind());
+            if let Outcome::Failure(failure) = outcome {
+                f.field("exception", &failure.exc_type)
+                    .field("message", &failure.message);
             }
-            fields
         });
     }
 
@@ -361,9 +363,12 @@ impl Dispatcher {
                     spends_attempt: true,
                 } => {
                     tracing::warn!(task_id = %request.id, task = %request.name, attempt, "retrying task: {why}");
-                    self.supervisor.events().publish("task.retried", || {
-                        crate::fields! {"task_id" => request.id, "task" => request.name,
-                        "plugin" => pool.manifest().name, "attempt" => attempt, "reason" => why}
+                    self.supervisor.events().publish("task.retried", |f| {
+                        f.field("task_id", &request.id)
+                            .field("task", &request.name)
+                            .field("plugin", &pool.manifest().name)
+                            .field("attempt", &attempt)
+                            .field("reason", &why);
                     });
                     // The submitter hears it on the task's own stream, as data.
                     let retrying = TaskEvent::Retrying {
@@ -413,10 +418,11 @@ impl Dispatcher {
         active.insert(request.id.clone(), entry);
         self.count_in_flight(active.len());
         drop(active);
-        self.supervisor.events().publish("task.received", || {
-            let plugin = Some(&pool.manifest().name);
-            crate::fields! {"task_id" => request.id, "task" => request.name, "plugin" => plugin,
-            "submitter" => request.submitter}
+        self.supervisor.events().publish("task.received", |f| {
+            f.field("task_id", &request.id)
+                .field("task", &request.name)
+                .field("plugin", &pool.manifest().name)
+                .field("submitter", &request.submitter);
         });
         let guard = ActiveGuard {
             dispatcher: self,

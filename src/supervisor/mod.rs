@@ -228,8 +228,8 @@ impl Supervisor {
             ("plugin.removed", &report.removed),
         ] {
             for name in names {
-                self.options.events.publish(kind, || {
-                    crate::fields! {"plugin" => name, "version" => version(name)}
+                self.options.events.publish(kind, |f| {
+                    f.field("plugin", name).field("version", &version(name));
                 });
             }
         }

@@ -7,7 +7,7 @@ use super::rules::Settlement;
 use super::worker::{Transport, Worker};
 use crate::source::celery::{state, CeleryTask};
 use crate::source::pyrepr::{args_repr, exception_repr, kwargs_repr, repr};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use std::time::SystemTime;
 
 /// A `worker-online`, `-heartbeat` or `-offline` event for `shared`, with the state Flower
@@ -23,13 +23,11 @@ pub(crate) fn worker_event<T: Transport>(shared: &Worker<T>, kind: &str) -> Even
 /// carries it).
 pub(crate) fn rerun<T: Transport>(shared: &Worker<T>, task: &CeleryTask, reason: &str) {
     let node = shared.engine.nodename();
-    shared.monitor.task(&node, "retried", &task.id, || {
-        let mut f = Map::new();
-        f.insert("exception".into(), json!(exception_repr("Retry", reason)));
-        f.insert("traceback".into(), json!(""));
-        f
+    shared.monitor.task(&node, "retried", &task.id, |f| {
+        f.field("exception", &exception_repr("Retry", reason))
+            .field("traceback", "");
     });
-    shared.monitor.task(&node, "started", &task.id, Map::new);
+    shared.monitor.task(&node, "started", &task.id, |_| {});
 }
 
 /// `task-received` and `task-started` for Flower and `celery events` (when task events are on).
@@ -40,25 +38,20 @@ pub(crate) fn start<T: Transport>(shared: &Worker<T>, task: &CeleryTask) {
         return;
     }
     let node = shared.engine.nodename();
-    shared.monitor.task(&node, "received", &task.id, || {
+    shared.monitor.task(&node, "received", &task.id, |f| {
         let iso = |t: Option<SystemTime>| {
             t.map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339())
         };
-        let mut f = Map::new();
-        f.insert("name".into(), json!(task.name));
-        f.insert("args".into(), json!(args_repr(&task.args)));
-        f.insert("kwargs".into(), json!(kwargs_repr(&task.kwargs)));
-        f.insert(
-            "root_id".into(),
-            json!(task.root_id.as_deref().unwrap_or(&task.id)),
-        );
-        f.insert("parent_id".into(), json!(task.parent_id));
-        f.insert("retries".into(), json!(task.retries));
-        f.insert("eta".into(), json!(iso(task.eta)));
-        f.insert("expires".into(), json!(iso(task.expires)));
-        f
+        f.field("name", &task.name)
+            .field("args", &args_repr(&task.args))
+            .field("kwargs", &kwargs_repr(&task.kwargs))
+            .field("root_id", task.root_id.as_deref().unwrap_or(&task.id))
+            .field("parent_id", &task.parent_id)
+            .field("retries", &task.retries)
+            .field("eta", &iso(task.eta))
+            .field("expires", &iso(task.expires));
     });
-    shared.monitor.task(&node, "started", &task.id, Map::new);
+    shared.monitor.task(&node, "started", &task.id, |_| {});
 }
 
 /// `task-retried` for a task its plugin asked to run again later.
@@ -76,11 +69,9 @@ pub(crate) fn retried<T: Transport>(
     let exception = exception_repr(exc_type, message);
     shared
         .monitor
-        .task(&shared.engine.nodename(), "retried", &task.id, || {
-            let mut f = Map::new();
-            f.insert("exception".into(), json!(exception));
-            f.insert("traceback".into(), json!(traceback.unwrap_or_default()));
-            f
+        .task(&shared.engine.nodename(), "retried", &task.id, |f| {
+            f.field("exception", &exception)
+                .field("traceback", traceback.unwrap_or_default());
         });
 }
 
@@ -88,12 +79,10 @@ pub(crate) fn retried<T: Transport>(
 pub(crate) fn revoked<T: Transport>(shared: &Worker<T>, task: &CeleryTask, reason: &str) {
     shared
         .monitor
-        .task(&shared.engine.nodename(), "revoked", &task.id, || {
-            let mut f = Map::new();
-            f.insert("terminated".into(), json!(false));
-            f.insert("signum".into(), Value::Null);
-            f.insert("expired".into(), json!(reason == "expired"));
-            f
+        .task(&shared.engine.nodename(), "revoked", &task.id, |f| {
+            f.field("terminated", &false)
+                .field("signum", &())
+                .field("expired", &(reason == "expired"));
         });
 }
 
@@ -118,48 +107,34 @@ pub(crate) fn end<T: Transport>(
         return;
     }
     let node = shared.engine.nodename();
-    let mut f = Map::new();
-    let kind = match *status {
-        state::SUCCESS => {
-            f.insert("result".into(), json!(repr(result)));
-            f.insert("runtime".into(), json!(runtime.as_secs_f64()));
-            "succeeded"
-        }
+    match *status {
+        state::SUCCESS => shared.monitor.task(&node, "succeeded", &task.id, |f| {
+            f.field("result", &repr(result))
+                .field("runtime", &runtime.as_secs_f64());
+        }),
         state::REVOKED => {
             let terminated = result["exc_message"]
                 .as_array()
                 .and_then(|m| m.first())
                 .and_then(Value::as_str)
                 == Some("terminated");
-            f.insert("terminated".into(), json!(terminated));
-            f.insert(
-                "signum".into(),
-                if terminated { json!(15) } else { Value::Null },
-            );
-            f.insert("expired".into(), json!(false));
-            "revoked"
+            shared.monitor.task(&node, "revoked", &task.id, |f| {
+                f.field("terminated", &terminated)
+                    .field("signum", &terminated.then_some(15))
+                    .field("expired", &false);
+            })
         }
         _ => {
             let exc_type = result["exc_type"].as_str().unwrap_or("Exception");
             let message = match &result["exc_message"] {
-                Value::Array(parts) => parts
-                    .first()
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-                Value::String(m) => m.clone(),
-                _ => String::new(),
+                Value::Array(parts) => parts.first().and_then(Value::as_str).unwrap_or_default(),
+                Value::String(m) => m.as_str(),
+                _ => "",
             };
-            f.insert(
-                "exception".into(),
-                json!(exception_repr(exc_type, &message)),
-            );
-            f.insert(
-                "traceback".into(),
-                json!(traceback.clone().unwrap_or_default()),
-            );
-            "failed"
+            shared.monitor.task(&node, "failed", &task.id, |f| {
+                f.field("exception", &exception_repr(exc_type, message))
+                    .field("traceback", traceback.as_deref().unwrap_or_default());
+            })
         }
-    };
-    shared.monitor.task(&node, kind, &task.id, || f);
+    }
 }

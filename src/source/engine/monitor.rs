@@ -9,7 +9,8 @@
 //! does). The loop's batching is here: [`Monitor::next_batch`].
 
 use crate::json_object::ObjectWriter;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
@@ -81,6 +82,23 @@ pub(crate) fn multi_body(events: &[Event]) -> Vec<u8> {
 /// The fields every Celery event carries; a handler's field of the same name gives way to them.
 const COMMON: [&str; 6] = ["type", "hostname", "timestamp", "utcoffset", "pid", "clock"];
 
+/// An event's own fields, written straight into its body as they are given (no map is built:
+/// a task makes three events while task events are on).
+pub(crate) struct EventBody {
+    body: ObjectWriter,
+}
+
+impl EventBody {
+    /// Appends `"key":value`, unless `key` is one of the fields every event carries (see
+    /// `COMMON`). The caller keeps keys unique.
+    pub(crate) fn field(&mut self, key: &str, value: &(impl Serialize + ?Sized)) -> &mut EventBody {
+        if !COMMON.contains(&key) {
+            self.body.field(key, value);
+        }
+        self
+    }
+}
+
 impl Monitor {
     pub(crate) fn new(task_events: bool) -> Monitor {
         let (tx, rx) = mpsc::channel(BUFFER);
@@ -139,22 +157,26 @@ impl Monitor {
         hostname: &str,
         kind: &str,
         uuid: &str,
-        fields: impl FnOnce() -> Map<String, Value>,
+        fields: impl FnOnce(&mut EventBody),
     ) {
         if !self.task_events.load(Ordering::Relaxed) {
             return;
         }
-        let mut fields = fields();
-        fields.insert("uuid".into(), json!(uuid));
-        self.queue(self.event(hostname, &format!("task-{kind}"), &fields));
+        let event = self.event(hostname, &format!("task-{kind}"), |body| {
+            fields(body);
+            body.field("uuid", uuid);
+        });
+        self.queue(event);
     }
 
     /// Queues the one heartbeat a `heartbeat` control command asks for: only `freq` 5 and
     /// the software fields, as Celery's worker sends it.
     pub(crate) fn heartbeat_requested(&self, hostname: &str) {
-        let mut fields = software();
-        fields.insert("freq".into(), json!(5.0));
-        self.queue(self.event(hostname, "worker-heartbeat", &fields));
+        let event = self.event(hostname, "worker-heartbeat", |body| {
+            software(body);
+            body.field("freq", &5.0);
+        });
+        self.queue(event);
     }
 
     fn queue(&self, event: Event) {
@@ -163,16 +185,16 @@ impl Monitor {
         }
     }
 
-    /// An event of type `kind` with `fields` and the fields every Celery event carries.
-    fn event(&self, hostname: &str, kind: &str, fields: &Map<String, Value>) -> Event {
+    /// An event of type `kind` with what `fields` writes and the fields every Celery event
+    /// carries.
+    fn event(&self, hostname: &str, kind: &str, fields: impl FnOnce(&mut EventBody)) -> Event {
         let clock = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
         let offset = f64::from_bits(self.utcoffset.load(Ordering::Relaxed));
-        let mut body = ObjectWriter::with_capacity(256);
-        for (key, value) in fields {
-            if !COMMON.contains(&key.as_str()) {
-                body.field(key, value);
-            }
-        }
+        let mut own = EventBody {
+            body: ObjectWriter::with_capacity(256),
+        };
+        fields(&mut own);
+        let mut body = own.body;
         body.field("type", kind);
         body.field("hostname", hostname);
         body.field("timestamp", &now_epoch());
@@ -189,25 +211,22 @@ impl Monitor {
     pub(crate) fn worker_event(&self, node: &str, active: usize, kind: &str) -> Event {
         self.utcoffset
             .store(utcoffset().to_bits(), Ordering::Relaxed);
-        let mut fields = software();
-        fields.insert("freq".into(), json!(HEARTBEAT.as_secs_f64()));
-        fields.insert("active".into(), json!(active));
-        fields.insert(
-            "processed".into(),
-            json!(self.processed.load(Ordering::Relaxed)),
-        );
-        fields.insert("loadavg".into(), json!(loadavg()));
-        self.event(node, kind, &fields)
+        let processed = self.processed.load(Ordering::Relaxed);
+        self.event(node, kind, |body| {
+            software(body);
+            body.field("freq", &HEARTBEAT.as_secs_f64())
+                .field("active", &active)
+                .field("processed", &processed)
+                .field("loadavg", &loadavg());
+        })
     }
 }
 
 /// `sw_ident`, `sw_ver`, `sw_sys`: what Flower shows as the worker's software.
-fn software() -> Map<String, Value> {
-    let mut fields = Map::new();
-    fields.insert("sw_ident".into(), json!(crate::WORKER_NAME));
-    fields.insert("sw_ver".into(), json!(crate::WORKER_VERSION));
-    fields.insert("sw_sys".into(), json!("Linux"));
-    fields
+fn software(body: &mut EventBody) {
+    body.field("sw_ident", crate::WORKER_NAME)
+        .field("sw_ver", crate::WORKER_VERSION)
+        .field("sw_sys", "Linux");
 }
 
 /// Hours west of UTC, as Celery computes it (receivers correct timestamps with it).
@@ -302,14 +321,12 @@ mod tests {
     #[test]
     fn events_carry_what_every_celery_event_carries() {
         let m = Monitor::new(false);
-        m.task("w@h", "received", "id-1", Map::new);
+        m.task("w@h", "received", "id-1", |_| {});
         assert_eq!(m.tx.capacity(), BUFFER, "task events off: nothing queued");
         assert_eq!(m.enable(), json!({"ok": "task events enabled"}));
         assert_eq!(m.enable(), json!({"ok": "task events already enabled"}));
-        m.task("w@h", "succeeded", "id-1", || {
-            let mut f = Map::new();
-            f.insert("result".into(), json!("5"));
-            f
+        m.task("w@h", "succeeded", "id-1", |f| {
+            f.field("result", "5");
         });
         let event = m.rx.try_lock().unwrap().try_recv().unwrap();
         let e = event.value();
@@ -321,11 +338,9 @@ mod tests {
         assert!(e["timestamp"].as_f64().unwrap() > 1.7e9);
         assert!(e["utcoffset"].is_number() && e["pid"].is_number());
         // A handler's field named like a common one gives way to it; bodies join into an array.
-        m.task("w@h", "failed", "id-2", || {
-            let mut f = Map::new();
-            f.insert("hostname".into(), json!("spoofed"));
-            f.insert("exception".into(), json!("ValueError('x')"));
-            f
+        m.task("w@h", "failed", "id-2", |f| {
+            f.field("hostname", "spoofed")
+                .field("exception", "ValueError('x')");
         });
         let failed = m.rx.try_lock().unwrap().try_recv().unwrap();
         let body = String::from_utf8(failed.body.clone()).unwrap();
@@ -352,7 +367,7 @@ mod tests {
         let mut batch = Vec::new();
         let started = tokio::time::Instant::now();
         for i in 0..BATCH + 10 {
-            m.task("w@h", "started", &format!("id-{i}"), Map::new);
+            m.task("w@h", "started", &format!("id-{i}"), |_| {});
         }
         assert!(
             m.next_batch(beat_event, &mut queued, &mut beat, &mut batch)
@@ -364,8 +379,8 @@ mod tests {
         // The last ten, then two more that come while they wait: one batch at the deadline.
         let late = async {
             tokio::time::sleep(GATHER / 2).await;
-            m.task("w@h", "succeeded", "id-late-1", Map::new);
-            m.task("w@h", "succeeded", "id-late-2", Map::new);
+            m.task("w@h", "succeeded", "id-late-1", |_| {});
+            m.task("w@h", "succeeded", "id-late-2", |_| {});
         };
         let (gathered, ()) = tokio::join!(
             m.next_batch(beat_event, &mut queued, &mut beat, &mut batch),

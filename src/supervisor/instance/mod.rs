@@ -513,10 +513,12 @@ impl Instance {
             (Some(Command::Event { event, stats }), Phase::Serving)
                 if self.out.has_room_for_event() =>
             {
-                let (line, reported) = stats.notification(&event);
-                match self.out.push(&line) {
+                // Has room: the line goes straight into the queue's buffer.
+                match self.out.push_with(|out| {
+                    stats.write_notification(&event, out);
+                }) {
                     true => stats.sent(),
-                    false => stats.unsent(reported),
+                    false => stats.unsent(0),
                 }
             }
             (Some(Command::Event { stats, .. }), Phase::Serving) => stats.unsent(0),

@@ -211,10 +211,13 @@ impl Instance {
         if !self.by_task.contains_key(p.task_id.as_str()) {
             return;
         }
-        self.spec.events.publish("task.progress", || {
-            crate::fields! {"task_id" => p.task_id, "plugin" => self.spec.manifest.name,
-            "instance" => self.spec.index, "done" => p.done, "total" => p.total,
-            "message" => p.message}
+        self.spec.events.publish("task.progress", |f| {
+            f.field("task_id", &p.task_id)
+                .field("plugin", &self.spec.manifest.name)
+                .field("instance", &self.spec.index)
+                .field("done", &p.done)
+                .field("total", &p.total)
+                .field("message", &p.message);
         });
     }
 

@@ -104,10 +104,13 @@ impl Instance {
                 &self.spec.worker_name,
             ),
         };
-        self.spec.events.publish("task.started", || {
-            crate::fields! {"task_id" => job.request.id, "task" => job.request.name,
-            "plugin" => m.name, "instance" => self.spec.index, "pid" => self.pid,
-            "attempt" => job.attempt}
+        self.spec.events.publish("task.started", |f| {
+            f.field("task_id", &job.request.id)
+                .field("task", &job.request.name)
+                .field("plugin", &m.name)
+                .field("instance", &self.spec.index)
+                .field("pid", &self.pid)
+                .field("attempt", &job.attempt);
         });
         let queued = self.out.push_with(|out| {
             plugin_protocol::append_request_line(out, &Id::Num(id), method::TASK_RUN, |out| {

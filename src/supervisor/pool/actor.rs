@@ -327,26 +327,33 @@ impl Pool {
                 instance,
                 pid,
                 version,
-            } => events.publish("instance.started", || {
-                crate::fields! {"plugin" => plugin, "instance" => instance,
-                "pid" => pid, "version" => version}
+            } => events.publish("instance.started", |f| {
+                f.field("plugin", plugin)
+                    .field("instance", &instance)
+                    .field("pid", &pid)
+                    .field("version", &version);
             }),
             Announcement::Exited {
                 instance,
                 pid,
                 reason,
                 expected,
-            } => events.publish("instance.exited", || {
-                crate::fields! {"plugin" => plugin, "instance" => instance,
-                "pid" => pid, "reason" => reason, "expected" => expected}
+            } => events.publish("instance.exited", |f| {
+                f.field("plugin", plugin)
+                    .field("instance", &instance)
+                    .field("pid", &pid)
+                    .field("reason", &reason)
+                    .field("expected", &expected);
             }),
             Announcement::Failed {
                 instance,
                 reason,
                 state,
-            } => events.publish("instance.failed", || {
-                crate::fields! {"plugin" => plugin, "instance" => instance,
-                "reason" => reason, "state" => state}
+            } => events.publish("instance.failed", |f| {
+                f.field("plugin", plugin)
+                    .field("instance", &instance)
+                    .field("reason", &reason)
+                    .field("state", &state);
             }),
         }
     }
