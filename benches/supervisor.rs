@@ -20,7 +20,8 @@
 //! - `BENCH_N_PY`: the same with a Python child (default 30,000).
 //! - `BENCH_N_LATENCY`: one-at-a-time tasks per run, for p50 and p99 (default 5,000).
 //! - `BENCH_PROFILE_SUPERVISOR=N`: only the minimal Rust child through the supervisor, N tasks;
-//!   `BENCH_PROFILE_RAW=N`: only its raw-pipe baseline; `BENCH_PROFILE_ALONE=N` and
+//!   `BENCH_PROFILE_RAW=N` and `BENCH_PROFILE_RAW_ONE_THREAD=N`: only one of its raw-pipe
+//!   baselines; `BENCH_PROFILE_ALONE=N` and
 //!   `BENCH_PROFILE_EVENTS=N`: only the Rust SDK plugin through the supervisor, alone or beside
 //!   the event-log subscriber.
 //!
@@ -250,6 +251,7 @@ impl Plugins {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Measure {
     RawMin,
+    RawMinOneThread,
     SupMin,
     RawSdk,
     RawMinPy,
@@ -261,8 +263,9 @@ enum Measure {
 impl Measure {
     /// A round's measurements, each baseline listed before its contender(s): odd rounds run
     /// them in this order, even rounds in reverse.
-    const ALL: [Measure; 7] = [
+    const ALL: [Measure; 8] = [
         Measure::RawMin,
+        Measure::RawMinOneThread,
         Measure::SupMin,
         Measure::RawSdk,
         Measure::RawMinPy,
@@ -274,6 +277,7 @@ impl Measure {
     fn label(self) -> &'static str {
         match self {
             Measure::RawMin => "minimal rust child, raw pipe",
+            Measure::RawMinOneThread => "minimal rust child, raw pipe, 1 thread",
             Measure::SupMin => "minimal rust child, via supervisor",
             Measure::RawSdk => "rust SDK plugin, raw pipe",
             Measure::RawMinPy => "minimal python child, raw pipe",
@@ -287,6 +291,9 @@ impl Measure {
         let (rust, py) = (sizes.rust, sizes.python);
         match self {
             Measure::RawMin => rt.raw(raw_pipe(p.min_rust.clone(), "min.noop", rust)),
+            Measure::RawMinOneThread => {
+                rt.raw_one_thread(raw_pipe(p.min_rust.clone(), "min.noop", rust))
+            }
             Measure::SupMin => rt.worker(via_supervisor(p.min_rust.clone(), "min.noop", rust)),
             Measure::RawSdk => rt.raw(raw_pipe(p.rust.clone(), "rust.noop", rust)),
             Measure::RawMinPy => rt.raw(raw_pipe(p.min_py.clone(), "minpy.noop", py)),
@@ -364,14 +371,22 @@ fn report(all: &[Round], sizes: Sizes) {
         &throughput_ratio(all, Measure::RawSdk, Measure::Alone),
         Unit::Ratio,
     );
+    rounds::ratio(
+        "minimal Rust child via supervisor / raw pipe on tokio's default runtime (no goal; the baseline of the figures before 2026-12-06)",
+        &throughput_ratio(all, Measure::RawMin, Measure::SupMin),
+        Unit::Ratio,
+    );
     let overhead: Vec<Option<f64>> = all
         .iter()
-        .map(|r| Some(micros(r.get(Measure::SupMin).p50) - micros(r.get(Measure::RawMin).p50)))
+        .map(|r| {
+            let base = r.get(Measure::RawMinOneThread).p50;
+            Some(micros(r.get(Measure::SupMin).p50) - micros(base))
+        })
         .collect();
     rounds::goals_header();
     rounds::goal(
-        "supervisor throughput, minimal Rust child via supervisor / raw pipe",
-        &throughput_ratio(all, Measure::RawMin, Measure::SupMin),
+        "supervisor throughput, minimal Rust child via supervisor / raw pipe on 1 thread",
+        &throughput_ratio(all, Measure::RawMinOneThread, Measure::SupMin),
         Want::AtLeast(0.8),
         Unit::Ratio,
     );
@@ -440,6 +455,7 @@ fn main() {
     for (knob, m) in [
         ("BENCH_PROFILE_SUPERVISOR", Measure::SupMin),
         ("BENCH_PROFILE_RAW", Measure::RawMin),
+        ("BENCH_PROFILE_RAW_ONE_THREAD", Measure::RawMinOneThread),
         ("BENCH_PROFILE_ALONE", Measure::Alone),
         ("BENCH_PROFILE_EVENTS", Measure::WithLog),
     ] {

@@ -44,11 +44,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Where each side runs. The raw pipe as it always ran, its loop on the bench's main thread and
-/// its reader on tokio's default runtime (a thread per core): its best p50, and a baseline
-/// comparable across sessions. The supervisor on the worker's own runtime, built as `worker
-/// serve` builds it, the measurement a spawned task as the daemon's sources are.
+/// its reader on tokio's default runtime (a thread per core): a baseline comparable across
+/// sessions. The raw pipe again on one thread (tokio's current-thread scheduler, as the worker
+/// runs by default): no hand-off between threads, the fastest this driver goes, so the child
+/// and not the driver sets its rate. The supervisor on the worker's own runtime, built as
+/// `worker serve` builds it, the measurement a spawned task as the daemon's sources are.
 pub struct Runtimes {
     raw: tokio::runtime::Runtime,
+    raw_one_thread: tokio::runtime::Runtime,
     worker: tokio::runtime::Runtime,
 }
 
@@ -57,6 +60,10 @@ impl Runtimes {
         let threads = worker::config::Config::default().runtime_threads;
         Runtimes {
             raw: tokio::runtime::Runtime::new().unwrap(),
+            raw_one_thread: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
             worker: worker::runtime::build(threads).unwrap(),
         }
     }
@@ -64,6 +71,11 @@ impl Runtimes {
     /// Runs a raw-pipe measurement to its end.
     pub fn raw<T>(&self, f: impl Future<Output = T>) -> T {
         self.raw.block_on(f)
+    }
+
+    /// Runs a raw-pipe measurement to its end on one thread.
+    pub fn raw_one_thread<T>(&self, f: impl Future<Output = T>) -> T {
+        self.raw_one_thread.block_on(f)
     }
 
     /// Runs a measurement through the worker to its end.
