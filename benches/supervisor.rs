@@ -51,8 +51,12 @@ use rounds::{Unit, Want};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use supervisor_load::{
-    beside, raw_pipe, restart_latency, via_supervisor, Load, Runtimes, Stats, N_RESTARTS, WINDOW,
+    beside, raw_pipe, restart_latency, via_supervisor, Load, Params, Runtimes, Stats, N_RESTARTS,
+    WINDOW,
 };
+
+/// The `task.run` every raw pipe but the throughput goal's baseline sends.
+const MINIMAL: Params = Params::Minimal;
 use worker::manifest::Manifest;
 
 fn env_or(key: &str, default: usize) -> usize {
@@ -277,7 +281,7 @@ impl Measure {
     fn label(self) -> &'static str {
         match self {
             Measure::RawMin => "minimal rust child, raw pipe",
-            Measure::RawMinOneThread => "minimal rust child, raw pipe, 1 thread",
+            Measure::RawMinOneThread => "minimal rust child, raw, worker's line",
             Measure::SupMin => "minimal rust child, via supervisor",
             Measure::RawSdk => "rust SDK plugin, raw pipe",
             Measure::RawMinPy => "minimal python child, raw pipe",
@@ -290,14 +294,15 @@ impl Measure {
     fn run(self, p: &Plugins, sizes: Sizes, rt: &Runtimes) -> Stats {
         let (rust, py) = (sizes.rust, sizes.python);
         match self {
-            Measure::RawMin => rt.raw(raw_pipe(p.min_rust.clone(), "min.noop", rust)),
+            Measure::RawMin => rt.raw(raw_pipe(p.min_rust.clone(), "min.noop", MINIMAL, rust)),
             Measure::RawMinOneThread => {
-                rt.raw_one_thread(raw_pipe(p.min_rust.clone(), "min.noop", rust))
+                let params = Params::AsTheWorker;
+                rt.raw_one_thread(raw_pipe(p.min_rust.clone(), "min.noop", params, rust))
             }
             Measure::SupMin => rt.worker(via_supervisor(p.min_rust.clone(), "min.noop", rust)),
-            Measure::RawSdk => rt.raw(raw_pipe(p.rust.clone(), "rust.noop", rust)),
-            Measure::RawMinPy => rt.raw(raw_pipe(p.min_py.clone(), "minpy.noop", py)),
-            Measure::RawSdkPy => rt.raw(raw_pipe(p.py.clone(), "py.noop", py)),
+            Measure::RawSdk => rt.raw(raw_pipe(p.rust.clone(), "rust.noop", MINIMAL, rust)),
+            Measure::RawMinPy => rt.raw(raw_pipe(p.min_py.clone(), "minpy.noop", MINIMAL, py)),
+            Measure::RawSdkPy => rt.raw(raw_pipe(p.py.clone(), "py.noop", MINIMAL, py)),
             Measure::Alone => rt.worker(via_supervisor(p.rust.clone(), "rust.noop", rust)),
             Measure::WithLog => {
                 // The log is appended to; each run starts it empty.
@@ -385,7 +390,7 @@ fn report(all: &[Round], sizes: Sizes) {
         .collect();
     rounds::goals_header();
     rounds::goal(
-        "supervisor throughput, minimal Rust child via supervisor / raw pipe on 1 thread",
+        "supervisor throughput, minimal Rust child via supervisor / raw pipe on 1 thread with the worker's task.run",
         &throughput_ratio(all, Measure::RawMinOneThread, Measure::SupMin),
         Want::AtLeast(0.8),
         Unit::Ratio,
@@ -420,11 +425,11 @@ fn report(all: &[Round], sizes: Sizes) {
 fn single_runs(p: &Plugins, sizes: Sizes, rt: &Runtimes) {
     println!("\nsingle runs (not in rounds; one run each, the baseline just before its contender), window {WINDOW} in flight:");
     let (rust, py) = (sizes.rust, sizes.python);
-    let raw_rust = rt.raw(raw_pipe(p.rust.clone(), "rust.noop", rust));
+    let raw_rust = rt.raw(raw_pipe(p.rust.clone(), "rust.noop", MINIMAL, rust));
     let sup_rust = rt.worker(via_supervisor(p.rust.clone(), "rust.noop", rust));
     row("rust plugin, raw pipe (baseline)", &raw_rust, &raw_rust);
     row("rust plugin, via supervisor", &sup_rust, &raw_rust);
-    let raw_py = rt.raw(raw_pipe(p.py.clone(), "py.noop", py));
+    let raw_py = rt.raw(raw_pipe(p.py.clone(), "py.noop", MINIMAL, py));
     let sup_py = rt.worker(via_supervisor(p.py.clone(), "py.noop", py));
     row("python SDK, raw pipe (baseline)", &raw_py, &raw_py);
     row("python SDK, via supervisor", &sup_py, &raw_py);

@@ -154,14 +154,57 @@ impl Pipe {
     }
 }
 
+/// What a raw pipe's `task.run` carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Params {
+    /// Only what protocol 1.0 requires (`task_id`, `task`, `args`, `kwargs`, `attempt`): the
+    /// baseline as it always ran.
+    Minimal,
+    /// Every field the worker writes for a task from the control socket (`time_limit`,
+    /// `delivery_info`, `request`, and a 36-character id like its UUIDs), so that the child
+    /// parses the same line from either side. Written from a template made once, so the
+    /// driver spends no more per line than the worker's own writer does.
+    AsTheWorker,
+}
+
+/// Makes the `task.run` lines of `task`, by request id.
+fn task_runs(task: &'static str, params: Params) -> impl Fn(usize) -> Vec<u8> {
+    const ID: &str = "TASK-ID";
+    let worker_params = serde_json::to_string(&plugin_protocol::TaskRunParams {
+        task_id: ID.into(),
+        task: task.into(),
+        args: Vec::new(),
+        kwargs: Default::default(),
+        attempt: 1,
+        time_limit: Default::default(),
+        delivery_info: Some(Default::default()),
+        request: Some(plugin_protocol::RequestInfo {
+            hostname: Some("bench".into()),
+            ..Default::default()
+        }),
+    })
+    .unwrap();
+    let (before, after) = worker_params.split_once(ID).unwrap();
+    let (before, after) = (before.to_string(), after.to_string());
+    move |id| {
+        match params {
+        Params::Minimal => {
+            let r = json!({"jsonrpc":"2.0","id":id,"method":"task.run","params":{"task_id":format!("t{id}"),"task":task,"args":[],"kwargs":{},"attempt":1}});
+            format!("{r}\n").into_bytes()
+        }
+        Params::AsTheWorker => format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"task.run\",\"params\":{before}{id:036}{after}}}\n"
+        )
+        .into_bytes(),
+    }
+    }
+}
+
 /// Drives the plugin process directly: handshake, then `task.run` requests over the pipe.
-pub async fn raw_pipe(m: Manifest, task: &'static str, load: Load) -> Stats {
+pub async fn raw_pipe(m: Manifest, task: &'static str, params: Params, load: Load) -> Stats {
     let n = load.tasks;
     let mut pipe = Pipe::start(&m).await;
-    let request = |id: usize| {
-        let r = json!({"jsonrpc":"2.0","id":id,"method":"task.run","params":{"task_id":format!("t{id}"),"task":task,"args":[],"kwargs":{},"attempt":1}});
-        format!("{r}\n").into_bytes()
-    };
+    let request = task_runs(task, params);
     // Throughput: keep WINDOW requests in flight.
     let start = Instant::now();
     let mut sent = 0;
