@@ -19,3 +19,26 @@ pub fn build(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::runtime::RuntimeFlavor;
+
+    #[test]
+    fn one_thread_is_the_current_thread_scheduler_and_more_a_multi_thread_one() {
+        for (threads, flavor) in [
+            (0, RuntimeFlavor::CurrentThread),
+            (1, RuntimeFlavor::CurrentThread),
+            (2, RuntimeFlavor::MultiThread),
+        ] {
+            let rt = super::build(threads).unwrap();
+            assert_eq!(rt.handle().runtime_flavor(), flavor, "{threads} threads");
+            // Timers are on (a sleep ends), and a spawned task runs to its end.
+            let ran = rt.block_on(async {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                tokio::spawn(async { 7 }).await.unwrap()
+            });
+            assert_eq!(ran, 7);
+        }
+    }
+}
