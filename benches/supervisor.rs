@@ -1,6 +1,8 @@
 //! Supervisor benchmark: noop-task throughput and latency through the supervisor, against a
 //! raw pipe baseline (the same plugin binary driven directly over its stdin/stdout, measured
-//! the same way, in the same run), plus restart latency and the daemon's idle RSS.
+//! the same way, in the same run), plus restart latency and the daemon's idle RSS. The
+//! supervisor's throughput goal takes the strictest raw pipe: driven on one current-thread
+//! runtime, as the worker runs, and sending the `task.run` line the worker writes.
 //!
 //! Run with `benches/run.sh` (it builds the release example plugin first). Figures are
 //! printed as ratios to the baseline; absolute numbers depend on the machine.
