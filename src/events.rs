@@ -10,8 +10,8 @@
 //! `BLOCKED_RETRY` and the bus drops meanwhile. So a subscriber that stops reading loses events (and is told how many, in the
 //! `dropped` field of the next one it gets) while every task goes on at full speed.
 
+pub use crate::json_object::EventFields;
 use crate::json_object::ObjectWriter;
-use serde::Serialize;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -85,9 +85,10 @@ impl DeliveryStats {
     }
 
     /// Appends the `event` notification line for `event` (a JSON object) to `out`, taking the
-    /// drops not yet reported into its `dropped` field, and returns how many it took. Call
-    /// `sent` or `unsent` after trying to write it.
-    pub fn write_notification(&self, event: &str, out: &mut Vec<u8>) -> u64 {
+    /// drops not yet reported into its `dropped` field; `sent` counts it once it is queued.
+    /// (Only a line that has a place in the stdin queue is written, so a written line is never
+    /// dropped and the drops it took are reported.)
+    pub fn write_notification(&self, event: &str, out: &mut Vec<u8>) {
         let dropped = self.unreported.swap(0, Ordering::Relaxed);
         let body = event.strip_suffix('}').unwrap_or(event);
         out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":\"event\",\"params\":");
@@ -97,17 +98,15 @@ impl DeliveryStats {
         }
         // Writing into a Vec cannot fail.
         let _ = writeln!(out, "\"dropped\":{dropped}}}}}");
-        dropped
     }
 
     pub fn sent(&self) {
         self.delivered.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The line could not be written: the event is dropped, its reported drops go back, and
-    /// delivery pauses (see `blocked`).
-    pub fn unsent(&self, reported: u64) {
-        self.unreported.fetch_add(reported, Ordering::Relaxed);
+    /// The plugin's stdin had no room for the event: it is dropped, and delivery pauses (see
+    /// `blocked`).
+    pub fn unsent(&self) {
         self.count_drop();
         self.blocked.store(true, Ordering::Relaxed);
     }
@@ -201,23 +200,6 @@ impl EventBus {
     }
 }
 
-/// An event's fields, written straight into its JSON object as they are given (no map is
-/// built: the worker makes three events for every task while anyone subscribes).
-pub struct EventFields {
-    object: ObjectWriter,
-}
-
-impl EventFields {
-    /// Appends `"key":value`. `event` and `time` are the bus's own and are left out; the
-    /// caller keeps the other keys unique.
-    pub fn field(&mut self, key: &str, value: &(impl Serialize + ?Sized)) -> &mut EventFields {
-        if !matches!(key, "event" | "time") {
-            self.object.field(key, value);
-        }
-        self
-    }
-}
-
 /// The event as a JSON object: `event` and `time` first, then what `fields` writes.
 fn serialize(kind: &str, fields: impl FnOnce(&mut EventFields)) -> String {
     let time = SystemTime::now()
@@ -227,9 +209,9 @@ fn serialize(kind: &str, fields: impl FnOnce(&mut EventFields)) -> String {
     let mut object = ObjectWriter::with_capacity(192);
     object.field("event", kind);
     object.field("time", &time);
-    let mut event = EventFields { object };
+    let mut event = EventFields::new(object, &["event", "time"]);
     fields(&mut event);
-    String::from_utf8(event.object.finish()).expect("serde_json writes UTF-8")
+    String::from_utf8(event.into_object().finish()).expect("serde_json writes UTF-8")
 }
 
 #[cfg(test)]
@@ -269,8 +251,7 @@ mod tests {
         assert_eq!(sub.stats.dropped(), 3);
         let first = sub.events.try_recv().unwrap();
         let mut line = Vec::new();
-        let reported = sub.stats.write_notification(&first, &mut line);
-        assert_eq!(reported, 3);
+        sub.stats.write_notification(&first, &mut line);
         let v: Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["method"], "event");
         assert_eq!(v["params"]["event"], "task.received");

@@ -35,6 +35,35 @@ impl ObjectWriter {
     }
 }
 
+/// An event's own fields, written straight into its JSON object as they are given (no map
+/// is built: the worker makes several events per task while anyone listens). Keys its writer
+/// keeps for itself (`reserved`: a worker event's `event` and `time`, a Celery event's common
+/// fields) are left out, so no field can spoof them.
+pub struct EventFields {
+    object: ObjectWriter,
+    reserved: &'static [&'static str],
+}
+
+impl EventFields {
+    /// Fields written after what `object` already holds, leaving out `reserved` keys.
+    pub(crate) fn new(object: ObjectWriter, reserved: &'static [&'static str]) -> EventFields {
+        EventFields { object, reserved }
+    }
+
+    /// Appends `"key":value`, unless `key` is reserved. The caller keeps keys unique.
+    pub fn field(&mut self, key: &str, value: &(impl Serialize + ?Sized)) -> &mut EventFields {
+        if !self.reserved.contains(&key) {
+            self.object.field(key, value);
+        }
+        self
+    }
+
+    /// The object, still open, for its writer's own fields.
+    pub(crate) fn into_object(self) -> ObjectWriter {
+        self.object
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +80,14 @@ mod tests {
         assert_eq!(text, r#"{"a\"b":"x\ny","n":1.5,"v":[1,null]}"#);
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["a\"b"], "x\ny");
+    }
+
+    #[test]
+    fn event_fields_leave_out_the_reserved_keys() {
+        let mut f = EventFields::new(ObjectWriter::with_capacity(8), &["time"]);
+        f.field("a", &1).field("time", &"spoofed").field("b", &2);
+        let mut o = f.into_object();
+        o.field("time", &3);
+        assert_eq!(o.finish(), br#"{"a":1,"b":2,"time":3}"#);
     }
 }

@@ -168,9 +168,29 @@ pub enum Params {
 }
 
 /// Makes the `task.run` lines of `task`, by request id.
-fn task_runs(task: &'static str, params: Params) -> impl Fn(usize) -> Vec<u8> {
+fn task_runs(task: &'static str, params: Params) -> Box<dyn Fn(usize) -> Vec<u8>> {
+    match params {
+        Params::Minimal => Box::new(move |id| {
+            let params = json!({"task_id": format!("t{id}"), "task": task, "args": [], "kwargs": {}, "attempt": 1});
+            let r = json!({"jsonrpc": "2.0", "id": id, "method": "task.run", "params": params});
+            format!("{r}\n").into_bytes()
+        }),
+        Params::AsTheWorker => {
+            let (before, after) = worker_params(task);
+            Box::new(move |id| {
+                format!(
+                    "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"task.run\",\"params\":{before}{id:036}{after}}}\n"
+                )
+                .into_bytes()
+            })
+        }
+    }
+}
+
+/// `task.run`'s params as the worker writes them for `task`, split where its id goes.
+fn worker_params(task: &str) -> (String, String) {
     const ID: &str = "TASK-ID";
-    let worker_params = serde_json::to_string(&plugin_protocol::TaskRunParams {
+    let params = serde_json::to_string(&plugin_protocol::TaskRunParams {
         task_id: ID.into(),
         task: task.into(),
         args: Vec::new(),
@@ -184,20 +204,8 @@ fn task_runs(task: &'static str, params: Params) -> impl Fn(usize) -> Vec<u8> {
         }),
     })
     .unwrap();
-    let (before, after) = worker_params.split_once(ID).unwrap();
-    let (before, after) = (before.to_string(), after.to_string());
-    move |id| {
-        match params {
-        Params::Minimal => {
-            let r = json!({"jsonrpc":"2.0","id":id,"method":"task.run","params":{"task_id":format!("t{id}"),"task":task,"args":[],"kwargs":{},"attempt":1}});
-            format!("{r}\n").into_bytes()
-        }
-        Params::AsTheWorker => format!(
-            "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"task.run\",\"params\":{before}{id:036}{after}}}\n"
-        )
-        .into_bytes(),
-    }
-    }
+    let (before, after) = params.split_once(ID).unwrap();
+    (before.to_string(), after.to_string())
 }
 
 /// Drives the plugin process directly: handshake, then `task.run` requests over the pipe.

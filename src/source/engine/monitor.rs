@@ -8,8 +8,7 @@
 //! transport's own loop (on AMQP its own channel, without confirms, transient, as a Celery worker
 //! does). The loop's batching is here: [`Monitor::next_batch`].
 
-use crate::json_object::ObjectWriter;
-use serde::Serialize;
+use crate::json_object::{EventFields, ObjectWriter};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -80,24 +79,7 @@ pub(crate) fn multi_body(events: &[Event]) -> Vec<u8> {
 }
 
 /// The fields every Celery event carries; a handler's field of the same name gives way to them.
-const COMMON: [&str; 6] = ["type", "hostname", "timestamp", "utcoffset", "pid", "clock"];
-
-/// An event's own fields, written straight into its body as they are given (no map is built:
-/// a task makes three events while task events are on).
-pub(crate) struct EventBody {
-    body: ObjectWriter,
-}
-
-impl EventBody {
-    /// Appends `"key":value`, unless `key` is one of the fields every event carries (see
-    /// `COMMON`). The caller keeps keys unique.
-    pub(crate) fn field(&mut self, key: &str, value: &(impl Serialize + ?Sized)) -> &mut EventBody {
-        if !COMMON.contains(&key) {
-            self.body.field(key, value);
-        }
-        self
-    }
-}
+const COMMON: &[&str] = &["type", "hostname", "timestamp", "utcoffset", "pid", "clock"];
 
 impl Monitor {
     pub(crate) fn new(task_events: bool) -> Monitor {
@@ -157,7 +139,7 @@ impl Monitor {
         hostname: &str,
         kind: &str,
         uuid: &str,
-        fields: impl FnOnce(&mut EventBody),
+        fields: impl FnOnce(&mut EventFields),
     ) {
         if !self.task_events.load(Ordering::Relaxed) {
             return;
@@ -187,14 +169,12 @@ impl Monitor {
 
     /// An event of type `kind` with what `fields` writes and the fields every Celery event
     /// carries.
-    fn event(&self, hostname: &str, kind: &str, fields: impl FnOnce(&mut EventBody)) -> Event {
+    fn event(&self, hostname: &str, kind: &str, fields: impl FnOnce(&mut EventFields)) -> Event {
         let clock = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
         let offset = f64::from_bits(self.utcoffset.load(Ordering::Relaxed));
-        let mut own = EventBody {
-            body: ObjectWriter::with_capacity(256),
-        };
+        let mut own = EventFields::new(ObjectWriter::with_capacity(256), COMMON);
         fields(&mut own);
-        let mut body = own.body;
+        let mut body = own.into_object();
         body.field("type", kind);
         body.field("hostname", hostname);
         body.field("timestamp", &now_epoch());
@@ -223,7 +203,7 @@ impl Monitor {
 }
 
 /// `sw_ident`, `sw_ver`, `sw_sys`: what Flower shows as the worker's software.
-fn software(body: &mut EventBody) {
+fn software(body: &mut EventFields) {
     body.field("sw_ident", crate::WORKER_NAME)
         .field("sw_ver", crate::WORKER_VERSION)
         .field("sw_sys", "Linux");

@@ -20,7 +20,7 @@ mod tasks;
 mod tests;
 mod wire;
 
-pub use queues::{reports_capacity, InstanceHandle, Reports};
+pub use queues::{reports_capacity, InstanceHandle, Reports, TakesFinished};
 pub use tasks::Job;
 
 use super::containment;
@@ -30,7 +30,7 @@ use crate::task::{Cancellation, Failure, Outcome, TaskEvent, TaskId};
 use ending::Crash;
 use io::Io;
 use plugin_protocol::{method, Id, Message, Notification, Request};
-use queues::{report_to, task_commands, EVENT_ROOM};
+use queues::{task_commands, EVENT_ROOM};
 use std::process::ExitStatus;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -133,6 +133,14 @@ pub fn start(spec: LaunchSpec, events: Reports) -> (InstanceHandle, tokio::task:
     (InstanceHandle { tx, reserved }, handle)
 }
 
+/// At most this many stdout messages are handled in one turn of the actor. A plugin answers
+/// a burst of tasks in one write; handling all of it before yielding left the plugin idle
+/// until every answer was handled and every next task sent, and the two then took turns
+/// (lockstep). Yielding after a part lets the submitters of the tasks it finished send their
+/// next, whose lines reach the plugin while the rest is handled. Measured with 16 tasks in
+/// flight (the supervisor bench): about 130k tasks/s with no limit, 180-240k with 8.
+const STDOUT_TURN: usize = 8;
+
 /// Everything the actor waits on, as one value.
 enum Wake {
     Command(Option<Command>),
@@ -226,14 +234,11 @@ async fn run(spec: LaunchSpec, mut commands: mpsc::Receiver<Command>, events: Re
                 ran_for: Duration::ZERO,
             };
             let (slot, generation) = (spec.slot, spec.generation);
-            report_to(
-                &events,
-                InstanceEvent {
-                    slot,
-                    generation,
-                    kind,
-                },
-            );
+            events.report(InstanceEvent {
+                slot,
+                generation,
+                kind,
+            });
             return;
         }
     };
@@ -320,7 +325,7 @@ impl Instance {
             generation: self.spec.generation,
             kind,
         };
-        report_to(&self.events, event);
+        self.events.report(event);
     }
 
     fn send_line(&mut self, line: Vec<u8>) {
@@ -415,12 +420,19 @@ impl Instance {
             let batch = matches!(wake, Wake::Stdout(Some(_)));
             let commanded = matches!(wake, Wake::Command(Some(_)));
             let mut step = self.handle(wake);
-            // Take every stdout message already read in one go, while nothing holds it back.
+            // Take the stdout messages already read in one go, while nothing holds them back,
+            // up to STDOUT_TURN: then the turn ends and the actor yields (below).
+            let (mut taken, mut turn_full) = (1, false);
             while batch && matches!(step, Step::Continue) && self.held.is_none() {
+                if taken == STDOUT_TURN {
+                    turn_full = true;
+                    break;
+                }
                 match process::ready_now(process::next_stdout_event(stdout)) {
                     Some(ev) => step = self.handle(Wake::Stdout(Some(ev))),
                     None => break,
                 }
+                taken += 1;
             }
             // Likewise the commands already sent: their lines go out in one write.
             let mut more = if commanded { COMMAND_BATCH } else { 0 };
@@ -443,6 +455,8 @@ impl Instance {
                     );
                     return Crash::violation(reason).into();
                 }
+                // The submitters of the tasks just finished run before the rest is read.
+                Step::Continue if turn_full => tokio::task::yield_now().await,
                 Step::Continue => {}
                 Step::StdoutClosed => return self.stdout_closed(exited.as_mut()).await,
                 final_step => return final_step,
@@ -518,10 +532,10 @@ impl Instance {
                     stats.write_notification(&event, out);
                 }) {
                     true => stats.sent(),
-                    false => stats.unsent(0),
+                    false => stats.unsent(),
                 }
             }
-            (Some(Command::Event { stats, .. }), Phase::Serving) => stats.unsent(0),
+            (Some(Command::Event { stats, .. }), Phase::Serving) => stats.unsent(),
             (Some(Command::Event { stats, .. }), _) => stats.count_drop(),
             (
                 Some(Command::Cancel {

@@ -3,12 +3,68 @@
 //! instances' reports to their pool. Neither side ever waits on them; their sizes follow from
 //! what the pool sends and hears (see ARCHITECTURE.md, the bounded-buffer invariant).
 
-use super::{Command, InstanceEvent};
+use super::{Command, EventKind, InstanceEvent};
+use std::sync::Weak;
 use tokio::sync::mpsc;
 
-/// Where instances report to their pool: bounded by what a pool can have outstanding (see
-/// [`reports_capacity`]).
-pub type Reports = mpsc::Sender<InstanceEvent>;
+/// Where instances report to their pool. A finished task is told to the pool's state at once
+/// (`TakesFinished`), so the pool's actor takes no turn per task; the rest (ready, exited), and
+/// a finish the pool does not take directly, go on a channel bounded by what a pool can have
+/// outstanding (see [`reports_capacity`]). A finish told directly is never ahead of its
+/// instance's earlier reports: the pool places a task on an instance only once it has heard
+/// that instance is ready, and an instance reports its exit after its every finish.
+#[derive(Clone)]
+pub struct Reports {
+    tx: mpsc::Sender<InstanceEvent>,
+    /// Weak: the pool's state holds the instances, which must not keep it alive.
+    finished: Option<Weak<dyn TakesFinished>>,
+}
+
+/// What takes a finished task's report without a channel: the pool's shared state.
+pub trait TakesFinished: Send + Sync {
+    /// Takes the report, or gives it back for the channel (e.g. a pool whose actor is wedged
+    /// or gone).
+    fn finished(&self, event: InstanceEvent) -> Result<(), InstanceEvent>;
+}
+
+impl Reports {
+    /// Every report on `tx` (the instance tests).
+    pub fn channel(tx: mpsc::Sender<InstanceEvent>) -> Reports {
+        Reports { tx, finished: None }
+    }
+
+    /// Finished tasks to `finished` while it lives, the rest on `tx`.
+    pub fn with_finished(
+        tx: mpsc::Sender<InstanceEvent>,
+        finished: Weak<dyn TakesFinished>,
+    ) -> Reports {
+        Reports {
+            tx,
+            finished: Some(finished),
+        }
+    }
+
+    /// Tells the pool; never waits (a pool gone is a pool that no longer listens).
+    pub fn report(&self, event: InstanceEvent) {
+        let event = match (&event.kind, &self.finished) {
+            (EventKind::Finished { .. }, Some(finished)) => match finished.upgrade() {
+                Some(pool) => match pool.finished(event) {
+                    Ok(()) => return,
+                    Err(event) => event,
+                },
+                None => event,
+            },
+            _ => event,
+        };
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.tx.try_send(event) {
+            tracing::error!(
+                slot = event.slot,
+                "a pool's report queue is full, which its limits rule out; a report is lost: {:?}",
+                event.kind
+            );
+        }
+    }
+}
 
 /// Room for reports from every slot a pool can have (`MAX_INSTANCES`, twice over for retired
 /// slots still stopping), each with two generations at once (one ending, one starting) of
@@ -54,23 +110,86 @@ impl InstanceHandle {
     }
 }
 
-/// Tells the pool; never waits (a pool gone is a pool that no longer listens).
-pub(super) fn report_to(reports: &Reports, event: InstanceEvent) {
-    if let Err(mpsc::error::TrySendError::Full(event)) = reports.try_send(event) {
-        tracing::error!(
-            slot = event.slot,
-            "a pool's report queue is full, which its limits rule out; a report is lost: {:?}",
-            event.kind
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::task::{CancelCause, Cancellation};
     use std::sync::Arc;
     use std::time::Duration;
+
+    /// A pool's state as `TakesFinished` sees it: what it took, and whether it takes more.
+    #[derive(Default)]
+    struct Taker {
+        took: std::sync::Mutex<Vec<String>>,
+        refuses: std::sync::atomic::AtomicBool,
+    }
+
+    impl TakesFinished for Taker {
+        fn finished(&self, event: InstanceEvent) -> Result<(), InstanceEvent> {
+            if self.refuses.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(event);
+            }
+            let EventKind::Finished { task_id, .. } = &event.kind else {
+                panic!("only finishes are taken directly: {:?}", event.kind);
+            };
+            self.took.lock().unwrap().push(task_id.to_string());
+            Ok(())
+        }
+    }
+
+    fn finished(task_id: &str) -> InstanceEvent {
+        InstanceEvent {
+            slot: 0,
+            generation: 1,
+            kind: EventKind::Finished {
+                task_id: task_id.into(),
+                ok: true,
+            },
+        }
+    }
+
+    #[test]
+    fn finishes_go_to_the_pool_state_directly_and_everything_else_on_the_channel() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let taker = Arc::new(Taker::default());
+        let weak: Weak<dyn TakesFinished> = Arc::downgrade(&taker) as Weak<Taker>;
+        let reports = Reports::with_finished(tx, weak);
+        reports.report(finished("a"));
+        assert_eq!(*taker.took.lock().unwrap(), ["a"]);
+        assert!(rx.try_recv().is_err(), "nothing on the channel");
+        reports.report(InstanceEvent {
+            slot: 0,
+            generation: 1,
+            kind: EventKind::Exited {
+                reason: super::super::ExitReason::Stopped,
+                ran_for: Duration::ZERO,
+            },
+        });
+        assert!(matches!(
+            rx.try_recv().map(|e| e.kind),
+            Ok(EventKind::Exited { .. })
+        ));
+        // Refused (a wedged or ended actor): the channel, where the actor would read it.
+        taker
+            .refuses
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        reports.report(finished("b"));
+        assert!(matches!(
+            rx.try_recv().map(|e| e.kind),
+            Ok(EventKind::Finished { task_id, .. }) if task_id.as_str() == "b"
+        ));
+        // The pool's state gone: the channel too.
+        drop(taker);
+        reports.report(finished("c"));
+        assert!(matches!(
+            rx.try_recv().map(|e| e.kind),
+            Ok(EventKind::Finished { task_id, .. }) if task_id.as_str() == "c"
+        ));
+        // And without a direct taker (the instance tests), all on the channel.
+        let (tx, mut rx) = mpsc::channel(8);
+        Reports::channel(tx).report(finished("d"));
+        assert!(rx.try_recv().is_ok());
+    }
 
     #[test]
     fn the_command_queue_keeps_room_for_tasks_that_events_cannot_take() {

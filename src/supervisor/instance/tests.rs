@@ -70,7 +70,14 @@ impl Harness {
         let (events, reports) = mpsc::channel(super::reports_capacity(4));
         let stdout = FramedReader::new(&b""[..], 1024);
         let task_log = process::TaskLog::default();
-        let mut inst = Instance::new(spec, 42, late, events, task_log, Instant::now());
+        let mut inst = Instance::new(
+            spec,
+            42,
+            late,
+            super::Reports::channel(events),
+            task_log,
+            Instant::now(),
+        );
         inst.begin_handshake();
         Harness {
             inst,

@@ -1,10 +1,12 @@
-//! The pool's thin I/O shell: one task that feeds the [`PoolCore`] what happens (commands
-//! from the worker, reports from the instances, timers) and carries out its effects (start
-//! an instance actor, send it a command, end a task, tell the event bus). It also holds what
-//! the core need not: the instances' handles and their stderr tails and counters, the view
-//! others wait on, and the event subscription the plugin is fed from.
+//! The pool's thin I/O shell: it feeds the [`PoolCore`] what happens (tasks and commands from
+//! the worker, reports from the instances, timers) and carries out its effects (start an
+//! instance actor, send it a command, end a task, tell the event bus). It also holds what the
+//! core need not: the instances' handles and their stderr tails and counters, the view others
+//! wait on, and the event subscription the plugin is fed from. Who takes turns on it, and
+//! when, is `shared.rs`.
 
 use super::core::{Announcement, CancelStep, Effect, Input, Now, PoolCore, Queued, Rules};
+use super::shared::{self, Shared};
 use super::{PoolCommand, PoolHandle, PoolOptions, PoolView};
 use crate::events::{DeliveryStats, Event, Subscription};
 use crate::manifest::Manifest;
@@ -17,11 +19,11 @@ use crate::task::Outcome;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 /// Commands (or a subscription's events) taken in one turn: a burst is queued, then placed once.
-const COMMAND_BATCH: usize = 256;
+pub(super) const COMMAND_BATCH: usize = 256;
 
 impl Queued for Job {
     fn task_id(&self) -> &crate::task::TaskId {
@@ -69,24 +71,27 @@ pub fn start(manifest: Arc<Manifest>, options: PoolOptions, tracker: &TaskTracke
         Now::current(),
         &mut effects,
     );
-    let mut pool = Pool {
+    let shared = Shared::new(|takes_finished| Pool {
         event_stats: subscription.as_ref().map(|s| s.stats.clone()),
         manifest: manifest.clone(),
         options,
         core,
         io: Vec::new(),
-        events_tx,
+        reports: instance::Reports::with_finished(events_tx, takes_finished),
         view: view_tx,
         stop_waiters: Vec::new(),
         started: Instant::now(),
         frozen: false,
+        ended: false,
+        timer_seen: None,
         effects: Vec::new(),
         turn_now: None,
-    };
-    pool.carry_out(effects);
-    tracker.spawn(pool.run(rx, events_rx, subscription));
+    });
+    shared.lock().carry_out(effects);
+    tracker.spawn(shared::run(shared.clone(), rx, events_rx, subscription));
     PoolHandle {
         tx,
+        shared,
         view: view_rx,
         manifest,
     }
@@ -98,160 +103,41 @@ pub(super) struct Pool {
     pub(super) core: PoolCore<Job>,
     /// Beside `core.slots()`, index for index (grown as the core grows).
     pub(super) io: Vec<SlotIo>,
-    events_tx: instance::Reports,
+    /// What each instance it launches reports to.
+    reports: instance::Reports,
     pub(super) view: watch::Sender<PoolView>,
-    stop_waiters: Vec<oneshot::Sender<()>>,
+    pub(super) stop_waiters: Vec<oneshot::Sender<()>>,
     pub(super) started: Instant,
-    /// Test hook: the actor has stopped answering (see `PoolCommand::Freeze`).
-    frozen: bool,
+    /// Test hook: the actor has stopped answering (see `PoolCommand::Freeze`); tasks and
+    /// reports then wait in its channels, as for a wedged actor.
+    pub(super) frozen: bool,
+    /// The actor has returned: what reaches the pool now goes to its closed channels.
+    pub(super) ended: bool,
+    /// The core's next timer as the actor last armed it (see `Shared::end_turn`).
+    pub(super) timer_seen: Option<Instant>,
     /// The delivery counts of its event subscription, if it subscribes.
     pub(super) event_stats: Option<Arc<DeliveryStats>>,
     /// The core's output, reused from turn to turn.
     effects: Vec<Effect<Job>>,
     /// The time of this turn of the loop, read at its first input: a burst of inputs taken
     /// in one turn reads the clocks once, not twice per task.
-    turn_now: Option<Now>,
-}
-
-/// The actor's own deadlines, beside the core's.
-struct Clock {
-    /// The next autoscale tick, for a pool that autoscales.
-    autoscale_at: Option<Instant>,
-    /// When event delivery resumes after the plugin's stdin had no room.
-    events_retry_at: Option<Instant>,
-}
-
-impl Clock {
-    /// The earliest of these and the core's next timer.
-    fn next(&self, core: Option<Instant>) -> Option<Instant> {
-        [core, self.autoscale_at, self.events_retry_at]
-            .into_iter()
-            .flatten()
-            .min()
-    }
-}
-
-/// The next event of a subscription; never, without one.
-async fn next_event(subscription: &mut Option<Subscription>) -> Option<Event> {
-    match subscription {
-        Some(s) => s.events.recv().await,
-        None => std::future::pending().await,
-    }
+    pub(super) turn_now: Option<Now>,
 }
 
 impl Pool {
-    async fn run(
-        mut self,
-        mut commands: mpsc::Receiver<PoolCommand>,
-        mut events: mpsc::Receiver<InstanceEvent>,
-        mut subscription: Option<Subscription>,
-    ) {
-        let mut clock = Clock {
-            autoscale_at: self.core.autoscaling().then(Instant::now),
-            events_retry_at: None,
-        };
-        // One timer for all the actor waits on, moved only when its deadline does: a turn
-        // with nothing due neither reads the clock nor touches the timer wheel.
-        let mut timer = std::pin::pin!(sleep_until(Instant::now()));
-        loop {
-            let due = clock.next(self.core.next_timer());
-            if let Some(at) = due.filter(|&at| at != timer.deadline()) {
-                timer.as_mut().reset(at);
-            }
-            tokio::select! {
-                cmd = commands.recv() => match cmd {
-                    Some(cmd) => {
-                        self.on_command(cmd);
-                        for _ in 0..COMMAND_BATCH {
-                            match commands.try_recv() {
-                                Ok(cmd) => self.on_command(cmd),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    None => self.feed(Input::Stop { grace: self.manifest.timeouts.shutdown_grace }),
-                },
-                Some(ev) = events.recv() => {
-                    // Every report already waiting is taken before tasks are placed again.
-                    self.on_instance(ev);
-                    while let Ok(ev) = events.try_recv() {
-                        self.on_instance(ev);
-                    }
-                }
-                _ = &mut timer, if due.is_some() => self.on_timer(&mut clock),
-                // Taken only while an instance can take it; meanwhile the buffer holds (or drops).
-                Some(event) = next_event(&mut subscription), if self.takes_events() => {
-                    self.deliver_events(event, subscription.as_mut());
-                }
-            }
-            if clock.events_retry_at.is_none()
-                && self.event_stats.as_ref().is_some_and(|s| s.blocked())
-            {
-                clock.events_retry_at = Some(self.now().at + crate::events::BLOCKED_RETRY);
-            }
-            if self.core.autoscaling() != clock.autoscale_at.is_some() {
-                // Autoscale bounds set at run time (`autoscale` control): the first tick is now.
-                clock.autoscale_at = self.core.autoscaling().then(|| self.now().at);
-            }
-            if matches!(
-                self.core.state(),
-                PluginState::Stopping | PluginState::Stopped
-            ) {
-                // A stopping plugin is told nothing more; its replacement subscribes anew.
-                subscription = None;
-            }
-            if self.frozen {
-                std::future::pending::<()>().await;
-            }
-            self.place_queued();
-            self.publish();
-            self.turn_now = None;
-            if *self.core.state() == PluginState::Stopped {
-                for w in self.stop_waiters.drain(..) {
-                    let _ = w.send(());
-                }
-                // Commands that raced the stop still get answers.
-                commands.close();
-                while let Ok(cmd) = commands.try_recv() {
-                    self.on_command(cmd);
-                }
-                return;
-            }
-        }
-    }
-
-    /// What is due when the timer fires: the core's timers, the autoscale tick, the end of an
-    /// event delivery pause.
-    fn on_timer(&mut self, clock: &mut Clock) {
-        let now = self.now().at;
-        if self.core.next_timer().is_some_and(|at| at <= now) {
-            self.feed(Input::Timers);
-        }
-        if clock.autoscale_at.is_some_and(|at| at <= now) {
-            clock.autoscale_at = Some(now + super::core::AUTOSCALE_TICK);
-            self.feed(Input::AutoscaleTick);
-        }
-        if clock.events_retry_at.is_some_and(|at| at <= now) {
-            clock.events_retry_at = None;
-            if let Some(stats) = &self.event_stats {
-                stats.unblock();
-            }
-        }
-    }
-
     /// Hands the core one input and carries out what it decides.
-    fn feed(&mut self, input: Input<Job>) {
+    pub(super) fn feed(&mut self, input: Input<Job>) {
         let mut effects = std::mem::take(&mut self.effects);
         let now = self.now();
         self.core.handle(input, now, &mut effects);
         self.carry_out(effects);
     }
 
-    fn now(&mut self) -> Now {
+    pub(super) fn now(&mut self) -> Now {
         *self.turn_now.get_or_insert_with(Now::current)
     }
 
-    fn place_queued(&mut self) {
+    pub(super) fn place_queued(&mut self) {
         let mut effects = std::mem::take(&mut self.effects);
         self.core.place_queued(&mut effects);
         self.carry_out(effects);
@@ -314,7 +200,7 @@ impl Pool {
             cgroups: self.options.cgroups.clone(),
             offers: self.options.offers.clone(),
         };
-        let (handle, task) = instance::start(spec, self.events_tx.clone());
+        let (handle, task) = instance::start(spec, self.reports.clone());
         io.handle = Some(handle);
         io.task = Some(AbortOnDropHandle::new(task));
     }
@@ -358,7 +244,7 @@ impl Pool {
         }
     }
 
-    fn on_instance(&mut self, ev: InstanceEvent) {
+    pub(super) fn on_instance(&mut self, ev: InstanceEvent) {
         let (slot, generation) = (ev.slot, ev.generation);
         let input = match ev.kind {
             EventKind::Ready {
@@ -394,13 +280,13 @@ impl Pool {
     }
 
     /// Whether the next event may be taken from the buffer now.
-    fn takes_events(&self) -> bool {
+    pub(super) fn takes_events(&self) -> bool {
         self.event_stats.as_ref().is_some_and(|s| !s.blocked()) && self.event_taker().is_some()
     }
 
     /// Delivers `first` and the events already waiting behind it, while an instance takes
     /// them: one turn of the actor's loop per burst, not per event.
-    fn deliver_events(&mut self, first: Event, subscription: Option<&mut Subscription>) {
+    pub(super) fn deliver_events(&mut self, first: Event, subscription: Option<&mut Subscription>) {
         self.deliver_event(first);
         let Some(s) = subscription else { return };
         for _ in 0..COMMAND_BATCH {
@@ -415,7 +301,12 @@ impl Pool {
     }
 
     fn deliver_event(&mut self, event: Event) {
-        let (Some(stats), Some(taker)) = (&self.event_stats, self.event_taker()) else {
+        let Some(stats) = &self.event_stats else {
+            return;
+        };
+        // The instance that took events may have ended since the actor looked.
+        let Some(taker) = self.event_taker() else {
+            stats.count_drop();
             return;
         };
         let cmd = Command::Event {
@@ -427,7 +318,7 @@ impl Pool {
         }
     }
 
-    fn on_command(&mut self, cmd: PoolCommand) {
+    pub(super) fn on_command(&mut self, cmd: PoolCommand) {
         match cmd {
             PoolCommand::Run(job) => self.feed(Input::Run(job)),
             PoolCommand::Cancel {
@@ -491,26 +382,5 @@ impl Pool {
                 self.feed(Input::Stop { grace });
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn the_timer_waits_for_the_earliest_deadline_or_for_nothing() {
-        let t0 = Instant::now();
-        let at = |s: u64| Some(t0 + Duration::from_secs(s));
-        let clock = |autoscale_at, events_retry_at| Clock {
-            autoscale_at,
-            events_retry_at,
-        };
-        assert_eq!(clock(None, None).next(None), None, "nothing due: not armed");
-        assert_eq!(clock(None, None).next(at(3)), at(3));
-        assert_eq!(clock(at(5), None).next(at(3)), at(3));
-        assert_eq!(clock(at(5), at(1)).next(at(3)), at(1));
-        assert_eq!(clock(at(2), at(4)).next(None), at(2));
     }
 }

@@ -11,6 +11,7 @@ mod actor;
 mod core;
 mod placement;
 mod report;
+mod shared;
 
 pub use actor::start;
 
@@ -84,6 +85,8 @@ enum PoolCommand {
 #[derive(Debug, Clone)]
 pub struct PoolHandle {
     tx: mpsc::Sender<PoolCommand>,
+    /// Where a task is placed without a turn of the actor (see `shared::Shared`).
+    shared: Arc<shared::Shared>,
     view: watch::Receiver<PoolView>,
     manifest: Arc<Manifest>,
 }
@@ -95,8 +98,13 @@ impl PoolHandle {
 
     /// Queues a task. Its outcome arrives on `job.reply`, whatever happens to the pool.
     pub async fn run(&self, job: Job) {
-        // Usually there is room at once. Otherwise the send is boxed, so that the future of
-        // every task does not hold room for that wait.
+        let job = match self.shared.run(job) {
+            Ok(()) => return,
+            Err(job) => job,
+        };
+        // The actor's channel, as for a wedged or stopped pool. Usually there is room at once.
+        // Otherwise the send is boxed, so that the future of every task does not hold room
+        // for that wait.
         let cmd = match self.tx.try_send(PoolCommand::Run(job)) {
             Ok(()) => return,
             // A closed channel refuses the send below at once.
