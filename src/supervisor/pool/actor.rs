@@ -85,7 +85,6 @@ pub fn start(manifest: Arc<Manifest>, options: PoolOptions, tracker: &TaskTracke
         ended: false,
         timer_seen: None,
         effects: Vec::new(),
-        turn_now: None,
     });
     shared.lock().carry_out(effects);
     tracker.spawn(shared::run(shared.clone(), rx, events_rx, subscription));
@@ -119,22 +118,14 @@ pub(super) struct Pool {
     pub(super) event_stats: Option<Arc<DeliveryStats>>,
     /// The core's output, reused from turn to turn.
     effects: Vec<Effect<Job>>,
-    /// The time of this turn of the loop, read at its first input: a burst of inputs taken
-    /// in one turn reads the clocks once, not twice per task.
-    pub(super) turn_now: Option<Now>,
 }
 
 impl Pool {
     /// Hands the core one input and carries out what it decides.
     pub(super) fn feed(&mut self, input: Input<Job>) {
         let mut effects = std::mem::take(&mut self.effects);
-        let now = self.now();
-        self.core.handle(input, now, &mut effects);
+        self.core.handle(input, Now::current(), &mut effects);
         self.carry_out(effects);
-    }
-
-    pub(super) fn now(&mut self) -> Now {
-        *self.turn_now.get_or_insert_with(Now::current)
     }
 
     pub(super) fn place_queued(&mut self) {
@@ -365,15 +356,13 @@ impl Pool {
             }
             PoolCommand::Restart(reply) => {
                 let mut effects = std::mem::take(&mut self.effects);
-                let now = self.now();
-                let failed = self.core.restart(now, &mut effects);
+                let failed = self.core.restart(Now::current(), &mut effects);
                 self.carry_out(effects);
                 let _ = reply.send(failed);
             }
             PoolCommand::Scale(scale, reply) => {
                 let mut effects = std::mem::take(&mut self.effects);
-                let now = self.now();
-                let scaled = self.core.scale(scale, now, &mut effects);
+                let scaled = self.core.scale(scale, Now::current(), &mut effects);
                 self.carry_out(effects);
                 let _ = reply.send(scaled);
             }

@@ -60,21 +60,31 @@ impl Pool {
         }
     }
 
+    /// Updates the view if it changed. Compared in place, so that the turns that change
+    /// nothing of it (most: a task placed or finished) copy no string.
     pub(super) fn publish(&self) {
         let slots = self.core.slots();
-        let view = PoolView {
-            state: self.core.state().clone(),
-            ready: slots
-                .iter()
-                .filter(|s| s.state == InstanceState::Ready)
-                .count(),
-            restarts: slots.iter().map(|s| s.restarts as u64).sum(),
-            last_exit: self.core.last_exit().cloned(),
-        };
+        let ready = slots
+            .iter()
+            .filter(|s| s.state == InstanceState::Ready)
+            .count();
+        let restarts = slots.iter().map(|s| s.restarts as u64).sum();
+        let (state, last_exit) = (self.core.state(), self.core.last_exit());
         self.view.send_if_modified(|v| {
-            let changed = *v != view;
-            *v = view;
-            changed
+            if v.ready == ready
+                && v.restarts == restarts
+                && v.state == *state
+                && v.last_exit.as_ref() == last_exit
+            {
+                return false;
+            }
+            *v = PoolView {
+                state: state.clone(),
+                ready,
+                restarts,
+                last_exit: last_exit.cloned(),
+            };
+            true
         });
     }
 }

@@ -64,7 +64,6 @@ impl Shared {
     fn end_turn(&self, pool: &mut Pool) {
         pool.place_queued();
         pool.publish();
-        pool.turn_now = None;
         if pool.core.next_timer() != pool.timer_seen || *pool.core.state() == PluginState::Stopped {
             self.wake.notify_one();
         }
@@ -190,7 +189,6 @@ impl Shared {
         }
         pool.place_queued();
         pool.publish();
-        pool.turn_now = None;
         if *pool.core.state() != PluginState::Stopped {
             return Turn::Continue;
         }
@@ -243,11 +241,11 @@ impl Pool {
         }
         if clock.events_retry_at.is_none() && self.event_stats.as_ref().is_some_and(|s| s.blocked())
         {
-            clock.events_retry_at = Some(self.now().at + crate::events::BLOCKED_RETRY);
+            clock.events_retry_at = Some(Instant::now() + crate::events::BLOCKED_RETRY);
         }
         if self.core.autoscaling() != clock.autoscale_at.is_some() {
             // Autoscale bounds set at run time (`autoscale` control): the first tick is now.
-            clock.autoscale_at = self.core.autoscaling().then(|| self.now().at);
+            clock.autoscale_at = self.core.autoscaling().then(Instant::now);
         }
         if matches!(
             self.core.state(),
@@ -261,7 +259,7 @@ impl Pool {
     /// What is due when the timer fires: the core's timers, the autoscale tick, the end of an
     /// event delivery pause.
     fn on_timer(&mut self, clock: &mut Clock) {
-        let now = self.now().at;
+        let now = Instant::now();
         if self.core.next_timer().is_some_and(|at| at <= now) {
             self.feed(Input::Timers);
         }

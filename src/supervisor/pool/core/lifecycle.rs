@@ -24,7 +24,7 @@ impl<J: Queued> PoolCore<J> {
         }));
         let slot = &mut self.slots[i];
         slot.pid = Some(pid);
-        slot.idle_since = Some(now.at);
+        slot.idle_since = Some(now.at());
         slot.plugin_version = Some(plugin_version);
         if slot.state == InstanceState::Starting {
             slot.state = InstanceState::Ready;
@@ -50,7 +50,7 @@ impl<J: Queued> PoolCore<J> {
             slot.failed += 1;
         }
         if slot.in_flight == 0 {
-            slot.idle_since = Some(now.at);
+            slot.idle_since = Some(now.at());
         }
         self.placements.remove(task_id);
         self.stop_if_retired_and_idle(i, out);
@@ -85,7 +85,7 @@ impl<J: Queued> PoolCore<J> {
             slot.recent_exits.pop_front();
         }
         let at = now
-            .wall
+            .wall()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
@@ -135,7 +135,7 @@ impl<J: Queued> PoolCore<J> {
             &self.rules.restart,
             &mut slot.backoff,
             &mut self.window,
-            now.at.into_std(),
+            now.at().into_std(),
             ran_for,
             self.rng.f64(),
         );
@@ -147,7 +147,7 @@ impl<J: Queued> PoolCore<J> {
                 } else {
                     tracing::info!(plugin = %self.rules.name, instance = i, "restarting in {after:?}");
                     slot.state = InstanceState::Backoff;
-                    slot.restart_at = Some(now.at + after);
+                    slot.restart_at = Some(now.at() + after);
                 }
             }
             Decision::GiveUp { restarts, window } => {
@@ -161,10 +161,10 @@ impl<J: Queued> PoolCore<J> {
     /// passed (or a reload or `plugins restart`); queued and new tasks fail fast.
     fn fail(&mut self, reason: String, now: Now, out: &mut Vec<Effect<J>>) {
         let retry = self.rules.restart.failed_retry;
-        self.retry_failed_at = Some(now.at + retry);
+        self.retry_failed_at = Some(now.at() + retry);
         tracing::error!(plugin = %self.name(), "plugin failed: {reason}; it will be tried again in {retry:?} (`restart.failed_retry`), on reload, or with `worker plugins restart {}`", self.name());
         self.state = PluginState::Failed(reason.clone());
-        let next = self.next_try(now.at);
+        let next = self.next_try(now.at());
         for job in self.queue.drain(..) {
             let failure = Failure::unavailable(format!(
                 "plugin `{}` is failed: {reason}; {next}",
@@ -211,7 +211,7 @@ impl<J: Queued> PoolCore<J> {
     /// Starts what is due: the failed plugin after `restart.failed_retry`, and the instances
     /// whose backoff has passed.
     pub(super) fn timers_due(&mut self, now: Now, out: &mut Vec<Effect<J>>) {
-        if self.retry_failed_at.is_some_and(|at| at <= now.at) {
+        if self.retry_failed_at.is_some_and(|at| at <= now.at()) {
             let retry = self.rules.restart.failed_retry;
             self.revive(
                 &format!("{retry:?} passed (`restart.failed_retry`)"),
@@ -220,7 +220,7 @@ impl<J: Queued> PoolCore<J> {
             );
         }
         for i in 0..self.slots.len() {
-            if self.slots[i].restart_at.is_some_and(|t| t <= now.at) {
+            if self.slots[i].restart_at.is_some_and(|t| t <= now.at()) {
                 self.launch(i, now, out);
             }
         }

@@ -147,7 +147,7 @@ impl<J: Queued> PoolCore<J> {
             !s.retired
                 && s.in_flight == 0
                 && s.idle_since
-                    .is_some_and(|t| now.at.duration_since(t) >= AUTOSCALE_KEEPALIVE)
+                    .is_some_and(|t| now.at().duration_since(t) >= AUTOSCALE_KEEPALIVE)
         });
         if self.queue.is_empty() && idle_long && active > min {
             self.scale_to(active - 1, now, out);

@@ -55,7 +55,7 @@ pub(super) struct Pool {
 impl Pool {
     /// `instances` slots launched; `ready` of them (the first ones) through their handshake.
     pub(super) fn new(instances: usize, ready: usize, rules: Rules) -> Pool {
-        let now = Now::current();
+        let now = Now::fixed(Instant::now(), SystemTime::now());
         let mut out = Vec::new();
         let core = PoolCore::start(rules, instances, fastrand::Rng::with_seed(7), now, &mut out);
         assert_eq!(
@@ -133,8 +133,12 @@ impl Pool {
     }
 
     pub(super) fn advance(&mut self, by: Duration) {
-        self.now.at += by;
-        self.now.wall += by;
+        self.now = Now::fixed(self.now.at() + by, self.now.wall() + by);
+    }
+
+    /// Sets the monotonic clock alone (the wall clock stays).
+    pub(super) fn set_at(&mut self, at: Instant) {
+        self.now = Now::fixed(at, self.now.wall());
     }
 
     pub(super) fn cancel(&mut self, id: &str, mode: CancelMode) -> (CancelStep, Vec<String>) {

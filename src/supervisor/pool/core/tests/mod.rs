@@ -198,9 +198,9 @@ fn a_crash_restarts_at_once_then_after_a_growing_backoff() {
     assert_eq!(p.crash(0), ["reap 0", "exited 0 expected=false"]);
     assert_eq!(p.states(), [InBackoff]);
     let due = p.core.next_timer().expect("a restart is scheduled");
-    assert!(due > p.now.at);
+    assert!(due > p.now.at());
     assert_eq!(p.input(Input::Timers), Vec::<String>::new(), "not due yet");
-    p.now.at = due;
+    p.set_at(due);
     assert_eq!(p.input(Input::Timers), ["launch 0#3"]);
     assert_eq!(p.core.next_timer(), None);
     assert_eq!(p.states(), [Starting]);
@@ -219,7 +219,7 @@ fn too_many_crashes_fail_the_plugin_until_its_retry_or_a_restart() {
         p.crash(0);
         let at = p.core.next_timer();
         if let Some(at) = at {
-            p.now.at = at;
+            p.set_at(at);
             p.input(Input::Timers);
         }
     }
@@ -244,7 +244,7 @@ fn too_many_crashes_fail_the_plugin_until_its_retry_or_a_restart() {
     // Tried again on its own once `failed_retry` has passed: a fresh budget, every slot started.
     assert_eq!(
         p.core.next_timer(),
-        Some(p.now.at + Duration::from_secs(300))
+        Some(p.now.at() + Duration::from_secs(300))
     );
     p.advance(Duration::from_secs(300));
     assert_eq!(p.input(Input::Timers), ["launch 0#5", "launch 1#2"]);
