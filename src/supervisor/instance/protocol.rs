@@ -20,6 +20,13 @@ const STRAY_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(10)
 
 impl Instance {
     pub(super) fn on_stdout(&mut self, ev: Option<StdoutEvent>) -> Step {
+        if let (Some(StdoutEvent::Message(_)), Some((id, _))) = (&ev, self.ping) {
+            // A plugin that writes is not hung: its answer may be queued behind what it wrote
+            // first (a task streaming faster than it is read). The ping's timeout counts from
+            // its last message.
+            let due = Instant::now() + self.spec.manifest.timeouts.ping_timeout;
+            self.ping = Some((id, due));
+        }
         match ev {
             Some(StdoutEvent::Message(Message::Response(r))) => return self.on_response(r),
             Some(StdoutEvent::Message(msg)) => self.on_message(msg),

@@ -429,6 +429,30 @@ async fn an_idle_plugin_is_pinged_and_ended_when_it_does_not_answer() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_ping_times_out_only_after_the_plugins_last_message() {
+    let mut h = Harness::serving(manifest(1));
+    h.inst.pings_while_busy = true;
+    let _busy = h.run("streaming", 16);
+    h.written();
+    assert_eq!(h.timer_at_next_deadline().await, "continue");
+    assert_eq!(h.written(), ["ping 3"]);
+    // The answer is queued behind a stream: every message read pushes the timeout back.
+    let stream = json!({"jsonrpc": "2.0", "method": "task.stream", "params": {"task_id": "streaming", "items": [1]}});
+    for _ in 0..4 {
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(h.line(stream.clone()), "continue");
+        assert_eq!(h.wake(Wake::Timer), "continue", "4s since the last message");
+    }
+    // Then silence: the timeout counts from the last message.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let missed = h.wake(Wake::Timer);
+    assert!(
+        missed.starts_with("crash: failed its health ping (no reply within 5s"),
+        "{missed}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_event_its_submitter_has_no_room_for_holds_stdout_back() {
     let mut h = Harness::serving(manifest(1));
     let mut slow = h.run("slow", 1);
