@@ -436,18 +436,18 @@ async fn a_ping_times_out_only_after_the_plugins_last_message() {
     h.written();
     assert_eq!(h.timer_at_next_deadline().await, "continue");
     assert_eq!(h.written(), ["ping 3"]);
-    // The answer is queued behind a stream: every message read pushes the timeout back.
+    // The answer is queued behind a stream: each message read pushes the timeout back, and
+    // silence after the last one lets it pass.
     let stream = json!({"jsonrpc": "2.0", "method": "task.stream", "params": {"task_id": "streaming", "items": [1]}});
     for _ in 0..4 {
         tokio::time::advance(Duration::from_secs(4)).await;
         assert_eq!(h.line(stream.clone()), "continue");
         assert_eq!(h.wake(Wake::Timer), "continue", "4s since the last message");
     }
-    // Then silence: the timeout counts from the last message.
     tokio::time::advance(Duration::from_secs(5)).await;
     let missed = h.wake(Wake::Timer);
     assert!(
-        missed.starts_with("crash: failed its health ping (no reply within 5s"),
+        missed.starts_with("crash: failed its health ping"),
         "{missed}"
     );
 }
