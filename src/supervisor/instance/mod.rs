@@ -138,7 +138,7 @@ pub fn start(spec: LaunchSpec, events: Reports) -> (InstanceHandle, tokio::task:
 /// until every answer was handled and every next task sent, and the two then took turns
 /// (lockstep). Yielding after a part lets the submitters of the tasks it finished send their
 /// next, whose lines reach the plugin while the rest is handled. Measured with 16 tasks in
-/// flight (the supervisor bench): about 130k tasks/s with no limit, 180-240k with 8.
+/// flight (the supervisor bench): 115-130k tasks/s with no limit, 195-239k with 8.
 const STDOUT_TURN: usize = 8;
 
 /// Everything the actor waits on, as one value.
