@@ -1,7 +1,8 @@
 //! A plugin that streams faster than its caller reads cannot grow the worker: the caller's
 //! bounded stream fills, the instance stops reading the plugin's stdout, and the plugin blocks
-//! on its pipe. Measured on a real `worker serve` with the Rust example plugin streaming 2 GiB
-//! to a control-socket client that stops reading for a while, twice.
+//! on its pipe. Nor does it grow the plugin: the Rust SDK holds a task back once its outgoing
+//! queue is full. Measured on a real `worker serve` with the Rust example plugin streaming
+//! 2 GiB to a control-socket client that stops reading for a while, twice.
 
 mod common;
 
@@ -11,6 +12,22 @@ use std::io::{BufRead, BufReader, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The processes `pid` started (its threads' children), from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    threads
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
 
 /// Resident memory of `pid` in KiB, from /proc.
 fn rss_kib(pid: u32) -> u64 {
@@ -35,14 +52,17 @@ fn two_gib_streamed_to_a_slow_reader_arrive_in_order_and_the_worker_stays_small(
     let d = Daemon::start(&plugins, &root.path().join("w.sock"));
     let pid = d.child.id();
 
-    // Sample the daemon's RSS for the whole run.
-    let peak = Arc::new(AtomicU64::new(0));
+    // Sample the daemon's RSS, and its plugin's, for the whole run.
+    let (peak, plugin_peak) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let done = Arc::new(AtomicBool::new(false));
     let sampler = {
-        let (peak, done) = (peak.clone(), done.clone());
+        let (peak, plugin_peak, done) = (peak.clone(), plugin_peak.clone(), done.clone());
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
                 peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                for child in children(pid) {
+                    plugin_peak.fetch_max(rss_kib(child), Ordering::Relaxed);
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
         })
@@ -82,6 +102,9 @@ fn two_gib_streamed_to_a_slow_reader_arrive_in_order_and_the_worker_stays_small(
     assert_eq!(next_seq, count, "every item arrived");
     assert!(read >= TOTAL, "{read} bytes read");
     let peak_mib = peak.load(Ordering::Relaxed) / 1024;
-    eprintln!("streamed {read} bytes in {count} items; worker peak RSS {peak_mib} MiB");
+    let plugin_mib = plugin_peak.load(Ordering::Relaxed) / 1024;
+    eprintln!("streamed {read} bytes in {count} items; peak RSS: worker {peak_mib} MiB, plugin {plugin_mib} MiB");
     assert!(peak_mib < 64, "worker RSS peaked at {peak_mib} MiB");
+    assert!(plugin_mib > 0, "the plugin was sampled");
+    assert!(plugin_mib < 64, "plugin RSS peaked at {plugin_mib} MiB");
 }

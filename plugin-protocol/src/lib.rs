@@ -17,6 +17,7 @@ pub mod codec;
 pub mod files;
 pub mod message;
 pub mod methods;
+mod outbox;
 pub mod plugin;
 mod plugin_backends;
 mod plugin_error;

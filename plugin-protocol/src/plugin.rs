@@ -39,13 +39,14 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
 
+use crate::outbox::{outbox, Outbox, TASK_BYTES};
 use crate::plugin_tasks::{answer, run_handler, start_pool, InFlight, Job};
 pub use crate::plugin_tasks::{current_task_queue_name, Handler, TaskContext};
 
 /// What `serve` keeps between messages: the outgoing queue, the tasks in flight, whether
 /// `shutdown` was asked, and the task threads' queue once `initialize` started them.
 struct Session {
-    out: mpsc::Sender<Vec<u8>>,
+    out: Outbox,
     /// What the reading thread answered while it handles one read's lines: sent in one piece
     /// after them (one hand-off to the writer, one write), and before a shutdown's answer.
     held: Vec<u8>,
@@ -67,7 +68,7 @@ impl Session {
     /// Sends what was held.
     fn release(&mut self) {
         if !self.held.is_empty() {
-            let _ = self.out.send(std::mem::take(&mut self.held));
+            self.out.send(std::mem::take(&mut self.held));
         }
     }
 }
@@ -175,8 +176,8 @@ impl Plugin {
 
     /// Serves the protocol on any reader/writer pair (tests use pipes or buffers).
     pub fn serve<R: Read, W: Write + Send + 'static>(self, input: R, output: W) -> io::Result<()> {
-        let (out, outbox) = mpsc::channel::<Vec<u8>>();
-        let writer = thread::spawn(move || write_lines(outbox, output));
+        let (out, outbox) = outbox(TASK_BYTES);
+        let writer = thread::spawn(move || outbox.write_to(output));
         let mut session = Session {
             out,
             held: Vec::new(),
@@ -314,8 +315,7 @@ impl Plugin {
                     if let Some(backends) = backends {
                         backends.wait_drained();
                     }
-                    let _ =
-                        out.send(Message::Response(Response::ok(req.id, Value::Null)).to_line());
+                    out.send(Message::Response(Response::ok(req.id, Value::Null)).to_line());
                 });
             }
             other => {
@@ -441,24 +441,6 @@ impl Plugin {
             return Some(Response::err(Some(job.id), err));
         }
         None
-    }
-}
-
-/// Writes queued lines, flushing once per batch of whatever is ready.
-fn write_lines<W: Write>(outbox: mpsc::Receiver<Vec<u8>>, output: W) {
-    let mut output = io::BufWriter::with_capacity(64 * 1024, output);
-    while let Ok(line) = outbox.recv() {
-        if output.write_all(&line).is_err() {
-            return;
-        }
-        while let Ok(line) = outbox.try_recv() {
-            if output.write_all(&line).is_err() {
-                return;
-            }
-        }
-        if output.flush().is_err() {
-            return;
-        }
     }
 }
 

@@ -6,10 +6,11 @@
 use crate::backends::ResultStoreParams;
 use crate::message::{ErrorObject, Message, Notification, Request, Response};
 use crate::methods::{code, InitializeParams};
+use crate::outbox::Outbox;
 use crate::plugin_offers::{OfferSession, OffersFn};
 use crate::plugin_pool::{guarded, Outlet, Pool};
 use serde_json::Map;
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// A result backend's store handler.
 pub(crate) type StoreFn = Arc<dyn Fn(ResultStoreParams) -> Result<(), String> + Send + Sync>;
@@ -36,11 +37,7 @@ impl Backends {
     /// The session of one `initialize`: offering only if it carried a `queue_backend` window
     /// (and the plugin registered offers), storing on `limits.concurrency` threads, writing
     /// to `out`.
-    pub(crate) fn start(
-        &self,
-        params: &InitializeParams,
-        out: mpsc::Sender<Vec<u8>>,
-    ) -> BackendSession {
+    pub(crate) fn start(&self, params: &InitializeParams, out: Outbox) -> BackendSession {
         let outlet = Arc::new(Outlet::new(out));
         let offers = self
             .offers

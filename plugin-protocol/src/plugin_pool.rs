@@ -7,21 +7,23 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 
+use crate::outbox::Outbox;
+
 /// A job for a [`Pool`].
 pub(crate) type Job = Box<dyn FnOnce() + Send>;
 
 /// Where protocol lines go: the writer thread's queue, until stdin closes.
-pub(crate) struct Outlet(Mutex<Option<mpsc::Sender<Vec<u8>>>>);
+pub(crate) struct Outlet(Mutex<Option<Outbox>>);
 
 impl Outlet {
-    pub(crate) fn new(out: mpsc::Sender<Vec<u8>>) -> Outlet {
+    pub(crate) fn new(out: Outbox) -> Outlet {
         Outlet(Mutex::new(Some(out)))
     }
 
     pub(crate) fn send(&self, line: Vec<u8>) {
         if let Some(out) = &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
             // A closed queue means the worker is gone; nobody is left to tell.
-            let _ = out.send(line);
+            out.send(line);
         }
     }
 

@@ -13,8 +13,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
-/// Queue of encoded lines for the writer thread.
-type Outbox = mpsc::Sender<Vec<u8>>;
+use crate::outbox::Outbox;
 
 /// A task handler: gets the task's context and params, returns its JSON result or an error.
 pub type Handler =
@@ -102,9 +101,8 @@ impl TaskContext {
 
     fn notify(&self, method: &str, params: impl serde::Serialize) {
         // A closed outbox means the worker is gone; there is nobody left to tell.
-        let _ = self
-            .out
-            .send(Message::Notification(Notification::new(method, params)).to_line());
+        self.out
+            .send_from_task(Message::Notification(Notification::new(method, params)).to_line());
     }
 }
 
@@ -155,7 +153,7 @@ pub(crate) fn start_pool(
             };
             let result = run_handler(&job, &settings, &out);
             let reply = answer(job.id, result);
-            let _ = out.send(Message::Response(reply).to_line());
+            out.send_from_task(Message::Response(reply).to_line());
             let mut tasks = in_flight.tasks.lock().expect("in-flight lock poisoned");
             tasks.remove(&job.params.task_id);
             if in_flight.waited_for.load(Ordering::SeqCst) {
