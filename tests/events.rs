@@ -118,19 +118,26 @@ async fn one_tasks_events_come_in_order_with_their_facts() {
     assert_eq!(ev.subscribed, ["task.*", "instance.*"]);
     assert!(ev.delivered >= 8, "{ev:?}");
     assert_eq!(ev.dropped, 0);
-    // It only watches, so its process yields the CPU to the tasks' (nice 10); rust-echo's not.
-    let nice = |pid: Option<u32>| {
+    // It only watches, so its process yields the CPU to the tasks' (the idle CPU, nice 10);
+    // rust-echo's not. (`/proc/<pid>/stat` fields 19 and 41: nice, policy; 5 is SCHED_IDLE.)
+    let priority = |pid: Option<u32>| {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.unwrap())).unwrap();
         let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-        after_name
-            .split(' ')
-            .nth(16)
-            .unwrap()
-            .parse::<i64>()
-            .unwrap()
+        let field = |n: usize| {
+            after_name
+                .split(' ')
+                .nth(n - 3)
+                .unwrap()
+                .parse::<i64>()
+                .unwrap()
+        };
+        (field(19), field(41))
     };
-    assert_eq!(nice(status.instances[0].pid), 10);
-    assert_eq!(nice(h.status("rust-echo").await.instances[0].pid), 0);
+    assert_eq!(priority(status.instances[0].pid), (10, 5));
+    assert_eq!(
+        priority(h.status("rust-echo").await.instances[0].pid),
+        (0, 0)
+    );
     h.stop().await;
 }
 
@@ -246,8 +253,13 @@ fn a_manifest_subscribes_to_known_kinds_and_may_serve_no_task() {
         worker::manifest::WATCHER_NICE,
         "it only watches"
     );
+    assert!(m.limits.idle_cpu, "on the idle CPU");
     let m = worker::manifest::Manifest::parse(&format!("{ok}[limits]\nnice = 0\n"), dir).unwrap();
-    assert_eq!(m.limits.nice, 0, "unless its limits say otherwise");
+    assert_eq!(
+        (m.limits.nice, m.limits.idle_cpu),
+        (0, false),
+        "unless its limits say otherwise"
+    );
     let serving = format!("{ok}[[tasks]]\nname = \"m.t\"\n");
     let m = worker::manifest::Manifest::parse(&serving, dir).unwrap();
     assert_eq!(

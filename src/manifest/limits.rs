@@ -20,6 +20,10 @@ pub struct Limits {
     /// manifest, it is resolved when the manifest is parsed: `WATCHER_NICE` for a plugin that
     /// only watches events, else 0 (see [`RawLimits::check`]).
     pub nice: u8,
+    /// Runs under `SCHED_IDLE`: on a CPU only when nothing else wants it, and off it the
+    /// moment something does. Unset, it is on for a plugin that only watches events and sets
+    /// no `nice`: its work then never delays a task's.
+    pub idle_cpu: bool,
 }
 
 /// `[limits]` as written: sizes may carry a unit (`"512MiB"`, `"2GiB"`) or be plain bytes.
@@ -32,6 +36,7 @@ pub(super) struct RawLimits {
     cpu_time: Option<u64>,
     core: Option<Size>,
     nice: Option<i64>,
+    idle_cpu: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,8 +78,9 @@ impl Size {
 }
 
 impl RawLimits {
-    /// The limits as applied; `default_nice` is the priority when `nice` is not written.
-    pub(super) fn check(&self, default_nice: u8) -> Result<Limits, String> {
+    /// The limits as applied. A `watcher` (a plugin that only watches events) defaults to
+    /// `WATCHER_NICE` and, unless its `nice` is written, to the idle CPU.
+    pub(super) fn check(&self, watcher: bool) -> Result<Limits, String> {
         let positive = |key: &str, v: Option<u64>| match v {
             Some(0) => Err(format!("key `limits.{key}`: must be at least 1")),
             v => Ok(v),
@@ -94,8 +100,10 @@ impl RawLimits {
                 .map(|s| s.bytes("core"))
                 .transpose()?
                 .unwrap_or(0),
+            idle_cpu: self.idle_cpu.unwrap_or(watcher && self.nice.is_none()),
             nice: match self.nice {
-                None => default_nice,
+                None if watcher => super::WATCHER_NICE,
+                None => 0,
                 Some(n @ 0..=19) => n as u8,
                 Some(n) => return Err(format!("key `limits.nice`: {n} is not 0-19 (a plugin may give up CPU priority, not take more)")),
             },
@@ -110,25 +118,49 @@ mod tests {
     #[test]
     fn sizes_take_units_and_bad_ones_are_named() {
         let raw: RawLimits = toml::from_str("memory = \"512MiB\"\nopen_files = 64").unwrap();
-        let l = raw.check(0).unwrap();
+        let l = raw.check(false).unwrap();
         assert_eq!(
             (l.memory, l.open_files, l.core),
             (Some(512 << 20), Some(64), 0)
         );
         let raw: RawLimits = toml::from_str("memory = \"lots\"").unwrap();
-        assert!(raw.check(0).unwrap_err().contains("key `limits.memory`"));
+        assert!(raw
+            .check(false)
+            .unwrap_err()
+            .contains("key `limits.memory`"));
         let raw: RawLimits = toml::from_str("cpu_time = 0").unwrap();
-        assert!(raw.check(0).unwrap_err().contains("at least 1"));
+        assert!(raw.check(false).unwrap_err().contains("at least 1"));
         let raw: RawLimits = toml::from_str("nice = 19").unwrap();
-        assert_eq!(raw.check(0).unwrap().nice, 19);
-        let raw: RawLimits = toml::from_str("").unwrap();
-        assert_eq!(raw.check(7).unwrap().nice, 7, "unset takes the default");
+        assert_eq!(raw.check(false).unwrap().nice, 19);
         for bad in ["nice = -1", "nice = 20"] {
             let raw: RawLimits = toml::from_str(bad).unwrap();
             assert!(
-                raw.check(0).unwrap_err().contains("key `limits.nice`"),
+                raw.check(false).unwrap_err().contains("key `limits.nice`"),
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_watcher_yields_the_cpu_unless_its_limits_say_otherwise() {
+        let limits = |text: &str, watcher: bool| {
+            let l = toml::from_str::<RawLimits>(text)
+                .unwrap()
+                .check(watcher)
+                .unwrap();
+            (l.nice, l.idle_cpu)
+        };
+        let watcher = super::super::WATCHER_NICE;
+        assert_eq!(limits("", true), (watcher, true), "a watcher: idle CPU");
+        assert_eq!(limits("", false), (0, false), "a task plugin: neither");
+        assert_eq!(limits("nice = 0", true), (0, false), "a nice set rules");
+        assert_eq!(limits("nice = 5", true), (5, false));
+        assert_eq!(limits("idle_cpu = false", true), (watcher, false));
+        assert_eq!(
+            limits("idle_cpu = true", false),
+            (0, true),
+            "any plugin may ask"
+        );
+        assert_eq!(limits("idle_cpu = true\nnice = 3", true), (3, true));
     }
 }

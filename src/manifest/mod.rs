@@ -466,9 +466,7 @@ impl Manifest {
             && backends.queue_backend.is_none()
             && backends.result_backend.is_none()
             && !raw.events.get_ref().is_empty();
-        let limits = raw
-            .limits
-            .check(if watches_only { WATCHER_NICE } else { 0 })?;
+        let limits = raw.limits.check(watches_only)?;
         Ok(Manifest {
             backends,
             tests,

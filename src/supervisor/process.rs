@@ -260,11 +260,43 @@ fn apply_limits(limits: &crate::manifest::Limits) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
     }
+    if limits.idle_cpu {
+        let param = nix::libc::sched_param { sched_priority: 0 };
+        // SAFETY: a plain syscall on this process, with a parameter it only reads.
+        let set = unsafe { nix::libc::sched_setscheduler(0, nix::libc::SCHED_IDLE, &param) };
+        if set != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     Ok(())
 }
 
 /// Sends `signal` to every process in the group led by `pid`. A group that is already gone
 /// is not an error.
+/// How long process `pid`'s threads have waited, in all, for a CPU while runnable (the
+/// scheduler's `run_delay` in `/proc/<pid>/task/*/schedstat`); `None` without that file (no
+/// such process, or a kernel without scheduler statistics).
+pub fn cpu_wait(pid: u32) -> Option<std::time::Duration> {
+    if pid == 0 {
+        return None;
+    }
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut waited_ns = None::<u64>;
+    for thread in threads.flatten() {
+        let Ok(stat) = std::fs::read_to_string(thread.path().join("schedstat")) else {
+            continue;
+        };
+        if let Some(ns) = stat
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            waited_ns = Some(waited_ns.unwrap_or(0) + ns);
+        }
+    }
+    waited_ns.map(std::time::Duration::from_nanos)
+}
+
 pub fn signal_group(pid: u32, signal: Signal) {
     // killpg(0) would signal the worker's own group: never do that for an unknown pid.
     if pid == 0 {

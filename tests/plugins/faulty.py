@@ -9,7 +9,8 @@ task is chosen by the task name:
   FAULT_SECOND_START  path: start normally if the path does not exist (creating it), else
                    exit 3 before answering `initialize` (passes an install-time handshake,
                    then fails in the daemon); FAULT_SECOND_START_MODE=hang: hang instead
-  FAULT_PING       ok (default) | hang (never answer ping)
+  FAULT_PING       ok (default) | hang (never answer ping) | burn:<secs> (spend that much CPU
+                   time, its own, before each answer)
   FAULT_TERM       ok (default) | ignore (ignore SIGTERM, shutdown and exit)
   FAULT_FORK       path: fork a grandchild that sleeps forever, write its pid to the path
   FAULT_GARBAGE    1: print non-protocol lines to stdout at start
@@ -343,7 +344,12 @@ def main():
             if event:
                 event.set()
         elif method == "ping":
-            if ENV("FAULT_PING") != "hang":
+            mode = ENV("FAULT_PING") or "ok"
+            if mode.startswith("burn:"):
+                until = time.process_time() + float(mode[len("burn:"):])
+                while time.process_time() < until:
+                    pass
+            if mode != "hang":
                 reply(id_, {})
         elif method == "shutdown":
             if ENV("FAULT_TERM") == "ignore":

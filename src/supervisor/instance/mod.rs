@@ -204,6 +204,9 @@ struct Instance {
     by_task: crate::idmap::TaskMap<u64>,
     /// Outstanding ping id and when it times out.
     ping: Option<(u64, Instant)>,
+    /// How long the process had waited for a CPU when the outstanding ping's deadline was
+    /// last set (`process::cpu_wait`): what it waits more is added to the deadline.
+    ping_cpu_wait: Option<std::time::Duration>,
     next_ping: Instant,
     /// The plugin declared `ping_while_busy`: it is pinged while tasks run, too. Otherwise
     /// only while idle, since a plugin that runs one task at a time cannot answer meanwhile.
@@ -303,6 +306,7 @@ impl Instance {
             running: Default::default(),
             by_task: Default::default(),
             ping: None,
+            ping_cpu_wait: None,
             pings_while_busy: false,
             held: None,
             stray_log: (Instant::now(), 0, 0),

@@ -16,6 +16,10 @@ use tokio::time::Instant;
 /// How many stderr lines go into a crash message.
 const CRASH_STDERR_LINES: usize = 5;
 
+/// A missed ping's deadline moves by the time its process waited for a CPU meanwhile, once
+/// that wait is at least this (less is the ordinary wait of a process woken on a busy host).
+const MIN_STARVED: Duration = Duration::from_millis(1);
+
 /// A task handed to an instance, with where its events and its outcome go.
 #[derive(Debug)]
 pub struct Job {
@@ -227,18 +231,31 @@ impl Instance {
     /// Sends a due ping, or ends a process that missed one.
     fn check_ping(&mut self, now: Instant) -> Option<Step> {
         match self.ping {
-            Some((_, due)) if now >= due && self.held.is_none() => {
+            Some((id, due)) if now >= due && self.held.is_none() => {
+                // Time spent waiting for a CPU is not the plugin's own: a plugin starved by a
+                // busy host (or running on the idle CPU) is not hung.
+                let waited = process::cpu_wait(self.pid);
+                let starved = match (self.ping_cpu_wait, waited) {
+                    (Some(before), Some(after)) => after.saturating_sub(before),
+                    _ => Duration::ZERO,
+                };
+                if starved >= MIN_STARVED {
+                    self.ping = Some((id, due + starved));
+                    self.ping_cpu_wait = waited;
+                    return None;
+                }
                 return Some(
                     Crash::new(format!(
                         "failed its health ping (no reply within {:?}; `timeouts.ping_timeout`)",
                         self.spec.manifest.timeouts.ping_timeout
                     ))
                     .into(),
-                )
+                );
             }
             None if now >= self.next_ping && self.pingable() => {
                 let id = self.request(method::PING, serde_json::json!({}));
                 self.ping = Some((id, now + self.spec.manifest.timeouts.ping_timeout));
+                self.ping_cpu_wait = process::cpu_wait(self.pid);
             }
             _ => {}
         }
