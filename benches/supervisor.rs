@@ -18,8 +18,8 @@
 //! - `BENCH_ROUNDS`: rounds (default 5; fewer only when set so, and then no goal is met).
 //! - `BENCH_IDLE=halt`: measure with the machine's own idle; by default idle CPUs poll for the
 //!   run (`benches/common/idle.rs`).
-//! - `BENCH_N`: tasks per throughput run with a Rust child (default 100,000).
-//! - `BENCH_N_PY`: the same with a Python child (default 30,000).
+//! - `BENCH_N`: tasks per throughput run with a Rust child (default 400,000).
+//! - `BENCH_N_PY`: the same with a Python child (default 100,000).
 //! - `BENCH_N_LATENCY`: one-at-a-time tasks per run, for p50 and p99 (default 5,000).
 //! - `BENCH_PROFILE_SUPERVISOR=N`: only the minimal Rust child through the supervisor, N tasks;
 //!   `BENCH_PROFILE_RAW=N` and `BENCH_PROFILE_RAW_ONE_THREAD=N`: only one of its raw-pipe
@@ -81,11 +81,11 @@ impl Sizes {
         let latency = env_or("BENCH_N_LATENCY", 5_000);
         Sizes {
             rust: Load {
-                tasks: env_or("BENCH_N", 100_000),
+                tasks: env_or("BENCH_N", 400_000),
                 latency,
             },
             python: Load {
-                tasks: env_or("BENCH_N_PY", 30_000),
+                tasks: env_or("BENCH_N_PY", 100_000),
                 latency,
             },
         }
