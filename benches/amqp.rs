@@ -19,7 +19,7 @@
 //! (lowest-highest) and met only when the whole spread clears the goal over >= 5 rounds; a round
 //! in which either contender did not finish is left out of the ratios that need it.
 //!
-//! Knobs (environment): `BENCH_N` (tasks per drain, default 20,000), `BENCH_ROUNDS` (default 5;
+//! Knobs (environment): `BENCH_N` (tasks per drain, default 60,000), `BENCH_ROUNDS` (default 5;
 //! fewer only when set so, and then no goal is met), `BENCH_ONLY=rust,raw` (substrings of the
 //! contenders' names), `BENCH_PREFETCH`, `BENCH_BIN_DIR`, `BENCH_RUST_INSTANCES` (default 2),
 //! `BENCH_RUST_CONCURRENCY` (default 16).
@@ -50,7 +50,7 @@ fn n_tasks() -> usize {
     std::env::var("BENCH_N")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(20_000)
+        .unwrap_or(60_000)
 }
 
 /// BENCH_PREFETCH sets the prefetch of `worker` and of the raw loop (default: theirs).

@@ -35,3 +35,10 @@ pub mod task_id;
 /// The worker's own name and version, sent to plugins at `initialize`.
 pub const WORKER_NAME: &str = "worker";
 pub const WORKER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// This process's id, asked of the kernel once: Celery's task events and requests name it
+/// per task, and `getpid` is a system call each time.
+pub fn worker_pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
+}

@@ -179,7 +179,7 @@ impl Monitor {
         body.field("hostname", hostname);
         body.field("timestamp", &now_epoch());
         body.field("utcoffset", &offset);
-        body.field("pid", &std::process::id());
+        body.field("pid", &crate::worker_pid());
         body.field("clock", &clock);
         Event {
             key: kind.replace('-', "."),

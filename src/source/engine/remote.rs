@@ -43,7 +43,7 @@ impl<T: Transport> RemoteWorker for Worker<T> {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         json!({
-            "pid": std::process::id(),
+            "pid": crate::worker_pid(),
             "clock": "0",
             "uptime": uptime,
             "total": *crate::sync::lock(&self.engine.totals),

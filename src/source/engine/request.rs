@@ -50,7 +50,7 @@ pub fn read_task(
         hostname: node.to_string(),
         time_start: now,
         acknowledged: false,
-        worker_pid: std::process::id(),
+        worker_pid: crate::worker_pid(),
         delivery: plugin_protocol::DeliveryInfo {
             queue: Some(facts.queue.to_string()),
             exchange: Some(facts.exchange.to_string()),
