@@ -28,10 +28,11 @@
 //!   the event-log subscriber.
 //!
 //! The single-run bench this replaced pushed 50,000 and 10,000 tasks per run: a tenth of a
-//! second for a Python child, too short for a per-round ratio on a shared machine. At the
-//! defaults above the whole bench took 46 s on this 2-core machine with other builds running
-//! (it must stay under 6 minutes); `BENCH_N=5000 BENCH_N_PY=2000 BENCH_N_LATENCY=500` is a quick
-//! smoke run.
+//! second for a Python child, too short for a per-round ratio on a shared machine; so were
+//! 100,000 and 30,000 (eight runs of 100,000 tasks through the supervisor ranged 215-290k
+//! tasks/s, of 400,000 230-256k). At the defaults above the whole bench takes 67-72 s on
+//! this 2-core machine (it must stay under 6 minutes); `BENCH_N=5000 BENCH_N_PY=2000
+//! BENCH_N_LATENCY=500` is a quick smoke run.
 
 #[path = "common/daemon.rs"]
 #[allow(dead_code)] // each bench uses its own part
