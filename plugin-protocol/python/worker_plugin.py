@@ -95,6 +95,10 @@ _OUTPUT_STREAMS = (("stdout", "info"), ("stderr", "info"))
 _OUTPUT_PIECE = 64 * 1024
 """The most characters one output line or partial line is sent as: longer goes out in pieces."""
 _DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+# Bytes queued behind a write under way before a task thread that writes more waits for it
+# (the worker stops reading while a task's caller is slow; tasks are held back, not buffered
+# without end). The reading thread never waits: it must keep reading the worker's requests.
+_PENDING_LIMIT = 1024 * 1024
 
 # One encoder for every line: NaN and Infinity are not JSON, so allow_nan=False fails the task
 # instead of the line.
@@ -695,7 +699,9 @@ class Plugin:
         self._descriptions = {}
         self._out = None
         self._out_lock = threading.Lock()
+        self._out_room = threading.Condition(self._out_lock)
         self._pending = []
+        self._pending_bytes = 0
         self._writing = False
         self._reader = None  # the thread that reads stdin, once run() starts
         self._held = None  # while it handles one read's lines: what it wrote meanwhile
@@ -780,13 +786,18 @@ class Plugin:
         # Whoever finds no write under way writes its own data, then everything queued
         # meanwhile: replies that end together leave in one write, and no thread waits for
         # another's flush. The reader thread may be holding its own back (see run).
+        # A task thread that finds _PENDING_LIMIT queued waits for the writer to take it.
+        reading = threading.get_ident() == self._reader
         held = self._held
-        if held is not None and threading.get_ident() == self._reader:
+        if held is not None and reading:
             held.append(data)
             return
-        with self._out_lock:
+        with self._out_room:
+            while self._writing and self._pending_bytes >= _PENDING_LIMIT and not reading:
+                self._out_room.wait()
             if self._writing:
                 self._pending.append(data)
+                self._pending_bytes += len(data)
                 return
             self._writing = True
         while True:
@@ -797,15 +808,19 @@ class Plugin:
                     while rest:
                         rest = rest[self._out.write(rest):]
             except BaseException:
-                with self._out_lock:
+                with self._out_room:
                     self._writing = False
+                    self._out_room.notify_all()
                 raise
-            with self._out_lock:
+            with self._out_room:
+                if self._pending_bytes >= _PENDING_LIMIT:
+                    self._out_room.notify_all()
                 if not self._pending:
                     self._writing = False
                     return
                 data = b"".join(self._pending)
                 self._pending.clear()
+                self._pending_bytes = 0
 
     def _notify(self, method, params):
         self._send({"method": method, "params": params})

@@ -586,5 +586,57 @@ class LinesReadTest(unittest.TestCase):
         self.assertEqual(list(lines), [])
 
 
+class OutputBoundTest(unittest.TestCase):
+    """What waits behind a write under way (worker_plugin.Plugin._write): a task thread waits
+    once _PENDING_LIMIT bytes are queued; the reading thread never does."""
+
+    def test_a_task_waits_behind_a_stuck_write_and_the_reading_thread_does_not(self):
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+        import worker_plugin
+
+        gate, written = threading.Event(), []
+
+        class StuckStdout:
+            def write(self, data):
+                gate.wait(30)
+                written.append(bytes(data))
+                return len(data)
+
+        plugin = worker_plugin.Plugin("bound", "1.0")
+        plugin._out = StuckStdout()
+        plugin._reader = threading.get_ident()  # this test's thread reads
+        chunk = b"x" * (64 * 1024 - 1) + b"\n"
+        per_limit = worker_plugin._PENDING_LIMIT // len(chunk)
+        sent = threading.Semaphore(0)
+
+        def task():
+            for _ in range(3 * per_limit):
+                plugin._write(chunk)
+                sent.release()
+
+        first = threading.Thread(target=plugin._write, args=(b"first\n",), daemon=True)
+        first.start()  # the write under way, stuck
+        deadline = time.monotonic() + 10
+        while not plugin._writing and time.monotonic() < deadline:
+            time.sleep(0.001)
+        self.assertTrue(plugin._writing, "the first write is under way")
+        streaming = threading.Thread(target=task, daemon=True)
+        streaming.start()
+        for _ in range(per_limit):
+            self.assertTrue(sent.acquire(timeout=10), "queued up to the limit")
+        self.assertFalse(sent.acquire(timeout=0.2), "the task waits for room")
+        self.assertEqual(plugin._pending_bytes, per_limit * len(chunk))
+        plugin._write(b"ping answer\n")  # the reading thread: in at once, full or not
+        gate.set()
+        streaming.join(30)
+        first.join(30)
+        self.assertFalse(streaming.is_alive())
+        out = b"".join(written)
+        self.assertEqual(out.count(chunk), 3 * per_limit)
+        self.assertTrue(out.startswith(b"first\n"))
+        self.assertIn(b"ping answer\n", out)
+        self.assertEqual(plugin._pending_bytes, 0)
+
+
 if __name__ == "__main__":
     unittest.main()
