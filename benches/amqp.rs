@@ -345,6 +345,9 @@ fn contenders(root: &std::path::Path) -> Vec<Contender> {
     vec![
         one("celery prefork -c 2", "bench.noop", celery("prefork", "2")),
         one("celery threads -c 8", "bench.noop", celery("threads", "8")),
+        // Each goal's two contenders run next to each other (the per-message loop, the
+        // worker, the worker with events), so drift within a round barely touches a ratio.
+        one("raw lapin consume-reply-ack", "bench.noop", raw_loop(1)),
         one(
             "worker + rust plugin",
             "rust.noop",
@@ -357,13 +360,12 @@ fn contenders(root: &std::path::Path) -> Vec<Contender> {
             "rust.noop",
             ours(rust_dir.clone(), "rust-events", &["-E"]),
         ),
+        one("raw loop, multiple-ack", "bench.noop", raw_loop(32)),
         one(
             "worker + python SDK plugin",
             "py.noop",
             ours(py_dir, "py", &[]),
         ),
-        one("raw lapin consume-reply-ack", "bench.noop", raw_loop(1)),
-        one("raw loop, multiple-ack", "bench.noop", raw_loop(32)),
         Contender {
             name: "worker + rust, 10 queues",
             task: "rust.noop",
