@@ -112,6 +112,7 @@ impl Contender {
 struct CpuUse {
     per_copy: Vec<(Duration, Duration)>,
     rabbit: Duration,
+    host: procstat::HostCpu,
 }
 
 /// One drain's figures.
@@ -167,6 +168,7 @@ fn cpu_now(pids: &[u32], rabbit: Option<u32>) -> CpuUse {
     CpuUse {
         per_copy: pids.iter().map(|&p| procstat::tree_cpu(p)).collect(),
         rabbit: rabbit.map(procstat::cpu).unwrap_or_default(),
+        host: procstat::HostCpu::now(),
     }
 }
 
@@ -179,6 +181,7 @@ fn cpu_between(a: &CpuUse, b: &CpuUse) -> CpuUse {
             .map(|(x, y)| (y.0.saturating_sub(x.0), y.1.saturating_sub(x.1)))
             .collect(),
         rabbit: b.rabbit.saturating_sub(a.rabbit),
+        host: a.host.until(&b.host),
     }
 }
 
@@ -421,11 +424,15 @@ fn main() {
             let c = selected[i];
             let run = rt.block_on(run_once(c, n));
             match &run.replies {
-                Some(r) => eprintln!(
-                    "round {round}: {:<30} {:>9.0} tasks/s",
-                    c.name,
-                    r.all.rate()
-                ),
+                Some(r) => {
+                    let (own, kids, rabbit) = report::cpu_per_task(&run, n);
+                    eprintln!(
+                        "round {round}: {:<30} {:>9.0} tasks/s; CPU us/t {own:.1} + kids {kids:.1} + rabbit {rabbit:.1}; host {}",
+                        c.name,
+                        r.all.rate(),
+                        run.cpu.host.show()
+                    )
+                }
                 None => eprintln!("round {round}: {:<30} did not finish", c.name),
             }
             samples[i].push(run);

@@ -11,6 +11,11 @@
 //! each pair (baseline and contender) once, in the listed order in odd rounds and in reverse in
 //! even ones, and each goal's ratio is taken round by round; its median and spread
 //! (lowest-highest) are over the rounds, and it is met only when the whole spread clears it.
+//! Within a round the two sides of a pair run in turns, `BENCH_SLICES` slices each (a b b a
+//! ...), both started first: this host's own speed wanders by half for seconds at a time (a
+//! fixed loop of work timed every 40 ms ranged 33-190 ms, p10 35, p90 64, with no steal
+//! time; `docs/src/benchmarks.md`), so one side run whole after the other drew a different
+//! machine.
 //! The other rows (the Rust and Python SDK plugins through the supervisor, a stalled event
 //! subscriber, restart latency, idle RSS) are single runs after the rounds.
 //!
@@ -21,6 +26,7 @@
 //! - `BENCH_N`: tasks per throughput run with a Rust child (default 400,000).
 //! - `BENCH_N_PY`: the same with a Python child (default 100,000).
 //! - `BENCH_N_LATENCY`: one-at-a-time tasks per run, for p50 and p99 (default 5,000).
+//! - `BENCH_SLICES`: the turns each side of a pair takes per round (default 10).
 //! - `BENCH_PROFILE_SUPERVISOR=N`: only the minimal Rust child through the supervisor, N tasks;
 //!   `BENCH_PROFILE_RAW=N` and `BENCH_PROFILE_RAW_ONE_THREAD=N`: only one of its raw-pipe
 //!   baselines; `BENCH_PROFILE_ALONE=N` and
@@ -54,8 +60,7 @@ use rounds::{Unit, Want};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use supervisor_load::{
-    beside, raw_pipe, restart_latency, via_supervisor, Load, Params, Runtimes, Stats, N_RESTARTS,
-    WINDOW,
+    paired, restart_latency, Load, Params, RawOn, Side, Stats, N_RESTARTS, SETTLE, WINDOW,
 };
 
 /// The `task.run` every raw pipe but the throughput goal's baseline sends.
@@ -294,27 +299,50 @@ impl Measure {
         }
     }
 
-    fn run(self, p: &Plugins, sizes: Sizes, rt: &Runtimes) -> Stats {
-        let (rust, py) = (sizes.rust, sizes.python);
+    /// Starts this measurement's side: its plugin, past the handshake.
+    fn start(self, p: &Plugins) -> Side {
+        let raw = |on, m: &Manifest, task| Side::raw(on, m.clone(), task, MINIMAL);
+        let default = RawOn::DefaultRuntime;
         match self {
-            Measure::RawMin => rt.raw(raw_pipe(p.min_rust.clone(), "min.noop", MINIMAL, rust)),
-            Measure::RawMinOneThread => {
-                let params = Params::AsTheWorker;
-                rt.raw_one_thread(raw_pipe(p.min_rust.clone(), "min.noop", params, rust))
-            }
-            Measure::SupMin => rt.worker(via_supervisor(p.min_rust.clone(), "min.noop", rust)),
-            Measure::RawSdk => rt.raw(raw_pipe(p.rust.clone(), "rust.noop", MINIMAL, rust)),
-            Measure::RawMinPy => rt.raw(raw_pipe(p.min_py.clone(), "minpy.noop", MINIMAL, py)),
-            Measure::RawSdkPy => rt.raw(raw_pipe(p.py.clone(), "py.noop", MINIMAL, py)),
-            Measure::Alone => rt.worker(via_supervisor(p.rust.clone(), "rust.noop", rust)),
+            Measure::RawMin => raw(default, &p.min_rust, "min.noop"),
+            Measure::RawMinOneThread => Side::raw(
+                RawOn::OneThread,
+                p.min_rust.clone(),
+                "min.noop",
+                Params::AsTheWorker,
+            ),
+            Measure::SupMin => Side::supervised(p.min_rust.clone(), Vec::new(), "min.noop"),
+            Measure::RawSdk => raw(default, &p.rust, "rust.noop"),
+            Measure::RawMinPy => raw(default, &p.min_py, "minpy.noop"),
+            Measure::RawSdkPy => raw(default, &p.py, "py.noop"),
+            Measure::Alone => Side::supervised(p.rust.clone(), Vec::new(), "rust.noop"),
             Measure::WithLog => {
                 // The log is appended to; each run starts it empty.
                 let _ = std::fs::remove_file(&p.event_log_file);
-                let others = vec![p.event_log.clone()];
-                rt.worker(beside(p.rust.clone(), others, "rust.noop", rust))
+                Side::supervised(p.rust.clone(), vec![p.event_log.clone()], "rust.noop")
             }
         }
     }
+
+    /// The load this measurement runs (a Python child's is smaller).
+    fn load(self, sizes: Sizes) -> Load {
+        match self {
+            Measure::RawMinPy | Measure::RawSdkPy => sizes.python,
+            _ => sizes.rust,
+        }
+    }
+}
+
+/// The pairs a round measures, baseline first: each goal's two sides run in turns.
+const PAIRS: [(Measure, Measure); 4] = [
+    (Measure::RawMinOneThread, Measure::SupMin),
+    (Measure::RawMin, Measure::RawSdk),
+    (Measure::RawMinPy, Measure::RawSdkPy),
+    (Measure::Alone, Measure::WithLog),
+];
+
+fn slices() -> usize {
+    env_or("BENCH_SLICES", 10)
 }
 
 /// One round's figures, one per [`Measure`].
@@ -326,21 +354,33 @@ impl Round {
     }
 }
 
-/// Runs `rounds` rounds, printing each measurement as it ends (to stderr).
-fn run_rounds(p: &Plugins, sizes: Sizes, rounds: usize, rt: &Runtimes) -> Vec<Round> {
+/// Runs `rounds` rounds, printing each measurement as its pair ends (to stderr).
+fn run_rounds(p: &Plugins, sizes: Sizes, rounds: usize) -> Vec<Round> {
     let mut all = Vec::with_capacity(rounds);
     for round in 1..=rounds {
         let mut got = [None; Measure::ALL.len()];
-        for m in rounds::in_order(round, &Measure::ALL) {
-            let s = m.run(p, sizes, rt);
+        for (base, contender) in rounds::in_order(round, &PAIRS) {
+            let host = procstat::HostCpu::now();
+            let (mut a, mut b) = (base.start(p), contender.start(p));
+            let load = base.load(sizes);
+            let (sa, sb, settled) = paired(&mut a, &mut b, load, slices(), round % 2 == 0);
+            a.stop();
+            b.stop();
+            let host = host.until(&procstat::HostCpu::now()).show();
             eprintln!(
-                "round {round}: {:<40} {:>9.0}/s   p50 {:>8.1?}   p99 {:>8.1?}",
-                m.label(),
-                s.per_sec,
-                s.p50,
-                s.p99
+                "round {round}: between the {} turns: {:.1?} waiting for the side to go quiet, {} still running after {SETTLE:?}",
+                settled.turns, settled.total, settled.timed_out
             );
-            got[m as usize] = Some(s);
+            for (m, s) in [(base, sa), (contender, sb)] {
+                eprintln!(
+                    "round {round}: {:<40} {:>9.0}/s   p50 {:>8.1?}   p99 {:>8.1?}   host {host}",
+                    m.label(),
+                    s.per_sec,
+                    s.p50,
+                    s.p99,
+                );
+                got[m as usize] = Some(s);
+            }
         }
         all.push(Round(got.map(|s| s.expect("a round runs every measure"))));
     }
@@ -425,25 +465,26 @@ fn report(all: &[Round], sizes: Sizes) {
 }
 
 /// The rows measured once, after the rounds: each against a baseline run just before it.
-fn single_runs(p: &Plugins, sizes: Sizes, rt: &Runtimes) {
+fn single_runs(p: &Plugins, sizes: Sizes) {
     println!("\nsingle runs (not in rounds; one run each, the baseline just before its contender), window {WINDOW} in flight:");
     let (rust, py) = (sizes.rust, sizes.python);
-    let raw_rust = rt.raw(raw_pipe(p.rust.clone(), "rust.noop", MINIMAL, rust));
-    let sup_rust = rt.worker(via_supervisor(p.rust.clone(), "rust.noop", rust));
+    let default = RawOn::DefaultRuntime;
+    let raw_rust = Side::raw(default, p.rust.clone(), "rust.noop", MINIMAL).measure(rust);
+    let sup_rust = Side::supervised(p.rust.clone(), Vec::new(), "rust.noop").measure(rust);
     row("rust plugin, raw pipe (baseline)", &raw_rust, &raw_rust);
     row("rust plugin, via supervisor", &sup_rust, &raw_rust);
-    let raw_py = rt.raw(raw_pipe(p.py.clone(), "py.noop", MINIMAL, py));
-    let sup_py = rt.worker(via_supervisor(p.py.clone(), "py.noop", py));
+    let raw_py = Side::raw(default, p.py.clone(), "py.noop", MINIMAL).measure(py);
+    let sup_py = Side::supervised(p.py.clone(), Vec::new(), "py.noop").measure(py);
     row("python SDK, raw pipe (baseline)", &raw_py, &raw_py);
     row("python SDK, via supervisor", &sup_py, &raw_py);
-    let alone = rt.worker(via_supervisor(p.rust.clone(), "rust.noop", rust));
+    let alone = Side::supervised(p.rust.clone(), Vec::new(), "rust.noop").measure(rust);
     let others = vec![p.stalled.clone()];
-    let with_stalled = rt.worker(beside(p.rust.clone(), others, "rust.noop", rust));
+    let with_stalled = Side::supervised(p.rust.clone(), others, "rust.noop").measure(rust);
     row("rust plugin, no subscriber (baseline)", &alone, &alone);
     row("+ a subscriber that stopped reading", &with_stalled, &alone);
-    let (p50, p99) = rt.worker(restart_latency(p.rust.clone()));
+    let (p50, p99) = restart_latency(p.rust.clone());
     println!("restart latency, rust plugin (SIGKILL -> ready, {N_RESTARTS} runs): p50 {p50:.1?}, p99 {p99:.1?}");
-    let (p50, p99) = rt.worker(restart_latency(p.py.clone()));
+    let (p50, p99) = restart_latency(p.py.clone());
     println!("restart latency, python SDK  (SIGKILL -> ready, {N_RESTARTS} runs): p50 {p50:.1?}, p99 {p99:.1?}");
 }
 
@@ -452,7 +493,6 @@ fn main() {
         return minimal::child();
     }
     let _idle = idle::hold();
-    let rt = Runtimes::new();
     let root = tempfile::tempdir().unwrap();
     // Apart from `root`, whose plugins the idle RSS measurement installs.
     let minimal_root = tempfile::tempdir().unwrap();
@@ -474,14 +514,7 @@ fn main() {
             tasks: n,
             ..sizes.rust
         };
-        let s = m.run(
-            &plugins,
-            Sizes {
-                rust: load,
-                python: load,
-            },
-            &rt,
-        );
+        let s = m.start(&plugins).measure(load);
         println!("{}: {:.0}/s, p50 {:.1?}", m.label(), s.per_sec, s.p50);
         if m == Measure::WithLog {
             let logged = std::fs::read(&plugins.event_log_file).unwrap_or_default();
@@ -492,9 +525,9 @@ fn main() {
     }
     let rounds = rounds::from_env();
     println!("{rounds} interleaved rounds: minimal children (no SDK) and the SDK plugins over a raw pipe and through the supervisor, and the rust plugin beside an event-log subscriber of every task.* and instance.* event");
-    let all = run_rounds(&plugins, sizes, rounds, &rt);
+    let all = run_rounds(&plugins, sizes, rounds);
     report(&all, sizes);
-    single_runs(&plugins, sizes, &rt);
+    single_runs(&plugins, sizes);
     match idle_rss_kib(root.path()) {
         Some(kib) => println!(
             "worker serve idle RSS with both plugins running: {:.1} MiB",

@@ -20,7 +20,7 @@ fn rate(r: &Run) -> f64 {
 }
 
 /// CPU µs per task of (the contender's processes, their children, RabbitMQ).
-fn cpu_per_task(run: &Run, n: usize) -> (f64, f64, f64) {
+pub fn cpu_per_task(run: &Run, n: usize) -> (f64, f64, f64) {
     let per = |d: std::time::Duration| d.as_secs_f64() * 1e6 / (n.max(2) - 1) as f64;
     let main = run.cpu.per_copy.iter().map(|c| c.0).sum();
     let children = run.cpu.per_copy.iter().map(|c| c.1).sum();

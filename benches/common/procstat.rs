@@ -70,6 +70,21 @@ pub fn tree_cpu(pid: u32) -> (Duration, Duration) {
     (cpu(pid), children)
 }
 
+/// Whether any thread of `pid` is running or waiting for a CPU (state `R`); false once it is
+/// gone.
+pub fn running(pid: u32) -> bool {
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    threads.into_iter().any(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('R'))
+        })
+    })
+}
+
 /// The first process whose command name is `comm` (e.g. RabbitMQ's `beam.smp`).
 pub fn find_process(comm: &str) -> Option<u32> {
     std::fs::read_dir("/proc")
@@ -92,4 +107,54 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The whole host's CPU time so far, in clock ticks, from the first line of `/proc/stat`:
+/// what its CPUs spent busy, idle, and stolen by the hypervisor (time a virtual CPU wanted to
+/// run and the host ran something else: on a VM, the noise no process here can see).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostCpu {
+    pub busy: u64,
+    pub idle: u64,
+    pub steal: u64,
+}
+
+impl HostCpu {
+    pub fn now() -> HostCpu {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let f: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let at = |i: usize| f.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal
+        HostCpu {
+            busy: at(0) + at(1) + at(2) + at(5) + at(6),
+            idle: at(3) + at(4),
+            steal: at(7),
+        }
+    }
+
+    /// What was spent between `self` and `later`.
+    pub fn until(&self, later: &HostCpu) -> HostCpu {
+        HostCpu {
+            busy: later.busy.saturating_sub(self.busy),
+            idle: later.idle.saturating_sub(self.idle),
+            steal: later.steal.saturating_sub(self.steal),
+        }
+    }
+
+    /// `idle 3% steal 1%` of all the CPU time in the window.
+    pub fn show(&self) -> String {
+        let all = (self.busy + self.idle + self.steal).max(1) as f64;
+        format!(
+            "idle {:.0}% steal {:.0}%",
+            100.0 * self.idle as f64 / all,
+            100.0 * self.steal as f64 / all
+        )
+    }
 }

@@ -1,12 +1,12 @@
 //! The supervisor bench's two ways to run no-op tasks on a plugin: over a raw pipe (the bench
 //! writes the plugin's stdin and reads its stdout itself, the baseline) and through the
 //! dispatcher and supervisor, each as WINDOW in flight (throughput) then one at a time
-//! (latency); and the restart latency after a SIGKILL. What it measures, never what it means:
-//! the rounds and the goals are `supervisor.rs`'s.
+//! (latency), alone or paired with another side in alternating slices; and the restart latency
+//! after a SIGKILL. What it measures, never what it means: the rounds and the goals are
+//! `supervisor.rs`'s.
 
 use plugin_protocol::{Frame, LineDecoder, Message};
 use serde_json::json;
-use std::future::Future;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -43,45 +43,253 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Where each side runs. The raw pipe as it always ran, its loop on the bench's main thread and
-/// its reader on tokio's default runtime (a thread per core): a baseline comparable across
+/// Where a side runs. The raw pipe as it always ran, its loop on the bench's main thread and its
+/// reader on tokio's default runtime (a thread per core): a baseline comparable across
 /// sessions. The raw pipe again on one thread (tokio's current-thread scheduler, as the worker
 /// runs by default): no hand-off between threads, the fastest this driver goes, so the child
 /// and not the driver sets its rate. The supervisor on the worker's own runtime, built as
-/// `worker serve` builds it, the measurement a spawned task as the daemon's sources are.
-pub struct Runtimes {
-    raw: tokio::runtime::Runtime,
-    raw_one_thread: tokio::runtime::Runtime,
-    worker: tokio::runtime::Runtime,
+/// `worker serve` builds it, its load driven from spawned tasks as the daemon's sources are.
+/// Each side has a runtime of its own: while the other side of a pair runs, a current-thread
+/// runtime is not polled at all, so a paused side does no work.
+#[derive(Debug, Clone, Copy)]
+pub enum RawOn {
+    DefaultRuntime,
+    OneThread,
 }
 
-impl Runtimes {
-    pub fn new() -> Runtimes {
-        let threads = worker::config::Config::default().runtime_threads;
-        Runtimes {
-            raw: tokio::runtime::Runtime::new().unwrap(),
-            raw_one_thread: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-            worker: worker::runtime::build(threads).unwrap(),
+fn runtime(on: Option<RawOn>) -> tokio::runtime::Runtime {
+    match on {
+        Some(RawOn::DefaultRuntime) => tokio::runtime::Runtime::new().unwrap(),
+        Some(RawOn::OneThread) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+        None => worker::runtime::build(worker::config::Config::default().runtime_threads).unwrap(),
+    }
+}
+
+/// One side of a measurement: a plugin started once, then driven for as many slices of tasks
+/// as asked, on its own runtime.
+pub struct Side {
+    rt: tokio::runtime::Runtime,
+    driver: Driver,
+    /// The processes it started (the plugins and their children).
+    pids: Vec<u32>,
+}
+
+enum Driver {
+    Raw {
+        pipe: Box<Pipe>,
+        request: Box<dyn Fn(usize) -> Vec<u8>>,
+        /// The next request's id.
+        next: usize,
+    },
+    Supervised {
+        supervisor: Arc<Supervisor>,
+        dispatcher: Arc<Dispatcher>,
+        task: &'static str,
+    },
+}
+
+impl Side {
+    /// `m`'s command driven over its pipes by the bench.
+    pub fn raw(on: RawOn, m: Manifest, task: &'static str, params: Params) -> Side {
+        let rt = runtime(Some(on));
+        let before = children();
+        let pipe = Box::new(rt.block_on(Pipe::start(&m)));
+        let request = task_runs(task, params);
+        Side {
+            rt,
+            driver: Driver::Raw {
+                pipe,
+                request,
+                next: 1,
+            },
+            pids: started_since(&before),
         }
     }
 
-    /// Runs a raw-pipe measurement to its end.
-    pub fn raw<T>(&self, f: impl Future<Output = T>) -> T {
-        self.raw.block_on(f)
+    /// `m` (with `others` beside it, e.g. event subscribers) under the supervisor, its tasks
+    /// submitted through the dispatcher.
+    pub fn supervised(m: Manifest, others: Vec<Manifest>, task: &'static str) -> Side {
+        let rt = runtime(None);
+        let before = children();
+        let plugins = std::iter::once(m).chain(others).collect();
+        let (supervisor, dispatcher) = rt.block_on(async {
+            let supervisor = Arc::new(Supervisor::start(plugins, options()));
+            let dispatcher = Arc::new(Dispatcher::new(supervisor.clone()));
+            assert!(supervisor
+                .wait_ready(Duration::from_secs(20))
+                .await
+                .is_empty());
+            (supervisor, dispatcher)
+        });
+        Side {
+            rt,
+            driver: Driver::Supervised {
+                supervisor,
+                dispatcher,
+                task,
+            },
+            pids: started_since(&before),
+        }
     }
 
-    /// Runs a raw-pipe measurement to its end on one thread.
-    pub fn raw_one_thread<T>(&self, f: impl Future<Output = T>) -> T {
-        self.raw_one_thread.block_on(f)
+    /// Runs `n` tasks with WINDOW in flight; how long they took.
+    pub fn throughput(&mut self, n: usize) -> Duration {
+        match &mut self.driver {
+            Driver::Raw {
+                pipe,
+                request,
+                next,
+            } => {
+                let first = *next;
+                *next += n;
+                self.rt.block_on(raw_throughput(pipe, request, first, n))
+            }
+            Driver::Supervised {
+                dispatcher, task, ..
+            } => self
+                .rt
+                .block_on(supervised_throughput(dispatcher.clone(), task, n)),
+        }
     }
 
-    /// Runs a measurement through the worker to its end.
-    pub fn worker<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
-        let spawned = async { tokio::spawn(f).await.expect("a measurement panicked") };
-        self.worker.block_on(spawned)
+    /// Runs `n` tasks one at a time; each one's latency.
+    pub fn latencies(&mut self, n: usize) -> Vec<Duration> {
+        match &mut self.driver {
+            Driver::Raw {
+                pipe,
+                request,
+                next,
+            } => {
+                let first = *next;
+                *next += n;
+                self.rt.block_on(raw_latencies(pipe, request, first, n))
+            }
+            Driver::Supervised {
+                dispatcher, task, ..
+            } => self
+                .rt
+                .block_on(supervised_latencies(dispatcher.clone(), task, n)),
+        }
+    }
+
+    /// Waits (up to [`SETTLE`]) until none of its processes' threads is running or waiting
+    /// for a CPU: what a turn left behind (an event subscriber's backlog, say) is done before
+    /// the other side's turn starts, and is not charged to it.
+    /// Returns how long that took, and whether it ran out of time.
+    pub fn settle(&self) -> (Duration, bool) {
+        let start = Instant::now();
+        while self.pids.iter().any(|&p| super::procstat::running(p)) {
+            if start.elapsed() >= SETTLE {
+                return (start.elapsed(), true);
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        (start.elapsed(), false)
+    }
+
+    pub fn stop(self) {
+        match self.driver {
+            Driver::Raw { pipe, .. } => self.rt.block_on((*pipe).stop()),
+            Driver::Supervised { supervisor, .. } => self.rt.block_on(supervisor.stop(None)),
+        }
+    }
+
+    /// One whole measurement: `load.tasks` with WINDOW in flight, then `load.latency` one at a
+    /// time; then the side is stopped.
+    pub fn measure(mut self, load: Load) -> Stats {
+        let took = self.throughput(load.tasks);
+        let mut lat = self.latencies(load.latency);
+        self.stop();
+        Stats::of(load.tasks, took, &mut lat)
+    }
+}
+
+impl Stats {
+    fn of(tasks: usize, took: Duration, lat: &mut [Duration]) -> Stats {
+        lat.sort();
+        Stats {
+            per_sec: tasks as f64 / took.as_secs_f64(),
+            p50: percentile(lat, 0.5),
+            p99: percentile(lat, 0.99),
+        }
+    }
+}
+
+/// The longest a side's processes are waited for to go quiet after its turn.
+pub const SETTLE: Duration = Duration::from_millis(500);
+
+/// This process's descendants now.
+fn children() -> Vec<u32> {
+    super::procstat::descendants(std::process::id())
+}
+
+/// Descendants of this process that were not among `before`.
+fn started_since(before: &[u32]) -> Vec<u32> {
+    children()
+        .into_iter()
+        .filter(|c| !before.contains(c))
+        .collect()
+}
+
+/// Measures `a` and `b` in turns: `slices` slices of a `load`'s tasks each (and of its
+/// latency runs), alternating which goes first (`a b b a a b ...`, starting with `b` when
+/// `b_first`), so that a change in the machine's speed lasting longer than a slice hits both
+/// alike. Each side's rate is its tasks over the time its own slices took; after each turn
+/// the side's processes are let go quiet ([`Side::settle`]) before the other's turn.
+pub fn paired(
+    a: &mut Side,
+    b: &mut Side,
+    load: Load,
+    slices: usize,
+    b_first: bool,
+) -> (Stats, Stats, Settled) {
+    let slices = slices.clamp(1, load.tasks.min(load.latency).max(1));
+    let mut took = [Duration::ZERO; 2];
+    let mut lat: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    let mut settled = Settled::default();
+    for s in 0..slices {
+        let part = |total: usize| total / slices + usize::from(s < total % slices);
+        let order = if (s % 2 == 1) != b_first {
+            [1, 0]
+        } else {
+            [0, 1]
+        };
+        for i in order {
+            let side = if i == 0 { &mut *a } else { &mut *b };
+            took[i] += side.throughput(part(load.tasks));
+            settled.add(side.settle());
+        }
+        for i in order {
+            let side = if i == 0 { &mut *a } else { &mut *b };
+            lat[i].extend(side.latencies(part(load.latency)));
+            settled.add(side.settle());
+        }
+    }
+    let [la, lb] = &mut lat;
+    (
+        Stats::of(load.tasks, took[0], la),
+        Stats::of(load.tasks, took[1], lb),
+        settled,
+    )
+}
+
+/// What the waits between turns took ([`Side::settle`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Settled {
+    pub turns: usize,
+    pub total: Duration,
+    /// Turns after which a side was still running when the wait ran out.
+    pub timed_out: usize,
+}
+
+impl Settled {
+    fn add(&mut self, (took, timed_out): (Duration, bool)) {
+        self.turns += 1;
+        self.total += took;
+        self.timed_out += usize::from(timed_out);
     }
 }
 
@@ -208,41 +416,44 @@ fn worker_params(task: &str) -> (String, String) {
     (before.to_string(), after.to_string())
 }
 
-/// Drives the plugin process directly: handshake, then `task.run` requests over the pipe.
-pub async fn raw_pipe(m: Manifest, task: &'static str, params: Params, load: Load) -> Stats {
-    let n = load.tasks;
-    let mut pipe = Pipe::start(&m).await;
-    let request = task_runs(task, params);
-    // Throughput: keep WINDOW requests in flight.
+/// `n` requests from id `first` over the pipe, WINDOW in flight; how long until the last answer.
+async fn raw_throughput(
+    pipe: &mut Pipe,
+    request: &dyn Fn(usize) -> Vec<u8>,
+    first: usize,
+    n: usize,
+) -> Duration {
     let start = Instant::now();
     let mut sent = 0;
     let mut done = 0;
     while done < n {
         while sent < n && sent - done < WINDOW {
-            pipe.stdin.write_all(&request(sent + 1)).await.unwrap();
+            pipe.stdin.write_all(&request(first + sent)).await.unwrap();
             sent += 1;
         }
         pipe.stdin.flush().await.unwrap();
         pipe.responses.recv().await.unwrap();
         done += 1;
     }
-    let per_sec = n as f64 / start.elapsed().as_secs_f64();
-    // Latency: one request at a time.
-    let mut lat = Vec::with_capacity(load.latency);
-    for i in 0..load.latency {
+    start.elapsed()
+}
+
+/// `n` requests from id `first`, one at a time; each one's latency.
+async fn raw_latencies(
+    pipe: &mut Pipe,
+    request: &dyn Fn(usize) -> Vec<u8>,
+    first: usize,
+    n: usize,
+) -> Vec<Duration> {
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
         let t = Instant::now();
-        pipe.stdin.write_all(&request(n + 1 + i)).await.unwrap();
+        pipe.stdin.write_all(&request(first + i)).await.unwrap();
         pipe.stdin.flush().await.unwrap();
         let end = pipe.responses.recv().await.unwrap();
         lat.push(end - t);
     }
-    lat.sort();
-    pipe.stop().await;
-    Stats {
-        per_sec,
-        p50: percentile(&lat, 0.5),
-        p99: percentile(&lat, 0.99),
-    }
+    lat
 }
 
 fn options() -> PoolOptions {
@@ -258,26 +469,13 @@ fn options() -> PoolOptions {
     }
 }
 
-/// The same work submitted through the dispatcher and supervisor.
-pub async fn via_supervisor(m: Manifest, task: &'static str, load: Load) -> Stats {
-    beside(m, Vec::new(), task, load).await
-}
-
-/// The same, with other plugins running beside it (event subscribers).
-pub async fn beside(m: Manifest, others: Vec<Manifest>, task: &'static str, load: Load) -> Stats {
-    let n = load.tasks;
-    let plugins = std::iter::once(m).chain(others).collect();
-    let supervisor = Arc::new(Supervisor::start(plugins, options()));
-    let dispatcher = Arc::new(Dispatcher::new(supervisor.clone()));
-    assert!(supervisor
-        .wait_ready(Duration::from_secs(20))
-        .await
-        .is_empty());
+/// `n` tasks through the dispatcher from WINDOW spawned submitters; how long they took.
+async fn supervised_throughput(d: Arc<Dispatcher>, task: &'static str, n: usize) -> Duration {
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..WINDOW {
-        let (d, next) = (dispatcher.clone(), next.clone());
+        let (d, next) = (d.clone(), next.clone());
         workers.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < n {
                 let outcome = d
@@ -291,28 +489,34 @@ pub async fn beside(m: Manifest, others: Vec<Manifest>, task: &'static str, load
     for w in workers {
         w.await.unwrap();
     }
-    let per_sec = n as f64 / start.elapsed().as_secs_f64();
-    let mut lat = Vec::with_capacity(load.latency);
-    for _ in 0..load.latency {
-        let t = Instant::now();
-        let outcome = dispatcher
-            .submit(TaskRequest::new(task, vec![], Default::default()))
-            .outcome(|_| {})
-            .await;
-        lat.push(t.elapsed());
-        assert!(outcome.is_success());
-    }
-    lat.sort();
-    supervisor.stop(None).await;
-    Stats {
-        per_sec,
-        p50: percentile(&lat, 0.5),
-        p99: percentile(&lat, 0.99),
-    }
+    start.elapsed()
+}
+
+/// `n` tasks one at a time from a spawned submitter; each one's latency.
+async fn supervised_latencies(d: Arc<Dispatcher>, task: &'static str, n: usize) -> Vec<Duration> {
+    let submitter = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let outcome = d
+                .submit(TaskRequest::new(task, vec![], Default::default()))
+                .outcome(|_| {})
+                .await;
+            lat.push(t.elapsed());
+            assert!(outcome.is_success());
+        }
+        lat
+    });
+    submitter.await.expect("a measurement panicked")
 }
 
 /// SIGKILL the instance, time until the pool reports it ready again.
-pub async fn restart_latency(m: Manifest) -> (Duration, Duration) {
+pub fn restart_latency(m: Manifest) -> (Duration, Duration) {
+    let rt = runtime(None);
+    rt.block_on(async { tokio::spawn(restart_times(m)).await.unwrap() })
+}
+
+async fn restart_times(m: Manifest) -> (Duration, Duration) {
     let supervisor = Supervisor::start(vec![m.clone()], options());
     assert!(supervisor
         .wait_ready(Duration::from_secs(20))
