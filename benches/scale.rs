@@ -8,9 +8,10 @@
 //!   p99 latency while another plugin is replaced by a reload, against the same without it.
 //! - One plugin, one instance, concurrency 1: N tasks submitted at once, the RSS growth per
 //!   queued task and the drain rate, which should stay flat as N grows. N = 1k and 100k in
-//!   interleaved rounds (`benches/common/rounds.rs`; the order flipped every round), for the
-//!   goal: drain rate with 100k queued / with 1k >= 0.8x, taken round by round and met only
-//!   when the whole spread (lowest-highest) clears it; then N = 10k once. Before each drain
+//!   rounds (`benches/common/rounds.rs`), each round 20 drains of 1k, half before its drain of
+//!   100k and half after, for the goal: drain rate with 100k queued / with 1k >= 0.8x, taken
+//!   round by round and met only when the whole spread (lowest-highest) clears it; then
+//!   N = 10k once. Before each drain
 //!   the allocator hands its free memory back (jemalloc's `arena.<all>.purge`), so a run's
 //!   RSS growth is its own, not a larger run's leftovers reused.
 //! - The real daemon: `worker serve` (release build, no broker) with the same 50 plugins x 2
@@ -194,11 +195,24 @@ struct Queue {
 #[derive(Debug, Clone, Copy)]
 struct Drain {
     n: usize,
+    /// Tasks drained in all (n times the drains taken together).
+    tasks: usize,
     per_sec: f64,
     rss_kib: u64,
 }
 
 impl Drain {
+    /// Two sets of drains of the same size taken together (their rates weighted by time).
+    fn with(&self, other: &Drain) -> Drain {
+        let (a, b) = (self.tasks as f64, other.tasks as f64);
+        Drain {
+            n: self.n,
+            tasks: self.tasks + other.tasks,
+            per_sec: (a + b) / (a / self.per_sec + b / other.per_sec),
+            rss_kib: self.rss_kib.max(other.rss_kib),
+        }
+    }
+
     fn kib_per_task(&self) -> f64 {
         self.rss_kib as f64 / self.n as f64
     }
@@ -225,12 +239,13 @@ impl Queue {
         let (mut tasks, mut secs, mut rss_kib) = (0, 0.0, 0);
         for _ in 0..times {
             let d = self.drain(n).await;
-            tasks += d.n;
-            secs += d.n as f64 / d.per_sec;
+            tasks += d.tasks;
+            secs += d.tasks as f64 / d.per_sec;
             rss_kib = rss_kib.max(d.rss_kib);
         }
         Drain {
             n,
+            tasks,
             per_sec: tasks as f64 / secs,
             rss_kib,
         }
@@ -269,6 +284,7 @@ impl Queue {
         }
         Drain {
             n,
+            tasks: n,
             per_sec: n as f64 / resumed.elapsed().as_secs_f64(),
             rss_kib: peak.saturating_sub(before),
         }
@@ -281,6 +297,8 @@ async fn queued(root: &Path) {
     const SMALL: usize = 1_000;
     const MIDDLE: usize = 10_000;
     const LARGE: usize = 100_000;
+    /// Drains of SMALL per round: 20,000 tasks, about a third of a second.
+    const SMALL_DRAINS: usize = 20;
     let m = without_pings(plugin(root, "queue", "1", 1, 1));
     let supervisor = Arc::new(Supervisor::start(vec![m], options()));
     assert!(supervisor
@@ -303,18 +321,22 @@ async fn queued(root: &Path) {
         return;
     }
     let rounds = rounds::from_env();
-    println!("one instance, concurrency 1, N tasks submitted at once in-process, queued while the plugin is stopped; {rounds} interleaved rounds of N = {SMALL} and {LARGE} (the order flipped every round):");
+    println!("one instance, concurrency 1, N tasks submitted at once in-process, queued while the plugin is stopped; {rounds} rounds of {SMALL_DRAINS} drains of N = {SMALL}, half before one of N = {LARGE} and half after it:");
     let mut drains: Vec<(Drain, Drain)> = Vec::with_capacity(rounds);
     for round in 1..=rounds {
-        let (mut small, mut large) = (None, None);
-        for n in rounds::in_order(round, &[SMALL, LARGE]) {
-            // One drain each: a drain right after another of 1,000 runs 2-5x faster (its
-            // memory is warm), which is not what a queue of 1,000 costs.
-            let d = queue.drain(n).await;
-            d.print(&format!("round {round}"));
-            *if n == SMALL { &mut small } else { &mut large } = Some(d);
-        }
-        drains.push((small.unwrap(), large.unwrap()));
+        // A drain of 1,000 takes about 16 ms, and this host's speed wanders by half for
+        // longer than that (`BENCH_PROFILE_HOST` in the supervisor bench): one such drain drew
+        // 46k-90k tasks/s from round to round. So each round drains 1,000 queued tasks
+        // SMALL_DRAINS times, half before the large drain and half after it, and takes their
+        // tasks over their summed times (the queue refilled and the memory released before
+        // each, as for the large one).
+        let before = queue.drains(SMALL, SMALL_DRAINS / 2).await;
+        let large = queue.drain(LARGE).await;
+        let after = queue.drains(SMALL, SMALL_DRAINS - SMALL_DRAINS / 2).await;
+        let small = before.with(&after);
+        small.print(&format!("round {round}, {SMALL_DRAINS} drains"));
+        large.print(&format!("round {round}"));
+        drains.push((small, large));
     }
     queue.drain(MIDDLE).await.print("single run");
     supervisor.stop(None).await;

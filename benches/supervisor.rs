@@ -13,9 +13,9 @@
 //! (lowest-highest) are over the rounds, and it is met only when the whole spread clears it.
 //! Within a round the two sides of a pair run in turns, `BENCH_SLICES` slices each (a b b a
 //! ...), both started first: this host's own speed wanders by half for seconds at a time (a
-//! fixed loop of work timed every 40 ms ranged 33-190 ms, p10 35, p90 64, with no steal
-//! time; `docs/src/benchmarks.md`), so one side run whole after the other drew a different
-//! machine.
+//! fixed piece of work timed over and over, `BENCH_PROFILE_HOST`, took 33-190 ms, p10 35, p90
+//! 64, with no steal time; `docs/src/benchmarks.md`), so one side run whole after the other
+//! drew a different machine.
 //! The other rows (the Rust and Python SDK plugins through the supervisor, a stalled event
 //! subscriber, restart latency, idle RSS) are single runs after the rounds.
 //!
@@ -32,6 +32,8 @@
 //!   baselines; `BENCH_PROFILE_ALONE=N` and
 //!   `BENCH_PROFILE_EVENTS=N`: only the Rust SDK plugin through the supervisor, alone or beside
 //!   the event-log subscriber.
+//! - `BENCH_PROFILE_HOST=N`: only time N chunks of the same work on one thread (about 35 ms
+//!   each here) and print their spread: how steady the machine itself is just now.
 //!
 //! The single-run bench this replaced pushed 50,000 and 10,000 tasks per run: a tenth of a
 //! second for a Python child, too short for a per-round ratio on a shared machine; so were
@@ -43,6 +45,8 @@
 #[path = "common/daemon.rs"]
 #[allow(dead_code)] // each bench uses its own part
 mod daemon;
+#[path = "common/drift.rs"]
+mod drift;
 #[path = "common/idle.rs"]
 mod idle;
 #[path = "common/minimal.rs"]
@@ -498,6 +502,13 @@ fn main() {
     let minimal_root = tempfile::tempdir().unwrap();
     let plugins = Plugins::create(root.path(), minimal_root.path());
     let sizes = Sizes::from_env();
+    // BENCH_PROFILE_HOST=N: how steady the host is, N chunks of the same work (no plugin).
+    if let Some(n) = std::env::var("BENCH_PROFILE_HOST")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        return drift::report(&drift::probe(n));
+    }
     // BENCH_PROFILE_*=N: one measurement alone, N tasks (long enough to attach `perf record -p`
     // to this process, or to count its instructions under callgrind).
     for (knob, m) in [
