@@ -137,26 +137,16 @@ impl Side {
 
     /// Runs `n` tasks with WINDOW in flight; how long they took.
     pub fn throughput(&mut self, n: usize) -> Duration {
-        match &mut self.driver {
-            Driver::Raw {
-                pipe,
-                request,
-                next,
-            } => {
-                let first = *next;
-                *next += n;
-                self.rt.block_on(raw_throughput(pipe, request, first, n))
-            }
-            Driver::Supervised {
-                dispatcher, task, ..
-            } => self
-                .rt
-                .block_on(supervised_throughput(dispatcher.clone(), task, n)),
-        }
+        self.drive(n, false)[0]
     }
 
     /// Runs `n` tasks one at a time; each one's latency.
     pub fn latencies(&mut self, n: usize) -> Vec<Duration> {
+        self.drive(n, true)
+    }
+
+    /// `n` tasks, one at a time (each latency) or WINDOW in flight (the time they all took).
+    fn drive(&mut self, n: usize, one_at_a_time: bool) -> Vec<Duration> {
         match &mut self.driver {
             Driver::Raw {
                 pipe,
@@ -165,13 +155,26 @@ impl Side {
             } => {
                 let first = *next;
                 *next += n;
-                self.rt.block_on(raw_latencies(pipe, request, first, n))
+                self.rt.block_on(async {
+                    if one_at_a_time {
+                        raw_latencies(pipe, request, first, n).await
+                    } else {
+                        vec![raw_throughput(pipe, request, first, n).await]
+                    }
+                })
             }
             Driver::Supervised {
                 dispatcher, task, ..
-            } => self
-                .rt
-                .block_on(supervised_latencies(dispatcher.clone(), task, n)),
+            } => {
+                let (d, task) = (dispatcher.clone(), *task);
+                self.rt.block_on(async move {
+                    if one_at_a_time {
+                        supervised_latencies(d, task, n).await
+                    } else {
+                        vec![supervised_throughput(d, task, n).await]
+                    }
+                })
+            }
         }
     }
 
