@@ -13,9 +13,9 @@
 //! (lowest-highest) are over the rounds, and it is met only when the whole spread clears it.
 //! Within a round the two sides of a pair run in turns, `BENCH_SLICES` slices each (a b b a
 //! ...), both started first: this host's own speed wanders by half for seconds at a time (a
-//! fixed piece of work timed over and over, `BENCH_PROFILE_HOST`, took 33-190 ms, p10 35, p90
-//! 64, with no steal time; `docs/src/benchmarks.md`), so one side run whole after the other
-//! drew a different machine.
+//! fixed piece of work timed over and over, `BENCH_PROFILE_HOST`, took 36-213 ms, p10 37, p90
+//! 67, with at most 1 % steal time; `docs/src/benchmarks.md`), so one side run whole after the
+//! other drew a different machine.
 //! The other rows (the Rust and Python SDK plugins through the supervisor, a stalled event
 //! subscriber, restart latency, idle RSS) are single runs after the rounds.
 //!
