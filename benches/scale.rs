@@ -11,9 +11,9 @@
 //!   rounds (`benches/common/rounds.rs`), each round 20 drains of 1k, half before its drain of
 //!   100k and half after, for the goal: drain rate with 100k queued / with 1k >= 0.8x, taken
 //!   round by round and met only when the whole spread (lowest-highest) clears it; then
-//!   N = 10k once. Before each drain
-//!   the allocator hands its free memory back (jemalloc's `arena.<all>.purge`), so a run's
-//!   RSS growth is its own, not a larger run's leftovers reused.
+//!   N = 10k once. Before each drain the allocator hands its free memory back (jemalloc's
+//!   `arena.<all>.purge`), so a run's RSS growth is its own, not a larger run's leftovers
+//!   reused.
 //! - The real daemon: `worker serve` (release build, no broker) with the same 50 plugins x 2
 //!   installed: time until it tells systemd READY=1 and until all 100 instances are ready,
 //!   and its idle RSS (goal: < 30 MiB).
@@ -202,7 +202,8 @@ struct Drain {
 }
 
 impl Drain {
-    /// Two sets of drains of the same size taken together (their rates weighted by time).
+    /// Two sets of drains of the same size taken together: their tasks over their summed
+    /// times, and the larger growth.
     fn with(&self, other: &Drain) -> Drain {
         let (a, b) = (self.tasks as f64, other.tasks as f64);
         Drain {
@@ -233,22 +234,13 @@ impl Queue {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), s).unwrap();
     }
 
-    /// `times` drains of `n` queued tasks: their tasks over their summed drain times, and the
-    /// largest growth.
+    /// `times` drains (at least one) of `n` queued tasks, taken together ([`Drain::with`]).
     async fn drains(&self, n: usize, times: usize) -> Drain {
-        let (mut tasks, mut secs, mut rss_kib) = (0, 0.0, 0);
-        for _ in 0..times {
-            let d = self.drain(n).await;
-            tasks += d.tasks;
-            secs += d.tasks as f64 / d.per_sec;
-            rss_kib = rss_kib.max(d.rss_kib);
+        let mut all = self.drain(n).await;
+        for _ in 1..times {
+            all = all.with(&self.drain(n).await);
         }
-        Drain {
-            n,
-            tasks,
-            per_sec: tasks as f64 / secs,
-            rss_kib,
-        }
+        all
     }
 
     async fn drain(&self, n: usize) -> Drain {
