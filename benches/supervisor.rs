@@ -16,6 +16,11 @@
 //! fixed piece of work timed over and over, `BENCH_PROFILE_HOST`, took 36-213 ms, p10 37, p90
 //! 67, with at most 1 % steal time; `docs/src/benchmarks.md`), so one side run whole after the
 //! other drew a different machine.
+//! Each round also prints every side's time on a CPU per task of its throughput turns (this
+//! process, which holds the driver and for a supervised side the worker, and each of the side's
+//! processes by name, from `/proc/*/task/*/schedstat`), and the report their medians: where a
+//! ratio's difference goes, e.g. how much the event subscriber took and how much more the
+//! plugin beside it did.
 //! The other rows (the Rust and Python SDK plugins through the supervisor, a stalled event
 //! subscriber, restart latency, idle RSS) are single runs after the rounds.
 //!
@@ -368,6 +373,7 @@ fn run_rounds(p: &Plugins, sizes: Sizes, rounds: usize) -> Vec<Round> {
             let (mut a, mut b) = (base.start(p), contender.start(p));
             let load = base.load(sizes);
             let (sa, sb, settled) = paired(&mut a, &mut b, load, slices(), round % 2 == 0);
+            let cpu = [a.cpu_detail(), b.cpu_detail()];
             a.stop();
             b.stop();
             let host = host.until(&procstat::HostCpu::now()).show();
@@ -375,9 +381,9 @@ fn run_rounds(p: &Plugins, sizes: Sizes, rounds: usize) -> Vec<Round> {
                 "round {round}: between the {} turns: {:.1?} waiting for the side to go quiet, {} still running after {SETTLE:?}",
                 settled.turns, settled.total, settled.timed_out
             );
-            for (m, s) in [(base, sa), (contender, sb)] {
+            for ((m, s), cpu) in [(base, sa), (contender, sb)].into_iter().zip(cpu) {
                 eprintln!(
-                    "round {round}: {:<40} {:>9.0}/s   p50 {:>8.1?}   p99 {:>8.1?}   host {host}",
+                    "round {round}: {:<40} {:>9.0}/s   p50 {:>8.1?}   p99 {:>8.1?}   host {host}; on a CPU, µs per task: {cpu}",
                     m.label(),
                     s.per_sec,
                     s.p50,
@@ -416,6 +422,16 @@ fn report(all: &[Round], sizes: Sizes) {
             rounds::spread(stats().map(|s| s.per_sec), 0),
             rounds::spread(stats().map(|s| micros(s.p50)), 1),
             rounds::spread(stats().map(|s| micros(s.p99)), 1),
+        );
+    }
+    println!("\ntime on a CPU per task of the throughput runs (µs; from schedstat), median (lowest-highest): this process (the driver, and for a supervised side the worker) and the side's own processes (plugins, subscriber):");
+    for m in Measure::ALL {
+        let stats = || all.iter().map(|r| r.get(m));
+        println!(
+            "{:<40} this process {:>20}   its processes {:>20}",
+            m.label(),
+            rounds::spread(stats().map(|s| s.cpu_own), 2),
+            rounds::spread(stats().map(|s| s.cpu_kids), 2),
         );
     }
     rounds::ratio(
@@ -526,7 +542,14 @@ fn main() {
             ..sizes.rust
         };
         let s = m.start(&plugins).measure(load);
-        println!("{}: {:.0}/s, p50 {:.1?}", m.label(), s.per_sec, s.p50);
+        println!(
+            "{}: {:.0}/s, p50 {:.1?}; on a CPU per task: this process {:.2} µs, its processes {:.2} µs",
+            m.label(),
+            s.per_sec,
+            s.p50,
+            s.cpu_own,
+            s.cpu_kids
+        );
         if m == Measure::WithLog {
             let logged = std::fs::read(&plugins.event_log_file).unwrap_or_default();
             let lines = logged.iter().filter(|&&b| b == b'\n').count();

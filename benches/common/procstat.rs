@@ -64,6 +64,76 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100) as f64
 }
 
+/// Time `pid`'s threads alive now have spent on a CPU (from `/proc/<pid>/task/*/schedstat`,
+/// in nanoseconds, where `stat`'s CPU times count 10 ms ticks); 0 once it is gone.
+pub fn on_cpu(pid: u32) -> Duration {
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    let ns: u64 = threads
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+/// Time on a CPU of this process and of some others (by [`on_cpu`]), added up over chosen
+/// stretches, e.g. one side's throughput runs, and the tasks those ran.
+#[derive(Debug)]
+pub struct CpuTally {
+    /// This process first.
+    pids: Vec<u32>,
+    spent: Vec<Duration>,
+    tasks: usize,
+}
+
+impl CpuTally {
+    pub fn new(others: &[u32]) -> CpuTally {
+        let pids: Vec<u32> = std::iter::once(std::process::id())
+            .chain(others.iter().copied())
+            .collect();
+        let spent = vec![Duration::ZERO; pids.len()];
+        CpuTally {
+            pids,
+            spent,
+            tasks: 0,
+        }
+    }
+
+    /// The counters now: a stretch's start, for [`CpuTally::add`].
+    pub fn mark(&self) -> Vec<Duration> {
+        self.pids.iter().map(|&p| on_cpu(p)).collect()
+    }
+
+    /// Adds what was spent since `mark`, over which `tasks` ran.
+    pub fn add(&mut self, mark: Vec<Duration>, tasks: usize) {
+        let now = self.mark();
+        for ((spent, now), then) in self.spent.iter_mut().zip(now).zip(mark) {
+            *spent += now.saturating_sub(then);
+        }
+        self.tasks += tasks;
+    }
+
+    /// µs per task by process: `this process` first, then the others by command name.
+    pub fn per_task(&self) -> Vec<(String, f64)> {
+        let us = |d: &Duration| d.as_secs_f64() * 1e6 / self.tasks.max(1) as f64;
+        let name = |(i, pid): (usize, &u32)| match i {
+            0 => "this process".to_string(),
+            _ => std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map_or_else(|_| format!("pid {pid}"), |c| c.trim_end().to_string()),
+        };
+        self.pids
+            .iter()
+            .enumerate()
+            .map(name)
+            .zip(self.spent.iter().map(us))
+            .collect()
+    }
+}
+
 /// CPU used so far by `pid` itself and by its descendants alive now.
 pub fn tree_cpu(pid: u32) -> (Duration, Duration) {
     let children = descendants(pid).iter().map(|&c| cpu(c)).sum();
