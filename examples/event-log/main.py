@@ -8,6 +8,8 @@ from worker_plugin import Plugin
 
 plugin = Plugin("event-log", "1.0.0")
 _log = None
+# One encoder for every event: `json.dumps` with options builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
 def _open_log():
@@ -23,7 +25,7 @@ def write(event):
     global _log
     if _log is None:
         _log = _open_log()
-    _log.write(json.dumps(event, separators=(",", ":"), sort_keys=True) + "\n")
+    _log.write(_encode(event) + "\n")
 
 
 if __name__ == "__main__":
