@@ -105,7 +105,22 @@ _PENDING_LIMIT = 1024 * 1024
 _dumps = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
 # One decoder for every line read, given text: json.loads would check the type and sniff the
 # encoding of every line first (the protocol is UTF-8; a bad byte is a ValueError like any).
-_loads = json.JSONDecoder().decode
+_decoder = json.JSONDecoder()
+_scan_once = _decoder.scan_once
+
+
+def _loads(text):
+    """The value a line holds, as `_decoder.decode(text)` gives it, but for a line that is one
+    value and nothing else (every line the worker writes) straight from json's C scanner,
+    without decode's Python frames and its two whitespace matches. Anything else (whitespace
+    around the value, a second value, no value) goes to decode, which says what is wrong."""
+    try:
+        value, end = _scan_once(text, 0)
+    except StopIteration:
+        return _decoder.decode(text)
+    if end != len(text):
+        return _decoder.decode(text)
+    return value
 
 
 def current_context():
