@@ -586,6 +586,27 @@ class LinesReadTest(unittest.TestCase):
         self.assertEqual(list(lines), [])
 
 
+class LoadsTest(unittest.TestCase):
+    """How the SDK parses a line (worker_plugin._loads): one whole value straight from json's
+    scanner, anything else through json's decode, so every value and error is decode's."""
+
+    def test_every_line_parses_or_fails_as_json_decode_has_it(self):
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+        import worker_plugin
+
+        def outcome(parse, line):
+            try:
+                return ("value", parse(line))
+            except ValueError as exc:
+                return ("error", type(exc).__name__, str(exc))
+
+        lines = ['{"a":1}', ' {"a":1}', '{"a":1} ', '{"a":1}\r', '{"a":1}{"b":2}', "", "   ",
+                 '{"a":', "nul", "[1,2]", '"x"', '{"a":"\\u00e9"}', "1 2", '{"a":1,"a":2}']
+        for line in lines:
+            self.assertEqual(outcome(worker_plugin._loads, line),
+                             outcome(json.JSONDecoder().decode, line), repr(line))
+
+
 class OutputBoundTest(unittest.TestCase):
     """What waits behind a write under way (worker_plugin.Plugin._write): a task thread waits
     once _PENDING_LIMIT bytes are queued; the reading thread never does."""
