@@ -726,6 +726,7 @@ class Plugin:
         self._pool = None
         self._jobs = 0  # callbacks and stores on the pool, queued or running (under _running_lock)
         self._event_handler = None
+        self._events = None  # the read's events for an `on_events` handler; None for `on_event`
         self._inline = set()  # task names run on the reader thread (@plugin.task(inline=True))
         self._offers_fn = None
         self._offers = None  # the _Offers, once the worker made this plugin a queue backend
@@ -759,6 +760,17 @@ class Plugin:
         reads requests: keep it quick, since while it runs the worker drops events for this
         plugin (counted in the next event's `dropped`). An exception is logged, not fatal."""
         self._event_handler = fn
+        self._events = None
+        return fn
+
+    def on_events(self, fn):
+        """Decorator registering a handler of the worker's `event` notifications in batches,
+        instead of `on_event`: it gets a list of the events one read of stdin brought (one or
+        more, in order), once that read's other lines are handled. For a handler whose cost is
+        per call rather than per event: one write and one flush for a batch. Same thread, same
+        rules as `on_event`: keep it quick; an exception is logged, not fatal."""
+        self._event_handler = fn
+        self._events = []
         return fn
 
     def offers(self, fn):
@@ -784,11 +796,23 @@ class Plugin:
     def _on_event(self, params):
         if self._event_handler is None:
             return
+        if self._events is not None:
+            self._events.append(params)  # handed over with the rest of this read's
+            return
+        self._call_event_handler(params, params.get("event"))
+
+    def _deliver_events(self):
+        """Hands the events one read brought to an `on_events` handler."""
+        if self._events:
+            batch, self._events = self._events, []
+            more = " and %d more" % (len(batch) - 1) if len(batch) > 1 else ""
+            self._call_event_handler(batch, "%s%s" % (batch[0].get("event"), more))
+
+    def _call_event_handler(self, arg, what):
         try:
-            self._event_handler(params)
+            self._event_handler(arg)
         except Exception:  # one bad event must not end the subscriber
-            sys.stderr.write("event handler failed on %s:\n%s" % (
-                params.get("event"), traceback.format_exc()))
+            sys.stderr.write("event handler failed on %s:\n%s" % (what, traceback.format_exc()))
             sys.stderr.flush()
 
     # -- output -------------------------------------------------------------------------
@@ -1124,6 +1148,7 @@ class Plugin:
             if self._offers is not None:
                 self._offers.start()
         elif method == "exit":
+            self._deliver_events()
             self._release_held()
             os._exit(0)
 
@@ -1149,6 +1174,7 @@ class Plugin:
             self._held = []
             for line in lines:
                 self._handle_line(line)
+            self._deliver_events()
             self._release_held()
         self._release_held()
         os._exit(0)

@@ -39,11 +39,23 @@ def where_pooled(ctx):
 events_seen = []
 
 
-@plugin.on_event
 def on_event(event):
     if event.get("boom"):
         raise RuntimeError("a handler bug")
     events_seen.append(event)
+
+
+def on_events(batch):
+    """With FIXTURE_EVENT_BATCHES=1: keeps the task ids of each batch."""
+    if any(event.get("boom") for event in batch):
+        raise RuntimeError("a handler bug")
+    events_seen.append([event["task_id"] for event in batch])
+
+
+if os.environ.get("FIXTURE_EVENT_BATCHES") == "1":
+    plugin.on_events(on_events)
+else:
+    plugin.on_event(on_event)
 
 
 @plugin.task("t.events")

@@ -37,8 +37,12 @@ class Session:
             self.stderr += line
 
     def send(self, **msg):
-        msg["jsonrpc"] = "2.0"
-        self.child.stdin.write((json.dumps(msg) + "\n").encode())
+        self.send_all(msg)
+
+    def send_all(self, *msgs):
+        """Writes `msgs` in one write: under 4 KiB, the plugin gets them in one read."""
+        lines = [json.dumps(dict(msg, jsonrpc="2.0")) + "\n" for msg in msgs]
+        self.child.stdin.write("".join(lines).encode())
         self.child.stdin.flush()
 
     def until(self, pred, timeout=10):
@@ -130,6 +134,32 @@ class PluginTest(unittest.TestCase):
         while b"event handler failed on task.received" not in self.p.stderr:
             self.assertLess(time.monotonic(), deadline, self.p.stderr)
             time.sleep(0.01)
+
+    def test_an_on_events_handler_gets_each_reads_events_in_one_call(self):
+        p, _ = started(self, env=dict(os.environ, FIXTURE_EVENT_BATCHES="1"))
+
+        def event(n, **extra):
+            params = {"event": "task.received", "time": 1.5, "dropped": 0, "task_id": "t%d" % n}
+            return dict(method="event", params=dict(params, **extra))
+
+        def seen_once_handled(id_, want):
+            # A task read with the events could run before they are handed over: ask again.
+            deadline = time.monotonic() + 10
+            while True:
+                p.run(id_, "t.events")
+                seen = p.response(id_)["result"]
+                if seen == want or time.monotonic() > deadline:
+                    return seen
+                id_ += 1
+                time.sleep(0.01)
+
+        p.send_all(event(0), event(1), event(2))
+        self.assertEqual(seen_once_handled(1, [["t0", "t1", "t2"]]), [["t0", "t1", "t2"]])
+        p.send_all(event(3, boom=True), event(4))
+        p.wait_for_stderr(b"event handler failed on task.received and 1 more")
+        p.send_all(event(5))
+        self.assertEqual(seen_once_handled(100, [["t0", "t1", "t2"], ["t5"]]),
+                         [["t0", "t1", "t2"], ["t5"]])
 
     def test_results_come_after_progress_stream_and_what_the_task_printed(self):
         self.p.run(1, "t.add", [2, 3])
