@@ -34,7 +34,8 @@
 //! - `BENCH_SLICES`: the turns each side of a pair takes per round (default 10).
 //! - `BENCH_PROFILE_SUPERVISOR=N`: only the minimal Rust child through the supervisor, N tasks;
 //!   `BENCH_PROFILE_RAW=N` and `BENCH_PROFILE_RAW_ONE_THREAD=N`: only one of its raw-pipe
-//!   baselines; `BENCH_PROFILE_ALONE=N` and
+//!   baselines; `BENCH_PROFILE_RAW_SDK=N`: only the Rust SDK plugin over a raw pipe;
+//!   `BENCH_PROFILE_ALONE=N` and
 //!   `BENCH_PROFILE_EVENTS=N`: only the Rust SDK plugin through the supervisor, alone or beside
 //!   the event-log subscriber.
 //! - `BENCH_PROFILE_HOST=N`: only time N chunks of the same work on one thread (about 35 ms
@@ -531,6 +532,7 @@ fn main() {
         ("BENCH_PROFILE_SUPERVISOR", Measure::SupMin),
         ("BENCH_PROFILE_RAW", Measure::RawMin),
         ("BENCH_PROFILE_RAW_ONE_THREAD", Measure::RawMinOneThread),
+        ("BENCH_PROFILE_RAW_SDK", Measure::RawSdk),
         ("BENCH_PROFILE_ALONE", Measure::Alone),
         ("BENCH_PROFILE_EVENTS", Measure::WithLog),
     ] {

@@ -15,8 +15,10 @@
 //! ```
 //!
 //! The SDK reads requests on the calling thread, runs tasks on a pool of as many threads as
-//! the worker's declared `concurrency`, and writes every outgoing message from one writer
-//! thread that batches what is ready, so pipelined requests cost few syscalls. Handlers see
+//! the worker's declared `concurrency`, and writes outgoing messages from one writer thread
+//! that batches what is ready, so pipelined requests cost few syscalls. The reading thread
+//! writes its own answers (pings, quick tasks) itself when nothing is queued before them and
+//! stdout takes them without blocking (see `outbox`): no hand-off to the writer per read. Handlers see
 //! cancellation through [`TaskContext::is_cancelled`]; a panicking handler fails its task,
 //! not the plugin. Stdout belongs to the protocol: log with `eprintln!` or [`TaskContext::log`].
 //!
@@ -34,6 +36,7 @@ use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::ops::ControlFlow;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -65,10 +68,10 @@ impl Session {
             .extend_from_slice(&Message::Response(response).to_line());
     }
 
-    /// Sends what was held.
+    /// Sends what was held: written here when stdout takes it at once, else by the writer.
     fn release(&mut self) {
         if !self.held.is_empty() {
-            self.out.send(std::mem::take(&mut self.held));
+            self.out.send_or_write(std::mem::take(&mut self.held));
         }
     }
 }
@@ -171,12 +174,27 @@ impl Plugin {
 
     /// Serves the protocol on stdin/stdout until the worker says `exit` or closes stdin.
     pub fn run(self) -> io::Result<()> {
-        self.serve(io::stdin().lock(), io::stdout())
+        self.serve_on(
+            io::stdin().lock(),
+            io::stdout(),
+            Some(Box::new(io::stdout())),
+        )
     }
 
     /// Serves the protocol on any reader/writer pair (tests use pipes or buffers).
     pub fn serve<R: Read, W: Write + Send + 'static>(self, input: R, output: W) -> io::Result<()> {
-        let (out, outbox) = outbox(TASK_BYTES);
+        self.serve_on(input, output, None)
+    }
+
+    /// `serve`, where `direct` is the descriptor `output` writes to, if the reading thread may
+    /// write its answers there itself (see `outbox`).
+    fn serve_on<R: Read, W: Write + Send + 'static>(
+        self,
+        input: R,
+        output: W,
+        direct: Option<Box<dyn AsFd + Send + Sync>>,
+    ) -> io::Result<()> {
+        let (out, outbox) = outbox(TASK_BYTES, direct);
         let writer = thread::spawn(move || outbox.write_to(output));
         let mut session = Session {
             out,
