@@ -18,9 +18,10 @@
 //! the worker's declared `concurrency`, and writes outgoing messages from one writer thread
 //! that batches what is ready, so pipelined requests cost few syscalls. The reading thread
 //! writes its own answers (pings, quick tasks) itself when nothing is queued before them and
-//! stdout takes them without blocking (see `outbox`): no hand-off to the writer per read. Handlers see
-//! cancellation through [`TaskContext::is_cancelled`]; a panicking handler fails its task,
-//! not the plugin. Stdout belongs to the protocol: log with `eprintln!` or [`TaskContext::log`].
+//! stdout takes them without blocking (see `outbox`): no hand-off to the writer per read.
+//! Handlers see cancellation through [`TaskContext::is_cancelled`]; a panicking handler fails
+//! its task, not the plugin. Stdout belongs to the protocol: log with `eprintln!` or
+//! [`TaskContext::log`].
 //!
 //! Queue and result backends (protocol 1.5) register with [`Plugin::offers`] and
 //! [`Plugin::stores`]; `plugin_backends` and `plugin_offers` serve them, fed their messages here.
