@@ -63,8 +63,10 @@ fn matches(pattern: &str, kind: &str) -> bool {
 pub struct DeliveryStats {
     delivered: AtomicU64,
     dropped: AtomicU64,
-    /// Dropped since the last event the plugin was sent: the `dropped` field of the next one.
-    unreported: AtomicU64,
+    /// How many of `dropped` a sent event's `dropped` field has told: the next one tells the
+    /// rest. (A drop is one increment, of `dropped` alone: it happens per task while a
+    /// subscriber lags.)
+    reported: AtomicU64,
     /// The plugin's stdin had no room for the last event: its pool stops taking events from the
     /// buffer for a while, so that while it is stuck an event costs one failed `try_send`.
     blocked: AtomicBool,
@@ -81,7 +83,6 @@ impl DeliveryStats {
 
     pub fn count_drop(&self) {
         self.dropped.fetch_add(1, Ordering::Relaxed);
-        self.unreported.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Appends the `event` notification line for `event` (a JSON object) to `out`, taking the
@@ -89,7 +90,10 @@ impl DeliveryStats {
     /// (Only a line that has a place in the stdin queue is written, so a written line is never
     /// dropped and the drops it took are reported.)
     pub fn write_notification(&self, event: &str, out: &mut Vec<u8>) {
-        let dropped = self.unreported.swap(0, Ordering::Relaxed);
+        // `fetch_max`: of two notifications written at once, the later total wins, and each drop
+        // is told once.
+        let total = self.dropped.load(Ordering::Relaxed);
+        let dropped = total.saturating_sub(self.reported.fetch_max(total, Ordering::Relaxed));
         let body = event.strip_suffix('}').unwrap_or(event);
         out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":\"event\",\"params\":");
         out.extend_from_slice(body.as_bytes());
@@ -269,6 +273,35 @@ mod tests {
             (v["params"]["n"].clone(), v["params"]["dropped"].clone()),
             (1.into(), 0.into())
         );
+        assert_eq!(sub.stats.dropped(), 3, "the total stays");
+    }
+
+    #[test]
+    fn every_drop_is_told_once_even_by_notifications_written_at_once() {
+        let stats = DeliveryStats::default();
+        let told = |stats: &DeliveryStats| {
+            let mut line = Vec::new();
+            stats.write_notification("{\"event\":\"task.received\"}", &mut line);
+            let v: Value = serde_json::from_slice(&line).unwrap();
+            v["params"]["dropped"].as_u64().unwrap()
+        };
+        for _ in 0..5 {
+            stats.count_drop();
+        }
+        assert_eq!(told(&stats), 5);
+        assert_eq!(told(&stats), 0);
+        // Two threads writing while drops go on: what they tell adds up to every drop.
+        let told_by_all: u64 = std::thread::scope(|s| {
+            let writers: Vec<_> = (0..2)
+                .map(|_| s.spawn(|| (0..1000).map(|_| told(&stats)).sum::<u64>()))
+                .collect();
+            for _ in 0..10_000 {
+                stats.count_drop();
+            }
+            writers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        assert_eq!(told_by_all + told(&stats), 10_000);
+        assert_eq!(stats.dropped(), 10_005);
     }
 
     #[test]
