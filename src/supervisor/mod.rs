@@ -10,6 +10,7 @@ pub mod containment;
 pub mod handshake;
 pub mod identity;
 pub mod instance;
+mod now;
 pub mod offer;
 pub mod pool;
 pub mod process;

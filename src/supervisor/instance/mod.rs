@@ -1,12 +1,20 @@
-//! One plugin instance: an actor that owns one child process, performs the handshake, runs
-//! tasks on it, enforces time limits and health pings, and stops or buries it.
+//! One plugin instance: one child process, its handshake, the tasks it runs, their time
+//! limits, its health pings, and its stop or burial.
 //!
-//! Everything the actor waits on (a command from its pool, a stdout message, the child's exit,
-//! a timer, room for an event its submitter has not read yet) becomes one [`Wake`], handled in
-//! one place ([`Instance::handle`]) according to the [`Phase`] the process is in. It never
-//! retries anything: every task handed to it gets exactly one outcome from it, and when the
-//! process ends the pool hears `Exited` after every task has had its outcome. It knows nothing
-//! of where tasks come from.
+//! Split in two. [`InstanceCore`] is every decision, as a state machine with no I/O, no
+//! channel and no clock of its own: [`InstanceCore::handle`] takes one [`Wake`] (a command
+//! from the pool, a stdout message, the exit, a timer, room for a held event, ...) and the
+//! time ([`Now`]), changes the state by the [`Phase`] the process is in, queues lines for
+//! stdin in its own buffer and leaves [`Effect`]s (a task's outcome, a report to the pool, an
+//! event for a submitter, an offer) for its shell. `shell.rs` is the thin async loop that owns
+//! the process and its pipes: it waits for the next wake-up, feeds it to the core, carries out
+//! the effects and writes stdin; `ending.rs` ends the process. `tests.rs` tables every
+//! transition of the core without a process, a channel loop or a runtime.
+//!
+//! It never retries anything: every task handed to it gets exactly one outcome from it, and
+//! when the process ends the pool hears `Exited` after every task has had its outcome. It
+//! knows nothing of where tasks come from. Logs, counters and the event bus (observers that
+//! never answer back) are written directly.
 
 mod deadlines;
 mod ending;
@@ -14,6 +22,7 @@ mod io;
 mod offers;
 mod protocol;
 mod queues;
+mod shell;
 mod stdin;
 mod tasks;
 #[cfg(test)]
@@ -23,28 +32,19 @@ mod wire;
 pub use queues::{reports_capacity, InstanceHandle, Reports, TakesFinished};
 pub use tasks::Job;
 
-use super::containment;
+use super::now::Now;
 use super::process::{self, StderrTail, StdoutEvent};
 use crate::manifest::Manifest;
-use crate::task::{Cancellation, Failure, Outcome, TaskEvent, TaskId};
+use crate::task::{Cancellation, EventSender, Failure, Outcome, TaskEvent, TaskId};
 use ending::Crash;
-use io::Io;
-use plugin_protocol::{method, Id, Message, Notification, Request};
+use plugin_protocol::{method, Id, Message, Notification, Request, TaskOfferParams};
 use queues::{task_commands, EVENT_ROOM};
 use std::process::ExitStatus;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
-use tokio::process::Child;
 use tokio::sync::mpsc;
-use tokio::time::{sleep_until, timeout, Instant};
-
-/// How long to wait for the stderr reader to catch up after the process died.
-const STDERR_SETTLE: Duration = Duration::from_millis(250);
-
-/// Commands taken in one turn after the one that woke the actor (a burst of placed tasks).
-const COMMAND_BATCH: usize = 64;
+use tokio::time::Instant;
 
 /// What the pool tells an instance.
 #[derive(Debug)]
@@ -129,33 +129,58 @@ pub struct LaunchSpec {
 pub fn start(spec: LaunchSpec, events: Reports) -> (InstanceHandle, tokio::task::JoinHandle<()>) {
     let reserved = task_commands(spec.manifest.concurrency as usize);
     let (tx, rx) = mpsc::channel(reserved + EVENT_ROOM);
-    let handle = tokio::spawn(run(spec, rx, events));
+    let handle = tokio::spawn(shell::run(spec, rx, events));
     (InstanceHandle { tx, reserved }, handle)
 }
 
-/// At most this many stdout messages are handled in one turn of the actor. A plugin answers
-/// a burst of tasks in one write; handling all of it before yielding left the plugin idle
-/// until every answer was handled and every next task sent, and the two then took turns
-/// (lockstep). Yielding after a part lets the submitters of the tasks it finished send their
-/// next, whose lines reach the plugin while the rest is handled. Measured with 16 tasks in
-/// flight (the supervisor bench): 115-130k tasks/s with no limit, 195-239k with 8.
-const STDOUT_TURN: usize = 8;
-
-/// Everything the actor waits on, as one value.
+/// Everything the core is told, as one value.
 enum Wake {
     Command(Option<Command>),
     Stdout(Option<StdoutEvent>),
     Exited(std::io::Result<ExitStatus>),
-    Timer,
+    /// A timer went off; `cpu_wait` is how long the process has waited for a CPU so far
+    /// (`process::cpu_wait`), which a missed ping is judged by.
+    Timer {
+        cpu_wait: Option<Duration>,
+    },
     /// Room for the event held back by backpressure; `None` if its submitter is gone.
     Room(Option<mpsc::OwnedPermit<Box<TaskEvent>>>),
+    /// The submitter of a [`Effect::Deliver`]ed event had no room: the event is held.
+    NoRoom(EventSender, Box<TaskEvent>),
     /// The pipe took this many bytes of what waits for stdin (or is gone).
     Written(std::io::Result<usize>),
-    /// A line for stdin from outside the actor (an offer's answer).
+    /// A line for stdin from outside the core (an offer's answer).
     Late(Option<Vec<u8>>),
+    /// An offer handed on as [`Effect::Offer`] was not taken (no offer source): answer it.
+    OfferNotTaken(Id, plugin_protocol::ErrorObject),
 }
 
-/// What the actor is doing with its process.
+/// What the core leaves its shell to do, in order, before the next wake-up.
+#[derive(Debug)]
+enum Effect {
+    /// The task's outcome to its submitter, then `Finished` to the pool.
+    Finish(Job, Outcome),
+    /// A task that never reached the process (it was not serving), back to its submitter
+    /// as this failure; the pool is not told, it drops what it placed here on the exit.
+    Refuse(Job, Failure),
+    /// A report to the pool (`Ready`; the shell reports `Exited` itself, last).
+    Report(EventKind),
+    /// A progress or stream event for its task's submitter; with no room, it comes back as
+    /// [`Wake::NoRoom`] and stdout is not read until it is delivered (backpressure).
+    Deliver(EventSender, Box<TaskEvent>),
+    /// A log line for a task that asked for its log: dropped when its submitter has no room.
+    DeliverLog(EventSender, Box<TaskEvent>),
+    /// The held event, through the room reserved for it.
+    Release(mpsc::OwnedPermit<Box<TaskEvent>>, Box<TaskEvent>),
+    /// The stderr reader's lines go to this task's submitter (a lone task that asked for
+    /// its log), or to nobody.
+    FollowLog(Option<mpsc::WeakSender<Box<TaskEvent>>>),
+    /// A checked `task.offer` (request `Id`) for the offer inbox; its answer comes back as a
+    /// [`Wake::Late`] line.
+    Offer(Id, Box<TaskOfferParams>),
+}
+
+/// What the core is doing with its process.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Phase {
     /// `initialize` was sent with this id; no task is sent before the reply.
@@ -183,22 +208,21 @@ enum Step {
         grace: Duration,
         exited: bool,
     },
-    /// Stdout reached its end; the loop finds out why (usually the process exited).
+    /// Stdout reached its end; the shell finds out why (usually the process exited).
     StdoutClosed,
 }
 
-/// The actor's state: one process and the tasks it holds.
-struct Instance {
+/// The instance's state: one process and the tasks it holds.
+struct InstanceCore {
     spec: LaunchSpec,
     pid: u32,
     phase: Phase,
-    /// What waits for the plugin's stdin; the actor writes it itself.
+    /// What waits for the plugin's stdin; the shell writes it.
     out: stdin::StdinQueue,
-    /// Where lines for stdin come from outside the actor (offer answers, see `OfferReply`).
-    late: mpsc::Sender<Vec<u8>>,
     /// The stdin queue was full: the plugin stopped reading its stdin.
     stdin_full: bool,
-    events: Reports,
+    /// What the shell is to do, in order (see [`Effect`]).
+    effects: Vec<Effect>,
     next_id: u64,
     running: crate::idmap::NumMap<tasks::Running>,
     by_task: crate::idmap::TaskMap<u64>,
@@ -212,96 +236,32 @@ struct Instance {
     /// only while idle, since a plugin that runs one task at a time cannot answer meanwhile.
     pings_while_busy: bool,
     /// An event its submitter has no room for yet; stdout is not read until it is delivered.
-    held: Option<(crate::task::EventSender, Box<TaskEvent>)>,
+    held: Option<(EventSender, Box<TaskEvent>)>,
     /// Stray-line logging: window start, lines logged in it, lines only counted.
     stray_log: (Instant, u32, u64),
     started: Instant,
-    /// Where the stderr reader sends lines of a lone task that asked for its log.
-    task_log: crate::supervisor::process::TaskLog,
-    /// `task_log` points at a task: it needs setting again when tasks change. While it points
-    /// at nothing and no task asks for its log, it is left alone (a lock less per task).
+    /// The stderr reader follows a task (`Effect::FollowLog`): it needs pointing again when
+    /// tasks change. While it follows nothing and no task asks for its log, it is left alone
+    /// (a lock less per task).
     task_log_set: bool,
-    /// Offers this process made that are not answered yet (its queue backend window).
+    /// Offers this process made that are not answered yet (its queue backend window): raised
+    /// by each offer's reply when the shell makes it, lowered when it is answered.
     offers_out: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-async fn run(spec: LaunchSpec, mut commands: mpsc::Receiver<Command>, events: Reports) {
-    let started = Instant::now();
-    let (mut child, mut io) = match Io::start(&spec) {
-        Ok(started) => started,
-        Err(reason) => {
-            // Nothing of this process ran, so every failure to spawn counts as a crash.
-            refuse_waiting(&mut commands, &reason);
-            let kind = EventKind::Exited {
-                reason: ExitReason::Crashed(reason),
-                ran_for: Duration::ZERO,
-            };
-            let (slot, generation) = (spec.slot, spec.generation);
-            events.report(InstanceEvent {
-                slot,
-                generation,
-                kind,
-            });
-            return;
-        }
-    };
-    let pid = child.id().unwrap_or(0);
-    let mut inst = Instance::new(
-        spec,
-        pid,
-        io.late_tx.clone(),
-        events,
-        io.task_log.clone(),
-        started,
-    );
-    tracing::debug!(plugin = %inst.name(), instance = inst.spec.index, pid = inst.pid, "plugin process started");
-    inst.begin_handshake();
-    let step = inst.drive(&mut child, &mut io, &mut commands).await;
-    let reason = inst.end(step, &mut child, io).await;
-    refuse_waiting(
-        &mut commands,
-        "the plugin instance ended before the task could start",
-    );
-    inst.report(EventKind::Exited {
-        reason,
-        ran_for: inst.started.elapsed(),
-    });
-}
-
-/// Tasks the pool sent after the instance decided to end never reached the process: they go
-/// back as `Rejected`, which the dispatcher reruns without counting an attempt.
-fn refuse_waiting(commands: &mut mpsc::Receiver<Command>, reason: &str) {
-    commands.close();
-    while let Ok(cmd) = commands.try_recv() {
-        if let Command::Run(job) = cmd {
-            job.finish(Outcome::Failure(Failure::rejected(reason)));
-        }
-    }
-}
-
-impl Instance {
-    /// The actor's state for a process just started (`pid`), before its handshake: lines for
-    /// its stdin wait in `out` (offer answers come through `late`), reports to its pool go to
-    /// `events`. No I/O of its own, so the tests build one without a process.
-    fn new(
-        spec: LaunchSpec,
-        pid: u32,
-        late: mpsc::Sender<Vec<u8>>,
-        events: Reports,
-        task_log: process::TaskLog,
-        started: Instant,
-    ) -> Instance {
-        Instance {
-            next_ping: Instant::now() + spec.manifest.timeouts.ping_interval,
+impl InstanceCore {
+    /// The state for a process just started (`pid`) at `now`, before its handshake.
+    fn new(spec: LaunchSpec, pid: u32, now: Instant) -> InstanceCore {
+        InstanceCore {
+            next_ping: now + spec.manifest.timeouts.ping_interval,
             phase: Phase::Serving,
             pid,
             out: stdin::StdinQueue::new(
                 stdin::STDIN_LINES.max(2 * spec.manifest.concurrency as usize + 16),
             ),
-            late,
             stdin_full: false,
+            effects: Vec::new(),
             spec,
-            events,
             next_id: 1,
             running: Default::default(),
             by_task: Default::default(),
@@ -309,27 +269,15 @@ impl Instance {
             ping_cpu_wait: None,
             pings_while_busy: false,
             held: None,
-            stray_log: (Instant::now(), 0, 0),
-            started,
-            task_log,
+            stray_log: (now, 0, 0),
+            started: now,
             task_log_set: false,
             offers_out: Arc::default(),
         }
     }
-}
 
-impl Instance {
     fn name(&self) -> &str {
         &self.spec.manifest.name
-    }
-
-    fn report(&self, kind: EventKind) {
-        let event = InstanceEvent {
-            slot: self.spec.slot,
-            generation: self.spec.generation,
-            kind,
-        };
-        self.events.report(event);
     }
 
     fn send_line(&mut self, line: Vec<u8>) {
@@ -361,7 +309,8 @@ impl Instance {
         self.send_line(Message::Notification(Notification::new(method, params)).to_line());
     }
 
-    fn begin_handshake(&mut self) {
+    /// Sends `initialize`: the first thing a process hears.
+    fn begin_handshake(&mut self, now: Now) {
         let params = super::handshake::initialize_params(
             &self.spec.manifest,
             &self.spec.worker_name,
@@ -369,137 +318,36 @@ impl Instance {
             self.spec.index,
         );
         let id = self.request(method::INITIALIZE, params);
-        let deadline = Instant::now() + self.spec.manifest.timeouts.init;
+        let deadline = now.at() + self.spec.manifest.timeouts.init;
         self.phase = Phase::Handshake { id, deadline };
     }
 
-    fn begin_drain(&mut self, grace: Duration) {
+    fn begin_drain(&mut self, grace: Duration, now: Now) {
         if matches!(self.phase, Phase::Draining { .. }) {
             return;
         }
         let id = self.request(method::SHUTDOWN, serde_json::Value::Null);
         self.phase = Phase::Draining {
             id,
-            deadline: Instant::now() + grace,
+            deadline: now.at() + grace,
             grace,
         };
     }
 
-    /// The one event loop: waits for the next wake-up, handles it, until a final step.
-    /// The exit watch and the timer live across iterations: re-creating them per event would
-    /// cost a `waitpid` and a timer registration for every message.
-    async fn drive(
-        &mut self,
-        child: &mut Child,
-        io: &mut Io,
-        commands: &mut mpsc::Receiver<Command>,
-    ) -> Step {
-        let Io {
-            stdout,
-            stdin,
-            late_rx,
-            ..
-        } = io;
-        let mut exited = std::pin::pin!(child.wait());
-        let first = self.next_deadline();
-        let mut timer = std::pin::pin!(sleep_until(first.unwrap_or_else(Instant::now)));
-        let mut commands_open = true;
-        loop {
-            let deadline = self.next_deadline();
-            if let Some(at) = deadline.filter(|&at| at != timer.deadline()) {
-                timer.as_mut().reset(at);
-            }
-            let room = self.held.as_ref().map(|(tx, _)| tx.clone());
-            let reading = room.is_none();
-            let wake = tokio::select! {
-                cmd = commands.recv(), if commands_open => Wake::Command(cmd),
-                ev = process::next_stdout_event(stdout), if reading => Wake::Stdout(Some(ev)),
-                status = &mut exited => Wake::Exited(status),
-                _ = &mut timer, if deadline.is_some() => Wake::Timer,
-                permit = async move { room?.reserve_owned().await.ok() }, if !reading => Wake::Room(permit),
-                written = stdin.write(self.out.pending()), if !self.out.is_empty() => Wake::Written(written),
-                line = late_rx.recv() => Wake::Late(line),
-            };
-            commands_open &= !matches!(wake, Wake::Command(None));
-            let batch = matches!(wake, Wake::Stdout(Some(_)));
-            let commanded = matches!(wake, Wake::Command(Some(_)));
-            let mut step = self.handle(wake);
-            // Take the stdout messages already read in one go, while nothing holds them back,
-            // up to STDOUT_TURN: then the turn ends and the actor yields (below).
-            let (mut taken, mut turn_full) = (1, false);
-            while batch && matches!(step, Step::Continue) && self.held.is_none() {
-                if taken == STDOUT_TURN {
-                    turn_full = true;
-                    break;
-                }
-                match process::ready_now(process::next_stdout_event(stdout)) {
-                    Some(ev) => step = self.handle(Wake::Stdout(Some(ev))),
-                    None => break,
-                }
-                taken += 1;
-            }
-            // Likewise the commands already sent: their lines go out in one write.
-            let mut more = if commanded { COMMAND_BATCH } else { 0 };
-            while more > 0 && matches!(step, Step::Continue) {
-                let Ok(cmd) = commands.try_recv() else { break };
-                step = self.handle(Wake::Command(Some(cmd)));
-                more -= 1;
-            }
-            // What this turn queued goes out now, in one write, if the pipe takes it.
-            if !self.out.is_empty() {
-                if let Some(written) = process::ready_now(stdin.write(self.out.pending())) {
-                    self.on_written(written);
-                }
-            }
-            match step {
-                Step::Continue if self.stdin_full => {
-                    let reason = format!(
-                        "broke the protocol: it stopped reading its stdin ({} messages waiting for it)",
-                        self.out.capacity()
-                    );
-                    return Crash::violation(reason).into();
-                }
-                // The submitters of the tasks just finished run before the rest is read.
-                Step::Continue if turn_full => tokio::task::yield_now().await,
-                Step::Continue => {}
-                Step::StdoutClosed => return self.stdout_closed(exited.as_mut()).await,
-                final_step => return final_step,
-            }
-        }
-    }
-
-    /// The final step once stdout has closed: usually the process is exiting, so its exit
-    /// status is preferred as the reason.
-    async fn stdout_closed(
-        &self,
-        exited: std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<ExitStatus>>>,
-    ) -> Step {
-        let status = timeout(Duration::from_millis(500), exited).await;
-        let how = match &status {
-            Ok(Ok(status)) => process::describe_exit(status),
-            _ => "closed its stdout".to_string(),
-        };
-        match self.phase {
-            Phase::Draining { grace, .. } => Step::Drained {
-                grace,
-                exited: status.is_ok(),
-            },
-            Phase::Handshake { .. } => {
-                Crash::new(format!("{how} before answering `initialize`")).into()
-            }
-            Phase::Serving => Crash::new(how).into(),
-        }
-    }
-
-    /// Handles one wake-up according to the phase.
-    fn handle(&mut self, wake: Wake) -> Step {
+    /// Handles one wake-up at `now` according to the phase; what it leaves the shell to do
+    /// is in `effects` (see [`take_effects`](Self::take_effects)) and the stdin queue.
+    fn handle(&mut self, wake: Wake, now: Now) -> Step {
         match wake {
-            Wake::Command(cmd) => self.on_command(cmd),
-            Wake::Stdout(ev) => self.on_stdout(ev),
+            Wake::Command(cmd) => self.on_command(cmd, now),
+            Wake::Stdout(ev) => self.on_stdout(ev, now),
             Wake::Exited(status) => self.on_exit(status),
-            Wake::Timer => self.on_timer(),
+            Wake::Timer { cpu_wait } => self.on_timer(now, cpu_wait),
             Wake::Room(permit) => {
-                self.release_held(permit);
+                self.release_held(permit, now);
+                Step::Continue
+            }
+            Wake::NoRoom(to, event) => {
+                self.held = Some((to, event));
                 Step::Continue
             }
             Wake::Written(written) => {
@@ -507,26 +355,46 @@ impl Instance {
                 Step::Continue
             }
             Wake::Late(line) => {
-                // Never `None`: the actor holds a sender itself.
+                // Never `None`: the shell holds a sender itself.
                 if let Some(line) = line {
                     self.send_line(line);
                 }
                 Step::Continue
             }
+            Wake::OfferNotTaken(id, error) => {
+                self.refuse_request(id, error);
+                Step::Continue
+            }
         }
     }
 
-    fn on_command(&mut self, cmd: Option<Command>) -> Step {
+    /// The effects left so far, in order; the buffer stays with the caller, to be handed back
+    /// with [`give_back_effects`](Self::give_back_effects) (no allocation per turn).
+    fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    fn give_back_effects(&mut self, mut emptied: Vec<Effect>) {
+        debug_assert!(emptied.is_empty());
+        if self.effects.is_empty() {
+            emptied.append(&mut self.effects);
+            self.effects = emptied;
+        }
+    }
+
+    fn on_command(&mut self, cmd: Option<Command>, now: Now) -> Step {
         let grace = self.spec.manifest.timeouts.shutdown_grace;
         match (cmd, self.phase) {
             // The pool dropped its handle: stop.
             (None, Phase::Draining { .. }) => {}
-            (None, _) => self.begin_drain(grace),
-            (Some(Command::Stop { grace }), _) => self.begin_drain(grace),
-            (Some(Command::Run(job)), Phase::Serving) => self.start_task(job),
-            (Some(Command::Run(job)), _) => job.finish(Outcome::Failure(Failure::rejected(
-                "the plugin instance was not serving when the task reached it",
-            ))),
+            (None, _) => self.begin_drain(grace, now),
+            (Some(Command::Stop { grace }), _) => self.begin_drain(grace, now),
+            (Some(Command::Run(job)), Phase::Serving) => self.start_task(job, now),
+            (Some(Command::Run(job)), _) => {
+                let why = "the plugin instance was not serving when the task reached it";
+                self.effects
+                    .push(Effect::Refuse(job, Failure::rejected(why)));
+            }
             // Events never take the last quarter of the stdin queue: requests need it.
             (Some(Command::Event { event, stats }), Phase::Serving)
                 if self.out.has_room_for_event() =>
@@ -550,7 +418,7 @@ impl Instance {
                 _,
             ) => {
                 let grace = escalate.then_some(self.spec.manifest.timeouts.cancel_grace);
-                self.cancel(&task_id, cancel, grace);
+                self.cancel(&task_id, cancel, grace, now);
             }
         }
         Step::Continue
@@ -571,5 +439,33 @@ impl Instance {
             }
         }
         .into()
+    }
+
+    /// The stdin queue filled: the plugin stopped reading its stdin.
+    fn stdin_not_read(&self) -> Step {
+        let waiting = self.out.capacity();
+        let reason = format!(
+            "broke the protocol: it stopped reading its stdin ({waiting} messages waiting for it)"
+        );
+        Crash::violation(reason).into()
+    }
+
+    /// The final step once stdout has closed, given how the process exited if it did
+    /// (`None`: it had not within the shell's wait).
+    fn stdout_closed(&self, exit: Option<&std::io::Result<ExitStatus>>) -> Step {
+        let how = match exit {
+            Some(Ok(status)) => process::describe_exit(status),
+            _ => "closed its stdout".to_string(),
+        };
+        match self.phase {
+            Phase::Draining { grace, .. } => Step::Drained {
+                grace,
+                exited: exit.is_some(),
+            },
+            Phase::Handshake { .. } => {
+                Crash::new(format!("{how} before answering `initialize`")).into()
+            }
+            Phase::Serving => Crash::new(how).into(),
+        }
     }
 }

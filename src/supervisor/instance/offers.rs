@@ -2,15 +2,15 @@
 //! instance is serving, the params are well-formed, the window has room) and handed to the
 //! offer inbox; anything else is answered at once, so an offer never waits unanswered.
 
-use super::{Instance, Phase};
+use super::{Effect, InstanceCore, Phase};
 use crate::supervisor::backend_stats::BackendCounters;
-use crate::supervisor::offer::{not_taken, Offer, OfferReply};
+use crate::supervisor::offer::not_taken;
 use plugin_protocol::{
     code, method, ErrorObject, Id, Message, Request, Response, TaskOfferParams, MAX_OFFER_ID_BYTES,
 };
 use std::sync::atomic::Ordering;
 
-impl Instance {
+impl InstanceCore {
     /// A request from the plugin: `task.offer` from a queue backend, else method not found.
     pub(super) fn on_request(&mut self, r: Request) {
         let window = self
@@ -32,18 +32,24 @@ impl Instance {
             )),
         };
         if let Err(e) = result {
-            if window.is_some() {
-                let stats = self.spec.offers.stats.of(&self.spec.manifest.name);
-                BackendCounters::add(match e.code {
-                    code::SHUTTING_DOWN => &stats.offers_not_taken,
-                    _ => &stats.offers_refused,
-                });
-            }
-            self.send_line(Message::Response(Response::err(Some(r.id), e)).to_line());
+            self.refuse_request(r.id, e);
         }
     }
 
-    /// Hands a checked offer on; `Err` is the answer to send now.
+    /// Answers a request from the plugin with `e` at once, counting a refused offer.
+    pub(super) fn refuse_request(&mut self, id: Id, e: ErrorObject) {
+        if self.spec.manifest.backends.queue_backend.is_some() {
+            let stats = self.spec.offers.stats.of(&self.spec.manifest.name);
+            BackendCounters::add(match e.code {
+                code::SHUTTING_DOWN => &stats.offers_not_taken,
+                _ => &stats.offers_refused,
+            });
+        }
+        self.send_line(Message::Response(Response::err(Some(id), e)).to_line());
+    }
+
+    /// Leaves a checked offer for the shell to hand on (`Effect::Offer`); `Err` is the
+    /// answer to send now.
     fn offer(&mut self, id: Id, params: serde_json::Value, window: u32) -> Result<(), ErrorObject> {
         let params = read_offer(params)?;
         if !matches!(self.phase, Phase::Serving) {
@@ -62,16 +68,8 @@ impl Instance {
                 ),
             ));
         }
-        let offer = Offer {
-            plugin: self.spec.manifest.name.clone(),
-            instance: self.spec.index,
-            params,
-            reply: OfferReply::new(id, self.late.clone(), self.offers_out.clone()),
-        };
-        self.spec.offers.send(offer).map_err(|offer| {
-            let why = "this worker runs no offer source";
-            not_taken(&offer.params.task_id, "plugin_unavailable", why)
-        })
+        self.effects.push(Effect::Offer(id, Box::new(params)));
+        Ok(())
     }
 }
 

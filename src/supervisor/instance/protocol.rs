@@ -1,7 +1,7 @@
 //! What a plugin writes, read by its instance: responses (to `initialize`, `shutdown`, pings
 //! and tasks), notifications (progress, stream items, logs), stray lines and violations.
 
-use super::{Crash, EventKind, Instance, Phase, Step};
+use super::{Crash, Effect, EventKind, InstanceCore, Now, Phase, Step};
 use crate::supervisor::process::StdoutEvent;
 use crate::supervisor::reply_id;
 use crate::task::{CancelCause, Failure, FailureKind, Outcome, TaskEvent};
@@ -12,25 +12,24 @@ use plugin_protocol::{
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 /// Stray stdout lines logged in full per instance and window; the rest are counted.
 const STRAY_LOG_BURST: u32 = 10;
 const STRAY_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
-impl Instance {
-    pub(super) fn on_stdout(&mut self, ev: Option<StdoutEvent>) -> Step {
+impl InstanceCore {
+    pub(super) fn on_stdout(&mut self, ev: Option<StdoutEvent>, now: Now) -> Step {
         if let (Some(StdoutEvent::Message(_)), Some((id, _))) = (&ev, self.ping) {
             // A plugin that writes is not hung: its answer may be queued behind what it wrote
             // first (a task streaming faster than it is read). The ping's timeout counts from
             // its last message.
-            let due = Instant::now() + self.spec.manifest.timeouts.ping_timeout;
+            let due = now.at() + self.spec.manifest.timeouts.ping_timeout;
             self.ping = Some((id, due));
         }
         match ev {
-            Some(StdoutEvent::Message(Message::Response(r))) => return self.on_response(r),
+            Some(StdoutEvent::Message(Message::Response(r))) => return self.on_response(r, now),
             Some(StdoutEvent::Message(msg)) => self.on_message(msg),
-            Some(StdoutEvent::Stray { line, error }) => self.on_stray_line(&line, &error),
+            Some(StdoutEvent::Stray { line, error }) => self.on_stray_line(&line, &error, now),
             Some(StdoutEvent::TooLong { seen }) => {
                 return Crash::violation(self.too_long(seen)).into()
             }
@@ -41,7 +40,7 @@ impl Instance {
 
     /// Delivers a response to whoever waits for it. A string id is a protocol violation: the
     /// instance must end, and the task it seems to answer fails with the reason.
-    pub(super) fn on_response(&mut self, r: Response) -> Step {
+    pub(super) fn on_response(&mut self, r: Response, now: Now) -> Step {
         let id = match &r.id {
             Some(Id::Num(id)) => *id,
             Some(Id::Str(s)) => return self.string_id(s).into(),
@@ -59,7 +58,7 @@ impl Instance {
         };
         match self.phase {
             Phase::Handshake { id: init, .. } if id == init => {
-                return self.on_initialized(r.result)
+                return self.on_initialized(r.result, now)
             }
             Phase::Draining {
                 id: shutdown,
@@ -75,7 +74,7 @@ impl Instance {
         }
         if self.ping.is_some_and(|(ping, _)| ping == id) {
             self.ping = None;
-            self.next_ping = Instant::now() + self.spec.manifest.timeouts.ping_interval;
+            self.next_ping = now.at() + self.spec.manifest.timeouts.ping_interval;
             return Step::Continue;
         }
         let Some(run) = self.running.remove(&id) else {
@@ -87,21 +86,18 @@ impl Instance {
             }
             return Step::Continue;
         };
-        let task_id = run.job.request.id.clone();
-        self.by_task.remove(&task_id);
+        self.by_task.remove(&run.job.request.id);
         self.follow_task_log();
         let outcome = match r.result {
             Ok(value) => Outcome::Success(value),
             Err(e) => Outcome::Failure(task_failure(e, run.cancel.as_ref())),
         };
-        let ok = outcome.is_success();
-        run.job.finish(outcome);
-        self.report(EventKind::Finished { task_id, ok });
+        self.effects.push(Effect::Finish(run.job, outcome));
         Step::Continue
     }
 
     /// The reply to `initialize`: judged by the shared rules, then tasks may be sent.
-    fn on_initialized(&mut self, reply: Result<Value, ErrorObject>) -> Step {
+    fn on_initialized(&mut self, reply: Result<Value, ErrorObject>, now: Now) -> Step {
         let result = match crate::supervisor::handshake::check(reply, &self.spec.manifest) {
             Ok(r) => r,
             Err(reason) => return Crash::incompatible(reason.to_string()).into(),
@@ -117,12 +113,12 @@ impl Instance {
             .iter()
             .any(|c| c == capability::PING_WHILE_BUSY);
         self.phase = Phase::Serving;
-        self.next_ping = Instant::now() + self.spec.manifest.timeouts.ping_interval;
+        self.next_ping = now.at() + self.spec.manifest.timeouts.ping_interval;
         tracing::info!(plugin = %self.name(), instance = self.spec.index, pid = self.pid, version = %result.plugin.version, "plugin instance ready");
-        self.report(EventKind::Ready {
+        self.effects.push(Effect::Report(EventKind::Ready {
             pid: self.pid,
             plugin_version: result.plugin.version,
-        });
+        }));
         Step::Continue
     }
 
@@ -196,7 +192,7 @@ impl Instance {
 
     /// A `log` record whose `fields.task_id` names a task running here that asked for its
     /// log goes to it too (dropped when its channel is full).
-    fn log_to_task(&self, p: &LogParams) {
+    fn log_to_task(&mut self, p: &LogParams) {
         let Some(task_id) = p.fields.get("task_id").and_then(Value::as_str) else {
             return;
         };
@@ -208,8 +204,11 @@ impl Instance {
             return;
         };
         if run.job.request.capture_log {
-            let line = p.message.clone();
-            let _ = run.job.events.try_send(Box::new(TaskEvent::Log { line }));
+            let event = Box::new(TaskEvent::Log {
+                line: p.message.clone(),
+            });
+            let to = run.job.events.clone();
+            self.effects.push(Effect::DeliverLog(to, event));
         }
     }
 
@@ -229,7 +228,8 @@ impl Instance {
     }
 
     /// Passes a progress or stream event to the task's submitter. When it has no room, the
-    /// event is held and stdout is not read until it has: backpressure to the plugin.
+    /// event comes back (`Wake::NoRoom`) and is held: stdout is not read until it has room,
+    /// backpressure to the plugin.
     fn pass_on(&mut self, task_id: &str, event: TaskEvent) {
         let Some(run) = self
             .by_task
@@ -239,30 +239,28 @@ impl Instance {
             tracing::debug!(plugin = %self.name(), task_id, "event for a task that is not running here; ignored");
             return;
         };
-        match run.job.events.try_send(Box::new(event)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(event)) => {
-                self.held = Some((run.job.events.clone(), event));
-            }
-            // The submitter is gone: nobody to tell.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
+        let to = run.job.events.clone();
+        self.effects.push(Effect::Deliver(to, Box::new(event)));
     }
 
     /// Room for the held event: deliver it and read stdout again. A ping that was outstanding
     /// gets its full timeout from now, since its answer may have waited behind our pause.
-    pub(super) fn release_held(&mut self, permit: Option<mpsc::OwnedPermit<Box<TaskEvent>>>) {
+    pub(super) fn release_held(
+        &mut self,
+        permit: Option<mpsc::OwnedPermit<Box<TaskEvent>>>,
+        now: Now,
+    ) {
         if let (Some(permit), Some((_, event))) = (permit, self.held.take()) {
-            permit.send(event);
+            self.effects.push(Effect::Release(permit, event));
         }
         self.held = None;
         if let Some((id, due)) = self.ping {
-            let fresh = Instant::now() + self.spec.manifest.timeouts.ping_timeout;
+            let fresh = now.at() + self.spec.manifest.timeouts.ping_timeout;
             self.ping = Some((id, due.max(fresh)));
         }
     }
 
-    fn log(&self, p: LogParams) {
+    fn log(&mut self, p: LogParams) {
         self.log_to_task(&p);
         let fields = if p.fields.is_empty() {
             String::new()
@@ -295,9 +293,9 @@ impl Instance {
 
     /// Counts a stray stdout line and logs it, at most `STRAY_LOG_BURST` per `STRAY_LOG_WINDOW`
     /// per instance; the rest are summed up when the window ends.
-    fn on_stray_line(&mut self, line: &str, error: &plugin_protocol::ParseError) {
+    fn on_stray_line(&mut self, line: &str, error: &plugin_protocol::ParseError, now: Now) {
         let n = self.spec.stray_lines.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = Instant::now();
+        let now = now.at();
         if now.duration_since(self.stray_log.0) >= STRAY_LOG_WINDOW {
             self.summarize_stray_lines();
             self.stray_log = (now, 0, 0);

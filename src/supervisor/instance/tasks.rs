@@ -2,12 +2,10 @@
 //! (time limits, cancel grace, health pings), and their outcomes when the process ends.
 
 use super::deadlines::{Deadlines, Due};
-use super::{Crash, EventKind, ExitReason, Instance, Phase, Step};
-use crate::framed::FramedReader;
-use crate::supervisor::process::{self, StdoutEvent};
+use super::{Crash, Effect, ExitReason, InstanceCore, Now, Phase, Step};
 use crate::task::{CancelCause, Cancellation, Failure, FailureKind, Outcome};
 use crate::task::{EventSender, TaskRequest};
-use plugin_protocol::{method, Id, Message, TaskCancelParams, TimeLimits};
+use plugin_protocol::{method, Id, Response, TaskCancelParams, TimeLimits};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -59,14 +57,14 @@ pub(super) struct Cancel {
     pub(super) request: Cancellation,
 }
 
-impl Instance {
+impl InstanceCore {
     /// Sends `task.run` and starts watching the task's time limits.
-    pub(super) fn start_task(&mut self, job: Job) {
+    pub(super) fn start_task(&mut self, job: Job, now: Now) {
         let m = &self.spec.manifest;
         let soft = job.request.soft_time_limit.or(m.timeouts.task_soft);
         let hard = job.request.hard_time_limit.or(m.timeouts.task_hard);
         // Read only for a task with a time limit: most have none.
-        let now = (soft.is_some() || hard.is_some()).then(Instant::now);
+        let now = (soft.is_some() || hard.is_some()).then(|| now.at());
         let id = match &job.store {
             Some(store) => self.request(method::RESULT_STORE, &**store),
             None => self.start_task_run(&job, soft, hard),
@@ -139,7 +137,7 @@ impl Instance {
             return;
         }
         self.task_log_set = sink.is_some();
-        self.task_log.set(sink);
+        self.effects.push(Effect::FollowLog(sink));
     }
 
     /// Sends `task.cancel` once per task; `kill_grace` arms the kill if it does not end.
@@ -148,6 +146,7 @@ impl Instance {
         task_id: &str,
         request: Cancellation,
         kill_grace: Option<Duration>,
+        now: Now,
     ) {
         let Some(id) = self.by_task.get(task_id).copied() else {
             return;
@@ -164,7 +163,7 @@ impl Instance {
         };
         run.cancel = Some(Cancel { request });
         run.deadlines.cancel_sent = true;
-        run.deadlines.kill_at = kill_grace.map(|g| Instant::now() + g);
+        run.deadlines.kill_at = kill_grace.map(|g| now.at() + g);
         self.notify(method::TASK_CANCEL, params);
     }
 
@@ -198,10 +197,11 @@ impl Instance {
         next
     }
 
-    pub(super) fn on_timer(&mut self) -> Step {
-        let now = Instant::now();
+    /// A timer went off at `now`; the process has waited `cpu_wait` for a CPU so far.
+    pub(super) fn on_timer(&mut self, now: Now, cpu_wait: Option<Duration>) -> Step {
+        let at = now.at();
         match self.phase {
-            Phase::Handshake { deadline, .. } if now >= deadline => {
+            Phase::Handshake { deadline, .. } if at >= deadline => {
                 return Crash::new(format!(
                     "did not answer `initialize` within the init timeout of {:?} (raise `timeouts.init` in plugin.toml if it needs longer to start)",
                     self.spec.manifest.timeouts.init
@@ -210,7 +210,7 @@ impl Instance {
             }
             Phase::Draining {
                 deadline, grace, ..
-            } if now >= deadline => {
+            } if at >= deadline => {
                 return Step::Drained {
                     grace,
                     exited: false,
@@ -219,7 +219,7 @@ impl Instance {
             Phase::Serving => {}
             _ => return Step::Continue,
         }
-        if let Some(step) = self.check_ping(now) {
+        if let Some(step) = self.check_ping(at, cpu_wait) {
             return step;
         }
         if let Some(crash) = self.check_limits(now) {
@@ -229,12 +229,11 @@ impl Instance {
     }
 
     /// Sends a due ping, or ends a process that missed one.
-    fn check_ping(&mut self, now: Instant) -> Option<Step> {
+    fn check_ping(&mut self, now: Instant, waited: Option<Duration>) -> Option<Step> {
         match self.ping {
             Some((id, due)) if now >= due && self.held.is_none() => {
                 // Time spent waiting for a CPU is not the plugin's own: a plugin starved by a
                 // busy host (or running on the idle CPU) is not hung.
-                let waited = process::cpu_wait(self.pid);
                 let starved = match (self.ping_cpu_wait, waited) {
                     (Some(before), Some(after)) => after.saturating_sub(before),
                     _ => Duration::ZERO,
@@ -255,7 +254,7 @@ impl Instance {
             None if now >= self.next_ping && self.pingable() => {
                 let id = self.request(method::PING, serde_json::json!({}));
                 self.ping = Some((id, now + self.spec.manifest.timeouts.ping_timeout));
-                self.ping_cpu_wait = process::cpu_wait(self.pid);
+                self.ping_cpu_wait = waited;
             }
             _ => {}
         }
@@ -263,11 +262,12 @@ impl Instance {
     }
 
     /// Hard limits and cancel graces end the process; soft limits send `task.cancel`.
-    fn check_limits(&mut self, now: Instant) -> Option<Box<Crash>> {
+    fn check_limits(&mut self, now: Now) -> Option<Box<Crash>> {
+        let at = now.at();
         let mut soft_due = Vec::new();
         for (&id, run) in &self.running {
             let task_id = &run.job.request.id;
-            let (failure, reason) = match (run.deadlines.due(now), &run.cancel) {
+            let (failure, reason) = match (run.deadlines.due(at), &run.cancel) {
                 (None, _) => continue,
                 (Some(Due::SoftLimit), _) => {
                     soft_due.push(task_id.clone());
@@ -308,38 +308,26 @@ impl Instance {
         }
         for task_id in soft_due {
             let soft = Cancellation::new(CancelCause::SoftTimeLimit, "soft time limit exceeded");
-            self.cancel(&task_id, soft, None);
+            self.cancel(&task_id, soft, None, now);
         }
         None
     }
 
-    /// After the process died: fails every task it held and says why it ended.
-    pub(super) fn bury<R: tokio::io::AsyncRead + Unpin>(
-        &mut self,
-        stdout: &mut FramedReader<R>,
-        crash: Crash,
-    ) -> ExitReason {
-        // Answers already written before the crash still count (the process is dead: only
-        // what its pipe holds is read), unless the crash is a protocol violation: whatever
-        // came after it is not trusted.
+    /// After the process died: takes the `answers` its pipe still held (read by the shell, in
+    /// order), fails every task it still held and says why it ended.
+    pub(super) fn bury(&mut self, crash: Crash, answers: Vec<Response>, now: Now) -> ExitReason {
         self.held = None;
         if crash.violation {
             self.spec
                 .violations
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        for _ in 0..process::STDOUT_AFTER_DEATH {
-            if crash.violation {
+        // Answers written before the crash still count, unless it broke the protocol:
+        // whatever came after that is not trusted.
+        let trusted = if crash.violation { 0 } else { answers.len() };
+        for answer in answers.into_iter().take(trusted) {
+            if !matches!(self.on_response(answer, now), Step::Continue) {
                 break;
-            }
-            match process::ready_now(process::next_stdout_event(stdout)) {
-                Some(StdoutEvent::Message(Message::Response(r))) => {
-                    if !matches!(self.on_response(r), Step::Continue) {
-                        break;
-                    }
-                }
-                Some(StdoutEvent::Closed | StdoutEvent::TooLong { .. }) | None => break,
-                Some(_) => {}
             }
         }
         let lead = format!(
@@ -396,9 +384,8 @@ impl Instance {
     fn end_all(&mut self, failures: Vec<(Job, Failure)>) {
         self.by_task.clear();
         for (job, failure) in failures {
-            let task_id = job.request.id.clone();
-            job.finish(Outcome::Failure(failure));
-            self.report(EventKind::Finished { task_id, ok: false });
+            self.effects
+                .push(Effect::Finish(job, Outcome::Failure(failure)));
         }
     }
 }

@@ -12,6 +12,7 @@ mod scale;
 #[cfg(test)]
 mod tests;
 
+pub(in crate::supervisor) use crate::supervisor::now::Now;
 pub(super) use scale::AUTOSCALE_TICK;
 pub use scale::{Scale, MAX_INSTANCES};
 
@@ -22,7 +23,7 @@ use crate::supervisor::restart::{Backoff, RestartWindow};
 use crate::supervisor::status::{ExitRecord, InstanceState, PluginState};
 use crate::task::{Cancellation, Failure, FailureKind};
 use std::collections::VecDeque;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// Exits remembered per instance for `plugins inspect`.
@@ -53,35 +54,6 @@ impl Rules {
             restart: manifest.restart.clone(),
             shutdown_grace: manifest.timeouts.shutdown_grace,
         }
-    }
-}
-
-/// The time an input happens at: the monotonic clock for timers, the wall clock for records.
-/// The current time reads a clock only where one is asked for: most inputs (a task placed or
-/// finished, twice per task) need neither. A fixed time (the tests') reads as given.
-#[derive(Debug, Clone, Copy)]
-pub(in crate::supervisor) struct Now {
-    fixed: Option<(Instant, SystemTime)>,
-}
-
-impl Now {
-    pub fn current() -> Now {
-        Now { fixed: None }
-    }
-
-    #[cfg(test)]
-    pub fn fixed(at: Instant, wall: SystemTime) -> Now {
-        Now {
-            fixed: Some((at, wall)),
-        }
-    }
-
-    pub fn at(&self) -> Instant {
-        self.fixed.map_or_else(Instant::now, |(at, _)| at)
-    }
-
-    pub fn wall(&self) -> SystemTime {
-        self.fixed.map_or_else(SystemTime::now, |(_, wall)| wall)
     }
 }
 

@@ -4,6 +4,7 @@
 use super::super::*;
 use crate::manifest::RestartSettings;
 use crate::task::CancelCause;
+use std::time::SystemTime;
 
 #[derive(Debug)]
 pub(super) struct J(pub(super) crate::task::TaskId);

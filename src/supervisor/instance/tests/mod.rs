@@ -1,218 +1,17 @@
-//! Every transition of the instance's state machine, without a process: an [`Instance`] is
-//! built on in-memory channels (its stdin lines, its reports to the pool, each task's reply
-//! and events) and fed [`Wake`]s as its event loop would; time is tokio's paused clock.
+//! Every transition of the instance's core, without a process, a runtime or a clock: an
+//! [`InstanceCore`] is fed [`Wake`]s at a given time as its shell would, and what it leaves
+//! (lines for stdin, effects) is read back as text; a task's outcome and events reach
+//! in-memory channels.
+
+mod harness;
 
 use super::*;
-use crate::framed::FramedReader;
-use crate::task::{CancelCause, FailureKind, TaskRequest};
-use serde_json::{json, Value};
-use std::path::Path;
-use tokio::sync::oneshot;
+use crate::task::{CancelCause, FailureKind};
+use harness::{describe, initialize_result, manifest, Harness};
+use serde_json::json;
 
-fn manifest(concurrency: u32) -> Manifest {
-    let text = format!(
-        "name = \"p\"\nversion = \"1\"\ncommand = [\"x\"]\nconcurrency = {concurrency}\n[[tasks]]\nname = \"t\"\n"
-    );
-    let mut m = Manifest::parse(&text, Path::new("/p")).expect("manifest");
-    m.timeouts.init = Duration::from_secs(10);
-    m.timeouts.ping_interval = Duration::from_secs(30);
-    m.timeouts.ping_timeout = Duration::from_secs(5);
-    m.timeouts.cancel_grace = Duration::from_secs(2);
-    m
-}
-
-/// An instance under test and the other ends of its channels.
-struct Harness {
-    inst: Instance,
-    reports: mpsc::Receiver<InstanceEvent>,
-    stdout: FramedReader<&'static [u8]>,
-}
-
-/// A task's far end: its outcome and its events.
-struct Submitted {
-    outcome: oneshot::Receiver<Outcome>,
-    events: crate::task::EventReceiver,
-}
-
-impl Submitted {
-    fn outcome(&mut self) -> Option<Outcome> {
-        self.outcome.try_recv().ok()
-    }
-
-    fn failure(&mut self) -> Failure {
-        match self.outcome() {
-            Some(Outcome::Failure(f)) => f,
-            other => panic!("not a failure: {other:?}"),
-        }
-    }
-}
-
-impl Harness {
-    /// Started with `initialize` sent, as `run` leaves it.
-    fn new(manifest: Manifest) -> Harness {
-        let spec = LaunchSpec {
-            manifest: Arc::new(manifest),
-            index: 0,
-            slot: 0,
-            generation: 1,
-            worker_name: "w@h".into(),
-            max_line_bytes: 1024,
-            stderr: StderrTail::default(),
-            stray_lines: Arc::default(),
-            violations: Arc::default(),
-            state_dir: None,
-            plugin_user: None,
-            events: crate::events::EventBus::new(),
-            cgroups: None,
-            offers: Default::default(),
-        };
-        let (late, _) = mpsc::channel(1);
-        let (events, reports) = mpsc::channel(super::reports_capacity(4));
-        let stdout = FramedReader::new(&b""[..], 1024);
-        let task_log = process::TaskLog::default();
-        let mut inst = Instance::new(
-            spec,
-            42,
-            late,
-            super::Reports::channel(events),
-            task_log,
-            Instant::now(),
-        );
-        inst.begin_handshake();
-        Harness {
-            inst,
-            reports,
-            stdout,
-        }
-    }
-
-    /// Through a sound handshake: serving.
-    fn serving(manifest: Manifest) -> Harness {
-        let mut h = Harness::new(manifest);
-        h.written();
-        assert_eq!(h.answer(1, json!(initialize_result())), "continue");
-        assert_eq!(h.written(), ["initialized"]);
-        assert_eq!(h.reports(), ["ready 42"]);
-        h
-    }
-
-    fn wake(&mut self, wake: Wake) -> String {
-        describe(self.inst.handle(wake))
-    }
-
-    fn command(&mut self, cmd: Command) -> String {
-        self.wake(Wake::Command(Some(cmd)))
-    }
-
-    fn line(&mut self, line: Value) -> String {
-        let msg = Message::parse(line.to_string().as_bytes()).expect("a protocol line");
-        self.wake(Wake::Stdout(Some(StdoutEvent::Message(msg))))
-    }
-
-    fn answer(&mut self, id: u64, result: Value) -> String {
-        self.line(json!({"jsonrpc": "2.0", "id": id, "result": result}))
-    }
-
-    fn error(&mut self, id: u64, code: i64, data: Value) -> String {
-        let error = json!({"code": code, "message": "no", "data": data});
-        self.line(json!({"jsonrpc": "2.0", "id": id, "error": error}))
-    }
-
-    fn run(&mut self, task_id: &str, events: usize) -> Submitted {
-        let mut request = TaskRequest::new("t", vec![json!(1)], Default::default());
-        request.id = task_id.into();
-        let (events_tx, events) = mpsc::channel(events);
-        let (reply, outcome) = oneshot::channel();
-        let job = Job {
-            request: Arc::new(request),
-            attempt: 1,
-            events: events_tx,
-            reply,
-            store: None,
-        };
-        assert_eq!(self.command(Command::Run(job)), "continue");
-        Submitted { outcome, events }
-    }
-
-    fn cancel(&mut self, task_id: &str, escalate: bool) -> String {
-        self.command(Command::Cancel {
-            task_id: task_id.into(),
-            cancel: Cancellation::new(CancelCause::Revoked, "asked"),
-            escalate,
-        })
-    }
-
-    /// What was queued for stdin since the last look ("method id task" per line), as if the
-    /// pipe took it all.
-    fn written(&mut self) -> Vec<String> {
-        let mut lines = Vec::new();
-        let pending = self.inst.out.pending().to_vec();
-        self.inst.out.written(pending.len());
-        for line in pending.split_inclusive(|&b| b == b'\n') {
-            let v: Value = serde_json::from_slice(line).expect("json");
-            let method = v["method"].as_str().unwrap_or("response").to_string();
-            lines.push(match (&v["id"], &v["params"]["task_id"]) {
-                (Value::Number(id), Value::String(t)) => format!("{method} {id} {t}"),
-                (Value::Number(id), _) => format!("{method} {id}"),
-                (_, Value::String(t)) => format!("{method} {t}"),
-                _ => method,
-            });
-        }
-        lines
-    }
-
-    /// What the pool heard since the last look.
-    fn reports(&mut self) -> Vec<String> {
-        let mut seen = Vec::new();
-        while let Ok(ev) = self.reports.try_recv() {
-            seen.push(match ev.kind {
-                EventKind::Ready { pid, .. } => format!("ready {pid}"),
-                EventKind::Finished { task_id, ok } => format!("finished {task_id} ok={ok}"),
-                EventKind::Exited { reason, .. } => format!("exited {reason:?}"),
-            });
-        }
-        seen
-    }
-
-    /// Moves the paused clock to the next deadline and fires the timer.
-    async fn timer_at_next_deadline(&mut self) -> String {
-        let due = self.inst.next_deadline().expect("a timer is due");
-        tokio::time::advance(due - Instant::now()).await;
-        self.wake(Wake::Timer)
-    }
-
-    fn bury(&mut self, step: Step) -> ExitReason {
-        let Step::Crash(crash) = step else {
-            panic!("not a crash")
-        };
-        self.inst.bury(&mut self.stdout, *crash)
-    }
-}
-
-fn initialize_result() -> Value {
-    json!({"protocol_version": "1.5", "plugin": {"name": "p", "version": "1"}, "tasks": [{"name": "t"}]})
-}
-
-fn describe(step: Step) -> String {
-    match step {
-        Step::Continue => "continue".into(),
-        Step::StdoutClosed => "stdout closed".into(),
-        Step::Drained { exited, .. } => format!("drained exited={exited}"),
-        Step::Crash(c) => {
-            let mut s = format!("crash: {}", c.reason);
-            if c.violation {
-                s.push_str(" [violation]");
-            }
-            if c.incompatible {
-                s.push_str(" [incompatible]");
-            }
-            s
-        }
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn the_handshake_ends_in_serving_or_says_why_not() {
+#[test]
+fn the_handshake_ends_in_serving_or_says_why_not() {
     let mut h = Harness::new(manifest(1));
     assert_eq!(h.written(), ["initialize 1"]);
     let mut early = h.run("early", 1);
@@ -235,8 +34,8 @@ async fn the_handshake_ends_in_serving_or_says_why_not() {
     assert!(exit.ends_with("[incompatible]"), "{exit}");
 
     let mut h = Harness::new(manifest(1));
-    assert_eq!(h.wake(Wake::Timer), "continue", "not yet due");
-    let late = h.timer_at_next_deadline().await;
+    assert_eq!(h.timer(), "continue", "not yet due");
+    let late = h.timer_at_next_deadline();
     assert!(
         late.starts_with("crash: did not answer `initialize` within the init timeout of 10s"),
         "{late}"
@@ -249,8 +48,8 @@ async fn the_handshake_ends_in_serving_or_says_why_not() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_task_runs_and_its_answer_reaches_its_submitter() {
+#[test]
+fn a_task_runs_and_its_answer_reaches_its_submitter() {
     let mut h = Harness::serving(manifest(2));
     let mut ok = h.run("ok", 4);
     let mut bad = h.run("bad", 4);
@@ -290,14 +89,16 @@ async fn a_task_runs_and_its_answer_reaches_its_submitter() {
     assert!(h.inst.running.is_empty() && h.inst.by_task.is_empty());
 }
 
-#[tokio::test(start_paused = true)]
-async fn what_the_plugin_breaks_ends_its_process_and_fails_its_tasks() {
+#[test]
+fn what_the_plugin_breaks_ends_its_process_and_fails_its_tasks() {
     let mut h = Harness::serving(manifest(2));
     let mut culprit = h.run("culprit", 1);
     let mut other = h.run("other", 1);
-    let step = h.inst.on_stdout(Some(StdoutEvent::Message(
-        Message::parse(br#"{"jsonrpc":"2.0","id":"2","result":1}"#).unwrap(),
-    )));
+    let string_id = Message::parse(br#"{"jsonrpc":"2.0","id":"2","result":1}"#).unwrap();
+    let step = h.inst.handle(
+        Wake::Stdout(Some(StdoutEvent::Message(string_id))),
+        h.clock(),
+    );
     let exit = h.bury(step);
     assert!(
         matches!(&exit, ExitReason::Crashed(m) if m.contains("broke the protocol")),
@@ -343,8 +144,8 @@ async fn what_the_plugin_breaks_ends_its_process_and_fails_its_tasks() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_cancel_is_sent_once_and_escalates_after_its_grace() {
+#[test]
+fn a_cancel_is_sent_once_and_escalates_after_its_grace() {
     let mut h = Harness::serving(manifest(2));
     let mut polite = h.run("polite", 1);
     let mut stubborn = h.run("stubborn", 1);
@@ -361,10 +162,10 @@ async fn a_cancel_is_sent_once_and_escalates_after_its_grace() {
 
     assert_eq!(h.cancel("stubborn", true), "continue");
     assert_eq!(h.written(), ["task.cancel stubborn"]);
-    let step = h.inst.on_timer();
+    let step = h.inst.handle(Wake::Timer { cpu_wait: None }, h.clock());
     assert_eq!(describe(step), "continue", "its grace has not passed");
-    tokio::time::advance(Duration::from_secs(2)).await;
-    let step = h.inst.on_timer();
+    h.advance(Duration::from_secs(2));
+    let step = h.inst.handle(Wake::Timer { cpu_wait: None }, h.clock());
     let exit = h.bury(step);
     assert!(
         matches!(exit, ExitReason::Crashed(m) if m.contains("did not stop after `task.cancel`"))
@@ -378,8 +179,8 @@ async fn a_cancel_is_sent_once_and_escalates_after_its_grace() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn time_limits_cancel_at_the_soft_one_and_kill_at_the_hard_one() {
+#[test]
+fn time_limits_cancel_at_the_soft_one_and_kill_at_the_hard_one() {
     let mut m = manifest(2);
     m.timeouts.task_soft = Some(Duration::from_secs(5));
     m.timeouts.task_hard = Some(Duration::from_secs(8));
@@ -387,29 +188,29 @@ async fn time_limits_cancel_at_the_soft_one_and_kill_at_the_hard_one() {
     let mut soft = h.run("soft", 1);
     let mut hard = h.run("hard", 1);
     h.written();
-    assert_eq!(h.timer_at_next_deadline().await, "continue");
+    assert_eq!(h.timer_at_next_deadline(), "continue");
     let mut cancels = h.written();
     cancels.sort();
     assert_eq!(cancels, ["task.cancel hard", "task.cancel soft"]);
     assert_eq!(h.error(2, -32001, json!(null)), "continue");
     assert_eq!(soft.failure().exc_type, "SoftTimeLimitExceeded");
-    tokio::time::advance(Duration::from_secs(3)).await;
-    let step = h.inst.on_timer();
+    h.advance(Duration::from_secs(3));
+    let step = h.inst.handle(Wake::Timer { cpu_wait: None }, h.clock());
     let exit = h.bury(step);
     assert!(matches!(exit, ExitReason::Crashed(m) if m.contains("hard time limit of 8s")));
     assert_eq!(hard.failure().kind, FailureKind::HardTimeLimit);
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_idle_plugin_is_pinged_and_ended_when_it_does_not_answer() {
+#[test]
+fn an_idle_plugin_is_pinged_and_ended_when_it_does_not_answer() {
     let mut h = Harness::serving(manifest(1));
-    assert_eq!(h.timer_at_next_deadline().await, "continue");
+    assert_eq!(h.timer_at_next_deadline(), "continue");
     assert_eq!(h.written(), ["ping 2"]);
     assert_eq!(h.answer(2, json!({})), "continue");
     assert!(h.inst.ping.is_none());
-    assert_eq!(h.timer_at_next_deadline().await, "continue");
+    assert_eq!(h.timer_at_next_deadline(), "continue");
     assert_eq!(h.written(), ["ping 3"]);
-    let missed = h.timer_at_next_deadline().await;
+    let missed = h.timer_at_next_deadline();
     assert!(
         missed.starts_with("crash: failed its health ping (no reply within 5s"),
         "{missed}"
@@ -423,32 +224,32 @@ async fn an_idle_plugin_is_pinged_and_ended_when_it_does_not_answer() {
         None,
         "nothing is due: the timer is not armed"
     );
-    tokio::time::advance(Duration::from_secs(3600)).await;
-    assert_eq!(h.wake(Wake::Timer), "continue");
+    h.advance(Duration::from_secs(3600));
+    assert_eq!(h.timer(), "continue");
     assert_eq!(h.written(), Vec::<String>::new());
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_ping_times_out_only_after_the_plugins_last_message() {
+#[test]
+fn a_ping_times_out_only_after_the_plugins_last_message() {
     let mut h = Harness::serving(manifest(1));
     h.inst.pings_while_busy = true;
     let _busy = h.run("streaming", 16);
     h.written();
-    assert_eq!(h.timer_at_next_deadline().await, "continue");
+    assert_eq!(h.timer_at_next_deadline(), "continue");
     assert_eq!(h.written(), ["ping 3"]);
     // The answer is queued behind a stream: each message read pushes the timeout back.
     let stream = json!({"jsonrpc": "2.0", "method": "task.stream", "params": {"task_id": "streaming", "items": [1]}});
     for _ in 0..4 {
-        tokio::time::advance(Duration::from_secs(4)).await;
+        h.advance(Duration::from_secs(4));
         assert_eq!(h.line(stream.clone()), "continue");
-        assert_eq!(h.wake(Wake::Timer), "continue", "4s since the last message");
+        assert_eq!(h.timer(), "continue", "4s since the last message");
     }
-    tokio::time::advance(Duration::from_secs(5)).await;
-    assert_eq!(&h.wake(Wake::Timer)[..29], "crash: failed its health ping");
+    h.advance(Duration::from_secs(5));
+    assert_eq!(&h.timer()[..29], "crash: failed its health ping");
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_event_its_submitter_has_no_room_for_holds_stdout_back() {
+#[test]
+fn an_event_its_submitter_has_no_room_for_holds_stdout_back() {
     let mut h = Harness::serving(manifest(1));
     let mut slow = h.run("slow", 1);
     let progress = |done: u64| json!({"jsonrpc": "2.0", "method": "task.progress", "params": {"task_id": "slow", "done": done}});
@@ -464,7 +265,7 @@ async fn an_event_its_submitter_has_no_room_for_holds_stdout_back() {
         Ok(TaskEvent::Progress { done: 1, .. })
     ));
     let (tx, _) = h.inst.held.clone().unwrap();
-    let permit = tx.reserve_owned().await.ok();
+    let permit = tx.try_reserve_owned().ok();
     assert_eq!(h.wake(Wake::Room(permit)), "continue");
     assert!(h.inst.held.is_none());
     assert!(matches!(
@@ -473,8 +274,8 @@ async fn an_event_its_submitter_has_no_room_for_holds_stdout_back() {
     ));
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_stop_drains_then_ends_on_the_answer_or_the_deadline() {
+#[test]
+fn a_stop_drains_then_ends_on_the_answer_or_the_deadline() {
     let mut h = Harness::serving(manifest(2));
     let mut running = h.run("running", 1);
     h.written();
@@ -506,8 +307,9 @@ async fn a_stop_drains_then_ends_on_the_answer_or_the_deadline() {
     h.command(Command::Stop {
         grace: Duration::from_secs(3),
     });
-    assert_eq!(h.timer_at_next_deadline().await, "drained exited=false");
+    assert_eq!(h.timer_at_next_deadline(), "drained exited=false");
     h.inst.interrupt_all();
+    h.carry_out();
     assert_eq!(stuck.failure().kind, FailureKind::Interrupted);
     assert_eq!(h.reports(), ["finished stuck ok=false"]);
     // The pool dropping its handle is a stop too; the exit of a draining process ends it.
@@ -520,8 +322,8 @@ async fn a_stop_drains_then_ends_on_the_answer_or_the_deadline() {
         .is_drained());
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_exit_while_serving_is_a_crash_naming_how() {
+#[test]
+fn an_exit_while_serving_is_a_crash_naming_how() {
     use std::os::unix::process::ExitStatusExt;
     let mut h = Harness::serving(manifest(1));
     let mut task = h.run("t1", 1);
@@ -540,36 +342,28 @@ async fn an_exit_while_serving_is_a_crash_naming_how() {
     );
 }
 
-impl Step {
-    fn is_drained(&self) -> bool {
-        matches!(self, Step::Drained { .. })
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn answers_written_before_a_crash_still_count_unless_it_broke_the_protocol() {
-    let written: &'static [u8] = b"{\"jsonrpc\":\"2.0\",\"id\":2,\"result\":\"done\"}\n\n";
+#[test]
+fn answers_written_before_a_crash_still_count_unless_it_broke_the_protocol() {
+    let written = [json!({"jsonrpc": "2.0", "id": 2, "result": "done"})];
     let mut h = Harness::serving(manifest(2));
     let mut answered = h.run("answered", 1);
     let mut lost = h.run("lost", 1);
-    h.stdout = FramedReader::new(written, 1024);
     let step = h.inst.on_exit(Ok(ExitStatus::default()));
-    h.bury(step);
+    h.bury_with(step, &written);
     assert!(matches!(answered.outcome(), Some(Outcome::Success(v)) if v == "done"));
     assert_eq!(lost.failure().kind, FailureKind::PluginCrashed);
 
     let mut h = Harness::serving(manifest(1));
     let mut untrusted = h.run("untrusted", 1);
-    h.stdout = FramedReader::new(written, 1024);
     let step = h.wake(Wake::Stdout(Some(StdoutEvent::TooLong { seen: 4096 })));
     assert!(step.ends_with("[violation]"));
     let step = Step::Crash(Crash::violation("too long".into()));
-    h.bury(step);
+    h.bury_with(step, &written);
     assert_eq!(untrusted.failure().kind, FailureKind::PluginCrashed);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_plugin_that_stops_reading_its_stdin_is_found_out_and_events_give_way_first() {
+#[test]
+fn a_plugin_that_stops_reading_its_stdin_is_found_out_and_events_give_way_first() {
     let mut h = Harness::serving(manifest(1));
     let capacity = h.inst.out.capacity();
     assert_eq!(capacity, stdin::STDIN_LINES);
@@ -595,4 +389,161 @@ async fn a_plugin_that_stops_reading_its_stdin_is_found_out_and_events_give_way_
     assert!(h.inst.stdin_full, "the drive loop ends it as a violation");
     h.written();
     assert!(h.inst.out.is_empty());
+}
+
+#[test]
+fn stdin_takes_what_the_pipe_took_and_lines_from_outside() {
+    let mut h = Harness::serving(manifest(2));
+    let _a = h.run("a", 1);
+    let pending = h.inst.out.pending().len();
+    assert_eq!(h.wake(Wake::Written(Ok(10))), "continue");
+    assert_eq!(h.inst.out.pending().len(), pending - 10, "a part written");
+    let offer_answer = br#"{"jsonrpc":"2.0","id":"o1","result":{"state":"SUCCESS"}}"#;
+    let line = [&offer_answer[..], b"\n"].concat();
+    assert_eq!(h.wake(Wake::Late(Some(line))), "continue");
+    assert!(h.inst.out.pending().ends_with(b"\"SUCCESS\"}}\n"));
+    assert_eq!(
+        h.wake(Wake::Written(Err(std::io::ErrorKind::BrokenPipe.into()))),
+        "continue"
+    );
+    assert!(
+        h.inst.out.is_empty(),
+        "a pipe that is gone takes nothing more"
+    );
+    assert_eq!(h.wake(Wake::Late(None)), "continue");
+}
+
+#[test]
+fn the_end_of_stdout_is_a_crash_or_a_drain_by_phase_and_exit() {
+    use std::os::unix::process::ExitStatusExt;
+    let killed = Ok(ExitStatus::from_raw(9));
+    let h = Harness::new(manifest(1));
+    let step = describe(h.inst.stdout_closed(Some(&killed)));
+    assert_eq!(
+        step,
+        "crash: was killed by signal 9 (SIGKILL) before answering `initialize`"
+    );
+    let mut h = Harness::serving(manifest(1));
+    assert_eq!(
+        describe(h.inst.stdout_closed(None)),
+        "crash: closed its stdout"
+    );
+    h.command(Command::Stop {
+        grace: Duration::from_secs(1),
+    });
+    assert_eq!(
+        describe(h.inst.stdout_closed(Some(&killed))),
+        "drained exited=true"
+    );
+    assert_eq!(describe(h.inst.stdout_closed(None)), "drained exited=false");
+}
+
+#[test]
+fn a_missed_ping_waits_as_long_as_the_process_waited_for_a_cpu() {
+    let mut h = Harness::serving(manifest(1));
+    h.advance(Duration::from_secs(30));
+    let sent_at = Some(Duration::from_millis(100));
+    assert_eq!(h.wake(Wake::Timer { cpu_wait: sent_at }), "continue");
+    assert_eq!(h.written(), ["ping 2"]);
+    h.advance(Duration::from_secs(5));
+    let starved = Some(Duration::from_millis(2100));
+    assert_eq!(
+        h.wake(Wake::Timer { cpu_wait: starved }),
+        "continue",
+        "it waited 2s for a CPU: not hung"
+    );
+    assert_eq!(h.inst.next_deadline(), Some(h.now + Duration::from_secs(2)));
+    h.advance(Duration::from_secs(2));
+    let a_little = Some(Duration::from_micros(2_100_500));
+    let missed = h.wake(Wake::Timer { cpu_wait: a_little });
+    assert!(
+        missed.starts_with("crash: failed its health ping"),
+        "less than MIN_STARVED more: {missed}"
+    );
+}
+
+#[test]
+fn a_lone_task_that_asked_for_its_log_gets_its_stderr_and_log_records() {
+    let mut h = Harness::serving(manifest(2));
+    let mut logged = h.run_logged("logged", 4, true);
+    assert_eq!(h.follows_log, [true], "alone and asking: followed");
+    let _other = h.run("other", 1);
+    assert_eq!(
+        h.follows_log,
+        [true, false],
+        "two at once cannot be told apart"
+    );
+    let log = |task: &str| json!({"jsonrpc": "2.0", "method": "log", "params": {"level": "info", "message": "hi", "fields": {"task_id": task}}});
+    assert_eq!(h.line(log("logged")), "continue");
+    assert_eq!(h.line(log("other")), "continue", "did not ask: log only");
+    assert!(matches!(
+        logged.events.try_recv().map(|e| *e),
+        Ok(TaskEvent::Log { line }) if line == "hi"
+    ));
+    assert!(logged.events.try_recv().is_err());
+    assert_eq!(h.answer(3, json!(null)), "continue");
+    assert_eq!(h.follows_log, [true, false, true], "alone again");
+    assert_eq!(h.answer(2, json!(null)), "continue");
+    assert_eq!(h.follows_log, [true, false, true, false]);
+    let _quiet = h.run("quiet", 1);
+    assert_eq!(
+        h.follows_log.len(),
+        4,
+        "nothing followed, nothing asked: left alone"
+    );
+}
+
+#[test]
+fn an_offer_is_handed_on_within_its_window_or_answered_at_once() {
+    let offer = |id: &str, task: &str| json!({"jsonrpc": "2.0", "id": id, "method": "task.offer", "params": {"task_id": task, "task": "t"}});
+    let mut h = Harness::serving(manifest(1));
+    assert_eq!(h.line(offer("o1", "a")), "continue");
+    assert_eq!(h.written(), ["response"], "not a queue backend");
+    assert!(h.inst.out.is_empty() && h.offered.is_empty());
+
+    let mut m = manifest(1);
+    m.backends.queue_backend = Some(crate::manifest::QueueBackend { window: 1 });
+    let mut h = Harness::serving(m);
+    assert_eq!(h.line(offer("o1", "a")), "continue");
+    assert_eq!(h.offered, ["a"], "handed on");
+    assert!(h.written().is_empty());
+    // The shell's reply holds the window place until the offer is answered.
+    let place = h.inst.offers_out.clone();
+    place.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(h.line(offer("o2", "b")), "continue");
+    let refused = h.inst.out.pending().to_vec();
+    assert!(
+        String::from_utf8_lossy(&refused).contains("window full"),
+        "{}",
+        String::from_utf8_lossy(&refused)
+    );
+    h.written();
+    let bad =
+        json!({"jsonrpc": "2.0", "id": "o3", "method": "task.offer", "params": {"task_id": ""}});
+    assert_eq!(h.line(bad), "continue");
+    assert!(String::from_utf8_lossy(h.inst.out.pending()).contains("-32602"));
+    h.written();
+    // Nothing took it: answered "not run" and counted.
+    let not_taken = crate::supervisor::offer::not_taken("a", "plugin_unavailable", "none");
+    assert_eq!(
+        h.wake(Wake::OfferNotTaken(Id::Str("o1".into()), not_taken)),
+        "continue"
+    );
+    assert!(String::from_utf8_lossy(h.inst.out.pending()).contains("not run"));
+    let stats = h.inst.spec.offers.stats.of("p");
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        (count(&stats.offers_not_taken), count(&stats.offers_refused)),
+        (1, 2)
+    );
+    // A stopping instance takes no offer.
+    h.written();
+    h.command(Command::Stop {
+        grace: Duration::from_secs(1),
+    });
+    h.written();
+    place.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(h.line(offer("o4", "c")), "continue");
+    assert_eq!(h.offered, ["a"]);
+    assert!(String::from_utf8_lossy(h.inst.out.pending()).contains("the plugin is stopping"));
 }
