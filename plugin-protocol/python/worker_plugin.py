@@ -64,6 +64,7 @@ import math
 import numbers
 import os
 import re
+import select
 import stat
 import sys
 import threading
@@ -99,6 +100,9 @@ _DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 # (the worker stops reading while a task's caller is slow; tasks are held back, not buffered
 # without end). The reading thread never waits: it must keep reading the worker's requests.
 _PENDING_LIMIT = 1024 * 1024
+
+# What a pipe with room takes whole: the reader thread writes pieces of at most this much.
+_PIPE_BUF = 4096
 
 # One encoder for every line: NaN and Infinity are not JSON, so allow_nan=False fails the task
 # instead of the line.
@@ -720,6 +724,8 @@ class Plugin:
         self._writing = False
         self._reader = None  # the thread that reads stdin, once run() starts
         self._held = None  # while it handles one read's lines: what it wrote meanwhile
+        self._room = None  # a poll of stdout for room, once run() starts
+        self._final = False  # exiting: the reader thread may wait for stdout (see _write)
         self._running = {}
         self._running_lock = threading.Condition()
         self._shutting_down = False
@@ -824,7 +830,9 @@ class Plugin:
     def _write(self, data):
         # Whoever finds no write under way writes its own data, then everything queued
         # meanwhile: replies that end together leave in one write, and no thread waits for
-        # another's flush. The reader thread may be holding its own back (see run).
+        # another's flush. The reader thread may be holding its own back (see run), and it
+        # never waits for stdout: what the pipe has no room for goes to a flushing thread, so it
+        # reads on (a task.cancel, say) while the worker is not reading this plugin's stdout.
         # A task thread that finds _PENDING_LIMIT queued waits for the writer to take it.
         reading = threading.get_ident() == self._reader
         held = self._held
@@ -839,6 +847,47 @@ class Plugin:
                 self._pending_bytes += len(data)
                 return
             self._writing = True
+        if reading and not self._final:
+            try:
+                rest = self._write_ready(data)
+            except BaseException:
+                with self._out_room:
+                    self._writing = False
+                    self._out_room.notify_all()
+                raise
+            with self._out_room:
+                if not rest and not self._pending:
+                    self._writing = False
+                    return
+                rest += b"".join(self._pending)
+                self._pending.clear()
+                self._pending_bytes = 0
+            threading.Thread(target=self._drain, args=(rest, True), name="stdout-flush",
+                             daemon=True).start()
+            return
+        self._drain(data)
+
+    def _write_ready(self, data):
+        """Writes what the pipe takes now without waiting: whole lines, in pieces of at most
+        _PIPE_BUF, each after poll found room (which a pipe then takes whole). Returns the
+        rest."""
+        view = memoryview(data)
+        while view and self._room.poll(0):
+            if len(view) <= _PIPE_BUF:
+                piece = view
+            else:
+                cut = data.rfind(b"\n", len(data) - len(view), len(data) - len(view) + _PIPE_BUF)
+                if cut < 0:  # a line longer than _PIPE_BUF: the flushing thread writes it
+                    break
+                piece = view[:cut - (len(data) - len(view)) + 1]
+            view = view[self._out.write(piece):]
+        return bytes(view)
+
+    def _drain(self, data, flushing=False):
+        """Writes `data` and then whatever was queued meanwhile, waiting for stdout as long as
+        it takes; the one write under way until nothing is queued. `flushing`: on the thread
+        the reader handed its rest to, where a stdout gone ends the thread quietly (the worker
+        ended this process, or will)."""
         while True:
             try:
                 written = self._out.write(data)
@@ -850,16 +899,30 @@ class Plugin:
                 with self._out_room:
                     self._writing = False
                     self._out_room.notify_all()
+                if flushing:
+                    return
                 raise
             with self._out_room:
                 if self._pending_bytes >= _PENDING_LIMIT:
                     self._out_room.notify_all()
                 if not self._pending:
                     self._writing = False
+                    if self._final:
+                        self._out_room.notify_all()
                     return
                 data = b"".join(self._pending)
                 self._pending.clear()
                 self._pending_bytes = 0
+
+    def _flush_for_exit(self, timeout=5.0):
+        """Before the process ends: what the reader held, then every write under way or
+        queued, waiting at most `timeout` for a worker that stopped reading."""
+        self._final = True
+        self._release_held()
+        deadline = time.monotonic() + timeout
+        with self._out_room:
+            while self._writing and time.monotonic() < deadline:
+                self._out_room.wait(0.05)
 
     def _notify(self, method, params):
         self._send({"method": method, "params": params})
@@ -1149,7 +1212,7 @@ class Plugin:
                 self._offers.start()
         elif method == "exit":
             self._deliver_events()
-            self._release_held()
+            self._flush_for_exit()
             os._exit(0)
 
     def run(self):
@@ -1167,6 +1230,8 @@ class Plugin:
         else:
             sys.stdout = real
         self._out = os.fdopen(proto_fd, "wb", buffering=0)
+        self._room = select.poll()
+        self._room.register(proto_fd, select.POLLOUT)
         self._reader = threading.get_ident()
         for lines in _lines_read(sys.stdin.fileno()):
             # What this thread writes while it handles what one read brought (replies of inline
@@ -1176,7 +1241,7 @@ class Plugin:
                 self._handle_line(line)
             self._deliver_events()
             self._release_held()
-        self._release_held()
+        self._flush_for_exit()
         os._exit(0)
 
 

@@ -172,6 +172,21 @@ def wait(ctx, seconds):
     return "waited"
 
 
+@plugin.task("t.fill")
+def fill(ctx, n):
+    """A result of `n` x's: the test sizes it so its reply fills stdout's pipe exactly."""
+    return "x" * n
+
+
+@plugin.task("t.await_cancel")
+def await_cancel(ctx):
+    """Waits for its cancel, then says so on the real stderr (fd 2), not through stdout."""
+    try:
+        ctx.wait(60)
+    finally:
+        os.write(2, b"await_cancel saw its cancel\n")
+
+
 @plugin.task("t.spin")
 def spin(ctx):
     # Polls the flag without ever sleeping on it: a cancel must reach a busy task too.

@@ -1,15 +1,21 @@
 """The Python SDK driven over a real pipe, as the worker drives it."""
+import array
+import fcntl
 import importlib.util
 import json
 import os
 import queue
+import select
 import shutil
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 import unittest
+
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixture_plugin.py")
 
@@ -687,6 +693,105 @@ class OutputBoundTest(unittest.TestCase):
         self.assertTrue(out.startswith(b"first\n"))
         self.assertIn(b"ping answer\n", out)
         self.assertEqual(plugin._pending_bytes, 0)
+
+    def test_the_reading_thread_hands_what_a_full_pipe_cannot_take_to_a_flushing_thread(self):
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+        import worker_plugin
+
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        plugin = worker_plugin.Plugin("full", "1.0")
+        plugin._out = os.fdopen(write_end, "wb", buffering=0)
+        self.addCleanup(plugin._out.close)
+        plugin._room = select.poll()
+        plugin._room.register(write_end, select.POLLOUT)
+        plugin._reader = threading.get_ident()  # this test's thread reads
+
+        plugin._write(b"room\n")
+        self.assertFalse(plugin._writing, "written at once: no write left under way")
+        self.assertEqual(os.read(read_end, 100), b"room\n")
+
+        os.set_blocking(write_end, False)
+        filled = 0
+        try:
+            while True:
+                filled += os.write(write_end, b"f" * 4096)
+        except BlockingIOError:
+            pass
+        os.set_blocking(write_end, True)
+        started = time.monotonic()
+        plugin._write(b"ping answer\n")  # no room at all: handed on
+        plugin._write(b"second\n")  # queued behind it
+        self.assertLess(time.monotonic() - started, 5, "the reading thread never waits")
+        self.assertTrue(plugin._writing, "a flushing thread writes it")
+        out = b""
+        while not out.endswith(b"second\n"):
+            out += os.read(read_end, 65536)
+        self.assertEqual(out, b"f" * filled + b"ping answer\nsecond\n")
+        deadline = time.monotonic() + 10
+        while plugin._writing and time.monotonic() < deadline:
+            time.sleep(0.001)
+        self.assertFalse(plugin._writing, "the flushing thread ends when nothing is queued")
+
+
+class FullStdoutTest(unittest.TestCase):
+    """A worker that stops reading a plugin's stdout (it holds an event back for a slow
+    submitter) never stops the plugin reading its stdin: a cancel still reaches its task."""
+
+    def test_a_cancel_is_read_while_the_pipe_to_the_worker_is_full(self):
+        child = subprocess.Popen([sys.executable, FIXTURE], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: (child.kill(), child.wait(),
+                                 [f.close() for f in (child.stdin, child.stdout, child.stderr)]))
+        stderr = []
+        threading.Thread(target=lambda: stderr.extend(child.stderr), daemon=True).start()
+
+        def send(*msgs):
+            child.stdin.write("".join(json.dumps(dict(m, jsonrpc="2.0")) + "\n"
+                                      for m in msgs).encode())
+            child.stdin.flush()
+
+        def run(id_, task, args):
+            return {"id": id_, "method": "task.run", "params": {
+                "task_id": "task-%d" % id_, "task": task, "args": args, "kwargs": {},
+                "attempt": 1}}
+
+        send({"id": 0, "method": "initialize", "params": {"limits": {"concurrency": 2}}})
+        self.assertEqual(json.loads(os.read(child.stdout.fileno(), 65536))["id"], 0)
+        send({"method": "initialized", "params": {}}, run(1, "t.await_cancel", []))
+        # A reply that fills the pipe exactly: written whole, nobody writing after it.
+        size = fcntl.fcntl(child.stdout.fileno(), F_GETPIPE_SZ)
+        frame = len('{"jsonrpc":"2.0","id":2,"result":""}\n')
+        send(run(2, "t.fill", [size - frame]))
+        available = array.array("i", [0])
+        deadline = time.monotonic() + 10
+        while available[0] < size and time.monotonic() < deadline:
+            fcntl.ioctl(child.stdout.fileno(), termios.FIONREAD, available)
+            time.sleep(0.001)
+        self.assertEqual(available[0], size, "the pipe is full")
+        # The reader answers the ping itself, into the full pipe; the cancel comes in a read
+        # of its own once the ping was read.
+        send({"id": 3, "method": "ping"})
+        unread = array.array("i", [1])
+        deadline = time.monotonic() + 10
+        while unread[0] and time.monotonic() < deadline:
+            fcntl.ioctl(child.stdin.fileno(), termios.FIONREAD, unread)
+            time.sleep(0.001)
+        self.assertEqual(unread[0], 0, "the plugin read the ping")
+        send({"method": "task.cancel", "params": {"task_id": "task-1", "reason": "test"}})
+        deadline = time.monotonic() + 10
+        while not any(b"saw its cancel" in line for line in stderr):
+            if time.monotonic() > deadline:
+                self.fail("the cancel was not read in 10 s while stdout was full: %r" % stderr)
+            time.sleep(0.01)
+        replies = {}
+        reader = child.stdout
+        while len(replies) < 3:
+            msg = json.loads(reader.readline())
+            replies[msg["id"]] = msg
+        self.assertEqual(len(replies[2]["result"]), size - frame)
+        self.assertEqual(replies[3]["result"], {})
+        self.assertEqual(replies[1]["error"]["code"], -32001)
 
 
 if __name__ == "__main__":
