@@ -101,8 +101,6 @@ _DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 # without end). The reading thread never waits: it must keep reading the worker's requests.
 _PENDING_LIMIT = 1024 * 1024
 
-# What a pipe with room takes whole: the reader thread writes pieces of at most this much.
-_PIPE_BUF = 4096
 
 # One encoder for every line: NaN and Infinity are not JSON, so allow_nan=False fails the task
 # instead of the line.
@@ -724,7 +722,7 @@ class Plugin:
         self._writing = False
         self._reader = None  # the thread that reads stdin, once run() starts
         self._held = None  # while it handles one read's lines: what it wrote meanwhile
-        self._room = None  # a poll of stdout for room, once run() starts
+        self._room = None  # a poll for room on stdout, once run() made it non-blocking (a pipe)
         self._final = False  # exiting: the reader thread may wait for stdout (see _write)
         self._running = {}
         self._running_lock = threading.Condition()
@@ -831,8 +829,9 @@ class Plugin:
         # Whoever finds no write under way writes its own data, then everything queued
         # meanwhile: replies that end together leave in one write, and no thread waits for
         # another's flush. The reader thread may be holding its own back (see run), and it
-        # never waits for stdout: what the pipe has no room for goes to a flushing thread, so it
-        # reads on (a task.cancel, say) while the worker is not reading this plugin's stdout.
+        # never waits for stdout: on a pipe it writes what the pipe takes now and hands the
+        # rest to a flushing thread, so it reads on (a task.cancel, say) while the worker is
+        # not reading this plugin's stdout.
         # A task thread that finds _PENDING_LIMIT queued waits for the writer to take it.
         reading = threading.get_ident() == self._reader
         held = self._held
@@ -847,41 +846,25 @@ class Plugin:
                 self._pending_bytes += len(data)
                 return
             self._writing = True
-        if reading and not self._final:
+        if reading and self._room is not None and not self._final:
             try:
-                rest = self._write_ready(data)
+                written = self._out.write(data) or 0  # None: the pipe is full
             except BaseException:
                 with self._out_room:
                     self._writing = False
                     self._out_room.notify_all()
                 raise
             with self._out_room:
-                if not rest and not self._pending:
+                if written == len(data) and not self._pending:
                     self._writing = False
                     return
-                rest += b"".join(self._pending)
+                rest = data[written:] + b"".join(self._pending)
                 self._pending.clear()
                 self._pending_bytes = 0
             threading.Thread(target=self._drain, args=(rest, True), name="stdout-flush",
                              daemon=True).start()
             return
         self._drain(data)
-
-    def _write_ready(self, data):
-        """Writes what the pipe takes now without waiting: whole lines, in pieces of at most
-        _PIPE_BUF, each after poll found room (which a pipe then takes whole). Returns the
-        rest."""
-        view = memoryview(data)
-        while view and self._room.poll(0):
-            if len(view) <= _PIPE_BUF:
-                piece = view
-            else:
-                cut = data.rfind(b"\n", len(data) - len(view), len(data) - len(view) + _PIPE_BUF)
-                if cut < 0:  # a line longer than _PIPE_BUF: the flushing thread writes it
-                    break
-                piece = view[:cut - (len(data) - len(view)) + 1]
-            view = view[self._out.write(piece):]
-        return bytes(view)
 
     def _drain(self, data, flushing=False):
         """Writes `data` and then whatever was queued meanwhile, waiting for stdout as long as
@@ -890,11 +873,13 @@ class Plugin:
         ended this process, or will)."""
         while True:
             try:
-                written = self._out.write(data)
-                if written != len(data):  # an unbuffered write may take part (a signal, say)
-                    rest = memoryview(data)[written:]
-                    while rest:
-                        rest = rest[self._out.write(rest):]
+                rest = memoryview(data)
+                while rest:
+                    written = self._out.write(rest)
+                    if written is None:  # a pipe in non-blocking mode, full: wait for room
+                        self._room.poll()
+                        continue
+                    rest = rest[written:]  # an unbuffered write may take part (a signal, say)
             except BaseException:
                 with self._out_room:
                     self._writing = False
@@ -1230,8 +1215,13 @@ class Plugin:
         else:
             sys.stdout = real
         self._out = os.fdopen(proto_fd, "wb", buffering=0)
-        self._room = select.poll()
-        self._room.register(proto_fd, select.POLLOUT)
+        mode = os.fstat(proto_fd).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            # Ours alone (the worker's pipe, not a terminal shared with a shell): writes that
+            # find it full return at once, and a writer that may wait polls for room.
+            os.set_blocking(proto_fd, False)
+            self._room = select.poll()
+            self._room.register(proto_fd, select.POLLOUT)
         self._reader = threading.get_ident()
         for lines in _lines_read(sys.stdin.fileno()):
             # What this thread writes while it handles what one read brought (replies of inline

@@ -703,6 +703,7 @@ class OutputBoundTest(unittest.TestCase):
         plugin = worker_plugin.Plugin("full", "1.0")
         plugin._out = os.fdopen(write_end, "wb", buffering=0)
         self.addCleanup(plugin._out.close)
+        os.set_blocking(write_end, False)  # as run() leaves a pipe
         plugin._room = select.poll()
         plugin._room.register(write_end, select.POLLOUT)
         plugin._reader = threading.get_ident()  # this test's thread reads
@@ -711,14 +712,12 @@ class OutputBoundTest(unittest.TestCase):
         self.assertFalse(plugin._writing, "written at once: no write left under way")
         self.assertEqual(os.read(read_end, 100), b"room\n")
 
-        os.set_blocking(write_end, False)
         filled = 0
         try:
             while True:
                 filled += os.write(write_end, b"f" * 4096)
         except BlockingIOError:
             pass
-        os.set_blocking(write_end, True)
         started = time.monotonic()
         plugin._write(b"ping answer\n")  # no room at all: handed on
         plugin._write(b"second\n")  # queued behind it
