@@ -735,9 +735,13 @@ class OutputBoundTest(unittest.TestCase):
 
 class FullStdoutTest(unittest.TestCase):
     """A worker that stops reading a plugin's stdout (it holds an event back for a slow
-    submitter) never stops the plugin reading its stdin: a cancel still reaches its task."""
+    submitter) never stops the plugin reading its stdin: a cancel still reaches its task.
+    What is queued when it must exit is still written, unless nobody reads it for 5 s."""
 
-    def test_a_cancel_is_read_while_the_pipe_to_the_worker_is_full(self):
+    def full(self):
+        """The fixture, serving, a task waiting for its cancel, and its stdout pipe full with
+        nobody writing (a reply that filled it exactly). Returns the child, a way to send
+        messages, and its stderr lines as they come."""
         child = subprocess.Popen([sys.executable, FIXTURE], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.addCleanup(lambda: (child.kill(), child.wait(),
@@ -758,39 +762,64 @@ class FullStdoutTest(unittest.TestCase):
         send({"id": 0, "method": "initialize", "params": {"limits": {"concurrency": 2}}})
         self.assertEqual(json.loads(os.read(child.stdout.fileno(), 65536))["id"], 0)
         send({"method": "initialized", "params": {}}, run(1, "t.await_cancel", []))
-        # A reply that fills the pipe exactly: written whole, nobody writing after it.
         size = fcntl.fcntl(child.stdout.fileno(), F_GETPIPE_SZ)
-        frame = len('{"jsonrpc":"2.0","id":2,"result":""}\n')
-        send(run(2, "t.fill", [size - frame]))
-        available = array.array("i", [0])
-        deadline = time.monotonic() + 10
-        while available[0] < size and time.monotonic() < deadline:
-            fcntl.ioctl(child.stdout.fileno(), termios.FIONREAD, available)
-            time.sleep(0.001)
-        self.assertEqual(available[0], size, "the pipe is full")
-        # The reader answers the ping itself, into the full pipe; the cancel comes in a read
-        # of its own once the ping was read.
+        self.fill = size - len('{"jsonrpc":"2.0","id":2,"result":""}\n')
+        send(run(2, "t.fill", [self.fill]))
+        self.assertEqual(self.wait_for(child.stdout, lambda n: n >= size), size, "pipe full")
+        # The reader answers a ping itself, into the full pipe.
         send({"id": 3, "method": "ping"})
-        unread = array.array("i", [1])
-        deadline = time.monotonic() + 10
-        while unread[0] and time.monotonic() < deadline:
-            fcntl.ioctl(child.stdin.fileno(), termios.FIONREAD, unread)
+        self.assertEqual(self.wait_for(child.stdin, lambda n: n == 0), 0, "ping read")
+        return child, send, stderr
+
+    @staticmethod
+    def wait_for(pipe, done, timeout=10):
+        """The bytes in `pipe` once `done` says so, or after `timeout`."""
+        available = array.array("i", [0])
+        deadline = time.monotonic() + timeout
+        while True:
+            fcntl.ioctl(pipe.fileno(), termios.FIONREAD, available)
+            if done(available[0]) or time.monotonic() > deadline:
+                return available[0]
             time.sleep(0.001)
-        self.assertEqual(unread[0], 0, "the plugin read the ping")
+
+    def replies(self, child):
+        replies = {}
+        for line in child.stdout:
+            msg = json.loads(line)
+            replies[msg["id"]] = msg
+        return replies
+
+    def test_a_cancel_is_read_while_the_pipe_to_the_worker_is_full(self):
+        child, send, stderr = self.full()
         send({"method": "task.cancel", "params": {"task_id": "task-1", "reason": "test"}})
         deadline = time.monotonic() + 10
         while not any(b"saw its cancel" in line for line in stderr):
             if time.monotonic() > deadline:
                 self.fail("the cancel was not read in 10 s while stdout was full: %r" % stderr)
             time.sleep(0.01)
-        replies = {}
-        reader = child.stdout
-        while len(replies) < 3:
-            msg = json.loads(reader.readline())
-            replies[msg["id"]] = msg
-        self.assertEqual(len(replies[2]["result"]), size - frame)
+        child.stdin.close()
+        replies = self.replies(child)
+        self.assertEqual(len(replies[2]["result"]), self.fill)
         self.assertEqual(replies[3]["result"], {})
         self.assertEqual(replies[1]["error"]["code"], -32001)
+        self.assertEqual(child.wait(10), 0)
+
+    def test_what_waits_for_stdout_at_the_end_of_stdin_is_written_before_exit(self):
+        child, send, stderr = self.full()
+        child.stdin.close()  # the end of stdin: the ping's answer still waits for room
+        with self.assertRaises(subprocess.TimeoutExpired, msg="it waits for the worker to read"):
+            child.wait(0.5)
+        replies = self.replies(child)
+        self.assertEqual(sorted(replies), [2, 3])
+        self.assertEqual(replies[3]["result"], {})
+        self.assertEqual(child.wait(10), 0)
+
+    def test_a_worker_that_never_reads_again_does_not_keep_the_plugin_from_exiting(self):
+        child, send, stderr = self.full()
+        started = time.monotonic()
+        send({"method": "exit"})
+        self.assertEqual(child.wait(15), 0)
+        self.assertGreater(time.monotonic() - started, 4, "it waited for the worker to read")
 
 
 if __name__ == "__main__":
