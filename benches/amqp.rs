@@ -1,8 +1,9 @@
 //! AMQP benchmark: drain rate of N no-op Celery tasks preloaded in a queue, with rpc results,
 //! for the Celery worker (prefork -c 2 and threads), `worker` with the Rust SDK plugin (task
 //! events off and on) and with the Python SDK plugin, and a raw lapin consume-reply-ack loop
-//! (the ceiling the goals compare against), again acking with one multiple ack per 32
-//! deliveries (the broker's ceiling with multiple-ack, shown beside it); then `worker`
+//! (the ceiling the goals compare against), again on one channel instead of two (whether fewer
+//! channels would pay) and acking with one multiple ack per 32 deliveries (the broker's
+//! ceiling with multiple-ack, shown beside it); then `worker`
 //! consuming 10 queues at once and two `worker`s sharing one queue. Also each contender's memory, and the CPU time per task of the contender, of its
 //! children (plugins, pool processes) and of RabbitMQ, from `/proc/<pid>/stat`.
 //! Run with `benches/run-amqp.sh` (builds first; needs RabbitMQ and the Celery venv in
@@ -307,8 +308,9 @@ fn ours(
 }
 
 /// `examples/amqp-ceiling`, acking each delivery on its own (`ack_every` 1) or with one
-/// multiple ack per `ack_every` deliveries.
-fn raw_loop(ack_every: u32) -> Box<dyn Fn(&Launch) -> Child> {
+/// multiple ack per `ack_every` deliveries, replying on a channel of its own (`channels` 2) or
+/// on the consuming one (1).
+fn raw_loop(ack_every: u32, channels: u8) -> Box<dyn Fn(&Launch) -> Child> {
     let bin = bin_dir().join("examples/amqp-ceiling");
     Box::new(move |l: &Launch| {
         Command::new(&bin)
@@ -316,6 +318,7 @@ fn raw_loop(ack_every: u32) -> Box<dyn Fn(&Launch) -> Child> {
             .arg(&l.queues[0])
             .arg(prefetch().unwrap_or(64).to_string())
             .arg(ack_every.to_string())
+            .arg(channels.to_string())
             .stdout(Stdio::null())
             .spawn()
             .unwrap()
@@ -350,7 +353,10 @@ fn contenders(root: &std::path::Path) -> Vec<Contender> {
         one("celery threads -c 8", "bench.noop", celery("threads", "8")),
         // Each goal's two contenders run next to each other (the per-message loop, the
         // worker, the worker with events), so drift within a round barely touches a ratio.
-        one("raw lapin consume-reply-ack", "bench.noop", raw_loop(1)),
+        // The per-message loop on one channel, next to the same on two: whether fewer
+        // channels would pay.
+        one("raw loop, one channel", "bench.noop", raw_loop(1, 1)),
+        one("raw lapin consume-reply-ack", "bench.noop", raw_loop(1, 2)),
         one(
             "worker + rust plugin",
             "rust.noop",
@@ -363,7 +369,7 @@ fn contenders(root: &std::path::Path) -> Vec<Contender> {
             "rust.noop",
             ours(rust_dir.clone(), "rust-events", &["-E"]),
         ),
-        one("raw loop, multiple-ack", "bench.noop", raw_loop(32)),
+        one("raw loop, multiple-ack", "bench.noop", raw_loop(32, 2)),
         one(
             "worker + python SDK plugin",
             "py.noop",

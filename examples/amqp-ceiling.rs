@@ -1,12 +1,16 @@
 //! The benchmark's ceiling: a bare lapin loop that consumes Celery task messages, publishes a
 //! SUCCESS reply (publisher confirms on, like `worker`) and acks, with no plugin in between.
-//! Usage: amqp-ceiling AMQP_URL QUEUE [PREFETCH (default 64)] [ACK_EVERY (default 1)]. Not a
-//! worker: it runs nothing.
+//! Usage: amqp-ceiling AMQP_URL QUEUE [PREFETCH (default 64)] [ACK_EVERY (default 1)]
+//! [CHANNELS (default 2)]. Not a worker: it runs nothing.
 //!
 //! ACK_EVERY 1 acks each delivery on its own once its reply is confirmed. ACK_EVERY N > 1 is
 //! the broker's ceiling with multiple-ack: one `basic.ack` `multiple` for every N deliveries
 //! whose replies are all confirmed (in delivery order, so it never covers one still being
 //! answered), and one for whatever is left when no reply has come for `IDLE_FLUSH`.
+//!
+//! CHANNELS 2 consumes on one channel and publishes the replies on another, as `worker` does;
+//! CHANNELS 1 does both on one (confirms on the consuming channel): whether fewer channels
+//! would be cheaper for lapin and the broker.
 
 use futures_lite::stream::StreamExt;
 use lapin::options::*;
@@ -26,11 +30,15 @@ async fn main() {
     let (url, queue) = (&args[1], &args[2]);
     let prefetch: u16 = args.get(3).and_then(|p| p.parse().ok()).unwrap_or(64);
     let ack_every: u64 = args.get(4).and_then(|n| n.parse().ok()).unwrap_or(1);
+    let channels: u8 = args.get(5).and_then(|n| n.parse().ok()).unwrap_or(2);
     let conn = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("connect");
     let consume = conn.create_channel().await.expect("channel");
-    let results = conn.create_channel().await.expect("channel");
+    let results = match channels {
+        1 => consume.clone(),
+        _ => conn.create_channel().await.expect("channel"),
+    };
     results
         .confirm_select(ConfirmSelectOptions::default())
         .await

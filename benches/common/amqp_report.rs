@@ -13,6 +13,8 @@ const RAW: &str = "raw lapin consume-reply-ack";
 /// The raw loop acking 32 deliveries at a time: the broker's ceiling with multiple-ack,
 /// shown beside the goals (which stay against the per-message loop).
 const RAW_MULTIPLE: &str = "raw loop, multiple-ack";
+/// The per-message raw loop replying on its consuming channel.
+const RAW_ONE_CHANNEL: &str = "raw loop, one channel";
 
 /// The drain rate, NaN if the run did not finish.
 fn rate(r: &Run) -> f64 {
@@ -120,8 +122,33 @@ pub fn print(n: usize, rounds: usize, contenders: &[&Contender], samples: &Sampl
     }
     println!("(CPU us/t: CPU time of the contender's own processes per task, from /proc/<pid>/stat, over the same window as the rate; kids: their children (plugins, pool processes); rabbit: RabbitMQ's beam.smp)");
     scale(contenders, samples, n);
+    one_channel(contenders, samples, n);
     ceiling(contenders, samples, n);
     goals(contenders, samples, n);
+}
+
+/// The per-message raw loop on one channel against the same on two (consuming on one,
+/// replying on the other, as `worker` does): whether fewer channels would pay.
+fn one_channel(contenders: &[&Contender], samples: &Samples, n: usize) {
+    let (Some(raw), Some(one)) = (index(contenders, RAW), index(contenders, RAW_ONE_CHANNEL))
+    else {
+        return;
+    };
+    println!();
+    let rates = per_round(samples, raw, one, |r, o| rate(o) / rate(r));
+    rounds::ratio(
+        "raw loop on one channel / on two (the per-message loop), drain rate",
+        &rates,
+        Unit::Ratio,
+    );
+    let cpu = per_round(samples, raw, one, |r, o| {
+        cpu_per_task(o, n).0 / cpu_per_task(r, n).0
+    });
+    rounds::ratio("  its CPU per task / on two", &cpu, Unit::Ratio);
+    let rabbit = per_round(samples, raw, one, |r, o| {
+        cpu_per_task(o, n).2 / cpu_per_task(r, n).2
+    });
+    rounds::ratio("  RabbitMQ's CPU per task / with two", &rabbit, Unit::Ratio);
 }
 
 /// The broker's ceiling with multiple-ack against the per-message raw loop, and `worker`
