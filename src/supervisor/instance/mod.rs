@@ -8,7 +8,7 @@
 //! stdin in its own buffer and leaves [`Effect`]s (a task's outcome, a report to the pool, an
 //! event for a submitter, an offer) for its shell. `shell.rs` is the thin async loop that owns
 //! the process and its pipes: it waits for the next wake-up, feeds it to the core, carries out
-//! the effects and writes stdin; `ending.rs` ends the process. `tests.rs` tables every
+//! the effects and writes stdin; `ending.rs` ends the process. `tests/` tables every
 //! transition of the core without a process, a channel loop or a runtime.
 //!
 //! It never retries anything: every task handed to it gets exactly one outcome from it, and
