@@ -33,6 +33,16 @@ fn index(contenders: &[&Contender], name: &str) -> Option<usize> {
     contenders.iter().position(|c| c.name == name)
 }
 
+/// `a / b`, NaN (left out of a spread) when either was not read (RabbitMQ's CPU reads 0 when
+/// its process was not found).
+fn known_ratio(a: f64, b: f64) -> f64 {
+    if a > 0.0 && b > 0.0 {
+        a / b
+    } else {
+        f64::NAN
+    }
+}
+
 /// The median of `values` (NaN when there is none).
 fn median(values: impl IntoIterator<Item = f64>) -> f64 {
     Spread::of(values).map_or(f64::NAN, |s| s.median)
@@ -146,7 +156,7 @@ fn one_channel(contenders: &[&Contender], samples: &Samples, n: usize) {
     });
     rounds::ratio("  its CPU per task / on two", &cpu, Unit::Ratio);
     let rabbit = per_round(samples, raw, one, |r, o| {
-        cpu_per_task(o, n).2 / cpu_per_task(r, n).2
+        known_ratio(cpu_per_task(o, n).2, cpu_per_task(r, n).2)
     });
     rounds::ratio("  RabbitMQ's CPU per task / with two", &rabbit, Unit::Ratio);
 }
@@ -174,7 +184,7 @@ fn ceiling(contenders: &[&Contender], samples: &Samples, n: usize) {
             Unit::Ratio,
         );
         let rabbit = per_round(samples, raw, multiple, |r, m| {
-            cpu_per_task(m, n).2 / cpu_per_task(r, n).2
+            known_ratio(cpu_per_task(m, n).2, cpu_per_task(r, n).2)
         });
         rounds::ratio(
             "  RabbitMQ's CPU per task / with the per-message loop",
