@@ -374,10 +374,9 @@ impl InstanceCore {
         std::mem::take(&mut self.effects)
     }
 
-    fn give_back_effects(&mut self, mut emptied: Vec<Effect>) {
+    fn give_back_effects(&mut self, emptied: Vec<Effect>) {
         debug_assert!(emptied.is_empty());
         if self.effects.is_empty() {
-            emptied.append(&mut self.effects);
             self.effects = emptied;
         }
     }
