@@ -101,7 +101,6 @@ _DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 # without end). The reading thread never waits: it must keep reading the worker's requests.
 _PENDING_LIMIT = 1024 * 1024
 
-
 # One encoder for every line: NaN and Infinity are not JSON, so allow_nan=False fails the task
 # instead of the line.
 _dumps = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
